@@ -1,0 +1,59 @@
+//! The mock payment gateway as a standalone server (see `payouts::gateway::mock`).
+
+use clap::Parser;
+use payouts::gateway::mock::{Faults, MockGateway, MockGatewayConfig};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(about = "Mock payment gateway speaking the gateway HTTP contract", long_about = None)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "MOCK_GATEWAY_LISTEN", default_value = "127.0.0.1:8085")]
+    listen: String,
+    /// Bearer secret clients must send.
+    #[arg(long, env = "MOCK_GATEWAY_SECRET", default_value = "sk_test_mock")]
+    secret: String,
+    /// Seed for latency jitter and random faults.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    #[command(flatten)]
+    faults: Faults,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+    let args = Args::parse();
+    let listener = tokio::net::TcpListener::bind(&args.listen).await?;
+    let addr = listener.local_addr()?;
+    println!("mock gateway listening on http://{addr}");
+    tracing::info!(%addr, faults = ?args.faults, "mock gateway started");
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    let (secret, faults, seed) = (args.secret, args.faults, args.seed);
+    let gateway = MockGateway::new(MockGatewayConfig {
+        secret,
+        faults,
+        seed,
+    });
+    gateway.serve(listener, shutdown).await?;
+    tracing::info!("mock gateway stopped");
+    Ok(())
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    #[cfg(unix)]
+    let term = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut s) => drop(s.recv().await),
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term => {} }
+    shutdown.cancel();
+}

@@ -1,0 +1,379 @@
+//! One `Settings` for every binary: embedded defaults, then an optional TOML
+//! file, then `PAYOUTS_*` environment variables (`__` separates nesting), then
+//! `DATABASE_URL` / `REDIS_URL`. Validated once at load, with the bad key named.
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use anyhow::{Context, bail};
+use secrecy::SecretString;
+use serde::Deserialize;
+
+const DEFAULTS: &str = include_str!("../config/default.toml");
+
+/// Every setting of the fleet.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Settings {
+    /// Postgres, the source of truth.
+    pub database: DatabaseSettings,
+    /// Redis, the transport and the lock service.
+    pub redis: RedisSettings,
+    /// The producer: due scan, window, sweep, leadership.
+    pub producer: ProducerSettings,
+    /// The worker: concurrency, leases, retries.
+    pub worker: WorkerSettings,
+    /// The payment gateway.
+    pub gateway: GatewaySettings,
+    /// Logging.
+    pub log: LogSettings,
+}
+
+/// Postgres connection.
+#[derive(Debug, Clone, Deserialize)]
+pub struct DatabaseSettings {
+    /// Connection URL (`DATABASE_URL` overrides). May hold a password: never logged.
+    pub url: SecretString,
+    /// Pool size per process.
+    pub max_connections: u32,
+    /// How long to wait for a pooled connection before failing, in ms.
+    pub acquire_timeout_ms: u64,
+}
+
+/// Redis connection and key namespace.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RedisSettings {
+    /// Connection URL (`REDIS_URL` overrides). May hold a password: never logged.
+    pub url: SecretString,
+    /// Prefix of every key the fleet writes; the queue keys are hash-tagged with it.
+    pub prefix: String,
+}
+
+/// The producer.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ProducerSettings {
+    /// Interval between due scans when there is nothing to top up, in ms.
+    pub tick_ms: u64,
+    /// Interval between top-ups while a backlog is draining, in ms.
+    pub refill_ms: u64,
+    /// Most payouts moved to `queued` by one statement.
+    pub batch_size: i64,
+    /// Most payouts `queued` (in Redis) at once: the bounded window.
+    pub window: i64,
+    /// How long a `queued` payout may wait for a worker before the sweep enqueues it again, in s.
+    pub queue_lease_secs: u64,
+    /// Time-to-live of the leader lock, in ms; a standby takes over within this.
+    pub leader_ttl_ms: u64,
+    /// Every how many ticks the janitor trims finished jobs out of Redis.
+    pub janitor_every_ticks: u64,
+    /// Address of `/health`, `/health/ready` and `/metrics`.
+    pub listen: SocketAddr,
+}
+
+/// The worker.
+#[derive(Debug, Clone, Deserialize)]
+pub struct WorkerSettings {
+    /// Jobs in flight per process.
+    pub concurrency: usize,
+    /// Jobs fetched from Redis per round trip.
+    pub fetch_batch: usize,
+    /// How often an idle worker polls Redis, in ms (apalis-redis otherwise waits for its heartbeat).
+    pub poll_interval_ms: u64,
+    /// apalis heartbeat interval, in s.
+    pub heartbeat_secs: u64,
+    /// How long a claim holds a payout before another worker may take it over, in s.
+    pub lease_secs: u64,
+    /// Time-to-live of the per-payout Redis lock, in ms (renewed while held).
+    pub lock_ttl_ms: u64,
+    /// Attempts (claims) before a payout with transient failures is `failed`.
+    pub max_attempts: i32,
+    /// Delay before attempt 2, 3, ... in s; the last value repeats.
+    pub retry_schedule_secs: Vec<u64>,
+    /// On SIGTERM, how long in-flight jobs may take to finish, in s.
+    pub shutdown_deadline_secs: u64,
+    /// Address of `/health`, `/health/ready` and `/metrics`.
+    pub listen: SocketAddr,
+}
+
+/// The payment gateway.
+#[derive(Debug, Clone, Deserialize)]
+pub struct GatewaySettings {
+    /// Which adapter: `contract` (the generic HTTP contract).
+    pub kind: String,
+    /// Base URL of the gateway.
+    pub base_url: String,
+    /// Bearer secret. Never logged.
+    pub secret: SecretString,
+    /// Whole-request timeout, in ms.
+    pub timeout_ms: u64,
+    /// Connect timeout, in ms.
+    pub connect_timeout_ms: u64,
+    /// First in-attempt backoff delay, in ms (full jitter).
+    pub backoff_base_ms: u64,
+    /// Largest in-attempt backoff delay, in ms.
+    pub backoff_cap_ms: u64,
+    /// Calls per attempt, the first included.
+    pub backoff_tries: usize,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LogSettings {
+    /// `pretty`, `json`, or `auto` (pretty on a terminal, JSON otherwise).
+    pub format: String,
+}
+
+impl WorkerSettings {
+    /// The delay before the next attempt, after `attempt` attempts have failed.
+    pub fn retry_delay(&self, attempt: i32) -> Duration {
+        let idx = (attempt.max(1) as usize - 1).min(self.retry_schedule_secs.len() - 1);
+        Duration::from_secs(self.retry_schedule_secs[idx])
+    }
+}
+
+impl Settings {
+    /// Loads defaults, then `file` (or `PAYOUTS_CONFIG`), then the environment.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_from(file, &env)
+    }
+
+    /// Like [`Settings::load`], with the environment given (for tests).
+    pub fn load_from(file: Option<&Path>, env: &[(String, String)]) -> anyhow::Result<Self> {
+        let mut value: toml::Value = toml::from_str(DEFAULTS).context("embedded defaults")?;
+        let from_env = env
+            .iter()
+            .find(|(k, _)| k == "PAYOUTS_CONFIG")
+            .map(|(_, v)| std::path::PathBuf::from(v));
+        if let Some(path) = file.map(Path::to_path_buf).or(from_env) {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("failed to read config file {}", path.display()))?;
+            let overlay: toml::Value = toml::from_str(&text)
+                .with_context(|| format!("failed to parse config file {}", path.display()))?;
+            merge(&mut value, overlay);
+        }
+        for (key, raw) in env {
+            let path: Vec<String> = match key.strip_prefix("PAYOUTS_") {
+                Some(rest) if key != "PAYOUTS_CONFIG" => {
+                    rest.split("__").map(|s| s.to_ascii_lowercase()).collect()
+                }
+                _ => match key.as_str() {
+                    "DATABASE_URL" => vec!["database".into(), "url".into()],
+                    "REDIS_URL" => vec!["redis".into(), "url".into()],
+                    _ => continue,
+                },
+            };
+            set_path(&mut value, &path, parse_env_value(raw))
+                .with_context(|| format!("bad environment variable {key}"))?;
+        }
+        let settings: Settings = value
+            .try_into()
+            .map_err(|e: toml::de::Error| anyhow::anyhow!("invalid configuration: {e}"))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks ranges; the error names the bad key.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let checks: [(bool, &str); 14] = [
+            (
+                self.database.max_connections >= 1,
+                "database.max_connections must be >= 1",
+            ),
+            (
+                valid_prefix(&self.redis.prefix),
+                "redis.prefix must be 1-64 characters of [A-Za-z0-9_.-]",
+            ),
+            (
+                self.producer.tick_ms >= 10,
+                "producer.tick_ms must be >= 10",
+            ),
+            (
+                self.producer.batch_size >= 1,
+                "producer.batch_size must be >= 1",
+            ),
+            (self.producer.window >= 1, "producer.window must be >= 1"),
+            (
+                self.producer.window <= 5000,
+                "producer.window must be <= 5000 (apalis-redis fails to fetch ~8,000 due jobs at once)",
+            ),
+            (
+                self.producer.queue_lease_secs >= 1,
+                "producer.queue_lease_secs must be >= 1",
+            ),
+            (
+                self.producer.leader_ttl_ms >= 100,
+                "producer.leader_ttl_ms must be >= 100",
+            ),
+            (
+                (1..=10_000).contains(&self.worker.concurrency),
+                "worker.concurrency must be 1..=10000",
+            ),
+            (
+                (1..=1000).contains(&self.worker.fetch_batch),
+                "worker.fetch_batch must be 1..=1000",
+            ),
+            (
+                self.worker.max_attempts >= 1,
+                "worker.max_attempts must be >= 1",
+            ),
+            (
+                !self.worker.retry_schedule_secs.is_empty(),
+                "worker.retry_schedule_secs must not be empty",
+            ),
+            (
+                self.worker.lock_ttl_ms >= 100,
+                "worker.lock_ttl_ms must be >= 100",
+            ),
+            (
+                self.gateway.backoff_tries >= 1,
+                "gateway.backoff_tries must be >= 1",
+            ),
+        ];
+        for (ok, msg) in checks {
+            if !ok {
+                bail!("invalid configuration: {msg}");
+            }
+        }
+        if self.gateway.kind != "contract" {
+            bail!("invalid configuration: gateway.kind must be \"contract\"");
+        }
+        if self.worker.lease_secs * 1000 <= self.worker.lock_ttl_ms / 2 {
+            bail!(
+                "invalid configuration: worker.lease_secs must outlast half of worker.lock_ttl_ms"
+            );
+        }
+        Ok(())
+    }
+}
+
+fn valid_prefix(p: &str) -> bool {
+    (1..=64).contains(&p.len())
+        && p.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+}
+
+fn merge(base: &mut toml::Value, overlay: toml::Value) {
+    match (base, overlay) {
+        (toml::Value::Table(b), toml::Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(existing) => merge(existing, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o,
+    }
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    if let Ok(i) = raw.parse::<i64>() {
+        return toml::Value::Integer(i);
+    }
+    if let Ok(b) = raw.parse::<bool>() {
+        return toml::Value::Boolean(b);
+    }
+    if raw.starts_with('[') {
+        if let Ok(toml::Value::Table(t)) = toml::from_str::<toml::Value>(&format!("v = {raw}")) {
+            if let Some(v) = t.get("v") {
+                return v.clone();
+            }
+        }
+    }
+    toml::Value::String(raw.to_string())
+}
+
+fn set_path(root: &mut toml::Value, path: &[String], v: toml::Value) -> anyhow::Result<()> {
+    let (last, parents) = path.split_last().context("empty key")?;
+    let mut cur = root;
+    for p in parents {
+        let table = cur.as_table_mut().context("not a table")?;
+        cur = table
+            .entry(p.clone())
+            .or_insert_with(|| toml::Value::Table(Default::default()));
+    }
+    let table = cur.as_table_mut().context("not a table")?;
+    // A number given where the default is a string stays a string (e.g. a secret of digits).
+    let v = match (table.get(last), v) {
+        (Some(toml::Value::String(_)), toml::Value::Integer(i)) => {
+            toml::Value::String(i.to_string())
+        }
+        (Some(toml::Value::String(_)), toml::Value::Boolean(b)) => {
+            toml::Value::String(b.to_string())
+        }
+        (_, v) => v,
+    };
+    table.insert(last.clone(), v);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_load_and_validate() {
+        let s = Settings::load_from(None, &[]).unwrap();
+        assert_eq!(s.producer.window, 1000);
+        assert_eq!(s.worker.concurrency, 64);
+        assert_eq!(s.worker.max_attempts, 5);
+    }
+
+    #[test]
+    fn env_overrides_nested_keys_and_urls() {
+        let s = Settings::load_from(
+            None,
+            &env(&[
+                ("PAYOUTS_WORKER__CONCURRENCY", "128"),
+                ("PAYOUTS_WORKER__RETRY_SCHEDULE_SECS", "[1, 2]"),
+                ("REDIS_URL", "redis://10.0.0.1:7000"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.worker.concurrency, 128);
+        assert_eq!(s.worker.retry_schedule_secs, vec![1, 2]);
+        use secrecy::ExposeSecret;
+        assert_eq!(s.redis.url.expose_secret(), "redis://10.0.0.1:7000");
+    }
+
+    #[test]
+    fn out_of_range_value_names_the_key() {
+        let err = Settings::load_from(None, &env(&[("PAYOUTS_PRODUCER__WINDOW", "9000")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("producer.window"), "{err}");
+    }
+
+    #[test]
+    fn retry_delay_follows_the_schedule_and_repeats_the_last() {
+        let s = Settings::load_from(None, &[]).unwrap().worker;
+        assert_eq!(s.retry_delay(1), Duration::from_secs(300));
+        assert_eq!(s.retry_delay(4), Duration::from_secs(21600));
+        assert_eq!(s.retry_delay(9), Duration::from_secs(21600));
+    }
+
+    #[test]
+    fn secrets_do_not_appear_in_debug() {
+        let s = Settings::load_from(
+            None,
+            &env(&[
+                ("DATABASE_URL", "postgres://u:hunter2@h/db"),
+                ("PAYOUTS_GATEWAY__SECRET", "sk_live_zzz"),
+            ]),
+        )
+        .unwrap();
+        let dbg = format!("{s:?}");
+        assert!(
+            !dbg.contains("hunter2") && !dbg.contains("sk_live_zzz"),
+            "{dbg}"
+        );
+    }
+}

@@ -1,0 +1,35 @@
+//! Postgres repositories: every SQL statement on a table lives in that
+//! table's module. Time is always passed in (the clock seam), never `now()`.
+
+pub mod events;
+pub mod payees;
+pub mod payouts;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use secrecy::ExposeSecret;
+use sqlx::{PgPool, postgres::PgPoolOptions};
+
+use crate::config::DatabaseSettings;
+
+/// The migrations in `migrations/`, embedded.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Opens a pool.
+pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
+    PgPoolOptions::new()
+        .max_connections(settings.max_connections)
+        .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
+        .connect(settings.url.expose_secret())
+        .await
+        .context("failed to connect to Postgres")
+}
+
+/// Applies pending migrations.
+pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+    MIGRATOR
+        .run(pool)
+        .await
+        .context("failed to run database migrations")
+}

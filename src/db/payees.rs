@@ -1,0 +1,62 @@
+//! The `payees` table: who gets paid, and where.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::PgPool;
+
+use crate::domain::Currency;
+
+/// A payee row.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct Payee {
+    /// Id.
+    pub id: i64,
+    /// Display name.
+    pub name: String,
+    /// The payee's account at the gateway (e.g. `acct_123`).
+    pub gateway_account: String,
+    /// Default currency.
+    pub currency: String,
+    /// `active` or `suspended`.
+    pub status: String,
+    /// When created.
+    pub created_at: DateTime<Utc>,
+}
+
+/// Adds a payee.
+pub async fn create(
+    pool: &PgPool,
+    name: &str,
+    gateway_account: &str,
+    currency: Currency,
+) -> sqlx::Result<Payee> {
+    sqlx::query_as::<_, Payee>(
+        "INSERT INTO payees (name, gateway_account, currency) VALUES ($1, $2, $3) RETURNING *",
+    )
+    .bind(name)
+    .bind(gateway_account)
+    .bind(currency.code())
+    .fetch_one(pool)
+    .await
+}
+
+/// One payee.
+pub async fn get(pool: &PgPool, id: i64) -> sqlx::Result<Option<Payee>> {
+    sqlx::query_as::<_, Payee>("SELECT * FROM payees WHERE id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+}
+
+/// Adds `count` demo payees in one statement; returns their ids.
+pub async fn create_demo(pool: &PgPool, count: i64, currency: Currency) -> sqlx::Result<Vec<i64>> {
+    sqlx::query_scalar(
+        "INSERT INTO payees (name, gateway_account, currency)
+         SELECT 'Demo payee ' || g, 'acct_demo_' || g, $2 FROM generate_series(1, $1) g
+         RETURNING id",
+    )
+    .bind(count)
+    .bind(currency.code())
+    .fetch_all(pool)
+    .await
+}

@@ -1,0 +1,561 @@
+//! The `payouts` table. Every statement that changes a payout's status writes
+//! its `payout_events` row in the same statement, and every worker write is
+//! fenced by the attempt number its claim returned.
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::Serialize;
+use sqlx::{PgPool, Postgres, Transaction};
+
+use crate::domain::{Money, PayoutStatus, TransitionError};
+
+/// A payout row.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct Payout {
+    /// Id; the gateway idempotency key and reference derive from it.
+    pub id: i64,
+    /// Who is paid.
+    pub payee_id: i64,
+    /// Exact amount.
+    pub amount: Decimal,
+    /// ISO 4217 code.
+    pub currency: String,
+    /// Where it is in its life.
+    #[sqlx(try_from = "String")]
+    pub status: PayoutStatus,
+    /// When it may be paid.
+    pub due_at: DateTime<Utc>,
+    /// Claims so far; the fencing token of the latest claim.
+    pub attempt: i32,
+    /// Attempts before this count do not count against the budget (operator retry).
+    pub retry_base: i32,
+    /// When a `retrying` payout is due again.
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    /// The worker holding the lease.
+    pub lease_owner: Option<String>,
+    /// Until when the lease (queued or processing) holds.
+    pub lease_until: Option<DateTime<Utc>>,
+    /// The gateway's transfer id, once accepted.
+    pub gateway_transfer_id: Option<String>,
+    /// Last failure code (gateway code, `attempts_exhausted`, ...).
+    pub failure_code: Option<String>,
+    /// Last failure message.
+    pub failure_message: Option<String>,
+    /// Created.
+    pub created_at: DateTime<Utc>,
+    /// Last changed.
+    pub updated_at: DateTime<Utc>,
+    /// When it was recorded paid.
+    pub paid_at: Option<DateTime<Utc>>,
+}
+
+impl TryFrom<String> for PayoutStatus {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl Payout {
+    /// The idempotency key sent to the gateway on every attempt; never changes.
+    pub fn idempotency_key(&self) -> String {
+        idempotency_key(self.id)
+    }
+}
+
+/// The idempotency key (and gateway reference) of payout `id`.
+pub fn idempotency_key(id: i64) -> String {
+    format!("payout_{id}")
+}
+
+/// A payout a worker has claimed, with what it needs to call the gateway.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Claimed {
+    /// The payout as it is after the claim.
+    #[sqlx(flatten)]
+    pub payout: Payout,
+    /// The payee's gateway account.
+    pub gateway_account: String,
+}
+
+impl Claimed {
+    /// The fencing token: the attempt number this claim got.
+    pub fn token(&self) -> i32 {
+        self.payout.attempt
+    }
+}
+
+/// How a worker's attempt ended, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finish {
+    /// Money moved.
+    Paid {
+        /// Gateway transfer id.
+        transfer_id: String,
+    },
+    /// Accepted; final word later.
+    InTransit {
+        /// Gateway transfer id.
+        transfer_id: String,
+    },
+    /// Transient failure; try again at `next_attempt_at`.
+    Retrying {
+        /// When.
+        next_attempt_at: DateTime<Utc>,
+        /// Failure code (for operators).
+        code: String,
+        /// Failure message.
+        message: String,
+    },
+    /// Permanent failure or attempts exhausted.
+    Failed {
+        /// Failure code.
+        code: String,
+        /// Failure message.
+        message: String,
+    },
+}
+
+impl Finish {
+    /// The status this outcome records.
+    pub fn status(&self) -> PayoutStatus {
+        match self {
+            Finish::Paid { .. } => PayoutStatus::Paid,
+            Finish::InTransit { .. } => PayoutStatus::InTransit,
+            Finish::Retrying { .. } => PayoutStatus::Retrying,
+            Finish::Failed { .. } => PayoutStatus::Failed,
+        }
+    }
+}
+
+/// Why an operator action was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ActionError {
+    /// No such payout.
+    #[error("payout {0} not found")]
+    NotFound(i64),
+    /// Not legal from the payout's status.
+    #[error(transparent)]
+    Illegal(#[from] TransitionError),
+    /// The database failed.
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+/// Creates a pending payout (and its `created` event).
+pub async fn create(
+    pool: &PgPool,
+    payee_id: i64,
+    money: Money,
+    due_at: DateTime<Utc>,
+    actor: &str,
+    now: DateTime<Utc>,
+) -> sqlx::Result<Payout> {
+    sqlx::query_as::<_, Payout>(
+        "WITH ins AS (
+             INSERT INTO payouts (payee_id, amount, currency, due_at, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $6, $6) RETURNING *),
+         ev AS (
+             INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
+             SELECT id, NULL, 'pending', $5, 'created', 0, $6 FROM ins)
+         SELECT * FROM ins",
+    )
+    .bind(payee_id)
+    .bind(money.amount())
+    .bind(money.currency().code())
+    .bind(due_at)
+    .bind(actor)
+    .bind(now)
+    .fetch_one(pool)
+    .await
+}
+
+/// Creates `count` pending payouts spread over `payee_ids`, due at `due_at`
+/// (demo and benchmark data), with their events; returns how many.
+pub async fn seed(
+    pool: &PgPool,
+    payee_ids: &[i64],
+    count: i64,
+    currency: &str,
+    due_at: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> sqlx::Result<u64> {
+    let res = sqlx::query(
+        "WITH ins AS (
+             INSERT INTO payouts (payee_id, amount, currency, due_at, created_at, updated_at)
+             SELECT ($1::bigint[])[1 + (g % cardinality($1::bigint[]))],
+                    (5 + (g * 7919) % 995)::numeric + ((g * 31) % 100)::numeric / 100,
+                    $3, $4, $5, $5
+             FROM generate_series(1, $2) g RETURNING id)
+         INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
+         SELECT id, NULL, 'pending', 'operator:seed', 'created', 0, $5 FROM ins",
+    )
+    .bind(payee_ids)
+    .bind(count)
+    .bind(currency)
+    .bind(due_at)
+    .bind(now)
+    .execute(pool)
+    .await?;
+    Ok(res.rows_affected())
+}
+
+/// One payout.
+pub async fn get(pool: &PgPool, id: i64) -> sqlx::Result<Option<Payout>> {
+    sqlx::query_as::<_, Payout>("SELECT * FROM payouts WHERE id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+}
+
+/// Payouts by id, newest first, optionally of one status, before `before_id`.
+pub async fn list(
+    pool: &PgPool,
+    status: Option<PayoutStatus>,
+    limit: i64,
+    before_id: Option<i64>,
+) -> sqlx::Result<Vec<Payout>> {
+    sqlx::query_as::<_, Payout>(
+        "SELECT * FROM payouts
+         WHERE ($1::text IS NULL OR status = $1) AND ($2::bigint IS NULL OR id < $2)
+         ORDER BY id DESC LIMIT $3",
+    )
+    .bind(status.map(PayoutStatus::as_str))
+    .bind(before_id)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// Counts by status (exact; for the CLI, demo and tests).
+pub async fn count_by_status(pool: &PgPool) -> sqlx::Result<Vec<(String, i64)>> {
+    sqlx::query_as("SELECT status, count(*) FROM payouts GROUP BY status ORDER BY status")
+        .fetch_all(pool)
+        .await
+}
+
+/// How many payouts are `queued`: the jobs the window holds.
+pub async fn count_queued(pool: &PgPool) -> sqlx::Result<i64> {
+    sqlx::query_scalar("SELECT count(*) FROM payouts WHERE status = 'queued'")
+        .fetch_one(pool)
+        .await
+}
+
+const QUEUE_RETRYING: &str = "
+    WITH due AS (
+        SELECT id, status FROM payouts
+        WHERE status = 'retrying' AND next_attempt_at <= $1
+        ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED),
+    upd AS (
+        UPDATE payouts p SET status = 'queued', lease_until = $3, lease_owner = NULL, updated_at = $1
+        FROM due WHERE p.id = due.id
+        RETURNING p.id, due.status AS from_status, p.attempt),
+    ev AS (
+        INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
+        SELECT id, from_status, 'queued', $4, 'retry due', attempt, $1 FROM upd)
+    SELECT id FROM upd";
+
+const QUEUE_PENDING: &str = "
+    WITH due AS (
+        SELECT id, status FROM payouts
+        WHERE status = 'pending' AND due_at <= $1
+        ORDER BY due_at LIMIT $2 FOR UPDATE SKIP LOCKED),
+    upd AS (
+        UPDATE payouts p SET status = 'queued', lease_until = $3, lease_owner = NULL, updated_at = $1
+        FROM due WHERE p.id = due.id
+        RETURNING p.id, due.status AS from_status, p.attempt),
+    ev AS (
+        INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
+        SELECT id, from_status, 'queued', $4, 'due', attempt, $1 FROM upd)
+    SELECT id FROM upd";
+
+/// Moves up to `limit` due payouts (retrying whose time has come first, then
+/// pending by due time) to `queued`, leased until `lease_until`; returns their ids.
+/// Replicas never take the same rows (`FOR UPDATE SKIP LOCKED`).
+pub async fn queue_due(
+    pool: &PgPool,
+    now: DateTime<Utc>,
+    limit: i64,
+    lease_until: DateTime<Utc>,
+    actor: &str,
+) -> sqlx::Result<Vec<i64>> {
+    let mut tx: Transaction<'_, Postgres> = pool.begin().await?;
+    let mut ids: Vec<i64> = sqlx::query_scalar(QUEUE_RETRYING)
+        .bind(now)
+        .bind(limit)
+        .bind(lease_until)
+        .bind(actor)
+        .fetch_all(&mut *tx)
+        .await?;
+    let rest = limit - ids.len() as i64;
+    if rest > 0 {
+        let more: Vec<i64> = sqlx::query_scalar(QUEUE_PENDING)
+            .bind(now)
+            .bind(rest)
+            .bind(lease_until)
+            .bind(actor)
+            .fetch_all(&mut *tx)
+            .await?;
+        ids.extend(more);
+    }
+    tx.commit().await?;
+    Ok(ids)
+}
+
+/// Finds `queued` and `processing` payouts whose lease ran out (a lost job, a
+/// crashed worker), puts them back to `queued` with a fresh lease and returns
+/// their ids for re-enqueueing. A crashed worker's claim is recorded as an event.
+pub async fn sweep_expired(
+    pool: &PgPool,
+    now: DateTime<Utc>,
+    limit: i64,
+    lease_until: DateTime<Utc>,
+    actor: &str,
+) -> sqlx::Result<Vec<i64>> {
+    sqlx::query_scalar(
+        "WITH exp AS (
+             SELECT id, status FROM payouts
+             WHERE status IN ('queued', 'processing') AND lease_until < $1
+             ORDER BY lease_until LIMIT $2 FOR UPDATE SKIP LOCKED),
+         upd AS (
+             UPDATE payouts p SET status = 'queued', lease_until = $3, lease_owner = NULL, updated_at = $1
+             FROM exp WHERE p.id = exp.id
+             RETURNING p.id, exp.status AS from_status, p.attempt),
+         ev AS (
+             INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
+             SELECT id, from_status, 'queued', $4, 'lease expired', attempt, $1
+             FROM upd WHERE from_status = 'processing')
+         SELECT id FROM upd",
+    )
+    .bind(now)
+    .bind(limit)
+    .bind(lease_until)
+    .bind(actor)
+    .fetch_all(pool)
+    .await
+}
+
+/// Ids of all `queued` payouts, their leases refreshed (after Redis lost its data).
+pub async fn requeue_all_queued(
+    pool: &PgPool,
+    lease_until: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> sqlx::Result<Vec<i64>> {
+    sqlx::query_scalar(
+        "UPDATE payouts SET lease_until = $1, updated_at = $2 WHERE status = 'queued' RETURNING id",
+    )
+    .bind(lease_until)
+    .bind(now)
+    .fetch_all(pool)
+    .await
+}
+
+/// Claims a payout for one attempt: `queued` (or `processing` with an expired
+/// lease) becomes `processing`, `attempt` goes up by one and is returned as the
+/// fencing token. `None` when the payout is not claimable (final, held, unknown).
+pub async fn claim(
+    pool: &PgPool,
+    id: i64,
+    owner: &str,
+    now: DateTime<Utc>,
+    lease_until: DateTime<Utc>,
+) -> sqlx::Result<Option<Claimed>> {
+    sqlx::query_as::<_, Claimed>(
+        "WITH prev AS (SELECT id, status FROM payouts WHERE id = $1 FOR UPDATE),
+         upd AS (
+             UPDATE payouts p SET status = 'processing', attempt = p.attempt + 1,
+                 lease_owner = $2, lease_until = $4, updated_at = $3
+             FROM prev
+             WHERE p.id = prev.id
+               AND (prev.status = 'queued' OR (prev.status = 'processing' AND p.lease_until < $3))
+             RETURNING p.*, prev.status AS from_status),
+         ev AS (
+             INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
+             SELECT id, from_status, 'processing', $2, 'claimed', attempt, $3 FROM upd)
+         SELECT upd.*, payees.gateway_account FROM upd JOIN payees ON payees.id = upd.payee_id",
+    )
+    .bind(id)
+    .bind(owner)
+    .bind(now)
+    .bind(lease_until)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Records an attempt's outcome, fenced: it changes nothing (and returns
+/// `false`) unless the payout is still `processing` under `token`.
+pub async fn finish(
+    pool: &PgPool,
+    id: i64,
+    token: i32,
+    outcome: &Finish,
+    actor: &str,
+    reason: &str,
+    now: DateTime<Utc>,
+) -> sqlx::Result<bool> {
+    let (transfer_id, next_at, code, message) = match outcome {
+        Finish::Paid { transfer_id } | Finish::InTransit { transfer_id } => {
+            (Some(transfer_id.as_str()), None, None, None)
+        }
+        Finish::Retrying {
+            next_attempt_at,
+            code,
+            message,
+        } => (
+            None,
+            Some(*next_attempt_at),
+            Some(code.as_str()),
+            Some(message.as_str()),
+        ),
+        Finish::Failed { code, message } => {
+            (None, None, Some(code.as_str()), Some(message.as_str()))
+        }
+    };
+    let row: Option<i64> = sqlx::query_scalar(
+        "WITH upd AS (
+             UPDATE payouts SET status = $3,
+                 gateway_transfer_id = COALESCE($4, gateway_transfer_id),
+                 next_attempt_at = $5, failure_code = $6, failure_message = $7,
+                 paid_at = CASE WHEN $3 = 'paid' THEN $8 ELSE paid_at END,
+                 lease_owner = NULL, lease_until = NULL, updated_at = $8
+             WHERE id = $1 AND attempt = $2 AND status = 'processing'
+             RETURNING id, attempt)
+         INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
+         SELECT id, 'processing', $3, $9, $10, attempt, $8 FROM upd
+         RETURNING payout_id",
+    )
+    .bind(id)
+    .bind(token)
+    .bind(outcome.status().as_str())
+    .bind(transfer_id)
+    .bind(next_at)
+    .bind(code)
+    .bind(message)
+    .bind(now)
+    .bind(actor)
+    .bind(reason)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.is_some())
+}
+
+/// An operator (or system) action: move payout `id` from one of `from` to `to`.
+struct Action<'a> {
+    from: &'a [PayoutStatus],
+    to: PayoutStatus,
+    lease_until: Option<DateTime<Utc>>,
+    reset_budget: bool,
+    actor: &'a str,
+    reason: &'a str,
+}
+
+async fn act(
+    pool: &PgPool,
+    id: i64,
+    a: Action<'_>,
+    now: DateTime<Utc>,
+) -> Result<PayoutStatus, ActionError> {
+    let from: Vec<&str> = a.from.iter().map(|s| s.as_str()).collect();
+    let row: Option<(String, Option<String>)> = sqlx::query_as(
+        "WITH prev AS (SELECT id, status FROM payouts WHERE id = $1 FOR UPDATE),
+         upd AS (
+             UPDATE payouts p SET status = $2, lease_until = $5, lease_owner = NULL, updated_at = $6,
+                 retry_base = CASE WHEN $7 THEN p.attempt ELSE p.retry_base END,
+                 next_attempt_at = CASE WHEN $7 THEN NULL ELSE p.next_attempt_at END
+             FROM prev WHERE p.id = prev.id AND prev.status = ANY($3)
+             RETURNING p.id, prev.status AS from_status, p.attempt),
+         ev AS (
+             INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
+             SELECT id, from_status, $2, $4, $8, attempt, $6 FROM upd)
+         SELECT prev.status, (SELECT from_status FROM upd) FROM prev",
+    )
+    .bind(id)
+    .bind(a.to.as_str())
+    .bind(&from)
+    .bind(a.actor)
+    .bind(a.lease_until)
+    .bind(now)
+    .bind(a.reset_budget)
+    .bind(a.reason)
+    .fetch_optional(pool)
+    .await?;
+    let (current, moved) = row.ok_or(ActionError::NotFound(id))?;
+    let current: PayoutStatus = current
+        .parse()
+        .map_err(|e: String| ActionError::Db(sqlx::Error::Decode(e.into())))?;
+    match moved {
+        Some(_) => Ok(current),
+        None => Err(TransitionError {
+            id,
+            from: current,
+            to: a.to,
+        }
+        .into()),
+    }
+}
+
+/// Operator: enqueue now, whatever the due time (`pending` or `retrying` ->
+/// `queued`). Returns the status it moved from; `queued` when it already was.
+pub async fn enqueue_now(
+    pool: &PgPool,
+    id: i64,
+    actor: &str,
+    lease_until: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Result<PayoutStatus, ActionError> {
+    let action = Action {
+        from: &[PayoutStatus::Pending, PayoutStatus::Retrying],
+        to: PayoutStatus::Queued,
+        lease_until: Some(lease_until),
+        reset_budget: false,
+        actor,
+        reason: "manual enqueue",
+    };
+    match act(pool, id, action, now).await {
+        Err(ActionError::Illegal(e)) if e.from == PayoutStatus::Queued => Ok(PayoutStatus::Queued),
+        other => other,
+    }
+}
+
+/// Operator: retry a failed payout (`failed` -> `queued`) with a fresh attempt budget.
+pub async fn retry(
+    pool: &PgPool,
+    id: i64,
+    actor: &str,
+    lease_until: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Result<PayoutStatus, ActionError> {
+    let action = Action {
+        from: &[PayoutStatus::Failed],
+        to: PayoutStatus::Queued,
+        lease_until: Some(lease_until),
+        reset_budget: true,
+        actor,
+        reason: "operator retry",
+    };
+    act(pool, id, action, now).await
+}
+
+/// Operator: cancel (`pending`, `queued`, `retrying` or `failed` -> `cancelled`).
+pub async fn cancel(
+    pool: &PgPool,
+    id: i64,
+    actor: &str,
+    reason: &str,
+    now: DateTime<Utc>,
+) -> Result<PayoutStatus, ActionError> {
+    let action = Action {
+        from: &[
+            PayoutStatus::Pending,
+            PayoutStatus::Queued,
+            PayoutStatus::Retrying,
+            PayoutStatus::Failed,
+        ],
+        to: PayoutStatus::Cancelled,
+        lease_until: None,
+        reset_budget: false,
+        actor,
+        reason,
+    };
+    act(pool, id, action, now).await
+}

@@ -1,0 +1,294 @@
+//! The demo behind the README's first command: migrate, start the mock
+//! gateway, a producer and N workers as child processes, seed due payouts,
+//! wait until each is final, check the gateway's ledger, print a summary.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use secrecy::ExposeSecret;
+use sqlx::{Connection, PgPool};
+
+use crate::{
+    config::Settings,
+    db::{self, payees, payouts},
+};
+
+/// What the demo does.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Payouts to seed.
+    pub count: i64,
+    /// Worker processes.
+    pub workers: usize,
+    /// Give up after this long.
+    pub timeout: Duration,
+    /// Where children write their logs.
+    pub log_dir: PathBuf,
+}
+
+/// The demo's result.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DemoSummary {
+    /// Payouts seeded.
+    pub seeded: i64,
+    /// Paid.
+    pub paid: i64,
+    /// Failed.
+    pub failed: i64,
+    /// Seconds from seeding to the last one final.
+    pub seconds: f64,
+    /// Paid per second.
+    pub payouts_per_second: f64,
+    /// Ledger entries at the gateway for these payouts.
+    pub ledger_entries: usize,
+    /// References applied more than once at the gateway (must be 0).
+    pub duplicates: usize,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+struct Children(Vec<(String, Child)>);
+
+impl Children {
+    fn spawn(
+        &mut self,
+        bin_dir: &Path,
+        bin: &str,
+        name: &str,
+        env: &[(String, String)],
+        log_dir: &Path,
+    ) -> anyhow::Result<()> {
+        let log = std::fs::File::create(log_dir.join(format!("{name}.log")))?;
+        let child = Command::new(bin_dir.join(bin))
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("failed to start {bin}"))?;
+        self.0.push((name.to_string(), child));
+        Ok(())
+    }
+
+    fn check_alive(&mut self) -> anyhow::Result<()> {
+        for (name, child) in &mut self.0 {
+            if let Some(status) = child.try_wait()? {
+                bail!("{name} exited early ({status}); see its log");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for (_, child) in &self.0 {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+        }
+        for (_, child) in &mut self.0 {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Creates the configured database if it does not exist.
+pub async fn ensure_database(settings: &Settings) -> anyhow::Result<()> {
+    let url = settings.database.url.expose_secret();
+    let (base, name) = url
+        .rsplit_once('/')
+        .context("database URL has no database name")?;
+    let name = name.split('?').next().unwrap_or(name);
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        bail!("database name {name:?} must be [A-Za-z0-9_]");
+    }
+    let mut admin = sqlx::PgConnection::connect(&format!("{base}/postgres"))
+        .await
+        .context("failed to connect to Postgres")?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(name)
+            .fetch_one(&mut admin)
+            .await?;
+    if !exists {
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Runs the demo.
+pub async fn run(settings: Settings, opts: DemoOptions) -> anyhow::Result<DemoSummary> {
+    ensure_database(&settings).await?;
+    let pool: PgPool = db::connect(&settings.database).await?;
+    db::migrate(&pool).await?;
+    std::fs::create_dir_all(&opts.log_dir)?;
+    let bin_dir = std::env::current_exe()?
+        .parent()
+        .context("binary directory")?
+        .to_path_buf();
+
+    let gw_port = free_port()?;
+    let gateway_url = format!("http://127.0.0.1:{gw_port}");
+    let mut base_env: Vec<(String, String)> = vec![
+        (
+            "DATABASE_URL".into(),
+            settings.database.url.expose_secret().to_string(),
+        ),
+        (
+            "REDIS_URL".into(),
+            settings.redis.url.expose_secret().to_string(),
+        ),
+        (
+            "PAYOUTS_REDIS__PREFIX".into(),
+            settings.redis.prefix.clone(),
+        ),
+        ("PAYOUTS_GATEWAY__BASE_URL".into(), gateway_url.clone()),
+        ("PAYOUTS_PRODUCER__TICK_MS".into(), "500".into()),
+        ("PAYOUTS_LOG__FORMAT".into(), "json".into()),
+    ];
+    if let Ok(v) = std::env::var("RUST_LOG") {
+        base_env.push(("RUST_LOG".into(), v));
+    }
+    let mut children = Children(Vec::new());
+    let mut gw_env = base_env.clone();
+    gw_env.push(("MOCK_GATEWAY_LISTEN".into(), format!("127.0.0.1:{gw_port}")));
+    children.spawn(
+        &bin_dir,
+        "mock-gateway",
+        "mock-gateway",
+        &gw_env,
+        &opts.log_dir,
+    )?;
+    let mut p_env = base_env.clone();
+    p_env.push((
+        "PAYOUTS_PRODUCER__LISTEN".into(),
+        format!("127.0.0.1:{}", free_port()?),
+    ));
+    children.spawn(
+        &bin_dir,
+        "payout-producer",
+        "producer",
+        &p_env,
+        &opts.log_dir,
+    )?;
+    let mut worker_urls = Vec::new();
+    for i in 0..opts.workers {
+        let port = free_port()?;
+        worker_urls.push(format!("http://127.0.0.1:{port}"));
+        let mut w_env = base_env.clone();
+        w_env.push(("PAYOUTS_WORKER__LISTEN".into(), format!("127.0.0.1:{port}")));
+        children.spawn(
+            &bin_dir,
+            "payout-worker",
+            &format!("worker-{}", i + 1),
+            &w_env,
+            &opts.log_dir,
+        )?;
+    }
+    let http = reqwest::Client::new();
+    let health = format!("{gateway_url}/health");
+    let until = Instant::now() + Duration::from_secs(30);
+    while http.get(&health).send().await.is_err() {
+        children.check_alive()?;
+        if Instant::now() > until {
+            bail!("mock gateway did not start; see {}", opts.log_dir.display());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "mock gateway {gateway_url}, producer and {} workers started (logs in {})",
+        opts.workers,
+        opts.log_dir.display()
+    );
+    for url in &worker_urls {
+        println!("  worker metrics: {url}/metrics");
+    }
+
+    let before: i64 = sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM payouts")
+        .fetch_one(&pool)
+        .await?;
+    let payee_ids =
+        payees::create_demo(&pool, 100.min(opts.count), "USD".parse().expect("USD")).await?;
+    let started = Instant::now();
+    let now = chrono::Utc::now();
+    payouts::seed(&pool, &payee_ids, opts.count, "USD", now, now).await?;
+    println!(
+        "seeded {} due payouts; waiting for the fleet to pay them",
+        opts.count
+    );
+
+    let deadline = Instant::now() + opts.timeout;
+    let mut last_print = Instant::now();
+    let (paid, failed) = loop {
+        let (paid, failed, open): (i64, i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE status = 'paid'), count(*) FILTER (WHERE status = 'failed'),
+                    count(*) FILTER (WHERE status NOT IN ('paid', 'failed', 'cancelled'))
+             FROM payouts WHERE id > $1",
+        )
+        .bind(before)
+        .fetch_one(&pool)
+        .await?;
+        if open == 0 {
+            break (paid, failed);
+        }
+        children.check_alive()?;
+        if Instant::now() > deadline {
+            bail!("timed out with {open} payouts not final ({paid} paid, {failed} failed)");
+        }
+        if last_print.elapsed() >= Duration::from_secs(1) {
+            println!("  {paid} paid, {failed} failed, {open} to go");
+            last_print = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let seconds = started.elapsed().as_secs_f64();
+
+    let ledger: Vec<serde_json::Value> = http
+        .get(format!("{gateway_url}/_mock/ledger"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let mut refs: Vec<i64> = ledger
+        .iter()
+        .filter_map(|e| {
+            e["reference"]
+                .as_str()?
+                .strip_prefix("payout_")?
+                .parse()
+                .ok()
+        })
+        .filter(|id| *id > before)
+        .collect();
+    let entries = refs.len();
+    refs.sort_unstable();
+    refs.dedup();
+    Ok(DemoSummary {
+        seeded: opts.count,
+        paid,
+        failed,
+        seconds,
+        payouts_per_second: paid as f64 / seconds.max(1e-9),
+        ledger_entries: entries,
+        duplicates: entries - refs.len(),
+    })
+}

@@ -1,0 +1,80 @@
+//! Short retries inside one attempt: exponential backoff with full jitter,
+//! capped, honouring Retry-After (built on `backon`). Long retries (minutes to
+//! hours) are not here: they are `retrying` rows in Postgres.
+
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use rand::Rng;
+
+use super::{Gateway, Outcome, TransferRequest};
+use crate::config::GatewaySettings;
+
+/// The in-attempt retry policy.
+#[derive(Debug, Clone, Copy)]
+pub struct BackoffPolicy {
+    /// First delay (before jitter).
+    pub base: Duration,
+    /// Largest delay.
+    pub cap: Duration,
+    /// Calls in all, the first included.
+    pub tries: usize,
+}
+
+impl BackoffPolicy {
+    /// From settings.
+    pub fn from_settings(s: &GatewaySettings) -> Self {
+        BackoffPolicy {
+            base: Duration::from_millis(s.backoff_base_ms),
+            cap: Duration::from_millis(s.backoff_cap_ms),
+            tries: s.backoff_tries,
+        }
+    }
+}
+
+/// Calls the gateway until it gives a non-retryable answer or the tries run
+/// out; returns the last outcome and how many calls were made. `on_call`
+/// sees each call's outcome and latency (for metrics).
+pub async fn call_with_backoff(
+    gateway: &dyn Gateway,
+    req: &TransferRequest,
+    policy: BackoffPolicy,
+    on_call: &(dyn Fn(&Outcome, Duration) + Send + Sync),
+) -> (Outcome, usize) {
+    let calls = std::sync::atomic::AtomicUsize::new(0);
+    let builder = ExponentialBuilder::default()
+        .with_min_delay(policy.base)
+        .with_max_delay(policy.cap)
+        .with_factor(2.0)
+        .with_max_times(policy.tries.saturating_sub(1));
+    let result = (|| async {
+        calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let started = std::time::Instant::now();
+        let outcome = gateway.transfer(req).await;
+        on_call(&outcome, started.elapsed());
+        if outcome.is_retryable() {
+            Err(outcome)
+        } else {
+            Ok(outcome)
+        }
+    })
+    .retry(builder)
+    .sleep(tokio::time::sleep)
+    .adjust(|outcome: &Outcome, delay: Option<Duration>| {
+        let delay = delay?;
+        // Full jitter: uniform in [0, delay]; a Retry-After is a floor.
+        let jittered = Duration::from_nanos(rand::rng().random_range(0..=delay.as_nanos() as u64));
+        match outcome {
+            Outcome::Transient {
+                retry_after: Some(ra),
+                ..
+            } => Some((*ra).max(jittered)),
+            _ => Some(jittered),
+        }
+    })
+    .await;
+    let n = calls.load(std::sync::atomic::Ordering::Relaxed);
+    match result {
+        Ok(o) | Err(o) => (o, n),
+    }
+}

@@ -1,0 +1,223 @@
+//! The HTTP client for the generic gateway contract
+//! (`shared/gateway-contract.md`): bearer secret, Idempotency-Key, timeouts,
+//! and the mapping of answers to [`Outcome`]s.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use reqwest::{StatusCode, header};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use super::{Gateway, Outcome, TransferRequest};
+use crate::config::GatewaySettings;
+
+/// The contract client.
+#[derive(Clone)]
+pub struct HttpGateway {
+    client: reqwest::Client,
+    transfers_url: String,
+    secret: SecretString,
+}
+
+impl std::fmt::Debug for HttpGateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpGateway")
+            .field("transfers_url", &self.transfers_url)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Deserialize)]
+struct TransferBody {
+    id: String,
+    status: String,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Deserialize)]
+struct ErrorDetail {
+    code: String,
+    #[serde(default)]
+    message: String,
+}
+
+impl HttpGateway {
+    /// A client for `settings.base_url`.
+    pub fn new(settings: &GatewaySettings) -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_millis(settings.timeout_ms))
+            .connect_timeout(Duration::from_millis(settings.connect_timeout_ms))
+            .pool_max_idle_per_host(1024)
+            .tcp_nodelay(true)
+            .build()?;
+        Ok(HttpGateway {
+            client,
+            transfers_url: format!("{}/v1/transfers", settings.base_url.trim_end_matches('/')),
+            secret: settings.secret.clone(),
+        })
+    }
+}
+
+#[async_trait]
+impl Gateway for HttpGateway {
+    async fn transfer(&self, req: &TransferRequest) -> Outcome {
+        let sent = self
+            .client
+            .post(&self.transfers_url)
+            .bearer_auth(self.secret.expose_secret())
+            .header("Idempotency-Key", &req.idempotency_key)
+            .json(req)
+            .send()
+            .await;
+        let resp = match sent {
+            Ok(r) => r,
+            Err(e) if e.is_connect() => {
+                return Outcome::Transient {
+                    code: "connect".into(),
+                    message: "connection to gateway failed".into(),
+                    retry_after: None,
+                };
+            }
+            Err(e) if e.is_timeout() => {
+                return Outcome::Unknown {
+                    message: "gateway timed out".into(),
+                };
+            }
+            Err(e) => {
+                return Outcome::Unknown {
+                    message: format!("gateway request failed: {e}"),
+                };
+            }
+        };
+        let status = resp.status();
+        let retry_after = resp
+            .headers()
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let body = match resp.bytes().await {
+            Ok(b) => b,
+            Err(e) if e.is_timeout() => {
+                return Outcome::Unknown {
+                    message: "gateway timed out reading the answer".into(),
+                };
+            }
+            Err(_) => {
+                return Outcome::Unknown {
+                    message: "gateway answer was cut off".into(),
+                };
+            }
+        };
+        classify(status, retry_after, &body)
+    }
+}
+
+/// Maps one answer to an outcome, per the contract's table.
+pub fn classify(status: StatusCode, retry_after: Option<Duration>, body: &[u8]) -> Outcome {
+    let error = || {
+        serde_json::from_slice::<ErrorBody>(body)
+            .ok()
+            .map(|b| b.error)
+    };
+    match status.as_u16() {
+        200 | 201 => match serde_json::from_slice::<TransferBody>(body) {
+            Ok(t) if t.status == "paid" => Outcome::Paid { transfer_id: t.id },
+            Ok(t) if t.status == "pending" => Outcome::InTransit { transfer_id: t.id },
+            Ok(t) => Outcome::Unknown {
+                message: format!("gateway answered unknown transfer status {:?}", t.status),
+            },
+            Err(_) => Outcome::Unknown {
+                message: "gateway answered 2xx with an unreadable body".into(),
+            },
+        },
+        429 => Outcome::Transient {
+            code: "rate_limited".into(),
+            message: "gateway rate limited the request".into(),
+            retry_after,
+        },
+        401 => Outcome::Rejected {
+            code: "unauthorized".into(),
+            message: "gateway refused the secret".into(),
+        },
+        409 => {
+            let e = error();
+            Outcome::Rejected {
+                code: e
+                    .as_ref()
+                    .map(|e| e.code.clone())
+                    .unwrap_or_else(|| "idempotency_conflict".into()),
+                message: e.map(|e| e.message).unwrap_or_default(),
+            }
+        }
+        400 | 402 | 403 | 404 | 422 => {
+            let e = error();
+            Outcome::Rejected {
+                code: e
+                    .as_ref()
+                    .map(|e| e.code.clone())
+                    .unwrap_or_else(|| format!("http_{}", status.as_u16())),
+                message: e.map(|e| e.message).unwrap_or_default(),
+            }
+        }
+        s if s >= 500 => Outcome::Transient {
+            code: format!("http_{s}"),
+            message: format!("gateway answered {s}"),
+            retry_after,
+        },
+        s => Outcome::Unknown {
+            message: format!("gateway answered unexpected status {s}"),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contract_table_maps_to_outcomes() {
+        let ok = br#"{"id":"tr_1","status":"paid"}"#;
+        assert_eq!(
+            classify(StatusCode::OK, None, ok),
+            Outcome::Paid {
+                transfer_id: "tr_1".into()
+            }
+        );
+        let pending = br#"{"id":"tr_2","status":"pending"}"#;
+        assert_eq!(
+            classify(StatusCode::CREATED, None, pending),
+            Outcome::InTransit {
+                transfer_id: "tr_2".into()
+            }
+        );
+        let closed = br#"{"error":{"code":"account_closed","message":"closed"}}"#;
+        assert!(
+            matches!(classify(StatusCode::UNPROCESSABLE_ENTITY, None, closed),
+            Outcome::Rejected { code, .. } if code == "account_closed")
+        );
+        assert!(matches!(classify(StatusCode::CONFLICT, None, b"{}"),
+            Outcome::Rejected { code, .. } if code == "idempotency_conflict"));
+        assert!(matches!(classify(StatusCode::UNAUTHORIZED, None, b""),
+            Outcome::Rejected { code, .. } if code == "unauthorized"));
+        assert_eq!(
+            classify(
+                StatusCode::TOO_MANY_REQUESTS,
+                Some(Duration::from_secs(3)),
+                b""
+            ),
+            Outcome::Transient {
+                code: "rate_limited".into(),
+                message: "gateway rate limited the request".into(),
+                retry_after: Some(Duration::from_secs(3))
+            }
+        );
+        assert!(classify(StatusCode::SERVICE_UNAVAILABLE, None, b"").is_retryable());
+        assert!(classify(StatusCode::OK, None, b"garbage").is_retryable());
+    }
+}

@@ -1,0 +1,902 @@
+//! A mock payment gateway that speaks the project's gateway HTTP contract
+//! (`shared/gateway-contract.md`): `POST /v1/transfers` with idempotency keys,
+//! look-ups by reference and by id, and bearer-secret auth.
+//!
+//! It exists for development, integration tests and benchmarks. Besides the
+//! happy path it can inject the failures a real gateway produces — latency,
+//! transient 5xx, 429 with `Retry-After`, permanent errors, and the nasty
+//! ones where money moved but the client never heard (apply-then-500,
+//! apply-then-hang) — either at random (seeded, so reproducible) or from a
+//! FIFO script of forced statuses.
+//!
+//! Operators and tests drive it through [`MockGateway`] or the unauthenticated
+//! admin endpoints under `/_mock/` (`ledger`, `stats`, `faults`, `reset`).
+//!
+//! Order of decisions for one `POST /v1/transfers`: latency -> auth ->
+//! `Idempotency-Key` present -> parse/validate body -> replay check (same
+//! params: stored answer; other params: 409) -> script -> closed destinations
+//! -> random pre-apply faults (5xx, 429, permanent) -> apply (`rate_pending`
+//! picks the status) -> post-apply faults (500, hang).
+//!
+//! All state sits behind one `std::sync::Mutex`, never held across an await,
+//! so two requests with the same key apply at most once.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::ops::Deref;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use chrono::{DateTime, Utc};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Default `Retry-After` (seconds) when [`Faults::retry_after_secs`] is 0.
+const DEFAULT_RETRY_AFTER_SECS: u64 = 1;
+/// Default hold time (ms) for apply-then-hang when [`Faults::hang_ms`] is 0.
+const DEFAULT_HANG_MS: u64 = 30_000;
+/// Default permanent error code when [`Faults::permanent_code`] is empty.
+const DEFAULT_PERMANENT_CODE: &str = "account_closed";
+
+/// Configuration of a [`MockGateway`].
+#[derive(Clone, Debug)]
+pub struct MockGatewayConfig {
+    /// The bearer secret clients must send (`Authorization: Bearer {secret}`).
+    pub secret: String,
+    /// Initial fault injection settings.
+    pub faults: Faults,
+    /// Seed of the random generator behind latency jitter and random faults.
+    pub seed: u64,
+}
+
+impl Default for MockGatewayConfig {
+    fn default() -> Self {
+        Self {
+            secret: "sk_test_mock".to_owned(),
+            faults: Faults::default(),
+            seed: 42,
+        }
+    }
+}
+
+/// Fault injection settings. Rates are probabilities in `0.0..=1.0`.
+///
+/// Pre-apply rates (`rate_5xx`, `rate_429`, `rate_permanent`) share one draw,
+/// so they are exact and mutually exclusive (their sum should be <= 1); the
+/// same holds for the post-apply pair (`rate_apply_then_500`,
+/// `rate_apply_then_timeout`).
+///
+/// Also a set of command-line flags (`clap::Args`), used by the
+/// `mock-gateway` binary: `--latency-ms`, `--rate-5xx`, … one per field.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, clap::Args)]
+#[serde(default)]
+#[command(next_help_heading = "Fault injection")]
+pub struct Faults {
+    /// Base latency added to every `POST /v1/transfers`.
+    #[arg(long, default_value_t = 0)]
+    pub latency_ms: u64,
+    /// Plus a uniform random `0..=latency_jitter_ms`.
+    #[arg(long, default_value_t = 0)]
+    pub latency_jitter_ms: u64,
+    /// Probability of answering 503 before applying (nothing stored).
+    #[arg(long, default_value_t = 0.0)]
+    pub rate_5xx: f64,
+    /// Probability of answering 429 before applying (nothing stored).
+    #[arg(long, default_value_t = 0.0)]
+    pub rate_429: f64,
+    /// `Retry-After` value for 429 answers (1 when 0).
+    #[arg(long, default_value_t = DEFAULT_RETRY_AFTER_SECS)]
+    pub retry_after_secs: u64,
+    /// Probability of a permanent error before applying (nothing stored).
+    #[arg(long, default_value_t = 0.0)]
+    pub rate_permanent: f64,
+    /// Code of that permanent error (`account_closed` when empty). HTTP status:
+    /// 402 for `insufficient_funds`, 403 for `account_not_onboarded`, else 422.
+    #[arg(long, default_value = DEFAULT_PERMANENT_CODE)]
+    pub permanent_code: String,
+    /// Probability of applying the transfer, then holding the answer for
+    /// `hang_ms` before answering 200 (the client normally times out first).
+    #[arg(long, default_value_t = 0.0)]
+    pub rate_apply_then_timeout: f64,
+    /// Probability of applying the transfer, then answering 500.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate_apply_then_500: f64,
+    /// Hold time for apply-then-hang (30 000 when 0).
+    #[arg(long, default_value_t = DEFAULT_HANG_MS)]
+    pub hang_ms: u64,
+    /// Probability that an applied transfer is `pending` instead of `paid`.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate_pending: f64,
+    /// Destinations that always get 422 `account_closed`, stored for the key.
+    #[arg(long = "closed-destination", value_name = "ACCOUNT")]
+    pub closed_destinations: Vec<String>,
+    /// FIFO of forced HTTP statuses, one consumed per `POST /v1/transfers`
+    /// that reaches the script step (i.e. not a replay nor a validation error).
+    /// 500/502/503/504 (any other 5xx too): transient before applying;
+    /// 429: rate limited; 2xx: apply and answer 200 (random faults skipped);
+    /// 600: apply then 500; 601: apply then hang; 401: unauthorized; other
+    /// 4xx: permanent error before applying (not stored). Closed destinations
+    /// still win over 2xx/600/601. Unknown values: normal processing.
+    #[arg(long, value_delimiter = ',', value_name = "STATUS,...")]
+    pub script: Vec<u16>,
+}
+
+/// One applied transfer.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LedgerEntry {
+    /// `tr_` + ULID.
+    pub id: String,
+    /// The `Idempotency-Key` of the request that applied it.
+    pub idempotency_key: String,
+    /// Amount in minor units.
+    pub amount_minor: i64,
+    /// ISO 4217 currency, upper case.
+    pub currency: String,
+    /// Payee's gateway account.
+    pub destination: String,
+    /// The fleet's payout id.
+    pub reference: String,
+    /// `paid` or `pending`.
+    pub status: String,
+    /// When the transfer was applied.
+    pub applied_at: DateTime<Utc>,
+}
+
+/// Counters about `POST /v1/transfers`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Stats {
+    /// `POST /v1/transfers` requests received (all outcomes).
+    pub requests: u64,
+    /// Transfers applied (money moved).
+    pub applied: u64,
+    /// Requests answered from a stored answer for their key (a stored
+    /// transfer or a stored permanent error).
+    pub replays: u64,
+    /// Answers by HTTP status.
+    pub by_status: BTreeMap<u16, u64>,
+}
+
+/// The mock gateway. Cheap to clone; clones share state.
+#[derive(Clone)]
+pub struct MockGateway {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for MockGateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MockGateway").finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    /// `Bearer {secret}`, precomputed.
+    auth: String,
+    seed: u64,
+    state: Mutex<GatewayState>,
+    /// Cancelled when the serving server shuts down, so hung answers return.
+    release: Mutex<CancellationToken>,
+}
+
+struct GatewayState {
+    faults: Faults,
+    rng: StdRng,
+    ledger: Vec<LedgerEntry>,
+    by_id: HashMap<String, usize>,
+    by_reference: HashMap<String, Vec<usize>>,
+    keys: HashMap<String, KeyRecord>,
+    stats: Stats,
+}
+
+struct KeyRecord {
+    amount_minor: i64,
+    currency: String,
+    destination: String,
+    reference: String,
+    outcome: Outcome,
+}
+
+enum Outcome {
+    /// Index into the ledger.
+    Applied(usize),
+    /// A stored permanent error.
+    Failed {
+        status: StatusCode,
+        code: String,
+        message: String,
+    },
+}
+
+#[derive(Deserialize)]
+struct TransferRequest {
+    amount_minor: i64,
+    currency: String,
+    destination: String,
+    reference: String,
+    #[serde(default)]
+    #[allow(dead_code)]
+    metadata: Option<HashMap<String, String>>,
+}
+
+#[derive(Serialize)]
+struct TransferView {
+    id: String,
+    status: String,
+    amount_minor: i64,
+    currency: String,
+    destination: String,
+    reference: String,
+}
+
+impl From<&LedgerEntry> for TransferView {
+    fn from(e: &LedgerEntry) -> Self {
+        Self {
+            id: e.id.clone(),
+            status: e.status.clone(),
+            amount_minor: e.amount_minor,
+            currency: e.currency.clone(),
+            destination: e.destination.clone(),
+            reference: e.reference.clone(),
+        }
+    }
+}
+
+/// An answer decided under the lock, rendered to HTTP outside it.
+enum Answer {
+    Transfer(StatusCode, TransferView),
+    Error {
+        status: StatusCode,
+        code: String,
+        message: String,
+        retry_after: Option<u64>,
+    },
+}
+
+impl Answer {
+    fn status(&self) -> StatusCode {
+        match self {
+            Answer::Transfer(s, _) | Answer::Error { status: s, .. } => *s,
+        }
+    }
+
+    fn error(status: StatusCode, code: impl Into<String>, message: impl Into<String>) -> Self {
+        Answer::Error {
+            status,
+            code: code.into(),
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+}
+
+impl IntoResponse for Answer {
+    fn into_response(self) -> Response {
+        match self {
+            Answer::Transfer(status, view) => (status, Json(view)).into_response(),
+            Answer::Error {
+                status,
+                code,
+                message,
+                retry_after,
+            } => {
+                let body = serde_json::json!({"error": {"code": code, "message": message}});
+                let mut resp = (status, Json(body)).into_response();
+                if let Some(secs) = retry_after {
+                    resp.headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+                }
+                resp
+            }
+        }
+    }
+}
+
+/// What the handler does after the locked decision.
+enum Decision {
+    Answer(Answer),
+    /// Applied; hold the answer for this long (or until server shutdown).
+    Hang(Duration, Answer),
+}
+
+enum PostFault {
+    None,
+    Fail500,
+    Hang,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn valid_currency(c: &str) -> bool {
+    c.len() == 3 && c.bytes().all(|b| b.is_ascii_uppercase())
+}
+
+fn permanent_status(code: &str) -> StatusCode {
+    match code {
+        "insufficient_funds" => StatusCode::PAYMENT_REQUIRED,
+        "account_not_onboarded" => StatusCode::FORBIDDEN,
+        _ => StatusCode::UNPROCESSABLE_ENTITY,
+    }
+}
+
+fn transient(status: StatusCode) -> Answer {
+    let code = match status.as_u16() {
+        500 => "internal_error",
+        502 => "bad_gateway",
+        504 => "gateway_timeout",
+        _ => "service_unavailable",
+    };
+    Answer::error(
+        status,
+        code,
+        "injected transient failure; retry with the same key",
+    )
+}
+
+fn rate_limited(retry_after_secs: u64) -> Answer {
+    let secs = if retry_after_secs == 0 {
+        DEFAULT_RETRY_AFTER_SECS
+    } else {
+        retry_after_secs
+    };
+    Answer::Error {
+        status: StatusCode::TOO_MANY_REQUESTS,
+        code: "rate_limited".to_owned(),
+        message: "too many requests".to_owned(),
+        retry_after: Some(secs),
+    }
+}
+
+fn unauthorized() -> Answer {
+    Answer::error(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "missing or wrong bearer secret",
+    )
+}
+
+impl GatewayState {
+    fn new(faults: Faults, seed: u64) -> Self {
+        Self {
+            faults,
+            rng: StdRng::seed_from_u64(seed),
+            ledger: Vec::new(),
+            by_id: HashMap::new(),
+            by_reference: HashMap::new(),
+            keys: HashMap::new(),
+            stats: Stats::default(),
+        }
+    }
+
+    fn permanent_from_faults(&self) -> Answer {
+        let code = if self.faults.permanent_code.is_empty() {
+            DEFAULT_PERMANENT_CODE
+        } else {
+            self.faults.permanent_code.as_str()
+        };
+        Answer::error(permanent_status(code), code, "injected permanent failure")
+    }
+
+    fn hang_duration(&self) -> Duration {
+        Duration::from_millis(if self.faults.hang_ms == 0 {
+            DEFAULT_HANG_MS
+        } else {
+            self.faults.hang_ms
+        })
+    }
+
+    fn latency(&mut self) -> Duration {
+        let jitter = match self.faults.latency_jitter_ms {
+            0 => 0,
+            j => self.rng.random_range(0..=j),
+        };
+        Duration::from_millis(self.faults.latency_ms.saturating_add(jitter))
+    }
+
+    /// One uniform draw in `0..1`, or `None` when all the rates are zero
+    /// (so the generator is not advanced needlessly).
+    fn draw(&mut self, total_rate: f64) -> Option<f64> {
+        (total_rate > 0.0).then(|| self.rng.random::<f64>())
+    }
+
+    /// Everything after latency and auth, under the lock.
+    fn decide(&mut self, headers: &HeaderMap, body: &[u8]) -> Decision {
+        let key = match headers
+            .get("idempotency-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+        {
+            Some(k) => k,
+            None => {
+                return Decision::Answer(Answer::error(
+                    StatusCode::BAD_REQUEST,
+                    "missing_idempotency_key",
+                    "the Idempotency-Key header is required",
+                ));
+            }
+        };
+        let req: TransferRequest = match serde_json::from_slice(body) {
+            Ok(r) => r,
+            Err(e) => {
+                return Decision::Answer(Answer::error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    format!("malformed body: {e}"),
+                ));
+            }
+        };
+        if req.amount_minor <= 0 {
+            return Decision::Answer(Answer::error(
+                StatusCode::BAD_REQUEST,
+                "invalid_amount",
+                "amount_minor must be a positive integer",
+            ));
+        }
+        if !valid_currency(&req.currency) {
+            return Decision::Answer(Answer::error(
+                StatusCode::BAD_REQUEST,
+                "invalid_currency",
+                "currency must be 3 upper-case letters (ISO 4217)",
+            ));
+        }
+        if req.destination.is_empty() {
+            return Decision::Answer(Answer::error(
+                StatusCode::BAD_REQUEST,
+                "invalid_destination",
+                "destination must not be empty",
+            ));
+        }
+        if req.reference.is_empty() {
+            return Decision::Answer(Answer::error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "reference must not be empty",
+            ));
+        }
+
+        // Replay check.
+        if let Some(rec) = self.keys.get(key) {
+            let same = rec.amount_minor == req.amount_minor
+                && rec.currency == req.currency
+                && rec.destination == req.destination
+                && rec.reference == req.reference;
+            if !same {
+                return Decision::Answer(Answer::error(
+                    StatusCode::CONFLICT,
+                    "idempotency_conflict",
+                    "this Idempotency-Key was used with other parameters",
+                ));
+            }
+            let answer = match &rec.outcome {
+                Outcome::Applied(idx) => {
+                    Answer::Transfer(StatusCode::OK, (&self.ledger[*idx]).into())
+                }
+                Outcome::Failed {
+                    status,
+                    code,
+                    message,
+                } => Answer::error(*status, code.clone(), message.clone()),
+            };
+            self.stats.replays += 1;
+            return Decision::Answer(answer);
+        }
+
+        // Script.
+        let mut post = PostFault::None;
+        let mut scripted = false;
+        if !self.faults.script.is_empty() {
+            let forced = self.faults.script.remove(0);
+            match forced {
+                600 => {
+                    post = PostFault::Fail500;
+                    scripted = true;
+                }
+                601 => {
+                    post = PostFault::Hang;
+                    scripted = true;
+                }
+                429 => return Decision::Answer(rate_limited(self.faults.retry_after_secs)),
+                401 => return Decision::Answer(unauthorized()),
+                s @ 400..=499 => {
+                    let status = StatusCode::from_u16(s).unwrap_or(StatusCode::BAD_REQUEST);
+                    let code = match s {
+                        402 => "insufficient_funds",
+                        403 => "account_not_onboarded",
+                        404 => "invalid_destination",
+                        422 => "account_closed",
+                        _ => "invalid_request",
+                    };
+                    return Decision::Answer(Answer::error(status, code, "scripted failure"));
+                }
+                s @ 500..=599 => {
+                    let status = StatusCode::from_u16(s).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                    return Decision::Answer(transient(status));
+                }
+                _ => scripted = (200..300).contains(&forced),
+            }
+        }
+
+        // Closed destinations: a permanent error stored for the key.
+        if self.faults.closed_destinations.contains(&req.destination) {
+            let (status, code, message) = (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "account_closed".to_owned(),
+                format!("destination {} is closed", req.destination),
+            );
+            let answer = Answer::error(status, code.clone(), message.clone());
+            self.keys.insert(
+                key.to_owned(),
+                KeyRecord {
+                    amount_minor: req.amount_minor,
+                    currency: req.currency,
+                    destination: req.destination,
+                    reference: req.reference,
+                    outcome: Outcome::Failed {
+                        status,
+                        code,
+                        message,
+                    },
+                },
+            );
+            return Decision::Answer(answer);
+        }
+
+        // Random pre-apply faults (skipped when the script forced an outcome).
+        if !scripted {
+            let (r5, r429, rp) = (
+                self.faults.rate_5xx,
+                self.faults.rate_429,
+                self.faults.rate_permanent,
+            );
+            if let Some(u) = self.draw(r5 + r429 + rp) {
+                if u < r5 {
+                    return Decision::Answer(transient(StatusCode::SERVICE_UNAVAILABLE));
+                } else if u < r5 + r429 {
+                    return Decision::Answer(rate_limited(self.faults.retry_after_secs));
+                } else if u < r5 + r429 + rp {
+                    return Decision::Answer(self.permanent_from_faults());
+                }
+            }
+        }
+
+        // Apply.
+        let pending = self
+            .draw(self.faults.rate_pending)
+            .is_some_and(|u| u < self.faults.rate_pending);
+        let entry = LedgerEntry {
+            id: format!("tr_{}", ulid::Ulid::new()),
+            idempotency_key: key.to_owned(),
+            amount_minor: req.amount_minor,
+            currency: req.currency.clone(),
+            destination: req.destination.clone(),
+            reference: req.reference.clone(),
+            status: if pending { "pending" } else { "paid" }.to_owned(),
+            applied_at: Utc::now(),
+        };
+        let idx = self.ledger.len();
+        let view = TransferView::from(&entry);
+        self.by_id.insert(entry.id.clone(), idx);
+        self.by_reference
+            .entry(entry.reference.clone())
+            .or_default()
+            .push(idx);
+        self.ledger.push(entry);
+        self.keys.insert(
+            key.to_owned(),
+            KeyRecord {
+                amount_minor: req.amount_minor,
+                currency: req.currency,
+                destination: req.destination,
+                reference: req.reference,
+                outcome: Outcome::Applied(idx),
+            },
+        );
+        self.stats.applied += 1;
+
+        // Post-apply faults.
+        if !scripted {
+            let (r500, rhang) = (
+                self.faults.rate_apply_then_500,
+                self.faults.rate_apply_then_timeout,
+            );
+            if let Some(u) = self.draw(r500 + rhang) {
+                if u < r500 {
+                    post = PostFault::Fail500;
+                } else if u < r500 + rhang {
+                    post = PostFault::Hang;
+                }
+            }
+        }
+        match post {
+            PostFault::None => Decision::Answer(Answer::Transfer(StatusCode::OK, view)),
+            PostFault::Fail500 => Decision::Answer(Answer::error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "injected failure after applying",
+            )),
+            PostFault::Hang => {
+                Decision::Hang(self.hang_duration(), Answer::Transfer(StatusCode::OK, view))
+            }
+        }
+    }
+}
+
+impl MockGateway {
+    /// A gateway with an empty ledger.
+    pub fn new(config: MockGatewayConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                auth: format!("Bearer {}", config.secret),
+                seed: config.seed,
+                state: Mutex::new(GatewayState::new(config.faults, config.seed)),
+                release: Mutex::new(CancellationToken::new()),
+            }),
+        }
+    }
+
+    /// The HTTP routes: the contract (`/v1/transfers…`), the admin endpoints
+    /// (`/_mock/…`, no auth) and `GET /health`.
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/v1/transfers", post(create_transfer).get(list_transfers))
+            .route("/v1/transfers/{id}", get(get_transfer))
+            .route("/_mock/ledger", get(admin_ledger))
+            .route("/_mock/stats", get(admin_stats))
+            .route("/_mock/faults", get(admin_get_faults).put(admin_put_faults))
+            .route("/_mock/reset", post(admin_reset))
+            .route("/health", get(|| async { "ok" }))
+            .fallback(|| async {
+                Answer::error(StatusCode::NOT_FOUND, "not_found", "no such route")
+            })
+            .with_state(self.clone())
+    }
+
+    /// Serves on `listener` until `shutdown` is cancelled, then shuts down
+    /// gracefully. Answers held by apply-then-hang are released at shutdown.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<()> {
+        let release = CancellationToken::new();
+        *lock(&self.inner.release) = release.clone();
+        let router = self.router();
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                shutdown.cancelled().await;
+                release.cancel();
+            })
+            .await
+    }
+
+    /// Binds `127.0.0.1:0`, spawns [`MockGateway::serve`] and returns a handle.
+    pub async fn start(config: MockGatewayConfig) -> std::io::Result<RunningMockGateway> {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let addr = listener.local_addr()?;
+        let gateway = MockGateway::new(config);
+        let shutdown = CancellationToken::new();
+        let join = tokio::spawn(gateway.clone().serve(listener, shutdown.clone()));
+        Ok(RunningMockGateway {
+            gateway,
+            addr,
+            base_url: format!("http://{addr}"),
+            shutdown,
+            join: Some(join),
+        })
+    }
+
+    /// Every applied transfer once, in the order applied.
+    pub fn ledger(&self) -> Vec<LedgerEntry> {
+        lock(&self.inner.state).ledger.clone()
+    }
+
+    /// The current fault settings (with the script as still pending).
+    pub fn faults(&self) -> Faults {
+        lock(&self.inner.state).faults.clone()
+    }
+
+    /// Replaces the fault settings (including the script).
+    pub fn set_faults(&self, faults: Faults) {
+        lock(&self.inner.state).faults = faults;
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> Stats {
+        lock(&self.inner.state).stats.clone()
+    }
+
+    /// Clears the ledger, the idempotency store, the stats and the script,
+    /// and reseeds the random generator; other fault settings are kept.
+    pub fn reset(&self) {
+        let mut st = lock(&self.inner.state);
+        let mut faults = std::mem::take(&mut st.faults);
+        faults.script.clear();
+        *st = GatewayState::new(faults, self.inner.seed);
+    }
+
+    fn release_token(&self) -> CancellationToken {
+        lock(&self.inner.release).clone()
+    }
+
+    fn authorized(&self, headers: &HeaderMap) -> bool {
+        headers
+            .get(header::AUTHORIZATION)
+            .is_some_and(|v| v.as_bytes() == self.inner.auth.as_bytes())
+    }
+}
+
+/// Sleeps for `d`, or less if the server is shutting down.
+async fn sleep_or_release(gw: &MockGateway, d: Duration) {
+    if d.is_zero() {
+        return;
+    }
+    let release = gw.release_token();
+    tokio::select! {
+        _ = tokio::time::sleep(d) => {}
+        _ = release.cancelled() => {}
+    }
+}
+
+async fn create_transfer(
+    State(gw): State<MockGateway>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let latency = lock(&gw.inner.state).latency();
+    sleep_or_release(&gw, latency).await;
+
+    let authorized = gw.authorized(&headers);
+    let decision = {
+        let mut st = lock(&gw.inner.state);
+        st.stats.requests += 1;
+        let decision = if authorized {
+            st.decide(&headers, &body)
+        } else {
+            Decision::Answer(unauthorized())
+        };
+        let status = match &decision {
+            Decision::Answer(a) | Decision::Hang(_, a) => a.status(),
+        };
+        *st.stats.by_status.entry(status.as_u16()).or_default() += 1;
+        decision
+    };
+    match decision {
+        Decision::Answer(a) => a.into_response(),
+        Decision::Hang(d, a) => {
+            tracing::debug!(hang_ms = d.as_millis() as u64, "holding an applied answer");
+            sleep_or_release(&gw, d).await;
+            a.into_response()
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    reference: Option<String>,
+}
+
+async fn list_transfers(
+    State(gw): State<MockGateway>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> Response {
+    if !gw.authorized(&headers) {
+        return unauthorized().into_response();
+    }
+    let data: Vec<TransferView> = {
+        let st = lock(&gw.inner.state);
+        match &q.reference {
+            Some(r) => st
+                .by_reference
+                .get(r)
+                .map(|idxs| idxs.iter().map(|i| (&st.ledger[*i]).into()).collect())
+                .unwrap_or_default(),
+            None => st.ledger.iter().map(TransferView::from).collect(),
+        }
+    };
+    Json(serde_json::json!({ "data": data })).into_response()
+}
+
+async fn get_transfer(
+    State(gw): State<MockGateway>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if !gw.authorized(&headers) {
+        return unauthorized().into_response();
+    }
+    let found: Option<TransferView> = {
+        let st = lock(&gw.inner.state);
+        st.by_id.get(&id).map(|i| (&st.ledger[*i]).into())
+    };
+    match found {
+        Some(view) => Json(view).into_response(),
+        None => {
+            Answer::error(StatusCode::NOT_FOUND, "not_found", "no such transfer").into_response()
+        }
+    }
+}
+
+async fn admin_ledger(State(gw): State<MockGateway>) -> Json<Vec<LedgerEntry>> {
+    Json(gw.ledger())
+}
+
+async fn admin_stats(State(gw): State<MockGateway>) -> Json<Stats> {
+    Json(gw.stats())
+}
+
+async fn admin_get_faults(State(gw): State<MockGateway>) -> Json<Faults> {
+    Json(gw.faults())
+}
+
+async fn admin_put_faults(State(gw): State<MockGateway>, body: Bytes) -> Response {
+    match serde_json::from_slice::<Faults>(&body) {
+        Ok(faults) => {
+            gw.set_faults(faults.clone());
+            Json(faults).into_response()
+        }
+        Err(e) => Answer::error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("malformed faults: {e}"),
+        )
+        .into_response(),
+    }
+}
+
+async fn admin_reset(State(gw): State<MockGateway>) -> StatusCode {
+    gw.reset();
+    StatusCode::NO_CONTENT
+}
+
+/// A [`MockGateway`] serving on a local port; derefs to the gateway.
+/// Dropping it without [`RunningMockGateway::stop`] still signals shutdown.
+pub struct RunningMockGateway {
+    /// The gateway (shares state with the server).
+    pub gateway: MockGateway,
+    /// The bound address.
+    pub addr: SocketAddr,
+    /// `http://127.0.0.1:{port}`.
+    pub base_url: String,
+    shutdown: CancellationToken,
+    join: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl RunningMockGateway {
+    /// Shuts the server down gracefully and waits for it to finish.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(join) = self.join.take() {
+            match join.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "mock gateway server failed"),
+                Err(e) => tracing::warn!(error = %e, "mock gateway task failed"),
+            }
+        }
+    }
+}
+
+impl Deref for RunningMockGateway {
+    type Target = MockGateway;
+    fn deref(&self) -> &MockGateway {
+        &self.gateway
+    }
+}
+
+impl Drop for RunningMockGateway {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}

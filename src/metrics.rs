@@ -1,0 +1,230 @@
+//! Every metric the fleet exports, declared once. Each says what it counts
+//! and which alert or panel reads it. Labels are bounded: never a payout or
+//! payee id.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// The registry `/metrics` serves.
+pub static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::new);
+
+fn counter(name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric");
+    REGISTRY
+        .register(Box::new(c.clone()))
+        .expect("registered once");
+    c
+}
+
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    REGISTRY
+        .register(Box::new(c.clone()))
+        .expect("registered once");
+    c
+}
+
+fn gauge(name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    REGISTRY
+        .register(Box::new(g.clone()))
+        .expect("registered once");
+    g
+}
+
+fn histogram(name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+        .expect("valid metric");
+    REGISTRY
+        .register(Box::new(h.clone()))
+        .expect("registered once");
+    h
+}
+
+const SECONDS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+const LAG: [f64; 14] = [
+    0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 1800.0, 3600.0, 21600.0,
+];
+
+/// Payouts finished by outcome (`paid`, `in_transit`, `failed`, `retrying`). Panel: throughput; alert: failure rate.
+pub static PAYOUTS_FINISHED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "payouts_finished_total",
+        "Attempts recorded, by the status they left the payout in",
+        &["outcome"],
+    )
+});
+/// Payout attempts (claims). Panel: attempts.
+pub static ATTEMPTS: LazyLock<IntCounter> =
+    LazyLock::new(|| counter("payout_attempts_total", "Payouts claimed for an attempt"));
+/// Payouts failed permanently or with attempts exhausted. Alert: dead letters.
+pub static DEAD_LETTERS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "payout_dead_letters_total",
+        "Payouts that became failed, by failure code class",
+        &["reason"],
+    )
+});
+/// Gateway calls by result class (2xx, 4xx, 429, 5xx, connect, timeout). Alert: gateway errors / 429.
+pub static GATEWAY_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "gateway_requests_total",
+        "Gateway calls by result class",
+        &["class"],
+    )
+});
+/// Gateway call latency. Panel: gateway latency.
+pub static GATEWAY_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    let h = HistogramVec::new(
+        HistogramOpts::new("gateway_request_seconds", "Gateway call latency")
+            .buckets(SECONDS.to_vec()),
+        &["class"],
+    )
+    .expect("valid metric");
+    REGISTRY
+        .register(Box::new(h.clone()))
+        .expect("registered once");
+    h
+});
+/// Claim to recorded outcome. Alert: processing p95.
+pub static PROCESSING_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
+    histogram(
+        "payout_processing_seconds",
+        "Claim to recorded outcome, per attempt",
+        SECONDS.to_vec(),
+    )
+});
+/// Due time to paid: the lag users feel. Panel: due-to-paid percentiles.
+pub static DUE_TO_PAID_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
+    histogram(
+        "payout_due_to_paid_seconds",
+        "Due time to recorded paid",
+        LAG.to_vec(),
+    )
+});
+/// Jobs pushed into Redis, by source (`due`, `sweep`, `redis_loss`, `manual`). Panel: enqueue rate.
+pub static JOBS_ENQUEUED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "payout_jobs_enqueued_total",
+        "Jobs pushed into Redis, by source",
+        &["source"],
+    )
+});
+/// Leases the sweep recovered (crashed worker, lost job). Panel: recoveries.
+pub static LEASES_RECOVERED: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "payout_leases_recovered_total",
+        "Expired queued/processing leases re-enqueued by the sweep",
+    )
+});
+/// Jobs acknowledged without work, by reason (`locked`, `not_claimable`, `not_found`, `malformed`). Panel: lock contention.
+pub static JOBS_SKIPPED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "payout_jobs_skipped_total",
+        "Jobs acknowledged without an attempt, by reason",
+        &["reason"],
+    )
+});
+/// Fenced writes refused because another worker took the payout over. Panel: stale fences.
+pub static STALE_FENCE: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "payout_stale_fence_writes_total",
+        "Outcome writes refused by the fencing token",
+    )
+});
+/// Worker (apalis) restarts after an error. Panel: worker restarts.
+pub static WORKER_RESTARTS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "payout_worker_restarts_total",
+        "apalis worker restarts after a backend error",
+    )
+});
+/// Errors talking to Postgres or Redis in the job path, by where. Panel: infra errors.
+pub static INFRA_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "payout_infra_errors_total",
+        "Postgres/Redis errors in the job path",
+        &["component"],
+    )
+});
+/// Jobs in flight in this worker process. Panel: in-flight.
+pub static IN_FLIGHT: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "payout_jobs_in_flight",
+        "Jobs being handled by this process",
+    )
+});
+/// This worker process is alive (1). Alert: no worker alive.
+pub static WORKER_UP: LazyLock<IntGauge> =
+    LazyLock::new(|| gauge("payout_worker_up", "1 while this worker process runs"));
+/// 1 when this producer leads. Alert: no producer leading.
+pub static PRODUCER_LEADER: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "payout_producer_leader",
+        "1 when this producer replica is the leader",
+    )
+});
+/// Queued payouts (jobs in the window). Panel: queue depth.
+pub static WINDOW_DEPTH: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "payout_queue_window_depth",
+        "Payouts queued in Redis (the window)",
+    )
+});
+/// Payouts by status, from the producer. Panel: statuses.
+pub static PAYOUTS_BY_STATUS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    let g = IntGaugeVec::new(
+        Opts::new("payouts_by_status", "Payouts by status"),
+        &["status"],
+    )
+    .expect("valid metric");
+    REGISTRY
+        .register(Box::new(g.clone()))
+        .expect("registered once");
+    g
+});
+/// Age of the oldest due, unpaid payout. Alert: backlog age.
+pub static OLDEST_DUE_AGE: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "payout_oldest_due_age_seconds",
+        "Age of the oldest due payout not yet paid or in flight",
+    )
+});
+
+/// Touches every metric so `/metrics` lists them from the start.
+pub fn init() {
+    LazyLock::force(&PAYOUTS_FINISHED);
+    LazyLock::force(&ATTEMPTS);
+    LazyLock::force(&DEAD_LETTERS);
+    LazyLock::force(&GATEWAY_REQUESTS);
+    LazyLock::force(&GATEWAY_SECONDS);
+    LazyLock::force(&PROCESSING_SECONDS);
+    LazyLock::force(&DUE_TO_PAID_SECONDS);
+    LazyLock::force(&JOBS_ENQUEUED);
+    LazyLock::force(&LEASES_RECOVERED);
+    LazyLock::force(&JOBS_SKIPPED);
+    LazyLock::force(&STALE_FENCE);
+    LazyLock::force(&WORKER_RESTARTS);
+    LazyLock::force(&INFRA_ERRORS);
+    LazyLock::force(&IN_FLIGHT);
+    LazyLock::force(&WORKER_UP);
+    LazyLock::force(&PRODUCER_LEADER);
+    LazyLock::force(&WINDOW_DEPTH);
+    LazyLock::force(&PAYOUTS_BY_STATUS);
+    LazyLock::force(&OLDEST_DUE_AGE);
+}
+
+/// The text exposition of every metric.
+pub fn render() -> String {
+    let mut buf = Vec::new();
+    TextEncoder::new()
+        .encode(&REGISTRY.gather(), &mut buf)
+        .expect("text encoding cannot fail");
+    String::from_utf8(buf).expect("prometheus text is UTF-8")
+}

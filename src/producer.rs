@@ -1,0 +1,317 @@
+//! The producer: finds due payouts and enqueues one job per payout, keeping
+//! at most `producer.window` jobs in Redis (the backlog waits in Postgres);
+//! sweeps expired leases; notices when Redis lost its data. Replicas elect
+//! one leader by a Redis lock with a time-to-live; the others stand by.
+
+use std::time::Duration;
+
+use redis::{Script, aio::ConnectionManager};
+use serde::Serialize;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    clock::SharedClock,
+    config::{ProducerSettings, Settings},
+    db::payouts,
+    domain::status::ALL_STATUSES,
+    metrics,
+    queue::Queue,
+    server,
+};
+
+/// What one producer pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct TickReport {
+    /// Due payouts moved to `queued` and pushed.
+    pub enqueued: usize,
+    /// Expired leases re-enqueued.
+    pub swept: usize,
+    /// Queued payouts pushed again because Redis lost its data.
+    pub recovered: usize,
+    /// Queued payouts after the pass.
+    pub window_depth: i64,
+    /// The window was full: more may be due.
+    pub window_full: bool,
+}
+
+/// One producer replica.
+#[derive(Debug, Clone)]
+pub struct Producer {
+    /// The source of truth.
+    pub pool: PgPool,
+    /// The job queue.
+    pub queue: Queue,
+    /// Time.
+    pub clock: SharedClock,
+    /// Tick, window, leases.
+    pub settings: ProducerSettings,
+    /// `producer:<host>-<pid>`: event actor and leader lock value.
+    pub actor: String,
+}
+
+fn chrono_secs(s: u64) -> chrono::Duration {
+    chrono::Duration::seconds(s as i64)
+}
+
+impl Producer {
+    /// One pass: recover after Redis data loss, sweep expired leases, top up the window.
+    pub async fn tick(&self) -> anyhow::Result<TickReport> {
+        let mut report = TickReport::default();
+        let now = self.clock.now();
+        let lease_until = now + chrono_secs(self.settings.queue_lease_secs);
+
+        if self.queue.check_epoch().await? {
+            let ids = payouts::requeue_all_queued(&self.pool, lease_until, now).await?;
+            if !ids.is_empty() {
+                tracing::warn!(
+                    count = ids.len(),
+                    "Redis lost its data (epoch key missing): enqueueing every queued payout again"
+                );
+            }
+            self.queue.push(&ids).await?;
+            metrics::JOBS_ENQUEUED
+                .with_label_values(&["redis_loss"])
+                .inc_by(ids.len() as u64);
+            report.recovered = ids.len();
+        }
+
+        let swept = payouts::sweep_expired(
+            &self.pool,
+            now,
+            self.settings.batch_size,
+            lease_until,
+            &self.actor,
+        )
+        .await?;
+        if !swept.is_empty() {
+            tracing::info!(
+                count = swept.len(),
+                "re-enqueueing payouts whose lease expired"
+            );
+            self.queue.push(&swept).await?;
+            metrics::JOBS_ENQUEUED
+                .with_label_values(&["sweep"])
+                .inc_by(swept.len() as u64);
+            metrics::LEASES_RECOVERED.inc_by(swept.len() as u64);
+        }
+        report.swept = swept.len();
+
+        let mut depth = payouts::count_queued(&self.pool).await?;
+        loop {
+            let room = self.settings.window - depth;
+            if room <= 0 {
+                report.window_full = true;
+                break;
+            }
+            let limit = room.min(self.settings.batch_size);
+            let ids = payouts::queue_due(&self.pool, now, limit, lease_until, &self.actor).await?;
+            // Marked queued first, pushed second: if this process dies in
+            // between, the rows' lease expires and the sweep pushes them.
+            self.queue.push(&ids).await?;
+            metrics::JOBS_ENQUEUED
+                .with_label_values(&["due"])
+                .inc_by(ids.len() as u64);
+            report.enqueued += ids.len();
+            depth += ids.len() as i64;
+            if (ids.len() as i64) < limit {
+                break;
+            }
+        }
+        report.window_depth = depth;
+        metrics::WINDOW_DEPTH.set(depth);
+        Ok(report)
+    }
+
+    /// Refreshes the status gauges and the backlog age (cheap enough per few ticks).
+    pub async fn refresh_gauges(&self) -> anyhow::Result<()> {
+        let counts = payouts::count_by_status(&self.pool).await?;
+        for s in ALL_STATUSES {
+            let n = counts
+                .iter()
+                .find(|(k, _)| k == s.as_str())
+                .map(|(_, n)| *n)
+                .unwrap_or(0);
+            metrics::PAYOUTS_BY_STATUS
+                .with_label_values(&[s.as_str()])
+                .set(n);
+        }
+        let oldest: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
+            "SELECT min(due_at) FROM payouts WHERE status IN ('pending', 'queued', 'processing', 'retrying') AND due_at <= $1",
+        )
+        .bind(self.clock.now())
+        .fetch_one(&self.pool)
+        .await?;
+        let age = oldest
+            .map(|t| (self.clock.now() - t).num_seconds().max(0))
+            .unwrap_or(0);
+        metrics::OLDEST_DUE_AGE.set(age);
+        Ok(())
+    }
+}
+
+const RENEW: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end
+"#;
+
+/// The leader lock among producer replicas.
+#[derive(Clone)]
+pub struct Leadership {
+    conn: ConnectionManager,
+    key: String,
+    me: String,
+    ttl: Duration,
+}
+
+impl Leadership {
+    /// Leadership under `{prefix}:producer:leader`.
+    pub fn new(conn: ConnectionManager, prefix: &str, me: &str, ttl: Duration) -> Self {
+        Leadership {
+            conn,
+            key: format!("{{{prefix}}}:producer:leader"),
+            me: me.to_string(),
+            ttl,
+        }
+    }
+
+    /// Renews if held, takes it if free; `true` when this replica leads.
+    pub async fn hold(&self) -> redis::RedisResult<bool> {
+        let mut conn = self.conn.clone();
+        let renewed: i64 = Script::new(RENEW)
+            .key(&self.key)
+            .arg(&self.me)
+            .arg(self.ttl.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await?;
+        if renewed == 1 {
+            return Ok(true);
+        }
+        let took: Option<String> = redis::cmd("SET")
+            .arg(&self.key)
+            .arg(&self.me)
+            .arg("NX")
+            .arg("PX")
+            .arg(self.ttl.as_millis() as u64)
+            .query_async(&mut conn)
+            .await?;
+        Ok(took.is_some())
+    }
+
+    /// Who leads now, if anyone.
+    pub async fn leader(&self) -> redis::RedisResult<Option<String>> {
+        let mut conn = self.conn.clone();
+        redis::cmd("GET")
+            .arg(&self.key)
+            .query_async(&mut conn)
+            .await
+    }
+
+    /// Gives leadership up (graceful stop), if held.
+    pub async fn resign(&self) -> redis::RedisResult<()> {
+        let mut conn = self.conn.clone();
+        let _: i64 = Script::new(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end",
+        )
+        .key(&self.key)
+        .arg(&self.me)
+        .invoke_async(&mut conn)
+        .await?;
+        Ok(())
+    }
+}
+
+/// The `payout-producer` process: leader election, ticks while leading.
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    metrics::init();
+    let pool = crate::db::connect(&settings.database).await?;
+    let conn = crate::queue::connect(&settings.redis).await?;
+    let queue = Queue::new(
+        conn.clone(),
+        &settings.redis.prefix,
+        settings.worker.fetch_batch,
+        Duration::from_secs(settings.worker.heartbeat_secs),
+    );
+    let me = crate::worker::worker_name(0);
+    let producer = Producer {
+        pool: pool.clone(),
+        queue,
+        clock: crate::clock::system(),
+        settings: settings.producer.clone(),
+        actor: format!("producer:{me}"),
+    };
+    let leadership = Leadership::new(
+        conn.clone(),
+        &settings.redis.prefix,
+        &me,
+        Duration::from_millis(settings.producer.leader_ttl_ms),
+    );
+    let http = server::spawn(settings.producer.listen, pool, conn, shutdown.clone()).await?;
+    tracing::info!(addr = %http, actor = %producer.actor, window = settings.producer.window, "producer started");
+    run_loop(&producer, &leadership, &shutdown).await;
+    let _ = leadership.resign().await;
+    metrics::PRODUCER_LEADER.set(0);
+    Ok(())
+}
+
+/// Leads or stands by until `shutdown`. Leadership is checked at least three
+/// times per lock lifetime, so a standby takes over within one `leader_ttl_ms`.
+pub async fn run_loop(producer: &Producer, leadership: &Leadership, shutdown: &CancellationToken) {
+    let s = &producer.settings;
+    let check_every = Duration::from_millis(s.leader_ttl_ms / 3);
+    let mut next_tick = tokio::time::Instant::now();
+    let mut leading = false;
+    let mut ticks: u64 = 0;
+    loop {
+        match leadership.hold().await {
+            Ok(now_leading) => {
+                if now_leading != leading {
+                    tracing::info!(leading = now_leading, "producer leadership changed");
+                    next_tick = tokio::time::Instant::now();
+                }
+                leading = now_leading;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "leader lock unavailable; standing by");
+                leading = false;
+            }
+        }
+        metrics::PRODUCER_LEADER.set(leading as i64);
+        if leading && tokio::time::Instant::now() >= next_tick {
+            let delay = match producer.tick().await {
+                Ok(r) => {
+                    if r.enqueued + r.swept + r.recovered > 0 {
+                        tracing::debug!(?r, "producer tick");
+                    }
+                    if r.window_full || r.enqueued > 0 {
+                        s.refill_ms
+                    } else {
+                        s.tick_ms
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = format!("{e:#}"), "producer tick failed; retrying");
+                    s.tick_ms.min(1000)
+                }
+            };
+            ticks += 1;
+            if ticks % s.janitor_every_ticks.max(1) == 0 {
+                if let Err(e) = producer.queue.janitor(10_000).await {
+                    tracing::warn!(error = %e, "janitor failed");
+                }
+                if let Err(e) = producer.refresh_gauges().await {
+                    tracing::warn!(error = %e, "gauge refresh failed");
+                }
+            }
+            next_tick = tokio::time::Instant::now() + Duration::from_millis(delay);
+        }
+        let wake = if leading {
+            next_tick.min(tokio::time::Instant::now() + check_every)
+        } else {
+            tokio::time::Instant::now() + check_every
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep_until(wake) => {}
+        }
+    }
+}

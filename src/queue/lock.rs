@@ -1,0 +1,126 @@
+//! The per-payout distributed lock: `SET key token NX PX ttl`, renewed while
+//! held, released by a compare-and-delete script. It keeps two workers from
+//! doing the same payout at the same time; it is an optimisation, never the
+//! guarantee (a paused process can outlive its lock): the fenced writes in
+//! Postgres are.
+
+use std::time::Duration;
+
+use redis::{Script, aio::ConnectionManager};
+use tokio::task::JoinHandle;
+
+const RELEASE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end
+"#;
+
+const RENEW: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end
+"#;
+
+/// Takes per-payout locks.
+#[derive(Clone)]
+pub struct Locks {
+    conn: ConnectionManager,
+    prefix: String,
+    ttl: Duration,
+}
+
+impl std::fmt::Debug for Locks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Locks")
+            .field("prefix", &self.prefix)
+            .field("ttl", &self.ttl)
+            .finish()
+    }
+}
+
+/// A held lock; renewed in the background until released or dropped.
+#[derive(Debug)]
+pub struct LockGuard {
+    conn: ConnectionManager,
+    key: String,
+    token: String,
+    renewer: JoinHandle<()>,
+}
+
+impl Locks {
+    /// Locks under `{prefix}:lock:` with time-to-live `ttl`.
+    pub fn new(conn: ConnectionManager, prefix: &str, ttl: Duration) -> Self {
+        Locks {
+            conn,
+            prefix: prefix.to_string(),
+            ttl,
+        }
+    }
+
+    /// The key of payout `id`'s lock.
+    pub fn key(&self, id: i64) -> String {
+        format!("{{{}}}:lock:{id}", self.prefix)
+    }
+
+    /// Tries once; `None` when another holder has it.
+    pub async fn try_acquire(&self, id: i64) -> redis::RedisResult<Option<LockGuard>> {
+        let key = self.key(id);
+        let token = ulid::Ulid::new().to_string();
+        let mut conn = self.conn.clone();
+        let ok: Option<String> = redis::cmd("SET")
+            .arg(&key)
+            .arg(&token)
+            .arg("NX")
+            .arg("PX")
+            .arg(self.ttl.as_millis() as u64)
+            .query_async(&mut conn)
+            .await?;
+        if ok.is_none() {
+            return Ok(None);
+        }
+        let renewer = {
+            let (mut conn, key, token, ttl) = (conn.clone(), key.clone(), token.clone(), self.ttl);
+            tokio::spawn(async move {
+                let script = Script::new(RENEW);
+                loop {
+                    tokio::time::sleep(ttl / 3).await;
+                    let renewed: redis::RedisResult<i64> = script
+                        .key(&key)
+                        .arg(&token)
+                        .arg(ttl.as_millis() as u64)
+                        .invoke_async(&mut conn)
+                        .await;
+                    match renewed {
+                        Ok(1) => {}
+                        Ok(_) => {
+                            tracing::warn!(%key, "lock lost before release; the fence still protects the write");
+                            return;
+                        }
+                        Err(e) => tracing::warn!(%key, error = %e, "lock renewal failed"),
+                    }
+                }
+            })
+        };
+        Ok(Some(LockGuard {
+            conn,
+            key,
+            token,
+            renewer,
+        }))
+    }
+}
+
+impl LockGuard {
+    /// Releases the lock if it is still ours.
+    pub async fn release(mut self) -> redis::RedisResult<bool> {
+        self.renewer.abort();
+        let n: i64 = Script::new(RELEASE)
+            .key(&self.key)
+            .arg(&self.token)
+            .invoke_async(&mut self.conn)
+            .await?;
+        Ok(n == 1)
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        self.renewer.abort();
+    }
+}

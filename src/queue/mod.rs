@@ -1,0 +1,198 @@
+//! The Redis side: the apalis-redis queue of payout jobs, the per-payout lock,
+//! and the housekeeping apalis-redis does not do for us.
+//!
+//! Known faults of apalis-redis 1.0 and what this module (with the producer and
+//! worker) does about each:
+//! - fetch fails ("too many results to unpack") once ~8,000 jobs are due at
+//!   once: the producer keeps at most `producer.window` jobs in Redis;
+//! - finished jobs stay in Redis forever (`done` set, data and meta hashes):
+//!   [`Queue::janitor`] removes them;
+//! - `max_attempts` is ignored: the handler always acknowledges; retries are
+//!   rows in Postgres;
+//! - losing Redis loses jobs: Postgres still says `queued`; the producer sees
+//!   the epoch key gone ([`Queue::check_epoch`]) and enqueues them again, and
+//!   the lease sweep catches anything else.
+//!
+//! Every key starts with `{prefix}` in braces (a Redis Cluster hash tag).
+
+pub mod lock;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use apalis_core::task::builder::TaskBuilder;
+use apalis_redis::{Config, ConnectionManager, RedisStorage};
+use redis::AsyncCommands;
+use secrecy::ExposeSecret;
+use serde::{Deserialize, Serialize};
+
+use crate::config::RedisSettings;
+
+/// The job: which payout to work on. Nothing else travels through Redis; the
+/// worker reads the truth from Postgres.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayoutJob {
+    /// The payout id.
+    pub payout_id: i64,
+}
+
+/// Most jobs per push script (ARGV grows by 7 per job).
+const PUSH_CHUNK: usize = 500;
+
+const JANITOR: &str = r#"
+-- KEYS[1] done set, KEYS[2] dead set, KEYS[3] data hash; ARGV[1] meta key prefix, ARGV[2] max per set
+local n = 0
+for i = 1, 2 do
+  local ids = redis.call('SPOP', KEYS[i], tonumber(ARGV[2]))
+  for _, id in ipairs(ids) do
+    redis.call('HDEL', KEYS[3], id)
+    redis.call('DEL', ARGV[1] .. ':' .. id)
+    n = n + 1
+  end
+end
+return n
+"#;
+
+/// A handle on the payout queue in Redis.
+#[derive(Clone)]
+pub struct Queue {
+    conn: ConnectionManager,
+    config: Config,
+    prefix: String,
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The apalis-redis configuration of the payout queue under `prefix`.
+pub fn apalis_config(prefix: &str, fetch_batch: usize, heartbeat: Duration) -> Config {
+    Config::default()
+        .queue(format!("{{{prefix}}}:jobs"))
+        .batch_size(fetch_batch.max(1))
+        .heartbeat_interval(heartbeat)
+        .missed_heartbeats(3)
+        .emit_events(false)
+}
+
+/// Connects to Redis with a connection manager (it reconnects by itself).
+pub async fn connect(settings: &RedisSettings) -> anyhow::Result<ConnectionManager> {
+    let client = redis::Client::open(settings.url.expose_secret()).context("invalid Redis URL")?;
+    let cfg = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(Duration::from_secs(5)))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_secs(1));
+    client
+        .get_connection_manager_with_config(cfg)
+        .await
+        .context("failed to connect to Redis")
+}
+
+impl Queue {
+    /// The queue under `settings.prefix`.
+    pub fn new(
+        conn: ConnectionManager,
+        prefix: &str,
+        fetch_batch: usize,
+        heartbeat: Duration,
+    ) -> Self {
+        Queue {
+            conn,
+            config: apalis_config(prefix, fetch_batch, heartbeat),
+            prefix: prefix.to_string(),
+        }
+    }
+
+    /// The apalis-redis storage for a worker.
+    pub fn storage(&self) -> RedisStorage<serde_json::Value> {
+        RedisStorage::new(self.conn.clone()).with_config(self.config.clone())
+    }
+
+    /// The apalis-redis configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// A connection (shared, multiplexed).
+    pub fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Pushes one job per payout, in chunks of one Lua call each.
+    pub async fn push(&self, payout_ids: &[i64]) -> anyhow::Result<()> {
+        let mut conn = self.conn.clone();
+        for chunk in payout_ids.chunks(PUSH_CHUNK) {
+            let tasks: Vec<_> = chunk
+                .iter()
+                .map(|id| {
+                    let data =
+                        serde_json::to_vec(&PayoutJob { payout_id: *id }).expect("plain struct");
+                    TaskBuilder::new(data).build()
+                })
+                .collect();
+            apalis_redis::queries::push_tasks(&mut conn, &self.config, &tasks)
+                .await
+                .context("failed to push jobs to Redis")?;
+        }
+        Ok(())
+    }
+
+    /// Pushes raw bytes as a job (tests of malformed payloads).
+    pub async fn push_raw(&self, payload: Vec<u8>) -> anyhow::Result<()> {
+        let mut conn = self.conn.clone();
+        apalis_redis::queries::push_tasks(
+            &mut conn,
+            &self.config,
+            &[TaskBuilder::new(payload).build()],
+        )
+        .await
+        .context("failed to push job to Redis")?;
+        Ok(())
+    }
+
+    /// Jobs waiting in Redis (scheduled + active), not counting in-flight ones.
+    pub async fn waiting(&self) -> anyhow::Result<u64> {
+        let mut conn = self.conn.clone();
+        let (active, scheduled): (u64, u64) = redis::pipe()
+            .llen(self.config.active_jobs_list())
+            .zcard(self.config.scheduled_jobs_set())
+            .query_async(&mut conn)
+            .await?;
+        Ok(active + scheduled)
+    }
+
+    /// Removes finished jobs (their data, metadata and set entries), at most
+    /// `max` per set; returns how many.
+    pub async fn janitor(&self, max: usize) -> anyhow::Result<u64> {
+        let mut conn = self.conn.clone();
+        let n: u64 = redis::Script::new(JANITOR)
+            .key(self.config.done_jobs_set())
+            .key(self.config.dead_jobs_set())
+            .key(self.config.job_data_hash())
+            .arg(self.config.job_meta_hash())
+            .arg(max)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(n)
+    }
+
+    /// Sets the epoch key if it is missing; `true` means it was missing: Redis
+    /// is new or lost its data, and every `queued` job must be pushed again.
+    pub async fn check_epoch(&self) -> anyhow::Result<bool> {
+        let mut conn = self.conn.clone();
+        let key = format!("{{{}}}:epoch", self.prefix);
+        let stamp = chrono::Utc::now().to_rfc3339();
+        let set: bool = conn.set_nx(&key, stamp).await?;
+        Ok(set)
+    }
+}

@@ -1,0 +1,440 @@
+//! The worker. [`Worker::process`] handles one job — lock, claim, call the
+//! gateway with backoff, record the outcome with a fenced write, release —
+//! and returns what happened; the apalis worker and the tests both call it.
+//! [`run`] is the process: an apalis worker on the Redis queue, restarted
+//! under a fresh name whenever apalis-redis gives up on an error.
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context;
+use apalis::prelude::*;
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    clock::SharedClock,
+    config::{Settings, WorkerSettings},
+    db::payouts::{self, Finish},
+    domain::{Currency, Money},
+    gateway::{
+        Gateway, Outcome, TransferRequest,
+        backoff::{BackoffPolicy, call_with_backoff},
+        http::HttpGateway,
+    },
+    metrics,
+    queue::{PayoutJob, Queue, lock::Locks},
+    server,
+};
+
+/// What one job came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Recorded with this status.
+    Recorded(crate::domain::PayoutStatus),
+    /// Acknowledged without an attempt.
+    Skipped(SkipReason),
+    /// The gateway was called but the fenced write was refused: another worker
+    /// took the payout over. Nothing recorded by us.
+    StaleFence,
+    /// Postgres failed; the lease sweep will bring the payout back.
+    InfraError(String),
+}
+
+/// Why a job was acknowledged without an attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SkipReason {
+    /// Another worker holds the payout's lock.
+    Locked,
+    /// The payout is in a status no worker may claim (final, pending, held by a live lease).
+    NotClaimable,
+    /// No such payout.
+    NotFound,
+    /// The job payload was not a payout job.
+    Malformed,
+}
+
+impl SkipReason {
+    fn label(&self) -> &'static str {
+        match self {
+            SkipReason::Locked => "locked",
+            SkipReason::NotClaimable => "not_claimable",
+            SkipReason::NotFound => "not_found",
+            SkipReason::Malformed => "malformed",
+        }
+    }
+}
+
+/// Everything a worker needs to handle a job.
+#[derive(Debug)]
+pub struct Worker {
+    /// The source of truth.
+    pub pool: PgPool,
+    /// The gateway.
+    pub gateway: Arc<dyn Gateway>,
+    /// Per-payout locks.
+    pub locks: Locks,
+    /// Time.
+    pub clock: SharedClock,
+    /// Leases, attempts, schedule.
+    pub settings: WorkerSettings,
+    /// In-attempt retries.
+    pub backoff: BackoffPolicy,
+    /// `worker:<host>-<pid>-<n>`: written as lease owner and event actor.
+    pub actor: String,
+}
+
+fn chrono_dur(d: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+impl Worker {
+    /// Handles one job payload (as delivered by apalis).
+    pub async fn handle(&self, payload: &serde_json::Value) -> Step {
+        match serde_json::from_value::<PayoutJob>(payload.clone()) {
+            Ok(job) => self.process(job.payout_id).await,
+            Err(e) => {
+                tracing::warn!(error = %e, "malformed job acknowledged and dropped; no payout touched");
+                metrics::JOBS_SKIPPED
+                    .with_label_values(&["malformed"])
+                    .inc();
+                Step::Skipped(SkipReason::Malformed)
+            }
+        }
+    }
+
+    /// Handles the job for payout `id`.
+    #[tracing::instrument(name = "payout", skip(self), fields(payout_id = id, worker = %self.actor))]
+    pub async fn process(&self, id: i64) -> Step {
+        metrics::IN_FLIGHT.inc();
+        let step = self.process_inner(id).await;
+        metrics::IN_FLIGHT.dec();
+        if let Step::Skipped(reason) = &step {
+            metrics::JOBS_SKIPPED
+                .with_label_values(&[reason.label()])
+                .inc();
+        }
+        step
+    }
+
+    async fn process_inner(&self, id: i64) -> Step {
+        let lock = match self.locks.try_acquire(id).await {
+            Ok(Some(guard)) => Some(guard),
+            Ok(None) => return Step::Skipped(SkipReason::Locked),
+            Err(e) => {
+                // The lock is an optimisation; the claim below is the guarantee.
+                metrics::INFRA_ERRORS
+                    .with_label_values(&["redis_lock"])
+                    .inc();
+                tracing::warn!(error = %e, "lock unavailable; relying on the fenced claim");
+                None
+            }
+        };
+        let step = self.attempt(id).await;
+        if let Some(guard) = lock {
+            if let Err(e) = guard.release().await {
+                tracing::debug!(error = %e, "lock release failed; it expires by itself");
+            }
+        }
+        step
+    }
+
+    async fn attempt(&self, id: i64) -> Step {
+        let now = self.clock.now();
+        let lease_until = now + chrono_dur(Duration::from_secs(self.settings.lease_secs));
+        let claimed = match payouts::claim(&self.pool, id, &self.actor, now, lease_until).await {
+            Ok(Some(c)) => c,
+            Ok(None) => {
+                return match payouts::get(&self.pool, id).await {
+                    Ok(Some(_)) => Step::Skipped(SkipReason::NotClaimable),
+                    Ok(None) => Step::Skipped(SkipReason::NotFound),
+                    Err(e) => self.infra("postgres_claim", e),
+                };
+            }
+            Err(e) => return self.infra("postgres_claim", e),
+        };
+        metrics::ATTEMPTS.inc();
+        let token = claimed.token();
+        let payout = &claimed.payout;
+        tracing::Span::current().record("attempt", token);
+
+        let money = payout
+            .currency
+            .parse::<Currency>()
+            .and_then(|c| Money::new(payout.amount, c))
+            .and_then(|m| m.to_minor_units().map(|minor| (m, minor)));
+        let finish = match money {
+            Err(e) => Finish::Failed {
+                code: "invalid_amount".into(),
+                message: e.to_string(),
+            },
+            Ok((money, amount_minor)) => {
+                let req = TransferRequest {
+                    amount_minor,
+                    currency: money.currency().code().to_string(),
+                    destination: claimed.gateway_account.clone(),
+                    reference: payouts::idempotency_key(payout.id),
+                    metadata: [("payout_id".to_string(), payout.id.to_string())].into(),
+                    idempotency_key: payout.idempotency_key(),
+                };
+                let on_call = |o: &Outcome, took: Duration| {
+                    metrics::GATEWAY_REQUESTS
+                        .with_label_values(&[o.class()])
+                        .inc();
+                    metrics::GATEWAY_SECONDS
+                        .with_label_values(&[o.class()])
+                        .observe(took.as_secs_f64());
+                };
+                let (outcome, calls) =
+                    call_with_backoff(self.gateway.as_ref(), &req, self.backoff, &on_call).await;
+                tracing::debug!(calls, ?outcome, "gateway answered");
+                self.decide(payout.attempt - payout.retry_base, outcome)
+            }
+        };
+
+        let reason = match &finish {
+            Finish::Paid { .. } => "gateway paid".to_string(),
+            Finish::InTransit { .. } => "gateway accepted; in transit".to_string(),
+            Finish::Retrying { code, .. } => format!("transient: {code}"),
+            Finish::Failed { code, .. } => format!("failed: {code}"),
+        };
+        let recorded = self.record(id, token, &finish, &reason).await;
+        match recorded {
+            Ok(true) => {
+                let status = finish.status();
+                let finished_at = self.clock.now();
+                metrics::PAYOUTS_FINISHED
+                    .with_label_values(&[status.as_str()])
+                    .inc();
+                metrics::PROCESSING_SECONDS.observe(secs_between(now, finished_at));
+                match &finish {
+                    Finish::Paid { .. } => metrics::DUE_TO_PAID_SECONDS
+                        .observe(secs_between(payout.due_at, finished_at)),
+                    Finish::Failed { code, .. } => {
+                        let class = if code == "attempts_exhausted" {
+                            "exhausted"
+                        } else {
+                            "permanent"
+                        };
+                        metrics::DEAD_LETTERS.with_label_values(&[class]).inc();
+                        tracing::warn!(code, "payout failed");
+                    }
+                    _ => {}
+                }
+                Step::Recorded(status)
+            }
+            Ok(false) => {
+                metrics::STALE_FENCE.inc();
+                tracing::warn!(
+                    token,
+                    "outcome refused by the fence: another worker took this payout over"
+                );
+                Step::StaleFence
+            }
+            Err(e) => self.infra("postgres_record", e),
+        }
+    }
+
+    /// What to record for a gateway outcome, given the attempts used so far.
+    fn decide(&self, used: i32, outcome: Outcome) -> Finish {
+        match outcome {
+            Outcome::Paid { transfer_id } => Finish::Paid { transfer_id },
+            Outcome::InTransit { transfer_id } => Finish::InTransit { transfer_id },
+            Outcome::Rejected { code, message } => Finish::Failed { code, message },
+            Outcome::Transient { code, message, .. } => self.retry_or_fail(used, code, message),
+            Outcome::Unknown { message } => self.retry_or_fail(used, "unknown".into(), message),
+        }
+    }
+
+    fn retry_or_fail(&self, used: i32, code: String, message: String) -> Finish {
+        if used >= self.settings.max_attempts {
+            Finish::Failed {
+                code: "attempts_exhausted".into(),
+                message: format!("{used} attempts; last: {code}: {message}"),
+            }
+        } else {
+            let next = self.clock.now() + chrono_dur(self.settings.retry_delay(used));
+            Finish::Retrying {
+                next_attempt_at: next,
+                code,
+                message,
+            }
+        }
+    }
+
+    /// The fenced write, retried briefly: after the gateway answered, the answer
+    /// is worth a few tries to keep (if they all fail, the lease expires and the
+    /// next attempt learns the same answer from the gateway by the same key).
+    async fn record(
+        &self,
+        id: i64,
+        token: i32,
+        finish: &Finish,
+        reason: &str,
+    ) -> sqlx::Result<bool> {
+        let mut delay = Duration::from_millis(50);
+        let mut tries = 0;
+        loop {
+            match payouts::finish(
+                &self.pool,
+                id,
+                token,
+                finish,
+                &self.actor,
+                reason,
+                self.clock.now(),
+            )
+            .await
+            {
+                Err(e) if tries < 5 && is_connection_error(&e) => {
+                    tries += 1;
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn infra(&self, component: &str, e: impl std::fmt::Display) -> Step {
+        metrics::INFRA_ERRORS.with_label_values(&[component]).inc();
+        tracing::warn!(error = %e, component, "infrastructure error; the lease sweep will retry this payout");
+        Step::InfraError(e.to_string())
+    }
+}
+
+fn is_connection_error(e: &sqlx::Error) -> bool {
+    matches!(
+        e,
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
+    ) || matches!(e, sqlx::Error::Database(d) if d.code().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")))
+}
+
+fn secs_between(from: DateTime<Utc>, to: DateTime<Utc>) -> f64 {
+    (to - from).num_milliseconds().max(0) as f64 / 1000.0
+}
+
+/// A process-unique worker name: host, pid, and a start counter, so a
+/// restarted apalis worker never collides with its own earlier registration.
+pub fn worker_name(start: u64) -> String {
+    let host = hostname::get()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "host".into());
+    format!("{host}-{}-{start}", std::process::id())
+}
+
+async fn apalis_handler(
+    job: serde_json::Value,
+    worker: Data<Arc<Worker>>,
+) -> Result<(), BoxDynError> {
+    // Always acknowledge: retries live in Postgres, not in apalis (whose
+    // storage ignores max_attempts and would re-run a failed job 25 times).
+    // The job runs on its own task so jobs spread over the runtime's threads.
+    let worker = Arc::clone(&worker);
+    tokio::spawn(async move { worker.handle(&job).await }).await?;
+    Ok(())
+}
+
+/// Runs apalis workers on `queue` until `shutdown`; each time apalis-redis
+/// ends a worker with an error (Redis restarted, flushed, timed out) a new
+/// one starts under a fresh name after a short pause.
+pub async fn run_consumer(
+    worker: Arc<Worker>,
+    queue: Queue,
+    settings: WorkerSettings,
+    shutdown: CancellationToken,
+) {
+    let mut start: u64 = 0;
+    let mut pause = Duration::from_millis(100);
+    while !shutdown.is_cancelled() {
+        let name = worker_name(start);
+        start += 1;
+        let backend =
+            queue
+                .storage()
+                .poll_with_strategy(IntervalStrategy::new(Duration::from_millis(
+                    settings.poll_interval_ms,
+                )));
+        let apalis_worker = WorkerBuilder::new(name.clone())
+            .backend(backend)
+            .data(worker.clone())
+            .concurrency(settings.concurrency)
+            .build(apalis_handler);
+        let stop = shutdown.clone();
+        let result = apalis_worker
+            .run_until(async move {
+                stop.cancelled().await;
+                Ok::<(), std::io::Error>(())
+            })
+            .await;
+        match result {
+            Ok(()) if shutdown.is_cancelled() => break,
+            Ok(()) => tracing::warn!(worker = %name, "apalis worker ended; restarting"),
+            Err(e) => {
+                tracing::warn!(worker = %name, error = %e, "apalis worker failed; restarting")
+            }
+        }
+        metrics::WORKER_RESTARTS.inc();
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(Duration::from_secs(2));
+        if start % 8 == 0 {
+            pause = Duration::from_millis(100);
+        }
+    }
+}
+
+/// The `payout-worker` process: health and metrics server, the consumer, and
+/// a graceful stop on `shutdown` within `worker.shutdown_deadline_secs`.
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    metrics::init();
+    let pool = crate::db::connect(&settings.database).await?;
+    let conn = crate::queue::connect(&settings.redis).await?;
+    let queue = Queue::new(
+        conn.clone(),
+        &settings.redis.prefix,
+        settings.worker.fetch_batch,
+        Duration::from_secs(settings.worker.heartbeat_secs),
+    );
+    let gateway: Arc<dyn Gateway> =
+        Arc::new(HttpGateway::new(&settings.gateway).context("gateway client")?);
+    let worker = Arc::new(Worker {
+        pool: pool.clone(),
+        gateway,
+        locks: Locks::new(
+            conn.clone(),
+            &settings.redis.prefix,
+            Duration::from_millis(settings.worker.lock_ttl_ms),
+        ),
+        clock: crate::clock::system(),
+        settings: settings.worker.clone(),
+        backoff: BackoffPolicy::from_settings(&settings.gateway),
+        actor: format!("worker:{}", worker_name(0)),
+    });
+    let http = server::spawn(settings.worker.listen, pool.clone(), conn, shutdown.clone()).await?;
+    tracing::info!(addr = %http, actor = %worker.actor, concurrency = settings.worker.concurrency, "worker started");
+    metrics::WORKER_UP.set(1);
+
+    let consumer_stop = CancellationToken::new();
+    let consumer = tokio::spawn(run_consumer(
+        worker,
+        queue,
+        settings.worker.clone(),
+        consumer_stop.clone(),
+    ));
+    shutdown.cancelled().await;
+    tracing::info!("stopping: no new jobs; finishing those in flight");
+    consumer_stop.cancel();
+    let deadline = Duration::from_secs(settings.worker.shutdown_deadline_secs);
+    if tokio::time::timeout(deadline, consumer).await.is_err() {
+        tracing::warn!(
+            ?deadline,
+            "in-flight jobs did not finish in time; their leases will expire and the sweep re-enqueues them"
+        );
+    }
+    metrics::WORKER_UP.set(0);
+    Ok(())
+}

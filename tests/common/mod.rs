@@ -1,0 +1,343 @@
+//! Test support: a fresh database per test, a fresh Redis key prefix, an
+//! in-process mock gateway on port 0, fast settings, and deadline polling.
+#![allow(dead_code)]
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use payouts::{
+    clock::{SharedClock, SystemClock},
+    config::Settings,
+    db::{self, payees},
+    domain::{Currency, Money},
+    gateway::{
+        backoff::BackoffPolicy,
+        http::HttpGateway,
+        mock::{Faults, MockGateway, MockGatewayConfig, RunningMockGateway},
+    },
+    producer::Producer,
+    queue::{Queue, lock::Locks},
+    worker::Worker,
+};
+use sqlx::{Connection, PgPool};
+
+/// The server tests create their databases on.
+pub fn admin_url() -> String {
+    std::env::var("PAYOUTS_TEST_ADMIN_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// The Redis tests use (each with its own key prefix).
+pub fn redis_url() -> String {
+    std::env::var("PAYOUTS_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A unique lower-case name.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}", ulid::Ulid::new().to_string().to_lowercase())
+}
+
+/// A fresh, migrated database; dropped when the value is.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub pool: PgPool,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        let name = unique("payouts_test");
+        let admin = admin_url();
+        let mut conn = sqlx::PgConnection::connect(&admin)
+            .await
+            .expect("connect to test Postgres");
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .expect("create test database");
+        let url = match admin.rsplit_once('/') {
+            Some((base, _)) => format!("{base}/{name}"),
+            None => panic!("admin url has no database"),
+        };
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(20)
+            .connect(&url)
+            .await
+            .expect("connect test db");
+        db::migrate(&pool).await.expect("migrate");
+        TestDb { name, url, pool }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        let _ = std::process::Command::new("psql")
+            .arg(admin_url())
+            .arg("-qc")
+            .arg(sql)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+    }
+}
+
+/// Settings for a test: its own database and prefix, fast timings.
+pub fn settings(
+    db_url: &str,
+    redis_url: &str,
+    prefix: &str,
+    gateway_url: &str,
+    extra: &[(&str, &str)],
+) -> Settings {
+    let mut env: Vec<(String, String)> = vec![
+        ("DATABASE_URL".into(), db_url.into()),
+        ("REDIS_URL".into(), redis_url.into()),
+        ("PAYOUTS_REDIS__PREFIX".into(), prefix.into()),
+        ("PAYOUTS_GATEWAY__BASE_URL".into(), gateway_url.into()),
+        ("PAYOUTS_GATEWAY__TIMEOUT_MS".into(), "1000".into()),
+        ("PAYOUTS_GATEWAY__BACKOFF_BASE_MS".into(), "5".into()),
+        ("PAYOUTS_GATEWAY__BACKOFF_CAP_MS".into(), "50".into()),
+        ("PAYOUTS_PRODUCER__TICK_MS".into(), "100".into()),
+        ("PAYOUTS_PRODUCER__REFILL_MS".into(), "20".into()),
+        ("PAYOUTS_PRODUCER__QUEUE_LEASE_SECS".into(), "5".into()),
+        ("PAYOUTS_PRODUCER__LEADER_TTL_MS".into(), "1500".into()),
+        ("PAYOUTS_PRODUCER__LISTEN".into(), "127.0.0.1:0".into()),
+        ("PAYOUTS_PRODUCER__JANITOR_EVERY_TICKS".into(), "5".into()),
+        ("PAYOUTS_WORKER__LISTEN".into(), "127.0.0.1:0".into()),
+        ("PAYOUTS_WORKER__LEASE_SECS".into(), "5".into()),
+        ("PAYOUTS_WORKER__LOCK_TTL_MS".into(), "3000".into()),
+        ("PAYOUTS_WORKER__POLL_INTERVAL_MS".into(), "20".into()),
+        ("PAYOUTS_WORKER__HEARTBEAT_SECS".into(), "2".into()),
+        ("PAYOUTS_WORKER__SHUTDOWN_DEADLINE_SECS".into(), "5".into()),
+        ("PAYOUTS_DATABASE__MAX_CONNECTIONS".into(), "8".into()),
+    ];
+    for (k, v) in extra {
+        env.retain(|(ek, _)| ek != k);
+        env.push((k.to_string(), v.to_string()));
+    }
+    Settings::load_from(None, &env).expect("test settings")
+}
+
+/// The settings as environment variables, for child processes.
+pub fn child_env(
+    db_url: &str,
+    redis_url: &str,
+    prefix: &str,
+    gateway_url: &str,
+) -> Vec<(String, String)> {
+    vec![
+        ("DATABASE_URL".into(), db_url.into()),
+        ("REDIS_URL".into(), redis_url.into()),
+        ("PAYOUTS_REDIS__PREFIX".into(), prefix.into()),
+        ("PAYOUTS_GATEWAY__BASE_URL".into(), gateway_url.into()),
+        ("PAYOUTS_GATEWAY__TIMEOUT_MS".into(), "1000".into()),
+        ("PAYOUTS_GATEWAY__BACKOFF_BASE_MS".into(), "5".into()),
+        ("PAYOUTS_GATEWAY__BACKOFF_CAP_MS".into(), "50".into()),
+        ("PAYOUTS_PRODUCER__TICK_MS".into(), "100".into()),
+        ("PAYOUTS_PRODUCER__REFILL_MS".into(), "20".into()),
+        ("PAYOUTS_PRODUCER__QUEUE_LEASE_SECS".into(), "3".into()),
+        ("PAYOUTS_PRODUCER__LEADER_TTL_MS".into(), "1500".into()),
+        ("PAYOUTS_PRODUCER__LISTEN".into(), "127.0.0.1:0".into()),
+        ("PAYOUTS_PRODUCER__JANITOR_EVERY_TICKS".into(), "5".into()),
+        ("PAYOUTS_WORKER__LISTEN".into(), "127.0.0.1:0".into()),
+        ("PAYOUTS_WORKER__LEASE_SECS".into(), "3".into()),
+        ("PAYOUTS_WORKER__LOCK_TTL_MS".into(), "2000".into()),
+        ("PAYOUTS_WORKER__POLL_INTERVAL_MS".into(), "20".into()),
+        ("PAYOUTS_WORKER__HEARTBEAT_SECS".into(), "1".into()),
+        ("PAYOUTS_WORKER__SHUTDOWN_DEADLINE_SECS".into(), "5".into()),
+        ("PAYOUTS_DATABASE__MAX_CONNECTIONS".into(), "8".into()),
+        ("PAYOUTS_LOG__FORMAT".into(), "json".into()),
+        ("RUST_LOG".into(), "warn,payouts=info".into()),
+    ]
+}
+
+/// Polls `check` until it returns `Some` or the deadline passes.
+pub async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() >= until {
+            panic!("timed out after {deadline:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// One test's whole fleet, in-process: database, prefix, mock gateway, and
+/// the producer and worker services built on them.
+pub struct Fleet {
+    pub db: TestDb,
+    pub prefix: String,
+    pub gateway: RunningMockGateway,
+    pub settings: Settings,
+    pub queue: Queue,
+    pub clock: SharedClock,
+}
+
+impl Fleet {
+    pub async fn start(faults: Faults) -> Fleet {
+        Self::start_with(faults, &[], Arc::new(SystemClock)).await
+    }
+
+    pub async fn start_with(faults: Faults, extra: &[(&str, &str)], clock: SharedClock) -> Fleet {
+        let db = TestDb::new().await;
+        let prefix = unique("t");
+        let gateway = MockGateway::start(MockGatewayConfig {
+            faults,
+            ..Default::default()
+        })
+        .await
+        .expect("start mock gateway");
+        let settings = settings(&db.url, &redis_url(), &prefix, &gateway.base_url, extra);
+        let conn = payouts::queue::connect(&settings.redis)
+            .await
+            .expect("redis");
+        let queue = Queue::new(
+            conn,
+            &prefix,
+            settings.worker.fetch_batch,
+            Duration::from_secs(settings.worker.heartbeat_secs),
+        );
+        Fleet {
+            db,
+            prefix,
+            gateway,
+            settings,
+            queue,
+            clock,
+        }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.db.pool
+    }
+
+    pub fn producer(&self) -> Producer {
+        Producer {
+            pool: self.db.pool.clone(),
+            queue: self.queue.clone(),
+            clock: self.clock.clone(),
+            settings: self.settings.producer.clone(),
+            actor: "producer:test".into(),
+        }
+    }
+
+    pub fn worker(&self, name: &str) -> Arc<Worker> {
+        Arc::new(Worker {
+            pool: self.db.pool.clone(),
+            gateway: Arc::new(HttpGateway::new(&self.settings.gateway).expect("gateway client")),
+            locks: Locks::new(
+                self.queue.conn(),
+                &self.prefix,
+                Duration::from_millis(self.settings.worker.lock_ttl_ms),
+            ),
+            clock: self.clock.clone(),
+            settings: self.settings.worker.clone(),
+            backoff: BackoffPolicy::from_settings(&self.settings.gateway),
+            actor: format!("worker:{name}"),
+        })
+    }
+
+    /// A payee with account `account`.
+    pub async fn payee(&self, account: &str) -> i64 {
+        payees::create(
+            self.pool(),
+            "Test payee",
+            account,
+            "USD".parse::<Currency>().unwrap(),
+        )
+        .await
+        .expect("payee")
+        .id
+    }
+
+    /// A pending payout of `amount` USD due at `due`.
+    pub async fn payout(
+        &self,
+        payee: i64,
+        amount: &str,
+        due: chrono::DateTime<chrono::Utc>,
+    ) -> i64 {
+        payouts::db::payouts::create(
+            self.pool(),
+            payee,
+            Money::parse(amount, "USD").unwrap(),
+            due,
+            "operator:test",
+            self.clock.now(),
+        )
+        .await
+        .expect("payout")
+        .id
+    }
+
+    /// Many due payouts over `payees` demo payees.
+    pub async fn seed(&self, count: i64, payees_n: i64) {
+        let ids = payees::create_demo(self.pool(), payees_n, "USD".parse().unwrap())
+            .await
+            .unwrap();
+        let now = self.clock.now();
+        payouts::db::payouts::seed(self.pool(), &ids, count, "USD", now, now)
+            .await
+            .unwrap();
+    }
+
+    pub async fn count(&self, status: &str) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM payouts WHERE status = $1")
+            .bind(status)
+            .fetch_one(self.pool())
+            .await
+            .unwrap()
+    }
+
+    pub async fn status(&self, id: i64) -> String {
+        sqlx::query_scalar("SELECT status FROM payouts WHERE id = $1")
+            .bind(id)
+            .fetch_one(self.pool())
+            .await
+            .unwrap()
+    }
+
+    /// Exactly-once check: every paid payout has one ledger entry keyed by
+    /// it, and no key or reference appears twice.
+    pub async fn assert_paid_exactly_once(&self) {
+        let ledger = self.gateway.gateway.ledger();
+        let mut keys: Vec<&str> = ledger.iter().map(|e| e.idempotency_key.as_str()).collect();
+        keys.sort();
+        let before = keys.len();
+        keys.dedup();
+        assert_eq!(before, keys.len(), "an idempotency key was applied twice");
+        let mut refs: Vec<&str> = ledger.iter().map(|e| e.reference.as_str()).collect();
+        refs.sort();
+        refs.dedup();
+        assert_eq!(before, refs.len(), "a payout reference was paid twice");
+        let paid: Vec<(i64, Option<String>)> = sqlx::query_as(
+            "SELECT id, gateway_transfer_id FROM payouts WHERE status = 'paid' ORDER BY id",
+        )
+        .fetch_all(self.pool())
+        .await
+        .unwrap();
+        assert_eq!(
+            paid.len(),
+            ledger.len(),
+            "paid rows {} != ledger entries {}",
+            paid.len(),
+            ledger.len()
+        );
+        for (id, tr) in paid {
+            let entry = ledger
+                .iter()
+                .find(|e| e.reference == format!("payout_{id}"))
+                .unwrap_or_else(|| {
+                    panic!("payout {id} is paid in the database but not at the gateway")
+                });
+            assert_eq!(Some(&entry.id), tr.as_ref(), "payout {id} transfer id");
+        }
+    }
+}
