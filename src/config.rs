@@ -129,6 +129,14 @@ impl WorkerSettings {
     }
 }
 
+impl GatewaySettings {
+    /// The longest one attempt can take: every call timing out, every backoff at its cap.
+    pub fn worst_attempt_ms(&self) -> u64 {
+        let tries = self.backoff_tries as u64;
+        tries * self.timeout_ms + tries.saturating_sub(1) * self.backoff_cap_ms
+    }
+}
+
 impl Settings {
     /// Loads defaults, then `file` (or `PAYOUTS_CONFIG`), then the environment.
     pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
@@ -236,9 +244,13 @@ impl Settings {
         if self.gateway.kind != "contract" {
             bail!("invalid configuration: gateway.kind must be \"contract\"");
         }
-        if self.worker.lease_secs * 1000 <= self.worker.lock_ttl_ms / 2 {
+        let attempt_ms = self.gateway.worst_attempt_ms();
+        if self.worker.lease_secs * 1000 <= attempt_ms {
             bail!(
-                "invalid configuration: worker.lease_secs must outlast half of worker.lock_ttl_ms"
+                "invalid configuration: worker.lease_secs ({} s) must outlast the longest attempt \
+                 ({attempt_ms} ms = gateway.backoff_tries x gateway.timeout_ms + backoff delays), \
+                 or the sweep hands a payout to another worker while its call is still running",
+                self.worker.lease_secs
             );
         }
         Ok(())
@@ -350,6 +362,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("producer.window"), "{err}");
+    }
+
+    #[test]
+    fn a_lease_shorter_than_the_longest_attempt_is_refused() {
+        let err = Settings::load_from(
+            None,
+            &env(&[
+                ("PAYOUTS_WORKER__LEASE_SECS", "30"),
+                ("PAYOUTS_GATEWAY__TIMEOUT_MS", "10000"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("worker.lease_secs"), "{err}");
     }
 
     #[test]

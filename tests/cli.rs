@@ -1,0 +1,279 @@
+//! `payoutctl`, run as a binary against a fresh database: every command, and
+//! every kind of bad input getting one clear line, a non-zero exit, and no change.
+
+mod common;
+
+use std::process::Command;
+
+use common::{TestDb, redis_url, unique};
+use serde_json::Value;
+
+struct Ctl {
+    db: TestDb,
+    prefix: String,
+}
+
+struct Out {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+impl Ctl {
+    async fn new() -> Ctl {
+        Ctl {
+            db: TestDb::new().await,
+            prefix: unique("cli"),
+        }
+    }
+
+    fn run(&self, args: &[&str]) -> Out {
+        let out = Command::new(env!("CARGO_BIN_EXE_payoutctl"))
+            .args(args)
+            .env("DATABASE_URL", &self.db.url)
+            .env("REDIS_URL", redis_url())
+            .env("PAYOUTS_REDIS__PREFIX", &self.prefix)
+            .env("PAYOUTS_OPERATOR", "alice")
+            .output()
+            .expect("run payoutctl");
+        Out {
+            ok: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into(),
+            stderr: String::from_utf8_lossy(&out.stderr).into(),
+        }
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(o.ok, "payoutctl {args:?} failed: {}", o.stderr);
+        o.stdout
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        serde_json::from_str(self.ok(&a).trim()).expect("JSON output")
+    }
+
+    /// Runs a command that must fail; returns its one-line error.
+    fn fails(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(!o.ok, "payoutctl {args:?} should have failed: {}", o.stdout);
+        let line = o.stderr.trim().to_string();
+        assert_eq!(line.lines().count(), 1, "one line: {line}");
+        line
+    }
+
+    async fn payouts(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM payouts")
+            .fetch_one(&self.db.pool)
+            .await
+            .unwrap()
+    }
+}
+
+#[tokio::test]
+async fn every_command_works_and_bad_input_changes_nothing() {
+    let ctl = Ctl::new().await;
+    assert!(ctl.ok(&["migrate"]).contains("migrations applied"));
+
+    // payee add
+    let payee = ctl.json(&[
+        "payee",
+        "add",
+        "--name",
+        "Ana",
+        "--account",
+        "acct_ana",
+        "--currency",
+        "USD",
+    ]);
+    let payee_id = payee["id"].as_i64().unwrap().to_string();
+    assert!(
+        ctl.fails(&[
+            "payee",
+            "add",
+            "--name",
+            "X",
+            "--account",
+            "acct_x",
+            "--currency",
+            "XYZ"
+        ])
+        .contains("unknown currency")
+    );
+
+    // create, and its bad input
+    let created = ctl.json(&[
+        "create",
+        "--payee",
+        &payee_id,
+        "--amount",
+        "120.50",
+        "--currency",
+        "USD",
+        "--due",
+        "+1h",
+    ]);
+    let id = created["id"].as_i64().unwrap();
+    assert_eq!(created["status"], "pending");
+    let before = ctl.payouts().await;
+    let cases: [(&[&str], &str); 6] = [
+        (
+            &["--amount", "-5.00", "--currency", "USD"],
+            "must be greater than zero",
+        ),
+        (
+            &["--amount", "1.001", "--currency", "USD"],
+            "more decimals than USD allows",
+        ),
+        (&["--amount", "10", "--currency", "ABC"], "unknown currency"),
+        (
+            &["--amount", "ten", "--currency", "USD"],
+            "not a decimal number",
+        ),
+        (
+            &["--amount", "10", "--currency", "USD", "--due", "tomorrow"],
+            "not RFC 3339",
+        ),
+        (
+            &["--amount", "1.5", "--currency", "JPY"],
+            "more decimals than JPY allows",
+        ),
+    ];
+    for (extra, expected) in cases {
+        let mut args = vec!["create", "--payee", &payee_id];
+        args.extend_from_slice(extra);
+        let err = ctl.fails(&args);
+        assert!(
+            err.starts_with("error: ") && err.contains(expected),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(
+        ctl.fails(&[
+            "create",
+            "--payee",
+            "999999",
+            "--amount",
+            "1",
+            "--currency",
+            "USD"
+        ])
+        .contains("payee 999999 not found")
+    );
+    assert_eq!(ctl.payouts().await, before, "bad input created nothing");
+
+    // status and list
+    let status = ctl.ok(&["status", &id.to_string()]);
+    assert!(
+        status.contains("pending")
+            && status.contains("operator:alice")
+            && status.contains("created"),
+        "{status}"
+    );
+    assert!(
+        ctl.fails(&["status", "424242"])
+            .contains("payout 424242 not found")
+    );
+    let list = ctl.json(&["list", "--status", "pending", "--limit", "10"]);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert!(ctl.ok(&["list"]).starts_with("ID"));
+    assert!(
+        ctl.fails(&["list", "--status", "done"])
+            .contains("unknown status \"done\"")
+    );
+
+    // enqueue one now (not yet due), enqueue --due, retry/cancel rules
+    let enq = ctl.json(&["enqueue", &id.to_string()]);
+    assert_eq!(
+        (enq["from"].as_str(), enq["status"].as_str()),
+        (Some("pending"), Some("queued"))
+    );
+    let err = ctl.fails(&["retry", &id.to_string()]);
+    assert!(
+        err.contains(&format!("cannot move payout {id} from queued to queued")),
+        "{err}"
+    );
+    let cancelled = ctl.json(&["cancel", &id.to_string(), "--reason", "duplicate booking"]);
+    assert_eq!(cancelled["from"], "queued");
+    assert!(
+        ctl.fails(&["cancel", &id.to_string()])
+            .contains("from cancelled to cancelled")
+    );
+    assert!(
+        ctl.fails(&["enqueue", &id.to_string()])
+            .contains("from cancelled to queued")
+    );
+    assert!(
+        ctl.fails(&["cancel", "777777"])
+            .contains("payout 777777 not found")
+    );
+    let history = ctl.ok(&["status", &id.to_string()]);
+    assert!(
+        history.contains("duplicate booking") && history.contains("manual enqueue"),
+        "{history}"
+    );
+
+    // seed, enqueue --due, summary
+    let seeded = ctl.json(&["seed", "--count", "25", "--payees", "5"]);
+    assert_eq!(seeded["payouts"], 25);
+    let pass = ctl.json(&["enqueue", "--due"]);
+    assert_eq!(pass["enqueued"], 25);
+    let summary = ctl.json(&["summary"]);
+    assert_eq!(
+        (summary["queued"].as_i64(), summary["cancelled"].as_i64()),
+        (Some(25), Some(1))
+    );
+
+    // a paid payout cannot be cancelled
+    let paid_id: i64 = sqlx::query_scalar("SELECT min(id) FROM payouts WHERE status = 'queued'")
+        .fetch_one(&ctl.db.pool)
+        .await
+        .unwrap();
+    let claim = payouts::db::payouts::claim(
+        &ctl.db.pool,
+        paid_id,
+        "worker:t",
+        chrono::Utc::now(),
+        chrono::Utc::now() + chrono::Duration::seconds(60),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let paid = payouts::db::payouts::Finish::Paid {
+        transfer_id: "tr_1".into(),
+    };
+    assert!(
+        payouts::db::payouts::finish(
+            &ctl.db.pool,
+            paid_id,
+            claim.token(),
+            &paid,
+            "worker:t",
+            "ok",
+            chrono::Utc::now()
+        )
+        .await
+        .unwrap()
+    );
+    let err = ctl.fails(&["cancel", &paid_id.to_string()]);
+    assert_eq!(
+        err,
+        format!("error: cannot move payout {paid_id} from paid to cancelled")
+    );
+}
+
+#[tokio::test]
+async fn bad_configuration_is_one_line_naming_the_key() {
+    let ctl = Ctl::new().await;
+    let out = Command::new(env!("CARGO_BIN_EXE_payoutctl"))
+        .args(["summary"])
+        .env("DATABASE_URL", &ctl.db.url)
+        .env("PAYOUTS_WORKER__CONCURRENCY", "0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("worker.concurrency"), "{err}");
+}
