@@ -3,7 +3,7 @@
 //! Bad input gets one line naming what was wrong, a non-zero exit, and
 //! changes nothing.
 
-use std::{io::Write, path::PathBuf, time::Duration};
+use std::{io::Write, path::PathBuf};
 
 use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
@@ -157,12 +157,7 @@ pub fn parse_due(s: &str, now: DateTime<Utc>) -> anyhow::Result<DateTime<Utc>> {
 }
 
 fn queue_for(settings: &Settings, conn: redis::aio::ConnectionManager) -> Queue {
-    Queue::new(
-        conn,
-        &settings.redis.prefix,
-        settings.worker.fetch_batch,
-        Duration::from_secs(settings.worker.heartbeat_secs),
-    )
+    Queue::from_settings(conn, settings)
 }
 
 fn payout_row(p: &payouts::Payout) -> String {

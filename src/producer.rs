@@ -225,13 +225,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     metrics::init();
     let pool = crate::db::connect(&settings.database).await?;
     let conn = crate::queue::connect(&settings.redis).await?;
-    let queue = Queue::new(
-        conn.clone(),
-        &settings.redis.prefix,
-        settings.worker.fetch_batch,
-        Duration::from_secs(settings.worker.heartbeat_secs),
-    );
-    let me = crate::worker::worker_name(0);
+    let queue = Queue::from_settings(conn.clone(), &settings);
+    let me = crate::worker::worker_name();
     let producer = Producer {
         pool: pool.clone(),
         queue,

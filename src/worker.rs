@@ -104,7 +104,7 @@ impl Worker {
     }
 
     /// Handles the job for payout `id`.
-    #[tracing::instrument(name = "payout", skip(self), fields(payout_id = id, worker = %self.actor))]
+    #[tracing::instrument(name = "payout", skip(self), fields(payout_id = id, attempt = tracing::field::Empty, worker = %self.actor))]
     pub async fn process(&self, id: i64) -> Step {
         metrics::IN_FLIGHT.inc();
         let step = self.process_inner(id).await;
@@ -314,14 +314,18 @@ fn secs_between(from: DateTime<Utc>, to: DateTime<Utc>) -> f64 {
     (to - from).num_milliseconds().max(0) as f64 / 1000.0
 }
 
+static STARTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// A process-unique worker name: host, pid, and a start counter, so a
-/// restarted apalis worker never collides with its own earlier registration.
-pub fn worker_name(start: u64) -> String {
+/// restarted apalis worker never collides with its own earlier registration
+/// (apalis-redis refuses a name it saw alive within the orphan threshold).
+pub fn worker_name() -> String {
     let host = hostname::get()
         .ok()
         .and_then(|h| h.into_string().ok())
         .unwrap_or_else(|| "host".into());
-    format!("{host}-{}-{start}", std::process::id())
+    let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{host}-{}-{n}", std::process::id())
 }
 
 async fn apalis_handler(
@@ -345,11 +349,10 @@ pub async fn run_consumer(
     settings: WorkerSettings,
     shutdown: CancellationToken,
 ) {
-    let mut start: u64 = 0;
     let mut pause = Duration::from_millis(100);
+    let mut restarts: u64 = 0;
     while !shutdown.is_cancelled() {
-        let name = worker_name(start);
-        start += 1;
+        let name = worker_name();
         let backend =
             queue
                 .storage()
@@ -380,10 +383,12 @@ pub async fn run_consumer(
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(pause) => {}
         }
-        pause = (pause * 2).min(Duration::from_secs(2));
-        if start % 8 == 0 {
-            pause = Duration::from_millis(100);
-        }
+        restarts += 1;
+        pause = if restarts % 8 == 0 {
+            Duration::from_millis(100)
+        } else {
+            (pause * 2).min(Duration::from_secs(2))
+        };
     }
 }
 
@@ -393,12 +398,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     metrics::init();
     let pool = crate::db::connect(&settings.database).await?;
     let conn = crate::queue::connect(&settings.redis).await?;
-    let queue = Queue::new(
-        conn.clone(),
-        &settings.redis.prefix,
-        settings.worker.fetch_batch,
-        Duration::from_secs(settings.worker.heartbeat_secs),
-    );
+    let queue = Queue::from_settings(conn.clone(), &settings);
     let gateway: Arc<dyn Gateway> =
         Arc::new(HttpGateway::new(&settings.gateway).context("gateway client")?);
     let worker = Arc::new(Worker {
@@ -412,7 +412,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         clock: crate::clock::system(),
         settings: settings.worker.clone(),
         backoff: BackoffPolicy::from_settings(&settings.gateway),
-        actor: format!("worker:{}", worker_name(0)),
+        actor: format!("worker:{}", worker_name()),
     });
     let http = server::spawn(settings.worker.listen, pool.clone(), conn, shutdown.clone()).await?;
     tracing::info!(addr = %http, actor = %worker.actor, concurrency = settings.worker.concurrency, "worker started");

@@ -468,33 +468,142 @@ async fn operator_actions_are_legal_transitions_or_clear_errors() {
     assert_eq!(f.status(failed).await, "cancelled");
 }
 
-#[tokio::test]
-async fn the_apalis_fleet_drains_due_payouts_through_redis() {
-    let f = Fleet::start(Faults::default()).await;
-    f.seed(300, 30).await;
+/// A producer loop and `workers` apalis consumers, in-process, until the token is cancelled.
+fn run_fleet(f: &Fleet, workers: usize) -> (CancellationToken, Vec<tokio::task::JoinHandle<()>>) {
     let stop = CancellationToken::new();
     let producer = f.producer();
     let leadership = Leadership::new(f.queue.conn(), &f.prefix, "p1", Duration::from_millis(1500));
     let p_stop = stop.clone();
-    let p = tokio::spawn(async move { run_loop(&producer, &leadership, &p_stop).await });
-    let mut consumers = Vec::new();
-    for i in 0..2 {
-        consumers.push(tokio::spawn(run_consumer(
+    let mut handles = vec![tokio::spawn(async move {
+        run_loop(&producer, &leadership, &p_stop).await
+    })];
+    for i in 0..workers {
+        handles.push(tokio::spawn(run_consumer(
             f.worker(&format!("w{i}")),
             f.queue.clone(),
             f.settings.worker.clone(),
             stop.clone(),
         )));
     }
+    (stop, handles)
+}
+
+async fn stop_fleet(stop: CancellationToken, handles: Vec<tokio::task::JoinHandle<()>>) {
+    stop.cancel();
+    for h in handles {
+        h.await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn the_apalis_fleet_drains_due_payouts_through_redis_and_cleans_up_after() {
+    let f = Fleet::start(Faults::default()).await;
+    f.seed(300, 30).await;
+    let (stop, handles) = run_fleet(&f, 2);
 
     eventually(Duration::from_secs(60), "all 300 payouts paid", || async {
         (f.count("paid").await == 300).then_some(())
     })
     .await;
-    stop.cancel();
-    p.await.unwrap();
-    for c in consumers {
-        c.await.unwrap();
-    }
+    stop_fleet(stop, handles).await;
     f.assert_paid_exactly_once().await;
+
+    // Finished jobs do not pile up in Redis: the janitor removes their data.
+    f.queue.janitor(10_000).await.unwrap();
+    let mut conn = f.queue.conn();
+    let left: u64 = redis::cmd("HLEN")
+        .arg(f.queue.config().job_data_hash())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "job data left in Redis after the janitor");
+}
+
+#[tokio::test]
+async fn garbage_payloads_in_redis_do_not_stop_the_fleet() {
+    let f = Fleet::start(Faults::default()).await;
+    f.queue
+        .push_raw(b"\xff\xfe not json at all".to_vec())
+        .await
+        .unwrap();
+    f.queue
+        .push_raw(br#"{"payout_id": "forty-two"}"#.to_vec())
+        .await
+        .unwrap();
+    f.queue
+        .push_raw(br#"{"payout_id": 123456789}"#.to_vec())
+        .await
+        .unwrap();
+    f.seed(50, 5).await;
+    let (stop, handles) = run_fleet(&f, 1);
+
+    eventually(
+        Duration::from_secs(60),
+        "all 50 payouts paid past the garbage",
+        || async { (f.count("paid").await == 50).then_some(()) },
+    )
+    .await;
+    stop_fleet(stop, handles).await;
+    f.assert_paid_exactly_once().await;
+}
+
+#[tokio::test]
+async fn apalis_refuses_a_worker_name_that_is_still_registered_so_every_start_gets_a_fresh_one() {
+    use apalis::prelude::{BoxDynError, WorkerBuilder};
+    async fn noop(_job: serde_json::Value) -> Result<(), BoxDynError> {
+        Ok(())
+    }
+    let f = Fleet::start(Faults::default()).await;
+    let stop_first = CancellationToken::new();
+    let first = WorkerBuilder::new("same-name")
+        .backend(f.queue.storage())
+        .build(noop);
+    let s = stop_first.clone();
+    let first = tokio::spawn(first.run_until(async move {
+        s.cancelled().await;
+        Ok::<(), std::io::Error>(())
+    }));
+    let (workers_set, conn) = (f.queue.config().workers_set(), f.queue.conn());
+    eventually(
+        Duration::from_secs(30),
+        "the first worker registers",
+        || {
+            let (set, mut conn) = (workers_set.clone(), conn.clone());
+            async move {
+                let seen: Option<f64> = redis::cmd("ZSCORE")
+                    .arg(&set)
+                    .arg("same-name")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                seen.map(|_| ())
+            }
+        },
+    )
+    .await;
+
+    // A second worker under the same name (a restart that reuses its name,
+    // or two workers in one process) does not get to run.
+    let second = WorkerBuilder::new("same-name")
+        .backend(f.queue.storage())
+        .build(noop);
+    let started = std::time::Instant::now();
+    let refused = second
+        .run_until(async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            Ok::<(), std::io::Error>(())
+        })
+        .await;
+    assert!(
+        refused.is_err() || started.elapsed() < Duration::from_secs(4),
+        "apalis-redis 1.0 let a second worker run under a registered name"
+    );
+    stop_first.cancel();
+    first.await.unwrap().unwrap();
+
+    let (a, b) = (
+        payouts::worker::worker_name(),
+        payouts::worker::worker_name(),
+    );
+    assert_ne!(a, b, "each start registers under a new name");
 }

@@ -2,6 +2,8 @@
 //! its `payout_events` row in the same statement, and every worker write is
 //! fenced by the attempt number its claim returned.
 
+use std::sync::LazyLock;
+
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::Serialize;
@@ -241,33 +243,35 @@ pub async fn count_queued(pool: &PgPool) -> sqlx::Result<i64> {
         .await
 }
 
-const QUEUE_RETRYING: &str = "
-    WITH due AS (
-        SELECT id, status FROM payouts
-        WHERE status = 'retrying' AND next_attempt_at <= $1
-        ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED),
-    upd AS (
-        UPDATE payouts p SET status = 'queued', lease_until = $3, lease_owner = NULL, updated_at = $1
-        FROM due WHERE p.id = due.id
-        RETURNING p.id, due.status AS from_status, p.attempt),
-    ev AS (
-        INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
-        SELECT id, from_status, 'queued', $4, 'retry due', attempt, $1 FROM upd)
-    SELECT id FROM upd";
+/// Moves rows matching `filter` (at most $2, oldest `order` first, skipping
+/// rows another replica holds) to `queued`, leased until $3, with their events.
+fn queue_statement(filter: &str, order: &str, reason: &str) -> String {
+    format!(
+        "WITH due AS (
+             SELECT id, status FROM payouts WHERE {filter}
+             ORDER BY {order} LIMIT $2 FOR UPDATE SKIP LOCKED),
+         upd AS (
+             UPDATE payouts p SET status = 'queued', lease_until = $3, lease_owner = NULL, updated_at = $1
+             FROM due WHERE p.id = due.id
+             RETURNING p.id, due.status AS from_status, p.attempt),
+         ev AS (
+             INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
+             SELECT id, from_status, 'queued', $4, '{reason}', attempt, $1 FROM upd)
+         SELECT id FROM upd"
+    )
+}
 
-const QUEUE_PENDING: &str = "
-    WITH due AS (
-        SELECT id, status FROM payouts
-        WHERE status = 'pending' AND due_at <= $1
-        ORDER BY due_at LIMIT $2 FOR UPDATE SKIP LOCKED),
-    upd AS (
-        UPDATE payouts p SET status = 'queued', lease_until = $3, lease_owner = NULL, updated_at = $1
-        FROM due WHERE p.id = due.id
-        RETURNING p.id, due.status AS from_status, p.attempt),
-    ev AS (
-        INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
-        SELECT id, from_status, 'queued', $4, 'due', attempt, $1 FROM upd)
-    SELECT id FROM upd";
+/// Retrying payouts whose next attempt is due (index `payouts_retrying_next_idx`).
+static QUEUE_RETRYING: LazyLock<String> = LazyLock::new(|| {
+    queue_statement(
+        "status = 'retrying' AND next_attempt_at <= $1",
+        "next_attempt_at",
+        "retry due",
+    )
+});
+/// Pending payouts that are due (index `payouts_pending_due_idx`).
+static QUEUE_PENDING: LazyLock<String> =
+    LazyLock::new(|| queue_statement("status = 'pending' AND due_at <= $1", "due_at", "due"));
 
 /// Moves up to `limit` due payouts (retrying whose time has come first, then
 /// pending by due time) to `queued`, leased until `lease_until`; returns their ids.
@@ -280,7 +284,7 @@ pub async fn queue_due(
     actor: &str,
 ) -> sqlx::Result<Vec<i64>> {
     let mut tx: Transaction<'_, Postgres> = pool.begin().await?;
-    let mut ids: Vec<i64> = sqlx::query_scalar(QUEUE_RETRYING)
+    let mut ids: Vec<i64> = sqlx::query_scalar(QUEUE_RETRYING.as_str())
         .bind(now)
         .bind(limit)
         .bind(lease_until)
@@ -289,7 +293,7 @@ pub async fn queue_due(
         .await?;
     let rest = limit - ids.len() as i64;
     if rest > 0 {
-        let more: Vec<i64> = sqlx::query_scalar(QUEUE_PENDING)
+        let more: Vec<i64> = sqlx::query_scalar(QUEUE_PENDING.as_str())
             .bind(now)
             .bind(rest)
             .bind(lease_until)

@@ -108,6 +108,16 @@ impl Queue {
         }
     }
 
+    /// The queue as `settings` configure it.
+    pub fn from_settings(conn: ConnectionManager, settings: &crate::config::Settings) -> Self {
+        Queue::new(
+            conn,
+            &settings.redis.prefix,
+            settings.worker.fetch_batch,
+            Duration::from_secs(settings.worker.heartbeat_secs),
+        )
+    }
+
     /// The apalis-redis storage for a worker.
     pub fn storage(&self) -> RedisStorage<serde_json::Value> {
         RedisStorage::new(self.conn.clone()).with_config(self.config.clone())

@@ -81,7 +81,45 @@ impl Drop for TestDb {
     }
 }
 
-/// Settings for a test: its own database and prefix, fast timings.
+/// The configuration of a test fleet as environment variables: its own
+/// database and prefix, fast timings. Child processes get exactly these.
+pub fn child_env(
+    db_url: &str,
+    redis_url: &str,
+    prefix: &str,
+    gateway_url: &str,
+) -> Vec<(String, String)> {
+    [
+        ("DATABASE_URL", db_url),
+        ("REDIS_URL", redis_url),
+        ("PAYOUTS_REDIS__PREFIX", prefix),
+        ("PAYOUTS_GATEWAY__BASE_URL", gateway_url),
+        ("PAYOUTS_GATEWAY__TIMEOUT_MS", "1000"),
+        ("PAYOUTS_GATEWAY__BACKOFF_BASE_MS", "5"),
+        ("PAYOUTS_GATEWAY__BACKOFF_CAP_MS", "50"),
+        ("PAYOUTS_GATEWAY__BACKOFF_TRIES", "3"),
+        ("PAYOUTS_PRODUCER__TICK_MS", "100"),
+        ("PAYOUTS_PRODUCER__REFILL_MS", "20"),
+        ("PAYOUTS_PRODUCER__QUEUE_LEASE_SECS", "3"),
+        ("PAYOUTS_PRODUCER__LEADER_TTL_MS", "1500"),
+        ("PAYOUTS_PRODUCER__LISTEN", "127.0.0.1:0"),
+        ("PAYOUTS_PRODUCER__JANITOR_EVERY_TICKS", "5"),
+        ("PAYOUTS_WORKER__LISTEN", "127.0.0.1:0"),
+        ("PAYOUTS_WORKER__LEASE_SECS", "5"),
+        ("PAYOUTS_WORKER__LOCK_TTL_MS", "2000"),
+        ("PAYOUTS_WORKER__POLL_INTERVAL_MS", "20"),
+        ("PAYOUTS_WORKER__HEARTBEAT_SECS", "1"),
+        ("PAYOUTS_WORKER__SHUTDOWN_DEADLINE_SECS", "5"),
+        ("PAYOUTS_DATABASE__MAX_CONNECTIONS", "8"),
+        ("PAYOUTS_LOG__FORMAT", "json"),
+        ("RUST_LOG", "warn,payouts=info"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+/// Settings for an in-process test fleet: [`child_env`] plus `extra`.
 pub fn settings(
     db_url: &str,
     redis_url: &str,
@@ -89,67 +127,12 @@ pub fn settings(
     gateway_url: &str,
     extra: &[(&str, &str)],
 ) -> Settings {
-    let mut env: Vec<(String, String)> = vec![
-        ("DATABASE_URL".into(), db_url.into()),
-        ("REDIS_URL".into(), redis_url.into()),
-        ("PAYOUTS_REDIS__PREFIX".into(), prefix.into()),
-        ("PAYOUTS_GATEWAY__BASE_URL".into(), gateway_url.into()),
-        ("PAYOUTS_GATEWAY__TIMEOUT_MS".into(), "1000".into()),
-        ("PAYOUTS_GATEWAY__BACKOFF_BASE_MS".into(), "5".into()),
-        ("PAYOUTS_GATEWAY__BACKOFF_CAP_MS".into(), "50".into()),
-        ("PAYOUTS_PRODUCER__TICK_MS".into(), "100".into()),
-        ("PAYOUTS_PRODUCER__REFILL_MS".into(), "20".into()),
-        ("PAYOUTS_PRODUCER__QUEUE_LEASE_SECS".into(), "5".into()),
-        ("PAYOUTS_PRODUCER__LEADER_TTL_MS".into(), "1500".into()),
-        ("PAYOUTS_PRODUCER__LISTEN".into(), "127.0.0.1:0".into()),
-        ("PAYOUTS_PRODUCER__JANITOR_EVERY_TICKS".into(), "5".into()),
-        ("PAYOUTS_WORKER__LISTEN".into(), "127.0.0.1:0".into()),
-        ("PAYOUTS_WORKER__LEASE_SECS".into(), "5".into()),
-        ("PAYOUTS_WORKER__LOCK_TTL_MS".into(), "3000".into()),
-        ("PAYOUTS_WORKER__POLL_INTERVAL_MS".into(), "20".into()),
-        ("PAYOUTS_WORKER__HEARTBEAT_SECS".into(), "2".into()),
-        ("PAYOUTS_WORKER__SHUTDOWN_DEADLINE_SECS".into(), "5".into()),
-        ("PAYOUTS_DATABASE__MAX_CONNECTIONS".into(), "8".into()),
-    ];
+    let mut env = child_env(db_url, redis_url, prefix, gateway_url);
     for (k, v) in extra {
         env.retain(|(ek, _)| ek != k);
         env.push((k.to_string(), v.to_string()));
     }
     Settings::load_from(None, &env).expect("test settings")
-}
-
-/// The settings as environment variables, for child processes.
-pub fn child_env(
-    db_url: &str,
-    redis_url: &str,
-    prefix: &str,
-    gateway_url: &str,
-) -> Vec<(String, String)> {
-    vec![
-        ("DATABASE_URL".into(), db_url.into()),
-        ("REDIS_URL".into(), redis_url.into()),
-        ("PAYOUTS_REDIS__PREFIX".into(), prefix.into()),
-        ("PAYOUTS_GATEWAY__BASE_URL".into(), gateway_url.into()),
-        ("PAYOUTS_GATEWAY__TIMEOUT_MS".into(), "1000".into()),
-        ("PAYOUTS_GATEWAY__BACKOFF_BASE_MS".into(), "5".into()),
-        ("PAYOUTS_GATEWAY__BACKOFF_CAP_MS".into(), "50".into()),
-        ("PAYOUTS_PRODUCER__TICK_MS".into(), "100".into()),
-        ("PAYOUTS_PRODUCER__REFILL_MS".into(), "20".into()),
-        ("PAYOUTS_PRODUCER__QUEUE_LEASE_SECS".into(), "3".into()),
-        ("PAYOUTS_PRODUCER__LEADER_TTL_MS".into(), "1500".into()),
-        ("PAYOUTS_PRODUCER__LISTEN".into(), "127.0.0.1:0".into()),
-        ("PAYOUTS_PRODUCER__JANITOR_EVERY_TICKS".into(), "5".into()),
-        ("PAYOUTS_WORKER__LISTEN".into(), "127.0.0.1:0".into()),
-        ("PAYOUTS_WORKER__LEASE_SECS".into(), "5".into()),
-        ("PAYOUTS_GATEWAY__BACKOFF_TRIES".into(), "3".into()),
-        ("PAYOUTS_WORKER__LOCK_TTL_MS".into(), "2000".into()),
-        ("PAYOUTS_WORKER__POLL_INTERVAL_MS".into(), "20".into()),
-        ("PAYOUTS_WORKER__HEARTBEAT_SECS".into(), "1".into()),
-        ("PAYOUTS_WORKER__SHUTDOWN_DEADLINE_SECS".into(), "5".into()),
-        ("PAYOUTS_DATABASE__MAX_CONNECTIONS".into(), "8".into()),
-        ("PAYOUTS_LOG__FORMAT".into(), "json".into()),
-        ("RUST_LOG".into(), "warn,payouts=info".into()),
-    ]
 }
 
 /// Polls `check` until it returns `Some` or the deadline passes.
@@ -199,12 +182,7 @@ impl Fleet {
         let conn = payouts::queue::connect(&settings.redis)
             .await
             .expect("redis");
-        let queue = Queue::new(
-            conn,
-            &prefix,
-            settings.worker.fetch_batch,
-            Duration::from_secs(settings.worker.heartbeat_secs),
-        );
+        let queue = Queue::from_settings(conn, &settings);
         Fleet {
             db,
             prefix,
