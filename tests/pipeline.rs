@@ -607,3 +607,44 @@ async fn apalis_refuses_a_worker_name_that_is_still_registered_so_every_start_ge
     );
     assert_ne!(a, b, "each start registers under a new name");
 }
+
+#[tokio::test]
+async fn health_ready_and_metrics_answer_and_ready_checks_both_stores() {
+    let f = Fleet::start(Faults::default()).await;
+    payouts::metrics::init();
+    let stop = CancellationToken::new();
+    let addr = payouts::server::spawn(
+        "127.0.0.1:0".parse().unwrap(),
+        f.pool().clone(),
+        f.queue.conn(),
+        stop.clone(),
+    )
+    .await
+    .unwrap();
+    let get = |path: &'static str| async move {
+        let r = reqwest::get(format!("http://{addr}{path}")).await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    };
+
+    assert_eq!(get("/health").await.0, 200);
+    let (code, body) = get("/health/ready").await;
+    assert_eq!((code, body.as_str()), (200, "postgres: ok\nredis: ok\n"));
+    let (code, body) = get("/metrics").await;
+    assert_eq!(code, 200);
+    for name in [
+        "payout_jobs_in_flight",
+        "payout_queue_window_depth",
+        "payout_producer_leader",
+        "payout_worker_up",
+    ] {
+        assert!(body.contains(name), "{name} missing from /metrics");
+    }
+
+    f.pool().close().await;
+    let (code, body) = get("/health/ready").await;
+    assert_eq!(
+        (code, body.as_str()),
+        (503, "postgres: unavailable\nredis: ok\n")
+    );
+    stop.cancel();
+}
