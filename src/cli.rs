@@ -101,6 +101,15 @@ pub enum Command {
         #[arg(long, default_value = "cancelled by operator")]
         reason: String,
     },
+    /// Compare the database with the gateway and report every disagreement.
+    Reconcile {
+        /// Payouts changed since: RFC 3339, or an age such as 30m, 24h, 7d.
+        #[arg(long, default_value = "24h")]
+        since: String,
+        /// Record payouts the gateway paid but the database does not know of (never pays again).
+        #[arg(long)]
+        fix: bool,
+    },
     /// Demo data: payees and due payouts.
     Seed {
         /// Payouts to create.
@@ -154,6 +163,19 @@ pub fn parse_due(s: &str, now: DateTime<Utc>) -> anyhow::Result<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(s)
         .map(|t| t.with_timezone(&Utc))
         .with_context(|| format!("due {s:?} is not RFC 3339, `now` or +N[smhd]"))
+}
+
+/// Parses a start time: RFC 3339, or an age (`30m`, `24h`, `7d`) before `now`.
+pub fn parse_since(s: &str, now: DateTime<Utc>) -> anyhow::Result<DateTime<Utc>> {
+    if s.starts_with(|c: char| c.is_ascii_digit()) && !s.contains('-') {
+        let later = parse_due(&format!("+{s}"), now).with_context(|| {
+            format!("since {s:?}: expected RFC 3339 or an age such as 30m, 24h, 7d")
+        })?;
+        return Ok(now - (later - now));
+    }
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .with_context(|| format!("since {s:?}: expected RFC 3339 or an age such as 30m, 24h, 7d"))
 }
 
 fn queue_for(settings: &Settings, conn: redis::aio::ConnectionManager) -> Queue {
@@ -387,6 +409,41 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
                 )?;
             } else {
                 writeln!(out, "payout {id} cancelled (was {from})")?;
+            }
+        }
+        Command::Reconcile { since, fix } => {
+            let opts = crate::reconcile::Options {
+                since: parse_since(&since, clock.now())?,
+                fix,
+                concurrency: 16,
+                actor: actor.clone(),
+            };
+            let gateway = crate::gateway::http::HttpGateway::new(&settings.gateway)?;
+            let report = crate::reconcile::run(&pool, &gateway, &opts, clock.now()).await?;
+            if cli.json {
+                writeln!(out, "{}", serde_json::to_string(&report)?)?;
+            } else {
+                writeln!(
+                    out,
+                    "checked {} payouts ({} in flight): {} disagreements",
+                    report.checked,
+                    report.in_flight,
+                    report.mismatches.len()
+                )?;
+                for m in &report.mismatches {
+                    let fixed = if m.fixed { "  [fixed]" } else { "" };
+                    writeln!(
+                        out,
+                        "  payout {:<10} {:<30} {}{fixed}",
+                        m.payout_id,
+                        m.kind.label(),
+                        m.detail
+                    )?;
+                }
+            }
+            let open = report.mismatches.iter().filter(|m| !m.fixed).count();
+            if open > 0 {
+                bail!("{open} disagreements between the database and the gateway are not fixed");
             }
         }
         Command::Seed {

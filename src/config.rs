@@ -112,6 +112,18 @@ pub struct GatewaySettings {
     pub backoff_cap_ms: u64,
     /// Calls per attempt, the first included.
     pub backoff_tries: usize,
+    /// Fleet-wide requests per second (all workers together); 0 = no limit.
+    pub rate_limit_per_sec: u32,
+    /// Requests allowed at once above the rate.
+    pub rate_limit_burst: u32,
+    /// Calls in the breaker's window before it may open.
+    pub breaker_min_calls: usize,
+    /// Percent of failed calls (5xx, timeouts, connection errors, 401) that opens the breaker.
+    pub breaker_error_ratio_pct: u32,
+    /// The breaker's sliding window, in ms.
+    pub breaker_window_ms: u64,
+    /// How long the breaker stays open before a probe, in ms.
+    pub breaker_cooldown_ms: u64,
 }
 
 /// Logging.
@@ -181,7 +193,7 @@ impl Settings {
 
     /// Checks ranges; the error names the bad key.
     pub fn validate(&self) -> anyhow::Result<()> {
-        let checks: [(bool, &str); 14] = [
+        let checks: [(bool, &str); 16] = [
             (
                 self.database.max_connections >= 1,
                 "database.max_connections must be >= 1",
@@ -234,6 +246,14 @@ impl Settings {
             (
                 self.gateway.backoff_tries >= 1,
                 "gateway.backoff_tries must be >= 1",
+            ),
+            (
+                (1..=100).contains(&self.gateway.breaker_error_ratio_pct),
+                "gateway.breaker_error_ratio_pct must be 1..=100",
+            ),
+            (
+                self.gateway.breaker_cooldown_ms >= 10,
+                "gateway.breaker_cooldown_ms must be >= 10",
             ),
         ];
         for (ok, msg) in checks {

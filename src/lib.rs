@@ -15,6 +15,7 @@ pub mod gateway;
 pub mod metrics;
 pub mod producer;
 pub mod queue;
+pub mod reconcile;
 pub mod server;
 pub mod telemetry;
 pub mod worker;

@@ -197,6 +197,51 @@ pub static OLDEST_DUE_AGE: LazyLock<IntGauge> = LazyLock::new(|| {
     )
 });
 
+/// Gateway circuit: 0 closed, 1 half-open, 2 open. Panel: gateway; alert: circuit open.
+pub static CIRCUIT_STATE: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "gateway_circuit_state",
+        "Gateway circuit breaker: 0 closed, 1 half-open, 2 open",
+    )
+});
+/// Times the circuit opened. Alert: gateway erroring.
+pub static CIRCUIT_OPENED: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "gateway_circuit_opened_total",
+        "Times the gateway circuit breaker opened",
+    )
+});
+/// Calls or claims held back, by reason (`rate_limit`, `fleet_pause`, `circuit_open`). Panel: throttling.
+pub static GATEWAY_THROTTLED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "gateway_throttled_total",
+        "Gateway calls or claims held back, by reason",
+        &["reason"],
+    )
+});
+/// Fleet-wide pauses started by a 429. Alert: gateway rate limiting.
+pub static FLEET_PAUSES: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "gateway_fleet_pauses_total",
+        "Fleet-wide pauses started after a 429",
+    )
+});
+/// Disagreements found by the last reconciliation, by kind. Alert: reconciliation mismatch.
+pub static RECONCILE_MISMATCHES: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    let g = IntGaugeVec::new(
+        Opts::new(
+            "payout_reconcile_mismatches",
+            "Disagreements found by the last reconciliation, by kind",
+        ),
+        &["kind"],
+    )
+    .expect("valid metric");
+    REGISTRY
+        .register(Box::new(g.clone()))
+        .expect("registered once");
+    g
+});
+
 /// Touches every metric so `/metrics` lists them from the start.
 pub fn init() {
     LazyLock::force(&PAYOUTS_FINISHED);
@@ -218,6 +263,11 @@ pub fn init() {
     LazyLock::force(&WINDOW_DEPTH);
     LazyLock::force(&PAYOUTS_BY_STATUS);
     LazyLock::force(&OLDEST_DUE_AGE);
+    LazyLock::force(&CIRCUIT_STATE);
+    LazyLock::force(&CIRCUIT_OPENED);
+    LazyLock::force(&GATEWAY_THROTTLED);
+    LazyLock::force(&FLEET_PAUSES);
+    LazyLock::force(&RECONCILE_MISMATCHES);
 }
 
 /// The text exposition of every metric.

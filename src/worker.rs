@@ -20,6 +20,7 @@ use crate::{
     gateway::{
         Gateway, Outcome, TransferRequest,
         backoff::{BackoffPolicy, call_with_backoff},
+        guard::{GatewayGuard, GuardSettings},
         http::HttpGateway,
     },
     metrics,
@@ -72,6 +73,8 @@ pub struct Worker {
     pub pool: PgPool,
     /// The gateway.
     pub gateway: Arc<dyn Gateway>,
+    /// Rate limit, fleet pause and circuit breaker in front of it.
+    pub guard: Arc<GatewayGuard>,
     /// Per-payout locks.
     pub locks: Locks,
     /// Time.
@@ -140,6 +143,8 @@ impl Worker {
     }
 
     async fn attempt(&self, id: i64) -> Step {
+        // An open circuit holds the job here, before the claim, so no attempt is burned.
+        self.guard.wait_closed().await;
         let now = self.clock.now();
         let lease_until = now + chrono_dur(Duration::from_secs(self.settings.lease_secs));
         let claimed = match payouts::claim(&self.pool, id, &self.actor, now, lease_until).await {
@@ -185,8 +190,9 @@ impl Worker {
                         .with_label_values(&[o.class()])
                         .observe(took.as_secs_f64());
                 };
+                let guarded = self.guard.wrap(self.gateway.as_ref());
                 let (outcome, calls) =
-                    call_with_backoff(self.gateway.as_ref(), &req, self.backoff, &on_call).await;
+                    call_with_backoff(&guarded, &req, self.backoff, &on_call).await;
                 tracing::debug!(calls, ?outcome, "gateway answered");
                 self.decide(payout.attempt - payout.retry_base, outcome)
             }
@@ -401,9 +407,15 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let queue = Queue::from_settings(conn.clone(), &settings);
     let gateway: Arc<dyn Gateway> =
         Arc::new(HttpGateway::new(&settings.gateway).context("gateway client")?);
+    let guard = Arc::new(GatewayGuard::new(
+        conn.clone(),
+        &settings.redis.prefix,
+        GuardSettings::from_settings(&settings.gateway),
+    ));
     let worker = Arc::new(Worker {
         pool: pool.clone(),
         gateway,
+        guard,
         locks: Locks::new(
             conn.clone(),
             &settings.redis.prefix,

@@ -277,3 +277,78 @@ async fn bad_configuration_is_one_line_naming_the_key() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("worker.concurrency"), "{err}");
 }
+
+// Multi-threaded: the in-process mock gateway must answer while the test blocks on payoutctl.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_reports_drift_fixes_what_the_gateway_proves_and_exits_non_zero_for_the_rest() {
+    use payouts::gateway::mock::{MockGateway, MockGatewayConfig};
+    let ctl = Ctl::new().await;
+    let gw = MockGateway::start(MockGatewayConfig::default())
+        .await
+        .unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_payoutctl"))
+            .args(args)
+            .env("DATABASE_URL", &ctl.db.url)
+            .env("REDIS_URL", redis_url())
+            .env("PAYOUTS_REDIS__PREFIX", &ctl.prefix)
+            .env("PAYOUTS_GATEWAY__BASE_URL", &gw.base_url)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let payee = ctl.json(&["payee", "add", "--name", "Bo", "--account", "acct_bo"])["id"]
+        .as_i64()
+        .unwrap();
+    let id = ctl.json(&[
+        "create",
+        "--payee",
+        &payee.to_string(),
+        "--amount",
+        "7.00",
+        "--currency",
+        "USD",
+    ])["id"]
+        .as_i64()
+        .unwrap();
+    ctl.ok(&["enqueue", &id.to_string()]);
+    // The gateway paid it; the database never heard.
+    let http = reqwest::Client::new();
+    let resp = http
+        .post(format!("{}/v1/transfers", gw.base_url))
+        .bearer_auth("sk_test_mock")
+        .header("Idempotency-Key", format!("payout_{id}"))
+        .json(&serde_json::json!({"amount_minor": 700, "currency": "USD", "destination": "acct_bo", "reference": format!("payout_{id}")}))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success());
+
+    let (ok, stdout, stderr) = run(&["reconcile", "--since", "1h"]);
+    assert!(
+        !ok && stdout.contains("paid_at_gateway_not_in_db"),
+        "{stdout} {stderr}"
+    );
+    assert!(
+        stderr.contains("1 disagreements between the database and the gateway are not fixed"),
+        "{stderr}"
+    );
+    assert!(ctl.ok(&["status", &id.to_string()]).contains("queued"));
+
+    let (ok, stdout, _) = run(&["reconcile", "--since", "1h", "--fix"]);
+    assert!(ok && stdout.contains("[fixed]"), "{stdout}");
+    assert!(ctl.ok(&["status", &id.to_string()]).contains("paid"));
+    let (ok, stdout, _) = run(&["reconcile", "--since", "1h", "--json"]);
+    assert!(ok, "{stdout}");
+    let report: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(report["mismatches"].as_array().unwrap().len(), 0);
+    assert!(
+        run(&["reconcile", "--since", "yesterday"])
+            .2
+            .contains("since \"yesterday\"")
+    );
+}

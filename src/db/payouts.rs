@@ -563,3 +563,72 @@ pub async fn cancel(
     };
     act(pool, id, action, now).await
 }
+
+/// Reconciliation: records what the gateway says (`paid` or `in_transit` with
+/// its transfer id), only if the payout is still as it was read (`status` and
+/// `attempt` unchanged, so a worker that claimed it since wins). `true` when written.
+#[allow(clippy::too_many_arguments)]
+pub async fn reconcile_to(
+    pool: &PgPool,
+    id: i64,
+    seen_status: PayoutStatus,
+    seen_attempt: i32,
+    to: PayoutStatus,
+    transfer_id: &str,
+    actor: &str,
+    reason: &str,
+    now: DateTime<Utc>,
+) -> sqlx::Result<bool> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET LOCAL payouts.reconcile = 'on'")
+        .execute(&mut *tx)
+        .await?;
+    let row: Option<i64> = sqlx::query_scalar(
+        "WITH upd AS (
+             UPDATE payouts SET status = $4, gateway_transfer_id = $5,
+                 paid_at = CASE WHEN $4 = 'paid' THEN $7 ELSE paid_at END,
+                 lease_owner = NULL, lease_until = NULL, failure_code = NULL, failure_message = NULL,
+                 updated_at = $7
+             WHERE id = $1 AND status = $2 AND attempt = $3
+             RETURNING id, attempt)
+         INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
+         SELECT id, $2, $4, $6, $8, attempt, $7 FROM upd
+         RETURNING payout_id",
+    )
+    .bind(id)
+    .bind(seen_status.as_str())
+    .bind(seen_attempt)
+    .bind(to.as_str())
+    .bind(transfer_id)
+    .bind(actor)
+    .bind(now)
+    .bind(reason)
+    .fetch_optional(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(row.is_some())
+}
+
+/// Payouts reconciliation looks at: everything sent or possibly sent
+/// (not `pending`) changed since `since`, oldest first, after `after_id`.
+pub async fn for_reconciliation(
+    pool: &PgPool,
+    since: DateTime<Utc>,
+    after_id: i64,
+    limit: i64,
+) -> sqlx::Result<Vec<(Payout, String)>> {
+    let rows: Vec<Claimed> = sqlx::query_as(
+        "SELECT p.*, payees.gateway_account FROM payouts p JOIN payees ON payees.id = p.payee_id
+         WHERE p.updated_at >= $1 AND p.id > $2 AND p.status <> 'pending'
+         ORDER BY p.id LIMIT $3",
+    )
+    .bind(since)
+    .bind(after_id)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|c| (c.payout, c.gateway_account))
+        .collect())
+}

@@ -78,6 +78,13 @@ impl PayoutStatus {
         matches!(self, Self::Paid | Self::Cancelled | Self::Failed)
     }
 
+    /// Whether reconciliation may record `self -> to` because the gateway
+    /// says the money moved (or is moving): to `paid` or `in_transit` from any
+    /// other status. The database allows these only inside a reconciling transaction.
+    pub fn can_reconcile_to(self, to: Self) -> bool {
+        matches!(to, Self::Paid | Self::InTransit) && self != Self::Paid && self != to
+    }
+
     /// Whether `self -> to` is a legal move (the database enforces the same table).
     pub fn can_move_to(self, to: Self) -> bool {
         use PayoutStatus::*;

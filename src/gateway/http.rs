@@ -9,7 +9,7 @@ use reqwest::{StatusCode, header};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use super::{Gateway, Outcome, TransferRequest};
+use super::{Gateway, LookupError, Outcome, TransferRecord, TransferRequest};
 use crate::config::GatewaySettings;
 
 /// The contract client.
@@ -32,6 +32,11 @@ impl std::fmt::Debug for HttpGateway {
 struct TransferBody {
     id: String,
     status: String,
+}
+
+#[derive(Deserialize)]
+struct TransferList {
+    data: Vec<TransferRecord>,
 }
 
 #[derive(Deserialize)]
@@ -115,6 +120,31 @@ impl Gateway for HttpGateway {
             }
         };
         classify(status, retry_after, &body)
+    }
+
+    async fn lookup(&self, reference: &str) -> Result<Vec<TransferRecord>, LookupError> {
+        let resp = self
+            .client
+            .get(&self.transfers_url)
+            .query(&[("reference", reference)])
+            .bearer_auth(self.secret.expose_secret())
+            .send()
+            .await
+            .map_err(|e| {
+                LookupError(if e.is_timeout() {
+                    "timed out".into()
+                } else {
+                    "request failed".into()
+                })
+            })?;
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(LookupError(format!("gateway answered {status}")));
+        }
+        resp.json::<TransferList>()
+            .await
+            .map(|l| l.data)
+            .map_err(|_| LookupError("unreadable look-up answer".into()))
     }
 }
 

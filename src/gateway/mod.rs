@@ -2,6 +2,7 @@
 //! type, the HTTP contract client, and the in-attempt backoff.
 
 pub mod backoff;
+pub mod guard;
 pub mod http;
 pub mod mock;
 
@@ -83,9 +84,34 @@ impl Outcome {
     }
 }
 
+/// A transfer as the gateway reports it (look-ups, reconciliation).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct TransferRecord {
+    /// The gateway's id.
+    pub id: String,
+    /// `paid`, `pending`, `failed`, ...
+    pub status: String,
+    /// Minor units.
+    pub amount_minor: i64,
+    /// ISO 4217.
+    pub currency: String,
+    /// The payee's account.
+    pub destination: String,
+    /// The fleet's reference (`payout_<id>`).
+    pub reference: String,
+}
+
+/// Why a look-up gave no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("gateway look-up failed: {0}")]
+pub struct LookupError(pub String);
+
 /// A payment gateway.
 #[async_trait]
 pub trait Gateway: Send + Sync + std::fmt::Debug {
     /// One call: POST the transfer with its idempotency key.
     async fn transfer(&self, req: &TransferRequest) -> Outcome;
+
+    /// Every transfer the gateway holds for `reference` (reconciliation).
+    async fn lookup(&self, reference: &str) -> Result<Vec<TransferRecord>, LookupError>;
 }

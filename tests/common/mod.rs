@@ -11,6 +11,7 @@ use payouts::{
     domain::{Currency, Money},
     gateway::{
         backoff::BackoffPolicy,
+        guard::{GatewayGuard, GuardSettings},
         http::HttpGateway,
         mock::{Faults, MockGateway, MockGatewayConfig, RunningMockGateway},
     },
@@ -211,6 +212,11 @@ impl Fleet {
         Arc::new(Worker {
             pool: self.db.pool.clone(),
             gateway: Arc::new(HttpGateway::new(&self.settings.gateway).expect("gateway client")),
+            guard: Arc::new(GatewayGuard::new(
+                self.queue.conn(),
+                &self.prefix,
+                GuardSettings::from_settings(&self.settings.gateway),
+            )),
             locks: Locks::new(
                 self.queue.conn(),
                 &self.prefix,

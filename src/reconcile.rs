@@ -1,0 +1,282 @@
+//! Reconciliation: compares what Postgres says with what the gateway says,
+//! payout by payout (look-up by reference, per the contract), and reports
+//! every disagreement. With `fix`, it records what the gateway says happened
+//! when the gateway moved money the database does not know about; it never
+//! "fixes" anything by paying again.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use futures::{StreamExt, stream};
+use serde::Serialize;
+use sqlx::PgPool;
+
+use crate::{
+    db::payouts::{self, Payout},
+    domain::{Currency, Money, PayoutStatus},
+    gateway::{Gateway, TransferRecord},
+    metrics,
+};
+
+/// A kind of disagreement (also the metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MismatchKind {
+    /// The gateway paid (or accepted) it; the database does not say so. Fixable.
+    PaidAtGatewayNotInDb,
+    /// The database says paid; the gateway has no transfer. Alert; never fixed by paying.
+    PaidInDbUnknownToGateway,
+    /// The database says paid; the gateway says the transfer failed.
+    FailedAtGatewayPaidInDb,
+    /// Amount or currency differ.
+    AmountMismatch,
+    /// The transfer ids differ.
+    TransferIdMismatch,
+    /// The gateway holds more than one transfer for one payout: paid twice.
+    DuplicateAtGateway,
+    /// The gateway could not be asked.
+    LookupFailed,
+}
+
+impl MismatchKind {
+    /// Every kind.
+    pub const ALL: [MismatchKind; 7] = [
+        MismatchKind::PaidAtGatewayNotInDb,
+        MismatchKind::PaidInDbUnknownToGateway,
+        MismatchKind::FailedAtGatewayPaidInDb,
+        MismatchKind::AmountMismatch,
+        MismatchKind::TransferIdMismatch,
+        MismatchKind::DuplicateAtGateway,
+        MismatchKind::LookupFailed,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            MismatchKind::PaidAtGatewayNotInDb => "paid_at_gateway_not_in_db",
+            MismatchKind::PaidInDbUnknownToGateway => "paid_in_db_unknown_to_gateway",
+            MismatchKind::FailedAtGatewayPaidInDb => "failed_at_gateway_paid_in_db",
+            MismatchKind::AmountMismatch => "amount_mismatch",
+            MismatchKind::TransferIdMismatch => "transfer_id_mismatch",
+            MismatchKind::DuplicateAtGateway => "duplicate_at_gateway",
+            MismatchKind::LookupFailed => "lookup_failed",
+        }
+    }
+}
+
+/// One disagreement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Mismatch {
+    /// The payout.
+    pub payout_id: i64,
+    /// What disagrees.
+    pub kind: MismatchKind,
+    /// In words.
+    pub detail: String,
+    /// Whether `--fix` recorded the gateway's word.
+    pub fixed: bool,
+}
+
+/// What a run found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    /// Payouts compared.
+    pub checked: usize,
+    /// Skipped because a worker holds them right now.
+    pub in_flight: usize,
+    /// Every disagreement.
+    pub mismatches: Vec<Mismatch>,
+}
+
+impl Report {
+    /// Disagreements by kind.
+    pub fn counts(&self) -> BTreeMap<MismatchKind, usize> {
+        let mut m = BTreeMap::new();
+        for x in &self.mismatches {
+            *m.entry(x.kind).or_insert(0) += 1;
+        }
+        m
+    }
+}
+
+/// What to compare and whether to fix.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Payouts changed since then.
+    pub since: DateTime<Utc>,
+    /// Record the gateway's word where it moved money the database does not know of.
+    pub fix: bool,
+    /// Look-ups in flight at once.
+    pub concurrency: usize,
+    /// Event actor for fixes.
+    pub actor: String,
+}
+
+fn minor_units(p: &Payout) -> Option<i64> {
+    let currency: Currency = p.currency.parse().ok()?;
+    Money::new(p.amount, currency).ok()?.to_minor_units().ok()
+}
+
+/// Compares one payout with the gateway's transfers for it.
+pub fn compare(
+    p: &Payout,
+    transfers: &[TransferRecord],
+    now: DateTime<Utc>,
+) -> Vec<(MismatchKind, String)> {
+    let mut out = Vec::new();
+    let moved: Vec<&TransferRecord> = transfers.iter().filter(|t| t.status != "failed").collect();
+    if moved.len() > 1 {
+        let ids: Vec<&str> = moved.iter().map(|t| t.id.as_str()).collect();
+        out.push((
+            MismatchKind::DuplicateAtGateway,
+            format!(
+                "{} transfers for one payout: {}",
+                moved.len(),
+                ids.join(", ")
+            ),
+        ));
+    }
+    let in_flight = p.status == PayoutStatus::Processing && p.lease_until.is_some_and(|l| l > now);
+    match moved.first() {
+        Some(t) => {
+            if minor_units(p) != Some(t.amount_minor) || p.currency != t.currency {
+                out.push((
+                    MismatchKind::AmountMismatch,
+                    format!(
+                        "database {} {}, gateway {} minor {}",
+                        p.amount.normalize(),
+                        p.currency,
+                        t.amount_minor,
+                        t.currency
+                    ),
+                ));
+            }
+            let db_moved = matches!(p.status, PayoutStatus::Paid | PayoutStatus::InTransit);
+            if !db_moved && !in_flight {
+                out.push((
+                    MismatchKind::PaidAtGatewayNotInDb,
+                    format!(
+                        "gateway {} {} ({}), database {}",
+                        t.status, t.id, t.destination, p.status
+                    ),
+                ));
+            } else if db_moved && p.gateway_transfer_id.as_deref() != Some(t.id.as_str()) {
+                out.push((
+                    MismatchKind::TransferIdMismatch,
+                    format!(
+                        "database {}, gateway {}",
+                        p.gateway_transfer_id.as_deref().unwrap_or("-"),
+                        t.id
+                    ),
+                ));
+            }
+        }
+        None if p.status == PayoutStatus::Paid => {
+            if transfers.iter().any(|t| t.status == "failed") {
+                out.push((
+                    MismatchKind::FailedAtGatewayPaidInDb,
+                    "the gateway says the transfer failed".into(),
+                ));
+            } else {
+                out.push((
+                    MismatchKind::PaidInDbUnknownToGateway,
+                    "no transfer at the gateway for this payout".into(),
+                ));
+            }
+        }
+        None => {}
+    }
+    out
+}
+
+/// Runs one reconciliation.
+pub async fn run(
+    pool: &PgPool,
+    gateway: &dyn Gateway,
+    opts: &Options,
+    now: DateTime<Utc>,
+) -> anyhow::Result<Report> {
+    let mut report = Report::default();
+    let mut after = 0i64;
+    loop {
+        let page = payouts::for_reconciliation(pool, opts.since, after, 1000).await?;
+        let Some(last) = page.last() else { break };
+        after = last.0.id;
+        let looked: Vec<_> = stream::iter(page)
+            .map(|(p, _account)| async move {
+                let found = gateway.lookup(&payouts::idempotency_key(p.id)).await;
+                (p, found)
+            })
+            .buffer_unordered(opts.concurrency.max(1))
+            .collect()
+            .await;
+        for (p, found) in looked {
+            report.checked += 1;
+            let transfers = match found {
+                Ok(t) => t,
+                Err(e) => {
+                    report.mismatches.push(Mismatch {
+                        payout_id: p.id,
+                        kind: MismatchKind::LookupFailed,
+                        detail: e.to_string(),
+                        fixed: false,
+                    });
+                    continue;
+                }
+            };
+            if p.status == PayoutStatus::Processing && p.lease_until.is_some_and(|l| l > now) {
+                report.in_flight += 1;
+            }
+            for (kind, detail) in compare(&p, &transfers, now) {
+                let fixed = if opts.fix && kind == MismatchKind::PaidAtGatewayNotInDb {
+                    fix(pool, &p, &transfers, &opts.actor, now).await?
+                } else {
+                    false
+                };
+                if kind == MismatchKind::DuplicateAtGateway
+                    || kind == MismatchKind::PaidInDbUnknownToGateway
+                {
+                    tracing::error!(payout_id = p.id, kind = kind.label(), %detail, "reconciliation found money out of step");
+                }
+                report.mismatches.push(Mismatch {
+                    payout_id: p.id,
+                    kind,
+                    detail,
+                    fixed,
+                });
+            }
+        }
+    }
+    let counts = report.counts();
+    for kind in MismatchKind::ALL {
+        metrics::RECONCILE_MISMATCHES
+            .with_label_values(&[kind.label()])
+            .set(counts.get(&kind).copied().unwrap_or(0) as i64);
+    }
+    Ok(report)
+}
+
+async fn fix(
+    pool: &PgPool,
+    p: &Payout,
+    transfers: &[TransferRecord],
+    actor: &str,
+    now: DateTime<Utc>,
+) -> anyhow::Result<bool> {
+    let Some(t) = transfers.iter().find(|t| t.status != "failed") else {
+        return Ok(false);
+    };
+    let to = if t.status == "paid" {
+        PayoutStatus::Paid
+    } else {
+        PayoutStatus::InTransit
+    };
+    if !p.status.can_reconcile_to(to) {
+        return Ok(false);
+    }
+    let reason = format!("reconciliation: gateway {} {}", t.status, t.id);
+    Ok(payouts::reconcile_to(
+        pool, p.id, p.status, p.attempt, to, &t.id, actor, &reason, now,
+    )
+    .await?)
+}

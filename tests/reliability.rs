@@ -1,0 +1,411 @@
+//! Reliability pieces against real Redis, Postgres and the mock gateway:
+//! reconciliation finds (and only safely fixes) drift, the fleet-wide rate
+//! limit holds every worker together under the rate, one 429 pauses the
+//! whole fleet, and the circuit breaker stops sending without burning attempts.
+
+mod common;
+
+use std::{sync::Arc, time::Duration};
+
+use chrono::Utc;
+use common::{Fleet, eventually};
+use payouts::{
+    db::{events, payouts as repo},
+    domain::PayoutStatus,
+    gateway::{
+        Gateway, TransferRequest,
+        guard::{Circuit, GatewayGuard, GuardSettings},
+        http::HttpGateway,
+        mock::Faults,
+    },
+    reconcile::{self, MismatchKind},
+    worker::Step,
+};
+
+fn request(id: i64, key: &str, amount_minor: i64, account: &str) -> TransferRequest {
+    TransferRequest {
+        amount_minor,
+        currency: "USD".into(),
+        destination: account.into(),
+        reference: format!("payout_{id}"),
+        metadata: Default::default(),
+        idempotency_key: key.into(),
+    }
+}
+
+#[tokio::test]
+async fn reconciliation_finds_deliberate_drift_and_fixes_only_what_the_gateway_proves() {
+    let f = Fleet::start(Faults::default()).await;
+    let payee = f.payee("acct_1").await;
+    let now = Utc::now();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(f.payout(payee, &format!("{}.00", 10 + i), now).await);
+    }
+    f.producer().tick().await.unwrap();
+    let w = f.worker("w");
+    for id in &ids[..3] {
+        assert_eq!(w.process(*id).await, Step::Recorded(PayoutStatus::Paid));
+    }
+    let gw = HttpGateway::new(&f.settings.gateway).unwrap();
+    // Drift 1: the gateway paid ids[3], but its answer never reached the database (still queued).
+    let lost = ids[3];
+    gw.transfer(&request(lost, &format!("payout_{lost}"), 1300, "acct_1"))
+        .await;
+    // Drift 2: the database says ids[4] is paid, the gateway never heard of it.
+    let phantom = ids[4];
+    let claim = repo::claim(
+        f.pool(),
+        phantom,
+        "worker:x",
+        now,
+        now + chrono::Duration::seconds(1),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let fake = repo::Finish::Paid {
+        transfer_id: "tr_phantom".into(),
+    };
+    assert!(
+        repo::finish(
+            f.pool(),
+            phantom,
+            claim.token(),
+            &fake,
+            "worker:x",
+            "test",
+            now
+        )
+        .await
+        .unwrap()
+    );
+    // Drift 3: an amount changed under a paid payout.
+    sqlx::query("UPDATE payouts SET amount = 999 WHERE id = $1")
+        .bind(ids[0])
+        .execute(f.pool())
+        .await
+        .unwrap();
+    // Drift 4: a second transfer for ids[1] under another key: paid twice.
+    gw.transfer(&request(ids[1], "another-key", 1100, "acct_1"))
+        .await;
+
+    let opts = |fix| reconcile::Options {
+        since: now - chrono::Duration::hours(1),
+        fix,
+        concurrency: 4,
+        actor: "operator:reconcile".into(),
+    };
+    let report = reconcile::run(f.pool(), &gw, &opts(false), Utc::now())
+        .await
+        .unwrap();
+    let found: Vec<(i64, MismatchKind)> = report
+        .mismatches
+        .iter()
+        .map(|m| (m.payout_id, m.kind))
+        .collect();
+    assert_eq!(report.checked, 5);
+    assert!(
+        found.contains(&(lost, MismatchKind::PaidAtGatewayNotInDb)),
+        "{found:?}"
+    );
+    assert!(
+        found.contains(&(phantom, MismatchKind::PaidInDbUnknownToGateway)),
+        "{found:?}"
+    );
+    assert!(
+        found.contains(&(ids[0], MismatchKind::AmountMismatch)),
+        "{found:?}"
+    );
+    assert!(
+        found.contains(&(ids[1], MismatchKind::DuplicateAtGateway)),
+        "{found:?}"
+    );
+    assert_eq!(found.len(), 4, "{found:?}");
+    assert_eq!(
+        f.status(lost).await,
+        "queued",
+        "without --fix nothing changes"
+    );
+
+    let fixed = reconcile::run(f.pool(), &gw, &opts(true), Utc::now())
+        .await
+        .unwrap();
+    let fixed_ids: Vec<i64> = fixed
+        .mismatches
+        .iter()
+        .filter(|m| m.fixed)
+        .map(|m| m.payout_id)
+        .collect();
+    assert_eq!(
+        fixed_ids,
+        vec![lost],
+        "only the payout the gateway proves paid is fixed"
+    );
+    let p = repo::get(f.pool(), lost).await.unwrap().unwrap();
+    let ledger_id = f
+        .gateway
+        .gateway
+        .ledger()
+        .into_iter()
+        .find(|e| e.reference == format!("payout_{lost}"))
+        .unwrap()
+        .id;
+    assert_eq!(
+        (p.status, p.gateway_transfer_id),
+        (PayoutStatus::Paid, Some(ledger_id))
+    );
+    let last = events::for_payout(f.pool(), lost)
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    assert_eq!(
+        (
+            last.from_status.as_deref(),
+            last.to_status.as_str(),
+            last.actor.as_str()
+        ),
+        (Some("queued"), "paid", "operator:reconcile")
+    );
+    assert_eq!(
+        f.status(phantom).await,
+        "paid",
+        "a payout unknown to the gateway is never 'fixed' by paying again"
+    );
+    assert_eq!(
+        f.gateway.gateway.stats().requests,
+        5,
+        "reconciliation moved no money"
+    );
+
+    let after = reconcile::run(f.pool(), &gw, &opts(false), Utc::now())
+        .await
+        .unwrap();
+    assert!(
+        !after.mismatches.iter().any(|m| m.payout_id == lost),
+        "the fixed payout now agrees"
+    );
+}
+
+/// Most transfers the ledger shows applied inside any window of `window`.
+fn busiest(times: &[chrono::DateTime<Utc>], window: chrono::Duration) -> usize {
+    let mut t = times.to_vec();
+    t.sort();
+    let mut best = 0;
+    let mut start = 0;
+    for end in 0..t.len() {
+        while t[end] - t[start] >= window {
+            start += 1;
+        }
+        best = best.max(end - start + 1);
+    }
+    best
+}
+
+#[tokio::test]
+async fn the_rate_limit_holds_all_workers_together_under_the_configured_rate() {
+    let f = Fleet::start_with(
+        Faults::default(),
+        &[
+            ("PAYOUTS_GATEWAY__RATE_LIMIT_PER_SEC", "40"),
+            ("PAYOUTS_GATEWAY__RATE_LIMIT_BURST", "1"),
+        ],
+        payouts::clock::system(),
+    )
+    .await;
+    let payee = f.payee("acct_1").await;
+    let ids: Vec<i64> =
+        futures::future::join_all((0..80).map(|_| f.payout(payee, "1.00", Utc::now()))).await;
+    f.producer().tick().await.unwrap();
+    // Three "processes" (separate guards, one Redis key), 80 jobs at once.
+    let workers: Vec<_> = (0..3).map(|i| f.worker(&format!("w{i}"))).collect();
+    let jobs = ids.iter().enumerate().map(|(i, id)| {
+        let w = Arc::clone(&workers[i % 3]);
+        let id = *id;
+        tokio::spawn(async move { w.process(id).await })
+    });
+    for j in futures::future::join_all(jobs).await {
+        assert_eq!(j.unwrap(), Step::Recorded(PayoutStatus::Paid));
+    }
+
+    let times: Vec<_> = f
+        .gateway
+        .gateway
+        .ledger()
+        .iter()
+        .map(|e| e.applied_at)
+        .collect();
+    assert_eq!(times.len(), 80);
+    let peak = busiest(&times, chrono::Duration::seconds(1));
+    assert!(
+        peak <= 40 + 2,
+        "{peak} transfers in one second; the fleet-wide limit is 40/s"
+    );
+    f.assert_paid_exactly_once().await;
+}
+
+#[tokio::test]
+async fn one_429_pauses_the_whole_fleet_for_its_retry_after() {
+    let f = Fleet::start(Faults {
+        script: vec![429],
+        retry_after_secs: 2,
+        ..Default::default()
+    })
+    .await;
+    let payee = f.payee("acct_1").await;
+    let (a, b) = (
+        f.payout(payee, "1.00", Utc::now()).await,
+        f.payout(payee, "2.00", Utc::now()).await,
+    );
+    f.producer().tick().await.unwrap();
+    let (wa, wb) = (f.worker("a"), f.worker("b"));
+
+    // Worker a meets the 429 and writes the pause for everyone.
+    let job_a = tokio::spawn(async move { wa.process(a).await });
+    let pause_key = format!("{{{}}}:gateway:pause", f.prefix);
+    let conn = f.queue.conn();
+    let (seen_at, pttl) = eventually(Duration::from_secs(10), "the fleet pause is set", || {
+        let (key, mut conn) = (pause_key.clone(), conn.clone());
+        async move {
+            let pttl: i64 = redis::cmd("PTTL")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            (pttl > 500).then(|| (Utc::now(), pttl))
+        }
+    })
+    .await;
+    // Worker b, another process, has seen no 429 itself, yet waits it out.
+    assert_eq!(wb.process(b).await, Step::Recorded(PayoutStatus::Paid));
+    assert_eq!(job_a.await.unwrap(), Step::Recorded(PayoutStatus::Paid));
+
+    let ledger = f.gateway.gateway.ledger();
+    let applied = |id: i64| {
+        ledger
+            .iter()
+            .find(|e| e.reference == format!("payout_{id}"))
+            .unwrap()
+            .applied_at
+    };
+    assert!(
+        applied(b) - seen_at >= chrono::Duration::milliseconds(pttl - 100),
+        "b went {} ms after the pause was seen with {pttl} ms left",
+        (applied(b) - seen_at).num_milliseconds()
+    );
+    assert_eq!(
+        f.gateway.gateway.stats().by_status.get(&429),
+        Some(&1),
+        "one 429, not one per worker"
+    );
+}
+
+#[tokio::test]
+async fn an_open_circuit_stops_sending_without_burning_attempts_then_a_probe_closes_it() {
+    let f = Fleet::start_with(
+        Faults {
+            rate_5xx: 1.0,
+            ..Default::default()
+        },
+        &[
+            ("PAYOUTS_GATEWAY__BREAKER_MIN_CALLS", "3"),
+            ("PAYOUTS_GATEWAY__BREAKER_ERROR_RATIO_PCT", "50"),
+            ("PAYOUTS_GATEWAY__BREAKER_COOLDOWN_MS", "1500"),
+        ],
+        payouts::clock::system(),
+    )
+    .await;
+    let payee = f.payee("acct_1").await;
+    let (first, second) = (
+        f.payout(payee, "1.00", Utc::now()).await,
+        f.payout(payee, "2.00", Utc::now()).await,
+    );
+    f.producer().tick().await.unwrap();
+    let w = f.worker("w");
+
+    // Three failed calls (one attempt) open the circuit.
+    assert_eq!(
+        w.process(first).await,
+        Step::Recorded(PayoutStatus::Retrying)
+    );
+    assert!(
+        matches!(w.guard.circuit(), Circuit::Open { .. }),
+        "{:?}",
+        w.guard.circuit()
+    );
+    let calls_when_opened = f.gateway.gateway.stats().requests;
+
+    // While open, the next job waits before its claim: no attempt, no call.
+    f.gateway.gateway.set_faults(Faults::default());
+    let w2 = Arc::clone(&w);
+    let job = tokio::spawn(async move { w2.process(second).await });
+    eventually(
+        Duration::from_secs(5),
+        "the job holds before its claim",
+        || async { (w.guard.waiting_claims() == 1).then_some(()) },
+    )
+    .await;
+    let p = repo::get(f.pool(), second).await.unwrap().unwrap();
+    assert_eq!(
+        (p.status, p.attempt),
+        (PayoutStatus::Queued, 0),
+        "no attempt burned while the circuit is open"
+    );
+    assert_eq!(f.gateway.gateway.stats().requests, calls_when_opened);
+
+    // After the cool-down one probe goes through, succeeds, and closes the circuit.
+    assert_eq!(job.await.unwrap(), Step::Recorded(PayoutStatus::Paid));
+    assert_eq!(w.guard.circuit(), Circuit::Closed);
+    assert_eq!(
+        repo::get(f.pool(), second).await.unwrap().unwrap().attempt,
+        1
+    );
+    eventually(Duration::from_secs(5), "ledger has the probe", || async {
+        (f.gateway.gateway.ledger().len() == 1).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_breaker_half_opens_and_reopens_when_the_probe_fails() {
+    let f = Fleet::start(Faults {
+        rate_5xx: 1.0,
+        ..Default::default()
+    })
+    .await;
+    let settings = GuardSettings {
+        rate_per_sec: 0,
+        burst: 1,
+        min_calls: 2,
+        error_ratio_pct: 50,
+        window: Duration::from_secs(10),
+        cooldown: Duration::from_millis(200),
+    };
+    let guard = GatewayGuard::new(f.queue.conn(), &f.prefix, settings);
+    let gw = HttpGateway::new(&f.settings.gateway).unwrap();
+    let guarded = guard.wrap(&gw);
+    let req = request(1, "k1", 100, "acct_1");
+
+    guarded.transfer(&req).await;
+    guarded.transfer(&req).await;
+    assert!(matches!(guard.circuit(), Circuit::Open { .. }));
+    let refused = guarded.transfer(&req).await;
+    assert!(
+        matches!(&refused, payouts::gateway::Outcome::Transient { code, .. } if code == "circuit_open"),
+        "{refused:?}"
+    );
+    assert_eq!(
+        f.gateway.gateway.stats().requests,
+        2,
+        "an open circuit sends nothing"
+    );
+
+    guard.wait_closed().await;
+    guarded.transfer(&req).await; // the probe fails
+    assert!(
+        matches!(guard.circuit(), Circuit::Open { .. }),
+        "a failed probe reopens"
+    );
+    assert_eq!(f.gateway.gateway.stats().requests, 3);
+}
