@@ -409,3 +409,44 @@ async fn the_breaker_half_opens_and_reopens_when_the_probe_fails() {
     );
     assert_eq!(f.gateway.gateway.stats().requests, 3);
 }
+
+#[tokio::test]
+async fn a_row_changed_under_the_worker_to_bad_money_fails_clearly_and_moves_nothing() {
+    let f = Fleet::start(Faults::default()).await;
+    let payee = f.payee("acct_1").await;
+    let (odd_currency, odd_precision) = (
+        f.payout(payee, "5.00", Utc::now()).await,
+        f.payout(payee, "6.00", Utc::now()).await,
+    );
+    f.producer().tick().await.unwrap();
+    // Someone edits the rows behind the fleet's back (the CHECKs allow these shapes).
+    sqlx::query("UPDATE payouts SET currency = 'XXX' WHERE id = $1")
+        .bind(odd_currency)
+        .execute(f.pool())
+        .await
+        .unwrap();
+    sqlx::query("UPDATE payouts SET amount = 6.005 WHERE id = $1")
+        .bind(odd_precision)
+        .execute(f.pool())
+        .await
+        .unwrap();
+    let w = f.worker("w");
+
+    for id in [odd_currency, odd_precision] {
+        assert_eq!(w.process(id).await, Step::Recorded(PayoutStatus::Failed));
+        let p = repo::get(f.pool(), id).await.unwrap().unwrap();
+        assert_eq!(
+            p.failure_code.as_deref(),
+            Some("invalid_amount"),
+            "payout {id}"
+        );
+    }
+    let msg = repo::get(f.pool(), odd_currency)
+        .await
+        .unwrap()
+        .unwrap()
+        .failure_message
+        .unwrap();
+    assert!(msg.contains("unknown currency \"XXX\""), "{msg}");
+    assert_eq!(f.gateway.gateway.stats().requests, 0, "no money moved");
+}
