@@ -13,7 +13,8 @@ BEGIN
             ('retrying', 'queued'), ('retrying', 'cancelled'),
             ('in_transit', 'paid'), ('in_transit', 'failed'),
             ('failed', 'queued'), ('failed', 'cancelled'))
-        OR (current_setting('payouts.reconcile', true) = 'on'
+        -- coalesce: an unset setting is NULL, and NOT (... OR NULL) would let anything through
+        OR (coalesce(current_setting('payouts.reconcile', true), '') = 'on'
             AND NEW.status IN ('paid', 'in_transit')
             AND OLD.status IN ('pending', 'queued', 'processing', 'retrying', 'in_transit', 'failed', 'cancelled'))
     ) THEN

@@ -75,6 +75,8 @@ pub struct WorkerSettings {
     pub concurrency: usize,
     /// Jobs fetched from Redis per round trip.
     pub fetch_batch: usize,
+    /// Most claims (and most final writes) grouped into one Postgres statement.
+    pub db_batch: usize,
     /// How often an idle worker polls Redis, in ms (apalis-redis otherwise waits for its heartbeat).
     pub poll_interval_ms: u64,
     /// apalis heartbeat interval, in s.

@@ -49,16 +49,18 @@ pub struct DemoSummary {
     pub duplicates: usize,
 }
 
-fn free_port() -> anyhow::Result<u16> {
+/// A free loopback port.
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
 }
 
-struct Children(Vec<(String, Child)>);
+/// Child processes of a local fleet, stopped (SIGTERM, then SIGKILL) when dropped.
+pub(crate) struct Children(pub(crate) Vec<(String, Child)>);
 
 impl Children {
-    fn spawn(
+    pub(crate) fn spawn(
         &mut self,
         bin_dir: &Path,
         bin: &str,
@@ -66,8 +68,21 @@ impl Children {
         env: &[(String, String)],
         log_dir: &Path,
     ) -> anyhow::Result<()> {
+        self.spawn_with_args(bin_dir, bin, name, &[], env, log_dir)
+    }
+
+    pub(crate) fn spawn_with_args(
+        &mut self,
+        bin_dir: &Path,
+        bin: &str,
+        name: &str,
+        args: &[String],
+        env: &[(String, String)],
+        log_dir: &Path,
+    ) -> anyhow::Result<()> {
         let log = std::fs::File::create(log_dir.join(format!("{name}.log")))?;
         let child = Command::new(bin_dir.join(bin))
+            .args(args)
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
@@ -77,7 +92,7 @@ impl Children {
         Ok(())
     }
 
-    fn check_alive(&mut self) -> anyhow::Result<()> {
+    pub(crate) fn check_alive(&mut self) -> anyhow::Result<()> {
         for (name, child) in &mut self.0 {
             if let Some(status) = child.try_wait()? {
                 bail!("{name} exited early ({status}); see its log");

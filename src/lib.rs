@@ -6,6 +6,7 @@
 //! fenced by the attempt number of its claim.
 
 pub mod cli;
+pub mod bench;
 pub mod clock;
 pub mod config;
 pub mod db;

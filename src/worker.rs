@@ -15,7 +15,10 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     clock::SharedClock,
     config::{Settings, WorkerSettings},
-    db::payouts::{self, Finish},
+    db::{
+        batch::Batcher,
+        payouts::{self, Finish},
+    },
     domain::{Currency, Money},
     gateway::{
         Gateway, Outcome, TransferRequest,
@@ -71,6 +74,8 @@ impl SkipReason {
 pub struct Worker {
     /// The source of truth.
     pub pool: PgPool,
+    /// Claims and final writes, grouped into shared statements.
+    pub batcher: Batcher,
     /// The gateway.
     pub gateway: Arc<dyn Gateway>,
     /// Rate limit, fleet pause and circuit breaker in front of it.
@@ -147,7 +152,7 @@ impl Worker {
         self.guard.wait_closed().await;
         let now = self.clock.now();
         let lease_until = now + chrono_dur(Duration::from_secs(self.settings.lease_secs));
-        let claimed = match payouts::claim(&self.pool, id, &self.actor, now, lease_until).await {
+        let claimed = match self.batcher.claim(id, &self.actor, now, lease_until).await {
             Ok(Some(c)) => c,
             Ok(None) => {
                 return match payouts::get(&self.pool, id).await {
@@ -277,29 +282,36 @@ impl Worker {
         token: i32,
         finish: &Finish,
         reason: &str,
-    ) -> sqlx::Result<bool> {
+    ) -> Result<bool, String> {
         let mut delay = Duration::from_millis(50);
-        let mut tries = 0;
-        loop {
-            match payouts::finish(
-                &self.pool,
-                id,
-                token,
-                finish,
-                &self.actor,
-                reason,
-                self.clock.now(),
-            )
-            .await
+        let mut failed_before = false;
+        for _ in 0..6 {
+            let now = self.clock.now();
+            match self
+                .batcher
+                .finish(id, token, finish, &self.actor, reason, now)
+                .await
             {
-                Err(e) if tries < 5 && is_connection_error(&e) => {
-                    tries += 1;
+                Ok(true) => return Ok(true),
+                Ok(false) if failed_before => {
+                    // An earlier try may have committed and lost only its answer.
+                    let row = payouts::get(&self.pool, id)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    return Ok(
+                        row.is_some_and(|p| p.attempt == token && p.status == finish.status())
+                    );
+                }
+                Ok(false) => return Ok(false),
+                Err(e) => {
+                    tracing::warn!(error = %e, "recording the outcome failed; retrying");
+                    failed_before = true;
                     tokio::time::sleep(delay).await;
                     delay *= 2;
                 }
-                other => return other,
             }
         }
+        Err("recording the outcome kept failing".into())
     }
 
     fn infra(&self, component: &str, e: impl std::fmt::Display) -> Step {
@@ -307,13 +319,6 @@ impl Worker {
         tracing::warn!(error = %e, component, "infrastructure error; the lease sweep will retry this payout");
         Step::InfraError(e.to_string())
     }
-}
-
-fn is_connection_error(e: &sqlx::Error) -> bool {
-    matches!(
-        e,
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
-    ) || matches!(e, sqlx::Error::Database(d) if d.code().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")))
 }
 
 fn secs_between(from: DateTime<Utc>, to: DateTime<Utc>) -> f64 {
@@ -414,6 +419,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     ));
     let worker = Arc::new(Worker {
         pool: pool.clone(),
+        batcher: Batcher::spawn(pool.clone(), settings.worker.db_batch),
         gateway,
         guard,
         locks: Locks::new(

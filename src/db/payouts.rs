@@ -386,6 +386,44 @@ pub async fn claim(
     .await
 }
 
+/// The columns a [`Finish`] writes besides its status.
+#[derive(Debug, Clone, Default)]
+pub struct FinishColumns {
+    /// Gateway transfer id (paid, in transit).
+    pub transfer_id: Option<String>,
+    /// Next attempt (retrying).
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    /// Failure code (retrying, failed).
+    pub code: Option<String>,
+    /// Failure message (retrying, failed).
+    pub message: Option<String>,
+}
+
+/// The columns `outcome` writes.
+pub fn finish_columns(outcome: &Finish) -> FinishColumns {
+    match outcome {
+        Finish::Paid { transfer_id } | Finish::InTransit { transfer_id } => FinishColumns {
+            transfer_id: Some(transfer_id.clone()),
+            ..Default::default()
+        },
+        Finish::Retrying {
+            next_attempt_at,
+            code,
+            message,
+        } => FinishColumns {
+            next_attempt_at: Some(*next_attempt_at),
+            code: Some(code.clone()),
+            message: Some(message.clone()),
+            ..Default::default()
+        },
+        Finish::Failed { code, message } => FinishColumns {
+            code: Some(code.clone()),
+            message: Some(message.clone()),
+            ..Default::default()
+        },
+    }
+}
+
 /// Records an attempt's outcome, fenced: it changes nothing (and returns
 /// `false`) unless the payout is still `processing` under `token`.
 pub async fn finish(
@@ -397,24 +435,7 @@ pub async fn finish(
     reason: &str,
     now: DateTime<Utc>,
 ) -> sqlx::Result<bool> {
-    let (transfer_id, next_at, code, message) = match outcome {
-        Finish::Paid { transfer_id } | Finish::InTransit { transfer_id } => {
-            (Some(transfer_id.as_str()), None, None, None)
-        }
-        Finish::Retrying {
-            next_attempt_at,
-            code,
-            message,
-        } => (
-            None,
-            Some(*next_attempt_at),
-            Some(code.as_str()),
-            Some(message.as_str()),
-        ),
-        Finish::Failed { code, message } => {
-            (None, None, Some(code.as_str()), Some(message.as_str()))
-        }
-    };
+    let cols = finish_columns(outcome);
     let row: Option<i64> = sqlx::query_scalar(
         "WITH upd AS (
              UPDATE payouts SET status = $3,
@@ -431,10 +452,10 @@ pub async fn finish(
     .bind(id)
     .bind(token)
     .bind(outcome.status().as_str())
-    .bind(transfer_id)
-    .bind(next_at)
-    .bind(code)
-    .bind(message)
+    .bind(cols.transfer_id)
+    .bind(cols.next_attempt_at)
+    .bind(cols.code)
+    .bind(cols.message)
     .bind(now)
     .bind(actor)
     .bind(reason)

@@ -211,6 +211,7 @@ impl Fleet {
     pub fn worker(&self, name: &str) -> Arc<Worker> {
         Arc::new(Worker {
             pool: self.db.pool.clone(),
+            batcher: payouts::db::batch::Batcher::spawn(self.db.pool.clone(), 64),
             gateway: Arc::new(HttpGateway::new(&self.settings.gateway).expect("gateway client")),
             guard: Arc::new(GatewayGuard::new(
                 self.queue.conn(),

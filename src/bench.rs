@@ -1,0 +1,486 @@
+//! `payout-bench`: the fleet benchmark. For each case (K worker processes,
+//! gateway latency L) and each run it starts a fresh database and Redis key
+//! prefix, the mock gateway, K workers and a producer as processes, pays a
+//! warm-up batch (not measured), then a burst of N payouts due at once, and
+//! measures from the burst's first enqueue until its last payout is recorded:
+//! payouts/s, due-to-paid percentiles (due = the burst's first enqueue),
+//! worker CPU seconds and peak RSS, Postgres transactions and Redis commands
+//! per payout (from the servers' own counters), and the exactly-once check
+//! against the gateway's ledger. Each figure is reported as the median of the
+//! runs with min and max.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use chrono::{DateTime, Utc};
+use redis::aio::ConnectionManager;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Serialize;
+use sqlx::{Connection, PgPool};
+
+use crate::{
+    config::Settings,
+    db::{self, payees, payouts},
+    demo::{Children, free_port},
+};
+
+/// One benchmark case.
+#[derive(Debug, Clone, Serialize)]
+pub struct Case {
+    /// Worker processes.
+    pub workers: usize,
+    /// Gateway latency, ms.
+    pub latency_ms: u64,
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Payouts in the measured burst.
+    pub payouts: i64,
+    /// Payouts paid first to warm up (not measured).
+    pub warmup: i64,
+    /// Runs per case.
+    pub runs: usize,
+    /// Jobs in flight per worker process.
+    pub concurrency: usize,
+    /// Producer window.
+    pub window: i64,
+    /// Seed of the mock gateway's randomness.
+    pub seed: u64,
+    /// Where processes log.
+    pub log_dir: PathBuf,
+    /// Give up on a run after this long.
+    pub timeout: Duration,
+}
+
+/// One run's measurements.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunResult {
+    /// Burst payouts per second, first enqueue to last recorded.
+    pub payouts_per_sec: f64,
+    /// Seconds from first enqueue to last recorded.
+    pub seconds: f64,
+    /// Due-to-paid percentiles, seconds.
+    pub p50: f64,
+    /// 95th.
+    pub p95: f64,
+    /// 99th.
+    pub p99: f64,
+    /// CPU seconds per worker process during the burst.
+    pub worker_cpu_secs: Vec<f64>,
+    /// Peak RSS per worker process, MiB.
+    pub worker_peak_rss_mib: Vec<f64>,
+    /// Producer CPU seconds during the burst.
+    pub producer_cpu_secs: f64,
+    /// Postgres commits per payout during the burst (all clients of the bench database).
+    pub pg_commits_per_payout: f64,
+    /// Redis commands per payout during the burst (the whole server).
+    pub redis_cmds_per_payout: f64,
+    /// Every payout paid, exactly one ledger entry each.
+    pub exactly_once: bool,
+}
+
+/// Median, min and max of one figure over runs.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Spread {
+    /// Median.
+    pub median: f64,
+    /// Min.
+    pub min: f64,
+    /// Max.
+    pub max: f64,
+}
+
+impl Spread {
+    fn of(mut v: Vec<f64>) -> Spread {
+        v.sort_by(|a, b| a.total_cmp(b));
+        let n = v.len();
+        let median = if n == 0 {
+            0.0
+        } else if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Spread {
+            median,
+            min: v.first().copied().unwrap_or(0.0),
+            max: v.last().copied().unwrap_or(0.0),
+        }
+    }
+}
+
+/// A case's runs and their spreads.
+#[derive(Debug, Clone, Serialize)]
+pub struct CaseResult {
+    /// The case.
+    pub case: Case,
+    /// Payouts per run.
+    pub payouts: i64,
+    /// Each run.
+    pub runs: Vec<RunResult>,
+    /// Payouts/s.
+    pub payouts_per_sec: Spread,
+    /// Due-to-paid p50, s.
+    pub p50: Spread,
+    /// p95, s.
+    pub p95: Spread,
+    /// p99, s.
+    pub p99: Spread,
+    /// Worker CPU seconds (mean over workers).
+    pub worker_cpu_secs: Spread,
+    /// Worker peak RSS MiB (max over workers).
+    pub worker_peak_rss_mib: Spread,
+    /// Postgres commits per payout.
+    pub pg_commits_per_payout: Spread,
+    /// Redis commands per payout.
+    pub redis_cmds_per_payout: Spread,
+    /// All runs exactly once.
+    pub exactly_once: bool,
+}
+
+fn with_db(url: &SecretString, name: &str) -> anyhow::Result<String> {
+    let url = url.expose_secret();
+    let (base, _) = url
+        .rsplit_once('/')
+        .context("database URL has no database name")?;
+    Ok(format!("{base}/{name}"))
+}
+
+async fn fresh_database(settings: &Settings, name: &str) -> anyhow::Result<String> {
+    let admin_url = with_db(&settings.database.url, "postgres")?;
+    let mut admin = sqlx::PgConnection::connect(&admin_url)
+        .await
+        .context("failed to connect to Postgres")?;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(&mut admin)
+        .await?;
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await?;
+    with_db(&settings.database.url, name)
+}
+
+fn proc_cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the ")" that closes the command name; utime and stime are 14 and 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+fn proc_peak_rss_mib(pid: u32) -> f64 {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return 0.0;
+    };
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+async fn redis_commands(conn: &mut ConnectionManager) -> anyhow::Result<u64> {
+    let info: String = redis::cmd("INFO").arg("stats").query_async(conn).await?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_commands_processed:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("INFO stats has no total_commands_processed")
+}
+
+async fn pg_commits(pool: &PgPool) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
+    )
+    .fetch_one(pool)
+    .await?)
+}
+
+async fn wait_paid(
+    pool: &PgPool,
+    children: &mut Children,
+    n: i64,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let paid: i64 = sqlx::query_scalar("SELECT count(*) FROM payouts WHERE status = 'paid'")
+            .fetch_one(pool)
+            .await?;
+        if paid >= n {
+            return Ok(());
+        }
+        children.check_alive()?;
+        if Instant::now() > deadline {
+            bail!("timed out: {paid} of {n} paid");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs one case once.
+pub async fn run_once(
+    settings: &Settings,
+    case: &Case,
+    opts: &BenchOptions,
+    run: usize,
+) -> anyhow::Result<RunResult> {
+    let db_url = fresh_database(settings, "payouts_bench").await?;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&db_url)
+        .await?;
+    db::migrate(&pool).await?;
+    let mut redis = crate::queue::connect(&settings.redis).await?;
+    let prefix = format!("bench-{}", ulid::Ulid::new().to_string().to_lowercase());
+    let bin_dir = std::env::current_exe()?
+        .parent()
+        .context("binary directory")?
+        .to_path_buf();
+    let log_dir = opts
+        .log_dir
+        .join(format!("k{}-l{}-r{run}", case.workers, case.latency_ms));
+    std::fs::create_dir_all(&log_dir)?;
+
+    let gw_port = free_port()?;
+    let gateway_url = format!("http://127.0.0.1:{gw_port}");
+    let base_env: Vec<(String, String)> = vec![
+        ("DATABASE_URL".into(), db_url.clone()),
+        (
+            "REDIS_URL".into(),
+            settings.redis.url.expose_secret().to_string(),
+        ),
+        ("PAYOUTS_REDIS__PREFIX".into(), prefix.clone()),
+        ("PAYOUTS_GATEWAY__BASE_URL".into(), gateway_url.clone()),
+        ("PAYOUTS_PRODUCER__TICK_MS".into(), "100".into()),
+        ("PAYOUTS_PRODUCER__WINDOW".into(), opts.window.to_string()),
+        (
+            "PAYOUTS_WORKER__CONCURRENCY".into(),
+            opts.concurrency.to_string(),
+        ),
+        ("PAYOUTS_LOG__FORMAT".into(), "json".into()),
+        ("RUST_LOG".into(), "warn".into()),
+    ];
+    let mut children = Children(Vec::new());
+    let mut gw_env = base_env.clone();
+    gw_env.push(("MOCK_GATEWAY_LISTEN".into(), format!("127.0.0.1:{gw_port}")));
+    let gw_args = [
+        format!("--latency-ms={}", case.latency_ms),
+        format!("--seed={}", opts.seed),
+    ];
+    children.spawn_with_args(
+        &bin_dir,
+        "mock-gateway",
+        "mock-gateway",
+        &gw_args,
+        &gw_env,
+        &log_dir,
+    )?;
+    let mut worker_pids = Vec::new();
+    for i in 0..case.workers {
+        let mut env = base_env.clone();
+        env.push((
+            "PAYOUTS_WORKER__LISTEN".into(),
+            format!("127.0.0.1:{}", free_port()?),
+        ));
+        children.spawn(
+            &bin_dir,
+            "payout-worker",
+            &format!("worker-{}", i + 1),
+            &env,
+            &log_dir,
+        )?;
+        worker_pids.push(children.0.last().expect("just spawned").1.id());
+    }
+    let http = reqwest::Client::new();
+    let until = Instant::now() + Duration::from_secs(30);
+    while http
+        .get(format!("{gateway_url}/health"))
+        .send()
+        .await
+        .is_err()
+    {
+        children.check_alive()?;
+        if Instant::now() > until {
+            bail!("mock gateway did not start; see {}", log_dir.display());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Warm-up: connections, JIT-free but cold caches, apalis registration.
+    let payee_ids = payees::create_demo(&pool, 1000, "USD".parse().expect("USD")).await?;
+    let now = Utc::now();
+    payouts::seed(&pool, &payee_ids, opts.warmup, "USD", now, now).await?;
+    let mut p_env = base_env.clone();
+    p_env.push((
+        "PAYOUTS_PRODUCER__LISTEN".into(),
+        format!("127.0.0.1:{}", free_port()?),
+    ));
+    children.spawn(&bin_dir, "payout-producer", "producer", &p_env, &log_dir)?;
+    let producer_pid = children.0.last().expect("just spawned").1.id();
+    wait_paid(&pool, &mut children, opts.warmup, opts.timeout).await?;
+
+    // The burst: N payouts, all due, visible at once (one INSERT).
+    let cpu_before: Vec<f64> = worker_pids.iter().map(|p| proc_cpu_secs(*p)).collect();
+    let producer_cpu_before = proc_cpu_secs(producer_pid);
+    let commits_before = pg_commits(&pool).await?;
+    let redis_before = redis_commands(&mut redis).await?;
+    let seeded_at = Utc::now();
+    payouts::seed(&pool, &payee_ids, opts.payouts, "USD", seeded_at, seeded_at).await?;
+    wait_paid(
+        &pool,
+        &mut children,
+        opts.warmup + opts.payouts,
+        opts.timeout,
+    )
+    .await?;
+    let commits_after = pg_commits(&pool).await?;
+    let redis_after = redis_commands(&mut redis).await?;
+    let worker_cpu_secs: Vec<f64> = worker_pids
+        .iter()
+        .zip(&cpu_before)
+        .map(|(p, b)| proc_cpu_secs(*p) - b)
+        .collect();
+    let producer_cpu_secs = proc_cpu_secs(producer_pid) - producer_cpu_before;
+    let worker_peak_rss_mib: Vec<f64> = worker_pids.iter().map(|p| proc_peak_rss_mib(*p)).collect();
+
+    let (start, end): (DateTime<Utc>, DateTime<Utc>) = sqlx::query_as(
+        "SELECT (SELECT min(at) FROM payout_events e JOIN payouts p ON p.id = e.payout_id
+                 WHERE e.to_status = 'queued' AND p.created_at >= $1),
+                (SELECT max(paid_at) FROM payouts WHERE created_at >= $1)",
+    )
+    .bind(seeded_at)
+    .fetch_one(&pool)
+    .await?;
+    let (p50, p95, p99): (f64, f64, f64) = sqlx::query_as(
+        "SELECT q[1], q[2], q[3] FROM (
+             SELECT percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP
+                 (ORDER BY extract(epoch FROM paid_at - $2)::float8) AS q
+             FROM payouts WHERE created_at >= $1) s",
+    )
+    .bind(seeded_at)
+    .bind(start)
+    .fetch_one(&pool)
+    .await?;
+
+    let ledger: Vec<serde_json::Value> = http
+        .get(format!("{gateway_url}/_mock/ledger"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let mut refs: Vec<&str> = ledger
+        .iter()
+        .filter_map(|e| e["reference"].as_str())
+        .collect();
+    let entries = refs.len();
+    refs.sort_unstable();
+    refs.dedup();
+    let paid: i64 = sqlx::query_scalar("SELECT count(*) FROM payouts WHERE status = 'paid'")
+        .fetch_one(&pool)
+        .await?;
+    let exactly_once =
+        entries == refs.len() && entries as i64 == paid && paid == opts.warmup + opts.payouts;
+
+    drop(children);
+    pool.close().await;
+    let seconds = (end - start).num_microseconds().unwrap_or(0) as f64 / 1e6;
+    let n = opts.payouts as f64;
+    Ok(RunResult {
+        payouts_per_sec: n / seconds.max(1e-6),
+        seconds,
+        p50,
+        p95,
+        p99,
+        worker_cpu_secs,
+        worker_peak_rss_mib,
+        producer_cpu_secs,
+        pg_commits_per_payout: (commits_after - commits_before) as f64 / n,
+        redis_cmds_per_payout: (redis_after - redis_before) as f64 / n,
+        exactly_once,
+    })
+}
+
+/// Runs one case `opts.runs` times.
+pub async fn run_case(
+    settings: &Settings,
+    case: Case,
+    opts: &BenchOptions,
+) -> anyhow::Result<CaseResult> {
+    let mut runs = Vec::new();
+    for r in 0..opts.runs {
+        let res = run_once(settings, &case, opts, r)
+            .await
+            .with_context(|| format!("case {case:?}, run {r}"))?;
+        eprintln!(
+            "  k={} latency={}ms run {}: {:.0} payouts/s, p99 {:.2}s, exactly once: {}",
+            case.workers,
+            case.latency_ms,
+            r + 1,
+            res.payouts_per_sec,
+            res.p99,
+            res.exactly_once
+        );
+        runs.push(res);
+    }
+    let spread = |f: &dyn Fn(&RunResult) -> f64| Spread::of(runs.iter().map(f).collect());
+    Ok(CaseResult {
+        payouts: opts.payouts,
+        payouts_per_sec: spread(&|r| r.payouts_per_sec),
+        p50: spread(&|r| r.p50),
+        p95: spread(&|r| r.p95),
+        p99: spread(&|r| r.p99),
+        worker_cpu_secs: spread(&|r| {
+            r.worker_cpu_secs.iter().sum::<f64>() / r.worker_cpu_secs.len().max(1) as f64
+        }),
+        worker_peak_rss_mib: spread(&|r| r.worker_peak_rss_mib.iter().copied().fold(0.0, f64::max)),
+        pg_commits_per_payout: spread(&|r| r.pg_commits_per_payout),
+        redis_cmds_per_payout: spread(&|r| r.redis_cmds_per_payout),
+        exactly_once: runs.iter().all(|r| r.exactly_once),
+        runs,
+        case,
+    })
+}
+
+/// The results as a Markdown table.
+pub fn table(results: &[CaseResult]) -> String {
+    let s = |x: Spread, prec: usize| {
+        format!("{:.p$} ({:.p$}–{:.p$})", x.median, x.min, x.max, p = prec)
+    };
+    let mut out = String::from(
+        "| workers | gateway latency | payouts/s | due-to-paid p50 / p95 / p99 (s) | worker CPU s | worker peak RSS MiB | PG commits/payout | Redis cmds/payout | exactly once |\n|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in results {
+        out.push_str(&format!(
+            "| {} | {} ms | {} | {:.2} / {:.2} / {:.2} | {} | {} | {} | {} | {} |\n",
+            r.case.workers,
+            r.case.latency_ms,
+            s(r.payouts_per_sec, 0),
+            r.p50.median,
+            r.p95.median,
+            r.p99.median,
+            s(r.worker_cpu_secs, 1),
+            s(r.worker_peak_rss_mib, 0),
+            s(r.pg_commits_per_payout, 2),
+            s(r.redis_cmds_per_payout, 1),
+            if r.exactly_once { "yes" } else { "NO" }
+        ));
+    }
+    out
+}
+
+/// Writes results as JSON.
+pub fn write_json(path: &Path, results: &[CaseResult]) -> anyhow::Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(results)?)?;
+    Ok(())
+}

@@ -1,0 +1,76 @@
+//! `payout-bench`: the fleet benchmark. See `payouts::bench` and BENCHMARKS.md.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::Parser;
+use payouts::bench::{BenchOptions, Case};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Benchmark the whole fleet: K worker processes x gateway latency"
+)]
+struct Args {
+    /// Payouts in each measured burst.
+    #[arg(long, default_value_t = 100_000)]
+    payouts: i64,
+    /// Payouts paid before measuring.
+    #[arg(long, default_value_t = 2_000)]
+    warmup: i64,
+    /// Worker process counts to try.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    workers: Vec<usize>,
+    /// Gateway latencies to try, ms.
+    #[arg(long, value_delimiter = ',', default_value = "0,50")]
+    latency_ms: Vec<u64>,
+    /// Runs per case (median, min and max are reported).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Jobs in flight per worker process.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Producer window.
+    #[arg(long, default_value_t = 1000)]
+    window: i64,
+    /// Mock gateway seed.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Write the results here as JSON.
+    #[arg(long, default_value = "bench.json")]
+    json: PathBuf,
+    /// Where the processes log.
+    #[arg(long, default_value = ".bench")]
+    log_dir: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    let settings = payouts::config::Settings::load(None)?;
+    let opts = BenchOptions {
+        payouts: a.payouts,
+        warmup: a.warmup,
+        runs: a.runs,
+        concurrency: a.concurrency,
+        window: a.window,
+        seed: a.seed,
+        log_dir: a.log_dir,
+        timeout: Duration::from_secs(1800),
+    };
+    let mut results = Vec::new();
+    for latency_ms in &a.latency_ms {
+        for workers in &a.workers {
+            let case = Case {
+                workers: *workers,
+                latency_ms: *latency_ms,
+            };
+            results.push(payouts::bench::run_case(&settings, case, &opts).await?);
+        }
+    }
+    println!("{}", payouts::bench::table(&results));
+    payouts::bench::write_json(&a.json, &results)?;
+    if results.iter().any(|r| !r.exactly_once) {
+        anyhow::bail!("exactly-once check failed");
+    }
+    Ok(())
+}
