@@ -55,6 +55,10 @@ pub struct BenchOptions {
     pub log_dir: PathBuf,
     /// Give up on a run after this long.
     pub timeout: Duration,
+    /// Where the fleet's binaries are (default: beside this executable).
+    pub bin_dir: Option<PathBuf>,
+    /// The scratch database, dropped and created for every run.
+    pub db_name: String,
 }
 
 /// One run's measurements.
@@ -235,7 +239,7 @@ pub async fn run_once(
     opts: &BenchOptions,
     run: usize,
 ) -> anyhow::Result<RunResult> {
-    let db_url = fresh_database(settings, "payouts_bench").await?;
+    let db_url = fresh_database(settings, &opts.db_name).await?;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(4)
         .connect(&db_url)
@@ -243,10 +247,13 @@ pub async fn run_once(
     db::migrate(&pool).await?;
     let mut redis = crate::queue::connect(&settings.redis).await?;
     let prefix = format!("bench-{}", ulid::Ulid::new().to_string().to_lowercase());
-    let bin_dir = std::env::current_exe()?
-        .parent()
-        .context("binary directory")?
-        .to_path_buf();
+    let bin_dir = match &opts.bin_dir {
+        Some(d) => d.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("binary directory")?
+            .to_path_buf(),
+    };
     let log_dir = opts
         .log_dir
         .join(format!("k{}-l{}-r{run}", case.workers, case.latency_ms));

@@ -56,6 +56,8 @@ async fn main() -> anyhow::Result<()> {
         seed: a.seed,
         log_dir: a.log_dir,
         timeout: Duration::from_secs(1800),
+        bin_dir: None,
+        db_name: "payouts_bench".into(),
     };
     let mut results = Vec::new();
     for latency_ms in &a.latency_ms {

@@ -1,0 +1,70 @@
+//! The benchmark, small, so it cannot rot: one worker process, 300 payouts,
+//! every figure present and the exactly-once ledger check passing.
+
+mod common;
+
+use std::time::Duration;
+
+use payouts::bench::{BenchOptions, Case, run_case, table};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_benchmark_runs_end_to_end_and_checks_exactly_once() {
+    let db_name = common::unique("bench_smoke");
+    let settings = common::settings(
+        &format!(
+            "{}/{db_name}",
+            common::admin_url().rsplit_once('/').unwrap().0
+        ),
+        &common::redis_url(),
+        "unused",
+        "http://127.0.0.1:1",
+        &[],
+    );
+    let bin_dir = std::path::Path::new(env!("CARGO_BIN_EXE_payout-worker"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let opts = BenchOptions {
+        payouts: 300,
+        warmup: 50,
+        runs: 1,
+        concurrency: 32,
+        window: 200,
+        seed: 7,
+        log_dir: std::env::temp_dir().join(common::unique("bench-logs")),
+        timeout: Duration::from_secs(120),
+        bin_dir: Some(bin_dir),
+        db_name: db_name.clone(),
+    };
+
+    let result = run_case(
+        &settings,
+        Case {
+            workers: 1,
+            latency_ms: 0,
+        },
+        &opts,
+    )
+    .await
+    .unwrap();
+
+    let run = &result.runs[0];
+    assert!(result.exactly_once, "{run:?}");
+    assert!(run.payouts_per_sec > 0.0 && run.seconds > 0.0);
+    assert!(run.p50 <= run.p95 && run.p95 <= run.p99, "{run:?}");
+    assert!(
+        run.worker_peak_rss_mib[0] > 1.0 && run.worker_cpu_secs[0] > 0.0,
+        "{run:?}"
+    );
+    assert!(
+        run.pg_commits_per_payout > 0.0 && run.redis_cmds_per_payout > 0.0,
+        "{run:?}"
+    );
+    assert!(table(&[result]).contains("| 1 | 0 ms |"));
+    let drop = format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)");
+    let _ = std::process::Command::new("psql")
+        .arg(common::admin_url())
+        .arg("-qc")
+        .arg(drop)
+        .status();
+}
