@@ -80,6 +80,12 @@ pub struct RunResult {
     pub worker_peak_rss_mib: Vec<f64>,
     /// Producer CPU seconds during the burst.
     pub producer_cpu_secs: f64,
+    /// Mock gateway CPU seconds during the burst.
+    pub gateway_cpu_secs: f64,
+    /// redis-server CPU seconds during the burst.
+    pub redis_cpu_secs: f64,
+    /// CPU seconds of every Postgres process during the burst.
+    pub postgres_cpu_secs: f64,
     /// Postgres commits per payout during the burst (all clients of the bench database).
     pub pg_commits_per_payout: f64,
     /// Redis commands per payout during the burst (the whole server).
@@ -179,6 +185,19 @@ fn proc_cpu_secs(pid: u32) -> f64 {
     let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
         + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     ticks / 100.0
+}
+
+/// CPU seconds of every process whose command name is `comm` (e.g. all Postgres backends).
+fn comm_cpu_secs(comm: &str) -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
+        })
+        .map(proc_cpu_secs)
+        .sum()
 }
 
 fn proc_peak_rss_mib(pid: u32) -> f64 {
@@ -340,6 +359,10 @@ pub async fn run_once(
     // The burst: N payouts, all due, visible at once (one INSERT).
     let cpu_before: Vec<f64> = worker_pids.iter().map(|p| proc_cpu_secs(*p)).collect();
     let producer_cpu_before = proc_cpu_secs(producer_pid);
+    let gateway_pid = children.0[0].1.id();
+    let gateway_cpu_before = proc_cpu_secs(gateway_pid);
+    let (redis_cpu_before, pg_cpu_before) =
+        (comm_cpu_secs("redis-server"), comm_cpu_secs("postgres"));
     let commits_before = pg_commits(&pool).await?;
     let redis_before = redis_commands(&mut redis).await?;
     let seeded_at = Utc::now();
@@ -359,6 +382,9 @@ pub async fn run_once(
         .map(|(p, b)| proc_cpu_secs(*p) - b)
         .collect();
     let producer_cpu_secs = proc_cpu_secs(producer_pid) - producer_cpu_before;
+    let gateway_cpu_secs = proc_cpu_secs(gateway_pid) - gateway_cpu_before;
+    let redis_cpu_secs = comm_cpu_secs("redis-server") - redis_cpu_before;
+    let postgres_cpu_secs = comm_cpu_secs("postgres") - pg_cpu_before;
     let worker_peak_rss_mib: Vec<f64> = worker_pids.iter().map(|p| proc_peak_rss_mib(*p)).collect();
 
     let (start, end): (DateTime<Utc>, DateTime<Utc>) = sqlx::query_as(
@@ -412,6 +438,9 @@ pub async fn run_once(
         worker_cpu_secs,
         worker_peak_rss_mib,
         producer_cpu_secs,
+        gateway_cpu_secs,
+        redis_cpu_secs,
+        postgres_cpu_secs,
         pg_commits_per_payout: (commits_after - commits_before) as f64 / n,
         redis_cmds_per_payout: (redis_after - redis_before) as f64 / n,
         exactly_once,
@@ -481,6 +510,27 @@ pub fn table(results: &[CaseResult]) -> String {
             s(r.pg_commits_per_payout, 2),
             s(r.redis_cmds_per_payout, 1),
             if r.exactly_once { "yes" } else { "NO" }
+        ));
+    }
+    out
+}
+
+/// Where the CPU went, per case (medians of the runs), as a Markdown table.
+pub fn cpu_table(results: &[CaseResult]) -> String {
+    let mut out = String::from(
+        "| workers | gateway latency | workers (all) | producer | mock gateway | redis-server | postgres | CPU µs per payout |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in results {
+        let med = |f: &dyn Fn(&RunResult) -> f64| Spread::of(r.runs.iter().map(f).collect()).median;
+        let workers = med(&|x| x.worker_cpu_secs.iter().sum());
+        let producer = med(&|x| x.producer_cpu_secs);
+        let gateway = med(&|x| x.gateway_cpu_secs);
+        let redis = med(&|x| x.redis_cpu_secs);
+        let pg = med(&|x| x.postgres_cpu_secs);
+        let per = (workers + producer + gateway + redis + pg) / r.payouts as f64 * 1e6;
+        out.push_str(&format!(
+            "| {} | {} ms | {workers:.2} s | {producer:.2} s | {gateway:.2} s | {redis:.2} s | {pg:.2} s | {per:.0} |\n",
+            r.case.workers, r.case.latency_ms
         ));
     }
     out

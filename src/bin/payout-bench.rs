@@ -70,6 +70,10 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     println!("{}", payouts::bench::table(&results));
+    println!(
+        "CPU during the measured burst:\n\n{}",
+        payouts::bench::cpu_table(&results)
+    );
     payouts::bench::write_json(&a.json, &results)?;
     if results.iter().any(|r| !r.exactly_once) {
         anyhow::bail!("exactly-once check failed");
