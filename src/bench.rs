@@ -515,6 +515,59 @@ pub fn table(results: &[CaseResult]) -> String {
     out
 }
 
+/// The producer's enqueue path alone: `n` due payouts moved to `queued` and
+/// pushed into Redis in batches of `batch`, window ignored. Returns payouts/s
+/// and the median batch latency of the due scan statement, in ms.
+pub async fn producer_rate(
+    settings: &Settings,
+    db_name: &str,
+    n: i64,
+    batch: i64,
+) -> anyhow::Result<(f64, f64)> {
+    let db_url = fresh_database(settings, db_name).await?;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&db_url)
+        .await?;
+    db::migrate(&pool).await?;
+    let conn = crate::queue::connect(&settings.redis).await?;
+    let prefix = format!(
+        "bench-producer-{}",
+        ulid::Ulid::new().to_string().to_lowercase()
+    );
+    let queue = crate::queue::Queue::new(conn.clone(), &prefix, 32, Duration::from_secs(5));
+    let payee_ids = payees::create_demo(&pool, 1000, "USD".parse().expect("USD")).await?;
+    let now = Utc::now();
+    payouts::seed(&pool, &payee_ids, n, "USD", now, now).await?;
+    sqlx::query("VACUUM ANALYZE payouts").execute(&pool).await?;
+    let lease = now + chrono::Duration::hours(1);
+    let started = Instant::now();
+    let mut scans = Vec::new();
+    let mut total = 0usize;
+    loop {
+        let t = Instant::now();
+        let ids = payouts::queue_due(&pool, Utc::now(), batch, lease, "producer:bench").await?;
+        scans.push(t.elapsed().as_secs_f64() * 1000.0);
+        if ids.is_empty() {
+            break;
+        }
+        queue.push(&ids).await?;
+        total += ids.len();
+    }
+    let rate = total as f64 / started.elapsed().as_secs_f64();
+    // Remove the scratch jobs.
+    let mut conn = conn;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{{{prefix}}}*"))
+        .query_async(&mut conn)
+        .await?;
+    for chunk in keys.chunks(500) {
+        let _: () = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await?;
+    }
+    pool.close().await;
+    Ok((rate, Spread::of(scans).median))
+}
+
 /// Where the CPU went, per case (medians of the runs), as a Markdown table.
 pub fn cpu_table(results: &[CaseResult]) -> String {
     let mut out = String::from(

@@ -64,6 +64,8 @@ pub struct ProducerSettings {
     pub leader_ttl_ms: u64,
     /// Every how many ticks the janitor trims finished jobs out of Redis.
     pub janitor_every_ticks: u64,
+    /// How often the leader refreshes the status and backlog gauges, in s.
+    pub gauges_every_secs: u64,
     /// Address of `/health`, `/health/ready` and `/metrics`.
     pub listen: SocketAddr,
 }

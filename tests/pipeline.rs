@@ -648,3 +648,56 @@ async fn health_ready_and_metrics_answer_and_ready_checks_both_stores() {
     );
     stop.cancel();
 }
+
+#[tokio::test]
+async fn status_gauges_count_through_indexes_and_the_backlog_age_is_the_oldest_due() {
+    let f = Fleet::start(Faults::default()).await;
+    let payee = f.payee("acct_1").await;
+    let now = Utc::now();
+    let old = f
+        .payout(payee, "1.00", now - chrono::Duration::minutes(30))
+        .await;
+    f.payout(payee, "1.00", now - chrono::Duration::minutes(5))
+        .await;
+    f.payout(payee, "1.00", now + chrono::Duration::hours(1))
+        .await;
+    let paid = f
+        .payout(payee, "1.00", now - chrono::Duration::hours(2))
+        .await;
+    repo::enqueue_now(
+        f.pool(),
+        paid,
+        "operator:test",
+        now + chrono::Duration::seconds(60),
+        now,
+    )
+    .await
+    .unwrap();
+    f.worker("w").process(paid).await;
+    sqlx::query("ANALYZE payouts")
+        .execute(f.pool())
+        .await
+        .unwrap();
+
+    let counts = repo::status_counts(f.pool()).await.unwrap();
+    let get = |s: PayoutStatus| {
+        counts
+            .iter()
+            .find(|(k, _)| *k == s)
+            .map(|(_, n)| *n)
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        (get(PayoutStatus::Pending), get(PayoutStatus::Paid)),
+        (3, 1)
+    );
+    let oldest = repo::oldest_due_unfinished(f.pool(), now)
+        .await
+        .unwrap()
+        .unwrap();
+    let created = repo::get(f.pool(), old).await.unwrap().unwrap().due_at;
+    assert_eq!(
+        oldest, created,
+        "the paid payout, older still, does not count"
+    );
+}

@@ -38,6 +38,9 @@ struct Args {
     /// Write the results here as JSON.
     #[arg(long, default_value = "bench.json")]
     json: PathBuf,
+    /// Measure only the producer's enqueue path (this many payouts) and exit.
+    #[arg(long)]
+    producer_only: Option<i64>,
     /// Where the processes log.
     #[arg(long, default_value = ".bench")]
     log_dir: PathBuf,
@@ -59,6 +62,14 @@ async fn main() -> anyhow::Result<()> {
         bin_dir: None,
         db_name: "payouts_bench".into(),
     };
+    if let Some(n) = a.producer_only {
+        let (rate, scan_ms) =
+            payouts::bench::producer_rate(&settings, "payouts_bench", n, 1000).await?;
+        println!(
+            "producer: {n} payouts enqueued at {rate:.0}/s; due scan + mark queued, median {scan_ms:.1} ms per batch of 1000"
+        );
+        return Ok(());
+    }
     let mut results = Vec::new();
     for latency_ms in &a.latency_ms {
         for workers in &a.workers {
