@@ -187,16 +187,24 @@ fn proc_cpu_secs(pid: u32) -> f64 {
     ticks / 100.0
 }
 
-/// CPU seconds of every process whose command name is `comm` (e.g. all Postgres backends).
-fn comm_cpu_secs(comm: &str) -> f64 {
+/// CPU seconds so far of every process whose command name is `comm` (e.g. all Postgres backends), by pid.
+fn comm_cpu(comm: &str) -> std::collections::HashMap<u32, f64> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
-        return 0.0;
+        return Default::default();
     };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
             std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
         })
-        .map(proc_cpu_secs)
+        .map(|pid| (pid, proc_cpu_secs(pid)))
+        .collect()
+}
+
+/// CPU used since `before` by the processes named `comm` (processes that exited in between are not counted).
+fn comm_cpu_since(comm: &str, before: &std::collections::HashMap<u32, f64>) -> f64 {
+    comm_cpu(comm)
+        .iter()
+        .map(|(pid, now)| now - before.get(pid).copied().unwrap_or(0.0))
         .sum()
 }
 
@@ -361,8 +369,7 @@ pub async fn run_once(
     let producer_cpu_before = proc_cpu_secs(producer_pid);
     let gateway_pid = children.0[0].1.id();
     let gateway_cpu_before = proc_cpu_secs(gateway_pid);
-    let (redis_cpu_before, pg_cpu_before) =
-        (comm_cpu_secs("redis-server"), comm_cpu_secs("postgres"));
+    let (redis_cpu_before, pg_cpu_before) = (comm_cpu("redis-server"), comm_cpu("postgres"));
     let commits_before = pg_commits(&pool).await?;
     let redis_before = redis_commands(&mut redis).await?;
     let seeded_at = Utc::now();
@@ -383,8 +390,8 @@ pub async fn run_once(
         .collect();
     let producer_cpu_secs = proc_cpu_secs(producer_pid) - producer_cpu_before;
     let gateway_cpu_secs = proc_cpu_secs(gateway_pid) - gateway_cpu_before;
-    let redis_cpu_secs = comm_cpu_secs("redis-server") - redis_cpu_before;
-    let postgres_cpu_secs = comm_cpu_secs("postgres") - pg_cpu_before;
+    let redis_cpu_secs = comm_cpu_since("redis-server", &redis_cpu_before);
+    let postgres_cpu_secs = comm_cpu_since("postgres", &pg_cpu_before);
     let worker_peak_rss_mib: Vec<f64> = worker_pids.iter().map(|p| proc_peak_rss_mib(*p)).collect();
 
     let (start, end): (DateTime<Utc>, DateTime<Utc>) = sqlx::query_as(
