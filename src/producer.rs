@@ -60,7 +60,6 @@ impl Producer {
         let mut report = TickReport::default();
         let now = self.clock.now();
         let lease_until = now + chrono_secs(self.settings.queue_lease_secs);
-
         if self.queue.check_epoch().await? {
             let ids = payouts::requeue_all_queued(&self.pool, lease_until, now).await?;
             if !ids.is_empty() {
@@ -97,30 +96,59 @@ impl Producer {
         }
         report.swept = swept.len();
 
-        let mut depth = payouts::count_queued(&self.pool).await?;
-        loop {
-            let room = self.settings.window - depth;
-            if room <= 0 {
-                report.window_full = true;
-                break;
-            }
-            let limit = room.min(self.settings.batch_size);
-            let ids = payouts::queue_due(&self.pool, now, limit, lease_until, &self.actor).await?;
-            // Marked queued first, pushed second: if this process dies in
-            // between, the rows' lease expires and the sweep pushes them.
-            self.queue.push(&ids).await?;
-            metrics::JOBS_ENQUEUED
-                .with_label_values(&["due"])
-                .inc_by(ids.len() as u64);
-            report.enqueued += ids.len();
-            depth += ids.len() as i64;
-            if (ids.len() as i64) < limit {
-                break;
-            }
+        let depth = payouts::count_queued(&self.pool).await?;
+        let room = self.settings.window - depth;
+        report.window_full = room <= 0;
+        if room > 0 {
+            let (enqueued, more) = self.fill(room, now, lease_until).await?;
+            report.enqueued = enqueued;
+            report.window_full = more;
         }
+        let depth = depth + report.enqueued as i64;
         report.window_depth = depth;
         metrics::WINDOW_DEPTH.set(depth);
         Ok(report)
+    }
+
+    /// Moves up to `room` due payouts to `queued` and pushes their jobs, in
+    /// batches: the push of one batch overlaps the due scan of the next.
+    /// Returns how many, and whether `room` ran out with more perhaps due.
+    ///
+    /// Marked queued first, pushed second: if this process dies in between,
+    /// the rows' lease expires and the sweep pushes them.
+    pub async fn fill(
+        &self,
+        room: i64,
+        now: chrono::DateTime<chrono::Utc>,
+        lease_until: chrono::DateTime<chrono::Utc>,
+    ) -> anyhow::Result<(usize, bool)> {
+        let mut left = room;
+        let mut enqueued = 0usize;
+        let mut pushing: Option<tokio::task::JoinHandle<anyhow::Result<()>>> = None;
+        let mut more = false;
+        while left > 0 {
+            let limit = left.min(self.settings.batch_size);
+            let ids = payouts::queue_due(&self.pool, now, limit, lease_until, &self.actor).await?;
+            if let Some(p) = pushing.take() {
+                p.await??;
+            }
+            let n = ids.len();
+            metrics::JOBS_ENQUEUED
+                .with_label_values(&["due"])
+                .inc_by(n as u64);
+            enqueued += n;
+            left -= n as i64;
+            let queue = self.queue.clone();
+            pushing = Some(tokio::spawn(async move { queue.push(&ids).await }));
+            if (n as i64) < limit {
+                break;
+            }
+            more = left <= 0;
+        }
+        if let Some(p) = pushing {
+            p.await??;
+        }
+        Ok((enqueued, more))
     }
 
     /// Refreshes the status gauges and the backlog age. Index-backed counts
