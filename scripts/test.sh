@@ -7,4 +7,16 @@ scripts/services.sh
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup)" >&2; exit 1; }
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
+# tests/observability.rs runs Debian's promtool and prometheus (alert rule unit
+# tests, a live Prometheus) and reads YAML with python3 + PyYAML.
+obs_need=()
+{ command -v promtool && command -v prometheus; } >/dev/null || obs_need+=(prometheus)
+python3 -c 'import yaml' 2>/dev/null || /usr/bin/python3 -c 'import yaml' 2>/dev/null || obs_need+=(python3-yaml)
+if [ "${#obs_need[@]}" -gt 0 ]; then
+  echo "test: installing ${obs_need[*]} with apt" >&2
+  obs_root=(); [ "$(id -u)" = 0 ] || obs_root=(sudo)
+  "${obs_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null &&
+    "${obs_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${obs_need[@]}" >/dev/null ||
+    { echo "test: could not install ${obs_need[*]}: run 'sudo apt-get install ${obs_need[*]}'" >&2; exit 1; }
+fi
 cargo test --locked --all-targets -- --test-threads "${TEST_THREADS:-4}"

@@ -189,7 +189,8 @@ pub static PAYOUTS_BY_STATUS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
         .expect("registered once");
     g
 });
-/// Age of the oldest due, unpaid payout. Alert: backlog age.
+/// Age of the oldest due payout not yet worked off (pending, queued or processing;
+/// `retrying` ones wait on their schedule by design). Alert: backlog age.
 pub static OLDEST_DUE_AGE: LazyLock<IntGauge> = LazyLock::new(|| {
     gauge(
         "payout_oldest_due_age_seconds",
@@ -268,6 +269,43 @@ pub fn init() {
     LazyLock::force(&GATEWAY_THROTTLED);
     LazyLock::force(&FLEET_PAUSES);
     LazyLock::force(&RECONCILE_MISMATCHES);
+    // Labelled series exist from the start at 0, so increase() sees their first event.
+    let zero = |c: &IntCounterVec, labels: &[&str]| {
+        for l in labels {
+            c.with_label_values(&[l]);
+        }
+    };
+    zero(
+        &PAYOUTS_FINISHED,
+        &["paid", "in_transit", "retrying", "failed"],
+    );
+    zero(&DEAD_LETTERS, &["permanent", "exhausted"]);
+    zero(
+        &GATEWAY_REQUESTS,
+        &["2xx", "4xx", "429", "5xx", "connect", "timeout"],
+    );
+    zero(&JOBS_ENQUEUED, &["due", "sweep", "redis_loss", "manual"]);
+    zero(
+        &JOBS_SKIPPED,
+        &["locked", "not_claimable", "not_found", "malformed"],
+    );
+    zero(
+        &INFRA_ERRORS,
+        &["redis_lock", "postgres_claim", "postgres_record"],
+    );
+    zero(
+        &GATEWAY_THROTTLED,
+        &["rate_limit", "fleet_pause", "circuit_open"],
+    );
+    for class in ["2xx", "4xx", "429", "5xx", "connect", "timeout"] {
+        GATEWAY_SECONDS.with_label_values(&[class]);
+    }
+    for s in crate::domain::status::ALL_STATUSES {
+        PAYOUTS_BY_STATUS.with_label_values(&[s.as_str()]);
+    }
+    for k in crate::reconcile::MismatchKind::ALL {
+        RECONCILE_MISMATCHES.with_label_values(&[k.label()]);
+    }
 }
 
 /// The text exposition of every metric.

@@ -261,8 +261,9 @@ pub async fn status_counts(pool: &PgPool) -> sqlx::Result<Vec<(PayoutStatus, i64
     Ok(out)
 }
 
-/// The due time of the oldest payout that is due and not yet finished
-/// (pending, queued, processing or retrying): the backlog's age.
+/// The due time of the oldest payout that is due and not yet worked off
+/// (pending, queued or processing): the backlog's age. `retrying` payouts are
+/// left out: they wait on their schedule by design, not on the fleet.
 pub async fn oldest_due_unfinished(
     pool: &PgPool,
     now: DateTime<Utc>,
@@ -270,8 +271,7 @@ pub async fn oldest_due_unfinished(
     sqlx::query_scalar(
         "SELECT least(
              (SELECT min(due_at) FROM payouts WHERE status = 'pending' AND due_at <= $1),
-             (SELECT min(due_at) FROM payouts WHERE status IN ('queued', 'processing')),
-             (SELECT min(due_at) FROM payouts WHERE status = 'retrying'))",
+             (SELECT min(due_at) FROM payouts WHERE status IN ('queued', 'processing')))",
     )
     .bind(now)
     .fetch_one(pool)
