@@ -5,8 +5,8 @@
 //! Postgres is the truth, the idempotency key is per payout, every write is
 //! fenced by the attempt number of its claim.
 
-pub mod cli;
 pub mod bench;
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod db;

@@ -176,7 +176,9 @@ impl GatewayGuard {
             return;
         }
         self.waiting.fetch_add(1, Ordering::Relaxed);
-        metrics::GATEWAY_THROTTLED.with_label_values(&["circuit_open"]).inc();
+        metrics::GATEWAY_THROTTLED
+            .with_label_values(&["circuit_open"])
+            .inc();
         loop {
             let wait = self.wait_for_circuit();
             if wait.is_zero() {
