@@ -122,6 +122,13 @@ pub enum Command {
         #[arg(long, default_value = "USD")]
         currency: String,
     },
+    /// Earnings: completed work that settlement turns into payouts.
+    #[command(subcommand)]
+    Earnings(crate::cli_money::EarningsCommand),
+    /// Settle closed periods: one payout per payee, currency and period, with its line items.
+    Settle(crate::cli_money::SettleArgs),
+    /// Show the open period's payout computation line by line; writes nothing.
+    Preview(crate::cli_money::PreviewArgs),
 }
 
 /// Payee commands.
@@ -139,6 +146,10 @@ pub enum PayeeCommand {
         #[arg(long, default_value = "USD")]
         currency: String,
     },
+    /// Set a payee's payout schedule and/or payout method.
+    Set(crate::cli_money::PayeeSet),
+    /// Add, change or remove an agreed deduction per period (booth rent, supply fee, ...).
+    Deduction(crate::cli_money::PayeeDeduction),
 }
 
 /// Parses a due time: RFC 3339, `now`, or `+N{s,m,h,d}`.
@@ -463,6 +474,23 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
             } else {
                 writeln!(out, "seeded {} payees and {n} due payouts", ids.len())?;
             }
+        }
+        Command::Earnings(cmd) => {
+            crate::cli_money::run_earnings(&pool, &settings, cmd, cli.json, clock.now(), out)
+                .await?
+        }
+        Command::Settle(args) => {
+            crate::cli_money::settle(&pool, &settings, args, cli.json, &actor, clock.now(), out)
+                .await?
+        }
+        Command::Preview(args) => {
+            crate::cli_money::preview(&pool, &settings, args, cli.json, clock.now(), out).await?
+        }
+        Command::Payee(PayeeCommand::Set(args)) => {
+            crate::cli_money::payee_set(&pool, args, cli.json, out).await?
+        }
+        Command::Payee(PayeeCommand::Deduction(args)) => {
+            crate::cli_money::payee_deduction(&pool, args, cli.json, clock.now(), out).await?
         }
     }
     Ok(())

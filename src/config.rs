@@ -2,13 +2,15 @@
 //! file, then `PAYOUTS_*` environment variables (`__` separates nesting), then
 //! `DATABASE_URL` / `REDIS_URL`. Validated once at load, with the bad key named.
 
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use anyhow::{Context, bail};
 use secrecy::SecretString;
 use serde::Deserialize;
 
 const DEFAULTS: &str = include_str!("../config/default.toml");
+/// The built-in payout policy, used when `policy.file` is empty.
+const DEFAULT_POLICY: &str = include_str!("../config/policy.toml");
 
 /// Every setting of the fleet.
 #[derive(Debug, Clone, Deserialize)]
@@ -25,6 +27,30 @@ pub struct Settings {
     pub gateway: GatewaySettings,
     /// Logging.
     pub log: LogSettings,
+    /// The payout policy (commission, fees, minimums, hold, schedules).
+    pub policy: PolicySettings,
+}
+
+/// Where the payout policy comes from.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PolicySettings {
+    /// A policy TOML file; empty means the built-in copy of `config/policy.toml`.
+    pub file: String,
+}
+
+impl PolicySettings {
+    /// Reads and validates the policy; the error names the file and the bad field.
+    pub fn load(&self) -> anyhow::Result<crate::domain::Policy> {
+        if self.file.trim().is_empty() {
+            return DEFAULT_POLICY
+                .parse()
+                .map_err(|e| anyhow::anyhow!("built-in policy config/policy.toml: {e}"));
+        }
+        let text = std::fs::read_to_string(&self.file)
+            .with_context(|| format!("failed to read policy file {}", self.file))?;
+        text.parse()
+            .map_err(|e| anyhow::anyhow!("policy file {}: {e}", self.file))
+    }
 }
 
 /// Postgres connection.
@@ -68,6 +94,12 @@ pub struct ProducerSettings {
     pub gauges_every_secs: u64,
     /// Address of `/health`, `/health/ready` and `/metrics`.
     pub listen: SocketAddr,
+    /// Run a settlement pass (earnings -> payouts, `crate::settlement`) on every tick.
+    pub settle_on_tick: bool,
+    /// The policy that pass applies: loaded from `[policy]` at load when
+    /// `settle_on_tick` is on (not a key of its own).
+    #[serde(skip)]
+    pub policy: Option<Arc<crate::domain::Policy>>,
 }
 
 /// The worker.
@@ -100,7 +132,9 @@ pub struct WorkerSettings {
 /// The payment gateway.
 #[derive(Debug, Clone, Deserialize)]
 pub struct GatewaySettings {
-    /// Which adapter: `contract` (the generic HTTP contract).
+    /// Which adapter: `contract` (the generic HTTP contract), `stripe`
+    /// (Stripe Connect transfers) or `release_funds` (a platform's own
+    /// `POST /api/Payment/release-funds`).
     pub kind: String,
     /// Base URL of the gateway.
     pub base_url: String,
@@ -128,6 +162,68 @@ pub struct GatewaySettings {
     pub breaker_window_ms: u64,
     /// How long the breaker stays open before a probe, in ms.
     pub breaker_cooldown_ms: u64,
+    /// Stripe Connect (`kind = "stripe"`).
+    pub stripe: StripeSettings,
+    /// A platform's release-funds API (`kind = "release_funds"`).
+    pub release_funds: ReleaseFundsSettings,
+    /// Incoming webhooks of the contract gateway (`Gateway-Signature`).
+    pub webhooks: WebhookSettings,
+    /// The poll that resolves payouts left `in_transit`.
+    pub sync: SyncSettings,
+}
+
+/// Stripe Connect: transfers to connected accounts.
+#[derive(Debug, Clone, Deserialize)]
+pub struct StripeSettings {
+    /// API base URL: `https://api.stripe.com` (a local fake in tests).
+    pub base_url: String,
+    /// Secret key (`sk_test_…`, `sk_live_…`, or a restricted `rk_…`). Never logged.
+    pub secret_key: SecretString,
+    /// The pinned `Stripe-Version` header, e.g. `2025-04-30.basil`.
+    pub stripe_version: String,
+    /// Look the transfer up by `transfer_group` before every create, so a
+    /// retry after Stripe forgot the idempotency key (24 h) cannot pay twice.
+    /// One extra GET per call.
+    pub lookup_before_create: bool,
+    /// Webhook endpoint signing secrets (`whsec_…`); more than one during rotation. Never logged.
+    pub webhook_secrets: Vec<SecretString>,
+}
+
+/// A platform's own payment API (`POST {base_url}{endpoint}`, JSON, cents).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ReleaseFundsSettings {
+    /// `PaymentAPI.BaseUrl`, e.g. `http://localhost:8085`.
+    pub base_url: String,
+    /// `PaymentAPI.ReleaseFundsEndpoint`, e.g. `/api/Payment/release-funds`.
+    pub endpoint: String,
+    /// Look-up by reference (`GET {base_url}{lookup_endpoint}?reference=…`); empty: none.
+    pub lookup_endpoint: String,
+    /// Bearer token; empty: no `Authorization` header. Never logged.
+    pub secret: SecretString,
+    /// What an HTTP status means, by code: `paid`, `in_transit`, `permanent`,
+    /// `transient` or `unknown`. Codes not listed: 2xx per the body, 5xx
+    /// transient, anything else unknown.
+    pub status_map: std::collections::BTreeMap<String, String>,
+}
+
+/// Incoming gateway webhooks.
+#[derive(Debug, Clone, Deserialize)]
+pub struct WebhookSettings {
+    /// Signing secrets of the contract gateway's `Gateway-Signature`; more than one during rotation.
+    pub secrets: Vec<SecretString>,
+    /// Oldest (or furthest in the future) signed timestamp accepted, in s.
+    pub tolerance_secs: u64,
+}
+
+/// The poll that resolves `in_transit` payouts no webhook resolved.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SyncSettings {
+    /// Interval between polls, in s.
+    pub interval_secs: u64,
+    /// Only payouts `in_transit` for at least this long are looked up, in s.
+    pub min_age_secs: u64,
+    /// Most payouts looked up per poll.
+    pub batch: i64,
 }
 
 /// Logging.
@@ -188,10 +284,13 @@ impl Settings {
             set_path(&mut value, &path, parse_env_value(raw))
                 .with_context(|| format!("bad environment variable {key}"))?;
         }
-        let settings: Settings = value
+        let mut settings: Settings = value
             .try_into()
             .map_err(|e: toml::de::Error| anyhow::anyhow!("invalid configuration: {e}"))?;
         settings.validate()?;
+        if settings.producer.settle_on_tick {
+            settings.producer.policy = Some(Arc::new(settings.policy.load()?));
+        }
         Ok(settings)
     }
 
@@ -265,9 +364,11 @@ impl Settings {
                 bail!("invalid configuration: {msg}");
             }
         }
-        if self.gateway.kind != "contract" {
-            bail!("invalid configuration: gateway.kind must be \"contract\"");
+        if let Err(e) = self.policy.load() {
+            bail!("invalid configuration: policy.file: {e:#}");
         }
+        crate::gateway::select::validate(&self.gateway)
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
         let attempt_ms = self.gateway.worst_attempt_ms();
         if self.worker.lease_secs * 1000 <= attempt_ms {
             bail!(

@@ -1,5 +1,6 @@
 //! The demo behind the README's first command: migrate, start the mock
-//! gateway, a producer and N workers as child processes, seed due payouts,
+//! gateway, a producer and N workers as child processes, seed due payouts (or,
+//! with `--from-earnings`, earnings that settlement turns into payouts),
 //! wait until each is final, check the gateway's ledger, print a summary.
 
 use std::{
@@ -28,6 +29,44 @@ pub struct DemoOptions {
     pub timeout: Duration,
     /// Where children write their logs.
     pub log_dir: PathBuf,
+    /// Seed earnings (released, in a closed period) and let settlement create
+    /// the payouts, instead of seeding ready-made payouts.
+    pub from_earnings: bool,
+}
+
+/// Demo earnings for `payee_ids` (3 each, released, in the default schedule's
+/// last closed period), then one settlement run; returns the payouts it made.
+pub async fn seed_from_earnings(
+    pool: &PgPool,
+    settings: &Settings,
+    payee_ids: &[i64],
+    now: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<i64> {
+    let policy = settings.policy.load()?;
+    let closed = policy
+        .default_schedule
+        .last_closed(now)
+        .context("the demo needs an automatic policy default_schedule (not manual)")?;
+    let release_at = closed.end - chrono::Duration::hours(1);
+    let completed_at = release_at - chrono::Duration::days(i64::from(policy.hold_days));
+    let usd = "USD".parse().expect("USD");
+    let t = Instant::now();
+    let n = crate::db::earnings::seed_demo(pool, payee_ids, 3, usd, completed_at, release_at, now)
+        .await?;
+    let opts = crate::settlement::Options {
+        payee: None,
+        actor: "demo:settlement".into(),
+    };
+    let report = crate::settlement::run(pool, &policy, now, &opts).await?;
+    println!(
+        "settled {n} earnings of {} payees (period {}): {} payouts, {} carried over, in {:.2} s",
+        payee_ids.len(),
+        closed,
+        report.payouts(),
+        report.settled.len() - report.payouts(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(report.payouts() as i64)
 }
 
 /// The demo's result.
@@ -241,15 +280,24 @@ pub async fn run(settings: Settings, opts: DemoOptions) -> anyhow::Result<DemoSu
     let before: i64 = sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM payouts")
         .fetch_one(&pool)
         .await?;
-    let payee_ids =
-        payees::create_demo(&pool, 100.min(opts.count), "USD".parse().expect("USD")).await?;
-    let started = Instant::now();
-    let now = chrono::Utc::now();
-    payouts::seed(&pool, &payee_ids, opts.count, "USD", now, now).await?;
-    println!(
-        "seeded {} due payouts; waiting for the fleet to pay them",
+    // From earnings: one payee per payout, whose settlement makes the payout.
+    let n_payees = if opts.from_earnings {
         opts.count
-    );
+    } else {
+        100.min(opts.count)
+    };
+    let payee_ids = payees::create_demo(&pool, n_payees, "USD".parse().expect("USD")).await?;
+    let mut started = Instant::now();
+    let now = chrono::Utc::now();
+    let seeded = if opts.from_earnings {
+        let n = seed_from_earnings(&pool, &settings, &payee_ids, now).await?;
+        started = Instant::now();
+        n
+    } else {
+        payouts::seed(&pool, &payee_ids, opts.count, "USD", now, now).await?;
+        opts.count
+    };
+    println!("seeded {seeded} due payouts; waiting for the fleet to pay them");
 
     let deadline = Instant::now() + opts.timeout;
     let mut last_print = Instant::now();
@@ -298,7 +346,7 @@ pub async fn run(settings: Settings, opts: DemoOptions) -> anyhow::Result<DemoSu
     refs.sort_unstable();
     refs.dedup();
     Ok(DemoSummary {
-        seeded: opts.count,
+        seeded,
         paid,
         failed,
         seconds,

@@ -6,17 +6,23 @@
 //! fenced by the attempt number of its claim.
 
 pub mod bench;
+pub mod chaos;
 pub mod cli;
+pub mod cli_money;
 pub mod clock;
 pub mod config;
 pub mod db;
 pub mod demo;
 pub mod domain;
+pub mod earnings_api;
 pub mod gateway;
 pub mod metrics;
 pub mod producer;
 pub mod queue;
 pub mod reconcile;
 pub mod server;
+pub mod settlement;
+pub mod sync;
 pub mod telemetry;
+pub mod webhooks;
 pub mod worker;

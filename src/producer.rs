@@ -60,6 +60,10 @@ impl Producer {
         let mut report = TickReport::default();
         let now = self.clock.now();
         let lease_until = now + chrono_secs(self.settings.queue_lease_secs);
+        // Earnings -> payouts first (only when producer.settle_on_tick is on),
+        // so the payouts this pass creates are enqueued by this same pass.
+        crate::settlement::on_producer_tick(&self.pool, &self.settings, now, &self.actor).await;
+
         if self.queue.check_epoch().await? {
             let ids = payouts::requeue_all_queued(&self.pool, lease_until, now).await?;
             if !ids.is_empty() {

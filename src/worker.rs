@@ -24,7 +24,6 @@ use crate::{
         Gateway, Outcome, TransferRequest,
         backoff::{BackoffPolicy, call_with_backoff},
         guard::{GatewayGuard, GuardSettings},
-        http::HttpGateway,
     },
     metrics,
     queue::{PayoutJob, Queue, lock::Locks},
@@ -411,7 +410,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let conn = crate::queue::connect(&settings.redis).await?;
     let queue = Queue::from_settings(conn.clone(), &settings);
     let gateway: Arc<dyn Gateway> =
-        Arc::new(HttpGateway::new(&settings.gateway).context("gateway client")?);
+        crate::gateway::select::build(&settings.gateway).context("gateway client")?;
     let guard = Arc::new(GatewayGuard::new(
         conn.clone(),
         &settings.redis.prefix,

@@ -17,6 +17,10 @@ struct Args {
     /// Seed for latency jitter and random faults.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Keep the ledger in this file (JSON lines, fsynced before each answer,
+    /// loaded at start) so a restarted mock keeps its idempotency ledger.
+    #[arg(long, env = "MOCK_GATEWAY_LEDGER_FILE", value_name = "PATH")]
+    ledger_file: Option<std::path::PathBuf>,
     #[command(flatten)]
     faults: Faults,
 }
@@ -26,18 +30,23 @@ async fn main() -> anyhow::Result<()> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).init();
     let args = Args::parse();
-    let listener = tokio::net::TcpListener::bind(&args.listen).await?;
-    let addr = listener.local_addr()?;
-    println!("mock gateway listening on http://{addr}");
-    tracing::info!(%addr, faults = ?args.faults, "mock gateway started");
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     let (secret, faults, seed) = (args.secret, args.faults, args.seed);
-    let gateway = MockGateway::new(MockGatewayConfig {
+    let ledger_file = args.ledger_file;
+    let gateway = MockGateway::try_new(MockGatewayConfig {
         secret,
         faults,
         seed,
-    });
+        ledger_file: ledger_file.clone(),
+    })?;
+    if let Some(path) = &ledger_file {
+        tracing::info!(path = %path.display(), entries = gateway.ledger().len(), "durable ledger loaded");
+    }
+    let listener = tokio::net::TcpListener::bind(&args.listen).await?;
+    let addr = listener.local_addr()?;
+    println!("mock gateway listening on http://{addr}");
+    tracing::info!(%addr, faults = ?gateway.faults(), "mock gateway started");
     gateway.serve(listener, shutdown).await?;
     tracing::info!("mock gateway stopped");
     Ok(())

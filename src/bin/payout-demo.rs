@@ -22,6 +22,10 @@ struct Args {
     /// Where the child processes log.
     #[arg(long, default_value = ".demo")]
     log_dir: PathBuf,
+    /// Start from earnings: one payee per payout, 3 released earnings each,
+    /// settled by the policy into the payouts the fleet then pays.
+    #[arg(long)]
+    from_earnings: bool,
 }
 
 #[tokio::main]
@@ -33,6 +37,7 @@ async fn main() -> anyhow::Result<()> {
         workers: args.workers,
         timeout: Duration::from_secs(args.timeout_secs),
         log_dir: args.log_dir,
+        from_earnings: args.from_earnings,
     };
     let s = payouts::demo::run(settings, opts).await?;
     println!(

@@ -82,7 +82,7 @@ const FINISH_BATCH: &str = "
         RETURNING p.id, p.attempt, i.status, i.actor, i.reason, i.now)
     INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
     SELECT id, 'processing', status, actor, reason, attempt, now FROM upd
-    RETURNING payout_id";
+    RETURNING payout_id, attempt";
 
 impl Batcher {
     /// Starts the two batching loops on `pool`; at most `max_batch` rows per statement.
@@ -213,7 +213,21 @@ async fn run_claims(pool: &PgPool, mut batch: Vec<ClaimReq>) {
 }
 
 async fn run_finishes(pool: &PgPool, mut batch: Vec<FinishReq>) {
-    batch.sort_by_key(|r| r.id);
+    // One write per (payout, token) per batch: a repeat under the same token
+    // is refused, as a second single statement would be.
+    batch.sort_by_key(|r| (r.id, r.token));
+    let mut unique: Vec<FinishReq> = Vec::with_capacity(batch.len());
+    for r in batch {
+        if unique
+            .last()
+            .is_some_and(|u| (u.id, u.token) == (r.id, r.token))
+        {
+            let _ = r.reply.send(Ok(false));
+        } else {
+            unique.push(r);
+        }
+    }
+    let batch = unique;
     let mut ids = Vec::with_capacity(batch.len());
     let mut tokens = Vec::with_capacity(batch.len());
     let mut statuses = Vec::with_capacity(batch.len());
@@ -237,7 +251,7 @@ async fn run_finishes(pool: &PgPool, mut batch: Vec<FinishReq>) {
         reasons.push(r.reason.as_str());
         nows.push(r.now);
     }
-    let result: sqlx::Result<Vec<i64>> = sqlx::query_scalar(FINISH_BATCH)
+    let result: sqlx::Result<Vec<(i64, i32)>> = sqlx::query_as(FINISH_BATCH)
         .bind(&ids)
         .bind(&tokens)
         .bind(&statuses)
@@ -253,7 +267,9 @@ async fn run_finishes(pool: &PgPool, mut batch: Vec<FinishReq>) {
     match result {
         Ok(applied) => {
             for r in batch {
-                let _ = r.reply.send(Ok(applied.contains(&r.id)));
+                // Matched by payout *and* token: of two writes for one payout in a
+                // batch, only the one under the current token applied.
+                let _ = r.reply.send(Ok(applied.contains(&(r.id, r.token))));
             }
         }
         Err(e) => {

@@ -2,9 +2,12 @@
 //! table's module. Time is always passed in (the clock seam), never `now()`.
 
 pub mod batch;
+pub mod earnings;
 pub mod events;
+pub mod payee_terms;
 pub mod payees;
 pub mod payouts;
+pub mod settlements;
 
 use std::time::Duration;
 

@@ -1,8 +1,13 @@
 //! The domain: money, payout states and their legal transitions. Pure: no I/O,
 //! no clock (time is passed in).
 
+pub mod earning;
 pub mod money;
+pub mod policy;
+pub mod schedule;
 pub mod status;
 
 pub use money::{Currency, Money, MoneyError};
+pub use policy::{PayoutMethod, Policy, PolicyError};
+pub use schedule::{Period, Schedule};
 pub use status::{PayoutStatus, TransitionError};

@@ -104,6 +104,7 @@ impl PayoutStatus {
                 | (Retrying, Cancelled)
                 | (InTransit, Paid)
                 | (InTransit, Failed)
+                | (Paid, Failed)
                 | (Failed, Queued)
                 | (Failed, Cancelled)
         )

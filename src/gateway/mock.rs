@@ -6,8 +6,14 @@
 //! happy path it can inject the failures a real gateway produces — latency,
 //! transient 5xx, 429 with `Retry-After`, permanent errors, and the nasty
 //! ones where money moved but the client never heard (apply-then-500,
-//! apply-then-hang) — either at random (seeded, so reproducible) or from a
-//! FIFO script of forced statuses.
+//! apply-then-hang, apply-then-reset) — either at random (seeded, so
+//! reproducible) or from a FIFO script of forced statuses.
+//!
+//! With [`MockGatewayConfig::ledger_file`] the ledger is durable: every
+//! applied transfer is appended as one JSON line and fsynced *before* its
+//! answer leaves, and the file is loaded at start, so a mock that is killed
+//! and restarted keeps its idempotency ledger (a retry after the crash gets
+//! the stored transfer, not a second payment). The chaos harness relies on it.
 //!
 //! Operators and tests drive it through [`MockGateway`] or the unauthenticated
 //! admin endpoints under `/_mock/` (`ledger`, `stats`, `faults`, `reset`).
@@ -16,29 +22,38 @@
 //! `Idempotency-Key` present -> parse/validate body -> replay check (same
 //! params: stored answer; other params: 409) -> script -> closed destinations
 //! -> random pre-apply faults (5xx, 429, permanent) -> apply (`rate_pending`
-//! picks the status) -> post-apply faults (500, hang).
+//! picks the status; the ledger file is written) -> post-apply faults (500,
+//! hang, reset).
 //!
 //! All state sits behind one `std::sync::Mutex`, never held across an await,
 //! so two requests with the same key apply at most once.
 
 use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{BufRead, Seek, Write};
 use std::net::SocketAddr;
 use std::ops::Deref;
+use std::path::{Path as FsPath, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::connect_info::{ConnectInfo, Connected};
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{Extensions, HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -58,6 +73,10 @@ pub struct MockGatewayConfig {
     pub faults: Faults,
     /// Seed of the random generator behind latency jitter and random faults.
     pub seed: u64,
+    /// Where the ledger is kept durably (one JSON [`LedgerEntry`] per line,
+    /// fsynced before the answer is sent, loaded at start); `None` keeps it in
+    /// memory only.
+    pub ledger_file: Option<PathBuf>,
 }
 
 impl Default for MockGatewayConfig {
@@ -66,6 +85,7 @@ impl Default for MockGatewayConfig {
             secret: "sk_test_mock".to_owned(),
             faults: Faults::default(),
             seed: 42,
+            ledger_file: None,
         }
     }
 }
@@ -74,8 +94,8 @@ impl Default for MockGatewayConfig {
 ///
 /// Pre-apply rates (`rate_5xx`, `rate_429`, `rate_permanent`) share one draw,
 /// so they are exact and mutually exclusive (their sum should be <= 1); the
-/// same holds for the post-apply pair (`rate_apply_then_500`,
-/// `rate_apply_then_timeout`).
+/// same holds for the post-apply rates (`rate_apply_then_500`,
+/// `rate_apply_then_timeout`, `rate_apply_then_reset`).
 ///
 /// Also a set of command-line flags (`clap::Args`), used by the
 /// `mock-gateway` binary: `--latency-ms`, `--rate-5xx`, … one per field.
@@ -112,6 +132,10 @@ pub struct Faults {
     /// Probability of applying the transfer, then answering 500.
     #[arg(long, default_value_t = 0.0)]
     pub rate_apply_then_500: f64,
+    /// Probability of applying the transfer, then resetting the connection
+    /// (TCP RST, no answer at all).
+    #[arg(long, default_value_t = 0.0)]
+    pub rate_apply_then_reset: f64,
     /// Hold time for apply-then-hang (30 000 when 0).
     #[arg(long, default_value_t = DEFAULT_HANG_MS)]
     pub hang_ms: u64,
@@ -125,9 +149,10 @@ pub struct Faults {
     /// that reaches the script step (i.e. not a replay nor a validation error).
     /// 500/502/503/504 (any other 5xx too): transient before applying;
     /// 429: rate limited; 2xx: apply and answer 200 (random faults skipped);
-    /// 600: apply then 500; 601: apply then hang; 401: unauthorized; other
-    /// 4xx: permanent error before applying (not stored). Closed destinations
-    /// still win over 2xx/600/601. Unknown values: normal processing.
+    /// 600: apply then 500; 601: apply then hang; 602: apply then reset the
+    /// connection; 401: unauthorized; other 4xx: permanent error before
+    /// applying (not stored). Closed destinations still win over
+    /// 2xx/600/601/602. Unknown values: normal processing.
     #[arg(long, value_delimiter = ',', value_name = "STATUS,...")]
     pub script: Vec<u16>,
 }
@@ -190,6 +215,8 @@ struct Inner {
 
 struct GatewayState {
     faults: Faults,
+    /// The durable ledger, when configured.
+    journal: Option<File>,
     rng: StdRng,
     ledger: Vec<LedgerEntry>,
     by_id: HashMap<String, usize>,
@@ -306,12 +333,15 @@ enum Decision {
     Answer(Answer),
     /// Applied; hold the answer for this long (or until server shutdown).
     Hang(Duration, Answer),
+    /// Applied; reset the connection instead of answering.
+    Reset(Answer),
 }
 
 enum PostFault {
     None,
     Fail500,
     Hang,
+    Reset,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -370,6 +400,7 @@ impl GatewayState {
     fn new(faults: Faults, seed: u64) -> Self {
         Self {
             faults,
+            journal: None,
             rng: StdRng::seed_from_u64(seed),
             ledger: Vec::new(),
             by_id: HashMap::new(),
@@ -507,6 +538,10 @@ impl GatewayState {
                     post = PostFault::Hang;
                     scripted = true;
                 }
+                602 => {
+                    post = PostFault::Reset;
+                    scripted = true;
+                }
                 429 => return Decision::Answer(rate_limited(self.faults.retry_after_secs)),
                 401 => return Decision::Answer(unauthorized()),
                 s @ 400..=499 => {
@@ -585,37 +620,34 @@ impl GatewayState {
             status: if pending { "pending" } else { "paid" }.to_owned(),
             applied_at: Utc::now(),
         };
-        let idx = self.ledger.len();
+        // Durable first: if the line cannot be written, nothing is applied and
+        // the client is told to retry (the same key will apply later).
+        if let Err(e) = self.journal_append(&entry) {
+            tracing::error!(error = %e, "ledger file write failed; transfer not applied");
+            return Decision::Answer(Answer::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ledger_unavailable",
+                "the ledger could not be written; retry with the same key",
+            ));
+        }
         let view = TransferView::from(&entry);
-        self.by_id.insert(entry.id.clone(), idx);
-        self.by_reference
-            .entry(entry.reference.clone())
-            .or_default()
-            .push(idx);
-        self.ledger.push(entry);
-        self.keys.insert(
-            key.to_owned(),
-            KeyRecord {
-                amount_minor: req.amount_minor,
-                currency: req.currency,
-                destination: req.destination,
-                reference: req.reference,
-                outcome: Outcome::Applied(idx),
-            },
-        );
+        self.insert_applied(entry);
         self.stats.applied += 1;
 
         // Post-apply faults.
         if !scripted {
-            let (r500, rhang) = (
+            let (r500, rhang, rreset) = (
                 self.faults.rate_apply_then_500,
                 self.faults.rate_apply_then_timeout,
+                self.faults.rate_apply_then_reset,
             );
-            if let Some(u) = self.draw(r500 + rhang) {
+            if let Some(u) = self.draw(r500 + rhang + rreset) {
                 if u < r500 {
                     post = PostFault::Fail500;
                 } else if u < r500 + rhang {
                     post = PostFault::Hang;
+                } else if u < r500 + rhang + rreset {
+                    post = PostFault::Reset;
                 }
             }
         }
@@ -629,21 +661,121 @@ impl GatewayState {
             PostFault::Hang => {
                 Decision::Hang(self.hang_duration(), Answer::Transfer(StatusCode::OK, view))
             }
+            PostFault::Reset => Decision::Reset(Answer::Transfer(StatusCode::OK, view)),
         }
+    }
+
+    /// Indexes an applied transfer (in memory): ledger, id, reference, key.
+    fn insert_applied(&mut self, entry: LedgerEntry) {
+        let idx = self.ledger.len();
+        self.by_id.insert(entry.id.clone(), idx);
+        self.by_reference
+            .entry(entry.reference.clone())
+            .or_default()
+            .push(idx);
+        self.keys.insert(
+            entry.idempotency_key.clone(),
+            KeyRecord {
+                amount_minor: entry.amount_minor,
+                currency: entry.currency.clone(),
+                destination: entry.destination.clone(),
+                reference: entry.reference.clone(),
+                outcome: Outcome::Applied(idx),
+            },
+        );
+        self.ledger.push(entry);
+    }
+
+    /// Appends one line to the ledger file and waits for the disk.
+    fn journal_append(&mut self, entry: &LedgerEntry) -> std::io::Result<()> {
+        let Some(file) = self.journal.as_mut() else {
+            return Ok(());
+        };
+        let mut line = serde_json::to_vec(entry).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        file.write_all(&line)?;
+        file.sync_data()
+    }
+
+    /// Opens (or creates) the ledger file and loads every entry in it. A torn
+    /// last line (a crash mid-write, so never acknowledged) is cut off; a bad
+    /// line anywhere else is an error, because the ledger would be wrong.
+    fn open_journal(&mut self, path: &FsPath) -> std::io::Result<()> {
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(path)?;
+        let mut reader = std::io::BufReader::new(&file);
+        let mut good_len: u64 = 0;
+        let mut line = String::new();
+        let mut lineno = 0;
+        loop {
+            line.clear();
+            let n = reader.read_line(&mut line)?;
+            if n == 0 {
+                break;
+            }
+            lineno += 1;
+            if !line.ends_with('\n') {
+                break; // torn: cut off below
+            }
+            let entry: LedgerEntry = serde_json::from_str(line.trim_end()).map_err(|e| {
+                std::io::Error::other(format!(
+                    "{}: line {lineno} is not a ledger entry: {e}",
+                    path.display()
+                ))
+            })?;
+            if self.keys.contains_key(&entry.idempotency_key) {
+                return Err(std::io::Error::other(format!(
+                    "{}: line {lineno}: key {} applied twice",
+                    path.display(),
+                    entry.idempotency_key
+                )));
+            }
+            good_len += n as u64;
+            self.insert_applied(entry);
+        }
+        drop(reader);
+        if file.metadata()?.len() != good_len {
+            tracing::warn!(path = %path.display(), "cutting a torn last line off the ledger file");
+            file.set_len(good_len)?;
+            file.sync_all()?;
+        }
+        file.seek(std::io::SeekFrom::End(0))?;
+        self.journal = Some(file);
+        Ok(())
     }
 }
 
 impl MockGateway {
-    /// A gateway with an empty ledger.
+    /// A gateway with an empty ledger, or the one in `config.ledger_file`.
+    ///
+    /// # Panics
+    /// If the ledger file cannot be opened or read; [`MockGateway::try_new`]
+    /// returns the error instead.
     pub fn new(config: MockGatewayConfig) -> Self {
-        Self {
+        match Self::try_new(config) {
+            Ok(gw) => gw,
+            Err(e) => panic!("mock gateway ledger file: {e}"),
+        }
+    }
+
+    /// A gateway with an empty ledger, or the one loaded from
+    /// `config.ledger_file` (created if missing).
+    pub fn try_new(config: MockGatewayConfig) -> std::io::Result<Self> {
+        let mut state = GatewayState::new(config.faults, config.seed);
+        if let Some(path) = &config.ledger_file {
+            state.open_journal(path)?;
+        }
+        Ok(Self {
             inner: Arc::new(Inner {
                 auth: format!("Bearer {}", config.secret),
                 seed: config.seed,
-                state: Mutex::new(GatewayState::new(config.faults, config.seed)),
+                state: Mutex::new(state),
                 release: Mutex::new(CancellationToken::new()),
             }),
-        }
+        })
     }
 
     /// The HTTP routes: the contract (`/v1/transfers…`), the admin endpoints
@@ -673,7 +805,9 @@ impl MockGateway {
         let release = CancellationToken::new();
         *lock(&self.inner.release) = release.clone();
         let router = self.router();
-        axum::serve(listener, router)
+        // Each connection carries a flag the handler can set to reset it.
+        let service = router.into_make_service_with_connect_info::<ConnReset>();
+        axum::serve(ResettableListener(listener), service)
             .with_graceful_shutdown(async move {
                 shutdown.cancelled().await;
                 release.cancel();
@@ -683,9 +817,9 @@ impl MockGateway {
 
     /// Binds `127.0.0.1:0`, spawns [`MockGateway::serve`] and returns a handle.
     pub async fn start(config: MockGatewayConfig) -> std::io::Result<RunningMockGateway> {
+        let gateway = MockGateway::try_new(config)?;
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
-        let gateway = MockGateway::new(config);
         let shutdown = CancellationToken::new();
         let join = tokio::spawn(gateway.clone().serve(listener, shutdown.clone()));
         Ok(RunningMockGateway {
@@ -717,13 +851,24 @@ impl MockGateway {
         lock(&self.inner.state).stats.clone()
     }
 
-    /// Clears the ledger, the idempotency store, the stats and the script,
-    /// and reseeds the random generator; other fault settings are kept.
+    /// Clears the ledger (the ledger file too), the idempotency store, the
+    /// stats and the script, and reseeds the random generator; other fault
+    /// settings are kept.
     pub fn reset(&self) {
         let mut st = lock(&self.inner.state);
         let mut faults = std::mem::take(&mut st.faults);
         faults.script.clear();
+        let journal = st.journal.take().and_then(|f| {
+            match f.set_len(0).and_then(|()| f.sync_all()) {
+                Ok(()) => Some(f),
+                Err(e) => {
+                    tracing::error!(error = %e, "could not truncate the ledger file; it is no longer written");
+                    None
+                }
+            }
+        });
         *st = GatewayState::new(faults, self.inner.seed);
+        st.journal = journal;
     }
 
     fn release_token(&self) -> CancellationToken {
@@ -752,6 +897,7 @@ async fn sleep_or_release(gw: &MockGateway, d: Duration) {
 async fn create_transfer(
     State(gw): State<MockGateway>,
     headers: HeaderMap,
+    extensions: Extensions,
     body: Bytes,
 ) -> Response {
     let latency = lock(&gw.inner.state).latency();
@@ -767,7 +913,7 @@ async fn create_transfer(
             Decision::Answer(unauthorized())
         };
         let status = match &decision {
-            Decision::Answer(a) | Decision::Hang(_, a) => a.status(),
+            Decision::Answer(a) | Decision::Hang(_, a) | Decision::Reset(a) => a.status(),
         };
         *st.stats.by_status.entry(status.as_u16()).or_default() += 1;
         decision
@@ -779,6 +925,127 @@ async fn create_transfer(
             sleep_or_release(&gw, d).await;
             a.into_response()
         }
+        Decision::Reset(a) => match extensions.get::<ConnectInfo<ConnReset>>() {
+            // The answer is dropped: the connection's next write fails and the
+            // socket is closed with SO_LINGER 0, i.e. a TCP RST.
+            Some(ConnectInfo(conn)) => {
+                conn.0.store(true, Ordering::SeqCst);
+                a.into_response()
+            }
+            // Served without connect info (a bare `router()`): a body that
+            // fails makes hyper drop the connection without an answer.
+            None => {
+                let failing = futures::stream::once(async {
+                    Err::<Bytes, _>(std::io::Error::other("injected reset"))
+                });
+                (a.status(), axum::body::Body::from_stream(failing)).into_response()
+            }
+        },
+    }
+}
+
+/// The listener behind [`MockGateway::serve`]: plain TCP whose connections
+/// can be reset from a handler (apply-then-reset).
+struct ResettableListener(TcpListener);
+
+/// A connection that, once its flag is set, fails every read and write and
+/// closes with SO_LINGER 0 (the peer sees `connection reset`).
+struct ResettableIo {
+    stream: TcpStream,
+    reset: Arc<AtomicBool>,
+}
+
+/// The connect info handed to handlers: the connection's reset flag.
+#[derive(Clone)]
+struct ConnReset(Arc<AtomicBool>);
+
+impl axum::serve::Listener for ResettableListener {
+    type Io = ResettableIo;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let (stream, addr) = axum::serve::Listener::accept(&mut self.0).await;
+        let io = ResettableIo {
+            stream,
+            reset: Arc::new(AtomicBool::new(false)),
+        };
+        (io, addr)
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.0.local_addr()
+    }
+}
+
+impl Connected<axum::serve::IncomingStream<'_, ResettableListener>> for ConnReset {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, ResettableListener>) -> Self {
+        ConnReset(stream.io().reset.clone())
+    }
+}
+
+impl ResettableIo {
+    /// `Some(error)` once the connection is to be reset (and arms the RST).
+    fn check_reset(&self) -> Option<std::io::Error> {
+        if !self.reset.load(Ordering::SeqCst) {
+            return None;
+        }
+        let _ = self.stream.set_zero_linger();
+        Some(std::io::ErrorKind::ConnectionReset.into())
+    }
+}
+
+impl AsyncRead for ResettableIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if let Some(e) = self.check_reset() {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ResettableIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if let Some(e) = self.check_reset() {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if let Some(e) = self.check_reset() {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if let Some(e) = self.check_reset() {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        if let Some(e) = self.check_reset() {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
     }
 }
 
@@ -898,5 +1165,140 @@ impl Deref for RunningMockGateway {
 impl Drop for RunningMockGateway {
     fn drop(&mut self) {
         self.shutdown.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_ledger(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "mock-ledger-{}-{}",
+            std::process::id(),
+            ulid::Ulid::new()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join(name)
+    }
+
+    async fn post(gw: &RunningMockGateway, key: &str) -> reqwest::Result<reqwest::Response> {
+        reqwest::Client::new()
+            .post(format!("{}/v1/transfers", gw.base_url))
+            .bearer_auth("sk_test_mock")
+            .header("Idempotency-Key", key)
+            .json(&serde_json::json!({
+                "amount_minor": 500, "currency": "USD",
+                "destination": "acct_1", "reference": key,
+            }))
+            .send()
+            .await
+    }
+
+    async fn start_with(ledger: &FsPath, faults: Faults) -> RunningMockGateway {
+        MockGateway::start(MockGatewayConfig {
+            faults,
+            ledger_file: Some(ledger.to_path_buf()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_restarted_gateway_keeps_its_ledger_and_replays_instead_of_paying_twice() {
+        let path = temp_ledger("ledger.jsonl");
+        let gw = start_with(&path, Faults::default()).await;
+        let first: serde_json::Value = post(&gw, "payout_1").await.unwrap().json().await.unwrap();
+        post(&gw, "payout_2").await.unwrap();
+        gw.stop().await;
+
+        let gw = start_with(&path, Faults::default()).await;
+        assert_eq!(gw.ledger().len(), 2, "both entries loaded");
+        let again: serde_json::Value = post(&gw, "payout_1").await.unwrap().json().await.unwrap();
+        assert_eq!(
+            first["id"], again["id"],
+            "the retry got the stored transfer"
+        );
+        assert_eq!(gw.ledger().len(), 2, "no second payment");
+        assert_eq!(gw.stats().replays, 1);
+        let lines = std::fs::read_to_string(&path).unwrap().lines().count();
+        assert_eq!(lines, 2);
+        gw.stop().await;
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn a_torn_last_line_is_cut_off_and_a_corrupt_one_is_refused() {
+        let path = temp_ledger("ledger.jsonl");
+        let entry = LedgerEntry {
+            id: "tr_1".into(),
+            idempotency_key: "payout_1".into(),
+            amount_minor: 100,
+            currency: "USD".into(),
+            destination: "acct_1".into(),
+            reference: "payout_1".into(),
+            status: "paid".into(),
+            applied_at: Utc::now(),
+        };
+        let good = format!("{}\n", serde_json::to_string(&entry).unwrap());
+        std::fs::write(&path, format!("{good}{{\"id\":\"tr_")).unwrap();
+        let config = MockGatewayConfig {
+            ledger_file: Some(path.clone()),
+            ..Default::default()
+        };
+        let gw = MockGateway::try_new(config.clone()).unwrap();
+        assert_eq!(gw.ledger(), vec![entry]);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), good);
+
+        std::fs::write(&path, format!("not json\n{good}")).unwrap();
+        let err = MockGateway::try_new(config).expect_err("corrupt ledger refused");
+        assert!(err.to_string().contains("line 1"), "{err}");
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[tokio::test]
+    async fn apply_then_reset_moves_money_once_and_the_client_sees_a_reset() {
+        let path = temp_ledger("ledger.jsonl");
+        let gw = start_with(
+            &path,
+            Faults {
+                script: vec![602],
+                ..Default::default()
+            },
+        )
+        .await;
+        let err = post(&gw, "payout_9").await.expect_err("no answer");
+        assert!(!err.is_timeout(), "{err:?}");
+        assert_eq!(gw.ledger().len(), 1, "applied before the reset");
+        let retry = post(&gw, "payout_9").await.unwrap();
+        assert_eq!(retry.status(), StatusCode::OK);
+        assert_eq!(gw.ledger().len(), 1, "the retry is a replay");
+        gw.reset();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "",
+            "reset truncates the file"
+        );
+        gw.stop().await;
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[tokio::test]
+    async fn random_resets_follow_their_rate() {
+        let gw = MockGateway::start(MockGatewayConfig {
+            faults: Faults {
+                rate_apply_then_reset: 1.0,
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        for i in 0..5 {
+            assert!(post(&gw, &format!("payout_{i}")).await.is_err());
+        }
+        assert_eq!(gw.ledger().len(), 5);
+        gw.stop().await;
     }
 }

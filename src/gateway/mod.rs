@@ -5,6 +5,9 @@ pub mod backoff;
 pub mod guard;
 pub mod http;
 pub mod mock;
+pub mod release_funds;
+pub mod select;
+pub mod stripe;
 
 use std::{collections::BTreeMap, time::Duration};
 

@@ -1,0 +1,80 @@
+//! `payout-chaos`: the chaos harness (see `payouts::chaos`). Runs the fault
+//! scenarios against a private Redis and Postgres and the fleet binaries
+//! next to it, prints one table row per scenario, writes the whole report as
+//! JSON, and exits 1 if any invariant was broken.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use payouts::chaos::{self, Bins, ChaosOptions, Profile, Scenario};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Chaos harness: fault scenarios against a private fleet, invariants checked"
+)]
+struct Args {
+    /// Scenarios to run (S1 ... S12), comma-separated; all by default.
+    #[arg(long, value_delimiter = ',', value_parser = parse_scenario)]
+    scenarios: Vec<Scenario>,
+    /// Payouts per scenario (default: 3000, or 200 with --short).
+    #[arg(long)]
+    payouts: Option<i64>,
+    /// Worker processes.
+    #[arg(long, default_value_t = 4)]
+    workers: usize,
+    /// The short form (few payouts, short faults), as the test command runs it.
+    #[arg(long)]
+    short: bool,
+    /// Where to write the JSON report.
+    #[arg(long, default_value = "target/chaos/last-run.json")]
+    json: PathBuf,
+    /// Where the child processes' logs go (one directory per scenario).
+    #[arg(long, default_value = "target/chaos/logs")]
+    log_dir: PathBuf,
+}
+
+fn parse_scenario(s: &str) -> Result<Scenario, String> {
+    s.parse()
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    payouts::telemetry::init("pretty");
+    let args = Args::parse();
+    let scenarios = if args.scenarios.is_empty() {
+        Scenario::ALL.to_vec()
+    } else {
+        args.scenarios
+    };
+    let profile = if args.short {
+        Profile::short(args.payouts.unwrap_or(200), args.workers)
+    } else {
+        Profile::full(args.payouts.unwrap_or(3000), args.workers)
+    };
+    let opts = ChaosOptions {
+        scenarios,
+        profile,
+        bins: Bins::next_to_current_exe()?,
+        log_dir: Some(args.log_dir.clone()),
+    };
+    let report = chaos::run(opts).await?;
+    println!("{}", report.table());
+    println!("{}", report.details());
+    if let Some(dir) = args.json.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.json, serde_json::to_string_pretty(&report)?)?;
+    println!(
+        "{} scenarios in {:.0} s; report {}, logs {}",
+        report.scenarios.len(),
+        report.duration_secs,
+        args.json.display(),
+        args.log_dir.display()
+    );
+    if !report.ok() {
+        eprintln!("chaos: invariants broken (see the table above)");
+        std::process::exit(1);
+    }
+    Ok(())
+}

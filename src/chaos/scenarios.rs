@@ -1,0 +1,541 @@
+//! The twelve fault scenarios: what each injects into a running fleet, when
+//! it heals, and the extra evidence some of them collect after the drain
+//! (S3: the fence refused the paused worker's late writes; S11: the payouts
+//! the killed producer left `queued` without a job were recovered by the
+//! lease sweep).
+//!
+//! Faults start `profile.fault_at` after seeding, while payouts are still
+//! falling due, so there is always work in flight when they hit.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use chrono::{DateTime, Utc};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+use super::{
+    Profile, Scenario,
+    fleet::{Fleet, PREFIX},
+    pg::PrivatePostgres,
+    process::poll,
+    proxy::Mode,
+    report::ScenarioReport,
+};
+use crate::gateway::mock::Faults;
+
+/// What a scenario injected.
+#[derive(Debug, Default)]
+pub struct Injected {
+    /// When the fault began.
+    pub start: Option<DateTime<Utc>>,
+    /// When it ended (everything restarted, resumed, reconnected).
+    pub heal: Option<DateTime<Utc>>,
+    /// What was done, for the report.
+    pub notes: Vec<String>,
+    /// Evidence to collect once the fleet drained.
+    pub after: After,
+}
+
+/// Scenario-specific checks after the drain.
+#[derive(Debug, Default)]
+pub enum After {
+    /// Nothing more.
+    #[default]
+    Nothing,
+    /// S3: the paused worker's outcomes must have been refused.
+    PausedWorker {
+        /// Its slot.
+        slot: usize,
+        /// Its pid.
+        pid: u32,
+        /// Payouts it held (processing, its lease) when it was stopped.
+        owned: Vec<i64>,
+        /// When it was stopped.
+        stopped_at: DateTime<Utc>,
+    },
+    /// S11: batches the killed producers marked `queued` right before dying.
+    Orphans {
+        /// (producer actor, the batch's event time).
+        batches: Vec<(String, DateTime<Utc>)>,
+    },
+}
+
+/// The gateway faults and fleet options a scenario starts with.
+pub fn initial_faults(s: Scenario, profile: &Profile) -> Faults {
+    let mut f = profile.base_faults();
+    match s {
+        // Answers slow enough that a killed worker dies with calls in flight.
+        Scenario::S2 => f.latency_ms = 100,
+        // Slow answers, so the worker is stopped with calls in flight.
+        Scenario::S3 => f.latency_ms = 500,
+        _ => {}
+    }
+    f
+}
+
+fn at(t0: tokio::time::Instant, after: Duration) -> tokio::time::Instant {
+    t0 + after
+}
+
+async fn paid_count(fleet: &Fleet) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM payouts WHERE status = 'paid'")
+        .fetch_one(&fleet.pool)
+        .await
+        .unwrap_or(-1)
+}
+
+/// Injects scenario `s` into `fleet`; `t0` is when the payouts were seeded.
+pub async fn inject(
+    s: Scenario,
+    fleet: &mut Fleet,
+    pg: &mut PrivatePostgres,
+    profile: &Profile,
+    t0: tokio::time::Instant,
+) -> anyhow::Result<Injected> {
+    let mut out = Injected::default();
+    if s == Scenario::S1 {
+        return Ok(out);
+    }
+    tokio::time::sleep_until(at(t0, profile.fault_at)).await;
+    let paid_before = paid_count(fleet).await;
+    out.start = Some(Utc::now());
+    let mut rng = StdRng::seed_from_u64(profile.seed ^ s as u64);
+    let d = profile.fault_for;
+    match s {
+        Scenario::S1 => {}
+        Scenario::S2 => {
+            let end = tokio::time::Instant::now() + d;
+            let (mut kills, mut mid_attempt) = (0, 0);
+            while tokio::time::Instant::now() < end {
+                let slot = rng.random_range(0..fleet.workers.len());
+                let pid = fleet.workers[slot].proc.pid();
+                fleet.workers[slot].proc.kill9();
+                let held: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM payouts WHERE status = 'processing' AND lease_owner LIKE $1",
+                )
+                .bind(format!("worker:%-{pid}-%"))
+                .fetch_one(&fleet.pool)
+                .await?;
+                mid_attempt += held;
+                fleet.spawn_worker(Some(slot))?;
+                kills += 1;
+                // The fault's own cadence.
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            out.notes.push(format!(
+                "{kills} workers SIGKILLed (a random one every 2 s; gateway latency 100 ms) and restarted; \
+                 they died holding {mid_attempt} payouts mid-attempt"
+            ));
+        }
+        Scenario::S3 => {
+            let (slot, pid, owned) = stop_a_busy_worker(fleet).await?;
+            let stopped_at = Utc::now();
+            // Longer than its lease and its lock, so others take its payouts over.
+            let stall = Duration::from_secs(profile.lease_secs)
+                + Duration::from_millis(profile.lock_ttl_ms);
+            tokio::time::sleep(stall).await;
+            fleet.workers[slot].proc.signal("CONT")?;
+            out.notes.push(format!(
+                "worker pid {pid} SIGSTOPped for {:.1} s (lease {} s, lock {} ms) holding {} payouts, then SIGCONT",
+                stall.as_secs_f64(),
+                profile.lease_secs,
+                profile.lock_ttl_ms,
+                owned.len()
+            ));
+            out.after = After::PausedWorker {
+                slot,
+                pid,
+                owned,
+                stopped_at,
+            };
+        }
+        Scenario::S4 => {
+            let faulty = Faults {
+                rate_apply_then_500: 0.1,
+                rate_apply_then_timeout: 0.1,
+                rate_apply_then_reset: 0.1,
+                hang_ms: 1500,
+                ..profile.base_faults()
+            };
+            fleet.gateway.set_faults(&faulty).await?;
+            tokio::time::sleep(d / 2).await;
+            // The worst case of "applied, then no answer": the gateway dies.
+            fleet.gateway.crash_and_restart().await?;
+            fleet.gateway.set_faults(&faulty).await?;
+            let reloaded = fleet.gateway.ledger().await?.len();
+            tokio::time::sleep(d / 2).await;
+            fleet.gateway.set_faults(&profile.base_faults()).await?;
+            let st = fleet.gateway.stats().await?;
+            out.notes.push(format!(
+                "{:.0} s of apply-then-500 / apply-then-timeout (held 1.5 s; client timeout 1 s) / apply-then-reset at 10% each; \
+                 midway the gateway was SIGKILLed and restarted, reloading {reloaded} ledger entries from its file; \
+                 after the restart it answered {} requests, {} of them replays",
+                d.as_secs_f64(),
+                st.requests,
+                st.replays
+            ));
+        }
+        Scenario::S5 => {
+            let faulty = Faults {
+                rate_5xx: 0.15,
+                rate_429: 0.15,
+                retry_after_secs: 1,
+                ..profile.base_faults()
+            };
+            fleet.gateway.set_faults(&faulty).await?;
+            tokio::time::sleep(d).await;
+            fleet.gateway.set_faults(&profile.base_faults()).await?;
+            let st = fleet.gateway.stats().await?;
+            out.notes.push(format!(
+                "{:.0} s of 503 (15%) and 429 with Retry-After 1 s (15%) before applying; gateway answers by status: {:?}",
+                d.as_secs_f64(),
+                st.by_status
+            ));
+        }
+        Scenario::S6 => {
+            fleet.redis.kill();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            fleet.redis.restart().await?;
+            out.notes.push(format!(
+                "Redis SIGKILLed with {paid_before} paid, down 1 s, restarted empty (no persistence)"
+            ));
+        }
+        Scenario::S7 => {
+            let waiting_before = fleet.queue.waiting().await.unwrap_or(0);
+            fleet.redis.kill();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            fleet.redis.restart().await?;
+            let client = redis::Client::open(fleet.redis.url())?;
+            let mut conn = client.get_multiplexed_async_connection().await?;
+            let epoch: Option<String> = redis::cmd("GET")
+                .arg(format!("{{{PREFIX}}}:epoch"))
+                .query_async(&mut conn)
+                .await?;
+            if epoch.is_none() {
+                bail!(
+                    "Redis restarted from its AOF without the epoch key: the AOF did not restore the data"
+                );
+            }
+            out.notes.push(format!(
+                "Redis (appendfsync always) SIGKILLed with {paid_before} paid and {waiting_before} jobs waiting, down 1 s, \
+                 restarted from its AOF (epoch key restored)"
+            ));
+        }
+        Scenario::S8 => {
+            // Two regimes: past every lock TTL but within the clients' 5 s
+            // response timeout (commands answered late, no error), then past
+            // that timeout (commands fail).
+            let short = Duration::from_millis(profile.lock_ttl_ms * 3 / 2);
+            let long = Duration::from_secs(7);
+            fleet.redis.signal("STOP")?;
+            tokio::time::sleep(short).await;
+            fleet.redis.signal("CONT")?;
+            // The fault's own cadence: two seconds of service in between.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            fleet.redis.signal("STOP")?;
+            tokio::time::sleep(long).await;
+            fleet.redis.signal("CONT")?;
+            out.notes.push(format!(
+                "redis-server SIGSTOPped for {:.1} s (past the {} ms locks and 1.5 s leader lock, within the \
+                 clients' 5 s response timeout), SIGCONT, 2 s later again for {:.1} s (past that timeout), SIGCONT",
+                short.as_secs_f64(),
+                profile.lock_ttl_ms,
+                long.as_secs_f64()
+            ));
+        }
+        Scenario::S9 => {
+            pg.stop_immediate()?;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            pg.start_server()?;
+            out.notes.push(format!(
+                "Postgres stopped with pg_ctl -m immediate with {paid_before} paid, down 1 s, restarted (crash recovery)"
+            ));
+        }
+        Scenario::S10 => {
+            let step = d / 4;
+            let short = (d / 8).max(Duration::from_millis(500));
+            let mut plan = vec![
+                ("workers->gateway", Mode::Blackhole, step),
+                ("workers->redis", Mode::Blackhole, step),
+                (
+                    "workers->gateway",
+                    Mode::Delay(Duration::from_millis(300)),
+                    step,
+                ),
+                ("workers->gateway", Mode::Reset, short),
+                ("workers->redis", Mode::Reset, short),
+            ];
+            for (which, mode, len) in plan.drain(..) {
+                let proxy = match which {
+                    "workers->gateway" => &fleet.worker_gateway,
+                    _ => &fleet.worker_redis,
+                };
+                proxy.set(mode);
+                tokio::time::sleep(len).await;
+                proxy.set(Mode::Pass);
+                out.notes
+                    .push(format!("{which}: {mode:?} for {:.1} s", len.as_secs_f64()));
+            }
+            let (g, r) = (fleet.worker_gateway.stats(), fleet.worker_redis.stats());
+            use std::sync::atomic::Ordering::Relaxed;
+            out.notes.push(format!(
+                "proxies swallowed {} + {} bytes and reset {} + {} connections (gateway + redis)",
+                g.swallowed_bytes.load(Relaxed),
+                r.swallowed_bytes.load(Relaxed),
+                g.reset.load(Relaxed),
+                r.reset.load(Relaxed)
+            ));
+        }
+        Scenario::S11 => {
+            out.after = After::Orphans {
+                batches: kill_producer_between_mark_and_push(fleet, 2).await?,
+            };
+            out.notes.push(
+                "the producer's job pushes were dropped on the way to Redis (its lock and epoch \
+                 traffic passed); it was SIGKILLed right after marking a batch queued, with that \
+                 batch's push unanswered; twice, restarted each time"
+                    .into(),
+            );
+        }
+        Scenario::S12 => {
+            let end = tokio::time::Instant::now() + d;
+            let (mut twice, mut redelivered, mut unknown) = (0usize, 0usize, 0usize);
+            fleet
+                .queue
+                .push_raw(b"{\"payout_id\": \"not a number\"}".to_vec())
+                .await?;
+            fleet.queue.push_raw(vec![0xff, 0x00, 0x13]).await?;
+            while tokio::time::Instant::now() < end {
+                let queued: Vec<i64> = sqlx::query_scalar(
+                    "SELECT id FROM payouts WHERE status = 'queued' ORDER BY id LIMIT 500",
+                )
+                .fetch_all(&fleet.pool)
+                .await?;
+                fleet.queue.push(&queued).await?;
+                twice += queued.len();
+                let paid: Vec<i64> = sqlx::query_scalar(
+                    "SELECT id FROM payouts WHERE status = 'paid' ORDER BY random() LIMIT 20",
+                )
+                .fetch_all(&fleet.pool)
+                .await?;
+                fleet.queue.push(&paid).await?;
+                redelivered += paid.len();
+                fleet.queue.push(&[i64::MAX - unknown as i64]).await?;
+                unknown += 1;
+                // The fault's own cadence.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            out.notes.push(format!(
+                "poison payouts (closed account, over-precise amount); {twice} queued payouts enqueued a second time, \
+                 {redelivered} jobs for paid payouts, {unknown} for unknown ids, 2 malformed payloads"
+            ));
+        }
+    }
+    out.heal = Some(Utc::now());
+    Ok(out)
+}
+
+/// S3: SIGSTOPs a worker that holds payouts (processing under its lease):
+/// the busiest one; if its calls all finished before the signal landed, it
+/// is continued and the next busiest is tried. Returns its slot, pid and the
+/// payouts it held when stopped.
+async fn stop_a_busy_worker(fleet: &Fleet) -> anyhow::Result<(usize, u32, Vec<i64>)> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let busiest: Option<String> = sqlx::query_scalar(
+            "SELECT lease_owner FROM payouts WHERE status = 'processing' AND lease_owner IS NOT NULL
+             GROUP BY lease_owner ORDER BY count(*) DESC LIMIT 1",
+        )
+        .fetch_optional(&fleet.pool)
+        .await?;
+        let found = busiest.and_then(|owner| {
+            fleet
+                .workers
+                .iter()
+                .position(|w| owner.contains(&format!("-{}-", w.proc.pid())))
+        });
+        if let Some(slot) = found {
+            let proc = &fleet.workers[slot].proc;
+            let pid = proc.pid();
+            proc.signal("STOP")?;
+            let owned: Vec<i64> = sqlx::query_scalar(
+                "SELECT id FROM payouts WHERE status = 'processing' AND lease_owner LIKE $1",
+            )
+            .bind(format!("worker:%-{pid}-%"))
+            .fetch_all(&fleet.pool)
+            .await?;
+            if !owned.is_empty() {
+                return Ok((slot, pid, owned));
+            }
+            proc.signal("CONT")?;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("no worker held a payout to be stopped with within 20 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// S11: makes the producer's job pushes vanish on their way to Redis (its
+/// leader lock and epoch checks still pass), waits until it marks a batch
+/// `queued`, and SIGKILLs it while that batch's push hangs: the batch is in
+/// Postgres as `queued` and nowhere in Redis. `times` times, restarting the
+/// producer each time. Returns the orphaned batches.
+async fn kill_producer_between_mark_and_push(
+    fleet: &mut Fleet,
+    times: usize,
+) -> anyhow::Result<Vec<(String, DateTime<Utc>)>> {
+    let mut batches = Vec::new();
+    for _ in 0..times {
+        // Every job payload carries `payout_id`; nothing else the producer sends does.
+        fleet.producer_redis.set(Mode::DropContaining("payout_id"));
+        let pid = fleet.producer.as_ref().context("no producer")?.pid();
+        let actor_like = format!("producer:%-{pid}-%");
+        let seen: i64 = sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM payout_events")
+            .fetch_one(&fleet.pool)
+            .await?;
+        let pool = fleet.pool.clone();
+        let (actor, at): (String, DateTime<Utc>) = poll(
+            Duration::from_secs(30),
+            Duration::from_millis(10),
+            "the producer to mark a batch queued",
+            || {
+                let (pool, actor_like) = (pool.clone(), actor_like.clone());
+                async move {
+                    sqlx::query_as(
+                        "SELECT actor, at FROM payout_events
+                         WHERE id > $1 AND actor LIKE $2 AND to_status = 'queued'
+                         ORDER BY id DESC LIMIT 1",
+                    )
+                    .bind(seen)
+                    .bind(&actor_like)
+                    .fetch_optional(&pool)
+                    .await
+                    .ok()
+                    .flatten()
+                }
+            },
+        )
+        .await?;
+        if let Some(p) = fleet.producer.as_mut() {
+            p.kill9();
+        }
+        fleet.producer_redis.set(Mode::Pass);
+        batches.push((actor, at));
+        fleet.spawn_producer()?;
+    }
+    Ok(batches)
+}
+
+/// Scrapes one counter from a worker's `/metrics`.
+async fn counter(port: u16, name: &str) -> Option<f64> {
+    let body = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Collects the after-drain evidence of `after` into `report`.
+pub async fn after_drain(
+    after: &After,
+    fleet: &Fleet,
+    profile: &Profile,
+    report: &mut ScenarioReport,
+) -> anyhow::Result<()> {
+    match after {
+        After::Nothing => {}
+        After::PausedWorker {
+            slot,
+            pid,
+            owned,
+            stopped_at,
+        } => {
+            let port = fleet.workers[*slot].port;
+            // It finishes its old calls within seconds of SIGCONT (every call
+            // times out after 1 s); wait until it holds no job, then count.
+            poll(
+                Duration::from_secs(20),
+                Duration::from_millis(100),
+                "the resumed worker to finish its old jobs",
+                || async move {
+                    counter(port, "payout_jobs_in_flight")
+                        .await
+                        .filter(|n| *n == 0.0)
+                },
+            )
+            .await?;
+            let refused = counter(port, "payout_stale_fence_writes_total")
+                .await
+                .context("the resumed worker's /metrics")?;
+            let late = *stopped_at + chrono::Duration::seconds(1);
+            let accepted: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM payout_events
+                 WHERE payout_id = ANY($1) AND actor LIKE $2 AND at > $3
+                   AND to_status IN ('paid', 'failed', 'retrying', 'in_transit')",
+            )
+            .bind(owned)
+            .bind(format!("worker:%-{pid}-%"))
+            .bind(late)
+            .fetch_one(&fleet.pool)
+            .await?;
+            report.notes.push(format!(
+                "after SIGCONT the fence refused {refused} late writes of the paused worker and accepted {accepted}"
+            ));
+            if accepted > 0 {
+                report.violation(format!(
+                    "{accepted} outcomes of the paused worker were recorded after its lease ran out"
+                ));
+            }
+            if !owned.is_empty() && refused < 1.0 {
+                report.violation(format!(
+                    "the paused worker held {} payouts but the fence refused none of its late writes",
+                    owned.len()
+                ));
+            }
+        }
+        After::Orphans { batches } => {
+            let mut orphaned = 0i64;
+            let mut swept = 0i64;
+            for (actor, at) in batches {
+                // Each payout of the batch, and its first claim after being marked.
+                let claims: Vec<(i64, Option<DateTime<Utc>>)> = sqlx::query_as(
+                    "SELECT e.payout_id,
+                            (SELECT min(c.at) FROM payout_events c
+                             WHERE c.payout_id = e.payout_id AND c.to_status = 'processing' AND c.at >= e.at)
+                     FROM payout_events e
+                     WHERE e.actor = $1 AND e.at = $2 AND e.to_status = 'queued'",
+                )
+                .bind(actor)
+                .bind(at)
+                .fetch_all(&fleet.pool)
+                .await?;
+                let lease =
+                    chrono::Duration::milliseconds(profile.queue_lease_secs as i64 * 1000 - 300);
+                for (_, claimed) in &claims {
+                    orphaned += 1;
+                    if claimed.is_some_and(|c| c >= *at + lease) {
+                        swept += 1;
+                    }
+                }
+            }
+            report.notes.push(format!(
+                "{orphaned} payouts were marked queued by the killed producers; {swept} of them were claimed only \
+                 after their {} s queue lease ran out, i.e. recovered by the sweep (their job never reached Redis)",
+                profile.queue_lease_secs
+            ));
+            if swept == 0 {
+                report.violation(
+                    "no kill landed between marking and pushing: the scenario did not test what it says".into(),
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,488 @@
+//! `payoutctl` commands for money coming in: `earnings add|import`, payee
+//! terms (`payee set`, `payee deduction`), `settle` and `preview`. The
+//! subcommands are declared here and dispatched from `cli::run`; output
+//! follows the CLI's rules (tables, or `--json`; bad input is one `error:`
+//! line, exit 1, nothing written).
+
+use std::{io::Write, path::PathBuf};
+
+use anyhow::{Context, bail};
+use chrono::{DateTime, Utc};
+use clap::{Args, Subcommand};
+use rust_decimal::Decimal;
+use serde_json::json;
+use sqlx::PgPool;
+
+use crate::{
+    config::Settings,
+    db::{earnings, payee_terms},
+    domain::{
+        Money, PayoutMethod, Schedule,
+        earning::{FileFormat, RawEarning},
+        policy::{LineKind, Outcome, Settlement},
+    },
+    settlement,
+};
+
+/// Earnings commands.
+#[derive(Debug, Subcommand)]
+pub enum EarningsCommand {
+    /// Record one completed piece of work (idempotent by --source and --ref).
+    Add {
+        /// Payee id.
+        #[arg(long)]
+        payee: i64,
+        /// Where it comes from (booking, order, bounty, ...).
+        #[arg(long)]
+        source: String,
+        /// The source's id for it.
+        #[arg(long = "ref")]
+        external_ref: String,
+        /// Gross amount, exact decimal (e.g. 120.50).
+        #[arg(long, allow_hyphen_values = true)]
+        gross: String,
+        /// ISO 4217 code.
+        #[arg(long)]
+        currency: String,
+        /// When it was completed (RFC 3339); default now.
+        #[arg(long)]
+        completed_at: Option<String>,
+    },
+    /// Import a file of earnings: CSV with a header (payee_id,source,external_ref,gross,currency[,completed_at])
+    /// or JSON lines. Bad rows are reported by line; the good ones are imported unless --atomic.
+    Import {
+        /// The file.
+        file: PathBuf,
+        /// All or nothing: one bad row and nothing is imported.
+        #[arg(long)]
+        atomic: bool,
+        /// `csv` or `jsonl` (default: by extension, else by content).
+        #[arg(long)]
+        format: Option<String>,
+    },
+}
+
+/// `payoutctl payee set`.
+#[derive(Debug, Args)]
+pub struct PayeeSet {
+    /// Payee id.
+    pub id: i64,
+    /// daily | weekly:<mon..sun> | biweekly:<mon..sun> | monthly:<1..28> | manual | default (the policy's).
+    #[arg(long)]
+    pub schedule: Option<String>,
+    /// standard | instant | bank_transfer.
+    #[arg(long)]
+    pub method: Option<String>,
+}
+
+/// `payoutctl payee deduction`.
+#[derive(Debug, Args)]
+pub struct PayeeDeduction {
+    /// Payee id.
+    pub id: i64,
+    /// What it is (e.g. "booth rent"); one amount per label and currency.
+    #[arg(long)]
+    pub label: String,
+    /// Amount per settled period (e.g. 50.00); not with --remove.
+    #[arg(long, allow_hyphen_values = true, required_unless_present = "remove")]
+    pub amount: Option<String>,
+    /// ISO 4217 code.
+    #[arg(long, default_value = "USD")]
+    pub currency: String,
+    /// Remove the deduction instead.
+    #[arg(long, conflicts_with = "amount")]
+    pub remove: bool,
+}
+
+/// `payoutctl settle`.
+#[derive(Debug, Args)]
+pub struct SettleArgs {
+    /// Only this payee; a payee on a manual schedule is settled (its period closed now) only this way.
+    #[arg(long)]
+    pub payee: Option<i64>,
+}
+
+/// `payoutctl preview`.
+#[derive(Debug, Args)]
+pub struct PreviewArgs {
+    /// Payee id.
+    #[arg(long)]
+    pub payee: i64,
+}
+
+/// Runs an earnings command.
+pub async fn run_earnings(
+    pool: &PgPool,
+    settings: &Settings,
+    cmd: EarningsCommand,
+    as_json: bool,
+    now: DateTime<Utc>,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<()> {
+    let policy = settings.policy.load()?;
+    match cmd {
+        EarningsCommand::Add {
+            payee,
+            source,
+            external_ref,
+            gross,
+            currency,
+            completed_at,
+        } => {
+            let raw = RawEarning {
+                payee_id: payee.to_string(),
+                source,
+                external_ref,
+                gross,
+                currency,
+                completed_at,
+            };
+            let e = raw.validate(&policy, now)?;
+            let mut conn = pool.acquire().await?;
+            if payee_terms::existing(&mut conn, &[payee]).await?.is_empty() {
+                bail!("payee_id: payee {payee} not found");
+            }
+            let recorded = earnings::record(&mut conn, &e, now)
+                .await
+                .context("failed to record the earning")?;
+            if let Some(err) = recorded.conflict_error() {
+                bail!("{err}");
+            }
+            let created = matches!(recorded, earnings::Recorded::Created(_));
+            let row = recorded.earning();
+            if as_json {
+                writeln!(out, "{}", json!({"created": created, "earning": row}))?;
+            } else if created {
+                writeln!(
+                    out,
+                    "earning {} recorded: {} for payee {} ({}), payable from {}",
+                    row.id,
+                    e.gross,
+                    row.payee_id,
+                    row.label(),
+                    row.release_at.to_rfc3339()
+                )?;
+            } else {
+                writeln!(
+                    out,
+                    "earning {} ({}) was already recorded: nothing added",
+                    row.id,
+                    row.label()
+                )?;
+            }
+        }
+        EarningsCommand::Import {
+            file,
+            atomic,
+            format,
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("failed to read {}", file.display()))?;
+            let format = match format.as_deref() {
+                None => FileFormat::detect(&file.to_string_lossy(), &text),
+                Some("csv") => FileFormat::Csv,
+                Some("jsonl") | Some("ndjson") => FileFormat::JsonLines,
+                Some(other) => bail!("format {other:?} must be csv or jsonl"),
+            };
+            let rows = format
+                .parse(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let report = earnings::import(pool, rows, &policy, now, atomic).await?;
+            if as_json {
+                writeln!(out, "{}", serde_json::to_string(&report)?)?;
+            } else {
+                writeln!(
+                    out,
+                    "{} rows: {} earnings imported, {} already recorded, {} rejected{}",
+                    report.rows,
+                    report.created,
+                    report.already_had,
+                    report.rejected.len(),
+                    if report.committed {
+                        ""
+                    } else {
+                        " (nothing imported)"
+                    }
+                )?;
+                for r in &report.rejected {
+                    writeln!(out, "  line {}: {}: {}", r.line, r.field, r.message)?;
+                }
+            }
+            if let Some(first) = report.rejected.first() {
+                let lines: Vec<String> =
+                    report.rejected.iter().map(|r| r.line.to_string()).collect();
+                let what = if report.committed {
+                    "the other rows were imported"
+                } else {
+                    "nothing was imported (--atomic)"
+                };
+                bail!(
+                    "{} of {} rows rejected (lines {}; line {}: {}: {}); {what}",
+                    report.rejected.len(),
+                    report.rows,
+                    lines.join(", "),
+                    first.line,
+                    first.field,
+                    first.message
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `payoutctl payee set`.
+pub async fn payee_set(
+    pool: &PgPool,
+    args: PayeeSet,
+    as_json: bool,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<()> {
+    let schedule = match args.schedule.as_deref() {
+        None => None,
+        Some("default") => Some(None),
+        Some(s) => Some(Some(s.parse::<Schedule>()?)),
+    };
+    let method = args
+        .method
+        .as_deref()
+        .map(str::parse::<PayoutMethod>)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    if schedule.is_none() && method.is_none() {
+        bail!("nothing to set: give --schedule and/or --method");
+    }
+    let terms = payee_terms::set(pool, args.id, schedule, method)
+        .await?
+        .with_context(|| format!("payee {} not found", args.id))?;
+    if as_json {
+        writeln!(out, "{}", serde_json::to_string(&terms)?)?;
+    } else {
+        writeln!(
+            out,
+            "payee {}: schedule {}, payout method {}",
+            terms.payee_id,
+            terms
+                .schedule
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "default (the policy's)".into()),
+            terms.method
+        )?;
+    }
+    Ok(())
+}
+
+/// `payoutctl payee deduction`.
+pub async fn payee_deduction(
+    pool: &PgPool,
+    args: PayeeDeduction,
+    as_json: bool,
+    now: DateTime<Utc>,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<()> {
+    let label = args.label.trim();
+    if label.is_empty() || label.chars().count() > 100 {
+        bail!("label must be 1 to 100 characters");
+    }
+    let mut conn = pool.acquire().await?;
+    if payee_terms::existing(&mut conn, &[args.id])
+        .await?
+        .is_empty()
+    {
+        bail!("payee {} not found", args.id);
+    }
+    drop(conn);
+    if args.remove {
+        let currency: crate::domain::Currency = args.currency.parse()?;
+        let removed = payee_terms::remove_deduction(pool, args.id, currency.code(), label).await?;
+        if !removed {
+            bail!("payee {} has no {currency} deduction {label:?}", args.id);
+        }
+        if as_json {
+            writeln!(
+                out,
+                "{}",
+                json!({"payee_id": args.id, "label": label, "removed": true})
+            )?;
+        } else {
+            writeln!(out, "payee {}: deduction {label:?} removed", args.id)?;
+        }
+        return Ok(());
+    }
+    let amount = Money::parse(args.amount.as_deref().unwrap_or_default(), &args.currency)?;
+    let d = payee_terms::set_deduction(pool, args.id, label, amount, now).await?;
+    if as_json {
+        writeln!(out, "{}", serde_json::to_string(&d)?)?;
+    } else {
+        writeln!(
+            out,
+            "payee {}: deduction {:?} of {amount} per settled period",
+            d.payee_id, d.label
+        )?;
+    }
+    Ok(())
+}
+
+/// `payoutctl settle`.
+pub async fn settle(
+    pool: &PgPool,
+    settings: &Settings,
+    args: SettleArgs,
+    as_json: bool,
+    actor: &str,
+    now: DateTime<Utc>,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<()> {
+    let policy = settings.policy.load()?;
+    if let Some(id) = args.payee {
+        let mut conn = pool.acquire().await?;
+        if payee_terms::existing(&mut conn, &[id]).await?.is_empty() {
+            bail!("payee {id} not found");
+        }
+    }
+    let opts = settlement::Options {
+        payee: args.payee,
+        actor: actor.to_string(),
+    };
+    let report = settlement::run(pool, &policy, now, &opts).await?;
+    if as_json {
+        writeln!(out, "{}", serde_json::to_string(&report)?)?;
+    } else {
+        for s in &report.settled {
+            let what = match s.payout_id {
+                Some(p) => format!("payout {p} of {} {}", s.net, s.currency),
+                None => format!(
+                    "no payout ({}): {} {} carried over",
+                    s.outcome.replace('_', " "),
+                    s.net,
+                    s.currency
+                ),
+            };
+            writeln!(
+                out,
+                "payee {:<7} {} {}  {} earnings  {what}",
+                s.payee_id, s.currency, s.period, s.earnings
+            )?;
+        }
+        for s in &report.skipped {
+            writeln!(
+                out,
+                "payee {:<7} {} not settled: {}",
+                s.payee_id, s.currency, s.reason
+            )?;
+        }
+        writeln!(
+            out,
+            "settled {} periods: {} payouts, {} carried over; {} already settled",
+            report.settled.len(),
+            report.payouts(),
+            report.settled.len() - report.payouts(),
+            report.already_settled
+        )?;
+    }
+    let errors: Vec<&settlement::Skipped> = report.skipped.iter().filter(|s| s.error).collect();
+    if let Some(first) = errors.first() {
+        bail!(
+            "{} (payee, currency) not settled; payee {} {}: {}",
+            errors.len(),
+            first.payee_id,
+            first.currency,
+            first.reason
+        );
+    }
+    Ok(())
+}
+
+fn signed(d: Decimal) -> String {
+    if d < Decimal::ZERO {
+        format!("- {}", -d)
+    } else {
+        format!("+ {d}")
+    }
+}
+
+fn print_settlement(out: &mut (dyn Write + Send), s: &Settlement) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{}: {} services, gross {} {}",
+        s.currency, s.services, s.gross, s.currency
+    )?;
+    let earnings = s
+        .lines
+        .iter()
+        .filter(|l| l.kind == LineKind::Earning)
+        .count();
+    for (i, l) in s.lines.iter().enumerate() {
+        // Long periods: the first and last few earnings, then a count.
+        if l.kind == LineKind::Earning && earnings > 12 && (5..earnings - 3).contains(&i) {
+            if i == 5 {
+                writeln!(out, "  {:>16}  ... {} more earnings", "", earnings - 8)?;
+            }
+            continue;
+        }
+        writeln!(out, "  {:>16}  {}", signed(l.amount), l.description)?;
+    }
+    match s.outcome {
+        Outcome::Payout => writeln!(
+            out,
+            "  {:>16}  payout ({})",
+            format!("= {}", s.net),
+            s.method
+        ),
+        Outcome::BelowMinimum { minimum } => writeln!(
+            out,
+            "  {:>16}  below the minimum payout {minimum} {}: no payout, no fee; carried over",
+            format!("= {}", s.net),
+            s.currency
+        ),
+        Outcome::Shortfall => writeln!(
+            out,
+            "  {:>16}  deductions exceed the share: no payout; the shortfall carries over",
+            format!("= {}", s.net)
+        ),
+    }
+}
+
+/// `payoutctl preview`.
+pub async fn preview(
+    pool: &PgPool,
+    settings: &Settings,
+    args: PreviewArgs,
+    as_json: bool,
+    now: DateTime<Utc>,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<()> {
+    let policy = settings.policy.load()?;
+    let p = settlement::preview(pool, &policy, args.payee, now).await?;
+    if as_json {
+        writeln!(out, "{}", serde_json::to_string(&p)?)?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "payee {}  schedule {}  payout method {}",
+        p.payee_id, p.schedule, p.method
+    )?;
+    writeln!(
+        out,
+        "open period {} (preview: nothing is written)",
+        p.period
+    )?;
+    if p.settlements.is_empty() {
+        writeln!(out, "no earnings released by the end of this period")?;
+    }
+    for s in &p.settlements {
+        print_settlement(out, s)?;
+    }
+    for h in &p.held {
+        writeln!(
+            out,
+            "held: {} earnings ({} {}) release after this period, the first at {}",
+            h.earnings,
+            h.gross.normalize(),
+            h.currency,
+            h.first_release.to_rfc3339()
+        )?;
+    }
+    Ok(())
+}

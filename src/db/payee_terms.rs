@@ -1,0 +1,176 @@
+//! A payee's settlement terms: its schedule and payout method (columns of
+//! `payees` added for settlement) and its agreed deductions
+//! (`payee_deductions`). Kept apart from `payees.rs` so the payout core does
+//! not depend on settlement.
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::Serialize;
+use sqlx::{PgConnection, PgPool};
+
+use crate::domain::{Money, PayoutMethod, Schedule};
+
+/// What settlement needs to know about a payee.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Terms {
+    /// The payee.
+    pub payee_id: i64,
+    /// `active` or `suspended` (suspended payees are not settled).
+    pub status: String,
+    /// Its own schedule; `None` = the policy's default.
+    pub schedule: Option<Schedule>,
+    /// How it is paid (decides the fee).
+    pub method: PayoutMethod,
+}
+
+#[derive(sqlx::FromRow)]
+struct TermsRow {
+    id: i64,
+    status: String,
+    schedule: Option<String>,
+    payout_method: String,
+}
+
+impl TermsRow {
+    fn into_terms(self) -> sqlx::Result<Terms> {
+        let decode = |e: String| sqlx::Error::Decode(e.into());
+        Ok(Terms {
+            payee_id: self.id,
+            status: self.status,
+            schedule: self
+                .schedule
+                .map(|s| s.parse::<Schedule>().map_err(|e| decode(e.to_string())))
+                .transpose()?,
+            method: self.payout_method.parse().map_err(decode)?,
+        })
+    }
+}
+
+const TERMS: &str = "SELECT id, status, schedule, payout_method FROM payees WHERE id = $1";
+
+/// A payee's terms; `None` when there is no such payee.
+pub async fn get(conn: &mut PgConnection, payee_id: i64) -> sqlx::Result<Option<Terms>> {
+    sqlx::query_as::<_, TermsRow>(TERMS)
+        .bind(payee_id)
+        .fetch_optional(conn)
+        .await?
+        .map(TermsRow::into_terms)
+        .transpose()
+}
+
+/// Like [`get`], and locks the payee row until the transaction ends: the
+/// settlement of one payee is serialized across processes. (`NO KEY UPDATE`
+/// still lets earnings for the payee be inserted meanwhile.)
+pub async fn lock(conn: &mut PgConnection, payee_id: i64) -> sqlx::Result<Option<Terms>> {
+    sqlx::query_as::<_, TermsRow>(&format!("{TERMS} FOR NO KEY UPDATE"))
+        .bind(payee_id)
+        .fetch_optional(conn)
+        .await?
+        .map(TermsRow::into_terms)
+        .transpose()
+}
+
+/// Sets the schedule (`Some(None)` = back to the policy default) and/or the
+/// payout method; returns the new terms, `None` when there is no such payee.
+pub async fn set(
+    pool: &PgPool,
+    payee_id: i64,
+    schedule: Option<Option<Schedule>>,
+    method: Option<PayoutMethod>,
+) -> sqlx::Result<Option<Terms>> {
+    sqlx::query_as::<_, TermsRow>(
+        "UPDATE payees SET
+             schedule = CASE WHEN $2 THEN $3 ELSE schedule END,
+             payout_method = COALESCE($4, payout_method)
+         WHERE id = $1 RETURNING id, status, schedule, payout_method",
+    )
+    .bind(payee_id)
+    .bind(schedule.is_some())
+    .bind(schedule.flatten().map(|s| s.to_string()))
+    .bind(method.map(|m| m.as_str()))
+    .fetch_optional(pool)
+    .await?
+    .map(TermsRow::into_terms)
+    .transpose()
+}
+
+/// Which of `ids` are payees.
+pub async fn existing(conn: &mut PgConnection, ids: &[i64]) -> sqlx::Result<Vec<i64>> {
+    sqlx::query_scalar("SELECT id FROM payees WHERE id = ANY($1)")
+        .bind(ids)
+        .fetch_all(conn)
+        .await
+}
+
+/// An agreed deduction, charged once per settled period.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct Deduction {
+    /// Id.
+    pub id: i64,
+    /// The payee.
+    pub payee_id: i64,
+    /// Its currency.
+    pub currency: String,
+    /// What it is (`booth rent`).
+    pub label: String,
+    /// How much per period.
+    pub amount: Decimal,
+    /// When it was agreed.
+    pub created_at: DateTime<Utc>,
+}
+
+/// Adds a deduction, or changes the amount of the one with this label.
+pub async fn set_deduction(
+    pool: &PgPool,
+    payee_id: i64,
+    label: &str,
+    amount: Money,
+    now: DateTime<Utc>,
+) -> sqlx::Result<Deduction> {
+    sqlx::query_as(
+        "INSERT INTO payee_deductions (payee_id, currency, label, amount, created_at)
+         VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (payee_id, currency, label) DO UPDATE SET amount = EXCLUDED.amount
+         RETURNING *",
+    )
+    .bind(payee_id)
+    .bind(amount.currency().code())
+    .bind(label)
+    .bind(crate::db::earnings::at_minor_unit(&amount))
+    .bind(now)
+    .fetch_one(pool)
+    .await
+}
+
+/// Removes a deduction; `false` when there was none.
+pub async fn remove_deduction(
+    pool: &PgPool,
+    payee_id: i64,
+    currency: &str,
+    label: &str,
+) -> sqlx::Result<bool> {
+    let res = sqlx::query(
+        "DELETE FROM payee_deductions WHERE payee_id = $1 AND currency = $2 AND label = $3",
+    )
+    .bind(payee_id)
+    .bind(currency)
+    .bind(label)
+    .execute(pool)
+    .await?;
+    Ok(res.rows_affected() > 0)
+}
+
+/// A payee's deductions in `currency`, in the order they were agreed.
+pub async fn deductions(
+    conn: &mut PgConnection,
+    payee_id: i64,
+    currency: &str,
+) -> sqlx::Result<Vec<Deduction>> {
+    sqlx::query_as(
+        "SELECT * FROM payee_deductions WHERE payee_id = $1 AND currency = $2 ORDER BY id",
+    )
+    .bind(payee_id)
+    .bind(currency)
+    .fetch_all(conn)
+    .await
+}

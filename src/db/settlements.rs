@@ -1,0 +1,348 @@
+//! The `settlements` and `payout_lines` tables: one settlement per payee,
+//! currency and period (unique), with its line items, and the payout it made
+//! or the balance it carried over. Written only inside the settlement run's
+//! transaction (`crate::settlement`).
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::Serialize;
+use sqlx::{PgConnection, PgPool};
+
+use crate::domain::{
+    Period, Schedule,
+    policy::{Line, Outcome, Settlement},
+};
+
+/// A settlement row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct SettlementRow {
+    /// Id.
+    pub id: i64,
+    /// The payee.
+    pub payee_id: i64,
+    /// The currency.
+    pub currency: String,
+    /// The period settled.
+    pub period_start: DateTime<Utc>,
+    /// End of the period (exclusive).
+    pub period_end: DateTime<Utc>,
+    /// The schedule that cut the period.
+    pub schedule: String,
+    /// The payout method the fee was computed for.
+    pub payout_method: String,
+    /// Earnings in the period.
+    pub services: i32,
+    /// Their gross.
+    pub gross: Decimal,
+    /// The payee's tier percentage.
+    pub payee_percent: Decimal,
+    /// Bonus points.
+    pub bonus_percent: Decimal,
+    /// The payee's share.
+    pub payee_share: Decimal,
+    /// What the platform kept.
+    pub platform_commission: Decimal,
+    /// Sum of deductions.
+    pub deductions: Decimal,
+    /// Balances carried in.
+    pub carried_in: Decimal,
+    /// Gross carried in without a fee yet.
+    pub carried_gross_in: Decimal,
+    /// The gateway fee.
+    pub fee: Decimal,
+    /// The sum of the lines: the payout's amount or the balance carried over.
+    pub net: Decimal,
+    /// `payout`, `below_minimum` or `shortfall`.
+    pub outcome: String,
+    /// The payout made.
+    pub payout_id: Option<i64>,
+    /// The later settlement that took the balance over.
+    pub carried_into: Option<i64>,
+    /// Who ran it.
+    pub actor: String,
+    /// When.
+    pub created_at: DateTime<Utc>,
+}
+
+/// A stored line item.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct LineRow {
+    /// Id.
+    pub id: i64,
+    /// Its settlement.
+    pub settlement_id: i64,
+    /// Its payout, when the settlement made one.
+    pub payout_id: Option<i64>,
+    /// Order within the settlement.
+    pub position: i32,
+    /// `earning`, `commission`, `volume_bonus`, `deduction`, `carried_in`, `fee`.
+    pub kind: String,
+    /// Human text.
+    pub description: String,
+    /// Signed amount.
+    pub amount: Decimal,
+    /// The earning, for earning lines.
+    pub earning_id: Option<i64>,
+    /// The earlier settlement, for carried-in lines.
+    pub carried_from: Option<i64>,
+}
+
+/// A (payee, currency) with released, unsettled earnings.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Candidate {
+    /// The payee.
+    pub payee_id: i64,
+    /// The currency.
+    pub currency: String,
+    /// Earliest release among its unsettled earnings.
+    pub first_release: DateTime<Utc>,
+    /// Earliest completion among them (a manual period starts there).
+    pub first_completed: DateTime<Utc>,
+    /// The end of its latest settled period, if any.
+    pub latest_end: Option<DateTime<Utc>>,
+    /// The payee's own schedule (`None`: the policy's default).
+    pub schedule: Option<String>,
+    /// `active` or `suspended`.
+    pub status: String,
+}
+
+/// Every (payee, currency) with unsettled earnings released before `now`
+/// (optionally of one payee), by payee: the settlement run's worklist.
+pub async fn candidates(
+    pool: &PgPool,
+    now: DateTime<Utc>,
+    payee: Option<i64>,
+) -> sqlx::Result<Vec<Candidate>> {
+    sqlx::query_as(
+        "SELECT e.payee_id, e.currency, min(e.release_at) AS first_release,
+                min(e.completed_at) AS first_completed,
+                (SELECT max(s.period_end) FROM settlements s
+                 WHERE s.payee_id = e.payee_id AND s.currency = e.currency) AS latest_end,
+                p.schedule, p.status
+         FROM earnings e JOIN payees p ON p.id = e.payee_id
+         WHERE e.settlement_id IS NULL AND e.release_at < $1 AND ($2::bigint IS NULL OR e.payee_id = $2)
+         GROUP BY e.payee_id, e.currency, p.schedule, p.status
+         ORDER BY e.payee_id, e.currency",
+    )
+    .bind(now)
+    .bind(payee)
+    .fetch_all(pool)
+    .await
+}
+
+/// The end of the latest settled period of (payee, currency).
+pub async fn latest_end(
+    conn: &mut PgConnection,
+    payee_id: i64,
+    currency: &str,
+) -> sqlx::Result<Option<DateTime<Utc>>> {
+    sqlx::query_scalar(
+        "SELECT max(period_end) FROM settlements WHERE payee_id = $1 AND currency = $2",
+    )
+    .bind(payee_id)
+    .bind(currency)
+    .fetch_one(conn)
+    .await
+}
+
+/// A balance carried over and not yet taken into a later settlement.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct OpenCarry {
+    /// The settlement that carried it.
+    pub id: i64,
+    /// The balance.
+    pub net: Decimal,
+    /// Gross that has not borne a fee: its own plus what it carried in.
+    pub fee_base: Decimal,
+    /// Its period.
+    pub period_start: DateTime<Utc>,
+    /// End of its period.
+    pub period_end: DateTime<Utc>,
+}
+
+/// Open carried balances of (payee, currency), oldest first; with `lock`,
+/// locked until the transaction ends.
+pub async fn open_carries(
+    conn: &mut PgConnection,
+    payee_id: i64,
+    currency: &str,
+    lock: bool,
+) -> sqlx::Result<Vec<OpenCarry>> {
+    let lock = if lock { " FOR UPDATE" } else { "" };
+    sqlx::query_as(&format!(
+        "SELECT id, net, gross + carried_gross_in AS fee_base, period_start, period_end
+         FROM settlements
+         WHERE payee_id = $1 AND currency = $2 AND outcome <> 'payout' AND carried_into IS NULL
+         ORDER BY period_end, id{lock}"
+    ))
+    .bind(payee_id)
+    .bind(currency)
+    .fetch_all(conn)
+    .await
+}
+
+/// Creates the settlement's pending payout with its `created` event, in the
+/// caller's transaction (the same statement shape as `payouts::create`).
+pub async fn create_payout(
+    conn: &mut PgConnection,
+    payee_id: i64,
+    s: &Settlement,
+    due_at: DateTime<Utc>,
+    actor: &str,
+    reason: &str,
+    now: DateTime<Utc>,
+) -> sqlx::Result<i64> {
+    sqlx::query_scalar(
+        "WITH ins AS (
+             INSERT INTO payouts (payee_id, amount, currency, due_at, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $6, $6) RETURNING id),
+         ev AS (
+             INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
+             SELECT id, NULL, 'pending', $5, $7, 0, $6 FROM ins)
+         SELECT id FROM ins",
+    )
+    .bind(payee_id)
+    .bind(s.net)
+    .bind(s.currency.code())
+    .bind(due_at)
+    .bind(actor)
+    .bind(now)
+    .bind(reason)
+    .fetch_one(conn)
+    .await
+}
+
+/// What [`insert`] writes besides the computed settlement.
+#[derive(Debug, Clone)]
+pub struct NewSettlement<'a> {
+    /// The payee.
+    pub payee_id: i64,
+    /// The period.
+    pub period: Period,
+    /// The schedule that cut it.
+    pub schedule: Schedule,
+    /// The computation.
+    pub settlement: &'a Settlement,
+    /// Its payout, when it made one.
+    pub payout_id: Option<i64>,
+    /// Who runs it.
+    pub actor: &'a str,
+}
+
+fn outcome_str(o: &Outcome) -> &'static str {
+    match o {
+        Outcome::Payout => "payout",
+        Outcome::BelowMinimum { .. } => "below_minimum",
+        Outcome::Shortfall => "shortfall",
+    }
+}
+
+/// Inserts the settlement and its lines; `None` (nothing written) when
+/// (payee, currency, period) is settled already.
+pub async fn insert(
+    conn: &mut PgConnection,
+    n: &NewSettlement<'_>,
+    now: DateTime<Utc>,
+) -> sqlx::Result<Option<i64>> {
+    let s = n.settlement;
+    let id: Option<i64> = sqlx::query_scalar(
+        "INSERT INTO settlements (payee_id, currency, period_start, period_end, schedule, payout_method,
+             services, gross, payee_percent, bonus_percent, payee_share, platform_commission, deductions,
+             carried_in, carried_gross_in, fee, net, outcome, payout_id, actor, created_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)
+         ON CONFLICT (payee_id, currency, period_start) DO NOTHING RETURNING id",
+    )
+    .bind(n.payee_id)
+    .bind(s.currency.code())
+    .bind(n.period.start)
+    .bind(n.period.end)
+    .bind(n.schedule.to_string())
+    .bind(s.method.as_str())
+    .bind(i32::try_from(s.services).unwrap_or(i32::MAX))
+    .bind(s.gross)
+    .bind(s.payee_percent)
+    .bind(s.bonus_percent)
+    .bind(s.payee_share)
+    .bind(s.platform_commission)
+    .bind(s.deductions)
+    .bind(s.carried_in)
+    .bind(s.carried_gross_in)
+    .bind(s.fee)
+    .bind(s.net)
+    .bind(outcome_str(&s.outcome))
+    .bind(n.payout_id)
+    .bind(n.actor)
+    .bind(now)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(id) = id else {
+        return Ok(None);
+    };
+    insert_lines(conn, id, n.payout_id, &s.lines).await?;
+    Ok(Some(id))
+}
+
+async fn insert_lines(
+    conn: &mut PgConnection,
+    settlement_id: i64,
+    payout_id: Option<i64>,
+    lines: &[Line],
+) -> sqlx::Result<()> {
+    let positions: Vec<i32> = (1..=lines.len() as i32).collect();
+    let kinds: Vec<&str> = lines.iter().map(|l| l.kind.as_str()).collect();
+    let descriptions: Vec<&str> = lines.iter().map(|l| l.description.as_str()).collect();
+    let amounts: Vec<Decimal> = lines.iter().map(|l| l.amount).collect();
+    let earnings: Vec<Option<i64>> = lines.iter().map(|l| l.earning_id).collect();
+    let carried: Vec<Option<i64>> = lines.iter().map(|l| l.carried_from).collect();
+    sqlx::query(
+        "INSERT INTO payout_lines (settlement_id, payout_id, position, kind, description, amount, earning_id, carried_from)
+         SELECT $1::bigint, $2::bigint, * FROM unnest($3::int[], $4::text[], $5::text[], $6::numeric[], $7::bigint[], $8::bigint[])",
+    )
+    .bind(settlement_id)
+    .bind(payout_id)
+    .bind(&positions)
+    .bind(&kinds)
+    .bind(&descriptions)
+    .bind(&amounts)
+    .bind(&earnings)
+    .bind(&carried)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Records that `into` took over the balances of `ids`.
+pub async fn consume_carries(conn: &mut PgConnection, ids: &[i64], into: i64) -> sqlx::Result<u64> {
+    let res = sqlx::query(
+        "UPDATE settlements SET carried_into = $2 WHERE id = ANY($1) AND carried_into IS NULL",
+    )
+    .bind(ids)
+    .bind(into)
+    .execute(conn)
+    .await?;
+    Ok(res.rows_affected())
+}
+
+/// One settlement.
+pub async fn get(pool: &PgPool, id: i64) -> sqlx::Result<Option<SettlementRow>> {
+    sqlx::query_as("SELECT * FROM settlements WHERE id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+}
+
+/// The settlement that made payout `payout_id`.
+pub async fn for_payout(pool: &PgPool, payout_id: i64) -> sqlx::Result<Option<SettlementRow>> {
+    sqlx::query_as("SELECT * FROM settlements WHERE payout_id = $1")
+        .bind(payout_id)
+        .fetch_optional(pool)
+        .await
+}
+
+/// A settlement's line items, in order.
+pub async fn lines(pool: &PgPool, settlement_id: i64) -> sqlx::Result<Vec<LineRow>> {
+    sqlx::query_as("SELECT * FROM payout_lines WHERE settlement_id = $1 ORDER BY position")
+        .bind(settlement_id)
+        .fetch_all(pool)
+        .await
+}

@@ -1,0 +1,115 @@
+//! `POST /v1/earnings`: the platform posts completed work. Idempotent by
+//! (source, external_ref): `201` when recorded, `200` when the same work was
+//! recorded before (nothing added), `409` when the reference is taken by
+//! different work, `422` naming the bad field, `400` when the body is not
+//! JSON. The same checks as `payoutctl earnings add`.
+//!
+//! A `Router` only: mounting it into a server binary belongs to the admin
+//! server (DESIGN.md `src/admin/`); tests serve it on port 0.
+
+use std::sync::Arc;
+
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::State,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::post,
+};
+use serde_json::json;
+use sqlx::PgPool;
+
+use crate::{
+    clock::SharedClock,
+    db::{earnings, payee_terms},
+    domain::{Policy, earning::FieldError, earning::RawEarning},
+};
+
+/// What the endpoint needs.
+#[derive(Clone)]
+pub struct EarningsApi {
+    /// The source of truth.
+    pub pool: PgPool,
+    /// The policy (hold period, payable currencies).
+    pub policy: Arc<Policy>,
+    /// Time.
+    pub clock: SharedClock,
+}
+
+/// The router with `POST /v1/earnings`.
+pub fn router(api: EarningsApi) -> Router {
+    Router::new()
+        .route("/v1/earnings", post(post_earning))
+        .with_state(api)
+}
+
+fn unprocessable(e: FieldError) -> Response {
+    (
+        StatusCode::UNPROCESSABLE_ENTITY,
+        Json(json!({"error": e.to_string(), "field": e.field})),
+    )
+        .into_response()
+}
+
+fn internal(e: sqlx::Error) -> Response {
+    tracing::error!(error = %e, "failed to record an earning");
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"error": "the database is unavailable; try again"})),
+    )
+        .into_response()
+}
+
+async fn post_earning(State(api): State<EarningsApi>, body: Bytes) -> Response {
+    let value: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"error": format!("the body is not JSON: {e}")})),
+            )
+                .into_response();
+        }
+    };
+    let now = api.clock.now();
+    let earning = match RawEarning::from_json(&value).and_then(|raw| raw.validate(&api.policy, now))
+    {
+        Ok(e) => e,
+        Err(e) => return unprocessable(e),
+    };
+    let mut conn = match api.pool.acquire().await {
+        Ok(c) => c,
+        Err(e) => return internal(e),
+    };
+    match payee_terms::existing(&mut conn, &[earning.payee_id]).await {
+        Ok(found) if found.is_empty() => {
+            return unprocessable(FieldError {
+                field: "payee_id".into(),
+                message: format!("payee {} not found", earning.payee_id),
+            });
+        }
+        Ok(_) => {}
+        Err(e) => return internal(e),
+    }
+    let recorded = match earnings::record(&mut conn, &earning, now).await {
+        Ok(r) => r,
+        Err(e) => return internal(e),
+    };
+    if let Some(e) = recorded.conflict_error() {
+        return (
+            StatusCode::CONFLICT,
+            Json(json!({"error": e.to_string(), "field": e.field})),
+        )
+            .into_response();
+    }
+    let (status, created) = match recorded {
+        earnings::Recorded::Created(_) => (StatusCode::CREATED, true),
+        _ => (StatusCode::OK, false),
+    };
+    (
+        status,
+        Json(json!({"created": created, "earning": recorded.earning()})),
+    )
+        .into_response()
+}

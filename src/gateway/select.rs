@@ -1,0 +1,190 @@
+//! Picks the gateway adapter by configuration (`gateway.kind`) and checks
+//! that adapter's settings at load, so a fleet pointed at Stripe test mode
+//! needs nothing but configuration and a bad setting names its key.
+
+use std::sync::Arc;
+
+use secrecy::ExposeSecret;
+
+use super::{
+    Gateway, http::HttpGateway, release_funds::ReleaseFundsGateway, stripe::StripeGateway,
+};
+use crate::config::GatewaySettings;
+
+/// The kinds `gateway.kind` accepts.
+pub const KINDS: [&str; 3] = ["contract", "stripe", "release_funds"];
+
+/// What `gateway.release_funds.status_map` values may say.
+pub const STATUS_MEANINGS: [&str; 5] = ["paid", "in_transit", "permanent", "transient", "unknown"];
+
+fn is_loopback(url: &str) -> bool {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .unwrap_or(url);
+    ["127.", "localhost", "[::1]"]
+        .iter()
+        .any(|p| rest.starts_with(p))
+}
+
+fn http_url(url: &str) -> bool {
+    url.starts_with("http://") || url.starts_with("https://")
+}
+
+/// Checks the settings of the selected adapter; the error names the bad key.
+pub fn validate(g: &GatewaySettings) -> Result<(), String> {
+    if !KINDS.contains(&g.kind.as_str()) {
+        return Err(format!(
+            "gateway.kind must be one of \"contract\", \"stripe\", \"release_funds\" (got {:?})",
+            g.kind
+        ));
+    }
+    if g.webhooks.tolerance_secs == 0 || g.webhooks.tolerance_secs > 3600 {
+        return Err("gateway.webhooks.tolerance_secs must be 1..=3600".into());
+    }
+    if g.sync.interval_secs == 0 {
+        return Err("gateway.sync.interval_secs must be >= 1".into());
+    }
+    if !(1..=1000).contains(&g.sync.batch) {
+        return Err("gateway.sync.batch must be 1..=1000".into());
+    }
+    for (code, meaning) in &g.release_funds.status_map {
+        if !code.parse::<u16>().is_ok_and(|c| (100..=599).contains(&c)) {
+            return Err(format!(
+                "gateway.release_funds.status_map: {code:?} is not an HTTP status code"
+            ));
+        }
+        if !STATUS_MEANINGS.contains(&meaning.as_str()) {
+            return Err(format!(
+                "gateway.release_funds.status_map.{code} must be one of paid, in_transit, permanent, transient, unknown (got {meaning:?})"
+            ));
+        }
+    }
+    match g.kind.as_str() {
+        "stripe" => {
+            let s = &g.stripe;
+            let key = s.secret_key.expose_secret();
+            if !(key.starts_with("sk_") || key.starts_with("rk_")) {
+                return Err(
+                    "gateway.stripe.secret_key must be a Stripe secret key (sk_test_…, sk_live_… or rk_…)"
+                        .into(),
+                );
+            }
+            if s.stripe_version.trim().is_empty() {
+                return Err(
+                    "gateway.stripe.stripe_version must pin an API version (e.g. 2025-04-30.basil)"
+                        .into(),
+                );
+            }
+            if !(s.base_url.starts_with("https://") || is_loopback(&s.base_url)) {
+                return Err(
+                    "gateway.stripe.base_url must be https:// (plain http only to a local fake)"
+                        .into(),
+                );
+            }
+        }
+        "release_funds" => {
+            let r = &g.release_funds;
+            if !http_url(&r.base_url) {
+                return Err("gateway.release_funds.base_url must be an http(s) URL".into());
+            }
+            if !r.endpoint.starts_with('/') {
+                return Err("gateway.release_funds.endpoint must start with '/'".into());
+            }
+            if !(r.lookup_endpoint.is_empty() || r.lookup_endpoint.starts_with('/')) {
+                return Err(
+                    "gateway.release_funds.lookup_endpoint must be empty or start with '/'".into(),
+                );
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// The adapter `settings.kind` names, behind the [`Gateway`] trait.
+pub fn build(settings: &GatewaySettings) -> anyhow::Result<Arc<dyn Gateway>> {
+    validate(settings).map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    Ok(match settings.kind.as_str() {
+        "stripe" => Arc::new(StripeGateway::new(settings)?),
+        "release_funds" => Arc::new(ReleaseFundsGateway::new(settings)?),
+        _ => Arc::new(HttpGateway::new(settings)?),
+    })
+}
+
+/// The onboarding check of the selected adapter, when it has one (Stripe:
+/// the connected account's `transfers` capability), for
+/// [`crate::sync::InTransitSync::release_onboarded`].
+pub fn account_check(
+    settings: &GatewaySettings,
+) -> anyhow::Result<Option<Arc<dyn crate::sync::AccountCheck>>> {
+    Ok(match settings.kind.as_str() {
+        "stripe" => Some(Arc::new(StripeGateway::new(settings)?)),
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Settings;
+
+    fn load(pairs: &[(&str, &str)]) -> anyhow::Result<Settings> {
+        let env: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Settings::load_from(None, &env)
+    }
+
+    #[test]
+    fn stripe_test_mode_needs_only_the_kind_and_a_test_key() {
+        let s = load(&[
+            ("PAYOUTS_GATEWAY__KIND", "stripe"),
+            ("PAYOUTS_GATEWAY__STRIPE__SECRET_KEY", "sk_test_abc"),
+        ])
+        .unwrap();
+        assert_eq!(s.gateway.stripe.base_url, "https://api.stripe.com");
+        let gw = super::build(&s.gateway).unwrap();
+        let dbg = format!("{gw:?} {s:?}");
+        assert!(dbg.contains("StripeGateway"), "{dbg}");
+        assert!(!dbg.contains("sk_test_abc"), "the key leaked: {dbg}");
+    }
+
+    #[test]
+    fn an_unknown_kind_or_a_missing_stripe_key_names_the_key() {
+        let e = load(&[("PAYOUTS_GATEWAY__KIND", "paypal")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("gateway.kind"), "{e}");
+        let e = load(&[("PAYOUTS_GATEWAY__KIND", "stripe")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("gateway.stripe.secret_key"), "{e}");
+        let e = load(&[
+            ("PAYOUTS_GATEWAY__KIND", "release_funds"),
+            ("PAYOUTS_GATEWAY__RELEASE_FUNDS__STATUS_MAP__409", "maybe"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("status_map.409"), "{e}");
+    }
+
+    #[test]
+    fn release_funds_defaults_follow_the_booking_worker() {
+        let s = load(&[("PAYOUTS_GATEWAY__KIND", "release_funds")]).unwrap();
+        assert_eq!(
+            s.gateway.release_funds.endpoint,
+            "/api/Payment/release-funds"
+        );
+        assert_eq!(
+            s.gateway
+                .release_funds
+                .status_map
+                .get("402")
+                .map(String::as_str),
+            Some("permanent")
+        );
+        let gw = super::build(&s.gateway).unwrap();
+        assert!(format!("{gw:?}").contains("ReleaseFundsGateway"));
+    }
+}

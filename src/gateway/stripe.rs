@@ -1,0 +1,701 @@
+//! Stripe Connect adapter: pays a payee by creating a
+//! [transfer](https://docs.stripe.com/api/transfers/create) to their
+//! connected account.
+//!
+//! The wire format is Stripe's own: `POST {base}/v1/transfers`, form-encoded
+//! (`amount` in minor units, lower-case `currency`, `destination`,
+//! `transfer_group` = the payout's reference, `metadata[payout_id]`), with
+//! `Authorization: Bearer sk_…`, `Idempotency-Key` and a pinned
+//! `Stripe-Version`. Errors come back as
+//! `{"error":{"type","code","decline_code","message",…}}` and are mapped to
+//! the fleet's [`Outcome`]s by [`classify_stripe`].
+//!
+//! **Never paying twice when the key must change.** Stripe keeps the first
+//! answer for an idempotency key for at least 24 hours, a 500 included:
+//! retrying a key whose first answer was a 500 only replays that 500
+//! (`Stripe-Should-Retry: false` or `Idempotent-Replayed: true`). The adapter
+//! then looks the transfer up by `transfer_group` — the 500 may have come
+//! after the money moved — and only if none exists moves on to the next key
+//! of a fixed chain (`payout_42`, `payout_42-1`, `payout_42-2`, …). The chain
+//! is the same for every worker, so two workers that race still share keys
+//! and Stripe still deduplicates them. With `lookup_before_create` (the
+//! default) every call starts with that look-up, which also covers a retry
+//! after Stripe has forgotten the key, and starts the chain past any fully
+//! reversed transfer (an operator retrying a reversed payout pays it again
+//! under a new key, on purpose).
+//!
+//! A created transfer is [`Outcome::Paid`]: the funds are in the connected
+//! account's Stripe balance at once. A later `transfer.reversed` (or a
+//! `payout.failed` of a payout tagged with `metadata[payout_id]`) reaches the
+//! fleet by webhook (`crate::webhooks`) and turns the payout `failed`, with an
+//! alert.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use async_trait::async_trait;
+use reqwest::{StatusCode, header::HeaderMap};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use super::{Gateway, LookupError, Outcome, TransferRecord, TransferRequest};
+use crate::config::GatewaySettings;
+
+/// How many idempotency keys one payout may use before the adapter gives up
+/// for this call (each new key only after a look-up found no transfer).
+pub const MAX_KEYS: usize = 8;
+
+/// Stripe's payout failure codes (`payout.failure_code`) and the payee-side
+/// transfer errors: permanent, the code is kept.
+pub const PAYEE_FAILURE_CODES: &[&str] = &[
+    "account_closed",
+    "account_frozen",
+    "bank_account_restricted",
+    "bank_ownership_changed",
+    "could_not_process",
+    "debit_not_authorized",
+    "declined",
+    "incorrect_account_holder_address",
+    "incorrect_account_holder_name",
+    "incorrect_account_holder_tax_id",
+    "invalid_account_number",
+    "invalid_currency",
+    "no_account",
+    "unsupported_card",
+    "account_number_invalid",
+    "bank_account_unusable",
+];
+
+/// Codes that mean the *platform's* balance cannot cover the transfer. Not
+/// the payee's fault: retried later on the long schedule (see [`classify_stripe`]).
+pub const PLATFORM_BALANCE_CODES: &[&str] = &["balance_insufficient", "insufficient_funds"];
+
+/// Codes that mean the connected account cannot receive transfers yet
+/// (onboarding not finished): recorded as `account_not_onboarded`.
+pub const NOT_ONBOARDED_CODES: &[&str] = &[
+    "insufficient_capabilities_for_transfer",
+    "transfers_not_allowed",
+    "payouts_not_allowed",
+    "account_not_onboarded",
+];
+
+/// The Stripe Connect client.
+#[derive(Clone)]
+pub struct StripeGateway {
+    client: reqwest::Client,
+    transfers_url: String,
+    secret: SecretString,
+    version: String,
+    lookup_before_create: bool,
+}
+
+impl std::fmt::Debug for StripeGateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StripeGateway")
+            .field("transfers_url", &self.transfers_url)
+            .field("stripe_version", &self.version)
+            .field("lookup_before_create", &self.lookup_before_create)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A transfer object as Stripe returns it (the fields the fleet reads).
+#[derive(Debug, Clone, Deserialize)]
+pub struct StripeTransfer {
+    /// `tr_…`.
+    pub id: String,
+    /// Minor units.
+    #[serde(default)]
+    pub amount: i64,
+    /// How much of it was reversed, in minor units.
+    #[serde(default)]
+    pub amount_reversed: i64,
+    /// Lower-case ISO code.
+    #[serde(default)]
+    pub currency: String,
+    /// The connected account (`acct_…`).
+    #[serde(default)]
+    pub destination: Option<String>,
+    /// The payout's reference (`payout_<id>`).
+    #[serde(default)]
+    pub transfer_group: Option<String>,
+    /// Whether it was reversed (in full or in part).
+    #[serde(default)]
+    pub reversed: bool,
+    /// String metadata (`payout_id`).
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl StripeTransfer {
+    /// Reversed in full: the money went back to the platform.
+    pub fn fully_reversed(&self) -> bool {
+        self.amount > 0 && self.amount_reversed >= self.amount
+    }
+
+    /// As the fleet's [`TransferRecord`]: `failed` when fully reversed, else `paid`.
+    pub fn to_record(&self, reference: &str) -> TransferRecord {
+        TransferRecord {
+            id: self.id.clone(),
+            status: if self.fully_reversed() {
+                "failed".into()
+            } else {
+                "paid".into()
+            },
+            amount_minor: self.amount,
+            currency: self.currency.to_ascii_uppercase(),
+            destination: self.destination.clone().unwrap_or_default(),
+            reference: self
+                .transfer_group
+                .clone()
+                .unwrap_or_else(|| reference.to_string()),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct TransferList {
+    data: Vec<StripeTransfer>,
+}
+
+/// Stripe's error object (`{"error":{…}}`).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct StripeError {
+    /// `api_error`, `card_error`, `idempotency_error`, `invalid_request_error`, …
+    #[serde(rename = "type", default)]
+    pub kind: String,
+    /// The error code, when Stripe gives one.
+    #[serde(default)]
+    pub code: Option<String>,
+    /// For declines: the issuer's reason.
+    #[serde(default)]
+    pub decline_code: Option<String>,
+    /// Human-readable detail.
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ErrorEnvelope {
+    error: StripeError,
+}
+
+/// The headers of a Stripe answer that change what it means.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StripeHeaders {
+    /// `Stripe-Should-Retry`: Stripe's own advice, when given.
+    pub should_retry: Option<bool>,
+    /// `Retry-After`, in seconds.
+    pub retry_after: Option<Duration>,
+    /// `Idempotent-Replayed: true`: this is the stored answer of an earlier request.
+    pub replayed: bool,
+}
+
+impl StripeHeaders {
+    /// Reads them from a response's headers.
+    pub fn from_headers(h: &HeaderMap) -> Self {
+        let get = |name: &str| h.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+        StripeHeaders {
+            should_retry: get("stripe-should-retry").and_then(|v| match v {
+                "true" => Some(true),
+                "false" => Some(false),
+                _ => None,
+            }),
+            retry_after: get("retry-after")
+                .and_then(|v| v.parse::<u64>().ok())
+                .map(Duration::from_secs),
+            replayed: get("idempotent-replayed") == Some("true"),
+        }
+    }
+}
+
+/// The form body Stripe expects for a transfer (`application/x-www-form-urlencoded`).
+pub fn transfer_form(req: &TransferRequest) -> Vec<(String, String)> {
+    let mut form = vec![
+        ("amount".to_string(), req.amount_minor.to_string()),
+        ("currency".to_string(), req.currency.to_ascii_lowercase()),
+        ("destination".to_string(), req.destination.clone()),
+        ("transfer_group".to_string(), req.reference.clone()),
+    ];
+    for (k, v) in &req.metadata {
+        form.push((format!("metadata[{k}]"), v.clone()));
+    }
+    if !req.metadata.contains_key("payout_id") {
+        if let Some(id) = req.reference.strip_prefix("payout_") {
+            form.push(("metadata[payout_id]".to_string(), id.to_string()));
+        }
+    }
+    form
+}
+
+/// The `n`-th idempotency key of a payout's chain: the fleet's key itself,
+/// then `{key}-1`, `{key}-2`, … (the same for every worker).
+pub fn chain_key(key: &str, n: usize) -> String {
+    if n == 0 {
+        key.to_string()
+    } else {
+        format!("{key}-{n}")
+    }
+}
+
+/// Whether an answer is a stored 5xx that retrying the same key would only
+/// replay: a new key is needed (after a look-up).
+pub fn is_poisoned(status: StatusCode, headers: &StripeHeaders) -> bool {
+    status.is_server_error() && (headers.replayed || headers.should_retry == Some(false))
+}
+
+fn label(e: &StripeError, status: StatusCode) -> String {
+    e.code
+        .clone()
+        .or_else(|| e.decline_code.clone())
+        .filter(|c| !c.is_empty())
+        .or_else(|| (!e.kind.is_empty()).then(|| e.kind.clone()))
+        .unwrap_or_else(|| format!("http_{}", status.as_u16()))
+}
+
+/// Maps one Stripe answer to an outcome.
+///
+/// - 2xx with a transfer object: [`Outcome::Paid`] (the funds are in the
+///   connected account's balance).
+/// - 429 (`rate_limit`): transient `rate_limited` with Retry-After (the
+///   fleet pauses); 429 `lock_timeout`: transient `lock_timeout`.
+/// - 5xx (`api_error`): transient `http_5xx` (same key; the caller handles a
+///   stored, replayed 5xx — see [`is_poisoned`]).
+/// - `balance_insufficient` / `insufficient_funds`: **transient**, code kept.
+///   It is the platform's balance that is short, not the payee who is at
+///   fault; failing every payee's payout because treasury was late would be
+///   wrong, and the long retry schedule (minutes to hours) gives time to top
+///   up. Until then the circuit breaker keeps the fleet from hammering.
+/// - The connected account cannot receive transfers yet (onboarding not
+///   finished): permanent `account_not_onboarded`, Stripe's code in the message.
+/// - `Stripe-Should-Retry: true` on any other 4xx (e.g. 409
+///   `idempotency_key_in_use`): transient.
+/// - 401: permanent `unauthorized`; `idempotency_error`: permanent
+///   `idempotency_conflict`; every other 4xx (`invalid_request_error`, the
+///   payout failure codes `no_account`, `account_closed`, …): permanent with
+///   Stripe's code kept.
+pub fn classify_stripe(status: StatusCode, headers: &StripeHeaders, body: &[u8]) -> Outcome {
+    if status.is_success() {
+        return match serde_json::from_slice::<StripeTransfer>(body) {
+            Ok(t) if !t.id.is_empty() => Outcome::Paid { transfer_id: t.id },
+            _ => Outcome::Unknown {
+                message: "stripe answered 2xx with an unreadable transfer".into(),
+            },
+        };
+    }
+    let err = serde_json::from_slice::<ErrorEnvelope>(body)
+        .map(|e| e.error)
+        .unwrap_or_default();
+    let code = label(&err, status);
+    let message = match &err.message {
+        Some(m) if !err.kind.is_empty() => format!("stripe {}: {m}", err.kind),
+        Some(m) => format!("stripe: {m}"),
+        None => format!("stripe answered {}", status.as_u16()),
+    };
+    let s = status.as_u16();
+    if status.is_server_error() || err.kind == "api_connection_error" {
+        return Outcome::Transient {
+            code: if status.is_server_error() {
+                format!("http_{s}")
+            } else {
+                "connect".into()
+            },
+            message,
+            retry_after: headers.retry_after,
+        };
+    }
+    if s == 429 || err.code.as_deref() == Some("rate_limit") {
+        let lock = err.code.as_deref() == Some("lock_timeout");
+        return Outcome::Transient {
+            code: if lock { "lock_timeout" } else { "rate_limited" }.into(),
+            message,
+            retry_after: headers.retry_after,
+        };
+    }
+    if err.code.as_deref() == Some("lock_timeout") {
+        return Outcome::Transient {
+            code: "lock_timeout".into(),
+            message,
+            retry_after: headers.retry_after,
+        };
+    }
+    if PLATFORM_BALANCE_CODES.contains(&code.as_str()) {
+        return Outcome::Transient {
+            code,
+            message: format!("{message} (the platform's Stripe balance is short; retried later)"),
+            retry_after: None,
+        };
+    }
+    let not_onboarded = NOT_ONBOARDED_CODES.contains(&code.as_str())
+        || (err.kind == "invalid_request_error"
+            && err
+                .message
+                .as_deref()
+                .is_some_and(|m| m.contains("capabilit")));
+    if not_onboarded {
+        return Outcome::Rejected {
+            code: "account_not_onboarded".into(),
+            message: format!(
+                "the payee's Stripe account cannot receive transfers yet (onboarding not finished; stripe code {code}): {message}"
+            ),
+        };
+    }
+    if s == 401 {
+        return Outcome::Rejected {
+            code: "unauthorized".into(),
+            message,
+        };
+    }
+    if err.kind == "idempotency_error" {
+        return Outcome::Rejected {
+            code: "idempotency_conflict".into(),
+            message,
+        };
+    }
+    if headers.should_retry == Some(true) || err.code.as_deref() == Some("idempotency_key_in_use") {
+        return Outcome::Transient {
+            code,
+            message,
+            retry_after: headers.retry_after,
+        };
+    }
+    if status.is_client_error() {
+        return Outcome::Rejected { code, message };
+    }
+    Outcome::Unknown {
+        message: format!("stripe answered unexpected status {s}"),
+    }
+}
+
+enum Sent {
+    Answer(StatusCode, StripeHeaders, Vec<u8>),
+    NoAnswer(Outcome),
+}
+
+impl StripeGateway {
+    /// A client for `settings.stripe`, with the fleet's timeouts.
+    pub fn new(settings: &GatewaySettings) -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_millis(settings.timeout_ms))
+            .connect_timeout(Duration::from_millis(settings.connect_timeout_ms))
+            .pool_max_idle_per_host(256)
+            .tcp_nodelay(true)
+            .user_agent(concat!("payouts/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        let s = &settings.stripe;
+        Ok(StripeGateway {
+            client,
+            transfers_url: format!("{}/v1/transfers", s.base_url.trim_end_matches('/')),
+            secret: s.secret_key.clone(),
+            version: s.stripe_version.clone(),
+            lookup_before_create: s.lookup_before_create,
+        })
+    }
+
+    async fn post(&self, req: &TransferRequest, key: &str) -> Sent {
+        let body = match serde_urlencoded::to_string(transfer_form(req)) {
+            Ok(b) => b,
+            Err(e) => {
+                return Sent::NoAnswer(Outcome::Rejected {
+                    code: "invalid_request".into(),
+                    message: format!("transfer could not be form-encoded: {e}"),
+                });
+            }
+        };
+        let sent = self
+            .client
+            .post(&self.transfers_url)
+            .bearer_auth(self.secret.expose_secret())
+            .header("Stripe-Version", &self.version)
+            .header("Idempotency-Key", key)
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .body(body)
+            .send()
+            .await;
+        let resp = match sent {
+            Ok(r) => r,
+            Err(e) => return Sent::NoAnswer(no_answer(&e)),
+        };
+        let status = resp.status();
+        let headers = StripeHeaders::from_headers(resp.headers());
+        match resp.bytes().await {
+            Ok(b) => Sent::Answer(status, headers, b.to_vec()),
+            Err(e) if e.is_timeout() => Sent::NoAnswer(Outcome::Unknown {
+                message: "stripe timed out sending its answer".into(),
+            }),
+            Err(_) => Sent::NoAnswer(Outcome::Unknown {
+                message: "stripe's answer was cut off".into(),
+            }),
+        }
+    }
+
+    /// Whether connected account `account` can receive transfers now
+    /// (`GET /v1/accounts/{id}`: its `transfers` capability is `active`).
+    pub async fn account_ready(&self, account: &str) -> Result<bool, LookupError> {
+        if account.is_empty()
+            || !account
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            return Err(LookupError(format!(
+                "{account:?} is not a Stripe account id"
+            )));
+        }
+        let base = self.transfers_url.trim_end_matches("/transfers");
+        let resp = self
+            .client
+            .get(format!("{base}/accounts/{account}"))
+            .bearer_auth(self.secret.expose_secret())
+            .header("Stripe-Version", &self.version)
+            .send()
+            .await
+            .map_err(|_| LookupError("request to stripe failed".into()))?;
+        if !resp.status().is_success() {
+            return Err(LookupError(format!("stripe answered {}", resp.status())));
+        }
+        let v: serde_json::Value = resp
+            .json()
+            .await
+            .map_err(|_| LookupError("unreadable account from stripe".into()))?;
+        Ok(v.pointer("/capabilities/transfers")
+            .and_then(|c| c.as_str())
+            == Some("active"))
+    }
+
+    /// Every transfer Stripe holds with `transfer_group = reference`.
+    pub async fn find(&self, reference: &str) -> Result<Vec<StripeTransfer>, LookupError> {
+        let resp = self
+            .client
+            .get(&self.transfers_url)
+            .query(&[("transfer_group", reference), ("limit", "100")])
+            .bearer_auth(self.secret.expose_secret())
+            .header("Stripe-Version", &self.version)
+            .send()
+            .await
+            .map_err(|e| {
+                LookupError(if e.is_timeout() {
+                    "stripe timed out".into()
+                } else {
+                    "request to stripe failed".into()
+                })
+            })?;
+        let status = resp.status();
+        if !status.is_success() {
+            let body = resp.bytes().await.unwrap_or_default();
+            let code = serde_json::from_slice::<ErrorEnvelope>(&body)
+                .ok()
+                .map(|e| label(&e.error, status))
+                .unwrap_or_else(|| format!("http_{}", status.as_u16()));
+            return Err(LookupError(format!("stripe answered {status} ({code})")));
+        }
+        let list = resp
+            .json::<TransferList>()
+            .await
+            .map_err(|_| LookupError("unreadable transfer list from stripe".into()))?;
+        Ok(list
+            .data
+            .into_iter()
+            .filter(|t| t.transfer_group.as_deref().is_none_or(|g| g == reference))
+            .collect())
+    }
+}
+
+fn no_answer(e: &reqwest::Error) -> Outcome {
+    if e.is_connect() {
+        Outcome::Transient {
+            code: "connect".into(),
+            message: "api_connection_error: connection to stripe failed".into(),
+            retry_after: None,
+        }
+    } else if e.is_timeout() {
+        Outcome::Unknown {
+            message: "stripe timed out".into(),
+        }
+    } else {
+        Outcome::Unknown {
+            message: "api_connection_error: request to stripe failed".into(),
+        }
+    }
+}
+
+/// What a look-up says about a payout's transfers.
+enum Found {
+    /// A transfer that still stands: the payout is paid.
+    Live(String),
+    /// No standing transfer; this many were fully reversed.
+    None { reversed: usize },
+}
+
+fn inspect(transfers: &[StripeTransfer]) -> Found {
+    match transfers.iter().find(|t| !t.fully_reversed()) {
+        Some(t) => Found::Live(t.id.clone()),
+        None => Found::None {
+            reversed: transfers.len(),
+        },
+    }
+}
+
+fn lookup_failed(e: LookupError) -> Outcome {
+    Outcome::Transient {
+        code: "lookup_failed".into(),
+        message: format!("could not check stripe for an earlier transfer: {}", e.0),
+        retry_after: None,
+    }
+}
+
+#[async_trait]
+impl crate::sync::AccountCheck for StripeGateway {
+    async fn account_ready(&self, account: &str) -> Result<bool, LookupError> {
+        StripeGateway::account_ready(self, account).await
+    }
+}
+
+#[async_trait]
+impl Gateway for StripeGateway {
+    async fn transfer(&self, req: &TransferRequest) -> Outcome {
+        let mut n = 0;
+        if self.lookup_before_create {
+            match self.find(&req.reference).await {
+                Ok(ts) => match inspect(&ts) {
+                    Found::Live(id) => {
+                        tracing::info!(transfer_id = %id, "stripe already holds a transfer for this payout");
+                        return Outcome::Paid { transfer_id: id };
+                    }
+                    Found::None { reversed } => n = reversed,
+                },
+                Err(e) => return lookup_failed(e),
+            }
+        }
+        while n < MAX_KEYS {
+            let key = chain_key(&req.idempotency_key, n);
+            let (status, headers, body) = match self.post(req, &key).await {
+                Sent::Answer(s, h, b) => (s, h, b),
+                Sent::NoAnswer(o) => return o,
+            };
+            if !is_poisoned(status, &headers) {
+                return classify_stripe(status, &headers, &body);
+            }
+            // The key holds a stored 5xx. The money may have moved before it:
+            // look before using a new key, so a lost answer never pays twice.
+            match self.find(&req.reference).await {
+                Ok(ts) => match inspect(&ts) {
+                    Found::Live(id) => return Outcome::Paid { transfer_id: id },
+                    Found::None { reversed } => n = (n + 1).max(reversed),
+                },
+                Err(e) => return lookup_failed(e),
+            }
+            tracing::warn!(
+                key,
+                next = n,
+                "stripe replays a stored 5xx for this key and holds no transfer; moving to the next key"
+            );
+        }
+        Outcome::Transient {
+            code: "idempotency_keys_exhausted".into(),
+            message: format!("stripe answered a stored 5xx for {MAX_KEYS} keys in a row"),
+            retry_after: None,
+        }
+    }
+
+    async fn lookup(&self, reference: &str) -> Result<Vec<TransferRecord>, LookupError> {
+        Ok(self
+            .find(reference)
+            .await?
+            .iter()
+            .map(|t| t.to_record(reference))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(should_retry: Option<bool>) -> StripeHeaders {
+        StripeHeaders {
+            should_retry,
+            ..Default::default()
+        }
+    }
+
+    fn err(kind: &str, code: Option<&str>) -> Vec<u8> {
+        serde_json::json!({"error": {"type": kind, "code": code, "message": "m"}})
+            .to_string()
+            .into_bytes()
+    }
+
+    #[test]
+    fn the_form_is_what_stripe_expects() {
+        let req = TransferRequest {
+            amount_minor: 12345,
+            currency: "USD".into(),
+            destination: "acct_1".into(),
+            reference: "payout_42".into(),
+            metadata: [("payout_id".to_string(), "42".to_string())].into(),
+            idempotency_key: "payout_42".into(),
+        };
+        let body = serde_urlencoded::to_string(transfer_form(&req)).unwrap();
+        assert_eq!(
+            body,
+            "amount=12345&currency=usd&destination=acct_1&transfer_group=payout_42&metadata%5Bpayout_id%5D=42"
+        );
+    }
+
+    #[test]
+    fn insufficient_platform_balance_is_retried_later_not_a_payee_failure() {
+        let o = classify_stripe(
+            StatusCode::BAD_REQUEST,
+            &h(None),
+            &err("invalid_request_error", Some("balance_insufficient")),
+        );
+        assert!(
+            matches!(&o, Outcome::Transient { code, .. } if code == "balance_insufficient"),
+            "{o:?}"
+        );
+    }
+
+    #[test]
+    fn payee_failure_codes_are_permanent_with_the_code_kept() {
+        for code in PAYEE_FAILURE_CODES {
+            let o = classify_stripe(
+                StatusCode::BAD_REQUEST,
+                &h(Some(false)),
+                &err("invalid_request_error", Some(code)),
+            );
+            assert!(
+                matches!(&o, Outcome::Rejected { code: c, .. } if c == code),
+                "{o:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_stored_500_poisons_the_key_but_a_fresh_one_does_not() {
+        assert!(is_poisoned(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &h(Some(false))
+        ));
+        assert!(!is_poisoned(StatusCode::INTERNAL_SERVER_ERROR, &h(None)));
+        assert!(!is_poisoned(StatusCode::BAD_REQUEST, &h(Some(false))));
+        assert_eq!(chain_key("payout_7", 0), "payout_7");
+        assert_eq!(chain_key("payout_7", 2), "payout_7-2");
+    }
+
+    #[test]
+    fn should_retry_true_makes_a_conflict_transient() {
+        let o = classify_stripe(
+            StatusCode::CONFLICT,
+            &h(Some(true)),
+            &err("invalid_request_error", Some("idempotency_key_in_use")),
+        );
+        assert!(o.is_retryable(), "{o:?}");
+        let o = classify_stripe(
+            StatusCode::BAD_REQUEST,
+            &h(None),
+            &err("idempotency_error", None),
+        );
+        assert!(matches!(&o, Outcome::Rejected { code, .. } if code == "idempotency_conflict"));
+    }
+}

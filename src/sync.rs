@@ -1,0 +1,375 @@
+//! Resolving payouts the gateway accepted but has not finished: `in_transit`
+//! becomes `paid` or `failed` when the gateway says so, by webhook
+//! (`crate::webhooks`) or, where no webhook comes, by the poll here, which
+//! looks every payout `in_transit` for longer than
+//! `gateway.sync.min_age_secs` up at the gateway (`Gateway::lookup`) on a
+//! schedule (`gateway.sync.interval_secs`).
+//!
+//! Every change is one fenced statement with its `payout_events` row
+//! ([`resolve`]): it changes nothing unless the payout is still in the status
+//! (and, for the poll, under the attempt) it was read in. A failure reported
+//! after a payout was recorded `paid` (a reversed transfer, a bank payout that
+//! failed days later) moves it `paid -> failed` with an event, an error log
+//! and the `payout_failed_after_paid_total` counter: never silently.
+//!
+//! The same poll releases payouts that failed only because the payee could
+//! not receive money yet (`account_not_onboarded`: Stripe onboarding not
+//! finished): once the gateway reports the account ready ([`AccountCheck`]),
+//! they go back to `queued` with a fresh attempt budget and an expired lease,
+//! so the producer's sweep enqueues them ([`InTransitSync::release_onboarded`]).
+
+use std::{
+    sync::{
+        Arc, LazyLock,
+        atomic::{AtomicI64, Ordering},
+    },
+    time::Duration,
+};
+
+use chrono::{DateTime, Utc};
+use prometheus::{IntCounter, IntCounterVec, Opts};
+use serde::Serialize;
+use sqlx::{PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+
+use async_trait::async_trait;
+
+use crate::{
+    clock::SharedClock,
+    config::SyncSettings,
+    db::payouts::idempotency_key,
+    domain::PayoutStatus,
+    gateway::{Gateway, LookupError, TransferRecord},
+    metrics::REGISTRY,
+};
+
+/// Payouts recorded `paid` that the gateway later reported failed or
+/// reversed. Every increment should page someone.
+pub static FAILED_AFTER_PAID: LazyLock<IntCounter> = LazyLock::new(|| {
+    let c = IntCounter::new(
+        "payout_failed_after_paid_total",
+        "Payouts recorded paid that the gateway later reported failed or reversed (page)",
+    )
+    .expect("valid metric");
+    REGISTRY
+        .register(Box::new(c.clone()))
+        .expect("registered once");
+    c
+});
+
+/// In-transit payouts resolved, by how (`webhook`, `poll`) and to what (`paid`, `failed`).
+pub static RESOLVED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    let c = IntCounterVec::new(
+        Opts::new(
+            "payout_in_transit_resolved_total",
+            "In-transit payouts resolved, by source and final status",
+        ),
+        &["source", "status"],
+    )
+    .expect("valid metric");
+    REGISTRY
+        .register(Box::new(c.clone()))
+        .expect("registered once");
+    c
+});
+
+/// One state change the gateway reported.
+#[derive(Debug, Clone)]
+pub struct Resolution<'a> {
+    /// The payout.
+    pub payout_id: i64,
+    /// The status it must still be in.
+    pub from: PayoutStatus,
+    /// The attempt it must still be under (`None`: any).
+    pub attempt: Option<i32>,
+    /// `Paid` or `Failed`.
+    pub to: PayoutStatus,
+    /// The gateway's id for it, kept if the payout has none yet.
+    pub transfer_id: Option<&'a str>,
+    /// Failure code (to `failed`).
+    pub code: Option<&'a str>,
+    /// Failure message (to `failed`).
+    pub message: Option<&'a str>,
+    /// `webhook:stripe`, `sync:<host>`, ...
+    pub actor: &'a str,
+    /// The event's reason.
+    pub reason: &'a str,
+    /// When.
+    pub now: DateTime<Utc>,
+}
+
+/// Records `r` with its event, fenced on its status (and attempt); `true`
+/// when written. `paid -> failed` also logs an alert and counts
+/// `payout_failed_after_paid_total`.
+pub async fn resolve(conn: &mut PgConnection, r: &Resolution<'_>) -> sqlx::Result<bool> {
+    let row: Option<i64> = sqlx::query_scalar(
+        "WITH upd AS (
+             UPDATE payouts SET status = $3,
+                 gateway_transfer_id = COALESCE(gateway_transfer_id, $4),
+                 failure_code = $5, failure_message = $6,
+                 paid_at = CASE WHEN $3 = 'paid' THEN $7 ELSE paid_at END,
+                 lease_owner = NULL, lease_until = NULL, updated_at = $7
+             WHERE id = $1 AND status = $2 AND ($8::int IS NULL OR attempt = $8)
+             RETURNING id, attempt)
+         INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
+         SELECT id, $2, $3, $9, $10, attempt, $7 FROM upd
+         RETURNING payout_id",
+    )
+    .bind(r.payout_id)
+    .bind(r.from.as_str())
+    .bind(r.to.as_str())
+    .bind(r.transfer_id)
+    .bind(r.code)
+    .bind(r.message)
+    .bind(r.now)
+    .bind(r.attempt)
+    .bind(r.actor)
+    .bind(r.reason)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let written = row.is_some();
+    if written && r.from == PayoutStatus::Paid && r.to == PayoutStatus::Failed {
+        FAILED_AFTER_PAID.inc();
+        tracing::error!(
+            payout_id = r.payout_id,
+            code = r.code.unwrap_or_default(),
+            reason = r.reason,
+            alert = true,
+            "payout recorded paid was failed by the gateway afterwards: money came back or never arrived"
+        );
+    }
+    Ok(written)
+}
+
+/// What the gateway's record of a transfer means for an in-transit payout.
+pub fn verdict(record: &TransferRecord) -> Option<PayoutStatus> {
+    match record.status.as_str() {
+        "paid" | "succeeded" => Some(PayoutStatus::Paid),
+        "failed" | "reversed" | "canceled" | "cancelled" | "returned" => Some(PayoutStatus::Failed),
+        _ => None,
+    }
+}
+
+/// What one poll did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SyncReport {
+    /// Payouts looked up.
+    pub looked_up: usize,
+    /// Recorded paid.
+    pub paid: usize,
+    /// Recorded failed.
+    pub failed: usize,
+    /// The gateway still has them in flight (or does not know them yet).
+    pub still_in_transit: usize,
+    /// The gateway could not be asked.
+    pub lookup_failed: usize,
+    /// Changed by someone else (a webhook, an operator) between read and write.
+    pub fenced_out: usize,
+}
+
+/// The failure code of a payout whose payee cannot receive money yet.
+pub const NOT_ONBOARDED: &str = "account_not_onboarded";
+
+/// A gateway that can tell whether a payee's account can receive money now.
+#[async_trait]
+pub trait AccountCheck: Send + Sync + std::fmt::Debug {
+    /// `true` once `account` can be paid (e.g. Stripe onboarding finished).
+    async fn account_ready(&self, account: &str) -> Result<bool, LookupError>;
+}
+
+/// The in-transit poll.
+#[derive(Debug)]
+pub struct InTransitSync {
+    /// The source of truth.
+    pub pool: PgPool,
+    /// The gateway to ask.
+    pub gateway: Arc<dyn Gateway>,
+    /// Time.
+    pub clock: SharedClock,
+    /// Interval, minimum age, batch.
+    pub settings: SyncSettings,
+    /// Written as the events' actor (`sync:<host>`).
+    pub actor: String,
+    /// Releases `account_not_onboarded` payouts once their account is ready (Stripe).
+    pub accounts: Option<Arc<dyn AccountCheck>>,
+    /// Where the last poll stopped (payout id), so a long backlog is walked in turn.
+    cursor: AtomicI64,
+}
+
+impl InTransitSync {
+    /// A poll over `pool` asking `gateway`.
+    pub fn new(
+        pool: PgPool,
+        gateway: Arc<dyn Gateway>,
+        clock: SharedClock,
+        settings: SyncSettings,
+        actor: impl Into<String>,
+    ) -> Self {
+        LazyLock::force(&FAILED_AFTER_PAID);
+        LazyLock::force(&RESOLVED);
+        InTransitSync {
+            pool,
+            gateway,
+            clock,
+            settings,
+            actor: actor.into(),
+            accounts: None,
+            cursor: AtomicI64::new(0),
+        }
+    }
+
+    /// With an onboarding check (see [`crate::gateway::select::account_check`]).
+    pub fn with_accounts(mut self, accounts: Option<Arc<dyn AccountCheck>>) -> Self {
+        self.accounts = accounts;
+        self
+    }
+
+    /// Puts `account_not_onboarded` payouts whose account is now ready back
+    /// to `queued` (fresh attempt budget, lease already expired so the sweep
+    /// enqueues them), with an event; returns how many. Up to `batch` accounts.
+    pub async fn release_onboarded(&self) -> sqlx::Result<usize> {
+        let Some(check) = &self.accounts else {
+            return Ok(0);
+        };
+        let accounts: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT payees.gateway_account FROM payouts
+             JOIN payees ON payees.id = payouts.payee_id
+             WHERE payouts.status = 'failed' AND payouts.failure_code = $1
+             LIMIT $2",
+        )
+        .bind(NOT_ONBOARDED)
+        .bind(self.settings.batch)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut released = 0;
+        for account in accounts {
+            match check.account_ready(&account).await {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "onboarding check failed; next time");
+                    continue;
+                }
+            }
+            let now = self.clock.now();
+            let ids: Vec<i64> = sqlx::query_scalar(
+                "WITH upd AS (
+                     UPDATE payouts p SET status = 'queued', retry_base = p.attempt,
+                         next_attempt_at = NULL, lease_owner = NULL, lease_until = $3,
+                         updated_at = $3
+                     FROM payees
+                     WHERE payees.id = p.payee_id AND payees.gateway_account = $1
+                       AND p.status = 'failed' AND p.failure_code = $2
+                     RETURNING p.id, p.attempt)
+                 INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
+                 SELECT id, 'failed', 'queued', $4, 'payee onboarded: released ' || $2, attempt, $3 FROM upd
+                 RETURNING payout_id",
+            )
+            .bind(&account)
+            .bind(NOT_ONBOARDED)
+            .bind(now)
+            .bind(&self.actor)
+            .fetch_all(&self.pool)
+            .await?;
+            if !ids.is_empty() {
+                tracing::info!(payouts = ids.len(), "payee onboarded: payouts released");
+            }
+            released += ids.len();
+        }
+        Ok(released)
+    }
+
+    /// One poll: up to `batch` payouts `in_transit` for at least `min_age_secs`.
+    pub async fn run_once(&self) -> sqlx::Result<SyncReport> {
+        let now = self.clock.now();
+        let cutoff = now - chrono::Duration::seconds(self.settings.min_age_secs as i64);
+        let after = self.cursor.load(Ordering::Relaxed);
+        let rows: Vec<(i64, i32, Option<String>)> = sqlx::query_as(
+            "SELECT id, attempt, gateway_transfer_id FROM payouts
+             WHERE status = 'in_transit' AND updated_at <= $1 AND id > $2
+             ORDER BY id LIMIT $3",
+        )
+        .bind(cutoff)
+        .bind(after)
+        .bind(self.settings.batch)
+        .fetch_all(&self.pool)
+        .await?;
+        let next = if (rows.len() as i64) < self.settings.batch {
+            0
+        } else {
+            rows.last().map_or(0, |r| r.0)
+        };
+        self.cursor.store(next, Ordering::Relaxed);
+
+        let mut report = SyncReport::default();
+        for (id, attempt, transfer_id) in rows {
+            report.looked_up += 1;
+            let records = match self.gateway.lookup(&idempotency_key(id)).await {
+                Ok(r) => r,
+                Err(e) => {
+                    report.lookup_failed += 1;
+                    tracing::warn!(payout_id = id, error = %e, "in-transit look-up failed");
+                    continue;
+                }
+            };
+            let record = records
+                .iter()
+                .find(|r| Some(&r.id) == transfer_id.as_ref())
+                .or_else(|| records.first());
+            let Some((record, to)) = record.and_then(|r| verdict(r).map(|to| (r, to))) else {
+                report.still_in_transit += 1;
+                continue;
+            };
+            let reason = format!("poll: gateway reports {} {}", record.id, record.status);
+            let code = format!("gateway_{}", record.status);
+            let res = Resolution {
+                payout_id: id,
+                from: PayoutStatus::InTransit,
+                attempt: Some(attempt),
+                to,
+                transfer_id: Some(&record.id),
+                code: (to == PayoutStatus::Failed).then_some(code.as_str()),
+                message: (to == PayoutStatus::Failed).then_some(reason.as_str()),
+                actor: &self.actor,
+                reason: &reason,
+                now: self.clock.now(),
+            };
+            let mut conn = self.pool.acquire().await?;
+            if resolve(&mut conn, &res).await? {
+                RESOLVED.with_label_values(&["poll", to.as_str()]).inc();
+                if to == PayoutStatus::Paid {
+                    report.paid += 1;
+                } else {
+                    report.failed += 1;
+                }
+            } else {
+                report.fenced_out += 1;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Polls every `interval_secs` until `shutdown`.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let every = Duration::from_secs(self.settings.interval_secs);
+        loop {
+            match self.run_once().await {
+                Ok(r) if r.looked_up > 0 => tracing::info!(?r, "in-transit poll"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "in-transit poll failed; next time"),
+            }
+            if let Err(e) = self.release_onboarded().await {
+                tracing::warn!(error = %e, "onboarding release failed; next time");
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+    }
+}
+
+/// Starts the poll on its own task (for the process that hosts it).
+pub fn spawn(sync: InTransitSync, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(Arc::new(sync).run(shutdown))
+}
