@@ -268,12 +268,64 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         &me,
         Duration::from_millis(settings.producer.leader_ttl_ms),
     );
+    let sync = in_transit_sync(&settings, pool.clone(), &me)?;
     let http = server::spawn(settings.producer.listen, pool, conn, shutdown.clone()).await?;
     tracing::info!(addr = %http, actor = %producer.actor, window = settings.producer.window, "producer started");
+    tokio::spawn(sync_while_leading(
+        sync,
+        settings.gateway.sync.interval_secs,
+        shutdown.clone(),
+    ));
     run_loop(&producer, &leadership, &shutdown).await;
     let _ = leadership.resign().await;
     metrics::PRODUCER_LEADER.set(0);
     Ok(())
+}
+
+/// The in-transit poll (`crate::sync`) with the configured gateway.
+fn in_transit_sync(
+    settings: &Settings,
+    pool: PgPool,
+    me: &str,
+) -> anyhow::Result<crate::sync::InTransitSync> {
+    let gateway = crate::gateway::select::build(&settings.gateway)?;
+    let accounts = crate::gateway::select::account_check(&settings.gateway)?;
+    Ok(crate::sync::InTransitSync::new(
+        pool,
+        gateway,
+        crate::clock::system(),
+        settings.gateway.sync.clone(),
+        format!("sync:{me}"),
+    )
+    .with_accounts(accounts))
+}
+
+/// Resolves `in_transit` payouts no webhook resolved, and releases payouts
+/// held for onboarding, every `interval_secs` while this replica leads (the
+/// standby stays quiet; a poll on both would only duplicate look-ups, the
+/// writes are fenced either way).
+async fn sync_while_leading(
+    sync: crate::sync::InTransitSync,
+    interval_secs: u64,
+    shutdown: CancellationToken,
+) {
+    let every = Duration::from_secs(interval_secs.max(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        if metrics::PRODUCER_LEADER.get() != 1 {
+            continue;
+        }
+        match sync.run_once().await {
+            Ok(r) => tracing::debug!(?r, "in-transit poll"),
+            Err(e) => tracing::warn!(error = %e, "in-transit poll failed; next time"),
+        }
+        if let Err(e) = sync.release_onboarded().await {
+            tracing::warn!(error = %e, "onboarding release failed; next time");
+        }
+    }
 }
 
 /// Leads or stands by until `shutdown`. Leadership is checked at least three
