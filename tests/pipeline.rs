@@ -555,8 +555,15 @@ async fn apalis_refuses_a_worker_name_that_is_still_registered_so_every_start_ge
     }
     let f = Fleet::start(Faults::default()).await;
     let stop_first = CancellationToken::new();
+    // A long heartbeat (orphaned after 90 s): the first registration stays
+    // alive however slow the machine is.
+    let storage = || {
+        apalis_redis::RedisStorage::<serde_json::Value>::new(f.queue.conn()).with_config(
+            payouts::queue::apalis_config(&f.prefix, 10, Duration::from_secs(30)),
+        )
+    };
     let first = WorkerBuilder::new("same-name")
-        .backend(f.queue.storage())
+        .backend(storage())
         .build(noop);
     let s = stop_first.clone();
     let first = tokio::spawn(first.run_until(async move {
@@ -585,7 +592,7 @@ async fn apalis_refuses_a_worker_name_that_is_still_registered_so_every_start_ge
     // A second worker under the same name (a restart that reuses its name,
     // or two workers in one process) does not get to run.
     let second = WorkerBuilder::new("same-name")
-        .backend(f.queue.storage())
+        .backend(storage())
         .build(noop);
     let started = std::time::Instant::now();
     let refused = second
