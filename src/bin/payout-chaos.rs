@@ -58,7 +58,17 @@ async fn main() -> anyhow::Result<()> {
         bins: Bins::next_to_current_exe()?,
         log_dir: Some(args.log_dir.clone()),
     };
-    let report = chaos::run(opts).await?;
+    // On Ctrl-C or SIGTERM the run is dropped, and with it every child
+    // process, the private Postgres and the temp dirs (their Drop guards).
+    let mut run = Box::pin(chaos::run(opts));
+    let report = tokio::select! {
+        r = &mut run => r?,
+        _ = interrupted() => {
+            drop(run);
+            eprintln!("chaos: interrupted; every process stopped, temp dirs removed");
+            std::process::exit(130);
+        }
+    };
     println!("{}", report.table());
     println!("{}", report.details());
     if let Some(dir) = args.json.parent() {
@@ -77,4 +87,13 @@ async fn main() -> anyhow::Result<()> {
         std::process::exit(1);
     }
     Ok(())
+}
+
+async fn interrupted() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }

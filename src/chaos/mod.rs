@@ -319,6 +319,7 @@ async fn scenario_body(
     let expect = seed(&fleet, s, profile).await?;
     let injected = scenarios::inject(s, &mut fleet, pg, profile, t0).await?;
     report.notes.extend(injected.notes.iter().cloned());
+    report.fault_window = injected.start.zip(injected.heal);
 
     // Drain: every payout final, by the deadline.
     let deadline = (t0 + profile.spread + profile.drain_deadline)
@@ -348,9 +349,7 @@ async fn scenario_body(
     if drained.is_ok() {
         scenarios::after_drain(&injected.after, &fleet, profile, report).await?;
     }
-    for exit in fleet.unexpected_exits() {
-        report.notes.push(exit);
-    }
+    report.findings.extend(fleet.unexpected_exits());
 
     // Quiesce: no fleet process may write while the invariants are read.
     fleet.kill_processes();

@@ -66,12 +66,17 @@ pub struct ScenarioReport {
     /// From the end of the fault until every payout due before it was final,
     /// seconds (`None` without a fault, or when some never became final).
     pub recovery_secs: Option<f64>,
+    /// When the fault began and when it healed.
+    pub fault_window: Option<(DateTime<Utc>, DateTime<Utc>)>,
     /// Wall time of the whole scenario, seconds.
     pub duration_secs: f64,
     /// What happened (faults injected, fence refusals, ...).
     pub notes: Vec<String>,
     /// Every broken invariant, spelled out (first few per kind).
     pub violations: Vec<String>,
+    /// Broken promises outside the money invariants (a bad job not counted,
+    /// a process crash-looping): reported, not failing the scenario.
+    pub findings: Vec<String>,
     /// The scenario could not run (setup failed, no drain, ...).
     pub error: Option<String>,
 }
@@ -471,6 +476,9 @@ pub fn details(rows: &[ScenarioReport]) -> String {
         }
         for v in &r.violations {
             out.push_str(&format!("  VIOLATION: {v}\n"));
+        }
+        for f in &r.findings {
+            out.push_str(&format!("  FINDING: {f}\n"));
         }
     }
     out

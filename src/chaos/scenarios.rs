@@ -53,6 +53,11 @@ pub enum After {
         /// When it was stopped.
         stopped_at: DateTime<Utc>,
     },
+    /// S12: the workers must have counted the bad jobs as skipped.
+    Skips {
+        /// Jobs for unknown payout ids pushed.
+        unknown: usize,
+    },
     /// S11: batches the killed producers marked `queued` right before dying.
     Orphans {
         /// (producer actor, the batch's event time).
@@ -60,7 +65,7 @@ pub enum After {
     },
 }
 
-/// The gateway faults and fleet options a scenario starts with.
+/// The gateway faults a scenario starts with.
 pub fn initial_faults(s: Scenario, profile: &Profile) -> Faults {
     let mut f = profile.base_faults();
     match s {
@@ -71,10 +76,6 @@ pub fn initial_faults(s: Scenario, profile: &Profile) -> Faults {
         _ => {}
     }
     f
-}
-
-fn at(t0: tokio::time::Instant, after: Duration) -> tokio::time::Instant {
-    t0 + after
 }
 
 async fn paid_count(fleet: &Fleet) -> i64 {
@@ -96,7 +97,7 @@ pub async fn inject(
     if s == Scenario::S1 {
         return Ok(out);
     }
-    tokio::time::sleep_until(at(t0, profile.fault_at)).await;
+    tokio::time::sleep_until(t0 + profile.fault_at).await;
     let paid_before = paid_count(fleet).await;
     out.start = Some(Utc::now());
     let mut rng = StdRng::seed_from_u64(profile.seed ^ s as u64);
@@ -306,6 +307,22 @@ pub async fn inject(
                 .await?;
             fleet.queue.push_raw(vec![0xff, 0x00, 0x13]).await?;
             while tokio::time::Instant::now() < end {
+                // A producer that enqueues twice: mark due payouts queued (the
+                // producer's own statement) and push two jobs for each.
+                let now = Utc::now();
+                let lease = now + chrono::Duration::seconds(profile.queue_lease_secs as i64);
+                let ids = crate::db::payouts::queue_due(
+                    &fleet.pool,
+                    now,
+                    50,
+                    lease,
+                    "producer:chaos-twice",
+                )
+                .await?;
+                fleet.queue.push(&ids).await?;
+                fleet.queue.push(&ids).await?;
+                twice += ids.len();
+                // And a second job for payouts the real producer queued.
                 let queued: Vec<i64> = sqlx::query_scalar(
                     "SELECT id FROM payouts WHERE status = 'queued' ORDER BY id LIMIT 500",
                 )
@@ -329,6 +346,7 @@ pub async fn inject(
                 "poison payouts (closed account, over-precise amount); {twice} queued payouts enqueued a second time, \
                  {redelivered} jobs for paid payouts, {unknown} for unknown ids, 2 malformed payloads"
             ));
+            out.after = After::Skips { unknown };
         }
     }
     out.heal = Some(Utc::now());
@@ -497,6 +515,55 @@ pub async fn after_drain(
                 report.violation(format!(
                     "the paused worker held {} payouts but the fence refused none of its late writes",
                     owned.len()
+                ));
+            }
+        }
+        After::Skips { unknown } => {
+            // Every bad job is acknowledged and counted by whichever worker got it.
+            let sum = |reason: &'static str| async move {
+                let mut n = 0.0;
+                for w in &fleet.workers {
+                    let name = format!("payout_jobs_skipped_total{{reason=\"{reason}\"}}");
+                    n += counter(w.port, &name).await.unwrap_or(0.0);
+                }
+                n
+            };
+            // The JSON one reaches the handler at once; so do the unknown ids.
+            let want_unknown = *unknown as f64;
+            let counted = poll(
+                Duration::from_secs(10),
+                Duration::from_millis(100),
+                "the workers to count the bad jobs",
+                || async move {
+                    let got = (sum("malformed").await, sum("not_found").await);
+                    (got.0 >= 1.0 && got.1 >= want_unknown).then_some(got)
+                },
+            )
+            .await;
+            let dup = sum("not_claimable").await + sum("locked").await;
+            match counted {
+                Ok((m, u)) => report.notes.push(format!(
+                    "workers counted {m} malformed and {u} unknown-payout jobs as skipped, and skipped {dup} \
+                     duplicate or finished ones; none touched money"
+                )),
+                Err(_) => report.violation(format!(
+                    "the workers did not count the bad jobs as skipped (malformed {}, unknown {}; wanted >= 1, {unknown})",
+                    sum("malformed").await,
+                    sum("not_found").await
+                )),
+            }
+            // Nothing else in S12 ends an apalis worker: any restart is the garbage.
+            let mut restarts = 0.0;
+            for w in &fleet.workers {
+                restarts += counter(w.port, "payout_worker_restarts_total")
+                    .await
+                    .unwrap_or(0.0);
+            }
+            if restarts > 0.0 {
+                report.findings.push(format!(
+                    "the payload that is not JSON was never counted as skipped: it fails apalis' decoding before \
+                     the handler, ends the apalis worker instead (\"Task decoding error\"), and comes back when its \
+                     lease runs out: {restarts} apalis worker restarts in this scenario"
                 ));
             }
         }
