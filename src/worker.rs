@@ -375,18 +375,27 @@ pub async fn run_consumer(
             .concurrency(settings.concurrency)
             .build(apalis_handler);
         let stop = shutdown.clone();
-        let result = apalis_worker
-            .run_until(async move {
-                stop.cancelled().await;
-                Ok::<(), std::io::Error>(())
-            })
-            .await;
-        match result {
-            Ok(()) if shutdown.is_cancelled() => break,
-            Ok(()) => tracing::warn!(worker = %name, "apalis worker ended; restarting"),
-            Err(e) => {
-                tracing::warn!(worker = %name, error = %e, "apalis worker failed; restarting")
-            }
+        let run = apalis_worker.run_until(async move {
+            stop.cancelled().await;
+            Ok::<(), std::io::Error>(())
+        });
+        let stale_after = Duration::from_secs(settings.heartbeat_secs * 4 + 2);
+        let watchdog = heartbeat_stalled(&queue, &name, stale_after);
+        tokio::select! {
+            result = run => match result {
+                Ok(()) if shutdown.is_cancelled() => break,
+                Ok(()) => tracing::warn!(worker = %name, "apalis worker ended; restarting"),
+                Err(e) => {
+                    tracing::warn!(worker = %name, error = %e, "apalis worker failed; restarting")
+                }
+            },
+            // Dropping the stalled worker's future is safe: each job runs on its
+            // own task and finishes; its unacknowledged jobs come back as orphans.
+            () = watchdog => tracing::warn!(
+                worker = %name,
+                ?stale_after,
+                "apalis worker stopped heartbeating without an error; restarting under a new name"
+            ),
         }
         metrics::WORKER_RESTARTS.inc();
         tokio::select! {
@@ -399,6 +408,41 @@ pub async fn run_consumer(
         } else {
             (pause * 2).min(Duration::from_secs(2))
         };
+    }
+}
+
+/// Resolves when the apalis worker `name` has stopped heartbeating: its score
+/// in the queue's workers set is older than `stale_after`, or it vanished after
+/// being seen. apalis-redis 1.0 can stop polling its backend for good after a
+/// Redis stall shorter than the client's response timeout, with no error to
+/// end the worker (the chaos suite's S8); this is how such a worker is noticed.
+/// Redis errors are ignored here: a Redis that cannot answer ends the worker
+/// by itself.
+async fn heartbeat_stalled(queue: &Queue, name: &str, stale_after: Duration) {
+    let mut conn = queue.conn();
+    let key = queue.config().workers_set();
+    let mut seen = false;
+    loop {
+        tokio::time::sleep(stale_after / 4).await;
+        let score: redis::RedisResult<Option<f64>> = redis::cmd("ZSCORE")
+            .arg(&key)
+            .arg(name)
+            .query_async(&mut conn)
+            .await;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
+        match score {
+            Ok(Some(at)) => {
+                seen = true;
+                if now - at > stale_after.as_secs_f64() {
+                    return;
+                }
+            }
+            Ok(None) if seen => return,
+            Ok(None) | Err(_) => {}
+        }
     }
 }
 
