@@ -92,26 +92,12 @@ impl Batcher {
         let (finishes, mut finish_rx) = mpsc::channel::<FinishReq>(4096);
         let p = pool.clone();
         tokio::spawn(async move {
-            while let Some(first) = claim_rx.recv().await {
-                let mut batch = vec![first];
-                while batch.len() < max_batch {
-                    match claim_rx.try_recv() {
-                        Ok(r) => batch.push(r),
-                        Err(_) => break,
-                    }
-                }
+            while let Some(batch) = next_batch(&mut claim_rx, max_batch).await {
                 run_claims(&p, batch).await;
             }
         });
         tokio::spawn(async move {
-            while let Some(first) = finish_rx.recv().await {
-                let mut batch = vec![first];
-                while batch.len() < max_batch {
-                    match finish_rx.try_recv() {
-                        Ok(r) => batch.push(r),
-                        Err(_) => break,
-                    }
-                }
+            while let Some(batch) = next_batch(&mut finish_rx, max_batch).await {
                 run_finishes(&pool, batch).await;
             }
         });
@@ -172,6 +158,19 @@ impl Batcher {
             .map_err(|_| BatchError("batcher stopped".into()))?
             .map_err(BatchError)
     }
+}
+
+/// Waits for one request, then takes whatever else is already waiting, up to
+/// `max`: no added delay when idle, large batches when busy. `None` once closed.
+async fn next_batch<T>(rx: &mut mpsc::Receiver<T>, max: usize) -> Option<Vec<T>> {
+    let mut batch = vec![rx.recv().await?];
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(r) => batch.push(r),
+            Err(_) => break,
+        }
+    }
+    Some(batch)
 }
 
 async fn run_claims(pool: &PgPool, mut batch: Vec<ClaimReq>) {
