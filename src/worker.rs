@@ -101,7 +101,12 @@ impl Worker {
         match serde_json::from_value::<PayoutJob>(payload.clone()) {
             Ok(job) => self.process(job.payout_id).await,
             Err(e) => {
-                tracing::warn!(error = %e, "malformed job acknowledged and dropped; no payout touched");
+                // Log the parse error and, for bytes that were not JSON, their
+                // lossy head; never the whole payload.
+                let raw = payload
+                    .get(crate::queue::UNDECODABLE)
+                    .and_then(|v| v.as_str());
+                tracing::warn!(error = %e, not_json = ?raw, "malformed job acknowledged and dropped; no payout touched");
                 metrics::JOBS_SKIPPED
                     .with_label_values(&["malformed"])
                     .inc();
@@ -363,12 +368,12 @@ pub async fn run_consumer(
     let mut restarts: u64 = 0;
     while !shutdown.is_cancelled() {
         let name = worker_name();
-        let backend =
-            queue
-                .storage()
-                .poll_with_strategy(IntervalStrategy::new(Duration::from_millis(
-                    settings.poll_interval_ms,
-                )));
+        let backend = queue
+            .storage()
+            .with_codec(crate::queue::LenientJson)
+            .poll_with_strategy(IntervalStrategy::new(Duration::from_millis(
+                settings.poll_interval_ms,
+            )));
         let apalis_worker = WorkerBuilder::new(name.clone())
             .backend(backend)
             .data(worker.clone())

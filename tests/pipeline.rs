@@ -521,6 +521,12 @@ async fn the_apalis_fleet_drains_due_payouts_through_redis_and_cleans_up_after()
 
 #[tokio::test]
 async fn garbage_payloads_in_redis_do_not_stop_the_fleet() {
+    let malformed = || {
+        payouts::metrics::JOBS_SKIPPED
+            .with_label_values(&["malformed"])
+            .get()
+    };
+    let before = malformed();
     let f = Fleet::start(Faults::default()).await;
     f.queue
         .push_raw(b"\xff\xfe not json at all".to_vec())
@@ -541,6 +547,14 @@ async fn garbage_payloads_in_redis_do_not_stop_the_fleet() {
         Duration::from_secs(60),
         "all 50 payouts paid past the garbage",
         || async { (f.count("paid").await == 50).then_some(()) },
+    )
+    .await;
+    // Both bad payloads reach the handler and are counted there: the one that
+    // is not JSON too (apalis' own JSON codec would end the consumer on it).
+    eventually(
+        Duration::from_secs(30),
+        "both malformed payloads counted",
+        || async { (malformed() >= before + 2).then_some(()) },
     )
     .await;
     stop_fleet(stop, handles).await;

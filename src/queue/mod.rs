@@ -36,6 +36,34 @@ pub struct PayoutJob {
     pub payout_id: i64,
 }
 
+/// The key a payload that is not JSON arrives under (see [`LenientJson`]).
+pub const UNDECODABLE: &str = "_undecodable";
+
+/// A JSON codec that never fails to decode. apalis decodes a job before the
+/// handler sees it, and a decoding error ends the whole apalis worker; the
+/// job then comes back as an orphan and ends the next one (a crash loop on
+/// one stray payload). With this codec bytes that are not JSON become
+/// `{"_undecodable": "<first 64 bytes, lossy>"}`, which the handler counts as
+/// malformed and acknowledges.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LenientJson;
+
+impl apalis_core::backend::codec::Codec<serde_json::Value> for LenientJson {
+    type Compact = Vec<u8>;
+    type Error = serde_json::Error;
+
+    fn encode(&self, val: &serde_json::Value) -> Result<Vec<u8>, Self::Error> {
+        serde_json::to_vec(val)
+    }
+
+    fn decode(&self, compact: &Vec<u8>) -> Result<serde_json::Value, Self::Error> {
+        Ok(serde_json::from_slice(compact).unwrap_or_else(|_| {
+            let head = &compact[..compact.len().min(64)];
+            serde_json::json!({ UNDECODABLE: String::from_utf8_lossy(head) })
+        }))
+    }
+}
+
 /// Most jobs per push script (ARGV grows by 7 per job).
 const PUSH_CHUNK: usize = 500;
 
@@ -204,5 +232,29 @@ impl Queue {
         let stamp = chrono::Utc::now().to_rfc3339();
         let set: bool = conn.set_nx(&key, stamp).await?;
         Ok(set)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use apalis_core::backend::codec::Codec;
+
+    use super::*;
+
+    #[test]
+    fn lenient_json_decodes_json_and_wraps_anything_else() {
+        let job = LenientJson
+            .decode(&br#"{"payout_id": 7}"#.to_vec())
+            .unwrap();
+        assert_eq!(
+            serde_json::from_value::<PayoutJob>(job).unwrap().payout_id,
+            7
+        );
+        let junk = LenientJson.decode(&b"\xff\xfe not json".to_vec()).unwrap();
+        let text = junk[UNDECODABLE].as_str().unwrap();
+        assert!(text.ends_with(" not json"), "{text}");
+        assert!(serde_json::from_value::<PayoutJob>(junk).is_err());
+        let long = LenientJson.decode(&vec![b'x'; 10_000]).unwrap();
+        assert_eq!(long[UNDECODABLE].as_str().unwrap().len(), 64);
     }
 }
