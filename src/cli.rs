@@ -74,11 +74,11 @@ pub enum Command {
         /// Payout id.
         id: i64,
     },
-    /// List payouts, newest first.
+    /// List payouts, newest first, with the admin API's filters.
     List {
-        /// Only this status.
-        #[arg(long)]
-        status: Option<String>,
+        /// Which payouts.
+        #[command(flatten)]
+        filter: crate::cli_admin::FilterArgs,
         /// How many.
         #[arg(long, default_value_t = 20)]
         limit: i64,
@@ -88,6 +88,16 @@ pub enum Command {
     },
     /// Counts by status.
     Summary,
+    /// The fleet overview of the dashboard: counts, success rate, throughput,
+    /// due-to-paid percentiles, backlog, window, workers, producer leader.
+    Overview,
+    /// Failed payouts grouped by failure code.
+    Failures,
+    /// Retry every failed payout a filter matches (count first with --dry-run).
+    BulkRetry(crate::cli_admin::BulkRetryArgs),
+    /// API tokens of the admin server.
+    #[command(subcommand)]
+    Token(crate::cli_admin::TokenCommand),
     /// Retry a failed payout (failed -> queued) with a fresh attempt budget.
     Retry {
         /// Payout id.
@@ -367,18 +377,19 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
             }
         }
         Command::List {
-            status,
+            filter,
             limit,
             before,
         } => {
-            let status = status
-                .map(|s| s.parse::<PayoutStatus>())
-                .transpose()
-                .map_err(anyhow::Error::msg)?;
             if !(1..=10_000).contains(&limit) {
                 bail!("limit must be between 1 and 10000");
             }
-            let rows = payouts::list(&pool, status, limit, before).await?;
+            let req = crate::db::filter::PageRequest {
+                filter: filter.filter()?,
+                limit,
+                before_id: before,
+            };
+            let rows = crate::db::filter::page(&pool, &req).await?.items;
             if cli.json {
                 writeln!(out, "{}", serde_json::to_string(&rows)?)?;
             } else {
@@ -399,6 +410,15 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
                     writeln!(out, "{status:<11} {n}")?;
                 }
             }
+        }
+        Command::Overview => crate::cli_admin::overview(&pool, &settings, cli.json, out).await?,
+        Command::Failures => crate::cli_admin::failures(&pool, cli.json, out).await?,
+        Command::BulkRetry(args) => {
+            crate::cli_admin::bulk_retry(&pool, &settings, args, &actor, &clock, cli.json, out)
+                .await?
+        }
+        Command::Token(cmd) => {
+            crate::cli_admin::token(&pool, cmd, cli.json, clock.now(), out).await?
         }
         Command::Retry { id } => {
             let conn = crate::queue::connect(&settings.redis).await?;

@@ -29,6 +29,23 @@ pub struct Settings {
     pub log: LogSettings,
     /// The payout policy (commission, fees, minimums, hold, schedules).
     pub policy: PolicySettings,
+    /// The admin server: API, dashboard, webhooks, earnings intake.
+    pub admin: AdminSettings,
+}
+
+/// `payout-admin`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AdminSettings {
+    /// Where it listens (`/health*`, `/metrics`, the API, the dashboard, the webhooks).
+    pub listen: std::net::SocketAddr,
+    /// How long a browser session lasts after its login, in seconds.
+    pub session_ttl_secs: u64,
+    /// Mark the session cookie `Secure` (browsers also send it to http://localhost).
+    pub cookie_secure: bool,
+    /// How long one computation of the fleet overview is served to every viewer, in ms.
+    pub overview_cache_ms: u64,
+    /// Most payouts one bulk retry moves.
+    pub bulk_max: i64,
 }
 
 /// Where the payout policy comes from.
@@ -296,7 +313,7 @@ impl Settings {
 
     /// Checks ranges; the error names the bad key.
     pub fn validate(&self) -> anyhow::Result<()> {
-        let checks: [(bool, &str); 16] = [
+        let checks: [(bool, &str); 18] = [
             (
                 self.database.max_connections >= 1,
                 "database.max_connections must be >= 1",
@@ -357,6 +374,14 @@ impl Settings {
             (
                 self.gateway.breaker_cooldown_ms >= 10,
                 "gateway.breaker_cooldown_ms must be >= 10",
+            ),
+            (
+                (60..=7 * 86_400).contains(&self.admin.session_ttl_secs),
+                "admin.session_ttl_secs must be 60..=604800",
+            ),
+            (
+                (1..=100_000).contains(&self.admin.bulk_max),
+                "admin.bulk_max must be 1..=100000",
             ),
         ];
         for (ok, msg) in checks {

@@ -5,9 +5,11 @@
 //! Postgres is the truth, the idempotency key is per payout, every write is
 //! fenced by the attempt number of its claim.
 
+pub mod admin;
 pub mod bench;
 pub mod chaos;
 pub mod cli;
+pub mod cli_admin;
 pub mod cli_money;
 pub mod clock;
 pub mod config;

@@ -243,6 +243,24 @@ pub static RECONCILE_MISMATCHES: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     g
 });
 
+/// Admin requests refused, by reason (`no_credentials`, `bad_credentials`,
+/// `forbidden`, `csrf`, `bad_input`). Panel: admin; a burst of bad credentials is worth a look.
+pub static ADMIN_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "payout_admin_refused_total",
+        "Admin requests refused, by reason",
+        &["reason"],
+    )
+});
+/// Operator actions through the admin API, by action and result (`ok`, `conflict`, `not_found`).
+pub static ADMIN_ACTIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "payout_admin_actions_total",
+        "Operator actions through the admin API, by action and result",
+        &["action", "result"],
+    )
+});
+
 /// Touches every metric so `/metrics` lists them from the start.
 pub fn init() {
     LazyLock::force(&PAYOUTS_FINISHED);
@@ -269,6 +287,8 @@ pub fn init() {
     LazyLock::force(&GATEWAY_THROTTLED);
     LazyLock::force(&FLEET_PAUSES);
     LazyLock::force(&RECONCILE_MISMATCHES);
+    LazyLock::force(&ADMIN_REFUSED);
+    LazyLock::force(&ADMIN_ACTIONS);
     // Labelled series exist from the start at 0, so increase() sees their first event.
     let zero = |c: &IntCounterVec, labels: &[&str]| {
         for l in labels {
@@ -280,6 +300,16 @@ pub fn init() {
         &["paid", "in_transit", "retrying", "failed"],
     );
     zero(&DEAD_LETTERS, &["permanent", "exhausted"]);
+    zero(
+        &ADMIN_REFUSED,
+        &[
+            "no_credentials",
+            "bad_credentials",
+            "forbidden",
+            "csrf",
+            "bad_input",
+        ],
+    );
     zero(
         &GATEWAY_REQUESTS,
         &["2xx", "4xx", "429", "5xx", "connect", "timeout"],

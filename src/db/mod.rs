@@ -4,10 +4,12 @@
 pub mod batch;
 pub mod earnings;
 pub mod events;
+pub mod filter;
 pub mod payee_terms;
 pub mod payees;
 pub mod payouts;
 pub mod settlements;
+pub mod tokens;
 
 use std::time::Duration;
 

@@ -59,6 +59,17 @@ impl TryFrom<String> for PayoutStatus {
 }
 
 impl Payout {
+    /// Shows the amount at its currency's precision (`10.00`, not the
+    /// column's `10.00000000`); the value is unchanged.
+    pub fn with_currency_scale(mut self) -> Self {
+        if let Ok(c) = self.currency.parse::<crate::domain::Currency>()
+            && self.amount.scale() > c.exponent()
+        {
+            self.amount.rescale(c.exponent());
+        }
+        self
+    }
+
     /// The idempotency key sent to the gateway on every attempt; never changes.
     pub fn idempotency_key(&self) -> String {
         idempotency_key(self.id)

@@ -1,0 +1,1113 @@
+// payout-admin dashboard: a hash-routed single page over /api/v1.
+//
+// Plain browser JavaScript, no build step and no third-party code (the
+// machines it runs on have no network). Every piece of data reaches the DOM
+// through textContent or setAttribute (see el()), never through innerHTML, so
+// a payee name or failure message cannot inject markup.
+'use strict';
+
+(() => {
+  const STATUSES = ['pending', 'queued', 'processing', 'retrying', 'in_transit', 'paid', 'failed', 'cancelled'];
+  const FILTER_KEYS = ['status', 'payee_id', 'currency', 'failure_code',
+    'created_from', 'created_to', 'due_from', 'due_to', 'paid_from', 'paid_to'];
+  const RANGES = [['created', 'Created'], ['due', 'Due'], ['paid', 'Paid']];
+  const PAGE_SIZES = ['25', '50', '100', '200', '500'];
+  const DEFAULT_LIMIT = '50';
+  const REFRESH_MS = 5000;
+  // What each role may do to a single payout (the server checks again).
+  const ROLE_ACTIONS = {
+    viewer: [],
+    operator: ['retry', 'cancel', 'enqueue'],
+    admin: ['retry', 'cancel', 'enqueue'],
+  };
+  const ACTIONS = {
+    retry: {
+      label: 'Retry',
+      title: (id) => `Retry payout #${id}?`,
+      message: () => 'It goes back to the queue with a fresh attempt budget. The gateway gets the same ' +
+        'idempotency key, so the payee cannot be paid twice.',
+      ok: 'Retry payout',
+      dismiss: 'Cancel',
+      danger: false,
+    },
+    cancel: {
+      label: 'Cancel',
+      title: (id) => `Cancel payout #${id}?`,
+      message: () => 'The payee will not be paid by this payout. This cannot be undone.',
+      ok: 'Cancel payout',
+      dismiss: 'Keep payout',
+      danger: true,
+    },
+    enqueue: {
+      label: 'Enqueue now',
+      title: (id) => `Enqueue payout #${id} now?`,
+      message: (p) => (p && p.due_at && new Date(p.due_at) > new Date()
+        ? `It is queued now instead of at its due time (${fmtTime(p.due_at)}).`
+        : 'It is queued now instead of waiting for its next scheduled attempt.'),
+      ok: 'Enqueue now',
+      dismiss: 'Cancel',
+      danger: false,
+    },
+  };
+
+  const state = {
+    session: null,
+    gen: 0, // bumps on every route change; late responses of older routes are dropped
+    view: null, // the view key of the current route ('overview', 'payouts', ...)
+    timer: null, // the overview refresh
+    pager: { key: null, cursor: null, stack: [] },
+    lastPayoutsHash: '#/payouts',
+  };
+
+  // ---------- DOM helpers ----------
+
+  function setAttrs(node, attrs) {
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (v === null || v === undefined || v === false) continue;
+      if (k.startsWith('on') && typeof v === 'function') {
+        node.addEventListener(k.slice(2), v);
+      } else if (k === 'dataset') {
+        for (const [dk, dv] of Object.entries(v)) node.dataset[dk] = String(dv);
+      } else {
+        node.setAttribute(k, v === true ? '' : String(v));
+      }
+    }
+  }
+
+  function appendAll(node, children) {
+    for (const c of children.flat(Infinity)) {
+      if (c === null || c === undefined || c === false) continue;
+      node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+    }
+  }
+
+  // el('tag', {attr: value, onclick: fn}, ...children): strings become text nodes.
+  function el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    setAttrs(node, attrs);
+    appendAll(node, children);
+    return node;
+  }
+
+  function svg(tag, attrs, ...children) {
+    const node = document.createElementNS('http://www.w3.org/2000/svg', tag);
+    setAttrs(node, attrs);
+    appendAll(node, children);
+    return node;
+  }
+
+  const $ = (sel, root = document) => root.querySelector(sel);
+
+  function nil() {
+    return el('span', { class: 'nil', 'aria-label': 'none' }, '—');
+  }
+
+  function orNil(v) {
+    return v === null || v === undefined || v === '' ? nil() : String(v);
+  }
+
+  // ---------- Formatting ----------
+
+  const pad = (n) => String(n).padStart(2, '0');
+  const numberFmt = new Intl.NumberFormat();
+
+  function fmtInt(n) {
+    return n === null || n === undefined ? '—' : numberFmt.format(n);
+  }
+
+  // A local "YYYY-MM-DD HH:MM:SS" (the full UTC instant is in the title).
+  function fmtTime(iso) {
+    const d = new Date(iso);
+    if (!iso || Number.isNaN(d.getTime())) return String(iso || '');
+    return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ` +
+      `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
+  }
+
+  function fmtClock(iso) {
+    const d = new Date(iso);
+    return `${pad(d.getHours())}:${pad(d.getMinutes())}`;
+  }
+
+  function timeEl(iso) {
+    if (!iso) return nil();
+    return el('time', { datetime: iso, title: iso }, fmtTime(iso));
+  }
+
+  function fmtSeconds(s) {
+    if (s === null || s === undefined || Number.isNaN(Number(s))) return '—';
+    s = Number(s);
+    if (s < 1) return `${Math.round(s * 1000)} ms`;
+    if (s < 10) return `${s.toFixed(1)} s`;
+    if (s < 60) return `${Math.round(s)} s`;
+    if (s < 3600) return `${Math.floor(s / 60)} min ${Math.round(s % 60)} s`;
+    if (s < 86400) return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
+    return `${Math.floor(s / 86400)} d ${Math.floor((s % 86400) / 3600)} h`;
+  }
+
+  function fmtAgo(iso, now) {
+    const secs = Math.max(0, (now - new Date(iso).getTime()) / 1000);
+    return `${fmtSeconds(secs)} ago`;
+  }
+
+  function fmtRate(r) {
+    return r === null || r === undefined ? '—' : `${(r * 100).toFixed(1)} %`;
+  }
+
+  function fmtPerMin(v) {
+    if (v === null || v === undefined) return '—';
+    return `${Number(v).toFixed(v >= 100 ? 0 : 1)}/min`;
+  }
+
+  function badge(status) {
+    return el('span', { class: `badge badge-${status}` }, status);
+  }
+
+  // The amount is a decimal string: shown exactly as sent, never through a float.
+  function amount(p) {
+    return [el('span', { class: 'mono' }, p.amount), el('span', { class: 'currency' }, p.currency)];
+  }
+
+  // datetime-local value (local time) -> RFC 3339 UTC, and back.
+  function localToRfc3339(value) {
+    if (!value) return '';
+    const d = new Date(value);
+    if (Number.isNaN(d.getTime())) return '';
+    return d.toISOString().replace('.000Z', 'Z');
+  }
+
+  function rfc3339ToLocal(iso) {
+    const d = new Date(iso);
+    if (!iso || Number.isNaN(d.getTime())) return '';
+    const base = `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())}T${pad(d.getHours())}:${pad(d.getMinutes())}`;
+    return d.getSeconds() ? `${base}:${pad(d.getSeconds())}` : base;
+  }
+
+  // ---------- API ----------
+
+  class ApiError extends Error {
+    constructor(status, message, body) {
+      super(message);
+      this.status = status;
+      this.body = body;
+    }
+  }
+
+  // An API message as a sentence; `status` (a 409's current status) is added
+  // when the message does not already say it.
+  function sentence(message, status) {
+    let s = String(message || 'The request failed').trim();
+    s = s.charAt(0).toUpperCase() + s.slice(1);
+    if (!/[.!?]$/.test(s)) s += '.';
+    if (status && !s.includes(status)) s += ` The payout is ${status} now.`;
+    return s;
+  }
+
+  function toLogin() {
+    window.location.assign('/login');
+  }
+
+  async function api(path, { method = 'GET', body } = {}) {
+    const headers = { Accept: 'application/json' };
+    if (method !== 'GET') {
+      headers['Content-Type'] = 'application/json';
+      headers['X-CSRF-Token'] = state.session ? state.session.csrf : '';
+    }
+    let res;
+    try {
+      res = await fetch(path, {
+        method,
+        headers,
+        credentials: 'same-origin',
+        cache: 'no-store',
+        body: body === undefined ? undefined : JSON.stringify(body),
+      });
+    } catch (e) {
+      throw new ApiError(0, 'The server could not be reached. Check the connection and try again.');
+    }
+    if (res.status === 401 || (res.redirected && new URL(res.url).pathname === '/login')) {
+      toLogin();
+      throw new ApiError(401, 'Your session has ended; log in again.');
+    }
+    const text = await res.text();
+    let data = null;
+    if (text) {
+      try {
+        data = JSON.parse(text);
+      } catch (e) {
+        data = null;
+      }
+    }
+    if (!res.ok) {
+      const msg = data && typeof data.error === 'string' ? data.error : `The request failed (HTTP ${res.status}).`;
+      throw new ApiError(res.status, msg, data);
+    }
+    return data;
+  }
+
+  function role() {
+    return state.session ? state.session.role : 'viewer';
+  }
+
+  function roleMay(action) {
+    return (ROLE_ACTIONS[role()] || []).includes(action);
+  }
+
+  // ---------- Messages ----------
+
+  function setMessage(id, text) {
+    const box = document.getElementById(id);
+    if (!text) {
+      box.replaceChildren();
+      return;
+    }
+    box.replaceChildren(
+      el('span', { class: 'message' }, text),
+      el('button', {
+        type: 'button',
+        class: 'dismiss',
+        'aria-label': id === 'alert' ? 'Dismiss error' : 'Dismiss message',
+        onclick: () => box.replaceChildren(),
+      }, '×'),
+    );
+  }
+
+  const showAlert = (text) => setMessage('alert', text);
+  const showNotice = (text) => setMessage('notice', text);
+
+  function clearMessages() {
+    setMessage('alert', '');
+    setMessage('notice', '');
+  }
+
+  // ---------- Confirmation dialog ----------
+
+  // Opens #confirm; resolves to {ok, reason}. Cancel, Escape and the
+  // dismiss button all resolve with ok false.
+  function confirmDialog({ title, message, ok = 'OK', dismiss = 'Cancel', danger = false, reason = false }) {
+    const dialog = $('#confirm');
+    $('#confirm-title').textContent = title;
+    const msg = $('#confirm-message');
+    msg.replaceChildren();
+    appendAll(msg, [message]);
+    const okButton = $('#confirm-ok');
+    okButton.textContent = ok;
+    okButton.className = danger ? 'button danger solid' : 'button primary';
+    $('#confirm-cancel').textContent = dismiss;
+    const field = $('#confirm-reason-field');
+    const input = $('#confirm-reason');
+    field.hidden = !reason;
+    input.value = '';
+    dialog.returnValue = '';
+    return new Promise((resolve) => {
+      dialog.addEventListener('close', () => {
+        resolve({ ok: dialog.returnValue === 'ok', reason: input.value.trim() });
+      }, { once: true });
+      dialog.showModal();
+      (reason ? input : $('#confirm-cancel')).focus();
+    });
+  }
+
+  // ---------- Router ----------
+
+  function parseHash() {
+    const raw = window.location.hash.replace(/^#\/?/, '');
+    const q = raw.indexOf('?');
+    const path = q < 0 ? raw : raw.slice(0, q);
+    const query = q < 0 ? '' : raw.slice(q + 1);
+    return { parts: path.split('/').filter(Boolean), params: new URLSearchParams(query) };
+  }
+
+  function stopRefresh() {
+    if (state.timer) {
+      clearTimeout(state.timer);
+      state.timer = null;
+    }
+  }
+
+  function setNav(active) {
+    for (const name of ['overview', 'payouts', 'failures']) {
+      const link = document.getElementById(`nav-${name}`);
+      if (name === active) link.setAttribute('aria-current', 'page');
+      else link.removeAttribute('aria-current');
+    }
+  }
+
+  function mount(node) {
+    $('#view').replaceChildren(node);
+  }
+
+  async function route() {
+    const gen = ++state.gen;
+    stopRefresh();
+    clearMessages();
+    const { parts, params } = parseHash();
+    let view;
+    let run;
+    if (parts.length === 0 || (parts[0] === 'overview' && parts.length === 1)) {
+      view = 'overview';
+      run = () => viewOverview(gen);
+    } else if (parts[0] === 'payouts' && parts.length === 1) {
+      view = 'payouts';
+      state.lastPayoutsHash = window.location.hash || '#/payouts';
+      run = () => viewPayouts(gen, params);
+    } else if (parts[0] === 'payouts' && parts.length === 2 && /^[0-9]{1,18}$/.test(parts[1])) {
+      view = `payout:${parts[1]}`;
+      run = () => viewPayout(gen, parts[1]);
+    } else if (parts[0] === 'failures' && parts.length === 1) {
+      view = 'failures';
+      run = () => viewFailures(gen);
+    } else {
+      view = 'missing';
+      run = () => viewMissing();
+    }
+    const moved = state.view !== null && state.view !== view;
+    state.view = view;
+    setNav(view.startsWith('payout') ? 'payouts' : view);
+    await run();
+    // A new page: move focus to its heading, so screen readers and keyboard
+    // users start there (not when only the filters of the same page changed).
+    if (moved && gen === state.gen) {
+      const h1 = $('#view h1');
+      if (h1) h1.focus({ preventScroll: false });
+    }
+  }
+
+  function viewHead(title, ...rest) {
+    document.title = `${title} · Payouts admin`;
+    return el('div', { class: 'view-head' }, el('h1', { tabindex: '-1' }, title), ...rest);
+  }
+
+  function viewMissing() {
+    mount(el('section', {},
+      viewHead('Page not found'),
+      el('p', {}, 'There is no such page. ', el('a', { href: '#/overview' }, 'Go to the overview'), '.')));
+  }
+
+  function failedView(title, err) {
+    if (err.status === 401) return;
+    mount(el('section', {}, viewHead(title)));
+    showAlert(err.message);
+  }
+
+  // ---------- Overview ----------
+
+  async function viewOverview(gen) {
+    const meta = el('p', { class: 'meta', id: 'overview-meta' }, 'Loading…');
+    const body = el('div', { id: 'overview-body' });
+    mount(el('section', { id: 'overview' }, viewHead('Overview', meta), body));
+    await refreshOverview(gen);
+  }
+
+  async function refreshOverview(gen) {
+    let data;
+    try {
+      data = await api('/api/v1/overview');
+    } catch (e) {
+      if (gen !== state.gen || e.status === 401) return;
+      const meta = $('#overview-meta');
+      if (meta) meta.textContent = `Could not refresh: ${e.message} Trying again in 5 seconds.`;
+      state.timer = setTimeout(() => refreshOverview(gen), REFRESH_MS);
+      return;
+    }
+    if (gen !== state.gen) return;
+    const body = $('#overview-body');
+    const details = body.querySelector('details.data');
+    const keepOpen = details ? details.open : false;
+    body.replaceChildren(...renderOverview(data));
+    if (keepOpen) body.querySelector('details.data').open = true;
+    $('#overview-meta').replaceChildren(
+      'As of ', el('time', { datetime: data.generated_at, title: data.generated_at }, fmtTime(data.generated_at)),
+      ' · refreshes every 5 seconds');
+    // Only while this view is shown: route() clears the timer on leaving.
+    state.timer = setTimeout(() => refreshOverview(gen), REFRESH_MS);
+  }
+
+  function tile(name, label, value, { sub = null, tone = null, status = null, textValue = false, title = null } = {}) {
+    return el('div', {
+      class: `tile${tone ? ` tone-${tone}` : ''}`,
+      'data-tile': name,
+      'data-status': status,
+      title,
+    },
+    el('p', { class: 'tile-label' }, label),
+    el('p', { class: `tile-value${textValue ? ' text' : ''}` }, value),
+    sub ? el('p', { class: 'tile-sub' }, sub) : null);
+  }
+
+  function rateTone(rate) {
+    if (rate === null || rate === undefined) return null;
+    if (rate < 0.8) return 'bad';
+    if (rate < 0.95) return 'warn';
+    return 'good';
+  }
+
+  function renderOverview(d) {
+    const counts = d.counts || {};
+    const statusTiles = STATUSES.map((s) => {
+      const n = counts[s];
+      let value = fmtInt(n);
+      let sub = null;
+      let title = null;
+      if (s === 'paid' && d.paid_is_estimate) {
+        value = `≈ ${value}`;
+        sub = 'estimate';
+        title = 'Estimated from table statistics: an exact count of paid payouts would be slow';
+      }
+      let tone = null;
+      if (s === 'failed' && n > 0) tone = 'bad';
+      if (s === 'retrying' && n > 0) tone = 'warn';
+      return tile(s, s.replace('_', ' '), value, { sub, tone, status: s, title });
+    });
+
+    const hour = d.last_hour || {};
+    const day = d.last_day || {};
+    const pct = d.due_to_paid_seconds || {};
+    const win = d.window || {};
+    const backlog = d.backlog_age_seconds;
+    let backlogTone = 'good';
+    if (backlog === null || backlog === undefined) backlogTone = null;
+    else if (backlog > 600) backlogTone = 'bad';
+    else if (backlog > 60) backlogTone = 'warn';
+
+    const healthTiles = [
+      tile('success_rate_hour', 'Success rate · hour', fmtRate(hour.success_rate), {
+        sub: `${fmtInt(hour.paid)} paid · ${fmtInt(hour.failed)} failed`,
+        tone: rateTone(hour.success_rate),
+      }),
+      tile('success_rate_day', 'Success rate · day', fmtRate(day.success_rate), {
+        sub: `${fmtInt(day.paid)} paid · ${fmtInt(day.failed)} failed`,
+        tone: rateTone(day.success_rate),
+      }),
+      tile('throughput', 'Throughput', fmtPerMin(hour.throughput_per_min), {
+        sub: `last hour · ${fmtPerMin(day.throughput_per_min)} over the day`,
+      }),
+      el('div', { class: 'tile', 'data-tile': 'due_to_paid' },
+        el('p', { class: 'tile-label' }, 'Due → paid'),
+        el('dl', { class: 'percentiles' },
+          ['p50', 'p95', 'p99'].map((k) => el('div', {}, el('dt', {}, k), el('dd', {}, fmtSeconds(pct[k]))))),
+        el('p', { class: 'tile-sub' }, pct.sample ? `over the last ${fmtInt(pct.sample)} paid` : 'no paid payouts yet')),
+      tile('backlog_age', 'Backlog age', backlog === null || backlog === undefined ? 'none' : fmtSeconds(backlog), {
+        sub: 'oldest due payout not yet finished',
+        tone: backlogTone,
+      }),
+      tile('window', 'Window depth', fmtInt(win.queued), {
+        sub: `queued · Redis waiting ${win.redis_waiting === null || win.redis_waiting === undefined ? 'unknown' : fmtInt(win.redis_waiting)}`,
+      }),
+      tile('producer_leader', 'Producer leader', d.producer_leader || 'none', {
+        sub: d.producer_leader ? 'holds the leader lock' : 'no producer holds the lock',
+        tone: d.producer_leader ? null : 'bad',
+        textValue: true,
+      }),
+    ];
+
+    return [
+      el('section', { class: 'section', 'aria-labelledby': 'h-status' },
+        el('h2', { id: 'h-status' }, 'Payouts by status'),
+        el('div', { class: 'tiles' }, statusTiles)),
+      el('section', { class: 'section', 'aria-labelledby': 'h-health' },
+        el('h2', { id: 'h-health' }, 'Flow and latency'),
+        el('div', { class: 'tiles wide' }, healthTiles)),
+      el('section', { class: 'section', 'aria-labelledby': 'h-chart' }, chartCard(d.series || [], d.generated_at)),
+      el('section', { class: 'section', 'aria-labelledby': 'h-workers' }, workersCard(d.workers || [], d.generated_at)),
+    ];
+  }
+
+  // A "nice" axis maximum and step for `max` split in about 4 steps.
+  function niceScale(max) {
+    if (max <= 4) return { top: 4, step: 1 };
+    const raw = max / 4;
+    const mag = 10 ** Math.floor(Math.log10(raw));
+    const step = [1, 2, 2.5, 5, 10].map((m) => m * mag).find((s) => s >= raw);
+    return { top: Math.ceil(max / step) * step, step };
+  }
+
+  // The series placed on 60 one-minute slots ending at its newest minute;
+  // minutes the server left out count as zero.
+  function slots(series, generatedAt) {
+    const MIN = 60000;
+    const times = series.map((p) => new Date(p.t).getTime()).filter((t) => !Number.isNaN(t));
+    let end = times.length ? Math.max(...times) : new Date(generatedAt).getTime();
+    if (Number.isNaN(end)) end = Date.now();
+    end = Math.floor(end / MIN) * MIN;
+    const out = [];
+    for (let i = 59; i >= 0; i -= 1) out.push({ t: end - i * MIN, paid: 0, failed: 0 });
+    for (const p of series) {
+      const idx = 59 - Math.round((end - Math.floor(new Date(p.t).getTime() / MIN) * MIN) / MIN);
+      if (idx >= 0 && idx < 60) {
+        out[idx].paid += Number(p.paid) || 0;
+        out[idx].failed += Number(p.failed) || 0;
+      }
+    }
+    return out;
+  }
+
+  function chartCard(series, generatedAt) {
+    const data = slots(series, generatedAt);
+    const totalPaid = data.reduce((a, p) => a + p.paid, 0);
+    const totalFailed = data.reduce((a, p) => a + p.failed, 0);
+    const peak = data.reduce((best, p) => (p.paid + p.failed > best.paid + best.failed ? p : best), data[0]);
+    const summary = totalPaid + totalFailed === 0
+      ? 'No payouts were paid or failed in the last 60 minutes.'
+      : `Last 60 minutes: ${fmtInt(totalPaid)} paid and ${fmtInt(totalFailed)} failed; the busiest minute, ` +
+        `${fmtClock(peak.t)}, had ${fmtInt(peak.paid)} paid and ${fmtInt(peak.failed)} failed.`;
+
+    const W = 1240;
+    const H = 250;
+    const m = { top: 14, right: 12, bottom: 30, left: 46 };
+    const pw = W - m.left - m.right;
+    const ph = H - m.top - m.bottom;
+    const maxv = Math.max(...data.map((p) => p.paid + p.failed));
+    const { top, step } = niceScale(maxv);
+    const y = (v) => m.top + ph - (v / top) * ph;
+    const slotW = pw / data.length;
+    const barW = Math.max(2, slotW - Math.min(4, slotW * 0.25));
+
+    const grid = [];
+    for (let v = 0; v <= top + 1e-9; v += step) {
+      const yy = y(v);
+      grid.push(svg('line', { class: v === 0 ? 'axis' : 'grid', x1: m.left, x2: W - m.right, y1: yy, y2: yy }));
+      grid.push(svg('text', { x: m.left - 8, y: yy + 4, 'text-anchor': 'end' }, fmtInt(Math.round(v * 100) / 100)));
+    }
+    const bars = data.map((p, i) => {
+      const x = m.left + i * slotW + (slotW - barW) / 2;
+      const paidTop = y(p.paid);
+      const failTop = y(p.paid + p.failed);
+      return svg('g', { class: 'slot' },
+        svg('title', {}, `${fmtClock(p.t)}: ${p.paid} paid, ${p.failed} failed`),
+        svg('rect', { class: 'slot-hit', x: m.left + i * slotW, y: m.top, width: slotW, height: ph }),
+        p.paid > 0 ? svg('rect', { class: 'bar-paid', x, y: paidTop, width: barW, height: y(0) - paidTop, rx: 1.5 }) : null,
+        p.failed > 0 ? svg('rect', { class: 'bar-failed', x, y: failTop, width: barW, height: paidTop - failTop, rx: 1.5 }) : null);
+    });
+    const xLabels = data.map((p, i) => (i % 10 === 0 || i === data.length - 1
+      ? svg('text', { x: m.left + i * slotW + slotW / 2, y: H - 8, 'text-anchor': 'middle' }, fmtClock(p.t))
+      : null));
+
+    const chart = svg('svg', {
+      class: 'chart',
+      id: 'chart',
+      viewBox: `0 0 ${W} ${H}`,
+      role: 'img',
+      'aria-labelledby': 'chart-title chart-desc',
+    },
+    svg('title', { id: 'chart-title' }, 'Paid and failed payouts per minute'),
+    svg('desc', { id: 'chart-desc' }, summary),
+    grid, bars, xLabels,
+    totalPaid + totalFailed === 0
+      ? svg('text', { class: 'empty-text', x: m.left + pw / 2, y: m.top + ph / 2, 'text-anchor': 'middle' }, 'Nothing paid or failed in the last hour')
+      : null);
+
+    const table = el('div', { class: 'table-wrap' },
+      el('table', {},
+        el('caption', { class: 'sr-only' }, 'Paid and failed payouts per minute, oldest first'),
+        el('thead', {}, el('tr', {}, el('th', { scope: 'col' }, 'Minute'), el('th', { scope: 'col', class: 'num' }, 'Paid'), el('th', { scope: 'col', class: 'num' }, 'Failed'))),
+        el('tbody', {}, data.map((p) => el('tr', {},
+          el('td', { class: 'time' }, fmtClock(p.t)),
+          el('td', { class: 'num' }, fmtInt(p.paid)),
+          el('td', { class: 'num' }, fmtInt(p.failed)))))));
+
+    return el('div', { class: 'card' },
+      el('div', { class: 'card-head' },
+        el('h2', { id: 'h-chart' }, 'Paid and failed per minute'),
+        el('ul', { class: 'legend', 'aria-label': 'Legend' },
+          el('li', {}, el('span', { class: 'swatch swatch-paid', 'aria-hidden': 'true' }), 'paid'),
+          el('li', {}, el('span', { class: 'swatch swatch-failed', 'aria-hidden': 'true' }), 'failed')),
+        el('p', { class: 'totals' }, `last 60 min: ${fmtInt(totalPaid)} paid · ${fmtInt(totalFailed)} failed`)),
+      el('div', { class: 'card-body' },
+        chart,
+        el('details', { class: 'data' }, el('summary', {}, 'Show the numbers as a table'), table)));
+  }
+
+  function workersCard(workers, generatedAt) {
+    const now = new Date(generatedAt).getTime() || Date.now();
+    const alive = workers.filter((w) => w.alive).length;
+    const head = el('div', { class: 'card-head' },
+      el('h2', { id: 'h-workers' }, 'Workers'),
+      el('p', { class: 'totals' }, `${alive} of ${workers.length} alive`));
+    if (!workers.length) {
+      return el('div', { class: 'card' }, head, el('p', { class: 'empty' }, 'No worker has reported a heartbeat.'));
+    }
+    return el('div', { class: 'card' }, head,
+      el('div', { class: 'card-body' },
+        el('div', { class: 'table-wrap' },
+          el('table', { id: 'workers-table' },
+            el('caption', { class: 'sr-only' }, 'Workers and their last heartbeat'),
+            el('thead', {}, el('tr', {},
+              el('th', { scope: 'col' }, 'Worker'),
+              el('th', { scope: 'col' }, 'Last heartbeat'),
+              el('th', { scope: 'col', class: 'num' }, 'In flight'),
+              el('th', { scope: 'col' }, 'State'))),
+            el('tbody', {}, workers.map((w) => el('tr', {},
+              el('td', { class: 'mono' }, w.name),
+              el('td', { class: 'time' }, w.last_heartbeat
+                ? el('time', { datetime: w.last_heartbeat, title: w.last_heartbeat }, fmtAgo(w.last_heartbeat, now))
+                : nil()),
+              el('td', { class: 'num' }, fmtInt(w.in_flight)),
+              el('td', {}, el('span', { class: `badge ${w.alive ? 'badge-alive' : 'badge-dead'}` }, w.alive ? 'alive' : 'stale')))))))));
+  }
+
+  // ---------- Payouts list ----------
+
+  function readFilters(params) {
+    const f = {};
+    for (const k of FILTER_KEYS) {
+      const v = params.get(k);
+      if (v) f[k] = v;
+    }
+    return f;
+  }
+
+  function filterQuery(filters) {
+    const q = new URLSearchParams();
+    for (const k of FILTER_KEYS) if (filters[k]) q.set(k, filters[k]);
+    return q;
+  }
+
+  function field(id, label, input, hint) {
+    return el('div', { class: 'field' }, el('label', { for: id }, label, hint ? el('span', { class: 'hint' }, ` ${hint}`) : null), input);
+  }
+
+  function filterForm(filters, limit) {
+    const status = el('select', { id: 'f-status', name: 'status' },
+      el('option', { value: '' }, 'Any status'),
+      STATUSES.map((s) => el('option', { value: s, selected: filters.status === s }, s)));
+    const ranges = RANGES.map(([key, label]) => el('fieldset', { class: 'range' },
+      el('legend', {}, label),
+      el('div', { class: 'range-inputs' },
+        ['from', 'to'].map((end) => {
+          const id = `f-${key}-${end}`;
+          return el('div', { class: 'field' },
+            el('label', { for: id }, end === 'from' ? 'From' : 'Before'),
+            el('input', {
+              id,
+              name: `${key}_${end}`,
+              type: 'datetime-local',
+              step: '1',
+              value: rfc3339ToLocal(filters[`${key}_${end}`]),
+            }));
+        }))));
+    const tz = Intl.DateTimeFormat().resolvedOptions().timeZone || 'local time';
+    const form = el('form', { id: 'filters', class: 'card filters', 'aria-label': 'Filter payouts' },
+      el('div', { class: 'filter-grid' },
+        field('f-status', 'Status', status),
+        field('f-payee', 'Payee ID', el('input', {
+          id: 'f-payee', name: 'payee_id', type: 'text', inputmode: 'numeric', pattern: '[0-9]*',
+          autocomplete: 'off', value: filters.payee_id || '',
+        })),
+        field('f-currency', 'Currency', el('input', {
+          id: 'f-currency', name: 'currency', type: 'text', maxlength: '3', pattern: '[A-Za-z]{3}',
+          placeholder: 'EUR', autocomplete: 'off', value: filters.currency || '',
+        })),
+        field('f-failure-code', 'Failure code', el('input', {
+          id: 'f-failure-code', name: 'failure_code', type: 'text', maxlength: '100',
+          autocomplete: 'off', value: filters.failure_code || '',
+        })),
+        field('f-limit', 'Per page', el('select', { id: 'f-limit', name: 'limit' },
+          PAGE_SIZES.map((n) => el('option', { value: n, selected: n === limit }, n)))),
+        ranges),
+      el('div', { class: 'filter-actions' },
+        el('button', { type: 'submit', id: 'apply', class: 'button primary' }, 'Apply filters'),
+        el('button', { type: 'button', id: 'reset', class: 'button', onclick: () => { window.location.hash = '#/payouts'; } }, 'Reset'),
+        el('p', { class: 'hint' }, `Times are in your time zone (${tz}) and sent as UTC.`)));
+    form.addEventListener('submit', (ev) => {
+      ev.preventDefault();
+      const data = new FormData(form);
+      const q = new URLSearchParams();
+      for (const k of FILTER_KEYS) {
+        let v = String(data.get(k) || '').trim();
+        if (k.endsWith('_from') || k.endsWith('_to')) v = localToRfc3339(v);
+        if (k === 'currency') v = v.toUpperCase();
+        if (v) q.set(k, v);
+      }
+      const lim = String(data.get('limit') || DEFAULT_LIMIT);
+      if (lim !== DEFAULT_LIMIT) q.set('limit', lim);
+      const next = `#/payouts${q.toString() ? `?${q}` : ''}`;
+      if (window.location.hash === next) route();
+      else window.location.hash = next;
+    });
+    return form;
+  }
+
+  async function viewPayouts(gen, params) {
+    const filters = readFilters(params);
+    const limit = PAGE_SIZES.includes(params.get('limit')) ? params.get('limit') : DEFAULT_LIMIT;
+    const key = `${filterQuery(filters)}&limit=${limit}`;
+    if (state.pager.key !== key) state.pager = { key, cursor: null, stack: [] };
+
+    const canBulk = role() === 'admin' && filters.status === 'failed';
+    const meta = el('p', { class: 'meta', id: 'payouts-meta', 'aria-live': 'polite' }, '');
+    const toolbar = el('div', { class: 'toolbar' }, meta, el('span', { class: 'spacer' }),
+      canBulk ? el('button', {
+        type: 'button', id: 'bulk-retry', class: 'button danger',
+        onclick: (ev) => bulkRetry(ev.currentTarget, filters),
+      }, 'Retry all matching…') : null);
+    const results = el('div', { id: 'payouts-results' }, el('p', { class: 'loading' }, 'Loading…'));
+    mount(el('section', { id: 'payouts' },
+      viewHead('Payouts', el('p', { class: 'meta' }, 'Newest first')),
+      filterForm(filters, limit),
+      toolbar,
+      results));
+    await loadPayoutsPage(gen, filters, limit);
+  }
+
+  async function loadPayoutsPage(gen, filters, limit) {
+    const q = filterQuery(filters);
+    q.set('limit', limit);
+    if (state.pager.cursor) q.set('cursor', state.pager.cursor);
+    const results = $('#payouts-results');
+    results.setAttribute('aria-busy', 'true');
+    let page;
+    try {
+      page = await api(`/api/v1/payouts?${q}`);
+    } catch (e) {
+      if (gen !== state.gen || e.status === 401) return;
+      results.removeAttribute('aria-busy');
+      results.replaceChildren(el('p', { class: 'empty' }, 'The payouts could not be loaded.'));
+      showAlert(sentence(e.message));
+      return;
+    }
+    if (gen !== state.gen) return;
+    results.removeAttribute('aria-busy');
+    const items = page.items || [];
+    const pageNo = state.pager.stack.length + 1;
+    const filtered = Object.keys(filters).length > 0;
+    $('#payouts-meta').textContent = items.length
+      ? `Page ${pageNo}: ${items.length} payout${items.length === 1 ? '' : 's'}${filtered ? ' matching the filters' : ''}`
+      : '';
+
+    const table = items.length
+      ? el('div', { class: 'table-wrap' }, el('table', { id: 'payouts-table' },
+        el('caption', { class: 'sr-only' }, 'Payouts, newest first'),
+        el('thead', {}, el('tr', {},
+          el('th', { scope: 'col' }, 'ID'),
+          el('th', { scope: 'col' }, 'Payee'),
+          el('th', { scope: 'col', class: 'num' }, 'Amount'),
+          el('th', { scope: 'col' }, 'Status'),
+          el('th', { scope: 'col' }, 'Due'),
+          el('th', { scope: 'col', class: 'num' }, 'Attempt'),
+          el('th', { scope: 'col' }, 'Failure code'),
+          el('th', { scope: 'col' }, 'Updated'))),
+        el('tbody', {}, items.map((p) => el('tr', { 'data-id': p.id },
+          el('td', { class: 'id' }, el('a', { href: `#/payouts/${encodeURIComponent(p.id)}` }, `#${p.id}`)),
+          el('td', { class: 'num' }, String(p.payee_id)),
+          el('td', { class: 'num amount' }, amount(p)),
+          el('td', { class: 'status' }, badge(p.status)),
+          el('td', { class: 'time' }, timeEl(p.due_at)),
+          el('td', { class: 'num' }, String(p.attempt)),
+          el('td', { class: 'mono' }, orNil(p.failure_code)),
+          el('td', { class: 'time' }, timeEl(p.updated_at)))))))
+      : el('div', { class: 'card' }, el('p', { class: 'empty', id: 'payouts-empty' },
+        filtered ? 'No payouts match these filters.' : 'There are no payouts yet.'));
+
+    const prev = el('button', {
+      type: 'button', id: 'prev-page', class: 'button', disabled: state.pager.stack.length === 0,
+      onclick: () => {
+        state.pager.cursor = state.pager.stack.pop() || null;
+        loadPayoutsPage(state.gen, filters, limit);
+      },
+    }, '← Previous page');
+    const next = el('button', {
+      type: 'button', id: 'next-page', class: 'button', disabled: !page.next_cursor,
+      onclick: () => {
+        state.pager.stack.push(state.pager.cursor);
+        state.pager.cursor = page.next_cursor;
+        loadPayoutsPage(state.gen, filters, limit);
+      },
+    }, 'Next page →');
+    const pager = el('nav', { class: 'pager', 'aria-label': 'Pages' },
+      el('span', { class: 'page' }, `Page ${pageNo}`), prev, next);
+    results.replaceChildren(table, items.length || pageNo > 1 ? pager : null);
+  }
+
+  async function bulkRetry(button, filters) {
+    clearMessages();
+    button.disabled = true;
+    button.setAttribute('aria-busy', 'true');
+    const filter = {};
+    for (const k of FILTER_KEYS) if (filters[k]) filter[k] = String(filters[k]);
+    try {
+      const dry = await api('/api/v1/payouts/bulk-retry', { method: 'POST', body: { filter, dry_run: true } });
+      if (!dry.matched) {
+        showNotice('No failed payouts match these filters; nothing to retry.');
+        return;
+      }
+      const capped = dry.more_than_cap
+        ? ` More match; one bulk retry moves at most ${fmtInt(dry.cap)}, so run it again afterwards.` : '';
+      const { ok } = await confirmDialog({
+        title: 'Retry all matching payouts?',
+        message: [el('span', { class: 'dialog-count' }, `This will retry ${fmtInt(dry.matched)} payout${dry.matched === 1 ? '' : 's'}.`),
+          ' Each failed payout matching the filters goes back to the queue with a fresh attempt budget; ' +
+          `payouts that change status meanwhile are left alone.${capped}`],
+        ok: `Retry ${fmtInt(dry.matched)}`,
+      });
+      if (!ok) return;
+      const done = await api('/api/v1/payouts/bulk-retry', { method: 'POST', body: { filter, dry_run: false } });
+      await route();
+      showNotice(`Retried ${fmtInt(done.retried)} of ${fmtInt(done.matched)} matching payouts.`);
+    } catch (e) {
+      if (e.status !== 401) showAlert(sentence(e.message));
+    } finally {
+      button.disabled = false;
+      button.removeAttribute('aria-busy');
+    }
+  }
+
+  // ---------- One payout ----------
+
+  async function viewPayout(gen, id) {
+    let detail;
+    try {
+      detail = await api(`/api/v1/payouts/${encodeURIComponent(id)}`);
+    } catch (e) {
+      if (gen !== state.gen) return;
+      if (e.status === 404) {
+        mount(el('section', { id: 'payout-missing' },
+          viewHead(`Payout #${id}`),
+          el('p', {}, `There is no payout #${id}. `, el('a', { href: state.lastPayoutsHash }, 'Back to payouts'), '.')));
+        return;
+      }
+      failedView(`Payout #${id}`, e);
+      return;
+    }
+    if (gen !== state.gen) return;
+    renderPayout(detail);
+  }
+
+  function renderPayout(detail) {
+    const p = detail.payout;
+    const allowed = (detail.actions || []).filter((a) => ACTIONS[a] && roleMay(a));
+    const actions = el('div', { class: 'actions', role: 'group', 'aria-label': 'Actions' },
+      allowed.map((a) => el('button', {
+        type: 'button',
+        id: `action-${a}`,
+        class: a === 'cancel' ? 'button danger' : 'button primary',
+        onclick: () => runAction(p, a),
+      }, ACTIONS[a].label)));
+
+    const payee = detail.payee;
+    const fields = [
+      ['ID', String(p.id)],
+      ['Payee', payee
+        ? [`#${p.payee_id} `, payee.name, el('span', { class: 'muted' }, ` · ${payee.gateway_account}`),
+          payee.status && payee.status !== 'active' ? [' ', badge(payee.status)] : null]
+        : `#${p.payee_id}`],
+      ['Amount', amount(p)],
+      ['Status', badge(p.status)],
+      ['Due', timeEl(p.due_at)],
+      ['Attempt', String(p.attempt)],
+      ['Retry base', String(p.retry_base)],
+      ['Next attempt', timeEl(p.next_attempt_at)],
+      ['Lease owner', orNil(p.lease_owner)],
+      ['Lease until', timeEl(p.lease_until)],
+      ['Idempotency key', detail.idempotency_key ? el('span', { class: 'mono' }, detail.idempotency_key) : nil()],
+      ['Gateway transfer', p.gateway_transfer_id ? el('span', { class: 'mono' }, p.gateway_transfer_id) : nil()],
+      ['Failure code', p.failure_code ? el('span', { class: 'mono' }, p.failure_code) : nil()],
+      ['Failure message', orNil(p.failure_message)],
+      ['Created', timeEl(p.created_at)],
+      ['Updated', timeEl(p.updated_at)],
+      ['Paid at', timeEl(p.paid_at)],
+    ];
+
+    const failure = p.status === 'failed' && (p.failure_code || p.failure_message)
+      ? el('p', { class: 'failure-box' }, el('strong', {}, p.failure_code || 'failed'), p.failure_message ? `: ${p.failure_message}` : '')
+      : null;
+
+    const events = detail.events || [];
+    const timeline = events.length
+      ? el('ol', { class: 'timeline', id: 'timeline' }, events.map((ev) => el('li', { class: `to-${ev.to_status}` },
+        el('div', { class: 'event-head' },
+          timeEl(ev.at),
+          ev.from_status ? [badge(ev.from_status), el('span', { class: 'arrow', 'aria-label': 'to' }, '→')] : el('span', { class: 'muted' }, 'created as'),
+          badge(ev.to_status)),
+        el('p', { class: 'event-meta' },
+          'by ', el('span', { class: 'actor' }, ev.actor),
+          ev.reason ? ` · ${ev.reason}` : '',
+          ev.attempt !== null && ev.attempt !== undefined ? ` · attempt ${ev.attempt}` : ''))))
+      : el('p', { class: 'empty' }, 'No events recorded.');
+
+    const attempts = detail.attempts || [];
+    const attemptsTable = attempts.length
+      ? el('div', { class: 'table-wrap' }, el('table', { id: 'attempts-table' },
+        el('caption', { class: 'sr-only' }, 'Attempts'),
+        el('thead', {}, el('tr', {},
+          el('th', { scope: 'col', class: 'num' }, '#'),
+          el('th', { scope: 'col' }, 'Started'),
+          el('th', { scope: 'col' }, 'Finished'),
+          el('th', { scope: 'col', class: 'num' }, 'Took'),
+          el('th', { scope: 'col' }, 'Outcome'),
+          el('th', { scope: 'col' }, 'Worker'),
+          el('th', { scope: 'col' }, 'Reason'))),
+        el('tbody', {}, attempts.map((a) => el('tr', {},
+          el('td', { class: 'num' }, String(a.attempt)),
+          el('td', { class: 'time' }, timeEl(a.started_at)),
+          el('td', { class: 'time' }, timeEl(a.finished_at)),
+          el('td', { class: 'num' }, a.started_at && a.finished_at
+            ? fmtSeconds((new Date(a.finished_at) - new Date(a.started_at)) / 1000) : nil()),
+          el('td', {}, a.outcome ? badge(a.outcome) : el('span', { class: 'muted' }, 'in progress')),
+          el('td', { class: 'mono' }, orNil(a.worker)),
+          el('td', { class: 'message' }, orNil(a.reason)))))))
+      : el('p', { class: 'empty' }, 'No attempts yet.');
+
+    document.title = `Payout #${p.id} · Payouts admin`;
+    mount(el('section', { id: 'payout', 'data-id': p.id },
+      el('a', { class: 'crumb', href: state.lastPayoutsHash }, '← Payouts'),
+      el('div', { class: 'view-head payout-title' },
+        el('h1', { tabindex: '-1' }, `Payout #${p.id}`),
+        el('span', { id: 'payout-status', class: `badge badge-${p.status}` }, p.status),
+        el('span', { class: 'amount-big' }, amount(p)),
+        actions),
+      el('div', { class: 'payout-grid' },
+        el('section', { class: 'card', 'aria-labelledby': 'h-fields' },
+          el('div', { class: 'card-head' }, el('h2', { id: 'h-fields' }, 'Details')),
+          el('div', { class: 'card-body' },
+            failure,
+            el('dl', { class: 'fields' }, fields.map(([k, v]) => [el('dt', {}, k), el('dd', {}, v)])))),
+        el('section', { class: 'card', 'aria-labelledby': 'h-history' },
+          el('div', { class: 'card-head' }, el('h2', { id: 'h-history' }, 'History')),
+          el('div', { class: 'card-body' }, timeline))),
+      el('section', { class: 'section', 'aria-labelledby': 'h-attempts' },
+        el('h2', { id: 'h-attempts' }, 'Attempts'),
+        attemptsTable),
+      webhooksSection(detail.webhooks || [])));
+  }
+
+  function webhooksSection(hooks) {
+    if (!hooks.length) return null;
+    return el('section', { class: 'section', 'aria-labelledby': 'h-webhooks' },
+      el('h2', { id: 'h-webhooks' }, 'Webhooks that named it'),
+      el('div', { class: 'table-wrap' }, el('table', { id: 'webhooks-table' },
+        el('caption', { class: 'sr-only' }, 'Gateway webhooks about this payout, oldest first'),
+        el('thead', {}, el('tr', {},
+          el('th', { scope: 'col' }, 'Received'),
+          el('th', { scope: 'col' }, 'Source'),
+          el('th', { scope: 'col' }, 'Event'),
+          el('th', { scope: 'col' }, 'Type'),
+          el('th', { scope: 'col' }, 'Outcome'))),
+        el('tbody', {}, hooks.map((h) => el('tr', {},
+          el('td', { class: 'time' }, timeEl(h.received_at)),
+          el('td', {}, h.source),
+          el('td', { class: 'mono' }, h.event_id),
+          el('td', { class: 'mono' }, h.type),
+          el('td', {}, h.outcome)))))));
+  }
+
+  async function runAction(p, action) {
+    const spec = ACTIONS[action];
+    const { ok, reason } = await confirmDialog({
+      title: spec.title(p.id),
+      message: spec.message(p),
+      ok: spec.ok,
+      dismiss: spec.dismiss,
+      danger: spec.danger,
+      reason: true,
+    });
+    if (!ok) return;
+    const gen = state.gen;
+    for (const b of document.querySelectorAll('#payout .actions button')) b.disabled = true;
+    clearMessages();
+    let message = null;
+    try {
+      const r = await api(`/api/v1/payouts/${encodeURIComponent(p.id)}/${action}`, {
+        method: 'POST',
+        body: reason ? { reason } : {},
+      });
+      message = `Payout #${r.id} moved from ${r.from} to ${r.to}.`;
+    } catch (e) {
+      if (e.status === 401) return;
+      showAlert(sentence(e.message, e.body && e.body.status));
+    }
+    if (gen !== state.gen) return;
+    await viewPayout(gen, String(p.id));
+    if (message) showNotice(message);
+    const h1 = $('#view h1');
+    if (h1) h1.focus();
+  }
+
+  // ---------- Failures ----------
+
+  async function viewFailures(gen) {
+    mount(el('section', { id: 'failures' }, viewHead('Failures'), el('p', { class: 'loading' }, 'Loading…')));
+    let data;
+    try {
+      data = await api('/api/v1/failures');
+    } catch (e) {
+      if (gen === state.gen) failedView('Failures', e);
+      return;
+    }
+    if (gen !== state.gen) return;
+    const groups = data.groups || [];
+    const total = groups.reduce((a, g) => a + g.count, 0);
+    const body = groups.length
+      ? el('div', { class: 'table-wrap' }, el('table', { id: 'failures-table' },
+        el('caption', { class: 'sr-only' }, 'Failed payouts grouped by failure code, largest group first'),
+        el('thead', {}, el('tr', {},
+          el('th', { scope: 'col' }, 'Failure code'),
+          el('th', { scope: 'col', class: 'num' }, 'Payouts'),
+          el('th', { scope: 'col' }, 'Oldest'),
+          el('th', { scope: 'col' }, 'Newest'),
+          el('th', { scope: 'col' }, 'Example message'))),
+        el('tbody', {}, groups.map((g) => {
+          const q = new URLSearchParams({ status: 'failed', failure_code: g.failure_code });
+          return el('tr', { 'data-code': g.failure_code },
+            el('td', { class: 'mono' }, el('a', { href: `#/payouts?${q}` }, g.failure_code)),
+            el('td', { class: 'num' }, fmtInt(g.count)),
+            el('td', { class: 'time' }, timeEl(g.oldest)),
+            el('td', { class: 'time' }, timeEl(g.newest)),
+            el('td', { class: 'message' }, orNil(g.example_message)));
+        }))))
+      : el('div', { class: 'card' }, el('p', { class: 'empty' }, 'No failed payouts. Nothing needs attention.'));
+    mount(el('section', { id: 'failures' },
+      viewHead('Failures', el('p', { class: 'meta' },
+        groups.length ? `${fmtInt(total)} failed payout${total === 1 ? '' : 's'} in ${groups.length} group${groups.length === 1 ? '' : 's'}` : '')),
+      body));
+  }
+
+  // ---------- Start ----------
+
+  async function logout() {
+    try {
+      await fetch('/logout', {
+        method: 'POST',
+        credentials: 'same-origin',
+        headers: { 'X-CSRF-Token': state.session ? state.session.csrf : '' },
+        redirect: 'manual',
+      });
+    } catch (e) {
+      // Going to the login page anyway: the session ends with its TTL at worst.
+    }
+    toLogin();
+  }
+
+  async function init() {
+    $('#logout').addEventListener('click', logout);
+    $('#confirm-cancel').addEventListener('click', () => $('#confirm').close('cancel'));
+    $('#skip').addEventListener('click', (ev) => {
+      ev.preventDefault();
+      $('#main').focus();
+    });
+    const tz = Intl.DateTimeFormat().resolvedOptions().timeZone;
+    $('#tz-note').textContent = `Times are shown in your time zone${tz ? ` (${tz})` : ''}; hover a time for UTC.`;
+    try {
+      state.session = await api('/api/v1/session');
+    } catch (e) {
+      if (e.status !== 401) {
+        $('#view').replaceChildren();
+        showAlert(`The dashboard could not start: ${e.message}`);
+      }
+      return;
+    }
+    const s = state.session;
+    document.body.dataset.role = s.role;
+    $('#who').replaceChildren(
+      el('span', { class: 'sr-only' }, 'Logged in as '),
+      el('span', { id: 'who-name' }, s.name),
+      el('span', { class: `role role-${s.role}`, id: 'who-role' }, s.role));
+    window.addEventListener('hashchange', route);
+    if (!window.location.hash || window.location.hash === '#' || window.location.hash === '#/') {
+      window.history.replaceState(null, '', '#/overview');
+    }
+    route();
+  }
+
+  if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', init);
+  else init();
+})();

@@ -1,0 +1,346 @@
+//! Who is asking, and may they. Two ways in:
+//! - `Authorization: Bearer pat_…` (scripts, the platform posting earnings);
+//! - the browser's session cookie from a token login, with a CSRF secret that
+//!   every state-changing request must echo in `X-CSRF-Token`.
+//!
+//! Tokens and cookies are compared as SHA-256 digests looked up by equality;
+//! neither is ever logged or echoed back.
+
+use axum::{
+    Form,
+    extract::{Request, State},
+    http::{HeaderMap, HeaderValue, Method, StatusCode, header},
+    middleware::Next,
+    response::{IntoResponse, Redirect, Response},
+};
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+
+use super::{AdminState, ApiError};
+use crate::{
+    db::tokens::{self, Principal, Role},
+    metrics,
+};
+
+/// The session cookie's name.
+pub const COOKIE: &str = "payouts_session";
+/// The header that carries the CSRF secret.
+pub const CSRF_HEADER: &str = "x-csrf-token";
+
+/// How the caller proved who they are.
+#[derive(Debug, Clone)]
+pub enum Via {
+    /// A bearer token.
+    Bearer,
+    /// A browser session, with its CSRF secret.
+    Session {
+        /// The secret state-changing requests must echo.
+        csrf: String,
+    },
+}
+
+/// An authenticated caller (a request extension after [`authenticate`]).
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// Who.
+    pub principal: Principal,
+    /// How.
+    pub via: Via,
+}
+
+impl Caller {
+    /// `Ok` when the caller's role is at least `role`; a 403 naming both otherwise.
+    pub fn require(&self, role: Role) -> Result<(), ApiError> {
+        if self.principal.role >= role {
+            Ok(())
+        } else {
+            metrics::ADMIN_REFUSED
+                .with_label_values(&["forbidden"])
+                .inc();
+            Err(ApiError::Forbidden(format!(
+                "this needs the {role} role; the token {:?} is {}",
+                self.principal.name, self.principal.role
+            )))
+        }
+    }
+
+    /// The actor written to payout events.
+    pub fn actor(&self) -> String {
+        self.principal.actor()
+    }
+}
+
+fn cookie_value(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == COOKIE)
+        .map(|(_, v)| v.to_string())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+}
+
+fn bearer(headers: &HeaderMap) -> Option<Result<String, ()>> {
+    let v = headers.get(header::AUTHORIZATION)?;
+    let v = v.to_str().map_err(|_| ());
+    Some(v.and_then(|v| {
+        v.strip_prefix("Bearer ")
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty() && t.len() <= 256)
+            .ok_or(())
+    }))
+}
+
+/// Resolves the caller of a request: `Ok(None)` when it carries no credentials.
+pub async fn caller(state: &AdminState, headers: &HeaderMap) -> Result<Option<Caller>, ApiError> {
+    let now = state.clock.now();
+    if let Some(token) = bearer(headers) {
+        let Ok(token) = token else {
+            return Err(refused(
+                "bad_credentials",
+                "the Authorization header must be `Bearer <token>`",
+            ));
+        };
+        return match tokens::authenticate(&state.pool, &token, now).await? {
+            Some(principal) => Ok(Some(Caller {
+                principal,
+                via: Via::Bearer,
+            })),
+            None => Err(refused(
+                "bad_credentials",
+                "the token is not valid or was revoked",
+            )),
+        };
+    }
+    if let Some(cookie) = cookie_value(headers) {
+        return match tokens::session(&state.pool, &cookie, now).await? {
+            Some((principal, csrf)) => Ok(Some(Caller {
+                principal,
+                via: Via::Session { csrf },
+            })),
+            None => Err(refused(
+                "bad_credentials",
+                "the session has expired or its token was revoked; log in again",
+            )),
+        };
+    }
+    Ok(None)
+}
+
+fn refused(reason: &'static str, msg: &str) -> ApiError {
+    metrics::ADMIN_REFUSED.with_label_values(&[reason]).inc();
+    ApiError::Unauthorized(msg.to_string())
+}
+
+/// Middleware of every API route: a caller or 401; and, for a browser
+/// session, a matching `X-CSRF-Token` on anything but GET/HEAD or 403.
+pub async fn authenticate(
+    State(state): State<AdminState>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let caller = match caller(&state, req.headers()).await {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            return refused(
+                "no_credentials",
+                "credentials required: `Authorization: Bearer <token>` or a dashboard session",
+            )
+            .into_response();
+        }
+        Err(e) => return e.into_response(),
+    };
+    let safe = matches!(*req.method(), Method::GET | Method::HEAD);
+    if let Via::Session { csrf } = &caller.via {
+        let sent = req
+            .headers()
+            .get(CSRF_HEADER)
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
+        if !safe && !bool::from(sent.ct_eq(csrf.as_bytes())) {
+            metrics::ADMIN_REFUSED.with_label_values(&["csrf"]).inc();
+            return ApiError::Forbidden(
+                "missing or wrong X-CSRF-Token for this session (GET /api/v1/session gives it)"
+                    .into(),
+            )
+            .into_response();
+        }
+    }
+    req.extensions_mut().insert(caller);
+    let mut resp = next.run(req).await;
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+/// Middleware of the earnings intake: an operator (or admin) caller.
+pub async fn require_operator(req: Request, next: Next) -> Response {
+    match req.extensions().get::<Caller>() {
+        Some(c) => match c.require(Role::Operator) {
+            Ok(()) => next.run(req).await,
+            Err(e) => e.into_response(),
+        },
+        None => ApiError::Unauthorized("credentials required".into()).into_response(),
+    }
+}
+
+/// The login form's body.
+#[derive(Debug, Deserialize)]
+pub struct LoginForm {
+    token: String,
+}
+
+/// A request from another site (an `Origin` that is not ours) must not log
+/// anyone in or out.
+fn cross_site(headers: &HeaderMap) -> bool {
+    let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    match (origin, host) {
+        (None, _) | (Some("null"), None) => false,
+        (Some(o), Some(h)) => {
+            let o = o
+                .strip_prefix("http://")
+                .or_else(|| o.strip_prefix("https://"))
+                .unwrap_or(o);
+            o != h
+        }
+        (Some(_), None) => true,
+    }
+}
+
+fn session_cookie(state: &AdminState, value: &str, max_age: i64) -> HeaderValue {
+    let secure = if state.settings.admin.cookie_secure {
+        "; Secure"
+    } else {
+        ""
+    };
+    HeaderValue::from_str(&format!(
+        "{COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}"
+    ))
+    .expect("hex cookie value")
+}
+
+/// `POST /login`: a token in, a session cookie out (303 to the dashboard),
+/// or back to the form with `?error=1`.
+pub async fn login(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    Form(form): Form<LoginForm>,
+) -> Result<Response, ApiError> {
+    if cross_site(&headers) {
+        metrics::ADMIN_REFUSED.with_label_values(&["csrf"]).inc();
+        return Err(ApiError::Forbidden("cross-site login refused".into()));
+    }
+    let now = state.clock.now();
+    let token = form.token.trim();
+    let principal = if token.is_empty() || token.len() > 256 {
+        None
+    } else {
+        tokens::authenticate(&state.pool, token, now).await?
+    };
+    let Some(principal) = principal else {
+        metrics::ADMIN_REFUSED
+            .with_label_values(&["bad_credentials"])
+            .inc();
+        return Ok(Redirect::to("/login?error=1").into_response());
+    };
+    let ttl = state.settings.admin.session_ttl_secs as i64;
+    let (cookie, _csrf) = tokens::open_session(
+        &state.pool,
+        &principal,
+        now + chrono::Duration::seconds(ttl),
+    )
+    .await?;
+    tracing::info!(actor = %principal.actor(), role = %principal.role, "dashboard login");
+    let mut resp = Redirect::to("/ui/").into_response();
+    resp.headers_mut()
+        .insert(header::SET_COOKIE, session_cookie(&state, &cookie, ttl));
+    Ok(resp)
+}
+
+/// `POST /logout` (behind [`authenticate`], so CSRF-checked): ends the session.
+pub async fn logout(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    if let Some(cookie) = cookie_value(&headers) {
+        tokens::close_session(&state.pool, &cookie, state.clock.now()).await?;
+    }
+    let mut resp = Redirect::to("/login").into_response();
+    resp.headers_mut()
+        .insert(header::SET_COOKIE, session_cookie(&state, "", 0));
+    Ok(resp)
+}
+
+/// Middleware of the dashboard's own files: a live session, or a redirect to
+/// the login page (bearer tokens are for the API, not for pages).
+pub async fn page_session(State(state): State<AdminState>, req: Request, next: Next) -> Response {
+    let ok = match cookie_value(req.headers()) {
+        Some(cookie) => matches!(
+            tokens::session(&state.pool, &cookie, state.clock.now()).await,
+            Ok(Some(_))
+        ),
+        None => false,
+    };
+    if ok {
+        next.run(req).await
+    } else {
+        (StatusCode::SEE_OTHER, [(header::LOCATION, "/login")]).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn reads_the_session_cookie_among_others() {
+        let h = headers(&[("cookie", "a=1; payouts_session=abc; b=2")]);
+        assert_eq!(cookie_value(&h).as_deref(), Some("abc"));
+        assert_eq!(
+            cookie_value(&headers(&[("cookie", "payouts_session=")])),
+            None
+        );
+        assert_eq!(cookie_value(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn bearer_header_shapes() {
+        assert_eq!(
+            bearer(&headers(&[("authorization", "Bearer pat_x")])),
+            Some(Ok("pat_x".into()))
+        );
+        assert_eq!(
+            bearer(&headers(&[("authorization", "Basic abc")])),
+            Some(Err(()))
+        );
+        assert_eq!(
+            bearer(&headers(&[("authorization", "Bearer ")])),
+            Some(Err(()))
+        );
+        assert_eq!(bearer(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn cross_site_logins_are_told_apart() {
+        assert!(!cross_site(&headers(&[("host", "127.0.0.1:9300")])));
+        assert!(!cross_site(&headers(&[
+            ("host", "127.0.0.1:9300"),
+            ("origin", "http://127.0.0.1:9300")
+        ])));
+        assert!(cross_site(&headers(&[
+            ("host", "127.0.0.1:9300"),
+            ("origin", "https://evil.example")
+        ])));
+    }
+}

@@ -1,0 +1,271 @@
+//! API tokens and browser sessions of the admin server.
+//!
+//! A token is `pat_` followed by 32 random bytes in hex. Only its SHA-256 is
+//! stored, so a database dump holds no credential; the token is shown once,
+//! when it is created. A browser session is a random cookie value (stored as
+//! its SHA-256 too) bound to the token it was made from, with its own CSRF
+//! secret; revoking the token ends its sessions.
+
+use chrono::{DateTime, Utc};
+use rand::RngCore;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use sqlx::PgPool;
+
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Read everything.
+    Viewer,
+    /// Read, and retry, cancel or enqueue one payout at a time; post earnings.
+    Operator,
+    /// Everything: bulk actions too.
+    Admin,
+}
+
+impl Role {
+    /// The name stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "viewer" => Ok(Role::Viewer),
+            "operator" => Ok(Role::Operator),
+            "admin" => Ok(Role::Admin),
+            other => Err(format!(
+                "unknown role {other:?} (expected viewer, operator or admin)"
+            )),
+        }
+    }
+}
+
+/// A token as listed (never the token itself).
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct TokenInfo {
+    /// Id.
+    pub id: i64,
+    /// Who holds it: the actor name in event histories.
+    pub name: String,
+    /// `viewer`, `operator` or `admin`.
+    pub role: String,
+    /// Created.
+    pub created_at: DateTime<Utc>,
+    /// Last request made with it (updated at most once a minute).
+    pub last_used_at: Option<DateTime<Utc>>,
+    /// Revoked, if it was.
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// Who a request acts as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// The token's id.
+    pub token_id: i64,
+    /// The token's name.
+    pub name: String,
+    /// Its role.
+    pub role: Role,
+}
+
+impl Principal {
+    /// The actor written to payout events: `operator:<name>` (whatever the role).
+    pub fn actor(&self) -> String {
+        format!("operator:{}", self.name)
+    }
+}
+
+/// Why a token could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// The name breaks the rule.
+    #[error("token name must be 1 to 64 characters of A-Z a-z 0-9 _ . @ -, got {0:?}")]
+    BadName(String),
+    /// A live token already has the name.
+    #[error("a live token named {0:?} exists; revoke it first")]
+    NameTaken(String),
+    /// The database failed.
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+/// The hex SHA-256 of `secret`.
+pub fn hash(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    rand::rng().fill_bytes(&mut buf);
+    hex::encode(buf)
+}
+
+fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.@-".contains(&b))
+}
+
+/// Creates a token; returns its id and the token (shown once, stored hashed).
+pub async fn create(pool: &PgPool, name: &str, role: Role) -> Result<(i64, String), TokenError> {
+    if !valid_name(name) {
+        return Err(TokenError::BadName(name.to_string()));
+    }
+    let token = format!("pat_{}", random_hex(32));
+    let id: Result<i64, sqlx::Error> = sqlx::query_scalar(
+        "INSERT INTO api_tokens (name, role, token_hash) VALUES ($1, $2, $3) RETURNING id",
+    )
+    .bind(name)
+    .bind(role.as_str())
+    .bind(hash(&token))
+    .fetch_one(pool)
+    .await;
+    match id {
+        Ok(id) => Ok((id, token)),
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+            Err(TokenError::NameTaken(name.to_string()))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// All tokens, newest first.
+pub async fn list(pool: &PgPool) -> sqlx::Result<Vec<TokenInfo>> {
+    sqlx::query_as(
+        "SELECT id, name, role, created_at, last_used_at, revoked_at FROM api_tokens ORDER BY id DESC",
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// Revokes the live token named `name` and ends its sessions; `false` when
+/// there is none.
+pub async fn revoke(pool: &PgPool, name: &str, now: DateTime<Utc>) -> sqlx::Result<bool> {
+    let mut tx = pool.begin().await?;
+    let id: Option<i64> = sqlx::query_scalar(
+        "UPDATE api_tokens SET revoked_at = $2 WHERE name = $1 AND revoked_at IS NULL RETURNING id",
+    )
+    .bind(name)
+    .bind(now)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some(id) = id {
+        sqlx::query("DELETE FROM admin_sessions WHERE token_id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(id.is_some())
+}
+
+fn principal(row: (i64, String, String)) -> Option<Principal> {
+    let (token_id, name, role) = row;
+    Some(Principal {
+        token_id,
+        name,
+        role: role.parse().ok()?,
+    })
+}
+
+/// The principal of a live token, and marks it used (at most once a minute).
+pub async fn authenticate(
+    pool: &PgPool,
+    token: &str,
+    now: DateTime<Utc>,
+) -> sqlx::Result<Option<Principal>> {
+    // The hash is looked up by equality: the comparison is on a digest of the
+    // secret, so its timing tells nothing about the token.
+    let row: Option<(i64, String, String)> = sqlx::query_as(
+        "UPDATE api_tokens SET last_used_at = CASE
+             WHEN last_used_at IS NULL OR last_used_at < $2 - interval '1 minute' THEN $2
+             ELSE last_used_at END
+         WHERE token_hash = $1 AND revoked_at IS NULL
+         RETURNING id, name, role",
+    )
+    .bind(hash(token))
+    .bind(now)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.and_then(principal))
+}
+
+/// A new browser session for `principal`: the cookie value and its CSRF secret.
+pub async fn open_session(
+    pool: &PgPool,
+    principal: &Principal,
+    expires_at: DateTime<Utc>,
+) -> sqlx::Result<(String, String)> {
+    let cookie = random_hex(32);
+    let csrf = random_hex(32);
+    sqlx::query(
+        "INSERT INTO admin_sessions (id_hash, token_id, csrf, expires_at) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(hash(&cookie))
+    .bind(principal.token_id)
+    .bind(&csrf)
+    .bind(expires_at)
+    .execute(pool)
+    .await?;
+    Ok((cookie, csrf))
+}
+
+/// The principal and CSRF secret of a live session (its token not revoked).
+pub async fn session(
+    pool: &PgPool,
+    cookie: &str,
+    now: DateTime<Utc>,
+) -> sqlx::Result<Option<(Principal, String)>> {
+    let row: Option<(i64, String, String, String)> = sqlx::query_as(
+        "SELECT t.id, t.name, t.role, s.csrf FROM admin_sessions s JOIN api_tokens t ON t.id = s.token_id
+         WHERE s.id_hash = $1 AND s.expires_at > $2 AND t.revoked_at IS NULL",
+    )
+    .bind(hash(cookie))
+    .bind(now)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.and_then(|(id, name, role, csrf)| Some((principal((id, name, role))?, csrf))))
+}
+
+/// Ends a session (and, in passing, sessions that expired).
+pub async fn close_session(pool: &PgPool, cookie: &str, now: DateTime<Utc>) -> sqlx::Result<()> {
+    sqlx::query("DELETE FROM admin_sessions WHERE id_hash = $1 OR expires_at <= $2")
+        .bind(hash(cookie))
+        .bind(now)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_roles() {
+        assert!(valid_name("alice@ops.example"));
+        assert!(!valid_name(""));
+        assert!(!valid_name("has space"));
+        assert!(!valid_name(&"x".repeat(65)));
+        assert_eq!("operator".parse::<Role>().unwrap(), Role::Operator);
+        assert!("root".parse::<Role>().unwrap_err().contains("unknown role"));
+        assert!(Role::Viewer < Role::Operator && Role::Operator < Role::Admin);
+        assert_eq!(hash("x").len(), 64);
+    }
+}

@@ -1,0 +1,1208 @@
+//! `payout-admin` over real HTTP, real Postgres and real Redis: every endpoint
+//! and filter, pagination while payouts change state, authentication, roles,
+//! CSRF, actions recorded with their actor, the mounted webhooks and
+//! earnings intake, and property tests that malformed queries and signature
+//! headers never panic and never change state.
+
+mod common;
+
+use std::{collections::BTreeSet, sync::Arc};
+
+use chrono::{Duration, Utc};
+use common::{TestDb, eventually, redis_url, settings, unique};
+use payouts::{
+    admin::{self, AdminState},
+    clock::SystemClock,
+    db::{
+        payees,
+        payouts::{self as db_payouts, Finish},
+        tokens::{self, Role},
+    },
+    domain::{Currency, Money},
+    queue::Queue,
+    webhooks,
+};
+use proptest::prelude::*;
+use reqwest::{StatusCode, redirect::Policy};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+struct Admin {
+    db: TestDb,
+    base: String,
+    queue: Queue,
+    viewer: String,
+    operator: String,
+    admin: String,
+    http: reqwest::Client,
+    stop: CancellationToken,
+}
+
+impl Drop for Admin {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+const HOOK_SECRET: &str = "gw_admin_test_secret";
+
+impl Admin {
+    async fn start() -> Admin {
+        Admin::start_with(&[]).await
+    }
+
+    async fn start_with(extra: &[(&str, &str)]) -> Admin {
+        let db = TestDb::new().await;
+        let prefix = unique("adm");
+        let mut s = settings(&db.url, &redis_url(), &prefix, "http://127.0.0.1:9", extra);
+        s.gateway.webhooks.secrets = vec![HOOK_SECRET.to_string().into()];
+        s.admin.overview_cache_ms = 0;
+        let conn = payouts::queue::connect(&s.redis).await.unwrap();
+        let queue = Queue::from_settings(conn, &s);
+        let state = AdminState::new(
+            db.pool.clone(),
+            queue.clone(),
+            Arc::new(s),
+            Arc::new(SystemClock),
+        );
+        let stop = CancellationToken::new();
+        let (addr, _) = admin::serve("127.0.0.1:0".parse().unwrap(), state, stop.clone())
+            .await
+            .unwrap();
+        let viewer = tokens::create(&db.pool, "vera", Role::Viewer)
+            .await
+            .unwrap()
+            .1;
+        let operator = tokens::create(&db.pool, "otto", Role::Operator)
+            .await
+            .unwrap()
+            .1;
+        let admin = tokens::create(&db.pool, "ada", Role::Admin)
+            .await
+            .unwrap()
+            .1;
+        Admin {
+            db,
+            base: format!("http://{addr}"),
+            queue,
+            viewer,
+            operator,
+            admin,
+            http: reqwest::Client::builder()
+                .redirect(Policy::none())
+                .build()
+                .unwrap(),
+            stop,
+        }
+    }
+
+    fn pool(&self) -> &sqlx::PgPool {
+        &self.db.pool
+    }
+
+    async fn get(&self, path: &str, token: Option<&str>) -> (StatusCode, Value) {
+        let mut r = self.http.get(format!("{}{path}", self.base));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        let resp = r.send().await.unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    async fn post(&self, path: &str, token: Option<&str>, body: Value) -> (StatusCode, Value) {
+        let mut r = self.http.post(format!("{}{path}", self.base)).json(&body);
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        let resp = r.send().await.unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    async fn payee(&self, account: &str, currency: &str) -> i64 {
+        payees::create(self.pool(), account, account, currency.parse().unwrap())
+            .await
+            .unwrap()
+            .id
+    }
+
+    async fn pending(&self, payee: i64, amount: &str, currency: &str, due_in: Duration) -> i64 {
+        let c: Currency = currency.parse().unwrap();
+        let money = Money::new(amount.parse().unwrap(), c).unwrap();
+        let now = Utc::now();
+        db_payouts::create(self.pool(), payee, money, now + due_in, "test", now)
+            .await
+            .unwrap()
+            .id
+    }
+
+    /// Drives a pending payout through a claim to `outcome`, as a worker would.
+    async fn finish(&self, id: i64, outcome: Finish) {
+        let now = Utc::now();
+        let lease = now + Duration::seconds(60);
+        sqlx::query(
+            "UPDATE payouts SET status = 'queued', lease_until = $2 WHERE id = $1 AND status = 'pending'",
+        )
+        .bind(id)
+        .bind(lease)
+        .execute(self.pool())
+        .await
+        .unwrap();
+        let claimed = db_payouts::claim(self.pool(), id, "worker:t", now, lease)
+            .await
+            .unwrap()
+            .expect("claimable");
+        assert!(
+            db_payouts::finish(
+                self.pool(),
+                id,
+                claimed.token(),
+                &outcome,
+                "worker:t",
+                "test",
+                now
+            )
+            .await
+            .unwrap()
+        );
+    }
+
+    async fn failed(&self, payee: i64, code: &str) -> i64 {
+        let id = self.pending(payee, "10.00", "USD", Duration::zero()).await;
+        self.finish(
+            id,
+            Finish::Failed {
+                code: code.into(),
+                message: format!("gateway said {code}"),
+            },
+        )
+        .await;
+        id
+    }
+
+    async fn paid(&self, payee: i64) -> i64 {
+        let id = self.pending(payee, "25.50", "USD", Duration::zero()).await;
+        self.finish(
+            id,
+            Finish::Paid {
+                transfer_id: format!("tr_{id}"),
+            },
+        )
+        .await;
+        id
+    }
+
+    async fn status(&self, id: i64) -> String {
+        sqlx::query_scalar("SELECT status FROM payouts WHERE id = $1")
+            .bind(id)
+            .fetch_one(self.pool())
+            .await
+            .unwrap()
+    }
+
+    async fn events(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM payout_events")
+            .fetch_one(self.pool())
+            .await
+            .unwrap()
+    }
+
+    async fn last_event(&self, id: i64) -> (String, String, Option<String>) {
+        sqlx::query_as(
+            "SELECT to_status, actor, reason FROM payout_events WHERE payout_id = $1 ORDER BY id DESC LIMIT 1",
+        )
+        .bind(id)
+        .fetch_one(self.pool())
+        .await
+        .unwrap()
+    }
+
+    /// Logs in through the form; returns the cookie header value and the CSRF secret.
+    async fn login(&self, token: &str) -> (String, String) {
+        let resp = self
+            .http
+            .post(format!("{}/login", self.base))
+            .form(&[("token", token)])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+        assert_eq!(resp.headers()["location"], "/ui/");
+        let set = resp.headers()["set-cookie"].to_str().unwrap().to_string();
+        for flag in ["HttpOnly", "SameSite=Strict", "Secure", "Path=/"] {
+            assert!(set.contains(flag), "cookie without {flag}: {set}");
+        }
+        let cookie = set.split(';').next().unwrap().to_string();
+        let r = self
+            .http
+            .get(format!("{}/api/v1/session", self.base))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        let csrf = r.json::<Value>().await.unwrap()["csrf"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        (cookie, csrf)
+    }
+}
+
+type Row = (
+    i64,
+    i64,
+    String,
+    String,
+    Option<String>,
+    chrono::DateTime<Utc>,
+    Option<chrono::DateTime<Utc>>,
+);
+type Case = (String, Box<dyn Fn(&Row) -> bool>);
+
+fn ids(page: &Value) -> Vec<i64> {
+    page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_i64().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn no_endpoint_but_health_and_metrics_answers_without_credentials() {
+    let a = Admin::start().await;
+    let p = a.payee("acct_1", "USD").await;
+    let id = a.failed(p, "account_closed").await;
+    for path in ["/health", "/health/ready", "/metrics"] {
+        assert_eq!(a.get(path, None).await.0, StatusCode::OK, "{path}");
+    }
+    // The login form is how credentials get in.
+    assert_eq!(a.get("/login", None).await.0, StatusCode::OK);
+    let gets = [
+        "/api/v1/session".to_string(),
+        "/api/v1/overview".into(),
+        "/api/v1/payouts".into(),
+        format!("/api/v1/payouts/{id}"),
+        "/api/v1/failures".into(),
+        "/api/v1/tokens".into(),
+        "/api/openapi.json".into(),
+    ];
+    let revoked = tokens::create(a.pool(), "gone", Role::Admin)
+        .await
+        .unwrap()
+        .1;
+    assert!(tokens::revoke(a.pool(), "gone", Utc::now()).await.unwrap());
+    for path in &gets {
+        for token in [None, Some("pat_not_a_real_token"), Some(revoked.as_str())] {
+            let (code, body) = a.get(path, token).await;
+            assert_eq!(code, StatusCode::UNAUTHORIZED, "{path} with {token:?}");
+            let msg = body["error"].as_str().unwrap();
+            assert!(!msg.contains("pat_"), "a token echoed back: {msg}");
+        }
+        assert_eq!(
+            a.get(path, Some(&a.admin)).await.0,
+            StatusCode::OK,
+            "{path}"
+        );
+    }
+    let r = a
+        .http
+        .get(format!("{}/api/v1/session", a.base))
+        .header("authorization", "Basic dXNlcjpwYXNz")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    for path in [
+        format!("/api/v1/payouts/{id}/retry"),
+        "/api/v1/payouts/bulk-retry".into(),
+        "/v1/earnings".into(),
+        "/logout".into(),
+    ] {
+        assert_eq!(
+            a.post(&path, None, json!({})).await.0,
+            StatusCode::UNAUTHORIZED,
+            "{path}"
+        );
+    }
+    // Pages send the browser to the login form instead.
+    for path in ["/ui/", "/ui/app.js", "/ui/app.css"] {
+        let (code, _) = a.get(path, None).await;
+        assert_eq!(code, StatusCode::SEE_OTHER, "{path}");
+    }
+    assert_eq!(a.status(id).await, "failed", "nothing changed");
+}
+
+#[tokio::test]
+async fn roles_decide_who_may_act_and_refusals_change_nothing() {
+    let a = Admin::start().await;
+    let p = a.payee("acct_r", "USD").await;
+    let id = a.failed(p, "account_closed").await;
+    let before = a.events().await;
+    let (code, body) = a
+        .post(
+            &format!("/api/v1/payouts/{id}/retry"),
+            Some(&a.viewer),
+            json!({}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::FORBIDDEN);
+    assert!(
+        body["error"].as_str().unwrap().contains("operator role"),
+        "{body}"
+    );
+    for token in [&a.viewer, &a.operator] {
+        let (code, _) = a
+            .post(
+                "/api/v1/payouts/bulk-retry",
+                Some(token),
+                json!({"dry_run": false}),
+            )
+            .await;
+        assert_eq!(code, StatusCode::FORBIDDEN);
+        assert_eq!(
+            a.get("/api/v1/tokens", Some(token)).await.0,
+            StatusCode::FORBIDDEN
+        );
+    }
+    assert_eq!(
+        a.post("/v1/earnings", Some(&a.viewer), json!({})).await.0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        (a.status(id).await, a.events().await),
+        ("failed".into(), before)
+    );
+    // The viewer sees the payout but is offered no actions.
+    let (_, detail) = a
+        .get(&format!("/api/v1/payouts/{id}"), Some(&a.viewer))
+        .await;
+    assert_eq!(detail["actions"], json!([]));
+    let (_, detail) = a
+        .get(&format!("/api/v1/payouts/{id}"), Some(&a.operator))
+        .await;
+    assert_eq!(detail["actions"], json!(["retry", "cancel"]));
+    // Admin manages tokens; the secret is shown once and never listed.
+    let (code, made) = a
+        .post(
+            "/api/v1/tokens",
+            Some(&a.admin),
+            json!({"name": "ci-bot", "role": "viewer"}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CREATED);
+    let secret = made["token"].as_str().unwrap().to_string();
+    assert_eq!(
+        a.get("/api/v1/session", Some(&secret)).await.0,
+        StatusCode::OK
+    );
+    let (_, list) = a.get("/api/v1/tokens", Some(&a.admin)).await;
+    assert!(!list.to_string().contains(&secret));
+    let (code, _) = a
+        .post(
+            "/api/v1/tokens",
+            Some(&a.admin),
+            json!({"name": "ci-bot", "role": "viewer"}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CONFLICT);
+    let r = a
+        .http
+        .delete(format!("{}/api/v1/tokens/ci-bot", a.base))
+        .bearer_auth(&a.admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        a.get("/api/v1/session", Some(&secret)).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    // Tokens are stored hashed.
+    let stored: Vec<String> = sqlx::query_scalar("SELECT token_hash FROM api_tokens")
+        .fetch_all(a.pool())
+        .await
+        .unwrap();
+    assert!(
+        stored
+            .iter()
+            .all(|h| h.len() == 64 && !h.starts_with("pat_"))
+    );
+}
+
+#[tokio::test]
+async fn a_browser_session_needs_its_csrf_token_to_act_and_ends_with_logout_or_revocation() {
+    let a = Admin::start().await;
+    let p = a.payee("acct_s", "USD").await;
+    let id = a.failed(p, "account_closed").await;
+    let (cookie, csrf) = a.login(&a.operator).await;
+    let url = format!("{}/api/v1/payouts/{id}/retry", a.base);
+    // Reading needs no CSRF token; acting does.
+    let r = a
+        .http
+        .get(format!("{}/api/v1/payouts/{id}", a.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    for bad in [None, Some("0000"), Some("")] {
+        let mut req = a.http.post(&url).header("cookie", &cookie).json(&json!({}));
+        if let Some(b) = bad {
+            req = req.header("x-csrf-token", b);
+        }
+        assert_eq!(
+            req.send().await.unwrap().status(),
+            StatusCode::FORBIDDEN,
+            "{bad:?}"
+        );
+    }
+    assert_eq!(a.status(id).await, "failed");
+    let r = a
+        .http
+        .post(&url)
+        .header("cookie", &cookie)
+        .header("x-csrf-token", &csrf)
+        .json(&json!({"reason": "bank account fixed"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(a.status(id).await, "queued");
+    assert_eq!(
+        a.last_event(id).await,
+        (
+            "queued".into(),
+            "operator:otto".into(),
+            Some("operator retry".into())
+        )
+    );
+    // A wrong token at the form goes back to it, with no cookie.
+    let r = a
+        .http
+        .post(format!("{}/login", a.base))
+        .form(&[("token", "pat_wrong")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["location"], "/login?error=1");
+    assert!(r.headers().get("set-cookie").is_none());
+    // A cross-site login is refused.
+    let r = a
+        .http
+        .post(format!("{}/login", a.base))
+        .header("origin", "https://evil.example")
+        .form(&[("token", a.operator.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    // The dashboard is served to the session.
+    let r = a
+        .http
+        .get(format!("{}/ui/", a.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(
+        r.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("frame-ancestors 'none'")
+    );
+    // Logout needs the CSRF token too, then the session is dead.
+    let r = a
+        .http
+        .post(format!("{}/logout", a.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let r = a
+        .http
+        .post(format!("{}/logout", a.base))
+        .header("cookie", &cookie)
+        .header("x-csrf-token", &csrf)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let r = a
+        .http
+        .get(format!("{}/api/v1/session", a.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    // Revoking a token ends its other sessions.
+    let (cookie2, _) = a.login(&a.operator).await;
+    assert!(tokens::revoke(a.pool(), "otto", Utc::now()).await.unwrap());
+    let r = a
+        .http
+        .get(format!("{}/api/v1/session", a.base))
+        .header("cookie", &cookie2)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn actions_are_legal_transitions_with_their_actor_or_a_409_that_says_why() {
+    let a = Admin::start().await;
+    let p = a.payee("acct_a", "USD").await;
+    let failed = a.failed(p, "account_closed").await;
+    let paid = a.paid(p).await;
+    let pending = a.pending(p, "5.00", "USD", Duration::days(3)).await;
+    let to_cancel = a.pending(p, "6.00", "USD", Duration::days(3)).await;
+    let op = Some(a.operator.as_str());
+
+    let (code, body) = a
+        .post(&format!("/api/v1/payouts/{failed}/retry"), op, json!({}))
+        .await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(
+        (body["from"].clone(), body["to"].clone()),
+        (json!("failed"), json!("queued"))
+    );
+    assert_eq!(body["pushed"], json!(true));
+    assert!(
+        a.queue.waiting().await.unwrap() >= 1,
+        "the retried job is in Redis"
+    );
+    assert_eq!(a.last_event(failed).await.1, "operator:otto");
+
+    let (code, body) = a
+        .post(
+            &format!("/api/v1/payouts/{pending}/enqueue"),
+            op,
+            Value::Null,
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(a.status(pending).await, "queued");
+
+    let (code, _) = a
+        .post(
+            &format!("/api/v1/payouts/{to_cancel}/cancel"),
+            op,
+            json!({"reason": "duplicate booking"}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(
+        a.last_event(to_cancel).await,
+        (
+            "cancelled".into(),
+            "operator:otto".into(),
+            Some("duplicate booking".into())
+        )
+    );
+
+    let before = a.events().await;
+    for (path, want) in [
+        (
+            format!("/api/v1/payouts/{paid}/retry"),
+            StatusCode::CONFLICT,
+        ),
+        (
+            format!("/api/v1/payouts/{paid}/cancel"),
+            StatusCode::CONFLICT,
+        ),
+        (
+            format!("/api/v1/payouts/{to_cancel}/enqueue"),
+            StatusCode::CONFLICT,
+        ),
+        (
+            format!("/api/v1/payouts/{paid}/refund"),
+            StatusCode::NOT_FOUND,
+        ),
+        ("/api/v1/payouts/999999/retry".into(), StatusCode::NOT_FOUND),
+        ("/api/v1/payouts/abc/retry".into(), StatusCode::BAD_REQUEST),
+    ] {
+        let (code, body) = a.post(&path, op, json!({})).await;
+        assert_eq!(code, want, "{path}: {body}");
+        if want == StatusCode::CONFLICT {
+            assert!(
+                body["error"].as_str().unwrap().starts_with("cannot "),
+                "{body}"
+            );
+            assert!(body["status"].is_string());
+        }
+    }
+    let r = a
+        .http
+        .post(format!("{}/api/v1/payouts/{failed}/cancel", a.base))
+        .bearer_auth(&a.operator)
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(a.events().await, before, "refused actions wrote nothing");
+    assert_eq!(a.status(paid).await, "paid");
+}
+
+#[tokio::test]
+async fn every_filter_selects_exactly_its_payouts() {
+    let a = Admin::start().await;
+    let usd = a.payee("acct_usd", "USD").await;
+    let eur = a.payee("acct_eur", "EUR").await;
+    let mut all = Vec::new();
+    for i in 0..6 {
+        all.push(a.pending(usd, "1.00", "USD", Duration::hours(i)).await);
+        all.push(a.pending(eur, "2.00", "EUR", Duration::hours(48 + i)).await);
+    }
+    let closed = [
+        a.failed(usd, "account_closed").await,
+        a.failed(eur, "account_closed").await,
+    ];
+    let frozen = a.failed(usd, "account_frozen").await;
+    let paid = a.paid(eur).await;
+    let rows: Vec<Row> =
+        sqlx::query_as("SELECT id, payee_id, currency, status, failure_code, due_at, paid_at FROM payouts ORDER BY id DESC")
+            .fetch_all(a.pool())
+            .await
+            .unwrap();
+    let t = |d: chrono::DateTime<Utc>| {
+        d.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+            .replace('+', "%2B")
+    };
+    let mid = Utc::now() + Duration::hours(24);
+    let cases: Vec<Case> = vec![
+        ("status=failed".into(), Box::new(|r: &Row| r.3 == "failed")),
+        (
+            "status=pending".into(),
+            Box::new(|r: &Row| r.3 == "pending"),
+        ),
+        (
+            format!("payee_id={eur}"),
+            Box::new(move |r: &Row| r.1 == eur),
+        ),
+        ("currency=eur".into(), Box::new(|r: &Row| r.2 == "EUR")),
+        (
+            "failure_code=account_closed".into(),
+            Box::new(|r: &Row| r.4.as_deref() == Some("account_closed")),
+        ),
+        (
+            format!("due_from={}", t(mid)),
+            Box::new(move |r: &Row| r.5 >= mid),
+        ),
+        (
+            format!("due_to={}", t(mid)),
+            Box::new(move |r: &Row| r.5 < mid),
+        ),
+        (
+            format!("paid_from={}", t(Utc::now() - Duration::hours(1))),
+            Box::new(|r: &Row| r.6.is_some()),
+        ),
+        (
+            format!("status=failed&payee_id={usd}&currency=USD"),
+            Box::new(move |r: &Row| r.3 == "failed" && r.1 == usd),
+        ),
+        (
+            format!("created_to={}", t(Utc::now() - Duration::hours(1))),
+            Box::new(|_: &Row| false),
+        ),
+        (
+            format!("created_from={}", t(Utc::now() - Duration::hours(1))),
+            Box::new(|_: &Row| true),
+        ),
+        ("status=&currency=".into(), Box::new(|_: &Row| true)),
+    ];
+    for (q, want) in cases {
+        let (code, page) = a
+            .get(&format!("/api/v1/payouts?{q}&limit=500"), Some(&a.viewer))
+            .await;
+        assert_eq!(code, StatusCode::OK, "{q}: {page}");
+        let expect: Vec<i64> = rows.iter().filter(|r| want(r)).map(|r| r.0).collect();
+        assert_eq!(ids(&page), expect, "{q}");
+        assert_eq!(page["next_cursor"], Value::Null);
+    }
+    assert_eq!(
+        (all.len(), closed.len(), frozen > paid || paid > frozen),
+        (12, 2, true)
+    );
+    // Bad filters: 400 naming the key, nothing changed.
+    let before = a.events().await;
+    for q in [
+        "status=lost",
+        "payee_id=x",
+        "currency=XXX",
+        "due_from=tomorrow",
+        "limit=0",
+        "cursor=-3",
+        "order=asc",
+        "%ZZ",
+    ] {
+        let (code, body) = a
+            .get(&format!("/api/v1/payouts?{q}"), Some(&a.viewer))
+            .await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{q}: {body}");
+        assert!(body["error"].is_string());
+    }
+    assert_eq!(a.events().await, before);
+
+    // Failures view.
+    let (_, f) = a.get("/api/v1/failures", Some(&a.viewer)).await;
+    let groups: Vec<(String, i64)> = f["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            (
+                g["failure_code"].as_str().unwrap().to_string(),
+                g["count"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        groups,
+        [
+            ("account_closed".to_string(), 2),
+            ("account_frozen".to_string(), 1)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn pages_neither_repeat_nor_skip_while_payouts_change_state() {
+    let a = Admin::start().await;
+    let p = a.payee("acct_pg", "USD").await;
+    let mut made = Vec::new();
+    for _ in 0..40 {
+        made.push(a.pending(p, "3.00", "USD", Duration::hours(1)).await);
+    }
+    // Page through everything, 7 at a time, cancelling and adding payouts between pages.
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut round = 0;
+    let mut cancelled = BTreeSet::new();
+    loop {
+        let q = cursor
+            .as_ref()
+            .map_or(String::new(), |c| format!("&cursor={c}"));
+        let (code, page) = a
+            .get(&format!("/api/v1/payouts?limit=7{q}"), Some(&a.viewer))
+            .await;
+        assert_eq!(code, StatusCode::OK);
+        seen.extend(ids(&page));
+        // Change state under the pager: cancel a payout not yet seen, add a new one.
+        let victim = made[made.len() - 1 - (round * 5 + 10).min(made.len() - 1)];
+        if db_payouts::cancel(a.pool(), victim, "operator:t", "test", Utc::now())
+            .await
+            .is_ok()
+        {
+            cancelled.insert(victim);
+        }
+        a.pending(p, "4.00", "USD", Duration::hours(1)).await;
+        round += 1;
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    let unique: BTreeSet<i64> = seen.iter().copied().collect();
+    assert_eq!(unique.len(), seen.len(), "a payout appeared twice");
+    assert!(seen.windows(2).all(|w| w[0] > w[1]), "not newest first");
+    assert_eq!(
+        unique,
+        made.iter().copied().collect(),
+        "every payout there at the start was seen once"
+    );
+    assert!(!cancelled.is_empty());
+
+    // With a status filter, rows leaving it mid-way drop out; none repeat,
+    // and every row that stayed pending throughout is seen.
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut left = BTreeSet::new();
+    loop {
+        let q = cursor
+            .as_ref()
+            .map_or(String::new(), |c| format!("&cursor={c}"));
+        let (_, page) = a
+            .get(
+                &format!("/api/v1/payouts?status=pending&limit=6{q}"),
+                Some(&a.viewer),
+            )
+            .await;
+        seen.extend(ids(&page));
+        for id in made.iter().rev().skip(seen.len() + 3).take(1) {
+            if db_payouts::cancel(a.pool(), *id, "operator:t", "test", Utc::now())
+                .await
+                .is_ok()
+            {
+                left.insert(*id);
+            }
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    let unique: BTreeSet<i64> = seen.iter().copied().collect();
+    assert_eq!(unique.len(), seen.len());
+    let stayed: BTreeSet<i64> = sqlx::query_scalar::<_, i64>(
+        "SELECT id FROM payouts WHERE status = 'pending' AND id <= $1",
+    )
+    .bind(*made.last().unwrap())
+    .fetch_all(a.pool())
+    .await
+    .unwrap()
+    .into_iter()
+    .collect();
+    assert!(
+        stayed.is_subset(&unique),
+        "a payout pending throughout was skipped"
+    );
+    assert!(!left.is_empty(), "the test changed nothing under the pager");
+}
+
+#[tokio::test]
+async fn the_payout_page_has_its_history_attempts_and_actions() {
+    let a = Admin::start().await;
+    let p = a.payee("acct_d", "USD").await;
+    let id = a.failed(p, "account_closed").await;
+    let (code, d) = a
+        .get(&format!("/api/v1/payouts/{id}"), Some(&a.operator))
+        .await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(d["payout"]["status"], "failed");
+    assert_eq!(d["payout"]["amount"], "10.00");
+    assert_eq!(d["idempotency_key"], format!("payout_{id}"));
+    assert_eq!(d["payee"]["gateway_account"], "acct_d");
+    let to: Vec<&str> = d["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["to_status"].as_str().unwrap())
+        .collect();
+    assert_eq!(to, ["pending", "processing", "failed"]);
+    assert_eq!(d["attempts"].as_array().unwrap().len(), 1);
+    assert_eq!(d["attempts"][0]["outcome"], "failed");
+    assert_eq!(d["attempts"][0]["worker"], "worker:t");
+    assert_eq!(
+        a.get("/api/v1/payouts/424242", Some(&a.viewer)).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        a.get("/api/v1/payouts/0", Some(&a.viewer)).await.0,
+        StatusCode::BAD_REQUEST
+    );
+}
+
+#[tokio::test]
+async fn the_overview_reports_counts_rates_latency_window_workers_and_leader() {
+    let a = Admin::start().await;
+    let p = a.payee("acct_o", "USD").await;
+    for _ in 0..3 {
+        a.paid(p).await;
+    }
+    a.failed(p, "account_closed").await;
+    a.pending(p, "1.00", "USD", -Duration::minutes(5)).await;
+    // A consumer registered in Redis the way apalis-redis does it, holding two jobs.
+    let cfg = a.queue.config();
+    let mut conn = a.queue.conn();
+    let inflight = format!("{}:host-1-0", cfg.inflight_jobs_set());
+    let _: () = redis::pipe()
+        .zadd(cfg.workers_set(), &inflight, Utc::now().timestamp())
+        .sadd(&inflight, "job-a")
+        .sadd(&inflight, "job-b")
+        .set(
+            format!("{{{}}}:producer:leader", a.queue.prefix()),
+            "producer:host-9",
+        )
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (code, o) = a.get("/api/v1/overview", Some(&a.viewer)).await;
+    assert_eq!(code, StatusCode::OK, "{o}");
+    assert_eq!(o["counts"]["failed"], 1);
+    assert_eq!(o["counts"]["pending"], 1);
+    assert_eq!(o["counts"].as_object().unwrap().len(), 8);
+    assert_eq!(o["last_hour"]["paid"], 3);
+    assert_eq!(o["last_hour"]["failed"], 1);
+    assert_eq!(o["last_hour"]["success_rate"], 0.75);
+    assert_eq!(o["due_to_paid_seconds"]["sample"], 3);
+    assert!(o["backlog_age_seconds"].as_f64().unwrap() >= 299.0, "{o}");
+    assert_eq!(o["workers"][0]["name"], "host-1-0");
+    assert_eq!(o["workers"][0]["in_flight"], 2);
+    assert_eq!(o["workers"][0]["alive"], true);
+    assert_eq!(o["producer_leader"], "producer:host-9");
+    let series = o["series"].as_array().unwrap();
+    assert_eq!(series.len(), 60);
+    let paid: i64 = series.iter().map(|m| m["paid"].as_i64().unwrap()).sum();
+    assert_eq!(paid, 3);
+}
+
+#[tokio::test]
+async fn bulk_retry_counts_first_then_retries_only_the_matching_failures() {
+    let a = Admin::start().await;
+    let p = a.payee("acct_b", "USD").await;
+    let closed: Vec<i64> = [
+        a.failed(p, "account_closed").await,
+        a.failed(p, "account_closed").await,
+    ]
+    .into();
+    let other = a.failed(p, "account_frozen").await;
+    let filter = json!({"failure_code": "account_closed", "status": "failed", "payee_id": p});
+    let before = a.events().await;
+    let (code, dry) = a
+        .post(
+            "/api/v1/payouts/bulk-retry",
+            Some(&a.admin),
+            json!({"filter": filter, "dry_run": true}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "{dry}");
+    assert_eq!(dry["matched"], 2);
+    assert_eq!(a.events().await, before, "a dry run writes nothing");
+    let (code, _) = a
+        .post(
+            "/api/v1/payouts/bulk-retry",
+            Some(&a.admin),
+            json!({"filter": {"status": "paid"}, "dry_run": true}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::BAD_REQUEST);
+    let (code, _) = a
+        .post(
+            "/api/v1/payouts/bulk-retry",
+            Some(&a.admin),
+            json!({"filter": {"colour": "red"}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::BAD_REQUEST);
+    let (code, done) = a
+        .post(
+            "/api/v1/payouts/bulk-retry",
+            Some(&a.admin),
+            json!({"filter": filter, "dry_run": false}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "{done}");
+    assert_eq!(done["retried"], 2);
+    for id in &closed {
+        assert_eq!(a.status(*id).await, "queued");
+        assert_eq!(
+            a.last_event(*id).await,
+            (
+                "queued".into(),
+                "operator:ada".into(),
+                Some("operator bulk retry".into())
+            )
+        );
+    }
+    assert_eq!(a.status(other).await, "failed");
+    assert!(a.queue.waiting().await.unwrap() >= 2);
+}
+
+fn hook(secret: &str, t: i64, body: &str) -> String {
+    webhooks::signature_header(&[secret], t, body.as_bytes())
+}
+
+#[tokio::test]
+async fn the_gateway_webhook_is_served_and_only_a_valid_event_changes_state() {
+    let a = Admin::start().await;
+    let p = a.payee("acct_w", "USD").await;
+    let id = a.pending(p, "7.00", "USD", Duration::zero()).await;
+    a.finish(
+        id,
+        Finish::InTransit {
+            transfer_id: "tr_w1".into(),
+        },
+    )
+    .await;
+    let body = json!({"id": "evt_w1", "type": "transfer.paid",
+        "data": {"id": "tr_w1", "status": "paid", "reference": format!("payout_{id}")}})
+    .to_string();
+    let now = Utc::now().timestamp();
+    let send = |sig: String, body: String| {
+        let http = a.http.clone();
+        let url = format!("{}/webhooks/gateway", a.base);
+        async move {
+            http.post(url)
+                .header("Gateway-Signature", sig)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    let before = a.events().await;
+    assert_eq!(
+        send(hook("wrong", now, &body), body.clone()).await,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        send(hook(HOOK_SECRET, now - 301, &body), body.clone()).await,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        send("garbage".into(), body.clone()).await,
+        StatusCode::BAD_REQUEST
+    );
+    let junk = "{not json";
+    assert_eq!(
+        send(hook(HOOK_SECRET, now, junk), junk.into()).await,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        (a.events().await, a.status(id).await),
+        (before, "in_transit".into())
+    );
+    assert_eq!(
+        send(hook(HOOK_SECRET, now, &body), body.clone()).await,
+        StatusCode::OK
+    );
+    assert_eq!(a.status(id).await, "paid");
+    let after = a.events().await;
+    assert_eq!(
+        send(hook(HOOK_SECRET, now, &body), body.clone()).await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        a.events().await,
+        after,
+        "a replayed event id changes nothing"
+    );
+    let unknown = json!({"id": "evt_w2", "type": "transfer.paid",
+        "data": {"id": "tr_nobody", "status": "paid", "reference": "payout_999999"}})
+    .to_string();
+    let code = send(hook(HOOK_SECRET, now, &unknown), unknown.clone()).await;
+    assert!(
+        code.is_success(),
+        "an unknown payout is acknowledged (and recorded as unmatched): {code}"
+    );
+    assert_eq!(a.events().await, after);
+}
+
+#[tokio::test]
+async fn the_earnings_intake_is_served_to_operators() {
+    let a = Admin::start().await;
+    let p = a.payee("acct_e", "USD").await;
+    let body = json!({"payee_id": p, "source": "booking", "external_ref": "B-77",
+                      "gross": "40.00", "currency": "USD", "completed_at": "2026-11-02T10:00:00Z"});
+    let (code, out) = a
+        .post("/v1/earnings", Some(&a.operator), body.clone())
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{out}");
+    let (code, _) = a.post("/v1/earnings", Some(&a.operator), body).await;
+    assert_eq!(code, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn the_openapi_description_lists_every_api_route() {
+    let a = Admin::start().await;
+    let (code, doc) = a.get("/api/openapi.json", Some(&a.viewer)).await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(doc["openapi"], "3.1.0");
+    for path in [
+        "/api/v1/session",
+        "/api/v1/overview",
+        "/api/v1/payouts",
+        "/api/v1/payouts/{id}",
+        "/api/v1/payouts/{id}/{action}",
+        "/api/v1/payouts/bulk-retry",
+        "/api/v1/failures",
+        "/api/v1/tokens",
+        "/api/v1/tokens/{name}",
+        "/v1/earnings",
+        "/webhooks/gateway",
+        "/webhooks/stripe",
+    ] {
+        assert!(doc["paths"][path].is_object(), "{path} missing");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// The signature header parser never panics, and nothing but a real
+    /// signature verifies.
+    #[test]
+    fn signature_headers_never_panic_and_never_forge(header in ".{0,200}", t in any::<i64>(), body in proptest::collection::vec(any::<u8>(), 0..64)) {
+        let secrets = [String::from("s3cret").into()];
+        let r = webhooks::verify(&header, &body, &secrets, std::time::Duration::from_secs(300), t);
+        prop_assert!(r.is_err());
+        let shaped = format!("t={t},v1={header}");
+        prop_assert!(webhooks::verify(&shaped, &body, &secrets, std::time::Duration::from_secs(300), t).is_err());
+    }
+
+    /// The query-string filter parser never panics: it accepts or names the problem.
+    #[test]
+    fn filter_parser_never_panics(q in "[a-z_=&%0-9A-Z:+.-]{0,120}") {
+        if let Ok(pairs) = serde_urlencoded::from_str::<Vec<(String, String)>>(&q) {
+            match payouts::db::filter::PageRequest::from_pairs(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str()))) {
+                Ok(r) => prop_assert!((1..=500).contains(&r.limit)),
+                Err(e) => prop_assert!(!e.is_empty()),
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn random_queries_over_http_get_200_or_400_and_change_nothing() {
+    use proptest::{strategy::ValueTree, test_runner::TestRunner};
+    let a = Admin::start().await;
+    let p = a.payee("acct_q", "USD").await;
+    a.failed(p, "account_closed").await;
+    let before = (a.events().await, a.status(1).await);
+    let keys = [
+        "status",
+        "payee_id",
+        "currency",
+        "failure_code",
+        "due_from",
+        "paid_to",
+        "limit",
+        "cursor",
+        "x",
+    ];
+    let mut runner = TestRunner::deterministic();
+    let strategy = proptest::collection::vec((0..keys.len(), ".{0,30}"), 0..5);
+    for _ in 0..150 {
+        let pairs = strategy.new_tree(&mut runner).unwrap().current();
+        let q = serde_urlencoded::to_string(
+            pairs
+                .iter()
+                .map(|(k, v)| (keys[*k], v.as_str()))
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let (code, body) = a
+            .get(&format!("/api/v1/payouts?{q}"), Some(&a.viewer))
+            .await;
+        assert!(
+            code == StatusCode::OK || code == StatusCode::BAD_REQUEST,
+            "{q}: {code} {body}"
+        );
+        if code == StatusCode::BAD_REQUEST {
+            assert!(body["error"].is_string());
+        }
+    }
+    assert_eq!((a.events().await, a.status(1).await), before);
+    eventually(
+        std::time::Duration::from_secs(5),
+        "server still answers",
+        || async { (a.get("/health", None).await.0 == StatusCode::OK).then_some(()) },
+    )
+    .await;
+}
