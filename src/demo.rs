@@ -32,6 +32,18 @@ pub struct DemoOptions {
     /// Seed earnings (released, in a closed period) and let settlement create
     /// the payouts, instead of seeding ready-made payouts.
     pub from_earnings: bool,
+    /// Keep the fleet and the dashboard running after the summary, until
+    /// Ctrl-C; two demo payees' accounts are closed at the mock gateway so
+    /// the failures view and the retry action have something to show.
+    pub serve: bool,
+}
+
+/// The summary line.
+pub fn summary_line(s: &DemoSummary) -> String {
+    format!(
+        "summary: {} seeded, {} paid, {} failed in {:.2} s = {:.0} payouts/s; gateway ledger {} entries, {} duplicates",
+        s.seeded, s.paid, s.failed, s.seconds, s.payouts_per_second, s.ledger_entries, s.duplicates
+    )
 }
 
 /// Demo earnings for `payee_ids` (3 each, released, in the default schedule's
@@ -225,13 +237,33 @@ pub async fn run(settings: Settings, opts: DemoOptions) -> anyhow::Result<DemoSu
     let mut children = Children(Vec::new());
     let mut gw_env = base_env.clone();
     gw_env.push(("MOCK_GATEWAY_LISTEN".into(), format!("127.0.0.1:{gw_port}")));
-    children.spawn(
+    let closed: Vec<String> = if opts.serve {
+        ["acct_demo_3", "acct_demo_7"]
+            .iter()
+            .flat_map(|a| ["--closed-destination".to_string(), a.to_string()])
+            .collect()
+    } else {
+        Vec::new()
+    };
+    children.spawn_with_args(
         &bin_dir,
         "mock-gateway",
         "mock-gateway",
+        &closed,
         &gw_env,
         &opts.log_dir,
     )?;
+    // The admin server: on its configured port when free, else any.
+    let admin_addr = if std::net::TcpListener::bind(settings.admin.listen).is_ok() {
+        settings.admin.listen
+    } else {
+        std::net::SocketAddr::from(([127, 0, 0, 1], free_port()?))
+    };
+    let mut a_env = base_env.clone();
+    a_env.push(("PAYOUTS_ADMIN__LISTEN".into(), admin_addr.to_string()));
+    children.spawn(&bin_dir, "payout-admin", "admin", &a_env, &opts.log_dir)?;
+    let token_name = format!("demo-{}", chrono::Utc::now().format("%Y%m%d-%H%M%S"));
+    let (_, token) = db::tokens::create(&pool, &token_name, db::tokens::Role::Admin).await?;
     let mut p_env = base_env.clone();
     p_env.push((
         "PAYOUTS_PRODUCER__LISTEN".into(),
@@ -276,6 +308,9 @@ pub async fn run(settings: Settings, opts: DemoOptions) -> anyhow::Result<DemoSu
     for url in &worker_urls {
         println!("  worker metrics: {url}/metrics");
     }
+    println!("  dashboard: http://{admin_addr}/login  (log in with the admin token below)");
+    println!("  token ({token_name}, admin; revoke with `payoutctl token revoke {token_name}`):");
+    println!("    {token}");
 
     let before: i64 = sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM payouts")
         .fetch_one(&pool)
@@ -345,7 +380,7 @@ pub async fn run(settings: Settings, opts: DemoOptions) -> anyhow::Result<DemoSu
     let entries = refs.len();
     refs.sort_unstable();
     refs.dedup();
-    Ok(DemoSummary {
+    let summary = DemoSummary {
         seeded,
         paid,
         failed,
@@ -353,5 +388,14 @@ pub async fn run(settings: Settings, opts: DemoOptions) -> anyhow::Result<DemoSu
         payouts_per_second: paid as f64 / seconds.max(1e-9),
         ledger_entries: entries,
         duplicates: entries - refs.len(),
-    })
+    };
+    if opts.serve {
+        println!("\n{}", summary_line(&summary));
+        println!(
+            "\nthe fleet and the dashboard keep running: http://{admin_addr}/login with the token above \
+             (the failed payouts of acct_demo_3 and acct_demo_7 are in Failures). Ctrl-C stops everything."
+        );
+        tokio::signal::ctrl_c().await?;
+    }
+    Ok(summary)
 }

@@ -243,6 +243,14 @@ pub static RECONCILE_MISMATCHES: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     g
 });
 
+/// When the latest recorded reconciliation finished (unix seconds; 0: never).
+/// Set by the leading producer. Alert: reconciliation stale.
+pub static RECONCILE_LAST_RUN: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "payout_reconcile_last_run_timestamp_seconds",
+        "When the latest recorded reconciliation finished (unix seconds; 0 = never)",
+    )
+});
 /// Admin requests refused, by reason (`no_credentials`, `bad_credentials`,
 /// `forbidden`, `csrf`, `bad_input`). Panel: admin; a burst of bad credentials is worth a look.
 pub static ADMIN_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
@@ -287,6 +295,7 @@ pub fn init() {
     LazyLock::force(&GATEWAY_THROTTLED);
     LazyLock::force(&FLEET_PAUSES);
     LazyLock::force(&RECONCILE_MISMATCHES);
+    LazyLock::force(&RECONCILE_LAST_RUN);
     LazyLock::force(&ADMIN_REFUSED);
     LazyLock::force(&ADMIN_ACTIONS);
     // Labelled series exist from the start at 0, so increase() sees their first event.
@@ -300,6 +309,9 @@ pub fn init() {
         &["paid", "in_transit", "retrying", "failed"],
     );
     zero(&DEAD_LETTERS, &["permanent", "exhausted"]);
+    for kind in crate::reconcile::MismatchKind::ALL {
+        RECONCILE_MISMATCHES.with_label_values(&[kind.label()]);
+    }
     zero(
         &ADMIN_REFUSED,
         &[

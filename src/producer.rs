@@ -174,6 +174,7 @@ impl Producer {
         let oldest = payouts::oldest_due_unfinished(&self.pool, now).await?;
         let age = oldest.map(|t| (now - t).num_seconds().max(0)).unwrap_or(0);
         metrics::OLDEST_DUE_AGE.set(age);
+        crate::reconcile::publish_last_run(&self.pool).await?;
         Ok(())
     }
 }

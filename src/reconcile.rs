@@ -248,12 +248,52 @@ pub async fn run(
         }
     }
     let counts = report.counts();
+    let mut by_kind = serde_json::Map::new();
     for kind in MismatchKind::ALL {
+        let n = counts.get(&kind).copied().unwrap_or(0) as i64;
         metrics::RECONCILE_MISMATCHES
             .with_label_values(&[kind.label()])
-            .set(counts.get(&kind).copied().unwrap_or(0) as i64);
+            .set(n);
+        by_kind.insert(kind.label().to_string(), n.into());
     }
+    // The run outlives this process: the leading producer publishes the
+    // latest one as gauges (see [`publish_last_run`]).
+    sqlx::query(
+        "INSERT INTO reconcile_runs (started_at, finished_at, since, checked, fixed, mismatches, actor)
+         VALUES ($1, now(), $2, $3, $4, $5, $6)",
+    )
+    .bind(now)
+    .bind(opts.since)
+    .bind(report.checked as i64)
+    .bind(report.mismatches.iter().filter(|m| m.fixed).count() as i64)
+    .bind(serde_json::Value::Object(by_kind))
+    .bind(&opts.actor)
+    .execute(pool)
+    .await?;
     Ok(report)
+}
+
+/// Sets `payout_reconcile_mismatches{kind}` and
+/// `payout_reconcile_last_run_timestamp_seconds` from the latest recorded run
+/// (the leading producer calls it with its other gauges). No run yet: the
+/// timestamp stays 0, which the staleness alert reads as "never ran".
+pub async fn publish_last_run(pool: &PgPool) -> sqlx::Result<()> {
+    let last: Option<(DateTime<Utc>, serde_json::Value)> = sqlx::query_as(
+        "SELECT finished_at, mismatches FROM reconcile_runs ORDER BY id DESC LIMIT 1",
+    )
+    .fetch_optional(pool)
+    .await?;
+    let Some((at, counts)) = last else {
+        return Ok(());
+    };
+    for kind in MismatchKind::ALL {
+        let n = counts[kind.label()].as_i64().unwrap_or(0);
+        metrics::RECONCILE_MISMATCHES
+            .with_label_values(&[kind.label()])
+            .set(n);
+    }
+    metrics::RECONCILE_LAST_RUN.set(at.timestamp());
+    Ok(())
 }
 
 async fn fix(

@@ -933,6 +933,8 @@ async fn the_overview_reports_counts_rates_latency_window_workers_and_leader() {
     let (code, o) = a.get("/api/v1/overview", Some(&a.viewer)).await;
     assert_eq!(code, StatusCode::OK, "{o}");
     assert_eq!(o["counts"]["failed"], 1);
+    assert_eq!(o["counts"]["paid"], 3);
+    assert_eq!(o["paid_is_estimate"], false);
     assert_eq!(o["counts"]["pending"], 1);
     assert_eq!(o["counts"].as_object().unwrap().len(), 8);
     assert_eq!(o["last_hour"]["paid"], 3);

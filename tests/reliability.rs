@@ -5,6 +5,7 @@
 
 mod common;
 
+use serde_json::Value;
 use std::{sync::Arc, time::Duration};
 
 use chrono::Utc;
@@ -186,6 +187,30 @@ async fn reconciliation_finds_deliberate_drift_and_fixes_only_what_the_gateway_p
         !after.mismatches.iter().any(|m| m.payout_id == lost),
         "the fixed payout now agrees"
     );
+
+    // Every run is recorded, and the latest one becomes the alert's gauges
+    // (the leading producer publishes it with its other gauges).
+    let runs: Vec<(i64, Value)> =
+        sqlx::query_as("SELECT fixed, mismatches FROM reconcile_runs ORDER BY id")
+            .fetch_all(f.pool())
+            .await
+            .unwrap();
+    assert_eq!(runs.len(), 3);
+    assert_eq!(runs[1].0, 1, "the --fix run recorded its fix");
+    assert_eq!(runs[0].1["paid_at_gateway_not_in_db"], 1);
+    assert_eq!(runs[2].1["paid_at_gateway_not_in_db"], 0);
+    assert_eq!(runs[2].1["paid_in_db_unknown_to_gateway"], 1);
+    payouts::metrics::RECONCILE_MISMATCHES
+        .with_label_values(&["paid_in_db_unknown_to_gateway"])
+        .set(0);
+    f.producer().refresh_gauges().await.unwrap();
+    assert_eq!(
+        payouts::metrics::RECONCILE_MISMATCHES
+            .with_label_values(&["paid_in_db_unknown_to_gateway"])
+            .get(),
+        1
+    );
+    assert!(payouts::metrics::RECONCILE_LAST_RUN.get() >= Utc::now().timestamp() - 60);
 }
 
 /// Most transfers the ledger shows applied inside any window of `window`.

@@ -26,6 +26,10 @@ struct Args {
     /// settled by the policy into the payouts the fleet then pays.
     #[arg(long)]
     from_earnings: bool,
+    /// Keep the fleet and the dashboard up after the summary, until Ctrl-C
+    /// (two payees' accounts closed at the mock gateway, so some payouts fail).
+    #[arg(long)]
+    serve: bool,
 }
 
 #[tokio::main]
@@ -38,12 +42,12 @@ async fn main() -> anyhow::Result<()> {
         timeout: Duration::from_secs(args.timeout_secs),
         log_dir: args.log_dir,
         from_earnings: args.from_earnings,
+        serve: args.serve,
     };
     let s = payouts::demo::run(settings, opts).await?;
-    println!(
-        "\nsummary: {} seeded, {} paid, {} failed in {:.2} s = {:.0} payouts/s; gateway ledger {} entries, {} duplicates",
-        s.seeded, s.paid, s.failed, s.seconds, s.payouts_per_second, s.ledger_entries, s.duplicates
-    );
+    if !args.serve {
+        println!("\n{}", payouts::demo::summary_line(&s));
+    }
     if s.duplicates > 0 || s.paid + s.failed != s.seeded {
         anyhow::bail!("exactly-once check failed");
     }

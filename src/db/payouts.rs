@@ -247,10 +247,20 @@ pub async fn count_by_status(pool: &PgPool) -> sqlx::Result<Vec<(String, i64)>> 
         .await
 }
 
-/// Payouts by status for the gauges: exact for every status but `paid`, read
-/// through the `(status, id)` index; `paid` is the table's row estimate less
-/// the others, so no statement scans the whole table.
+/// Payouts by status for the gauges and the overview: exact for every
+/// status but `paid`, read through the `(status, id)` index; `paid` is exact
+/// below a million rows and past that the table's row estimate less the
+/// others, so no statement scans a large table.
 pub async fn status_counts(pool: &PgPool) -> sqlx::Result<Vec<(PayoutStatus, i64)>> {
+    Ok(status_counts_marked(pool).await?.0)
+}
+
+/// Tables below this many rows (by the planner's estimate) get an exact
+/// `paid` count too: cheap there, and the estimate of a young table is poor.
+const EXACT_PAID_BELOW: i64 = 1_000_000;
+
+/// [`status_counts`], and whether `paid` is an estimate.
+pub async fn status_counts_marked(pool: &PgPool) -> sqlx::Result<(Vec<(PayoutStatus, i64)>, bool)> {
     let rows: Vec<(String, i64)> = sqlx::query_as(
         "SELECT status, count(*) FROM payouts
          WHERE status IN ('pending', 'queued', 'processing', 'retrying', 'in_transit', 'failed', 'cancelled')
@@ -268,8 +278,15 @@ pub async fn status_counts(pool: &PgPool) -> sqlx::Result<Vec<(PayoutStatus, i64
         .filter_map(|(s, n)| s.parse().ok().map(|s| (s, n)))
         .collect();
     let others: i64 = out.iter().map(|(_, n)| n).sum();
+    if estimate < EXACT_PAID_BELOW {
+        let paid: i64 = sqlx::query_scalar("SELECT count(*) FROM payouts WHERE status = 'paid'")
+            .fetch_one(pool)
+            .await?;
+        out.push((PayoutStatus::Paid, paid));
+        return Ok((out, false));
+    }
     out.push((PayoutStatus::Paid, (estimate - others).max(0)));
-    Ok(out)
+    Ok((out, true))
 }
 
 /// The due time of the oldest payout that is due and not yet worked off
