@@ -8,10 +8,13 @@ command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup)" >
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 # tests/observability.rs runs Debian's promtool and prometheus (alert rule unit
-# tests, a live Prometheus) and reads YAML with python3 + PyYAML.
+# tests, a live Prometheus) and reads YAML with python3 + PyYAML; tests/browser.rs
+# runs Debian's chromium and chromium-driver.
 obs_need=()
 { command -v promtool && command -v prometheus; } >/dev/null || obs_need+=(prometheus)
 python3 -c 'import yaml' 2>/dev/null || /usr/bin/python3 -c 'import yaml' 2>/dev/null || obs_need+=(python3-yaml)
+# tests/browser.rs drives Debian's headless Chromium through chromedriver.
+{ command -v chromium && command -v chromedriver; } >/dev/null || obs_need+=(chromium chromium-driver)
 if [ "${#obs_need[@]}" -gt 0 ]; then
   echo "test: installing ${obs_need[*]} with apt" >&2
   obs_root=(); [ "$(id -u)" = 0 ] || obs_root=(sudo)

@@ -203,7 +203,17 @@ impl Worker {
                 let (outcome, calls) =
                     call_with_backoff(&guarded, &req, self.backoff, &on_call).await;
                 tracing::debug!(calls, ?outcome, "gateway answered");
-                self.decide(payout.attempt - payout.retry_base, outcome)
+                let unknown = matches!(outcome, Outcome::Unknown { .. });
+                let finish = self.decide(payout.attempt - payout.retry_base, outcome);
+                match finish {
+                    // The last attempt ended without an answer (a timeout, a
+                    // reset): the money may have moved. Ask before failing.
+                    Finish::Failed { code, message } if unknown => {
+                        self.verify_before_failing(&req.reference, code, message)
+                            .await
+                    }
+                    other => other,
+                }
             }
         };
 
@@ -258,6 +268,48 @@ impl Worker {
             Outcome::Rejected { code, message } => Finish::Failed { code, message },
             Outcome::Transient { code, message, .. } => self.retry_or_fail(used, code, message),
             Outcome::Unknown { message } => self.retry_or_fail(used, "unknown".into(), message),
+        }
+    }
+
+    /// Before recording `attempts_exhausted` after an unanswered last call:
+    /// looks the payout up by its reference. A transfer the gateway holds
+    /// (paid or pending) is recorded as such, never failed; a failed look-up
+    /// keeps the failure but says it is unverified (reconciliation's
+    /// `paid_at_gateway_not_in_db` catches the rest).
+    async fn verify_before_failing(
+        &self,
+        reference: &str,
+        code: String,
+        message: String,
+    ) -> Finish {
+        match self.gateway.lookup(reference).await {
+            Ok(found) => {
+                let moved = found
+                    .iter()
+                    .find(|t| t.status == "paid")
+                    .map(|t| Finish::Paid {
+                        transfer_id: t.id.clone(),
+                    })
+                    .or_else(|| {
+                        found
+                            .iter()
+                            .find(|t| t.status != "failed")
+                            .map(|t| Finish::InTransit {
+                                transfer_id: t.id.clone(),
+                            })
+                    });
+                match moved {
+                    Some(f) => {
+                        tracing::warn!(reference, outcome = ?f, "last attempt went unanswered but the gateway holds the transfer; recorded as such");
+                        f
+                    }
+                    None => Finish::Failed { code, message },
+                }
+            }
+            Err(e) => Finish::Failed {
+                code,
+                message: format!("{message}; unverified: {e}"),
+            },
         }
     }
 

@@ -352,3 +352,139 @@ async fn reconcile_reports_drift_fixes_what_the_gateway_proves_and_exits_non_zer
             .contains("since \"yesterday\"")
     );
 }
+
+#[tokio::test]
+async fn the_admin_commands_match_the_dashboard_tokens_failures_bulk_retry_and_filters() {
+    let ctl = Ctl::new().await;
+    // Tokens: created once in clear, stored hashed, listed without the secret, revoked.
+    let made = ctl.json(&["token", "create", "--name", "bob", "--role", "operator"]);
+    let secret = made["token"].as_str().unwrap().to_string();
+    assert!(secret.starts_with("pat_") && secret.len() > 60);
+    let listed = ctl.ok(&["token", "list"]);
+    assert!(listed.contains("bob") && listed.contains("operator"));
+    assert!(!listed.contains(&secret));
+    assert!(
+        ctl.fails(&["token", "create", "--name", "bob", "--role", "viewer"])
+            .contains("exists")
+    );
+    assert!(
+        ctl.fails(&["token", "create", "--name", "eve", "--role", "root"])
+            .contains("unknown role")
+    );
+    assert!(
+        ctl.fails(&["token", "create", "--name", "has space", "--role", "viewer"])
+            .contains("token name")
+    );
+    assert!(ctl.ok(&["token", "revoke", "bob"]).contains("revoked"));
+    assert!(
+        ctl.fails(&["token", "revoke", "bob"])
+            .contains("no live token")
+    );
+
+    // Two failed payouts with one code, one with another, one pending.
+    let payee = ctl.json(&["payee", "add", "--name", "Ann", "--account", "acct_ann"])["id"]
+        .as_i64()
+        .unwrap();
+    let p = payee.to_string();
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(
+            ctl.json(&[
+                "create",
+                "--payee",
+                &p,
+                "--amount",
+                "5.00",
+                "--currency",
+                "USD",
+            ])["id"]
+                .as_i64()
+                .unwrap(),
+        );
+    }
+    for (id, code) in ids[..3]
+        .iter()
+        .zip(["account_closed", "account_closed", "account_frozen"])
+    {
+        sqlx::query(
+            "UPDATE payouts SET status = 'queued', lease_until = now() + interval '1 minute' WHERE id = $1",
+        )
+        .bind(id)
+        .execute(&ctl.db.pool)
+        .await
+        .unwrap();
+        sqlx::query("UPDATE payouts SET status = 'processing', attempt = 1 WHERE id = $1")
+            .bind(id)
+            .execute(&ctl.db.pool)
+            .await
+            .unwrap();
+        sqlx::query("UPDATE payouts SET status = 'failed', failure_code = $2, lease_until = NULL WHERE id = $1")
+            .bind(id)
+            .bind(code)
+            .execute(&ctl.db.pool)
+            .await
+            .unwrap();
+    }
+    let failures = ctl.json(&["failures"]);
+    assert_eq!(failures["groups"][0]["failure_code"], "account_closed");
+    assert_eq!(failures["groups"][0]["count"], 2);
+    assert_eq!(failures["groups"][1]["count"], 1);
+
+    let listed = ctl.json(&[
+        "list",
+        "--status",
+        "failed",
+        "--failure-code",
+        "account_closed",
+    ]);
+    let got: Vec<i64> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(got, [ids[1], ids[0]]);
+    assert!(
+        ctl.fails(&["list", "--currency", "ZZZ"])
+            .contains("currency")
+    );
+    assert!(
+        ctl.fails(&["list", "--due-from", "yesterday"])
+            .contains("due_from")
+    );
+
+    // Bulk retry: a dry run counts and changes nothing; then it retries only those.
+    let dry = ctl.json(&[
+        "bulk-retry",
+        "--failure-code",
+        "account_closed",
+        "--dry-run",
+    ]);
+    assert_eq!(dry["matched"], 2);
+    assert_eq!(ctl.json(&["summary"])["failed"], 3);
+    assert!(
+        ctl.fails(&["bulk-retry", "--status", "paid"])
+            .contains("failed payouts only")
+    );
+    let done = ctl.json(&["bulk-retry", "--failure-code", "account_closed"]);
+    assert_eq!(done["retried"], 2);
+    let summary = ctl.json(&["summary"]);
+    assert_eq!(
+        (summary["failed"].clone(), summary["queued"].clone()),
+        (1.into(), 2.into())
+    );
+    let actor: String = sqlx::query_scalar(
+        "SELECT actor FROM payout_events WHERE payout_id = $1 ORDER BY id DESC LIMIT 1",
+    )
+    .bind(ids[0])
+    .fetch_one(&ctl.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(actor, "operator:alice");
+
+    // The overview, as the dashboard shows it.
+    let o = ctl.json(&["overview"]);
+    assert_eq!(o["counts"]["queued"], 2);
+    assert_eq!(o["counts"]["pending"], 1);
+    assert!(ctl.ok(&["overview"]).contains("producer leader: none"));
+}

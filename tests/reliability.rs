@@ -475,3 +475,40 @@ async fn a_row_changed_under_the_worker_to_bad_money_fails_clearly_and_moves_not
     assert!(msg.contains("unknown currency \"XXX\""), "{msg}");
     assert_eq!(f.gateway.gateway.stats().requests, 0, "no money moved");
 }
+
+#[tokio::test]
+async fn an_unanswered_last_attempt_is_looked_up_before_it_is_failed() {
+    // Every call applies the transfer and then resets the connection: the
+    // worker never hears an answer. With one attempt allowed, the payout would
+    // be failed while the money moved; the look-up records it paid instead.
+    let f = Fleet::start_with(
+        Faults {
+            rate_apply_then_reset: 1.0,
+            ..Default::default()
+        },
+        &[
+            ("PAYOUTS_WORKER__MAX_ATTEMPTS", "1"),
+            // One call per attempt: no in-attempt retry replays the stored answer.
+            ("PAYOUTS_GATEWAY__BACKOFF_TRIES", "1"),
+            ("PAYOUTS_GATEWAY__BREAKER_MIN_CALLS", "1000"),
+        ],
+        payouts::clock::system(),
+    )
+    .await;
+    let payee = f.payee("acct_1").await;
+    let id = f.payout(payee, "9.00", Utc::now()).await;
+    f.producer().tick().await.unwrap();
+    let w = f.worker("w");
+    assert_eq!(w.process(id).await, Step::Recorded(PayoutStatus::Paid));
+    let p = repo::get(f.pool(), id).await.unwrap().unwrap();
+    let ledger: Vec<_> = f
+        .gateway
+        .gateway
+        .ledger()
+        .into_iter()
+        .filter(|e| e.reference == format!("payout_{id}"))
+        .collect();
+    assert_eq!(ledger.len(), 1, "one transfer, whatever the resets");
+    assert_eq!(p.gateway_transfer_id, Some(ledger[0].id.clone()));
+    f.assert_paid_exactly_once().await;
+}
