@@ -306,7 +306,7 @@ pub fn init() {
     };
     zero(
         &PAYOUTS_FINISHED,
-        &["paid", "in_transit", "retrying", "failed"],
+        &["paid", "in_transit", "retrying", "failed", "held"],
     );
     zero(&DEAD_LETTERS, &["permanent", "exhausted"]);
     for kind in crate::reconcile::MismatchKind::ALL {

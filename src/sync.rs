@@ -12,10 +12,10 @@
 //! failed days later) moves it `paid -> failed` with an event, an error log
 //! and the `payout_failed_after_paid_total` counter: never silently.
 //!
-//! The same poll releases payouts that failed only because the payee could
-//! not receive money yet (`account_not_onboarded`: Stripe onboarding not
-//! finished): once the gateway reports the account ready ([`AccountCheck`]),
-//! they go back to `queued` with a fresh attempt budget and an expired lease,
+//! The same poll releases payouts `held` because the payee could not receive
+//! money yet (`account_not_onboarded`: Stripe onboarding not finished): once
+//! the gateway reports the account ready ([`AccountCheck`]), they go back to
+//! `queued` with a fresh attempt budget and an expired lease,
 //! so the producer's sweep enqueues them ([`InTransitSync::release_onboarded`]).
 
 use std::{
@@ -224,7 +224,7 @@ impl InTransitSync {
         self
     }
 
-    /// Puts `account_not_onboarded` payouts whose account is now ready back
+    /// Puts `held` payouts (`account_not_onboarded`) whose account is now ready back
     /// to `queued` (fresh attempt budget, lease already expired so the sweep
     /// enqueues them), with an event; returns how many. Up to `batch` accounts.
     pub async fn release_onboarded(&self) -> sqlx::Result<usize> {
@@ -234,10 +234,9 @@ impl InTransitSync {
         let accounts: Vec<String> = sqlx::query_scalar(
             "SELECT DISTINCT payees.gateway_account FROM payouts
              JOIN payees ON payees.id = payouts.payee_id
-             WHERE payouts.status = 'failed' AND payouts.failure_code = $1
-             LIMIT $2",
+             WHERE payouts.status = 'held'
+             LIMIT $1",
         )
-        .bind(NOT_ONBOARDED)
         .bind(self.settings.batch)
         .fetch_all(&self.pool)
         .await?;
@@ -259,10 +258,10 @@ impl InTransitSync {
                          updated_at = $3
                      FROM payees
                      WHERE payees.id = p.payee_id AND payees.gateway_account = $1
-                       AND p.status = 'failed' AND p.failure_code = $2
+                       AND p.status = 'held'
                      RETURNING p.id, p.attempt)
                  INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
-                 SELECT id, 'failed', 'queued', $4, 'payee onboarded: released ' || $2, attempt, $3 FROM upd
+                 SELECT id, 'held', 'queued', $4, 'payee onboarded: released from ' || $2, attempt, $3 FROM upd
                  RETURNING payout_id",
             )
             .bind(&account)

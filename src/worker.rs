@@ -222,6 +222,7 @@ impl Worker {
             Finish::InTransit { .. } => "gateway accepted; in transit".to_string(),
             Finish::Retrying { code, .. } => format!("transient: {code}"),
             Finish::Failed { code, .. } => format!("failed: {code}"),
+            Finish::Held { code, .. } => format!("held: {code}"),
         };
         let recorded = self.record(id, token, &finish, &reason).await;
         match recorded {
@@ -265,6 +266,11 @@ impl Worker {
         match outcome {
             Outcome::Paid { transfer_id } => Finish::Paid { transfer_id },
             Outcome::InTransit { transfer_id } => Finish::InTransit { transfer_id },
+            // Not the payee's failure: the account cannot receive money yet.
+            // Held (no budget spent) until the in-transit poll sees it ready.
+            Outcome::Rejected { code, message } if code == crate::sync::NOT_ONBOARDED => {
+                Finish::Held { code, message }
+            }
             Outcome::Rejected { code, message } => Finish::Failed { code, message },
             Outcome::Transient { code, message, .. } => self.retry_or_fail(used, code, message),
             Outcome::Unknown { message } => self.retry_or_fail(used, "unknown".into(), message),

@@ -484,7 +484,7 @@ async fn a_browser_session_needs_its_csrf_token_to_act_and_ends_with_logout_or_r
         (
             "queued".into(),
             "operator:otto".into(),
-            Some("operator retry".into())
+            Some("operator retry: bank account fixed".into())
         )
     );
     // A wrong token at the form goes back to it, with no cookie.
@@ -936,7 +936,7 @@ async fn the_overview_reports_counts_rates_latency_window_workers_and_leader() {
     assert_eq!(o["counts"]["paid"], 3);
     assert_eq!(o["paid_is_estimate"], false);
     assert_eq!(o["counts"]["pending"], 1);
-    assert_eq!(o["counts"].as_object().unwrap().len(), 8);
+    assert_eq!(o["counts"].as_object().unwrap().len(), 9);
     assert_eq!(o["last_hour"]["paid"], 3);
     assert_eq!(o["last_hour"]["failed"], 1);
     assert_eq!(o["last_hour"]["success_rate"], 0.75);

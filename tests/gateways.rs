@@ -584,7 +584,7 @@ async fn due_payout(fleet: &Fleet, account: &str) -> i64 {
 }
 
 #[tokio::test]
-async fn the_fleet_pays_through_stripe_by_configuration_alone_and_fails_a_payee_not_onboarded_with_a_clear_code()
+async fn the_fleet_pays_through_stripe_by_configuration_alone_and_holds_a_payee_not_onboarded_with_a_clear_reason()
  {
     let (fake, base) = FakeStripe::start().await;
     let fleet = Fleet::start_with(
@@ -613,7 +613,8 @@ async fn the_fleet_pays_through_stripe_by_configuration_alone_and_fails_a_payee_
     .await;
     assert_eq!(
         worker.process(held).await,
-        Step::Recorded(PayoutStatus::Failed)
+        Step::Recorded(PayoutStatus::Held),
+        "held, not failed: the payee is not at fault and no budget is spent"
     );
     let p = db_payouts::get(fleet.pool(), held).await.unwrap().unwrap();
     assert_eq!(p.failure_code.as_deref(), Some("account_not_onboarded"));
@@ -646,10 +647,7 @@ async fn a_payee_not_onboarded_is_released_to_the_queue_once_stripe_reports_the_
         .insert(account.into(), "inactive".into());
     let worker = worker_on(&fleet, &fleet.settings);
     let id = due_payout(&fleet, account).await;
-    assert_eq!(
-        worker.process(id).await,
-        Step::Recorded(PayoutStatus::Failed)
-    );
+    assert_eq!(worker.process(id).await, Step::Recorded(PayoutStatus::Held));
     let sync = InTransitSync::new(
         fleet.pool().clone(),
         select::build(&fleet.settings.gateway).unwrap(),
@@ -663,7 +661,7 @@ async fn a_payee_not_onboarded_is_released_to_the_queue_once_stripe_reports_the_
         0,
         "still onboarding"
     );
-    assert_eq!(fleet.status(id).await, "failed");
+    assert_eq!(fleet.status(id).await, "held");
 
     fake.0
         .lock()
@@ -675,7 +673,7 @@ async fn a_payee_not_onboarded_is_released_to_the_queue_once_stripe_reports_the_
     let last = events(&fleet, id).await.pop().unwrap();
     assert_eq!(
         last,
-        (Some("failed".into()), "queued".into(), "sync:test".into())
+        (Some("held".into()), "queued".into(), "sync:test".into())
     );
     // Its lease has already run out: the producer's next sweep enqueues it.
     let now = Utc::now() + chrono::Duration::seconds(1);

@@ -453,11 +453,11 @@ struct Model {
 }
 
 /// Statuses an operator enqueue moves from (`queued` answers Ok without change).
-const ENQUEUE_FROM: [PayoutStatus; 2] = [Pending, Retrying];
+const ENQUEUE_FROM: [PayoutStatus; 3] = [Pending, Retrying, Held];
 /// Statuses an operator retry moves from.
 const RETRY_FROM: [PayoutStatus; 1] = [Failed];
 /// Statuses an operator cancel moves from.
-const CANCEL_FROM: [PayoutStatus; 4] = [Pending, Queued, Retrying, Failed];
+const CANCEL_FROM: [PayoutStatus; 5] = [Pending, Queued, Retrying, Failed, Held];
 
 impl Model {
     fn create(&mut self, id: i64, due_at: DateTime<Utc>, now: DateTime<Utc>) {
@@ -620,7 +620,7 @@ impl Model {
                 p.row.next_attempt_at = Some(*next_attempt_at);
                 p.row.failure_code = Some(code.clone());
             }
-            Finish::Failed { code, .. } => {
+            Finish::Failed { code, .. } | Finish::Held { code, .. } => {
                 p.row.next_attempt_at = None;
                 p.row.failure_code = Some(code.clone());
             }

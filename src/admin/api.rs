@@ -121,10 +121,14 @@ pub fn actions_for(status: PayoutStatus) -> Vec<&'static str> {
             | PayoutStatus::Queued
             | PayoutStatus::Retrying
             | PayoutStatus::Failed
+            | PayoutStatus::Held
     ) {
         out.push("cancel");
     }
-    if matches!(status, PayoutStatus::Pending | PayoutStatus::Retrying) {
+    if matches!(
+        status,
+        PayoutStatus::Pending | PayoutStatus::Retrying | PayoutStatus::Held
+    ) {
         out.push("enqueue");
     }
     out
@@ -259,21 +263,27 @@ pub async fn action(
     let now = s.clock.now();
     let lease = now + chrono::Duration::seconds(s.settings.producer.queue_lease_secs as i64);
     let actor = c.actor();
+    // The operator's words, when given, after the action's own.
+    let said = |what: &str| match reason.as_deref().filter(|r| !r.is_empty()) {
+        Some(r) => format!("{what}: {r}"),
+        None => what.to_string(),
+    };
     let (from, to) = match action.as_str() {
         "retry" => (
-            payouts::retry(&s.pool, id, &actor, lease, now)
+            payouts::retry_because(&s.pool, id, &actor, &said("operator retry"), lease, now)
                 .await
                 .map_err(|e| conflict(e, "retry"))?,
             PayoutStatus::Queued,
         ),
         "enqueue" => (
-            payouts::enqueue_now(&s.pool, id, &actor, lease, now)
+            payouts::enqueue_now_because(&s.pool, id, &actor, &said("manual enqueue"), lease, now)
                 .await
                 .map_err(|e| conflict(e, "enqueue"))?,
             PayoutStatus::Queued,
         ),
         "cancel" => {
             let why = reason
+                .clone()
                 .filter(|r| !r.is_empty())
                 .unwrap_or_else(|| "cancelled by operator".into());
             (

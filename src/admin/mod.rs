@@ -156,7 +156,9 @@ fn asset(body: &'static str, content_type: &'static str) -> Response {
             (header::CONTENT_TYPE, content_type),
             (header::CONTENT_SECURITY_POLICY, CSP),
             (header::X_FRAME_OPTIONS, "DENY"),
-            (header::REFERRER_POLICY, "no-referrer"),
+            // same-origin, not no-referrer: with no-referrer Chrome sends
+            // `Origin: null` on the login form, which the login refuses as cross-site.
+            (header::REFERRER_POLICY, "same-origin"),
             (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
             (header::CACHE_CONTROL, "no-cache"),
         ],

@@ -127,6 +127,13 @@ pub enum Finish {
         /// Failure message.
         message: String,
     },
+    /// The payee cannot receive money yet; wait until the account is ready.
+    Held {
+        /// Why (`account_not_onboarded`).
+        code: String,
+        /// The gateway's message.
+        message: String,
+    },
 }
 
 impl Finish {
@@ -137,6 +144,7 @@ impl Finish {
             Finish::InTransit { .. } => PayoutStatus::InTransit,
             Finish::Retrying { .. } => PayoutStatus::Retrying,
             Finish::Failed { .. } => PayoutStatus::Failed,
+            Finish::Held { .. } => PayoutStatus::Held,
         }
     }
 }
@@ -263,7 +271,7 @@ const EXACT_PAID_BELOW: i64 = 1_000_000;
 pub async fn status_counts_marked(pool: &PgPool) -> sqlx::Result<(Vec<(PayoutStatus, i64)>, bool)> {
     let rows: Vec<(String, i64)> = sqlx::query_as(
         "SELECT status, count(*) FROM payouts
-         WHERE status IN ('pending', 'queued', 'processing', 'retrying', 'in_transit', 'failed', 'cancelled')
+         WHERE status IN ('pending', 'queued', 'processing', 'retrying', 'in_transit', 'failed', 'cancelled', 'held')
          GROUP BY status",
     )
     .fetch_all(pool)
@@ -486,7 +494,7 @@ pub fn finish_columns(outcome: &Finish) -> FinishColumns {
             message: Some(message.clone()),
             ..Default::default()
         },
-        Finish::Failed { code, message } => FinishColumns {
+        Finish::Failed { code, message } | Finish::Held { code, message } => FinishColumns {
             code: Some(code.clone()),
             message: Some(message.clone()),
             ..Default::default()
@@ -589,8 +597,8 @@ async fn act(
     }
 }
 
-/// Operator: enqueue now, whatever the due time (`pending` or `retrying` ->
-/// `queued`). Returns the status it moved from; `queued` when it already was.
+/// Operator: enqueue now, whatever the due time (`pending`, `retrying` or
+/// `held` -> `queued`). Returns the status it moved from; `queued` when it already was.
 pub async fn enqueue_now(
     pool: &PgPool,
     id: i64,
@@ -598,13 +606,29 @@ pub async fn enqueue_now(
     lease_until: DateTime<Utc>,
     now: DateTime<Utc>,
 ) -> Result<PayoutStatus, ActionError> {
+    enqueue_now_because(pool, id, actor, "manual enqueue", lease_until, now).await
+}
+
+/// [`enqueue_now`] with the operator's reason in the event.
+pub async fn enqueue_now_because(
+    pool: &PgPool,
+    id: i64,
+    actor: &str,
+    reason: &str,
+    lease_until: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Result<PayoutStatus, ActionError> {
     let action = Action {
-        from: &[PayoutStatus::Pending, PayoutStatus::Retrying],
+        from: &[
+            PayoutStatus::Pending,
+            PayoutStatus::Retrying,
+            PayoutStatus::Held,
+        ],
         to: PayoutStatus::Queued,
         lease_until: Some(lease_until),
         reset_budget: false,
         actor,
-        reason: "manual enqueue",
+        reason,
     };
     match act(pool, id, action, now).await {
         Err(ActionError::Illegal(e)) if e.from == PayoutStatus::Queued => Ok(PayoutStatus::Queued),
@@ -620,18 +644,30 @@ pub async fn retry(
     lease_until: DateTime<Utc>,
     now: DateTime<Utc>,
 ) -> Result<PayoutStatus, ActionError> {
+    retry_because(pool, id, actor, "operator retry", lease_until, now).await
+}
+
+/// [`retry`] with the operator's reason in the event.
+pub async fn retry_because(
+    pool: &PgPool,
+    id: i64,
+    actor: &str,
+    reason: &str,
+    lease_until: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Result<PayoutStatus, ActionError> {
     let action = Action {
         from: &[PayoutStatus::Failed],
         to: PayoutStatus::Queued,
         lease_until: Some(lease_until),
         reset_budget: true,
         actor,
-        reason: "operator retry",
+        reason,
     };
     act(pool, id, action, now).await
 }
 
-/// Operator: cancel (`pending`, `queued`, `retrying` or `failed` -> `cancelled`).
+/// Operator: cancel (`pending`, `queued`, `retrying`, `failed` or `held` -> `cancelled`).
 pub async fn cancel(
     pool: &PgPool,
     id: i64,
@@ -645,6 +681,7 @@ pub async fn cancel(
             PayoutStatus::Queued,
             PayoutStatus::Retrying,
             PayoutStatus::Failed,
+            PayoutStatus::Held,
         ],
         to: PayoutStatus::Cancelled,
         lease_until: None,

@@ -5,7 +5,9 @@
 //!                    ^                    |  \--accepted, async--> in_transit --> paid | failed
 //!                    |                    |--transient--> retrying --next_attempt_at--> queued
 //!                    |                    '--permanent / attempts exhausted--> failed
-//!   operator: retry (failed -> queued), cancel (pending|queued|retrying|failed -> cancelled)
+//!   processing --payee cannot receive money yet (onboarding)--> held --account ready--> queued
+//!   operator: retry (failed -> queued), enqueue (pending|retrying|held -> queued),
+//!             cancel (pending|queued|retrying|failed|held -> cancelled)
 //! ```
 
 use std::{fmt, str::FromStr};
@@ -32,10 +34,14 @@ pub enum PayoutStatus {
     Failed,
     /// Cancelled by an operator. Final.
     Cancelled,
+    /// The payee cannot receive money yet (e.g. Stripe onboarding not
+    /// finished): waits, with its reason, until the account is ready. Not a
+    /// failure; no attempt budget is spent.
+    Held,
 }
 
 /// All statuses, in lifecycle order.
-pub const ALL_STATUSES: [PayoutStatus; 8] = [
+pub const ALL_STATUSES: [PayoutStatus; 9] = [
     PayoutStatus::Pending,
     PayoutStatus::Queued,
     PayoutStatus::Processing,
@@ -44,6 +50,7 @@ pub const ALL_STATUSES: [PayoutStatus; 8] = [
     PayoutStatus::Paid,
     PayoutStatus::Failed,
     PayoutStatus::Cancelled,
+    PayoutStatus::Held,
 ];
 
 /// A transition the lifecycle does not allow.
@@ -70,6 +77,7 @@ impl PayoutStatus {
             Self::Paid => "paid",
             Self::Failed => "failed",
             Self::Cancelled => "cancelled",
+            Self::Held => "held",
         }
     }
 
@@ -100,6 +108,7 @@ impl PayoutStatus {
                 | (Processing, Failed)
                 | (Processing, Queued)
                 | (Processing, Processing)
+                | (Processing, Held)
                 | (Retrying, Queued)
                 | (Retrying, Cancelled)
                 | (InTransit, Paid)
@@ -107,6 +116,8 @@ impl PayoutStatus {
                 | (Paid, Failed)
                 | (Failed, Queued)
                 | (Failed, Cancelled)
+                | (Held, Queued)
+                | (Held, Cancelled)
         )
     }
 }

@@ -7,7 +7,7 @@
 'use strict';
 
 (() => {
-  const STATUSES = ['pending', 'queued', 'processing', 'retrying', 'in_transit', 'paid', 'failed', 'cancelled'];
+  const STATUSES = ['pending', 'queued', 'processing', 'retrying', 'in_transit', 'paid', 'failed', 'cancelled', 'held'];
   const FILTER_KEYS = ['status', 'payee_id', 'currency', 'failure_code',
     'created_from', 'created_to', 'due_from', 'due_to', 'paid_from', 'paid_to'];
   const RANGES = [['created', 'Created'], ['due', 'Due'], ['paid', 'Paid']];
@@ -146,7 +146,8 @@
 
   function fmtAgo(iso, now) {
     const secs = Math.max(0, (now - new Date(iso).getTime()) / 1000);
-    return `${fmtSeconds(secs)} ago`;
+    if (secs < 1) return 'just now';
+    return secs < 60 ? `${Math.round(secs)} s ago` : `${fmtSeconds(secs)} ago`;
   }
 
   function fmtRate(r) {
@@ -490,6 +491,8 @@
         sub: 'oldest due payout not yet finished',
         tone: backlogTone,
       }),
+    ];
+    const fleetTiles = [
       tile('window', 'Window depth', fmtInt(win.queued), {
         sub: `queued · Redis waiting ${win.redis_waiting === null || win.redis_waiting === undefined ? 'unknown' : fmtInt(win.redis_waiting)}`,
       }),
@@ -503,12 +506,16 @@
     return [
       el('section', { class: 'section', 'aria-labelledby': 'h-status' },
         el('h2', { id: 'h-status' }, 'Payouts by status'),
-        el('div', { class: 'tiles' }, statusTiles)),
+        el('div', { class: 'tiles statuses' }, statusTiles)),
       el('section', { class: 'section', 'aria-labelledby': 'h-health' },
         el('h2', { id: 'h-health' }, 'Flow and latency'),
-        el('div', { class: 'tiles wide' }, healthTiles)),
+        el('div', { class: 'tiles flow' }, healthTiles)),
       el('section', { class: 'section', 'aria-labelledby': 'h-chart' }, chartCard(d.series || [], d.generated_at)),
-      el('section', { class: 'section', 'aria-labelledby': 'h-workers' }, workersCard(d.workers || [], d.generated_at)),
+      el('section', { class: 'section', 'aria-labelledby': 'h-fleet' },
+        el('h2', { id: 'h-fleet' }, 'Fleet'),
+        el('div', { class: 'fleet' },
+          el('div', { class: 'tiles stack' }, fleetTiles),
+          workersCard(d.workers || [], d.generated_at))),
     ];
   }
 
@@ -611,7 +618,7 @@
         el('ul', { class: 'legend', 'aria-label': 'Legend' },
           el('li', {}, el('span', { class: 'swatch swatch-paid', 'aria-hidden': 'true' }), 'paid'),
           el('li', {}, el('span', { class: 'swatch swatch-failed', 'aria-hidden': 'true' }), 'failed')),
-        el('p', { class: 'totals' }, `last 60 min: ${fmtInt(totalPaid)} paid · ${fmtInt(totalFailed)} failed`)),
+        el('p', { class: 'totals' }, `in these 60 minutes: ${fmtInt(totalPaid)} paid · ${fmtInt(totalFailed)} failed`)),
       el('div', { class: 'card-body' },
         chart,
         el('details', { class: 'data' }, el('summary', {}, 'Show the numbers as a table'), table)));
@@ -621,12 +628,12 @@
     const now = new Date(generatedAt).getTime() || Date.now();
     const alive = workers.filter((w) => w.alive).length;
     const head = el('div', { class: 'card-head' },
-      el('h2', { id: 'h-workers' }, 'Workers'),
+      el('h3', { id: 'h-workers' }, 'Workers'),
       el('p', { class: 'totals' }, `${alive} of ${workers.length} alive`));
     if (!workers.length) {
       return el('div', { class: 'card' }, head, el('p', { class: 'empty' }, 'No worker has reported a heartbeat.'));
     }
-    return el('div', { class: 'card' }, head,
+    return el('div', { class: 'card', 'aria-labelledby': 'h-workers', role: 'group' }, head,
       el('div', { class: 'card-body' },
         el('div', { class: 'table-wrap' },
           el('table', { id: 'workers-table' },
@@ -1085,7 +1092,9 @@
       $('#main').focus();
     });
     const tz = Intl.DateTimeFormat().resolvedOptions().timeZone;
-    $('#tz-note').textContent = `Times are shown in your time zone${tz ? ` (${tz})` : ''}; hover a time for UTC.`;
+    $('#tz-note').textContent = tz === 'UTC' || tz === 'Etc/UTC'
+      ? 'Times are shown in UTC.'
+      : `Times are shown in your time zone${tz ? ` (${tz})` : ''}; hover a time for UTC.`;
     try {
       state.session = await api('/api/v1/session');
     } catch (e) {

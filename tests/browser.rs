@@ -1,0 +1,987 @@
+//! The operator dashboard in a real browser: Debian's headless Chromium,
+//! driven through chromedriver's W3C WebDriver HTTP API with `reqwest`,
+//! against the admin router on port 0 over a fresh database and Redis prefix.
+//!
+//! - an operator logs in through the form, sees the overview, filters the
+//!   payouts to `failed`, opens one and retries it; the database then says
+//!   `queued`, with the operator as the actor of the newest event;
+//! - a viewer sees a failed payout without any action button (after a wrong
+//!   token was turned away on the form, and the overview refreshed itself),
+//!   and logging out ends the session;
+//! - an action on a payout that changed behind the page shows the server's
+//!   409 in the alert, and the page shows the payout as it now is;
+//! - an admin goes from a failure group to its payouts, is told how many
+//!   "Retry all matching…" will retry (a dry run), confirms, and exactly those
+//!   are queued.
+//!
+//! Screenshots of the overview and of the payout page are written to
+//! `$CARGO_TARGET_TMPDIR/screenshots/`, or to `docs/screenshots/` with
+//! `PAYOUTS_SCREENSHOTS=docs`. Needs Debian's `chromium` and `chromedriver`.
+
+mod common;
+
+use std::{
+    io::{Read, Write},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::Duration,
+};
+
+use chrono::{DateTime, Utc};
+use common::{TestDb, eventually, redis_url, unique};
+use payouts::{
+    admin::{AdminState, router},
+    db::{
+        payees,
+        tokens::{self, Role},
+    },
+    domain::{Currency, Money},
+    producer::Leadership,
+    queue::Queue,
+};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+
+/// How long any one thing may take to appear in the page.
+const WAIT: Duration = Duration::from_secs(20);
+const CHROMIUM: &str = "/usr/bin/chromium";
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+/// The key WebDriver puts an element reference under.
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+// --- chromedriver over HTTP ---------------------------------------------------
+
+/// A chromedriver process on a free loopback port; killed when dropped.
+struct Chromedriver {
+    child: Child,
+    port: u16,
+}
+
+impl Chromedriver {
+    async fn start() -> Chromedriver {
+        assert!(
+            std::path::Path::new(CHROMEDRIVER).is_file()
+                && std::path::Path::new(CHROMIUM).is_file(),
+            "the browser tests need Debian's chromium and chromedriver \
+             (apt-get install chromium chromium-driver)"
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let child = Command::new(CHROMEDRIVER)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn chromedriver");
+        let driver = Chromedriver { child, port };
+        let http = reqwest::Client::new();
+        let status = format!("http://127.0.0.1:{port}/status");
+        eventually(WAIT, "chromedriver to be ready", || {
+            let (http, status) = (&http, &status);
+            async move {
+                let v: Value = http.get(status).send().await.ok()?.json().await.ok()?;
+                v["value"]["ready"].as_bool().filter(|r| *r)
+            }
+        })
+        .await;
+        driver
+    }
+}
+
+impl Drop for Chromedriver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One WebDriver session: a headless Chromium.
+struct Browser {
+    http: reqwest::Client,
+    /// `http://127.0.0.1:<port>/session/<id>`.
+    url: String,
+    id: String,
+    driver: Chromedriver,
+}
+
+impl Browser {
+    async fn start() -> Browser {
+        let driver = Chromedriver::start().await;
+        let http = reqwest::Client::new();
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": CHROMIUM,
+                "args": ["--headless", "--no-sandbox", "--disable-gpu",
+                         "--disable-background-networking", "--window-size=1400,1000"],
+            },
+        }}});
+        let resp: Value = http
+            .post(format!("http://127.0.0.1:{}/session", driver.port))
+            .json(&caps)
+            .send()
+            .await
+            .expect("POST /session")
+            .json()
+            .await
+            .expect("session JSON");
+        let id = resp["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("chromedriver made no session: {resp}"))
+            .to_string();
+        Browser {
+            http,
+            url: format!("http://127.0.0.1:{}/session/{id}", driver.port),
+            id,
+            driver,
+        }
+    }
+
+    /// One WebDriver command; `Err` carries the WebDriver error code and message.
+    async fn cmd(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, String> {
+        let mut req = self.http.request(method, format!("{}{path}", self.url));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| format!("request {path}: {e}"))?;
+        let ok = resp.status().is_success();
+        let v: Value = resp
+            .json()
+            .await
+            .map_err(|e| format!("response {path}: {e}"))?;
+        if ok {
+            Ok(v["value"].clone())
+        } else {
+            Err(format!(
+                "{}: {}",
+                v["value"]["error"], v["value"]["message"]
+            ))
+        }
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Result<Value, String> {
+        self.cmd(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    async fn get(&self, path: &str) -> Result<Value, String> {
+        self.cmd(reqwest::Method::GET, path, None).await
+    }
+
+    async fn goto(&self, url: &str) {
+        self.post("/url", json!({ "url": url }))
+            .await
+            .expect("navigate");
+    }
+
+    /// The first element matching `css`, if there is one now.
+    async fn find(&self, css: &str) -> Option<String> {
+        let v = self
+            .post("/element", json!({"using": "css selector", "value": css}))
+            .await
+            .ok()?;
+        v[ELEMENT].as_str().map(str::to_string)
+    }
+
+    /// Polls `check` until it gives `Some`; on timeout, panics with what
+    /// the page shows (its address, alert and text), to say why.
+    async fn until<T, Fut>(&self, what: &str, mut check: impl FnMut() -> Fut) -> T
+    where
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Some(v) = check().await {
+                return v;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let page = self
+                    .post(
+                        "/execute/sync",
+                        json!({"script": "return location.href + '\\n' + document.body.innerText.slice(0, 1500);", "args": []}),
+                    )
+                    .await;
+                let page = match page {
+                    Ok(v) => v.as_str().unwrap_or_default().to_string(),
+                    Err(e) => e,
+                };
+                panic!("timed out after {WAIT:?} waiting for {what}; the page:\n{page}");
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// The first element matching `css`, once there is one.
+    async fn wait(&self, css: &str) -> String {
+        self.until(&format!("an element matching {css}"), || self.find(css))
+            .await
+    }
+
+    async fn text_of(&self, element: &str) -> Option<String> {
+        let v = self.get(&format!("/element/{element}/text")).await.ok()?;
+        v.as_str().map(str::to_string)
+    }
+
+    /// The text of `css` once `ok` holds for it.
+    async fn wait_text(&self, css: &str, what: &str, ok: impl Fn(&str) -> bool) -> String {
+        let ok = &ok;
+        self.until(&format!("{css} to show {what}"), || async move {
+            let el = self.find(css).await?;
+            self.text_of(&el).await.filter(|t| ok(t))
+        })
+        .await
+    }
+
+    /// Clicks `css` once it is there and clickable (a dialog that is still
+    /// opening, say, makes the first tries fail).
+    async fn click(&self, css: &str) {
+        self.until(&format!("a click on {css}"), || async move {
+            let el = self.find(css).await?;
+            self.post(&format!("/element/{el}/click"), json!({}))
+                .await
+                .ok()
+        })
+        .await;
+    }
+
+    async fn type_into(&self, css: &str, text: &str) {
+        let el = self.wait(css).await;
+        self.post(&format!("/element/{el}/value"), json!({ "text": text }))
+            .await
+            .unwrap_or_else(|e| panic!("type into {css}: {e}"));
+    }
+
+    async fn script(&self, js: &str) -> Value {
+        self.post("/execute/sync", json!({"script": js, "args": []}))
+            .await
+            .unwrap_or_else(|e| panic!("script {js}: {e}"))
+    }
+
+    /// Polls `js` (which returns a value or null) until it returns non-null.
+    async fn wait_script(&self, what: &str, js: &str) -> Value {
+        self.until(what, || async move {
+            let v = self
+                .post("/execute/sync", json!({"script": js, "args": []}))
+                .await
+                .ok()?;
+            (!v.is_null()).then_some(v)
+        })
+        .await
+    }
+
+    /// A PNG of the whole page (the window grown to the page's height), written
+    /// to `name` in the screenshot directory; returns its path.
+    async fn screenshot(&self, name: &str) -> PathBuf {
+        let dims = self
+            .script("return [window.outerHeight - window.innerHeight, document.documentElement.scrollHeight];")
+            .await;
+        let height = dims[0].as_i64().unwrap_or(0) + dims[1].as_i64().unwrap_or(1000);
+        self.post(
+            "/window/rect",
+            json!({"width": 1400, "height": height.clamp(600, 4000)}),
+        )
+        .await
+        .expect("resize the window");
+        let png = self.get("/screenshot").await.expect("screenshot");
+        self.post("/window/rect", json!({"width": 1400, "height": 1000}))
+            .await
+            .expect("restore the window");
+        let png = base64_decode(png.as_str().expect("base64 PNG"));
+        assert!(png.starts_with(b"\x89PNG"), "the screenshot is a PNG");
+        let dir = screenshot_dir();
+        std::fs::create_dir_all(&dir).expect("create the screenshot directory");
+        let path = dir.join(name);
+        std::fs::write(&path, png).expect("write the screenshot");
+        println!("screenshot: {}", path.display());
+        path
+    }
+}
+
+impl Drop for Browser {
+    /// Ends the session so chromedriver closes Chromium: a blocking request,
+    /// since `drop` cannot await (then the driver itself is killed).
+    fn drop(&mut self) {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.driver.port)) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+            let _ = write!(
+                s,
+                "DELETE /session/{} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                self.id, self.driver.port
+            );
+            let _ = s.read_to_end(&mut Vec::new());
+        }
+    }
+}
+
+fn screenshot_dir() -> PathBuf {
+    if std::env::var("PAYOUTS_SCREENSHOTS").as_deref() == Ok("docs") {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/screenshots")
+    } else {
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("screenshots")
+    }
+}
+
+/// Standard base64 (WebDriver screenshots), without a dependency for it.
+fn base64_decode(s: &str) -> Vec<u8> {
+    fn sextet(c: u8) -> u32 {
+        u32::from(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => panic!("not base64: {:?}", c as char),
+        })
+    }
+    let digits: Vec<u8> = s
+        .bytes()
+        .filter(|b| !b.is_ascii_whitespace() && *b != b'=')
+        .collect();
+    let mut out = Vec::with_capacity(digits.len() * 3 / 4);
+    for chunk in digits.chunks(4) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &c)| n | sextet(c) << (18 - 6 * i));
+        out.push((n >> 16) as u8);
+        if chunk.len() > 2 {
+            out.push((n >> 8) as u8);
+        }
+        if chunk.len() > 3 {
+            out.push(n as u8);
+        }
+    }
+    out
+}
+
+// --- the server and its data ----------------------------------------------------
+
+/// The admin router on a free port over a fresh database and Redis prefix.
+struct Admin {
+    db: TestDb,
+    queue: Queue,
+    prefix: String,
+    base: String,
+}
+
+impl Admin {
+    async fn start() -> Admin {
+        let db = TestDb::new().await;
+        let prefix = unique("t");
+        // No gateway is called: nothing here runs a worker.
+        let settings = common::settings(&db.url, &redis_url(), &prefix, "http://127.0.0.1:9", &[]);
+        let conn = payouts::queue::connect(&settings.redis)
+            .await
+            .expect("redis");
+        let queue = Queue::from_settings(conn, &settings);
+        let state = AdminState::new(
+            db.pool.clone(),
+            queue.clone(),
+            Arc::new(settings),
+            payouts::clock::system(),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("address"));
+        tokio::spawn(async move {
+            axum::serve(listener, router(state))
+                .await
+                .expect("admin server");
+        });
+        Admin {
+            db,
+            queue,
+            prefix,
+            base,
+        }
+    }
+
+    fn pool(&self) -> &PgPool {
+        &self.db.pool
+    }
+
+    /// A token for `name` with `role`.
+    async fn token(&self, name: &str, role: Role) -> String {
+        tokens::create(self.pool(), name, role)
+            .await
+            .expect("token")
+            .1
+    }
+
+    async fn status(&self, id: i64) -> String {
+        sqlx::query_scalar("SELECT status FROM payouts WHERE id = $1")
+            .bind(id)
+            .fetch_one(self.pool())
+            .await
+            .expect("status")
+    }
+}
+
+/// Logs in through the form and waits for the overview.
+async fn log_in(browser: &Browser, admin: &Admin, token: &str) {
+    browser.goto(&format!("{}/login", admin.base)).await;
+    browser.type_into("#token", token).await;
+    browser.click("#login").await;
+    browser.wait("[data-tile=\"pending\"]").await;
+}
+
+/// Moves `ids` from `from` to `to` the way the fleet does (status, the
+/// columns the lifecycle needs, and the event), the move of `ids[i]` at
+/// `at[i]`, failing with `code[i]` where it fails.
+async fn step(
+    pool: &PgPool,
+    ids: &[i64],
+    at: &[DateTime<Utc>],
+    from: &str,
+    to: &str,
+    code: &[&str],
+) {
+    let codes: Vec<String> = (0..ids.len())
+        .map(|i| {
+            code.get(i % code.len().max(1))
+                .copied()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    sqlx::query(
+        "WITH u AS (SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::text[]) AS u(id, at, code)),
+         upd AS (
+             UPDATE payouts p SET
+                 status = $5,
+                 updated_at = u.at,
+                 attempt = CASE WHEN $5 = 'processing' THEN p.attempt + 1 ELSE p.attempt END,
+                 lease_owner = CASE WHEN $5 = 'processing' THEN 'worker:host-7-' || (p.id % 2) END,
+                 lease_until = CASE WHEN $5 IN ('queued', 'processing') THEN u.at + interval '5 minutes' END,
+                 gateway_transfer_id = CASE WHEN $5 IN ('paid', 'in_transit') THEN 'tr_' || md5(p.id::text)
+                                            ELSE p.gateway_transfer_id END,
+                 paid_at = CASE WHEN $5 = 'paid' THEN u.at END,
+                 next_attempt_at = CASE WHEN $5 = 'retrying' THEN u.at + interval '10 minutes' END,
+                 failure_code = CASE WHEN $5 IN ('failed', 'retrying') THEN u.code ELSE p.failure_code END,
+                 failure_message = CASE
+                     WHEN $5 IN ('failed', 'retrying') THEN CASE u.code
+                         WHEN 'account_closed' THEN 'The destination account is closed.'
+                         WHEN 'insufficient_funds' THEN 'The platform balance cannot cover this transfer.'
+                         WHEN 'invalid_account_number' THEN 'The bank rejected the account number.'
+                         WHEN 'rate_limit' THEN 'Too many requests to the gateway; backing off.'
+                         ELSE 'The gateway refused the transfer.' END
+                     ELSE p.failure_message END
+             FROM u WHERE p.id = u.id
+             RETURNING p.id, p.attempt, p.lease_owner, p.failure_code, u.at)
+         INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
+         SELECT id, $4, $5,
+                CASE WHEN $5 = 'queued' THEN 'producer:host-1'
+                     ELSE coalesce(lease_owner, 'worker:host-7-' || (id % 2)) END,
+                CASE WHEN $5 = 'queued' THEN 'due'
+                     WHEN $5 IN ('failed', 'retrying') THEN failure_code END,
+                attempt, at
+         FROM upd",
+    )
+    .bind(ids)
+    .bind(at)
+    .bind(&codes)
+    .bind(from)
+    .bind(to)
+    .execute(pool)
+    .await
+    .unwrap_or_else(|e| panic!("{from} -> {to}: {e}"));
+}
+
+/// Each payout's whole way from `pending` to `to`, ending at `at[i]`.
+async fn drive(pool: &PgPool, ids: &[i64], at: &[DateTime<Utc>], to: &str, code: &[&str]) {
+    let before = |secs: i64| -> Vec<DateTime<Utc>> {
+        at.iter()
+            .map(|t| *t - chrono::Duration::seconds(secs))
+            .collect()
+    };
+    if to == "cancelled" {
+        return step(pool, ids, at, "pending", "cancelled", code).await;
+    }
+    step(pool, ids, &before(3), "pending", "queued", code).await;
+    if to == "queued" {
+        return;
+    }
+    step(pool, ids, &before(2), "queued", "processing", code).await;
+    if to != "processing" {
+        step(pool, ids, at, "processing", to, code).await;
+    }
+}
+
+/// What [`seed`] made.
+struct Seeded {
+    /// The failed payouts, newest first, as the dashboard lists them.
+    failed: Vec<i64>,
+    /// How many are paid.
+    paid: usize,
+}
+
+/// A fleet's last hour: 180 paid spread over the minutes, failures with
+/// three codes, a few payouts in every other status, a producer leader and
+/// three workers (as apalis records its consumers).
+async fn seed(admin: &Admin) -> Seeded {
+    let pool = admin.pool();
+    let now = Utc::now();
+    let mut payee_ids = Vec::new();
+    for (name, account, currency) in [
+        ("Ada Lovelace", "acct_ada", "EUR"),
+        ("Grace Hopper", "acct_grace", "USD"),
+        ("Alan Turing", "acct_alan", "GBP"),
+        ("Katherine Johnson", "acct_katherine", "USD"),
+        ("Edsger Dijkstra", "acct_edsger", "EUR"),
+    ] {
+        let payee = payees::create(pool, name, account, currency.parse::<Currency>().unwrap())
+            .await
+            .expect("payee");
+        payee_ids.push((payee.id, currency));
+    }
+    let amounts = [
+        "125.00", "48.50", "1200.00", "9.99", "310.25", "75.40", "2500.00", "18.75", "640.10",
+        "99.00", "12.34",
+    ];
+    let mut n = 0usize;
+    let mut create = async |due: DateTime<Utc>| -> i64 {
+        n += 1;
+        let (payee, currency) = payee_ids[n % payee_ids.len()];
+        let money = Money::parse(amounts[n % amounts.len()], currency).unwrap();
+        let created = due.min(now) - chrono::Duration::minutes(30);
+        payouts::db::payouts::create(pool, payee, money, due, "producer:host-1", created)
+            .await
+            .expect("payout")
+            .id
+    };
+    let secs = chrono::Duration::seconds;
+    let mins = chrono::Duration::minutes;
+
+    // Paid, every minute of the hour, due a second or a few before.
+    let (mut paid, mut paid_at) = (Vec::new(), Vec::new());
+    for m in 0..60i64 {
+        for j in 0..(1 + (m * 7 + 3) % 5) {
+            let at = now - mins(m) - secs((j * 13) % 45);
+            let lag =
+                400 + ((m * 37 + j * 11) % 23) * 150 + if (m + j) % 29 == 0 { 6000 } else { 0 };
+            paid.push(create(at - chrono::Duration::milliseconds(lag)).await);
+            paid_at.push(at);
+        }
+    }
+    drive(pool, &paid, &paid_at, "paid", &[]).await;
+
+    // Failed, with three codes, over the hour.
+    let failed_codes = [
+        "account_closed",
+        "insufficient_funds",
+        "account_closed",
+        "invalid_account_number",
+        "insufficient_funds",
+        "account_closed",
+        "invalid_account_number",
+        "insufficient_funds",
+        "account_closed",
+    ];
+    let mut failed = Vec::new();
+    let mut failed_at = Vec::new();
+    for i in 0..failed_codes.len() as i64 {
+        let at = now - mins(52 - i * 6) - secs(17);
+        failed.push(create(at - secs(2)).await);
+        failed_at.push(at);
+    }
+    drive(pool, &failed, &failed_at, "failed", &failed_codes).await;
+
+    // A few in every other status.
+    let mut some = async |count: i64, due: DateTime<Utc>| {
+        let mut ids = Vec::new();
+        for _ in 0..count {
+            ids.push(create(due).await);
+        }
+        ids
+    };
+    let retrying = some(3, now - mins(4)).await;
+    drive(
+        pool,
+        &retrying,
+        &[now - mins(3); 3],
+        "retrying",
+        &["rate_limit"],
+    )
+    .await;
+    let in_transit = some(4, now - mins(6)).await;
+    drive(pool, &in_transit, &[now - mins(5); 4], "in_transit", &[]).await;
+    let processing = some(3, now - secs(20)).await;
+    drive(pool, &processing, &[now - secs(8); 3], "processing", &[]).await;
+    let queued = some(5, now - secs(12)).await;
+    drive(pool, &queued, &[now - secs(5); 5], "queued", &[]).await;
+    let cancelled = some(2, now + mins(90)).await;
+    drive(pool, &cancelled, &[now - mins(20); 2], "cancelled", &[]).await;
+    some(6, now + mins(45)).await;
+
+    // A producer leader, and worker heartbeats where apalis keeps them.
+    Leadership::new(
+        admin.queue.conn(),
+        &admin.prefix,
+        "producer:host-1",
+        Duration::from_secs(120),
+    )
+    .hold()
+    .await
+    .expect("leader lock");
+    let cfg = admin.queue.config();
+    let mut conn = admin.queue.conn();
+    let mut pipe = redis::pipe();
+    for (name, ago, jobs) in [("host-7-0", 1, 3), ("host-7-1", 2, 2), ("host-9-0", 300, 0)] {
+        let key = format!("{}:{name}", cfg.inflight_jobs_set());
+        pipe.zadd(cfg.workers_set(), &key, now.timestamp() - ago);
+        for j in 0..jobs {
+            pipe.sadd(&key, format!("job-{name}-{j}"));
+        }
+        pipe.expire(&key, 300);
+    }
+    pipe.expire(cfg.workers_set(), 300);
+    let () = pipe
+        .query_async(&mut conn)
+        .await
+        .expect("worker heartbeats");
+
+    failed.reverse();
+    Seeded {
+        failed,
+        paid: paid.len(),
+    }
+}
+
+// --- the tests ------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_retries_a_failed_payout_from_the_dashboard() {
+    let admin = Admin::start().await;
+    let seeded = seed(&admin).await;
+    let token = admin.token("alice", Role::Operator).await;
+    let browser = Browser::start().await;
+
+    // Log in through the form: the overview renders its tiles.
+    log_in(&browser, &admin, &token).await;
+    browser
+        .wait_text("#who-name", "the operator's name", |t| t == "alice")
+        .await;
+    browser
+        .wait_text("#who-role", "the operator's role", |t| {
+            t.eq_ignore_ascii_case("operator")
+        })
+        .await;
+    let failed = seeded.failed.len().to_string();
+    let paid = seeded.paid.to_string();
+    browser
+        .wait_text(
+            "[data-tile=\"failed\"] .tile-value",
+            "the failed count",
+            |t| t == failed,
+        )
+        .await;
+    browser
+        .wait_text(
+            "[data-tile=\"paid\"] .tile-value",
+            "the paid count (exact, or marked ≈ when estimated)",
+            |t| t.trim_start_matches("≈ ") == paid,
+        )
+        .await;
+    browser
+        .wait_text(
+            "[data-tile=\"producer_leader\"] .tile-value",
+            "the leader",
+            |t| t == "producer:host-1",
+        )
+        .await;
+    browser.wait("#chart .bar-paid").await;
+    browser.wait("#workers-table tbody tr").await;
+    browser.screenshot("overview.png").await;
+
+    // Payouts, filtered to failed: only failed rows.
+    browser.click("#nav-payouts").await;
+    browser.wait("#filters #f-status").await;
+    browser.click("#f-status option[value=\"failed\"]").await;
+    browser.click("#apply").await;
+    let rows = browser
+        .wait_script(
+            "only the failed payouts, listed",
+            &format!(
+                "const rows = [...document.querySelectorAll('#payouts-table tbody tr[data-id]')]
+                   .map(r => [Number(r.dataset.id), r.querySelector('.status').textContent]);
+                 return location.hash.includes('status=failed') && rows.length === {}
+                   && rows.every(r => r[1] === 'failed') ? rows : null;",
+                seeded.failed.len()
+            ),
+        )
+        .await;
+    let listed: Vec<i64> = rows
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| r[0].as_i64().expect("id"))
+        .collect();
+    assert_eq!(listed, seeded.failed, "the failed payouts, newest first");
+    // An operator is not offered the admin's bulk retry.
+    assert!(browser.find("#bulk-retry").await.is_none());
+
+    // Open the newest failed payout and retry it.
+    let id = listed[0];
+    browser
+        .click(&format!("tr[data-id=\"{id}\"] td.id a"))
+        .await;
+    browser
+        .wait_text("#payout-status", "failed", |t| t == "failed")
+        .await;
+    browser
+        .wait(&format!("#payout[data-id=\"{id}\"] #timeline"))
+        .await;
+    browser.click("#action-retry").await;
+    browser
+        .wait_script(
+            "the confirmation dialog",
+            "return document.getElementById('confirm').open || null;",
+        )
+        .await;
+    browser
+        .type_into("#confirm-reason", "bank details corrected")
+        .await;
+    browser.click("#confirm-ok").await;
+    browser
+        .wait_text("#payout-status", "queued", |t| t == "queued")
+        .await;
+    browser
+        .wait_text("#notice", "the move", |t| {
+            t.contains("from failed to queued")
+        })
+        .await;
+    browser.wait("#timeline li.to-queued").await;
+    browser.screenshot("payout.png").await;
+
+    // The database agrees, and the operator is the actor.
+    assert_eq!(admin.status(id).await, "queued");
+    let (actor, from, to): (String, Option<String>, String) = sqlx::query_as(
+        "SELECT actor, from_status, to_status FROM payout_events WHERE payout_id = $1 ORDER BY id DESC LIMIT 1",
+    )
+    .bind(id)
+    .fetch_one(admin.pool())
+    .await
+    .expect("newest event");
+    assert_eq!(
+        (actor.as_str(), from.as_deref(), to.as_str()),
+        ("operator:alice", Some("failed"), "queued")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_viewer_sees_no_action_buttons() {
+    let admin = Admin::start().await;
+    let seeded = seed(&admin).await;
+    let token = admin.token("vera", Role::Viewer).await;
+    let browser = Browser::start().await;
+
+    // A wrong token is turned away with a message on the form.
+    browser.goto(&format!("{}/login", admin.base)).await;
+    browser.type_into("#token", "pat_not_a_token").await;
+    browser.click("#login").await;
+    browser
+        .wait_text("#error", "the refusal", |t| {
+            t == "That token is not valid or was revoked."
+        })
+        .await;
+
+    log_in(&browser, &admin, &token).await;
+    browser
+        .wait_text("#who-role", "the viewer's role", |t| {
+            t.eq_ignore_ascii_case("viewer")
+        })
+        .await;
+
+    // The overview refreshes itself: a payout added behind it shows up.
+    browser
+        .wait_text("[data-tile=\"pending\"] .tile-value", "6 pending", |t| {
+            t == "6"
+        })
+        .await;
+    let payee: i64 = sqlx::query_scalar("SELECT min(id) FROM payees")
+        .fetch_one(admin.pool())
+        .await
+        .expect("a payee");
+    let due = Utc::now() + chrono::Duration::hours(1);
+    let money = Money::parse("10.00", "EUR").unwrap();
+    payouts::db::payouts::create(admin.pool(), payee, money, due, "operator:test", Utc::now())
+        .await
+        .expect("payout");
+    browser
+        .wait_text("[data-tile=\"pending\"] .tile-value", "7 pending", |t| {
+            t == "7"
+        })
+        .await;
+
+    // A failed payout, which an operator could retry or cancel.
+    let id = seeded.failed[0];
+    browser
+        .goto(&format!("{}/ui/#/payouts/{id}", admin.base))
+        .await;
+    browser
+        .wait_text("#payout-status", "failed", |t| t == "failed")
+        .await;
+    browser.wait("#timeline li").await;
+    for action in [
+        "#action-retry",
+        "#action-cancel",
+        "#action-enqueue",
+        "#payout .actions button",
+    ] {
+        assert!(
+            browser.find(action).await.is_none(),
+            "a viewer is offered {action}"
+        );
+    }
+
+    // Nor the bulk retry on the failed list.
+    browser
+        .goto(&format!("{}/ui/#/payouts?status=failed", admin.base))
+        .await;
+    browser
+        .wait(&format!("#payouts-table tr[data-id=\"{id}\"]"))
+        .await;
+    assert!(
+        browser.find("#bulk-retry").await.is_none(),
+        "a viewer is offered the bulk retry"
+    );
+    assert_eq!(admin.status(id).await, "failed");
+
+    // Logging out ends the session: the dashboard sends back to the login.
+    browser.click("#logout").await;
+    browser.wait("#token").await;
+    browser.goto(&format!("{}/ui/", admin.base)).await;
+    browser
+        .wait_script(
+            "the login page for a closed session",
+            "return location.pathname === '/login' && document.getElementById('token') ? true : null;",
+        )
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_retries_every_matching_failed_payout_after_seeing_how_many() {
+    let admin = Admin::start().await;
+    let seeded = seed(&admin).await;
+    let token = admin.token("root", Role::Admin).await;
+    let browser = Browser::start().await;
+    log_in(&browser, &admin, &token).await;
+
+    let closed: Vec<i64> = sqlx::query_scalar(
+        "SELECT id FROM payouts WHERE status = 'failed' AND failure_code = 'account_closed' ORDER BY id",
+    )
+    .fetch_all(admin.pool())
+    .await
+    .expect("account_closed payouts");
+    assert_eq!(closed.len(), 4);
+
+    // From the failures view to its failed payouts, then retry them all.
+    browser.click("#nav-failures").await;
+    browser
+        .click("#failures-table tr[data-code=\"account_closed\"] a")
+        .await;
+    browser.wait("#payouts-table").await;
+    browser.click("#bulk-retry").await;
+    browser
+        .wait_script(
+            "the confirmation dialog",
+            "return document.getElementById('confirm').open || null;",
+        )
+        .await;
+    browser
+        .wait_text("#confirm-message", "the count", |t| {
+            t.starts_with("This will retry 4 payouts.")
+        })
+        .await;
+    browser.click("#confirm-ok").await;
+    browser
+        .wait_text("#notice", "the result", |t| t.contains("Retried 4 of 4"))
+        .await;
+    browser.wait("#payouts-empty").await;
+
+    for id in &closed {
+        assert_eq!(admin.status(*id).await, "queued", "payout {id}");
+    }
+    let still_failed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM payouts WHERE status = 'failed'")
+            .fetch_one(admin.pool())
+            .await
+            .expect("failed count");
+    assert_eq!(
+        still_failed,
+        seeded.failed.len() as i64 - 4,
+        "the others are left alone"
+    );
+    let actors: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT actor FROM payout_events WHERE payout_id = ANY($1) AND to_status = 'queued' AND from_status = 'failed'",
+    )
+    .bind(&closed)
+    .fetch_all(admin.pool())
+    .await
+    .expect("actors");
+    assert_eq!(actors, ["operator:root"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_action_on_a_payout_changed_meanwhile_shows_the_conflict() {
+    let admin = Admin::start().await;
+    let seeded = seed(&admin).await;
+    let token = admin.token("omar", Role::Operator).await;
+    let browser = Browser::start().await;
+    log_in(&browser, &admin, &token).await;
+
+    let id = seeded.failed[1];
+    browser
+        .goto(&format!("{}/ui/#/payouts/{id}", admin.base))
+        .await;
+    browser
+        .wait_text("#payout-status", "failed", |t| t == "failed")
+        .await;
+    browser.wait("#action-retry").await;
+
+    // Someone else cancels it while the page still offers a retry.
+    payouts::db::payouts::cancel(
+        admin.pool(),
+        id,
+        "operator:someone-else",
+        "duplicate",
+        Utc::now(),
+    )
+    .await
+    .expect("cancel behind the page");
+
+    browser.click("#action-retry").await;
+    browser
+        .wait_script(
+            "the confirmation dialog",
+            "return document.getElementById('confirm').open || null;",
+        )
+        .await;
+    browser.click("#confirm-ok").await;
+    let alert = browser
+        .wait_text("#alert", "the conflict", |t| t.contains("cancelled"))
+        .await;
+    assert!(
+        alert.contains("retry"),
+        "the alert says what failed: {alert}"
+    );
+    browser
+        .wait_text("#payout-status", "cancelled", |t| t == "cancelled")
+        .await;
+    assert!(
+        browser.find("#action-retry").await.is_none(),
+        "no retry offered once cancelled"
+    );
+    assert_eq!(admin.status(id).await, "cancelled");
+}
