@@ -226,6 +226,24 @@ impl Admin {
         .unwrap()
     }
 
+    /// A request with a session cookie (and, when given, its CSRF secret).
+    async fn as_session(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        cookie: &str,
+        csrf: Option<&str>,
+    ) -> reqwest::Response {
+        let mut r = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .header("cookie", cookie);
+        if let Some(c) = csrf {
+            r = r.header("x-csrf-token", c);
+        }
+        r.send().await.unwrap()
+    }
+
     /// Logs in through the form; returns the cookie header value and the CSRF secret.
     async fn login(&self, token: &str) -> (String, String) {
         let resp = self
@@ -449,12 +467,13 @@ async fn a_browser_session_needs_its_csrf_token_to_act_and_ends_with_logout_or_r
     let url = format!("{}/api/v1/payouts/{id}/retry", a.base);
     // Reading needs no CSRF token; acting does.
     let r = a
-        .http
-        .get(format!("{}/api/v1/payouts/{id}", a.base))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap();
+        .as_session(
+            reqwest::Method::GET,
+            &format!("/api/v1/payouts/{id}"),
+            &cookie,
+            None,
+        )
+        .await;
     assert_eq!(r.status(), StatusCode::OK);
     for bad in [None, Some("0000"), Some("")] {
         let mut req = a.http.post(&url).header("cookie", &cookie).json(&json!({}));
@@ -509,12 +528,8 @@ async fn a_browser_session_needs_its_csrf_token_to_act_and_ends_with_logout_or_r
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
     // The dashboard is served to the session.
     let r = a
-        .http
-        .get(format!("{}/ui/", a.base))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap();
+        .as_session(reqwest::Method::GET, "/ui/", &cookie, None)
+        .await;
     assert_eq!(r.status(), StatusCode::OK);
     assert!(
         r.headers()["content-security-policy"]
@@ -524,40 +539,23 @@ async fn a_browser_session_needs_its_csrf_token_to_act_and_ends_with_logout_or_r
     );
     // Logout needs the CSRF token too, then the session is dead.
     let r = a
-        .http
-        .post(format!("{}/logout", a.base))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap();
+        .as_session(reqwest::Method::POST, "/logout", &cookie, None)
+        .await;
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
     let r = a
-        .http
-        .post(format!("{}/logout", a.base))
-        .header("cookie", &cookie)
-        .header("x-csrf-token", &csrf)
-        .send()
-        .await
-        .unwrap();
+        .as_session(reqwest::Method::POST, "/logout", &cookie, Some(&csrf))
+        .await;
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
     let r = a
-        .http
-        .get(format!("{}/api/v1/session", a.base))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap();
+        .as_session(reqwest::Method::GET, "/api/v1/session", &cookie, None)
+        .await;
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     // Revoking a token ends its other sessions.
     let (cookie2, _) = a.login(&a.operator).await;
     assert!(tokens::revoke(a.pool(), "otto", Utc::now()).await.unwrap());
     let r = a
-        .http
-        .get(format!("{}/api/v1/session", a.base))
-        .header("cookie", &cookie2)
-        .send()
-        .await
-        .unwrap();
+        .as_session(reqwest::Method::GET, "/api/v1/session", &cookie2, None)
+        .await;
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
 }
 

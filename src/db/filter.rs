@@ -348,12 +348,17 @@ pub struct FailureGroup {
 
 /// The failures view: reads only `failed` rows, through the failed-by-code index.
 pub async fn failure_groups(pool: &PgPool) -> sqlx::Result<Vec<FailureGroup>> {
+    // The groups come from the failed-by-code index alone (index-only); one
+    // example message per group is one more index probe.
     sqlx::query_as(
-        "SELECT coalesce(failure_code, 'unknown') AS failure_code, count(*) AS count,
-                min(updated_at) AS oldest, max(updated_at) AS newest,
-                max(failure_message) AS example_message
-         FROM payouts WHERE status = 'failed'
-         GROUP BY 1 ORDER BY 2 DESC, 1",
+        "SELECT coalesce(g.code, 'unknown') AS failure_code, g.count, g.oldest, g.newest,
+                (SELECT p.failure_message FROM payouts p
+                  WHERE p.status = 'failed' AND p.failure_code IS NOT DISTINCT FROM g.code
+                  ORDER BY p.id DESC LIMIT 1) AS example_message
+         FROM (SELECT failure_code AS code, count(*) AS count,
+                      min(updated_at) AS oldest, max(updated_at) AS newest
+               FROM payouts WHERE status = 'failed' GROUP BY failure_code) g
+         ORDER BY g.count DESC, 1",
     )
     .fetch_all(pool)
     .await
