@@ -5,71 +5,14 @@ mod common;
 
 use std::process::Command;
 
-use common::{TestDb, redis_url, unique};
+use common::{Ctl, redis_url};
 use serde_json::Value;
 
-struct Ctl {
-    db: TestDb,
-    prefix: String,
-}
-
-struct Out {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
-
-impl Ctl {
-    async fn new() -> Ctl {
-        Ctl {
-            db: TestDb::new().await,
-            prefix: unique("cli"),
-        }
-    }
-
-    fn run(&self, args: &[&str]) -> Out {
-        let out = Command::new(env!("CARGO_BIN_EXE_payoutctl"))
-            .args(args)
-            .env("DATABASE_URL", &self.db.url)
-            .env("REDIS_URL", redis_url())
-            .env("PAYOUTS_REDIS__PREFIX", &self.prefix)
-            .env("PAYOUTS_OPERATOR", "alice")
-            .output()
-            .expect("run payoutctl");
-        Out {
-            ok: out.status.success(),
-            stdout: String::from_utf8_lossy(&out.stdout).into(),
-            stderr: String::from_utf8_lossy(&out.stderr).into(),
-        }
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(o.ok, "payoutctl {args:?} failed: {}", o.stderr);
-        o.stdout
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let mut a = args.to_vec();
-        a.push("--json");
-        serde_json::from_str(self.ok(&a).trim()).expect("JSON output")
-    }
-
-    /// Runs a command that must fail; returns its one-line error.
-    fn fails(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(!o.ok, "payoutctl {args:?} should have failed: {}", o.stdout);
-        let line = o.stderr.trim().to_string();
-        assert_eq!(line.lines().count(), 1, "one line: {line}");
-        line
-    }
-
-    async fn payouts(&self) -> i64 {
-        sqlx::query_scalar("SELECT count(*) FROM payouts")
-            .fetch_one(&self.db.pool)
-            .await
-            .unwrap()
-    }
+async fn payout_count(ctl: &Ctl) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM payouts")
+        .fetch_one(&ctl.db.pool)
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
@@ -117,7 +60,7 @@ async fn every_command_works_and_bad_input_changes_nothing() {
     ]);
     let id = created["id"].as_i64().unwrap();
     assert_eq!(created["status"], "pending");
-    let before = ctl.payouts().await;
+    let before = payout_count(&ctl).await;
     let cases: [(&[&str], &str); 6] = [
         (
             &["--amount", "-5.00", "--currency", "USD"],
@@ -162,7 +105,11 @@ async fn every_command_works_and_bad_input_changes_nothing() {
         ])
         .contains("payee 999999 not found")
     );
-    assert_eq!(ctl.payouts().await, before, "bad input created nothing");
+    assert_eq!(
+        payout_count(&ctl).await,
+        before,
+        "bad input created nothing"
+    );
 
     // status and list
     let status = ctl.ok(&["status", &id.to_string()]);

@@ -9,69 +9,8 @@ use std::{
     time::Duration,
 };
 
-use common::{Fleet, child_env, eventually};
+use common::{Fleet, Proc, child_env, eventually};
 use payouts::gateway::mock::Faults;
-
-/// A child process of the fleet, killed when dropped.
-struct Proc {
-    name: String,
-    child: Child,
-}
-
-impl Proc {
-    fn spawn(bin: &str, name: &str, env: &[(String, String)]) -> Proc {
-        let log_dir = std::env::temp_dir().join("payouts-test-logs");
-        std::fs::create_dir_all(&log_dir).unwrap();
-        let log = std::fs::File::create(log_dir.join(format!("{name}-{}.log", std::process::id())))
-            .unwrap();
-        let child = Command::new(bin)
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
-        Proc {
-            name: name.into(),
-            child,
-        }
-    }
-
-    fn worker(env: &[(String, String)], name: &str) -> Proc {
-        Proc::spawn(env!("CARGO_BIN_EXE_payout-worker"), name, env)
-    }
-
-    fn producer(env: &[(String, String)], name: &str) -> Proc {
-        Proc::spawn(env!("CARGO_BIN_EXE_payout-producer"), name, env)
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(ok.success(), "kill -{sig} {}", self.name);
-    }
-
-    fn assert_alive(&mut self) {
-        assert!(
-            self.child.try_wait().unwrap().is_none(),
-            "{} died",
-            self.name
-        );
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A private redis-server on a free port (tests that kill Redis never touch the shared one).
 struct PrivateRedis {

@@ -8,10 +8,10 @@
 
 mod common;
 
-use std::{process::Command, sync::Arc};
+use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
-use common::{Fleet, TestDb, redis_url, unique};
+use common::{Ctl, Fleet, TestDb, unique};
 use payouts::{
     clock::{Clock, FakeClock},
     config::Settings,
@@ -1100,81 +1100,15 @@ async fn the_producer_settles_on_its_tick_only_when_enabled() {
 
 // ----------------------------------------------------------------- CLI ----
 
-struct Ctl {
-    db: TestDb,
-    prefix: String,
-}
-
-struct Out {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
-
-impl Ctl {
-    async fn new() -> Ctl {
-        Ctl {
-            db: TestDb::new().await,
-            prefix: unique("money"),
-        }
-    }
-
-    fn command(&self, args: &[&str], env: &[(&str, &str)]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_payoutctl"));
-        c.args(args)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .env("DATABASE_URL", &self.db.url)
-            .env("REDIS_URL", redis_url())
-            .env("PAYOUTS_REDIS__PREFIX", &self.prefix)
-            .env("PAYOUTS_OPERATOR", "alice")
-            .envs(env.iter().copied());
-        c
-    }
-
-    fn run_with(&self, args: &[&str], env: &[(&str, &str)]) -> Out {
-        let out = self.command(args, env).output().expect("run payoutctl");
-        Out {
-            ok: out.status.success(),
-            stdout: String::from_utf8_lossy(&out.stdout).into(),
-            stderr: String::from_utf8_lossy(&out.stderr).into(),
-        }
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.run_with(args, &[]);
-        assert!(o.ok, "payoutctl {args:?} failed: {}", o.stderr);
-        o.stdout
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let mut a = args.to_vec();
-        a.push("--json");
-        serde_json::from_str(self.ok(&a).trim()).expect("JSON output")
-    }
-
-    /// A command that must fail: its one-line error.
-    fn fails_with(&self, args: &[&str], env: &[(&str, &str)]) -> String {
-        let o = self.run_with(args, env);
-        assert!(!o.ok, "payoutctl {args:?} should have failed: {}", o.stdout);
-        let line = o.stderr.trim().to_string();
-        assert_eq!(line.lines().count(), 1, "one line: {line}");
-        assert!(line.starts_with("error: "), "{line}");
-        line
-    }
-
-    fn fails(&self, args: &[&str]) -> String {
-        self.fails_with(args, &[])
-    }
-
-    async fn counts(&self) -> [i64; 4] {
-        let p = &self.db.pool;
-        [
-            count(p, "earnings").await,
-            count(p, "payouts").await,
-            count(p, "settlements").await,
-            count(p, "payout_lines").await,
-        ]
-    }
+/// Rows in the money tables: earnings, payouts, settlements, payout lines.
+async fn counts(ctl: &Ctl) -> [i64; 4] {
+    let p = &ctl.db.pool;
+    [
+        count(p, "earnings").await,
+        count(p, "payouts").await,
+        count(p, "settlements").await,
+        count(p, "payout_lines").await,
+    ]
 }
 
 fn fixture(name: &str) -> String {
@@ -1240,7 +1174,7 @@ async fn payoutctl_records_imports_previews_and_settles_earnings_and_refuses_bad
     assert!(ctl.ok(&add).contains("already recorded: nothing added"));
 
     // bad input: one line naming the field, exit 1, nothing written
-    let before = ctl.counts().await;
+    let before = counts(&ctl).await;
     let bad: [(&[&str], &str); 7] = [
         (
             &["--gross", "-5.00"],
@@ -1272,7 +1206,7 @@ async fn payoutctl_records_imports_previews_and_settles_earnings_and_refuses_bad
         let err = ctl.fails(&args);
         assert!(err.contains(expected), "{over:?}: {err}");
     }
-    assert_eq!(ctl.counts().await, before, "bad input wrote nothing");
+    assert_eq!(counts(&ctl).await, before, "bad input wrote nothing");
 
     // import: bad rows by line, good rows in; atomic: nothing
     let csv = fixture("earnings.csv");
@@ -1282,21 +1216,21 @@ async fn payoutctl_records_imports_previews_and_settles_earnings_and_refuses_bad
             && err.contains("the other rows were imported"),
         "{err}"
     );
-    assert_eq!(ctl.counts().await[0], 6);
+    assert_eq!(counts(&ctl).await[0], 6);
     let jsonl = fixture("earnings.jsonl");
     let err = ctl.fails(&["earnings", "import", "--atomic", &jsonl]);
     assert!(
         err.contains("lines 2, 4") && err.contains("nothing was imported"),
         "{err}"
     );
-    assert_eq!(ctl.counts().await[0], 6);
+    assert_eq!(counts(&ctl).await[0], 6);
     let report = ctl.run_with(&["earnings", "import", &jsonl, "--json"], &[]);
     let report: Value = serde_json::from_str(report.stdout.trim()).unwrap();
     assert_eq!(report["created"], 2);
-    assert_eq!(ctl.counts().await[0], 8);
+    assert_eq!(counts(&ctl).await[0], 8);
 
     // preview: line by line, nothing written
-    let before = ctl.counts().await;
+    let before = counts(&ctl).await;
     let preview = ctl.ok(&["preview", "--payee", "1"]);
     for text in [
         "booking/B-1",
@@ -1309,7 +1243,7 @@ async fn payoutctl_records_imports_previews_and_settles_earnings_and_refuses_bad
     }
     let preview_json = ctl.json(&["preview", "--payee", "1"]);
     assert_eq!(preview_json["settlements"][0]["net"], "414.11");
-    assert_eq!(ctl.counts().await, before, "preview wrote nothing");
+    assert_eq!(counts(&ctl).await, before, "preview wrote nothing");
     assert!(
         ctl.fails(&["preview", "--payee", "999"])
             .contains("payee 999 not found")
@@ -1344,11 +1278,11 @@ async fn payoutctl_records_imports_previews_and_settles_earnings_and_refuses_bad
             expect(2, "JPY", "below_minimum", "1050"),
         ]
     );
-    let payouts_after = ctl.counts().await[1];
+    let payouts_after = counts(&ctl).await[1];
     assert_eq!(payouts_after, 2);
     let again = ctl.ok(&["settle"]);
     assert!(again.contains("settled 0 periods: 0 payouts"), "{again}");
-    assert_eq!(ctl.counts().await[1], payouts_after);
+    assert_eq!(counts(&ctl).await[1], payouts_after);
     assert!(
         ctl.fails(&["settle", "--payee", "999"])
             .contains("payee 999 not found")

@@ -23,7 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Fleet, child_env, eventually, unique};
+use common::{Fleet, Proc, child_env, eventually, unique};
 use payouts::gateway::mock::Faults;
 use serde_json::Value;
 
@@ -445,34 +445,6 @@ fn the_compose_prometheus_config_is_valid_and_loads_the_alert_rules() {
 }
 
 // --- the fleet as processes ----------------------------------------------------------
-
-/// A child process, killed when dropped.
-struct Proc {
-    child: Child,
-}
-
-impl Proc {
-    fn spawn(bin: &str, name: &str, env: &[(String, String)]) -> Proc {
-        let log_dir = std::env::temp_dir().join("payouts-test-logs");
-        std::fs::create_dir_all(&log_dir).unwrap();
-        let log = std::fs::File::create(log_dir.join(format!("{name}-{}.log", std::process::id())))
-            .unwrap();
-        let child = Command::new(bin)
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
-        Proc { child }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A worker and a producer process on `fleet`, each with its own metrics port.
 struct Processes {

@@ -2,7 +2,12 @@
 //! in-process mock gateway on port 0, fast settings, and deadline polling.
 #![allow(dead_code)]
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::Duration,
+};
 
 use payouts::{
     clock::{SharedClock, SystemClock},
@@ -326,5 +331,140 @@ impl Fleet {
                 });
             assert_eq!(Some(&entry.id), tr.as_ref(), "payout {id} transfer id");
         }
+    }
+}
+
+/// A child process of the fleet, killed when dropped.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+}
+
+impl Proc {
+    pub fn spawn(bin: &str, name: &str, env: &[(String, String)]) -> Proc {
+        let log_dir = std::env::temp_dir().join("payouts-test-logs");
+        std::fs::create_dir_all(&log_dir).unwrap();
+        let log = std::fs::File::create(log_dir.join(format!("{name}-{}.log", std::process::id())))
+            .unwrap();
+        let child = Command::new(bin)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
+        Proc {
+            name: name.into(),
+            child,
+        }
+    }
+
+    pub fn worker(env: &[(String, String)], name: &str) -> Proc {
+        Proc::spawn(env!("CARGO_BIN_EXE_payout-worker"), name, env)
+    }
+
+    pub fn producer(env: &[(String, String)], name: &str) -> Proc {
+        Proc::spawn(env!("CARGO_BIN_EXE_payout-producer"), name, env)
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(ok.success(), "kill -{sig} {}", self.name);
+    }
+
+    pub fn assert_alive(&mut self) {
+        assert!(
+            self.child.try_wait().unwrap().is_none(),
+            "{} died",
+            self.name
+        );
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `payoutctl` as a binary on a fresh database and Redis prefix.
+pub struct Ctl {
+    pub db: TestDb,
+    pub prefix: String,
+}
+
+/// What a `payoutctl` run printed.
+pub struct Out {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Ctl {
+    pub async fn new() -> Ctl {
+        Ctl {
+            db: TestDb::new().await,
+            prefix: unique("ctl"),
+        }
+    }
+
+    pub fn command(&self, args: &[&str], env: &[(&str, &str)]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_payoutctl"));
+        c.args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("DATABASE_URL", &self.db.url)
+            .env("REDIS_URL", redis_url())
+            .env("PAYOUTS_REDIS__PREFIX", &self.prefix)
+            .env("PAYOUTS_OPERATOR", "alice")
+            .envs(env.iter().copied());
+        c
+    }
+
+    pub fn run_with(&self, args: &[&str], env: &[(&str, &str)]) -> Out {
+        let out = self.command(args, env).output().expect("run payoutctl");
+        Out {
+            ok: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into(),
+            stderr: String::from_utf8_lossy(&out.stderr).into(),
+        }
+    }
+
+    /// Runs a command (no extra environment).
+    pub fn run(&self, args: &[&str]) -> Out {
+        self.run_with(args, &[])
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.run_with(args, &[]);
+        assert!(o.ok, "payoutctl {args:?} failed: {}", o.stderr);
+        o.stdout
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        serde_json::from_str(self.ok(&a).trim()).expect("JSON output")
+    }
+
+    /// A command that must fail: its one-line error.
+    pub fn fails_with(&self, args: &[&str], env: &[(&str, &str)]) -> String {
+        let o = self.run_with(args, env);
+        assert!(!o.ok, "payoutctl {args:?} should have failed: {}", o.stdout);
+        let line = o.stderr.trim().to_string();
+        assert_eq!(line.lines().count(), 1, "one line: {line}");
+        assert!(line.starts_with("error: "), "{line}");
+        line
+    }
+
+    pub fn fails(&self, args: &[&str]) -> String {
+        self.fails_with(args, &[])
     }
 }
