@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use reqwest::{StatusCode, header};
+use reqwest::StatusCode;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
@@ -71,55 +71,16 @@ impl HttpGateway {
 #[async_trait]
 impl Gateway for HttpGateway {
     async fn transfer(&self, req: &TransferRequest) -> Outcome {
-        let sent = self
+        let req_builder = self
             .client
             .post(&self.transfers_url)
             .bearer_auth(self.secret.expose_secret())
             .header("Idempotency-Key", &req.idempotency_key)
-            .json(req)
-            .send()
-            .await;
-        let resp = match sent {
-            Ok(r) => r,
-            Err(e) if e.is_connect() => {
-                return Outcome::Transient {
-                    code: "connect".into(),
-                    message: "connection to gateway failed".into(),
-                    retry_after: None,
-                };
-            }
-            Err(e) if e.is_timeout() => {
-                return Outcome::Unknown {
-                    message: "gateway timed out".into(),
-                };
-            }
-            Err(e) => {
-                return Outcome::Unknown {
-                    message: format!("gateway request failed: {e}"),
-                };
-            }
-        };
-        let status = resp.status();
-        let retry_after = resp
-            .headers()
-            .get(header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
-        let body = match resp.bytes().await {
-            Ok(b) => b,
-            Err(e) if e.is_timeout() => {
-                return Outcome::Unknown {
-                    message: "gateway timed out reading the answer".into(),
-                };
-            }
-            Err(_) => {
-                return Outcome::Unknown {
-                    message: "gateway answer was cut off".into(),
-                };
-            }
-        };
-        classify(status, retry_after, &body)
+            .json(req);
+        match super::send_transfer(req_builder, "the gateway").await {
+            Ok(a) => classify(a.status, a.retry_after, &a.body),
+            Err(outcome) => outcome,
+        }
     }
 
     async fn lookup(&self, reference: &str) -> Result<Vec<TransferRecord>, LookupError> {

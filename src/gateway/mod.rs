@@ -118,3 +118,63 @@ pub trait Gateway: Send + Sync + std::fmt::Debug {
     /// Every transfer the gateway holds for `reference` (reconciliation).
     async fn lookup(&self, reference: &str) -> Result<Vec<TransferRecord>, LookupError>;
 }
+
+/// An HTTP answer to a transfer request: its status, its `Retry-After` (in
+/// seconds) and its body.
+#[derive(Debug)]
+pub(crate) struct Answer {
+    pub status: reqwest::StatusCode,
+    pub retry_after: Option<Duration>,
+    pub body: axum::body::Bytes,
+}
+
+/// Sends a transfer request to `who` (a name for messages) and reads the
+/// whole answer, or says what a transport failure means for the money: a
+/// refused connection sent nothing (transient); a timeout or a cut-off answer
+/// may have moved it (unknown). Messages never carry the request (or its
+/// credentials).
+pub(crate) async fn send_transfer(
+    req: reqwest::RequestBuilder,
+    who: &str,
+) -> Result<Answer, Outcome> {
+    let resp = match req.send().await {
+        Ok(r) => r,
+        Err(e) if e.is_connect() => {
+            return Err(Outcome::Transient {
+                code: "connect".into(),
+                message: format!("connection to {who} failed"),
+                retry_after: None,
+            });
+        }
+        Err(e) if e.is_timeout() => {
+            return Err(Outcome::Unknown {
+                message: format!("{who} timed out"),
+            });
+        }
+        Err(_) => {
+            return Err(Outcome::Unknown {
+                message: format!("request to {who} failed"),
+            });
+        }
+    };
+    let status = resp.status();
+    let retry_after = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    match resp.bytes().await {
+        Ok(body) => Ok(Answer {
+            status,
+            retry_after,
+            body,
+        }),
+        Err(e) if e.is_timeout() => Err(Outcome::Unknown {
+            message: format!("{who} timed out reading the answer"),
+        }),
+        Err(_) => Err(Outcome::Unknown {
+            message: format!("{who}'s answer was cut off"),
+        }),
+    }
+}

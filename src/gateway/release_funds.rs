@@ -25,7 +25,7 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use async_trait::async_trait;
-use reqwest::{StatusCode, header};
+use reqwest::StatusCode;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 
@@ -272,46 +272,19 @@ fn record_of(v: &Value, reference: &str) -> Option<TransferRecord> {
 #[async_trait]
 impl Gateway for ReleaseFundsGateway {
     async fn transfer(&self, req: &TransferRequest) -> Outcome {
-        let sent = self
+        let request = self
             .auth(self.client.post(&self.url))
             .header("Idempotency-Key", &req.idempotency_key)
-            .json(&release_body(req))
-            .send()
-            .await;
-        let resp = match sent {
-            Ok(r) => r,
-            Err(e) if e.is_connect() => {
-                return Outcome::Transient {
-                    code: "connect".into(),
-                    message: "connection to the release-funds API failed".into(),
-                    retry_after: None,
-                };
-            }
-            Err(e) if e.is_timeout() => {
-                return Outcome::Unknown {
-                    message: "release-funds API timed out".into(),
-                };
-            }
-            Err(_) => {
-                return Outcome::Unknown {
-                    message: "request to the release-funds API failed".into(),
-                };
-            }
-        };
-        let status = resp.status();
-        let retry_after = resp
-            .headers()
-            .get(header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
-        match resp.bytes().await {
-            Ok(body) => {
-                classify_release(status, retry_after, &body, &req.reference, &self.status_map)
-            }
-            Err(_) => Outcome::Unknown {
-                message: "the release-funds API's answer was cut off".into(),
-            },
+            .json(&release_body(req));
+        match super::send_transfer(request, "the release-funds API").await {
+            Ok(a) => classify_release(
+                a.status,
+                a.retry_after,
+                &a.body,
+                &req.reference,
+                &self.status_map,
+            ),
+            Err(outcome) => outcome,
         }
     }
 
