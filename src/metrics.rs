@@ -309,6 +309,11 @@ pub fn init() {
         &["paid", "in_transit", "retrying", "failed", "held"],
     );
     zero(&DEAD_LETTERS, &["permanent", "exhausted"]);
+    for action in ["retry", "cancel", "enqueue", "bulk_retry"] {
+        for result in ["ok", "conflict", "not_found"] {
+            ADMIN_ACTIONS.with_label_values(&[action, result]);
+        }
+    }
     for kind in crate::reconcile::MismatchKind::ALL {
         RECONCILE_MISMATCHES.with_label_values(&[kind.label()]);
     }
