@@ -214,6 +214,10 @@ pub async fn open_session(
 ) -> sqlx::Result<(String, String)> {
     let cookie = random_hex(32);
     let csrf = random_hex(32);
+    // Each login also clears sessions that have expired, so the table stays small.
+    sqlx::query("DELETE FROM admin_sessions WHERE expires_at <= now()")
+        .execute(pool)
+        .await?;
     sqlx::query(
         "INSERT INTO admin_sessions (id_hash, token_id, csrf, expires_at) VALUES ($1, $2, $3, $4)",
     )
