@@ -289,10 +289,7 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
         Command::Enqueue { id: Some(id), .. } => {
             let conn = crate::queue::connect(&settings.redis).await?;
             let from = payouts::enqueue_now(&pool, id, &actor, lease_until(), clock.now()).await?;
-            queue_for(&settings, conn).push(&[id]).await?;
-            crate::metrics::JOBS_ENQUEUED
-                .with_label_values(&["manual"])
-                .inc();
+            queue_for(&settings, conn).push_manual(&[id]).await?;
             if cli.json {
                 writeln!(
                     out,
@@ -423,7 +420,7 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
         Command::Retry { id } => {
             let conn = crate::queue::connect(&settings.redis).await?;
             payouts::retry(&pool, id, &actor, lease_until(), clock.now()).await?;
-            queue_for(&settings, conn).push(&[id]).await?;
+            queue_for(&settings, conn).push_manual(&[id]).await?;
             if cli.json {
                 writeln!(out, "{}", json!({"id": id, "status": "queued"}))?;
             } else {

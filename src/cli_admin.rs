@@ -254,10 +254,9 @@ pub async fn bulk_retry(
     let ids = filter::bulk_retry(pool, &f, cap, actor, lease, now).await?;
     if !ids.is_empty() {
         let conn = crate::queue::connect(&settings.redis).await?;
-        Queue::from_settings(conn, settings).push(&ids).await?;
-        crate::metrics::JOBS_ENQUEUED
-            .with_label_values(&["manual"])
-            .inc_by(ids.len() as u64);
+        Queue::from_settings(conn, settings)
+            .push_manual(&ids)
+            .await?;
     }
     if json_out {
         writeln!(

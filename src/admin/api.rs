@@ -231,13 +231,8 @@ fn conflict(e: ActionError, action: &str) -> ApiError {
 }
 
 async fn push(s: &AdminState, ids: &[i64]) -> bool {
-    match s.queue.push(ids).await {
-        Ok(()) => {
-            metrics::JOBS_ENQUEUED
-                .with_label_values(&["manual"])
-                .inc_by(ids.len() as u64);
-            true
-        }
+    match s.queue.push_manual(ids).await {
+        Ok(()) => true,
         Err(e) => {
             // The payouts are `queued` with a lease in Postgres: the
             // producer's sweep pushes them when it expires.

@@ -229,25 +229,6 @@ pub async fn get(pool: &PgPool, id: i64) -> sqlx::Result<Option<Payout>> {
         .await
 }
 
-/// Payouts by id, newest first, optionally of one status, before `before_id`.
-pub async fn list(
-    pool: &PgPool,
-    status: Option<PayoutStatus>,
-    limit: i64,
-    before_id: Option<i64>,
-) -> sqlx::Result<Vec<Payout>> {
-    sqlx::query_as::<_, Payout>(
-        "SELECT * FROM payouts
-         WHERE ($1::text IS NULL OR status = $1) AND ($2::bigint IS NULL OR id < $2)
-         ORDER BY id DESC LIMIT $3",
-    )
-    .bind(status.map(PayoutStatus::as_str))
-    .bind(before_id)
-    .bind(limit)
-    .fetch_all(pool)
-    .await
-}
-
 /// Counts by status (exact; for the CLI, demo and tests).
 pub async fn count_by_status(pool: &PgPool) -> sqlx::Result<Vec<(String, i64)>> {
     sqlx::query_as("SELECT status, count(*) FROM payouts GROUP BY status ORDER BY status")

@@ -191,13 +191,16 @@ pub async fn authenticate(
     now: DateTime<Utc>,
 ) -> sqlx::Result<Option<Principal>> {
     // The hash is looked up by equality: the comparison is on a digest of the
-    // secret, so its timing tells nothing about the token.
+    // secret, so its timing tells nothing about the token. `last_used_at` is
+    // written only when it is a minute old, not on every request.
     let row: Option<(i64, String, String)> = sqlx::query_as(
-        "UPDATE api_tokens SET last_used_at = CASE
-             WHEN last_used_at IS NULL OR last_used_at < $2 - interval '1 minute' THEN $2
-             ELSE last_used_at END
-         WHERE token_hash = $1 AND revoked_at IS NULL
-         RETURNING id, name, role",
+        "WITH t AS (
+             SELECT id, name, role, last_used_at FROM api_tokens
+             WHERE token_hash = $1 AND revoked_at IS NULL),
+         touch AS (
+             UPDATE api_tokens a SET last_used_at = $2 FROM t
+             WHERE a.id = t.id AND (t.last_used_at IS NULL OR t.last_used_at < $2 - interval '1 minute'))
+         SELECT id, name, role FROM t",
     )
     .bind(hash(token))
     .bind(now)

@@ -185,6 +185,16 @@ impl Queue {
         Ok(())
     }
 
+    /// Pushes jobs an operator asked for (enqueue now, retry, bulk retry),
+    /// counted as `manual` in `payout_jobs_enqueued_total`.
+    pub async fn push_manual(&self, payout_ids: &[i64]) -> anyhow::Result<()> {
+        self.push(payout_ids).await?;
+        crate::metrics::JOBS_ENQUEUED
+            .with_label_values(&["manual"])
+            .inc_by(payout_ids.len() as u64);
+        Ok(())
+    }
+
     /// Pushes raw bytes as a job (tests of malformed payloads).
     pub async fn push_raw(&self, payload: Vec<u8>) -> anyhow::Result<()> {
         let mut conn = self.conn.clone();
