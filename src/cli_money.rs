@@ -280,10 +280,8 @@ pub async fn payee_deduction(
     now: DateTime<Utc>,
     out: &mut (dyn Write + Send),
 ) -> anyhow::Result<()> {
-    let label = args.label.trim();
-    if label.is_empty() || label.chars().count() > 100 {
-        bail!("label must be 1 to 100 characters");
-    }
+    let label = crate::domain::earning::text_field("label", &args.label, 100)?;
+    let label = label.as_str();
     let mut conn = pool.acquire().await?;
     if payee_terms::existing(&mut conn, &[args.id])
         .await?

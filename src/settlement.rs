@@ -21,9 +21,9 @@ use sqlx::PgPool;
 
 use crate::{
     config::ProducerSettings,
-    db::{earnings, payee_terms, settlements},
+    db::{earnings, payee_terms, payouts, settlements},
     domain::{
-        Currency, PayoutMethod, Period, Policy, Schedule,
+        Currency, Money, PayoutMethod, Period, Policy, Schedule,
         policy::{CarriedLine, DeductionLine, EarningLine, Settlement, SettlementInput},
     },
 };
@@ -152,7 +152,6 @@ pub async fn run(
                 continue;
             }
         };
-        let manual = !schedule.is_automatic();
         match settle_one(
             pool,
             policy,
@@ -160,7 +159,6 @@ pub async fn run(
             currency,
             schedule,
             period,
-            manual,
             now,
             &opts.actor,
         )
@@ -194,10 +192,10 @@ async fn settle_one(
     currency: Currency,
     schedule: Schedule,
     mut period: Period,
-    manual: bool,
     now: DateTime<Utc>,
     actor: &str,
 ) -> anyhow::Result<Group> {
+    let manual = !schedule.is_automatic();
     let code = currency.code();
     let mut tx = pool.begin().await?;
     let Some(terms) = payee_terms::lock(&mut tx, payee_id).await? else {
@@ -236,7 +234,9 @@ async fn settle_one(
     };
     let payout_id = if s.pays_out() {
         let reason = format!("created by settlement of {period}");
-        Some(settlements::create_payout(&mut tx, payee_id, &s, now, actor, &reason, now).await?)
+        let money = Money::new(s.net, currency)?;
+        let p = payouts::create_in(&mut *tx, payee_id, money, now, actor, &reason, now).await?;
+        Some(p.id)
     } else {
         None
     };
@@ -272,19 +272,11 @@ async fn settle_one(
         payee_id,
         currency: code.to_string(),
         period,
-        outcome: outcome_name(&s).into(),
+        outcome: s.outcome.as_str().into(),
         net: s.net,
         payout_id,
         earnings: rows.len(),
     }))
-}
-
-fn outcome_name(s: &Settlement) -> &'static str {
-    match s.outcome {
-        crate::domain::policy::Outcome::Payout => "payout",
-        crate::domain::policy::Outcome::BelowMinimum { .. } => "below_minimum",
-        crate::domain::policy::Outcome::Shortfall => "shortfall",
-    }
 }
 
 fn input(
@@ -414,7 +406,7 @@ pub async fn preview(
     });
     let mut out = Vec::new();
     let mut earliest = period.start;
-    for code in earnings::unsettled_currencies(pool, payee_id).await? {
+    for code in earnings::unsettled_currencies(&mut conn, payee_id).await? {
         let currency: Currency = code.parse()?;
         let rows = earnings::unsettled(&mut conn, payee_id, &code, period.end, false).await?;
         if rows.is_empty() {
@@ -433,7 +425,7 @@ pub async fn preview(
             .map_err(|e| anyhow::anyhow!("policy: {e}"))?;
         out.push(s);
     }
-    let held = earnings::held(pool, payee_id, period.end)
+    let held = earnings::held(&mut conn, payee_id, period.end)
         .await?
         .into_iter()
         .map(|(currency, n, gross, first)| Held {

@@ -279,7 +279,7 @@ pub async fn unsettled(
 /// Earnings still held: unsettled, released at or after `after`, by currency
 /// (count, gross, first release).
 pub async fn held(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     payee_id: i64,
     after: DateTime<Utc>,
 ) -> sqlx::Result<Vec<(String, i64, Decimal, DateTime<Utc>)>> {
@@ -290,17 +290,20 @@ pub async fn held(
     )
     .bind(payee_id)
     .bind(after)
-    .fetch_all(pool)
+    .fetch_all(conn)
     .await
 }
 
 /// Currencies in which the payee has unsettled earnings.
-pub async fn unsettled_currencies(pool: &PgPool, payee_id: i64) -> sqlx::Result<Vec<String>> {
+pub async fn unsettled_currencies(
+    conn: &mut PgConnection,
+    payee_id: i64,
+) -> sqlx::Result<Vec<String>> {
     sqlx::query_scalar(
         "SELECT DISTINCT currency FROM earnings WHERE payee_id = $1 AND settlement_id IS NULL ORDER BY currency",
     )
     .bind(payee_id)
-    .fetch_all(pool)
+    .fetch_all(conn)
     .await
 }
 

@@ -172,13 +172,27 @@ pub async fn create(
     actor: &str,
     now: DateTime<Utc>,
 ) -> sqlx::Result<Payout> {
+    create_in(pool, payee_id, money, due_at, actor, "created", now).await
+}
+
+/// [`create`] on any executor (a settlement's transaction), with `reason` in
+/// the `created` event.
+pub async fn create_in<'e>(
+    exec: impl sqlx::PgExecutor<'e>,
+    payee_id: i64,
+    money: Money,
+    due_at: DateTime<Utc>,
+    actor: &str,
+    reason: &str,
+    now: DateTime<Utc>,
+) -> sqlx::Result<Payout> {
     sqlx::query_as::<_, Payout>(
         "WITH ins AS (
              INSERT INTO payouts (payee_id, amount, currency, due_at, created_at, updated_at)
              VALUES ($1, $2, $3, $4, $6, $6) RETURNING *),
          ev AS (
              INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
-             SELECT id, NULL, 'pending', $5, 'created', 0, $6 FROM ins)
+             SELECT id, NULL, 'pending', $5, $7, 0, $6 FROM ins)
          SELECT * FROM ins",
     )
     .bind(payee_id)
@@ -187,7 +201,8 @@ pub async fn create(
     .bind(due_at)
     .bind(actor)
     .bind(now)
-    .fetch_one(pool)
+    .bind(reason)
+    .fetch_one(exec)
     .await
 }
 

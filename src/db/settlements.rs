@@ -10,7 +10,7 @@ use sqlx::{PgConnection, PgPool};
 
 use crate::domain::{
     Period, Schedule,
-    policy::{Line, Outcome, Settlement},
+    policy::{Line, Settlement},
 };
 
 /// A settlement row.
@@ -181,37 +181,6 @@ pub async fn open_carries(
     .await
 }
 
-/// Creates the settlement's pending payout with its `created` event, in the
-/// caller's transaction (the same statement shape as `payouts::create`).
-pub async fn create_payout(
-    conn: &mut PgConnection,
-    payee_id: i64,
-    s: &Settlement,
-    due_at: DateTime<Utc>,
-    actor: &str,
-    reason: &str,
-    now: DateTime<Utc>,
-) -> sqlx::Result<i64> {
-    sqlx::query_scalar(
-        "WITH ins AS (
-             INSERT INTO payouts (payee_id, amount, currency, due_at, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $6, $6) RETURNING id),
-         ev AS (
-             INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
-             SELECT id, NULL, 'pending', $5, $7, 0, $6 FROM ins)
-         SELECT id FROM ins",
-    )
-    .bind(payee_id)
-    .bind(s.net)
-    .bind(s.currency.code())
-    .bind(due_at)
-    .bind(actor)
-    .bind(now)
-    .bind(reason)
-    .fetch_one(conn)
-    .await
-}
-
 /// What [`insert`] writes besides the computed settlement.
 #[derive(Debug, Clone)]
 pub struct NewSettlement<'a> {
@@ -227,14 +196,6 @@ pub struct NewSettlement<'a> {
     pub payout_id: Option<i64>,
     /// Who runs it.
     pub actor: &'a str,
-}
-
-fn outcome_str(o: &Outcome) -> &'static str {
-    match o {
-        Outcome::Payout => "payout",
-        Outcome::BelowMinimum { .. } => "below_minimum",
-        Outcome::Shortfall => "shortfall",
-    }
 }
 
 /// Inserts the settlement and its lines; `None` (nothing written) when
@@ -269,7 +230,7 @@ pub async fn insert(
     .bind(s.carried_gross_in)
     .bind(s.fee)
     .bind(s.net)
-    .bind(outcome_str(&s.outcome))
+    .bind(s.outcome.as_str())
     .bind(n.payout_id)
     .bind(n.actor)
     .bind(now)
@@ -327,14 +288,6 @@ pub async fn consume_carries(conn: &mut PgConnection, ids: &[i64], into: i64) ->
 pub async fn get(pool: &PgPool, id: i64) -> sqlx::Result<Option<SettlementRow>> {
     sqlx::query_as("SELECT * FROM settlements WHERE id = $1")
         .bind(id)
-        .fetch_optional(pool)
-        .await
-}
-
-/// The settlement that made payout `payout_id`.
-pub async fn for_payout(pool: &PgPool, payout_id: i64) -> sqlx::Result<Option<SettlementRow>> {
-    sqlx::query_as("SELECT * FROM settlements WHERE payout_id = $1")
-        .bind(payout_id)
         .fetch_optional(pool)
         .await
 }

@@ -70,7 +70,8 @@ pub const FIELDS: [&str; 6] = [
     "completed_at",
 ];
 
-fn text_field(field: &str, v: &str, max: usize) -> Result<String, FieldError> {
+/// A trimmed text field: not empty, at most `max` characters, no control characters.
+pub(crate) fn text_field(field: &str, v: &str, max: usize) -> Result<String, FieldError> {
     let v = v.trim();
     if v.is_empty() {
         return Err(field_err(field, "must not be empty"));

@@ -199,10 +199,6 @@ impl Money {
     /// The amount in integer minor units (cents, yen, fils): exact, never rounded,
     /// because construction refused excess precision.
     pub fn to_minor_units(&self) -> Result<i64, MoneyError> {
-        let mut scaled = self.amount;
-        scaled
-            .set_scale(0)
-            .map_err(|_| MoneyError::TooLarge(self.amount))?;
         let factor = Decimal::from(10i64.pow(self.currency.exponent()));
         let minor = self
             .amount

@@ -341,6 +341,17 @@ pub enum Outcome {
     Shortfall,
 }
 
+impl Outcome {
+    /// The name stored in `settlements.outcome` and shown.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Outcome::Payout => "payout",
+            Outcome::BelowMinimum { .. } => "below_minimum",
+            Outcome::Shortfall => "shortfall",
+        }
+    }
+}
+
 /// The computed settlement of one payee, currency and period.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Settlement {
@@ -381,15 +392,6 @@ impl Settlement {
     /// Whether a payout is made.
     pub fn pays_out(&self) -> bool {
         self.outcome == Outcome::Payout
-    }
-
-    /// The gross that carries over without having borne a fee (0 when paid).
-    pub fn carried_gross_out(&self) -> Decimal {
-        if self.pays_out() {
-            Decimal::ZERO
-        } else {
-            self.gross + self.carried_gross_in
-        }
     }
 }
 
@@ -932,7 +934,6 @@ mod tests {
         assert_eq!(s.net, Decimal::new(1400, 2));
         assert_eq!(s.fee, Decimal::ZERO);
         assert!(s.lines.iter().all(|l| l.kind != LineKind::Fee));
-        assert_eq!(s.carried_gross_out(), Decimal::new(2000, 2));
     }
 
     #[test]
