@@ -190,6 +190,7 @@ impl Worker {
                     reference: payouts::idempotency_key(payout.id),
                     metadata: [("payout_id".to_string(), payout.id.to_string())].into(),
                     idempotency_key: payout.idempotency_key(),
+                    first_attempt: payout.attempt == 1,
                 };
                 let on_call = |o: &Outcome, took: Duration| {
                     metrics::GATEWAY_REQUESTS

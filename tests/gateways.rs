@@ -309,6 +309,7 @@ fn request(id: i64, destination: &str) -> TransferRequest {
         reference: format!("payout_{id}"),
         metadata: [("payout_id".to_string(), id.to_string())].into(),
         idempotency_key: format!("payout_{id}"),
+        first_attempt: false,
     }
 }
 
@@ -602,6 +603,16 @@ async fn the_fleet_pays_through_stripe_by_configuration_alone_and_holds_a_payee_
     assert_eq!(worker.process(id).await, Step::Recorded(PayoutStatus::Paid));
     let p = db_payouts::get(fleet.pool(), id).await.unwrap().unwrap();
     assert_eq!(p.gateway_transfer_id.as_deref(), Some("tr_fake1"));
+    // A first claim has nothing earlier to find: one POST, no look-up.
+    let methods: Vec<&str> = fake
+        .0
+        .lock()
+        .unwrap()
+        .seen
+        .iter()
+        .map(|s| s.method)
+        .collect();
+    assert_eq!(methods, ["POST"]);
     let form: BTreeMap<_, _> = fake.posts()[0].form.iter().cloned().collect();
     assert_eq!(form["amount"], "12050");
     assert_eq!(form["metadata[payout_id]"], id.to_string());

@@ -31,6 +31,7 @@ fn request(id: i64, key: &str, amount_minor: i64, account: &str) -> TransferRequ
         reference: format!("payout_{id}"),
         metadata: Default::default(),
         idempotency_key: key.into(),
+        first_attempt: false,
     }
 }
 

@@ -30,6 +30,11 @@ pub struct TransferRequest {
     /// Stable for one payout across all attempts. Sent as a header, not in the body.
     #[serde(skip)]
     pub idempotency_key: String,
+    /// The payout's first claim: no earlier attempt can have posted anything
+    /// for it, so an adapter may skip looking for an earlier transfer (the
+    /// attempt number only grows, so every later claim is `false`).
+    #[serde(skip)]
+    pub first_attempt: bool,
 }
 
 /// What a gateway call came to.

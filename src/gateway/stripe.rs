@@ -497,7 +497,7 @@ impl StripeGateway {
         Ok(list
             .data
             .into_iter()
-            .filter(|t| t.transfer_group.as_deref().is_none_or(|g| g == reference))
+            .filter(|t| t.transfer_group.as_deref() == Some(reference))
             .collect())
     }
 }
@@ -556,7 +556,10 @@ impl crate::sync::AccountCheck for StripeGateway {
 impl Gateway for StripeGateway {
     async fn transfer(&self, req: &TransferRequest) -> Outcome {
         let mut n = 0;
-        if self.lookup_before_create {
+        // On a payout's first claim nothing was posted for it before: no
+        // look-up (within the attempt, a repeated call reuses the key, and a
+        // key poisoned by a stored 5xx is looked up below).
+        if self.lookup_before_create && !req.first_attempt {
             match self.find(&req.reference).await {
                 Ok(ts) => match inspect(&ts) {
                     Found::Live(id) => {
@@ -635,6 +638,7 @@ mod tests {
             reference: "payout_42".into(),
             metadata: [("payout_id".to_string(), "42".to_string())].into(),
             idempotency_key: "payout_42".into(),
+            first_attempt: false,
         };
         let body = serde_urlencoded::to_string(transfer_form(&req)).unwrap();
         assert_eq!(
