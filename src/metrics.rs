@@ -269,6 +269,9 @@ pub static ADMIN_ACTIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+/// The `class` label of gateway calls (see `gateway::Outcome::class`).
+const GATEWAY_CLASSES: [&str; 6] = ["2xx", "4xx", "429", "5xx", "connect", "timeout"];
+
 /// Touches every metric so `/metrics` lists them from the start.
 pub fn init() {
     LazyLock::force(&PAYOUTS_FINISHED);
@@ -314,9 +317,6 @@ pub fn init() {
             ADMIN_ACTIONS.with_label_values(&[action, result]);
         }
     }
-    for kind in crate::reconcile::MismatchKind::ALL {
-        RECONCILE_MISMATCHES.with_label_values(&[kind.label()]);
-    }
     zero(
         &ADMIN_REFUSED,
         &[
@@ -327,10 +327,7 @@ pub fn init() {
             "bad_input",
         ],
     );
-    zero(
-        &GATEWAY_REQUESTS,
-        &["2xx", "4xx", "429", "5xx", "connect", "timeout"],
-    );
+    zero(&GATEWAY_REQUESTS, &GATEWAY_CLASSES);
     zero(&JOBS_ENQUEUED, &["due", "sweep", "redis_loss", "manual"]);
     zero(
         &JOBS_SKIPPED,
@@ -344,7 +341,7 @@ pub fn init() {
         &GATEWAY_THROTTLED,
         &["rate_limit", "fleet_pause", "circuit_open"],
     );
-    for class in ["2xx", "4xx", "429", "5xx", "connect", "timeout"] {
+    for class in GATEWAY_CLASSES {
         GATEWAY_SECONDS.with_label_values(&[class]);
     }
     for s in crate::domain::status::ALL_STATUSES {

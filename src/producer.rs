@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use redis::{Script, aio::ConnectionManager};
+use redis::aio::ConnectionManager;
 use serde::Serialize;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -179,10 +179,6 @@ impl Producer {
     }
 }
 
-const RENEW: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end
-"#;
-
 /// The leader lock among producer replicas.
 #[derive(Clone)]
 pub struct Leadership {
@@ -206,7 +202,7 @@ impl Leadership {
     /// Renews if held, takes it if free; `true` when this replica leads.
     pub async fn hold(&self) -> redis::RedisResult<bool> {
         let mut conn = self.conn.clone();
-        let renewed: i64 = Script::new(RENEW)
+        let renewed: i64 = crate::queue::lock::RENEW
             .key(&self.key)
             .arg(&self.me)
             .arg(self.ttl.as_millis() as u64)
@@ -238,13 +234,11 @@ impl Leadership {
     /// Gives leadership up (graceful stop), if held.
     pub async fn resign(&self) -> redis::RedisResult<()> {
         let mut conn = self.conn.clone();
-        let _: i64 = Script::new(
-            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end",
-        )
-        .key(&self.key)
-        .arg(&self.me)
-        .invoke_async(&mut conn)
-        .await?;
+        let _: i64 = crate::queue::lock::RELEASE
+            .key(&self.key)
+            .arg(&self.me)
+            .invoke_async(&mut conn)
+            .await?;
         Ok(())
     }
 }

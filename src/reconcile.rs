@@ -117,6 +117,13 @@ fn minor_units(p: &Payout) -> Option<i64> {
     Money::new(p.amount, currency).ok()?.to_minor_units().ok()
 }
 
+/// Whether a transfer record means money moved or is moving: anything the
+/// gateway does not call failed (or reversed, canceled, returned; read the
+/// same way as the in-transit poll, [`crate::sync::verdict`]).
+fn money_moved(t: &TransferRecord) -> bool {
+    crate::sync::verdict(t) != Some(PayoutStatus::Failed)
+}
+
 /// Compares one payout with the gateway's transfers for it.
 pub fn compare(
     p: &Payout,
@@ -124,7 +131,7 @@ pub fn compare(
     now: DateTime<Utc>,
 ) -> Vec<(MismatchKind, String)> {
     let mut out = Vec::new();
-    let moved: Vec<&TransferRecord> = transfers.iter().filter(|t| t.status != "failed").collect();
+    let moved: Vec<&TransferRecord> = transfers.iter().filter(|t| money_moved(t)).collect();
     if moved.len() > 1 {
         let ids: Vec<&str> = moved.iter().map(|t| t.id.as_str()).collect();
         out.push((
@@ -172,7 +179,7 @@ pub fn compare(
             }
         }
         None if p.status == PayoutStatus::Paid => {
-            if transfers.iter().any(|t| t.status == "failed") {
+            if transfers.iter().any(|t| !money_moved(t)) {
                 out.push((
                     MismatchKind::FailedAtGatewayPaidInDb,
                     "the gateway says the transfer failed".into(),
@@ -303,13 +310,12 @@ async fn fix(
     actor: &str,
     now: DateTime<Utc>,
 ) -> anyhow::Result<bool> {
-    let Some(t) = transfers.iter().find(|t| t.status != "failed") else {
+    let Some(t) = transfers.iter().find(|t| money_moved(t)) else {
         return Ok(false);
     };
-    let to = if t.status == "paid" {
-        PayoutStatus::Paid
-    } else {
-        PayoutStatus::InTransit
+    let to = match crate::sync::verdict(t) {
+        Some(PayoutStatus::Paid) => PayoutStatus::Paid,
+        _ => PayoutStatus::InTransit,
     };
     if !p.status.can_reconcile_to(to) {
         return Ok(false);
@@ -319,4 +325,63 @@ async fn fix(
         pool, p.id, p.status, p.attempt, to, &t.id, actor, &reason, now,
     )
     .await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+    use rust_decimal::Decimal;
+
+    use super::*;
+
+    fn payout(status: PayoutStatus) -> Payout {
+        let now = Utc::now();
+        Payout {
+            id: 7,
+            payee_id: 1,
+            amount: Decimal::new(1000, 2),
+            currency: "USD".into(),
+            status,
+            due_at: now,
+            attempt: 1,
+            retry_base: 0,
+            next_attempt_at: None,
+            lease_owner: None,
+            lease_until: None,
+            gateway_transfer_id: None,
+            failure_code: Some("account_closed".into()),
+            failure_message: None,
+            created_at: now,
+            updated_at: now,
+            paid_at: None,
+        }
+    }
+
+    fn record(status: &str) -> TransferRecord {
+        TransferRecord {
+            id: "tr_1".into(),
+            status: status.into(),
+            amount_minor: 1000,
+            currency: "USD".into(),
+            destination: "acct_1".into(),
+            reference: "payout_7".into(),
+        }
+    }
+
+    #[test]
+    fn reversed_canceled_or_returned_transfers_are_not_money_moved() {
+        let failed = payout(PayoutStatus::Failed);
+        for status in ["failed", "reversed", "canceled", "cancelled", "returned"] {
+            assert_eq!(
+                compare(&failed, &[record(status)], Utc::now()),
+                [],
+                "{status}"
+            );
+        }
+        let kinds: Vec<_> = compare(&failed, &[record("pending")], Utc::now())
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(kinds, [MismatchKind::PaidAtGatewayNotInDb]);
+    }
 }

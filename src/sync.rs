@@ -18,19 +18,15 @@
 //! `queued` with a fresh attempt budget and an expired lease,
 //! so the producer's sweep enqueues them ([`InTransitSync::release_onboarded`]).
 
-use std::{
-    sync::{
-        Arc, LazyLock,
-        atomic::{AtomicI64, Ordering},
-    },
-    time::Duration,
+use std::sync::{
+    Arc, LazyLock,
+    atomic::{AtomicI64, Ordering},
 };
 
 use chrono::{DateTime, Utc};
 use prometheus::{IntCounter, IntCounterVec, Opts};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
-use tokio_util::sync::CancellationToken;
 
 use async_trait::async_trait;
 
@@ -194,6 +190,9 @@ pub struct InTransitSync {
     pub accounts: Option<Arc<dyn AccountCheck>>,
     /// Where the last poll stopped (payout id), so a long backlog is walked in turn.
     cursor: AtomicI64,
+    /// Where the last onboarding check stopped (gateway account), likewise:
+    /// accounts still onboarding never starve the ones after them.
+    account_cursor: std::sync::Mutex<String>,
 }
 
 impl InTransitSync {
@@ -215,6 +214,7 @@ impl InTransitSync {
             actor: actor.into(),
             accounts: None,
             cursor: AtomicI64::new(0),
+            account_cursor: std::sync::Mutex::new(String::new()),
         }
     }
 
@@ -231,15 +231,24 @@ impl InTransitSync {
         let Some(check) = &self.accounts else {
             return Ok(0);
         };
+        let after = self.account_cursor.lock().expect("not poisoned").clone();
         let accounts: Vec<String> = sqlx::query_scalar(
             "SELECT DISTINCT payees.gateway_account FROM payouts
              JOIN payees ON payees.id = payouts.payee_id
-             WHERE payouts.status = 'held'
-             LIMIT $1",
+             WHERE payouts.status = 'held' AND payees.gateway_account > $2
+             ORDER BY 1 LIMIT $1",
         )
         .bind(self.settings.batch)
+        .bind(&after)
         .fetch_all(&self.pool)
         .await?;
+        // A short page means the end: start from the first account next time.
+        *self.account_cursor.lock().expect("not poisoned") =
+            if (accounts.len() as i64) < self.settings.batch {
+                String::new()
+            } else {
+                accounts.last().cloned().unwrap_or_default()
+            };
         let mut released = 0;
         for account in accounts {
             match check.account_ready(&account).await {
@@ -347,28 +356,4 @@ impl InTransitSync {
         }
         Ok(report)
     }
-
-    /// Polls every `interval_secs` until `shutdown`.
-    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let every = Duration::from_secs(self.settings.interval_secs);
-        loop {
-            match self.run_once().await {
-                Ok(r) if r.looked_up > 0 => tracing::info!(?r, "in-transit poll"),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "in-transit poll failed; next time"),
-            }
-            if let Err(e) = self.release_onboarded().await {
-                tracing::warn!(error = %e, "onboarding release failed; next time");
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(every) => {}
-            }
-        }
-    }
-}
-
-/// Starts the poll on its own task (for the process that hosts it).
-pub fn spawn(sync: InTransitSync, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(Arc::new(sync).run(shutdown))
 }

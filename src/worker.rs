@@ -291,17 +291,19 @@ impl Worker {
     ) -> Finish {
         match self.gateway.lookup(reference).await {
             Ok(found) => {
-                let moved = found
+                // Read the records as the in-transit poll does (sync::verdict).
+                let verdicts: Vec<_> = found.iter().map(|t| (t, crate::sync::verdict(t))).collect();
+                let moved = verdicts
                     .iter()
-                    .find(|t| t.status == "paid")
-                    .map(|t| Finish::Paid {
+                    .find(|(_, v)| *v == Some(crate::domain::PayoutStatus::Paid))
+                    .map(|(t, _)| Finish::Paid {
                         transfer_id: t.id.clone(),
                     })
                     .or_else(|| {
-                        found
+                        verdicts
                             .iter()
-                            .find(|t| t.status != "failed")
-                            .map(|t| Finish::InTransit {
+                            .find(|(_, v)| *v != Some(crate::domain::PayoutStatus::Failed))
+                            .map(|(t, _)| Finish::InTransit {
                                 transfer_id: t.id.clone(),
                             })
                     });

@@ -694,6 +694,66 @@ async fn a_payee_not_onboarded_is_released_to_the_queue_once_stripe_reports_the_
     assert_eq!(swept, [id]);
 }
 
+#[tokio::test]
+async fn accounts_still_onboarding_do_not_starve_the_ones_after_them() {
+    let (fake, base) = FakeStripe::start().await;
+    let fleet = Fleet::start_with(
+        Faults::default(),
+        &[
+            ("PAYOUTS_GATEWAY__KIND", "stripe"),
+            ("PAYOUTS_GATEWAY__STRIPE__BASE_URL", base.as_str()),
+            ("PAYOUTS_GATEWAY__STRIPE__SECRET_KEY", KEY),
+            // One account per check: without a cursor the first would be asked forever.
+            ("PAYOUTS_GATEWAY__SYNC__BATCH", "1"),
+        ],
+        Arc::new(SystemClock),
+    )
+    .await;
+    let worker = worker_on(&fleet, &fleet.settings);
+    // Two payees the fake Stripe refuses as not onboarded, then given
+    // accounts of their own: the first still onboarding, the second ready.
+    let not_onboarded = "acct_fixture_insufficient_capabilities_for_transfer";
+    let mut held = Vec::new();
+    for account in ["acct_a_slow", "acct_b_ready"] {
+        let id = due_payout(&fleet, not_onboarded).await;
+        assert_eq!(worker.process(id).await, Step::Recorded(PayoutStatus::Held));
+        sqlx::query(
+            "UPDATE payees SET gateway_account = $2 WHERE id = (SELECT payee_id FROM payouts WHERE id = $1)",
+        )
+        .bind(id)
+        .bind(account)
+        .execute(fleet.pool())
+        .await
+        .unwrap();
+        held.push(id);
+    }
+    {
+        let mut st = fake.0.lock().unwrap();
+        st.accounts.insert("acct_a_slow".into(), "inactive".into());
+        st.accounts.insert("acct_b_ready".into(), "active".into());
+    }
+    let sync = InTransitSync::new(
+        fleet.pool().clone(),
+        select::build(&fleet.settings.gateway).unwrap(),
+        Arc::new(SystemClock),
+        fleet.settings.gateway.sync.clone(),
+        "sync:test",
+    )
+    .with_accounts(select::account_check(&fleet.settings.gateway).unwrap());
+    assert_eq!(
+        sync.release_onboarded().await.unwrap(),
+        0,
+        "the first account is still onboarding"
+    );
+    assert_eq!(
+        sync.release_onboarded().await.unwrap(),
+        1,
+        "the next check moves on to the second"
+    );
+    assert_eq!(fleet.status(held[0]).await, "held");
+    assert_eq!(fleet.status(held[1]).await, "queued");
+}
+
 // --- webhooks ---------------------------------------------------------------------
 
 async fn webhook_server(fleet: &Fleet, stripe: &[&str], gateway: &[&str]) -> String {

@@ -90,12 +90,7 @@ pub fn signal(pid: u32, sig: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A free loopback port (bound, then released: the child binds it next).
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
+pub(crate) use crate::demo::free_port;
 
 /// A directory removed (with everything in it) when dropped.
 #[derive(Debug)]

@@ -21,7 +21,11 @@ use rust_decimal::Decimal;
 use serde::Serialize;
 use sqlx::PgPool;
 
-use crate::{domain::PayoutStatus, gateway::mock::LedgerEntry};
+use crate::{
+    db::payouts::idempotency_key,
+    domain::{Currency, Money, PayoutStatus},
+    gateway::mock::LedgerEntry,
+};
 
 /// What a payout should end as.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,6 +114,7 @@ struct Row {
     id: i64,
     status: String,
     amount: Decimal,
+    currency: String,
     gateway_transfer_id: Option<String>,
     failure_code: Option<String>,
     due_at: DateTime<Utc>,
@@ -142,7 +147,7 @@ pub async fn check(
     report: &mut ScenarioReport,
 ) -> anyhow::Result<()> {
     let rows: Vec<Row> = sqlx::query_as(
-        "SELECT id, status, amount, gateway_transfer_id, failure_code, due_at, paid_at, updated_at
+        "SELECT id, status, amount, currency, gateway_transfer_id, failure_code, due_at, paid_at, updated_at
          FROM payouts ORDER BY id",
     )
     .fetch_all(pool)
@@ -168,7 +173,7 @@ pub async fn check(
         }
         by_ref.entry(e.reference.as_str()).or_default().push(e);
     }
-    let known: HashSet<String> = rows.iter().map(|r| format!("payout_{}", r.id)).collect();
+    let known: HashSet<String> = rows.iter().map(|r| idempotency_key(r.id)).collect();
     for (reference, entries) in &by_ref {
         if !known.contains(*reference) {
             report.duplicated += entries.len();
@@ -186,7 +191,7 @@ pub async fn check(
         .count();
     let mut due_to_paid: Vec<f64> = Vec::new();
     for r in &rows {
-        let reference = format!("payout_{}", r.id);
+        let reference = idempotency_key(r.id);
         let entries: &[&LedgerEntry] = by_ref.get(reference.as_str()).map_or(&[], |v| v);
         if entries.len() > 1 {
             report.duplicated += entries.len() - 1;
@@ -230,15 +235,17 @@ pub async fn check(
                         r.id, r.gateway_transfer_id, first.id
                     ));
                 }
-                let minor = (r.amount * Decimal::from(100)).normalize();
-                if entries
-                    .iter()
-                    .any(|e| Decimal::from(e.amount_minor) != minor)
-                {
+                let minor = r
+                    .currency
+                    .parse::<Currency>()
+                    .ok()
+                    .and_then(|c| Money::new(r.amount, c).ok())
+                    .and_then(|m| m.to_minor_units().ok());
+                if entries.iter().any(|e| Some(e.amount_minor) != minor) {
                     report.lost += 1;
                     report.violation(format!(
-                        "payout {} of {} USD moved another amount",
-                        r.id, r.amount
+                        "payout {} of {} {} moved another amount",
+                        r.id, r.amount, r.currency
                     ));
                 }
             }

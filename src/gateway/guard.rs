@@ -15,7 +15,7 @@
 use std::{
     collections::VecDeque,
     sync::{
-        Mutex,
+        LazyLock, Mutex,
         atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
@@ -31,7 +31,8 @@ use crate::{config::GatewaySettings, metrics};
 /// GCRA: returns 0 when a request may go now, else how many ms to wait.
 /// KEYS[1] theoretical arrival time, KEYS[2] fleet pause;
 /// ARGV[1] ms between requests, ARGV[2] burst tolerance in ms.
-const GCRA: &str = r#"
+static GCRA: LazyLock<Script> = LazyLock::new(|| Script::new(GCRA_LUA));
+const GCRA_LUA: &str = r#"
 local pause = redis.call('PTTL', KEYS[2])
 if pause > 0 then return pause end
 local t = redis.call('TIME')
@@ -47,7 +48,8 @@ return 0
 "#;
 
 /// Extends the fleet pause to ARGV[1] ms unless it already lasts longer.
-const PAUSE: &str = r#"
+static PAUSE: LazyLock<Script> = LazyLock::new(|| Script::new(PAUSE_LUA));
+const PAUSE_LUA: &str = r#"
 if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
   redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
   return 1
@@ -265,7 +267,7 @@ impl GatewayGuard {
             let interval = 1000.0 / self.settings.rate_per_sec as f64;
             let burst = interval * self.settings.burst.max(1) as f64;
             for _ in 0..1000 {
-                let wait: redis::RedisResult<u64> = Script::new(GCRA)
+                let wait: redis::RedisResult<u64> = GCRA
                     .key(&self.tat_key)
                     .key(&self.pause_key)
                     .arg(interval)
@@ -321,7 +323,7 @@ impl GatewayGuard {
     async fn pause_fleet(&self, for_: Duration) {
         let mut conn = self.conn.clone();
         let ms = for_.as_millis().max(1) as u64;
-        let set: redis::RedisResult<i64> = Script::new(PAUSE)
+        let set: redis::RedisResult<i64> = PAUSE
             .key(&self.pause_key)
             .arg(ms)
             .invoke_async(&mut conn)

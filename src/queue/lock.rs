@@ -6,16 +6,25 @@
 
 use std::time::Duration;
 
+use std::sync::LazyLock;
+
 use redis::{Script, aio::ConnectionManager};
 use tokio::task::JoinHandle;
 
-const RELEASE: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end
-"#;
+/// Deletes KEYS[1] only while it still holds ARGV[1] (the holder's token).
+/// Built once: `Script::new` hashes its source.
+pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end",
+    )
+});
 
-const RENEW: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end
-"#;
+/// Extends KEYS[1] to ARGV[2] ms only while it still holds ARGV[1].
+pub(crate) static RENEW: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end",
+    )
+});
 
 /// Takes per-payout locks.
 #[derive(Clone)]
@@ -77,7 +86,7 @@ impl Locks {
         let renewer = {
             let (mut conn, key, token, ttl) = (conn.clone(), key.clone(), token.clone(), self.ttl);
             tokio::spawn(async move {
-                let script = Script::new(RENEW);
+                let script = &*RENEW;
                 loop {
                     tokio::time::sleep(ttl / 3).await;
                     let renewed: redis::RedisResult<i64> = script
@@ -110,7 +119,7 @@ impl LockGuard {
     /// Releases the lock if it is still ours.
     pub async fn release(mut self) -> redis::RedisResult<bool> {
         self.renewer.abort();
-        let n: i64 = Script::new(RELEASE)
+        let n: i64 = RELEASE
             .key(&self.key)
             .arg(&self.token)
             .invoke_async(&mut self.conn)
