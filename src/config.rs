@@ -35,6 +35,7 @@ pub struct Settings {
 
 /// `payout-admin`.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AdminSettings {
     /// Where it listens (`/health*`, `/metrics`, the API, the dashboard, the webhooks).
     pub listen: std::net::SocketAddr,
@@ -50,6 +51,7 @@ pub struct AdminSettings {
 
 /// Where the payout policy comes from.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PolicySettings {
     /// A policy TOML file; empty means the built-in copy of `config/policy.toml`.
     pub file: String,
@@ -72,6 +74,7 @@ impl PolicySettings {
 
 /// Postgres connection.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DatabaseSettings {
     /// Connection URL (`DATABASE_URL` overrides). May hold a password: never logged.
     pub url: SecretString,
@@ -83,6 +86,7 @@ pub struct DatabaseSettings {
 
 /// Redis connection and key namespace.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RedisSettings {
     /// Connection URL (`REDIS_URL` overrides). May hold a password: never logged.
     pub url: SecretString,
@@ -92,6 +96,7 @@ pub struct RedisSettings {
 
 /// The producer.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ProducerSettings {
     /// Interval between due scans when there is nothing to top up, in ms.
     pub tick_ms: u64,
@@ -121,6 +126,7 @@ pub struct ProducerSettings {
 
 /// The worker.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct WorkerSettings {
     /// Jobs in flight per process.
     pub concurrency: usize,
@@ -148,6 +154,7 @@ pub struct WorkerSettings {
 
 /// The payment gateway.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct GatewaySettings {
     /// Which adapter: `contract` (the generic HTTP contract), `stripe`
     /// (Stripe Connect transfers) or `release_funds` (a platform's own
@@ -191,6 +198,7 @@ pub struct GatewaySettings {
 
 /// Stripe Connect: transfers to connected accounts.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StripeSettings {
     /// API base URL: `https://api.stripe.com` (a local fake in tests).
     pub base_url: String,
@@ -208,6 +216,7 @@ pub struct StripeSettings {
 
 /// A platform's own payment API (`POST {base_url}{endpoint}`, JSON, cents).
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ReleaseFundsSettings {
     /// `PaymentAPI.BaseUrl`, e.g. `http://localhost:8085`.
     pub base_url: String,
@@ -225,6 +234,7 @@ pub struct ReleaseFundsSettings {
 
 /// Incoming gateway webhooks.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct WebhookSettings {
     /// Signing secrets of the contract gateway's `Gateway-Signature`; more than one during rotation.
     pub secrets: Vec<SecretString>,
@@ -234,6 +244,7 @@ pub struct WebhookSettings {
 
 /// The poll that resolves `in_transit` payouts no webhook resolved.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SyncSettings {
     /// Interval between polls, in s.
     pub interval_secs: u64,
@@ -245,6 +256,7 @@ pub struct SyncSettings {
 
 /// Logging.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LogSettings {
     /// `pretty`, `json`, or `auto` (pretty on a terminal, JSON otherwise).
     pub format: String,
@@ -313,7 +325,7 @@ impl Settings {
 
     /// Checks ranges; the error names the bad key.
     pub fn validate(&self) -> anyhow::Result<()> {
-        let checks: [(bool, &str); 18] = [
+        let checks: [(bool, &str); 21] = [
             (
                 self.database.max_connections >= 1,
                 "database.max_connections must be >= 1",
@@ -358,6 +370,15 @@ impl Settings {
             (
                 !self.worker.retry_schedule_secs.is_empty(),
                 "worker.retry_schedule_secs must not be empty",
+            ),
+            (self.worker.db_batch >= 1, "worker.db_batch must be >= 1"),
+            (
+                self.worker.poll_interval_ms >= 1,
+                "worker.poll_interval_ms must be >= 1",
+            ),
+            (
+                self.worker.heartbeat_secs >= 1,
+                "worker.heartbeat_secs must be >= 1",
             ),
             (
                 self.worker.lock_ttl_ms >= 100,
@@ -479,6 +500,20 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn a_misspelled_key_is_an_error_naming_it_not_a_silent_default() {
+        let e = Settings::load_from(None, &env(&[("PAYOUTS_WORKER__MAX_ATTEMPT", "3")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_attempt"), "{e}");
+        // Variables that are not settings (one underscore) stay ignored.
+        assert!(Settings::load_from(None, &env(&[("PAYOUTS_CHAOS_PG_BIN", "/x")])).is_ok());
+        let e = Settings::load_from(None, &env(&[("PAYOUTS_WORKER__POLL_INTERVAL_MS", "0")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("worker.poll_interval_ms"), "{e}");
     }
 
     #[test]
