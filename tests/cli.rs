@@ -3,9 +3,7 @@
 
 mod common;
 
-use std::process::Command;
-
-use common::{Ctl, redis_url};
+use common::Ctl;
 use serde_json::Value;
 
 async fn payout_count(ctl: &Ctl) -> i64 {
@@ -214,14 +212,7 @@ async fn every_command_works_and_bad_input_changes_nothing() {
 #[tokio::test]
 async fn bad_configuration_is_one_line_naming_the_key() {
     let ctl = Ctl::new().await;
-    let out = Command::new(env!("CARGO_BIN_EXE_payoutctl"))
-        .args(["summary"])
-        .env("DATABASE_URL", &ctl.db.url)
-        .env("PAYOUTS_WORKER__CONCURRENCY", "0")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = ctl.fails_with(&["summary"], &[("PAYOUTS_WORKER__CONCURRENCY", "0")]);
     assert!(err.contains("worker.concurrency"), "{err}");
 }
 
@@ -234,19 +225,8 @@ async fn reconcile_reports_drift_fixes_what_the_gateway_proves_and_exits_non_zer
         .await
         .unwrap();
     let run = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_payoutctl"))
-            .args(args)
-            .env("DATABASE_URL", &ctl.db.url)
-            .env("REDIS_URL", redis_url())
-            .env("PAYOUTS_REDIS__PREFIX", &ctl.prefix)
-            .env("PAYOUTS_GATEWAY__BASE_URL", &gw.base_url)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).to_string(),
-            String::from_utf8_lossy(&out.stderr).to_string(),
-        )
+        let out = ctl.run_with(args, &[("PAYOUTS_GATEWAY__BASE_URL", &gw.base_url)]);
+        (out.ok, out.stdout, out.stderr)
     };
     let payee = ctl.json(&["payee", "add", "--name", "Bo", "--account", "acct_bo"])["id"]
         .as_i64()

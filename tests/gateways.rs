@@ -835,7 +835,11 @@ async fn a_signed_transfer_reversed_fails_a_paid_payout_with_an_event_and_an_ale
     assert_eq!(fleet.status(id).await, "failed");
     let p = db_payouts::get(fleet.pool(), id).await.unwrap().unwrap();
     assert_eq!(p.failure_code.as_deref(), Some("transfer_reversed"));
-    assert!(FAILED_AFTER_PAID.get() > alerts_before, "no alert counted");
+    assert_eq!(
+        FAILED_AFTER_PAID.get(),
+        alerts_before + 1,
+        "one alert counted"
+    );
     let last = events(&fleet, id).await.pop().unwrap();
     assert_eq!(
         last,
@@ -856,6 +860,11 @@ async fn a_signed_transfer_reversed_fails_a_paid_payout_with_an_event_and_an_ale
     .await;
     assert_eq!((status, outcome.as_str()), (200, "duplicate"));
     assert_eq!(events(&fleet, id).await.len(), n);
+    assert_eq!(
+        FAILED_AFTER_PAID.get(),
+        alerts_before + 1,
+        "the replay counted no second alert"
+    );
 }
 
 #[tokio::test]
