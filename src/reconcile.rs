@@ -208,9 +208,9 @@ pub async fn run(
     loop {
         let page = payouts::for_reconciliation(pool, opts.since, after, 1000).await?;
         let Some(last) = page.last() else { break };
-        after = last.0.id;
+        after = last.id;
         let looked: Vec<_> = stream::iter(page)
-            .map(|(p, _account)| async move {
+            .map(|p| async move {
                 let found = gateway.lookup(&payouts::idempotency_key(p.id)).await;
                 (p, found)
             })

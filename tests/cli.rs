@@ -6,8 +6,8 @@ mod common;
 use common::Ctl;
 use serde_json::Value;
 
-async fn payout_count(ctl: &Ctl) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM payouts")
+async fn count(ctl: &Ctl, table: &str) -> i64 {
+    sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
         .fetch_one(&ctl.db.pool)
         .await
         .unwrap()
@@ -43,6 +43,11 @@ async fn every_command_works_and_bad_input_changes_nothing() {
         ])
         .contains("unknown currency")
     );
+    assert_eq!(
+        count(&ctl, "payees").await,
+        1,
+        "the refused payee was not added"
+    );
 
     // create, and its bad input
     let created = ctl.json(&[
@@ -58,7 +63,7 @@ async fn every_command_works_and_bad_input_changes_nothing() {
     ]);
     let id = created["id"].as_i64().unwrap();
     assert_eq!(created["status"], "pending");
-    let before = payout_count(&ctl).await;
+    let before = count(&ctl, "payouts").await;
     let cases: [(&[&str], &str); 6] = [
         (
             &["--amount", "-5.00", "--currency", "USD"],
@@ -104,7 +109,7 @@ async fn every_command_works_and_bad_input_changes_nothing() {
         .contains("payee 999999 not found")
     );
     assert_eq!(
-        payout_count(&ctl).await,
+        count(&ctl, "payouts").await,
         before,
         "bad input created nothing"
     );
@@ -142,6 +147,7 @@ async fn every_command_works_and_bad_input_changes_nothing() {
     );
     let cancelled = ctl.json(&["cancel", &id.to_string(), "--reason", "duplicate booking"]);
     assert_eq!(cancelled["from"], "queued");
+    let events_before = count(&ctl, "payout_events").await;
     assert!(
         ctl.fails(&["cancel", &id.to_string()])
             .contains("from cancelled to cancelled")
@@ -153,6 +159,11 @@ async fn every_command_works_and_bad_input_changes_nothing() {
     assert!(
         ctl.fails(&["cancel", "777777"])
             .contains("payout 777777 not found")
+    );
+    assert_eq!(
+        count(&ctl, "payout_events").await,
+        events_before,
+        "refused actions wrote no event"
     );
     let history = ctl.ok(&["status", &id.to_string()]);
     assert!(

@@ -712,6 +712,27 @@ async fn status_gauges_count_through_indexes_and_the_backlog_age_is_the_oldest_d
         (get(PayoutStatus::Pending), get(PayoutStatus::Paid)),
         (3, 1)
     );
+    // The counts can be read from the (status, id) index alone (seq scans
+    // priced out, as they are on a large table).
+    let mut conn = f.pool().acquire().await.unwrap();
+    sqlx::query("SET enable_seqscan = off")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let plan: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN {}", repo::UNPAID_COUNTS))
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+    let plan = plan.join("\n");
+    assert!(
+        plan.contains("payouts_status_id_idx") && !plan.contains("Seq Scan"),
+        "{plan}"
+    );
+    sqlx::query("RESET enable_seqscan")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    drop(conn);
     let oldest = repo::oldest_due_unfinished(f.pool(), now)
         .await
         .unwrap()

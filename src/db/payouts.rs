@@ -259,19 +259,18 @@ pub async fn status_counts(pool: &PgPool) -> sqlx::Result<Vec<(PayoutStatus, i64
     Ok(status_counts_marked(pool).await?.0)
 }
 
+/// Counts of every status but `paid`: read through the `(status, id)` index.
+pub const UNPAID_COUNTS: &str = "SELECT status, count(*) FROM payouts
+     WHERE status IN ('pending', 'queued', 'processing', 'retrying', 'in_transit', 'failed', 'cancelled', 'held')
+     GROUP BY status";
+
 /// Tables below this many rows (by the planner's estimate) get an exact
 /// `paid` count too: cheap there, and the estimate of a young table is poor.
 const EXACT_PAID_BELOW: i64 = 1_000_000;
 
 /// [`status_counts`], and whether `paid` is an estimate.
 pub async fn status_counts_marked(pool: &PgPool) -> sqlx::Result<(Vec<(PayoutStatus, i64)>, bool)> {
-    let rows: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT status, count(*) FROM payouts
-         WHERE status IN ('pending', 'queued', 'processing', 'retrying', 'in_transit', 'failed', 'cancelled', 'held')
-         GROUP BY status",
-    )
-    .fetch_all(pool)
-    .await?;
+    let rows: Vec<(String, i64)> = sqlx::query_as(UNPAID_COUNTS).fetch_all(pool).await?;
     let estimate: i64 = sqlx::query_scalar(
         "SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = 'payouts'::regclass",
     )
@@ -740,19 +739,15 @@ pub async fn for_reconciliation(
     since: DateTime<Utc>,
     after_id: i64,
     limit: i64,
-) -> sqlx::Result<Vec<(Payout, String)>> {
-    let rows: Vec<Claimed> = sqlx::query_as(
-        "SELECT p.*, payees.gateway_account FROM payouts p JOIN payees ON payees.id = p.payee_id
-         WHERE p.updated_at >= $1 AND p.id > $2 AND p.status <> 'pending'
-         ORDER BY p.id LIMIT $3",
+) -> sqlx::Result<Vec<Payout>> {
+    sqlx::query_as(
+        "SELECT * FROM payouts
+         WHERE updated_at >= $1 AND id > $2 AND status <> 'pending'
+         ORDER BY id LIMIT $3",
     )
     .bind(since)
     .bind(after_id)
     .bind(limit)
     .fetch_all(pool)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|c| (c.payout, c.gateway_account))
-        .collect())
+    .await
 }
