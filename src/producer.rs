@@ -3,7 +3,13 @@
 //! sweeps expired leases; notices when Redis lost its data. Replicas elect
 //! one leader by a Redis lock with a time-to-live; the others stand by.
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use redis::aio::ConnectionManager;
 use serde::Serialize;
@@ -186,6 +192,9 @@ pub struct Leadership {
     key: String,
     me: String,
     ttl: Duration,
+    /// The last [`Leadership::hold`]'s answer, shared by the clones (the
+    /// in-transit poll runs only while it is `true`).
+    leading: Arc<AtomicBool>,
 }
 
 impl Leadership {
@@ -196,11 +205,24 @@ impl Leadership {
             key: format!("{{{prefix}}}:producer:leader"),
             me: me.to_string(),
             ttl,
+            leading: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Whether the last [`Leadership::hold`] found this replica leading.
+    pub fn is_leading(&self) -> bool {
+        self.leading.load(Ordering::Relaxed)
     }
 
     /// Renews if held, takes it if free; `true` when this replica leads.
     pub async fn hold(&self) -> redis::RedisResult<bool> {
+        let held = self.try_hold().await;
+        self.leading
+            .store(matches!(held, Ok(true)), Ordering::Relaxed);
+        held
+    }
+
+    async fn try_hold(&self) -> redis::RedisResult<bool> {
         let mut conn = self.conn.clone();
         let renewed: i64 = crate::queue::lock::RENEW
             .key(&self.key)
@@ -233,6 +255,7 @@ impl Leadership {
 
     /// Gives leadership up (graceful stop), if held.
     pub async fn resign(&self) -> redis::RedisResult<()> {
+        self.leading.store(false, Ordering::Relaxed);
         let mut conn = self.conn.clone();
         let _: i64 = crate::queue::lock::RELEASE
             .key(&self.key)
@@ -268,6 +291,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     tracing::info!(addr = %http, actor = %producer.actor, window = settings.producer.window, "producer started");
     tokio::spawn(sync_while_leading(
         sync,
+        leadership.clone(),
         settings.gateway.sync.interval_secs,
         shutdown.clone(),
     ));
@@ -301,6 +325,7 @@ fn in_transit_sync(
 /// writes are fenced either way).
 async fn sync_while_leading(
     sync: crate::sync::InTransitSync,
+    leadership: Leadership,
     interval_secs: u64,
     shutdown: CancellationToken,
 ) {
@@ -310,7 +335,7 @@ async fn sync_while_leading(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        if metrics::PRODUCER_LEADER.get() != 1 {
+        if !leadership.is_leading() {
             continue;
         }
         match sync.run_once().await {
