@@ -71,7 +71,7 @@ pub static DEAD_LETTERS: LazyLock<IntCounterVec> = LazyLock::new(|| {
         &["reason"],
     )
 });
-/// Gateway calls by result class (2xx, 4xx, 429, 5xx, connect, timeout). Alert: gateway errors / 429.
+/// Gateway calls by result class (2xx, 4xx, 429, 5xx, connect, transient, timeout); an open circuit sends nothing and is not counted here. Alert: gateway errors / 429.
 pub static GATEWAY_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec(
         "gateway_requests_total",
@@ -270,7 +270,15 @@ pub static ADMIN_ACTIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
 });
 
 /// The `class` label of gateway calls (see `gateway::Outcome::class`).
-const GATEWAY_CLASSES: [&str; 6] = ["2xx", "4xx", "429", "5xx", "connect", "timeout"];
+const GATEWAY_CLASSES: [&str; 7] = [
+    "2xx",
+    "4xx",
+    "429",
+    "5xx",
+    "connect",
+    "transient",
+    "timeout",
+];
 
 /// Touches every metric so `/metrics` lists them from the start.
 pub fn init() {

@@ -193,6 +193,9 @@ impl Worker {
                     first_attempt: payout.attempt == 1,
                 };
                 let on_call = |o: &Outcome, took: Duration| {
+                    if o.is_guard_refusal() {
+                        return; // counted in gateway_throttled_total; nothing was sent
+                    }
                     metrics::GATEWAY_REQUESTS
                         .with_label_values(&[o.class()])
                         .inc();

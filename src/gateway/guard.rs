@@ -57,6 +57,9 @@ end
 return 0
 "#;
 
+/// The code of the outcome an open circuit answers in the gateway's place.
+pub const CIRCUIT_OPEN: &str = "circuit_open";
+
 /// The circuit's state (also the `gateway_circuit_state` gauge: 0, 1, 2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Circuit {
@@ -357,7 +360,7 @@ impl Gateway for Guarded<'_> {
     async fn transfer(&self, req: &TransferRequest) -> Outcome {
         if self.guard.breaker_allows().is_err() {
             return Outcome::Transient {
-                code: "circuit_open".into(),
+                code: CIRCUIT_OPEN.into(),
                 message: "gateway circuit is open; not sending".into(),
                 retry_after: Some(self.guard.wait_for_circuit()),
             };

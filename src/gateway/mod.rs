@@ -79,16 +79,25 @@ impl Outcome {
         matches!(self, Outcome::Transient { .. } | Outcome::Unknown { .. })
     }
 
-    /// A bounded label for metrics.
+    /// A bounded label for metrics. `transient` is any other answer worth
+    /// retrying (a Stripe `lock_timeout`, the platform's balance short), not
+    /// a failure of the gateway itself.
     pub fn class(&self) -> &'static str {
         match self {
             Outcome::Paid { .. } | Outcome::InTransit { .. } => "2xx",
             Outcome::Rejected { .. } => "4xx",
             Outcome::Transient { code, .. } if code == "rate_limited" => "429",
             Outcome::Transient { code, .. } if code.starts_with("http_5") => "5xx",
-            Outcome::Transient { .. } => "connect",
+            Outcome::Transient { code, .. } if code == "connect" => "connect",
+            Outcome::Transient { .. } => "transient",
             Outcome::Unknown { .. } => "timeout",
         }
+    }
+
+    /// Whether the fleet's own guard answered, without calling the gateway
+    /// (an open circuit): not a gateway request.
+    pub fn is_guard_refusal(&self) -> bool {
+        matches!(self, Outcome::Transient { code, .. } if code == crate::gateway::guard::CIRCUIT_OPEN)
     }
 }
 
@@ -181,5 +190,27 @@ pub(crate) async fn send_transfer(
         Err(_) => Err(Outcome::Unknown {
             message: format!("{who}'s answer was cut off"),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn transient(code: &str) -> Outcome {
+        Outcome::Transient {
+            code: code.into(),
+            message: String::new(),
+            retry_after: None,
+        }
+    }
+
+    #[test]
+    fn only_a_refused_connection_is_a_connect_error_and_an_open_circuit_is_no_request() {
+        assert_eq!(transient("connect").class(), "connect");
+        assert_eq!(transient("lock_timeout").class(), "transient");
+        assert_eq!(transient("http_503").class(), "5xx");
+        assert!(transient(guard::CIRCUIT_OPEN).is_guard_refusal());
+        assert!(!transient("connect").is_guard_refusal());
     }
 }
