@@ -65,11 +65,9 @@ pub const CIRCUIT_OPEN: &str = "circuit_open";
 pub enum Circuit {
     /// Calls flow.
     Closed,
-    /// One probe call is allowed (or in flight).
-    HalfOpen {
-        /// The probe has been handed out.
-        probing: bool,
-    },
+    /// The cool-down is over and one probe call is in flight; its outcome
+    /// closes or reopens the circuit, and every other call waits.
+    HalfOpen,
     /// No calls until then.
     Open {
         /// When the cool-down ends.
@@ -126,13 +124,6 @@ pub struct GatewayGuard {
     pause_seen: Mutex<(Option<Instant>, Option<Instant>)>,
     /// Jobs holding before their claim while the circuit is open.
     waiting: AtomicUsize,
-}
-
-/// Why a call may not go now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    /// The circuit is open.
-    CircuitOpen,
 }
 
 fn fails_the_gateway(o: &Outcome) -> bool {
@@ -199,21 +190,18 @@ impl GatewayGuard {
         self.waiting.load(Ordering::Relaxed)
     }
 
-    fn breaker_allows(&self) -> Result<(), Refusal> {
+    /// Whether a call may go now: always while closed; once the cool-down is
+    /// over, to exactly one probe (the circuit turns half-open).
+    fn breaker_allows(&self) -> bool {
         let mut b = self.breaker.lock().expect("breaker lock");
-        let now = Instant::now();
         match b.state {
-            Circuit::Closed => Ok(()),
-            Circuit::Open { until } if now >= until => {
-                b.state = Circuit::HalfOpen { probing: true };
+            Circuit::Closed => true,
+            Circuit::Open { until } if Instant::now() >= until => {
+                b.state = Circuit::HalfOpen;
                 metrics::CIRCUIT_STATE.set(1);
-                Ok(())
+                true
             }
-            Circuit::Open { .. } | Circuit::HalfOpen { probing: true } => Err(Refusal::CircuitOpen),
-            Circuit::HalfOpen { probing: false } => {
-                b.state = Circuit::HalfOpen { probing: true };
-                Ok(())
-            }
+            Circuit::Open { .. } | Circuit::HalfOpen => false,
         }
     }
 
@@ -221,7 +209,7 @@ impl GatewayGuard {
         let mut b = self.breaker.lock().expect("breaker lock");
         let now = Instant::now();
         match b.state {
-            Circuit::HalfOpen { .. } => {
+            Circuit::HalfOpen => {
                 if failed {
                     b.state = Circuit::Open {
                         until: now + self.settings.cooldown,
@@ -358,7 +346,7 @@ pub struct Guarded<'a> {
 #[async_trait]
 impl Gateway for Guarded<'_> {
     async fn transfer(&self, req: &TransferRequest) -> Outcome {
-        if self.guard.breaker_allows().is_err() {
+        if !self.guard.breaker_allows() {
             return Outcome::Transient {
                 code: CIRCUIT_OPEN.into(),
                 message: "gateway circuit is open; not sending".into(),
