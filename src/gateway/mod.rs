@@ -139,6 +139,7 @@ pub trait Gateway: Send + Sync + std::fmt::Debug {
 pub(crate) struct Answer {
     pub status: reqwest::StatusCode,
     pub retry_after: Option<Duration>,
+    pub headers: reqwest::header::HeaderMap,
     pub body: axum::body::Bytes,
 }
 
@@ -172,8 +173,8 @@ pub(crate) async fn send_transfer(
         }
     };
     let status = resp.status();
-    let retry_after = resp
-        .headers()
+    let headers = resp.headers().clone();
+    let retry_after = headers
         .get(reqwest::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
@@ -182,6 +183,7 @@ pub(crate) async fn send_transfer(
         Ok(body) => Ok(Answer {
             status,
             retry_after,
+            headers,
             body,
         }),
         Err(e) if e.is_timeout() => Err(Outcome::Unknown {

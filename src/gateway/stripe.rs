@@ -366,11 +366,6 @@ pub fn classify_stripe(status: StatusCode, headers: &StripeHeaders, body: &[u8])
     }
 }
 
-enum Sent {
-    Answer(StatusCode, StripeHeaders, Vec<u8>),
-    NoAnswer(Outcome),
-}
-
 impl StripeGateway {
     /// A client for `settings.stripe`, with the fleet's timeouts.
     pub fn new(settings: &GatewaySettings) -> anyhow::Result<Self> {
@@ -391,17 +386,13 @@ impl StripeGateway {
         })
     }
 
-    async fn post(&self, req: &TransferRequest, key: &str) -> Sent {
-        let body = match serde_urlencoded::to_string(transfer_form(req)) {
-            Ok(b) => b,
-            Err(e) => {
-                return Sent::NoAnswer(Outcome::Rejected {
-                    code: "invalid_request".into(),
-                    message: format!("transfer could not be form-encoded: {e}"),
-                });
-            }
-        };
-        let sent = self
+    async fn post(&self, req: &TransferRequest, key: &str) -> Result<super::Answer, Outcome> {
+        let body =
+            serde_urlencoded::to_string(transfer_form(req)).map_err(|e| Outcome::Rejected {
+                code: "invalid_request".into(),
+                message: format!("transfer could not be form-encoded: {e}"),
+            })?;
+        let request = self
             .client
             .post(&self.transfers_url)
             .bearer_auth(self.secret.expose_secret())
@@ -411,24 +402,8 @@ impl StripeGateway {
                 reqwest::header::CONTENT_TYPE,
                 "application/x-www-form-urlencoded",
             )
-            .body(body)
-            .send()
-            .await;
-        let resp = match sent {
-            Ok(r) => r,
-            Err(e) => return Sent::NoAnswer(no_answer(&e)),
-        };
-        let status = resp.status();
-        let headers = StripeHeaders::from_headers(resp.headers());
-        match resp.bytes().await {
-            Ok(b) => Sent::Answer(status, headers, b.to_vec()),
-            Err(e) if e.is_timeout() => Sent::NoAnswer(Outcome::Unknown {
-                message: "stripe timed out sending its answer".into(),
-            }),
-            Err(_) => Sent::NoAnswer(Outcome::Unknown {
-                message: "stripe's answer was cut off".into(),
-            }),
-        }
+            .body(body);
+        super::send_transfer(request, "stripe").await
     }
 
     /// Whether connected account `account` can receive transfers now
@@ -502,24 +477,6 @@ impl StripeGateway {
     }
 }
 
-fn no_answer(e: &reqwest::Error) -> Outcome {
-    if e.is_connect() {
-        Outcome::Transient {
-            code: "connect".into(),
-            message: "api_connection_error: connection to stripe failed".into(),
-            retry_after: None,
-        }
-    } else if e.is_timeout() {
-        Outcome::Unknown {
-            message: "stripe timed out".into(),
-        }
-    } else {
-        Outcome::Unknown {
-            message: "api_connection_error: request to stripe failed".into(),
-        }
-    }
-}
-
 /// What a look-up says about a payout's transfers.
 enum Found {
     /// A transfer that still stands: the payout is paid.
@@ -574,8 +531,8 @@ impl Gateway for StripeGateway {
         while n < MAX_KEYS {
             let key = chain_key(&req.idempotency_key, n);
             let (status, headers, body) = match self.post(req, &key).await {
-                Sent::Answer(s, h, b) => (s, h, b),
-                Sent::NoAnswer(o) => return o,
+                Ok(a) => (a.status, StripeHeaders::from_headers(&a.headers), a.body),
+                Err(outcome) => return outcome,
             };
             if !is_poisoned(status, &headers) {
                 return classify_stripe(status, &headers, &body);
