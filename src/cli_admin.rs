@@ -108,9 +108,14 @@ pub struct BulkRetryArgs {
     /// Which failed payouts (`--status` may only be `failed`).
     #[command(flatten)]
     pub filter: FilterArgs,
-    /// Only count what would be retried.
-    #[arg(long)]
+    /// Only count what would be retried (the default; kept so scripts that
+    /// say it keep working).
+    #[arg(long, conflicts_with = "execute")]
     pub dry_run: bool,
+    /// Retry them. Without it the command only counts, as the API's bulk
+    /// retry does; it needs a filter that narrows the failed payouts.
+    #[arg(long)]
+    pub execute: bool,
 }
 
 /// `payoutctl token …`.
@@ -231,23 +236,37 @@ pub async fn bulk_retry(
     }
     let f = args.filter.filter()?;
     let cap = settings.admin.bulk_max;
-    if args.dry_run {
+    if !args.execute {
         let n = filter::count_failed(pool, &f, cap).await?;
+        let excluded = filter::count_failed_after_paid(pool, &f, cap).await?;
         if json_out {
             writeln!(
                 out,
                 "{}",
-                json!({"dry_run": true, "matched": n.min(cap), "more_than_cap": n > cap})
+                json!({"dry_run": true, "matched": n.min(cap), "more_than_cap": n > cap,
+                       "excluded_paid_before": excluded})
             )?;
         } else if n > cap {
             writeln!(
                 out,
-                "would retry {cap} failed payouts (more match; admin.bulk_max is {cap})"
+                "would retry {cap} failed payouts (more match; admin.bulk_max is {cap}); run with --execute"
             )?;
         } else {
-            writeln!(out, "would retry {n} failed payouts")?;
+            writeln!(out, "would retry {n} failed payouts; run with --execute")?;
+        }
+        if excluded > 0 && !json_out {
+            writeln!(
+                out,
+                "{excluded} failed payouts that were paid before (reversed) are left out: retry those by id"
+            )?;
         }
         return Ok(());
+    }
+    if !f.narrows_failed() {
+        bail!(
+            "bulk-retry --execute needs a filter that narrows the failed payouts \
+             (--payee-id, --currency, --failure-code or a time range)"
+        );
     }
     let now = clock.now();
     let lease = now + chrono::Duration::seconds(settings.producer.queue_lease_secs as i64);

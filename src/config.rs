@@ -47,6 +47,26 @@ pub struct AdminSettings {
     pub overview_cache_ms: u64,
     /// Most payouts one bulk retry moves.
     pub bulk_max: i64,
+    /// Most seconds from a connection's start (or its previous request) to
+    /// the end of the next request's headers; then the connection is closed.
+    pub header_read_timeout_secs: u64,
+    /// Most seconds one request may take, its body read included; then 408.
+    pub request_timeout_secs: u64,
+    /// Most connections open at once; more are closed when accepted.
+    pub max_connections: usize,
+    /// Most requests handled at once; more wait, within the request timeout.
+    pub max_in_flight: usize,
+    /// Postgres `statement_timeout` of the admin server's connections, in ms
+    /// (a wide dashboard query cannot hold the pool).
+    pub statement_timeout_ms: u64,
+    /// Failed authentications (bad bearer token, bad login) one source may
+    /// make per minute before it is locked out.
+    pub auth_failures_per_minute: u32,
+    /// How long a locked-out source is refused (429), in seconds.
+    pub lockout_secs: u64,
+    /// A header whose last address is the client's, set by a proxy you trust
+    /// (e.g. `x-forwarded-for`); empty: the TCP peer's address.
+    pub client_ip_header: String,
 }
 
 /// Where the payout policy comes from.
@@ -313,9 +333,9 @@ impl Settings {
             set_path(&mut value, &path, parse_env_value(raw))
                 .with_context(|| format!("bad environment variable {key}"))?;
         }
-        let mut settings: Settings = value
-            .try_into()
-            .map_err(|e: toml::de::Error| anyhow::anyhow!("invalid configuration: {e}"))?;
+        let mut settings: Settings = value.try_into().map_err(|e: toml::de::Error| {
+            anyhow::anyhow!("invalid configuration: {}", redact_values(&e.to_string()))
+        })?;
         settings.validate()?;
         if settings.producer.settle_on_tick {
             settings.producer.policy = Some(Arc::new(settings.policy.load()?));
@@ -405,7 +425,36 @@ impl Settings {
                 "admin.bulk_max must be 1..=100000",
             ),
         ];
-        for (ok, msg) in checks {
+        let admin = &self.admin;
+        let listener: [(bool, &str); 6] = [
+            (
+                (1..=300).contains(&admin.header_read_timeout_secs),
+                "admin.header_read_timeout_secs must be 1..=300",
+            ),
+            (
+                (1..=3600).contains(&admin.request_timeout_secs),
+                "admin.request_timeout_secs must be 1..=3600",
+            ),
+            (
+                admin.max_connections >= 1 && admin.max_in_flight >= 1,
+                "admin.max_connections and admin.max_in_flight must be >= 1",
+            ),
+            (
+                admin.statement_timeout_ms >= 100,
+                "admin.statement_timeout_ms must be >= 100",
+            ),
+            (
+                admin.auth_failures_per_minute >= 1,
+                "admin.auth_failures_per_minute must be >= 1",
+            ),
+            (
+                admin.client_ip_header.is_empty()
+                    || axum::http::HeaderName::from_bytes(admin.client_ip_header.as_bytes())
+                        .is_ok(),
+                "admin.client_ip_header must be a header name (or empty)",
+            ),
+        ];
+        for (ok, msg) in checks.into_iter().chain(listener) {
             if !ok {
                 bail!("invalid configuration: {msg}");
             }
@@ -450,6 +499,30 @@ fn merge(base: &mut toml::Value, overlay: toml::Value) {
     }
 }
 
+/// A deserialization error without the values it quotes: serde quotes the
+/// offending value (`invalid type: string "whsec_…", expected a sequence`),
+/// and a configuration error is printed at every start, into the logs. Keys
+/// are named in backticks and stay.
+fn redact_values(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let mut quoted = false;
+    for c in msg.chars() {
+        match (c, quoted) {
+            ('"', false) => {
+                quoted = true;
+                out.push_str("\"…");
+            }
+            ('"', true) => {
+                quoted = false;
+                out.push('"');
+            }
+            (_, true) => {}
+            (c, false) => out.push(c),
+        }
+    }
+    out
+}
+
 fn parse_env_value(raw: &str) -> toml::Value {
     if let Ok(i) = raw.parse::<i64>() {
         return toml::Value::Integer(i);
@@ -485,6 +558,15 @@ fn set_path(root: &mut toml::Value, path: &[String], v: toml::Value) -> anyhow::
         (Some(toml::Value::String(_)), toml::Value::Boolean(b)) => {
             toml::Value::String(b.to_string())
         }
+        // A list given as a plain string (the natural way to set one from a
+        // Kubernetes Secret): comma-separated items, each trimmed.
+        (Some(toml::Value::Array(_)), toml::Value::String(s)) => toml::Value::Array(
+            s.split(',')
+                .map(str::trim)
+                .filter(|i| !i.is_empty())
+                .map(|i| toml::Value::String(i.to_string()))
+                .collect(),
+        ),
         (_, v) => v,
     };
     table.insert(last.clone(), v);
@@ -569,6 +651,59 @@ mod tests {
         assert_eq!(s.retry_delay(1), Duration::from_secs(300));
         assert_eq!(s.retry_delay(4), Duration::from_secs(21600));
         assert_eq!(s.retry_delay(9), Duration::from_secs(21600));
+    }
+
+    /// Security finding 4: a secret given where a list is expected (the
+    /// natural way from a Kubernetes Secret) was echoed in the error that
+    /// every binary printed at start.
+    #[test]
+    fn a_secret_where_a_list_is_expected_is_taken_as_a_list_and_never_echoed() {
+        let s = Settings::load_from(
+            None,
+            &env(&[
+                (
+                    "PAYOUTS_GATEWAY__WEBHOOKS__SECRETS",
+                    "whsec_first_secret_value_1234567, whsec_second_secret_value_7654321",
+                ),
+                (
+                    "PAYOUTS_GATEWAY__STRIPE__WEBHOOK_SECRETS",
+                    "whsec_stripe_secret_value_12345",
+                ),
+            ]),
+        )
+        .unwrap();
+        use secrecy::ExposeSecret;
+        let got: Vec<&str> = s
+            .gateway
+            .webhooks
+            .secrets
+            .iter()
+            .map(|x| x.expose_secret())
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "whsec_first_secret_value_1234567",
+                "whsec_second_secret_value_7654321"
+            ]
+        );
+        assert_eq!(s.gateway.stripe.webhook_secrets.len(), 1);
+        // Any type error quotes no value.
+        let e = Settings::load_from(
+            None,
+            &env(&[("PAYOUTS_GATEWAY__WEBHOOKS__SECRETS", "[1, 2]")]),
+        );
+        if let Err(e) = e {
+            assert!(!format!("{e:#}").contains("[1, 2]"), "{e:#}");
+        }
+        let e = Settings::load_from(
+            None,
+            &env(&[("PAYOUTS_WORKER__CONCURRENCY", "whsec_not_a_number_secret")]),
+        )
+        .unwrap_err();
+        let e = format!("{e:#}");
+        assert!(!e.contains("whsec_not_a_number_secret"), "{e}");
+        assert!(e.contains("invalid configuration"), "{e}");
     }
 
     #[test]

@@ -252,7 +252,7 @@ pub static RECONCILE_LAST_RUN: LazyLock<IntGauge> = LazyLock::new(|| {
     )
 });
 /// Admin requests refused, by reason (`no_credentials`, `bad_credentials`,
-/// `forbidden`, `csrf`, `bad_input`). Panel: admin; a burst of bad credentials is worth a look.
+/// `forbidden`, `csrf`, `bad_input`, `locked_out`, `timeout`). Panel: admin; a burst of bad credentials is worth a look.
 pub static ADMIN_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec(
         "payout_admin_refused_total",
@@ -266,6 +266,15 @@ pub static ADMIN_ACTIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
         "payout_admin_actions_total",
         "Operator actions through the admin API, by action and result",
         &["action", "result"],
+    )
+});
+
+/// Connections the admin listener closed at once because `admin.max_connections`
+/// were open. Panel: admin; a steady rate is a flood or a leak.
+pub static HTTP_CONNECTIONS_REFUSED: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "payout_admin_connections_refused_total",
+        "Connections the admin listener closed because too many were open",
     )
 });
 
@@ -308,6 +317,7 @@ pub fn init() {
     LazyLock::force(&RECONCILE_MISMATCHES);
     LazyLock::force(&RECONCILE_LAST_RUN);
     LazyLock::force(&ADMIN_REFUSED);
+    LazyLock::force(&HTTP_CONNECTIONS_REFUSED);
     LazyLock::force(&ADMIN_ACTIONS);
     // Labelled series exist from the start at 0, so increase() sees their first event.
     let zero = |c: &IntCounterVec, labels: &[&str]| {

@@ -298,7 +298,8 @@ fn ids(page: &Value) -> Vec<i64> {
 
 #[tokio::test]
 async fn no_endpoint_but_health_and_metrics_answers_without_credentials() {
-    let a = Admin::start().await;
+    // Fifteen bad credentials below: more than the default lockout budget.
+    let a = Admin::start_with(&[("PAYOUTS_ADMIN__AUTH_FAILURES_PER_MINUTE", "100")]).await;
     let p = a.payee("acct_1", "USD").await;
     let id = a.failed(p, "account_closed").await;
     for path in ["/health", "/health/ready", "/metrics"] {
@@ -1027,6 +1028,211 @@ async fn bulk_retry_counts_first_then_retries_only_the_matching_failures() {
     }
     assert_eq!(a.status(other).await, "failed");
     assert!(a.queue.waiting().await.unwrap() >= 2);
+}
+
+/// Security finding 1: an empty or `null` body was a real retry of every
+/// failed payout (`BulkBody::default()` had `dry_run = false`), payouts that
+/// had been paid and then reversed included.
+#[tokio::test]
+async fn bulk_retry_is_a_dry_run_unless_asked_and_never_repays_a_reversed_payout() {
+    let a = Admin::start().await;
+    let p = a.payee("acct_bulk", "USD").await;
+    let plain = a.failed(p, "account_closed").await;
+    let reversed = a.failed(p, "account_closed").await;
+    // Paid, then reversed by the gateway: failed with its paid_at kept.
+    sqlx::query("UPDATE payouts SET paid_at = now(), gateway_transfer_id = 'tr_1' WHERE id = $1")
+        .bind(reversed)
+        .execute(a.pool())
+        .await
+        .unwrap();
+    let before = a.events().await;
+    for body in ["", "null", "{}", "{\"filter\": {}}"] {
+        let resp = a
+            .http
+            .post(format!("{}/api/v1/payouts/bulk-retry", a.base))
+            .bearer_auth(&a.admin)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "body {body:?}");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["dry_run"], true, "body {body:?} must be a dry run: {v}");
+        assert_eq!(v["matched"], 1, "the reversed payout is not counted: {v}");
+        assert_eq!(v["excluded_paid_before"], 1, "{v}");
+    }
+    assert_eq!(
+        a.events().await,
+        before,
+        "no body without dry_run false writes anything"
+    );
+    assert_eq!(a.status(plain).await, "failed");
+    // A real run must name a filter that narrows the failed set.
+    for filter in [json!({}), json!({"status": "failed"})] {
+        let (code, v) = a
+            .post(
+                "/api/v1/payouts/bulk-retry",
+                Some(&a.admin),
+                json!({"filter": filter, "dry_run": false}),
+            )
+            .await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{v}");
+        assert!(v.to_string().contains("filter"), "{v}");
+    }
+    assert_eq!(a.events().await, before);
+    let (code, done) = a
+        .post(
+            "/api/v1/payouts/bulk-retry",
+            Some(&a.admin),
+            json!({"filter": {"payee_id": p}, "dry_run": false}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "{done}");
+    assert_eq!(done["retried"], 1, "{done}");
+    assert_eq!(a.status(plain).await, "queued");
+    assert_eq!(
+        a.status(reversed).await,
+        "failed",
+        "a payout paid before is retried only by name"
+    );
+    // By name it can still be retried, on purpose.
+    let (code, one) = a
+        .post(
+            &format!("/api/v1/payouts/{reversed}/retry"),
+            Some(&a.admin),
+            json!({"reason": "gateway reversed it; payee fixed their account"}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "{one}");
+    assert_eq!(a.status(reversed).await, "queued");
+}
+
+/// Security finding 5: half a request header, or a body declared and never
+/// sent, held a connection open indefinitely, without credentials.
+#[tokio::test]
+async fn a_stalled_header_or_body_is_cut_off_by_the_listener() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a = Admin::start_with(&[
+        ("PAYOUTS_ADMIN__HEADER_READ_TIMEOUT_SECS", "1"),
+        ("PAYOUTS_ADMIN__REQUEST_TIMEOUT_SECS", "1"),
+    ])
+    .await;
+    let addr = a.base.trim_start_matches("http://").to_string();
+    // Half a header, then nothing: the server closes the connection.
+    let mut half = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    half.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        half.read_to_end(&mut buf),
+    )
+    .await;
+    assert!(read.is_ok(), "a half-sent header is still open after 20 s");
+    // A body declared and stalled, with valid credentials: 408.
+    let mut stalled = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /api/v1/payouts/bulk-retry HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"filter\"",
+        a.admin
+    );
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 64];
+    let n = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        stalled.read(&mut answer),
+    )
+    .await
+    .expect("a stalled body is still waiting after 20 s")
+    .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]).to_string();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    // The server still serves everyone else.
+    assert_eq!(a.get("/health", None).await.0, StatusCode::OK);
+}
+
+/// Security finding 5: 600 bad logins and bad bearer tokens in 5 s were all
+/// processed, each a Postgres round trip, none logged.
+#[tokio::test]
+async fn a_source_that_keeps_failing_to_authenticate_is_locked_out() {
+    let a = Admin::start_with(&[("PAYOUTS_ADMIN__AUTH_FAILURES_PER_MINUTE", "5")]).await;
+    let mut codes = Vec::new();
+    for _ in 0..8 {
+        codes.push(a.get("/api/v1/session", Some("pat_wrong")).await.0);
+    }
+    assert_eq!(&codes[..5], &[StatusCode::UNAUTHORIZED; 5], "{codes:?}");
+    assert_eq!(codes[7], StatusCode::TOO_MANY_REQUESTS, "{codes:?}");
+    // While locked out, even a valid token from that source waits.
+    let r = a
+        .http
+        .get(format!("{}/api/v1/session", a.base))
+        .bearer_auth(&a.admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    let wait: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(wait > 0 && wait <= 300, "{wait}");
+    // And so does the login form.
+    let login = a
+        .http
+        .post(format!("{}/login", a.base))
+        .form(&[("token", a.admin.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status(), StatusCode::TOO_MANY_REQUESTS);
+    let metrics = a
+        .http
+        .get(format!("{}/metrics", a.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let locked: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"payout_admin_refused_total{reason="locked_out"} "#))
+        .expect("locked_out is counted")
+        .parse()
+        .unwrap();
+    assert!(locked >= 3.0, "{locked}");
+}
+
+/// Security finding 5: no statement_timeout, so a viewer could keep the
+/// pool busy with wide queries. The admin pool cancels a long statement and
+/// the API says why.
+#[tokio::test]
+async fn the_admin_pool_cancels_a_statement_past_its_timeout() {
+    let db = TestDb::new().await;
+    let s = settings(
+        &db.url,
+        &redis_url(),
+        &unique("st"),
+        "http://127.0.0.1:9",
+        &[],
+    );
+    let pool = payouts::db::connect_with_statement_timeout(
+        &s.database,
+        std::time::Duration::from_millis(200),
+    )
+    .await
+    .unwrap();
+    let e = sqlx::query("SELECT pg_sleep(5)")
+        .execute(&pool)
+        .await
+        .unwrap_err();
+    let api: payouts::admin::ApiError = e.into();
+    assert!(matches!(api, payouts::admin::ApiError::TooSlow), "{api:?}");
+    let resp = axum::response::IntoResponse::into_response(api);
+    assert_eq!(resp.status().as_u16(), 503);
 }
 
 fn hook(secret: &str, t: i64, body: &str) -> String {

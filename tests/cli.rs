@@ -404,7 +404,18 @@ async fn the_admin_commands_match_the_dashboard_tokens_failures_bulk_retry_and_f
         ctl.fails(&["bulk-retry", "--status", "paid"])
             .contains("failed payouts only")
     );
-    let done = ctl.json(&["bulk-retry", "--failure-code", "account_closed"]);
+    // Without --execute it only counts; --execute needs a narrowing filter.
+    let plain = ctl.json(&["bulk-retry", "--failure-code", "account_closed"]);
+    assert_eq!(plain["dry_run"], true);
+    assert_eq!(ctl.json(&["summary"])["failed"], 3);
+    assert!(ctl.fails(&["bulk-retry", "--execute"]).contains("filter"));
+    assert_eq!(ctl.json(&["summary"])["failed"], 3);
+    let done = ctl.json(&[
+        "bulk-retry",
+        "--failure-code",
+        "account_closed",
+        "--execute",
+    ]);
     assert_eq!(done["retried"], 2);
     let summary = ctl.json(&["summary"]);
     assert_eq!(

@@ -143,7 +143,7 @@ fn payout_id(raw: &str) -> Result<i64, ApiError> {
     })
 }
 
-fn short(s: &str) -> String {
+pub(crate) fn short(s: &str) -> String {
     s.chars().take(40).collect()
 }
 
@@ -305,18 +305,17 @@ pub async fn action(
     ))
 }
 
-/// The body of a bulk retry.
+/// The body of a bulk retry. Nothing moves unless the body says
+/// `"dry_run": false` in so many words: a missing, empty or `null` body, or
+/// one without `dry_run`, is a dry run (security finding 1: the derived
+/// default used to retry everything).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BulkBody {
     #[serde(default)]
     filter: BTreeMap<String, Value>,
-    #[serde(default = "yes")]
-    dry_run: bool,
-}
-
-fn yes() -> bool {
-    true
+    #[serde(default)]
+    dry_run: Option<bool>,
 }
 
 fn filter_of(raw: &BTreeMap<String, Value>) -> Result<PayoutFilter, ApiError> {
@@ -343,9 +342,12 @@ fn filter_of(raw: &BTreeMap<String, Value>) -> Result<PayoutFilter, ApiError> {
     Ok(f)
 }
 
-/// `POST /api/v1/payouts/bulk-retry` (admin): with `dry_run` (the default)
-/// only counts the failed payouts the filter matches; without, retries them
-/// (at most `admin.bulk_max`) and pushes their jobs.
+/// `POST /api/v1/payouts/bulk-retry` (admin): a dry run (the default) only
+/// counts the failed payouts the filter matches; `"dry_run": false` with a
+/// filter that narrows the failed set retries them (at most
+/// `admin.bulk_max`) and pushes their jobs. Payouts that were paid before
+/// they failed (reversed, returned) are never part of a bulk retry: retrying
+/// one pays again, so it is done by name (`/payouts/{id}/retry`).
 pub async fn bulk_retry(
     State(s): State<AdminState>,
     Extension(c): Extension<Caller>,
@@ -355,12 +357,23 @@ pub async fn bulk_retry(
     let body: BulkBody = json_body(&body)?;
     let f = filter_of(&body.filter)?;
     let cap = s.settings.admin.bulk_max;
-    if body.dry_run {
+    if body.dry_run != Some(false) {
         let n = filter::count_failed(&s.pool, &f, cap).await?;
+        let excluded = filter::count_failed_after_paid(&s.pool, &f, cap).await?;
         return Ok(Json(json!({
             "dry_run": true, "matched": n.min(cap), "more_than_cap": n > cap, "cap": cap,
-            "filter": f.pairs(),
+            "excluded_paid_before": excluded, "filter": f.pairs(),
         })));
+    }
+    if !f.narrows_failed() {
+        metrics::ADMIN_ACTIONS
+            .with_label_values(&["bulk_retry", "refused"])
+            .inc();
+        return Err(ApiError::BadRequest(
+            "a bulk retry (dry_run false) needs a filter that narrows the failed payouts \
+             (payee_id, currency, failure_code or a time range); count first with a dry run"
+                .into(),
+        ));
     }
     let now = s.clock.now();
     let lease = now + chrono::Duration::seconds(s.settings.producer.queue_lease_secs as i64);

@@ -16,7 +16,9 @@ use axum::{
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
-use super::{AdminState, ApiError};
+use std::net::IpAddr;
+
+use super::{AdminState, ApiError, limits};
 use crate::{
     db::tokens::{self, Principal, Role},
     metrics,
@@ -93,13 +95,23 @@ fn bearer(headers: &HeaderMap) -> Option<Result<String, ()>> {
     }))
 }
 
-/// Resolves the caller of a request: `Ok(None)` when it carries no credentials.
-pub async fn caller(state: &AdminState, headers: &HeaderMap) -> Result<Option<Caller>, ApiError> {
+/// Resolves the caller of a request from `source`: `Ok(None)` when it
+/// carries no credentials. A source locked out by too many failed
+/// authentications is refused (429) before its token is looked up.
+pub async fn caller(
+    state: &AdminState,
+    headers: &HeaderMap,
+    source: IpAddr,
+) -> Result<Option<Caller>, ApiError> {
     let now = state.clock.now();
     if let Some(token) = bearer(headers) {
+        if let Some(wait) = state.lockout.locked(source) {
+            return Err(locked_out(source, wait));
+        }
         let Ok(token) = token else {
-            return Err(refused(
-                "bad_credentials",
+            return Err(failed_auth(
+                state,
+                source,
                 "the Authorization header must be `Bearer <token>`",
             ));
         };
@@ -108,8 +120,9 @@ pub async fn caller(state: &AdminState, headers: &HeaderMap) -> Result<Option<Ca
                 principal,
                 via: Via::Bearer,
             })),
-            None => Err(refused(
-                "bad_credentials",
+            None => Err(failed_auth(
+                state,
+                source,
                 "the token is not valid or was revoked",
             )),
         };
@@ -122,6 +135,7 @@ pub async fn caller(state: &AdminState, headers: &HeaderMap) -> Result<Option<Ca
             })),
             None => Err(refused(
                 "bad_credentials",
+                source,
                 "the session has expired or its token was revoked; log in again",
             )),
         };
@@ -129,9 +143,41 @@ pub async fn caller(state: &AdminState, headers: &HeaderMap) -> Result<Option<Ca
     Ok(None)
 }
 
-fn refused(reason: &'static str, msg: &str) -> ApiError {
+/// A refusal: counted by reason and logged with its source (never the
+/// credential).
+fn refused(reason: &'static str, source: IpAddr, msg: &str) -> ApiError {
     metrics::ADMIN_REFUSED.with_label_values(&[reason]).inc();
+    tracing::warn!(%source, reason, "admin request refused: {msg}");
     ApiError::Unauthorized(msg.to_string())
+}
+
+/// A bad bearer token or login: refused, and counted against the source's
+/// failure budget (which may lock it out).
+fn failed_auth(state: &AdminState, source: IpAddr, msg: &str) -> ApiError {
+    if state.lockout.failed(source) {
+        tracing::warn!(%source, lockout_secs = state.settings.admin.lockout_secs, "source locked out after too many failed authentications");
+    }
+    refused("bad_credentials", source, msg)
+}
+
+fn locked_out(source: IpAddr, wait: std::time::Duration) -> ApiError {
+    metrics::ADMIN_REFUSED
+        .with_label_values(&["locked_out"])
+        .inc();
+    tracing::warn!(%source, "admin request refused: source locked out");
+    ApiError::TooManyRequests {
+        message: "too many failed authentications from this address; try again later".into(),
+        retry_after: wait.as_secs().max(1),
+    }
+}
+
+/// The request's source, as [`limits::source`] reads it with this server's settings.
+pub fn source_of(state: &AdminState, req: &Request) -> IpAddr {
+    limits::source(
+        req.extensions(),
+        req.headers(),
+        &state.settings.admin.client_ip_header,
+    )
 }
 
 /// Middleware of every API route: a caller or 401; and, for a browser
@@ -141,11 +187,13 @@ pub async fn authenticate(
     mut req: Request,
     next: Next,
 ) -> Response {
-    let caller = match caller(&state, req.headers()).await {
+    let source = source_of(&state, &req);
+    let caller = match caller(&state, req.headers(), source).await {
         Ok(Some(c)) => c,
         Ok(None) => {
             return refused(
                 "no_credentials",
+                source,
                 "credentials required: `Authorization: Bearer <token>` or a dashboard session",
             )
             .into_response();
@@ -161,6 +209,7 @@ pub async fn authenticate(
             .unwrap_or_default();
         if !safe && !bool::from(sent.ct_eq(csrf.as_bytes())) {
             metrics::ADMIN_REFUSED.with_label_values(&["csrf"]).inc();
+            tracing::warn!(%source, token = %caller.principal.name, "admin request refused: missing or wrong CSRF token");
             return ApiError::Forbidden(
                 "missing or wrong X-CSRF-Token for this session (GET /api/v1/session gives it)"
                     .into(),
@@ -226,12 +275,22 @@ fn session_cookie(state: &AdminState, value: &str, max_age: i64) -> HeaderValue 
 /// or back to the form with `?error=1`.
 pub async fn login(
     State(state): State<AdminState>,
+    connect: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
     headers: HeaderMap,
     Form(form): Form<LoginForm>,
 ) -> Result<Response, ApiError> {
+    let mut ext = axum::http::Extensions::new();
+    if let Some(axum::Extension(c)) = connect {
+        ext.insert(c);
+    }
+    let source = limits::source(&ext, &headers, &state.settings.admin.client_ip_header);
     if cross_site(&headers) {
         metrics::ADMIN_REFUSED.with_label_values(&["csrf"]).inc();
+        tracing::warn!(%source, "login refused: cross-site Origin");
         return Err(ApiError::Forbidden("cross-site login refused".into()));
+    }
+    if let Some(wait) = state.lockout.locked(source) {
+        return Err(locked_out(source, wait));
     }
     let now = state.clock.now();
     let token = form.token.trim();
@@ -241,9 +300,7 @@ pub async fn login(
         tokens::authenticate(&state.pool, token, now).await?
     };
     let Some(principal) = principal else {
-        metrics::ADMIN_REFUSED
-            .with_label_values(&["bad_credentials"])
-            .inc();
+        let _ = failed_auth(&state, source, "login with a token that is not valid");
         return Ok(Redirect::to("/login?error=1").into_response());
     };
     let ttl = state.settings.admin.session_ttl_secs as i64;

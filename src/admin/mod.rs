@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod limits;
 pub mod overview;
 
 use std::{net::SocketAddr, sync::Arc};
@@ -47,6 +48,8 @@ pub struct AdminState {
     pub clock: SharedClock,
     /// The shared overview.
     pub overview: Arc<overview::Cache>,
+    /// Failed-authentication budgets and lockouts, per source.
+    pub lockout: Arc<limits::Lockout>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -60,10 +63,15 @@ impl std::fmt::Debug for AdminState {
 impl AdminState {
     /// The state over a pool, a queue and settings.
     pub fn new(pool: PgPool, queue: Queue, settings: Arc<Settings>, clock: SharedClock) -> Self {
+        let lockout = Arc::new(limits::Lockout::new(
+            settings.admin.auth_failures_per_minute,
+            std::time::Duration::from_secs(settings.admin.lockout_secs),
+        ));
         AdminState {
             pool,
             queue,
             settings,
+            lockout,
             clock,
             overview: Arc::default(),
         }
@@ -94,6 +102,17 @@ pub enum ApiError {
         /// The payout's status now.
         status: Option<String>,
     },
+    /// 429: the source is locked out after too many failed authentications.
+    #[error("{message}")]
+    TooManyRequests {
+        /// Why.
+        message: String,
+        /// Seconds until the lockout ends.
+        retry_after: u64,
+    },
+    /// 503: the query ran past `admin.statement_timeout_ms` (a filter too wide).
+    #[error("the query took too long")]
+    TooSlow,
     /// 503: a dependency failed (logged; the caller gets a generic message).
     #[error("unavailable: {0}")]
     Unavailable(#[from] anyhow::Error),
@@ -101,7 +120,22 @@ pub enum ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
-        ApiError::Unavailable(anyhow::Error::new(e))
+        let code = e
+            .as_database_error()
+            .and_then(|d| d.code())
+            .map(|c| c.into_owned());
+        match code.as_deref() {
+            // query_canceled: admin.statement_timeout_ms ran out.
+            Some("57014") => ApiError::TooSlow,
+            // A NUL byte or a value Postgres cannot store (22021, 22P05), or
+            // a value longer than its column (22001): the input is wrong, not
+            // the database.
+            Some("22021" | "22P05") => ApiError::BadRequest(
+                "a value contains a NUL byte or a character that cannot be stored".into(),
+            ),
+            Some("22001") => ApiError::BadRequest("a value is longer than allowed".into()),
+            _ => ApiError::Unavailable(anyhow::Error::new(e)),
+        }
     }
 }
 
@@ -121,6 +155,19 @@ impl IntoResponse for ApiError {
                 StatusCode::CONFLICT,
                 json!({"error": message, "status": status}),
             ),
+            ApiError::TooManyRequests { message, .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, json!({"error": message}))
+            }
+            ApiError::TooSlow => {
+                crate::metrics::ADMIN_REFUSED
+                    .with_label_values(&["statement_timeout"])
+                    .inc();
+                tracing::warn!("admin query cancelled by admin.statement_timeout_ms");
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    json!({"error": "the query took longer than the server allows (admin.statement_timeout_ms); narrow the filter or the time range"}),
+                )
+            }
             ApiError::Unavailable(e) => {
                 tracing::error!(error = %format!("{e:#}"), "admin request failed");
                 (
@@ -130,6 +177,12 @@ impl IntoResponse for ApiError {
             }
         };
         let mut resp = (code, Json(body)).into_response();
+        if let ApiError::TooManyRequests { retry_after, .. } = &self {
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_str(&retry_after.to_string()).expect("digits"),
+            );
+        }
         if code == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -269,22 +322,57 @@ pub async fn serve(
         .await
         .map_err(|e| anyhow::anyhow!("failed to bind {addr}: {e}"))?;
     let bound = listener.local_addr()?;
-    let app = router(state.clone()).merge(crate::server::router(
-        state.pool.clone(),
-        state.queue.conn(),
+    let a = &state.settings.admin;
+    let limits = crate::server::HttpLimits {
+        header_read: std::time::Duration::from_secs(a.header_read_timeout_secs),
+        max_connections: a.max_connections,
+    };
+    let request_timeout = std::time::Duration::from_secs(a.request_timeout_secs);
+    let app = router(state.clone())
+        .merge(crate::server::router(
+            state.pool.clone(),
+            state.queue.conn(),
+        ))
+        // Inner to outer: at most `max_in_flight` handled at once (the rest
+        // wait), and the whole request, body and waiting included, within
+        // `request_timeout_secs` or a 408 (a body declared and never sent
+        // used to hold its connection for ever).
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            a.max_in_flight,
+        ))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            request_timeout,
+        ))
+        .layer(middleware::from_fn(timed_out));
+    let handle = tokio::spawn(crate::server::serve_hardened(
+        listener, app, limits, shutdown,
     ));
-    let handle = tokio::spawn(async move {
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-    });
     Ok((bound, handle))
+}
+
+/// Counts and logs the requests the timeout layer answered 408.
+async fn timed_out(req: axum::extract::Request, next: middleware::Next) -> Response {
+    let source = limits::source(req.extensions(), req.headers(), "");
+    let path = req.uri().path().to_string();
+    let resp = next.run(req).await;
+    if resp.status() == StatusCode::REQUEST_TIMEOUT {
+        crate::metrics::ADMIN_REFUSED
+            .with_label_values(&["timeout"])
+            .inc();
+        tracing::warn!(%source, path = %api::short(&path), "request refused: it took longer than admin.request_timeout_secs");
+    }
+    resp
 }
 
 /// The `payout-admin` process: serves until `shutdown`.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     crate::metrics::init();
-    let pool = crate::db::connect(&settings.database).await?;
+    let pool = crate::db::connect_with_statement_timeout(
+        &settings.database,
+        std::time::Duration::from_millis(settings.admin.statement_timeout_ms),
+    )
+    .await?;
     let conn = crate::queue::connect(&settings.redis).await?;
     let queue = Queue::from_settings(conn, &settings);
     let listen = settings.admin.listen;

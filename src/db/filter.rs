@@ -156,6 +156,19 @@ impl PayoutFilter {
         Ok(())
     }
 
+    /// Whether the filter narrows the failed payouts at all (a status of
+    /// `failed` alone, or only a paid-time range, does not: bulk retry
+    /// leaves out payouts paid before anyway). A real bulk retry needs one.
+    pub fn narrows_failed(&self) -> bool {
+        self.payee_id.is_some()
+            || self.currency.is_some()
+            || self.failure_code.is_some()
+            || self.created_from.is_some()
+            || self.created_to.is_some()
+            || self.due_from.is_some()
+            || self.due_to.is_some()
+    }
+
     /// The filter as query-string pairs (for links and the CLI's JSON).
     pub fn pairs(&self) -> BTreeMap<&'static str, String> {
         let mut m = BTreeMap::new();
@@ -291,7 +304,27 @@ pub async fn count_failed(pool: &PgPool, filter: &PayoutFilter, cap: i64) -> sql
     f.status = Some(PayoutStatus::Failed);
     let mut q = QueryBuilder::new("SELECT count(*) FROM (SELECT id FROM payouts");
     f.push_where(&mut q);
-    q.push(" LIMIT ").push_bind(cap + 1).push(") m");
+    q.push(" AND paid_at IS NULL LIMIT ")
+        .push_bind(cap + 1)
+        .push(") m");
+    q.build_query_scalar().fetch_one(pool).await
+}
+
+/// How many failed payouts matching `filter` were paid before they failed
+/// (reversed or returned; `paid_at` is kept): left out of every bulk retry,
+/// since retrying one pays again. Counted up to `cap + 1`.
+pub async fn count_failed_after_paid(
+    pool: &PgPool,
+    filter: &PayoutFilter,
+    cap: i64,
+) -> sqlx::Result<i64> {
+    let mut f = filter.clone();
+    f.status = Some(PayoutStatus::Failed);
+    let mut q = QueryBuilder::new("SELECT count(*) FROM (SELECT id FROM payouts");
+    f.push_where(&mut q);
+    q.push(" AND paid_at IS NOT NULL LIMIT ")
+        .push_bind(cap + 1)
+        .push(") m");
     q.build_query_scalar().fetch_one(pool).await
 }
 
@@ -311,7 +344,7 @@ pub async fn bulk_retry(
     f.status = Some(PayoutStatus::Failed);
     let mut q = QueryBuilder::new("WITH pick AS (SELECT id FROM payouts");
     f.push_where(&mut q);
-    q.push(" ORDER BY id LIMIT ")
+    q.push(" AND paid_at IS NULL ORDER BY id LIMIT ")
         .push_bind(cap)
         .push(" FOR UPDATE SKIP LOCKED), upd AS (UPDATE payouts p SET status = 'queued', lease_until = ")
         .push_bind(lease_until)
@@ -319,7 +352,7 @@ pub async fn bulk_retry(
         .push_bind(now)
         .push(
             ", retry_base = p.attempt, next_attempt_at = NULL
-             FROM pick WHERE p.id = pick.id AND p.status = 'failed'
+             FROM pick WHERE p.id = pick.id AND p.status = 'failed' AND p.paid_at IS NULL
              RETURNING p.id, p.attempt),
              ev AS (INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
                     SELECT id, 'failed', 'queued', ",

@@ -32,6 +32,26 @@ pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
         .context("failed to connect to Postgres")
 }
 
+/// Opens a pool whose statements are cancelled after `statement_timeout`
+/// (the admin server's: a wide dashboard query cannot hold the pool).
+pub async fn connect_with_statement_timeout(
+    settings: &DatabaseSettings,
+    statement_timeout: Duration,
+) -> anyhow::Result<PgPool> {
+    let options: sqlx::postgres::PgConnectOptions = settings
+        .url
+        .expose_secret()
+        .parse()
+        .context("failed to parse the Postgres URL")?;
+    let ms = statement_timeout.as_millis().to_string();
+    PgPoolOptions::new()
+        .max_connections(settings.max_connections)
+        .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
+        .connect_with(options.options([("statement_timeout", ms.as_str())]))
+        .await
+        .context("failed to connect to Postgres")
+}
+
 /// Applies pending migrations.
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     MIGRATOR

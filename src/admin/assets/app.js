@@ -831,6 +831,14 @@
     button.setAttribute('aria-busy', 'true');
     const filter = {};
     for (const k of FILTER_KEYS) if (filters[k]) filter[k] = String(filters[k]);
+    // The server refuses a bulk retry that does not narrow the failed set.
+    const narrowing = ['payee_id', 'currency', 'failure_code', 'created_from', 'created_to', 'due_from', 'due_to'];
+    if (!narrowing.some((k) => filter[k])) {
+      showNotice('Choose a payee, currency, failure code or time range first: a bulk retry of every failed payout is refused.');
+      button.disabled = false;
+      button.removeAttribute('aria-busy');
+      return;
+    }
     try {
       const dry = await api('/api/v1/payouts/bulk-retry', { method: 'POST', body: { filter, dry_run: true } });
       if (!dry.matched) {
