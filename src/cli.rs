@@ -415,7 +415,7 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
                 .await?
         }
         Command::Token(cmd) => {
-            crate::cli_admin::token(&pool, cmd, cli.json, clock.now(), out).await?
+            crate::cli_admin::token(&pool, cmd, &actor, cli.json, clock.now(), out).await?
         }
         Command::Retry { id } => {
             let conn = crate::queue::connect(&settings.redis).await?;

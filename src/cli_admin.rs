@@ -32,6 +32,9 @@ pub enum TokenCommand {
         /// viewer (read), operator (retry, cancel, enqueue, post earnings) or admin (also bulk actions, tokens).
         #[arg(long)]
         role: String,
+        /// Let it stop working after this many days (default: until revoked).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=3650))]
+        expires_in_days: Option<u32>,
     },
     /// List tokens (never the tokens themselves).
     List,
@@ -122,14 +125,21 @@ pub struct BulkRetryArgs {
 pub async fn token(
     pool: &PgPool,
     cmd: TokenCommand,
+    actor: &str,
     json_out: bool,
     now: chrono::DateTime<chrono::Utc>,
     out: &mut (dyn Write + Send),
 ) -> anyhow::Result<()> {
     match cmd {
-        TokenCommand::Create { name, role } => {
+        TokenCommand::Create {
+            name,
+            role,
+            expires_in_days,
+        } => {
             let role: Role = role.parse().map_err(anyhow::Error::msg)?;
-            let (id, token) = tokens::create(pool, &name, role).await?;
+            let expires_at = expires_in_days.map(|d| now + chrono::Duration::days(i64::from(d)));
+            let (id, token) =
+                tokens::issue(pool, &name, role, expires_at, actor, None, now).await?;
             if json_out {
                 writeln!(
                     out,
@@ -173,7 +183,7 @@ pub async fn token(
             }
         }
         TokenCommand::Revoke { name } => {
-            if !tokens::revoke(pool, &name, now).await? {
+            if !tokens::revoke_by(pool, &name, now, actor, None).await? {
                 bail!("no live token named {name:?}");
             }
             if json_out {

@@ -41,6 +41,8 @@ pub struct AdminSettings {
     pub listen: std::net::SocketAddr,
     /// How long a browser session lasts after its login, in seconds.
     pub session_ttl_secs: u64,
+    /// A browser session unused for this long ends, in seconds.
+    pub session_idle_secs: u64,
     /// Mark the session cookie `Secure` (browsers also send it to http://localhost).
     pub cookie_secure: bool,
     /// How long one computation of the fleet overview is served to every viewer, in ms.
@@ -426,7 +428,7 @@ impl Settings {
             ),
         ];
         let admin = &self.admin;
-        let listener: [(bool, &str); 6] = [
+        let listener: [(bool, &str); 7] = [
             (
                 (1..=300).contains(&admin.header_read_timeout_secs),
                 "admin.header_read_timeout_secs must be 1..=300",
@@ -438,6 +440,10 @@ impl Settings {
             (
                 admin.max_connections >= 1 && admin.max_in_flight >= 1,
                 "admin.max_connections and admin.max_in_flight must be >= 1",
+            ),
+            (
+                (60..=86_400).contains(&admin.session_idle_secs),
+                "admin.session_idle_secs must be 60..=86400",
             ),
             (
                 admin.statement_timeout_ms >= 100,

@@ -259,6 +259,7 @@ impl Admin {
         for flag in ["HttpOnly", "SameSite=Strict", "Secure", "Path=/"] {
             assert!(set.contains(flag), "cookie without {flag}: {set}");
         }
+        assert!(set.starts_with("__Host-payouts_session="), "{set}");
         let cookie = set.split(';').next().unwrap().to_string();
         let r = self
             .http
@@ -1187,7 +1188,26 @@ async fn a_source_that_keeps_failing_to_authenticate_is_locked_out() {
         .send()
         .await
         .unwrap();
-    assert_eq!(login.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(login.status(), StatusCode::SEE_OTHER);
+    assert_eq!(login.headers()["location"], "/login?error=locked");
+    // The login page carries no inline script: its CSP allows none.
+    let page = a
+        .http
+        .get(format!("{}/login", a.base))
+        .send()
+        .await
+        .unwrap();
+    let csp = page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let script = csp
+        .split(';')
+        .map(str::trim)
+        .find(|d| d.starts_with("script-src"));
+    assert!(script == Some("script-src 'self'"), "{csp}");
+    assert!(!page.text().await.unwrap().contains("<script>"));
+    assert_eq!(a.get("/login.js", None).await.0, StatusCode::OK);
     let metrics = a
         .http
         .get(format!("{}/metrics", a.base))
@@ -1233,6 +1253,134 @@ async fn the_admin_pool_cancels_a_statement_past_its_timeout() {
     assert!(matches!(api, payouts::admin::ApiError::TooSlow), "{api:?}");
     let resp = axum::response::IntoResponse::into_response(api);
     assert_eq!(resp.status().as_u16(), 503);
+}
+
+/// Security finding 6: tokens never expired, sessions had no idle timeout,
+/// a revoked token's name could be reused with another role, and token
+/// changes left no row in the database.
+#[tokio::test]
+async fn tokens_expire_names_are_never_reused_sessions_idle_out_and_changes_are_audited() {
+    let a = Admin::start().await;
+    let soon = (Utc::now() + Duration::hours(1)).to_rfc3339();
+    let (code, made) = a
+        .post(
+            "/api/v1/tokens",
+            Some(&a.admin),
+            json!({"name": "temp", "role": "viewer", "expires_at": soon}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{made}");
+    let temp = made["token"].as_str().unwrap().to_string();
+    assert_eq!(
+        a.get("/api/v1/session", Some(&temp)).await.0,
+        StatusCode::OK
+    );
+    // An hour and a minute later the token no longer works.
+    let later = Utc::now() + Duration::minutes(61);
+    assert!(
+        tokens::authenticate(a.pool(), &temp, later)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        tokens::authenticate(a.pool(), &temp, Utc::now())
+            .await
+            .unwrap()
+            .is_some()
+    );
+    // An expiry in the past is refused.
+    let (code, _) = a
+        .post(
+            "/api/v1/tokens",
+            Some(&a.admin),
+            json!({"name": "stale", "role": "viewer", "expires_at": "2020-01-01T00:00:00Z"}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::BAD_REQUEST);
+    // Revoked, its name is never given to another credential.
+    let r = a
+        .http
+        .delete(format!("{}/api/v1/tokens/temp", a.base))
+        .bearer_auth(&a.admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let (code, again) = a
+        .post(
+            "/api/v1/tokens",
+            Some(&a.admin),
+            json!({"name": "temp", "role": "admin"}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CONFLICT, "{again}");
+    assert!(again["error"].as_str().unwrap().contains("never reused"));
+    // Both changes are in the audit log, with who and from where.
+    let (code, audit) = a.get("/api/v1/audit", Some(&a.admin)).await;
+    assert_eq!(code, StatusCode::OK);
+    let rows: Vec<(String, String, String, Option<String>)> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["target"] == "temp")
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap().to_string(),
+                e["actor"].as_str().unwrap().to_string(),
+                e["target"].as_str().unwrap().to_string(),
+                e["source"].as_str().map(str::to_string),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            (
+                "token.revoke".into(),
+                "operator:ada".into(),
+                "temp".into(),
+                Some("127.0.0.1".into())
+            ),
+            (
+                "token.create".into(),
+                "operator:ada".into(),
+                "temp".into(),
+                Some("127.0.0.1".into())
+            ),
+        ]
+    );
+    assert!(
+        !audit.to_string().contains(&temp),
+        "the audit log holds no secret"
+    );
+    assert_eq!(
+        a.get("/api/v1/audit", Some(&a.operator)).await.0,
+        StatusCode::FORBIDDEN
+    );
+    // A session used within its idle time lives on; one left idle ends.
+    let (cookie, _) = a.login(&a.viewer).await;
+    let value = cookie.split_once('=').unwrap().1;
+    let idle = Duration::minutes(30);
+    let t0 = Utc::now();
+    assert!(
+        tokens::session(a.pool(), value, t0 + Duration::minutes(20), idle)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        tokens::session(a.pool(), value, t0 + Duration::minutes(45), idle)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        tokens::session(a.pool(), value, t0 + Duration::minutes(80), idle)
+            .await
+            .unwrap()
+            .is_none()
+    );
 }
 
 fn hook(secret: &str, t: i64, body: &str) -> String {

@@ -13,7 +13,7 @@ use axum::{
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::{AdminState, ApiError, auth::Caller, auth::Via};
+use super::{AdminState, ApiError, auth::Caller, auth::Source, auth::Via};
 use crate::{
     db::{
         events::{self, PayoutEvent},
@@ -410,45 +410,66 @@ pub async fn tokens(
 struct NewToken {
     name: String,
     role: String,
+    /// When it stops working (RFC 3339); none: until revoked.
+    #[serde(default)]
+    expires_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
-/// `POST /api/v1/tokens` (admin): a new token, shown once.
+/// `POST /api/v1/tokens` (admin): a new token, shown once; audited.
 pub async fn create_token(
     State(s): State<AdminState>,
     Extension(c): Extension<Caller>,
+    Extension(source): Extension<Source>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     c.require(Role::Admin)?;
     let body: NewToken = json_body(&body)?;
     let role: Role = body.role.parse().map_err(ApiError::BadRequest)?;
-    match tokens::create(&s.pool, &body.name, role).await {
+    let src = source.0.to_string();
+    let now = s.clock.now();
+    match tokens::issue(
+        &s.pool,
+        &body.name,
+        role,
+        body.expires_at,
+        &c.actor(),
+        Some(&src),
+        now,
+    )
+    .await
+    {
         Ok((id, token)) => {
             tracing::info!(actor = %c.actor(), name = %body.name, %role, "token created");
             Ok((
                 StatusCode::CREATED,
-                Json(json!({"id": id, "name": body.name, "role": role, "token": token})),
+                Json(
+                    json!({"id": id, "name": body.name, "role": role, "token": token,
+                            "expires_at": body.expires_at}),
+                ),
             )
                 .into_response())
         }
-        Err(tokens::TokenError::NameTaken(n)) => Err(ApiError::Conflict {
-            message: format!("a live token named {n:?} exists; revoke it first"),
+        Err(e @ tokens::TokenError::NameTaken(_)) => Err(ApiError::Conflict {
+            message: e.to_string(),
             status: None,
         }),
-        Err(tokens::TokenError::BadName(n)) => Err(ApiError::BadRequest(
-            tokens::TokenError::BadName(n).to_string(),
-        )),
+        Err(e @ (tokens::TokenError::BadName(_) | tokens::TokenError::BadExpiry)) => {
+            Err(ApiError::BadRequest(e.to_string()))
+        }
         Err(tokens::TokenError::Db(e)) => Err(e.into()),
     }
 }
 
-/// `DELETE /api/v1/tokens/{name}` (admin): revokes it and ends its sessions.
+/// `DELETE /api/v1/tokens/{name}` (admin): revokes it and ends its sessions; audited.
 pub async fn revoke_token(
     State(s): State<AdminState>,
     Extension(c): Extension<Caller>,
+    Extension(source): Extension<Source>,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     c.require(Role::Admin)?;
-    if tokens::revoke(&s.pool, &name, s.clock.now()).await? {
+    let src = source.0.to_string();
+    if tokens::revoke_by(&s.pool, &name, s.clock.now(), &c.actor(), Some(&src)).await? {
         tracing::info!(actor = %c.actor(), %name, "token revoked");
         Ok(Json(json!({"revoked": name})))
     } else {
@@ -457,6 +478,16 @@ pub async fn revoke_token(
             short(&name)
         )))
     }
+}
+
+/// `GET /api/v1/audit` (admin): the newest administrative changes.
+pub async fn audit(
+    State(s): State<AdminState>,
+    Extension(c): Extension<Caller>,
+) -> Result<Json<Value>, ApiError> {
+    c.require(Role::Admin)?;
+    let entries = crate::db::audit::recent(&s.pool, 200).await?;
+    Ok(Json(json!({"entries": entries})))
 }
 
 #[cfg(test)]

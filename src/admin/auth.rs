@@ -24,10 +24,29 @@ use crate::{
     metrics,
 };
 
-/// The session cookie's name.
-pub const COOKIE: &str = "payouts_session";
+/// The session cookie's name when it is `Secure` (`admin.cookie_secure`,
+/// the default): the `__Host-` prefix makes browsers refuse it unless it is
+/// Secure, host-only and `Path=/`, so no subdomain can plant or shadow it.
+pub const COOKIE: &str = "__Host-payouts_session";
+/// Its name without `Secure` (plain-HTTP development), where browsers refuse
+/// the prefix.
+pub const COOKIE_PLAIN: &str = "payouts_session";
+
+/// The cookie name in force.
+pub fn cookie_name(state: &AdminState) -> &'static str {
+    if state.settings.admin.cookie_secure {
+        COOKIE
+    } else {
+        COOKIE_PLAIN
+    }
+}
 /// The header that carries the CSRF secret.
 pub const CSRF_HEADER: &str = "x-csrf-token";
+
+/// The request's source address (a request extension after [`authenticate`]),
+/// for audit rows and refusal logs.
+#[derive(Debug, Clone, Copy)]
+pub struct Source(pub IpAddr);
 
 /// How the caller proved who they are.
 #[derive(Debug, Clone)]
@@ -72,14 +91,14 @@ impl Caller {
     }
 }
 
-fn cookie_value(headers: &HeaderMap) -> Option<String> {
+fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == COOKIE)
+        .find(|(k, _)| *k == name)
         .map(|(_, v)| v.to_string())
         .filter(|v| !v.is_empty() && v.len() <= 128)
 }
@@ -127,8 +146,8 @@ pub async fn caller(
             )),
         };
     }
-    if let Some(cookie) = cookie_value(headers) {
-        return match tokens::session(&state.pool, &cookie, now).await? {
+    if let Some(cookie) = cookie_value(headers, cookie_name(state)) {
+        return match tokens::session(&state.pool, &cookie, now, idle(state)).await? {
             Some((principal, csrf)) => Ok(Some(Caller {
                 principal,
                 via: Via::Session { csrf },
@@ -141,6 +160,10 @@ pub async fn caller(
         };
     }
     Ok(None)
+}
+
+fn idle(state: &AdminState) -> chrono::Duration {
+    chrono::Duration::seconds(state.settings.admin.session_idle_secs as i64)
 }
 
 /// A refusal: counted by reason and logged with its source (never the
@@ -218,6 +241,7 @@ pub async fn authenticate(
         }
     }
     req.extensions_mut().insert(caller);
+    req.extensions_mut().insert(Source(source));
     let mut resp = next.run(req).await;
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -266,7 +290,8 @@ fn session_cookie(state: &AdminState, value: &str, max_age: i64) -> HeaderValue 
         ""
     };
     HeaderValue::from_str(&format!(
-        "{COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}"
+        "{}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}",
+        cookie_name(state)
     ))
     .expect("hex cookie value")
 }
@@ -290,7 +315,9 @@ pub async fn login(
         return Err(ApiError::Forbidden("cross-site login refused".into()));
     }
     if let Some(wait) = state.lockout.locked(source) {
-        return Err(locked_out(source, wait));
+        // A browser posted the form: back to it, with the reason shown.
+        let _ = locked_out(source, wait);
+        return Ok(Redirect::to("/login?error=locked").into_response());
     }
     let now = state.clock.now();
     let token = form.token.trim();
@@ -307,6 +334,7 @@ pub async fn login(
     let (cookie, _csrf) = tokens::open_session(
         &state.pool,
         &principal,
+        now,
         now + chrono::Duration::seconds(ttl),
     )
     .await?;
@@ -322,7 +350,7 @@ pub async fn logout(
     State(state): State<AdminState>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    if let Some(cookie) = cookie_value(&headers) {
+    if let Some(cookie) = cookie_value(&headers, cookie_name(&state)) {
         tokens::close_session(&state.pool, &cookie, state.clock.now()).await?;
     }
     let mut resp = Redirect::to("/login").into_response();
@@ -334,9 +362,9 @@ pub async fn logout(
 /// Middleware of the dashboard's own files: a live session, or a redirect to
 /// the login page (bearer tokens are for the API, not for pages).
 pub async fn page_session(State(state): State<AdminState>, req: Request, next: Next) -> Response {
-    let ok = match cookie_value(req.headers()) {
+    let ok = match cookie_value(req.headers(), cookie_name(&state)) {
         Some(cookie) => matches!(
-            tokens::session(&state.pool, &cookie, state.clock.now()).await,
+            tokens::session(&state.pool, &cookie, state.clock.now(), idle(&state)).await,
             Ok(Some(_))
         ),
         None => false,
@@ -362,13 +390,14 @@ mod tests {
 
     #[test]
     fn reads_the_session_cookie_among_others() {
-        let h = headers(&[("cookie", "a=1; payouts_session=abc; b=2")]);
-        assert_eq!(cookie_value(&h).as_deref(), Some("abc"));
+        let h = headers(&[("cookie", "a=1; __Host-payouts_session=abc; b=2")]);
+        assert_eq!(cookie_value(&h, COOKIE).as_deref(), Some("abc"));
+        assert_eq!(cookie_value(&h, COOKIE_PLAIN), None);
         assert_eq!(
-            cookie_value(&headers(&[("cookie", "payouts_session=")])),
+            cookie_value(&headers(&[("cookie", "__Host-payouts_session=")]), COOKIE),
             None
         );
-        assert_eq!(cookie_value(&HeaderMap::new()), None);
+        assert_eq!(cookie_value(&HeaderMap::new(), COOKIE), None);
     }
 
     #[test]

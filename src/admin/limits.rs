@@ -89,7 +89,7 @@ pub fn source(extensions: &Extensions, headers: &HeaderMap, client_ip_header: &s
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .filter_map(|a| a.trim().parse::<IpAddr>().ok())
-            .last();
+            .next_back();
         if let Some(ip) = forwarded {
             return ip;
         }

@@ -1,6 +1,7 @@
 //! Postgres repositories: every SQL statement on a table lives in that
 //! table's module. Time is always passed in (the clock seam), never `now()`.
 
+pub mod audit;
 pub mod batch;
 pub mod earnings;
 pub mod events;

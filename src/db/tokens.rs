@@ -70,6 +70,8 @@ pub struct TokenInfo {
     pub last_used_at: Option<DateTime<Utc>>,
     /// Revoked, if it was.
     pub revoked_at: Option<DateTime<Utc>>,
+    /// When it stops working, if it was given an end.
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 /// Who a request acts as.
@@ -96,9 +98,13 @@ pub enum TokenError {
     /// The name breaks the rule.
     #[error("token name must be 1 to 64 characters of A-Z a-z 0-9 _ . @ -, got {0:?}")]
     BadName(String),
-    /// A live token already has the name.
-    #[error("a live token named {0:?} exists; revoke it first")]
+    /// A token (live or revoked) already had the name: names are never
+    /// reused, so an actor name in a history always means one credential.
+    #[error("a token named {0:?} exists or existed; token names are never reused, pick another")]
     NameTaken(String),
+    /// The expiry is not in the future.
+    #[error("a token's expiry must be in the future")]
+    BadExpiry,
     /// The database failed.
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
@@ -122,41 +128,87 @@ fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"_.@-".contains(&b))
 }
 
-/// Creates a token; returns its id and the token (shown once, stored hashed).
+/// Creates a token that never expires, recorded in the audit log as made by
+/// `system`; returns its id and the token (shown once, stored hashed).
 pub async fn create(pool: &PgPool, name: &str, role: Role) -> Result<(i64, String), TokenError> {
+    issue(pool, name, role, None, "system", None, Utc::now()).await
+}
+
+/// Creates a token (optionally expiring) for `actor`, with its audit row in
+/// the same transaction; returns its id and the token (shown once, stored
+/// hashed).
+pub async fn issue(
+    pool: &PgPool,
+    name: &str,
+    role: Role,
+    expires_at: Option<DateTime<Utc>>,
+    actor: &str,
+    source: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<(i64, String), TokenError> {
     if !valid_name(name) {
         return Err(TokenError::BadName(name.to_string()));
     }
+    if expires_at.is_some_and(|e| e <= now) {
+        return Err(TokenError::BadExpiry);
+    }
     let token = format!("pat_{}", random_hex(32));
+    let mut tx = pool.begin().await?;
     let id: Result<i64, sqlx::Error> = sqlx::query_scalar(
-        "INSERT INTO api_tokens (name, role, token_hash) VALUES ($1, $2, $3) RETURNING id",
+        "INSERT INTO api_tokens (name, role, token_hash, created_at, expires_at)
+         VALUES ($1, $2, $3, $4, $5) RETURNING id",
     )
     .bind(name)
     .bind(role.as_str())
     .bind(hash(&token))
-    .fetch_one(pool)
+    .bind(now)
+    .bind(expires_at)
+    .fetch_one(&mut *tx)
     .await;
-    match id {
-        Ok(id) => Ok((id, token)),
+    let id = match id {
+        Ok(id) => id,
         Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-            Err(TokenError::NameTaken(name.to_string()))
+            return Err(TokenError::NameTaken(name.to_string()));
         }
-        Err(e) => Err(e.into()),
-    }
+        Err(e) => return Err(e.into()),
+    };
+    super::audit::record(
+        &mut *tx,
+        now,
+        actor,
+        "token.create",
+        name,
+        serde_json::json!({"role": role.as_str(), "expires_at": expires_at}),
+        source,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok((id, token))
 }
 
 /// All tokens, newest first.
 pub async fn list(pool: &PgPool) -> sqlx::Result<Vec<TokenInfo>> {
     sqlx::query_as(
-        "SELECT id, name, role, created_at, last_used_at, revoked_at FROM api_tokens ORDER BY id DESC",
+        "SELECT id, name, role, created_at, last_used_at, revoked_at, expires_at FROM api_tokens ORDER BY id DESC",
     )
     .fetch_all(pool)
     .await
 }
 
 /// Revokes the live token named `name` and ends its sessions; `false` when
-/// there is none.
+/// there is none. Recorded in the audit log as done by `system`.
 pub async fn revoke(pool: &PgPool, name: &str, now: DateTime<Utc>) -> sqlx::Result<bool> {
+    revoke_by(pool, name, now, "system", None).await
+}
+
+/// [`revoke`] by `actor`, with its audit row in the same transaction.
+pub async fn revoke_by(
+    pool: &PgPool,
+    name: &str,
+    now: DateTime<Utc>,
+    actor: &str,
+    source: Option<&str>,
+) -> sqlx::Result<bool> {
     let mut tx = pool.begin().await?;
     let id: Option<i64> = sqlx::query_scalar(
         "UPDATE api_tokens SET revoked_at = $2 WHERE name = $1 AND revoked_at IS NULL RETURNING id",
@@ -170,6 +222,16 @@ pub async fn revoke(pool: &PgPool, name: &str, now: DateTime<Utc>) -> sqlx::Resu
             .bind(id)
             .execute(&mut *tx)
             .await?;
+        super::audit::record(
+            &mut *tx,
+            now,
+            actor,
+            "token.revoke",
+            name,
+            serde_json::json!({}),
+            source,
+        )
+        .await?;
     }
     tx.commit().await?;
     Ok(id.is_some())
@@ -196,7 +258,8 @@ pub async fn authenticate(
     let row: Option<(i64, String, String)> = sqlx::query_as(
         "WITH t AS (
              SELECT id, name, role, last_used_at FROM api_tokens
-             WHERE token_hash = $1 AND revoked_at IS NULL),
+             WHERE token_hash = $1 AND revoked_at IS NULL
+               AND (expires_at IS NULL OR expires_at > $2)),
          touch AS (
              UPDATE api_tokens a SET last_used_at = $2 FROM t
              WHERE a.id = t.id AND (t.last_used_at IS NULL OR t.last_used_at < $2 - interval '1 minute'))
@@ -213,38 +276,53 @@ pub async fn authenticate(
 pub async fn open_session(
     pool: &PgPool,
     principal: &Principal,
+    now: DateTime<Utc>,
     expires_at: DateTime<Utc>,
 ) -> sqlx::Result<(String, String)> {
     let cookie = random_hex(32);
     let csrf = random_hex(32);
     // Each login also clears sessions that have expired, so the table stays small.
-    sqlx::query("DELETE FROM admin_sessions WHERE expires_at <= now()")
+    sqlx::query("DELETE FROM admin_sessions WHERE expires_at <= $1")
+        .bind(now)
         .execute(pool)
         .await?;
     sqlx::query(
-        "INSERT INTO admin_sessions (id_hash, token_id, csrf, expires_at) VALUES ($1, $2, $3, $4)",
+        "INSERT INTO admin_sessions (id_hash, token_id, csrf, expires_at, created_at, last_seen_at)
+         VALUES ($1, $2, $3, $4, $5, $5)",
     )
     .bind(hash(&cookie))
     .bind(principal.token_id)
     .bind(&csrf)
     .bind(expires_at)
+    .bind(now)
     .execute(pool)
     .await?;
     Ok((cookie, csrf))
 }
 
-/// The principal and CSRF secret of a live session (its token not revoked).
+/// The principal and CSRF secret of a live session: not expired, used
+/// within the last `idle` (its last use is then moved forward, at most once
+/// a minute), its token neither revoked nor expired.
 pub async fn session(
     pool: &PgPool,
     cookie: &str,
     now: DateTime<Utc>,
+    idle: chrono::Duration,
 ) -> sqlx::Result<Option<(Principal, String)>> {
     let row: Option<(i64, String, String, String)> = sqlx::query_as(
-        "SELECT t.id, t.name, t.role, s.csrf FROM admin_sessions s JOIN api_tokens t ON t.id = s.token_id
-         WHERE s.id_hash = $1 AND s.expires_at > $2 AND t.revoked_at IS NULL",
+        "WITH s AS (
+             SELECT t.id, t.name, t.role, s.csrf, s.id_hash, s.last_seen_at
+             FROM admin_sessions s JOIN api_tokens t ON t.id = s.token_id
+             WHERE s.id_hash = $1 AND s.expires_at > $2 AND s.last_seen_at > $2 - $3
+               AND t.revoked_at IS NULL AND (t.expires_at IS NULL OR t.expires_at > $2)),
+         touch AS (
+             UPDATE admin_sessions a SET last_seen_at = $2 FROM s
+             WHERE a.id_hash = s.id_hash AND s.last_seen_at < $2 - interval '1 minute')
+         SELECT id, name, role, csrf FROM s",
     )
     .bind(hash(cookie))
     .bind(now)
+    .bind(idle)
     .fetch_optional(pool)
     .await?;
     Ok(row.and_then(|(id, name, role, csrf)| Some((principal((id, name, role))?, csrf))))
