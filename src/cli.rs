@@ -111,7 +111,11 @@ pub enum Command {
         #[arg(long, default_value = "cancelled by operator")]
         reason: String,
     },
-    /// Compare the database with the gateway and report every disagreement.
+    /// Compare the database with the configured gateway and report every disagreement.
+    ///
+    /// Exit status: 0 in step (or fixed); 65 disagreements about money not
+    /// fixed; 69 the gateway could not be asked (every look-up failed: the run
+    /// does not count as a reconciliation; or some failed).
     Reconcile {
         /// Payouts changed since: RFC 3339, or an age such as 30m, 24h, 7d.
         #[arg(long, default_value = "24h")]
@@ -160,6 +164,38 @@ pub enum PayeeCommand {
     Set(crate::cli_money::PayeeSet),
     /// Add, change or remove an agreed deduction per period (booth rent, supply fee, ...).
     Deduction(crate::cli_money::PayeeDeduction),
+}
+
+/// `payoutctl reconcile` found money out of step that `--fix` did not settle
+/// (`EX_DATAERR` of sysexits.h).
+pub const EXIT_MISMATCHES: i32 = 65;
+/// `payoutctl reconcile` could not ask the gateway: every look-up failed (the
+/// run does not count as a reconciliation), or some did (`EX_UNAVAILABLE`).
+pub const EXIT_UNAVAILABLE: i32 = 69;
+
+/// An error with its own exit code; every other error exits 1.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Exit {
+    /// The process exit code.
+    pub code: i32,
+    /// The one-line error.
+    pub message: String,
+}
+
+impl Exit {
+    /// An error that exits with `code`.
+    pub fn new(code: i32, message: impl Into<String>) -> Self {
+        Exit {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The exit code for `e`: its own when it is an [`Exit`], else 1.
+    pub fn code_of(e: &anyhow::Error) -> i32 {
+        e.downcast_ref::<Exit>().map_or(1, |x| x.code)
+    }
 }
 
 /// Parses a due time: RFC 3339, `now`, or `+N{s,m,h,d}`.
@@ -446,8 +482,16 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
                 concurrency: 16,
                 actor: actor.clone(),
             };
-            let gateway = crate::gateway::http::HttpGateway::new(&settings.gateway)?;
-            let report = crate::reconcile::run(&pool, &gateway, &opts, clock.now()).await?;
+            // The configured gateway (`gateway.kind`), never the contract client by default.
+            let report = match crate::gateway::select::lookup_unavailable(&settings.gateway) {
+                Some(reason) => {
+                    crate::reconcile::record_unavailable(&pool, &opts, reason, clock.now()).await?
+                }
+                None => {
+                    let gateway = crate::gateway::select::build(&settings.gateway)?;
+                    crate::reconcile::run(&pool, gateway.as_ref(), &opts, clock.now()).await?
+                }
+            };
             if cli.json {
                 writeln!(out, "{}", serde_json::to_string(&report)?)?;
             } else {
@@ -469,9 +513,32 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
                     )?;
                 }
             }
-            let open = report.mismatches.iter().filter(|m| !m.fixed).count();
+            if let Some(reason) = &report.failed {
+                return Err(Exit::new(
+                    EXIT_UNAVAILABLE,
+                    format!("reconciliation failed, nothing was compared: {reason}"),
+                )
+                .into());
+            }
+            let open = report.open_money_mismatches();
             if open > 0 {
-                bail!("{open} disagreements between the database and the gateway are not fixed");
+                return Err(Exit::new(
+                    EXIT_MISMATCHES,
+                    format!(
+                        "{open} disagreements between the database and the gateway are not fixed"
+                    ),
+                )
+                .into());
+            }
+            if report.lookup_failed > 0 {
+                return Err(Exit::new(
+                    EXIT_UNAVAILABLE,
+                    format!(
+                        "{} of {} look-ups failed: those payouts were not compared",
+                        report.lookup_failed, report.checked
+                    ),
+                )
+                .into());
             }
         }
         Command::Seed {
