@@ -3,7 +3,7 @@
 # registries (scripts/test.sh installs them; tests/deploy.rs runs this):
 # - docker-compose.yml against the compose-spec JSON schema
 #   (check-jsonschema's vendored `vendor.compose-spec`);
-# - every kustomize variant (deploy/k8s/base, keda, hpa, monitoring) rendered
+# - every kustomize variant (deploy/k8s/base, keda, hpa, monitoring, pgbouncer) rendered
 #   by `kubectl kustomize`, then Kubernetes' own kinds checked by
 #   `kubernetes-validate --strict` (unknown fields refused) and the custom
 #   resources (ScaledObject, PodMonitor, PrometheusRule) by check-jsonschema
@@ -20,7 +20,7 @@ trap 'rm -rf "$out"' EXIT
 
 check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
 
-for variant in base keda hpa monitoring; do
+for variant in base keda hpa monitoring pgbouncer; do
   kubectl kustomize "deploy/k8s/$variant" >"$out/$variant.yaml"
   # One file per custom resource, and the built-in kinds together.
   "$py" - "$out/$variant.yaml" "$out/$variant" <<'PY'
