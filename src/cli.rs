@@ -324,7 +324,7 @@ async fn reconcile(
     let clock = SystemClock;
     let actor = ctx.actor.to_string();
     let opts = crate::reconcile::Options {
-        since: parse_since(&since, clock.now())?,
+        since: parse_since(since, clock.now())?,
         fix,
         concurrency: 16,
         actor,

@@ -293,7 +293,13 @@ fn the_pod_monitor_scrapes_every_port_that_serves_metrics_with_the_release_label
             .as_array()
             .unwrap()
             .iter()
-            .find(|p| p["containerPort"].to_string() == annotated)
+            .find(|p| {
+                p["containerPort"]
+                    .as_u64()
+                    .map(|n| n.to_string())
+                    .as_deref()
+                    == Some(annotated)
+            })
             .unwrap_or_else(|| panic!("{name}: no port {annotated}"));
         let port_name = port["name"].as_str().unwrap();
         assert!(
