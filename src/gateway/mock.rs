@@ -1526,6 +1526,20 @@ mod tests {
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 
+    #[test]
+    fn fleet_env_configures_each_kind_the_mock_speaks_and_refuses_others() {
+        for kind in MOCK_KINDS {
+            let env = fleet_env(kind, "http://127.0.0.1:1", "sk_test_mock").unwrap();
+            let s = crate::config::Settings::load_from(None, &env).unwrap();
+            assert_eq!(s.gateway.kind, kind);
+            let gw = crate::gateway::select::build(&s.gateway).unwrap();
+            assert!(crate::gateway::select::lookup_unavailable(&s.gateway).is_none());
+            let dbg = format!("{gw:?}");
+            assert!(!dbg.contains("sk_test_mock"), "{dbg}");
+        }
+        assert!(fleet_env("stripe", "http://127.0.0.1:1", "x").is_none());
+    }
+
     #[tokio::test]
     async fn random_resets_follow_their_rate() {
         let gw = MockGateway::start(MockGatewayConfig {
