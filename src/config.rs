@@ -250,8 +250,19 @@ pub struct ReleaseFundsSettings {
     pub secret: SecretString,
     /// What an HTTP status means, by code: `paid`, `in_transit`, `permanent`,
     /// `transient` or `unknown`. Codes not listed: 2xx per the body, 5xx
-    /// transient, anything else unknown.
+    /// transient, anything else unknown. A transient 402 is the platform's
+    /// balance short (`platform_balance_insufficient`).
     pub status_map: std::collections::BTreeMap<String, String>,
+    /// Error codes meaning "the driver has not finished onboarding": the
+    /// payout is `held` (no attempt spent), not failed.
+    pub not_onboarded_codes: Vec<String>,
+    /// Error codes meaning "the platform's balance is short" (any 4xx): retried
+    /// later as `platform_balance_insufficient`, never a payee failure.
+    pub balance_codes: Vec<String>,
+    /// Onboarding check (`GET {base_url}{account_endpoint}`, `{account}`
+    /// replaced by the payee's account) that releases `held` payouts; empty:
+    /// none, held payouts wait for `payoutctl enqueue <id>`.
+    pub account_endpoint: String,
 }
 
 /// Incoming gateway webhooks.

@@ -1,7 +1,10 @@
 //! The demo behind the README's first command: migrate, start the mock
 //! gateway, a producer and N workers as child processes, seed due payouts (or,
 //! with `--from-earnings`, earnings that settlement turns into payouts),
-//! wait until each is final, check the gateway's ledger, print a summary.
+//! wait until each is final, check the gateway's ledger, reconcile against
+//! the gateway, print a summary. The fleet speaks the gateway kind chosen
+//! (`--gateway-kind`: the contract or the release-funds API, both served by
+//! the mock).
 
 use std::{
     path::{Path, PathBuf},
@@ -36,13 +39,23 @@ pub struct DemoOptions {
     /// Ctrl-C; two demo payees' accounts are closed at the mock gateway so
     /// the failures view and the retry action have something to show.
     pub serve: bool,
+    /// `gateway.kind` of the fleet: one of [`crate::gateway::mock::MOCK_KINDS`].
+    pub gateway_kind: String,
 }
 
 /// The summary line.
 pub fn summary_line(s: &DemoSummary) -> String {
     format!(
-        "summary: {} seeded, {} paid, {} failed in {:.2} s = {:.0} payouts/s; gateway ledger {} entries, {} duplicates",
-        s.seeded, s.paid, s.failed, s.seconds, s.payouts_per_second, s.ledger_entries, s.duplicates
+        "summary ({}): {} seeded, {} paid, {} failed in {:.2} s = {:.0} payouts/s; gateway ledger {} entries, {} duplicates; reconciliation {} disagreements",
+        s.gateway_kind,
+        s.seeded,
+        s.paid,
+        s.failed,
+        s.seconds,
+        s.payouts_per_second,
+        s.ledger_entries,
+        s.duplicates,
+        s.disagreements
     )
 }
 
@@ -98,6 +111,11 @@ pub struct DemoSummary {
     pub ledger_entries: usize,
     /// References applied more than once at the gateway (must be 0).
     pub duplicates: usize,
+    /// The gateway kind the fleet spoke.
+    pub gateway_kind: String,
+    /// What reconciliation against that gateway found out of step (must be 0;
+    /// a failed reconciliation is an error).
+    pub disagreements: usize,
 }
 
 /// A free loopback port.
@@ -201,6 +219,38 @@ pub async fn ensure_database(settings: &Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Reconciles the last hour against the gateway the fleet spoke (the
+/// demo's settings with `gateway_env` over them), as `payoutctl reconcile`
+/// does; returns the disagreements about money. A run that could compare
+/// nothing is an error.
+async fn reconcile_demo(pool: &PgPool, gateway_env: &[(String, String)]) -> anyhow::Result<usize> {
+    let mut env: Vec<(String, String)> = std::env::vars().collect();
+    env.extend(gateway_env.iter().cloned());
+    let gateway_settings = Settings::load_from(None, &env)?.gateway;
+    let gateway = crate::gateway::select::build(&gateway_settings)?;
+    let now = chrono::Utc::now();
+    let opts = crate::reconcile::Options {
+        since: now - chrono::Duration::hours(1),
+        fix: false,
+        concurrency: 16,
+        actor: "demo:reconcile".into(),
+    };
+    let report = crate::reconcile::run(pool, gateway.as_ref(), &opts, now).await?;
+    if let Some(reason) = report.failed {
+        bail!(
+            "reconciliation against the {} gateway failed: {reason}",
+            gateway_settings.kind
+        );
+    }
+    println!(
+        "reconciled {} payouts against the {} gateway: {} disagreements",
+        report.checked,
+        gateway_settings.kind,
+        report.mismatches.len()
+    );
+    Ok(report.mismatches.len())
+}
+
 /// Runs the demo.
 pub async fn run(settings: Settings, opts: DemoOptions) -> anyhow::Result<DemoSummary> {
     ensure_database(&settings).await?;
@@ -214,6 +264,15 @@ pub async fn run(settings: Settings, opts: DemoOptions) -> anyhow::Result<DemoSu
 
     let gw_port = free_port()?;
     let gateway_url = format!("http://127.0.0.1:{gw_port}");
+    let gw_secret = settings.gateway.secret.expose_secret().to_string();
+    let gateway_env = crate::gateway::mock::fleet_env(&opts.gateway_kind, &gateway_url, &gw_secret)
+        .with_context(|| {
+            format!(
+                "the demo runs against the mock gateway, which speaks {:?}, not {:?}",
+                crate::gateway::mock::MOCK_KINDS,
+                opts.gateway_kind
+            )
+        })?;
     let mut base_env: Vec<(String, String)> = vec![
         (
             "DATABASE_URL".into(),
@@ -227,16 +286,17 @@ pub async fn run(settings: Settings, opts: DemoOptions) -> anyhow::Result<DemoSu
             "PAYOUTS_REDIS__PREFIX".into(),
             settings.redis.prefix.clone(),
         ),
-        ("PAYOUTS_GATEWAY__BASE_URL".into(), gateway_url.clone()),
         ("PAYOUTS_PRODUCER__TICK_MS".into(), "500".into()),
         ("PAYOUTS_LOG__FORMAT".into(), "json".into()),
     ];
+    base_env.extend(gateway_env.iter().cloned());
     if let Ok(v) = std::env::var("RUST_LOG") {
         base_env.push(("RUST_LOG".into(), v));
     }
     let mut children = Children(Vec::new());
     let mut gw_env = base_env.clone();
     gw_env.push(("MOCK_GATEWAY_LISTEN".into(), format!("127.0.0.1:{gw_port}")));
+    gw_env.push(("MOCK_GATEWAY_SECRET".into(), gw_secret.clone()));
     let closed: Vec<String> = if opts.serve {
         ["acct_demo_3", "acct_demo_7"]
             .iter()
@@ -301,7 +361,8 @@ pub async fn run(settings: Settings, opts: DemoOptions) -> anyhow::Result<DemoSu
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     println!(
-        "mock gateway {gateway_url}, producer and {} workers started (logs in {})",
+        "mock gateway {gateway_url} (gateway.kind = {:?}), producer and {} workers started (logs in {})",
+        opts.gateway_kind,
         opts.workers,
         opts.log_dir.display()
     );
@@ -380,6 +441,7 @@ pub async fn run(settings: Settings, opts: DemoOptions) -> anyhow::Result<DemoSu
     let entries = refs.len();
     refs.sort_unstable();
     refs.dedup();
+    let disagreements = reconcile_demo(&pool, &gateway_env).await?;
     let summary = DemoSummary {
         seeded,
         paid,
@@ -388,6 +450,8 @@ pub async fn run(settings: Settings, opts: DemoOptions) -> anyhow::Result<DemoSu
         payouts_per_second: paid as f64 / seconds.max(1e-9),
         ledger_entries: entries,
         duplicates: entries - refs.len(),
+        gateway_kind: opts.gateway_kind.clone(),
+        disagreements,
     };
     if opts.serve {
         println!("\n{}", summary_line(&summary));

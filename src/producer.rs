@@ -301,8 +301,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     Ok(())
 }
 
-/// The in-transit poll (`crate::sync`) with the configured gateway.
-fn in_transit_sync(
+/// The in-transit poll (`crate::sync`) with the configured gateway
+/// (`gateway.kind`) and its onboarding check, if it has one.
+pub fn in_transit_sync(
     settings: &Settings,
     pool: PgPool,
     me: &str,

@@ -3,6 +3,12 @@
 //! every disagreement. With `fix`, it records what the gateway says happened
 //! when the gateway moved money the database does not know about; it never
 //! "fixes" anything by paying again.
+//!
+//! The gateway asked is the configured one (`gateway.kind`, through
+//! [`crate::gateway::select`]). A run in which every look-up failed, or that
+//! could not look anything up at all, compared nothing: it is recorded as
+//! failed ([`Report::failed`]) and does not count as a reconciliation, so the
+//! last-run timestamp (and `PayoutReconcileStale`) keeps the last run that did.
 
 use std::collections::BTreeMap;
 
@@ -86,6 +92,11 @@ pub struct Report {
     pub in_flight: usize,
     /// Every disagreement.
     pub mismatches: Vec<Mismatch>,
+    /// Look-ups that got no answer.
+    pub lookup_failed: usize,
+    /// Why the run compared nothing (every look-up failed, or the gateway
+    /// cannot look up at all); `None` for a run that counts.
+    pub failed: Option<String>,
 }
 
 impl Report {
@@ -96,6 +107,15 @@ impl Report {
             *m.entry(x.kind).or_insert(0) += 1;
         }
         m
+    }
+
+    /// Disagreements about money (every kind but a failed look-up) that
+    /// `--fix` did not settle.
+    pub fn open_money_mismatches(&self) -> usize {
+        self.mismatches
+            .iter()
+            .filter(|m| !m.fixed && m.kind != MismatchKind::LookupFailed)
+            .count()
     }
 }
 
@@ -222,6 +242,7 @@ pub async fn run(
             let transfers = match found {
                 Ok(t) => t,
                 Err(e) => {
+                    report.lookup_failed += 1;
                     report.mismatches.push(Mismatch {
                         payout_id: p.id,
                         kind: MismatchKind::LookupFailed,
@@ -254,20 +275,64 @@ pub async fn run(
             }
         }
     }
+    if report.checked > 0 && report.lookup_failed == report.checked {
+        let first = report
+            .mismatches
+            .iter()
+            .find(|m| m.kind == MismatchKind::LookupFailed)
+            .map(|m| m.detail.clone())
+            .unwrap_or_default();
+        report.failed = Some(format!(
+            "every look-up failed ({} of {}): {first}",
+            report.lookup_failed, report.checked
+        ));
+    }
+    record(pool, &report, opts, now).await?;
+    Ok(report)
+}
+
+/// Records a run that could not look anything up (`reason`, e.g. a
+/// release-funds API with no look-up endpoint) as failed; it does not count
+/// as a reconciliation.
+pub async fn record_unavailable(
+    pool: &PgPool,
+    opts: &Options,
+    reason: String,
+    now: DateTime<Utc>,
+) -> anyhow::Result<Report> {
+    let report = Report {
+        failed: Some(reason),
+        ..Report::default()
+    };
+    record(pool, &report, opts, now).await?;
+    Ok(report)
+}
+
+/// Stores the run; the run outlives this process: the leading producer
+/// publishes the latest one that counts as gauges (see [`publish_last_run`]).
+async fn record(
+    pool: &PgPool,
+    report: &Report,
+    opts: &Options,
+    now: DateTime<Utc>,
+) -> anyhow::Result<()> {
     let counts = report.counts();
     let mut by_kind = serde_json::Map::new();
     for kind in MismatchKind::ALL {
         let n = counts.get(&kind).copied().unwrap_or(0) as i64;
-        metrics::RECONCILE_MISMATCHES
-            .with_label_values(&[kind.label()])
-            .set(n);
+        if report.failed.is_none() {
+            metrics::RECONCILE_MISMATCHES
+                .with_label_values(&[kind.label()])
+                .set(n);
+        }
         by_kind.insert(kind.label().to_string(), n.into());
     }
-    // The run outlives this process: the leading producer publishes the
-    // latest one as gauges (see [`publish_last_run`]).
+    if let Some(reason) = &report.failed {
+        tracing::error!(%reason, "reconciliation failed: nothing was compared");
+    }
     sqlx::query(
-        "INSERT INTO reconcile_runs (started_at, finished_at, since, checked, fixed, mismatches, actor)
-         VALUES ($1, now(), $2, $3, $4, $5, $6)",
+        "INSERT INTO reconcile_runs (started_at, finished_at, since, checked, fixed, mismatches, actor, failed, error)
+         VALUES ($1, now(), $2, $3, $4, $5, $6, $7, $8)",
     )
     .bind(now)
     .bind(opts.since)
@@ -275,18 +340,21 @@ pub async fn run(
     .bind(report.mismatches.iter().filter(|m| m.fixed).count() as i64)
     .bind(serde_json::Value::Object(by_kind))
     .bind(&opts.actor)
+    .bind(report.failed.is_some())
+    .bind(report.failed.as_deref())
     .execute(pool)
     .await?;
-    Ok(report)
+    Ok(())
 }
 
 /// Sets `payout_reconcile_mismatches{kind}` and
 /// `payout_reconcile_last_run_timestamp_seconds` from the latest recorded run
-/// (the leading producer calls it with its other gauges). No run yet: the
-/// timestamp stays 0, which the staleness alert reads as "never ran".
+/// that compared something (failed runs are skipped; the leading producer
+/// calls it with its other gauges). No such run yet: the timestamp stays 0,
+/// which the staleness alert reads as "never ran".
 pub async fn publish_last_run(pool: &PgPool) -> sqlx::Result<()> {
     let last: Option<(DateTime<Utc>, serde_json::Value)> = sqlx::query_as(
-        "SELECT finished_at, mismatches FROM reconcile_runs ORDER BY id DESC LIMIT 1",
+        "SELECT finished_at, mismatches FROM reconcile_runs WHERE NOT failed ORDER BY id DESC LIMIT 1",
     )
     .fetch_optional(pool)
     .await?;

@@ -530,3 +530,94 @@ async fn same_seed_gives_the_same_fault_sequence() {
             .any(|(_, st)| st.as_deref() == Some("pending"))
     );
 }
+
+async fn release(gw: &RunningMockGateway, key: &str, account: &str) -> (StatusCode, Value) {
+    let resp = Client::new()
+        .post(format!("{}/api/Payment/release-funds", gw.base_url))
+        .bearer_auth(SECRET)
+        .header("Idempotency-Key", key)
+        .json(
+            &json!({"bookingId": "booking_9", "driverStripeAccountId": account,
+            "amount": 12050, "currency": "usd", "reference": key}),
+        )
+        .send()
+        .await
+        .expect("request is answered");
+    let status = resp.status();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+async fn get_json(gw: &RunningMockGateway, path: &str) -> Value {
+    Client::new()
+        .get(format!("{}{path}", gw.base_url))
+        .bearer_auth(SECRET)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_release_funds_api_shares_the_ledger_replays_by_key_and_refuses_without_keeping_the_refusal()
+ {
+    let gw = start(Faults {
+        not_onboarded_destinations: vec!["acct_new".into()],
+        script: vec![402],
+        ..Default::default()
+    })
+    .await;
+    // A scripted 402: the platform's balance, not kept for the key.
+    let (status, body) = release(&gw, "payout_1", "acct_1").await;
+    assert_eq!(status, StatusCode::PAYMENT_REQUIRED);
+    assert_eq!(body["success"], false);
+    assert_eq!(error_code(&body), "insufficient_funds");
+    // Topped up: the same key pays, once; the retry replays it.
+    let (status, first) = release(&gw, "payout_1", "acct_1").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(first["success"], true);
+    assert_eq!(first["status"], "paid");
+    assert_eq!(first["amount"], 12050);
+    assert_eq!(first["currency"], "usd");
+    let (_, again) = release(&gw, "payout_1", "acct_1").await;
+    assert_eq!(first["transferId"], again["transferId"]);
+    assert_eq!(gw.ledger().len(), 1, "money moved once");
+    assert_eq!(gw.ledger()[0].currency, "USD");
+    // The same key on the contract route sees the same transfer.
+    let (status, contract) = post(&gw, "payout_1", &body_for_release()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(contract["id"], first["transferId"]);
+
+    // Not onboarded: 403 driver_not_onboarded, not kept; the account check says so.
+    let (status, body) = release(&gw, "payout_2", "acct_new").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(error_code(&body), "driver_not_onboarded");
+    let acct = get_json(&gw, "/api/Payment/accounts/acct_new").await;
+    assert_eq!(acct["onboarded"], false);
+    gw.set_faults(Faults::default());
+    assert_eq!(
+        get_json(&gw, "/api/Payment/accounts/acct_new").await["onboarded"],
+        true
+    );
+    let (status, _) = release(&gw, "payout_2", "acct_new").await;
+    assert_eq!(status, StatusCode::OK, "onboarded: the same key pays");
+
+    // The look-up by reference, in the release-funds shape.
+    let found = get_json(&gw, "/api/Payment/transfers?reference=payout_1").await;
+    assert_eq!(found["data"][0]["transferId"], first["transferId"]);
+    assert_eq!(found["data"][0]["driverStripeAccountId"], "acct_1");
+    let resp = Client::new()
+        .get(format!(
+            "{}/api/Payment/transfers?reference=payout_1",
+            gw.base_url
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+}
+
+fn body_for_release() -> Value {
+    json!({"amount_minor": 12050, "currency": "USD", "destination": "acct_1", "reference": "payout_1"})
+}

@@ -1303,13 +1303,14 @@ fn kubernetes_manifests_scale_workers_safely_and_run_two_producers() {
     let pdb = find(&base, "PodDisruptionBudget", "payout-worker");
     assert_eq!(pdb["spec"]["selector"]["matchLabels"], worker_labels);
 
-    // Producer: two replicas (leader and standby), migrations before it starts.
+    // Producer: two replicas (leader and standby); it waits for the
+    // migration Job (tests/deploy.rs checks the Job and every pod's wait).
     let (_, producer_labels) = check_deployment("payout-producer", "PAYOUTS_PRODUCER__LISTEN");
     let producer = find(&base, "Deployment", "payout-producer");
     assert_eq!(producer["spec"]["replicas"], 2);
     assert_eq!(
         producer["spec"]["template"]["spec"]["initContainers"][0]["command"],
-        serde_json::json!(["payoutctl", "migrate"])
+        serde_json::json!(["payoutctl", "migrate", "--check", "--wait-secs", "600"])
     );
     let ppdb = find(&base, "PodDisruptionBudget", "payout-producer");
     assert_eq!(ppdb["spec"]["selector"]["matchLabels"], producer_labels);

@@ -30,6 +30,10 @@ struct Args {
     /// (two payees' accounts closed at the mock gateway, so some payouts fail).
     #[arg(long)]
     serve: bool,
+    /// The gateway the fleet speaks, both served by the mock gateway: the
+    /// generic contract or the booking worker's release-funds API.
+    #[arg(long, default_value = "contract", value_parser = ["contract", "release_funds"])]
+    gateway_kind: String,
 }
 
 #[tokio::main]
@@ -43,12 +47,13 @@ async fn main() -> anyhow::Result<()> {
         log_dir: args.log_dir,
         from_earnings: args.from_earnings,
         serve: args.serve,
+        gateway_kind: args.gateway_kind,
     };
     let s = payouts::demo::run(settings, opts).await?;
     if !args.serve {
         println!("\n{}", payouts::demo::summary_line(&s));
     }
-    if s.duplicates > 0 || s.paid + s.failed != s.seeded {
+    if s.duplicates > 0 || s.paid + s.failed != s.seeded || s.disagreements > 0 {
         anyhow::bail!("exactly-once check failed");
     }
     Ok(())

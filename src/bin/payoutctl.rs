@@ -13,6 +13,6 @@ async fn main() {
     .await;
     if let Err(e) = result {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        std::process::exit(payouts::cli::Exit::code_of(&e));
     }
 }

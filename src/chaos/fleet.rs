@@ -263,6 +263,26 @@ pub struct Fleet {
     bins: Bins,
     env: Vec<(String, String)>,
     spawned: u32,
+    /// `gateway.kind` of the children: `PAYOUTS_CHAOS_GATEWAY_KIND`, one of
+    /// the kinds the mock speaks (default `contract`).
+    gateway_kind: String,
+}
+
+/// The gateway kind the chaos fleet runs with (`PAYOUTS_CHAOS_GATEWAY_KIND`).
+fn chaos_gateway_kind() -> anyhow::Result<String> {
+    let kind = std::env::var("PAYOUTS_CHAOS_GATEWAY_KIND").unwrap_or_else(|_| "contract".into());
+    if !crate::gateway::mock::MOCK_KINDS.contains(&kind.as_str()) {
+        anyhow::bail!(
+            "PAYOUTS_CHAOS_GATEWAY_KIND must be one of {:?} (got {kind:?})",
+            crate::gateway::mock::MOCK_KINDS
+        );
+    }
+    Ok(kind)
+}
+
+/// The settings pointing `kind` at the mock on `base_url` (default secret).
+fn gateway_env(kind: &str, base_url: &str) -> Vec<(String, String)> {
+    crate::gateway::mock::fleet_env(kind, base_url, "sk_test_mock").unwrap_or_default()
 }
 
 /// Options of one fleet.
@@ -288,6 +308,7 @@ impl Fleet {
     ) -> anyhow::Result<Fleet> {
         std::fs::create_dir_all(dir)?;
         std::fs::create_dir_all(logs)?;
+        let gateway_kind = chaos_gateway_kind()?;
         let db_name = format!(
             "chaos_{}_{}",
             name.to_lowercase(),
@@ -321,7 +342,7 @@ impl Fleet {
         let env = child_env(&db_url, profile);
         let mut harness_env = env.clone();
         harness_env.push(("REDIS_URL".into(), redis.url()));
-        harness_env.push(("PAYOUTS_GATEWAY__BASE_URL".into(), gateway.base_url()));
+        harness_env.extend(gateway_env(&gateway_kind, &gateway.base_url()));
         let settings = Settings::load_from(None, &harness_env)?;
         let conn = crate::queue::connect(&settings.redis).await?;
         let queue = Queue::from_settings(conn, &settings);
@@ -340,6 +361,7 @@ impl Fleet {
             bins: bins.clone(),
             env,
             spawned: 0,
+            gateway_kind,
         })
     }
 
@@ -399,6 +421,8 @@ impl Fleet {
             "PAYOUTS_PRODUCER__LISTEN".into(),
             format!("127.0.0.1:{port}"),
         ));
+        // Its in-transit poll asks the gateway of the configured kind.
+        env.extend(gateway_env(&self.gateway_kind, &self.gateway.base_url()));
         let bin = self.bins.producer.clone();
         let p = self.spawn(&bin, "producer", env)?;
         self.producer = Some(p);
@@ -414,9 +438,9 @@ impl Fleet {
             "REDIS_URL".into(),
             format!("redis://{}", self.worker_redis.addr()),
         ));
-        env.push((
-            "PAYOUTS_GATEWAY__BASE_URL".into(),
-            format!("http://{}", self.worker_gateway.addr()),
+        env.extend(gateway_env(
+            &self.gateway_kind,
+            &format!("http://{}", self.worker_gateway.addr()),
         ));
         env.push(("PAYOUTS_WORKER__LISTEN".into(), format!("127.0.0.1:{port}")));
         let bin = self.bins.worker.clone();

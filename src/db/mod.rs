@@ -53,6 +53,29 @@ pub async fn connect_with_statement_timeout(
         .context("failed to connect to Postgres")
 }
 
+/// The versions of this binary's embedded migrations that the database has
+/// not applied yet (empty: the schema is current for this binary). A
+/// database never migrated has them all pending.
+pub async fn pending_migrations(pool: &PgPool) -> anyhow::Result<Vec<i64>> {
+    let table: Option<String> = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations')::text")
+        .fetch_one(pool)
+        .await
+        .context("failed to read the migration table")?;
+    let applied: Vec<i64> = match table {
+        Some(_) => sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+            .fetch_all(pool)
+            .await
+            .context("failed to read the applied migrations")?,
+        None => Vec::new(),
+    };
+    Ok(MIGRATOR
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration())
+        .map(|m| m.version)
+        .filter(|v| !applied.contains(v))
+        .collect())
+}
+
 /// Applies pending migrations.
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     MIGRATOR

@@ -18,6 +18,22 @@
 //! Operators and tests drive it through [`MockGateway`] or the unauthenticated
 //! admin endpoints under `/_mock/` (`ledger`, `stats`, `faults`, `reset`).
 //!
+//! It also serves the platform "release funds" API of the booking worker
+//! (`crate::gateway::release_funds`, product document 000), over the same
+//! ledger, idempotency store, faults and script, so the fleet runs locally
+//! with `gateway.kind = "release_funds"`:
+//! - `POST /api/Payment/release-funds` with `Idempotency-Key` and the camelCase
+//!   body (`bookingId`, `driverStripeAccountId`, `amount` in cents, lower-case
+//!   `currency`, `reference`); answers `{"success":true,"transferId","status",…}`
+//!   or `{"success":false,"error":{"code","message"}}`. A destination in
+//!   [`Faults::not_onboarded_destinations`] gets 403 `driver_not_onboarded`
+//!   and a scripted 402 is `insufficient_funds` (the platform's balance); like
+//!   every refusal before applying, neither is kept for the key, so a retry
+//!   after onboarding or a top-up can pay;
+//! - `GET /api/Payment/transfers?reference=` (`{"data":[…]}`), the look-up;
+//! - `GET /api/Payment/accounts/{account}` (`{"account","onboarded"}`), the
+//!   onboarding check that releases held payouts.
+//!
 //! Order of decisions for one `POST /v1/transfers`: latency -> auth ->
 //! `Idempotency-Key` present -> parse/validate body -> replay check (same
 //! params: stored answer; other params: 409) -> script -> closed destinations
@@ -145,6 +161,12 @@ pub struct Faults {
     /// Destinations that always get 422 `account_closed`, stored for the key.
     #[arg(long = "closed-destination", value_name = "ACCOUNT")]
     pub closed_destinations: Vec<String>,
+    /// Destinations whose owner has not finished onboarding: 403
+    /// `account_not_onboarded` (`driver_not_onboarded` on the release-funds
+    /// API), not stored for the key; the account endpoint reports them not
+    /// onboarded. Remove one (PUT `/_mock/faults`) to onboard it.
+    #[arg(long = "not-onboarded-destination", value_name = "ACCOUNT")]
+    pub not_onboarded_destinations: Vec<String>,
     /// FIFO of forced HTTP statuses, one consumed per `POST /v1/transfers`
     /// that reaches the script step (i.e. not a replay nor a validation error).
     /// 500/502/503/504 (any other 5xx too): transient before applying;
@@ -255,6 +277,61 @@ struct TransferRequest {
     metadata: Option<HashMap<String, String>>,
 }
 
+/// The release-funds request body (ASP.NET binds camelCase).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ReleaseRequest {
+    booking_id: String,
+    driver_stripe_account_id: String,
+    amount: i64,
+    currency: String,
+    #[serde(default)]
+    reference: Option<String>,
+}
+
+impl From<ReleaseRequest> for TransferRequest {
+    fn from(r: ReleaseRequest) -> Self {
+        TransferRequest {
+            amount_minor: r.amount,
+            currency: r.currency.to_ascii_uppercase(),
+            destination: r.driver_stripe_account_id,
+            reference: r.reference.unwrap_or(r.booking_id),
+            metadata: None,
+        }
+    }
+}
+
+/// Which API a request came in on: the answer's shape and codes follow it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Api {
+    /// The gateway contract (`/v1/transfers`).
+    Contract,
+    /// The release-funds API (`/api/Payment/…`).
+    Release,
+}
+
+impl Api {
+    fn not_onboarded_code(self) -> &'static str {
+        match self {
+            Api::Contract => "account_not_onboarded",
+            Api::Release => "driver_not_onboarded",
+        }
+    }
+}
+
+/// A transfer as the release-funds API shows it.
+fn release_view(v: &TransferView) -> serde_json::Value {
+    serde_json::json!({
+        "success": true,
+        "transferId": v.id,
+        "status": v.status,
+        "amount": v.amount_minor,
+        "currency": v.currency.to_ascii_lowercase(),
+        "driverStripeAccountId": v.destination,
+        "reference": v.reference,
+    })
+}
+
 #[derive(Serialize)]
 struct TransferView {
     id: String,
@@ -302,6 +379,35 @@ impl Answer {
             code: code.into(),
             message: message.into(),
             retry_after: None,
+        }
+    }
+}
+
+impl Answer {
+    /// The answer in `api`'s shape.
+    fn render(self, api: Api) -> Response {
+        match (api, self) {
+            (Api::Release, Answer::Transfer(status, view)) => {
+                (status, Json(release_view(&view))).into_response()
+            }
+            (
+                Api::Release,
+                Answer::Error {
+                    status,
+                    code,
+                    message,
+                    retry_after,
+                },
+            ) => {
+                let body = serde_json::json!({"success": false, "error": {"code": code, "message": message}});
+                let mut resp = (status, Json(body)).into_response();
+                if let Some(secs) = retry_after {
+                    resp.headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+                }
+                resp
+            }
+            (Api::Contract, a) => a.into_response(),
         }
     }
 }
@@ -442,7 +548,7 @@ impl GatewayState {
     }
 
     /// Everything after latency and auth, under the lock.
-    fn decide(&mut self, headers: &HeaderMap, body: &[u8]) -> Decision {
+    fn decide(&mut self, headers: &HeaderMap, body: &[u8], api: Api) -> Decision {
         let key = match headers
             .get("idempotency-key")
             .and_then(|v| v.to_str().ok())
@@ -458,7 +564,11 @@ impl GatewayState {
                 ));
             }
         };
-        let req: TransferRequest = match serde_json::from_slice(body) {
+        let parsed = match api {
+            Api::Contract => serde_json::from_slice::<TransferRequest>(body),
+            Api::Release => serde_json::from_slice::<ReleaseRequest>(body).map(Into::into),
+        };
+        let req: TransferRequest = match parsed {
             Ok(r) => r,
             Err(e) => {
                 return Decision::Answer(Answer::error(
@@ -548,7 +658,7 @@ impl GatewayState {
                     let status = StatusCode::from_u16(s).unwrap_or(StatusCode::BAD_REQUEST);
                     let code = match s {
                         402 => "insufficient_funds",
-                        403 => "account_not_onboarded",
+                        403 => api.not_onboarded_code(),
                         404 => "invalid_destination",
                         422 => "account_closed",
                         _ => "invalid_request",
@@ -586,6 +696,22 @@ impl GatewayState {
                 },
             );
             return Decision::Answer(answer);
+        }
+
+        // Payees still onboarding: refused, not stored (onboarding can finish).
+        if self
+            .faults
+            .not_onboarded_destinations
+            .contains(&req.destination)
+        {
+            return Decision::Answer(Answer::error(
+                StatusCode::FORBIDDEN,
+                api.not_onboarded_code(),
+                format!(
+                    "the owner of {} has not completed onboarding",
+                    req.destination
+                ),
+            ));
         }
 
         // Random pre-apply faults (skipped when the script forced an outcome).
@@ -784,6 +910,9 @@ impl MockGateway {
         Router::new()
             .route("/v1/transfers", post(create_transfer).get(list_transfers))
             .route("/v1/transfers/{id}", get(get_transfer))
+            .route("/api/Payment/release-funds", post(create_release))
+            .route("/api/Payment/transfers", get(list_releases))
+            .route("/api/Payment/accounts/{account}", get(get_account))
             .route("/_mock/ledger", get(admin_ledger))
             .route("/_mock/stats", get(admin_stats))
             .route("/_mock/faults", get(admin_get_faults).put(admin_put_faults))
@@ -846,6 +975,20 @@ impl MockGateway {
         lock(&self.inner.state).faults = faults;
     }
 
+    /// Sets an applied transfer's status (`paid`, `failed`, ...), as the
+    /// gateway does when money in flight lands or bounces; `false` when no
+    /// such transfer. In memory only: the ledger file keeps the applied status.
+    pub fn set_transfer_status(&self, id: &str, status: &str) -> bool {
+        let mut st = lock(&self.inner.state);
+        match st.by_id.get(id).copied() {
+            Some(idx) => {
+                st.ledger[idx].status = status.to_owned();
+                true
+            }
+            None => false,
+        }
+    }
+
     /// A snapshot of the counters.
     pub fn stats(&self) -> Stats {
         lock(&self.inner.state).stats.clone()
@@ -882,6 +1025,46 @@ impl MockGateway {
     }
 }
 
+/// The kinds of `gateway.kind` the mock speaks.
+pub const MOCK_KINDS: [&str; 2] = ["contract", "release_funds"];
+
+/// The `PAYOUTS_*` settings that point a fleet with `gateway.kind = kind` at
+/// a mock gateway on `base_url` that expects `secret`; `None` for a kind the
+/// mock does not speak (Stripe has a stand-in of its own).
+pub fn fleet_env(kind: &str, base_url: &str, secret: &str) -> Option<Vec<(String, String)>> {
+    let pairs: Vec<(&str, &str)> = match kind {
+        "contract" => vec![
+            ("PAYOUTS_GATEWAY__KIND", "contract"),
+            ("PAYOUTS_GATEWAY__BASE_URL", base_url),
+            ("PAYOUTS_GATEWAY__SECRET", secret),
+        ],
+        "release_funds" => vec![
+            ("PAYOUTS_GATEWAY__KIND", "release_funds"),
+            ("PAYOUTS_GATEWAY__RELEASE_FUNDS__BASE_URL", base_url),
+            (
+                "PAYOUTS_GATEWAY__RELEASE_FUNDS__ENDPOINT",
+                "/api/Payment/release-funds",
+            ),
+            (
+                "PAYOUTS_GATEWAY__RELEASE_FUNDS__LOOKUP_ENDPOINT",
+                "/api/Payment/transfers",
+            ),
+            (
+                "PAYOUTS_GATEWAY__RELEASE_FUNDS__ACCOUNT_ENDPOINT",
+                "/api/Payment/accounts/{account}",
+            ),
+            ("PAYOUTS_GATEWAY__RELEASE_FUNDS__SECRET", secret),
+        ],
+        _ => return None,
+    };
+    Some(
+        pairs
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    )
+}
+
 /// Sleeps for `d`, or less if the server is shutting down.
 async fn sleep_or_release(gw: &MockGateway, d: Duration) {
     if d.is_zero() {
@@ -900,6 +1083,27 @@ async fn create_transfer(
     extensions: Extensions,
     body: Bytes,
 ) -> Response {
+    transfer(gw, headers, extensions, body, Api::Contract).await
+}
+
+async fn create_release(
+    State(gw): State<MockGateway>,
+    headers: HeaderMap,
+    extensions: Extensions,
+    body: Bytes,
+) -> Response {
+    transfer(gw, headers, extensions, body, Api::Release).await
+}
+
+/// One transfer request on either API: latency, auth, the locked decision,
+/// then the answer (held, reset or sent) in that API's shape.
+async fn transfer(
+    gw: MockGateway,
+    headers: HeaderMap,
+    extensions: Extensions,
+    body: Bytes,
+    api: Api,
+) -> Response {
     let latency = lock(&gw.inner.state).latency();
     sleep_or_release(&gw, latency).await;
 
@@ -908,7 +1112,7 @@ async fn create_transfer(
         let mut st = lock(&gw.inner.state);
         st.stats.requests += 1;
         let decision = if authorized {
-            st.decide(&headers, &body)
+            st.decide(&headers, &body, api)
         } else {
             Decision::Answer(unauthorized())
         };
@@ -919,18 +1123,18 @@ async fn create_transfer(
         decision
     };
     match decision {
-        Decision::Answer(a) => a.into_response(),
+        Decision::Answer(a) => a.render(api),
         Decision::Hang(d, a) => {
             tracing::debug!(hang_ms = d.as_millis() as u64, "holding an applied answer");
             sleep_or_release(&gw, d).await;
-            a.into_response()
+            a.render(api)
         }
         Decision::Reset(a) => match extensions.get::<ConnectInfo<ConnReset>>() {
             // The answer is dropped: the connection's next write fails and the
             // socket is closed with SO_LINGER 0, i.e. a TCP RST.
             Some(ConnectInfo(conn)) => {
                 conn.0.store(true, Ordering::SeqCst);
-                a.into_response()
+                a.render(api)
             }
             // Served without connect info (a bare `router()`): a body that
             // fails makes hyper drop the connection without an answer.
@@ -1074,6 +1278,44 @@ async fn list_transfers(
         }
     };
     Json(serde_json::json!({ "data": data })).into_response()
+}
+
+/// The release-funds look-up: `{"data":[…]}` in the release-funds shape.
+async fn list_releases(
+    State(gw): State<MockGateway>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> Response {
+    if !gw.authorized(&headers) {
+        return unauthorized().render(Api::Release);
+    }
+    let data: Vec<serde_json::Value> = {
+        let st = lock(&gw.inner.state);
+        let idxs: Vec<usize> = match &q.reference {
+            Some(r) => st.by_reference.get(r).cloned().unwrap_or_default(),
+            None => (0..st.ledger.len()).collect(),
+        };
+        idxs.iter()
+            .map(|i| release_view(&TransferView::from(&st.ledger[*i])))
+            .collect()
+    };
+    Json(serde_json::json!({ "data": data })).into_response()
+}
+
+/// The onboarding check: `{"account","onboarded"}`.
+async fn get_account(
+    State(gw): State<MockGateway>,
+    headers: HeaderMap,
+    Path(account): Path<String>,
+) -> Response {
+    if !gw.authorized(&headers) {
+        return unauthorized().render(Api::Release);
+    }
+    let onboarded = !lock(&gw.inner.state)
+        .faults
+        .not_onboarded_destinations
+        .contains(&account);
+    Json(serde_json::json!({"account": account, "onboarded": onboarded})).into_response()
 }
 
 async fn get_transfer(
@@ -1282,6 +1524,20 @@ mod tests {
         );
         gw.stop().await;
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn fleet_env_configures_each_kind_the_mock_speaks_and_refuses_others() {
+        for kind in MOCK_KINDS {
+            let env = fleet_env(kind, "http://127.0.0.1:1", "sk_test_mock").unwrap();
+            let s = crate::config::Settings::load_from(None, &env).unwrap();
+            assert_eq!(s.gateway.kind, kind);
+            let gw = crate::gateway::select::build(&s.gateway).unwrap();
+            assert!(crate::gateway::select::lookup_unavailable(&s.gateway).is_none());
+            let dbg = format!("{gw:?}");
+            assert!(!dbg.contains("sk_test_mock"), "{dbg}");
+        }
+        assert!(fleet_env("stripe", "http://127.0.0.1:1", "x").is_none());
     }
 
     #[tokio::test]

@@ -21,6 +21,19 @@
 //! unknown. Error bodies are read leniently: `{"error":{"code","message"}}`,
 //! `{"code","message"}`, `{"error":"…"}` or ASP.NET's ProblemDetails
 //! (`{"title","detail","status"}`).
+//!
+//! Two refusals are not the payee's failure, whatever the status table says
+//! (the product document's "Error Scenarios"):
+//! - a code in `gateway.release_funds.not_onboarded_codes` ("driver hasn't
+//!   completed Stripe onboarding") becomes [`crate::sync::NOT_ONBOARDED`], so the
+//!   worker holds the payout until the account is ready (the API's own code
+//!   stays in the message);
+//! - a code in `gateway.release_funds.balance_codes`, or a 402 the table calls
+//!   transient ("Insufficient Funds: check platform Stripe account balance"),
+//!   becomes the transient [`PLATFORM_BALANCE`]: retried later, never failed.
+//!
+//! With `gateway.release_funds.account_endpoint` the adapter is also the
+//! onboarding check ([`crate::sync::AccountCheck`]) that releases held payouts.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -30,7 +43,70 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 
 use super::{Gateway, LookupError, Outcome, TransferRecord, TransferRequest};
-use crate::config::GatewaySettings;
+use crate::config::{GatewaySettings, ReleaseFundsSettings};
+
+/// The transient code of "the platform's balance is short": the worker pauses
+/// the fleet and alerts on exactly this code; the payout is retried, never failed.
+pub const PLATFORM_BALANCE: &str = "platform_balance_insufficient";
+
+/// How the API's answers are read: the status table and the two refusals
+/// that are not the payee's failure.
+#[derive(Debug, Clone, Default)]
+pub struct AnswerRules {
+    /// What an HTTP status means (`gateway.release_funds.status_map`).
+    pub status_map: BTreeMap<u16, String>,
+    /// Codes that hold the payout (`gateway.release_funds.not_onboarded_codes`).
+    pub not_onboarded_codes: Vec<String>,
+    /// Codes of a platform balance short (`gateway.release_funds.balance_codes`).
+    pub balance_codes: Vec<String>,
+}
+
+impl AnswerRules {
+    /// The rules `settings` configure (bad status keys were refused at load).
+    pub fn from_settings(r: &ReleaseFundsSettings) -> Self {
+        AnswerRules {
+            status_map: r
+                .status_map
+                .iter()
+                .filter_map(|(k, v)| k.parse::<u16>().ok().map(|k| (k, v.clone())))
+                .collect(),
+            not_onboarded_codes: r.not_onboarded_codes.clone(),
+            balance_codes: r.balance_codes.clone(),
+        }
+    }
+
+    /// A refusal that is not the payee's failure: held (not onboarded) or
+    /// retried (platform balance short). `None`: read it by the status table.
+    fn special(
+        &self,
+        status: u16,
+        code: Option<&str>,
+        message: &str,
+        meaning: &str,
+        retry_after: Option<Duration>,
+    ) -> Option<Outcome> {
+        let said = match code {
+            Some(c) if message.is_empty() => c.to_string(),
+            Some(c) => format!("{c}: {message}"),
+            None => message.to_string(),
+        };
+        let listed = |list: &[String]| code.is_some_and(|c| list.iter().any(|l| l == c));
+        if listed(&self.not_onboarded_codes) {
+            return Some(Outcome::Rejected {
+                code: crate::sync::NOT_ONBOARDED.into(),
+                message: format!("release-funds API answered {status} {said}"),
+            });
+        }
+        if listed(&self.balance_codes) || (status == 402 && meaning == "transient") {
+            return Some(Outcome::Transient {
+                code: PLATFORM_BALANCE.into(),
+                message: format!("release-funds API answered {status} {said}"),
+                retry_after,
+            });
+        }
+        None
+    }
+}
 
 /// The release-funds client.
 #[derive(Clone)]
@@ -38,8 +114,9 @@ pub struct ReleaseFundsGateway {
     client: reqwest::Client,
     url: String,
     lookup_url: Option<String>,
+    account_url: Option<String>,
     secret: Option<SecretString>,
-    status_map: BTreeMap<u16, String>,
+    rules: AnswerRules,
 }
 
 impl std::fmt::Debug for ReleaseFundsGateway {
@@ -47,7 +124,8 @@ impl std::fmt::Debug for ReleaseFundsGateway {
         f.debug_struct("ReleaseFundsGateway")
             .field("url", &self.url)
             .field("lookup_url", &self.lookup_url)
-            .field("status_map", &self.status_map)
+            .field("account_url", &self.account_url)
+            .field("rules", &self.rules)
             .finish_non_exhaustive()
     }
 }
@@ -86,7 +164,13 @@ fn error_of(body: &[u8]) -> (Option<String>, String) {
         Some(Value::String(s)) => return (None, s.clone()),
         _ => &v,
     };
-    let code = str_field(inner, &["code", "errorCode", "type"]).map(str::to_string);
+    // ProblemDetails' `type` is usually a URI (ASP.NET's default is the RFC
+    // section of the status): not a code.
+    let code = ["code", "errorCode", "type"]
+        .iter()
+        .filter_map(|n| inner.get(*n).and_then(Value::as_str))
+        .find(|c| !c.is_empty() && !c.contains(':') && !c.contains('/'))
+        .map(str::to_string);
     let message = str_field(inner, &["message", "detail", "title"])
         .unwrap_or_default()
         .to_string();
@@ -139,8 +223,33 @@ fn success(status: StatusCode, body: &[u8], reference: &str) -> Outcome {
     }
 }
 
-/// Maps one answer to an outcome, through `status_map` first.
+/// Maps one answer to an outcome: a refusal that is not the payee's failure
+/// first (held, platform balance), then the status table, then the defaults.
 pub fn classify_release(
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    body: &[u8],
+    reference: &str,
+    rules: &AnswerRules,
+) -> Outcome {
+    let s = status.as_u16();
+    let outcome = classify_by_status(status, retry_after, body, reference, &rules.status_map);
+    let meaning = rules.status_map.get(&s).map(String::as_str).unwrap_or("");
+    let refused = match &outcome {
+        // A 2xx whose body says it was refused (`"success": false`).
+        Outcome::Rejected { .. } if status.is_success() => true,
+        _ => status.is_client_error(),
+    };
+    if refused && !matches!(meaning, "paid" | "in_transit") {
+        let (code, message) = error_of(body);
+        if let Some(special) = rules.special(s, code.as_deref(), &message, meaning, retry_after) {
+            return special;
+        }
+    }
+    outcome
+}
+
+fn classify_by_status(
     status: StatusCode,
     retry_after: Option<Duration>,
     body: &[u8],
@@ -217,19 +326,21 @@ impl ReleaseFundsGateway {
             .build()?;
         let r = &settings.release_funds;
         let base = r.base_url.trim_end_matches('/');
-        let status_map = r
-            .status_map
-            .iter()
-            .filter_map(|(k, v)| k.parse::<u16>().ok().map(|k| (k, v.clone())))
-            .collect();
         Ok(ReleaseFundsGateway {
             client,
             url: format!("{base}{}", r.endpoint),
             lookup_url: (!r.lookup_endpoint.is_empty())
                 .then(|| format!("{base}{}", r.lookup_endpoint)),
+            account_url: (!r.account_endpoint.is_empty())
+                .then(|| format!("{base}{}", r.account_endpoint)),
             secret: (!r.secret.expose_secret().is_empty()).then(|| r.secret.clone()),
-            status_map,
+            rules: AnswerRules::from_settings(r),
         })
+    }
+
+    /// Whether `account_ready` can be asked (an account endpoint is configured).
+    pub fn has_account_check(&self) -> bool {
+        self.account_url.is_some()
     }
 
     fn auth(&self, b: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
@@ -282,7 +393,7 @@ impl Gateway for ReleaseFundsGateway {
                 a.retry_after,
                 &a.body,
                 &req.reference,
-                &self.status_map,
+                &self.rules,
             ),
             Err(outcome) => outcome,
         }
@@ -325,12 +436,143 @@ impl Gateway for ReleaseFundsGateway {
     }
 }
 
+/// `account` for a URL path segment: unreserved characters kept, the rest
+/// percent-encoded (an account id cannot reach another path).
+fn path_segment(account: &str) -> String {
+    account
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// The onboarding check: `GET {account_endpoint}` answers
+/// `{"onboarded": bool}` (also read: `payoutsEnabled`, `payouts_enabled`,
+/// `transfersEnabled`); a 404 is an account not ready.
+#[async_trait]
+impl crate::sync::AccountCheck for ReleaseFundsGateway {
+    async fn account_ready(&self, account: &str) -> Result<bool, LookupError> {
+        let Some(template) = &self.account_url else {
+            return Err(LookupError(
+                "the release-funds API has no account endpoint configured (gateway.release_funds.account_endpoint)".into(),
+            ));
+        };
+        let url = template.replace("{account}", &path_segment(account));
+        let resp = self
+            .auth(self.client.get(url))
+            .send()
+            .await
+            .map_err(|_| LookupError("request to the release-funds API failed".into()))?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(false);
+        }
+        if !resp.status().is_success() {
+            return Err(LookupError(format!(
+                "release-funds API answered {} to the account check",
+                resp.status()
+            )));
+        }
+        let v: Value = resp
+            .json()
+            .await
+            .map_err(|_| LookupError("unreadable account answer".into()))?;
+        [
+            "onboarded",
+            "payoutsEnabled",
+            "payouts_enabled",
+            "transfersEnabled",
+        ]
+        .iter()
+        .find_map(|n| v.get(*n).and_then(Value::as_bool))
+        .ok_or_else(|| LookupError("the account answer has no \"onboarded\" field".into()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn map(pairs: &[(u16, &str)]) -> BTreeMap<u16, String> {
-        pairs.iter().map(|(k, v)| (*k, v.to_string())).collect()
+    fn map(pairs: &[(u16, &str)]) -> AnswerRules {
+        AnswerRules {
+            status_map: pairs.iter().map(|(k, v)| (*k, v.to_string())).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn shipped() -> AnswerRules {
+        let s = crate::config::Settings::load_from(None, &[]).unwrap();
+        AnswerRules::from_settings(&s.gateway.release_funds)
+    }
+
+    #[test]
+    fn a_driver_not_onboarded_is_held_with_the_apis_own_code_in_the_message() {
+        for (status, body) in [
+            (
+                StatusCode::FORBIDDEN,
+                &br#"{"error":{"code":"driver_not_onboarded","message":"Driver has not completed Stripe onboarding"}}"#[..],
+            ),
+            (
+                StatusCode::OK,
+                &br#"{"success":false,"code":"account_not_onboarded","message":"onboarding"}"#[..],
+            ),
+        ] {
+            let o = classify_release(status, None, body, "payout_1", &shipped());
+            match o {
+                Outcome::Rejected { code, message } => {
+                    assert_eq!(code, crate::sync::NOT_ONBOARDED);
+                    assert!(message.contains("_not_onboarded"), "{message}");
+                }
+                other => panic!("{status}: {other:?}"),
+            }
+        }
+        // Other refusals stay the payee's failure.
+        let o = classify_release(
+            StatusCode::BAD_REQUEST,
+            None,
+            br#"{"error":{"code":"invalid_driver_account","message":"no account"}}"#,
+            "payout_1",
+            &shipped(),
+        );
+        assert!(
+            matches!(o, Outcome::Rejected { ref code, .. } if code == "invalid_driver_account")
+        );
+    }
+
+    #[test]
+    fn insufficient_platform_balance_is_transient_by_default_never_permanent() {
+        let problem = br#"{"type":"https://tools.ietf.org/html/rfc9110#section-15.5.3","title":"Payment Required","status":402,"detail":"Insufficient funds"}"#;
+        let o = classify_release(
+            StatusCode::PAYMENT_REQUIRED,
+            Some(Duration::from_secs(60)),
+            problem,
+            "payout_1",
+            &shipped(),
+        );
+        assert_eq!(
+            o,
+            Outcome::Transient {
+                code: PLATFORM_BALANCE.into(),
+                message: "release-funds API answered 402 Insufficient funds".into(),
+                retry_after: Some(Duration::from_secs(60)),
+            }
+        );
+        // By its code, whatever the status and even where the table says permanent.
+        let o = classify_release(
+            StatusCode::BAD_REQUEST,
+            None,
+            br#"{"error":{"code":"insufficient_funds","message":"Check platform Stripe account balance"}}"#,
+            "payout_1",
+            &shipped(),
+        );
+        assert!(
+            matches!(&o, Outcome::Transient { code, message, .. } if code == PLATFORM_BALANCE && message.contains("insufficient_funds")),
+            "{o:?}"
+        );
     }
 
     #[test]

@@ -96,6 +96,25 @@ pub fn validate(g: &GatewaySettings) -> Result<(), String> {
                     "gateway.release_funds.lookup_endpoint must be empty or start with '/'".into(),
                 );
             }
+            if !(r.account_endpoint.is_empty()
+                || (r.account_endpoint.starts_with('/')
+                    && r.account_endpoint.contains("{account}")))
+            {
+                return Err(
+                    "gateway.release_funds.account_endpoint must be empty or a path starting with '/' that holds {account}"
+                        .into(),
+                );
+            }
+            for (key, codes) in [
+                ("not_onboarded_codes", &r.not_onboarded_codes),
+                ("balance_codes", &r.balance_codes),
+            ] {
+                if codes.iter().any(|c| c.trim().is_empty() || c.trim() != c) {
+                    return Err(format!(
+                        "gateway.release_funds.{key} must hold non-empty codes without spaces around them"
+                    ));
+                }
+            }
         }
         _ => {}
     }
@@ -113,15 +132,34 @@ pub fn build(settings: &GatewaySettings) -> anyhow::Result<Arc<dyn Gateway>> {
 }
 
 /// The onboarding check of the selected adapter, when it has one (Stripe:
-/// the connected account's `transfers` capability), for
+/// the connected account's `transfers` capability; release-funds: its
+/// `account_endpoint`, when configured), for
 /// [`crate::sync::InTransitSync::release_onboarded`].
 pub fn account_check(
     settings: &GatewaySettings,
 ) -> anyhow::Result<Option<Arc<dyn crate::sync::AccountCheck>>> {
     Ok(match settings.kind.as_str() {
         "stripe" => Some(Arc::new(StripeGateway::new(settings)?)),
+        "release_funds" => {
+            let gw = ReleaseFundsGateway::new(settings)?;
+            gw.has_account_check()
+                .then(|| Arc::new(gw) as Arc<dyn crate::sync::AccountCheck>)
+        }
         _ => None,
     })
+}
+
+/// Why the selected adapter cannot look transfers up at all, if it cannot
+/// (a release-funds API with no `lookup_endpoint`): reconciliation is then a
+/// failed run, not a fresh one.
+pub fn lookup_unavailable(settings: &GatewaySettings) -> Option<String> {
+    (settings.kind == "release_funds" && settings.release_funds.lookup_endpoint.is_empty()).then(
+        || {
+            "the release-funds API has no look-up endpoint configured \
+             (gateway.release_funds.lookup_endpoint): nothing can be compared"
+                .to_string()
+        },
+    )
 }
 
 #[cfg(test)]
@@ -176,14 +214,18 @@ mod tests {
             s.gateway.release_funds.endpoint,
             "/api/Payment/release-funds"
         );
+        // "Insufficient Funds: check platform Stripe account balance": the
+        // platform's problem, retried later, never the driver's failure.
         assert_eq!(
             s.gateway
                 .release_funds
                 .status_map
                 .get("402")
                 .map(String::as_str),
-            Some("permanent")
+            Some("transient")
         );
+        assert!(super::account_check(&s.gateway).unwrap().is_none());
+        assert!(super::lookup_unavailable(&s.gateway).is_some());
         let gw = super::build(&s.gateway).unwrap();
         assert!(format!("{gw:?}").contains("ReleaseFundsGateway"));
     }
