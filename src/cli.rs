@@ -388,6 +388,33 @@ async fn reconcile(
     Ok(())
 }
 
+/// A writer that makes text safe for a terminal: control characters other
+/// than newline and tab (ESC sequences, carriage returns, C1 controls) are
+/// written as `\u{…}` escapes. Reasons, payee names and gateway messages
+/// come from operators, platforms and gateways; printed raw, an escape
+/// sequence in one could rewrite the operator's screen.
+pub struct Printable<W: Write>(pub W);
+
+impl<W: Write> Write for Printable<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        let mut safe = String::with_capacity(text.len());
+        for c in text.chars() {
+            if c.is_control() && c != '\n' && c != '\t' {
+                safe.push_str(&c.escape_unicode().to_string());
+            } else {
+                safe.push(c);
+            }
+        }
+        self.0.write_all(safe.as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
 /// Runs one command, writing its output to `out`.
 pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
     let clock = SystemClock;
@@ -707,4 +734,19 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod printable_tests {
+    use std::io::Write;
+
+    #[test]
+    fn control_characters_are_escaped_and_text_is_kept() {
+        let mut p = super::Printable(Vec::new());
+        write!(p, "ok\tfine\né \x1b[31mred\x07\r\u{9b}").unwrap();
+        assert_eq!(
+            String::from_utf8(p.0).unwrap(),
+            "ok\tfine\né \\u{1b}[31mred\\u{7}\\u{d}\\u{9b}"
+        );
+    }
 }

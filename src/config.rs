@@ -184,8 +184,13 @@ pub struct GatewaySettings {
     pub kind: String,
     /// Base URL of the gateway.
     pub base_url: String,
-    /// Bearer secret. Never logged.
+    /// Bearer secret. Never logged. The built-in `sk_test_mock` is the local
+    /// mock gateway's and is refused for any other host.
     pub secret: SecretString,
+    /// Hosts (besides loopback) that may be called over plain `http://`,
+    /// e.g. the mock gateway on a compose network. Everything else must be
+    /// `https://`, since the bearer secret travels with every request.
+    pub insecure_http_hosts: Vec<String>,
     /// Whole-request timeout, in ms.
     pub timeout_ms: u64,
     /// Connect timeout, in ms.

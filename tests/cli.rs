@@ -145,8 +145,20 @@ async fn every_command_works_and_bad_input_changes_nothing() {
         err.contains(&format!("cannot move payout {id} from queued to queued")),
         "{err}"
     );
-    let cancelled = ctl.json(&["cancel", &id.to_string(), "--reason", "duplicate booking"]);
+    let cancelled = ctl.json(&[
+        "cancel",
+        &id.to_string(),
+        "--reason",
+        "duplicate booking\x1b[2J\x1b]0;owned\x07",
+    ]);
     assert_eq!(cancelled["from"], "queued");
+    // A terminal escape in stored text is shown, never obeyed (finding 6).
+    let status = ctl.ok(&["status", &id.to_string()]);
+    assert!(status.contains("duplicate booking\\u{1b}[2J"), "{status}");
+    assert!(
+        !status.contains('\x1b') && !status.contains('\x07'),
+        "{status}"
+    );
     let events_before = count(&ctl, "payout_events").await;
     assert!(
         ctl.fails(&["cancel", &id.to_string()])

@@ -12,7 +12,12 @@ struct Args {
     #[arg(long, env = "MOCK_GATEWAY_LISTEN", default_value = "127.0.0.1:8085")]
     listen: String,
     /// Bearer secret clients must send.
-    #[arg(long, env = "MOCK_GATEWAY_SECRET", default_value = "sk_test_mock")]
+    #[arg(
+        long,
+        env = "MOCK_GATEWAY_SECRET",
+        default_value = "sk_test_mock",
+        hide_env_values = true
+    )]
     secret: String,
     /// Seed for latency jitter and random faults.
     #[arg(long, default_value_t = 42)]

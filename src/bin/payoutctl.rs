@@ -7,12 +7,17 @@ async fn main() {
     let cli = payouts::cli::Cli::parse();
     let result = async {
         let settings = payouts::config::Settings::load(cli.config.as_deref())?;
-        let mut out = std::io::stdout();
+        // Terminal escapes in stored text are shown, never obeyed.
+        let mut out = payouts::cli::Printable(std::io::stdout());
         payouts::cli::run(cli, settings, &mut out).await
     }
     .await;
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        let msg = format!("error: {e:#}\n");
+        let _ = std::io::Write::write_all(
+            &mut payouts::cli::Printable(std::io::stderr()),
+            msg.as_bytes(),
+        );
         std::process::exit(payouts::cli::Exit::code_of(&e));
     }
 }

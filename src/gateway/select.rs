@@ -17,18 +17,55 @@ pub const KINDS: [&str; 3] = ["contract", "stripe", "release_funds"];
 /// What `gateway.release_funds.status_map` values may say.
 pub const STATUS_MEANINGS: [&str; 5] = ["paid", "in_transit", "permanent", "transient", "unknown"];
 
-fn is_loopback(url: &str) -> bool {
-    let rest = url
-        .strip_prefix("http://")
-        .or_else(|| url.strip_prefix("https://"))
-        .unwrap_or(url);
-    ["127.", "localhost", "[::1]"]
-        .iter()
-        .any(|p| rest.starts_with(p))
+/// The secret the built-in defaults carry for the local mock gateway.
+pub const MOCK_SECRET: &str = "sk_test_mock";
+
+/// Whether `url`'s host (parsed, not a string prefix: the user part of
+/// `http://localhost@evil.example` is no host) is a loopback address or
+/// `localhost`, or one of `also`.
+fn local_host(url: &reqwest::Url, also: &[String]) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => {
+            d.eq_ignore_ascii_case("localhost") || also.iter().any(|h| h.eq_ignore_ascii_case(d))
+        }
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback() || also.iter().any(|h| *h == ip.to_string()),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
 }
 
-fn http_url(url: &str) -> bool {
-    url.starts_with("http://") || url.starts_with("https://")
+/// Checks a gateway base URL: `http(s)://` with a host and no user part,
+/// and `https://` unless the host is local (loopback or `also`). Answers
+/// whether the host is local. The error names `key` and never the URL
+/// (which may hold a secret).
+fn check_url(key: &str, raw: &str, also: &[String]) -> Result<bool, String> {
+    let url = reqwest::Url::parse(raw).map_err(|_| format!("{key} must be an http(s) URL"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err(format!("{key} must be an http(s) URL with a host"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(format!(
+            "{key} must not hold a user or password (credentials go in the secret settings)"
+        ));
+    }
+    let local = local_host(&url, also);
+    if url.scheme() == "http" && !local {
+        return Err(format!(
+            "{key} must be https:// (plain http only to loopback or a host in gateway.insecure_http_hosts)"
+        ));
+    }
+    Ok(local)
+}
+
+/// Webhook signing secrets: none empty, none shorter than 16 characters
+/// (an empty secret let anyone sign events).
+fn check_webhook_secrets(key: &str, secrets: &[secrecy::SecretString]) -> Result<(), String> {
+    if secrets.iter().any(|s| s.expose_secret().trim().len() < 16) {
+        return Err(format!(
+            "{key}: every secret must be at least 16 characters (an empty one would let anyone sign events)"
+        ));
+    }
+    Ok(())
 }
 
 /// Checks the settings of the selected adapter; the error names the bad key.
@@ -60,6 +97,9 @@ pub fn validate(g: &GatewaySettings) -> Result<(), String> {
             ));
         }
     }
+    check_webhook_secrets("gateway.webhooks.secrets", &g.webhooks.secrets)?;
+    check_webhook_secrets("gateway.stripe.webhook_secrets", &g.stripe.webhook_secrets)?;
+    let also = &g.insecure_http_hosts;
     match g.kind.as_str() {
         "stripe" => {
             let s = &g.stripe;
@@ -76,18 +116,11 @@ pub fn validate(g: &GatewaySettings) -> Result<(), String> {
                         .into(),
                 );
             }
-            if !(s.base_url.starts_with("https://") || is_loopback(&s.base_url)) {
-                return Err(
-                    "gateway.stripe.base_url must be https:// (plain http only to a local fake)"
-                        .into(),
-                );
-            }
+            check_url("gateway.stripe.base_url", &s.base_url, also)?;
         }
         "release_funds" => {
             let r = &g.release_funds;
-            if !http_url(&r.base_url) {
-                return Err("gateway.release_funds.base_url must be an http(s) URL".into());
-            }
+            check_url("gateway.release_funds.base_url", &r.base_url, also)?;
             if !r.endpoint.starts_with('/') {
                 return Err("gateway.release_funds.endpoint must start with '/'".into());
             }
@@ -116,7 +149,14 @@ pub fn validate(g: &GatewaySettings) -> Result<(), String> {
                 }
             }
         }
-        _ => {}
+        _ => {
+            let local = check_url("gateway.base_url", &g.base_url, also)?;
+            if !local && g.secret.expose_secret() == MOCK_SECRET {
+                return Err(format!(
+                    "gateway.secret is the local mock gateway's ({MOCK_SECRET}); set the real gateway's secret"
+                ));
+            }
+        }
     }
     Ok(())
 }
@@ -172,6 +212,59 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         Settings::load_from(None, &env)
+    }
+
+    /// Security finding 6: the loopback check was a string prefix, plain
+    /// http carried the bearer secret to any host, the mock's secret went to
+    /// whatever base_url was set, and an empty webhook secret let anyone sign.
+    #[test]
+    fn secrets_go_only_over_https_to_a_real_host_and_webhook_secrets_are_real() {
+        let err = |pairs: &[(&str, &str)]| load(pairs).unwrap_err().to_string();
+        let e = err(&[
+            ("PAYOUTS_GATEWAY__KIND", "stripe"),
+            ("PAYOUTS_GATEWAY__STRIPE__SECRET_KEY", "sk_test_abc"),
+            (
+                "PAYOUTS_GATEWAY__STRIPE__BASE_URL",
+                "http://localhost@evil.example",
+            ),
+        ]);
+        assert!(e.contains("gateway.stripe.base_url"), "{e}");
+        assert!(!e.contains("evil.example"), "the URL is not echoed: {e}");
+        let e = err(&[
+            ("PAYOUTS_GATEWAY__BASE_URL", "http://gateway.example.com"),
+            ("PAYOUTS_GATEWAY__SECRET", "sk_real_secret_value"),
+        ]);
+        assert!(e.contains("must be https://"), "{e}");
+        let e = err(&[("PAYOUTS_GATEWAY__BASE_URL", "https://gateway.example.com")]);
+        assert!(e.contains("gateway.secret is the local mock"), "{e}");
+        assert!(
+            load(&[
+                ("PAYOUTS_GATEWAY__BASE_URL", "https://gateway.example.com"),
+                ("PAYOUTS_GATEWAY__SECRET", "sk_real_secret_value"),
+            ])
+            .is_ok()
+        );
+        // A compose network's mock, declared as such.
+        assert!(
+            load(&[
+                ("PAYOUTS_GATEWAY__BASE_URL", "http://mock-gateway:8085"),
+                ("PAYOUTS_GATEWAY__INSECURE_HTTP_HOSTS", "mock-gateway"),
+            ])
+            .is_ok()
+        );
+        let e = err(&[
+            ("PAYOUTS_GATEWAY__KIND", "release_funds"),
+            (
+                "PAYOUTS_GATEWAY__RELEASE_FUNDS__BASE_URL",
+                "http://10.0.0.7",
+            ),
+        ]);
+        assert!(e.contains("gateway.release_funds.base_url"), "{e}");
+        let e = err(&[("PAYOUTS_GATEWAY__WEBHOOKS__SECRETS", r#"[""]"#)]);
+        assert!(e.contains("gateway.webhooks.secrets"), "{e}");
+        let e = err(&[("PAYOUTS_GATEWAY__STRIPE__WEBHOOK_SECRETS", "whsec_short")]);
+        assert!(e.contains("gateway.stripe.webhook_secrets"), "{e}");
+        assert!(!e.contains("whsec_short"), "{e}");
     }
 
     #[test]
