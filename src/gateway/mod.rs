@@ -8,6 +8,7 @@ pub mod mock;
 pub mod release_funds;
 pub mod select;
 pub mod stripe;
+pub mod stripe_standin;
 
 use std::{collections::BTreeMap, time::Duration};
 
