@@ -309,6 +309,7 @@ fn request(id: i64, destination: &str) -> TransferRequest {
         reference: format!("payout_{id}"),
         metadata: [("payout_id".to_string(), id.to_string())].into(),
         idempotency_key: format!("payout_{id}"),
+        key_index: 0,
         first_attempt: false,
     }
 }
