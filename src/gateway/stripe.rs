@@ -331,7 +331,10 @@ pub fn classify_stripe(status: StatusCode, headers: &StripeHeaders, body: &[u8])
     let err = serde_json::from_slice::<ErrorEnvelope>(body)
         .map(|e| e.error)
         .unwrap_or_default();
-    let code = label(&err, status);
+    let mut code = label(&err, status);
+    if status.as_u16() == 429 && code != "lock_timeout" {
+        code = "rate_limited".into();
+    }
     let message = match &err.message {
         Some(m) if !err.kind.is_empty() => format!("stripe {}: {m}", err.kind),
         Some(m) => format!("stripe: {m}"),
@@ -380,22 +383,21 @@ pub fn classify_stripe(status: StatusCode, headers: &StripeHeaders, body: &[u8])
             ),
         };
     }
-    if headers.should_retry == Some(false) {
-        // Stripe says a retry of this request cannot succeed.
-        return Outcome::Rejected { code, message };
-    }
-    if s == 429 {
-        let lock = err.code.as_deref() == Some("lock_timeout");
-        return transient(if lock { "lock_timeout" } else { "rate_limited" }.into());
-    }
-    if err.code.as_deref() == Some("lock_timeout") || s == 409 {
-        return transient(code);
-    }
     if err.kind == "idempotency_error" {
         return Outcome::Rejected {
             code: "idempotency_conflict".into(),
             message,
         };
+    }
+    if headers.should_retry == Some(false) {
+        // Stripe says a retry of this request cannot succeed.
+        return Outcome::Rejected { code, message };
+    }
+    if s == 429 {
+        return transient(code);
+    }
+    if err.code.as_deref() == Some("lock_timeout") || s == 409 {
+        return transient(code);
     }
     if status.is_client_error() {
         return Outcome::Rejected { code, message };

@@ -150,6 +150,8 @@ pub struct Seen {
     pub path: String,
     /// The `Idempotency-Key` header.
     pub idempotency_key: Option<String>,
+    /// The request's headers (lower-case names).
+    pub headers: BTreeMap<String, String>,
     /// The form (POST) or query (GET) parameters.
     pub params: Vec<(String, String)>,
     /// The answer's status.
@@ -641,14 +643,18 @@ impl StandIn {
         st: &mut Inner,
         method: &str,
         path: &str,
-        key: Option<String>,
+        headers: &HeaderMap,
         params: Vec<(String, String)>,
         a: &Answer,
     ) {
         st.seen.push(Seen {
             method: method.to_string(),
             path: path.to_string(),
-            idempotency_key: key,
+            idempotency_key: header_str(headers, "idempotency-key"),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+                .collect(),
             params,
             status: a.status,
             replayed: a.replayed,
@@ -885,34 +891,19 @@ fn header_str(h: &HeaderMap, name: &str) -> Option<String> {
 
 async fn create_transfer(State(s): State<StandIn>, headers: HeaderMap, body: Bytes) -> Response {
     let key = header_str(&headers, "idempotency-key");
-    let (answer, params, events) = {
+    let (answer, events) = {
         let mut st = s.inner();
         let params = match form(&body) {
             Ok(p) => p,
             Err(a) => {
-                s.record(
-                    &mut st,
-                    "POST",
-                    "/v1/transfers",
-                    key.clone(),
-                    Vec::new(),
-                    &a,
-                );
+                s.record(&mut st, "POST", "/v1/transfers", &headers, Vec::new(), &a);
                 return a.into_response("req_standin");
             }
         };
         let (answer, events) = create_in(&s, &mut st, &headers, key.as_deref(), &params);
-        s.record(
-            &mut st,
-            "POST",
-            "/v1/transfers",
-            key.clone(),
-            params.clone(),
-            &answer,
-        );
-        (answer, params, events)
+        s.record(&mut st, "POST", "/v1/transfers", &headers, params, &answer);
+        (answer, events)
     };
-    let _ = params;
     for (kind, object) in events {
         let s = s.clone();
         tokio::spawn(async move {
@@ -1171,7 +1162,7 @@ async fn list_transfers(
         ))
     })()
     .unwrap_or_else(|a| a);
-    s.record(&mut st, "GET", "/v1/transfers", None, params, &a);
+    s.record(&mut st, "GET", "/v1/transfers", &headers, params, &a);
     a.into_response("req_standin")
 }
 
@@ -1204,7 +1195,7 @@ async fn get_transfer(
     })()
     .unwrap_or_else(|a| a);
     let path = format!("/v1/transfers/{id}");
-    s.record(&mut st, "GET", &path, None, params, &a);
+    s.record(&mut st, "GET", &path, &headers, params, &a);
     a.into_response("req_standin")
 }
 
@@ -1263,25 +1254,11 @@ async fn reverse_transfer(
         let path = format!("/v1/transfers/{id}/reversals");
         match r {
             Ok((a, t)) => {
-                s.record(
-                    &mut st,
-                    "POST",
-                    &path,
-                    header_str(&headers, "idempotency-key"),
-                    params,
-                    &a,
-                );
+                s.record(&mut st, "POST", &path, &headers, params, &a);
                 (a, Some(t))
             }
             Err(a) => {
-                s.record(
-                    &mut st,
-                    "POST",
-                    &path,
-                    header_str(&headers, "idempotency-key"),
-                    params,
-                    &a,
-                );
+                s.record(&mut st, "POST", &path, &headers, params, &a);
                 (a, None)
             }
         }
@@ -1324,7 +1301,7 @@ async fn get_account(
     })()
     .unwrap_or_else(|a| a);
     let path = format!("/v1/accounts/{id}");
-    s.record(&mut st, "GET", &path, None, params, &a);
+    s.record(&mut st, "GET", &path, &headers, params, &a);
     a.into_response("req_standin")
 }
 
