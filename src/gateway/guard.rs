@@ -63,6 +63,10 @@ pub static PLATFORM_PAUSES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     metrics::REGISTRY
         .register(Box::new(c.clone()))
         .expect("registered once");
+    // Exported at 0 from the start, so the alert reads a series that exists.
+    for code in super::PLATFORM_PROBLEMS {
+        c.with_label_values(&[code]);
+    }
     c
 });
 
