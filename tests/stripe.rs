@@ -704,3 +704,117 @@ async fn the_contract_endpoint_does_nothing_when_the_fleet_pays_through_stripe()
     assert_eq!((status, outcome.as_str()), (200, "unmatched"));
     assert_eq!(s.fleet.status(id).await, "paid");
 }
+
+// --- the key chain under any order of events ----------------------------------------------------------
+
+/// What can happen around one payout, in any order: a worker's call (only
+/// while the payout is not recorded paid, as a claim), the platform balance
+/// running short or topped up, Stripe saving a 500 before or after creating
+/// the transfer, Stripe forgetting its keys (24 h), and the platform
+/// reversing the paid transfer in full followed by an operator retry.
+#[derive(Debug, Clone, Copy)]
+enum Happening {
+    Call,
+    BalanceShort,
+    BalanceTopped,
+    FaultBefore,
+    FaultAfter,
+    ForgetKeys,
+    ReverseAndRetry,
+}
+
+fn happening() -> impl proptest::strategy::Strategy<Value = Happening> {
+    use proptest::prelude::*;
+    prop_oneof![
+        4 => Just(Happening::Call),
+        1 => Just(Happening::BalanceShort),
+        1 => Just(Happening::BalanceTopped),
+        1 => Just(Happening::FaultBefore),
+        1 => Just(Happening::FaultAfter),
+        1 => Just(Happening::ForgetKeys),
+        1 => Just(Happening::ReverseAndRetry),
+    ]
+}
+
+fn standing(s: &StandIn) -> Vec<String> {
+    s.transfers()
+        .into_iter()
+        .filter(|t| t["amount_reversed"].as_i64() < t["amount"].as_i64())
+        .map(|t| t["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+async fn run_steps(steps: Vec<Happening>) {
+    let (s, base) = StandIn::start(standin_cfg()).await.unwrap();
+    s.add_account("acct_1").await;
+    let settings = Settings::load_from(
+        None,
+        &[
+            ("PAYOUTS_GATEWAY__KIND", "stripe"),
+            ("PAYOUTS_GATEWAY__STRIPE__BASE_URL", base.as_str()),
+            ("PAYOUTS_GATEWAY__STRIPE__SECRET_KEY", KEY),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string())),
+    )
+    .unwrap();
+    let gw = select::build(&settings.gateway).unwrap();
+    // The payout as the database holds it: its stored key index, whether it
+    // was recorded paid (and by which transfer), whether it was claimed before.
+    let mut key_index = 0u32;
+    let mut paid: Option<String> = None;
+    let mut claimed = false;
+    for st in steps {
+        match st {
+            Happening::Call if paid.is_none() => {
+                let mut req = request(1, "acct_1");
+                req.key_index = key_index;
+                req.first_attempt = !claimed;
+                claimed = true;
+                let keyed = gw.transfer_keyed(&req).await;
+                assert!(keyed.key_index >= key_index, "the chain never goes back");
+                key_index = keyed.key_index;
+                if let Outcome::Paid { transfer_id } = keyed.outcome {
+                    assert!(
+                        standing(&s).contains(&transfer_id),
+                        "recorded paid by {transfer_id}, which does not stand"
+                    );
+                    paid = Some(transfer_id);
+                }
+            }
+            Happening::Call => {}
+            Happening::BalanceShort => s.set_balance("usd", 0),
+            Happening::BalanceTopped => s.set_balance("usd", 1_000_000),
+            Happening::FaultBefore => s.push_fault(Fault::ServerErrorBeforeCreate),
+            Happening::FaultAfter => s.push_fault(Fault::ServerErrorAfterCreate),
+            Happening::ForgetKeys => s.forget_keys(),
+            Happening::ReverseAndRetry => {
+                if let Some(id) = paid.take() {
+                    s.reverse(&id, None).await.unwrap();
+                }
+            }
+        }
+        assert!(
+            standing(&s).len() <= 1,
+            "paid twice: {:?} after {st:?}",
+            standing(&s)
+        );
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 24, ..Default::default() })]
+
+    /// Whatever happens in whatever order, at most one transfer of a payout
+    /// stands at Stripe, and the payout is recorded paid only by a transfer
+    /// that stands.
+    #[test]
+    fn the_key_chain_never_pays_twice_nor_records_a_transfer_that_came_back(
+        steps in proptest::collection::vec(happening(), 1..14)
+    ) {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(run_steps(steps));
+    }
+}
