@@ -166,6 +166,9 @@ pub struct WorkerSettings {
     pub lock_ttl_ms: u64,
     /// Attempts (claims) before a payout with transient failures is `failed`.
     pub max_attempts: i32,
+    /// How many times a payout may be held (payee not onboarded) before it
+    /// fails with its code instead of being held again (at least 1).
+    pub max_holds: i32,
     /// Delay before attempt 2, 3, ... in s; the last value repeats.
     pub retry_schedule_secs: Vec<u64>,
     /// On SIGTERM, how long in-flight jobs may take to finish, in s.
@@ -205,6 +208,9 @@ pub struct GatewaySettings {
     pub rate_limit_per_sec: u32,
     /// Requests allowed at once above the rate.
     pub rate_limit_burst: u32,
+    /// How long the whole fleet pauses when the gateway refuses the platform
+    /// (401, a restricted key's 403, the platform's balance short), in s.
+    pub credential_pause_secs: u64,
     /// Calls in the breaker's window before it may open.
     pub breaker_min_calls: usize,
     /// Percent of failed calls (5xx, timeouts, connection errors, 401) that opens the breaker.

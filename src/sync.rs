@@ -17,6 +17,8 @@
 //! the gateway reports the account ready ([`AccountCheck`]), they go back to
 //! `queued` with a fresh attempt budget and an expired lease,
 //! so the producer's sweep enqueues them ([`InTransitSync::release_onboarded`]).
+//! Stripe's `account.updated` webhook does the same at once
+//! ([`release_account`], from `crate::webhooks`); the poll is the fallback.
 
 use std::sync::{
     Arc, LazyLock,
@@ -166,6 +168,41 @@ pub struct SyncReport {
 /// The failure code of a payout whose payee cannot receive money yet.
 pub const NOT_ONBOARDED: &str = "account_not_onboarded";
 
+/// Puts every `held` payout of `account` back to `queued` (fresh attempt
+/// budget, lease already expired so the producer's sweep enqueues it), with
+/// an event by `actor`; their ids. The poll calls it once the gateway reports
+/// the account ready, the webhook on Stripe's `account.updated` at once.
+pub async fn release_account(
+    conn: &mut PgConnection,
+    account: &str,
+    actor: &str,
+    now: DateTime<Utc>,
+) -> sqlx::Result<Vec<i64>> {
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "WITH upd AS (
+             UPDATE payouts p SET status = 'queued', retry_base = p.attempt,
+                 next_attempt_at = NULL, lease_owner = NULL, lease_until = $3,
+                 updated_at = $3
+             FROM payees
+             WHERE payees.id = p.payee_id AND payees.gateway_account = $1
+               AND p.status = 'held'
+             RETURNING p.id, p.attempt)
+         INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
+         SELECT id, 'held', 'queued', $4, 'payee onboarded: released from ' || $2, attempt, $3 FROM upd
+         RETURNING payout_id",
+    )
+    .bind(account)
+    .bind(NOT_ONBOARDED)
+    .bind(now)
+    .bind(actor)
+    .fetch_all(&mut *conn)
+    .await?;
+    if !ids.is_empty() {
+        tracing::info!(payouts = ids.len(), "payee onboarded: payouts released");
+    }
+    Ok(ids)
+}
+
 /// A gateway that can tell whether a payee's account can receive money now.
 #[async_trait]
 pub trait AccountCheck: Send + Sync + std::fmt::Debug {
@@ -259,29 +296,8 @@ impl InTransitSync {
                     continue;
                 }
             }
-            let now = self.clock.now();
-            let ids: Vec<i64> = sqlx::query_scalar(
-                "WITH upd AS (
-                     UPDATE payouts p SET status = 'queued', retry_base = p.attempt,
-                         next_attempt_at = NULL, lease_owner = NULL, lease_until = $3,
-                         updated_at = $3
-                     FROM payees
-                     WHERE payees.id = p.payee_id AND payees.gateway_account = $1
-                       AND p.status = 'held'
-                     RETURNING p.id, p.attempt)
-                 INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
-                 SELECT id, 'held', 'queued', $4, 'payee onboarded: released from ' || $2, attempt, $3 FROM upd
-                 RETURNING payout_id",
-            )
-            .bind(&account)
-            .bind(NOT_ONBOARDED)
-            .bind(now)
-            .bind(&self.actor)
-            .fetch_all(&self.pool)
-            .await?;
-            if !ids.is_empty() {
-                tracing::info!(payouts = ids.len(), "payee onboarded: payouts released");
-            }
+            let mut conn = self.pool.acquire().await?;
+            let ids = release_account(&mut conn, &account, &self.actor, self.clock.now()).await?;
             released += ids.len();
         }
         Ok(released)

@@ -6,9 +6,28 @@
 //! `t={unix seconds},v1={hex HMAC-SHA256(secret, "{t}.{raw body}")}`, with
 //! one `v1` per active secret while a secret is rolled; other schemes (`v0`)
 //! are ignored. A request verifies when any `v1` matches any configured
-//! secret (compared in constant time) and `t` is within the tolerance
-//! (default 300 s) of now, either way. Anything else is a 400 and changes
-//! nothing.
+//! secret (compared in constant time) and `t` is not older than the
+//! tolerance (default 300 s); a timestamp ahead of our clock is accepted and
+//! a trailing comma ignored, as Stripe's own libraries do. Secrets are
+//! trimmed at load (a trailing newline from a file). Anything else is a 400
+//! and changes nothing.
+//!
+//! **Two Stripe endpoints, two secrets.** Stripe signs each webhook endpoint
+//! with its own secret: the platform endpoint (`transfer.*`) and the Connect
+//! endpoint (events on connected accounts: `account.updated`, `payout.*`,
+//! which carry `account`). Both point at `/webhooks/stripe`, and both secrets
+//! must be listed in `gateway.stripe.webhook_secrets`.
+//!
+//! **Only the payout it is about, only on the configured kind's endpoint.**
+//! An event is applied when its object is the payout's transfer
+//! (`gateway_transfer_id`) and the connected account it names (the event's
+//! `account`, or the transfer's `destination`) is the payee's; Stripe signs
+//! events of *every* connected account, and any of them may put another
+//! payee's id in its own metadata. `/webhooks/stripe` acts only when
+//! `gateway.kind = "stripe"`, `/webhooks/gateway` only for `contract`.
+//! Anything else is recorded and answered `unmatched` (200). Stripe's
+//! `account.updated` with an active `transfers` capability releases that
+//! account's held payouts at once ([`crate::sync::release_account`]).
 //!
 //! **Once per event.** Every event id is recorded in `webhook_events` in the
 //! same transaction as the change it makes; a repeated id is acknowledged
@@ -20,6 +39,10 @@
 //! |---|---|---|
 //! | `transfer.paid` (contract), `payout.paid` (Stripe) | -> `paid` | nothing |
 //! | `transfer.failed` (contract), `payout.failed`, `payout.canceled`, `transfer.reversed` in full (Stripe) | -> `failed`, code kept | -> `failed` with an alert |
+//!
+//! (A Stripe bank payout `po_…` is never a payout's `gateway_transfer_id`,
+//! which is its transfer `tr_…`: `payout.*` events therefore match only on a
+//! fleet whose gateway records them, never by metadata alone.)
 //!
 //! The payout is found by `metadata.payout_id`, then by the reference
 //! (`reference` / `transfer_group` = `payout_<id>`), then by the gateway's
@@ -92,7 +115,7 @@ pub enum SignatureError {
     /// No `v1` signature matches any secret.
     #[error("no signature matches the payload")]
     Mismatch,
-    /// The timestamp is older (or further ahead) than the tolerance.
+    /// The timestamp is older than the tolerance.
     #[error("timestamp outside the tolerance")]
     OutsideTolerance,
 }
@@ -128,9 +151,11 @@ pub fn verify(
 ) -> Result<i64, SignatureError> {
     let mut t: Option<i64> = None;
     let mut sigs: Vec<Vec<u8>> = Vec::new();
+    // As Stripe's libraries read it: `,`-separated `key=value` items; an
+    // item without `=` (the empty one after a trailing comma) is skipped.
     for part in header.split(',') {
         let Some((k, v)) = part.trim().split_once('=') else {
-            return Err(SignatureError::Malformed);
+            continue;
         };
         match k {
             "t" => t = Some(v.parse().map_err(|_| SignatureError::Malformed)?),
@@ -159,7 +184,9 @@ pub fn verify(
     if !matched {
         return Err(SignatureError::Mismatch);
     }
-    if now.abs_diff(t) > tolerance.as_secs() {
+    // Only a timestamp too *old* is refused, as in Stripe's libraries (a
+    // replay defence; a sender's clock ahead of ours is no attack).
+    if now.saturating_sub(t) > tolerance.as_secs() as i64 {
         return Err(SignatureError::OutsideTolerance);
     }
     Ok(t)
@@ -188,6 +215,17 @@ impl Source {
             Source::Stripe => "stripe-signature",
         }
     }
+
+    /// Whether events of this endpoint are applied by a fleet whose
+    /// `gateway.kind` is `kind`: Stripe's only with `stripe`, the contract's
+    /// only with `contract`. Others are recorded `unmatched`: a signed event
+    /// of a gateway the fleet does not pay through moves nothing.
+    fn acts_for(self, kind: &str) -> bool {
+        match self {
+            Source::Stripe => kind == "stripe",
+            Source::Gateway => kind == "contract",
+        }
+    }
 }
 
 /// What an event says happened.
@@ -204,6 +242,13 @@ pub enum Effect {
     },
     /// Nothing for a payout's status (other types, a partial reversal).
     Ignore(&'static str),
+    /// A connected account can receive transfers now (Stripe
+    /// `account.updated` with `capabilities.transfers = active`): its held
+    /// payouts go back to the queue.
+    Release {
+        /// The connected account (`acct_…`).
+        account: String,
+    },
 }
 
 /// One parsed event.
@@ -217,6 +262,10 @@ pub struct Event {
     pub payout_id: Option<i64>,
     /// The gateway's id of the object (`tr_…`, `po_…`).
     pub object_id: Option<String>,
+    /// The connected account the event happened on (Stripe Connect events' `account`).
+    pub account: Option<String>,
+    /// The account a transfer went to (`destination`).
+    pub destination: Option<String>,
     /// What it means.
     pub effect: Effect,
 }
@@ -284,6 +333,19 @@ pub fn parse_event(source: Source, body: &[u8]) -> Result<Event, String> {
                 Effect::Ignore("partially_reversed")
             }
         }
+        (Source::Stripe, "account.updated") => {
+            // Only the account the event happened on, and only its own object.
+            let active = object
+                .pointer("/capabilities/transfers")
+                .and_then(Value::as_str)
+                == Some("active");
+            match (str_at(&v, "account"), str_at(object, "id")) {
+                (Some(a), Some(o)) if a == o && active => Effect::Release {
+                    account: a.to_string(),
+                },
+                _ => Effect::Ignore("ignored"),
+            }
+        }
         _ => Effect::Ignore("ignored"),
     };
     Ok(Event {
@@ -291,6 +353,8 @@ pub fn parse_event(source: Source, body: &[u8]) -> Result<Event, String> {
         kind,
         payout_id: metadata_id.or(reference_id),
         object_id: str_at(object, "id").map(str::to_string),
+        account: str_at(&v, "account").map(str::to_string),
+        destination: str_at(object, "destination").map(str::to_string),
         effect,
     })
 }
@@ -308,6 +372,8 @@ pub struct WebhookState {
     pub stripe_secrets: Arc<Vec<SecretString>>,
     /// Signature tolerance.
     pub tolerance: Duration,
+    /// `gateway.kind`: which endpoint's events are applied.
+    pub kind: String,
 }
 
 impl std::fmt::Debug for WebhookState {
@@ -316,19 +382,28 @@ impl std::fmt::Debug for WebhookState {
             .field("gateway_secrets", &self.gateway_secrets.len())
             .field("stripe_secrets", &self.stripe_secrets.len())
             .field("tolerance", &self.tolerance)
+            .field("kind", &self.kind)
             .finish_non_exhaustive()
     }
 }
 
 impl WebhookState {
-    /// From `[gateway]` settings.
+    /// From `[gateway]` settings. Secrets are trimmed: one read from a file
+    /// or a Kubernetes Secret often ends in a newline, which would make every
+    /// signature fail.
     pub fn from_settings(pool: PgPool, clock: SharedClock, g: &GatewaySettings) -> Self {
+        let trimmed = |v: &[SecretString]| {
+            v.iter()
+                .map(|s| SecretString::from(s.expose_secret().trim().to_string()))
+                .collect::<Vec<_>>()
+        };
         WebhookState {
             pool,
             clock,
-            gateway_secrets: Arc::new(g.webhooks.secrets.clone()),
-            stripe_secrets: Arc::new(g.stripe.webhook_secrets.clone()),
+            gateway_secrets: Arc::new(trimmed(&g.webhooks.secrets)),
+            stripe_secrets: Arc::new(trimmed(&g.stripe.webhook_secrets)),
             tolerance: Duration::from_secs(g.webhooks.tolerance_secs),
+            kind: g.kind.clone(),
         }
     }
 }
@@ -393,6 +468,21 @@ enum Applied {
     RetryLater,
 }
 
+/// Whether `ev` is about the payout `row` (`status`, `gateway_transfer_id`,
+/// payee's `gateway_account`): its object is the payout's transfer, and the
+/// connected account it names (Stripe: the event's `account`, else the
+/// transfer's `destination`; the contract: `destination` when given) is the
+/// payee's. A signed event may come from any connected account (issue #15).
+fn matches_payout(source: Source, ev: &Event, transfer_id: Option<&str>, account: &str) -> bool {
+    let object_ok = ev.object_id.is_some() && ev.object_id.as_deref() == transfer_id;
+    let named = ev.account.as_deref().or(ev.destination.as_deref());
+    let account_ok = match source {
+        Source::Stripe => named == Some(account),
+        Source::Gateway => named.is_none_or(|a| a == account),
+    };
+    object_ok && account_ok
+}
+
 async fn apply(s: &WebhookState, source: Source, ev: &Event) -> sqlx::Result<Applied> {
     let now = s.clock.now();
     let mut tx = s.pool.begin().await?;
@@ -409,6 +499,51 @@ async fn apply(s: &WebhookState, source: Source, ev: &Event) -> sqlx::Result<App
     if fresh.is_none() {
         return Ok(Applied::Done("duplicate"));
     }
+    let (outcome, linked) = if !source.acts_for(&s.kind) {
+        tracing::warn!(event = %ev.id, source = source.as_str(), kind = %s.kind, "webhook on the endpoint of a gateway kind the fleet does not use: recorded, not applied");
+        ("unmatched", None)
+    } else if let Effect::Release { account } = &ev.effect {
+        let actor = format!("webhook:{}", source.as_str());
+        let ids = crate::sync::release_account(&mut tx, account, &actor, now).await?;
+        (
+            if ids.is_empty() {
+                "ignored"
+            } else {
+                "released"
+            },
+            None,
+        )
+    } else {
+        match find_and_apply(&mut tx, source, ev, now).await? {
+            Some(done) => done,
+            None => {
+                tx.rollback().await?;
+                return Ok(Applied::RetryLater);
+            }
+        }
+    };
+    sqlx::query(
+        "UPDATE webhook_events SET outcome = $3, payout_id = $4 WHERE source = $1 AND event_id = $2",
+    )
+    .bind(source.as_str())
+    .bind(&ev.id)
+    .bind(outcome)
+    .bind(linked)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Applied::Done(outcome))
+}
+
+/// Finds the payout `ev` names and applies its effect if it really is about
+/// that payout; the outcome and the payout to link, or `None` when a worker
+/// is still recording the payout (the gateway delivers again later).
+async fn find_and_apply(
+    tx: &mut sqlx::PgConnection,
+    source: Source,
+    ev: &Event,
+    now: chrono::DateTime<chrono::Utc>,
+) -> sqlx::Result<Option<(&'static str, Option<i64>)>> {
     let payout = match ev.payout_id {
         Some(id) => Some(id),
         None => match &ev.object_id {
@@ -421,87 +556,86 @@ async fn apply(s: &WebhookState, source: Source, ev: &Event) -> sqlx::Result<App
             None => None,
         },
     };
-    let row: Option<(i64, String)> = match payout {
+    let row: Option<(i64, String, Option<String>, String)> = match payout {
         Some(id) => {
-            sqlx::query_as("SELECT id, status FROM payouts WHERE id = $1 FOR UPDATE")
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await?
+            sqlx::query_as(
+                "SELECT p.id, p.status, p.gateway_transfer_id, payees.gateway_account
+                 FROM payouts p JOIN payees ON payees.id = p.payee_id
+                 WHERE p.id = $1 FOR UPDATE OF p",
+            )
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
         }
         None => None,
     };
-    let outcome: &'static str = match (&row, &ev.effect) {
-        (None, _) => {
-            tracing::info!(event = %ev.id, kind = %ev.kind, "webhook names no payout of ours");
-            "unmatched"
-        }
-        (Some(_), Effect::Ignore(why)) => {
-            if *why == "partially_reversed" {
-                tracing::error!(event = %ev.id, payout_id = payout, alert = true, "stripe reversed part of a payout's transfer");
-            }
-            why
-        }
-        (Some((id, status)), effect) => {
-            let status: PayoutStatus = status
-                .parse()
-                .map_err(|e: String| sqlx::Error::Decode(e.into()))?;
-            let (to, code, message) = match effect {
-                Effect::Paid => (PayoutStatus::Paid, None, None),
-                Effect::Failed { code, message } => (
-                    PayoutStatus::Failed,
-                    Some(code.as_str()),
-                    Some(message.as_str()),
-                ),
-                Effect::Ignore(_) => unreachable!("handled above"),
-            };
-            match (status, to) {
-                (PayoutStatus::Processing, _) => {
-                    // A worker is still recording this payout: let the gateway deliver again later.
-                    tx.rollback().await?;
-                    return Ok(Applied::RetryLater);
-                }
-                (PayoutStatus::InTransit, _) | (PayoutStatus::Paid, PayoutStatus::Failed) => {
-                    let actor = format!("webhook:{}", source.as_str());
-                    let reason = format!("{} {}", ev.kind, ev.id);
-                    let res = Resolution {
-                        payout_id: *id,
-                        from: status,
-                        attempt: None,
-                        to,
-                        transfer_id: ev.object_id.as_deref(),
-                        code,
-                        message,
-                        actor: &actor,
-                        reason: &reason,
-                        now,
-                    };
-                    if resolve(&mut tx, &res).await? {
-                        RESOLVED.with_label_values(&["webhook", to.as_str()]).inc();
-                        match (status, to) {
-                            (PayoutStatus::Paid, _) => "failed_after_paid",
-                            (_, PayoutStatus::Paid) => "paid",
-                            _ => "failed",
-                        }
-                    } else {
-                        "fenced_out"
-                    }
-                }
-                (PayoutStatus::Paid, PayoutStatus::Paid) => "already_paid",
-                _ => "ignored_status",
-            }
-        }
+    let Some((id, status, transfer_id, account)) = row else {
+        tracing::info!(event = %ev.id, kind = %ev.kind, "webhook names no payout of ours");
+        return Ok(Some(("unmatched", None)));
     };
-    sqlx::query(
-        "UPDATE webhook_events SET outcome = $3, payout_id = $4 WHERE source = $1 AND event_id = $2",
-    )
-    .bind(source.as_str())
-    .bind(&ev.id)
-    .bind(outcome)
-    .bind(row.as_ref().map(|r| r.0))
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(Applied::Done(outcome))
+    let status: PayoutStatus = status
+        .parse()
+        .map_err(|e: String| sqlx::Error::Decode(e.into()))?;
+    if let Effect::Ignore(why) = &ev.effect {
+        if *why == "partially_reversed"
+            && matches_payout(source, ev, transfer_id.as_deref(), &account)
+        {
+            tracing::error!(event = %ev.id, payout_id = id, alert = true, "stripe reversed part of a payout's transfer");
+        }
+        return Ok(Some((why, Some(id))));
+    }
+    if status == PayoutStatus::Processing {
+        // A worker is still recording this payout (its transfer id is not
+        // stored yet): let the gateway deliver again later.
+        return Ok(None);
+    }
+    if !matches_payout(source, ev, transfer_id.as_deref(), &account) {
+        tracing::warn!(
+            event = %ev.id, kind = %ev.kind, payout_id = id,
+            "webhook names a payout but not its transfer or its payee's account: recorded, not applied"
+        );
+        return Ok(Some(("unmatched", None)));
+    }
+    let (to, code, message) = match &ev.effect {
+        Effect::Paid => (PayoutStatus::Paid, None, None),
+        Effect::Failed { code, message } => (
+            PayoutStatus::Failed,
+            Some(code.as_str()),
+            Some(message.as_str()),
+        ),
+        Effect::Ignore(_) | Effect::Release { .. } => unreachable!("handled above"),
+    };
+    let outcome = match (status, to) {
+        (PayoutStatus::InTransit, _) | (PayoutStatus::Paid, PayoutStatus::Failed) => {
+            let actor = format!("webhook:{}", source.as_str());
+            let reason = format!("{} {}", ev.kind, ev.id);
+            let res = Resolution {
+                payout_id: id,
+                from: status,
+                attempt: None,
+                to,
+                transfer_id: ev.object_id.as_deref(),
+                code,
+                message,
+                actor: &actor,
+                reason: &reason,
+                now,
+            };
+            if resolve(&mut *tx, &res).await? {
+                RESOLVED.with_label_values(&["webhook", to.as_str()]).inc();
+                match (status, to) {
+                    (PayoutStatus::Paid, _) => "failed_after_paid",
+                    (_, PayoutStatus::Paid) => "paid",
+                    _ => "failed",
+                }
+            } else {
+                "fenced_out"
+            }
+        }
+        (PayoutStatus::Paid, PayoutStatus::Paid) => "already_paid",
+        _ => "ignored_status",
+    };
+    Ok(Some((outcome, Some(id))))
 }
 
 #[cfg(test)]
@@ -581,6 +715,26 @@ mod tests {
     }
 
     #[test]
+    fn like_stripes_libraries_only_an_old_timestamp_is_refused_and_a_trailing_comma_is_ignored() {
+        let payload = stripe_vector_payload();
+        let t = 1_533_204_620;
+        let s = secrets(&["webhook_secret"]);
+        // Our clock 400 s behind the sender's: accepted.
+        assert_eq!(
+            verify(
+                STRIPE_VECTOR_HEADER,
+                &payload,
+                &s,
+                DEFAULT_TOLERANCE,
+                t - 400
+            ),
+            Ok(t)
+        );
+        let trailing = format!("{STRIPE_VECTOR_HEADER},");
+        assert_eq!(verify(&trailing, &payload, &s, DEFAULT_TOLERANCE, t), Ok(t));
+    }
+
+    #[test]
     fn any_v1_under_any_secret_verifies_during_rotation() {
         let body = br#"{"id":"evt_1"}"#;
         let header = signature_header(&["whsec_old", "whsec_new"], 1000, body);
@@ -614,6 +768,16 @@ mod tests {
         assert_eq!(
             verify(
                 "v1,t=1",
+                body,
+                &secrets(&["whsec_new"]),
+                DEFAULT_TOLERANCE,
+                1000
+            ),
+            Err(SignatureError::NoSignature)
+        );
+        assert_eq!(
+            verify(
+                "t=x,v1=00",
                 body,
                 &secrets(&["whsec_new"]),
                 DEFAULT_TOLERANCE,

@@ -16,7 +16,7 @@ use crate::{
     clock::SharedClock,
     config::{Settings, WorkerSettings},
     db::{
-        batch::Batcher,
+        batch::{Batcher, FinishExtras},
         payouts::{self, Finish},
     },
     domain::{Currency, Money},
@@ -152,8 +152,10 @@ impl Worker {
     }
 
     async fn attempt(&self, id: i64) -> Step {
-        // An open circuit holds the job here, before the claim, so no attempt is burned.
+        // An open circuit or a fleet pause holds the job here, before the
+        // claim, so no attempt is burned.
         self.guard.wait_closed().await;
+        self.guard.wait_unpaused().await;
         let now = self.clock.now();
         let lease_until = now + chrono_dur(Duration::from_secs(self.settings.lease_secs));
         let claimed = match self.batcher.claim(id, &self.actor, now, lease_until).await {
@@ -172,15 +174,23 @@ impl Worker {
         let payout = &claimed.payout;
         tracing::Span::current().record("attempt", token);
 
+        // Minor units as the gateway counts them (Stripe differs from ISO for
+        // ISK, HUF, TWD and three-decimal currencies): refused here, clearly,
+        // rather than sent wrong.
         let money = payout
             .currency
             .parse::<Currency>()
             .and_then(|c| Money::new(payout.amount, c))
-            .and_then(|m| m.to_minor_units().map(|minor| (m, minor)));
+            .map_err(|e| e.to_string())
+            .and_then(|m| self.gateway.minor_units(&m).map(|minor| (m, minor)));
+        let mut extras = FinishExtras {
+            key_index: claimed.key_index,
+            refund_attempt: false,
+        };
         let finish = match money {
             Err(e) => Finish::Failed {
                 code: "invalid_amount".into(),
-                message: e.to_string(),
+                message: e,
             },
             Ok((money, amount_minor)) => {
                 let req = TransferRequest {
@@ -190,6 +200,7 @@ impl Worker {
                     reference: payouts::idempotency_key(payout.id),
                     metadata: [("payout_id".to_string(), payout.id.to_string())].into(),
                     idempotency_key: payout.idempotency_key(),
+                    key_index: claimed.key_index.max(0) as u32,
                     first_attempt: payout.attempt == 1,
                 };
                 let on_call = |o: &Outcome, took: Duration| {
@@ -204,11 +215,14 @@ impl Worker {
                         .observe(took.as_secs_f64());
                 };
                 let guarded = self.guard.wrap(self.gateway.as_ref());
-                let (outcome, calls) =
+                let (outcome, calls, key_index) =
                     call_with_backoff(&guarded, &req, self.backoff, &on_call).await;
-                tracing::debug!(calls, ?outcome, "gateway answered");
+                tracing::debug!(calls, ?outcome, key_index, "gateway answered");
+                extras.key_index = i32::try_from(key_index).unwrap_or(i32::MAX);
+                extras.refund_attempt = outcome.pauses_fleet();
                 let unknown = matches!(outcome, Outcome::Unknown { .. });
-                let finish = self.decide(payout.attempt - payout.retry_base, outcome);
+                let finish =
+                    self.decide(payout.attempt - payout.retry_base, claimed.holds, outcome);
                 match finish {
                     // The last attempt ended without an answer (a timeout, a
                     // reset): the money may have moved. Ask before failing.
@@ -228,7 +242,7 @@ impl Worker {
             Finish::Failed { code, .. } => format!("failed: {code}"),
             Finish::Held { code, .. } => format!("held: {code}"),
         };
-        let recorded = self.record(id, token, &finish, &reason).await;
+        let recorded = self.record(id, token, &finish, extras, &reason).await;
         match recorded {
             Ok(true) => {
                 let status = finish.status();
@@ -265,15 +279,38 @@ impl Worker {
         }
     }
 
-    /// What to record for a gateway outcome, given the attempts used so far.
-    fn decide(&self, used: i32, outcome: Outcome) -> Finish {
+    /// What to record for a gateway outcome, given the attempts used so far
+    /// and how often the payout was held before.
+    fn decide(&self, used: i32, holds: i32, outcome: Outcome) -> Finish {
         match outcome {
             Outcome::Paid { transfer_id } => Finish::Paid { transfer_id },
             Outcome::InTransit { transfer_id } => Finish::InTransit { transfer_id },
             // Not the payee's failure: the account cannot receive money yet.
-            // Held (no budget spent) until the in-transit poll sees it ready.
+            // Held (no budget spent) until `account.updated` or the poll sees
+            // it ready; held too often, it fails with its code.
             Outcome::Rejected { code, message } if code == crate::sync::NOT_ONBOARDED => {
-                Finish::Held { code, message }
+                let max = self.settings.max_holds.max(1);
+                if holds >= max {
+                    Finish::Failed {
+                        message: format!(
+                            "held {holds} times, still not onboarded; last: {message}"
+                        ),
+                        code,
+                    }
+                } else {
+                    Finish::Held { code, message }
+                }
+            }
+            // A platform problem (credentials, platform balance): the fleet
+            // is paused; the payout waits it out without spending its budget.
+            Outcome::Transient { code, message, .. }
+                if crate::gateway::PLATFORM_PROBLEMS.contains(&code.as_str()) =>
+            {
+                Finish::Retrying {
+                    next_attempt_at: self.clock.now() + chrono_dur(self.guard.platform_pause()),
+                    code,
+                    message,
+                }
             }
             Outcome::Rejected { code, message } => Finish::Failed { code, message },
             Outcome::Transient { code, message, .. } => self.retry_or_fail(used, code, message),
@@ -349,6 +386,7 @@ impl Worker {
         id: i64,
         token: i32,
         finish: &Finish,
+        extras: FinishExtras,
         reason: &str,
     ) -> Result<bool, String> {
         let mut delay = Duration::from_millis(50);
@@ -357,7 +395,7 @@ impl Worker {
             let now = self.clock.now();
             match self
                 .batcher
-                .finish(id, token, finish, &self.actor, reason, now)
+                .finish_with(id, token, finish, extras, &self.actor, reason, now)
                 .await
             {
                 Ok(true) => return Ok(true),
@@ -529,6 +567,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         &settings.redis.prefix,
         GuardSettings::from_settings(&settings.gateway),
     ));
+    // Every request of a self-limiting client (Stripe) counts fleet-wide.
+    gateway.use_limiter(guard.limiter());
     let worker = Arc::new(Worker {
         pool: pool.clone(),
         batcher: Batcher::spawn(pool.clone(), settings.worker.db_batch),

@@ -1,16 +1,16 @@
-//! The real gateways against local fakes that speak their wire formats: a
-//! fake Stripe (form-encoded `POST /v1/transfers`, bearer key,
-//! `Stripe-Version`, an idempotency store that replays a stored 500 with
-//! `Idempotent-Replayed`, Stripe's error JSON from `tests/fixtures/stripe/`,
-//! `GET /v1/transfers?transfer_group=`), a fake release-funds API (the
-//! booking worker's JSON), the webhook router with Stripe's signature scheme,
-//! and the in-transit poll. Real Postgres and Redis; every server on
-//! 127.0.0.1:0.
+//! The real gateways against local servers that speak their wire formats:
+//! the Stripe stand-in (`payouts::gateway::stripe_standin`, built from
+//! Stripe's API definition and documentation: saved answers of any status,
+//! replays, balance, capabilities, reversals), a fixture server that answers
+//! each recorded Stripe error of `tests/fixtures/stripe/` (for the
+//! classification table only), a fake release-funds API (the booking
+//! worker's JSON), the webhook router with Stripe's signature scheme, and the
+//! in-transit poll. Real Postgres and Redis; every server on 127.0.0.1:0.
 
 mod common;
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -37,6 +37,7 @@ use payouts::{
         mock::Faults,
         select,
         stripe::StripeGateway,
+        stripe_standin::{Fault, StandIn, StandInConfig},
     },
     queue::lock::Locks,
     sync::{FAILED_AFTER_PAID, InTransitSync},
@@ -47,24 +48,7 @@ use serde_json::{Value, json};
 
 const KEY: &str = "sk_test_fake_51Hx";
 
-// --- a fake Stripe -------------------------------------------------------------------
-
-/// One request the fake saw.
-#[derive(Debug, Clone)]
-struct Seen {
-    method: &'static str,
-    headers: HashMap<String, String>,
-    form: Vec<(String, String)>,
-}
-
-/// An answer the next POST gets instead of the normal one.
-#[derive(Debug, Clone, Copy)]
-enum Script {
-    /// Create the transfer, then answer (and store for the key) a 500: the answer is lost.
-    CreateThen500,
-    /// Store a 500 for the key without creating anything.
-    Only500,
-}
+// --- recorded Stripe errors, replayed (the classification table) ----------------------
 
 /// The first answer to a key: status, body, and the form it was for.
 type Stored = (u16, Value, Vec<(String, String)>);
@@ -74,10 +58,6 @@ struct StripeState {
     transfers: Vec<Value>,
     /// key -> (status, body, form) of the first answer.
     idem: HashMap<String, Stored>,
-    seen: Vec<Seen>,
-    script: VecDeque<Script>,
-    /// account -> status of its `transfers` capability.
-    accounts: HashMap<String, String>,
 }
 
 #[derive(Clone, Default)]
@@ -132,11 +112,6 @@ async fn stripe_create(
     let form: Vec<(String, String)> = serde_urlencoded::from_bytes(&body).expect("form body");
     let seen = header_map(&headers);
     let mut st = fake.0.lock().unwrap();
-    st.seen.push(Seen {
-        method: "POST",
-        headers: seen.clone(),
-        form: form.clone(),
-    });
     if seen.get("authorization").map(String::as_str) != Some(&format!("Bearer {KEY}")) {
         let (s, h, b) = fixture_answer("authentication_error");
         let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
@@ -170,12 +145,6 @@ async fn stripe_create(
         let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         return stripe_answer(s, &h, &b);
     }
-    let script = st.script.pop_front();
-    let error = fixture("api_error")["body"].clone();
-    if let Some(Script::Only500) = script {
-        st.idem.insert(key, (500, error.clone(), form));
-        return stripe_answer(500, &[], &error);
-    }
     let n = st.transfers.len() + 1;
     let metadata: BTreeMap<String, String> = form
         .iter()
@@ -198,75 +167,39 @@ async fn stripe_create(
         "livemode": false,
     });
     st.transfers.push(transfer.clone());
-    if let Some(Script::CreateThen500) = script {
-        st.idem.insert(key, (500, error.clone(), form));
-        return stripe_answer(500, &[], &error);
-    }
     st.idem.insert(key, (200, transfer.clone(), form));
     stripe_answer(200, &[("Request-Id", "req_ok")], &transfer)
-}
-
-async fn stripe_list(
-    State(fake): State<FakeStripe>,
-    headers: HeaderMap,
-    Query(q): Query<HashMap<String, String>>,
-) -> Response {
-    let mut st = fake.0.lock().unwrap();
-    st.seen.push(Seen {
-        method: "GET",
-        headers: header_map(&headers),
-        form: q.clone().into_iter().collect(),
-    });
-    let group = q.get("transfer_group").cloned().unwrap_or_default();
-    let data: Vec<Value> = st
-        .transfers
-        .iter()
-        .rev()
-        .filter(|t| t["transfer_group"] == group.as_str())
-        .cloned()
-        .collect();
-    Json(json!({"object": "list", "url": "/v1/transfers", "has_more": false, "data": data}))
-        .into_response()
-}
-
-async fn stripe_account(
-    State(fake): State<FakeStripe>,
-    axum::extract::Path(id): axum::extract::Path<String>,
-) -> Response {
-    let st = fake.0.lock().unwrap();
-    match st.accounts.get(&id) {
-        Some(transfers) => Json(json!({"id": id, "object": "account",
-            "capabilities": {"transfers": transfers}, "payouts_enabled": transfers == "active"}))
-        .into_response(),
-        None => {
-            let (s, _, b) = fixture_answer("resource_missing");
-            stripe_answer(s, &[], &b)
-        }
-    }
 }
 
 impl FakeStripe {
     async fn start() -> (FakeStripe, String) {
         let fake = FakeStripe::default();
         let app = Router::new()
-            .route("/v1/transfers", post(stripe_create).get(stripe_list))
-            .route("/v1/accounts/{id}", get(stripe_account))
+            .route("/v1/transfers", post(stripe_create))
             .with_state(fake.clone());
         (fake, serve(app).await)
     }
+}
 
-    fn posts(&self) -> Vec<Seen> {
-        let st = self.0.lock().unwrap();
-        st.seen
-            .iter()
-            .filter(|s| s.method == "POST")
-            .cloned()
-            .collect()
+/// The Stripe stand-in with the test key, holding `accounts` ready for transfers.
+async fn standin(accounts: &[&str]) -> (StandIn, String) {
+    let (s, base) = StandIn::start(StandInConfig {
+        secret_keys: vec![KEY.into()],
+        ..StandInConfig::default()
+    })
+    .await
+    .unwrap();
+    for a in accounts {
+        s.add_account(a).await;
     }
+    (s, base)
+}
 
-    fn transfers(&self) -> Vec<Value> {
-        self.0.lock().unwrap().transfers.clone()
-    }
+fn keys_of(s: &StandIn) -> Vec<String> {
+    s.transfer_posts()
+        .into_iter()
+        .map(|p| p.idempotency_key.unwrap_or_default())
+        .collect()
 }
 
 async fn serve(app: Router) -> String {
@@ -309,6 +242,7 @@ fn request(id: i64, destination: &str) -> TransferRequest {
         reference: format!("payout_{id}"),
         metadata: [("payout_id".to_string(), id.to_string())].into(),
         idempotency_key: format!("payout_{id}"),
+        key_index: 0,
         first_attempt: false,
     }
 }
@@ -317,18 +251,21 @@ fn request(id: i64, destination: &str) -> TransferRequest {
 
 #[tokio::test]
 async fn a_stripe_transfer_is_form_encoded_with_the_key_version_and_idempotency_key_and_pays() {
-    let (fake, base) = FakeStripe::start().await;
+    let (stripe, base) = standin(&["acct_1Ana"]).await;
     let gw = StripeGateway::new(&stripe_settings(&base, true)).unwrap();
     let out = gw.transfer(&request(42, "acct_1Ana")).await;
+    let made = stripe.transfers();
+    assert_eq!(made.len(), 1);
     assert_eq!(
         out,
         Outcome::Paid {
-            transfer_id: "tr_fake1".into()
+            transfer_id: made[0]["id"].as_str().unwrap().into()
         }
     );
-    let posts = fake.posts();
+    let posts = stripe.transfer_posts();
     assert_eq!(posts.len(), 1);
     let p = &posts[0];
+    assert_eq!(p.status, 200, "the stand-in took every parameter");
     assert_eq!(p.headers["authorization"], format!("Bearer {KEY}"));
     assert_eq!(p.headers["stripe-version"], "2025-04-30.basil");
     assert_eq!(p.headers["idempotency-key"], "payout_42");
@@ -336,7 +273,7 @@ async fn a_stripe_transfer_is_form_encoded_with_the_key_version_and_idempotency_
         p.headers["content-type"],
         "application/x-www-form-urlencoded"
     );
-    let form: BTreeMap<_, _> = p.form.iter().cloned().collect();
+    let form: BTreeMap<_, _> = p.params.iter().cloned().collect();
     assert_eq!(form["amount"], "12050");
     assert_eq!(form["currency"], "usd");
     assert_eq!(form["destination"], "acct_1Ana");
@@ -418,7 +355,8 @@ async fn every_recorded_stripe_error_maps_to_its_fleet_outcome() {
             );
         }
     }
-    // A wrong key is a 401: permanent `unauthorized`.
+    // A wrong key is a 401: a platform problem that pauses the fleet, never
+    // a payee's permanent failure.
     let mut wrong = stripe_settings(&base, false);
     wrong.stripe.secret_key = "sk_test_wrong".to_string().into();
     let out = StripeGateway::new(&wrong)
@@ -426,9 +364,10 @@ async fn every_recorded_stripe_error_maps_to_its_fleet_outcome() {
         .transfer(&request(2000, "acct_1"))
         .await;
     assert!(
-        matches!(&out, Outcome::Rejected { code, .. } if code == "unauthorized"),
+        matches!(&out, Outcome::Transient { code, .. } if code == "unauthorized"),
         "{out:?}"
     );
+    assert!(out.pauses_fleet(), "{out:?}");
     // No server at all (api_connection_error): transient `connect`.
     let closed = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -446,12 +385,8 @@ async fn every_recorded_stripe_error_maps_to_its_fleet_outcome() {
 
 #[tokio::test]
 async fn a_lost_answer_behind_a_stored_500_is_found_by_transfer_group_and_never_paid_twice() {
-    let (fake, base) = FakeStripe::start().await;
-    fake.0
-        .lock()
-        .unwrap()
-        .script
-        .push_back(Script::CreateThen500);
+    let (stripe, base) = standin(&["acct_1"]).await;
+    stripe.push_fault(Fault::ServerErrorAfterCreate);
     let gw = StripeGateway::new(&stripe_settings(&base, false)).unwrap();
     let req = request(7, "acct_1");
     // The first answer is a fresh 500 although the money moved: retry later, same key.
@@ -460,80 +395,70 @@ async fn a_lost_answer_behind_a_stored_500_is_found_by_transfer_group_and_never_
         matches!(&first, Outcome::Transient { code, .. } if code == "http_500"),
         "{first:?}"
     );
-    // The retry gets the stored 500 replayed; the adapter looks before it takes a new key.
-    let second = gw.transfer(&req).await;
+    // The retry gets the saved 500 replayed; the adapter looks before it takes a new key.
+    let second = gw.transfer_keyed(&req).await;
+    let made = stripe.transfers();
+    assert_eq!(made.len(), 1, "paid twice");
     assert_eq!(
-        second,
+        second.outcome,
         Outcome::Paid {
-            transfer_id: "tr_fake1".into()
+            transfer_id: made[0]["id"].as_str().unwrap().into()
         }
     );
-    assert_eq!(fake.transfers().len(), 1, "paid twice");
-    let keys: Vec<String> = fake
-        .posts()
-        .iter()
-        .map(|p| p.headers["idempotency-key"].clone())
-        .collect();
-    assert_eq!(keys, ["payout_7", "payout_7"], "no new key was needed");
+    assert_eq!(second.key_index, 0, "no new key was needed");
+    assert_eq!(keys_of(&stripe), ["payout_7", "payout_7"]);
 }
 
 #[tokio::test]
 async fn a_stored_500_with_no_transfer_behind_it_moves_to_the_next_key_and_pays_once() {
-    let (fake, base) = FakeStripe::start().await;
-    fake.0.lock().unwrap().script.push_back(Script::Only500);
+    let (stripe, base) = standin(&["acct_1"]).await;
+    stripe.push_fault(Fault::ServerErrorBeforeCreate);
     let gw = StripeGateway::new(&stripe_settings(&base, false)).unwrap();
     let req = request(8, "acct_1");
     assert!(gw.transfer(&req).await.is_retryable());
-    let out = gw.transfer(&req).await;
-    assert_eq!(
-        out,
-        Outcome::Paid {
-            transfer_id: "tr_fake1".into()
-        }
-    );
-    assert_eq!(fake.transfers().len(), 1);
-    let keys: Vec<String> = fake
-        .posts()
-        .iter()
-        .map(|p| p.headers["idempotency-key"].clone())
-        .collect();
-    assert_eq!(keys, ["payout_8", "payout_8", "payout_8-1"]);
+    let out = gw.transfer_keyed(&req).await;
+    assert!(matches!(out.outcome, Outcome::Paid { .. }), "{out:?}");
+    assert_eq!(out.key_index, 1, "the payout stores its new position");
+    assert_eq!(stripe.transfers().len(), 1);
+    assert_eq!(keys_of(&stripe), ["payout_8", "payout_8", "payout_8-1"]);
 }
 
 #[tokio::test]
 async fn with_lookup_first_a_key_stripe_has_forgotten_cannot_pay_twice_but_a_reversed_payout_is_paid_again()
  {
-    let (fake, base) = FakeStripe::start().await;
+    let (stripe, base) = standin(&["acct_1"]).await;
     let gw = StripeGateway::new(&stripe_settings(&base, true)).unwrap();
-    let req = request(9, "acct_1");
-    assert!(matches!(gw.transfer(&req).await, Outcome::Paid { .. }));
-    // 24 hours later Stripe has pruned the key; a late retry must not pay again.
-    fake.0.lock().unwrap().idem.clear();
+    let mut req = request(9, "acct_1");
+    let Outcome::Paid { transfer_id: first } = gw.transfer(&req).await else {
+        panic!("not paid")
+    };
+    // The platform reversed the transfer in full; an operator retry pays
+    // again, under the next key: the replayed 200 is checked, not believed.
+    stripe.reverse(&first, None).await.unwrap();
+    let again = gw.transfer_keyed(&req).await;
+    let Outcome::Paid {
+        transfer_id: second,
+    } = again.outcome.clone()
+    else {
+        panic!("{again:?}")
+    };
+    assert_ne!(second, first);
+    assert_eq!(again.key_index, 1);
+    assert_eq!(keys_of(&stripe).last().unwrap(), "payout_9-1");
+    // 24 hours later Stripe has pruned the keys; a late retry must not pay again.
+    stripe.forget_keys();
+    req.key_index = again.key_index;
     assert_eq!(
         gw.transfer(&req).await,
         Outcome::Paid {
-            transfer_id: "tr_fake1".into()
+            transfer_id: second.clone()
         }
     );
     assert_eq!(
-        fake.transfers().len(),
-        1,
+        stripe.transfers().len(),
+        2,
         "paid twice after the key expired"
     );
-    // The platform reversed the transfer in full; an operator retry pays again, under the next key.
-    {
-        let mut st = fake.0.lock().unwrap();
-        st.transfers[0]["amount_reversed"] = json!(12_050);
-        st.transfers[0]["reversed"] = json!(true);
-    }
-    assert_eq!(
-        gw.transfer(&req).await,
-        Outcome::Paid {
-            transfer_id: "tr_fake2".into()
-        }
-    );
-    let last = fake.posts().last().unwrap().headers["idempotency-key"].clone();
-    assert_eq!(last, "payout_9-1");
     let statuses: Vec<String> = gw
         .lookup("payout_9")
         .await
@@ -587,7 +512,7 @@ async fn due_payout(fleet: &Fleet, account: &str) -> i64 {
 #[tokio::test]
 async fn the_fleet_pays_through_stripe_by_configuration_alone_and_holds_a_payee_not_onboarded_with_a_clear_reason()
  {
-    let (fake, base) = FakeStripe::start().await;
+    let (stripe, base) = standin(&["acct_1Ana"]).await;
     let fleet = Fleet::start_with(
         Faults::default(),
         &[
@@ -602,26 +527,21 @@ async fn the_fleet_pays_through_stripe_by_configuration_alone_and_holds_a_payee_
     let id = due_payout(&fleet, "acct_1Ana").await;
     assert_eq!(worker.process(id).await, Step::Recorded(PayoutStatus::Paid));
     let p = db_payouts::get(fleet.pool(), id).await.unwrap().unwrap();
-    assert_eq!(p.gateway_transfer_id.as_deref(), Some("tr_fake1"));
+    assert_eq!(
+        p.gateway_transfer_id.as_deref(),
+        stripe.transfers()[0]["id"].as_str()
+    );
     // A first claim has nothing earlier to find: one POST, no look-up.
-    let methods: Vec<&str> = fake
-        .0
-        .lock()
-        .unwrap()
-        .seen
-        .iter()
-        .map(|s| s.method)
-        .collect();
+    let methods: Vec<String> = stripe.seen().into_iter().map(|s| s.method).collect();
     assert_eq!(methods, ["POST"]);
-    let form: BTreeMap<_, _> = fake.posts()[0].form.iter().cloned().collect();
+    let form: BTreeMap<_, _> = stripe.transfer_posts()[0].params.iter().cloned().collect();
     assert_eq!(form["amount"], "12050");
     assert_eq!(form["metadata[payout_id]"], id.to_string());
 
-    let held = due_payout(
-        &fleet,
-        "acct_fixture_insufficient_capabilities_for_transfer",
-    )
-    .await;
+    stripe
+        .set_account("acct_onboarding", "inactive", false)
+        .await;
+    let held = due_payout(&fleet, "acct_onboarding").await;
     assert_eq!(
         worker.process(held).await,
         Step::Recorded(PayoutStatus::Held),
@@ -639,7 +559,7 @@ async fn the_fleet_pays_through_stripe_by_configuration_alone_and_holds_a_payee_
 
 #[tokio::test]
 async fn a_payee_not_onboarded_is_released_to_the_queue_once_stripe_reports_the_account_ready() {
-    let (fake, base) = FakeStripe::start().await;
+    let (stripe, base) = standin(&[]).await;
     let fleet = Fleet::start_with(
         Faults::default(),
         &[
@@ -650,12 +570,8 @@ async fn a_payee_not_onboarded_is_released_to_the_queue_once_stripe_reports_the_
         Arc::new(SystemClock),
     )
     .await;
-    let account = "acct_fixture_insufficient_capabilities_for_transfer";
-    fake.0
-        .lock()
-        .unwrap()
-        .accounts
-        .insert(account.into(), "inactive".into());
+    let account = "acct_onboarding";
+    stripe.set_account(account, "inactive", false).await;
     let worker = worker_on(&fleet, &fleet.settings);
     let id = due_payout(&fleet, account).await;
     assert_eq!(worker.process(id).await, Step::Recorded(PayoutStatus::Held));
@@ -674,11 +590,7 @@ async fn a_payee_not_onboarded_is_released_to_the_queue_once_stripe_reports_the_
     );
     assert_eq!(fleet.status(id).await, "held");
 
-    fake.0
-        .lock()
-        .unwrap()
-        .accounts
-        .insert(account.into(), "active".into());
+    stripe.set_account(account, "active", false).await;
     assert_eq!(sync.release_onboarded().await.unwrap(), 1);
     assert_eq!(fleet.status(id).await, "queued");
     let last = events(&fleet, id).await.pop().unwrap();
@@ -696,7 +608,7 @@ async fn a_payee_not_onboarded_is_released_to_the_queue_once_stripe_reports_the_
 
 #[tokio::test]
 async fn accounts_still_onboarding_do_not_starve_the_ones_after_them() {
-    let (fake, base) = FakeStripe::start().await;
+    let (stripe, base) = standin(&[]).await;
     let fleet = Fleet::start_with(
         Faults::default(),
         &[
@@ -712,7 +624,8 @@ async fn accounts_still_onboarding_do_not_starve_the_ones_after_them() {
     let worker = worker_on(&fleet, &fleet.settings);
     // Two payees the fake Stripe refuses as not onboarded, then given
     // accounts of their own: the first still onboarding, the second ready.
-    let not_onboarded = "acct_fixture_insufficient_capabilities_for_transfer";
+    let not_onboarded = "acct_onboarding";
+    stripe.set_account(not_onboarded, "inactive", false).await;
     let mut held = Vec::new();
     for account in ["acct_a_slow", "acct_b_ready"] {
         let id = due_payout(&fleet, not_onboarded).await;
@@ -727,11 +640,8 @@ async fn accounts_still_onboarding_do_not_starve_the_ones_after_them() {
         .unwrap();
         held.push(id);
     }
-    {
-        let mut st = fake.0.lock().unwrap();
-        st.accounts.insert("acct_a_slow".into(), "inactive".into());
-        st.accounts.insert("acct_b_ready".into(), "active".into());
-    }
+    stripe.set_account("acct_a_slow", "inactive", false).await;
+    stripe.set_account("acct_b_ready", "active", false).await;
     let sync = InTransitSync::new(
         fleet.pool().clone(),
         select::build(&fleet.settings.gateway).unwrap(),
@@ -797,7 +707,7 @@ async fn events(fleet: &Fleet, id: i64) -> Vec<(Option<String>, String, String)>
 
 #[tokio::test]
 async fn a_signed_transfer_reversed_fails_a_paid_payout_with_an_event_and_an_alert_once() {
-    let (_fake, base) = FakeStripe::start().await;
+    let (stripe, base) = standin(&["acct_1Ana"]).await;
     let fleet = Fleet::start_with(
         Faults::default(),
         &[
@@ -815,11 +725,17 @@ async fn a_signed_transfer_reversed_fails_a_paid_payout_with_an_event_and_an_ale
         "{}/webhooks/stripe",
         webhook_server(&fleet, &["whsec_new", "whsec_old"], &[]).await
     );
+    // The transfer as Stripe holds it after a full reversal, in the event Stripe sends.
+    let tr = db_payouts::get(fleet.pool(), id)
+        .await
+        .unwrap()
+        .unwrap()
+        .gateway_transfer_id
+        .unwrap();
+    let reversed = stripe.reverse(&tr, None).await.unwrap();
     let body = json!({
         "id": "evt_rev_1", "object": "event", "type": "transfer.reversed",
-        "data": {"object": {"id": "tr_fake1", "object": "transfer", "amount": 12050,
-            "amount_reversed": 12050, "reversed": true, "transfer_group": format!("payout_{id}"),
-            "metadata": {"payout_id": id.to_string()}}}
+        "data": {"object": reversed}
     })
     .to_string();
     let alerts_before = FAILED_AFTER_PAID.get();

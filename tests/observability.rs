@@ -393,6 +393,7 @@ const REQUIRED_ALERTS: &[&str] = &[
     "PayoutNoWorkerAlive",
     "PayoutNoProducerLeading",
     "GatewayRateLimited",
+    "PayoutGatewayPlatformProblem",
     "GatewayErrorRateHigh",
     "PayoutThroughputDrop",
 ];

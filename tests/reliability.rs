@@ -31,6 +31,7 @@ fn request(id: i64, key: &str, amount_minor: i64, account: &str) -> TransferRequ
         reference: format!("payout_{id}"),
         metadata: Default::default(),
         idempotency_key: key.into(),
+        key_index: 0,
         first_attempt: false,
     }
 }
@@ -407,6 +408,7 @@ async fn the_breaker_half_opens_and_reopens_when_the_probe_fails() {
         error_ratio_pct: 50,
         window: Duration::from_secs(10),
         cooldown: Duration::from_millis(200),
+        ..GuardSettings::from_settings(&f.settings.gateway)
     };
     let guard = GatewayGuard::new(f.queue.conn(), &f.prefix, settings);
     let gw = HttpGateway::new(&f.settings.gateway).unwrap();

@@ -28,10 +28,21 @@ struct FinishReq {
     id: i64,
     token: i32,
     outcome: Finish,
+    extras: FinishExtras,
     actor: String,
     reason: String,
     now: DateTime<Utc>,
     reply: oneshot::Sender<Result<bool, String>>,
+}
+
+/// What a final write stores besides the [`Finish`] columns.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FinishExtras {
+    /// The key index to store (only ever raised: `GREATEST` with the stored one).
+    pub key_index: i32,
+    /// The attempt was not the payee's (a platform problem): it does not
+    /// count against the budget (`retry_base` goes up with it).
+    pub refund_attempt: bool,
 }
 
 /// Batches claims and final writes of one worker process.
@@ -68,11 +79,16 @@ const CLAIM_BATCH: &str = "
 const FINISH_BATCH: &str = "
     WITH input AS (
         SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::text[], $5::timestamptz[],
-                             $6::text[], $7::text[], $8::text[], $9::text[], $10::timestamptz[])
-            AS t(id, token, status, transfer_id, next_at, code, message, actor, reason, now)
+                             $6::text[], $7::text[], $8::text[], $9::text[], $10::timestamptz[],
+                             $11::int[], $12::bool[])
+            AS t(id, token, status, transfer_id, next_at, code, message, actor, reason, now,
+                 key_index, refund)
         ORDER BY id),
     upd AS (
         UPDATE payouts p SET status = i.status,
+            key_index = GREATEST(p.key_index, i.key_index),
+            holds = p.holds + CASE WHEN i.status = 'held' THEN 1 ELSE 0 END,
+            retry_base = p.retry_base + CASE WHEN i.refund THEN 1 ELSE 0 END,
             gateway_transfer_id = COALESCE(i.transfer_id, p.gateway_transfer_id),
             next_attempt_at = i.next_at, failure_code = i.code, failure_message = i.message,
             paid_at = CASE WHEN i.status = 'paid' THEN i.now ELSE p.paid_at END,
@@ -130,7 +146,6 @@ impl Batcher {
     }
 
     /// [`payouts::finish`], batched with whatever else is finishing.
-    #[allow(clippy::too_many_arguments)]
     pub async fn finish(
         &self,
         id: i64,
@@ -140,11 +155,36 @@ impl Batcher {
         reason: &str,
         now: DateTime<Utc>,
     ) -> Result<bool, BatchError> {
+        self.finish_with(
+            id,
+            token,
+            outcome,
+            FinishExtras::default(),
+            actor,
+            reason,
+            now,
+        )
+        .await
+    }
+
+    /// [`Batcher::finish`] that also stores `extras` (the worker's).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn finish_with(
+        &self,
+        id: i64,
+        token: i32,
+        outcome: &Finish,
+        extras: FinishExtras,
+        actor: &str,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, BatchError> {
         let (reply, rx) = oneshot::channel();
         let req = FinishReq {
             id,
             token,
             outcome: outcome.clone(),
+            extras,
             actor: actor.to_string(),
             reason: reason.to_string(),
             now,
@@ -237,7 +277,11 @@ async fn run_finishes(pool: &PgPool, mut batch: Vec<FinishReq>) {
     let mut actors = Vec::with_capacity(batch.len());
     let mut reasons = Vec::with_capacity(batch.len());
     let mut nows = Vec::with_capacity(batch.len());
+    let mut key_indexes = Vec::with_capacity(batch.len());
+    let mut refunds = Vec::with_capacity(batch.len());
     for r in &batch {
+        key_indexes.push(r.extras.key_index);
+        refunds.push(r.extras.refund_attempt);
         let cols = payouts::finish_columns(&r.outcome);
         ids.push(r.id);
         tokens.push(r.token);
@@ -261,6 +305,8 @@ async fn run_finishes(pool: &PgPool, mut batch: Vec<FinishReq>) {
         .bind(&actors)
         .bind(&reasons)
         .bind(&nows)
+        .bind(&key_indexes)
+        .bind(&refunds)
         .fetch_all(pool)
         .await;
     match result {

@@ -89,6 +89,10 @@ pub struct Claimed {
     pub payout: Payout,
     /// The payee's gateway account.
     pub gateway_account: String,
+    /// The payout's position in its idempotency-key chain (`payouts.key_index`).
+    pub key_index: i32,
+    /// How many times it was held before (`payouts.holds`).
+    pub holds: i32,
 }
 
 impl Claimed {

@@ -33,15 +33,19 @@ impl BackoffPolicy {
 }
 
 /// Calls the gateway until it gives a non-retryable answer or the tries run
-/// out; returns the last outcome and how many calls were made. `on_call`
-/// sees each call's outcome and latency (for metrics).
+/// out; returns the last outcome, how many calls were made and the key index
+/// the payout must store (each call uses the index the previous one left:
+/// after a saved refusal the next call is a new request under the next key).
+/// A platform problem ([`Outcome::pauses_fleet`]) is not retried here: the
+/// fleet pauses. `on_call` sees each call's outcome and latency (for metrics).
 pub async fn call_with_backoff(
     gateway: &dyn Gateway,
     req: &TransferRequest,
     policy: BackoffPolicy,
     on_call: &(dyn Fn(&Outcome, Duration) + Send + Sync),
-) -> (Outcome, usize) {
+) -> (Outcome, usize, u32) {
     let calls = std::sync::atomic::AtomicUsize::new(0);
+    let key_index = std::sync::atomic::AtomicU32::new(req.key_index);
     let builder = ExponentialBuilder::default()
         .with_min_delay(policy.base)
         .with_max_delay(policy.cap)
@@ -50,9 +54,13 @@ pub async fn call_with_backoff(
     let result = (|| async {
         calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let started = std::time::Instant::now();
-        let outcome = gateway.transfer(req).await;
+        let mut this = req.clone();
+        this.key_index = key_index.load(std::sync::atomic::Ordering::Relaxed);
+        let keyed = gateway.transfer_keyed(&this).await;
+        key_index.store(keyed.key_index, std::sync::atomic::Ordering::Relaxed);
+        let outcome = keyed.outcome;
         on_call(&outcome, started.elapsed());
-        if outcome.is_retryable() {
+        if outcome.is_retryable() && !outcome.pauses_fleet() {
             Err(outcome)
         } else {
             Ok(outcome)
@@ -74,7 +82,8 @@ pub async fn call_with_backoff(
     })
     .await;
     let n = calls.load(std::sync::atomic::Ordering::Relaxed);
+    let k = key_index.load(std::sync::atomic::Ordering::Relaxed);
     match result {
-        Ok(o) | Err(o) => (o, n),
+        Ok(o) | Err(o) => (o, n, k),
     }
 }

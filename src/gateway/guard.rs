@@ -10,12 +10,27 @@
 //!   `gateway.breaker_error_ratio_pct`, the process stops sending for
 //!   `gateway.breaker_cooldown_ms`, then lets one probe through (half-open)
 //!   and closes again on its success. Workers wait for a closed circuit
-//!   *before* claiming a payout, so no attempt is burned while it is open.
+//!   *before* claiming a payout, so no attempt is burned while it is open;
+//! - a **fleet pause on platform problems**: a 401 (the secret expired or
+//!   was rolled), a 403 (a restricted key lacks a permission) or the
+//!   platform's balance short at the gateway (the release-funds
+//!   `platform_balance_insufficient`) are not the payee's fault: the whole
+//!   fleet pauses for `gateway.credential_pause_secs` (then one worker
+//!   probes again), `payout_gateway_platform_pauses_total` counts it and
+//!   the `PayoutGatewayPlatformProblem` alert fires. Workers wait for the
+//!   pause to end *before* claiming, so it burns no attempt either.
+//!
+//! The rate limit counts every HTTP request of a client that limits its own
+//! requests ([`Gateway::limits_own_requests`], the Stripe client: transfer
+//! POSTs, look-ups, account checks, polls), through the same Redis keys
+//! ([`FleetLimiter`]); for the other clients, one per transfer call. With
+//! `kind = "stripe"` a per-endpoint limit applies too (Stripe's default is 25
+//! per second per endpoint, <https://docs.stripe.com/rate-limits>).
 
 use std::{
     collections::VecDeque,
     sync::{
-        LazyLock, Mutex,
+        Arc, LazyLock, Mutex,
         atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
@@ -25,8 +40,199 @@ use async_trait::async_trait;
 use redis::{Script, aio::ConnectionManager};
 use tokio::time::Instant;
 
-use super::{Gateway, LookupError, Outcome, TransferRecord, TransferRequest};
+use prometheus::{IntCounterVec, Opts};
+
+use super::{
+    Gateway, Keyed, LookupError, Outcome, RequestLimiter, TransferRecord, TransferRequest,
+};
 use crate::{config::GatewaySettings, metrics};
+
+/// Fleet pauses for a platform problem, by its code (`unauthorized`,
+/// `forbidden`, `platform_balance_insufficient`). Read by the
+/// `PayoutGatewayPlatformProblem` alert (prometheus/alerts.yml): any
+/// increase pages, since no payout moves until someone fixes the platform.
+pub static PLATFORM_PAUSES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    let c = IntCounterVec::new(
+        Opts::new(
+            "payout_gateway_platform_pauses_total",
+            "Fleet pauses because the gateway refused the platform (credentials, permissions, platform balance), by code",
+        ),
+        &["code"],
+    )
+    .expect("valid metric");
+    metrics::REGISTRY
+        .register(Box::new(c.clone()))
+        .expect("registered once");
+    // Exported at 0 from the start, so the alert reads a series that exists.
+    for code in super::PLATFORM_PROBLEMS {
+        c.with_label_values(&[code]);
+    }
+    c
+});
+
+/// One rate: requests per second and how many may go at once above it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// Requests per second; 0 = no limit.
+    pub per_sec: u32,
+    /// Requests allowed at once above the rate (GCRA tolerance, in requests).
+    pub burst: u32,
+}
+
+/// The limits one fleet keeps to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// All requests together.
+    pub global: Rate,
+    /// Each endpoint on its own (Stripe), if any.
+    pub per_endpoint: Option<Rate>,
+}
+
+/// Stripe's per-endpoint default (<https://docs.stripe.com/rate-limits>).
+const STRIPE_ENDPOINT_LIMIT: u32 = 25;
+
+/// The limits for `s`: the configured rate, or for Stripe
+/// [`super::effective_rate`], with bursts small enough that no second ever
+/// holds more than Stripe allows (a GCRA lets `burst + 1 + rate` through in
+/// one second; one request of margin for network jitter), and a
+/// per-endpoint limit below Stripe's 25.
+pub fn limits(s: &GatewaySettings) -> Limits {
+    let rate = super::effective_rate(s);
+    if s.kind != "stripe" {
+        return Limits {
+            global: Rate {
+                per_sec: rate,
+                burst: s.rate_limit_burst.max(1),
+            },
+            per_endpoint: None,
+        };
+    }
+    let ceiling = if super::stripe::is_live_key(&s.stripe) {
+        100
+    } else {
+        25
+    };
+    let headroom = |rate: u32, ceiling: u32| ceiling.saturating_sub(rate + 2);
+    let endpoint = rate.min(STRIPE_ENDPOINT_LIMIT - 5);
+    Limits {
+        global: Rate {
+            per_sec: rate,
+            burst: s.rate_limit_burst.min(headroom(rate, ceiling)),
+        },
+        per_endpoint: Some(Rate {
+            per_sec: endpoint,
+            burst: s
+                .rate_limit_burst
+                .min(headroom(endpoint, STRIPE_ENDPOINT_LIMIT)),
+        }),
+    }
+}
+
+/// The fleet-wide limiter: a GCRA per limit on Redis keys shared by every
+/// process (and the fleet pause). Redis errors let the request through: the
+/// limiter protects the gateway, it must not stop payouts when Redis hiccups.
+#[derive(Debug, Clone)]
+pub struct FleetLimiter {
+    conn: ConnectionManager,
+    tat_key: String,
+    pause_key: String,
+    limits: Limits,
+}
+
+impl FleetLimiter {
+    async fn gcra(&self, key: &str, rate: Rate) {
+        if rate.per_sec == 0 {
+            return;
+        }
+        let mut conn = self.conn.clone();
+        let interval = 1000.0 / rate.per_sec as f64;
+        let burst = interval * rate.burst as f64;
+        for _ in 0..1000 {
+            let wait: redis::RedisResult<u64> = GCRA
+                .key(key)
+                .key(&self.pause_key)
+                .arg(interval)
+                .arg(burst)
+                .invoke_async(&mut conn)
+                .await;
+            match wait {
+                Ok(0) => return,
+                Ok(ms) => {
+                    metrics::GATEWAY_THROTTLED
+                        .with_label_values(&["rate_limit"])
+                        .inc();
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "rate limiter unavailable; sending");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl RequestLimiter for FleetLimiter {
+    async fn acquire(&self, endpoint: &str) {
+        if let Some(rate) = self.limits.per_endpoint {
+            self.gcra(&format!("{}:{endpoint}", self.tat_key), rate)
+                .await;
+        }
+        self.gcra(&self.tat_key, self.limits.global).await;
+    }
+}
+
+/// The same limits in one process, for a client used without Redis (a CLI
+/// run, a test): each process alone keeps under them.
+#[derive(Debug)]
+pub struct LocalLimiter {
+    limits: Limits,
+    /// Theoretical arrival time per limit key (`""`: global).
+    tat: Mutex<std::collections::HashMap<String, Instant>>,
+}
+
+impl LocalLimiter {
+    /// A limiter for `limits`.
+    pub fn new(limits: Limits) -> Self {
+        LocalLimiter {
+            limits,
+            tat: Mutex::new(Default::default()),
+        }
+    }
+
+    /// Reserves the next slot of `key` under `rate`; how long to wait for it.
+    fn reserve(&self, key: &str, rate: Rate) -> Duration {
+        if rate.per_sec == 0 {
+            return Duration::ZERO;
+        }
+        let interval = Duration::from_secs_f64(1.0 / rate.per_sec as f64);
+        let tolerance = interval * rate.burst;
+        let now = Instant::now();
+        let mut tat = self.tat.lock().expect("limiter lock");
+        let t = tat.get(key).copied().unwrap_or(now).max(now);
+        let go = (t.checked_sub(tolerance).unwrap_or(now)).max(now);
+        tat.insert(key.to_string(), t + interval);
+        go - now
+    }
+}
+
+#[async_trait]
+impl RequestLimiter for LocalLimiter {
+    async fn acquire(&self, endpoint: &str) {
+        let mut wait = Duration::ZERO;
+        if let Some(rate) = self.limits.per_endpoint {
+            wait = wait.max(self.reserve(endpoint, rate));
+        }
+        wait = wait.max(self.reserve("", self.limits.global));
+        if !wait.is_zero() {
+            metrics::GATEWAY_THROTTLED
+                .with_label_values(&["rate_limit"])
+                .inc();
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
 
 /// GCRA: returns 0 when a request may go now, else how many ms to wait.
 /// KEYS[1] theoretical arrival time, KEYS[2] fleet pause;
@@ -96,14 +302,21 @@ pub struct GuardSettings {
     pub window: Duration,
     /// How long it stays open.
     pub cooldown: Duration,
+    /// The limits of every request (see [`limits`]).
+    pub limits: Limits,
+    /// How long a platform problem pauses the fleet.
+    pub platform_pause: Duration,
 }
 
 impl GuardSettings {
     /// From settings.
     pub fn from_settings(s: &GatewaySettings) -> Self {
+        let limits = limits(s);
         GuardSettings {
-            rate_per_sec: s.rate_limit_per_sec,
-            burst: s.rate_limit_burst,
+            rate_per_sec: limits.global.per_sec,
+            burst: limits.global.burst,
+            limits,
+            platform_pause: Duration::from_secs(s.credential_pause_secs.max(1)),
             min_calls: s.breaker_min_calls,
             error_ratio_pct: s.breaker_error_ratio_pct,
             window: Duration::from_millis(s.breaker_window_ms),
@@ -124,6 +337,8 @@ pub struct GatewayGuard {
     pause_seen: Mutex<(Option<Instant>, Option<Instant>)>,
     /// Jobs holding before their claim while the circuit is open.
     waiting: AtomicUsize,
+    /// Every request's limiter, on the same Redis keys.
+    limiter: Arc<FleetLimiter>,
 }
 
 fn fails_the_gateway(o: &Outcome) -> bool {
@@ -139,10 +354,19 @@ impl GatewayGuard {
     /// A guard under `{prefix}:gateway:*`.
     pub fn new(conn: ConnectionManager, prefix: &str, settings: GuardSettings) -> Self {
         metrics::CIRCUIT_STATE.set(0);
+        LazyLock::force(&PLATFORM_PAUSES);
+        let tat_key = format!("{{{prefix}}}:gateway:rate");
+        let pause_key = format!("{{{prefix}}}:gateway:pause");
         GatewayGuard {
+            limiter: Arc::new(FleetLimiter {
+                conn: conn.clone(),
+                tat_key: tat_key.clone(),
+                pause_key: pause_key.clone(),
+                limits: settings.limits,
+            }),
             conn,
-            tat_key: format!("{{{prefix}}}:gateway:rate"),
-            pause_key: format!("{{{prefix}}}:gateway:pause"),
+            tat_key,
+            pause_key,
             settings,
             breaker: Mutex::new(Breaker {
                 state: Circuit::Closed,
@@ -183,6 +407,72 @@ impl GatewayGuard {
             tokio::time::sleep(wait).await;
         }
         self.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The fleet-wide limiter every request of a self-limiting client waits for.
+    pub fn limiter(&self) -> Arc<dyn RequestLimiter> {
+        self.limiter.clone()
+    }
+
+    /// How long the fleet pause still lasts (zero when none), read from Redis
+    /// at most every 100 ms; a Redis error reads as no pause.
+    async fn pause_left(&self) -> Duration {
+        let now = Instant::now();
+        let (stale, until) = {
+            let seen = self.pause_seen.lock().expect("pause lock");
+            (
+                seen.0
+                    .is_none_or(|t| now.duration_since(t) > Duration::from_millis(100)),
+                seen.1,
+            )
+        };
+        let until = if stale {
+            let mut conn = self.conn.clone();
+            let pttl: i64 = redis::cmd("PTTL")
+                .arg(&self.pause_key)
+                .query_async(&mut conn)
+                .await
+                .unwrap_or(-2);
+            let until = (pttl > 0).then(|| now + Duration::from_millis(pttl as u64));
+            *self.pause_seen.lock().expect("pause lock") = (Some(now), until);
+            until
+        } else {
+            until
+        };
+        until.map_or(Duration::ZERO, |u| u.saturating_duration_since(now))
+    }
+
+    /// Waits until no fleet pause holds (before a claim: a paused fleet
+    /// burns no attempts).
+    pub async fn wait_unpaused(&self) {
+        loop {
+            let left = self.pause_left().await;
+            if left.is_zero() {
+                return;
+            }
+            metrics::GATEWAY_THROTTLED
+                .with_label_values(&["fleet_pause"])
+                .inc();
+            tokio::time::sleep(left).await;
+        }
+    }
+
+    /// Pauses the whole fleet for a platform problem (`code`), counts it and
+    /// logs the alert once per pause.
+    pub async fn pause_for_platform(&self, code: &str) {
+        PLATFORM_PAUSES.with_label_values(&[code]).inc();
+        tracing::error!(
+            code,
+            pause = ?self.settings.platform_pause,
+            alert = true,
+            "the gateway refused the platform (credentials, permissions or platform balance): pausing the whole fleet; no payout is failed for it"
+        );
+        self.pause_fleet(self.settings.platform_pause).await;
+    }
+
+    /// How long a platform problem pauses the fleet.
+    pub fn platform_pause(&self) -> Duration {
+        self.settings.platform_pause
     }
 
     /// Jobs holding before their claim because the circuit is open.
@@ -253,61 +543,15 @@ impl GatewayGuard {
     /// let the call through: the limiter protects the gateway, it must not
     /// stop payouts when Redis hiccups.
     async fn throttle(&self) {
-        let mut conn = self.conn.clone();
         if self.settings.rate_per_sec > 0 {
-            let interval = 1000.0 / self.settings.rate_per_sec as f64;
-            let burst = interval * self.settings.burst.max(1) as f64;
-            for _ in 0..1000 {
-                let wait: redis::RedisResult<u64> = GCRA
-                    .key(&self.tat_key)
-                    .key(&self.pause_key)
-                    .arg(interval)
-                    .arg(burst)
-                    .invoke_async(&mut conn)
-                    .await;
-                match wait {
-                    Ok(0) => return,
-                    Ok(ms) => {
-                        metrics::GATEWAY_THROTTLED
-                            .with_label_values(&["rate_limit"])
-                            .inc();
-                        tokio::time::sleep(Duration::from_millis(ms)).await;
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "rate limiter unavailable; sending");
-                        return;
-                    }
-                }
-            }
-            return;
-        }
-        // No rate limit: honour a fleet pause, read from Redis at most every 100 ms.
-        let now = Instant::now();
-        let (stale, until) = {
-            let seen = self.pause_seen.lock().expect("pause lock");
-            (
-                seen.0
-                    .is_none_or(|t| now.duration_since(t) > Duration::from_millis(100)),
-                seen.1,
-            )
-        };
-        let until = if stale {
-            let pttl: i64 = redis::cmd("PTTL")
-                .arg(&self.pause_key)
-                .query_async(&mut conn)
-                .await
-                .unwrap_or(-2);
-            let until = (pttl > 0).then(|| now + Duration::from_millis(pttl as u64));
-            *self.pause_seen.lock().expect("pause lock") = (Some(now), until);
-            until
+            // The GCRA script answers a fleet pause too.
+            let rate = Rate {
+                per_sec: self.settings.rate_per_sec,
+                burst: self.settings.burst.max(1),
+            };
+            self.limiter.gcra(&self.tat_key, rate).await;
         } else {
-            until
-        };
-        if let Some(until) = until.filter(|u| *u > now) {
-            metrics::GATEWAY_THROTTLED
-                .with_label_values(&["fleet_pause"])
-                .inc();
-            tokio::time::sleep_until(until).await;
+            self.wait_unpaused().await;
         }
     }
 
@@ -346,19 +590,36 @@ pub struct Guarded<'a> {
 #[async_trait]
 impl Gateway for Guarded<'_> {
     async fn transfer(&self, req: &TransferRequest) -> Outcome {
+        self.transfer_keyed(req).await.outcome
+    }
+
+    async fn transfer_keyed(&self, req: &TransferRequest) -> Keyed {
         if !self.guard.breaker_allows() {
-            return Outcome::Transient {
-                code: CIRCUIT_OPEN.into(),
-                message: "gateway circuit is open; not sending".into(),
-                retry_after: Some(self.guard.wait_for_circuit()),
+            return Keyed {
+                outcome: Outcome::Transient {
+                    code: CIRCUIT_OPEN.into(),
+                    message: "gateway circuit is open; not sending".into(),
+                    retry_after: Some(self.guard.wait_for_circuit()),
+                },
+                key_index: req.key_index,
             };
         }
-        self.guard.throttle().await;
-        let outcome = self.inner.transfer(req).await;
-        self.guard.record(fails_the_gateway(&outcome));
-        if let Outcome::Transient {
+        if self.inner.limits_own_requests() {
+            // Each of its requests waits for the limiter; here only the pause.
+            self.guard.wait_unpaused().await;
+        } else {
+            self.guard.throttle().await;
+        }
+        let keyed = self.inner.transfer_keyed(req).await;
+        let outcome = &keyed.outcome;
+        self.guard.record(fails_the_gateway(outcome));
+        if outcome.pauses_fleet() {
+            if let Outcome::Transient { code, .. } = outcome {
+                self.guard.pause_for_platform(code).await;
+            }
+        } else if let Outcome::Transient {
             code, retry_after, ..
-        } = &outcome
+        } = outcome
         {
             if code == "rate_limited" {
                 self.guard
@@ -366,10 +627,22 @@ impl Gateway for Guarded<'_> {
                     .await;
             }
         }
-        outcome
+        keyed
     }
 
     async fn lookup(&self, reference: &str) -> Result<Vec<TransferRecord>, LookupError> {
         self.inner.lookup(reference).await
+    }
+
+    fn minor_units(&self, money: &crate::domain::Money) -> Result<i64, String> {
+        self.inner.minor_units(money)
+    }
+
+    fn limits_own_requests(&self) -> bool {
+        self.inner.limits_own_requests()
+    }
+
+    fn use_limiter(&self, limiter: Arc<dyn RequestLimiter>) {
+        self.inner.use_limiter(limiter)
     }
 }

@@ -8,6 +8,8 @@ pub mod mock;
 pub mod release_funds;
 pub mod select;
 pub mod stripe;
+pub mod stripe_currency;
+pub mod stripe_standin;
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -28,8 +30,17 @@ pub struct TransferRequest {
     /// String metadata.
     pub metadata: BTreeMap<String, String>,
     /// Stable for one payout across all attempts. Sent as a header, not in the body.
+    /// The base of the payout's key chain (see [`TransferRequest::key_index`]).
     #[serde(skip)]
     pub idempotency_key: String,
+    /// The payout's position in its idempotency-key chain, as stored with the
+    /// payout (`payouts.key_index`): an adapter whose gateway keeps the first
+    /// answer of a key (Stripe) sends `{idempotency_key}-{key_index}` (the
+    /// bare key at 0) and says, with [`Gateway::transfer_keyed`], when the
+    /// gateway proved that no transfer was made under it. Gateways whose key
+    /// never changes ignore it.
+    #[serde(skip)]
+    pub key_index: u32,
     /// The payout's first claim: no earlier attempt can have posted anything
     /// for it, so an adapter may skip looking for an earlier transfer (the
     /// attempt number only grows, so every later claim is `false`).
@@ -99,6 +110,43 @@ impl Outcome {
     pub fn is_guard_refusal(&self) -> bool {
         matches!(self, Outcome::Transient { code, .. } if code == crate::gateway::guard::CIRCUIT_OPEN)
     }
+
+    /// A problem of the platform, not of the payee (the gateway refused our
+    /// credentials, or the platform's balance cannot cover transfers): the
+    /// whole fleet pauses and an alert fires; no payout fails for it and the
+    /// attempt does not count against its budget.
+    pub fn pauses_fleet(&self) -> bool {
+        matches!(self, Outcome::Transient { code, .. } if PLATFORM_PROBLEMS.contains(&code.as_str()))
+    }
+}
+
+/// The gateway refused the fleet's secret (401: expired, rolled, revoked).
+pub const UNAUTHORIZED: &str = "unauthorized";
+/// The secret lacks a permission (403 from a restricted key).
+pub const FORBIDDEN: &str = "forbidden";
+/// The platform's own balance at the gateway cannot cover transfers (the
+/// release-funds API's 402 `insufficient_platform_balance`). The
+/// release-funds client answers `Outcome::Transient` with this code.
+pub const PLATFORM_BALANCE_INSUFFICIENT: &str = "platform_balance_insufficient";
+/// Codes of [`Outcome::Transient`] that pause the fleet (see [`Outcome::pauses_fleet`]).
+pub const PLATFORM_PROBLEMS: [&str; 3] = [UNAUTHORIZED, FORBIDDEN, PLATFORM_BALANCE_INSUFFICIENT];
+
+/// What a transfer call came to, and the position of the payout's key chain
+/// the next call must use (the same unless the gateway proved that nothing
+/// was transferred under the current key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keyed {
+    /// The outcome.
+    pub outcome: Outcome,
+    /// The key index for the next call (and to store with the payout).
+    pub key_index: u32,
+}
+
+/// Something every HTTP request to a gateway waits for (a rate limit).
+#[async_trait]
+pub trait RequestLimiter: Send + Sync + std::fmt::Debug {
+    /// Waits until one request to `endpoint` (`"POST /v1/transfers"`) may go.
+    async fn acquire(&self, endpoint: &str);
 }
 
 /// A transfer as the gateway reports it (look-ups, reconciliation).
@@ -131,6 +179,48 @@ pub trait Gateway: Send + Sync + std::fmt::Debug {
 
     /// Every transfer the gateway holds for `reference` (reconciliation).
     async fn lookup(&self, reference: &str) -> Result<Vec<TransferRecord>, LookupError>;
+
+    /// [`Gateway::transfer`], and the key index the next call must use.
+    /// Gateways whose key never changes keep this default.
+    async fn transfer_keyed(&self, req: &TransferRequest) -> Keyed {
+        Keyed {
+            outcome: self.transfer(req).await,
+            key_index: req.key_index,
+        }
+    }
+
+    /// `money` in the integer minor units this gateway counts (ISO 4217 by
+    /// default; Stripe differs, see [`stripe_currency`]); `Err` names why it
+    /// cannot be sent.
+    fn minor_units(&self, money: &crate::domain::Money) -> Result<i64, String> {
+        money.to_minor_units().map_err(|e| e.to_string())
+    }
+
+    /// Whether the client rate-limits each of its own HTTP requests (then a
+    /// guard in front of it only honours fleet pauses).
+    fn limits_own_requests(&self) -> bool {
+        false
+    }
+
+    /// Makes every HTTP request of this client wait for `limiter` (the
+    /// fleet-wide limit) instead of its own in-process one.
+    fn use_limiter(&self, _limiter: std::sync::Arc<dyn RequestLimiter>) {}
+}
+
+/// The rate a fleet keeps to with `settings`: the configured
+/// `gateway.rate_limit_per_sec`, or for `kind = "stripe"` when it is 0, below
+/// Stripe's own limits (<https://docs.stripe.com/rate-limits>: 25 requests per
+/// second in test mode, 100 in live mode): 20 with a test key, 80 with a live one.
+pub fn effective_rate(settings: &crate::config::GatewaySettings) -> u32 {
+    if settings.kind == "stripe" && settings.rate_limit_per_sec == 0 {
+        if stripe::is_live_key(&settings.stripe) {
+            80
+        } else {
+            20
+        }
+    } else {
+        settings.rate_limit_per_sec
+    }
 }
 
 /// An HTTP answer to a transfer request: its status, its `Retry-After` (in

@@ -10,19 +10,39 @@
 //! `{"error":{"type","code","decline_code","message",…}}` and are mapped to
 //! the fleet's [`Outcome`]s by [`classify_stripe`].
 //!
-//! **Never paying twice when the key must change.** Stripe keeps the first
-//! answer for an idempotency key for at least 24 hours, a 500 included:
-//! retrying a key whose first answer was a 500 only replays that 500
-//! (`Stripe-Should-Retry: false` or `Idempotent-Replayed: true`). The adapter
-//! then looks the transfer up by `transfer_group` — the 500 may have come
-//! after the money moved — and only if none exists moves on to the next key
-//! of a fixed chain (`payout_42`, `payout_42-1`, `payout_42-2`, …). The chain
-//! is the same for every worker, so two workers that race still share keys
-//! and Stripe still deduplicates them. With `lookup_before_create` (the
-//! default) every call starts with that look-up, which also covers a retry
-//! after Stripe has forgotten the key, and starts the chain past any fully
-//! reversed transfer (an operator retrying a reversed payout pays it again
-//! under a new key, on purpose).
+//! **The key chain, and the rule that keeps it honest.** Stripe saves the
+//! status and body of the first request for an idempotency key once the
+//! endpoint begins executing, *whatever the status* (a 400 such as
+//! `balance_insufficient` or a 500 included), and replays it for 24 h at
+//! least (<https://docs.stripe.com/api/idempotent_requests>). So a payout
+//! owns a numbered chain of keys (`payout_42`, `payout_42-1`, …) and its
+//! position, `payouts.key_index`, is **stored with the payout** (the claim
+//! returns it, the worker's final write stores the new one); it is never
+//! derived from anything Stripe reports (such as a count of reversed
+//! transfers). The rule:
+//!
+//! > *The key is the same for every retry that could have moved money.* It
+//! > advances only after an answer that proves no transfer was made under
+//! > it: a 4xx refusal made while executing (saved, so Stripe would replay
+//! > it: `balance_insufficient`, a capability refusal, `transfers_not_allowed`,
+//! > `resource_missing`, a validation error), or a stored 5xx
+//! > (`Idempotent-Replayed` / `Stripe-Should-Retry: false`) after a look-up
+//! > by `transfer_group` found no standing transfer.
+//!
+//! Nothing else advances it: not a timeout, a fresh 5xx, a 401/403 (refused
+//! before the idempotency layer), a 429, a 409 (a concurrent request with
+//! the key may still be executing) or an `idempotency_error`. A replayed 2xx
+//! is checked (`GET /v1/transfers/{id}`) before it is believed: the replay
+//! carries the body of the day it was made, and a transfer reversed in full
+//! since then is not a payment; its key then proves nothing stands under it
+//! and the chain moves on (an operator who retries a reversed payout pays
+//! it again, on purpose, under a new key). With `lookup_before_create` (the
+//! default) every call after a payout's first claim starts with the look-up,
+//! which also covers a retry after Stripe has forgotten a key (24 h).
+//!
+//! **Every request is rate-limited** ([`crate::gateway::RequestLimiter`]):
+//! transfer POSTs, look-ups, reads of a transfer and account checks alike,
+//! by default below Stripe's limits (see [`crate::gateway::effective_rate`]).
 //!
 //! A created transfer is [`Outcome::Paid`]: the funds are in the connected
 //! account's Stripe balance at once. A later `transfer.reversed` (or a
@@ -37,15 +57,31 @@ use reqwest::{StatusCode, header::HeaderMap};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use super::{Gateway, LookupError, Outcome, TransferRecord, TransferRequest};
-use crate::config::GatewaySettings;
+use std::sync::{Arc, RwLock};
+
+use super::{
+    FORBIDDEN, Gateway, Keyed, LookupError, Outcome, RequestLimiter, TransferRecord,
+    TransferRequest, UNAUTHORIZED,
+    guard::{LocalLimiter, limits},
+    stripe_currency,
+};
+use crate::config::{GatewaySettings, StripeSettings};
+
+/// Whether the configured key is a live-mode key (`sk_live_…`, `rk_live_…`).
+pub fn is_live_key(s: &StripeSettings) -> bool {
+    let k = s.secret_key.expose_secret();
+    k.starts_with("sk_live_") || k.starts_with("rk_live_")
+}
 
 /// How many idempotency keys one payout may use before the adapter gives up
 /// for this call (each new key only after a look-up found no transfer).
 pub const MAX_KEYS: usize = 8;
 
-/// Stripe's payout failure codes (`payout.failure_code`) and the payee-side
-/// transfer errors: permanent, the code is kept.
+/// Stripe's bank-payout failure codes (`payout.failure_code`,
+/// <https://docs.stripe.com/api/payouts/failures>). They are not answers to
+/// `POST /v1/transfers`: they arrive on a connected account's `payout.failed`
+/// event. Should one ever come back from a transfer, it is permanent with the
+/// code kept.
 pub const PAYEE_FAILURE_CODES: &[&str] = &[
     "account_closed",
     "account_frozen",
@@ -65,18 +101,19 @@ pub const PAYEE_FAILURE_CODES: &[&str] = &[
     "bank_account_unusable",
 ];
 
-/// Codes that mean the *platform's* balance cannot cover the transfer. Not
-/// the payee's fault: retried later on the long schedule (see [`classify_stripe`]).
+/// Codes that mean the *platform's* balance cannot cover the transfer
+/// (`balance_insufficient`; `insufficient_funds` is the payout twin). Not
+/// the payee's fault: retried later on the long schedule under the next key
+/// (see [`classify_stripe`]).
 pub const PLATFORM_BALANCE_CODES: &[&str] = &["balance_insufficient", "insufficient_funds"];
 
-/// Codes that mean the connected account cannot receive transfers yet
-/// (onboarding not finished): recorded as `account_not_onboarded`.
-pub const NOT_ONBOARDED_CODES: &[&str] = &[
-    "insufficient_capabilities_for_transfer",
-    "transfers_not_allowed",
-    "payouts_not_allowed",
-    "account_not_onboarded",
-];
+/// Codes that mean the connected account cannot receive transfers *yet*
+/// (its `transfers` capability is not active: onboarding not finished):
+/// recorded as `account_not_onboarded` and held. Not `transfers_not_allowed`
+/// ("The requested transfer cannot be created. Contact us for more
+/// information.", <https://docs.stripe.com/error-codes>): that is no
+/// onboarding step a payee can finish, so it fails with its code.
+pub const NOT_ONBOARDED_CODES: &[&str] = &["insufficient_capabilities_for_transfer"];
 
 /// The Stripe Connect client.
 #[derive(Clone)]
@@ -86,6 +123,9 @@ pub struct StripeGateway {
     secret: SecretString,
     version: String,
     lookup_before_create: bool,
+    /// What every request waits for: in-process until [`Gateway::use_limiter`]
+    /// hands it the fleet-wide one.
+    limiter: Arc<RwLock<Arc<dyn RequestLimiter>>>,
 }
 
 impl std::fmt::Debug for StripeGateway {
@@ -252,27 +292,33 @@ fn label(e: &StripeError, status: StatusCode) -> String {
         .unwrap_or_else(|| format!("http_{}", status.as_u16()))
 }
 
-/// Maps one Stripe answer to an outcome.
+/// Maps one Stripe answer to an outcome. `Stripe-Should-Retry` comes first,
+/// both ways (<https://docs.stripe.com/error-low-level#server-errors>);
+/// credentials next; then the status and code.
 ///
 /// - 2xx with a transfer object: [`Outcome::Paid`] (the funds are in the
 ///   connected account's balance).
-/// - 429 (`rate_limit`): transient `rate_limited` with Retry-After (the
-///   fleet pauses); 429 `lock_timeout`: transient `lock_timeout`.
-/// - 5xx (`api_error`): transient `http_5xx` (same key; the caller handles a
-///   stored, replayed 5xx — see [`is_poisoned`]).
-/// - `balance_insufficient` / `insufficient_funds`: **transient**, code kept.
-///   It is the platform's balance that is short, not the payee who is at
-///   fault; failing every payee's payout because treasury was late would be
-///   wrong, and the long retry schedule (minutes to hours) gives time to top
-///   up. Until then the circuit breaker keeps the fleet from hammering.
-/// - The connected account cannot receive transfers yet (onboarding not
-///   finished): permanent `account_not_onboarded`, Stripe's code in the message.
-/// - `Stripe-Should-Retry: true` on any other 4xx (e.g. 409
-///   `idempotency_key_in_use`): transient.
-/// - 401: permanent `unauthorized`; `idempotency_error`: permanent
-///   `idempotency_conflict`; every other 4xx (`invalid_request_error`, the
-///   payout failure codes `no_account`, `account_closed`, …): permanent with
-///   Stripe's code kept.
+/// - 401: transient `unauthorized`; 403 (a restricted key without the
+///   permission): transient `forbidden`. Both pause the whole fleet
+///   ([`Outcome::pauses_fleet`]); no payee is failed for a platform problem.
+/// - `Stripe-Should-Retry: true`: transient, same key, code kept.
+/// - `Stripe-Should-Retry: false` on a 5xx: transient `http_5xx` (a stored
+///   5xx: the caller looks up and moves to the next key, see
+///   [`is_poisoned`]); on a 4xx: never retried under the same key: the
+///   codes below that have their own meaning keep it (the platform balance
+///   is retried later under the *next* key), every other code is permanent.
+/// - 5xx: transient `http_5xx`; 429 (`rate_limit`): transient `rate_limited`
+///   with Retry-After (the fleet pauses); `lock_timeout`: transient.
+/// - 409 (any, `idempotency_key_in_use` included): transient, as Stripe's
+///   SDKs retry every 409.
+/// - `balance_insufficient` / `insufficient_funds`: **transient**, code
+///   kept. The platform's balance is short, not the payee at fault; the
+///   saved 400 proves nothing was transferred, so the next attempt uses the
+///   next key and pays once the balance is topped up.
+/// - The connected account's `transfers` capability is not active:
+///   permanent `account_not_onboarded` (the worker holds the payout).
+/// - `idempotency_error`: permanent `idempotency_conflict`; every other
+///   4xx: permanent with Stripe's code kept.
 pub fn classify_stripe(status: StatusCode, headers: &StripeHeaders, body: &[u8]) -> Outcome {
     if status.is_success() {
         return match serde_json::from_slice::<StripeTransfer>(body) {
@@ -285,52 +331,50 @@ pub fn classify_stripe(status: StatusCode, headers: &StripeHeaders, body: &[u8])
     let err = serde_json::from_slice::<ErrorEnvelope>(body)
         .map(|e| e.error)
         .unwrap_or_default();
-    let code = label(&err, status);
+    let mut code = label(&err, status);
+    if status.as_u16() == 429 && code != "lock_timeout" {
+        code = "rate_limited".into();
+    }
     let message = match &err.message {
         Some(m) if !err.kind.is_empty() => format!("stripe {}: {m}", err.kind),
         Some(m) => format!("stripe: {m}"),
         None => format!("stripe answered {}", status.as_u16()),
     };
     let s = status.as_u16();
-    if status.is_server_error() || err.kind == "api_connection_error" {
+    let transient = |code: String| Outcome::Transient {
+        code,
+        message: message.clone(),
+        retry_after: headers.retry_after,
+    };
+    if s == 401 || s == 403 {
+        let code = if s == 401 { UNAUTHORIZED } else { FORBIDDEN };
         return Outcome::Transient {
-            code: if status.is_server_error() {
-                format!("http_{s}")
-            } else {
-                "connect".into()
-            },
-            message,
-            retry_after: headers.retry_after,
-        };
-    }
-    if s == 429 || err.code.as_deref() == Some("rate_limit") {
-        let lock = err.code.as_deref() == Some("lock_timeout");
-        return Outcome::Transient {
-            code: if lock { "lock_timeout" } else { "rate_limited" }.into(),
-            message,
-            retry_after: headers.retry_after,
-        };
-    }
-    if err.code.as_deref() == Some("lock_timeout") {
-        return Outcome::Transient {
-            code: "lock_timeout".into(),
-            message,
-            retry_after: headers.retry_after,
-        };
-    }
-    if PLATFORM_BALANCE_CODES.contains(&code.as_str()) {
-        return Outcome::Transient {
-            code,
-            message: format!("{message} (the platform's Stripe balance is short; retried later)"),
+            code: code.into(),
+            message: format!(
+                "{message} (the platform's Stripe key was refused: the fleet pauses; no payout fails for it)"
+            ),
             retry_after: None,
         };
     }
-    let not_onboarded = NOT_ONBOARDED_CODES.contains(&code.as_str())
-        || (err.kind == "invalid_request_error"
-            && err
-                .message
-                .as_deref()
-                .is_some_and(|m| m.contains("capabilit")));
+    if headers.should_retry == Some(true) {
+        return transient(code);
+    }
+    if status.is_server_error() {
+        return transient(format!("http_{s}"));
+    }
+    if err.kind == "api_connection_error" {
+        return transient("connect".into());
+    }
+    let not_onboarded = NOT_ONBOARDED_CODES.contains(&code.as_str());
+    if PLATFORM_BALANCE_CODES.contains(&code.as_str()) {
+        return Outcome::Transient {
+            code,
+            message: format!(
+                "{message} (the platform's Stripe balance is short; retried later under a new key)"
+            ),
+            retry_after: None,
+        };
+    }
     if not_onboarded {
         return Outcome::Rejected {
             code: "account_not_onboarded".into(),
@@ -339,24 +383,21 @@ pub fn classify_stripe(status: StatusCode, headers: &StripeHeaders, body: &[u8])
             ),
         };
     }
-    if s == 401 {
-        return Outcome::Rejected {
-            code: "unauthorized".into(),
-            message,
-        };
-    }
     if err.kind == "idempotency_error" {
         return Outcome::Rejected {
             code: "idempotency_conflict".into(),
             message,
         };
     }
-    if headers.should_retry == Some(true) || err.code.as_deref() == Some("idempotency_key_in_use") {
-        return Outcome::Transient {
-            code,
-            message,
-            retry_after: headers.retry_after,
-        };
+    if headers.should_retry == Some(false) {
+        // Stripe says a retry of this request cannot succeed.
+        return Outcome::Rejected { code, message };
+    }
+    if s == 429 {
+        return transient(code);
+    }
+    if err.code.as_deref() == Some("lock_timeout") || s == 409 {
+        return transient(code);
     }
     if status.is_client_error() {
         return Outcome::Rejected { code, message };
@@ -364,6 +405,22 @@ pub fn classify_stripe(status: StatusCode, headers: &StripeHeaders, body: &[u8])
     Outcome::Unknown {
         message: format!("stripe answered unexpected status {s}"),
     }
+}
+
+/// Whether an error answer proves that no transfer was made under its key,
+/// so the chain may move on: a 4xx Stripe made while executing or
+/// validating. Not a 401/403 (refused before the idempotency layer), a 409
+/// (a concurrent request with the key may still be executing), a 429, an
+/// `idempotency_error` (the key holds another request's answer), or anything
+/// Stripe says to retry as it is.
+pub fn proves_nothing_made(status: StatusCode, headers: &StripeHeaders, body: &[u8]) -> bool {
+    let kind = serde_json::from_slice::<ErrorEnvelope>(body)
+        .map(|e| e.error.kind)
+        .unwrap_or_default();
+    status.is_client_error()
+        && ![401, 403, 409, 429].contains(&status.as_u16())
+        && kind != "idempotency_error"
+        && headers.should_retry != Some(true)
 }
 
 impl StripeGateway {
@@ -377,13 +434,21 @@ impl StripeGateway {
             .user_agent(concat!("payouts/", env!("CARGO_PKG_VERSION")))
             .build()?;
         let s = &settings.stripe;
+        let local: Arc<dyn RequestLimiter> = Arc::new(LocalLimiter::new(limits(settings)));
         Ok(StripeGateway {
             client,
             transfers_url: format!("{}/v1/transfers", s.base_url.trim_end_matches('/')),
             secret: s.secret_key.clone(),
             version: s.stripe_version.clone(),
             lookup_before_create: s.lookup_before_create,
+            limiter: Arc::new(RwLock::new(local)),
         })
+    }
+
+    /// Waits for the rate limit of `endpoint`.
+    async fn acquire(&self, endpoint: &str) {
+        let limiter = self.limiter.read().expect("limiter lock").clone();
+        limiter.acquire(endpoint).await;
     }
 
     async fn post(&self, req: &TransferRequest, key: &str) -> Result<super::Answer, Outcome> {
@@ -403,7 +468,30 @@ impl StripeGateway {
                 "application/x-www-form-urlencoded",
             )
             .body(body);
+        self.acquire("POST /v1/transfers").await;
         super::send_transfer(request, "stripe").await
+    }
+
+    /// The transfer `id` as Stripe holds it now (`GET /v1/transfers/{id}`).
+    pub async fn get_transfer(&self, id: &str) -> Result<StripeTransfer, LookupError> {
+        if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(LookupError(format!("{id:?} is not a Stripe transfer id")));
+        }
+        self.acquire("GET /v1/transfers/{id}").await;
+        let resp = self
+            .client
+            .get(format!("{}/{id}", self.transfers_url))
+            .bearer_auth(self.secret.expose_secret())
+            .header("Stripe-Version", &self.version)
+            .send()
+            .await
+            .map_err(|_| LookupError("request to stripe failed".into()))?;
+        if !resp.status().is_success() {
+            return Err(LookupError(format!("stripe answered {}", resp.status())));
+        }
+        resp.json::<StripeTransfer>()
+            .await
+            .map_err(|_| LookupError("unreadable transfer from stripe".into()))
     }
 
     /// Whether connected account `account` can receive transfers now
@@ -419,6 +507,7 @@ impl StripeGateway {
             )));
         }
         let base = self.transfers_url.trim_end_matches("/transfers");
+        self.acquire("GET /v1/accounts/{id}").await;
         let resp = self
             .client
             .get(format!("{base}/accounts/{account}"))
@@ -441,6 +530,7 @@ impl StripeGateway {
 
     /// Every transfer Stripe holds with `transfer_group = reference`.
     pub async fn find(&self, reference: &str) -> Result<Vec<StripeTransfer>, LookupError> {
+        self.acquire("GET /v1/transfers").await;
         let resp = self
             .client
             .get(&self.transfers_url)
@@ -477,21 +567,9 @@ impl StripeGateway {
     }
 }
 
-/// What a look-up says about a payout's transfers.
-enum Found {
-    /// A transfer that still stands: the payout is paid.
-    Live(String),
-    /// No standing transfer; this many were fully reversed.
-    None { reversed: usize },
-}
-
-fn inspect(transfers: &[StripeTransfer]) -> Found {
-    match transfers.iter().find(|t| !t.fully_reversed()) {
-        Some(t) => Found::Live(t.id.clone()),
-        None => Found::None {
-            reversed: transfers.len(),
-        },
-    }
+/// The transfer that still stands among `transfers` (not reversed in full).
+fn standing(transfers: &[StripeTransfer]) -> Option<&StripeTransfer> {
+    transfers.iter().find(|t| !t.fully_reversed())
 }
 
 fn lookup_failed(e: LookupError) -> Outcome {
@@ -512,51 +590,99 @@ impl crate::sync::AccountCheck for StripeGateway {
 #[async_trait]
 impl Gateway for StripeGateway {
     async fn transfer(&self, req: &TransferRequest) -> Outcome {
-        let mut n = 0;
+        self.transfer_keyed(req).await.outcome
+    }
+
+    async fn transfer_keyed(&self, req: &TransferRequest) -> Keyed {
+        let mut n = req.key_index as usize;
+        let done = |outcome: Outcome, n: usize| Keyed {
+            outcome,
+            key_index: n as u32,
+        };
         // On a payout's first claim nothing was posted for it before: no
-        // look-up (within the attempt, a repeated call reuses the key, and a
-        // key poisoned by a stored 5xx is looked up below).
+        // look-up (a repeated call reuses the key; a key poisoned by a
+        // stored 5xx is looked up below).
         if self.lookup_before_create && !req.first_attempt {
             match self.find(&req.reference).await {
-                Ok(ts) => match inspect(&ts) {
-                    Found::Live(id) => {
-                        tracing::info!(transfer_id = %id, "stripe already holds a transfer for this payout");
-                        return Outcome::Paid { transfer_id: id };
+                Ok(ts) => {
+                    if let Some(t) = standing(&ts) {
+                        tracing::info!(transfer_id = %t.id, "stripe already holds a transfer for this payout");
+                        return done(
+                            Outcome::Paid {
+                                transfer_id: t.id.clone(),
+                            },
+                            n,
+                        );
                     }
-                    Found::None { reversed } => n = reversed,
-                },
-                Err(e) => return lookup_failed(e),
+                }
+                Err(e) => return done(lookup_failed(e), n),
             }
         }
-        while n < MAX_KEYS {
+        for _ in 0..MAX_KEYS {
             let key = chain_key(&req.idempotency_key, n);
             let (status, headers, body) = match self.post(req, &key).await {
                 Ok(a) => (a.status, StripeHeaders::from_headers(&a.headers), a.body),
-                Err(outcome) => return outcome,
+                // No answer: the money may have moved under this key; keep it.
+                Err(outcome) => return done(outcome, n),
             };
-            if !is_poisoned(status, &headers) {
-                return classify_stripe(status, &headers, &body);
+            if status.is_success() && headers.replayed {
+                // A replay carries the transfer as it was when made: believe
+                // it only if the transfer still stands.
+                let Ok(t) = serde_json::from_slice::<StripeTransfer>(&body) else {
+                    return done(classify_stripe(status, &headers, &body), n);
+                };
+                match self.get_transfer(&t.id).await {
+                    Ok(now) if now.fully_reversed() => {
+                        tracing::warn!(key, transfer_id = %t.id, "stripe replays a transfer that was reversed in full; moving to the next key");
+                        n += 1;
+                        continue;
+                    }
+                    Ok(_) => return done(Outcome::Paid { transfer_id: t.id }, n),
+                    Err(e) => return done(lookup_failed(e), n),
+                }
             }
-            // The key holds a stored 5xx. The money may have moved before it:
-            // look before using a new key, so a lost answer never pays twice.
-            match self.find(&req.reference).await {
-                Ok(ts) => match inspect(&ts) {
-                    Found::Live(id) => return Outcome::Paid { transfer_id: id },
-                    Found::None { reversed } => n = (n + 1).max(reversed),
-                },
-                Err(e) => return lookup_failed(e),
+            if is_poisoned(status, &headers) {
+                // The key holds a stored 5xx. The money may have moved before
+                // it: look before using a new key, so a lost answer never pays twice.
+                match self.find(&req.reference).await {
+                    Ok(ts) => {
+                        if let Some(t) = standing(&ts) {
+                            return done(
+                                Outcome::Paid {
+                                    transfer_id: t.id.clone(),
+                                },
+                                n,
+                            );
+                        }
+                    }
+                    Err(e) => return done(lookup_failed(e), n),
+                }
+                tracing::warn!(
+                    key,
+                    next = n + 1,
+                    "stripe replays a stored 5xx for this key and holds no transfer; moving to the next key"
+                );
+                n += 1;
+                continue;
             }
-            tracing::warn!(
-                key,
-                next = n,
-                "stripe replays a stored 5xx for this key and holds no transfer; moving to the next key"
-            );
+            let outcome = classify_stripe(status, &headers, &body);
+            if proves_nothing_made(status, &headers, &body) {
+                // Saved (or refused before anything was made): the next call
+                // must use the next key, or it would only get this answer again.
+                n += 1;
+            }
+            return done(outcome, n);
         }
-        Outcome::Transient {
-            code: "idempotency_keys_exhausted".into(),
-            message: format!("stripe answered a stored 5xx for {MAX_KEYS} keys in a row"),
-            retry_after: None,
-        }
+        done(
+            Outcome::Transient {
+                code: "idempotency_keys_exhausted".into(),
+                message: format!(
+                    "stripe answered a stored 5xx or a reversed transfer for {MAX_KEYS} keys in a row"
+                ),
+                retry_after: None,
+            },
+            n,
+        )
     }
 
     async fn lookup(&self, reference: &str) -> Result<Vec<TransferRecord>, LookupError> {
@@ -566,6 +692,18 @@ impl Gateway for StripeGateway {
             .iter()
             .map(|t| t.to_record(reference))
             .collect())
+    }
+
+    fn minor_units(&self, money: &crate::domain::Money) -> Result<i64, String> {
+        stripe_currency::stripe_minor_units(money).map_err(|e| e.to_string())
+    }
+
+    fn limits_own_requests(&self) -> bool {
+        true
+    }
+
+    fn use_limiter(&self, limiter: Arc<dyn RequestLimiter>) {
+        *self.limiter.write().expect("limiter lock") = limiter;
     }
 }
 
@@ -595,6 +733,7 @@ mod tests {
             reference: "payout_42".into(),
             metadata: [("payout_id".to_string(), "42".to_string())].into(),
             idempotency_key: "payout_42".into(),
+            key_index: 0,
             first_attempt: false,
         };
         let body = serde_urlencoded::to_string(transfer_form(&req)).unwrap();
