@@ -146,6 +146,7 @@ fn request(id: i64, destination: &str) -> TransferRequest {
         metadata: Default::default(),
         idempotency_key: format!("payout_{id}"),
         first_attempt: false,
+        key_index: 0,
     }
 }
 

@@ -47,7 +47,7 @@ use crate::config::{GatewaySettings, ReleaseFundsSettings};
 
 /// The transient code of "the platform's balance is short": the worker pauses
 /// the fleet and alerts on exactly this code; the payout is retried, never failed.
-pub const PLATFORM_BALANCE: &str = "platform_balance_insufficient";
+pub const PLATFORM_BALANCE: &str = super::PLATFORM_BALANCE_INSUFFICIENT;
 
 /// How the API's answers are read: the status table and the two refusals
 /// that are not the payee's failure.
