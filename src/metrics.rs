@@ -268,6 +268,34 @@ pub static ADMIN_ACTIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
         &["action", "result"],
     )
 });
+/// (payee, currency) a settlement run could not settle because of an error
+/// (a policy that does not cover it, an amount over the policy's maximum, a
+/// database error); the others are settled all the same. Alert:
+/// PayoutSettlementErrors; panel: settlement.
+pub static SETTLEMENT_ERRORS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "payout_settlement_errors_total",
+        "Payee-currency settlements that failed with an error (the rest of the run went on)",
+    )
+});
+/// Periods settled by a settlement run, by outcome (`payout`,
+/// `below_minimum`, `shortfall`). Panel: settlement.
+pub static SETTLEMENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "payout_settlements_total",
+        "Periods settled, by outcome",
+        &["outcome"],
+    )
+});
+/// Earnings refused at intake (HTTP, CLI, import), by the field named.
+/// Panel: settlement (bad input from the platform).
+pub static EARNINGS_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "payout_earnings_refused_total",
+        "Earnings refused at intake, by the field named",
+        &["field"],
+    )
+});
 
 /// The `class` label of gateway calls (see `gateway::Outcome::class`).
 const GATEWAY_CLASSES: [&str; 7] = [
@@ -309,6 +337,9 @@ pub fn init() {
     LazyLock::force(&RECONCILE_LAST_RUN);
     LazyLock::force(&ADMIN_REFUSED);
     LazyLock::force(&ADMIN_ACTIONS);
+    LazyLock::force(&SETTLEMENT_ERRORS);
+    LazyLock::force(&SETTLEMENTS);
+    LazyLock::force(&EARNINGS_REFUSED);
     // Labelled series exist from the start at 0, so increase() sees their first event.
     let zero = |c: &IntCounterVec, labels: &[&str]| {
         for l in labels {
@@ -320,6 +351,7 @@ pub fn init() {
         &["paid", "in_transit", "retrying", "failed", "held"],
     );
     zero(&DEAD_LETTERS, &["permanent", "exhausted"]);
+    zero(&SETTLEMENTS, &["payout", "below_minimum", "shortfall"]);
     for action in ["retry", "cancel", "enqueue", "bulk_retry"] {
         for result in ["ok", "conflict", "not_found"] {
             ADMIN_ACTIONS.with_label_values(&[action, result]);

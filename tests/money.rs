@@ -368,9 +368,10 @@ async fn the_worked_example_settles_into_one_667_25_payout_whose_lines_sum_to_it
 
     assert_eq!(report.settled.len(), 1);
     let s = &report.settled[0];
+    // Released 11-12: the work belongs to the week 11-06 .. 11-13, whenever it is settled.
     assert_eq!(
         (s.period.start, s.period.end),
-        (at("2026-11-13T00:00:00Z"), at("2026-11-20T00:00:00Z"))
+        (at("2026-11-06T00:00:00Z"), at("2026-11-13T00:00:00Z"))
     );
     assert_eq!(s.net, dec("667.25"));
     let payout = payout_repo::get(pool, s.payout_id.unwrap())
@@ -1229,28 +1230,32 @@ async fn payoutctl_records_imports_previews_and_settles_earnings_and_refuses_bad
     assert_eq!(report["created"], 2);
     assert_eq!(counts(&ctl).await[0], 8);
 
-    // preview: line by line, nothing written
+    // preview: line by line, nothing written; the period it will really
+    // settle: the week of the first release (10-02 .. 10-09), whose three
+    // services are released by its end (the other two, on 10-09, are next week's).
     let before = counts(&ctl).await;
     let preview = ctl.ok(&["preview", "--payee", "1"]);
     for text in [
+        "2026-10-02T00:00Z .. 2026-10-09T00:00Z",
         "booking/B-1",
-        "- 199.73  platform commission 30%",
+        "- 96.15  platform commission 30%",
         "- 50.00  booth rent",
-        "- 1.91  standard payout fee 0.25% of 665.75 + 0.25",
-        "= 414.11  payout",
+        "- 1.05  standard payout fee 0.25% of 320.50 + 0.25",
+        "= 173.30  payout",
     ] {
         assert!(preview.contains(text), "{text} in:\n{preview}");
     }
     let preview_json = ctl.json(&["preview", "--payee", "1"]);
-    assert_eq!(preview_json["settlements"][0]["net"], "414.11");
+    assert_eq!(preview_json["settlements"][0]["net"], "173.30");
     assert_eq!(counts(&ctl).await, before, "preview wrote nothing");
     assert!(
         ctl.fails(&["preview", "--payee", "999"])
             .contains("payee 999 not found")
     );
 
-    // settle: payee 1 USD 665.75 gross, 5 services -> 70% = 466.025 -> 466.02 (half even)
-    // - 50.00 rent - (1.664375 -> 1.66 + 0.25) = 414.11;
+    // settle, week by week: payee 1 USD 320.50 in the week of 10-02 -> 173.30
+    // (above); 345.25 in the week of 10-09 -> 70% = 241.675 -> 241.68 (half even)
+    // - 50.00 rent - (0.863125 -> 0.86 + 0.25) = 190.57;
     // payee 2: EUR 69.99 - 0.50 = 69.49 paid; JPY 1050 and BHD 8.642 below the minimum.
     let settled = ctl.json(&["settle"]);
     let mut got: Vec<(i64, String, String, String)> = settled["settled"]
@@ -1272,14 +1277,15 @@ async fn payoutctl_records_imports_previews_and_settles_earnings_and_refuses_bad
     assert_eq!(
         got,
         vec![
-            expect(1, "USD", "payout", "414.11"),
+            expect(1, "USD", "payout", "173.30"),
+            expect(1, "USD", "payout", "190.57"),
             expect(2, "BHD", "below_minimum", "8.642"),
             expect(2, "EUR", "payout", "69.49"),
             expect(2, "JPY", "below_minimum", "1050"),
         ]
     );
     let payouts_after = counts(&ctl).await[1];
-    assert_eq!(payouts_after, 2);
+    assert_eq!(payouts_after, 3);
     let again = ctl.ok(&["settle"]);
     assert!(again.contains("settled 0 periods: 0 payouts"), "{again}");
     assert_eq!(counts(&ctl).await[1], payouts_after);
@@ -1289,7 +1295,7 @@ async fn payoutctl_records_imports_previews_and_settles_earnings_and_refuses_bad
     );
     // The payout itself is an ordinary payout.
     let list = ctl.json(&["list", "--status", "pending"]);
-    assert_eq!(list.as_array().unwrap().len(), 2);
+    assert_eq!(list.as_array().unwrap().len(), 3);
 }
 
 #[tokio::test]

@@ -269,7 +269,7 @@ pub struct CarriedLine {
 pub struct SettlementInput {
     /// The currency of every amount here.
     pub currency: Currency,
-    /// The period's earnings (at least one).
+    /// The period's earnings (none only when a returned balance is carried in).
     pub earnings: Vec<EarningLine>,
     /// The payee's deductions in this currency.
     pub deductions: Vec<DeductionLine>,
@@ -664,8 +664,11 @@ impl Policy {
                 "missing: the policy has no fee for this payout method",
             )
         })?;
-        if input.earnings.is_empty() {
-            return Err(err("earnings", "a settlement needs at least one earning"));
+        if input.earnings.is_empty() && input.carried.is_empty() {
+            return Err(err(
+                "earnings",
+                "a settlement needs at least one earning or carried balance",
+            ));
         }
         let overflow = || err("earnings", "the total is too large");
         let mut lines = Vec::with_capacity(input.earnings.len() + input.deductions.len() + 5);
@@ -694,17 +697,20 @@ impl Policy {
             cur,
         );
         let commission = gross - base_share;
-        lines.push(Line {
-            kind: LineKind::Commission,
-            description: format!(
-                "platform commission {} (payee keeps {}, {services} services)",
-                pct(Decimal::ONE_HUNDRED - payee_percent),
-                pct(payee_percent)
-            ),
-            amount: at_scale(-commission, exp),
-            earning_id: None,
-            carried_from: None,
-        });
+        // A period of returned balances only has no commission line.
+        if services > 0 {
+            lines.push(Line {
+                kind: LineKind::Commission,
+                description: format!(
+                    "platform commission {} (payee keeps {}, {services} services)",
+                    pct(Decimal::ONE_HUNDRED - payee_percent),
+                    pct(payee_percent)
+                ),
+                amount: at_scale(-commission, exp),
+                earning_id: None,
+                carried_from: None,
+            });
+        }
         let mut bonus_percent = Decimal::ZERO;
         let mut bonus = Decimal::ZERO;
         if let Some(b) = &self.volume_bonus {

@@ -5,7 +5,8 @@
 //! counted from the week of 1970-01-05), monthly on a day of the month (1-28,
 //! so every month has it), or manual (no periods: an operator closes one by
 //! running `payoutctl settle --payee X`). A period is *closed* once `now`
-//! has reached its end; settlement pays the last closed period.
+//! has reached its end; settlement pays every closed period, one by one, in
+//! order ([`Schedule::next_period`]).
 
 use std::{fmt, str::FromStr};
 
@@ -113,6 +114,24 @@ impl Schedule {
     pub fn last_closed(&self, now: DateTime<Utc>) -> Option<Period> {
         let open = self.period_containing(now)?;
         self.period_containing(open.start - chrono::Duration::nanoseconds(1))
+    }
+
+    /// The next period to settle, given the end of the last settled one
+    /// (`after`) and the earliest time something became payable (`first`):
+    /// the period containing the later of the two, starting no earlier than
+    /// `after`. After a manual settlement or a change of schedule `after` may
+    /// fall inside a period: the next one then runs from `after` to that
+    /// period's end, so periods never overlap and none is skipped. `None`
+    /// for manual. A function of its arguments only: never of when it is asked.
+    pub fn next_period(
+        &self,
+        after: Option<DateTime<Utc>>,
+        first: DateTime<Utc>,
+    ) -> Option<Period> {
+        let t = after.map_or(first, |a| a.max(first));
+        let p = self.period_containing(t)?;
+        let start = after.map_or(p.start, |a| a.max(p.start));
+        Some(Period { start, end: p.end })
     }
 
     /// Whether periods close by themselves (everything but manual).
@@ -289,5 +308,33 @@ mod tests {
                 p = next;
             }
         }
+    }
+
+    #[test]
+    fn the_next_period_follows_the_last_settled_one_whenever_it_is_asked() {
+        let s = Schedule::Weekly(Weekday::Fri);
+        let first = at("2026-11-08T10:00:00Z");
+        let p = s.next_period(None, first).unwrap();
+        assert_eq!(
+            (p.start, p.end),
+            (at("2026-11-06T00:00:00Z"), at("2026-11-13T00:00:00Z"))
+        );
+        // Work released before the last settled end belongs to the next period.
+        let q = s.next_period(Some(p.end), first).unwrap();
+        assert_eq!((q.start, q.end), (p.end, at("2026-11-20T00:00:00Z")));
+        // Empty periods are skipped to the one holding the work.
+        let r = s
+            .next_period(Some(p.end), at("2026-11-28T00:00:00Z"))
+            .unwrap();
+        assert_eq!(r.start, at("2026-11-27T00:00:00Z"));
+        // After a manual settlement mid-week, the rest of the week.
+        let m = s
+            .next_period(Some(at("2026-11-15T00:00:00Z")), first)
+            .unwrap();
+        assert_eq!(
+            (m.start, m.end),
+            (at("2026-11-15T00:00:00Z"), at("2026-11-20T00:00:00Z"))
+        );
+        assert_eq!(Schedule::Manual.next_period(None, first), None);
     }
 }
