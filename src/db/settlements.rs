@@ -363,6 +363,24 @@ pub async fn lines_for_payout(pool: &PgPool, payout_id: i64) -> sqlx::Result<Vec
     .await
 }
 
+/// The status of `payout_id` when it is a settlement payout whose money was
+/// returned to the payee's balance (it must never be retried); `None` otherwise.
+pub async fn returned_status(
+    pool: &PgPool,
+    payout_id: i64,
+) -> sqlx::Result<Option<crate::domain::PayoutStatus>> {
+    let status: Option<String> = sqlx::query_scalar(
+        "SELECT p.status FROM payouts p JOIN settlements s ON s.payout_id = p.id
+         WHERE p.id = $1 AND s.outcome = 'returned'",
+    )
+    .bind(payout_id)
+    .fetch_optional(pool)
+    .await?;
+    status
+        .map(|s| s.parse().map_err(|e: String| sqlx::Error::Decode(e.into())))
+        .transpose()
+}
+
 /// One settlement.
 pub async fn get(pool: &PgPool, id: i64) -> sqlx::Result<Option<SettlementRow>> {
     sqlx::query_as("SELECT * FROM settlements WHERE id = $1")
