@@ -493,8 +493,16 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
             }
         }
         Command::Earnings(cmd) => {
-            crate::cli_money::run_earnings(&pool, &settings, cmd, cli.json, clock.now(), out)
-                .await?
+            crate::cli_money::run_earnings(
+                &pool,
+                &settings,
+                cmd,
+                cli.json,
+                &actor,
+                clock.now(),
+                out,
+            )
+            .await?
         }
         Command::Settle(args) => {
             crate::cli_money::settle(&pool, &settings, args, cli.json, &actor, clock.now(), out)
@@ -504,7 +512,7 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
             crate::cli_money::preview(&pool, &settings, args, cli.json, clock.now(), out).await?
         }
         Command::Payee(PayeeCommand::Set(args)) => {
-            crate::cli_money::payee_set(&pool, args, cli.json, out).await?
+            crate::cli_money::payee_set(&pool, &settings, args, cli.json, clock.now(), out).await?
         }
         Command::Payee(PayeeCommand::Deduction(args)) => {
             crate::cli_money::payee_deduction(&pool, args, cli.json, clock.now(), out).await?

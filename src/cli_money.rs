@@ -17,7 +17,7 @@ use crate::{
     config::Settings,
     db::{earnings, payee_terms},
     domain::{
-        Money, PayoutMethod, Schedule,
+        Currency, Money, PayoutMethod, Schedule,
         earning::{FileFormat, RawEarning},
         policy::{LineKind, Outcome, Settlement},
     },
@@ -73,6 +73,13 @@ pub struct PayeeSet {
     /// standard | instant | bank_transfer.
     #[arg(long)]
     pub method: Option<String>,
+    /// The payee's own minimum payout (e.g. 50.00), at or above the
+    /// policy's minimum for the currency; `default` removes it.
+    #[arg(long)]
+    pub minimum: Option<String>,
+    /// The currency of --minimum.
+    #[arg(long, default_value = "USD")]
+    pub currency: String,
 }
 
 /// `payoutctl payee deduction`.
@@ -116,6 +123,7 @@ pub async fn run_earnings(
     settings: &Settings,
     cmd: EarningsCommand,
     as_json: bool,
+    actor: &str,
     now: DateTime<Utc>,
     out: &mut (dyn Write + Send),
 ) -> anyhow::Result<()> {
@@ -137,12 +145,16 @@ pub async fn run_earnings(
                 currency,
                 completed_at,
             };
-            let e = raw.validate(&policy, now)?;
+            let e = raw.validate(&policy, now).inspect_err(|e| {
+                crate::metrics::EARNINGS_REFUSED
+                    .with_label_values(&[earnings::refused_label(&e.field)])
+                    .inc();
+            })?;
             let mut conn = pool.acquire().await?;
             if payee_terms::existing(&mut conn, &[payee]).await?.is_empty() {
                 bail!("payee_id: payee {payee} not found");
             }
-            let recorded = earnings::record(&mut conn, &e, now)
+            let recorded = earnings::record(&mut conn, &e, actor, now)
                 .await
                 .context("failed to record the earning")?;
             if let Some(err) = recorded.conflict_error() {
@@ -187,7 +199,7 @@ pub async fn run_earnings(
             let rows = format
                 .parse(&text)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-            let report = earnings::import(pool, rows, &policy, now, atomic).await?;
+            let report = earnings::import(pool, rows, &policy, actor, now, atomic).await?;
             if as_json {
                 writeln!(out, "{}", serde_json::to_string(&report)?)?;
             } else {
@@ -234,10 +246,48 @@ pub async fn run_earnings(
 /// `payoutctl payee set`.
 pub async fn payee_set(
     pool: &PgPool,
+    settings: &Settings,
     args: PayeeSet,
     as_json: bool,
+    now: DateTime<Utc>,
     out: &mut (dyn Write + Send),
 ) -> anyhow::Result<()> {
+    if let Some(min) = args.minimum.as_deref() {
+        let code = args.currency.trim().to_ascii_uppercase();
+        let currency: Currency = code.parse().map_err(|e| anyhow::anyhow!("currency: {e}"))?;
+        let amount = if min == "default" {
+            None
+        } else {
+            let policy = settings.policy.load()?;
+            let m = Money::parse(min, &code).map_err(|e| anyhow::anyhow!("minimum_payout: {e}"))?;
+            policy.check_payee_minimum(m.amount(), currency)?;
+            Some(m)
+        };
+        if payee_terms::get(&mut *pool.acquire().await?, args.id)
+            .await?
+            .is_none()
+        {
+            bail!("payee {} not found", args.id);
+        }
+        payee_terms::set_minimum(pool, args.id, currency, amount, now).await?;
+        if args.schedule.is_none() && args.method.is_none() {
+            let shown = amount.map_or_else(|| "the policy's".to_string(), |m| m.to_string());
+            if as_json {
+                writeln!(
+                    out,
+                    "{}",
+                    json!({"payee_id": args.id, "currency": currency.code(), "minimum_payout": amount.map(|m| earnings::at_minor_unit(&m).to_string())})
+                )?;
+            } else {
+                writeln!(
+                    out,
+                    "payee {}: minimum payout {shown} in {currency}",
+                    args.id
+                )?;
+            }
+            return Ok(());
+        }
+    }
     let schedule = match args.schedule.as_deref() {
         None => None,
         Some("default") => Some(None),
@@ -250,7 +300,7 @@ pub async fn payee_set(
         .transpose()
         .map_err(anyhow::Error::msg)?;
     if schedule.is_none() && method.is_none() {
-        bail!("nothing to set: give --schedule and/or --method");
+        bail!("nothing to set: give --schedule, --method and/or --minimum");
     }
     let terms = payee_terms::set(pool, args.id, schedule, method)
         .await?

@@ -258,10 +258,22 @@ async fn settle_next(
         payee_terms::deductions(&mut tx, payee_id, code).await?
     };
     let input = input(currency, &rows, &deductions, &carries, terms.method);
-    let s = match policy.compute(&input) {
+    let own_minimum = payee_terms::minimum(&mut tx, payee_id, code).await?;
+    let s = match policy.compute_with_minimum(&input, own_minimum) {
         Ok(s) => s,
         Err(e) => return Ok(Group::Skipped(format!("policy: {e}"), true)),
     };
+    if let Some(max) = policy.maximum_payout(currency) {
+        if s.pays_out() && s.net > max {
+            return Ok(Group::Skipped(
+                format!(
+                    "policy: maximum_payout.{code}: the period {period} would pay {} {code}, over the maximum {max} {code}; nothing written",
+                    s.net
+                ),
+                true,
+            ));
+        }
+    }
     let payout_id = if s.pays_out() {
         let reason = format!("created by settlement of {period}");
         let money = Money::new(s.net, currency)?;
@@ -507,8 +519,12 @@ pub async fn preview(
         } else {
             payee_terms::deductions(&mut conn, payee_id, code).await?
         };
+        let own_minimum = payee_terms::minimum(&mut conn, payee_id, code).await?;
         let s = policy
-            .compute(&input(currency, &rows, &deductions, &carries, terms.method))
+            .compute_with_minimum(
+                &input(currency, &rows, &deductions, &carries, terms.method),
+                own_minimum,
+            )
             .map_err(|e| anyhow::anyhow!("policy: {e}"))?;
         out.push(s);
     }

@@ -297,7 +297,10 @@ async fn earn(
         release_at: policy().release_at(completed_at),
     };
     let mut conn = pool.acquire().await.unwrap();
-    match earnings::record(&mut conn, &e, completed_at).await.unwrap() {
+    match earnings::record(&mut conn, &e, "operator:test", completed_at)
+        .await
+        .unwrap()
+    {
         earnings::Recorded::Created(row) => row.id,
         other => panic!("{other:?}"),
     }
@@ -867,12 +870,12 @@ async fn an_import_reports_bad_rows_by_line_and_records_the_good_ones_once() {
     payee(pool, "acct_2").await;
     let text = include_str!("fixtures/earnings.csv");
     let rows = || FileFormat::Csv.parse(text).unwrap();
-    let now = Utc::now();
+    let now = at("2026-11-20T00:00:00Z");
 
-    let report = earnings::import(pool, rows(), &policy(), now, false)
+    let report = earnings::import(pool, rows(), &policy(), "operator:test", now, false)
         .await
         .unwrap();
-    let again = earnings::import(pool, rows(), &policy(), now, false)
+    let again = earnings::import(pool, rows(), &policy(), "operator:test", now, false)
         .await
         .unwrap();
 
@@ -912,9 +915,16 @@ async fn an_atomic_import_with_one_bad_row_writes_nothing() {
         .parse(include_str!("fixtures/earnings.jsonl"))
         .unwrap();
 
-    let report = earnings::import(pool, rows.clone(), &policy(), Utc::now(), true)
-        .await
-        .unwrap();
+    let report = earnings::import(
+        pool,
+        rows.clone(),
+        &policy(),
+        "operator:test",
+        at("2026-11-20T00:00:00Z"),
+        true,
+    )
+    .await
+    .unwrap();
 
     assert!(!report.committed);
     assert_eq!(
@@ -926,9 +936,16 @@ async fn an_atomic_import_with_one_bad_row_writes_nothing() {
         vec![(2, "gross"), (4, "row")]
     );
     assert_eq!(count(pool, "earnings").await, 0);
-    let partial = earnings::import(pool, rows, &policy(), Utc::now(), false)
-        .await
-        .unwrap();
+    let partial = earnings::import(
+        pool,
+        rows,
+        &policy(),
+        "operator:test",
+        at("2026-11-20T00:00:00Z"),
+        false,
+    )
+    .await
+    .unwrap();
     assert_eq!(partial.created, 2);
 }
 
@@ -943,9 +960,16 @@ async fn a_reference_taken_by_different_work_is_refused_and_an_atomic_import_rol
     );
     let rows = FileFormat::Csv.parse(&text).unwrap();
 
-    let report = earnings::import(pool, rows, &policy(), Utc::now(), true)
-        .await
-        .unwrap();
+    let report = earnings::import(
+        pool,
+        rows,
+        &policy(),
+        "operator:test",
+        at("2026-11-20T00:00:00Z"),
+        true,
+    )
+    .await
+    .unwrap();
 
     assert_eq!(report.rejected[0].line, 3);
     assert_eq!(report.rejected[0].field, "external_ref");
@@ -960,7 +984,7 @@ async fn the_earnings_endpoint_answers_201_then_200_and_names_the_bad_field() {
     let api = EarningsApi {
         pool: db.pool.clone(),
         policy: Arc::new(policy()),
-        clock: payouts::clock::system(),
+        clock: FakeClock::new(at("2026-11-20T12:00:00Z")),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/v1/earnings", listener.local_addr().unwrap());
@@ -1000,7 +1024,14 @@ async fn the_earnings_endpoint_answers_201_then_200_and_names_the_bad_field() {
         ("currency", json!("XYZ")),
         ("payee_id", json!(999_999)),
         ("completed_at", json!("yesterday")),
+        // over the policy's maximum earning: no unpayable balance
+        ("gross", json!("92000000000000000.00")),
+        // older than the policy's horizon (90 days): not payable at once
+        ("completed_at", json!("0001-01-01T00:00:00Z")),
     ];
+    let refused_before = payouts::metrics::EARNINGS_REFUSED
+        .with_label_values(&["gross"])
+        .get();
     for (field, value) in cases {
         let mut body = good.clone();
         body["external_ref"] = json!(unique("bad"));
@@ -1021,6 +1052,13 @@ async fn the_earnings_endpoint_answers_201_then_200_and_names_the_bad_field() {
         count(&db.pool, "earnings").await,
         1,
         "bad input wrote nothing"
+    );
+    assert!(
+        payouts::metrics::EARNINGS_REFUSED
+            .with_label_values(&["gross"])
+            .get()
+            >= refused_before + 4,
+        "each refusal is counted by field"
     );
     server.abort();
 }
@@ -1170,7 +1208,15 @@ async fn payoutctl_records_imports_previews_and_settles_earnings_and_refuses_bad
         "--completed-at",
         "2026-10-01T10:00:00Z",
     ];
-    assert_eq!(ctl.json(&add)["created"], true);
+    let first = ctl.json(&add);
+    assert_eq!(first["created"], true);
+    assert!(
+        first["earning"]["posted_by"]
+            .as_str()
+            .unwrap()
+            .starts_with("operator:"),
+        "who posted it is recorded: {first}"
+    );
     assert_eq!(ctl.json(&add)["created"], false);
     assert!(ctl.ok(&add).contains("already recorded: nothing added"));
 

@@ -59,7 +59,10 @@ async fn earn(
         release_at: policy().release_at(completed_at),
     };
     let mut conn = pool.acquire().await.unwrap();
-    match earnings::record(&mut conn, &e, completed_at).await.unwrap() {
+    match earnings::record(&mut conn, &e, "operator:test", completed_at)
+        .await
+        .unwrap()
+    {
         earnings::Recorded::Created(row) => row.id,
         other => panic!("{other:?}"),
     }
@@ -455,6 +458,130 @@ async fn a_payout_reversed_after_it_was_paid_is_owed_again_and_is_never_retried_
     );
 }
 
+// -------------------------------------------------------------- policy ----
+
+#[tokio::test]
+async fn a_payee_minimum_above_the_currency_minimum_carries_the_balance_until_it_is_reached() {
+    let db = TestDb::new().await;
+    let pool = &db.pool;
+    let (p, _) = one_week(pool, "acct_min").await;
+    let usd = cur("USD");
+    assert_eq!(
+        policy()
+            .check_payee_minimum(dec("10.00"), usd)
+            .unwrap_err()
+            .field,
+        "minimum_payout",
+        "below the currency's minimum is refused, naming the field"
+    );
+    policy().check_payee_minimum(dec("100.00"), usd).unwrap();
+    payee_terms::set_minimum(
+        pool,
+        p,
+        usd,
+        Some(Money::parse("100.00", "USD").unwrap()),
+        at("2026-10-01T00:00:00Z"),
+    )
+    .await
+    .unwrap();
+
+    // 84.00 (83.45 after the fee) is above 25.00 but below the payee's 100.00.
+    let first = settle(pool, at("2026-11-13T10:00:00Z")).await;
+    assert_eq!(
+        (first.settled[0].outcome.as_str(), first.settled[0].net),
+        ("below_minimum", dec("84.00"))
+    );
+    earn(pool, p, "R-more", "40.00", at("2026-11-08T08:00:00Z")).await;
+    let second = settle(pool, at("2026-11-20T10:00:00Z")).await;
+    // 28.00 + 84.00 carried - (0.40 + 0.25) = 111.35
+    assert_eq!(second.payouts(), 1);
+    assert_eq!(second.settled[0].net, dec("111.35"));
+}
+
+#[tokio::test]
+async fn a_custom_schedule_settles_every_ten_days_from_its_anchor() {
+    let db = TestDb::new().await;
+    let pool = &db.pool;
+    let p = payee(pool, "acct_every").await;
+    let every: Schedule = "every:10:2026-11-02".parse().unwrap();
+    payee_terms::set(pool, p, Some(Some(every)), None)
+        .await
+        .unwrap();
+    earn(pool, p, "C-1", "100.00", at("2026-10-27T10:00:00Z")).await; // released 11-03
+    earn(pool, p, "C-2", "100.00", at("2026-11-06T10:00:00Z")).await; // released 11-13
+
+    let r = settle(pool, at("2026-11-25T00:00:00Z")).await;
+
+    let got: Vec<(DateTime<Utc>, DateTime<Utc>)> = r
+        .settled
+        .iter()
+        .map(|s| (s.period.start, s.period.end))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (at("2026-11-02T00:00:00Z"), at("2026-11-12T00:00:00Z")),
+            (at("2026-11-12T00:00:00Z"), at("2026-11-22T00:00:00Z")),
+        ]
+    );
+    let zero = sqlx::query("UPDATE payees SET schedule = 'every:0:2026-11-02' WHERE id = $1")
+        .bind(p)
+        .execute(pool)
+        .await;
+    assert!(zero.is_err(), "the database refuses a 0-day schedule too");
+    assert_eq!(
+        "every:0:2026-11-02"
+            .parse::<Schedule>()
+            .unwrap_err()
+            .to_string(),
+        "schedule \"every:0:2026-11-02\": the number of days must be between 1 and 366"
+    );
+}
+
+#[tokio::test]
+async fn a_period_over_the_maximum_payout_is_an_error_for_that_payee_only_and_writes_nothing() {
+    let db = TestDb::new().await;
+    let pool = &db.pool;
+    let (big, _) = one_week(pool, "acct_big").await;
+    let (small, _) = one_week(pool, "acct_small").await;
+    for i in 0..10 {
+        earn(
+            pool,
+            big,
+            &format!("BIG-{i}"),
+            "9000.00",
+            at("2026-11-01T08:00:00Z"),
+        )
+        .await;
+    }
+    let mut capped = policy();
+    capped.maximum_payout.insert("USD".into(), dec("50000.00"));
+    capped.validate().unwrap();
+    let errors_before = payouts::metrics::SETTLEMENT_ERRORS.get();
+
+    let r = settlement::run(
+        pool,
+        &capped,
+        at("2026-11-13T10:00:00Z"),
+        &Options {
+            payee: None,
+            actor: ACTOR.into(),
+        },
+    )
+    .await
+    .unwrap();
+
+    assert_eq!(r.errors(), 1, "{r:?}");
+    assert_eq!(r.skipped[0].payee_id, big);
+    assert!(r.skipped[0].reason.contains("maximum_payout.USD"), "{r:?}");
+    assert_eq!(payout_amounts(pool, big).await, Vec::<Decimal>::new());
+    assert_eq!(payout_amounts(pool, small).await, vec![dec("83.45")]);
+    assert!(payouts::metrics::SETTLEMENT_ERRORS.get() > errors_before);
+    let mut bad = policy();
+    bad.maximum_payout.insert("USD".into(), dec("10.00"));
+    assert_eq!(bad.validate().unwrap_err().field, "maximum_payout.USD");
+}
+
 // ------------------------------------------------- property: run times ----
 
 use proptest::prelude::*;
@@ -482,6 +609,10 @@ fn schedule_strategy() -> impl Strategy<Value = Schedule> {
             .prop_map(|d| format!("weekly:{d}")),
         prop::sample::select(vec!["mon", "fri"]).prop_map(|d| format!("biweekly:{d}")),
         (1u32..=28).prop_map(|d| format!("monthly:{d}")),
+        (1u32..=12, 0i64..30).prop_map(|(n, d)| format!(
+            "every:{n}:{}",
+            (at(T0) + Duration::days(d)).format("%Y-%m-%d")
+        )),
         Just("manual".to_string()),
     ]
     .prop_map(|s| s.parse().unwrap())
