@@ -352,6 +352,19 @@ pub fn init() {
     );
     zero(&DEAD_LETTERS, &["permanent", "exhausted"]);
     zero(&SETTLEMENTS, &["payout", "below_minimum", "shortfall"]);
+    zero(
+        &EARNINGS_REFUSED,
+        &[
+            "payee_id",
+            "source",
+            "external_ref",
+            "gross",
+            "currency",
+            "completed_at",
+            "body",
+            "other",
+        ],
+    );
     for action in ["retry", "cancel", "enqueue", "bulk_retry"] {
         for result in ["ok", "conflict", "not_found"] {
             ADMIN_ACTIONS.with_label_values(&[action, result]);

@@ -400,9 +400,10 @@ fn input(
     }
 }
 
-/// The producer's hook: a settlement pass on every tick when
-/// `producer.settle_on_tick` is on. Never fails the tick: a failure is logged
-/// and the due scan goes on (the next tick tries again).
+/// The leading producer's hook: a settlement pass at most every
+/// `producer.settle_every_secs` (when `producer.settle_on_tick` is on, the
+/// default). Never fails the tick: a failure is counted and logged and the
+/// due scan goes on.
 pub async fn on_producer_tick(
     pool: &PgPool,
     settings: &ProducerSettings,
@@ -411,6 +412,15 @@ pub async fn on_producer_tick(
 ) {
     if !settings.settle_on_tick {
         return;
+    }
+    match settlements::claim_interval(pool, now, settings.settle_every_secs).await {
+        Ok(true) => {}
+        Ok(false) => return, // ran less than settle_every_secs ago
+        Err(e) => {
+            metrics::SETTLEMENT_ERRORS.inc();
+            tracing::warn!(error = %e, "settlement interval not readable; retrying next tick");
+            return;
+        }
     }
     let Some(policy) = settings.policy.as_deref() else {
         tracing::error!("producer.settle_on_tick is on but no policy is loaded; not settling");
@@ -422,14 +432,22 @@ pub async fn on_producer_tick(
     };
     match run(pool, policy, now, &opts).await {
         Ok(r) => {
-            for s in r.skipped.iter().filter(|s| s.error) {
-                tracing::warn!(payee = s.payee_id, currency = %s.currency, reason = %s.reason, "not settled");
+            if !r.settled.is_empty() || r.errors() > 0 {
+                tracing::info!(
+                    periods = r.settled.len(),
+                    payouts = r.payouts(),
+                    errors = r.errors(),
+                    "settlement pass"
+                );
             }
         }
-        Err(e) => tracing::warn!(
-            error = format!("{e:#}"),
-            "settlement pass failed; retrying next tick"
-        ),
+        Err(e) => {
+            metrics::SETTLEMENT_ERRORS.inc();
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "settlement pass failed; retrying at the next interval"
+            )
+        }
     }
 }
 

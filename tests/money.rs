@@ -1104,9 +1104,14 @@ async fn jpy_and_bhd_payouts_reach_the_gateway_in_their_minor_units() {
 }
 
 #[tokio::test]
-async fn the_producer_settles_on_its_tick_only_when_enabled() {
+async fn the_producer_settles_on_its_interval_by_default_and_not_when_disabled() {
     let clock = FakeClock::new(Utc::now());
-    let off = Fleet::start_with(Faults::default(), &[], clock.clone()).await;
+    let off = Fleet::start_with(
+        Faults::default(),
+        &[("PAYOUTS_PRODUCER__SETTLE_ON_TICK", "false")],
+        clock.clone(),
+    )
+    .await;
     let on = Fleet::start_with(
         Faults::default(),
         &[("PAYOUTS_PRODUCER__SETTLE_ON_TICK", "true")],
@@ -1135,6 +1140,23 @@ async fn the_producer_settles_on_its_tick_only_when_enabled() {
         1,
         "the next tick adds nothing"
     );
+    // A week later (interval passed): the next period's work is settled.
+    let p = sqlx::query_scalar::<_, i64>("SELECT id FROM payees LIMIT 1")
+        .fetch_one(on.pool())
+        .await
+        .unwrap();
+    earn(
+        on.pool(),
+        p,
+        "B-2",
+        "100.00",
+        "USD",
+        clock.now() - Duration::days(7),
+    )
+    .await;
+    clock.advance(Duration::days(7));
+    on.producer().tick().await.unwrap();
+    assert_eq!(count(on.pool(), "payouts").await, 2);
 }
 
 // ----------------------------------------------------------------- CLI ----

@@ -460,6 +460,15 @@ async fn a_payout_reversed_after_it_was_paid_is_owed_again_and_is_never_retried_
 
 // -------------------------------------------------------------- policy ----
 
+#[test]
+fn the_kubernetes_policy_is_the_shipped_policy() {
+    assert_eq!(
+        include_str!("../deploy/k8s/base/policy.toml"),
+        include_str!("../config/policy.toml"),
+        "deploy/k8s/base/policy.toml is a copy of config/policy.toml (kustomize reads only its own directory)"
+    );
+}
+
 #[tokio::test]
 async fn a_payee_minimum_above_the_currency_minimum_carries_the_balance_until_it_is_reached() {
     let db = TestDb::new().await;

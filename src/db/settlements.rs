@@ -396,3 +396,23 @@ pub async fn lines(pool: &PgPool, settlement_id: i64) -> sqlx::Result<Vec<LineRo
         .fetch_all(pool)
         .await
 }
+
+/// Claims the settlement interval: `true` (and records `now`) when no pass
+/// ran in the last `every_secs` seconds (or the clock went back), `false`
+/// otherwise. One conditional update, so two producers never both claim it.
+pub async fn claim_interval(
+    pool: &PgPool,
+    now: DateTime<Utc>,
+    every_secs: u64,
+) -> sqlx::Result<bool> {
+    let claimed: Option<bool> = sqlx::query_scalar(
+        "UPDATE settlement_clock SET last_run_at = $1
+         WHERE last_run_at IS NULL OR last_run_at <= $1 - make_interval(secs => $2) OR last_run_at > $1
+         RETURNING true",
+    )
+    .bind(now)
+    .bind(every_secs as f64)
+    .fetch_optional(pool)
+    .await?;
+    Ok(claimed.unwrap_or(false))
+}
