@@ -445,8 +445,16 @@ fn signed(d: Decimal) -> String {
     if d < Decimal::ZERO {
         format!("- {}", -d)
     } else {
-        format!("+ {d}")
+        format!("+ {}", unsigned_zero(d))
     }
+}
+
+/// `0.00`, never `-0.00`.
+fn unsigned_zero(mut d: Decimal) -> Decimal {
+    if d.is_zero() {
+        d.set_sign_positive(true);
+    }
+    d
 }
 
 fn print_settlement(out: &mut (dyn Write + Send), s: &Settlement) -> std::io::Result<()> {
@@ -474,19 +482,19 @@ fn print_settlement(out: &mut (dyn Write + Send), s: &Settlement) -> std::io::Re
         Outcome::Payout => writeln!(
             out,
             "  {:>16}  payout ({})",
-            format!("= {}", s.net),
+            format!("= {}", unsigned_zero(s.net)),
             s.method
         ),
         Outcome::BelowMinimum { minimum } => writeln!(
             out,
             "  {:>16}  below the minimum payout {minimum} {}: no payout, no fee; carried over",
-            format!("= {}", s.net),
+            format!("= {}", unsigned_zero(s.net)),
             s.currency
         ),
         Outcome::Shortfall => writeln!(
             out,
             "  {:>16}  deductions exceed the share: no payout; the shortfall carries over",
-            format!("= {}", s.net)
+            format!("= {}", unsigned_zero(s.net))
         ),
     }
 }
@@ -511,9 +519,16 @@ pub async fn preview(
         "payee {}  schedule {}  payout method {}",
         p.payee_id, p.schedule, p.method
     )?;
+    // The period the next run will really settle (the first one not yet
+    // settled that holds payable work), closed already when a run is overdue.
     writeln!(
         out,
-        "open period {} (preview: nothing is written)",
+        "{} period {} (preview: nothing is written)",
+        if p.closed {
+            "closed, not yet settled:"
+        } else {
+            "open"
+        },
         p.period
     )?;
     if p.settlements.is_empty() {

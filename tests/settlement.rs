@@ -1063,3 +1063,74 @@ proptest! {
         });
     }
 }
+
+// ------------------------------------------------- CLI: lines, amounts ----
+
+#[tokio::test]
+async fn payoutctl_shows_a_settlement_payouts_lines_and_jpy_amounts_without_decimals() {
+    let ctl = common::Ctl::new().await;
+    let id = ctl.json(&["payee", "add", "--name", "Kei", "--account", "acct_kei"])["id"]
+        .as_i64()
+        .unwrap();
+    let done = (Utc::now() - Duration::days(20)).to_rfc3339();
+    let id_s = id.to_string();
+    ctl.ok(&[
+        "earnings",
+        "add",
+        "--payee",
+        &id_s,
+        "--source",
+        "booking",
+        "--ref",
+        "J-1",
+        "--gross",
+        "10000",
+        "--currency",
+        "JPY",
+        "--completed-at",
+        &done,
+    ]);
+    let settled = ctl.json(&["settle"]);
+    // 10000 x 70% - (25 + 40 fee) = 6935
+    assert_eq!(settled["settled"][0]["net"], "6935", "{settled}");
+    let payout = settled["settled"][0]["payout_id"]
+        .as_i64()
+        .unwrap()
+        .to_string();
+
+    let status = ctl.json(&["status", &payout]);
+    assert_eq!(
+        status["payout"]["amount"], "6935",
+        "never 6935.00000000: {status}"
+    );
+    let kinds: Vec<&str> = status["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["earning", "commission", "fee"]);
+    let text = ctl.ok(&["status", &payout]);
+    assert!(
+        text.contains("lines:") && text.contains("booking/J-1"),
+        "{text}"
+    );
+    let list = ctl.json(&["list", "--status", "pending"]);
+    assert_eq!(list[0]["amount"], "6935");
+
+    let refused = ctl.fails(&[
+        "create",
+        "--payee",
+        &id_s,
+        "--amount",
+        "100",
+        "--currency",
+        "KRW",
+    ]);
+    assert!(
+        refused.contains("currency: KRW is not paid out by the policy"),
+        "{refused}"
+    );
+    let preview = ctl.ok(&["preview", "--payee", &id_s]);
+    assert!(!preview.contains("-0"), "{preview}");
+}

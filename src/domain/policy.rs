@@ -419,6 +419,9 @@ fn pct(p: Decimal) -> String {
 
 fn at_scale(mut d: Decimal, exp: u32) -> Decimal {
     d.rescale(exp);
+    if d.is_zero() {
+        d.set_sign_positive(true); // never "-0.00"
+    }
     d
 }
 
