@@ -107,6 +107,9 @@ pub struct SettleArgs {
     /// Only this payee; a payee on a manual schedule is settled (its period closed now) only this way.
     #[arg(long)]
     pub payee: Option<i64>,
+    /// A line per settled period (default: the summary only; --json for scripts).
+    #[arg(long)]
+    pub verbose: bool,
 }
 
 /// `payoutctl preview`.
@@ -392,11 +395,13 @@ pub async fn settle(
         payee: args.payee,
         actor: actor.to_string(),
     };
+    let started = std::time::Instant::now();
     let report = settlement::run(pool, &policy, now, &opts).await?;
+    let took = started.elapsed();
     if as_json {
         writeln!(out, "{}", serde_json::to_string(&report)?)?;
     } else {
-        for s in &report.settled {
+        for s in report.settled.iter().filter(|_| args.verbose) {
             let what = match s.payout_id {
                 Some(p) => format!("payout {p} of {} {}", s.net, s.currency),
                 None => format!(
@@ -419,13 +424,34 @@ pub async fn settle(
                 s.payee_id, s.currency, s.reason
             )?;
         }
+        // The summary: per currency, what the payouts made add up to.
+        let mut totals: std::collections::BTreeMap<&str, (usize, Decimal)> =
+            std::collections::BTreeMap::new();
+        for s in report.settled.iter().filter(|s| s.payout_id.is_some()) {
+            let t = totals.entry(s.currency.as_str()).or_default();
+            t.0 += 1;
+            t.1 += s.net;
+        }
+        let payees: std::collections::BTreeSet<i64> =
+            report.settled.iter().map(|s| s.payee_id).collect();
         writeln!(
             out,
-            "settled {} periods: {} payouts, {} carried over; {} already settled",
+            "settled {} periods: {} payouts, {} carried over; {} already settled; {} not yet due",
             report.settled.len(),
             report.payouts(),
             report.settled.len() - report.payouts(),
-            report.already_settled
+            report.already_settled,
+            report.not_due
+        )?;
+        for (currency, (n, sum)) in &totals {
+            writeln!(out, "  {currency}: {n} payouts, {sum} {currency}")?;
+        }
+        writeln!(
+            out,
+            "  {} payees in {:.1} s ({:.0} payees/s)",
+            payees.len(),
+            took.as_secs_f64(),
+            payees.len() as f64 / took.as_secs_f64().max(1e-9)
         )?;
     }
     let errors: Vec<&settlement::Skipped> = report.skipped.iter().filter(|s| s.error).collect();

@@ -76,7 +76,6 @@ async fn settle_as(pool: &PgPool, now: DateTime<Utc>, payee: Option<i64>) -> set
         &Options {
             payee,
             actor: ACTOR.into(),
-            ..Default::default()
         },
     )
     .await
