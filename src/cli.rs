@@ -492,6 +492,15 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
             due,
         } => {
             let money = Money::parse(&amount, &currency)?;
+            // Only currencies the policy pays, up to its maximum payout.
+            let policy = settings.policy.load()?;
+            let cur = money.currency();
+            if policy.minimum(cur).is_none() {
+                bail!("currency: {cur} is not paid out by the policy (no minimum_payout.{cur})");
+            }
+            if let Some(max) = policy.maximum_payout(cur).filter(|m| money.amount() > *m) {
+                bail!("amount: {money} is over the policy's maximum payout of {max} {cur}");
+            }
             let due_at = parse_due(&due, clock.now())?;
             let payee_row = payees::get(&pool, payee)
                 .await?
@@ -499,7 +508,9 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
             if payee_row.status != "active" {
                 bail!("payee {payee} is {}", payee_row.status);
             }
-            let p = payouts::create(&pool, payee, money, due_at, &actor, clock.now()).await?;
+            let p = payouts::create(&pool, payee, money, due_at, &actor, clock.now())
+                .await?
+                .with_currency_scale();
             if cli.json {
                 writeln!(out, "{}", serde_json::to_string(&p)?)?;
             } else {
@@ -551,18 +562,20 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
             let p = payouts::get(&pool, id)
                 .await?
                 .with_context(|| format!("payout {id} not found"))?;
+            let p = p.with_currency_scale();
             let history = events::for_payout(&pool, id).await?;
+            let lines = crate::db::settlements::lines_for_payout(&pool, id).await?;
             if cli.json {
-                writeln!(out, "{}", json!({"payout": p, "events": history}))?;
+                writeln!(
+                    out,
+                    "{}",
+                    json!({"payout": p, "events": history, "lines": lines})
+                )?;
             } else {
                 writeln!(
                     out,
                     "payout {}  {}  {} {}  payee {}",
-                    p.id,
-                    p.status,
-                    p.amount.normalize(),
-                    p.currency,
-                    p.payee_id
+                    p.id, p.status, p.amount, p.currency, p.payee_id
                 )?;
                 writeln!(
                     out,
@@ -584,6 +597,16 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
                     .filter(|_| p.status == PayoutStatus::Retrying)
                 {
                     writeln!(out, "  next attempt {}", next.to_rfc3339())?;
+                }
+                if !lines.is_empty() {
+                    writeln!(out, "  lines:")?;
+                    for l in &lines {
+                        writeln!(
+                            out,
+                            "    {:>14}  {:<12} {}",
+                            l.amount, l.kind, l.description
+                        )?;
+                    }
                 }
                 writeln!(out, "  history:")?;
                 for e in history {
@@ -613,7 +636,12 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
                 limit,
                 before_id: before,
             };
-            let rows = crate::db::filter::page(&pool, &req).await?.items;
+            let rows: Vec<_> = crate::db::filter::page(&pool, &req)
+                .await?
+                .items
+                .into_iter()
+                .map(|p| p.with_currency_scale())
+                .collect();
             if cli.json {
                 writeln!(out, "{}", serde_json::to_string(&rows)?)?;
             } else {
@@ -716,8 +744,16 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
             }
         }
         Command::Earnings(cmd) => {
-            crate::cli_money::run_earnings(&pool, &settings, cmd, cli.json, clock.now(), out)
-                .await?
+            crate::cli_money::run_earnings(
+                &pool,
+                &settings,
+                cmd,
+                cli.json,
+                &actor,
+                clock.now(),
+                out,
+            )
+            .await?
         }
         Command::Settle(args) => {
             crate::cli_money::settle(&pool, &settings, args, cli.json, &actor, clock.now(), out)
@@ -727,7 +763,7 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
             crate::cli_money::preview(&pool, &settings, args, cli.json, clock.now(), out).await?
         }
         Command::Payee(PayeeCommand::Set(args)) => {
-            crate::cli_money::payee_set(&pool, args, cli.json, out).await?
+            crate::cli_money::payee_set(&pool, &settings, args, cli.json, clock.now(), out).await?
         }
         Command::Payee(PayeeCommand::Deduction(args)) => {
             crate::cli_money::payee_deduction(&pool, args, cli.json, clock.now(), out).await?

@@ -17,7 +17,7 @@ use crate::{
     config::Settings,
     db::{earnings, payee_terms},
     domain::{
-        Money, PayoutMethod, Schedule,
+        Currency, Money, PayoutMethod, Schedule,
         earning::{FileFormat, RawEarning},
         policy::{LineKind, Outcome, Settlement},
     },
@@ -73,6 +73,13 @@ pub struct PayeeSet {
     /// standard | instant | bank_transfer.
     #[arg(long)]
     pub method: Option<String>,
+    /// The payee's own minimum payout (e.g. 50.00), at or above the
+    /// policy's minimum for the currency; `default` removes it.
+    #[arg(long)]
+    pub minimum: Option<String>,
+    /// The currency of --minimum.
+    #[arg(long, default_value = "USD")]
+    pub currency: String,
 }
 
 /// `payoutctl payee deduction`.
@@ -100,6 +107,9 @@ pub struct SettleArgs {
     /// Only this payee; a payee on a manual schedule is settled (its period closed now) only this way.
     #[arg(long)]
     pub payee: Option<i64>,
+    /// A line per settled period (default: the summary only; --json for scripts).
+    #[arg(long)]
+    pub verbose: bool,
 }
 
 /// `payoutctl preview`.
@@ -116,6 +126,7 @@ pub async fn run_earnings(
     settings: &Settings,
     cmd: EarningsCommand,
     as_json: bool,
+    actor: &str,
     now: DateTime<Utc>,
     out: &mut (dyn Write + Send),
 ) -> anyhow::Result<()> {
@@ -137,12 +148,16 @@ pub async fn run_earnings(
                 currency,
                 completed_at,
             };
-            let e = raw.validate(&policy, now)?;
+            let e = raw.validate(&policy, now).inspect_err(|e| {
+                crate::metrics::EARNINGS_REFUSED
+                    .with_label_values(&[earnings::refused_label(&e.field)])
+                    .inc();
+            })?;
             let mut conn = pool.acquire().await?;
             if payee_terms::existing(&mut conn, &[payee]).await?.is_empty() {
                 bail!("payee_id: payee {payee} not found");
             }
-            let recorded = earnings::record(&mut conn, &e, now)
+            let recorded = earnings::record(&mut conn, &e, actor, now)
                 .await
                 .context("failed to record the earning")?;
             if let Some(err) = recorded.conflict_error() {
@@ -187,7 +202,7 @@ pub async fn run_earnings(
             let rows = format
                 .parse(&text)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-            let report = earnings::import(pool, rows, &policy, now, atomic).await?;
+            let report = earnings::import(pool, rows, &policy, actor, now, atomic).await?;
             if as_json {
                 writeln!(out, "{}", serde_json::to_string(&report)?)?;
             } else {
@@ -234,10 +249,48 @@ pub async fn run_earnings(
 /// `payoutctl payee set`.
 pub async fn payee_set(
     pool: &PgPool,
+    settings: &Settings,
     args: PayeeSet,
     as_json: bool,
+    now: DateTime<Utc>,
     out: &mut (dyn Write + Send),
 ) -> anyhow::Result<()> {
+    if let Some(min) = args.minimum.as_deref() {
+        let code = args.currency.trim().to_ascii_uppercase();
+        let currency: Currency = code.parse().map_err(|e| anyhow::anyhow!("currency: {e}"))?;
+        let amount = if min == "default" {
+            None
+        } else {
+            let policy = settings.policy.load()?;
+            let m = Money::parse(min, &code).map_err(|e| anyhow::anyhow!("minimum_payout: {e}"))?;
+            policy.check_payee_minimum(m.amount(), currency)?;
+            Some(m)
+        };
+        if payee_terms::get(&mut *pool.acquire().await?, args.id)
+            .await?
+            .is_none()
+        {
+            bail!("payee {} not found", args.id);
+        }
+        payee_terms::set_minimum(pool, args.id, currency, amount, now).await?;
+        if args.schedule.is_none() && args.method.is_none() {
+            let shown = amount.map_or_else(|| "the policy's".to_string(), |m| m.to_string());
+            if as_json {
+                writeln!(
+                    out,
+                    "{}",
+                    json!({"payee_id": args.id, "currency": currency.code(), "minimum_payout": amount.map(|m| earnings::at_minor_unit(&m).to_string())})
+                )?;
+            } else {
+                writeln!(
+                    out,
+                    "payee {}: minimum payout {shown} in {currency}",
+                    args.id
+                )?;
+            }
+            return Ok(());
+        }
+    }
     let schedule = match args.schedule.as_deref() {
         None => None,
         Some("default") => Some(None),
@@ -250,7 +303,7 @@ pub async fn payee_set(
         .transpose()
         .map_err(anyhow::Error::msg)?;
     if schedule.is_none() && method.is_none() {
-        bail!("nothing to set: give --schedule and/or --method");
+        bail!("nothing to set: give --schedule, --method and/or --minimum");
     }
     let terms = payee_terms::set(pool, args.id, schedule, method)
         .await?
@@ -342,11 +395,13 @@ pub async fn settle(
         payee: args.payee,
         actor: actor.to_string(),
     };
+    let started = std::time::Instant::now();
     let report = settlement::run(pool, &policy, now, &opts).await?;
+    let took = started.elapsed();
     if as_json {
         writeln!(out, "{}", serde_json::to_string(&report)?)?;
     } else {
-        for s in &report.settled {
+        for s in report.settled.iter().filter(|_| args.verbose) {
             let what = match s.payout_id {
                 Some(p) => format!("payout {p} of {} {}", s.net, s.currency),
                 None => format!(
@@ -369,13 +424,34 @@ pub async fn settle(
                 s.payee_id, s.currency, s.reason
             )?;
         }
+        // The summary: per currency, what the payouts made add up to.
+        let mut totals: std::collections::BTreeMap<&str, (usize, Decimal)> =
+            std::collections::BTreeMap::new();
+        for s in report.settled.iter().filter(|s| s.payout_id.is_some()) {
+            let t = totals.entry(s.currency.as_str()).or_default();
+            t.0 += 1;
+            t.1 += s.net;
+        }
+        let payees: std::collections::BTreeSet<i64> =
+            report.settled.iter().map(|s| s.payee_id).collect();
         writeln!(
             out,
-            "settled {} periods: {} payouts, {} carried over; {} already settled",
+            "settled {} periods: {} payouts, {} carried over; {} already settled; {} not yet due",
             report.settled.len(),
             report.payouts(),
             report.settled.len() - report.payouts(),
-            report.already_settled
+            report.already_settled,
+            report.not_due
+        )?;
+        for (currency, (n, sum)) in &totals {
+            writeln!(out, "  {currency}: {n} payouts, {sum} {currency}")?;
+        }
+        writeln!(
+            out,
+            "  {} payees in {:.1} s ({:.0} payees/s)",
+            payees.len(),
+            took.as_secs_f64(),
+            payees.len() as f64 / took.as_secs_f64().max(1e-9)
         )?;
     }
     let errors: Vec<&settlement::Skipped> = report.skipped.iter().filter(|s| s.error).collect();
@@ -395,8 +471,16 @@ fn signed(d: Decimal) -> String {
     if d < Decimal::ZERO {
         format!("- {}", -d)
     } else {
-        format!("+ {d}")
+        format!("+ {}", unsigned_zero(d))
     }
+}
+
+/// `0.00`, never `-0.00`.
+fn unsigned_zero(mut d: Decimal) -> Decimal {
+    if d.is_zero() {
+        d.set_sign_positive(true);
+    }
+    d
 }
 
 fn print_settlement(out: &mut (dyn Write + Send), s: &Settlement) -> std::io::Result<()> {
@@ -424,19 +508,19 @@ fn print_settlement(out: &mut (dyn Write + Send), s: &Settlement) -> std::io::Re
         Outcome::Payout => writeln!(
             out,
             "  {:>16}  payout ({})",
-            format!("= {}", s.net),
+            format!("= {}", unsigned_zero(s.net)),
             s.method
         ),
         Outcome::BelowMinimum { minimum } => writeln!(
             out,
             "  {:>16}  below the minimum payout {minimum} {}: no payout, no fee; carried over",
-            format!("= {}", s.net),
+            format!("= {}", unsigned_zero(s.net)),
             s.currency
         ),
         Outcome::Shortfall => writeln!(
             out,
             "  {:>16}  deductions exceed the share: no payout; the shortfall carries over",
-            format!("= {}", s.net)
+            format!("= {}", unsigned_zero(s.net))
         ),
     }
 }
@@ -461,9 +545,16 @@ pub async fn preview(
         "payee {}  schedule {}  payout method {}",
         p.payee_id, p.schedule, p.method
     )?;
+    // The period the next run will really settle (the first one not yet
+    // settled that holds payable work), closed already when a run is overdue.
     writeln!(
         out,
-        "open period {} (preview: nothing is written)",
+        "{} period {} (preview: nothing is written)",
+        if p.closed {
+            "closed, not yet settled:"
+        } else {
+            "open"
+        },
         p.period
     )?;
     if p.settlements.is_empty() {

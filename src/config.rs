@@ -138,8 +138,13 @@ pub struct ProducerSettings {
     pub gauges_every_secs: u64,
     /// Address of `/health`, `/health/ready` and `/metrics`.
     pub listen: SocketAddr,
-    /// Run a settlement pass (earnings -> payouts, `crate::settlement`) on every tick.
+    /// Run settlement (earnings -> payouts, `crate::settlement`) in the
+    /// leading producer, on its tick (on by default: otherwise earnings never
+    /// become payouts).
     pub settle_on_tick: bool,
+    /// The settlement interval: at most one settlement pass every this many
+    /// seconds, whichever replica leads (recorded in Postgres).
+    pub settle_every_secs: u64,
     /// The policy that pass applies: loaded from `[policy]` at load when
     /// `settle_on_tick` is on (not a key of its own).
     #[serde(skip)]
@@ -369,7 +374,7 @@ impl Settings {
 
     /// Checks ranges; the error names the bad key.
     pub fn validate(&self) -> anyhow::Result<()> {
-        let checks: [(bool, &str); 21] = [
+        let checks: [(bool, &str); 22] = [
             (
                 self.database.max_connections >= 1,
                 "database.max_connections must be >= 1",
@@ -387,6 +392,10 @@ impl Settings {
                 "producer.batch_size must be >= 1",
             ),
             (self.producer.window >= 1, "producer.window must be >= 1"),
+            (
+                self.producer.settle_every_secs >= 1,
+                "producer.settle_every_secs must be >= 1",
+            ),
             (
                 self.producer.window <= 5000,
                 "producer.window must be <= 5000 (apalis-redis fails to fetch ~8,000 due jobs at once)",

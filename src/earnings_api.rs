@@ -2,7 +2,11 @@
 //! (source, external_ref): `201` when recorded, `200` when the same work was
 //! recorded before (nothing added), `409` when the reference is taken by
 //! different work, `422` naming the bad field, `400` when the body is not
-//! JSON. The same checks as `payoutctl earnings add`.
+//! JSON. The same checks as `payoutctl earnings add`, including the
+//! policy's per-currency maximum earning and completion-time horizon. Each
+//! refusal is counted (`payout_earnings_refused_total`, by field); who
+//! posted each earning (the caller's actor, `operator:NAME`) is stored with
+//! it and logged.
 //!
 //! A `Router` only: mounting it into a server binary belongs to the admin
 //! server (DESIGN.md `src/admin/`); tests serve it on port 0.
@@ -10,7 +14,7 @@
 use std::sync::Arc;
 
 use axum::{
-    Json, Router,
+    Extension, Json, Router,
     body::Bytes,
     extract::State,
     http::StatusCode,
@@ -21,9 +25,11 @@ use serde_json::json;
 use sqlx::PgPool;
 
 use crate::{
+    admin::auth::Caller,
     clock::SharedClock,
     db::{earnings, payee_terms},
     domain::{Policy, earning::FieldError, earning::RawEarning},
+    metrics,
 };
 
 /// What the endpoint needs.
@@ -45,6 +51,9 @@ pub fn router(api: EarningsApi) -> Router {
 }
 
 fn unprocessable(e: FieldError) -> Response {
+    metrics::EARNINGS_REFUSED
+        .with_label_values(&[earnings::refused_label(&e.field)])
+        .inc();
     (
         StatusCode::UNPROCESSABLE_ENTITY,
         Json(json!({"error": e.to_string(), "field": e.field})),
@@ -61,7 +70,15 @@ fn internal(e: sqlx::Error) -> Response {
         .into_response()
 }
 
-async fn post_earning(State(api): State<EarningsApi>, body: Bytes) -> Response {
+async fn post_earning(
+    State(api): State<EarningsApi>,
+    caller: Option<Extension<Caller>>,
+    body: Bytes,
+) -> Response {
+    // Who posts is recorded with the earning and logged (the admin server
+    // authenticates every request to this router; `unknown` only in tests
+    // that serve the router bare).
+    let actor = caller.map_or_else(|| "unknown".to_string(), |Extension(c)| c.actor());
     let value: serde_json::Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => {
@@ -92,11 +109,24 @@ async fn post_earning(State(api): State<EarningsApi>, body: Bytes) -> Response {
         Ok(_) => {}
         Err(e) => return internal(e),
     }
-    let recorded = match earnings::record(&mut conn, &earning, now).await {
+    let recorded = match earnings::record(&mut conn, &earning, &actor, now).await {
         Ok(r) => r,
         Err(e) => return internal(e),
     };
+    if let earnings::Recorded::Created(row) = &recorded {
+        tracing::info!(
+            earning = row.id,
+            payee = row.payee_id,
+            gross = %row.gross,
+            currency = %row.currency,
+            actor = %actor,
+            "earning recorded"
+        );
+    }
     if let Some(e) = recorded.conflict_error() {
+        metrics::EARNINGS_REFUSED
+            .with_label_values(&[earnings::refused_label(&e.field)])
+            .inc();
         return (
             StatusCode::CONFLICT,
             Json(json!({"error": e.to_string(), "field": e.field})),

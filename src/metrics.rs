@@ -268,6 +268,34 @@ pub static ADMIN_ACTIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
         &["action", "result"],
     )
 });
+/// (payee, currency) a settlement run could not settle because of an error
+/// (a policy that does not cover it, an amount over the policy's maximum, a
+/// database error); the others are settled all the same. Alert:
+/// PayoutSettlementErrors; panel: settlement.
+pub static SETTLEMENT_ERRORS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "payout_settlement_errors_total",
+        "Payee-currency settlements that failed with an error (the rest of the run went on)",
+    )
+});
+/// Periods settled by a settlement run, by outcome (`payout`,
+/// `below_minimum`, `shortfall`). Panel: settlement.
+pub static SETTLEMENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "payout_settlements_total",
+        "Periods settled, by outcome",
+        &["outcome"],
+    )
+});
+/// Earnings refused at intake (HTTP, CLI, import), by the field named.
+/// Panel: settlement (bad input from the platform).
+pub static EARNINGS_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "payout_earnings_refused_total",
+        "Earnings refused at intake, by the field named",
+        &["field"],
+    )
+});
 
 /// Connections the admin listener closed at once because `admin.max_connections`
 /// were open. Panel: admin; a steady rate is a flood or a leak.
@@ -319,6 +347,9 @@ pub fn init() {
     LazyLock::force(&ADMIN_REFUSED);
     LazyLock::force(&HTTP_CONNECTIONS_REFUSED);
     LazyLock::force(&ADMIN_ACTIONS);
+    LazyLock::force(&SETTLEMENT_ERRORS);
+    LazyLock::force(&SETTLEMENTS);
+    LazyLock::force(&EARNINGS_REFUSED);
     // Labelled series exist from the start at 0, so increase() sees their first event.
     let zero = |c: &IntCounterVec, labels: &[&str]| {
         for l in labels {
@@ -330,6 +361,20 @@ pub fn init() {
         &["paid", "in_transit", "retrying", "failed", "held"],
     );
     zero(&DEAD_LETTERS, &["permanent", "exhausted"]);
+    zero(&SETTLEMENTS, &["payout", "below_minimum", "shortfall"]);
+    zero(
+        &EARNINGS_REFUSED,
+        &[
+            "payee_id",
+            "source",
+            "external_ref",
+            "gross",
+            "currency",
+            "completed_at",
+            "body",
+            "other",
+        ],
+    );
     for action in ["retry", "cancel", "enqueue", "bulk_retry"] {
         for result in ["ok", "conflict", "not_found"] {
             ADMIN_ACTIONS.with_label_values(&[action, result]);

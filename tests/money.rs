@@ -297,7 +297,10 @@ async fn earn(
         release_at: policy().release_at(completed_at),
     };
     let mut conn = pool.acquire().await.unwrap();
-    match earnings::record(&mut conn, &e, completed_at).await.unwrap() {
+    match earnings::record(&mut conn, &e, "operator:test", completed_at)
+        .await
+        .unwrap()
+    {
         earnings::Recorded::Created(row) => row.id,
         other => panic!("{other:?}"),
     }
@@ -368,9 +371,10 @@ async fn the_worked_example_settles_into_one_667_25_payout_whose_lines_sum_to_it
 
     assert_eq!(report.settled.len(), 1);
     let s = &report.settled[0];
+    // Released 11-12: the work belongs to the week 11-06 .. 11-13, whenever it is settled.
     assert_eq!(
         (s.period.start, s.period.end),
-        (at("2026-11-13T00:00:00Z"), at("2026-11-20T00:00:00Z"))
+        (at("2026-11-06T00:00:00Z"), at("2026-11-13T00:00:00Z"))
     );
     assert_eq!(s.net, dec("667.25"));
     let payout = payout_repo::get(pool, s.payout_id.unwrap())
@@ -866,12 +870,12 @@ async fn an_import_reports_bad_rows_by_line_and_records_the_good_ones_once() {
     payee(pool, "acct_2").await;
     let text = include_str!("fixtures/earnings.csv");
     let rows = || FileFormat::Csv.parse(text).unwrap();
-    let now = Utc::now();
+    let now = at("2026-11-20T00:00:00Z");
 
-    let report = earnings::import(pool, rows(), &policy(), now, false)
+    let report = earnings::import(pool, rows(), &policy(), "operator:test", now, false)
         .await
         .unwrap();
-    let again = earnings::import(pool, rows(), &policy(), now, false)
+    let again = earnings::import(pool, rows(), &policy(), "operator:test", now, false)
         .await
         .unwrap();
 
@@ -911,9 +915,16 @@ async fn an_atomic_import_with_one_bad_row_writes_nothing() {
         .parse(include_str!("fixtures/earnings.jsonl"))
         .unwrap();
 
-    let report = earnings::import(pool, rows.clone(), &policy(), Utc::now(), true)
-        .await
-        .unwrap();
+    let report = earnings::import(
+        pool,
+        rows.clone(),
+        &policy(),
+        "operator:test",
+        at("2026-11-20T00:00:00Z"),
+        true,
+    )
+    .await
+    .unwrap();
 
     assert!(!report.committed);
     assert_eq!(
@@ -925,9 +936,16 @@ async fn an_atomic_import_with_one_bad_row_writes_nothing() {
         vec![(2, "gross"), (4, "row")]
     );
     assert_eq!(count(pool, "earnings").await, 0);
-    let partial = earnings::import(pool, rows, &policy(), Utc::now(), false)
-        .await
-        .unwrap();
+    let partial = earnings::import(
+        pool,
+        rows,
+        &policy(),
+        "operator:test",
+        at("2026-11-20T00:00:00Z"),
+        false,
+    )
+    .await
+    .unwrap();
     assert_eq!(partial.created, 2);
 }
 
@@ -942,9 +960,16 @@ async fn a_reference_taken_by_different_work_is_refused_and_an_atomic_import_rol
     );
     let rows = FileFormat::Csv.parse(&text).unwrap();
 
-    let report = earnings::import(pool, rows, &policy(), Utc::now(), true)
-        .await
-        .unwrap();
+    let report = earnings::import(
+        pool,
+        rows,
+        &policy(),
+        "operator:test",
+        at("2026-11-20T00:00:00Z"),
+        true,
+    )
+    .await
+    .unwrap();
 
     assert_eq!(report.rejected[0].line, 3);
     assert_eq!(report.rejected[0].field, "external_ref");
@@ -959,7 +984,7 @@ async fn the_earnings_endpoint_answers_201_then_200_and_names_the_bad_field() {
     let api = EarningsApi {
         pool: db.pool.clone(),
         policy: Arc::new(policy()),
-        clock: payouts::clock::system(),
+        clock: FakeClock::new(at("2026-11-20T12:00:00Z")),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/v1/earnings", listener.local_addr().unwrap());
@@ -999,7 +1024,14 @@ async fn the_earnings_endpoint_answers_201_then_200_and_names_the_bad_field() {
         ("currency", json!("XYZ")),
         ("payee_id", json!(999_999)),
         ("completed_at", json!("yesterday")),
+        // over the policy's maximum earning: no unpayable balance
+        ("gross", json!("92000000000000000.00")),
+        // older than the policy's horizon (90 days): not payable at once
+        ("completed_at", json!("0001-01-01T00:00:00Z")),
     ];
+    let refused_before = payouts::metrics::EARNINGS_REFUSED
+        .with_label_values(&["gross"])
+        .get();
     for (field, value) in cases {
         let mut body = good.clone();
         body["external_ref"] = json!(unique("bad"));
@@ -1020,6 +1052,13 @@ async fn the_earnings_endpoint_answers_201_then_200_and_names_the_bad_field() {
         count(&db.pool, "earnings").await,
         1,
         "bad input wrote nothing"
+    );
+    assert!(
+        payouts::metrics::EARNINGS_REFUSED
+            .with_label_values(&["gross"])
+            .get()
+            >= refused_before + 4,
+        "each refusal is counted by field"
     );
     server.abort();
 }
@@ -1065,9 +1104,14 @@ async fn jpy_and_bhd_payouts_reach_the_gateway_in_their_minor_units() {
 }
 
 #[tokio::test]
-async fn the_producer_settles_on_its_tick_only_when_enabled() {
+async fn the_producer_settles_on_its_interval_by_default_and_not_when_disabled() {
     let clock = FakeClock::new(Utc::now());
-    let off = Fleet::start_with(Faults::default(), &[], clock.clone()).await;
+    let off = Fleet::start_with(
+        Faults::default(),
+        &[("PAYOUTS_PRODUCER__SETTLE_ON_TICK", "false")],
+        clock.clone(),
+    )
+    .await;
     let on = Fleet::start_with(
         Faults::default(),
         &[("PAYOUTS_PRODUCER__SETTLE_ON_TICK", "true")],
@@ -1096,6 +1140,23 @@ async fn the_producer_settles_on_its_tick_only_when_enabled() {
         1,
         "the next tick adds nothing"
     );
+    // A week later (interval passed): the next period's work is settled.
+    let p = sqlx::query_scalar::<_, i64>("SELECT id FROM payees LIMIT 1")
+        .fetch_one(on.pool())
+        .await
+        .unwrap();
+    earn(
+        on.pool(),
+        p,
+        "B-2",
+        "100.00",
+        "USD",
+        clock.now() - Duration::days(7),
+    )
+    .await;
+    clock.advance(Duration::days(7));
+    on.producer().tick().await.unwrap();
+    assert_eq!(count(on.pool(), "payouts").await, 2);
 }
 
 // ----------------------------------------------------------------- CLI ----
@@ -1169,7 +1230,15 @@ async fn payoutctl_records_imports_previews_and_settles_earnings_and_refuses_bad
         "--completed-at",
         "2026-10-01T10:00:00Z",
     ];
-    assert_eq!(ctl.json(&add)["created"], true);
+    let first = ctl.json(&add);
+    assert_eq!(first["created"], true);
+    assert!(
+        first["earning"]["posted_by"]
+            .as_str()
+            .unwrap()
+            .starts_with("operator:"),
+        "who posted it is recorded: {first}"
+    );
     assert_eq!(ctl.json(&add)["created"], false);
     assert!(ctl.ok(&add).contains("already recorded: nothing added"));
 
@@ -1229,28 +1298,32 @@ async fn payoutctl_records_imports_previews_and_settles_earnings_and_refuses_bad
     assert_eq!(report["created"], 2);
     assert_eq!(counts(&ctl).await[0], 8);
 
-    // preview: line by line, nothing written
+    // preview: line by line, nothing written; the period it will really
+    // settle: the week of the first release (10-02 .. 10-09), whose three
+    // services are released by its end (the other two, on 10-09, are next week's).
     let before = counts(&ctl).await;
     let preview = ctl.ok(&["preview", "--payee", "1"]);
     for text in [
+        "2026-10-02T00:00Z .. 2026-10-09T00:00Z",
         "booking/B-1",
-        "- 199.73  platform commission 30%",
+        "- 96.15  platform commission 30%",
         "- 50.00  booth rent",
-        "- 1.91  standard payout fee 0.25% of 665.75 + 0.25",
-        "= 414.11  payout",
+        "- 1.05  standard payout fee 0.25% of 320.50 + 0.25",
+        "= 173.30  payout",
     ] {
         assert!(preview.contains(text), "{text} in:\n{preview}");
     }
     let preview_json = ctl.json(&["preview", "--payee", "1"]);
-    assert_eq!(preview_json["settlements"][0]["net"], "414.11");
+    assert_eq!(preview_json["settlements"][0]["net"], "173.30");
     assert_eq!(counts(&ctl).await, before, "preview wrote nothing");
     assert!(
         ctl.fails(&["preview", "--payee", "999"])
             .contains("payee 999 not found")
     );
 
-    // settle: payee 1 USD 665.75 gross, 5 services -> 70% = 466.025 -> 466.02 (half even)
-    // - 50.00 rent - (1.664375 -> 1.66 + 0.25) = 414.11;
+    // settle, week by week: payee 1 USD 320.50 in the week of 10-02 -> 173.30
+    // (above); 345.25 in the week of 10-09 -> 70% = 241.675 -> 241.68 (half even)
+    // - 50.00 rent - (0.863125 -> 0.86 + 0.25) = 190.57;
     // payee 2: EUR 69.99 - 0.50 = 69.49 paid; JPY 1050 and BHD 8.642 below the minimum.
     let settled = ctl.json(&["settle"]);
     let mut got: Vec<(i64, String, String, String)> = settled["settled"]
@@ -1272,14 +1345,15 @@ async fn payoutctl_records_imports_previews_and_settles_earnings_and_refuses_bad
     assert_eq!(
         got,
         vec![
-            expect(1, "USD", "payout", "414.11"),
+            expect(1, "USD", "payout", "173.30"),
+            expect(1, "USD", "payout", "190.57"),
             expect(2, "BHD", "below_minimum", "8.642"),
             expect(2, "EUR", "payout", "69.49"),
             expect(2, "JPY", "below_minimum", "1050"),
         ]
     );
     let payouts_after = counts(&ctl).await[1];
-    assert_eq!(payouts_after, 2);
+    assert_eq!(payouts_after, 3);
     let again = ctl.ok(&["settle"]);
     assert!(again.contains("settled 0 periods: 0 payouts"), "{again}");
     assert_eq!(counts(&ctl).await[1], payouts_after);
@@ -1289,7 +1363,7 @@ async fn payoutctl_records_imports_previews_and_settles_earnings_and_refuses_bad
     );
     // The payout itself is an ordinary payout.
     let list = ctl.json(&["list", "--status", "pending"]);
-    assert_eq!(list.as_array().unwrap().len(), 2);
+    assert_eq!(list.as_array().unwrap().len(), 3);
 }
 
 #[tokio::test]

@@ -190,6 +190,8 @@ pub async fn payout(
             "source": source, "event_id": event_id, "type": event_type, "outcome": outcome, "received_at": at,
         })).collect::<Vec<_>>(),
         "actions": actions,
+        // A settlement payout's line items (empty for other payouts).
+        "lines": crate::db::settlements::lines_for_payout(&s.pool, id).await?,
     })))
 }
 

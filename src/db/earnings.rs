@@ -44,6 +44,8 @@ pub struct Earning {
     pub payout_id: Option<i64>,
     /// When it was recorded.
     pub created_at: DateTime<Utc>,
+    /// Who posted it (`operator:NAME`, `cli:USER`).
+    pub posted_by: String,
 }
 
 impl Earning {
@@ -99,16 +101,18 @@ impl Recorded {
     }
 }
 
-/// Records one earning, idempotently by (source, external_ref). The payee
-/// must exist (checked by the caller; the foreign key is the backstop).
+/// Records one earning, idempotently by (source, external_ref), with who
+/// posted it. The payee must exist (checked by the caller; the foreign key
+/// is the backstop).
 pub async fn record(
     conn: &mut PgConnection,
     e: &NewEarning,
+    posted_by: &str,
     now: DateTime<Utc>,
 ) -> sqlx::Result<Recorded> {
     let created: Option<Earning> = sqlx::query_as(
-        "INSERT INTO earnings (payee_id, source, external_ref, gross, currency, completed_at, release_at, created_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+        "INSERT INTO earnings (payee_id, source, external_ref, gross, currency, completed_at, release_at, created_at, posted_by)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
          ON CONFLICT (source, external_ref) DO NOTHING RETURNING *",
     )
     .bind(e.payee_id)
@@ -119,6 +123,7 @@ pub async fn record(
     .bind(e.completed_at.trunc_subsecs(6))
     .bind(e.release_at.trunc_subsecs(6))
     .bind(now)
+    .bind(posted_by)
     .fetch_optional(&mut *conn)
     .await?;
     if let Some(row) = created {
@@ -153,6 +158,20 @@ pub struct Rejected {
     pub message: String,
 }
 
+/// The bounded `field` label of `payout_earnings_refused_total`.
+pub fn refused_label(field: &str) -> &'static str {
+    match field {
+        "payee_id" => "payee_id",
+        "source" => "source",
+        "external_ref" => "external_ref",
+        "gross" => "gross",
+        "currency" => "currency",
+        "completed_at" => "completed_at",
+        "body" | "row" => "body",
+        _ => "other",
+    }
+}
+
 /// What an import did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ImportReport {
@@ -177,6 +196,7 @@ pub async fn import(
     pool: &PgPool,
     rows: Vec<Row>,
     policy: &Policy,
+    posted_by: &str,
     now: DateTime<Utc>,
     atomic: bool,
 ) -> sqlx::Result<ImportReport> {
@@ -186,6 +206,9 @@ pub async fn import(
         ..Default::default()
     };
     let reject = |report: &mut ImportReport, line: usize, e: FieldError| {
+        crate::metrics::EARNINGS_REFUSED
+            .with_label_values(&[refused_label(&e.field)])
+            .inc();
         report.rejected.push(Rejected {
             line,
             field: e.field,
@@ -224,7 +247,7 @@ pub async fn import(
         return Ok(report);
     }
     for (line, e) in &good {
-        let recorded = record(&mut tx, e, now).await?;
+        let recorded = record(&mut tx, e, posted_by, now).await?;
         if let Some(err) = recorded.conflict_error() {
             reject(&mut report, *line, err);
             continue;
@@ -370,10 +393,10 @@ pub async fn seed_demo(
     now: DateTime<Utc>,
 ) -> sqlx::Result<u64> {
     let res = sqlx::query(
-        "INSERT INTO earnings (payee_id, source, external_ref, gross, currency, completed_at, release_at, created_at)
+        "INSERT INTO earnings (payee_id, source, external_ref, gross, currency, completed_at, release_at, created_at, posted_by)
          SELECT p, 'demo', 'demo-' || p || '-' || g || '-' || $7,
                 round((20 + (p * 7919 + g * 104729) % 180)::numeric + ((p * 31 + g * 17) % 100)::numeric / 100, $8),
-                $3, $4, $5, $6
+                $3, $4, $5, $6, 'demo'
          FROM unnest($1::bigint[]) p, generate_series(1, $2) g",
     )
     .bind(payee_ids)

@@ -353,6 +353,8 @@ pub async fn bulk_retry(
         .push(
             ", retry_base = p.attempt, next_attempt_at = NULL
              FROM pick WHERE p.id = pick.id AND p.status = 'failed' AND p.paid_at IS NULL
+               -- money returned to the payee's balance is paid by its next period, never by a retry
+               AND NOT EXISTS (SELECT 1 FROM settlements s WHERE s.payout_id = p.id AND s.outcome = 'returned')
              RETURNING p.id, p.attempt),
              ev AS (INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
                     SELECT id, 'failed', 'queued', ",

@@ -1,6 +1,6 @@
 //! A payee's settlement terms: its schedule and payout method (columns of
 //! `payees` added for settlement) and its agreed deductions
-//! (`payee_deductions`). Kept apart from `payees.rs` so the payout core does
+//! (`payee_deductions`) and own minimum payouts (`payee_minimums`). Kept apart from `payees.rs` so the payout core does
 //! not depend on settlement.
 
 use chrono::{DateTime, Utc};
@@ -173,4 +173,50 @@ pub async fn deductions(
     .bind(currency)
     .fetch_all(conn)
     .await
+}
+
+/// Sets (or with `None` removes) the payee's own minimum payout in
+/// `currency`; the caller has checked it against the policy.
+pub async fn set_minimum(
+    pool: &PgPool,
+    payee_id: i64,
+    currency: crate::domain::Currency,
+    amount: Option<Money>,
+    now: DateTime<Utc>,
+) -> sqlx::Result<()> {
+    match amount {
+        Some(m) => {
+            sqlx::query(
+                "INSERT INTO payee_minimums (payee_id, currency, amount, created_at) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (payee_id, currency) DO UPDATE SET amount = EXCLUDED.amount",
+            )
+            .bind(payee_id)
+            .bind(currency.code())
+            .bind(crate::db::earnings::at_minor_unit(&m))
+            .bind(now)
+            .execute(pool)
+            .await?;
+        }
+        None => {
+            sqlx::query("DELETE FROM payee_minimums WHERE payee_id = $1 AND currency = $2")
+                .bind(payee_id)
+                .bind(currency.code())
+                .execute(pool)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// The payee's own minimum payout in `currency`, if it has one.
+pub async fn minimum(
+    conn: &mut PgConnection,
+    payee_id: i64,
+    currency: &str,
+) -> sqlx::Result<Option<Decimal>> {
+    sqlx::query_scalar("SELECT amount FROM payee_minimums WHERE payee_id = $1 AND currency = $2")
+        .bind(payee_id)
+        .bind(currency)
+        .fetch_optional(conn)
+        .await
 }

@@ -655,6 +655,17 @@ pub async fn retry_because(
     lease_until: DateTime<Utc>,
     now: DateTime<Utc>,
 ) -> Result<PayoutStatus, ActionError> {
+    // A settlement payout whose money went back to the payee's balance
+    // (cancelled, or reversed after it was paid) is paid by the payee's next
+    // period; retrying it would pay twice (a trigger refuses it too).
+    if let Some(from) = crate::db::settlements::returned_status(pool, id).await? {
+        return Err(TransitionError {
+            id,
+            from,
+            to: PayoutStatus::Queued,
+        }
+        .into());
+    }
     let action = Action {
         from: &[PayoutStatus::Failed],
         to: PayoutStatus::Queued,

@@ -52,7 +52,8 @@ pub struct SettlementRow {
     pub fee: Decimal,
     /// The sum of the lines: the payout's amount or the balance carried over.
     pub net: Decimal,
-    /// `payout`, `below_minimum` or `shortfall`.
+    /// `payout`, `below_minimum`, `shortfall`, or `returned` (its payout was
+    /// cancelled or reversed; `net` is owed again).
     pub outcome: String,
     /// The payout made.
     pub payout_id: Option<i64>,
@@ -62,6 +63,8 @@ pub struct SettlementRow {
     pub actor: String,
     /// When.
     pub created_at: DateTime<Utc>,
+    /// When its payout was cancelled or reversed and the money returned.
+    pub returned_at: Option<DateTime<Utc>>,
 }
 
 /// A stored line item.
@@ -75,7 +78,8 @@ pub struct LineRow {
     pub payout_id: Option<i64>,
     /// Order within the settlement.
     pub position: i32,
-    /// `earning`, `commission`, `volume_bonus`, `deduction`, `carried_in`, `fee`.
+    /// `earning`, `commission`, `volume_bonus`, `deduction`, `carried_in`,
+    /// `fee`, `returned` (the fee refunded when the payout was cancelled or reversed).
     pub kind: String,
     /// Human text.
     pub description: String,
@@ -87,46 +91,86 @@ pub struct LineRow {
     pub carried_from: Option<i64>,
 }
 
-/// A (payee, currency) with released, unsettled earnings.
+/// A (payee, currency) with something payable: released, unsettled
+/// earnings, or a balance returned from a cancelled or reversed payout.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Candidate {
     /// The payee.
     pub payee_id: i64,
     /// The currency.
     pub currency: String,
-    /// Earliest release among its unsettled earnings.
-    pub first_release: DateTime<Utc>,
-    /// Earliest completion among them (a manual period starts there).
-    pub first_completed: DateTime<Utc>,
-    /// The end of its latest settled period, if any.
-    pub latest_end: Option<DateTime<Utc>>,
     /// The payee's own schedule (`None`: the policy's default).
     pub schedule: Option<String>,
     /// `active` or `suspended`.
     pub status: String,
 }
 
-/// Every (payee, currency) with unsettled earnings released before `now`
-/// (optionally of one payee), by payee: the settlement run's worklist.
+/// Every (payee, currency) with unsettled earnings released before `now` or
+/// a balance returned before `now` (optionally of one payee), by payee: the
+/// settlement run's worklist.
 pub async fn candidates(
     pool: &PgPool,
     now: DateTime<Utc>,
     payee: Option<i64>,
 ) -> sqlx::Result<Vec<Candidate>> {
     sqlx::query_as(
-        "SELECT e.payee_id, e.currency, min(e.release_at) AS first_release,
-                min(e.completed_at) AS first_completed,
-                (SELECT max(s.period_end) FROM settlements s
-                 WHERE s.payee_id = e.payee_id AND s.currency = e.currency) AS latest_end,
-                p.schedule, p.status
-         FROM earnings e JOIN payees p ON p.id = e.payee_id
-         WHERE e.settlement_id IS NULL AND e.release_at < $1 AND ($2::bigint IS NULL OR e.payee_id = $2)
-         GROUP BY e.payee_id, e.currency, p.schedule, p.status
-         ORDER BY e.payee_id, e.currency",
+        "SELECT c.payee_id, c.currency, p.schedule, p.status
+         FROM (SELECT DISTINCT payee_id, currency FROM earnings
+               WHERE settlement_id IS NULL AND release_at < $1 AND ($2::bigint IS NULL OR payee_id = $2)
+               UNION
+               SELECT payee_id, currency FROM settlements
+               WHERE outcome = 'returned' AND carried_into IS NULL AND returned_at < $1
+                 AND ($2::bigint IS NULL OR payee_id = $2)) c
+         JOIN payees p ON p.id = c.payee_id
+         ORDER BY c.payee_id, c.currency",
     )
     .bind(now)
     .bind(payee)
     .fetch_all(pool)
+    .await
+}
+
+/// When the payable things of (payee, currency) start: the earliest release
+/// of an unsettled earning or return of a balance, and the earliest
+/// completion of an unsettled earning (a first manual period starts there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
+pub struct Pending {
+    /// Earliest release of an unsettled earning.
+    pub first_release: Option<DateTime<Utc>>,
+    /// Earliest completion of an unsettled earning.
+    pub first_completed: Option<DateTime<Utc>>,
+    /// Earliest return of an open returned balance.
+    pub first_returned: Option<DateTime<Utc>>,
+}
+
+impl Pending {
+    /// The earliest time something became payable.
+    pub fn first(&self) -> Option<DateTime<Utc>> {
+        match (self.first_release, self.first_returned) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// See [`Pending`].
+pub async fn pending(
+    conn: &mut PgConnection,
+    payee_id: i64,
+    currency: &str,
+) -> sqlx::Result<Pending> {
+    sqlx::query_as(
+        "SELECT (SELECT min(release_at) FROM earnings
+                 WHERE payee_id = $1 AND currency = $2 AND settlement_id IS NULL) AS first_release,
+                (SELECT min(completed_at) FROM earnings
+                 WHERE payee_id = $1 AND currency = $2 AND settlement_id IS NULL) AS first_completed,
+                (SELECT min(returned_at) FROM settlements
+                 WHERE payee_id = $1 AND currency = $2 AND outcome = 'returned' AND carried_into IS NULL)
+                    AS first_returned",
+    )
+    .bind(payee_id)
+    .bind(currency)
+    .fetch_one(conn)
     .await
 }
 
@@ -145,11 +189,17 @@ pub async fn latest_end(
     .await
 }
 
-/// A balance carried over and not yet taken into a later settlement.
+/// A balance carried over (below the minimum, a shortfall, or returned
+/// from a cancelled or reversed payout) and not yet taken into a later
+/// settlement.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct OpenCarry {
     /// The settlement that carried it.
     pub id: i64,
+    /// `below_minimum`, `shortfall` or `returned`.
+    pub outcome: String,
+    /// The payout whose money was returned (for `returned`).
+    pub payout_id: Option<i64>,
     /// The balance.
     pub net: Decimal,
     /// Gross that has not borne a fee: its own plus what it carried in.
@@ -160,23 +210,27 @@ pub struct OpenCarry {
     pub period_end: DateTime<Utc>,
 }
 
-/// Open carried balances of (payee, currency), oldest first; with `lock`,
-/// locked until the transaction ends.
+/// Open carried balances of (payee, currency) that a period ending at
+/// `before` takes in (a returned balance only once it was returned before
+/// then), oldest first; with `lock`, locked until the transaction ends.
 pub async fn open_carries(
     conn: &mut PgConnection,
     payee_id: i64,
     currency: &str,
+    before: DateTime<Utc>,
     lock: bool,
 ) -> sqlx::Result<Vec<OpenCarry>> {
     let lock = if lock { " FOR UPDATE" } else { "" };
     sqlx::query_as(&format!(
-        "SELECT id, net, gross + carried_gross_in AS fee_base, period_start, period_end
+        "SELECT id, outcome, payout_id, net, gross + carried_gross_in AS fee_base, period_start, period_end
          FROM settlements
          WHERE payee_id = $1 AND currency = $2 AND outcome <> 'payout' AND carried_into IS NULL
+           AND (outcome <> 'returned' OR returned_at < $3)
          ORDER BY period_end, id{lock}"
     ))
     .bind(payee_id)
     .bind(currency)
+    .bind(before)
     .fetch_all(conn)
     .await
 }
@@ -198,8 +252,8 @@ pub struct NewSettlement<'a> {
     pub actor: &'a str,
 }
 
-/// Inserts the settlement and its lines; `None` (nothing written) when
-/// (payee, currency, period) is settled already.
+/// Inserts the settlement and its lines; `None` (nothing written) when a
+/// period starting there is settled already.
 pub async fn insert(
     conn: &mut PgConnection,
     n: &NewSettlement<'_>,
@@ -284,6 +338,49 @@ pub async fn consume_carries(conn: &mut PgConnection, ids: &[i64], into: i64) ->
     Ok(res.rows_affected())
 }
 
+/// Currencies in which the payee has a returned balance not yet carried on.
+pub async fn returned_currencies(
+    conn: &mut PgConnection,
+    payee_id: i64,
+) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar(
+        "SELECT DISTINCT currency FROM settlements
+         WHERE payee_id = $1 AND outcome = 'returned' AND carried_into IS NULL ORDER BY currency",
+    )
+    .bind(payee_id)
+    .fetch_all(conn)
+    .await
+}
+
+/// The line items of a payout (of the settlement that made it), in order.
+pub async fn lines_for_payout(pool: &PgPool, payout_id: i64) -> sqlx::Result<Vec<LineRow>> {
+    sqlx::query_as(
+        "SELECT l.* FROM payout_lines l JOIN settlements s ON s.id = l.settlement_id
+         WHERE s.payout_id = $1 ORDER BY l.position",
+    )
+    .bind(payout_id)
+    .fetch_all(pool)
+    .await
+}
+
+/// The status of `payout_id` when it is a settlement payout whose money was
+/// returned to the payee's balance (it must never be retried); `None` otherwise.
+pub async fn returned_status(
+    pool: &PgPool,
+    payout_id: i64,
+) -> sqlx::Result<Option<crate::domain::PayoutStatus>> {
+    let status: Option<String> = sqlx::query_scalar(
+        "SELECT p.status FROM payouts p JOIN settlements s ON s.payout_id = p.id
+         WHERE p.id = $1 AND s.outcome = 'returned'",
+    )
+    .bind(payout_id)
+    .fetch_optional(pool)
+    .await?;
+    status
+        .map(|s| s.parse().map_err(|e: String| sqlx::Error::Decode(e.into())))
+        .transpose()
+}
+
 /// One settlement.
 pub async fn get(pool: &PgPool, id: i64) -> sqlx::Result<Option<SettlementRow>> {
     sqlx::query_as("SELECT * FROM settlements WHERE id = $1")
@@ -298,4 +395,24 @@ pub async fn lines(pool: &PgPool, settlement_id: i64) -> sqlx::Result<Vec<LineRo
         .bind(settlement_id)
         .fetch_all(pool)
         .await
+}
+
+/// Claims the settlement interval: `true` (and records `now`) when no pass
+/// ran in the last `every_secs` seconds (or the clock went back), `false`
+/// otherwise. One conditional update, so two producers never both claim it.
+pub async fn claim_interval(
+    pool: &PgPool,
+    now: DateTime<Utc>,
+    every_secs: u64,
+) -> sqlx::Result<bool> {
+    let claimed: Option<bool> = sqlx::query_scalar(
+        "UPDATE settlement_clock SET last_run_at = $1
+         WHERE last_run_at IS NULL OR last_run_at <= $1 - make_interval(secs => $2) OR last_run_at > $1
+         RETURNING true",
+    )
+    .bind(now)
+    .bind(every_secs as f64)
+    .fetch_optional(pool)
+    .await?;
+    Ok(claimed.unwrap_or(false))
 }

@@ -119,6 +119,17 @@ impl RawEarning {
         }
         let gross = Money::parse(&self.gross, currency.code())
             .map_err(|e| field_err("gross", e.to_string()))?;
+        if let Some(max) = policy.maximum_earning(currency) {
+            if gross.amount() > max {
+                return Err(field_err(
+                    "gross",
+                    format!(
+                        "{} {currency} is over the policy's maximum earning of {max} {currency} (maximum_earning.{currency})",
+                        self.gross.trim()
+                    ),
+                ));
+            }
+        }
         let completed_at = match self.completed_at.as_deref().map(str::trim) {
             None | Some("") => now,
             Some(s) => DateTime::parse_from_rfc3339(s)
@@ -134,6 +145,17 @@ impl RawEarning {
             return Err(field_err(
                 "completed_at",
                 format!("{} is in the future", completed_at.to_rfc3339()),
+            ));
+        }
+        let horizon = now - chrono::Duration::days(i64::from(policy.earning_horizon_days));
+        if completed_at < horizon {
+            return Err(field_err(
+                "completed_at",
+                format!(
+                    "{} is more than {} days ago (the policy's earning_horizon_days)",
+                    completed_at.to_rfc3339(),
+                    policy.earning_horizon_days
+                ),
             ));
         }
         Ok(NewEarning {
@@ -420,6 +442,30 @@ mod tests {
                 ..raw("1", "USD")
             }),
             "completed_at"
+        );
+    }
+
+    #[test]
+    fn an_earning_over_the_maximum_or_older_than_the_horizon_is_refused_naming_the_field() {
+        let over = raw("90000000000000000.00", "USD")
+            .validate(&policy(), now())
+            .unwrap_err();
+        assert_eq!(over.field, "gross");
+        assert!(
+            over.message.contains("maximum earning of 10000.00 USD"),
+            "{over}"
+        );
+        assert!(raw("10000.00", "USD").validate(&policy(), now()).is_ok());
+        let ancient = RawEarning {
+            completed_at: Some("0001-01-01T00:00:00Z".into()),
+            ..raw("1", "USD")
+        }
+        .validate(&policy(), now())
+        .unwrap_err();
+        assert_eq!(ancient.field, "completed_at");
+        assert!(
+            ancient.message.contains("more than 90 days ago"),
+            "{ancient}"
         );
     }
 

@@ -187,6 +187,24 @@ pub struct Policy {
     /// below it the balance carries over to the next period.
     #[serde(deserialize_with = "exact_map")]
     pub minimum_payout: BTreeMap<String, Decimal>,
+    /// Per currency: the largest single earning accepted at intake, so bad
+    /// or malicious input cannot create an unpayable balance. A currency not
+    /// listed has no maximum.
+    #[serde(default, deserialize_with = "exact_map")]
+    pub maximum_earning: BTreeMap<String, Decimal>,
+    /// Per currency: the largest payout settlement makes; a period that
+    /// would pay more is not settled (an error, counted) until an operator
+    /// looks. A currency not listed has no maximum.
+    #[serde(default, deserialize_with = "exact_map")]
+    pub maximum_payout: BTreeMap<String, Decimal>,
+    /// Earnings completed more than this many days before they are posted
+    /// are refused (a mistyped year must not be payable at once).
+    #[serde(default = "default_horizon")]
+    pub earning_horizon_days: u32,
+}
+
+fn default_horizon() -> u32 {
+    90
 }
 
 /// Deserializes an exact decimal from a TOML string or integer; a float is
@@ -269,7 +287,7 @@ pub struct CarriedLine {
 pub struct SettlementInput {
     /// The currency of every amount here.
     pub currency: Currency,
-    /// The period's earnings (at least one).
+    /// The period's earnings (none only when a returned balance is carried in).
     pub earnings: Vec<EarningLine>,
     /// The payee's deductions in this currency.
     pub deductions: Vec<DeductionLine>,
@@ -401,6 +419,9 @@ fn pct(p: Decimal) -> String {
 
 fn at_scale(mut d: Decimal, exp: u32) -> Decimal {
     d.rescale(exp);
+    if d.is_zero() {
+        d.set_sign_positive(true); // never "-0.00"
+    }
     d
 }
 
@@ -475,6 +496,30 @@ impl Policy {
                 return Err(err(field, format!("must not be negative (got {min})")));
             }
             check_amount(&field, *min, c)?;
+        }
+        if !(1..=3650).contains(&self.earning_horizon_days) {
+            return Err(err("earning_horizon_days", "must be between 1 and 3650"));
+        }
+        for (name, map) in [
+            ("maximum_earning", &self.maximum_earning),
+            ("maximum_payout", &self.maximum_payout),
+        ] {
+            for (code, max) in map {
+                let field = format!("{name}.{code}");
+                let c = currency_of(name, code)?;
+                if *max <= Decimal::ZERO {
+                    return Err(err(field, format!("must be greater than 0 (got {max})")));
+                }
+                check_amount(&field, *max, c)?;
+                if name == "maximum_payout" {
+                    if let Some(min) = self.minimum_payout.get(code).filter(|m| *m > max) {
+                        return Err(err(
+                            field,
+                            format!("{max} is below minimum_payout.{code} ({min})"),
+                        ));
+                    }
+                }
+            }
         }
         let top_payee_percent = match &self.commission {
             Commission::Flat { platform_percent } => {
@@ -621,6 +666,44 @@ impl Policy {
         self.minimum_payout.get(currency.code()).copied()
     }
 
+    /// The largest single earning accepted in `currency`, if limited.
+    pub fn maximum_earning(&self, currency: Currency) -> Option<Decimal> {
+        self.maximum_earning.get(currency.code()).copied()
+    }
+
+    /// The largest payout in `currency`, if limited.
+    pub fn maximum_payout(&self, currency: Currency) -> Option<Decimal> {
+        self.maximum_payout.get(currency.code()).copied()
+    }
+
+    /// Checks a payee's own minimum payout: a payable currency, its scale,
+    /// at or above the policy's minimum (and at most its maximum payout).
+    pub fn check_payee_minimum(
+        &self,
+        amount: Decimal,
+        currency: Currency,
+    ) -> Result<(), PolicyError> {
+        let code = currency.code();
+        let field = "minimum_payout";
+        let Some(floor) = self.minimum(currency) else {
+            return Err(err(field, format!("the policy does not pay out {code}")));
+        };
+        check_amount(field, amount, currency)?;
+        if amount < floor {
+            return Err(err(
+                field,
+                format!("{amount} {code} is below the policy's minimum payout of {floor} {code}"),
+            ));
+        }
+        if let Some(max) = self.maximum_payout(currency).filter(|m| amount > *m) {
+            return Err(err(
+                field,
+                format!("{amount} {code} is above the policy's maximum payout of {max} {code}"),
+            ));
+        }
+        Ok(())
+    }
+
     /// Rounds `v` once to the minor unit of `currency`, with the policy's midpoint rule.
     pub fn round(&self, v: Decimal, currency: Currency) -> Decimal {
         at_scale(
@@ -649,6 +732,16 @@ impl Policy {
     /// Fails only when the policy does not cover the currency or method, or an
     /// input amount is not a valid amount of the currency.
     pub fn compute(&self, input: &SettlementInput) -> Result<Settlement, PolicyError> {
+        self.compute_with_minimum(input, None)
+    }
+
+    /// [`Policy::compute`] with the payee's own minimum payout, when it has
+    /// one above the currency's.
+    pub fn compute_with_minimum(
+        &self,
+        input: &SettlementInput,
+        payee_minimum: Option<Decimal>,
+    ) -> Result<Settlement, PolicyError> {
         let cur = input.currency;
         let exp = cur.exponent();
         let code = cur.code();
@@ -658,14 +751,18 @@ impl Policy {
                 format!("the policy does not pay out {code}"),
             )
         })?;
+        let minimum = payee_minimum.map_or(minimum, |m| m.max(minimum));
         let fee_rule = self.fees.get(&input.method).ok_or_else(|| {
             err(
                 format!("fees.{}", input.method),
                 "missing: the policy has no fee for this payout method",
             )
         })?;
-        if input.earnings.is_empty() {
-            return Err(err("earnings", "a settlement needs at least one earning"));
+        if input.earnings.is_empty() && input.carried.is_empty() {
+            return Err(err(
+                "earnings",
+                "a settlement needs at least one earning or carried balance",
+            ));
         }
         let overflow = || err("earnings", "the total is too large");
         let mut lines = Vec::with_capacity(input.earnings.len() + input.deductions.len() + 5);
@@ -694,17 +791,20 @@ impl Policy {
             cur,
         );
         let commission = gross - base_share;
-        lines.push(Line {
-            kind: LineKind::Commission,
-            description: format!(
-                "platform commission {} (payee keeps {}, {services} services)",
-                pct(Decimal::ONE_HUNDRED - payee_percent),
-                pct(payee_percent)
-            ),
-            amount: at_scale(-commission, exp),
-            earning_id: None,
-            carried_from: None,
-        });
+        // A period of returned balances only has no commission line.
+        if services > 0 {
+            lines.push(Line {
+                kind: LineKind::Commission,
+                description: format!(
+                    "platform commission {} (payee keeps {}, {services} services)",
+                    pct(Decimal::ONE_HUNDRED - payee_percent),
+                    pct(payee_percent)
+                ),
+                amount: at_scale(-commission, exp),
+                earning_id: None,
+                carried_from: None,
+            });
+        }
         let mut bonus_percent = Decimal::ZERO;
         let mut bonus = Decimal::ZERO;
         if let Some(b) = &self.volume_bonus {

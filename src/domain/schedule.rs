@@ -3,9 +3,10 @@
 //! A schedule cuts time into half-open periods `[start, end)` at 00:00 UTC:
 //! daily, weekly on a weekday, bi-weekly on a weekday (every other week,
 //! counted from the week of 1970-01-05), monthly on a day of the month (1-28,
-//! so every month has it), or manual (no periods: an operator closes one by
+//! so every month has it), every N days from an anchor date, or manual (no periods: an operator closes one by
 //! running `payoutctl settle --payee X`). A period is *closed* once `now`
-//! has reached its end; settlement pays the last closed period.
+//! has reached its end; settlement pays every closed period, one by one, in
+//! order ([`Schedule::next_period`]).
 
 use std::{fmt, str::FromStr};
 
@@ -24,6 +25,14 @@ pub enum Schedule {
     BiWeekly(Weekday),
     /// Every month; periods start on this day of the month (1-28).
     Monthly(u32),
+    /// Every `days` days, periods starting at 00:00 UTC on `anchor` (and
+    /// every `days` days before and after it): `every:<days>:<YYYY-MM-DD>`.
+    Every {
+        /// Length of a period in days (1..=366).
+        days: u32,
+        /// A date on which a period starts.
+        anchor: NaiveDate,
+    },
     /// Only when an operator settles the payee by hand.
     Manual,
 }
@@ -57,10 +66,16 @@ impl fmt::Display for Period {
 
 /// Why a schedule was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "schedule {0:?} is not one of daily, weekly:<mon..sun>, biweekly:<mon..sun>, monthly:<1..28>, manual"
-)]
-pub struct ScheduleError(pub String);
+pub enum ScheduleError {
+    /// Not a schedule at all.
+    #[error(
+        "schedule {0:?} is not one of daily, weekly:<mon..sun>, biweekly:<mon..sun>, monthly:<1..28>, every:<days>:<YYYY-MM-DD>, manual"
+    )]
+    Unknown(String),
+    /// A custom schedule with a bad number of days.
+    #[error("schedule {0:?}: the number of days must be between 1 and 366")]
+    Days(String),
+}
 
 fn midnight(d: NaiveDate) -> DateTime<Utc> {
     Utc.from_utc_datetime(&d.and_hms_opt(0, 0, 0).expect("midnight exists"))
@@ -91,6 +106,12 @@ impl Schedule {
                 let start = anchor + chrono::Duration::days(cycles * 14);
                 (start, start + Days::new(14))
             }
+            Schedule::Every { days, anchor } => {
+                let n = i64::from(days.max(1));
+                let cycles = (date - anchor).num_days().div_euclid(n);
+                let start = anchor + chrono::Duration::days(cycles * n);
+                (start, start + chrono::Duration::days(n))
+            }
             Schedule::Monthly(day) => {
                 let this_month = date
                     .with_day(day)
@@ -113,6 +134,24 @@ impl Schedule {
     pub fn last_closed(&self, now: DateTime<Utc>) -> Option<Period> {
         let open = self.period_containing(now)?;
         self.period_containing(open.start - chrono::Duration::nanoseconds(1))
+    }
+
+    /// The next period to settle, given the end of the last settled one
+    /// (`after`) and the earliest time something became payable (`first`):
+    /// the period containing the later of the two, starting no earlier than
+    /// `after`. After a manual settlement or a change of schedule `after` may
+    /// fall inside a period: the next one then runs from `after` to that
+    /// period's end, so periods never overlap and none is skipped. `None`
+    /// for manual. A function of its arguments only: never of when it is asked.
+    pub fn next_period(
+        &self,
+        after: Option<DateTime<Utc>>,
+        first: DateTime<Utc>,
+    ) -> Option<Period> {
+        let t = after.map_or(first, |a| a.max(first));
+        let p = self.period_containing(t)?;
+        let start = after.map_or(p.start, |a| a.max(p.start));
+        Some(Period { start, end: p.end })
     }
 
     /// Whether periods close by themselves (everything but manual).
@@ -140,6 +179,9 @@ impl fmt::Display for Schedule {
             Schedule::Weekly(wd) => write!(f, "weekly:{}", weekday_name(*wd)),
             Schedule::BiWeekly(wd) => write!(f, "biweekly:{}", weekday_name(*wd)),
             Schedule::Monthly(d) => write!(f, "monthly:{d}"),
+            Schedule::Every { days, anchor } => {
+                write!(f, "every:{days}:{}", anchor.format("%Y-%m-%d"))
+            }
             Schedule::Manual => f.write_str("manual"),
         }
     }
@@ -149,7 +191,7 @@ impl FromStr for Schedule {
     type Err = ScheduleError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || ScheduleError(s.to_string());
+        let bad = || ScheduleError::Unknown(s.to_string());
         let lower = s.trim().to_ascii_lowercase();
         let (kind, arg) = match lower.split_once(':') {
             Some((k, a)) => (k, Some(a)),
@@ -163,6 +205,15 @@ impl FromStr for Schedule {
             "manual" if arg.is_none() => Ok(Schedule::Manual),
             "weekly" => Ok(Schedule::Weekly(weekday(arg)?)),
             "biweekly" | "bi-weekly" => Ok(Schedule::BiWeekly(weekday(arg)?)),
+            "every" => {
+                let (n, date) = arg.and_then(|a| a.split_once(':')).ok_or_else(bad)?;
+                let days: u32 = n.parse().map_err(|_| bad())?;
+                if !(1..=366).contains(&days) {
+                    return Err(ScheduleError::Days(s.to_string()));
+                }
+                let anchor = NaiveDate::parse_from_str(date, "%Y-%m-%d").map_err(|_| bad())?;
+                Ok(Schedule::Every { days, anchor })
+            }
             "monthly" => {
                 let day: u32 = arg.and_then(|a| a.parse().ok()).ok_or_else(bad)?;
                 if (1..=28).contains(&day) {
@@ -205,6 +256,7 @@ mod tests {
             "biweekly:mon",
             "monthly:1",
             "monthly:28",
+            "every:10:2026-11-02",
             "manual",
         ] {
             assert_eq!(s.parse::<Schedule>().unwrap().to_string(), s);
@@ -220,9 +272,19 @@ mod tests {
             "hourly",
             "daily:1",
             "weekly:fun",
+            "every:10",
+            "every:x:2026-11-02",
+            "every:10:2026-13-01",
         ] {
             assert!(bad.parse::<Schedule>().is_err(), "{bad}");
         }
+        assert_eq!(
+            "every:0:2026-11-02"
+                .parse::<Schedule>()
+                .unwrap_err()
+                .to_string(),
+            "schedule \"every:0:2026-11-02\": the number of days must be between 1 and 366"
+        );
     }
 
     #[test]
@@ -280,6 +342,7 @@ mod tests {
             Schedule::Weekly(Weekday::Sun),
             Schedule::BiWeekly(Weekday::Thu),
             Schedule::Monthly(28),
+            "every:10:2026-11-02".parse().unwrap(),
         ] {
             let mut p = s.period_containing(at("2025-12-30T12:00:00Z")).unwrap();
             for _ in 0..40 {
@@ -289,5 +352,45 @@ mod tests {
                 p = next;
             }
         }
+    }
+
+    #[test]
+    fn the_next_period_follows_the_last_settled_one_whenever_it_is_asked() {
+        let s = Schedule::Weekly(Weekday::Fri);
+        let first = at("2026-11-08T10:00:00Z");
+        let p = s.next_period(None, first).unwrap();
+        assert_eq!(
+            (p.start, p.end),
+            (at("2026-11-06T00:00:00Z"), at("2026-11-13T00:00:00Z"))
+        );
+        // Work released before the last settled end belongs to the next period.
+        let q = s.next_period(Some(p.end), first).unwrap();
+        assert_eq!((q.start, q.end), (p.end, at("2026-11-20T00:00:00Z")));
+        // Empty periods are skipped to the one holding the work.
+        let r = s
+            .next_period(Some(p.end), at("2026-11-28T00:00:00Z"))
+            .unwrap();
+        assert_eq!(r.start, at("2026-11-27T00:00:00Z"));
+        // After a manual settlement mid-week, the rest of the week.
+        let m = s
+            .next_period(Some(at("2026-11-15T00:00:00Z")), first)
+            .unwrap();
+        assert_eq!(
+            (m.start, m.end),
+            (at("2026-11-15T00:00:00Z"), at("2026-11-20T00:00:00Z"))
+        );
+        assert_eq!(Schedule::Manual.next_period(None, first), None);
+    }
+
+    #[test]
+    fn a_custom_schedule_cuts_periods_of_n_days_from_its_anchor() {
+        let s: Schedule = "every:10:2026-11-02".parse().unwrap();
+        let p = s.period_containing(at("2026-11-13T05:00:00Z")).unwrap();
+        assert_eq!(
+            (p.start, p.end),
+            (at("2026-11-12T00:00:00Z"), at("2026-11-22T00:00:00Z"))
+        );
+        let before = s.period_containing(at("2026-10-30T00:00:00Z")).unwrap();
+        assert_eq!(before.start, at("2026-10-23T00:00:00Z"));
     }
 }

@@ -982,7 +982,26 @@
       el('section', { class: 'section', 'aria-labelledby': 'h-attempts' },
         el('h2', { id: 'h-attempts' }, 'Attempts'),
         attemptsTable),
+      linesSection(detail.lines || []),
       webhooksSection(detail.webhooks || [])));
+  }
+
+  // The line items of a settlement payout: each earning, commission, bonus,
+  // deductions, carried balances, fee (they sum to the amount).
+  function linesSection(lines) {
+    if (!lines.length) return null;
+    return el('section', { class: 'section', 'aria-labelledby': 'h-lines' },
+      el('h2', { id: 'h-lines' }, 'Line items'),
+      el('div', { class: 'table-wrap' }, el('table', { id: 'lines-table' },
+        el('caption', { class: 'sr-only' }, 'How settlement computed this payout, line by line'),
+        el('thead', {}, el('tr', {},
+          el('th', { scope: 'col' }, 'Kind'),
+          el('th', { scope: 'col' }, 'Description'),
+          el('th', { scope: 'col', class: 'num' }, 'Amount'))),
+        el('tbody', {}, lines.map((l) => el('tr', {},
+          el('td', {}, l.kind),
+          el('td', { class: 'message' }, l.description),
+          el('td', { class: 'num' }, String(l.amount))))))));
   }
 
   function webhooksSection(hooks) {

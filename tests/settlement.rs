@@ -1,0 +1,1135 @@
+//! Settlement you can trust: the same payouts and lines whenever the run
+//! happens (late, twice at once, with early single-payee runs in between),
+//! every closed period settled on its own, a manual settlement never
+//! shadowing a scheduled period, and money returned to the payee's balance
+//! when a settlement payout is cancelled or reversed. Real Postgres; the
+//! property tests vary WHEN runs happen and in WHAT ORDER, not only inputs.
+
+mod common;
+
+use chrono::{DateTime, Duration, Utc};
+use common::TestDb;
+use payouts::{
+    db::{earnings, filter, payee_terms, payees, payouts as payout_repo, settlements},
+    domain::{Currency, Money, PayoutMethod, Policy, Schedule, earning::NewEarning},
+    settlement::{self, Options},
+};
+use rust_decimal::Decimal;
+use sqlx::PgPool;
+
+const ACTOR: &str = "settlement:test";
+
+fn policy() -> Policy {
+    include_str!("../config/policy.toml").parse().unwrap()
+}
+
+fn at(s: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+}
+
+fn dec(s: &str) -> Decimal {
+    Decimal::from_str_exact(s).unwrap()
+}
+
+fn cur(code: &str) -> Currency {
+    code.parse().unwrap()
+}
+
+async fn payee(pool: &PgPool, account: &str) -> i64 {
+    payees::create(pool, "Payee", account, cur("USD"))
+        .await
+        .unwrap()
+        .id
+}
+
+/// Records an earning completed at `completed_at` (released after the policy's hold).
+async fn earn(
+    pool: &PgPool,
+    payee_id: i64,
+    reference: &str,
+    gross: &str,
+    completed_at: DateTime<Utc>,
+) -> i64 {
+    let e = NewEarning {
+        payee_id,
+        source: "booking".into(),
+        external_ref: reference.into(),
+        gross: Money::parse(gross, "USD").unwrap(),
+        completed_at,
+        release_at: policy().release_at(completed_at),
+    };
+    let mut conn = pool.acquire().await.unwrap();
+    match earnings::record(&mut conn, &e, "operator:test", completed_at)
+        .await
+        .unwrap()
+    {
+        earnings::Recorded::Created(row) => row.id,
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn settle_as(pool: &PgPool, now: DateTime<Utc>, payee: Option<i64>) -> settlement::RunReport {
+    settlement::run(
+        pool,
+        &policy(),
+        now,
+        &Options {
+            payee,
+            actor: ACTOR.into(),
+        },
+    )
+    .await
+    .unwrap()
+}
+
+async fn settle(pool: &PgPool, now: DateTime<Utc>) -> settlement::RunReport {
+    settle_as(pool, now, None).await
+}
+
+/// (period start, period end, net, outcome) of every settlement of a payee, in order.
+async fn periods(
+    pool: &PgPool,
+    payee: i64,
+) -> Vec<(DateTime<Utc>, DateTime<Utc>, Decimal, String)> {
+    sqlx::query_as(
+        "SELECT period_start, period_end, net, outcome FROM settlements WHERE payee_id = $1
+         ORDER BY period_start",
+    )
+    .bind(payee)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+async fn payout_amounts(pool: &PgPool, payee: i64) -> Vec<Decimal> {
+    sqlx::query_scalar("SELECT amount FROM payouts WHERE payee_id = $1 ORDER BY id")
+        .bind(payee)
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+// Fridays: 2026-11-06, -13, -20, -27. The example policy pays weekly on
+// Friday, with a 7-day hold.
+
+/// 30 services of 20.00 released in each of the weeks starting 11-06 and 11-13.
+async fn two_weeks_of_work(pool: &PgPool, p: i64) {
+    payee_terms::set(pool, p, Some(Some("weekly:fri".parse().unwrap())), None)
+        .await
+        .unwrap();
+    payee_terms::set_deduction(
+        pool,
+        p,
+        "booth rent",
+        Money::parse("50.00", "USD").unwrap(),
+        at("2026-10-01T00:00:00Z"),
+    )
+    .await
+    .unwrap();
+    for week in 0..2 {
+        for i in 0..30 {
+            let done = at("2026-10-30T08:00:00Z") + Duration::days(7 * week) + Duration::hours(i);
+            earn(pool, p, &format!("B-{p}-{week}-{i}"), "20.00", done).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn settling_a_week_late_pays_each_week_on_its_own_368_25_twice_not_810_75_once() {
+    let db = TestDb::new().await;
+    let pool = &db.pool;
+    let on_time = payee(pool, "acct_on_time").await;
+    let late = payee(pool, "acct_late").await;
+    two_weeks_of_work(pool, on_time).await;
+    two_weeks_of_work(pool, late).await;
+
+    // On time: each Friday, for that payee only. Late: once, a week after.
+    settle_as(pool, at("2026-11-13T10:00:00Z"), Some(on_time)).await;
+    settle_as(pool, at("2026-11-20T10:00:00Z"), Some(on_time)).await;
+    let report = settle_as(pool, at("2026-11-20T10:00:00Z"), Some(late)).await;
+
+    // 600.00 x 70% - 50.00 rent - (1.50 + 0.25 fee) = 368.25, each week.
+    assert_eq!(payout_amounts(pool, on_time).await, vec![dec("368.25"); 2]);
+    assert_eq!(
+        payout_amounts(pool, late).await,
+        vec![dec("368.25"); 2],
+        "a late run must settle each closed week on its own"
+    );
+    assert_eq!(report.payouts(), 2);
+    let weeks = vec![
+        (
+            at("2026-11-06T00:00:00Z"),
+            at("2026-11-13T00:00:00Z"),
+            dec("368.25"),
+            "payout".to_string(),
+        ),
+        (
+            at("2026-11-13T00:00:00Z"),
+            at("2026-11-20T00:00:00Z"),
+            dec("368.25"),
+            "payout".to_string(),
+        ),
+    ];
+    assert_eq!(
+        periods(pool, late).await,
+        weeks,
+        "labelled with the weeks of the work"
+    );
+    assert_eq!(periods(pool, on_time).await, weeks);
+}
+
+#[tokio::test]
+async fn a_manual_settlement_in_between_does_not_skip_the_next_scheduled_week() {
+    let db = TestDb::new().await;
+    let pool = &db.pool;
+    let p = payee(pool, "acct_early").await;
+    let weekly: Schedule = "weekly:fri".parse().unwrap();
+    payee_terms::set(pool, p, Some(Some(weekly)), None)
+        .await
+        .unwrap();
+    earn(pool, p, "W1", "100.00", at("2026-11-02T10:00:00Z")).await; // released 11-09
+    let first = settle(pool, at("2026-11-13T10:00:00Z")).await;
+    assert_eq!(first.payouts(), 1);
+
+    // The operator pays the payee early, by hand, on Sunday 11-15.
+    earn(pool, p, "M1", "100.00", at("2026-11-07T10:00:00Z")).await; // released 11-14
+    payee_terms::set(pool, p, Some(Some(Schedule::Manual)), None)
+        .await
+        .unwrap();
+    let manual = settle_as(pool, at("2026-11-15T00:00:00Z"), Some(p)).await;
+    assert_eq!(manual.payouts(), 1);
+    payee_terms::set(pool, p, Some(Some(weekly)), None)
+        .await
+        .unwrap();
+
+    // Work released later that week is paid on Friday 11-20, not a week later.
+    let later = earn(pool, p, "W2", "100.00", at("2026-11-10T10:00:00Z")).await; // released 11-17
+    let friday = settle(pool, at("2026-11-20T10:00:00Z")).await;
+
+    assert_eq!(
+        friday.already_settled, 0,
+        "nothing was settled for this period yet"
+    );
+    assert_eq!(friday.payouts(), 1, "{friday:?}");
+    let e = earnings::get(pool, later).await.unwrap().unwrap();
+    assert!(
+        e.payout_id.is_some(),
+        "the week's work is paid on its Friday"
+    );
+    assert_eq!(payout_amounts(pool, p).await.len(), 3);
+    let last = periods(pool, p).await.pop().unwrap();
+    assert_eq!(
+        (last.0, last.1),
+        (at("2026-11-15T00:00:00Z"), at("2026-11-20T00:00:00Z")),
+        "the scheduled period starts where the manual one ended"
+    );
+}
+
+#[tokio::test]
+async fn a_run_that_missed_three_weeks_catches_up_week_by_week_in_order() {
+    let db = TestDb::new().await;
+    let pool = &db.pool;
+    let p = payee(pool, "acct_gap").await;
+    for week in 0..3 {
+        for i in 0..3 {
+            let done = at("2026-10-23T08:00:00Z") + Duration::days(7 * week) + Duration::hours(i);
+            earn(pool, p, &format!("G-{week}-{i}"), "40.00", done).await;
+        }
+    }
+
+    let r = settle(pool, at("2026-11-26T10:00:00Z")).await;
+
+    let got: Vec<(DateTime<Utc>, DateTime<Utc>)> = r
+        .settled
+        .iter()
+        .map(|s| (s.period.start, s.period.end))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (at("2026-10-30T00:00:00Z"), at("2026-11-06T00:00:00Z")),
+            (at("2026-11-06T00:00:00Z"), at("2026-11-13T00:00:00Z")),
+            (at("2026-11-13T00:00:00Z"), at("2026-11-20T00:00:00Z")),
+        ]
+    );
+    // 120.00 x 70% - (0.30 + 0.25) = 83.45, each week.
+    assert_eq!(payout_amounts(pool, p).await, vec![dec("83.45"); 3]);
+    let again = settle(pool, at("2026-11-26T11:00:00Z")).await;
+    assert!(again.settled.is_empty() && again.already_settled == 0);
+    let lines = settlements::lines(pool, r.settled[2].settlement_id)
+        .await
+        .unwrap();
+    assert_eq!(lines.iter().filter(|l| l.kind == "earning").count(), 3);
+}
+
+// ------------------------------------------------------------ reversal ----
+
+/// Moves a payout along `path` as the worker, webhooks or sync would (each
+/// step a legal transition the database checks), at `now`.
+async fn force(pool: &PgPool, id: i64, path: &[&str], now: DateTime<Utc>) {
+    for to in path {
+        sqlx::query(
+            "UPDATE payouts SET status = $2, lease_until = $3 + interval '1 hour',
+                 gateway_transfer_id = coalesce(gateway_transfer_id, 'tr_' || id),
+                 next_attempt_at = coalesce(next_attempt_at, $3), updated_at = $3
+             WHERE id = $1",
+        )
+        .bind(id)
+        .bind(to)
+        .bind(now)
+        .execute(pool)
+        .await
+        .unwrap_or_else(|e| panic!("payout {id} -> {to}: {e}"));
+    }
+}
+
+async fn settlement_of(pool: &PgPool, payout: i64) -> settlements::SettlementRow {
+    sqlx::query_as("SELECT * FROM settlements WHERE payout_id = $1")
+        .bind(payout)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// Three services of 40.00 released in the week 11-06 .. 11-13: 83.45 paid.
+async fn one_week(pool: &PgPool, account: &str) -> (i64, Vec<i64>) {
+    let p = payee(pool, account).await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let done = at("2026-10-31T08:00:00Z") + Duration::hours(i);
+        ids.push(earn(pool, p, &format!("R-{p}-{i}"), "40.00", done).await);
+    }
+    (p, ids)
+}
+
+#[tokio::test]
+async fn a_cancelled_settlement_payout_returns_its_earnings_to_the_balance_and_the_next_period_pays_them()
+ {
+    let db = TestDb::new().await;
+    let pool = &db.pool;
+    let (p, ids) = one_week(pool, "acct_cancel").await;
+    let first = settle(pool, at("2026-11-13T10:00:00Z")).await;
+    let cancelled = first.settled[0].payout_id.unwrap();
+    assert_eq!(first.settled[0].net, dec("83.45"));
+
+    payout_repo::cancel(
+        pool,
+        cancelled,
+        "operator:ana",
+        "wrong bank account",
+        at("2026-11-14T09:00:00Z"),
+    )
+    .await
+    .unwrap();
+
+    // Owed again: the balance before the fee, with a line and an event saying why.
+    let s = settlement_of(pool, cancelled).await;
+    assert_eq!(
+        (s.outcome.as_str(), s.net, s.fee),
+        ("returned", dec("84.00"), dec("0"))
+    );
+    let lines = settlements::lines(pool, s.id).await.unwrap();
+    assert_eq!(lines.iter().map(|l| l.amount).sum::<Decimal>(), s.net);
+    let why = lines.iter().find(|l| l.kind == "returned").unwrap();
+    assert!(why.description.contains("cancelled"), "{}", why.description);
+    let events = payouts::db::events::for_payout(pool, cancelled)
+        .await
+        .unwrap();
+    assert!(
+        events.iter().any(|e| e
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("returned to the payee's balance")),
+        "{events:?}"
+    );
+    for id in &ids {
+        let e = earnings::get(pool, *id).await.unwrap().unwrap();
+        assert_eq!(e.payout_id, None, "earning {id} is unpaid again");
+    }
+
+    // No new work: the next Friday pays the balance (the fee charged again).
+    let next = settle(pool, at("2026-11-20T10:00:00Z")).await;
+    assert_eq!(next.payouts(), 1, "{next:?}");
+    assert_eq!(next.settled[0].net, dec("83.45"));
+    let repaid = next.settled[0].payout_id.unwrap();
+    for id in &ids {
+        let e = earnings::get(pool, *id).await.unwrap().unwrap();
+        assert_eq!(e.payout_id, Some(repaid));
+    }
+    let lines = settlements::lines(pool, next.settled[0].settlement_id)
+        .await
+        .unwrap();
+    let carried = lines.iter().find(|l| l.kind == "carried_in").unwrap();
+    assert!(
+        carried
+            .description
+            .contains(&format!("returned from payout {cancelled}"))
+    );
+    assert_eq!(payout_amounts(pool, p).await, vec![dec("83.45"); 2]);
+    assert!(
+        settle(pool, at("2026-11-27T10:00:00Z"))
+            .await
+            .settled
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn a_payout_reversed_after_it_was_paid_is_owed_again_and_is_never_retried_into_a_second_payment()
+ {
+    let db = TestDb::new().await;
+    let pool = &db.pool;
+    let (_, ids) = one_week(pool, "acct_reversed").await;
+    let first = settle(pool, at("2026-11-13T10:00:00Z")).await;
+    let paid = first.settled[0].payout_id.unwrap();
+    force(
+        pool,
+        paid,
+        &["queued", "processing", "paid"],
+        at("2026-11-13T11:00:00Z"),
+    )
+    .await;
+
+    // The gateway reverses it (webhook, sync or reconciliation: paid -> failed).
+    force(pool, paid, &["failed"], at("2026-11-16T11:00:00Z")).await;
+
+    assert_eq!(settlement_of(pool, paid).await.outcome, "returned");
+    let retried = payout_repo::retry(
+        pool,
+        paid,
+        "operator:ana",
+        at("2026-11-16T12:00:00Z") + Duration::minutes(5),
+        at("2026-11-16T12:00:00Z"),
+    )
+    .await;
+    assert!(
+        matches!(retried, Err(payout_repo::ActionError::Illegal(_))),
+        "a 409, not a second payment: {retried:?}"
+    );
+    let bulk = filter::bulk_retry(
+        pool,
+        &filter::PayoutFilter::default(),
+        100,
+        "operator:ana",
+        at("2026-11-16T12:05:00Z"),
+        at("2026-11-16T12:00:00Z"),
+    )
+    .await
+    .unwrap();
+    assert!(bulk.is_empty(), "bulk retry leaves it alone: {bulk:?}");
+    let by_sql =
+        sqlx::query("UPDATE payouts SET status = 'queued', lease_until = now() WHERE id = $1")
+            .bind(paid)
+            .execute(pool)
+            .await;
+    assert!(
+        by_sql
+            .unwrap_err()
+            .to_string()
+            .contains("cannot be retried")
+    );
+
+    let next = settle(pool, at("2026-11-20T10:00:00Z")).await;
+    assert_eq!(next.payouts(), 1);
+    let repaid = next.settled[0].payout_id.unwrap();
+    for id in ids {
+        assert_eq!(
+            earnings::get(pool, id).await.unwrap().unwrap().payout_id,
+            Some(repaid)
+        );
+    }
+    // An operator may still close the reversed payout: nothing returns twice.
+    payout_repo::cancel(
+        pool,
+        paid,
+        "operator:ana",
+        "closed",
+        at("2026-11-21T00:00:00Z"),
+    )
+    .await
+    .unwrap();
+    assert!(
+        settle(pool, at("2026-11-27T10:00:00Z"))
+            .await
+            .settled
+            .is_empty()
+    );
+}
+
+// -------------------------------------------------------------- policy ----
+
+#[test]
+fn the_kubernetes_policy_is_the_shipped_policy() {
+    assert_eq!(
+        include_str!("../deploy/k8s/base/policy.toml"),
+        include_str!("../config/policy.toml"),
+        "deploy/k8s/base/policy.toml is a copy of config/policy.toml (kustomize reads only its own directory)"
+    );
+}
+
+#[tokio::test]
+async fn a_payee_minimum_above_the_currency_minimum_carries_the_balance_until_it_is_reached() {
+    let db = TestDb::new().await;
+    let pool = &db.pool;
+    let (p, _) = one_week(pool, "acct_min").await;
+    let usd = cur("USD");
+    assert_eq!(
+        policy()
+            .check_payee_minimum(dec("10.00"), usd)
+            .unwrap_err()
+            .field,
+        "minimum_payout",
+        "below the currency's minimum is refused, naming the field"
+    );
+    policy().check_payee_minimum(dec("100.00"), usd).unwrap();
+    payee_terms::set_minimum(
+        pool,
+        p,
+        usd,
+        Some(Money::parse("100.00", "USD").unwrap()),
+        at("2026-10-01T00:00:00Z"),
+    )
+    .await
+    .unwrap();
+
+    // 84.00 (83.45 after the fee) is above 25.00 but below the payee's 100.00.
+    let first = settle(pool, at("2026-11-13T10:00:00Z")).await;
+    assert_eq!(
+        (first.settled[0].outcome.as_str(), first.settled[0].net),
+        ("below_minimum", dec("84.00"))
+    );
+    earn(pool, p, "R-more", "40.00", at("2026-11-08T08:00:00Z")).await;
+    let second = settle(pool, at("2026-11-20T10:00:00Z")).await;
+    // 28.00 + 84.00 carried - (0.40 + 0.25) = 111.35
+    assert_eq!(second.payouts(), 1);
+    assert_eq!(second.settled[0].net, dec("111.35"));
+}
+
+#[tokio::test]
+async fn a_custom_schedule_settles_every_ten_days_from_its_anchor() {
+    let db = TestDb::new().await;
+    let pool = &db.pool;
+    let p = payee(pool, "acct_every").await;
+    let every: Schedule = "every:10:2026-11-02".parse().unwrap();
+    payee_terms::set(pool, p, Some(Some(every)), None)
+        .await
+        .unwrap();
+    earn(pool, p, "C-1", "100.00", at("2026-10-27T10:00:00Z")).await; // released 11-03
+    earn(pool, p, "C-2", "100.00", at("2026-11-06T10:00:00Z")).await; // released 11-13
+
+    let r = settle(pool, at("2026-11-25T00:00:00Z")).await;
+
+    let got: Vec<(DateTime<Utc>, DateTime<Utc>)> = r
+        .settled
+        .iter()
+        .map(|s| (s.period.start, s.period.end))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (at("2026-11-02T00:00:00Z"), at("2026-11-12T00:00:00Z")),
+            (at("2026-11-12T00:00:00Z"), at("2026-11-22T00:00:00Z")),
+        ]
+    );
+    let zero = sqlx::query("UPDATE payees SET schedule = 'every:0:2026-11-02' WHERE id = $1")
+        .bind(p)
+        .execute(pool)
+        .await;
+    assert!(zero.is_err(), "the database refuses a 0-day schedule too");
+    assert_eq!(
+        "every:0:2026-11-02"
+            .parse::<Schedule>()
+            .unwrap_err()
+            .to_string(),
+        "schedule \"every:0:2026-11-02\": the number of days must be between 1 and 366"
+    );
+}
+
+#[tokio::test]
+async fn a_period_over_the_maximum_payout_is_an_error_for_that_payee_only_and_writes_nothing() {
+    let db = TestDb::new().await;
+    let pool = &db.pool;
+    let (big, _) = one_week(pool, "acct_big").await;
+    let (small, _) = one_week(pool, "acct_small").await;
+    for i in 0..10 {
+        earn(
+            pool,
+            big,
+            &format!("BIG-{i}"),
+            "9000.00",
+            at("2026-11-01T08:00:00Z"),
+        )
+        .await;
+    }
+    let mut capped = policy();
+    capped.maximum_payout.insert("USD".into(), dec("50000.00"));
+    capped.validate().unwrap();
+    let errors_before = payouts::metrics::SETTLEMENT_ERRORS.get();
+
+    let r = settlement::run(
+        pool,
+        &capped,
+        at("2026-11-13T10:00:00Z"),
+        &Options {
+            payee: None,
+            actor: ACTOR.into(),
+        },
+    )
+    .await
+    .unwrap();
+
+    assert_eq!(r.errors(), 1, "{r:?}");
+    assert_eq!(r.skipped[0].payee_id, big);
+    assert!(r.skipped[0].reason.contains("maximum_payout.USD"), "{r:?}");
+    assert_eq!(payout_amounts(pool, big).await, Vec::<Decimal>::new());
+    assert_eq!(payout_amounts(pool, small).await, vec![dec("83.45")]);
+    assert!(payouts::metrics::SETTLEMENT_ERRORS.get() > errors_before);
+    let mut bad = policy();
+    bad.maximum_payout.insert("USD".into(), dec("10.00"));
+    assert_eq!(bad.validate().unwrap_err().field, "maximum_payout.USD");
+}
+
+// ------------------------------------------------- property: run times ----
+
+use proptest::prelude::*;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[derive(Debug, Clone)]
+struct PayeeSpec {
+    schedule: Schedule,
+    rent: Option<i64>,
+    method: PayoutMethod,
+    /// Earnings: (minutes after T0 completed, cents).
+    earnings: Vec<(i64, i64)>,
+}
+
+fn schedule_strategy() -> impl Strategy<Value = Schedule> {
+    prop_oneof![
+        Just("daily".to_string()),
+        prop::sample::select(vec!["mon", "tue", "wed", "thu", "fri", "sat", "sun"])
+            .prop_map(|d| format!("weekly:{d}")),
+        prop::sample::select(vec!["mon", "fri"]).prop_map(|d| format!("biweekly:{d}")),
+        (1u32..=28).prop_map(|d| format!("monthly:{d}")),
+        (1u32..=12, 0i64..30).prop_map(|(n, d)| format!(
+            "every:{n}:{}",
+            (at(T0) + Duration::days(d)).format("%Y-%m-%d")
+        )),
+        Just("manual".to_string()),
+    ]
+    .prop_map(|s| s.parse().unwrap())
+}
+
+fn payee_strategy() -> impl Strategy<Value = PayeeSpec> {
+    (
+        schedule_strategy(),
+        prop::option::of(500i64..6_000),
+        prop::sample::select(vec![
+            PayoutMethod::Standard,
+            PayoutMethod::Instant,
+            PayoutMethod::BankTransfer,
+        ]),
+        prop::collection::vec((0i64..60 * 24 * 40, 100i64..9_000), 1..25),
+    )
+        .prop_map(|(schedule, rent, method, earnings)| PayeeSpec {
+            schedule,
+            rent,
+            method,
+            earnings,
+        })
+}
+
+/// How a world runs settlement at one moment.
+#[derive(Debug, Clone)]
+enum Run {
+    /// Everyone (automatic schedules).
+    All,
+    /// Two runs of everyone at once.
+    Twice,
+    /// One payee only (an early `settle --payee X`; closes a manual period).
+    Payee(usize),
+}
+
+const T0: &str = "2026-09-01T00:00:00Z";
+const DAYS: i64 = 60;
+
+async fn world(specs: &[PayeeSpec]) -> (TestDb, Vec<i64>) {
+    let db = TestDb::new().await;
+    let mut ids = Vec::new();
+    for (i, spec) in specs.iter().enumerate() {
+        let p = payee(&db.pool, &format!("acct_{i}")).await;
+        payee_terms::set(&db.pool, p, Some(Some(spec.schedule)), Some(spec.method))
+            .await
+            .unwrap();
+        if let Some(rent) = spec.rent {
+            payee_terms::set_deduction(
+                &db.pool,
+                p,
+                "booth rent",
+                Money::parse(&Decimal::new(rent, 2).to_string(), "USD").unwrap(),
+                at(T0),
+            )
+            .await
+            .unwrap();
+        }
+        for (j, (minutes, cents)) in spec.earnings.iter().enumerate() {
+            let gross = Decimal::new(*cents, 2).to_string();
+            earn(
+                &db.pool,
+                p,
+                &format!("E-{i}-{j}"),
+                &gross,
+                at(T0) + Duration::minutes(*minutes),
+            )
+            .await;
+        }
+        ids.push(p);
+    }
+    (db, ids)
+}
+
+async fn play(pool: &PgPool, ids: &[i64], events: &[(DateTime<Utc>, Run)]) {
+    for (t, run) in events {
+        match run {
+            Run::All => {
+                settle(pool, *t).await;
+            }
+            Run::Twice => {
+                let (a, b) = tokio::join!(settle(pool, *t), settle(pool, *t));
+                assert!(a.skipped.iter().chain(&b.skipped).all(|s| !s.error));
+            }
+            Run::Payee(i) => {
+                settle_as(pool, *t, Some(ids[*i % ids.len()])).await;
+            }
+        }
+    }
+}
+
+type SettlementKey = (
+    i64,
+    DateTime<Utc>,
+    DateTime<Utc>,
+    String,
+    Decimal,
+    Decimal,
+    Decimal,
+);
+
+/// Every settlement (by payee index and period) with its lines
+/// (kind, amount, earning): what must not depend on when runs happened.
+async fn outcome(
+    pool: &PgPool,
+    ids: &[i64],
+) -> Vec<(SettlementKey, Vec<(String, Decimal, Option<i64>)>)> {
+    let rows: Vec<settlements::SettlementRow> =
+        sqlx::query_as("SELECT * FROM settlements ORDER BY payee_id, period_start")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    let mut out = Vec::new();
+    for s in rows {
+        let idx = ids.iter().position(|p| *p == s.payee_id).unwrap() as i64;
+        let lines = settlements::lines(pool, s.id)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|l| (l.kind, l.amount, l.earning_id))
+            .collect();
+        out.push((
+            (
+                idx,
+                s.period_start,
+                s.period_end,
+                s.outcome,
+                s.gross,
+                s.fee,
+                s.net,
+            ),
+            lines,
+        ));
+    }
+    out
+}
+
+/// Conservation and completeness, in one database.
+async fn assert_books_balance(pool: &PgPool) {
+    let (gross, paid, platform, fees, deductions, open): (
+        Option<Decimal>,
+        Decimal,
+        Option<Decimal>,
+        Option<Decimal>,
+        Option<Decimal>,
+        Decimal,
+    ) = sqlx::query_as(
+        "SELECT sum(gross), coalesce(sum(net) FILTER (WHERE outcome = 'payout'), 0),
+                sum(platform_commission), sum(fee), sum(deductions),
+                coalesce(sum(net) FILTER (WHERE outcome <> 'payout' AND carried_into IS NULL), 0)
+         FROM settlements",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    let z = |d: Option<Decimal>| d.unwrap_or_default();
+    assert_eq!(
+        z(gross),
+        paid + z(platform) + z(fees) + z(deductions) + open,
+        "money is conserved to the minor unit"
+    );
+    let settled_gross: Option<Decimal> =
+        sqlx::query_scalar("SELECT sum(gross) FROM earnings WHERE settlement_id IS NOT NULL")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(z(settled_gross), z(gross), "each earning settled once");
+    let live: Decimal = sqlx::query_scalar(
+        "SELECT coalesce(sum(p.amount), 0) FROM payouts p JOIN settlements s ON s.payout_id = p.id
+         WHERE s.outcome = 'payout'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(live, paid, "live payouts are what settlement paid");
+    let off: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM settlements s
+         WHERE s.net <> (SELECT coalesce(sum(amount), 0) FROM payout_lines l WHERE l.settlement_id = s.id)",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(off, 0, "every settlement is the sum of its lines");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 10, ..ProptestConfig::default() })]
+
+    /// Settling at random times (gaps of several periods, two runs at once,
+    /// early single-payee runs in between) writes exactly what settling
+    /// every period on time writes.
+    #[test]
+    fn settlement_at_any_run_times_equals_settling_every_period_on_time(
+        specs in prop::collection::vec(payee_strategy(), 1..4),
+        runs in prop::collection::vec((0i64..DAYS * 24, 0u8..6, 0usize..4), 0..10),
+        closes in prop::collection::vec(0i64..DAYS * 24, 0..4),
+    ) {
+        rt().block_on(async {
+            let t0 = at(T0);
+            let end = t0 + Duration::days(DAYS);
+            // Manual periods close at the same moments in both worlds.
+            let manual: Vec<usize> = (0..specs.len()).filter(|i| !specs[*i].schedule.is_automatic()).collect();
+            let mut closes_at: Vec<(DateTime<Utc>, Run)> = Vec::new();
+            for (k, h) in closes.iter().enumerate() {
+                if !manual.is_empty() {
+                    closes_at.push((t0 + Duration::hours(*h), Run::Payee(manual[k % manual.len()])));
+                }
+            }
+            // World A: a run at every period boundary of every payee.
+            let mut on_time = closes_at.clone();
+            for spec in &specs {
+                let mut p = spec.schedule.period_containing(t0);
+                while let Some(q) = p {
+                    if q.end > end { break; }
+                    on_time.push((q.end, Run::All));
+                    p = spec.schedule.period_containing(q.end);
+                }
+            }
+            on_time.push((end, Run::All));
+            on_time.sort_by_key(|(t, _)| *t);
+            // World B: whenever, however; early runs name automatic payees
+            // (naming a manual one closes its period: that is the script's).
+            let automatic: Vec<usize> = (0..specs.len()).filter(|i| specs[*i].schedule.is_automatic()).collect();
+            let mut random = closes_at.clone();
+            for (h, kind, i) in &runs {
+                let t = t0 + Duration::hours(*h);
+                random.push((t, match kind {
+                    0 | 1 => Run::All,
+                    2 | 3 => Run::Twice,
+                    _ if automatic.is_empty() => Run::All,
+                    _ => Run::Payee(automatic[*i % automatic.len()]),
+                }));
+            }
+            random.push((end, Run::Twice));
+            random.sort_by_key(|(t, _)| *t);
+
+            let (a, a_ids) = world(&specs).await;
+            let (b, b_ids) = world(&specs).await;
+            play(&a.pool, &a_ids, &on_time).await;
+            play(&b.pool, &b_ids, &random).await;
+
+            let expected = outcome(&a.pool, &a_ids).await;
+            let got = outcome(&b.pool, &b_ids).await;
+            assert_eq!(got, expected, "specs {specs:?}\nruns {random:?}");
+            assert_books_balance(&b.pool).await;
+            // None released is left out: everything released before the
+            // payee's open period (automatic) or last close (manual) is settled.
+            for (i, spec) in specs.iter().enumerate() {
+                let cut = match spec.schedule.period_containing(end) {
+                    Some(open) => open.start,
+                    None => closes_at
+                        .iter()
+                        .filter(|(_, r)| matches!(r, Run::Payee(k) if *k == i))
+                        .map(|(t, _)| *t)
+                        .max()
+                        .unwrap_or(t0),
+                };
+                let left: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM earnings WHERE payee_id = $1 AND settlement_id IS NULL AND release_at < $2",
+                )
+                .bind(b_ids[i])
+                .bind(cut)
+                .fetch_one(&b.pool)
+                .await
+                .unwrap();
+                assert_eq!(left, 0, "payee {i} ({}) left out released earnings", spec.schedule);
+            }
+        });
+    }
+}
+
+// ------------------------------------------- property: reversal order ----
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// Settle everyone, `days` later.
+    Settle(i64),
+    /// Cancel the n-th payout (an operator).
+    Cancel(usize),
+    /// The worker pays the n-th payout.
+    Pay(usize),
+    /// The gateway refuses it for good (processing -> failed).
+    Fail(usize),
+    /// The gateway reverses a paid payout (paid -> failed).
+    Reverse(usize),
+    /// An operator retries a failed payout.
+    Retry(usize),
+}
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (1i64..10).prop_map(Op::Settle),
+        (0usize..20).prop_map(Op::Cancel),
+        (0usize..20).prop_map(Op::Pay),
+        (0usize..20).prop_map(Op::Fail),
+        (0usize..20).prop_map(Op::Reverse),
+        (0usize..20).prop_map(Op::Retry),
+    ]
+}
+
+async fn status_of(pool: &PgPool, id: i64) -> String {
+    sqlx::query_scalar("SELECT status FROM payouts WHERE id = $1")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+async fn returned(pool: &PgPool, id: i64) -> bool {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM settlements WHERE payout_id = $1 AND outcome = 'returned')",
+    )
+    .bind(id)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+
+    /// Whatever happens to settlement payouts, in whatever order (cancel,
+    /// permanent failure, reversal after payment, retries), every earning is
+    /// in the end paid exactly once or still owed, and money is conserved.
+    #[test]
+    fn after_any_sequence_of_settle_cancel_fail_reverse_and_retry_every_earning_is_paid_once_or_owed(
+        specs in prop::collection::vec(payee_strategy(), 1..3),
+        ops in prop::collection::vec(op_strategy(), 1..25),
+    ) {
+        rt().block_on(async {
+            let specs: Vec<PayeeSpec> = specs
+                .into_iter()
+                .map(|mut s| {
+                    if !s.schedule.is_automatic() {
+                        s.schedule = Schedule::Daily;
+                    }
+                    s
+                })
+                .collect();
+            let (db, _) = world(&specs).await;
+            let pool = &db.pool;
+            let mut now = at(T0) + Duration::days(7);
+            for op in &ops {
+                let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM payouts ORDER BY id")
+                    .fetch_all(pool)
+                    .await
+                    .unwrap();
+                let pick = |n: usize| (!ids.is_empty()).then(|| ids[n % ids.len()]);
+                now += Duration::hours(1);
+                match op {
+                    Op::Settle(days) => {
+                        now += Duration::days(*days);
+                        let r = settle(pool, now).await;
+                        assert_eq!(r.errors(), 0, "{r:?}");
+                    }
+                    Op::Cancel(n) => {
+                        if let Some(id) = pick(*n) {
+                            let _ = payout_repo::cancel(pool, id, "operator:test", "gave up", now).await;
+                        }
+                    }
+                    Op::Pay(n) | Op::Fail(n) => {
+                        let Some(id) = pick(*n) else { continue };
+                        let last = if matches!(op, Op::Pay(_)) { "paid" } else { "failed" };
+                        match status_of(pool, id).await.as_str() {
+                            "pending" => force(pool, id, &["queued", "processing", last], now).await,
+                            "queued" => force(pool, id, &["processing", last], now).await,
+                            _ => {}
+                        }
+                    }
+                    Op::Reverse(n) => {
+                        let Some(id) = pick(*n) else { continue };
+                        if status_of(pool, id).await == "paid" {
+                            force(pool, id, &["failed"], now).await;
+                        }
+                    }
+                    Op::Retry(n) => {
+                        let Some(id) = pick(*n) else { continue };
+                        let was_returned = returned(pool, id).await;
+                        let r = payout_repo::retry(pool, id, "operator:test", now + Duration::hours(1), now).await;
+                        if was_returned {
+                            assert!(r.is_err(), "payout {id} was returned: no retry");
+                            assert_ne!(status_of(pool, id).await, "queued");
+                        }
+                    }
+                }
+            }
+            // In the end the operator gives up on every failed payout, the
+            // next periods pay what was returned, and the fleet pays them.
+            let failed: Vec<i64> = sqlx::query_scalar("SELECT id FROM payouts WHERE status = 'failed'")
+                .fetch_all(pool)
+                .await
+                .unwrap();
+            for id in failed {
+                payout_repo::cancel(pool, id, "operator:test", "gave up", now).await.unwrap();
+            }
+            now += Duration::days(70);
+            settle(pool, now).await;
+            let open: Vec<i64> = sqlx::query_scalar(
+                "SELECT id FROM payouts WHERE status IN ('pending', 'queued') ORDER BY id",
+            )
+            .fetch_all(pool)
+            .await
+            .unwrap();
+            for id in open {
+                let path: &[&str] = if status_of(pool, id).await == "pending" {
+                    &["queued", "processing", "paid"]
+                } else {
+                    &["processing", "paid"]
+                };
+                force(pool, id, path, now).await;
+            }
+            assert_books_balance(pool).await;
+            // Every earning: paid by exactly one paid payout, or still owed
+            // (its balance is open: below the minimum or a shortfall).
+            let bad: Vec<(i64, Option<i64>, Option<String>)> = sqlx::query_as(
+                "WITH RECURSIVE head AS (
+                     SELECT e.id AS earning, s.id, s.carried_into, s.outcome
+                     FROM earnings e JOIN settlements s ON s.id = e.settlement_id
+                     UNION ALL
+                     SELECT h.earning, s.id, s.carried_into, s.outcome
+                     FROM head h JOIN settlements s ON s.id = h.carried_into)
+                 SELECT e.id, e.payout_id, p.status
+                 FROM earnings e
+                 LEFT JOIN payouts p ON p.id = e.payout_id
+                 JOIN head h ON h.earning = e.id AND h.carried_into IS NULL
+                 WHERE NOT (
+                     (e.payout_id IS NOT NULL AND p.status = 'paid' AND h.outcome = 'payout'
+                      AND (SELECT payout_id FROM settlements WHERE id = h.id) = e.payout_id)
+                  OR (e.payout_id IS NULL AND h.outcome IN ('below_minimum', 'shortfall')))",
+            )
+            .fetch_all(pool)
+            .await
+            .unwrap();
+            assert!(bad.is_empty(), "neither paid once nor owed: {bad:?}\nops {ops:?}");
+            let unsettled: i64 = sqlx::query_scalar("SELECT count(*) FROM earnings WHERE settlement_id IS NULL")
+                .fetch_one(pool)
+                .await
+                .unwrap();
+            assert_eq!(unsettled, 0);
+        });
+    }
+}
+
+// ------------------------------------------------- CLI: lines, amounts ----
+
+#[tokio::test]
+async fn payoutctl_shows_a_settlement_payouts_lines_and_jpy_amounts_without_decimals() {
+    let ctl = common::Ctl::new().await;
+    let id = ctl.json(&["payee", "add", "--name", "Kei", "--account", "acct_kei"])["id"]
+        .as_i64()
+        .unwrap();
+    let done = (Utc::now() - Duration::days(20)).to_rfc3339();
+    let id_s = id.to_string();
+    ctl.ok(&[
+        "earnings",
+        "add",
+        "--payee",
+        &id_s,
+        "--source",
+        "booking",
+        "--ref",
+        "J-1",
+        "--gross",
+        "10000",
+        "--currency",
+        "JPY",
+        "--completed-at",
+        &done,
+    ]);
+    let settled = ctl.json(&["settle"]);
+    // 10000 x 70% - (25 + 40 fee) = 6935
+    assert_eq!(settled["settled"][0]["net"], "6935", "{settled}");
+    let payout = settled["settled"][0]["payout_id"]
+        .as_i64()
+        .unwrap()
+        .to_string();
+
+    let status = ctl.json(&["status", &payout]);
+    assert_eq!(
+        status["payout"]["amount"], "6935",
+        "never 6935.00000000: {status}"
+    );
+    let kinds: Vec<&str> = status["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["earning", "commission", "fee"]);
+    let text = ctl.ok(&["status", &payout]);
+    assert!(
+        text.contains("lines:") && text.contains("booking/J-1"),
+        "{text}"
+    );
+    let list = ctl.json(&["list", "--status", "pending"]);
+    assert_eq!(list[0]["amount"], "6935");
+
+    let refused = ctl.fails(&[
+        "create",
+        "--payee",
+        &id_s,
+        "--amount",
+        "100",
+        "--currency",
+        "KRW",
+    ]);
+    assert!(
+        refused.contains("currency: KRW is not paid out by the policy"),
+        "{refused}"
+    );
+    let preview = ctl.ok(&["preview", "--payee", &id_s]);
+    assert!(!preview.contains("-0"), "{preview}");
+}
