@@ -1208,6 +1208,14 @@ async fn a_source_that_keeps_failing_to_authenticate_is_locked_out() {
     assert!(script == Some("script-src 'self'"), "{csp}");
     assert!(!page.text().await.unwrap().contains("<script>"));
     assert_eq!(a.get("/login.js", None).await.0, StatusCode::OK);
+    // API answers and errors are never content-sniffed.
+    let r = a
+        .http
+        .get(format!("{}/api/v1/nothing-here", a.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-content-type-options"], "nosniff");
     let metrics = a
         .http
         .get(format!("{}/metrics", a.base))

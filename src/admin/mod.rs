@@ -352,7 +352,14 @@ pub async fn serve(
             StatusCode::REQUEST_TIMEOUT,
             request_timeout,
         ))
-        .layer(middleware::from_fn(timed_out));
+        .layer(middleware::from_fn(timed_out))
+        // Every answer, JSON and errors included, is read as what it says it is.
+        .layer(
+            tower_http::set_header::SetResponseHeaderLayer::if_not_present(
+                header::X_CONTENT_TYPE_OPTIONS,
+                HeaderValue::from_static("nosniff"),
+            ),
+        );
     let handle = tokio::spawn(crate::server::serve_hardened(
         listener, app, limits, shutdown,
     ));

@@ -181,8 +181,25 @@ impl Money {
     /// Parses an amount such as `"12.50"` and a code such as `"USD"`.
     pub fn parse(amount: &str, currency: &str) -> Result<Self, MoneyError> {
         let currency: Currency = currency.trim().parse()?;
-        let amount = Decimal::from_str_exact(amount.trim())
-            .map_err(|_| MoneyError::NotANumber(amount.to_string()))?;
+        // The grammar is strict: digits, at most one point with digits on
+        // both sides, an optional leading minus (refused below with its own
+        // message). `Decimal` alone also takes `1_000.00`, `+5` and
+        // surrounding spaces, which no payout system writes on purpose.
+        let digits = amount.strip_prefix('-').unwrap_or(amount);
+        let well_formed = match digits.split_once('.') {
+            Some((int, frac)) => {
+                !int.is_empty()
+                    && !frac.is_empty()
+                    && int.bytes().all(|b| b.is_ascii_digit())
+                    && frac.bytes().all(|b| b.is_ascii_digit())
+            }
+            None => !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()),
+        };
+        if !well_formed {
+            return Err(MoneyError::NotANumber(amount.chars().take(40).collect()));
+        }
+        let amount = Decimal::from_str_exact(amount)
+            .map_err(|_| MoneyError::NotANumber(amount.chars().take(40).collect()))?;
         Money::new(amount, currency)
     }
 
@@ -289,5 +306,26 @@ mod tests {
     fn display_uses_the_currency_scale() {
         assert_eq!(Money::parse("5", "USD").unwrap().to_string(), "5.00 USD");
         assert_eq!(Money::parse("5", "BHD").unwrap().to_string(), "5.000 BHD");
+    }
+
+    /// Security finding 6: `1_000.00`, `+5` and surrounding spaces were amounts.
+    #[test]
+    fn only_plain_decimal_amounts_parse() {
+        for bad in [
+            "1_000.00", "+5", " 5", "5 ", "5.", ".5", "1.2.3", "", "-", "0x10", "5,00",
+        ] {
+            assert!(
+                matches!(Money::parse(bad, "USD"), Err(MoneyError::NotANumber(_))),
+                "{bad:?} parsed"
+            );
+        }
+        assert_eq!(
+            Money::parse("1000.00", "USD").unwrap().to_minor_units(),
+            Ok(100_000)
+        );
+        assert!(matches!(
+            Money::parse("-1.00", "USD"),
+            Err(MoneyError::NotPositive(_))
+        ));
     }
 }
