@@ -217,7 +217,11 @@ async fn release_funds_platform_balance_short_is_retried_later_never_a_payee_fai
         failure(&fleet, id).await.0.as_deref(),
         Some("platform_balance_insufficient")
     );
-    // Topped up: the same key now pays (the refusal was not kept for the key).
+    // The first platform refusal pauses the fleet and ends the attempt (no
+    // in-attempt retries against a platform problem), so scripted answers
+    // may be left over. Topped up: the same key now pays (the refusal was
+    // not kept for the key).
+    fleet.gateway.set_faults(Faults::default());
     let out = gw.transfer(&request(77, "acct_driver")).await;
     assert!(matches!(out, Outcome::Paid { .. }), "{out:?}");
     assert_eq!(fleet.gateway.ledger().len(), 1);
