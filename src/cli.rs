@@ -501,6 +501,9 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
             if let Some(max) = policy.maximum_payout(cur).filter(|m| money.amount() > *m) {
                 bail!("amount: {money} is over the policy's maximum payout of {max} {cur}");
             }
+            // The configured gateway must be able to send it (Stripe counts
+            // some currencies its own way): refused now, not failed later.
+            crate::gateway::stripe_currency::check_for_kind(&settings.gateway.kind, &money)?;
             let due_at = parse_due(&due, clock.now())?;
             let payee_row = payees::get(&pool, payee)
                 .await?

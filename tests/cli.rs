@@ -108,6 +108,29 @@ async fn every_command_works_and_bad_input_changes_nothing() {
         ])
         .contains("payee 999999 not found")
     );
+    // With Stripe, an amount Stripe cannot send is refused at creation: a
+    // three-decimal currency must end in 0 there.
+    let stripe = [
+        ("PAYOUTS_GATEWAY__KIND", "stripe"),
+        ("PAYOUTS_GATEWAY__STRIPE__SECRET_KEY", "sk_test_cli"),
+    ];
+    let o = ctl.run_with(
+        &[
+            "create",
+            "--payee",
+            &payee_id,
+            "--amount",
+            "25.731",
+            "--currency",
+            "BHD",
+        ],
+        &stripe,
+    );
+    assert!(
+        !o.ok && o.stderr.contains("cannot be paid through Stripe"),
+        "{}",
+        o.stderr
+    );
     assert_eq!(
         count(&ctl, "payouts").await,
         before,
