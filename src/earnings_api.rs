@@ -79,7 +79,7 @@ async fn post_earning(
     // authenticates every request to this router; `unknown` only in tests
     // that serve the router bare).
     let actor = caller.map_or_else(|| "unknown".to_string(), |Extension(c)| c.actor());
-    let value: serde_json::Value = match serde_json::from_slice(&body) {
+    let value: serde_json::Value = match crate::admin::strict_json::parse(&body) {
         Ok(v) => v,
         Err(e) => {
             return (

@@ -1107,6 +1107,31 @@ async fn bulk_retry_is_a_dry_run_unless_asked_and_never_repays_a_reversed_payout
         .await;
     assert_eq!(code, StatusCode::OK, "{one}");
     assert_eq!(a.status(reversed).await, "queued");
+    // A repeated key is refused, not read last-wins, and an error never
+    // echoes a large input whole.
+    let r = a
+        .http
+        .post(format!("{}/api/v1/payouts/bulk-retry", a.base))
+        .bearer_auth(&a.admin)
+        .header("content-type", "application/json")
+        .body(r#"{"dry_run": true, "dry_run": false, "filter": {"payee_id": "1"}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert!(r.text().await.unwrap().contains("appears twice"));
+    let huge = format!(r#"{{"filter": {{"{}": "1"}}}}"#, "k".repeat(30_000));
+    let r = a
+        .http
+        .post(format!("{}/api/v1/payouts/bulk-retry", a.base))
+        .bearer_auth(&a.admin)
+        .header("content-type", "application/json")
+        .body(huge)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert!(r.text().await.unwrap().len() < 1_000);
 }
 
 /// Security finding 5: half a request header, or a body declared and never

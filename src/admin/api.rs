@@ -207,7 +207,9 @@ fn json_body<T: for<'de> Deserialize<'de> + Default>(body: &Bytes) -> Result<T, 
     if body.iter().all(u8::is_ascii_whitespace) || body.as_ref() == b"null" {
         return Ok(T::default());
     }
-    serde_json::from_slice(body)
+    let value = super::strict_json::parse(body)
+        .map_err(|e| ApiError::BadRequest(format!("the body is not the expected JSON: {e}")))?;
+    serde_json::from_value(value)
         .map_err(|e| ApiError::BadRequest(format!("the body is not the expected JSON: {e}")))
 }
 

@@ -13,6 +13,7 @@ pub mod api;
 pub mod auth;
 pub mod limits;
 pub mod overview;
+pub mod strict_json;
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -139,6 +140,17 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
+/// At most 300 characters of an error message, with an ellipsis when cut.
+fn capped(m: &str) -> String {
+    const MAX: usize = 300;
+    if m.chars().count() <= MAX {
+        return m.to_string();
+    }
+    let mut s: String = m.chars().take(MAX).collect();
+    s.push('…');
+    s
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (code, body) = match &self {
@@ -146,7 +158,9 @@ impl IntoResponse for ApiError {
                 crate::metrics::ADMIN_REFUSED
                     .with_label_values(&["bad_input"])
                     .inc();
-                (StatusCode::BAD_REQUEST, json!({"error": m}))
+                // An error may quote the input (serde names an unknown
+                // field or variant): never echo more than a line of it.
+                (StatusCode::BAD_REQUEST, json!({"error": capped(m)}))
             }
             ApiError::Unauthorized(m) => (StatusCode::UNAUTHORIZED, json!({"error": m})),
             ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, json!({"error": m})),
