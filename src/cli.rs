@@ -415,6 +415,21 @@ impl<W: Write> Write for Printable<W> {
     }
 }
 
+/// Records a payee change in `audit_log` (after the change: a failure here
+/// is reported, and the change stands).
+async fn audit(
+    pool: &sqlx::PgPool,
+    now: chrono::DateTime<chrono::Utc>,
+    actor: &str,
+    action: &str,
+    payee: i64,
+    detail: serde_json::Value,
+) -> anyhow::Result<()> {
+    db::audit::record(pool, now, actor, action, &payee.to_string(), detail, None)
+        .await
+        .context("the change is made, but recording it in the audit log failed")
+}
+
 /// Runs one command, writing its output to `out`.
 pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
     let clock = SystemClock;
@@ -475,6 +490,15 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
             let p = payees::create(&pool, &name, &account, currency)
                 .await
                 .context("failed to add payee")?;
+            audit(
+                &pool,
+                clock.now(),
+                &actor,
+                "payee.create",
+                p.id,
+                json!({"name": p.name, "gateway_account": p.gateway_account, "currency": p.currency}),
+            )
+            .await?;
             if cli.json {
                 writeln!(out, "{}", serde_json::to_string(&p)?)?;
             } else {
@@ -766,10 +790,22 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
             crate::cli_money::preview(&pool, &settings, args, cli.json, clock.now(), out).await?
         }
         Command::Payee(PayeeCommand::Set(args)) => {
-            crate::cli_money::payee_set(&pool, &settings, args, cli.json, clock.now(), out).await?
+            let (id, detail) = (
+                args.id,
+                json!({"schedule": args.schedule, "method": args.method,
+                       "minimum_payout": args.minimum, "currency": args.currency}),
+            );
+            crate::cli_money::payee_set(&pool, &settings, args, cli.json, clock.now(), out).await?;
+            audit(&pool, clock.now(), &actor, "payee.set", id, detail).await?;
         }
         Command::Payee(PayeeCommand::Deduction(args)) => {
-            crate::cli_money::payee_deduction(&pool, args, cli.json, clock.now(), out).await?
+            let (id, detail) = (
+                args.id,
+                json!({"label": args.label, "amount": args.amount,
+                       "currency": args.currency, "remove": args.remove}),
+            );
+            crate::cli_money::payee_deduction(&pool, args, cli.json, clock.now(), out).await?;
+            audit(&pool, clock.now(), &actor, "payee.deduction", id, detail).await?;
         }
     }
     Ok(())

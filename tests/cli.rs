@@ -175,6 +175,19 @@ async fn every_command_works_and_bad_input_changes_nothing() {
         "duplicate booking\x1b[2J\x1b]0;owned\x07",
     ]);
     assert_eq!(cancelled["from"], "queued");
+    // Payee changes are in the audit log, with who made them (finding 6).
+    let audited: Vec<(String, String)> = sqlx::query_as(
+        "SELECT action, actor FROM audit_log WHERE action LIKE 'payee.%' ORDER BY id",
+    )
+    .fetch_all(&ctl.db.pool)
+    .await
+    .unwrap();
+    assert!(
+        audited
+            .iter()
+            .any(|(a, who)| a == "payee.create" && who.starts_with("operator:")),
+        "{audited:?}"
+    );
     // A terminal escape in stored text is shown, never obeyed (finding 6).
     let status = ctl.ok(&["status", &id.to_string()]);
     assert!(status.contains("duplicate booking\\u{1b}[2J"), "{status}");
