@@ -12,7 +12,6 @@ mod common;
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
-    time::Duration,
 };
 
 use axum::{
@@ -27,16 +26,12 @@ use common::{Ctl, Fleet};
 use payouts::{
     clock::SystemClock,
     config::Settings,
-    db::payouts as db_payouts,
     domain::PayoutStatus,
     gateway::{
         Outcome, TransferRequest,
-        backoff::BackoffPolicy,
-        guard::{GatewayGuard, GuardSettings},
         mock::{Faults, MockGateway, MockGatewayConfig},
         select,
     },
-    queue::lock::Locks,
     worker::{Step, Worker},
 };
 use serde_json::{Value, json};
@@ -90,43 +85,12 @@ async fn release_fleet(faults: Faults) -> Fleet {
     Fleet { settings, ..fleet }
 }
 
-/// A worker of `fleet` on the gateway its settings select.
 fn worker_on(fleet: &Fleet) -> Arc<Worker> {
-    let settings = &fleet.settings;
-    Arc::new(Worker {
-        pool: fleet.pool().clone(),
-        batcher: payouts::db::batch::Batcher::spawn(fleet.pool().clone(), 64),
-        gateway: select::build(&settings.gateway).expect("gateway from configuration"),
-        guard: Arc::new(GatewayGuard::new(
-            fleet.queue.conn(),
-            &fleet.prefix,
-            GuardSettings::from_settings(&settings.gateway),
-        )),
-        locks: Locks::new(
-            fleet.queue.conn(),
-            &fleet.prefix,
-            Duration::from_millis(settings.worker.lock_ttl_ms),
-        ),
-        clock: fleet.clock.clone(),
-        settings: settings.worker.clone(),
-        backoff: BackoffPolicy::from_settings(&settings.gateway),
-        actor: "worker:kinds".into(),
-    })
+    fleet.worker_on(&fleet.settings, "worker:kinds")
 }
 
 async fn due_payout(fleet: &Fleet, account: &str) -> i64 {
-    let payee = fleet.payee(account).await;
-    let id = fleet.payout(payee, "120.50", Utc::now()).await;
-    db_payouts::enqueue_now(
-        fleet.pool(),
-        id,
-        "operator:test",
-        Utc::now() + chrono::Duration::seconds(60),
-        Utc::now(),
-    )
-    .await
-    .unwrap();
-    id
+    fleet.due_payout(account).await
 }
 
 async fn failure(fleet: &Fleet, id: i64) -> (Option<String>, Option<String>) {

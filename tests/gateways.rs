@@ -32,14 +32,11 @@ use payouts::{
     domain::PayoutStatus,
     gateway::{
         Gateway, Outcome, TransferRequest,
-        backoff::BackoffPolicy,
-        guard::{GatewayGuard, GuardSettings},
         mock::Faults,
         select,
         stripe::StripeGateway,
         stripe_standin::{Fault, StandIn, StandInConfig},
     },
-    queue::lock::Locks,
     sync::{FAILED_AFTER_PAID, InTransitSync},
     webhooks::{self, WebhookState},
     worker::{Step, Worker},
@@ -471,42 +468,12 @@ async fn with_lookup_first_a_key_stripe_has_forgotten_cannot_pay_twice_but_a_rev
 
 // --- the fleet on Stripe, by configuration alone -------------------------------------
 
-/// A worker of `fleet` on the gateway its settings select.
 fn worker_on(fleet: &Fleet, settings: &Settings) -> Arc<Worker> {
-    Arc::new(Worker {
-        pool: fleet.pool().clone(),
-        batcher: payouts::db::batch::Batcher::spawn(fleet.pool().clone(), 64),
-        gateway: select::build(&settings.gateway).expect("gateway from configuration"),
-        guard: Arc::new(GatewayGuard::new(
-            fleet.queue.conn(),
-            &fleet.prefix,
-            GuardSettings::from_settings(&settings.gateway),
-        )),
-        locks: Locks::new(
-            fleet.queue.conn(),
-            &fleet.prefix,
-            Duration::from_millis(settings.worker.lock_ttl_ms),
-        ),
-        clock: fleet.clock.clone(),
-        settings: settings.worker.clone(),
-        backoff: BackoffPolicy::from_settings(&settings.gateway),
-        actor: "worker:gateways".into(),
-    })
+    fleet.worker_on(settings, "worker:gateways")
 }
 
 async fn due_payout(fleet: &Fleet, account: &str) -> i64 {
-    let payee = fleet.payee(account).await;
-    let id = fleet.payout(payee, "120.50", Utc::now()).await;
-    db_payouts::enqueue_now(
-        fleet.pool(),
-        id,
-        "operator:test",
-        Utc::now() + chrono::Duration::seconds(60),
-        Utc::now(),
-    )
-    .await
-    .unwrap();
-    id
+    fleet.due_payout(account).await
 }
 
 #[tokio::test]

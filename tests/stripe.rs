@@ -17,13 +17,10 @@ use payouts::{
     domain::{Money, PayoutStatus},
     gateway::{
         Outcome, TransferRequest,
-        backoff::BackoffPolicy,
-        guard::{GatewayGuard, GuardSettings},
         mock::Faults,
         select,
         stripe_standin::{Endpoint, Fault, StandIn, StandInConfig},
     },
-    queue::lock::Locks,
     sync::InTransitSync,
     webhooks::{self, WebhookState},
     worker::{Step, Worker},
@@ -102,25 +99,7 @@ async fn webhook_server(fleet: &Fleet, settings: &Settings, stripe: &[&str]) -> 
 }
 
 fn worker_on(fleet: &Fleet, settings: &Settings) -> Arc<Worker> {
-    Arc::new(Worker {
-        pool: fleet.pool().clone(),
-        batcher: payouts::db::batch::Batcher::spawn(fleet.pool().clone(), 64),
-        gateway: select::build(&settings.gateway).expect("gateway from configuration"),
-        guard: Arc::new(GatewayGuard::new(
-            fleet.queue.conn(),
-            &fleet.prefix,
-            GuardSettings::from_settings(&settings.gateway),
-        )),
-        locks: Locks::new(
-            fleet.queue.conn(),
-            &fleet.prefix,
-            Duration::from_millis(settings.worker.lock_ttl_ms),
-        ),
-        clock: fleet.clock.clone(),
-        settings: settings.worker.clone(),
-        backoff: BackoffPolicy::from_settings(&settings.gateway),
-        actor: "worker:stripe".into(),
-    })
+    fleet.worker_on(settings, "worker:stripe")
 }
 
 impl StripeFleet {

@@ -237,6 +237,48 @@ impl Fleet {
     }
 
     /// A payee with account `account`.
+    /// A worker of this fleet on the gateway `settings` select (any kind),
+    /// acting as `actor`.
+    pub fn worker_on(&self, settings: &Settings, actor: &str) -> Arc<Worker> {
+        Arc::new(Worker {
+            pool: self.pool().clone(),
+            batcher: db::batch::Batcher::spawn(self.pool().clone(), 64),
+            gateway: payouts::gateway::select::build(&settings.gateway)
+                .expect("gateway from configuration"),
+            guard: Arc::new(GatewayGuard::new(
+                self.queue.conn(),
+                &self.prefix,
+                GuardSettings::from_settings(&settings.gateway),
+            )),
+            locks: Locks::new(
+                self.queue.conn(),
+                &self.prefix,
+                Duration::from_millis(settings.worker.lock_ttl_ms),
+            ),
+            clock: self.clock.clone(),
+            settings: settings.worker.clone(),
+            backoff: BackoffPolicy::from_settings(&settings.gateway),
+            actor: actor.into(),
+        })
+    }
+
+    /// A payout of 120.50 to a new payee at `account`, queued now (as an
+    /// operator's enqueue would), for a worker to process.
+    pub async fn due_payout(&self, account: &str) -> i64 {
+        let payee = self.payee(account).await;
+        let id = self.payout(payee, "120.50", chrono::Utc::now()).await;
+        db::payouts::enqueue_now(
+            self.pool(),
+            id,
+            "operator:test",
+            chrono::Utc::now() + chrono::Duration::seconds(60),
+            chrono::Utc::now(),
+        )
+        .await
+        .unwrap();
+        id
+    }
+
     pub async fn payee(&self, account: &str) -> i64 {
         payees::create(
             self.pool(),
