@@ -3,7 +3,8 @@
 # registries (scripts/test.sh installs them; tests/deploy.rs runs this):
 # - docker-compose.yml against the compose-spec JSON schema
 #   (check-jsonschema's vendored `vendor.compose-spec`);
-# - every kustomize variant (deploy/k8s/base, keda, hpa, monitoring, pgbouncer) rendered
+# - every kustomize variant (deploy/k8s/base, keda, hpa, monitoring, pgbouncer,
+#   and keda with the ingress Component) rendered
 #   by `kubectl kustomize`, then Kubernetes' own kinds checked by
 #   `kubernetes-validate --strict` (unknown fields refused) and the custom
 #   resources (ScaledObject, PodMonitor, PrometheusRule) by check-jsonschema
@@ -20,8 +21,16 @@ trap 'rm -rf "$out"' EXIT
 
 check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
 
-for variant in base keda hpa monitoring pgbouncer; do
-  kubectl kustomize "deploy/k8s/$variant" >"$out/$variant.yaml"
+# deploy/k8s/ingress is a Component: rendered on top of the keda variant.
+mkdir -p "$out/overlay"
+rel=$(realpath --relative-to="$out/overlay" deploy/k8s)
+printf 'resources: [%s]\ncomponents: [%s]\n' "$rel/keda" "$rel/ingress" >"$out/overlay/kustomization.yaml"
+for variant in base keda hpa monitoring pgbouncer ingress; do
+  if [ "$variant" = ingress ]; then
+    kubectl kustomize "$out/overlay" >"$out/$variant.yaml"
+  else
+    kubectl kustomize "deploy/k8s/$variant" >"$out/$variant.yaml"
+  fi
   # One file per custom resource, and the built-in kinds together.
   "$py" - "$out/$variant.yaml" "$out/$variant" <<'PY'
 import os, sys, yaml

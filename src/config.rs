@@ -69,6 +69,11 @@ pub struct AdminSettings {
     /// A header whose last address is the client's, set by a proxy you trust
     /// (e.g. `x-forwarded-for`); empty: the TCP peer's address.
     pub client_ip_header: String,
+    /// Host names the listener answers besides IP addresses, single-label
+    /// names (`localhost`, `payout-admin`) and cluster names (`*.svc`,
+    /// `*.svc.cluster.local`): the dashboard's public name behind an
+    /// ingress. Any other `Host` gets 421 (DNS rebinding).
+    pub allowed_hosts: Vec<String>,
 }
 
 /// Where the payout policy comes from.
@@ -459,7 +464,7 @@ impl Settings {
             ),
         ];
         let admin = &self.admin;
-        let listener: [(bool, &str); 7] = [
+        let listener: [(bool, &str); 8] = [
             (
                 (1..=300).contains(&admin.header_read_timeout_secs),
                 "admin.header_read_timeout_secs must be 1..=300",
@@ -489,6 +494,13 @@ impl Settings {
                     || axum::http::HeaderName::from_bytes(admin.client_ip_header.as_bytes())
                         .is_ok(),
                 "admin.client_ip_header must be a header name (or empty)",
+            ),
+            (
+                admin
+                    .allowed_hosts
+                    .iter()
+                    .all(|h| crate::admin::host::valid_name(h)),
+                "admin.allowed_hosts must be host names (letters, digits, '-' and '.'; no port, no scheme)",
             ),
         ];
         for (ok, msg) in checks.into_iter().chain(listener) {

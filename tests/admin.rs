@@ -1179,6 +1179,50 @@ async fn a_stalled_header_or_body_is_cut_off_by_the_listener() {
     assert_eq!(a.get("/health", None).await.0, StatusCode::OK);
 }
 
+/// Security finding 6: `/metrics` and `/health/ready` answered any `Host`, so
+/// a page on another site could rebind its DNS name to the listener and read
+/// them. Only addresses, single-label and cluster names and
+/// `admin.allowed_hosts` are answered; anything else is 421 before any route.
+#[tokio::test]
+async fn a_host_name_the_listener_does_not_know_is_refused_before_any_route() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a = Admin::start_with(&[("PAYOUTS_ADMIN__ALLOWED_HOSTS", "payouts.example.com")]).await;
+    let addr = a.base.trim_start_matches("http://").to_string();
+    let status_for = |host: &'static str, path: &'static str| {
+        let addr = addr.clone();
+        async move {
+            let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf).await.unwrap();
+            let text = String::from_utf8_lossy(&buf).to_string();
+            text.split(' ').nth(1).unwrap_or_default().to_string()
+        }
+    };
+    for path in ["/metrics", "/health/ready", "/login", "/api/v1/session"] {
+        assert_eq!(
+            status_for("rebound.evil.example", path).await,
+            "421",
+            "{path}"
+        );
+    }
+    assert_eq!(status_for("127.0.0.1:9300", "/metrics").await, "200");
+    assert_eq!(
+        status_for("payout-admin:9300", "/health/ready").await,
+        "200"
+    );
+    assert_eq!(status_for("payouts.example.com", "/metrics").await, "200");
+    let (_, metrics) = a.get("/metrics", None).await;
+    assert!(
+        metrics
+            .as_str()
+            .unwrap()
+            .contains(r#"payout_admin_refused_total{reason="host"}"#),
+        "the refusals are counted"
+    );
+}
+
 /// Security finding 5: 600 bad logins and bad bearer tokens in 5 s were all
 /// processed, each a Postgres round trip, none logged.
 #[tokio::test]

@@ -125,7 +125,7 @@ fn validate(dir: &Path) -> (bool, String) {
 fn the_compose_file_and_every_kustomize_variant_pass_their_schemas_strictly() {
     let (ok, out) = validate(&root());
     assert!(ok, "{out}");
-    for variant in ["base", "keda", "hpa", "monitoring", "pgbouncer"] {
+    for variant in ["base", "keda", "hpa", "monitoring", "pgbouncer", "ingress"] {
         assert!(
             out.contains(&format!("deploy/k8s/{variant}: valid")),
             "{out}"
@@ -341,6 +341,64 @@ fn the_admin_deployment_keeps_one_replica_through_a_drain() {
     );
     let min = pdb["spec"]["minAvailable"].as_i64().unwrap();
     assert!(min >= 1 && min < admin["spec"]["replicas"].as_i64().unwrap());
+}
+
+/// Security finding 5/6 behind an ingress: the lockout keys on the client
+/// (the controller's X-Forwarded-For), not on the controller, and the public
+/// name is the one Host the listener answers besides cluster names.
+#[test]
+fn behind_the_ingress_the_lockout_keys_on_the_client_and_the_public_host_is_answered() {
+    let dir = std::env::temp_dir().join(format!("ingress-overlay-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let k8s = root().join("deploy/k8s");
+    std::fs::write(
+        dir.join("kustomization.yaml"),
+        format!(
+            "resources: [{}]\ncomponents: [{}]\n",
+            pathdiff(&k8s.join("base"), &dir),
+            pathdiff(&k8s.join("ingress"), &dir),
+        ),
+    )
+    .unwrap();
+    let out = Command::new("kubectl")
+        .args(["kustomize", &dir.to_string_lossy()])
+        .output()
+        .expect("kubectl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let objs = docs_of(&String::from_utf8_lossy(&out.stdout));
+    let ingress = find(&objs, "Ingress", "payout-admin");
+    let host = ingress["spec"]["rules"][0]["host"].as_str().unwrap();
+    let admin = find(&objs, "Deployment", "payout-admin");
+    let env = &pod_spec(admin)["containers"][0]["env"];
+    let var = |name: &str| {
+        env.as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .and_then(|e| e["value"].as_str())
+            .map(str::to_string)
+    };
+    assert_eq!(
+        var("PAYOUTS_ADMIN__CLIENT_IP_HEADER").as_deref(),
+        Some("x-forwarded-for")
+    );
+    assert_eq!(var("PAYOUTS_ADMIN__ALLOWED_HOSTS").as_deref(), Some(host));
+    assert_eq!(
+        ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"],
+        "payout-admin"
+    );
+}
+
+/// `to` relative to `from` (kustomize refuses absolute resource paths).
+fn pathdiff(to: &Path, from: &Path) -> String {
+    let up = from.components().count() - 1;
+    let mut s = "../".repeat(up);
+    s.push_str(to.to_string_lossy().trim_start_matches('/'));
+    s
 }
 
 // --- autoscaling and the gateway ------------------------------------------------------

@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod host;
 pub mod limits;
 pub mod overview;
 pub mod strict_json;
@@ -367,6 +368,12 @@ pub async fn serve(
             request_timeout,
         ))
         .layer(middleware::from_fn(timed_out))
+        // Outermost: a Host the listener does not answer (DNS rebinding)
+        // reaches nothing, not even /metrics.
+        .layer(middleware::from_fn_with_state(
+            host::AllowedHosts::new(&a.allowed_hosts, &a.client_ip_header),
+            host::check,
+        ))
         // Every answer, JSON and errors included, is read as what it says it is.
         .layer(
             tower_http::set_header::SetResponseHeaderLayer::if_not_present(

@@ -131,7 +131,16 @@ fn valid_name(name: &str) -> bool {
 /// Creates a token that never expires, recorded in the audit log as made by
 /// `system`; returns its id and the token (shown once, stored hashed).
 pub async fn create(pool: &PgPool, name: &str, role: Role) -> Result<(i64, String), TokenError> {
-    issue(pool, name, role, None, "system", None, Utc::now()).await
+    issue(
+        pool,
+        name,
+        role,
+        None,
+        "system",
+        None,
+        crate::clock::Clock::now(&crate::clock::SystemClock),
+    )
+    .await
 }
 
 /// Creates a token (optionally expiring) for `actor`, with its audit row in
