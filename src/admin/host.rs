@@ -54,7 +54,7 @@ impl AllowedHosts {
             || [".svc", ".svc.cluster.local", ".localhost"]
                 .iter()
                 .any(|s| name.ends_with(s))
-            || self.names.iter().any(|n| *n == name)
+            || self.names.contains(&name)
     }
 }
 
