@@ -283,6 +283,16 @@ pub fn parse_event(source: Source, body: &[u8]) -> Result<Event, String> {
     let v: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
     let id = str_at(&v, "id").ok_or("no event id")?.to_string();
     let kind = str_at(&v, "type").ok_or("no event type")?.to_string();
+    // Refused at the edge, not by the database on every redelivery (a 500
+    // for an id over 255 characters, a 503 for a NUL byte: issue #15).
+    for (field, value) in [("id", &id), ("type", &kind)] {
+        if value.is_empty() || value.chars().count() > 255 {
+            return Err(format!("event {field} must be 1 to 255 characters"));
+        }
+        if value.chars().any(char::is_control) {
+            return Err(format!("event {field} contains a control character"));
+        }
+    }
     let object = match source {
         Source::Stripe => v.pointer("/data/object"),
         Source::Gateway => v.get("data"),
@@ -789,6 +799,27 @@ mod tests {
             verify(&header, body, &[], DEFAULT_TOLERANCE, 1000),
             Err(SignatureError::NoSecret)
         );
+    }
+
+    #[test]
+    fn an_event_id_too_long_or_with_a_control_character_is_refused_at_the_edge() {
+        let long = format!(
+            r#"{{"id":"{}","type":"transfer.paid","data":{{"object":{{}}}}}}"#,
+            "e".repeat(256)
+        );
+        assert!(
+            parse_event(Source::Stripe, long.as_bytes())
+                .unwrap_err()
+                .contains("255")
+        );
+        let nul = br#"{"id":"evt_\u0000","type":"transfer.paid","data":{"object":{}}}"#;
+        assert!(
+            parse_event(Source::Stripe, nul)
+                .unwrap_err()
+                .contains("control")
+        );
+        let ok = br#"{"id":"evt_1","type":"transfer.paid","data":{"object":{}}}"#;
+        assert!(parse_event(Source::Stripe, ok).is_ok());
     }
 
     #[test]

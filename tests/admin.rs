@@ -1223,6 +1223,50 @@ async fn a_host_name_the_listener_does_not_know_is_refused_before_any_route() {
     );
 }
 
+/// Security finding 6: a NUL byte in a filter or a reason gave 503 and an
+/// ERROR log; a terminal escape in a reason was stored and printed raw. A
+/// control character is refused at the edge (400 naming the field) and
+/// nothing changes.
+#[tokio::test]
+async fn control_characters_are_refused_at_the_edge_and_change_nothing() {
+    let a = Admin::start().await;
+    let p = a.payee("acct_c", "USD").await;
+    let failed = a.failed(p, "account_closed").await;
+    let op = Some(a.operator.as_str());
+    for reason in ["red \u{1b}[31m alert", "nul \u{0}", "bell \u{7}"] {
+        let (code, body) = a
+            .post(
+                &format!("/api/v1/payouts/{failed}/retry"),
+                op,
+                json!({"reason": reason}),
+            )
+            .await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{body}");
+        assert!(body["error"].as_str().unwrap().contains("reason"), "{body}");
+        assert_eq!(a.status(failed).await, "failed");
+    }
+    for q in ["payee=%00", "failure_code=a%1Bb", "%00=1"] {
+        let (code, body) = a.get(&format!("/api/v1/payouts?{q}"), op).await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{q}: {body}");
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .contains("control character"),
+            "{body}"
+        );
+    }
+    // Line breaks and tabs are text.
+    let (code, body) = a
+        .post(
+            &format!("/api/v1/payouts/{failed}/retry"),
+            op,
+            json!({"reason": "asked by the payee\n\tticket 42"}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+}
+
 /// Security finding 5: 600 bad logins and bad bearer tokens in 5 s were all
 /// processed, each a Postgres round trip, none logged.
 #[tokio::test]

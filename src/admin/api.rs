@@ -47,8 +47,51 @@ pub async fn overview(State(s): State<AdminState>) -> Result<Response, ApiError>
 }
 
 fn pairs(q: &Option<String>) -> Result<Vec<(String, String)>, ApiError> {
-    serde_urlencoded::from_str(q.as_deref().unwrap_or(""))
-        .map_err(|_| ApiError::BadRequest("the query string is not valid form encoding".into()))
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(q.as_deref().unwrap_or(""))
+        .map_err(|_| ApiError::BadRequest("the query string is not valid form encoding".into()))?;
+    if let Some((k, _)) = pairs.iter().find(|(k, v)| has_control(k) || has_control(v)) {
+        return Err(ApiError::BadRequest(format!(
+            "query parameter {:?} contains a control character",
+            short(k)
+        )));
+    }
+    Ok(pairs)
+}
+
+/// A control character (a NUL, a terminal escape); tabs and line breaks
+/// are text.
+fn has_control(s: &str) -> bool {
+    s.chars()
+        .any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
+}
+
+/// The first string of `v` (a JSON body) holding a control character, as
+/// the path of its field.
+fn control_in(v: &Value, path: &str) -> Option<String> {
+    match v {
+        Value::String(s) if has_control(s) => Some(if path.is_empty() {
+            "body".into()
+        } else {
+            path.into()
+        }),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, x)| control_in(x, &format!("{path}[{i}]"))),
+        Value::Object(m) => m.iter().find_map(|(k, x)| {
+            let p = if path.is_empty() {
+                k.clone()
+            } else {
+                format!("{path}.{k}")
+            };
+            if has_control(k) {
+                Some(p)
+            } else {
+                control_in(x, &p)
+            }
+        }),
+        _ => None,
+    }
 }
 
 /// Parses a list query (filters, `limit`, `cursor`).
@@ -209,6 +252,12 @@ fn json_body<T: for<'de> Deserialize<'de> + Default>(body: &Bytes) -> Result<T, 
     }
     let value = super::strict_json::parse(body)
         .map_err(|e| ApiError::BadRequest(format!("the body is not the expected JSON: {e}")))?;
+    if let Some(field) = control_in(&value, "") {
+        return Err(ApiError::BadRequest(format!(
+            "{} contains a control character",
+            short(&field)
+        )));
+    }
     serde_json::from_value(value)
         .map_err(|e| ApiError::BadRequest(format!("the body is not the expected JSON: {e}")))
 }
