@@ -415,21 +415,6 @@ impl<W: Write> Write for Printable<W> {
     }
 }
 
-/// Records a payee change in `audit_log` (after the change: a failure here
-/// is reported, and the change stands).
-async fn audit(
-    pool: &sqlx::PgPool,
-    now: chrono::DateTime<chrono::Utc>,
-    actor: &str,
-    action: &str,
-    payee: i64,
-    detail: serde_json::Value,
-) -> anyhow::Result<()> {
-    db::audit::record(pool, now, actor, action, &payee.to_string(), detail, None)
-        .await
-        .context("the change is made, but recording it in the audit log failed")
-}
-
 /// Runs one command, writing its output to `out`.
 pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
     let clock = SystemClock;
@@ -487,18 +472,22 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
             if account.trim().is_empty() {
                 bail!("account must not be empty");
             }
-            let p = payees::create(&pool, &name, &account, currency)
+            // The payee and its audit row commit together, or neither does.
+            let mut tx = pool.begin().await?;
+            let p = payees::create(&mut *tx, &name, &account, currency)
                 .await
                 .context("failed to add payee")?;
-            audit(
-                &pool,
+            db::audit::record(
+                &mut *tx,
                 clock.now(),
                 &actor,
                 "payee.create",
-                p.id,
+                &p.id.to_string(),
                 json!({"name": p.name, "gateway_account": p.gateway_account, "currency": p.currency}),
+                None,
             )
             .await?;
+            tx.commit().await?;
             if cli.json {
                 writeln!(out, "{}", serde_json::to_string(&p)?)?;
             } else {
@@ -790,22 +779,12 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
             crate::cli_money::preview(&pool, &settings, args, cli.json, clock.now(), out).await?
         }
         Command::Payee(PayeeCommand::Set(args)) => {
-            let (id, detail) = (
-                args.id,
-                json!({"schedule": args.schedule, "method": args.method,
-                       "minimum_payout": args.minimum, "currency": args.currency}),
-            );
-            crate::cli_money::payee_set(&pool, &settings, args, cli.json, clock.now(), out).await?;
-            audit(&pool, clock.now(), &actor, "payee.set", id, detail).await?;
+            crate::cli_money::payee_set(&pool, &settings, args, cli.json, &actor, clock.now(), out)
+                .await?
         }
         Command::Payee(PayeeCommand::Deduction(args)) => {
-            let (id, detail) = (
-                args.id,
-                json!({"label": args.label, "amount": args.amount,
-                       "currency": args.currency, "remove": args.remove}),
-            );
-            crate::cli_money::payee_deduction(&pool, args, cli.json, clock.now(), out).await?;
-            audit(&pool, clock.now(), &actor, "payee.deduction", id, detail).await?;
+            crate::cli_money::payee_deduction(&pool, args, cli.json, &actor, clock.now(), out)
+                .await?
         }
     }
     Ok(())

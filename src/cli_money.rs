@@ -252,45 +252,28 @@ pub async fn payee_set(
     settings: &Settings,
     args: PayeeSet,
     as_json: bool,
+    actor: &str,
     now: DateTime<Utc>,
     out: &mut (dyn Write + Send),
 ) -> anyhow::Result<()> {
-    if let Some(min) = args.minimum.as_deref() {
-        let code = args.currency.trim().to_ascii_uppercase();
-        let currency: Currency = code.parse().map_err(|e| anyhow::anyhow!("currency: {e}"))?;
-        let amount = if min == "default" {
-            None
-        } else {
-            let policy = settings.policy.load()?;
-            let m = Money::parse(min, &code).map_err(|e| anyhow::anyhow!("minimum_payout: {e}"))?;
-            policy.check_payee_minimum(m.amount(), currency)?;
-            Some(m)
-        };
-        if payee_terms::get(&mut *pool.acquire().await?, args.id)
-            .await?
-            .is_none()
-        {
-            bail!("payee {} not found", args.id);
-        }
-        payee_terms::set_minimum(pool, args.id, currency, amount, now).await?;
-        if args.schedule.is_none() && args.method.is_none() {
-            let shown = amount.map_or_else(|| "the policy's".to_string(), |m| m.to_string());
-            if as_json {
-                writeln!(
-                    out,
-                    "{}",
-                    json!({"payee_id": args.id, "currency": currency.code(), "minimum_payout": amount.map(|m| earnings::at_minor_unit(&m).to_string())})
-                )?;
+    // Everything is checked before anything is written.
+    let minimum = match args.minimum.as_deref() {
+        None => None,
+        Some(min) => {
+            let code = args.currency.trim().to_ascii_uppercase();
+            let currency: Currency = code.parse().map_err(|e| anyhow::anyhow!("currency: {e}"))?;
+            let amount = if min == "default" {
+                None
             } else {
-                writeln!(
-                    out,
-                    "payee {}: minimum payout {shown} in {currency}",
-                    args.id
-                )?;
-            }
-            return Ok(());
+                let policy = settings.policy.load()?;
+                let m =
+                    Money::parse(min, &code).map_err(|e| anyhow::anyhow!("minimum_payout: {e}"))?;
+                policy.check_payee_minimum(m.amount(), currency)?;
+                Some(m)
+            };
+            Some((currency, amount))
         }
-    }
+    };
     let schedule = match args.schedule.as_deref() {
         None => None,
         Some("default") => Some(None),
@@ -302,12 +285,51 @@ pub async fn payee_set(
         .map(str::parse::<PayoutMethod>)
         .transpose()
         .map_err(anyhow::Error::msg)?;
-    if schedule.is_none() && method.is_none() {
+    if schedule.is_none() && method.is_none() && minimum.is_none() {
         bail!("nothing to set: give --schedule, --method and/or --minimum");
     }
-    let terms = payee_terms::set(pool, args.id, schedule, method)
-        .await?
-        .with_context(|| format!("payee {} not found", args.id))?;
+    // The change and its audit row commit together, or neither does.
+    let mut tx = pool.begin().await?;
+    let Some(mut terms) = payee_terms::get(&mut tx, args.id).await? else {
+        bail!("payee {} not found", args.id);
+    };
+    if let Some((currency, amount)) = minimum {
+        payee_terms::set_minimum(&mut *tx, args.id, currency, amount, now).await?;
+    }
+    if schedule.is_some() || method.is_some() {
+        terms = payee_terms::set(&mut *tx, args.id, schedule, method)
+            .await?
+            .with_context(|| format!("payee {} not found", args.id))?;
+    }
+    crate::db::audit::record(
+        &mut *tx,
+        now,
+        actor,
+        "payee.set",
+        &args.id.to_string(),
+        json!({"schedule": args.schedule, "method": args.method,
+               "minimum_payout": args.minimum, "currency": args.currency}),
+        None,
+    )
+    .await?;
+    tx.commit().await?;
+    if let (Some((currency, amount)), None, None) = (minimum, &schedule, &method) {
+        let shown = amount.map_or_else(|| "the policy's".to_string(), |m| m.to_string());
+        if as_json {
+            writeln!(
+                out,
+                "{}",
+                json!({"payee_id": args.id, "currency": currency.code(), "minimum_payout": amount.map(|m| earnings::at_minor_unit(&m).to_string())})
+            )?;
+        } else {
+            writeln!(
+                out,
+                "payee {}: minimum payout {shown} in {currency}",
+                args.id
+            )?;
+        }
+        return Ok(());
+    }
     if as_json {
         writeln!(out, "{}", serde_json::to_string(&terms)?)?;
     } else {
@@ -330,46 +352,73 @@ pub async fn payee_deduction(
     pool: &PgPool,
     args: PayeeDeduction,
     as_json: bool,
+    actor: &str,
     now: DateTime<Utc>,
     out: &mut (dyn Write + Send),
 ) -> anyhow::Result<()> {
     let label = crate::domain::earning::text_field("label", &args.label, 100)?;
     let label = label.as_str();
-    let mut conn = pool.acquire().await?;
-    if payee_terms::existing(&mut conn, &[args.id])
-        .await?
-        .is_empty()
-    {
+    let currency: crate::domain::Currency = args.currency.parse()?;
+    let amount = if args.remove {
+        None
+    } else {
+        Some(Money::parse(
+            args.amount.as_deref().unwrap_or_default(),
+            &args.currency,
+        )?)
+    };
+    // The change and its audit row commit together, or neither does.
+    let mut tx = pool.begin().await?;
+    if payee_terms::existing(&mut tx, &[args.id]).await?.is_empty() {
         bail!("payee {} not found", args.id);
     }
-    drop(conn);
-    if args.remove {
-        let currency: crate::domain::Currency = args.currency.parse()?;
-        let removed = payee_terms::remove_deduction(pool, args.id, currency.code(), label).await?;
-        if !removed {
-            bail!("payee {} has no {currency} deduction {label:?}", args.id);
+    let set = match amount {
+        None => {
+            if !payee_terms::remove_deduction(&mut *tx, args.id, currency.code(), label).await? {
+                bail!("payee {} has no {currency} deduction {label:?}", args.id);
+            }
+            None
         }
-        if as_json {
-            writeln!(
-                out,
-                "{}",
-                json!({"payee_id": args.id, "label": label, "removed": true})
-            )?;
-        } else {
-            writeln!(out, "payee {}: deduction {label:?} removed", args.id)?;
+        Some(amount) => Some((
+            payee_terms::set_deduction(&mut *tx, args.id, label, amount, now).await?,
+            amount,
+        )),
+    };
+    crate::db::audit::record(
+        &mut *tx,
+        now,
+        actor,
+        "payee.deduction",
+        &args.id.to_string(),
+        json!({"label": label, "amount": args.amount,
+               "currency": args.currency, "remove": args.remove}),
+        None,
+    )
+    .await?;
+    tx.commit().await?;
+    match set {
+        Some((d, amount)) => {
+            if as_json {
+                writeln!(out, "{}", serde_json::to_string(&d)?)?;
+            } else {
+                writeln!(
+                    out,
+                    "payee {}: deduction {:?} of {amount} per settled period",
+                    d.payee_id, d.label
+                )?;
+            }
         }
-        return Ok(());
-    }
-    let amount = Money::parse(args.amount.as_deref().unwrap_or_default(), &args.currency)?;
-    let d = payee_terms::set_deduction(pool, args.id, label, amount, now).await?;
-    if as_json {
-        writeln!(out, "{}", serde_json::to_string(&d)?)?;
-    } else {
-        writeln!(
-            out,
-            "payee {}: deduction {:?} of {amount} per settled period",
-            d.payee_id, d.label
-        )?;
+        None => {
+            if as_json {
+                writeln!(
+                    out,
+                    "{}",
+                    json!({"payee_id": args.id, "label": label, "removed": true})
+                )?;
+            } else {
+                writeln!(out, "payee {}: deduction {label:?} removed", args.id)?;
+            }
+        }
     }
     Ok(())
 }

@@ -485,3 +485,50 @@ async fn the_admin_commands_match_the_dashboard_tokens_failures_bulk_retry_and_f
     assert_eq!(o["counts"]["pending"], 1);
     assert!(ctl.ok(&["overview"]).contains("producer leader: none"));
 }
+
+/// Security finding 6: a payee change and its `audit_log` row commit
+/// together. They used to be two statements: when the audit insert failed,
+/// the change stood with no record of who made it.
+#[tokio::test]
+async fn a_payee_change_that_cannot_be_audited_is_not_made() {
+    let ctl = Ctl::new().await;
+    let added = ctl.json(&["payee", "add", "--name", "Ana", "--account", "acct_ana"]);
+    let id = added["id"].as_i64().unwrap().to_string();
+    sqlx::query(
+        "CREATE FUNCTION refuse_audit() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'audit_log is read-only in this test'; END $$",
+    )
+    .execute(&ctl.db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_log
+         FOR EACH ROW EXECUTE FUNCTION refuse_audit()",
+    )
+    .execute(&ctl.db.pool)
+    .await
+    .unwrap();
+    ctl.fails(&["payee", "set", &id, "--schedule", "manual"]);
+    ctl.fails(&["payee", "set", &id, "--minimum", "50.00"]);
+    ctl.fails(&[
+        "payee",
+        "deduction",
+        &id,
+        "--label",
+        "booth rent",
+        "--amount",
+        "50.00",
+    ]);
+    ctl.fails(&["payee", "add", "--name", "Bo", "--account", "acct_bo"]);
+    let (schedule, minimums, deductions, payees): (Option<String>, i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT schedule FROM payees WHERE id = $1),
+                    (SELECT count(*) FROM payee_minimums),
+                    (SELECT count(*) FROM payee_deductions),
+                    (SELECT count(*) FROM payees)",
+    )
+    .bind(id.parse::<i64>().unwrap())
+    .fetch_one(&ctl.db.pool)
+    .await
+    .unwrap();
+    assert_eq!((schedule, minimums, deductions, payees), (None, 0, 0, 1));
+}

@@ -6,7 +6,7 @@
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::Serialize;
-use sqlx::{PgConnection, PgPool};
+use sqlx::{PgConnection, PgExecutor};
 
 use crate::domain::{Money, PayoutMethod, Schedule};
 
@@ -72,8 +72,8 @@ pub async fn lock(conn: &mut PgConnection, payee_id: i64) -> sqlx::Result<Option
 
 /// Sets the schedule (`Some(None)` = back to the policy default) and/or the
 /// payout method; returns the new terms, `None` when there is no such payee.
-pub async fn set(
-    pool: &PgPool,
+pub async fn set<'e>(
+    db: impl PgExecutor<'e>,
     payee_id: i64,
     schedule: Option<Option<Schedule>>,
     method: Option<PayoutMethod>,
@@ -88,7 +88,7 @@ pub async fn set(
     .bind(schedule.is_some())
     .bind(schedule.flatten().map(|s| s.to_string()))
     .bind(method.map(|m| m.as_str()))
-    .fetch_optional(pool)
+    .fetch_optional(db)
     .await?
     .map(TermsRow::into_terms)
     .transpose()
@@ -120,8 +120,8 @@ pub struct Deduction {
 }
 
 /// Adds a deduction, or changes the amount of the one with this label.
-pub async fn set_deduction(
-    pool: &PgPool,
+pub async fn set_deduction<'e>(
+    db: impl PgExecutor<'e>,
     payee_id: i64,
     label: &str,
     amount: Money,
@@ -138,13 +138,13 @@ pub async fn set_deduction(
     .bind(label)
     .bind(crate::db::earnings::at_minor_unit(&amount))
     .bind(now)
-    .fetch_one(pool)
+    .fetch_one(db)
     .await
 }
 
 /// Removes a deduction; `false` when there was none.
-pub async fn remove_deduction(
-    pool: &PgPool,
+pub async fn remove_deduction<'e>(
+    db: impl PgExecutor<'e>,
     payee_id: i64,
     currency: &str,
     label: &str,
@@ -155,7 +155,7 @@ pub async fn remove_deduction(
     .bind(payee_id)
     .bind(currency)
     .bind(label)
-    .execute(pool)
+    .execute(db)
     .await?;
     Ok(res.rows_affected() > 0)
 }
@@ -177,8 +177,8 @@ pub async fn deductions(
 
 /// Sets (or with `None` removes) the payee's own minimum payout in
 /// `currency`; the caller has checked it against the policy.
-pub async fn set_minimum(
-    pool: &PgPool,
+pub async fn set_minimum<'e>(
+    db: impl PgExecutor<'e>,
     payee_id: i64,
     currency: crate::domain::Currency,
     amount: Option<Money>,
@@ -194,14 +194,14 @@ pub async fn set_minimum(
             .bind(currency.code())
             .bind(crate::db::earnings::at_minor_unit(&m))
             .bind(now)
-            .execute(pool)
+            .execute(db)
             .await?;
         }
         None => {
             sqlx::query("DELETE FROM payee_minimums WHERE payee_id = $1 AND currency = $2")
                 .bind(payee_id)
                 .bind(currency.code())
-                .execute(pool)
+                .execute(db)
                 .await?;
         }
     }

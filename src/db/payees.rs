@@ -24,8 +24,8 @@ pub struct Payee {
 }
 
 /// Adds a payee.
-pub async fn create(
-    pool: &PgPool,
+pub async fn create<'e>(
+    db: impl sqlx::PgExecutor<'e>,
     name: &str,
     gateway_account: &str,
     currency: Currency,
@@ -36,7 +36,7 @@ pub async fn create(
     .bind(name)
     .bind(gateway_account)
     .bind(currency.code())
-    .fetch_one(pool)
+    .fetch_one(db)
     .await
 }
 
