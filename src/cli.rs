@@ -157,6 +157,67 @@ pub enum Command {
     Settle(crate::cli_money::SettleArgs),
     /// Show the open period's payout computation line by line; writes nothing.
     Preview(crate::cli_money::PreviewArgs),
+    /// Print a shell completion script: `payoutctl completions bash > /etc/bash_completion.d/payoutctl`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (payoutctl.1 and one per subcommand) into a directory.
+    Man {
+        /// Where to write them (e.g. /usr/local/share/man/man1).
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+}
+
+/// The commands that need no configuration, database or Redis
+/// (completions, man pages): run them, or `None` for every other command.
+pub fn run_offline(cli: &Cli, out: &mut (dyn Write + Send)) -> Option<anyhow::Result<()>> {
+    use clap::CommandFactory;
+    match &cli.command {
+        Command::Completions { shell } => {
+            let mut cmd = Cli::command();
+            let mut buf = Vec::new();
+            clap_complete::generate(*shell, &mut cmd, "payoutctl", &mut buf);
+            Some(out.write_all(&buf).map_err(Into::into))
+        }
+        Command::Man { dir } => Some(write_man_pages(dir, out)),
+        _ => None,
+    }
+}
+
+/// payoutctl.1, payoutctl-<command>.1, payoutctl-<command>-<sub>.1, ...
+fn write_man_pages(dir: &std::path::Path, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    fn walk(
+        cmd: clap::Command,
+        name: String,
+        dir: &std::path::Path,
+        written: &mut Vec<PathBuf>,
+    ) -> anyhow::Result<()> {
+        let cmd = cmd.name(name.clone()).bin_name(name.replace('-', " "));
+        let path = dir.join(format!("{name}.1"));
+        let mut buf = Vec::new();
+        clap_mangen::Man::new(cmd.clone()).render(&mut buf)?;
+        std::fs::write(&path, buf)
+            .with_context(|| format!("failed to write {}", path.display()))?;
+        written.push(path);
+        for sub in cmd.get_subcommands().filter(|c| c.get_name() != "help") {
+            let sub_name = format!("{name}-{}", sub.get_name());
+            walk(sub.clone(), sub_name, dir, written)?;
+        }
+        Ok(())
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
+    let mut written = Vec::new();
+    walk(Cli::command(), "payoutctl".into(), dir, &mut written)?;
+    writeln!(
+        out,
+        "{} man pages written to {}",
+        written.len(),
+        dir.display()
+    )?;
+    Ok(())
 }
 
 /// Payee commands.
@@ -180,18 +241,28 @@ pub enum PayeeCommand {
     Deduction(crate::cli_money::PayeeDeduction),
 }
 
+/// Bad usage: an unknown flag, a missing or malformed argument (clap's own
+/// code, kept for the errors `payoutctl` finds in argument values too).
+pub const EXIT_USAGE: i32 = 2;
+/// What the command names does not exist: a payout, a payee, a file.
+pub const EXIT_NOT_FOUND: i32 = 3;
+/// Refused by the payout's state: an illegal transition (retry of a paid
+/// payout, cancel of a paid one), or a change a database rule forbids.
+pub const EXIT_CONFLICT: i32 = 4;
 /// `payoutctl reconcile` found money out of step that `--fix` did not settle
 /// (`EX_DATAERR` of sysexits.h).
 pub const EXIT_MISMATCHES: i32 = 65;
-/// `payoutctl reconcile` could not ask the gateway: every look-up failed (the
-/// run does not count as a reconciliation), or some did (`EX_UNAVAILABLE`).
+/// A dependency is unavailable: Postgres or Redis cannot be reached (or
+/// timed out), or `payoutctl reconcile` could not ask the gateway (every
+/// look-up failed: the run does not count as a reconciliation; or some
+/// did) (`EX_UNAVAILABLE`). Try again later: nothing was changed by the
+/// failing step.
 pub const EXIT_UNAVAILABLE: i32 = 69;
-
 /// `payoutctl migrate --check`: migrations this binary knows are not applied
 /// yet (`EX_TEMPFAIL`: the migration Job has not run; try again later).
 pub const EXIT_SCHEMA_BEHIND: i32 = 75;
 
-/// An error with its own exit code; every other error exits 1.
+/// An error with its own exit code; see [`Exit::code_of`] for the others.
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
 pub struct Exit {
@@ -210,9 +281,61 @@ impl Exit {
         }
     }
 
-    /// The exit code for `e`: its own when it is an [`Exit`], else 1.
+    /// "Not found" ([`EXIT_NOT_FOUND`]).
+    pub fn not_found(message: impl Into<String>) -> anyhow::Error {
+        Exit::new(EXIT_NOT_FOUND, message).into()
+    }
+
+    /// The exit code for `e`, from the first error of its chain that has
+    /// one: an [`Exit`]; a payout action's not found (3) or illegal
+    /// transition (4); a database rule's refusal (4); Postgres or Redis out
+    /// of reach (69); else 1.
     pub fn code_of(e: &anyhow::Error) -> i32 {
-        e.downcast_ref::<Exit>().map_or(1, |x| x.code)
+        use crate::db::payouts::ActionError;
+        for cause in e.chain() {
+            if let Some(x) = cause.downcast_ref::<Exit>() {
+                return x.code;
+            }
+            if let Some(a) = cause.downcast_ref::<ActionError>() {
+                match a {
+                    ActionError::NotFound(_) => return EXIT_NOT_FOUND,
+                    ActionError::Illegal(_) => return EXIT_CONFLICT,
+                    ActionError::Db(_) => {}
+                }
+            }
+            if cause
+                .downcast_ref::<crate::domain::status::TransitionError>()
+                .is_some()
+            {
+                return EXIT_CONFLICT;
+            }
+            if let Some(db) = cause.downcast_ref::<sqlx::Error>() {
+                match db {
+                    sqlx::Error::Io(_)
+                    | sqlx::Error::Tls(_)
+                    | sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed => return EXIT_UNAVAILABLE,
+                    // A rule of the schema (a trigger's check_violation):
+                    // e.g. a returned payout cannot be retried.
+                    sqlx::Error::Database(d) if d.code().as_deref() == Some("23514") => {
+                        return EXIT_CONFLICT;
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(r) = cause.downcast_ref::<redis::RedisError>() {
+                if r.is_io_error() || r.is_connection_refusal() || r.is_timeout() {
+                    return EXIT_UNAVAILABLE;
+                }
+            }
+            if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+                use std::io::ErrorKind::*;
+                if matches!(io.kind(), ConnectionRefused | ConnectionReset | TimedOut) {
+                    return EXIT_UNAVAILABLE;
+                }
+            }
+        }
+        1
     }
 }
 
@@ -520,7 +643,7 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
             let due_at = parse_due(&due, clock.now())?;
             let payee_row = payees::get(&pool, payee)
                 .await?
-                .with_context(|| format!("payee {payee} not found"))?;
+                .ok_or_else(|| Exit::not_found(format!("payee {payee} not found")))?;
             if payee_row.status != "active" {
                 bail!("payee {payee} is {}", payee_row.status);
             }
@@ -577,7 +700,7 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
         Command::Status { id } => {
             let p = payouts::get(&pool, id)
                 .await?
-                .with_context(|| format!("payout {id} not found"))?;
+                .ok_or_else(|| Exit::not_found(format!("payout {id} not found")))?;
             let p = p.with_currency_scale();
             let history = events::for_payout(&pool, id).await?;
             let lines = crate::db::settlements::lines_for_payout(&pool, id).await?;
@@ -777,6 +900,13 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
         }
         Command::Preview(args) => {
             crate::cli_money::preview(&pool, &settings, args, cli.json, clock.now(), out).await?
+        }
+        Command::Completions { .. } | Command::Man { .. } => {
+            // Run by `run_offline` before any connection; here for the
+            // library's callers.
+            if let Some(r) = run_offline(&Cli { ..cli }, out) {
+                r?;
+            }
         }
         Command::Payee(PayeeCommand::Set(args)) => {
             crate::cli_money::payee_set(&pool, &settings, args, cli.json, &actor, clock.now(), out)

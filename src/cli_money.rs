@@ -291,7 +291,10 @@ pub async fn payee_set(
     // The change and its audit row commit together, or neither does.
     let mut tx = pool.begin().await?;
     let Some(mut terms) = payee_terms::get(&mut tx, args.id).await? else {
-        bail!("payee {} not found", args.id);
+        return Err(crate::cli::Exit::not_found(format!(
+            "payee {} not found",
+            args.id
+        )));
     };
     if let Some((currency, amount)) = minimum {
         payee_terms::set_minimum(&mut *tx, args.id, currency, amount, now).await?;

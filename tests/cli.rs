@@ -532,3 +532,92 @@ async fn a_payee_change_that_cannot_be_audited_is_not_made() {
     .unwrap();
     assert_eq!((schedule, minimums, deductions, payees), (None, 0, 0, 1));
 }
+
+/// Issue 19: a cron job tells "not found" from "refused by the payout's
+/// state" from "Postgres is down" by the exit code (README: exit codes).
+#[tokio::test]
+async fn exit_codes_tell_usage_not_found_conflict_and_unavailable_apart() {
+    let ctl = Ctl::new().await;
+    ctl.ok(&["migrate"]);
+    let code = |args: &[&str], env: &[(&str, &str)]| ctl.run_with(args, env).code;
+    assert_eq!(code(&["status", "--no-such-flag"], &[]), Some(2), "usage");
+    assert_eq!(
+        code(&["status", "424242"], &[]),
+        Some(3),
+        "payout not found"
+    );
+    assert_eq!(code(&["retry", "424242"], &[]), Some(3), "payout not found");
+    assert_eq!(
+        code(&["payee", "set", "424242", "--schedule", "manual"], &[]),
+        Some(3),
+        "payee not found"
+    );
+    let payee = ctl.json(&["payee", "add", "--name", "Cy", "--account", "acct_cy"])["id"]
+        .as_i64()
+        .unwrap()
+        .to_string();
+    let id = ctl.json(&[
+        "create",
+        "--payee",
+        &payee,
+        "--amount",
+        "5.00",
+        "--currency",
+        "USD",
+        "--due",
+        "+1d",
+    ])["id"]
+        .as_i64()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        code(&["retry", &id], &[]),
+        Some(4),
+        "pending cannot be retried"
+    );
+    assert_eq!(code(&["status", &id], &[]), Some(0));
+    // Postgres out of reach: 69, after the connection attempt gives up.
+    assert_eq!(
+        code(
+            &["status", &id],
+            &[
+                ("DATABASE_URL", "postgres://postgres@127.0.0.1:1/payouts"),
+                ("PAYOUTS_DATABASE__ACQUIRE_TIMEOUT_MS", "500"),
+            ]
+        ),
+        Some(69),
+        "unavailable"
+    );
+}
+
+/// Issue 19: completions and man pages, without a database.
+#[test]
+fn completions_and_man_pages_need_no_database() {
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_payoutctl"))
+            .args(args)
+            .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+            .output()
+            .unwrap()
+    };
+    let bash = run(&["completions", "bash"]);
+    assert!(bash.status.success());
+    let script = String::from_utf8_lossy(&bash.stdout);
+    assert!(
+        script.contains("complete -F") && script.contains("bulk-retry"),
+        "{script}"
+    );
+    assert!(run(&["completions", "zsh"]).status.success());
+    let dir = std::env::temp_dir().join(format!("payoutctl-man-{}", std::process::id()));
+    let man = run(&["man", "--dir", &dir.to_string_lossy()]);
+    assert!(
+        man.status.success(),
+        "{}",
+        String::from_utf8_lossy(&man.stderr)
+    );
+    let page = std::fs::read_to_string(dir.join("payoutctl-reconcile.1")).unwrap();
+    assert!(page.contains(".TH") && page.contains("reconcile"), "{page}");
+    assert!(dir.join("payoutctl-payee-set.1").exists());
+    assert!(dir.join("payoutctl.1").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}

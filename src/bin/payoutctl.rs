@@ -5,6 +5,14 @@ use clap::Parser;
 #[tokio::main]
 async fn main() {
     let cli = payouts::cli::Cli::parse();
+    // Completions and man pages need no configuration or database.
+    if let Some(r) = payouts::cli::run_offline(&cli, &mut std::io::stdout()) {
+        if let Err(e) = r {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let result = async {
         let settings = payouts::config::Settings::load(cli.config.as_deref())?;
         // Terminal escapes in stored text are shown, never obeyed.

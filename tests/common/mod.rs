@@ -446,6 +446,8 @@ pub struct Ctl {
 /// What a `payoutctl` run printed.
 pub struct Out {
     pub ok: bool,
+    /// The exit code (`None` when killed by a signal).
+    pub code: Option<i32>,
     pub stdout: String,
     pub stderr: String,
 }
@@ -474,6 +476,7 @@ impl Ctl {
         let out = self.command(args, env).output().expect("run payoutctl");
         Out {
             ok: out.status.success(),
+            code: out.status.code(),
             stdout: String::from_utf8_lossy(&out.stdout).into(),
             stderr: String::from_utf8_lossy(&out.stderr).into(),
         }
