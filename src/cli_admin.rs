@@ -30,7 +30,7 @@ pub enum TokenCommand {
         #[arg(long)]
         name: String,
         /// viewer (read), operator (retry, cancel, enqueue, post earnings) or admin (also bulk actions, tokens).
-        #[arg(long)]
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(["viewer", "operator", "admin"]))]
         role: String,
         /// Let it stop working after this many days (default: until revoked).
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=3650))]
@@ -49,7 +49,9 @@ pub enum TokenCommand {
 #[derive(Debug, Clone, Default, Args)]
 pub struct FilterArgs {
     /// Only this status.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(
+        crate::domain::status::ALL_STATUSES.map(|s| s.as_str())
+    ))]
     pub status: Option<String>,
     /// Only this payee id.
     #[arg(long)]

@@ -119,18 +119,18 @@ impl PayoutFilter {
             "status" => {
                 self.status = Some(v.parse().map_err(|_| {
                     format!(
-                        "status: unknown status {:?} (expected one of pending, queued, processing, retrying, in_transit, paid, failed, cancelled)",
-                        shown(v)
+                        "status: unknown status {:?} (expected one of {})",
+                        shown(v),
+                        crate::domain::status::ALL_STATUSES
+                            .map(|s| s.as_str())
+                            .join(", ")
                     )
                 })?)
             }
             "payee_id" => {
-                self.payee_id = Some(
-                    v.parse::<i64>()
-                        .ok()
-                        .filter(|n| *n > 0)
-                        .ok_or_else(|| format!("payee_id: expected a positive integer, got {:?}", shown(v)))?,
-                )
+                self.payee_id = Some(v.parse::<i64>().ok().filter(|n| *n > 0).ok_or_else(|| {
+                    format!("payee_id: expected a positive integer, got {:?}", shown(v))
+                })?)
             }
             "currency" => {
                 let c: Currency = v
