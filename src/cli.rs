@@ -380,22 +380,54 @@ fn queue_for(settings: &Settings, conn: redis::aio::ConnectionManager) -> Queue 
     Queue::from_settings(conn, settings)
 }
 
-fn payout_row(p: &payouts::Payout) -> String {
-    format!(
-        "{:<10} {:<11} {:>14} {:<4} {:<7} {:>3}  {:<25} {}",
-        p.id,
-        p.status,
-        p.amount.normalize().to_string(),
-        p.currency,
-        p.payee_id,
-        p.attempt,
-        p.due_at.format("%Y-%m-%dT%H:%M:%SZ"),
-        p.failure_code.as_deref().unwrap_or("")
-    )
+/// A plain aligned table (no borders, two spaces between columns, like
+/// `kubectl get`); columns listed in `right` are right-aligned (amounts,
+/// counts). Cells are escaped later by [`Printable`].
+pub fn table(header: &[&str], right: &[usize]) -> comfy_table::Table {
+    use comfy_table::{CellAlignment, ColumnConstraint, ContentArrangement, presets::NOTHING};
+    let mut t = comfy_table::Table::new();
+    t.load_preset(NOTHING)
+        .set_content_arrangement(ContentArrangement::Disabled)
+        .set_header(header.iter().copied());
+    for (i, col) in t.column_iter_mut().enumerate() {
+        col.set_padding((0, 2));
+        col.set_constraint(ColumnConstraint::ContentWidth);
+        if right.contains(&i) {
+            col.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    t
 }
 
-const HEADER: &str =
-    "ID         STATUS              AMOUNT CUR  PAYEE   ATT  DUE                       FAILURE";
+/// Prints `t`, each line without trailing blanks.
+pub fn print_table(out: &mut (dyn Write + Send), t: &comfy_table::Table) -> std::io::Result<()> {
+    for line in t.lines() {
+        writeln!(out, "{}", line.trim_end())?;
+    }
+    Ok(())
+}
+
+fn payouts_table(rows: &[payouts::Payout]) -> comfy_table::Table {
+    let mut t = table(
+        &[
+            "ID", "STATUS", "AMOUNT", "CUR", "PAYEE", "ATT", "DUE", "FAILURE",
+        ],
+        &[2, 5],
+    );
+    for p in rows {
+        t.add_row(vec![
+            p.id.to_string(),
+            p.status.to_string(),
+            p.amount.to_string(),
+            p.currency.to_string(),
+            p.payee_id.to_string(),
+            p.attempt.to_string(),
+            p.due_at.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+            p.failure_code.clone().unwrap_or_default(),
+        ]);
+    }
+    t
+}
 
 /// What one reconciliation needs from `run`.
 struct Ctx<'a> {
@@ -784,10 +816,7 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
             if cli.json {
                 writeln!(out, "{}", serde_json::to_string(&rows)?)?;
             } else {
-                writeln!(out, "{HEADER}")?;
-                for p in &rows {
-                    writeln!(out, "{}", payout_row(p))?;
-                }
+                print_table(out, &payouts_table(&rows))?;
             }
         }
         Command::Summary => {
@@ -918,6 +947,33 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod table_tests {
+    use super::*;
+
+    #[test]
+    fn columns_line_up_and_amounts_are_right_aligned() {
+        let mut t = table(&["ID", "AMOUNT", "NAME"], &[1]);
+        t.add_row(vec!["1", "5.00", "Ana"]);
+        t.add_row(vec!["1234", "1200.50", "Bo"]);
+        let mut out = Vec::new();
+        print_table(&mut out, &t).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        // Every NAME starts at the same column; every AMOUNT ends at one.
+        let name_at: Vec<usize> = lines.iter().map(|l| l.rfind(' ').unwrap() + 1).collect();
+        assert!(name_at.windows(2).all(|w| w[0] == w[1]), "{text}");
+        let amount_end: Vec<usize> = lines
+            .iter()
+            .zip(["AMOUNT", "5.00", "1200.50"])
+            .map(|(l, a)| l.find(a).unwrap() + a.len())
+            .collect();
+        assert!(amount_end.windows(2).all(|w| w[0] == w[1]), "{text}");
+        assert!(lines.iter().all(|l| !l.ends_with(' ')), "{text}");
+    }
 }
 
 #[cfg(test)]

@@ -161,27 +161,34 @@ pub async fn token(
             if json_out {
                 writeln!(out, "{}", serde_json::to_string(&all)?)?;
             } else {
-                writeln!(
-                    out,
-                    "{:<6} {:<24} {:<9} {:<21} {:<21} REVOKED",
-                    "ID", "NAME", "ROLE", "CREATED", "LAST USED"
-                )?;
                 let t = |t: Option<chrono::DateTime<chrono::Utc>>| {
                     t.map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
                         .unwrap_or_else(|| "-".into())
                 };
+                let mut table = crate::cli::table(
+                    &[
+                        "ID",
+                        "NAME",
+                        "ROLE",
+                        "CREATED",
+                        "LAST USED",
+                        "EXPIRES",
+                        "REVOKED",
+                    ],
+                    &[0],
+                );
                 for k in all {
-                    writeln!(
-                        out,
-                        "{:<6} {:<24} {:<9} {:<21} {:<21} {}",
-                        k.id,
+                    table.add_row(vec![
+                        k.id.to_string(),
                         k.name,
-                        k.role,
+                        k.role.to_string(),
                         t(Some(k.created_at)),
                         t(k.last_used_at),
-                        t(k.revoked_at)
-                    )?;
+                        t(k.expires_at),
+                        t(k.revoked_at),
+                    ]);
                 }
+                crate::cli::print_table(out, &table)?;
             }
         }
         TokenCommand::Revoke { name } => {
@@ -209,22 +216,20 @@ pub async fn failures(
         writeln!(out, "{}", json!({"groups": groups}))?;
         return Ok(());
     }
-    writeln!(
-        out,
-        "{:<28} {:>8}  {:<20}  {:<20}  EXAMPLE",
-        "FAILURE CODE", "COUNT", "OLDEST", "NEWEST"
-    )?;
+    let mut table = crate::cli::table(
+        &["FAILURE CODE", "COUNT", "OLDEST", "NEWEST", "EXAMPLE"],
+        &[1],
+    );
     for g in groups {
-        writeln!(
-            out,
-            "{:<28} {:>8}  {:<20}  {:<20}  {}",
+        table.add_row(vec![
             g.failure_code,
-            g.count,
-            g.oldest.format("%Y-%m-%dT%H:%M:%SZ"),
-            g.newest.format("%Y-%m-%dT%H:%M:%SZ"),
-            g.example_message.unwrap_or_default()
-        )?;
+            g.count.to_string(),
+            g.oldest.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+            g.newest.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+            g.example_message.unwrap_or_default(),
+        ]);
     }
+    crate::cli::print_table(out, &table)?;
     Ok(())
 }
 
