@@ -1698,3 +1698,40 @@ async fn random_queries_over_http_get_200_or_400_and_change_nothing() {
     )
     .await;
 }
+
+/// Issue 19: every answer carries an `x-request-id` (the caller's short
+/// token, else a fresh ULID) for matching a report to the logs.
+#[tokio::test]
+async fn every_answer_carries_a_request_id() {
+    let a = Admin::start().await;
+    let id_of = |r: &reqwest::Response| {
+        r.headers()
+            .get("x-request-id")
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+    let r = a
+        .http
+        .get(format!("{}/health", a.base))
+        .send()
+        .await
+        .unwrap();
+    let fresh = id_of(&r).expect("an id");
+    assert_eq!(fresh.len(), 26, "a ULID: {fresh}");
+    let r = a
+        .http
+        .get(format!("{}/api/v1/session", a.base))
+        .header("x-request-id", "support-ticket-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(id_of(&r).as_deref(), Some("support-ticket-42"));
+    let r = a
+        .http
+        .get(format!("{}/health", a.base))
+        .header("x-request-id", "x".repeat(200))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(id_of(&r).unwrap().len(), 26, "an odd id is replaced");
+}

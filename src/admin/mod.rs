@@ -368,12 +368,46 @@ pub async fn serve(
             request_timeout,
         ))
         .layer(middleware::from_fn(timed_out))
-        // Outermost: a Host the listener does not answer (DNS rebinding)
-        // reaches nothing, not even /metrics.
+        // A Host the listener does not answer (DNS rebinding) reaches
+        // nothing, not even /metrics.
         .layer(middleware::from_fn_with_state(
             host::AllowedHosts::new(&a.allowed_hosts, &a.client_ip_header),
             host::check,
         ))
+        // Every request gets an `x-request-id` (the caller's when it sent
+        // one, else a fresh ULID), answered back and carried by the trace
+        // span of the request, so a log line and an operator's report of a
+        // failed call meet. The span logs method, path and status at DEBUG
+        // (never the query string, headers or body: they may hold tokens).
+        .layer(tower_http::request_id::PropagateRequestIdLayer::new(
+            REQUEST_ID.clone(),
+        ))
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http()
+                .make_span_with(|req: &axum::http::Request<_>| {
+                    let id = req
+                        .headers()
+                        .get(&REQUEST_ID)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-");
+                    tracing::info_span!(
+                        "request",
+                        request_id = %id,
+                        method = %req.method(),
+                        path = %api::short(req.uri().path()),
+                    )
+                })
+                .on_request(())
+                .on_response(
+                    tower_http::trace::DefaultOnResponse::new().level(tracing::Level::DEBUG),
+                )
+                .on_failure(()),
+        )
+        .layer(tower_http::request_id::SetRequestIdLayer::new(
+            REQUEST_ID.clone(),
+            MakeUlid,
+        ))
+        .layer(middleware::from_fn(drop_odd_request_id))
         // Every answer, JSON and errors included, is read as what it says it is.
         .layer(
             tower_http::set_header::SetResponseHeaderLayer::if_not_present(
@@ -385,6 +419,44 @@ pub async fn serve(
         listener, app, limits, shutdown,
     ));
     Ok((bound, handle))
+}
+
+/// The request id header, set by the caller or by [`MakeUlid`].
+static REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
+
+/// A fresh ULID for a request that came without an `x-request-id`. A
+/// caller's own id is kept when it is a short printable token, replaced
+/// otherwise (it is logged).
+#[derive(Clone, Copy)]
+struct MakeUlid;
+
+impl tower_http::request_id::MakeRequestId for MakeUlid {
+    fn make_request_id<B>(
+        &mut self,
+        _req: &axum::http::Request<B>,
+    ) -> Option<tower_http::request_id::RequestId> {
+        HeaderValue::from_str(&ulid::Ulid::new().to_string())
+            .ok()
+            .map(tower_http::request_id::RequestId::new)
+    }
+}
+
+/// Removes a caller's `x-request-id` that is not a short token (1-64 of
+/// letters, digits, `-`, `_`, `.`, `:`), so [`MakeUlid`] replaces it: it is
+/// logged and answered back.
+async fn drop_odd_request_id(mut req: axum::extract::Request, next: middleware::Next) -> Response {
+    let odd = req.headers().get(&REQUEST_ID).is_some_and(|v| {
+        let b = v.as_bytes();
+        b.is_empty()
+            || b.len() > 64
+            || !b
+                .iter()
+                .all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c))
+    });
+    if odd {
+        req.headers_mut().remove(&REQUEST_ID);
+    }
+    next.run(req).await
 }
 
 /// Counts and logs the requests the timeout layer answered 408.
