@@ -731,6 +731,7 @@ async fn the_paid_amount_counter_is_the_exact_sum_of_what_was_recorded_paid() {
         &[
             ("PAYOUTS_GATEWAY__SYNC__MIN_AGE_SECS", "0"),
             ("PAYOUTS_GATEWAY__SYNC__INTERVAL_SECS", "1"),
+            ("PAYOUTS_PRODUCER__GAUGES_EVERY_SECS", "1"),
         ],
         "money",
     );
@@ -752,6 +753,23 @@ async fn the_paid_amount_counter_is_the_exact_sum_of_what_was_recorded_paid() {
             .await
             .unwrap();
     assert!(!in_transit.is_empty(), "the gateway left nothing pending");
+    // The leader publishes how long the oldest has been in transit.
+    let gauge = |text: &str| -> Option<i64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix("payout_oldest_in_transit_age_seconds "))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    let http = reqwest::Client::new();
+    let producer_url = format!("http://127.0.0.1:{}/metrics", procs.producer_port);
+    eventually(
+        Duration::from_secs(30),
+        "in-transit age published",
+        || async {
+            let age = gauge(&get_text(&http, &producer_url).await?)?;
+            (age >= 1).then_some(())
+        },
+    )
+    .await;
     for t in &in_transit {
         assert!(f.gateway.set_transfer_status(t, "paid"), "{t}");
     }
@@ -762,6 +780,12 @@ async fn the_paid_amount_counter_is_the_exact_sum_of_what_was_recorded_paid() {
     )
     .await;
     assert!(f.count("failed").await > 0, "nothing failed");
+    eventually(
+        Duration::from_secs(30),
+        "in-transit age back to 0",
+        || async { (gauge(&get_text(&http, &producer_url).await?)? == 0).then_some(()) },
+    )
+    .await;
 
     // Expected: the paid rows, in exact minor units.
     let rows: Vec<(rust_decimal::Decimal, String)> =
@@ -779,9 +803,7 @@ async fn the_paid_amount_counter_is_the_exact_sum_of_what_was_recorded_paid() {
     }
     assert_eq!(want.len(), 3, "each currency has paid payouts: {want:?}");
 
-    let http = reqwest::Client::new();
     let worker_url = format!("http://127.0.0.1:{}/metrics", procs.worker_port);
-    let producer_url = format!("http://127.0.0.1:{}/metrics", procs.producer_port);
     let (worker, producer) = eventually(
         Duration::from_secs(30),
         "the counters match the paid payouts",
@@ -803,6 +825,89 @@ async fn the_paid_amount_counter_is_the_exact_sum_of_what_was_recorded_paid() {
     eprintln!(
         "paid minor units: worker {worker:?}, producer (poll) {producer:?}; database {want:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_that_records_a_payout_paid_counts_its_amount_once() {
+    use payouts::{
+        domain::{Currency, Money},
+        metrics::PAID_MINOR_UNITS,
+        webhooks::{WebhookState, router, signature_header},
+    };
+    // OMR: no other test of this binary pays it in this process.
+    let f = Fleet::start(Faults::default()).await;
+    let omr: Currency = "OMR".parse().unwrap();
+    let payee = payouts::db::payees::create(f.pool(), "Hook", "acct_hook", omr)
+        .await
+        .unwrap();
+    let now = chrono::Utc::now();
+    let id = payouts::db::payouts::create(
+        f.pool(),
+        payee.id,
+        Money::parse("1.234", "OMR").unwrap(),
+        now,
+        "operator:test",
+        now,
+    )
+    .await
+    .unwrap()
+    .id;
+    for status in ["queued", "processing", "in_transit"] {
+        sqlx::query(
+            "UPDATE payouts SET status = $2, gateway_transfer_id = 'tr_hook',
+                 lease_until = CASE WHEN $2 = 'in_transit' THEN NULL ELSE now() + interval '1 minute' END
+             WHERE id = $1",
+        )
+        .bind(id)
+        .bind(status)
+        .execute(f.pool())
+        .await
+        .unwrap();
+    }
+    let state = WebhookState {
+        pool: f.pool().clone(),
+        clock: f.clock.clone(),
+        gateway_secrets: std::sync::Arc::new(vec!["whsec_obs".to_string().into()]),
+        stripe_secrets: std::sync::Arc::new(vec![]),
+        tolerance: payouts::webhooks::DEFAULT_TOLERANCE,
+        kind: "contract".into(),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/webhooks/gateway", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router(state)).await });
+    let http = reqwest::Client::new();
+    let send = |event: &str| {
+        let body = serde_json::json!({"id": event, "type": "transfer.paid",
+            "data": {"id": "tr_hook", "status": "paid", "reference": format!("payout_{id}")}})
+        .to_string();
+        let sig = signature_header(
+            &["whsec_obs"],
+            chrono::Utc::now().timestamp(),
+            body.as_bytes(),
+        );
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let resp = http
+                .post(url)
+                .header("Gateway-Signature", sig)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert!(resp.status().is_success(), "{}", resp.status());
+            resp.json::<Value>().await.unwrap()["outcome"].clone()
+        }
+    };
+    let counted = || PAID_MINOR_UNITS.with_label_values(&["OMR"]).get();
+    let before = counted();
+    assert_eq!(send("evt_hook_1").await, "paid");
+    assert_eq!(f.status(id).await, "paid");
+    assert_eq!(counted() - before, 1234, "1.234 OMR = 1,234 baisa");
+    // A redelivery and a second event for the paid payout change nothing.
+    assert_eq!(send("evt_hook_1").await, "duplicate");
+    assert_eq!(send("evt_hook_2").await, "already_paid");
+    assert_eq!(counted() - before, 1234, "counted once");
 }
 
 // --- a real Prometheus ---------------------------------------------------------------
