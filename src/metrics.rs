@@ -60,6 +60,57 @@ pub static PAYOUTS_FINISHED: LazyLock<IntCounterVec> = LazyLock::new(|| {
         &["outcome"],
     )
 });
+/// Money paid, in the currency's ISO 4217 minor units (cents, yen, fils),
+/// by currency: counted once per payout, when the write that records it `paid`
+/// has committed and changed the row (the worker's fenced write, the
+/// in-transit poll, a webhook). An integer counter, so sums are exact up to
+/// 2^53 minor units per series; a panel divides by 10^exponent of each
+/// currency for major units (never stored or summed as a float amount).
+/// Panel: money paid per currency per hour.
+pub static PAID_MINOR_UNITS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "payout_paid_minor_units_total",
+        "Money recorded paid, in ISO 4217 minor units, by currency",
+        &["currency"],
+    )
+});
+
+/// Counts `amount` of `currency` recorded paid in [`PAID_MINOR_UNITS`]. An
+/// amount that is not a valid amount of a known currency (the worker refuses
+/// those before paying) is logged, not counted.
+pub fn count_paid(amount: rust_decimal::Decimal, currency: &str) {
+    let minor = currency
+        .parse::<crate::domain::Currency>()
+        .and_then(|c| crate::domain::Money::new(amount, c))
+        .and_then(|m| m.to_minor_units());
+    match minor {
+        Ok(n) if n > 0 => PAID_MINOR_UNITS
+            .with_label_values(&[currency])
+            .inc_by(n.unsigned_abs()),
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(currency, error = %e, "paid amount not counted in payout_paid_minor_units_total")
+        }
+    }
+}
+
+/// [`count_paid`] for payout `id`, read back after the write that recorded it
+/// `paid` committed (the in-transit poll and the webhooks, whose statement
+/// does not return the amount). A failed read is logged, not counted.
+pub async fn count_paid_payout(pool: &sqlx::PgPool, id: i64) {
+    let row: sqlx::Result<(rust_decimal::Decimal, String)> =
+        sqlx::query_as("SELECT amount, currency FROM payouts WHERE id = $1")
+            .bind(id)
+            .fetch_one(pool)
+            .await;
+    match row {
+        Ok((amount, currency)) => count_paid(amount, &currency),
+        Err(e) => {
+            tracing::warn!(payout_id = id, error = %e, "paid amount not counted in payout_paid_minor_units_total")
+        }
+    }
+}
+
 /// Payout attempts (claims). Panel: attempts.
 pub static ATTEMPTS: LazyLock<IntCounter> =
     LazyLock::new(|| counter("payout_attempts_total", "Payouts claimed for an attempt"));
@@ -198,6 +249,17 @@ pub static OLDEST_DUE_AGE: LazyLock<IntGauge> = LazyLock::new(|| {
     )
 });
 
+/// Age of the oldest payout `in_transit` (accepted by the gateway, not yet
+/// confirmed paid or failed), since it entered that status; 0 when there is
+/// none. Refreshed by the leading producer. Alert: PayoutInTransitStuck;
+/// panel: in transit.
+pub static OLDEST_IN_TRANSIT_AGE: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "payout_oldest_in_transit_age_seconds",
+        "Age of the oldest payout in_transit since it was accepted (0 = none)",
+    )
+});
+
 /// Gateway circuit: 0 closed, 1 half-open, 2 open. Panel: gateway; alert: circuit open.
 pub static CIRCUIT_STATE: LazyLock<IntGauge> = LazyLock::new(|| {
     gauge(
@@ -320,6 +382,9 @@ const GATEWAY_CLASSES: [&str; 7] = [
 /// Touches every metric so `/metrics` lists them from the start.
 pub fn init() {
     LazyLock::force(&PAYOUTS_FINISHED);
+    LazyLock::force(&PAID_MINOR_UNITS);
+    LazyLock::force(&OLDEST_IN_TRANSIT_AGE);
+    LazyLock::force(&crate::sync::FAILED_AFTER_PAID);
     LazyLock::force(&ATTEMPTS);
     LazyLock::force(&DEAD_LETTERS);
     LazyLock::force(&GATEWAY_REQUESTS);
@@ -361,6 +426,23 @@ pub fn init() {
         &["paid", "in_transit", "retrying", "failed", "held"],
     );
     zero(&DEAD_LETTERS, &["permanent", "exhausted"]);
+    // Webhooks (served by payout-admin): the outcomes the failure-rate alert reads.
+    for source in ["gateway", "stripe"] {
+        for outcome in [
+            "paid",
+            "bad_signature",
+            "bad_payload",
+            "unmatched",
+            "db_error",
+        ] {
+            crate::webhooks::WEBHOOKS.with_label_values(&[source, outcome]);
+        }
+    }
+    for source in ["webhook", "poll"] {
+        for status in ["paid", "failed"] {
+            crate::sync::RESOLVED.with_label_values(&[source, status]);
+        }
+    }
     zero(&SETTLEMENTS, &["payout", "below_minimum", "shortfall"]);
     zero(
         &EARNINGS_REFUSED,

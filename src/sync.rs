@@ -362,6 +362,7 @@ impl InTransitSync {
             if resolve(&mut conn, &res).await? {
                 RESOLVED.with_label_values(&["poll", to.as_str()]).inc();
                 if to == PayoutStatus::Paid {
+                    crate::metrics::count_paid_payout(&self.pool, id).await;
                     report.paid += 1;
                 } else {
                     report.failed += 1;

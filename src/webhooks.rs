@@ -542,6 +542,9 @@ async fn apply(s: &WebhookState, source: Source, ev: &Event) -> sqlx::Result<App
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
+    if let ("paid", Some(id)) = (outcome, linked) {
+        crate::metrics::count_paid_payout(&s.pool, id).await;
+    }
     Ok(Applied::Done(outcome))
 }
 

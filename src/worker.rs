@@ -252,8 +252,11 @@ impl Worker {
                     .inc();
                 metrics::PROCESSING_SECONDS.observe(secs_between(now, finished_at));
                 match &finish {
-                    Finish::Paid { .. } => metrics::DUE_TO_PAID_SECONDS
-                        .observe(secs_between(payout.due_at, finished_at)),
+                    Finish::Paid { .. } => {
+                        metrics::DUE_TO_PAID_SECONDS
+                            .observe(secs_between(payout.due_at, finished_at));
+                        metrics::count_paid(payout.amount, &payout.currency);
+                    }
                     Finish::Failed { code, .. } => {
                         let class = if code == "attempts_exhausted" {
                             "exhausted"

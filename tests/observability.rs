@@ -362,6 +362,20 @@ fn all_queries() -> Vec<(String, String)> {
             ));
         }
     }
+    // Query variables: `label_values(<selector>, label)`.
+    for v in dash["templating"]["list"].as_array().expect("templating") {
+        if v["type"] == "query" {
+            let text = s(&v["query"]["query"], "variable query");
+            let selector = text
+                .strip_prefix("label_values(")
+                .and_then(|r| r.rsplit_once(','))
+                .map(|(sel, _)| sel.to_string())
+                .unwrap_or_else(|| {
+                    panic!("variable query {text} is not label_values(selector, label)")
+                });
+            q.push((format!("dashboard variable {}", v["name"]), selector));
+        }
+    }
     for so in yaml_docs("deploy/k8s/keda/scaledobject.yaml") {
         for t in so["spec"]["triggers"].as_array().expect("triggers") {
             q.push((
@@ -384,6 +398,33 @@ fn all_queries() -> Vec<(String, String)> {
 
 // --- alert rules: promtool -----------------------------------------------------------
 
+/// GitHub-style anchors of the headings of docs/runbooks.md.
+fn runbook_anchors() -> BTreeSet<String> {
+    read("docs/runbooks.md")
+        .lines()
+        .filter(|l| l.starts_with('#'))
+        .map(|l| {
+            l.trim_start_matches('#')
+                .trim()
+                .to_lowercase()
+                .chars()
+                .filter_map(|c| match c {
+                    ' ' => Some('-'),
+                    c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+                    _ => None,
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn runbook_anchors_follow_github() {
+    let a = runbook_anchors();
+    assert!(a.contains("payoutfailedafterpaid"), "{a:?}");
+    assert!(a.contains("money-signals"), "{a:?}");
+}
+
 /// The alerts the product documents and on-call ask for.
 const REQUIRED_ALERTS: &[&str] = &[
     "PayoutFailureRateHigh",
@@ -396,6 +437,13 @@ const REQUIRED_ALERTS: &[&str] = &[
     "PayoutGatewayPlatformProblem",
     "GatewayErrorRateHigh",
     "PayoutThroughputDrop",
+    "PayoutFailedAfterPaid",
+    "PayoutWebhookFailureRateHigh",
+    "PayoutInTransitStuck",
+    "PayoutStaleFenceWrites",
+    "PayoutInfraErrors",
+    "PayoutWorkerRestartLoop",
+    "PayoutScrapeTargetDown",
 ];
 
 #[test]
@@ -425,6 +473,50 @@ fn alert_rules_pass_promtool_and_their_unit_tests() {
     for a in r.alerts.keys() {
         assert!(tested.contains(a), "alert {a} has no promtool test");
         assert!(fired.contains(a), "no promtool test makes {a} fire");
+    }
+    // Every alert: a severity off-the-shelf Alertmanager routes match, and a
+    // runbook_url naming a section of docs/runbooks.md that exists.
+    let anchors = runbook_anchors();
+    let doc = yaml("prometheus/alerts.yml");
+    for group in doc["groups"].as_array().unwrap() {
+        for rule in group["rules"].as_array().unwrap() {
+            let Some(name) = rule["alert"].as_str() else {
+                continue;
+            };
+            let severity = s(&rule["labels"]["severity"], &format!("{name} severity"));
+            assert!(
+                ["critical", "warning"].contains(&severity),
+                "{name}: severity {severity} is neither critical nor warning"
+            );
+            let url = s(
+                &rule["annotations"]["runbook_url"],
+                &format!("{name} runbook_url"),
+            );
+            let anchor = url
+                .strip_prefix("docs/runbooks.md#")
+                .unwrap_or_else(|| panic!("{name}: runbook_url {url} is not docs/runbooks.md#..."));
+            assert_eq!(anchor, name.to_lowercase(), "{name}: runbook anchor");
+            assert!(
+                anchors.contains(anchor),
+                "{name}: docs/runbooks.md has no section #{anchor}"
+            );
+        }
+    }
+    // Every metric an alert reads has a panel on the dashboard.
+    let dash = dashboard();
+    let mut panel_metrics = BTreeSet::new();
+    for p in panels(&dash) {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            panel_metrics.extend(promql_metric_names(s(&t["expr"], "expr")));
+        }
+    }
+    for (name, expr) in &r.alerts {
+        for m in promql_metric_names(expr) {
+            assert!(
+                r.records.contains_key(&m) || panel_metrics.contains(&m),
+                "alert {name} reads {m}, which no dashboard panel shows"
+            );
+        }
     }
     // The backlog bound is configurable (a recording rule), 15 minutes by default.
     assert_eq!(
@@ -514,7 +606,8 @@ async fn every_metric_in_the_dashboard_alerts_and_autoscalers_is_exported_by_the
             "{place}: no metric in {expr:?}"
         );
         for n in names {
-            if !recorded.contains(&n) {
+            // `up` is Prometheus' own, per scrape target.
+            if !recorded.contains(&n) && n != "up" {
                 wanted.entry(n).or_insert_with(|| place.clone());
             }
         }
@@ -570,6 +663,251 @@ async fn every_metric_in_the_dashboard_alerts_and_autoscalers_is_exported_by_the
         "named in the dashboard, alert rules or autoscalers but not exported by payout-worker or payout-producer:\n  {}",
         missing.join("\n  ")
     );
+}
+
+// --- the money counter ---------------------------------------------------------------
+
+/// `payout_paid_minor_units_total` by currency in one exposition.
+fn paid_minor_units(text: &str) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("payout_paid_minor_units_total{currency=\"") else {
+            continue;
+        };
+        let (cur, value) = rest.split_once("\"}").expect("one label");
+        let v: u64 = value.trim().parse().expect("an integer counter");
+        *out.entry(cur.to_string()).or_default() += v;
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_paid_amount_counter_is_the_exact_sum_of_what_was_recorded_paid() {
+    use payouts::domain::{Currency, Money};
+    // Some transfers rejected (failed: not money paid), some left pending at
+    // the gateway (in_transit, then paid through the producer's poll).
+    let f = Fleet::start(Faults {
+        latency_ms: 1,
+        rate_permanent: 0.15,
+        rate_pending: 0.3,
+        ..Default::default()
+    })
+    .await;
+    let now = chrono::Utc::now();
+    let amounts = [
+        (
+            "USD",
+            ["12.34", "0.01", "999.99", "250.50", "7.05", "1234.56"],
+        ),
+        ("JPY", ["1500", "1", "98765", "42", "300", "7"]),
+        ("BHD", ["1.234", "0.005", "12.5", "100.001", "3", "0.999"]),
+    ];
+    for (cur, list) in amounts {
+        let currency: Currency = cur.parse().unwrap();
+        for (i, a) in list.iter().enumerate() {
+            let payee = payouts::db::payees::create(
+                f.pool(),
+                "Money",
+                &format!("acct_{cur}_{i}"),
+                currency,
+            )
+            .await
+            .unwrap();
+            payouts::db::payouts::create(
+                f.pool(),
+                payee.id,
+                Money::parse(a, cur).unwrap(),
+                now,
+                "operator:test",
+                now,
+            )
+            .await
+            .unwrap();
+        }
+    }
+    let procs = start_processes(
+        &f,
+        (free_port(), free_port()),
+        &[
+            ("PAYOUTS_GATEWAY__SYNC__MIN_AGE_SECS", "0"),
+            ("PAYOUTS_GATEWAY__SYNC__INTERVAL_SECS", "1"),
+            ("PAYOUTS_PRODUCER__GAUGES_EVERY_SECS", "1"),
+        ],
+        "money",
+    );
+    // Every payout ends paid, failed or in transit.
+    eventually(Duration::from_secs(60), "every payout worked off", || async {
+        let open: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM payouts WHERE status IN ('pending', 'queued', 'processing', 'retrying')",
+        )
+        .fetch_one(f.pool())
+        .await
+        .ok()?;
+        (open == 0).then_some(())
+    })
+    .await;
+    // The gateway pays what it left pending; the poll records it paid.
+    let in_transit: Vec<String> =
+        sqlx::query_scalar("SELECT gateway_transfer_id FROM payouts WHERE status = 'in_transit'")
+            .fetch_all(f.pool())
+            .await
+            .unwrap();
+    assert!(!in_transit.is_empty(), "the gateway left nothing pending");
+    // The leader publishes how long the oldest has been in transit.
+    let gauge = |text: &str| -> Option<i64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix("payout_oldest_in_transit_age_seconds "))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    let http = reqwest::Client::new();
+    let producer_url = format!("http://127.0.0.1:{}/metrics", procs.producer_port);
+    eventually(
+        Duration::from_secs(30),
+        "in-transit age published",
+        || async {
+            let age = gauge(&get_text(&http, &producer_url).await?)?;
+            (age >= 1).then_some(())
+        },
+    )
+    .await;
+    for t in &in_transit {
+        assert!(f.gateway.set_transfer_status(t, "paid"), "{t}");
+    }
+    eventually(
+        Duration::from_secs(60),
+        "in-transit payouts resolved",
+        || async { (f.count("in_transit").await == 0).then_some(()) },
+    )
+    .await;
+    assert!(f.count("failed").await > 0, "nothing failed");
+    eventually(
+        Duration::from_secs(30),
+        "in-transit age back to 0",
+        || async { (gauge(&get_text(&http, &producer_url).await?)? == 0).then_some(()) },
+    )
+    .await;
+
+    // Expected: the paid rows, in exact minor units.
+    let rows: Vec<(rust_decimal::Decimal, String)> =
+        sqlx::query_as("SELECT amount, currency FROM payouts WHERE status = 'paid'")
+            .fetch_all(f.pool())
+            .await
+            .unwrap();
+    let mut want: BTreeMap<String, u64> = BTreeMap::new();
+    for (amount, cur) in rows {
+        let minor = Money::new(amount, cur.parse().unwrap())
+            .unwrap()
+            .to_minor_units()
+            .unwrap();
+        *want.entry(cur).or_default() += u64::try_from(minor).unwrap();
+    }
+    assert_eq!(want.len(), 3, "each currency has paid payouts: {want:?}");
+
+    let worker_url = format!("http://127.0.0.1:{}/metrics", procs.worker_port);
+    let (worker, producer) = eventually(
+        Duration::from_secs(30),
+        "the counters match the paid payouts",
+        || async {
+            let w = paid_minor_units(&get_text(&http, &worker_url).await?);
+            let p = paid_minor_units(&get_text(&http, &producer_url).await?);
+            let mut total = w.clone();
+            for (c, v) in &p {
+                *total.entry(c.clone()).or_default() += v;
+            }
+            total.retain(|_, v| *v > 0);
+            (total == want).then_some((w, p))
+        },
+    )
+    .await;
+    // Both places that record paid counted: the worker's fenced write and the poll.
+    assert!(worker.values().sum::<u64>() > 0, "{worker:?}");
+    assert!(producer.values().sum::<u64>() > 0, "{producer:?}");
+    eprintln!(
+        "paid minor units: worker {worker:?}, producer (poll) {producer:?}; database {want:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_that_records_a_payout_paid_counts_its_amount_once() {
+    use payouts::{
+        domain::{Currency, Money},
+        metrics::PAID_MINOR_UNITS,
+        webhooks::{WebhookState, router, signature_header},
+    };
+    // OMR: no other test of this binary pays it in this process.
+    let f = Fleet::start(Faults::default()).await;
+    let omr: Currency = "OMR".parse().unwrap();
+    let payee = payouts::db::payees::create(f.pool(), "Hook", "acct_hook", omr)
+        .await
+        .unwrap();
+    let now = chrono::Utc::now();
+    let id = payouts::db::payouts::create(
+        f.pool(),
+        payee.id,
+        Money::parse("1.234", "OMR").unwrap(),
+        now,
+        "operator:test",
+        now,
+    )
+    .await
+    .unwrap()
+    .id;
+    for status in ["queued", "processing", "in_transit"] {
+        sqlx::query(
+            "UPDATE payouts SET status = $2, gateway_transfer_id = 'tr_hook',
+                 lease_until = CASE WHEN $2 = 'in_transit' THEN NULL ELSE now() + interval '1 minute' END
+             WHERE id = $1",
+        )
+        .bind(id)
+        .bind(status)
+        .execute(f.pool())
+        .await
+        .unwrap();
+    }
+    let state = WebhookState {
+        pool: f.pool().clone(),
+        clock: f.clock.clone(),
+        gateway_secrets: std::sync::Arc::new(vec!["whsec_obs".to_string().into()]),
+        stripe_secrets: std::sync::Arc::new(vec![]),
+        tolerance: payouts::webhooks::DEFAULT_TOLERANCE,
+        kind: "contract".into(),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/webhooks/gateway", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router(state)).await });
+    let http = reqwest::Client::new();
+    let send = |event: &str| {
+        let body = serde_json::json!({"id": event, "type": "transfer.paid",
+            "data": {"id": "tr_hook", "status": "paid", "reference": format!("payout_{id}")}})
+        .to_string();
+        let sig = signature_header(
+            &["whsec_obs"],
+            chrono::Utc::now().timestamp(),
+            body.as_bytes(),
+        );
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let resp = http
+                .post(url)
+                .header("Gateway-Signature", sig)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert!(resp.status().is_success(), "{}", resp.status());
+            resp.json::<Value>().await.unwrap()["outcome"].clone()
+        }
+    };
+    let counted = || PAID_MINOR_UNITS.with_label_values(&["OMR"]).get();
+    let before = counted();
+    assert_eq!(send("evt_hook_1").await, "paid");
+    assert_eq!(f.status(id).await, "paid");
+    assert_eq!(counted() - before, 1234, "1.234 OMR = 1,234 baisa");
+    // A redelivery and a second event for the paid payout change nothing.
+    assert_eq!(send("evt_hook_1").await, "duplicate");
+    assert_eq!(send("evt_hook_2").await, "already_paid");
+    assert_eq!(counted() - before, 1234, "counted once");
 }
 
 // --- a real Prometheus ---------------------------------------------------------------
@@ -787,6 +1125,10 @@ fn grafana_provisioning_and_dashboard_fit_together() {
     assert_eq!(source["type"], "prometheus");
     assert_eq!(source["url"], "http://prometheus:9090");
     let uid = s(&source["uid"], "datasource uid");
+    assert_eq!(
+        source["isDefault"], true,
+        "the dashboard's variable defaults to it"
+    );
 
     let provider = yaml("grafana/provisioning/dashboards/payouts.yml");
     let path = s(
@@ -797,6 +1139,45 @@ fn grafana_provisioning_and_dashboard_fit_together() {
 
     let dash = dashboard();
     assert!(dash["uid"].as_str().is_some_and(|u| !u.is_empty()));
+    // Imports anywhere: no datasource uid of ours in it, an input for the
+    // import dialog, and datasource / namespace / job variables.
+    let text = read("grafana/dashboards/payouts.json");
+    assert!(
+        !text.contains(uid),
+        "the dashboard still names the provisioned datasource uid {uid}"
+    );
+    assert_eq!(dash["__inputs"][0]["name"], "DS_PROMETHEUS");
+    assert_eq!(dash["__inputs"][0]["type"], "datasource");
+    assert_eq!(dash["__inputs"][0]["pluginId"], "prometheus");
+    let vars: BTreeMap<&str, &Value> = dash["templating"]["list"]
+        .as_array()
+        .expect("templating")
+        .iter()
+        .map(|v| (s(&v["name"], "variable name"), v))
+        .collect();
+    let ds_var = vars.get("datasource").expect("a datasource variable");
+    assert_eq!(ds_var["type"], "datasource");
+    assert_eq!(ds_var["query"], "prometheus");
+    assert_eq!(ds_var["current"]["value"], "${DS_PROMETHEUS}");
+    // `${DS_PROMETHEUS}` (replaced at import) only sets the variable's default.
+    assert_eq!(
+        text.matches("${DS_PROMETHEUS}").count(),
+        2,
+        "text and value"
+    );
+    let ds = serde_json::json!({"type": "prometheus", "uid": "${datasource}"});
+    for name in ["namespace", "job"] {
+        let v = vars
+            .get(name)
+            .unwrap_or_else(|| panic!("no {name} variable"));
+        assert_eq!(v["type"], "query", "{name}");
+        assert_eq!(v["datasource"], ds, "{name} variable datasource");
+        assert_eq!(v["includeAll"], true, "{name}");
+        assert_eq!(v["multi"], true, "{name}");
+    }
+    // All namespaces matches series without the label too (docker compose).
+    assert_eq!(vars["namespace"]["allValue"], ".*");
+    let recorded: BTreeSet<String> = rules().records.into_keys().collect();
     let mut ids = BTreeSet::new();
     let mut titles = Vec::new();
     for p in panels(&dash) {
@@ -809,14 +1190,17 @@ fn grafana_provisioning_and_dashboard_fit_together() {
             continue;
         }
         let title = s(&p["title"], "title").to_string();
-        assert_eq!(p["datasource"]["uid"], uid, "panel {title} datasource");
+        assert_eq!(p["datasource"], ds, "panel {title} datasource");
         let targets = p["targets"].as_array().expect("targets");
         assert!(!targets.is_empty(), "panel {title} has no query");
         for t in targets {
-            assert_eq!(
-                t["datasource"]["uid"], uid,
-                "panel {title} target datasource"
-            );
+            assert_eq!(t["datasource"], ds, "panel {title} target datasource");
+            let expr = s(&t["expr"], "expr");
+            for m in promql_metric_names(expr) {
+                if !recorded.contains(&m) {
+                    assert_selectors_filtered(expr, &m, &title);
+                }
+            }
         }
         titles.push(title.to_lowercase());
     }
@@ -832,11 +1216,108 @@ fn grafana_provisioning_and_dashboard_fit_together() {
         "gateway latency",
         "workers alive",
         "producer leading",
+        "money paid per currency per hour",
+        "webhooks",
+        "webhook failure rate",
+        "failed after paid",
+        "in transit",
+        "infrastructure errors",
+        "stale fences",
+        "restarts",
+        "scrape targets",
+        "settlement",
     ] {
         assert!(
             titles.iter().any(|t| t.contains(want)),
             "no panel for {want:?} in {titles:?}"
         );
+    }
+}
+
+/// Every selector of `metric` in `expr` carries the dashboard's job and namespace matchers.
+fn assert_selectors_filtered(expr: &str, metric: &str, title: &str) {
+    let is_name = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
+    let mut seen = 0;
+    for (at, _) in expr.match_indices(metric) {
+        let before = expr[..at].chars().next_back();
+        let rest = &expr[at + metric.len()..];
+        if before.is_some_and(is_name) || rest.starts_with(is_name) {
+            continue; // part of a longer name
+        }
+        seen += 1;
+        let matchers = rest
+            .strip_prefix('{')
+            .and_then(|r| r.split_once('}'))
+            .map(|(m, _)| m)
+            .unwrap_or_else(|| panic!("panel {title}: {metric} without matchers in {expr}"));
+        for want in [r#"job=~"$job""#, r#"namespace=~"$namespace""#] {
+            assert!(
+                matchers.contains(want),
+                "panel {title}: {metric}{{{matchers}}} lacks {want}"
+            );
+        }
+    }
+    assert!(seen > 0, "panel {title}: {metric} not found in {expr}");
+}
+
+#[test]
+fn the_money_panel_divides_each_currency_by_its_own_minor_unit() {
+    // Every currency the code knows, by exponent (all three-letter codes tried).
+    let mut by_exp: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    for a in b'A'..=b'Z' {
+        for b in b'A'..=b'Z' {
+            for c in b'A'..=b'Z' {
+                let code = String::from_utf8(vec![a, b, c]).unwrap();
+                if let Ok(cur) = code.parse::<payouts::domain::Currency>() {
+                    by_exp.entry(cur.exponent()).or_default().push(code);
+                }
+            }
+        }
+    }
+    assert_eq!(
+        by_exp.keys().copied().collect::<Vec<_>>(),
+        vec![0, 2, 3],
+        "a currency exponent the money panel does not handle"
+    );
+    let zero = by_exp[&0].join("|");
+    let three = by_exp[&3].join("|");
+    let dash = dashboard();
+    let money: Vec<&Value> = panels(&dash)
+        .into_iter()
+        .filter(|p| {
+            p["title"]
+                .as_str()
+                .is_some_and(|t| t.to_lowercase().starts_with("money paid"))
+        })
+        .collect();
+    assert_eq!(money.len(), 2, "per hour and last 24 hours");
+    for p in money {
+        let expr = s(&p["targets"][0]["expr"], "money expr");
+        let parts: Vec<&str> = expr.split("\nor ").collect();
+        assert_eq!(parts.len(), 3, "{expr}");
+        assert!(
+            parts[0].contains(&format!(r#"currency!~"{zero}|{three}""#))
+                && parts[0].trim_end().ends_with(") / 100"),
+            "two-decimal currencies: {}",
+            parts[0]
+        );
+        assert!(
+            parts[1].contains(&format!(r#"currency=~"{zero}""#)) && !parts[1].contains(" / "),
+            "zero-decimal currencies: {}",
+            parts[1]
+        );
+        assert!(
+            parts[2].contains(&format!(r#"currency=~"{three}""#))
+                && parts[2].trim_end().ends_with(") / 1000"),
+            "three-decimal currencies: {}",
+            parts[2]
+        );
+        for part in parts {
+            assert!(
+                part.contains("increase(payout_paid_minor_units_total{"),
+                "{part}"
+            );
+        }
     }
 }
 
