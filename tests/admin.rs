@@ -1735,3 +1735,122 @@ async fn every_answer_carries_a_request_id() {
         .unwrap();
     assert_eq!(id_of(&r).unwrap().len(), 26, "an odd id is replaced");
 }
+
+/// Issue 19: an admin pauses the whole fleet from the API (the Redis key
+/// every worker's guard reads before a claim), sees it in `GET /fleet`, and
+/// resumes it; both are audited and counted, and only an admin may.
+#[tokio::test]
+async fn an_admin_pauses_and_resumes_the_fleet_and_workers_obey() {
+    use payouts::gateway::guard::{GatewayGuard, GuardSettings};
+    let a = Admin::start().await;
+    let ok = |action: &str| {
+        payouts::metrics::ADMIN_ACTIONS
+            .with_label_values(&[action, "ok"])
+            .get()
+    };
+    let (pauses, resumes) = (ok("fleet_pause"), ok("fleet_resume"));
+    let (code, v) = a.get("/api/v1/fleet", Some(&a.viewer)).await;
+    assert_eq!(code, StatusCode::OK, "{v}");
+    assert_eq!(v["paused"], false);
+    for t in [&a.viewer, &a.operator] {
+        let (code, v) = a.post("/api/v1/fleet/pause", Some(t), json!({})).await;
+        assert_eq!(code, StatusCode::FORBIDDEN, "{v}");
+    }
+    // Bad input names the field and changes nothing.
+    let (code, v) = a
+        .post("/api/v1/fleet/pause", Some(&a.admin), json!({"minutes": 0}))
+        .await;
+    assert_eq!(code, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("minutes"), "{v}");
+    let audited = |a: &Admin| {
+        let pool = a.pool().clone();
+        async move {
+            sqlx::query_as::<_, (String, String)>(
+                "SELECT action, actor FROM audit_log WHERE target = 'fleet' ORDER BY id",
+            )
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert!(audited(&a).await.is_empty());
+    assert_eq!(
+        a.get("/api/v1/fleet", Some(&a.viewer)).await.1["paused"],
+        false
+    );
+    // A session needs its CSRF secret for it, like every action.
+    let (cookie, csrf) = a.login(&a.admin).await;
+    let r = a
+        .as_session(reqwest::Method::POST, "/api/v1/fleet/pause", &cookie, None)
+        .await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+
+    let (code, v) = a
+        .post(
+            "/api/v1/fleet/pause",
+            Some(&a.admin),
+            json!({"reason": "bank holiday"}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "{v}");
+    assert_eq!(v["paused"], true, "{v}");
+    assert_eq!(v["by"]["actor"], "operator:ada", "{v}");
+    assert!(v["remaining_secs"].as_u64().unwrap() > 6 * 24 * 3600, "{v}");
+    let (_, seen) = a.get("/api/v1/fleet", Some(&a.viewer)).await;
+    assert_eq!(seen["paused"], true);
+    assert_eq!(seen["by"]["detail"]["reason"], "bank holiday");
+
+    // A worker's guard over the same prefix holds its claims.
+    let s = settings(
+        &a.db.url,
+        &redis_url(),
+        a.queue.prefix(),
+        "http://127.0.0.1:9",
+        &[],
+    );
+    let conn = payouts::queue::connect(&s.redis).await.unwrap();
+    let guard = Arc::new(GatewayGuard::new(
+        conn,
+        a.queue.prefix(),
+        GuardSettings::from_settings(&s.gateway),
+    ));
+    let waiting = tokio::spawn({
+        let g = guard.clone();
+        async move { g.wait_unpaused().await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a worker claims nothing while paused"
+    );
+
+    // Session with its CSRF secret: resumes, and the waiting worker goes on.
+    let r = a
+        .http
+        .post(format!("{}/api/v1/fleet/resume", a.base))
+        .header("cookie", &cookie)
+        .header("x-csrf-token", &csrf)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.json::<Value>().await.unwrap()["paused"], false);
+    eventually(
+        std::time::Duration::from_secs(10),
+        "the paused worker to go on after the resume",
+        || {
+            let done = waiting.is_finished();
+            async move { done.then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(
+        audited(&a).await,
+        [
+            ("fleet.pause".to_string(), "operator:ada".to_string()),
+            ("fleet.resume".to_string(), "operator:ada".to_string()),
+        ]
+    );
+    assert_eq!(ok("fleet_pause"), pauses + 1);
+    assert_eq!(ok("fleet_resume"), resumes + 1);
+}

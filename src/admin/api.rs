@@ -543,6 +543,141 @@ pub async fn audit(
     Ok(Json(json!({"entries": entries})))
 }
 
+// ---------- Fleet pause ----------
+
+/// The longest an operator's pause lasts (the pause is a Redis key with a
+/// time to live: a pause forgotten ends by itself).
+const MAX_PAUSE_MINUTES: u64 = 7 * 24 * 60;
+
+/// The body of a fleet pause (optional).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PauseBody {
+    /// How long; the longest allowed when absent.
+    #[serde(default)]
+    minutes: Option<u64>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn fleet_state(s: &AdminState) -> Result<Value, ApiError> {
+    let key = crate::gateway::guard::pause_key(s.queue.prefix());
+    let left = crate::gateway::guard::read_pause(&mut s.queue.conn(), &key)
+        .await
+        .map_err(|e| ApiError::Unavailable(anyhow::Error::new(e)))?;
+    let last = crate::db::audit::latest_of(&s.pool, &["fleet.pause", "fleet.resume"]).await?;
+    let now = s.clock.now();
+    Ok(match left {
+        Some(left) => {
+            let until = now + chrono::Duration::milliseconds(left.as_millis() as i64);
+            // Who paused it: the last operator pause, unless the gateway
+            // paused the fleet itself (a rate limit, the platform refused).
+            let by = last
+                .filter(|e| e.action == "fleet.pause")
+                .map(|e| json!({"actor": e.actor, "at": e.at, "detail": serde_json::from_str::<Value>(&e.detail).unwrap_or(Value::Null)}));
+            json!({"paused": true, "until": until, "remaining_secs": left.as_secs(), "by": by})
+        }
+        None => json!({"paused": false, "until": null, "remaining_secs": 0, "by": null}),
+    })
+}
+
+/// `GET /api/v1/fleet`: whether the fleet is paused (by an operator or by
+/// the gateway guard), until when and by whom.
+pub async fn fleet(State(s): State<AdminState>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(fleet_state(&s).await?))
+}
+
+/// `POST /api/v1/fleet/pause` (admin): no worker claims a payout or calls the
+/// gateway until `/resume` (or `minutes`, at most a week, have passed); the
+/// same Redis key the workers' guards read before every claim. Audited.
+pub async fn fleet_pause(
+    State(s): State<AdminState>,
+    Extension(c): Extension<Caller>,
+    Extension(source): Extension<Source>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    c.require(Role::Admin)?;
+    let body: PauseBody = json_body(&body)?;
+    let minutes = body.minutes.unwrap_or(MAX_PAUSE_MINUTES);
+    if !(1..=MAX_PAUSE_MINUTES).contains(&minutes) {
+        metrics::ADMIN_ACTIONS
+            .with_label_values(&["fleet_pause", "refused"])
+            .inc();
+        return Err(ApiError::BadRequest(format!(
+            "minutes: expected 1 to {MAX_PAUSE_MINUTES} (a week)"
+        )));
+    }
+    let reason = body
+        .reason
+        .map(|r| r.trim().chars().take(500).collect::<String>())
+        .filter(|r| !r.is_empty());
+    let now = s.clock.now();
+    let key = crate::gateway::guard::pause_key(s.queue.prefix());
+    // The audit row commits only once the pause is set: a Redis failure
+    // leaves neither.
+    let mut tx = s.pool.begin().await?;
+    crate::db::audit::record(
+        &mut *tx,
+        now,
+        &c.actor(),
+        "fleet.pause",
+        "fleet",
+        json!({"minutes": minutes, "reason": reason}),
+        Some(&source.0.to_string()),
+    )
+    .await?;
+    crate::gateway::guard::pause_fleet_for(
+        &mut s.queue.conn(),
+        &key,
+        std::time::Duration::from_secs(minutes * 60),
+    )
+    .await
+    .map_err(|e| ApiError::Unavailable(anyhow::Error::new(e)))?;
+    tx.commit().await?;
+    metrics::ADMIN_ACTIONS
+        .with_label_values(&["fleet_pause", "ok"])
+        .inc();
+    tracing::warn!(actor = %c.actor(), minutes, "fleet paused by an operator");
+    Ok(Json(fleet_state(&s).await?))
+}
+
+/// `POST /api/v1/fleet/resume` (admin): ends the fleet pause, whoever set it
+/// (an operator or the gateway guard). Audited.
+pub async fn fleet_resume(
+    State(s): State<AdminState>,
+    Extension(c): Extension<Caller>,
+    Extension(source): Extension<Source>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    c.require(Role::Admin)?;
+    let _: ActionBody = json_body(&body)?;
+    let now = s.clock.now();
+    let key = crate::gateway::guard::pause_key(s.queue.prefix());
+    let mut tx = s.pool.begin().await?;
+    let was = crate::gateway::guard::read_pause(&mut s.queue.conn(), &key)
+        .await
+        .map_err(|e| ApiError::Unavailable(anyhow::Error::new(e)))?;
+    crate::db::audit::record(
+        &mut *tx,
+        now,
+        &c.actor(),
+        "fleet.resume",
+        "fleet",
+        json!({"was_paused": was.is_some()}),
+        Some(&source.0.to_string()),
+    )
+    .await?;
+    crate::gateway::guard::resume_fleet(&mut s.queue.conn(), &key)
+        .await
+        .map_err(|e| ApiError::Unavailable(anyhow::Error::new(e)))?;
+    tx.commit().await?;
+    metrics::ADMIN_ACTIONS
+        .with_label_values(&["fleet_resume", "ok"])
+        .inc();
+    tracing::warn!(actor = %c.actor(), was_paused = was.is_some(), "fleet resumed by an operator");
+    Ok(Json(fleet_state(&s).await?))
+}
+
 #[cfg(test)]
 mod tests {
     use chrono::{TimeZone, Utc};

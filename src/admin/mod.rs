@@ -248,6 +248,9 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/v1/payouts/{id}", get(api::payout))
         .route("/api/v1/payouts/{id}/{action}", post(api::action))
         .route("/api/v1/failures", get(api::failures))
+        .route("/api/v1/fleet", get(api::fleet))
+        .route("/api/v1/fleet/pause", post(api::fleet_pause))
+        .route("/api/v1/fleet/resume", post(api::fleet_resume))
         .route("/api/v1/tokens", get(api::tokens).post(api::create_token))
         .route("/api/v1/audit", get(api::audit))
         .route(

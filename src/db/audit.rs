@@ -62,3 +62,15 @@ pub async fn recent(pool: &PgPool, limit: i64) -> sqlx::Result<Vec<AuditEntry>> 
     .fetch_all(pool)
     .await
 }
+
+/// The newest entry whose action is one of `actions` (e.g. the last fleet
+/// pause or resume), if any.
+pub async fn latest_of(pool: &PgPool, actions: &[&str]) -> sqlx::Result<Option<AuditEntry>> {
+    sqlx::query_as(
+        "SELECT id, at, actor, action, target, detail::text AS detail, source
+         FROM audit_log WHERE action = ANY($1) ORDER BY id DESC LIMIT 1",
+    )
+    .bind(actions)
+    .fetch_optional(pool)
+    .await
+}

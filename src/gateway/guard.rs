@@ -161,7 +161,7 @@ impl FleetLimiter {
                     metrics::GATEWAY_THROTTLED
                         .with_label_values(&["rate_limit"])
                         .inc();
-                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    tokio::time::sleep(Duration::from_millis(ms).min(PAUSE_STEP)).await;
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "rate limiter unavailable; sending");
@@ -252,6 +252,46 @@ local new_tat = tat + interval
 redis.call('SET', KEYS[1], string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now + burst) + 1000)
 return 0
 "#;
+
+/// The longest single wait on a fleet pause before the key is read again.
+const PAUSE_STEP: Duration = Duration::from_secs(1);
+
+/// The Redis key of the fleet pause under `prefix`: while it lives, no
+/// worker claims a payout or calls the gateway.
+pub fn pause_key(prefix: &str) -> String {
+    format!("{{{prefix}}}:gateway:pause")
+}
+
+/// How long the fleet pause at `key` still lasts (`None`: no pause): the
+/// read every worker's guard makes before a claim and a gateway call.
+pub async fn read_pause(
+    conn: &mut ConnectionManager,
+    key: &str,
+) -> redis::RedisResult<Option<Duration>> {
+    let pttl: i64 = redis::cmd("PTTL").arg(key).query_async(conn).await?;
+    Ok((pttl > 0).then(|| Duration::from_millis(pttl as u64)))
+}
+
+/// Pauses the fleet at `key` for `for_` (an operator's pause; a longer pause
+/// already set stays); `true` when this call set it.
+pub async fn pause_fleet_for(
+    conn: &mut ConnectionManager,
+    key: &str,
+    for_: Duration,
+) -> redis::RedisResult<bool> {
+    let set: i64 = PAUSE
+        .key(key)
+        .arg(for_.as_millis().max(1) as u64)
+        .invoke_async(conn)
+        .await?;
+    Ok(set == 1)
+}
+
+/// Ends the fleet pause at `key`, whoever set it; `true` when one was set.
+pub async fn resume_fleet(conn: &mut ConnectionManager, key: &str) -> redis::RedisResult<bool> {
+    let n: i64 = redis::cmd("DEL").arg(key).query_async(conn).await?;
+    Ok(n > 0)
+}
 
 /// Extends the fleet pause to ARGV[1] ms unless it already lasts longer.
 static PAUSE: LazyLock<Script> = LazyLock::new(|| Script::new(PAUSE_LUA));
@@ -356,7 +396,7 @@ impl GatewayGuard {
         metrics::CIRCUIT_STATE.set(0);
         LazyLock::force(&PLATFORM_PAUSES);
         let tat_key = format!("{{{prefix}}}:gateway:rate");
-        let pause_key = format!("{{{prefix}}}:gateway:pause");
+        let pause_key = pause_key(prefix);
         GatewayGuard {
             limiter: Arc::new(FleetLimiter {
                 conn: conn.clone(),
@@ -428,12 +468,8 @@ impl GatewayGuard {
         };
         let until = if stale {
             let mut conn = self.conn.clone();
-            let pttl: i64 = redis::cmd("PTTL")
-                .arg(&self.pause_key)
-                .query_async(&mut conn)
-                .await
-                .unwrap_or(-2);
-            let until = (pttl > 0).then(|| now + Duration::from_millis(pttl as u64));
+            let left = read_pause(&mut conn, &self.pause_key).await.unwrap_or(None);
+            let until = left.map(|l| now + l);
             *self.pause_seen.lock().expect("pause lock") = (Some(now), until);
             until
         } else {
@@ -453,7 +489,9 @@ impl GatewayGuard {
             metrics::GATEWAY_THROTTLED
                 .with_label_values(&["fleet_pause"])
                 .inc();
-            tokio::time::sleep(left).await;
+            // In steps of at most a second: an operator's resume deletes the
+            // key, and a week-long pause must not be slept in one go.
+            tokio::time::sleep(left.min(PAUSE_STEP)).await;
         }
     }
 
