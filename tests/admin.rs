@@ -1854,3 +1854,108 @@ async fn an_admin_pauses_and_resumes_the_fleet_and_workers_obey() {
     assert_eq!(ok("fleet_pause"), pauses + 1);
     assert_eq!(ok("fleet_resume"), resumes + 1);
 }
+
+/// Issue 19: the go-to box finds a payout by id, idempotency key (and a later
+/// key of its chain) and transfer id, and a payee by account or by the words
+/// of its name; wildcards and query syntax in `q` are plain text, bad `q` is
+/// a 400 naming it, and no more than 20 results come back.
+#[tokio::test]
+async fn search_finds_payouts_and_payees_by_every_name_they_go_by() {
+    let a = Admin::start().await;
+    let ada = payees::create(
+        a.pool(),
+        "Ada Lovelace",
+        "acct_ada_1",
+        "USD".parse().unwrap(),
+    )
+    .await
+    .unwrap()
+    .id;
+    let bob = payees::create(a.pool(), "Bob Stone", "acct_bob", "USD".parse().unwrap())
+        .await
+        .unwrap()
+        .id;
+    let paid = a.paid(ada).await;
+    let other = a.pending(bob, "1.00", "USD", Duration::zero()).await;
+    let find = |q: &str| {
+        let path = format!("/api/v1/search?q={}", urlencode(q));
+        let a = &a;
+        let q = q.to_string();
+        async move {
+            let (code, v) = a.get(&path, Some(&a.viewer)).await;
+            assert_eq!(code, StatusCode::OK, "{q}: {v}");
+            v["results"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|h| {
+                    (
+                        h["kind"].as_str().unwrap().to_string(),
+                        h["id"].as_i64().unwrap(),
+                        h["matched"].as_str().unwrap().to_string(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    let payout = |id: i64, m: &str| ("payout".to_string(), id, m.to_string());
+    let payee = |id: i64, m: &str| ("payee".to_string(), id, m.to_string());
+    assert_eq!(find(&paid.to_string()).await[0], payout(paid, "payout id"));
+    assert_eq!(
+        find(&format!("#{other}")).await[0],
+        payout(other, "payout id")
+    );
+    assert_eq!(
+        find(&format!("payout_{paid}")).await,
+        [payout(paid, "idempotency key")]
+    );
+    assert_eq!(
+        find(&format!("payout_{paid}-2")).await,
+        [payout(paid, "idempotency key")]
+    );
+    assert_eq!(
+        find(&format!("tr_{paid}")).await,
+        [payout(paid, "transfer id")]
+    );
+    assert_eq!(find("acct_ada_1").await, [payee(ada, "gateway account")]);
+    assert_eq!(find("acct_").await.len(), 2, "an account prefix");
+    assert_eq!(find("love").await, [payee(ada, "payee name")]);
+    assert_eq!(find("ada LOVELACE").await, [payee(ada, "payee name")]);
+    // LIKE wildcards and tsquery syntax are text, not patterns.
+    for q in ["%", "acct%", "_", "a:* | b", "!(", "'", "\\"] {
+        assert!(find(q).await.is_empty(), "{q:?} matched something");
+    }
+    for q in ["", "   ", &"x".repeat(201)] {
+        let (code, v) = a
+            .get(
+                &format!("/api/v1/search?q={}", urlencode(q)),
+                Some(&a.viewer),
+            )
+            .await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{q:?}: {v}");
+        assert!(v["error"].as_str().unwrap().starts_with("q:"), "{v}");
+    }
+    let (code, _) = a
+        .get("/api/v1/search?q=1&colour=red", Some(&a.viewer))
+        .await;
+    assert_eq!(code, StatusCode::BAD_REQUEST);
+    let (code, _) = a.get("/api/v1/search?q=1", None).await;
+    assert_eq!(code, StatusCode::UNAUTHORIZED);
+    // At most 20.
+    for i in 0..25 {
+        payees::create(
+            a.pool(),
+            &format!("Many {i}"),
+            &format!("acct_many_{i}"),
+            "USD".parse().unwrap(),
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(find("acct_many").await.len(), 20);
+    assert_eq!(find("many").await.len(), 20);
+}
+
+fn urlencode(s: &str) -> String {
+    serde_urlencoded::to_string([("v", s)]).unwrap()[2..].to_string()
+}

@@ -543,6 +543,41 @@ pub async fn audit(
     Ok(Json(json!({"entries": entries})))
 }
 
+// ---------- Search ----------
+
+/// `GET /api/v1/search?q=`: the go-to box. `q` (1 to 200 characters) is read
+/// as a payout id, an idempotency key, a gateway transfer id, a gateway
+/// account (or its prefix) or words of a payee's name; at most 20 results,
+/// exact matches first.
+pub async fn search(
+    State(s): State<AdminState>,
+    RawQuery(q): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let mut text = None;
+    for (k, v) in pairs(&q)? {
+        if k != "q" {
+            return Err(ApiError::BadRequest(format!(
+                "unknown query parameter {:?} (only q)",
+                short(&k)
+            )));
+        }
+        if text.replace(v).is_some() {
+            return Err(ApiError::BadRequest("q: given twice".into()));
+        }
+    }
+    let text = text.unwrap_or_default();
+    let text = text.trim();
+    if text.is_empty() || text.chars().count() > 200 {
+        return Err(ApiError::BadRequest(
+            "q: expected 1 to 200 characters (a payout id, idempotency key, transfer id, account or payee name)".into(),
+        ));
+    }
+    let hits = crate::db::search::search(&s.pool, text).await?;
+    Ok(Json(
+        json!({"q": text, "results": hits, "max": crate::db::search::MAX_RESULTS}),
+    ))
+}
+
 // ---------- Fleet pause ----------
 
 /// The longest an operator's pause lasts (the pause is a Redis key with a

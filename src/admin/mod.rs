@@ -248,6 +248,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/v1/payouts/{id}", get(api::payout))
         .route("/api/v1/payouts/{id}/{action}", post(api::action))
         .route("/api/v1/failures", get(api::failures))
+        .route("/api/v1/search", get(api::search))
         .route("/api/v1/fleet", get(api::fleet))
         .route("/api/v1/fleet/pause", post(api::fleet_pause))
         .route("/api/v1/fleet/resume", post(api::fleet_resume))

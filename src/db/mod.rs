@@ -9,6 +9,7 @@ pub mod filter;
 pub mod payee_terms;
 pub mod payees;
 pub mod payouts;
+pub mod search;
 pub mod settlements;
 pub mod tokens;
 
