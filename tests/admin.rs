@@ -1959,3 +1959,139 @@ async fn search_finds_payouts_and_payees_by_every_name_they_go_by() {
 fn urlencode(s: &str) -> String {
     serde_urlencoded::to_string([("v", s)]).unwrap()[2..].to_string()
 }
+
+/// Issue 19: the selected rows of the payouts list. A bulk cancel
+/// (operator) and a bulk retry by ids (admin) count first, change nothing
+/// until `"dry_run": false`, go through the single action (one event each,
+/// the caller as actor), leave out payouts they cannot move (a paid one, a
+/// reversed one for retry) and say which.
+#[tokio::test]
+async fn selected_payouts_are_counted_then_cancelled_or_retried_one_by_one() {
+    let a = Admin::start().await;
+    let p = a.payee("acct_sel", "USD").await;
+    let pending = a.pending(p, "5.00", "USD", Duration::hours(1)).await;
+    let failed = a.failed(p, "account_closed").await;
+    let paid = a.paid(p).await;
+    let cancel_ids = json!([pending, failed, paid, 999_999, pending]);
+    let before = a.events().await;
+
+    // Viewers may not; the default is a dry run.
+    let (code, _) = a
+        .post(
+            "/api/v1/payouts/bulk-cancel",
+            Some(&a.viewer),
+            json!({"ids": cancel_ids}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::FORBIDDEN);
+    let (code, dry) = a
+        .post(
+            "/api/v1/payouts/bulk-cancel",
+            Some(&a.operator),
+            json!({"ids": cancel_ids}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "{dry}");
+    assert_eq!(dry["dry_run"], true);
+    assert_eq!(dry["selected"], 4, "repeats count once: {dry}");
+    assert_eq!(dry["matched"], 2, "{dry}");
+    assert_eq!(dry["not_found"], 1, "{dry}");
+    assert_eq!(dry["skipped"], json!([{"id": paid, "status": "paid"}]));
+    assert_eq!(a.events().await, before, "a dry run writes nothing");
+    for bad in [
+        json!({"ids": []}),
+        json!({"ids": [0]}),
+        json!({"ids": ["x"]}),
+    ] {
+        let (code, v) = a
+            .post(
+                "/api/v1/payouts/bulk-cancel",
+                Some(&a.operator),
+                bad.clone(),
+            )
+            .await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{bad}: {v}");
+        assert!(v["error"].as_str().unwrap().contains("ids"), "{v}");
+    }
+    assert_eq!(a.events().await, before);
+
+    // A reversed payout and another failed one, for the retry.
+    let reversed = a.failed(p, "account_closed").await;
+    sqlx::query("UPDATE payouts SET paid_at = now(), gateway_transfer_id = 'tr_r' WHERE id = $1")
+        .bind(reversed)
+        .execute(a.pool())
+        .await
+        .unwrap();
+    let again = a.failed(p, "account_frozen").await;
+    let retry_ids = json!([failed, reversed, again, pending]);
+    let (code, _) = a
+        .post(
+            "/api/v1/payouts/bulk-retry",
+            Some(&a.operator),
+            json!({"ids": retry_ids}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::FORBIDDEN, "bulk retry stays admin only");
+    let (code, v) = a
+        .post(
+            "/api/v1/payouts/bulk-retry",
+            Some(&a.admin),
+            json!({"ids": retry_ids, "filter": {"payee_id": p}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::BAD_REQUEST, "{v}");
+    let (code, dry) = a
+        .post(
+            "/api/v1/payouts/bulk-retry",
+            Some(&a.admin),
+            json!({"ids": retry_ids}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "{dry}");
+    assert_eq!(dry["dry_run"], true);
+    assert_eq!(dry["matched"], 2, "{dry}");
+    assert_eq!(dry["excluded_paid_before"], 1, "{dry}");
+    let (code, done) = a
+        .post(
+            "/api/v1/payouts/bulk-retry",
+            Some(&a.admin),
+            json!({"ids": [again], "dry_run": false}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "{done}");
+    assert_eq!(done["retried"], 1);
+    assert_eq!(a.status(again).await, "queued");
+    assert_eq!(
+        a.last_event(again).await,
+        (
+            "queued".into(),
+            "operator:ada".into(),
+            Some("operator bulk retry".into())
+        )
+    );
+    assert_eq!(a.status(reversed).await, "failed");
+
+    // The real cancel: each through the single cancel, one event each.
+    let (code, done) = a
+        .post(
+            "/api/v1/payouts/bulk-cancel",
+            Some(&a.operator),
+            json!({"ids": [pending, failed, paid, reversed], "dry_run": false, "reason": "duplicates"}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "{done}");
+    assert_eq!(done["cancelled"], 3, "{done}");
+    assert_eq!(done["ids"], json!([pending, failed, reversed]));
+    for id in [pending, failed, reversed] {
+        assert_eq!(a.status(id).await, "cancelled");
+        assert_eq!(
+            a.last_event(id).await,
+            (
+                "cancelled".into(),
+                "operator:otto".into(),
+                Some("duplicates".into())
+            )
+        );
+    }
+    assert_eq!(a.status(paid).await, "paid");
+}

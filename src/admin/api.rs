@@ -367,6 +367,9 @@ pub async fn action(
 struct BulkBody {
     #[serde(default)]
     filter: BTreeMap<String, Value>,
+    /// The payouts selected by id (instead of a filter).
+    #[serde(default)]
+    ids: Option<Vec<Value>>,
     #[serde(default)]
     dry_run: Option<bool>,
 }
@@ -408,6 +411,15 @@ pub async fn bulk_retry(
 ) -> Result<Json<Value>, ApiError> {
     c.require(Role::Admin)?;
     let body: BulkBody = json_body(&body)?;
+    if let Some(ids) = &body.ids {
+        if !body.filter.is_empty() {
+            return Err(ApiError::BadRequest(
+                "ids: give either ids or a filter, not both".into(),
+            ));
+        }
+        let ids = selected_ids(ids, s.settings.admin.bulk_max)?;
+        return bulk_retry_ids(&s, &c, &ids, body.dry_run != Some(false)).await;
+    }
     let f = filter_of(&body.filter)?;
     let cap = s.settings.admin.bulk_max;
     if body.dry_run != Some(false) {
@@ -439,6 +451,158 @@ pub async fn bulk_retry(
     Ok(Json(json!({
         "dry_run": false, "matched": ids.len(), "retried": ids.len(), "pushed": pushed,
         "first_id": ids.first(), "last_id": ids.last(),
+    })))
+}
+
+/// The ids of a selection: 1 to `cap` positive ids, repeats dropped.
+fn selected_ids(ids: &[Value], cap: i64) -> Result<Vec<i64>, ApiError> {
+    if ids.is_empty() || ids.len() as i64 > cap {
+        return Err(ApiError::BadRequest(format!(
+            "ids: expected 1 to {cap} payout ids, got {}",
+            ids.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(ids.len());
+    for v in ids {
+        match v.as_i64().filter(|id| *id > 0) {
+            Some(id) => out.push(id),
+            None => {
+                return Err(ApiError::BadRequest(format!(
+                    "ids: {} is not a payout id",
+                    short(&v.to_string())
+                )));
+            }
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+/// A bulk retry of the payouts selected by id: the failed ones that were
+/// never paid, each through the single retry (`failed` -> `queued`, fresh
+/// budget, an event by the caller); the rest are reported and left alone.
+async fn bulk_retry_ids(
+    s: &AdminState,
+    c: &Caller,
+    ids: &[i64],
+    dry_run: bool,
+) -> Result<Json<Value>, ApiError> {
+    let rows = filter::selected(&s.pool, ids).await?;
+    let (eligible, rest): (Vec<_>, Vec<_>) = rows
+        .into_iter()
+        .partition(|r| r.status == "failed" && !r.paid_before);
+    let paid_before = rest.iter().filter(|r| r.paid_before).count();
+    let missing = ids.len() - eligible.len() - rest.len();
+    let skipped: Vec<Value> = rest
+        .iter()
+        .map(|r| json!({"id": r.id, "status": r.status, "paid_before": r.paid_before}))
+        .collect();
+    if dry_run {
+        return Ok(Json(json!({
+            "dry_run": true, "selected": ids.len(), "matched": eligible.len(),
+            "excluded_paid_before": paid_before, "not_found": missing, "skipped": skipped,
+        })));
+    }
+    let now = s.clock.now();
+    let lease = now + chrono::Duration::seconds(s.settings.producer.queue_lease_secs as i64);
+    let actor = c.actor();
+    let mut retried = Vec::new();
+    let mut changed = Vec::new();
+    for r in &eligible {
+        match payouts::retry_because(&s.pool, r.id, &actor, "operator bulk retry", lease, now).await
+        {
+            Ok(_) => retried.push(r.id),
+            Err(ActionError::Db(e)) => return Err(e.into()),
+            // Moved meanwhile (or its money went back to the balance).
+            Err(ActionError::Illegal(t)) => {
+                changed.push(json!({"id": r.id, "status": t.from.as_str()}))
+            }
+            Err(ActionError::NotFound(_)) => {}
+        }
+    }
+    let pushed = retried.is_empty() || push(s, &retried).await;
+    metrics::ADMIN_ACTIONS
+        .with_label_values(&["bulk_retry", "ok"])
+        .inc();
+    tracing::info!(%actor, n = retried.len(), "operator bulk retry of selected payouts");
+    Ok(Json(json!({
+        "dry_run": false, "selected": ids.len(), "matched": eligible.len(),
+        "retried": retried.len(), "pushed": pushed, "ids": retried,
+        "excluded_paid_before": paid_before, "not_found": missing,
+        "skipped": skipped, "changed": changed,
+    })))
+}
+
+/// The body of a bulk cancel.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BulkCancelBody {
+    #[serde(default)]
+    ids: Vec<Value>,
+    #[serde(default)]
+    dry_run: Option<bool>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// `POST /api/v1/payouts/bulk-cancel` (operator): the payouts selected by
+/// id. A dry run (the default, as for a bulk retry) counts those that can be
+/// cancelled now; `"dry_run": false` cancels each through the single cancel
+/// (the same function as `/payouts/{id}/cancel`, one event each) and
+/// reports the ones that could not be (their status now).
+pub async fn bulk_cancel(
+    State(s): State<AdminState>,
+    Extension(c): Extension<Caller>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    c.require(Role::Operator)?;
+    let body: BulkCancelBody = json_body(&body)?;
+    let ids = selected_ids(&body.ids, s.settings.admin.bulk_max)?;
+    let rows = filter::selected(&s.pool, &ids).await?;
+    let can = |st: &str| {
+        st.parse::<PayoutStatus>()
+            .is_ok_and(|st| actions_for(st).contains(&"cancel"))
+    };
+    let (eligible, rest): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| can(&r.status));
+    let missing = ids.len() - eligible.len() - rest.len();
+    let skipped: Vec<Value> = rest
+        .iter()
+        .map(|r| json!({"id": r.id, "status": r.status}))
+        .collect();
+    if body.dry_run != Some(false) {
+        return Ok(Json(json!({
+            "dry_run": true, "selected": ids.len(), "matched": eligible.len(),
+            "not_found": missing, "skipped": skipped,
+        })));
+    }
+    let why = body
+        .reason
+        .map(|r| r.trim().chars().take(500).collect::<String>())
+        .filter(|r| !r.is_empty())
+        .unwrap_or_else(|| "cancelled by operator (bulk)".into());
+    let now = s.clock.now();
+    let actor = c.actor();
+    let mut cancelled = Vec::new();
+    let mut changed = Vec::new();
+    for r in &eligible {
+        match payouts::cancel(&s.pool, r.id, &actor, &why, now).await {
+            Ok(_) => cancelled.push(r.id),
+            Err(ActionError::Db(e)) => return Err(e.into()),
+            Err(ActionError::Illegal(t)) => {
+                changed.push(json!({"id": r.id, "status": t.from.as_str()}))
+            }
+            Err(ActionError::NotFound(_)) => {}
+        }
+    }
+    metrics::ADMIN_ACTIONS
+        .with_label_values(&["bulk_cancel", "ok"])
+        .inc();
+    tracing::info!(%actor, n = cancelled.len(), "operator bulk cancel");
+    Ok(Json(json!({
+        "dry_run": false, "selected": ids.len(), "matched": eligible.len(),
+        "cancelled": cancelled.len(), "ids": cancelled, "not_found": missing,
+        "skipped": skipped, "changed": changed,
     })))
 }
 

@@ -245,6 +245,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/v1/overview", get(api::overview))
         .route("/api/v1/payouts", get(api::list))
         .route("/api/v1/payouts/bulk-retry", post(api::bulk_retry))
+        .route("/api/v1/payouts/bulk-cancel", post(api::bulk_cancel))
         .route("/api/v1/payouts/{id}", get(api::payout))
         .route("/api/v1/payouts/{id}/{action}", post(api::action))
         .route("/api/v1/failures", get(api::failures))

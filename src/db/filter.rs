@@ -399,6 +399,29 @@ pub async fn failure_groups(pool: &PgPool) -> sqlx::Result<Vec<FailureGroup>> {
     .await
 }
 
+/// A payout selected by id for a bulk action, as it is now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct Selected {
+    /// Its id.
+    pub id: i64,
+    /// Its status.
+    pub status: String,
+    /// Paid before it failed (reversed, returned; `paid_at` kept): never
+    /// part of a bulk retry.
+    pub paid_before: bool,
+}
+
+/// The payouts among `ids` that exist, by id.
+pub async fn selected(pool: &PgPool, ids: &[i64]) -> sqlx::Result<Vec<Selected>> {
+    sqlx::query_as(
+        "SELECT id, status, paid_at IS NOT NULL AS paid_before FROM payouts
+         WHERE id = ANY($1) ORDER BY id",
+    )
+    .bind(ids)
+    .fetch_all(pool)
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
