@@ -395,6 +395,43 @@ async fn fix(
     .await?)
 }
 
+/// A recorded reconciliation run (the dashboard's reconcile view).
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
+pub struct RunRow {
+    /// Its id.
+    pub id: i64,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// When it finished.
+    pub finished_at: DateTime<Utc>,
+    /// The payouts it compared were changed since then.
+    pub since: DateTime<Utc>,
+    /// How many payouts it compared.
+    pub checked: i64,
+    /// How many mismatches it fixed.
+    pub fixed: i64,
+    /// Mismatches by kind, zeros included.
+    pub mismatches: serde_json::Value,
+    /// Who ran it.
+    pub actor: String,
+    /// Nothing could be looked up: not a reconciliation.
+    pub failed: bool,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// A page of runs, newest first: at most `limit`, below `before_id` when given.
+pub async fn runs(pool: &PgPool, before_id: Option<i64>, limit: i64) -> sqlx::Result<Vec<RunRow>> {
+    sqlx::query_as(
+        "SELECT id, started_at, finished_at, since, checked, fixed, mismatches, actor, failed, error
+         FROM reconcile_runs WHERE ($1::bigint IS NULL OR id < $1) ORDER BY id DESC LIMIT $2",
+    )
+    .bind(before_id)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use chrono::Utc;

@@ -2095,3 +2095,199 @@ async fn selected_payouts_are_counted_then_cancelled_or_retried_one_by_one() {
     }
     assert_eq!(a.status(paid).await, "paid");
 }
+
+/// Issue 19: the read-only views' routes: payees with their terms,
+/// settlements with their lines (amounts at the currency's exponent),
+/// reconciliation runs, each paged newest first; tokens stay admin only.
+#[tokio::test]
+async fn payees_settlements_and_reconcile_runs_are_served_read_only() {
+    use payouts::{
+        db::{earnings, payee_terms},
+        domain::{Policy, earning::NewEarning},
+        settlement,
+    };
+    let a = Admin::start().await;
+    let p = a.payee("acct_view", "USD").await;
+    let other = a.payee("acct_view_2", "USD").await;
+    payee_terms::set_deduction(
+        a.pool(),
+        p,
+        "equipment rental",
+        Money::parse("5", "USD").unwrap(),
+        Utc::now(),
+    )
+    .await
+    .unwrap();
+    let policy: Policy = include_str!("../config/policy.toml").parse().unwrap();
+    let done = Utc::now() - Duration::days(40);
+    let e = NewEarning {
+        payee_id: p,
+        source: "booking".into(),
+        external_ref: "bk-1".into(),
+        gross: Money::parse("120.00", "USD").unwrap(),
+        completed_at: done,
+        release_at: policy.release_at(done),
+    };
+    let mut conn = a.pool().acquire().await.unwrap();
+    earnings::record(&mut conn, &e, "operator:test", done)
+        .await
+        .unwrap();
+    drop(conn);
+    settlement::run(
+        a.pool(),
+        &policy,
+        Utc::now(),
+        &settlement::Options {
+            payee: Some(p),
+            actor: "settlement:test".into(),
+        },
+    )
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO reconcile_runs (started_at, finished_at, since, checked, fixed, mismatches, actor, failed, error)
+         VALUES (now(), now(), now() - interval '1 day', 12, 1, '{\"paid_in_db_unknown_to_gateway\": 1}', 'cli:ops', false, NULL),
+                (now(), now(), now() - interval '1 day', 0, 0, '{}', 'cli:ops', true, 'no look-up endpoint')",
+    )
+    .execute(a.pool())
+    .await
+    .unwrap();
+
+    // Payees, paged newest first.
+    let (code, page) = a.get("/api/v1/payees?limit=1", Some(&a.viewer)).await;
+    assert_eq!(code, StatusCode::OK, "{page}");
+    assert_eq!(page["items"][0]["id"], other);
+    let cursor = page["next_cursor"].as_str().unwrap().to_string();
+    let (_, page) = a
+        .get(
+            &format!("/api/v1/payees?limit=1&cursor={cursor}"),
+            Some(&a.viewer),
+        )
+        .await;
+    assert_eq!(page["items"][0]["id"], p);
+    let (code, one) = a.get(&format!("/api/v1/payees/{p}"), Some(&a.viewer)).await;
+    assert_eq!(code, StatusCode::OK, "{one}");
+    assert_eq!(one["payee"]["gateway_account"], "acct_view");
+    assert!(one["terms"]["payout_method"].is_string(), "{one}");
+    assert_eq!(
+        one["deductions"][0]["amount"], "5.00",
+        "at the currency's exponent: {one}"
+    );
+    assert_eq!(one["deductions"][0]["label"], "equipment rental");
+    let settlement_id = one["settlements"][0]["id"].as_i64().expect("a settlement");
+
+    // Settlements, of a payee, and one with its lines summing to its net.
+    let (code, list) = a
+        .get(
+            &format!("/api/v1/settlements?payee_id={p}"),
+            Some(&a.viewer),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "{list}");
+    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+    let (_, none) = a
+        .get(
+            &format!("/api/v1/settlements?payee_id={other}"),
+            Some(&a.viewer),
+        )
+        .await;
+    assert!(none["items"].as_array().unwrap().is_empty());
+    let (code, one) = a
+        .get(
+            &format!("/api/v1/settlements/{settlement_id}"),
+            Some(&a.viewer),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "{one}");
+    assert_eq!(one["payee"]["id"], p);
+    let lines = one["lines"].as_array().unwrap();
+    assert!(lines.len() >= 3, "earning, commission, deduction...: {one}");
+    let sum: rust_decimal::Decimal = lines
+        .iter()
+        .map(|l| {
+            l["amount"]
+                .as_str()
+                .unwrap()
+                .parse::<rust_decimal::Decimal>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(
+        sum.to_string(),
+        one["settlement"]["net"].as_str().unwrap(),
+        "{one}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["kind"] == "deduction" && l["amount"] == "-5.00"),
+        "{one}"
+    );
+
+    // Reconcile runs, the failed one marked.
+    let (code, runs) = a.get("/api/v1/reconcile-runs", Some(&a.viewer)).await;
+    assert_eq!(code, StatusCode::OK, "{runs}");
+    assert_eq!(runs["items"][0]["failed"], true);
+    assert_eq!(runs["items"][0]["error"], "no look-up endpoint");
+    assert_eq!(runs["items"][1]["checked"], 12);
+    assert_eq!(
+        runs["items"][1]["mismatches"]["paid_in_db_unknown_to_gateway"],
+        1
+    );
+
+    // Bad input names the parameter; unknown ids are 404s; tokens are admin only.
+    for (path, field) in [
+        ("/api/v1/payees?limit=0", "limit"),
+        ("/api/v1/payees?cursor=x", "cursor"),
+        ("/api/v1/settlements?payee_id=-1", "payee_id"),
+        ("/api/v1/reconcile-runs?colour=red", "colour"),
+        ("/api/v1/payees/abc", "id"),
+    ] {
+        let (code, v) = a.get(path, Some(&a.viewer)).await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{path}: {v}");
+        assert!(v["error"].as_str().unwrap().contains(field), "{path}: {v}");
+    }
+    assert_eq!(
+        a.get("/api/v1/payees/999999", Some(&a.viewer)).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        a.get("/api/v1/settlements/999999", Some(&a.viewer)).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        a.get("/api/v1/tokens", Some(&a.operator)).await.0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        a.get("/api/v1/tokens", Some(&a.admin)).await.0,
+        StatusCode::OK
+    );
+}
+
+/// Every route the dashboard's new screens use is in the OpenAPI document.
+#[tokio::test]
+async fn the_openapi_description_lists_the_dashboard_routes() {
+    let a = Admin::start().await;
+    let (_, doc) = a.get("/api/openapi.json", Some(&a.viewer)).await;
+    for (path, method) in [
+        ("/api/v1/fleet", "get"),
+        ("/api/v1/fleet/pause", "post"),
+        ("/api/v1/fleet/resume", "post"),
+        ("/api/v1/search", "get"),
+        ("/api/v1/payouts/bulk-cancel", "post"),
+        ("/api/v1/payouts/bulk-retry", "post"),
+        ("/api/v1/payees", "get"),
+        ("/api/v1/payees/{id}", "get"),
+        ("/api/v1/settlements", "get"),
+        ("/api/v1/settlements/{id}", "get"),
+        ("/api/v1/reconcile-runs", "get"),
+        ("/api/v1/tokens", "get"),
+        ("/api/v1/audit", "get"),
+    ] {
+        assert!(
+            doc["paths"][path][method].is_object(),
+            "{method} {path} missing from openapi.json"
+        );
+    }
+}

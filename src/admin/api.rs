@@ -707,6 +707,205 @@ pub async fn audit(
     Ok(Json(json!({"entries": entries})))
 }
 
+// ---------- Read-only views ----------
+
+/// A page request of a plain list: `limit` (1 to 200, default 50),
+/// `cursor` (continue below this id) and the extra keys `allowed`.
+struct ListQuery {
+    limit: i64,
+    before_id: Option<i64>,
+    extra: BTreeMap<String, String>,
+}
+
+fn list_query(q: &Option<String>, allowed: &[&str]) -> Result<ListQuery, ApiError> {
+    let mut out = ListQuery {
+        limit: 50,
+        before_id: None,
+        extra: BTreeMap::new(),
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for (k, v) in pairs(q)? {
+        if !seen.insert(k.clone()) {
+            return Err(ApiError::BadRequest(format!("{}: given twice", short(&k))));
+        }
+        let v = v.trim().to_string();
+        match k.as_str() {
+            "limit" => {
+                out.limit = v
+                    .parse::<i64>()
+                    .ok()
+                    .filter(|n| (1..=200).contains(n))
+                    .ok_or_else(|| ApiError::BadRequest("limit: expected 1 to 200".into()))?
+            }
+            "cursor" => {
+                out.before_id = Some(v.parse::<i64>().ok().filter(|n| *n > 0).ok_or_else(|| {
+                    ApiError::BadRequest("cursor: expected the next_cursor of a page".into())
+                })?)
+            }
+            other if allowed.contains(&other) => {
+                out.extra.insert(k, v);
+            }
+            other => {
+                return Err(ApiError::BadRequest(format!(
+                    "unknown query parameter {:?}",
+                    short(other)
+                )));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The next page's cursor: the last id, when the page was full.
+fn next_cursor(ids: impl DoubleEndedIterator<Item = i64>, n: usize, limit: i64) -> Option<String> {
+    (n as i64 == limit)
+        .then(|| ids.last().map(|id| id.to_string()))
+        .flatten()
+}
+
+/// An amount at its currency's exponent when that loses nothing (`10.00`,
+/// not the column's `10.00000000`), as a string.
+fn at_exponent(mut d: rust_decimal::Decimal, currency: &str) -> String {
+    if let Ok(c) = currency.parse::<crate::domain::Currency>()
+        && d.scale() > c.exponent()
+        && d.round_dp(c.exponent()) == d
+    {
+        d.rescale(c.exponent());
+    }
+    d.to_string()
+}
+
+fn positive_id(raw: &str, what: &str) -> Result<i64, ApiError> {
+    raw.parse::<i64>()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| ApiError::BadRequest(format!("{what}: expected a positive integer id")))
+}
+
+/// `GET /api/v1/payees`: payees, newest first (`limit`, `cursor`).
+pub async fn payees_list(
+    State(s): State<AdminState>,
+    RawQuery(q): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let lq = list_query(&q, &[])?;
+    let items = payees::page(&s.pool, lq.before_id, lq.limit).await?;
+    let next = next_cursor(items.iter().map(|p| p.id), items.len(), lq.limit);
+    Ok(Json(json!({"items": items, "next_cursor": next})))
+}
+
+/// `GET /api/v1/payees/{id}`: a payee with its settlement terms (schedule,
+/// payout method, deductions, own minimums) and its latest settlements.
+pub async fn payee(
+    State(s): State<AdminState>,
+    Path(raw): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = positive_id(&raw, "id")?;
+    let p = payees::get(&s.pool, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("payee {id} not found")))?;
+    let terms = {
+        let mut conn = s.pool.acquire().await?;
+        crate::db::payee_terms::get(&mut conn, id).await?
+    };
+    let deductions: Vec<Value> = crate::db::payee_terms::all_deductions(&s.pool, id)
+        .await?
+        .into_iter()
+        .map(|d| {
+            json!({"id": d.id, "currency": d.currency, "label": d.label,
+                   "amount": at_exponent(d.amount, &d.currency), "created_at": d.created_at})
+        })
+        .collect();
+    let minimums: Vec<Value> = crate::db::payee_terms::all_minimums(&s.pool, id)
+        .await?
+        .into_iter()
+        .map(|(c, a)| json!({"currency": c, "amount": at_exponent(a, &c)}))
+        .collect();
+    let settlements: Vec<Value> = crate::db::settlements::page(&s.pool, Some(id), None, 20)
+        .await?
+        .iter()
+        .map(settlement_json)
+        .collect();
+    Ok(Json(json!({
+        "payee": p,
+        "terms": terms.map(|t| json!({"schedule": t.schedule.map(|s| s.to_string()), "payout_method": t.method.to_string()})),
+        "deductions": deductions,
+        "minimums": minimums,
+        "settlements": settlements,
+    })))
+}
+
+fn settlement_json(x: &crate::db::settlements::SettlementRow) -> Value {
+    let m = |d: rust_decimal::Decimal| at_exponent(d, &x.currency);
+    json!({
+        "id": x.id, "payee_id": x.payee_id, "currency": x.currency,
+        "period_start": x.period_start, "period_end": x.period_end,
+        "schedule": x.schedule, "payout_method": x.payout_method, "services": x.services,
+        "gross": m(x.gross), "payee_percent": x.payee_percent, "bonus_percent": x.bonus_percent,
+        "payee_share": m(x.payee_share), "platform_commission": m(x.platform_commission),
+        "deductions": m(x.deductions), "carried_in": m(x.carried_in),
+        "carried_gross_in": m(x.carried_gross_in), "fee": m(x.fee), "net": m(x.net),
+        "outcome": x.outcome, "payout_id": x.payout_id, "carried_into": x.carried_into,
+        "actor": x.actor, "created_at": x.created_at, "returned_at": x.returned_at,
+    })
+}
+
+/// `GET /api/v1/settlements`: settlements, newest first (`payee_id`,
+/// `limit`, `cursor`).
+pub async fn settlements_list(
+    State(s): State<AdminState>,
+    RawQuery(q): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let lq = list_query(&q, &["payee_id"])?;
+    let payee_id = match lq.extra.get("payee_id").filter(|v| !v.is_empty()) {
+        Some(v) => Some(positive_id(v, "payee_id")?),
+        None => None,
+    };
+    let rows = crate::db::settlements::page(&s.pool, payee_id, lq.before_id, lq.limit).await?;
+    let next = next_cursor(rows.iter().map(|r| r.id), rows.len(), lq.limit);
+    Ok(Json(json!({
+        "items": rows.iter().map(settlement_json).collect::<Vec<_>>(),
+        "next_cursor": next,
+    })))
+}
+
+/// `GET /api/v1/settlements/{id}`: a settlement and its line items, in order.
+pub async fn settlement(
+    State(s): State<AdminState>,
+    Path(raw): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = positive_id(&raw, "id")?;
+    let x = crate::db::settlements::get(&s.pool, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("settlement {id} not found")))?;
+    let lines: Vec<Value> = crate::db::settlements::lines(&s.pool, id)
+        .await?
+        .into_iter()
+        .map(|l| {
+            json!({"id": l.id, "position": l.position, "kind": l.kind, "description": l.description,
+                   "amount": at_exponent(l.amount, &x.currency), "payout_id": l.payout_id,
+                   "earning_id": l.earning_id, "carried_from": l.carried_from})
+        })
+        .collect();
+    let payee = payees::get(&s.pool, x.payee_id).await?;
+    Ok(Json(json!({
+        "settlement": settlement_json(&x),
+        "payee": payee.map(|y| json!({"id": y.id, "name": y.name, "gateway_account": y.gateway_account})),
+        "lines": lines,
+    })))
+}
+
+/// `GET /api/v1/reconcile-runs`: reconciliation runs, newest first
+/// (`limit`, `cursor`); a failed run compared nothing.
+pub async fn reconcile_runs(
+    State(s): State<AdminState>,
+    RawQuery(q): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let lq = list_query(&q, &[])?;
+    let items = crate::reconcile::runs(&s.pool, lq.before_id, lq.limit).await?;
+    let next = next_cursor(items.iter().map(|r| r.id), items.len(), lq.limit);
+    Ok(Json(json!({"items": items, "next_cursor": next})))
+}
+
 // ---------- Search ----------
 
 /// `GET /api/v1/search?q=`: the go-to box. `q` (1 to 200 characters) is read

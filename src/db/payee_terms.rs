@@ -220,3 +220,25 @@ pub async fn minimum(
         .fetch_optional(conn)
         .await
 }
+
+/// Every deduction of a payee, in every currency, in the order agreed (the
+/// dashboard's payee view).
+pub async fn all_deductions(pool: &sqlx::PgPool, payee_id: i64) -> sqlx::Result<Vec<Deduction>> {
+    sqlx::query_as("SELECT * FROM payee_deductions WHERE payee_id = $1 ORDER BY currency, id")
+        .bind(payee_id)
+        .fetch_all(pool)
+        .await
+}
+
+/// Every own minimum payout of a payee: (currency, amount).
+pub async fn all_minimums(
+    pool: &sqlx::PgPool,
+    payee_id: i64,
+) -> sqlx::Result<Vec<(String, Decimal)>> {
+    sqlx::query_as(
+        "SELECT currency, amount FROM payee_minimums WHERE payee_id = $1 ORDER BY currency",
+    )
+    .bind(payee_id)
+    .fetch_all(pool)
+    .await
+}

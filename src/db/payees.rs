@@ -60,3 +60,14 @@ pub async fn create_demo(pool: &PgPool, count: i64, currency: Currency) -> sqlx:
     .fetch_all(pool)
     .await
 }
+
+/// A page of payees, newest first: at most `limit`, below `before_id` when given.
+pub async fn page(pool: &PgPool, before_id: Option<i64>, limit: i64) -> sqlx::Result<Vec<Payee>> {
+    sqlx::query_as::<_, Payee>(
+        "SELECT * FROM payees WHERE ($1::bigint IS NULL OR id < $1) ORDER BY id DESC LIMIT $2",
+    )
+    .bind(before_id)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}

@@ -416,3 +416,23 @@ pub async fn claim_interval(
     .await?;
     Ok(claimed.unwrap_or(false))
 }
+
+/// A page of settlements, newest first, of one payee when given: at most
+/// `limit`, below `before_id` when given.
+pub async fn page(
+    pool: &PgPool,
+    payee_id: Option<i64>,
+    before_id: Option<i64>,
+    limit: i64,
+) -> sqlx::Result<Vec<SettlementRow>> {
+    sqlx::query_as(
+        "SELECT * FROM settlements
+         WHERE ($1::bigint IS NULL OR payee_id = $1) AND ($2::bigint IS NULL OR id < $2)
+         ORDER BY id DESC LIMIT $3",
+    )
+    .bind(payee_id)
+    .bind(before_id)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
