@@ -985,3 +985,256 @@ async fn an_action_on_a_payout_changed_meanwhile_shows_the_conflict() {
     );
     assert_eq!(admin.status(id).await, "cancelled");
 }
+
+/// Issue 19, dashboard parity: an admin pauses the fleet (a banner on every
+/// page, the Redis pause key set) and resumes it; goes to a payout and a
+/// payee from the search box; selects rows and cancels them after a dry-run
+/// count; sees the list update live (and stop while paused); reads the
+/// payee, reconcile and token screens; the Due→paid card shows minute-long
+/// latencies as `1m 05s` without overflowing; dark mode follows the system.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_pauses_the_fleet_searches_and_cancels_selected_payouts() {
+    let admin = Admin::start().await;
+    let seeded = seed(&admin).await;
+    // Minute-long latencies for the Due→paid card.
+    sqlx::query(
+        "UPDATE payouts SET due_at = paid_at - interval '65 seconds' WHERE status = 'paid'",
+    )
+    .execute(admin.pool())
+    .await
+    .expect("minute-long latencies");
+    sqlx::query(
+        "INSERT INTO reconcile_runs (started_at, finished_at, since, checked, fixed, mismatches, actor, failed, error)
+         VALUES (now(), now(), now() - interval '1 day', 180, 0, '{\"paid_in_db_unknown_to_gateway\": 0}', 'cli:ops', false, NULL)",
+    )
+    .execute(admin.pool())
+    .await
+    .expect("a reconcile run");
+    let token = admin.token("root", Role::Admin).await;
+    let browser = Browser::start().await;
+    log_in(&browser, &admin, &token).await;
+
+    // The Due→paid card: 1m 05s, inside its cell.
+    let p50 = browser
+        .wait_text(
+            "[data-tile=\"due_to_paid\"] dd",
+            "the p50 as minutes and seconds",
+            |t| t == "1m 05s",
+        )
+        .await;
+    assert_eq!(p50, "1m 05s");
+    let overflow = browser
+        .script(
+            "return [...document.querySelectorAll('[data-tile=\"due_to_paid\"] dd')]
+               .filter(d => d.scrollWidth > d.clientWidth + 1).length;",
+        )
+        .await;
+    assert_eq!(overflow, 0, "no latency overflows its cell");
+
+    // Pause: confirmed, then a banner on every page; the key is set.
+    browser.click("#fleet-pause").await;
+    browser
+        .wait_script(
+            "the pause dialog",
+            "return document.getElementById('confirm').open || null;",
+        )
+        .await;
+    browser.type_into("#confirm-reason", "bank holiday").await;
+    browser.click("#confirm-ok").await;
+    browser
+        .wait_text("#fleet-paused", "the paused banner", |t| {
+            t.contains("The fleet is paused")
+                && t.contains("operator:root")
+                && t.contains("bank holiday")
+        })
+        .await;
+    let key = payouts::gateway::guard::pause_key(&admin.prefix);
+    let left = payouts::gateway::guard::read_pause(&mut admin.queue.conn(), &key)
+        .await
+        .expect("redis");
+    assert!(left.is_some(), "the workers' pause key is set");
+    browser.click("#nav-failures").await;
+    browser.wait("#failures-table").await;
+    browser.wait("#fleet-paused #fleet-resume").await;
+    browser.click("#fleet-resume").await;
+    browser
+        .wait_script(
+            "the resume dialog",
+            "return document.getElementById('confirm').open || null;",
+        )
+        .await;
+    browser.click("#confirm-ok").await;
+    browser
+        .wait_script(
+            "the banner gone",
+            "return document.getElementById('fleet-paused') ? null : true;",
+        )
+        .await;
+    assert!(
+        payouts::gateway::guard::read_pause(&mut admin.queue.conn(), &key)
+            .await
+            .expect("redis")
+            .is_none()
+    );
+    let audited: Vec<String> = sqlx::query_scalar(
+        "SELECT action FROM audit_log WHERE target = 'fleet' AND actor = 'operator:root' ORDER BY id",
+    )
+    .fetch_all(admin.pool())
+    .await
+    .expect("audit");
+    assert_eq!(audited, ["fleet.pause", "fleet.resume"]);
+
+    // Search: an idempotency key goes straight to its payout; a name lists payees.
+    let target = seeded.failed[0];
+    browser
+        .type_into("#search-q", &format!("payout_{target}"))
+        .await;
+    browser.click("#search-go").await;
+    browser
+        .wait(&format!("#payout[data-id=\"{target}\"]"))
+        .await;
+    browser
+        .script("document.getElementById('search-q').value = '';")
+        .await;
+    browser.type_into("#search-q", "acct_").await;
+    browser.click("#search-go").await;
+    browser
+        .wait_script(
+            "five payees found by account prefix",
+            "return document.querySelectorAll('#search-results tr[data-kind=\"payee\"]').length === 5 || null;",
+        )
+        .await;
+    browser
+        .click("#search-results tr[data-kind=\"payee\"] a")
+        .await;
+    browser.wait("#payee #payee-terms").await;
+
+    // Select four failed payouts; another filter starts a new selection.
+    browser
+        .goto(&format!("{}/ui/#/payouts?status=paid", admin.base))
+        .await;
+    browser.wait("#payouts-table input.row-select").await;
+    browser.click("#payouts-table input.row-select").await;
+    browser
+        .wait_text("#selection-meta", "one selected", |t| t == "1 selected")
+        .await;
+    browser
+        .goto(&format!("{}/ui/#/payouts?status=failed", admin.base))
+        .await;
+    browser.wait("#payouts-table input.row-select").await;
+    browser
+        .wait_text("#selection-meta", "a new filter, a new selection", |t| {
+            t.is_empty()
+        })
+        .await;
+    let chosen = &seeded.failed[..4];
+    for id in chosen {
+        browser
+            .click(&format!("input.row-select[data-id=\"{id}\"]"))
+            .await;
+    }
+    browser
+        .wait_text("#selection-meta", "four selected", |t| t == "4 selected")
+        .await;
+    // Someone else cancels one of them meanwhile: the dry run counts 3 of 4.
+    payouts::db::payouts::cancel(admin.pool(), chosen[3], "operator:else", "dup", Utc::now())
+        .await
+        .expect("cancel behind the page");
+    browser.click("#bulk-cancel-selected").await;
+    browser
+        .wait_script(
+            "the confirmation dialog",
+            "return document.getElementById('confirm').open || null;",
+        )
+        .await;
+    browser
+        .wait_text("#confirm-message", "the count", |t| {
+            t.starts_with("This will cancel 3 of the 4 selected payouts. 1 is left alone")
+        })
+        .await;
+    browser.click("#confirm-ok").await;
+    browser
+        .wait_text("#notice", "the result", |t| {
+            t.contains("Cancelled 3 payouts")
+        })
+        .await;
+    for id in &chosen[..3] {
+        assert_eq!(admin.status(*id).await, "cancelled", "payout {id}");
+    }
+    let actors: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT actor FROM payout_events WHERE payout_id = ANY($1) AND to_status = 'cancelled'",
+    )
+    .bind(&chosen[..3])
+    .fetch_all(admin.pool())
+    .await
+    .expect("actors");
+    assert_eq!(actors, ["operator:root"]);
+    browser
+        .wait_text("#selection-meta", "the selection cleared", |t| t.is_empty())
+        .await;
+
+    // Live: a payout cancelled behind the page leaves the failed list by itself.
+    let behind = seeded.failed[4];
+    browser
+        .wait(&format!("#payouts-table tr[data-id=\"{behind}\"]"))
+        .await;
+    payouts::db::payouts::cancel(admin.pool(), behind, "operator:else", "dup", Utc::now())
+        .await
+        .expect("cancel behind the page");
+    browser
+        .wait_script(
+            "the live list to drop the cancelled payout",
+            &format!("return document.querySelector('#payouts-table tr[data-id=\"{behind}\"]') ? null : true;"),
+        )
+        .await;
+    browser.click("#live-toggle").await;
+    browser
+        .wait_text("#live-state", "paused live updates", |t| t == "Paused")
+        .await;
+    browser.click("#live-toggle").await;
+    browser
+        .wait_text("#live-state", "live again", |t| t == "Live")
+        .await;
+
+    // The read-only screens.
+    browser.click("#nav-payees").await;
+    browser
+        .wait_script(
+            "five payees",
+            "return document.querySelectorAll('#payees-table tbody tr').length === 5 || null;",
+        )
+        .await;
+    browser.click("#nav-reconcile").await;
+    browser
+        .wait_text(
+            "#reconcile-table tbody tr td:nth-child(4)",
+            "the run's count",
+            |t| t == "180",
+        )
+        .await;
+    browser.click("#nav-tokens").await;
+    browser.wait("#tokens-table tr[data-name=\"root\"]").await;
+    browser.click("#nav-settlements").await;
+    browser.wait("#settlements .empty").await;
+
+    // Dark mode follows the system's colour scheme.
+    browser
+        .post(
+            "/goog/cdp/execute",
+            json!({"cmd": "Emulation.setEmulatedMedia",
+                   "params": {"features": [{"name": "prefers-color-scheme", "value": "dark"}]}}),
+        )
+        .await
+        .expect("emulate dark mode");
+    let dark = browser
+        .wait_script(
+            "a dark page",
+            "const c = getComputedStyle(document.documentElement).backgroundColor.match(/\\d+/g).map(Number);
+             return c[0] + c[1] + c[2] < 150 ? c : null;",
+        )
+        .await;
+    assert!(dark.is_array());
+    browser.click("#nav-overview").await;
+    browser.wait("[data-tile=\"pending\"]").await;
+    browser.screenshot("overview-dark.png").await;
+}

@@ -57,6 +57,14 @@
     timer: null, // the overview refresh
     pager: { key: null, cursor: null, stack: [] },
     lastPayoutsHash: '#/payouts',
+    // Live updates of the current view (lists and overview), while the tab
+    // is visible; the operator can pause them (kept for the tab's session).
+    live: window.sessionStorage.getItem('payouts-live') !== 'off',
+    refresh: null, // the current view's refresh, while it has one
+    selected: new Set(), // payout ids selected on the payouts list
+    selectionKey: null, // the filters the selection was made under
+    fleet: null, // GET /api/v1/fleet
+    fleetTimer: null,
   };
 
   // ---------- DOM helpers ----------
@@ -133,21 +141,23 @@
     return el('time', { datetime: iso, title: iso }, fmtTime(iso));
   }
 
+  // A duration, short and unambiguous: 850ms, 4.2s, 42s, 1m 05s, 2h 03m, 3d 04h.
   function fmtSeconds(s) {
-    if (s === null || s === undefined || Number.isNaN(Number(s))) return '—';
+    if (s === null || s === undefined || s === '' || Number.isNaN(Number(s))) return '—';
     s = Number(s);
-    if (s < 1) return `${Math.round(s * 1000)} ms`;
-    if (s < 10) return `${s.toFixed(1)} s`;
-    if (s < 60) return `${Math.round(s)} s`;
-    if (s < 3600) return `${Math.floor(s / 60)} min ${Math.round(s % 60)} s`;
-    if (s < 86400) return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
-    return `${Math.floor(s / 86400)} d ${Math.floor((s % 86400) / 3600)} h`;
+    if (s < 1) return `${Math.round(s * 1000)}ms`;
+    if (s < 10) return `${s.toFixed(1)}s`;
+    const t = Math.round(s);
+    if (t < 60) return `${t}s`;
+    if (t < 3600) return `${Math.floor(t / 60)}m ${pad(t % 60)}s`;
+    if (t < 86400) return `${Math.floor(t / 3600)}h ${pad(Math.floor((t % 3600) / 60))}m`;
+    return `${Math.floor(t / 86400)}d ${pad(Math.floor((t % 86400) / 3600))}h`;
   }
 
   function fmtAgo(iso, now) {
     const secs = Math.max(0, (now - new Date(iso).getTime()) / 1000);
     if (secs < 1) return 'just now';
-    return secs < 60 ? `${Math.round(secs)} s ago` : `${fmtSeconds(secs)} ago`;
+    return `${fmtSeconds(secs < 10 ? Math.round(secs) : secs)} ago`;
   }
 
   function fmtRate(r) {
@@ -323,10 +333,49 @@
       clearTimeout(state.timer);
       state.timer = null;
     }
+    state.refresh = null;
+  }
+
+  // Runs `fn` again in a few seconds, if this view is still shown, live
+  // updates are on and the tab is visible (a hidden tab catches up when it
+  // shows again).
+  function scheduleRefresh(gen, fn) {
+    if (state.timer) clearTimeout(state.timer);
+    state.timer = null;
+    if (gen !== state.gen) return;
+    state.refresh = fn;
+    if (!state.live || document.visibilityState === 'hidden') return;
+    state.timer = setTimeout(() => {
+      state.timer = null;
+      if (gen === state.gen) fn();
+    }, REFRESH_MS);
+  }
+
+  function liveToggle() {
+    const label = () => (state.live ? 'Pause live updates' : 'Resume live updates');
+    const text = () => (state.live ? 'Live' : 'Paused');
+    const dot = el('span', { class: 'dot', 'aria-hidden': 'true' });
+    const status = el('span', { id: 'live-state' }, text());
+    const button = el('button', {
+      type: 'button', id: 'live-toggle', class: 'button small', 'aria-pressed': String(!state.live),
+    }, label());
+    const box = el('span', { class: 'live', 'data-live': state.live ? 'on' : 'off' }, dot, status, button);
+    button.addEventListener('click', () => {
+      state.live = !state.live;
+      window.sessionStorage.setItem('payouts-live', state.live ? 'on' : 'off');
+      box.dataset.live = state.live ? 'on' : 'off';
+      status.textContent = text();
+      button.textContent = label();
+      button.setAttribute('aria-pressed', String(!state.live));
+      if (state.timer) clearTimeout(state.timer);
+      state.timer = null;
+      if (state.live && state.refresh) state.refresh();
+    });
+    return box;
   }
 
   function setNav(active) {
-    for (const name of ['overview', 'payouts', 'failures']) {
+    for (const name of ['overview', 'payouts', 'failures', 'payees', 'settlements', 'reconcile', 'tokens']) {
       const link = document.getElementById(`nav-${name}`);
       if (name === active) link.setAttribute('aria-current', 'page');
       else link.removeAttribute('aria-current');
@@ -357,13 +406,36 @@
     } else if (parts[0] === 'failures' && parts.length === 1) {
       view = 'failures';
       run = () => viewFailures(gen);
+    } else if (parts[0] === 'search' && parts.length === 1) {
+      view = 'search';
+      run = () => viewSearch(gen, params.get('q') || '');
+    } else if (parts[0] === 'payees' && parts.length === 1) {
+      view = 'payees';
+      run = () => viewPayees(gen, params);
+    } else if (parts[0] === 'payees' && parts.length === 2 && /^[0-9]{1,18}$/.test(parts[1])) {
+      view = `payee:${parts[1]}`;
+      run = () => viewPayee(gen, parts[1]);
+    } else if (parts[0] === 'settlements' && parts.length === 1) {
+      view = 'settlements';
+      run = () => viewSettlements(gen, params);
+    } else if (parts[0] === 'settlements' && parts.length === 2 && /^[0-9]{1,18}$/.test(parts[1])) {
+      view = `settlement:${parts[1]}`;
+      run = () => viewSettlement(gen, parts[1]);
+    } else if (parts[0] === 'reconcile' && parts.length === 1) {
+      view = 'reconcile';
+      run = () => viewReconcile(gen, params);
+    } else if (parts[0] === 'tokens' && parts.length === 1) {
+      view = 'tokens';
+      run = () => viewTokens(gen);
     } else {
       view = 'missing';
       run = () => viewMissing();
     }
     const moved = state.view !== null && state.view !== view;
     state.view = view;
-    setNav(view.startsWith('payout') ? 'payouts' : view);
+    setNav(view.split(':')[0].replace(/^payout$/, 'payouts').replace(/^payee$/, 'payees')
+      .replace(/^settlement$/, 'settlements'));
+    refreshFleet();
     await run();
     // A new page: move focus to its heading, so screen readers and keyboard
     // users start there (not when only the filters of the same page changed).
@@ -395,7 +467,7 @@
   async function viewOverview(gen) {
     const meta = el('p', { class: 'meta', id: 'overview-meta' }, 'Loading…');
     const body = el('div', { id: 'overview-body' });
-    mount(el('section', { id: 'overview' }, viewHead('Overview', meta), body));
+    mount(el('section', { id: 'overview' }, viewHead('Overview', meta, el('span', { class: 'spacer' }), liveToggle()), body));
     await refreshOverview(gen);
   }
 
@@ -407,7 +479,7 @@
       if (gen !== state.gen || e.status === 401) return;
       const meta = $('#overview-meta');
       if (meta) meta.textContent = `Could not refresh: ${e.message} Trying again in 5 seconds.`;
-      state.timer = setTimeout(() => refreshOverview(gen), REFRESH_MS);
+      scheduleRefresh(gen, () => refreshOverview(gen));
       return;
     }
     if (gen !== state.gen) return;
@@ -418,9 +490,9 @@
     if (keepOpen) body.querySelector('details.data').open = true;
     $('#overview-meta').replaceChildren(
       'As of ', el('time', { datetime: data.generated_at, title: data.generated_at }, fmtTime(data.generated_at)),
-      ' · refreshes every 5 seconds');
+      ' · refreshes every 5 seconds while live');
     // Only while this view is shown: route() clears the timer on leaving.
-    state.timer = setTimeout(() => refreshOverview(gen), REFRESH_MS);
+    scheduleRefresh(gen, () => refreshOverview(gen));
   }
 
   function tile(name, label, value, { sub = null, tone = null, status = null, textValue = false, title = null } = {}) {
@@ -741,12 +813,33 @@
     if (state.pager.key !== key) state.pager = { key, cursor: null, stack: [] };
 
     const canBulk = role() === 'admin' && filters.status === 'failed';
+    if (state.selectionKey !== String(filterQuery(filters))) {
+      state.selected = new Set();
+      state.selectionKey = String(filterQuery(filters));
+    }
     const meta = el('p', { class: 'meta', id: 'payouts-meta', 'aria-live': 'polite' }, '');
+    const canSelect = selecting();
+    const selection = canSelect ? el('div', { class: 'actions', role: 'group', 'aria-label': 'Selected payouts' },
+      el('span', { class: 'meta', id: 'selection-meta', 'aria-live': 'polite' }, ''),
+      el('button', {
+        type: 'button', id: 'bulk-cancel-selected', class: 'button danger', disabled: true,
+        onclick: (ev) => bulkSelected(ev.currentTarget, 'cancel'),
+      }, 'Cancel selected…'),
+      role() === 'admin' ? el('button', {
+        type: 'button', id: 'bulk-retry-selected', class: 'button', disabled: true,
+        onclick: (ev) => bulkSelected(ev.currentTarget, 'retry'),
+      }, 'Retry selected…') : null,
+      el('button', {
+        type: 'button', id: 'clear-selection', class: 'button ghost', disabled: true,
+        onclick: () => { state.selected.clear(); syncSelection(); },
+      }, 'Clear selection')) : null;
     const toolbar = el('div', { class: 'toolbar' }, meta, el('span', { class: 'spacer' }),
+      selection,
       canBulk ? el('button', {
         type: 'button', id: 'bulk-retry', class: 'button danger',
         onclick: (ev) => bulkRetry(ev.currentTarget, filters),
-      }, 'Retry all matching…') : null);
+      }, 'Retry all matching…') : null,
+      liveToggle());
     const results = el('div', { id: 'payouts-results' }, el('p', { class: 'loading' }, 'Loading…'));
     mount(el('section', { id: 'payouts' },
       viewHead('Payouts', el('p', { class: 'meta' }, 'Newest first')),
@@ -756,23 +849,33 @@
     await loadPayoutsPage(gen, filters, limit);
   }
 
-  async function loadPayoutsPage(gen, filters, limit) {
+  // `quiet`: a live refresh, which changes the page only when the payouts did.
+  async function loadPayoutsPage(gen, filters, limit, quiet = false) {
     const q = filterQuery(filters);
     q.set('limit', limit);
     if (state.pager.cursor) q.set('cursor', state.pager.cursor);
     const results = $('#payouts-results');
-    results.setAttribute('aria-busy', 'true');
+    const again = () => loadPayoutsPage(gen, filters, limit, true);
+    if (!quiet) results.setAttribute('aria-busy', 'true');
     let page;
     try {
       page = await api(`/api/v1/payouts?${q}`);
     } catch (e) {
       if (gen !== state.gen || e.status === 401) return;
+      if (quiet) {
+        scheduleRefresh(gen, again);
+        return;
+      }
       results.removeAttribute('aria-busy');
       results.replaceChildren(el('p', { class: 'empty' }, 'The payouts could not be loaded.'));
       showAlert(sentence(e.message));
       return;
     }
     if (gen !== state.gen) return;
+    scheduleRefresh(gen, again);
+    const seen = JSON.stringify([q.toString(), page]);
+    if (quiet && results.dataset.seen === seen) return;
+    results.dataset.seen = seen;
     results.removeAttribute('aria-busy');
     const items = page.items || [];
     const pageNo = state.pager.stack.length + 1;
@@ -785,6 +888,16 @@
       ? el('div', { class: 'table-wrap' }, el('table', { id: 'payouts-table' },
         el('caption', { class: 'sr-only' }, 'Payouts, newest first'),
         el('thead', {}, el('tr', {},
+          selecting() ? el('th', { scope: 'col', class: 'select' }, el('input', {
+            type: 'checkbox', id: 'select-all', 'aria-label': 'Select every payout on this page',
+            onchange: (ev) => {
+              for (const p of items) {
+                if (ev.currentTarget.checked) state.selected.add(p.id);
+                else state.selected.delete(p.id);
+              }
+              syncSelection();
+            },
+          })) : null,
           el('th', { scope: 'col' }, 'ID'),
           el('th', { scope: 'col' }, 'Payee'),
           el('th', { scope: 'col', class: 'num' }, 'Amount'),
@@ -794,8 +907,17 @@
           el('th', { scope: 'col' }, 'Failure code'),
           el('th', { scope: 'col' }, 'Updated'))),
         el('tbody', {}, items.map((p) => el('tr', { 'data-id': p.id },
+          selecting() ? el('td', { class: 'select' }, el('input', {
+            type: 'checkbox', class: 'row-select', 'data-id': p.id, 'aria-label': `Select payout #${p.id}`,
+            checked: state.selected.has(p.id),
+            onchange: (ev) => {
+              if (ev.currentTarget.checked) state.selected.add(p.id);
+              else state.selected.delete(p.id);
+              syncSelection();
+            },
+          })) : null,
           el('td', { class: 'id' }, el('a', { href: `#/payouts/${encodeURIComponent(p.id)}` }, `#${p.id}`)),
-          el('td', { class: 'num' }, String(p.payee_id)),
+          el('td', { class: 'num' }, el('a', { href: `#/payees/${encodeURIComponent(p.payee_id)}` }, String(p.payee_id))),
           el('td', { class: 'num amount' }, amount(p)),
           el('td', { class: 'status' }, badge(p.status)),
           el('td', { class: 'time' }, timeEl(p.due_at)),
@@ -823,6 +945,83 @@
     const pager = el('nav', { class: 'pager', 'aria-label': 'Pages' },
       el('span', { class: 'page' }, `Page ${pageNo}`), prev, next);
     results.replaceChildren(table, items.length || pageNo > 1 ? pager : null);
+    syncSelection();
+  }
+
+  function selecting() {
+    return roleMay('cancel');
+  }
+
+  // The checkboxes, the row highlight and the toolbar follow state.selected.
+  function syncSelection() {
+    const n = state.selected.size;
+    const boxes = [...document.querySelectorAll('#payouts-table input.row-select')];
+    for (const b of boxes) {
+      b.checked = state.selected.has(Number(b.dataset.id));
+      b.closest('tr').classList.toggle('selected', b.checked);
+    }
+    const all = $('#select-all');
+    if (all) {
+      const on = boxes.filter((b) => b.checked).length;
+      all.checked = boxes.length > 0 && on === boxes.length;
+      all.indeterminate = on > 0 && on < boxes.length;
+    }
+    const meta = $('#selection-meta');
+    if (meta) meta.textContent = n ? `${fmtInt(n)} selected` : '';
+    for (const id of ['bulk-cancel-selected', 'bulk-retry-selected', 'clear-selection']) {
+      const b = document.getElementById(id);
+      if (b) b.disabled = n === 0;
+    }
+  }
+
+  // Cancel or retry the selected payouts: a dry run says how many the action
+  // applies to, the operator confirms, then each goes through the single action.
+  async function bulkSelected(button, action) {
+    clearMessages();
+    const ids = [...state.selected];
+    if (!ids.length) return;
+    const path = action === 'cancel' ? '/api/v1/payouts/bulk-cancel' : '/api/v1/payouts/bulk-retry';
+    button.disabled = true;
+    button.setAttribute('aria-busy', 'true');
+    try {
+      const dry = await api(path, { method: 'POST', body: { ids, dry_run: true } });
+      const verb = action === 'cancel' ? 'cancel' : 'retry';
+      if (!dry.matched) {
+        showNotice(`None of the ${fmtInt(dry.selected)} selected payouts can be ${action === 'cancel' ? 'cancelled' : 'retried'} now.`);
+        return;
+      }
+      const left = dry.selected - dry.matched;
+      const why = action === 'cancel'
+        ? 'paid, in flight or already finished'
+        : 'not failed, or paid before they failed (those are retried one by one, by name)';
+      const { ok, reason } = await confirmDialog({
+        title: action === 'cancel' ? 'Cancel the selected payouts?' : 'Retry the selected payouts?',
+        message: [el('span', { class: 'dialog-count' },
+          `This will ${verb} ${fmtInt(dry.matched)} of the ${fmtInt(dry.selected)} selected payout${dry.selected === 1 ? '' : 's'}.`),
+        left ? ` ${fmtInt(left)} ${left === 1 ? 'is' : 'are'} left alone (${why}).` : '',
+        action === 'cancel' ? ' Their payees will not be paid by them. This cannot be undone.'
+          : ' Each goes back to the queue with a fresh attempt budget.'],
+        ok: action === 'cancel' ? `Cancel ${fmtInt(dry.matched)}` : `Retry ${fmtInt(dry.matched)}`,
+        dismiss: action === 'cancel' ? 'Keep them' : 'Cancel',
+        danger: action === 'cancel',
+        reason: action === 'cancel',
+      });
+      if (!ok) return;
+      const body = { ids, dry_run: false };
+      if (reason) body.reason = reason;
+      const done = await api(path, { method: 'POST', body });
+      state.selected.clear();
+      await route();
+      const n = action === 'cancel' ? done.cancelled : done.retried;
+      const changed = (done.changed || []).length;
+      showNotice(`${action === 'cancel' ? 'Cancelled' : 'Retried'} ${fmtInt(n)} payout${n === 1 ? '' : 's'}` +
+        `${changed ? `; ${fmtInt(changed)} changed meanwhile and ${changed === 1 ? 'was' : 'were'} left alone` : ''}.`);
+    } catch (e) {
+      if (e.status !== 401) showAlert(sentence(e.message));
+    } finally {
+      button.removeAttribute('aria-busy');
+      syncSelection();
+    }
   }
 
   async function bulkRetry(button, filters) {
@@ -1058,16 +1257,22 @@
 
   // ---------- Failures ----------
 
-  async function viewFailures(gen) {
-    mount(el('section', { id: 'failures' }, viewHead('Failures'), el('p', { class: 'loading' }, 'Loading…')));
+  async function viewFailures(gen, quiet = false) {
+    if (!quiet) mount(el('section', { id: 'failures' }, viewHead('Failures'), el('p', { class: 'loading' }, 'Loading…')));
     let data;
     try {
       data = await api('/api/v1/failures');
     } catch (e) {
-      if (gen === state.gen) failedView('Failures', e);
+      if (gen !== state.gen) return;
+      if (quiet) scheduleRefresh(gen, () => viewFailures(gen, true));
+      else failedView('Failures', e);
       return;
     }
     if (gen !== state.gen) return;
+    scheduleRefresh(gen, () => viewFailures(gen, true));
+    const seen = JSON.stringify(data);
+    const shown = $('#failures');
+    if (quiet && shown && shown.dataset.seen === seen) return;
     const groups = data.groups || [];
     const total = groups.reduce((a, g) => a + g.count, 0);
     const body = groups.length
@@ -1089,10 +1294,392 @@
             el('td', { class: 'message' }, orNil(g.example_message)));
         }))))
       : el('div', { class: 'card' }, el('p', { class: 'empty' }, 'No failed payouts. Nothing needs attention.'));
-    mount(el('section', { id: 'failures' },
+    mount(el('section', { id: 'failures', 'data-seen': seen },
       viewHead('Failures', el('p', { class: 'meta' },
-        groups.length ? `${fmtInt(total)} failed payout${total === 1 ? '' : 's'} in ${groups.length} group${groups.length === 1 ? '' : 's'}` : '')),
+        groups.length ? `${fmtInt(total)} failed payout${total === 1 ? '' : 's'} in ${groups.length} group${groups.length === 1 ? '' : 's'}` : ''),
+      el('span', { class: 'spacer' }), liveToggle()),
       body));
+  }
+
+
+  // ---------- Fleet pause (every page) ----------
+
+  async function refreshFleet() {
+    if (state.fleetTimer) clearTimeout(state.fleetTimer);
+    state.fleetTimer = null;
+    try {
+      state.fleet = await api('/api/v1/fleet');
+    } catch (e) {
+      if (e.status === 401) return;
+      state.fleet = null;
+    }
+    renderFleet();
+    if (document.visibilityState !== 'hidden') {
+      state.fleetTimer = setTimeout(refreshFleet, REFRESH_MS);
+    }
+  }
+
+  function renderFleet() {
+    const f = state.fleet;
+    const banner = $('#fleet-banner');
+    const admin = role() === 'admin';
+    const pause = $('#fleet-pause');
+    pause.hidden = !admin || !f || f.paused;
+    if (!f || !f.paused) {
+      banner.replaceChildren();
+      delete document.body.dataset.fleet;
+      return;
+    }
+    document.body.dataset.fleet = 'paused';
+    const by = f.by;
+    const reason = by && by.detail && by.detail.reason;
+    banner.replaceChildren(el('div', { class: 'fleet-banner-inner', id: 'fleet-paused' },
+      el('span', {}, '⏸ The fleet is paused: no payout is sent until it is resumed.'),
+      el('span', { class: 'muted' },
+        by ? `Paused by ${by.actor}${reason ? ` (${reason})` : ''}; ` : 'Paused by the gateway guard (a rate limit or a platform problem); ',
+        'ends by itself at ', timeEl(f.until), '.'),
+      el('span', { class: 'spacer' }),
+      admin ? el('button', { type: 'button', id: 'fleet-resume', class: 'button small primary', onclick: resumeFleet }, 'Resume fleet') : null));
+  }
+
+  async function pauseFleet() {
+    const { ok, reason } = await confirmDialog({
+      title: 'Pause the whole fleet?',
+      message: 'No worker claims a payout or calls the gateway until the fleet is resumed (at most a week). ' +
+        'Payouts keep their places; nothing fails for it.',
+      ok: 'Pause fleet',
+      dismiss: 'Keep running',
+      danger: true,
+      reason: true,
+    });
+    if (!ok) return;
+    clearMessages();
+    try {
+      state.fleet = await api('/api/v1/fleet/pause', { method: 'POST', body: reason ? { reason } : {} });
+      renderFleet();
+      showNotice('The fleet is paused.');
+    } catch (e) {
+      if (e.status !== 401) showAlert(sentence(e.message));
+    }
+  }
+
+  async function resumeFleet() {
+    const { ok } = await confirmDialog({
+      title: 'Resume the fleet?',
+      message: 'Workers claim due payouts again within a second or two.',
+      ok: 'Resume fleet',
+    });
+    if (!ok) return;
+    clearMessages();
+    try {
+      state.fleet = await api('/api/v1/fleet/resume', { method: 'POST', body: {} });
+      renderFleet();
+      showNotice('The fleet is running again.');
+    } catch (e) {
+      if (e.status !== 401) showAlert(sentence(e.message));
+    }
+  }
+
+  // ---------- Search ----------
+
+  function hitLink(h) {
+    return h.kind === 'payout' ? `#/payouts/${h.id}` : `#/payees/${h.id}`;
+  }
+
+  async function viewSearch(gen, q) {
+    $('#search-q').value = q;
+    mount(el('section', { id: 'search-view' }, viewHead('Search'), el('p', { class: 'loading' }, 'Searching…')));
+    let data;
+    try {
+      data = await api(`/api/v1/search?${new URLSearchParams({ q })}`);
+    } catch (e) {
+      if (gen === state.gen) failedView('Search', e);
+      return;
+    }
+    if (gen !== state.gen) return;
+    const hits = data.results || [];
+    // One thing found: go straight to it (the back button skips the search).
+    if (hits.length === 1) {
+      window.location.replace(hitLink(hits[0]));
+      return;
+    }
+    const body = hits.length
+      ? el('div', { class: 'table-wrap' }, el('table', { id: 'search-results' },
+        el('caption', { class: 'sr-only' }, `What "${q}" names`),
+        el('thead', {}, el('tr', {},
+          el('th', { scope: 'col' }, 'Found'),
+          el('th', { scope: 'col' }, 'Matched by'),
+          el('th', { scope: 'col' }, 'Status'),
+          el('th', { scope: 'col' }, 'Created'))),
+        el('tbody', {}, hits.map((h) => el('tr', { 'data-kind': h.kind, 'data-id': h.id },
+          el('td', {}, el('a', { href: hitLink(h) }, h.label)),
+          el('td', {}, h.matched),
+          el('td', {}, badge(h.status)),
+          el('td', { class: 'time' }, timeEl(h.created_at)))))))
+      : el('div', { class: 'card' }, el('p', { class: 'empty', id: 'search-empty' },
+        `Nothing is named "${q}". Try a payout id, an idempotency key (payout_123), a transfer id, an account or a payee's name.`));
+    mount(el('section', { id: 'search-view' },
+      viewHead('Search', el('p', { class: 'meta' },
+        hits.length ? `${hits.length}${hits.length >= data.max ? '+' : ''} results for "${q}"` : '')),
+      body));
+  }
+
+  // ---------- Read-only views ----------
+
+  function kv(rows) {
+    return el('dl', { class: 'kv' }, rows.filter(Boolean).map(([k, v]) => [el('dt', {}, k), el('dd', {}, v)]));
+  }
+
+  function simpleTable(id, caption, head, rows) {
+    return el('div', { class: 'table-wrap' }, el('table', { id },
+      el('caption', { class: 'sr-only' }, caption),
+      el('thead', {}, el('tr', {}, head.map(([label, cls]) => el('th', { scope: 'col', class: cls || null }, label)))),
+      el('tbody', {}, rows)));
+  }
+
+  function money(v, currency) {
+    return [el('span', { class: 'mono' }, String(v)), ' ', el('span', { class: 'currency' }, currency)];
+  }
+
+  // A plain list view: GET `path` (plus the hash's cursor), newest first,
+  // live while shown; `render(items)` gives the table.
+  async function listView(gen, { id, title, path, params, keys = [], render, empty, quiet = false }) {
+    const q = new URLSearchParams();
+    for (const k of keys.concat(['cursor'])) if (params.get(k)) q.set(k, params.get(k));
+    const again = () => listView(gen, { id, title, path, params, keys, render, empty, quiet: true });
+    if (!quiet) mount(el('section', { id }, viewHead(title), el('p', { class: 'loading' }, 'Loading…')));
+    let page;
+    try {
+      page = await api(`${path}${q.toString() ? `?${q}` : ''}`);
+    } catch (e) {
+      if (gen !== state.gen) return;
+      if (quiet) scheduleRefresh(gen, again);
+      else failedView(title, e);
+      return;
+    }
+    if (gen !== state.gen) return;
+    scheduleRefresh(gen, again);
+    const seen = JSON.stringify(page);
+    const shown = document.getElementById(id);
+    if (quiet && shown && shown.dataset.seen === seen) return;
+    const items = page.items || [];
+    const base = window.location.hash.split('?')[0];
+    const nextQ = new URLSearchParams(q);
+    if (page.next_cursor) nextQ.set('cursor', page.next_cursor);
+    mount(el('section', { id, 'data-seen': seen },
+      viewHead(title, el('span', { class: 'spacer' }), liveToggle()),
+      items.length ? render(items) : el('div', { class: 'card' }, el('p', { class: 'empty' }, empty)),
+      el('nav', { class: 'pager', 'aria-label': 'Pages' },
+        q.get('cursor') ? el('a', { class: 'button', href: base + (keys.some((k) => q.get(k)) ? `?${new URLSearchParams(keys.filter((k) => q.get(k)).map((k) => [k, q.get(k)]))}` : '') }, '← Newest') : null,
+        page.next_cursor ? el('a', { class: 'button', id: `${id}-next`, href: `${base}?${nextQ}` }, 'Older →') : null)));
+  }
+
+  function viewPayees(gen, params) {
+    return listView(gen, {
+      id: 'payees', title: 'Payees', path: '/api/v1/payees', params,
+      empty: 'There are no payees yet.',
+      render: (items) => simpleTable('payees-table', 'Payees, newest first',
+        [['ID', 'num'], ['Name'], ['Gateway account'], ['Currency'], ['Status'], ['Created']],
+        items.map((p) => el('tr', { 'data-id': p.id },
+          el('td', { class: 'num' }, el('a', { href: `#/payees/${p.id}` }, `#${p.id}`)),
+          el('td', {}, el('a', { href: `#/payees/${p.id}` }, p.name)),
+          el('td', { class: 'mono' }, p.gateway_account),
+          el('td', {}, p.currency),
+          el('td', {}, badge(p.status)),
+          el('td', { class: 'time' }, timeEl(p.created_at))))),
+    });
+  }
+
+  function settlementRows(items) {
+    return items.map((x) => el('tr', { 'data-id': x.id },
+      el('td', { class: 'num' }, el('a', { href: `#/settlements/${x.id}` }, `#${x.id}`)),
+      el('td', { class: 'num' }, el('a', { href: `#/payees/${x.payee_id}` }, String(x.payee_id))),
+      el('td', { class: 'time' }, timeEl(x.period_start), ' → ', timeEl(x.period_end)),
+      el('td', {}, badge(x.outcome)),
+      el('td', { class: 'num' }, money(x.net, x.currency)),
+      el('td', { class: 'num' }, x.payout_id ? el('a', { href: `#/payouts/${x.payout_id}` }, `#${x.payout_id}`) : nil())));
+  }
+
+  const SETTLEMENT_HEAD = [['ID', 'num'], ['Payee', 'num'], ['Period'], ['Outcome'], ['Net', 'num'], ['Payout', 'num']];
+
+  function viewSettlements(gen, params) {
+    return listView(gen, {
+      id: 'settlements', title: params.get('payee_id') ? `Settlements of payee #${params.get('payee_id')}` : 'Settlements',
+      path: '/api/v1/settlements', params, keys: ['payee_id'],
+      empty: 'No settlements yet.',
+      render: (items) => simpleTable('settlements-table', 'Settlements, newest first', SETTLEMENT_HEAD, settlementRows(items)),
+    });
+  }
+
+  function viewReconcile(gen, params) {
+    return listView(gen, {
+      id: 'reconcile', title: 'Reconcile runs', path: '/api/v1/reconcile-runs', params,
+      empty: 'No reconciliation has run yet (payoutctl reconcile).',
+      render: (items) => simpleTable('reconcile-table', 'Reconciliation runs, newest first',
+        [['ID', 'num'], ['Finished'], ['Since'], ['Checked', 'num'], ['Fixed', 'num'], ['Mismatches'], ['By'], ['Result']],
+        items.map((r) => {
+          const found = Object.entries(r.mismatches || {}).filter(([, n]) => n > 0);
+          return el('tr', { 'data-id': r.id, 'data-failed': String(r.failed) },
+            el('td', { class: 'num' }, `#${r.id}`),
+            el('td', { class: 'time' }, timeEl(r.finished_at)),
+            el('td', { class: 'time' }, timeEl(r.since)),
+            el('td', { class: 'num' }, fmtInt(r.checked)),
+            el('td', { class: 'num' }, fmtInt(r.fixed)),
+            el('td', { class: 'message' }, found.length ? found.map(([k, n]) => `${k.replaceAll('_', ' ')}: ${n}`).join(' · ') : 'none'),
+            el('td', { class: 'mono' }, r.actor),
+            el('td', {}, r.failed
+              ? [el('span', { class: 'badge badge-failed' }, 'failed'), ' ', el('span', { class: 'message' }, r.error || '')]
+              : el('span', { class: 'badge badge-paid' }, 'compared')));
+        })),
+    });
+  }
+
+  async function viewTokens(gen) {
+    if (role() !== 'admin') {
+      mount(el('section', { id: 'tokens' }, viewHead('Tokens'), el('p', {}, 'Only an admin sees the tokens.')));
+      return;
+    }
+    mount(el('section', { id: 'tokens' }, viewHead('Tokens'), el('p', { class: 'loading' }, 'Loading…')));
+    let data;
+    try {
+      data = await api('/api/v1/tokens');
+    } catch (e) {
+      if (gen === state.gen) failedView('Tokens', e);
+      return;
+    }
+    if (gen !== state.gen) return;
+    const now = Date.now();
+    const tokens = data.tokens || [];
+    mount(el('section', { id: 'tokens' },
+      viewHead('Tokens', el('p', { class: 'meta' }, 'Read-only: create and revoke with payoutctl token or the API. Secrets are never shown again.')),
+      simpleTable('tokens-table', 'API tokens',
+        [['Name'], ['Role'], ['Created'], ['Last used'], ['Expires'], ['State']],
+        tokens.map((t) => {
+          let st = 'active';
+          if (t.revoked_at) st = 'revoked';
+          else if (t.expires_at && new Date(t.expires_at).getTime() <= now) st = 'expired';
+          return el('tr', { 'data-name': t.name, 'data-state': st },
+            el('td', { class: 'mono' }, t.name),
+            el('td', {}, el('span', { class: `role role-${t.role}` }, t.role)),
+            el('td', { class: 'time' }, timeEl(t.created_at)),
+            el('td', { class: 'time' }, timeEl(t.last_used_at)),
+            el('td', { class: 'time' }, timeEl(t.expires_at)),
+            el('td', {}, el('span', { class: `badge badge-${st === 'active' ? 'paid' : 'cancelled'}` }, st)));
+        }))));
+  }
+
+  async function viewPayee(gen, id) {
+    let d;
+    try {
+      d = await api(`/api/v1/payees/${encodeURIComponent(id)}`);
+    } catch (e) {
+      if (gen !== state.gen) return;
+      if (e.status === 404) {
+        mount(el('section', { id: 'payee-missing' }, viewHead(`Payee #${id}`),
+          el('p', {}, `There is no payee #${id}. `, el('a', { href: '#/payees' }, 'Back to payees'), '.')));
+        return;
+      }
+      failedView(`Payee #${id}`, e);
+      return;
+    }
+    if (gen !== state.gen) return;
+    const p = d.payee;
+    const t = d.terms || {};
+    document.title = `${p.name} · Payouts admin`;
+    mount(el('section', { id: 'payee', 'data-id': p.id },
+      el('a', { class: 'crumb', href: '#/payees' }, '← Payees'),
+      el('div', { class: 'view-head' }, el('h1', { tabindex: '-1' }, p.name), badge(p.status)),
+      el('div', { class: 'payout-grid' },
+        el('section', { class: 'card', 'aria-labelledby': 'h-payee' },
+          el('div', { class: 'card-head' }, el('h2', { id: 'h-payee' }, 'Details')),
+          el('div', { class: 'card-body' }, kv([
+            ['ID', String(p.id)],
+            ['Gateway account', el('span', { class: 'mono' }, p.gateway_account)],
+            ['Currency', p.currency],
+            ['Created', timeEl(p.created_at)],
+            ['Payouts', el('a', { href: `#/payouts?payee_id=${p.id}` }, 'Its payouts')],
+          ]))),
+        el('section', { class: 'card', 'aria-labelledby': 'h-terms' },
+          el('div', { class: 'card-head' }, el('h2', { id: 'h-terms' }, 'Terms')),
+          el('div', { class: 'card-body', id: 'payee-terms' }, kv([
+            ['Schedule', t.schedule || 'the policy default'],
+            ['Payout method', orNil(t.payout_method)],
+            ['Own minimums', (d.minimums || []).length
+              ? d.minimums.map((m) => el('div', {}, money(m.amount, m.currency))) : 'the policy minimums'],
+          ])))),
+      el('section', { class: 'section', 'aria-labelledby': 'h-deductions' },
+        el('h2', { id: 'h-deductions' }, 'Agreed deductions'),
+        (d.deductions || []).length
+          ? simpleTable('deductions-table', 'Deductions taken from every settlement', [['Label'], ['Amount', 'num'], ['Since']],
+            d.deductions.map((x) => el('tr', {},
+              el('td', {}, x.label),
+              el('td', { class: 'num' }, money(x.amount, x.currency)),
+              el('td', { class: 'time' }, timeEl(x.created_at)))))
+          : el('p', { class: 'empty' }, 'None.')),
+      el('section', { class: 'section', 'aria-labelledby': 'h-psettlements' },
+        el('h2', { id: 'h-psettlements' }, 'Latest settlements ', el('a', { href: `#/settlements?payee_id=${p.id}` }, '(all)')),
+        (d.settlements || []).length
+          ? simpleTable('payee-settlements-table', 'Its latest settlements', SETTLEMENT_HEAD, settlementRows(d.settlements))
+          : el('p', { class: 'empty' }, 'Not settled yet.'))));
+  }
+
+  async function viewSettlement(gen, id) {
+    let d;
+    try {
+      d = await api(`/api/v1/settlements/${encodeURIComponent(id)}`);
+    } catch (e) {
+      if (gen !== state.gen) return;
+      if (e.status === 404) {
+        mount(el('section', { id: 'settlement-missing' }, viewHead(`Settlement #${id}`),
+          el('p', {}, `There is no settlement #${id}. `, el('a', { href: '#/settlements' }, 'Back to settlements'), '.')));
+        return;
+      }
+      failedView(`Settlement #${id}`, e);
+      return;
+    }
+    if (gen !== state.gen) return;
+    const x = d.settlement;
+    const c = x.currency;
+    document.title = `Settlement #${x.id} · Payouts admin`;
+    mount(el('section', { id: 'settlement', 'data-id': x.id },
+      el('a', { class: 'crumb', href: '#/settlements' }, '← Settlements'),
+      el('div', { class: 'view-head' }, el('h1', { tabindex: '-1' }, `Settlement #${x.id}`), badge(x.outcome),
+        el('span', { class: 'amount-big' }, money(x.net, c))),
+      el('div', { class: 'payout-grid' },
+        el('section', { class: 'card', 'aria-labelledby': 'h-sdetails' },
+          el('div', { class: 'card-head' }, el('h2', { id: 'h-sdetails' }, 'Details')),
+          el('div', { class: 'card-body' }, kv([
+            ['Payee', d.payee ? el('a', { href: `#/payees/${x.payee_id}` }, `${d.payee.name} · ${d.payee.gateway_account}`) : `#${x.payee_id}`],
+            ['Period', [timeEl(x.period_start), ' → ', timeEl(x.period_end)]],
+            ['Schedule', x.schedule],
+            ['Payout method', x.payout_method],
+            ['Services', String(x.services)],
+            ['Payout', x.payout_id ? el('a', { href: `#/payouts/${x.payout_id}` }, `#${x.payout_id}`) : nil()],
+            ['Carried into', x.carried_into ? el('a', { href: `#/settlements/${x.carried_into}` }, `#${x.carried_into}`) : nil()],
+            ['Returned', timeEl(x.returned_at)],
+            ['By', el('span', { class: 'mono' }, x.actor)],
+            ['Created', timeEl(x.created_at)],
+          ]))),
+        el('section', { class: 'card', 'aria-labelledby': 'h-sums' },
+          el('div', { class: 'card-head' }, el('h2', { id: 'h-sums' }, 'Sums')),
+          el('div', { class: 'card-body' }, kv([
+            ['Gross', money(x.gross, c)],
+            ['Payee share', [money(x.payee_share, c), ` (${x.payee_percent} % + ${x.bonus_percent} % bonus)`]],
+            ['Platform commission', money(x.platform_commission, c)],
+            ['Deductions', money(x.deductions, c)],
+            ['Carried in', money(x.carried_in, c)],
+            ['Fee', money(x.fee, c)],
+            ['Net', money(x.net, c)],
+          ])))),
+      el('section', { class: 'section', 'aria-labelledby': 'h-slines' },
+        el('h2', { id: 'h-slines' }, 'Line items'),
+        simpleTable('settlement-lines', 'The line items, in order; they sum to the net',
+          [['#', 'num'], ['Kind'], ['Description'], ['Amount', 'num']],
+          (d.lines || []).map((l) => el('tr', { 'data-kind': l.kind },
+            el('td', { class: 'num' }, String(l.position)),
+            el('td', {}, l.kind.replaceAll('_', ' ')),
+            el('td', { class: 'message' }, l.description),
+            el('td', { class: 'num' }, money(l.amount, c))))))));
   }
 
   // ---------- Start ----------
@@ -1133,6 +1720,21 @@
     }
     const s = state.session;
     document.body.dataset.role = s.role;
+    $('#nav-tokens-item').hidden = s.role !== 'admin';
+    $('#fleet-pause').addEventListener('click', pauseFleet);
+    $('#search').addEventListener('submit', (ev) => {
+      ev.preventDefault();
+      const q = $('#search-q').value.trim();
+      if (!q) return;
+      const next = `#/search?${new URLSearchParams({ q })}`;
+      if (window.location.hash === next) route();
+      else window.location.hash = next;
+    });
+    document.addEventListener('visibilitychange', () => {
+      if (document.visibilityState !== 'visible') return;
+      refreshFleet();
+      if (state.live && state.refresh && !state.timer) state.refresh();
+    });
     $('#who').replaceChildren(
       el('span', { class: 'sr-only' }, 'Logged in as '),
       el('span', { id: 'who-name' }, s.name),
