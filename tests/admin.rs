@@ -2291,3 +2291,22 @@ async fn the_openapi_description_lists_the_dashboard_routes() {
         );
     }
 }
+
+/// A selection names at most 500 payouts (each moves through the single
+/// action, within the request's timeout); more is a 400 naming `ids`.
+#[tokio::test]
+async fn a_selection_of_more_than_500_payouts_is_refused() {
+    let a = Admin::start().await;
+    let ids: Vec<i64> = (1..=501).collect();
+    for (path, token) in [
+        ("/api/v1/payouts/bulk-cancel", &a.operator),
+        ("/api/v1/payouts/bulk-retry", &a.admin),
+    ] {
+        let (code, v) = a.post(path, Some(token), json!({"ids": ids})).await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{path}: {v}");
+        assert!(v["error"].as_str().unwrap().starts_with("ids:"), "{v}");
+        let (code, v) = a.post(path, Some(token), json!({"ids": &ids[..500]})).await;
+        assert_eq!(code, StatusCode::OK, "{path}: {v}");
+        assert_eq!(v["not_found"], 500, "{v}");
+    }
+}

@@ -417,7 +417,7 @@ pub async fn bulk_retry(
                 "ids: give either ids or a filter, not both".into(),
             ));
         }
-        let ids = selected_ids(ids, s.settings.admin.bulk_max)?;
+        let ids = selected_ids(ids, MAX_SELECTED.min(s.settings.admin.bulk_max))?;
         return bulk_retry_ids(&s, &c, &ids, body.dry_run != Some(false)).await;
     }
     let f = filter_of(&body.filter)?;
@@ -453,6 +453,11 @@ pub async fn bulk_retry(
         "first_id": ids.first(), "last_id": ids.last(),
     })))
 }
+
+/// The most payouts one selection may name: each moves through the single
+/// action, one statement after another, within the request's timeout (a
+/// filter moves more, in one statement).
+const MAX_SELECTED: i64 = 500;
 
 /// The ids of a selection: 1 to `cap` positive ids, repeats dropped.
 fn selected_ids(ids: &[Value], cap: i64) -> Result<Vec<i64>, ApiError> {
@@ -558,7 +563,7 @@ pub async fn bulk_cancel(
 ) -> Result<Json<Value>, ApiError> {
     c.require(Role::Operator)?;
     let body: BulkCancelBody = json_body(&body)?;
-    let ids = selected_ids(&body.ids, s.settings.admin.bulk_max)?;
+    let ids = selected_ids(&body.ids, MAX_SELECTED.min(s.settings.admin.bulk_max))?;
     let rows = filter::selected(&s.pool, &ids).await?;
     let can = |st: &str| {
         st.parse::<PayoutStatus>()
