@@ -138,8 +138,13 @@ async fn release_funds_holds_a_driver_not_onboarded_and_releases_it_once_the_api
     );
     assert!(fleet.gateway.ledger().is_empty(), "no money moved");
 
-    let sync = payouts::producer::in_transit_sync(&fleet.settings, fleet.pool().clone(), "t")
-        .expect("poll from configuration");
+    let sync = payouts::producer::in_transit_sync(
+        &fleet.settings,
+        fleet.pool().clone(),
+        fleet.queue.conn(),
+        "t",
+    )
+    .expect("poll from configuration");
     assert_eq!(
         sync.release_onboarded().await.unwrap(),
         0,
@@ -208,7 +213,13 @@ async fn release_funds_pending_releases_are_resolved_by_the_poll_through_the_con
     assert!(fleet.gateway.set_transfer_status(&transfer, "paid"));
     let mut settings = fleet.settings.clone();
     settings.gateway.sync.min_age_secs = 0;
-    let sync = payouts::producer::in_transit_sync(&settings, fleet.pool().clone(), "t").unwrap();
+    let sync = payouts::producer::in_transit_sync(
+        &settings,
+        fleet.pool().clone(),
+        fleet.queue.conn(),
+        "t",
+    )
+    .unwrap();
     let report = sync.run_once().await.unwrap();
     assert_eq!((report.looked_up, report.paid), (1, 1), "{report:?}");
     assert_eq!(fleet.status(id).await, "paid");

@@ -8,7 +8,12 @@
 //!   processing --payee cannot receive money yet (onboarding)--> held --account ready--> queued
 //!   operator: retry (failed -> queued), enqueue (pending|retrying|held -> queued),
 //!             cancel (pending|queued|retrying|failed|held -> cancelled)
+//!   reconciliation: pending|queued|retrying -> held when the payout carries a
+//!             returned balance the gateway paid after all
 //! ```
+//!
+//! A cancel of a payout that was sent and whose answers could have moved
+//! money asks the gateway first ([`crate::reconcile::cancel`]).
 
 use std::{fmt, str::FromStr};
 
@@ -91,6 +96,15 @@ impl PayoutStatus {
     /// other status. The database allows these only inside a reconciling transaction.
     pub fn can_reconcile_to(self, to: Self) -> bool {
         matches!(to, Self::Paid | Self::InTransit) && self != Self::Paid && self != to
+    }
+
+    /// Whether reconciliation may put a payout in `self` on hold because the
+    /// balance it carries was returned from a payout the gateway paid after
+    /// all (it would pay that money twice). Only payouts not finished and
+    /// not in a worker's hands: `pending`, `queued`, `retrying`. The database
+    /// allows it only inside a reconciling transaction.
+    pub fn can_reconcile_hold(self) -> bool {
+        matches!(self, Self::Pending | Self::Queued | Self::Retrying)
     }
 
     /// Whether `self -> to` is a legal move (the database enforces the same table).
