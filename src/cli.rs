@@ -738,7 +738,12 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
                 &reason,
                 clock.now(),
             )
-            .await?;
+            .await
+            .map_err(|e| match e {
+                // Kept as the lifecycle's error, so it exits like any refusal.
+                crate::reconcile::CancelError::Action(a) => anyhow::Error::from(a),
+                other => anyhow::Error::from(other),
+            })?;
             if cli.json {
                 writeln!(
                     out,
