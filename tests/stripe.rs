@@ -884,3 +884,80 @@ async fn preview_through_stripe_pays_whole_forints_keeps_the_fraction_and_shows_
     );
     assert!(o.stdout.contains("kept in the balance"), "{}", o.stdout);
 }
+
+/// Issue 14 item 4: every HTTP request to Stripe counts against the
+/// fleet-wide limiter, the in-transit poll's look-ups and account checks
+/// too: while the fleet is paused (the limiter's Redis key), the producer's
+/// poll sends nothing; once the pause ends, it asks.
+#[tokio::test]
+async fn the_producers_in_transit_poll_and_account_checks_wait_for_the_fleet_limiter() {
+    let s = stripe_fleet(&[]).await;
+    let id = s.fleet.due_payout("acct_poll").await;
+    let held = s.fleet.due_payout("acct_onboarding").await;
+    for (id, to) in [(id, "in_transit"), (held, "held")] {
+        for status in ["processing", to] {
+            sqlx::query("UPDATE payouts SET status = $2, updated_at = now() - interval '1 day' WHERE id = $1")
+                .bind(id)
+                .bind(status)
+                .execute(s.fleet.pool())
+                .await
+                .unwrap();
+        }
+    }
+    sqlx::query("UPDATE payouts SET failure_code = 'account_not_onboarded' WHERE id = $1")
+        .bind(held)
+        .execute(s.fleet.pool())
+        .await
+        .unwrap();
+    let mut conn = s.fleet.queue.conn();
+    let pause = format!("{{{}}}:gateway:pause", s.fleet.prefix);
+    let _: () = redis::cmd("SET")
+        .arg(&pause)
+        .arg("1")
+        .arg("PX")
+        .arg(120_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let sync = || {
+        payouts::producer::in_transit_sync(
+            &s.fleet.settings,
+            s.fleet.pool().clone(),
+            s.fleet.queue.conn(),
+            "t",
+        )
+        .unwrap()
+    };
+    let before = s.standin.seen().len();
+    let paused = sync();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), paused.run_once())
+            .await
+            .is_err(),
+        "the look-up waits while the fleet is paused"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), paused.release_onboarded())
+            .await
+            .is_err(),
+        "the account check waits while the fleet is paused"
+    );
+    assert_eq!(s.standin.seen().len(), before, "nothing was sent to Stripe");
+
+    let _: () = redis::cmd("DEL")
+        .arg(&pause)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let free = sync();
+    assert_eq!(free.run_once().await.unwrap().looked_up, 1);
+    free.release_onboarded().await.unwrap();
+    let seen = s.standin.seen();
+    assert!(
+        seen[before..]
+            .iter()
+            .any(|r| r.path.starts_with("/v1/accounts")),
+        "{:?}",
+        seen[before..].iter().map(|r| &r.path).collect::<Vec<_>>()
+    );
+}
