@@ -98,15 +98,6 @@ impl PayoutStatus {
         matches!(to, Self::Paid | Self::InTransit) && self != Self::Paid && self != to
     }
 
-    /// Whether reconciliation may put a payout in `self` on hold because the
-    /// balance it carries was returned from a payout the gateway paid after
-    /// all (it would pay that money twice). Only payouts not finished and
-    /// not in a worker's hands: `pending`, `queued`, `retrying`. The database
-    /// allows it only inside a reconciling transaction.
-    pub fn can_reconcile_hold(self) -> bool {
-        matches!(self, Self::Pending | Self::Queued | Self::Retrying)
-    }
-
     /// Whether `self -> to` is a legal move (the database enforces the same table).
     pub fn can_move_to(self, to: Self) -> bool {
         use PayoutStatus::*;
