@@ -229,8 +229,12 @@ pub async fn ensure_database(settings: &Settings) -> anyhow::Result<()> {
 async fn reconcile_demo(pool: &PgPool, gateway_env: &[(String, String)]) -> anyhow::Result<usize> {
     let mut env: Vec<(String, String)> = std::env::vars().collect();
     env.extend(gateway_env.iter().cloned());
-    let gateway_settings = Settings::load_from(None, &env)?.gateway;
-    let gateway = crate::gateway::select::build(&gateway_settings)?;
+    let settings = Settings::load_from(None, &env)?;
+    let gateway_settings = settings.gateway.clone();
+    // Its look-ups count against the fleet-wide limit, as every request does.
+    let conn = crate::queue::connect(&settings.redis).await?;
+    let gateway =
+        crate::gateway::select::build_limited(&gateway_settings, conn, &settings.redis.prefix)?;
     let now = chrono::Utc::now();
     let opts = crate::reconcile::Options {
         since: now - chrono::Duration::hours(1),
