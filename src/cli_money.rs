@@ -586,10 +586,34 @@ pub async fn preview(
     now: DateTime<Utc>,
     out: &mut (dyn Write + Send),
 ) -> anyhow::Result<()> {
-    let policy = settings.policy.load()?;
+    // Through Stripe, payouts are rounded down to what Stripe can send.
+    let kind = settings.gateway.kind.as_str();
+    let policy = crate::gateway::stripe_currency::policy_for_kind(kind, settings.policy.load()?);
     let p = settlement::preview(pool, &policy, args.payee, now).await?;
+    // The payout as Stripe's `amount` (its minor units: ISK in hundredths).
+    let stripe_amounts: Vec<Option<i64>> = p
+        .settlements
+        .iter()
+        .map(|s| {
+            (kind == "stripe" && s.pays_out())
+                .then(|| crate::domain::Money::new(s.net, s.currency).ok())
+                .flatten()
+                .and_then(|m| crate::gateway::stripe_currency::stripe_minor_units(&m).ok())
+        })
+        .collect();
     if as_json {
-        writeln!(out, "{}", serde_json::to_string(&p)?)?;
+        let mut v = serde_json::to_value(&p)?;
+        if kind == "stripe" {
+            for (s, amount) in v["settlements"]
+                .as_array_mut()
+                .into_iter()
+                .flatten()
+                .zip(&stripe_amounts)
+            {
+                s["stripe_amount"] = serde_json::json!(amount);
+            }
+        }
+        writeln!(out, "{v}")?;
         return Ok(());
     }
     writeln!(
@@ -612,8 +636,15 @@ pub async fn preview(
     if p.settlements.is_empty() {
         writeln!(out, "no earnings released by the end of this period")?;
     }
-    for s in &p.settlements {
+    for (s, stripe) in p.settlements.iter().zip(&stripe_amounts) {
         print_settlement(out, s)?;
+        if let Some(amount) = stripe {
+            writeln!(
+                out,
+                "  {:>16}  sent to Stripe as amount={amount} ({} minor units as Stripe counts them)",
+                "", s.currency
+            )?;
+        }
     }
     for h in &p.held {
         writeln!(

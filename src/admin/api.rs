@@ -283,6 +283,24 @@ fn conflict(e: ActionError, action: &str) -> ApiError {
     }
 }
 
+/// A cancel refused: by the lifecycle (as [`conflict`]), or because the
+/// gateway holds a transfer for the payout or could not be asked (409 with
+/// the reason and the payout's status, when known).
+fn cancel_refused(e: crate::reconcile::CancelError) -> ApiError {
+    match e {
+        crate::reconcile::CancelError::Action(e) => conflict(e, "cancel"),
+        other => {
+            metrics::ADMIN_ACTIONS
+                .with_label_values(&["cancel", "conflict"])
+                .inc();
+            ApiError::Conflict {
+                message: other.to_string(),
+                status: other.status().map(|s| s.as_str().to_string()),
+            }
+        }
+    }
+}
+
 async fn push(s: &AdminState, ids: &[i64]) -> bool {
     match s.queue.push_manual(ids).await {
         Ok(()) => true,
@@ -334,10 +352,20 @@ pub async fn action(
                 .clone()
                 .filter(|r| !r.is_empty())
                 .unwrap_or_else(|| "cancelled by operator".into());
+            // The one cancel: asks the gateway first (through the fleet's
+            // limiter) when the payout was sent and no answer proved that
+            // nothing moved.
+            let gateway = async || {
+                crate::gateway::select::build_limited(
+                    &s.settings.gateway,
+                    s.queue.conn(),
+                    &s.settings.redis.prefix,
+                )
+            };
             (
-                payouts::cancel(&s.pool, id, &actor, &why, now)
+                crate::reconcile::cancel(&s.pool, gateway, id, &actor, &why, now)
                     .await
-                    .map_err(|e| conflict(e, "cancel"))?,
+                    .map_err(cancel_refused)?,
                 PayoutStatus::Cancelled,
             )
         }

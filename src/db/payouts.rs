@@ -552,7 +552,7 @@ struct Action<'a> {
 }
 
 async fn act(
-    pool: &PgPool,
+    pool: impl sqlx::PgExecutor<'_>,
     id: i64,
     a: Action<'_>,
     now: DateTime<Utc>,
@@ -700,6 +700,46 @@ pub async fn cancel(
         reason,
     };
     act(pool, id, action, now).await
+}
+
+/// [`cancel`], only while the payout is still at attempt `seen_attempt` (no
+/// worker sent it again since the gateway was asked): `Ok(None)` when it was.
+pub async fn cancel_at_attempt(
+    pool: &PgPool,
+    id: i64,
+    seen_attempt: i32,
+    actor: &str,
+    reason: &str,
+    now: DateTime<Utc>,
+) -> Result<Option<PayoutStatus>, ActionError> {
+    let mut tx = pool.begin().await?;
+    let attempt: Option<i32> =
+        sqlx::query_scalar("SELECT attempt FROM payouts WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    match attempt {
+        None => return Err(ActionError::NotFound(id)),
+        Some(a) if a != seen_attempt => return Ok(None),
+        Some(_) => {}
+    }
+    let action = Action {
+        from: &[
+            PayoutStatus::Pending,
+            PayoutStatus::Queued,
+            PayoutStatus::Retrying,
+            PayoutStatus::Failed,
+            PayoutStatus::Held,
+        ],
+        to: PayoutStatus::Cancelled,
+        lease_until: None,
+        reset_budget: false,
+        actor,
+        reason,
+    };
+    let from = act(&mut *tx, id, action, now).await?;
+    tx.commit().await?;
+    Ok(Some(from))
 }
 
 /// Reconciliation: records what the gateway says (`paid` or `in_transit` with
