@@ -33,6 +33,7 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
 use rust_decimal::Decimal;
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
@@ -131,6 +132,10 @@ enum Group {
 /// Payees settled per transaction by [`run`].
 pub const CHUNK_PAYEES: usize = 1_000;
 
+/// Chunks settled at once by [`run`], each on its own connection: one per
+/// core of a small database machine, where a chunk's time is the database's.
+pub const CHUNKS_AT_ONCE: usize = 2;
+
 /// Told after each chunk: (payees done, payees in the run).
 pub type Progress<'a> = &'a (dyn Fn(usize, usize) + Send + Sync);
 
@@ -147,8 +152,8 @@ pub async fn run(
     run_chunked(pool, policy, now, opts, CHUNK_PAYEES, None).await
 }
 
-/// [`run`], `chunk_payees` payees per transaction, telling `progress` after
-/// each chunk.
+/// [`run`], `chunk_payees` payees per transaction ([`CHUNKS_AT_ONCE`] at
+/// once), telling `progress` after each chunk.
 ///
 /// A chunk is settled set-based: its payees locked in one statement (in id
 /// order, so runs at once never deadlock), then in rounds, one period per
@@ -176,11 +181,10 @@ pub async fn run_chunked(
         .enumerate()
         .filter(|(i, c)| *i == 0 || candidates[i - 1].payee_id != c.payee_id)
         .count();
-    let mut report = RunReport::default();
-    let mut done = 0;
+    // The chunks: `chunk_payees` payees each (candidates come by payee).
+    let mut chunks: Vec<(usize, usize, usize)> = Vec::new();
     let mut start = 0;
     while start < candidates.len() {
-        // The next `chunk_payees` payees (candidates come by payee).
         let (mut end, mut payees) = (start, 0);
         while end < candidates.len() {
             if end == start || candidates[end].payee_id != candidates[end - 1].payee_id {
@@ -191,21 +195,35 @@ pub async fn run_chunked(
             }
             end += 1;
         }
-        let works: Vec<Work> = candidates[start..end]
-            .iter()
-            .map(|c| Work::plan(c, policy, opts))
-            .collect();
-        let slots = match settle_chunk(pool, policy, now, &opts.actor, &works).await {
-            Ok(slots) => slots,
-            Err(e) => {
-                tracing::warn!(
-                    error = format!("{e:#}"),
-                    payees,
-                    "chunk not settled in bulk (rolled back); settling its payees one by one"
-                );
-                settle_one_by_one(pool, policy, now, &opts.actor, &works).await
-            }
-        };
+        chunks.push((start, end, payees));
+        start = end;
+    }
+    // CHUNKS_AT_ONCE chunks at once (disjoint payees, so they never wait
+    // for each other), their results taken in order.
+    let candidates = &candidates;
+    let mut settled =
+        futures::stream::iter(chunks.into_iter().map(|(start, end, payees)| async move {
+            let works: Vec<Work> = candidates[start..end]
+                .iter()
+                .map(|c| Work::plan(c, policy, opts))
+                .collect();
+            let slots = match settle_chunk(pool, policy, now, &opts.actor, &works).await {
+                Ok(slots) => slots,
+                Err(e) => {
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        payees,
+                        "chunk not settled in bulk (rolled back); settling its payees one by one"
+                    );
+                    settle_one_by_one(pool, policy, now, &opts.actor, &works).await
+                }
+            };
+            (slots, payees)
+        }))
+        .buffered(CHUNKS_AT_ONCE);
+    let mut report = RunReport::default();
+    let mut done = 0;
+    while let Some((slots, payees)) = settled.next().await {
         for slot in slots {
             report.absorb(slot);
         }
@@ -213,7 +231,6 @@ pub async fn run_chunked(
         if let Some(p) = progress {
             p(done, total);
         }
-        start = end;
     }
     report.count_errors();
     Ok(report)
