@@ -448,7 +448,22 @@ pub async fn settle(
         actor: actor.to_string(),
     };
     let started = std::time::Instant::now();
-    let report = settlement::run(pool, &policy, now, &opts).await?;
+    let bar = settle_progress_bar(as_json);
+    let progress = |done: usize, total: usize| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    };
+    let report = settlement::run_chunked(
+        pool,
+        &policy,
+        now,
+        &opts,
+        settlement::CHUNK_PAYEES,
+        Some(&progress),
+    )
+    .await;
+    bar.finish_and_clear();
+    let report = report?;
     let took = started.elapsed();
     if as_json {
         writeln!(out, "{}", serde_json::to_string(&report)?)?;
@@ -517,6 +532,22 @@ pub async fn settle(
         );
     }
     Ok(())
+}
+
+/// `settle`'s progress bar (payees done of the run's), on stderr when
+/// stdout is a terminal and the output is not JSON; hidden otherwise.
+fn settle_progress_bar(as_json: bool) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if as_json || !std::io::stdout().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "settling {bar:40} {pos}/{len} payees  {per_sec}  eta {eta}",
+    ) {
+        bar.set_style(style);
+    }
+    bar
 }
 
 fn signed(d: Decimal) -> String {

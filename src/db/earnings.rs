@@ -411,3 +411,75 @@ pub async fn seed_demo(
     .await?;
     Ok(res.rows_affected())
 }
+
+// ---------------------------------------------------------------- bulk ----
+// The settlement run's chunked reads and marks: many (payee, currency)
+// groups per statement.
+
+/// [`unsettled`] for many groups at once, locked: the unsettled earnings of
+/// each (`payee_ids[i]`, `currencies[i]`) released before `release_before[i]`,
+/// by payee, currency, then oldest first. Each (payee, currency) at most once.
+pub async fn unsettled_many(
+    conn: &mut PgConnection,
+    payee_ids: &[i64],
+    currencies: &[&str],
+    release_before: &[DateTime<Utc>],
+) -> sqlx::Result<Vec<Earning>> {
+    sqlx::query_as(
+        "SELECT e.* FROM unnest($1::bigint[], $2::text[], $3::timestamptz[]) AS g(payee_id, currency, before)
+         JOIN earnings e ON e.payee_id = g.payee_id AND e.currency = g.currency
+                        AND e.settlement_id IS NULL AND e.release_at < g.before
+         ORDER BY e.payee_id, e.currency, e.release_at, e.id
+         FOR UPDATE OF e",
+    )
+    .bind(payee_ids)
+    .bind(currencies)
+    .bind(release_before)
+    .fetch_all(conn)
+    .await
+}
+
+/// [`mark_settled`] for many settlements: earning `ids[i]` settled by
+/// `settlement_ids[i]` and paid by `payout_ids[i]`, only those still
+/// unsettled; returns how many.
+pub async fn mark_settled_many(
+    conn: &mut PgConnection,
+    ids: &[i64],
+    settlement_ids: &[i64],
+    payout_ids: &[Option<i64>],
+) -> sqlx::Result<u64> {
+    let res = sqlx::query(
+        "UPDATE earnings e SET settlement_id = u.sid, payout_id = u.pid
+         FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS u(id, sid, pid)
+         WHERE e.id = u.id AND e.settlement_id IS NULL",
+    )
+    .bind(ids)
+    .bind(settlement_ids)
+    .bind(payout_ids)
+    .execute(conn)
+    .await?;
+    Ok(res.rows_affected())
+}
+
+/// [`mark_paid_through_carry`] for many payouts: the earnings of carried
+/// settlement `settlement_ids[i]` (and all it carried in turn) paid by
+/// `payout_ids[i]`. A settlement is carried into one payout only.
+pub async fn mark_paid_through_carry_many(
+    conn: &mut PgConnection,
+    settlement_ids: &[i64],
+    payout_ids: &[i64],
+) -> sqlx::Result<u64> {
+    let res = sqlx::query(
+        "WITH RECURSIVE chain AS (
+             SELECT u.id, u.pid FROM unnest($1::bigint[], $2::bigint[]) AS u(id, pid)
+             UNION
+             SELECT s.id, chain.pid FROM settlements s JOIN chain ON s.carried_into = chain.id)
+         UPDATE earnings e SET payout_id = chain.pid FROM chain
+         WHERE e.settlement_id = chain.id AND e.payout_id IS NULL",
+    )
+    .bind(settlement_ids)
+    .bind(payout_ids)
+    .execute(conn)
+    .await?;
+    Ok(res.rows_affected())
+}

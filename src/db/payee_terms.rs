@@ -220,3 +220,48 @@ pub async fn minimum(
         .fetch_optional(conn)
         .await
 }
+
+// ---------------------------------------------------------------- bulk ----
+// The settlement run's chunked reads: many payees per statement.
+
+/// Like [`lock`] for many payees at once, locked in id order (so two runs
+/// locking overlapping chunks never deadlock). A payee whose stored terms do
+/// not decode is returned with the error, so it fails alone.
+pub async fn lock_many(
+    conn: &mut PgConnection,
+    payee_ids: &[i64],
+) -> sqlx::Result<Vec<(i64, sqlx::Result<Terms>)>> {
+    let rows: Vec<TermsRow> = sqlx::query_as(
+        "SELECT id, status, schedule, payout_method FROM payees WHERE id = ANY($1)
+         ORDER BY id FOR NO KEY UPDATE",
+    )
+    .bind(payee_ids)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.id, r.into_terms())).collect())
+}
+
+/// The deductions of many payees (any currency), by payee, currency, then
+/// the order they were agreed (as [`deductions`]).
+pub async fn deductions_many(
+    conn: &mut PgConnection,
+    payee_ids: &[i64],
+) -> sqlx::Result<Vec<Deduction>> {
+    sqlx::query_as(
+        "SELECT * FROM payee_deductions WHERE payee_id = ANY($1) ORDER BY payee_id, currency, id",
+    )
+    .bind(payee_ids)
+    .fetch_all(conn)
+    .await
+}
+
+/// The own minimum payouts of many payees: (payee, currency, amount).
+pub async fn minimums_many(
+    conn: &mut PgConnection,
+    payee_ids: &[i64],
+) -> sqlx::Result<Vec<(i64, String, Decimal)>> {
+    sqlx::query_as("SELECT payee_id, currency, amount FROM payee_minimums WHERE payee_id = ANY($1)")
+        .bind(payee_ids)
+        .fetch_all(conn)
+        .await
+}
