@@ -442,8 +442,16 @@ async fn write_batch(
         t.trunc_subsecs(6)
             .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
     };
+    // The first line of each reference is the one recorded (as one row at a
+    // time would); the later ones are compared with what is recorded.
+    let mut firsts: HashSet<(&str, &str)> = HashSet::with_capacity(good.len());
+    let mut others: Vec<(usize, &NewEarning)> = Vec::new();
     let mut data: Vec<u8> = Vec::with_capacity(good.len() * 128);
     for (line, e) in good.iter() {
+        if !firsts.insert((e.source.as_str(), e.external_ref.as_str())) {
+            others.push((*line, e));
+            continue;
+        }
         write!(data, "{line}\t{}\t", e.payee_id)?;
         copy_text(&mut data, &e.source);
         data.push(b'\t');
@@ -461,14 +469,11 @@ async fn write_batch(
     copy.send(data).await?;
     copy.finish().await?;
 
-    // The first line of each reference is the one recorded (as one row at a
-    // time would); a reference already in the table records nothing.
+    // A reference already in the table records nothing.
     let inserted: Vec<(String, String)> = sqlx::query_as(
         "INSERT INTO earnings (payee_id, source, external_ref, gross, currency, completed_at, release_at, created_at, posted_by)
          SELECT payee_id, source, external_ref, gross, currency, completed_at, release_at, $1, $2
-         FROM (SELECT DISTINCT ON (source, external_ref) * FROM earnings_import
-               ORDER BY source, external_ref, line) first_lines
-         ORDER BY line
+         FROM earnings_import ORDER BY line
          ON CONFLICT (source, external_ref) DO NOTHING
          RETURNING source, external_ref",
     )
@@ -485,14 +490,18 @@ async fn write_batch(
         already_had: 0,
         conflicts: Vec::new(),
     };
-    let mut others: Vec<(usize, &NewEarning)> = Vec::new();
+    let mut later = std::mem::take(&mut others);
     for (line, e) in good.iter() {
-        if fresh.remove(&(e.source.as_str(), e.external_ref.as_str())) {
-            outcome.created += 1;
-        } else {
-            others.push((*line, e));
+        let key = (e.source.as_str(), e.external_ref.as_str());
+        if firsts.remove(&key) {
+            if fresh.remove(&key) {
+                outcome.created += 1;
+            } else {
+                others.push((*line, e));
+            }
         }
     }
+    others.append(&mut later);
     if others.is_empty() {
         return Ok(outcome);
     }
