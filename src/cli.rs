@@ -467,6 +467,24 @@ async fn stop_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// The configured gateway's client (`gateway.kind`) for look-ups outside a
+/// worker (reconciliation, a cancel's look-up): every HTTP request waits for
+/// the fleet-wide limiter the workers share on Redis. Without Redis it keeps
+/// to the same limits in this process alone.
+async fn fleet_gateway(
+    settings: &Settings,
+) -> anyhow::Result<std::sync::Arc<dyn crate::gateway::Gateway>> {
+    match crate::queue::connect(&settings.redis).await {
+        Ok(conn) => {
+            crate::gateway::select::build_limited(&settings.gateway, conn, &settings.redis.prefix)
+        }
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "no Redis: gateway requests are limited in this process only");
+            crate::gateway::select::build(&settings.gateway)
+        }
+    }
+}
+
 /// One `payoutctl reconcile` against the configured gateway (`gateway.kind`);
 /// the error carries the exit code ([`EXIT_MISMATCHES`], [`EXIT_UNAVAILABLE`]).
 async fn reconcile(
@@ -490,7 +508,7 @@ async fn reconcile(
             crate::reconcile::record_unavailable(pool, &opts, reason, clock.now()).await?
         }
         None => {
-            let gateway = crate::gateway::select::build(&settings.gateway)?;
+            let gateway = fleet_gateway(settings).await?;
             crate::reconcile::run(pool, gateway.as_ref(), &opts, clock.now()).await?
         }
     };
@@ -851,7 +869,22 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
             }
         }
         Command::Cancel { id, reason } => {
-            let from = payouts::cancel(&pool, id, &actor, &reason, clock.now()).await?;
+            // The one cancel: asks the gateway first when the payout was sent
+            // and no answer proved that nothing moved.
+            let from = crate::reconcile::cancel(
+                &pool,
+                async || fleet_gateway(&settings).await,
+                id,
+                &actor,
+                &reason,
+                clock.now(),
+            )
+            .await
+            .map_err(|e| match e {
+                // Kept as the lifecycle's error, so it exits like any refusal.
+                crate::reconcile::CancelError::Action(a) => anyhow::Error::from(a),
+                other => anyhow::Error::from(other),
+            })?;
             if cli.json {
                 writeln!(
                     out,

@@ -18,7 +18,7 @@ use crate::{
     db::{earnings, payee_terms},
     domain::{
         Currency, Money, PayoutMethod, Schedule,
-        earning::{FileFormat, RawEarning},
+        earning::{FileFormat, RawEarning, RowReader},
         policy::{LineKind, Outcome, Settlement},
     },
     settlement,
@@ -50,10 +50,15 @@ pub enum EarningsCommand {
     },
     /// Import a file of earnings: CSV with a header (payee_id,source,external_ref,gross,currency[,completed_at])
     /// or JSON lines. Bad rows are reported by line; the good ones are imported unless --atomic.
+    ///
+    /// The file is read as a stream and written 20,000 rows at a time (COPY). Without --atomic each
+    /// batch commits on its own: an import stopped midway leaves its first batches recorded, and
+    /// running it again finishes it (rows already recorded count as "already recorded").
+    /// A progress bar shows on a terminal (not with --json).
     Import {
         /// The file.
         file: PathBuf,
-        /// All or nothing: one bad row and nothing is imported.
+        /// All or nothing: one bad row and nothing is imported (one transaction for the whole file).
         #[arg(long)]
         atomic: bool,
         /// `csv` or `jsonl` (default: by extension, else by content).
@@ -191,18 +196,47 @@ pub async fn run_earnings(
             atomic,
             format,
         } => {
-            let text = std::fs::read_to_string(&file)
+            use std::io::{BufRead, IsTerminal};
+            let opened = std::fs::File::open(&file)
                 .with_context(|| format!("failed to read {}", file.display()))?;
+            let size = opened.metadata().map(|m| m.len()).unwrap_or(0);
+            // Progress by bytes read, on a terminal only (stderr; stdout keeps the summary).
+            let bar = if !as_json && std::io::stdout().is_terminal() {
+                indicatif::ProgressBar::new(size).with_style(
+                    indicatif::ProgressStyle::with_template(
+                        "importing {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                    )
+                    .expect("a valid progress template"),
+                )
+            } else {
+                indicatif::ProgressBar::hidden()
+            };
+            let mut reader = std::io::BufReader::with_capacity(1 << 16, bar.wrap_read(opened));
             let format = match format.as_deref() {
-                None => FileFormat::detect(&file.to_string_lossy(), &text),
+                None => {
+                    let start = reader
+                        .fill_buf()
+                        .with_context(|| format!("failed to read {}", file.display()))?;
+                    FileFormat::detect(&file.to_string_lossy(), &String::from_utf8_lossy(start))
+                }
                 Some("csv") => FileFormat::Csv,
                 Some("jsonl") | Some("ndjson") => FileFormat::JsonLines,
                 Some(other) => bail!("format {other:?} must be csv or jsonl"),
             };
-            let rows = format
-                .parse(&text)
+            let rows = RowReader::new(reader, format)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-            let report = earnings::import(pool, rows, &policy, actor, now, atomic).await?;
+            let report = earnings::import_rows(
+                pool,
+                rows,
+                &policy,
+                actor,
+                now,
+                atomic,
+                earnings::IMPORT_BATCH_ROWS,
+            )
+            .await
+            .with_context(|| format!("failed to import {}", file.display()))?;
+            bar.finish_and_clear();
             if as_json {
                 writeln!(out, "{}", serde_json::to_string(&report)?)?;
             } else {
@@ -448,7 +482,22 @@ pub async fn settle(
         actor: actor.to_string(),
     };
     let started = std::time::Instant::now();
-    let report = settlement::run(pool, &policy, now, &opts).await?;
+    let bar = settle_progress_bar(as_json);
+    let progress = |done: usize, total: usize| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    };
+    let report = settlement::run_chunked(
+        pool,
+        &policy,
+        now,
+        &opts,
+        settlement::CHUNK_PAYEES,
+        Some(&progress),
+    )
+    .await;
+    bar.finish_and_clear();
+    let report = report?;
     let took = started.elapsed();
     if as_json {
         writeln!(out, "{}", serde_json::to_string(&report)?)?;
@@ -519,6 +568,22 @@ pub async fn settle(
     Ok(())
 }
 
+/// `settle`'s progress bar (payees done of the run's), on stderr when
+/// stdout is a terminal and the output is not JSON; hidden otherwise.
+fn settle_progress_bar(as_json: bool) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if as_json || !std::io::stdout().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "settling {bar:40} {pos}/{len} payees  {per_sec}  eta {eta}",
+    ) {
+        bar.set_style(style);
+    }
+    bar
+}
+
 fn signed(d: Decimal) -> String {
     if d < Decimal::ZERO {
         format!("- {}", -d)
@@ -586,10 +651,34 @@ pub async fn preview(
     now: DateTime<Utc>,
     out: &mut (dyn Write + Send),
 ) -> anyhow::Result<()> {
-    let policy = settings.policy.load()?;
+    // Through Stripe, payouts are rounded down to what Stripe can send.
+    let kind = settings.gateway.kind.as_str();
+    let policy = crate::gateway::stripe_currency::policy_for_kind(kind, settings.policy.load()?);
     let p = settlement::preview(pool, &policy, args.payee, now).await?;
+    // The payout as Stripe's `amount` (its minor units: ISK in hundredths).
+    let stripe_amounts: Vec<Option<i64>> = p
+        .settlements
+        .iter()
+        .map(|s| {
+            (kind == "stripe" && s.pays_out())
+                .then(|| crate::domain::Money::new(s.net, s.currency).ok())
+                .flatten()
+                .and_then(|m| crate::gateway::stripe_currency::stripe_minor_units(&m).ok())
+        })
+        .collect();
     if as_json {
-        writeln!(out, "{}", serde_json::to_string(&p)?)?;
+        let mut v = serde_json::to_value(&p)?;
+        if kind == "stripe" {
+            for (s, amount) in v["settlements"]
+                .as_array_mut()
+                .into_iter()
+                .flatten()
+                .zip(&stripe_amounts)
+            {
+                s["stripe_amount"] = serde_json::json!(amount);
+            }
+        }
+        writeln!(out, "{v}")?;
         return Ok(());
     }
     writeln!(
@@ -612,8 +701,15 @@ pub async fn preview(
     if p.settlements.is_empty() {
         writeln!(out, "no earnings released by the end of this period")?;
     }
-    for s in &p.settlements {
+    for (s, stripe) in p.settlements.iter().zip(&stripe_amounts) {
         print_settlement(out, s)?;
+        if let Some(amount) = stripe {
+            writeln!(
+                out,
+                "  {:>16}  sent to Stripe as amount={amount} ({} minor units as Stripe counts them)",
+                "", s.currency
+            )?;
+        }
     }
     for h in &p.held {
         writeln!(

@@ -4,7 +4,9 @@
 //! wait until each is final, check the gateway's ledger, reconcile against
 //! the gateway, print a summary. The fleet speaks the gateway kind chosen
 //! (`--gateway-kind`: the contract or the release-funds API, both served by
-//! the mock).
+//! the mock, or Stripe, served by the Stripe stand-in `stripe-standin`, with
+//! a connected account seeded for each demo payee through its stand-in-only
+//! `POST /_standin/accounts`).
 
 use std::{
     path::{Path, PathBuf},
@@ -13,6 +15,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
+use futures::StreamExt;
 use secrecy::ExposeSecret;
 use sqlx::{Connection, PgPool};
 
@@ -226,8 +229,12 @@ pub async fn ensure_database(settings: &Settings) -> anyhow::Result<()> {
 async fn reconcile_demo(pool: &PgPool, gateway_env: &[(String, String)]) -> anyhow::Result<usize> {
     let mut env: Vec<(String, String)> = std::env::vars().collect();
     env.extend(gateway_env.iter().cloned());
-    let gateway_settings = Settings::load_from(None, &env)?.gateway;
-    let gateway = crate::gateway::select::build(&gateway_settings)?;
+    let settings = Settings::load_from(None, &env)?;
+    let gateway_settings = settings.gateway.clone();
+    // Its look-ups count against the fleet-wide limit, as every request does.
+    let conn = crate::queue::connect(&settings.redis).await?;
+    let gateway =
+        crate::gateway::select::build_limited(&gateway_settings, conn, &settings.redis.prefix)?;
     let now = chrono::Utc::now();
     let opts = crate::reconcile::Options {
         since: now - chrono::Duration::hours(1),
@@ -251,6 +258,50 @@ async fn reconcile_demo(pool: &PgPool, gateway_env: &[(String, String)]) -> anyh
     Ok(report.mismatches.len())
 }
 
+/// The secret key the demo's Stripe stand-in expects (a test key: stand-in only).
+const STANDIN_KEY: &str = "sk_test_demo_standin";
+
+/// The `PAYOUTS_*` settings that point a fleet at the Stripe stand-in on `base_url`.
+fn stripe_env(base_url: &str) -> Vec<(String, String)> {
+    [
+        ("PAYOUTS_GATEWAY__KIND", "stripe"),
+        ("PAYOUTS_GATEWAY__STRIPE__BASE_URL", base_url),
+        ("PAYOUTS_GATEWAY__STRIPE__SECRET_KEY", STANDIN_KEY),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+/// Creates a connected account, able to receive transfers, at the Stripe
+/// stand-in for each demo payee (its stand-in-only `POST /_standin/accounts`;
+/// real Stripe accounts are onboarded by their owners).
+async fn seed_standin_accounts(
+    http: &reqwest::Client,
+    base_url: &str,
+    pool: &PgPool,
+    payee_ids: &[i64],
+) -> anyhow::Result<()> {
+    let accounts: Vec<String> =
+        sqlx::query_scalar("SELECT gateway_account FROM payees WHERE id = ANY($1)")
+            .bind(payee_ids)
+            .fetch_all(pool)
+            .await?;
+    let url = format!("{base_url}/_standin/accounts");
+    let mut posts = futures::stream::iter(accounts)
+        .map(|id| {
+            let req = http
+                .post(&url)
+                .json(&serde_json::json!({"id": id, "transfers": "active"}));
+            async move { req.send().await?.error_for_status().map(|_| ()) }
+        })
+        .buffer_unordered(16);
+    while let Some(r) = futures::StreamExt::next(&mut posts).await {
+        r.context("failed to seed a connected account at the Stripe stand-in")?;
+    }
+    Ok(())
+}
+
 /// Runs the demo.
 pub async fn run(settings: Settings, opts: DemoOptions) -> anyhow::Result<DemoSummary> {
     ensure_database(&settings).await?;
@@ -265,14 +316,19 @@ pub async fn run(settings: Settings, opts: DemoOptions) -> anyhow::Result<DemoSu
     let gw_port = free_port()?;
     let gateway_url = format!("http://127.0.0.1:{gw_port}");
     let gw_secret = settings.gateway.secret.expose_secret().to_string();
-    let gateway_env = crate::gateway::mock::fleet_env(&opts.gateway_kind, &gateway_url, &gw_secret)
-        .with_context(|| {
-            format!(
-                "the demo runs against the mock gateway, which speaks {:?}, not {:?}",
-                crate::gateway::mock::MOCK_KINDS,
-                opts.gateway_kind
-            )
-        })?;
+    let stripe = opts.gateway_kind == "stripe";
+    let gateway_env = if stripe {
+        Some(stripe_env(&gateway_url))
+    } else {
+        crate::gateway::mock::fleet_env(&opts.gateway_kind, &gateway_url, &gw_secret)
+    }
+    .with_context(|| {
+        format!(
+            "the demo runs against the mock gateway, which speaks {:?}, not {:?}",
+            crate::gateway::mock::MOCK_KINDS,
+            opts.gateway_kind
+        )
+    })?;
     let mut base_env: Vec<(String, String)> = vec![
         (
             "DATABASE_URL".into(),
@@ -305,14 +361,31 @@ pub async fn run(settings: Settings, opts: DemoOptions) -> anyhow::Result<DemoSu
     } else {
         Vec::new()
     };
-    children.spawn_with_args(
-        &bin_dir,
-        "mock-gateway",
-        "mock-gateway",
-        &closed,
-        &gw_env,
-        &opts.log_dir,
-    )?;
+    if stripe {
+        let args = [
+            "--listen".to_string(),
+            format!("127.0.0.1:{gw_port}"),
+            "--key".to_string(),
+            STANDIN_KEY.to_string(),
+        ];
+        children.spawn_with_args(
+            &bin_dir,
+            "stripe-standin",
+            "stripe-standin",
+            &args,
+            &gw_env,
+            &opts.log_dir,
+        )?;
+    } else {
+        children.spawn_with_args(
+            &bin_dir,
+            "mock-gateway",
+            "mock-gateway",
+            &closed,
+            &gw_env,
+            &opts.log_dir,
+        )?;
+    }
     // The admin server: on its configured port when free, else any.
     let admin_addr = if std::net::TcpListener::bind(settings.admin.listen).is_ok() {
         settings.admin.listen
@@ -351,7 +424,12 @@ pub async fn run(settings: Settings, opts: DemoOptions) -> anyhow::Result<DemoSu
         )?;
     }
     let http = reqwest::Client::new();
-    let health = format!("{gateway_url}/health");
+    // Any answer will do (the stand-in has no health endpoint).
+    let health = if stripe {
+        format!("{gateway_url}/_standin/transfers")
+    } else {
+        format!("{gateway_url}/health")
+    };
     let until = Instant::now() + Duration::from_secs(30);
     while http.get(&health).send().await.is_err() {
         children.check_alive()?;
@@ -361,7 +439,12 @@ pub async fn run(settings: Settings, opts: DemoOptions) -> anyhow::Result<DemoSu
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     println!(
-        "mock gateway {gateway_url} (gateway.kind = {:?}), producer and {} workers started (logs in {})",
+        "{} {gateway_url} (gateway.kind = {:?}), producer and {} workers started (logs in {})",
+        if stripe {
+            "stripe stand-in"
+        } else {
+            "mock gateway"
+        },
         opts.gateway_kind,
         opts.workers,
         opts.log_dir.display()
@@ -383,6 +466,9 @@ pub async fn run(settings: Settings, opts: DemoOptions) -> anyhow::Result<DemoSu
         100.min(opts.count)
     };
     let payee_ids = payees::create_demo(&pool, n_payees, "USD".parse().expect("USD")).await?;
+    if stripe {
+        seed_standin_accounts(&http, &gateway_url, &pool, &payee_ids).await?;
+    }
     let mut started = Instant::now();
     let now = chrono::Utc::now();
     let seeded = if opts.from_earnings {
@@ -421,21 +507,20 @@ pub async fn run(settings: Settings, opts: DemoOptions) -> anyhow::Result<DemoSu
     };
     let seconds = started.elapsed().as_secs_f64();
 
+    let (path, reference) = if stripe {
+        ("_standin/transfers", "transfer_group")
+    } else {
+        ("_mock/ledger", "reference")
+    };
     let ledger: Vec<serde_json::Value> = http
-        .get(format!("{gateway_url}/_mock/ledger"))
+        .get(format!("{gateway_url}/{path}"))
         .send()
         .await?
         .json()
         .await?;
     let mut refs: Vec<i64> = ledger
         .iter()
-        .filter_map(|e| {
-            e["reference"]
-                .as_str()?
-                .strip_prefix("payout_")?
-                .parse()
-                .ok()
-        })
+        .filter_map(|e| e[reference].as_str()?.strip_prefix("payout_")?.parse().ok())
         .filter(|id| *id > before)
         .collect();
     let entries = refs.len();

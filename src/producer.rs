@@ -292,7 +292,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         &me,
         Duration::from_millis(settings.producer.leader_ttl_ms),
     );
-    let sync = in_transit_sync(&settings, pool.clone(), &me)?;
+    let sync = in_transit_sync(&settings, pool.clone(), conn.clone(), &me)?;
     let http = server::spawn(settings.producer.listen, pool, conn, shutdown.clone()).await?;
     tracing::info!(addr = %http, actor = %producer.actor, window = settings.producer.window, "producer started");
     tokio::spawn(sync_while_leading(
@@ -308,14 +308,22 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
 }
 
 /// The in-transit poll (`crate::sync`) with the configured gateway
-/// (`gateway.kind`) and its onboarding check, if it has one.
+/// (`gateway.kind`) and its onboarding check, if it has one. Every HTTP
+/// request of both (look-ups, account checks) waits for the fleet-wide
+/// limiter on Redis (`conn`) that the workers share.
 pub fn in_transit_sync(
     settings: &Settings,
     pool: PgPool,
+    conn: redis::aio::ConnectionManager,
     me: &str,
 ) -> anyhow::Result<crate::sync::InTransitSync> {
-    let gateway = crate::gateway::select::build(&settings.gateway)?;
-    let accounts = crate::gateway::select::account_check(&settings.gateway)?;
+    use crate::gateway::select;
+    let prefix = &settings.redis.prefix;
+    let gateway = select::build_limited(&settings.gateway, conn.clone(), prefix)?;
+    let accounts = select::account_check_limited(
+        &settings.gateway,
+        Some(select::fleet_limiter(&settings.gateway, conn, prefix)),
+    )?;
     Ok(crate::sync::InTransitSync::new(
         pool,
         gateway,

@@ -9,6 +9,20 @@
 //! could not look anything up at all, compared nothing: it is recorded as
 //! failed ([`Report::failed`]) and does not count as a reconciliation, so the
 //! last-run timestamp (and `PayoutReconcileStale`) keeps the last run that did.
+//!
+//! A settlement payout that is cancelled (or reversed) returns its money to
+//! the payee's balance, which the next period pays. Two things keep that
+//! money from being paid twice when the gateway did move it after all (an
+//! attempt whose answer was lost, a timeout, a 5xx):
+//! - [`cancel`], the one operator cancel (admin API, dashboard, `payoutctl`),
+//!   asks the gateway first when the payout was sent and no answer proved
+//!   that nothing moved; it refuses (and records the transfer) when the
+//!   gateway holds one, and refuses when the gateway cannot be asked;
+//! - reconciliation reports a returned payout the gateway paid as
+//!   [`MismatchKind::ReturnedPaidAtGateway`] (alert
+//!   `PayoutReturnedBalancePaidAtGateway`), never records it paid, and holds
+//!   the payout that carries (or will carry) the returned balance, if it has
+//!   not been sent (`failure_code = returned_paid_at_gateway`).
 
 use std::collections::BTreeMap;
 
@@ -42,11 +56,16 @@ pub enum MismatchKind {
     DuplicateAtGateway,
     /// The gateway could not be asked.
     LookupFailed,
+    /// The payout's money went back to the payee's balance (it was cancelled
+    /// or reversed), yet the gateway paid it: that balance is paid twice
+    /// unless stopped. Pages; never "fixed" by recording paid; the payout
+    /// carrying the balance is held when it has not been sent.
+    ReturnedPaidAtGateway,
 }
 
 impl MismatchKind {
     /// Every kind.
-    pub const ALL: [MismatchKind; 7] = [
+    pub const ALL: [MismatchKind; 8] = [
         MismatchKind::PaidAtGatewayNotInDb,
         MismatchKind::PaidInDbUnknownToGateway,
         MismatchKind::FailedAtGatewayPaidInDb,
@@ -54,6 +73,7 @@ impl MismatchKind {
         MismatchKind::TransferIdMismatch,
         MismatchKind::DuplicateAtGateway,
         MismatchKind::LookupFailed,
+        MismatchKind::ReturnedPaidAtGateway,
     ];
 
     /// The metric label.
@@ -66,6 +86,7 @@ impl MismatchKind {
             MismatchKind::TransferIdMismatch => "transfer_id_mismatch",
             MismatchKind::DuplicateAtGateway => "duplicate_at_gateway",
             MismatchKind::LookupFailed => "lookup_failed",
+            MismatchKind::ReturnedPaidAtGateway => "returned_paid_at_gateway",
         }
     }
 }
@@ -144,10 +165,12 @@ fn money_moved(t: &TransferRecord) -> bool {
     crate::sync::verdict(t) != Some(PayoutStatus::Failed)
 }
 
-/// Compares one payout with the gateway's transfers for it.
+/// Compares one payout with the gateway's transfers for it; `returned`: its
+/// money went back to the payee's balance (its settlement is `returned`).
 pub fn compare(
     p: &Payout,
     transfers: &[TransferRecord],
+    returned: bool,
     now: DateTime<Utc>,
 ) -> Vec<(MismatchKind, String)> {
     let mut out = Vec::new();
@@ -179,7 +202,15 @@ pub fn compare(
                 ));
             }
             let db_moved = matches!(p.status, PayoutStatus::Paid | PayoutStatus::InTransit);
-            if !db_moved && !in_flight {
+            if !db_moved && !in_flight && returned {
+                out.push((
+                    MismatchKind::ReturnedPaidAtGateway,
+                    format!(
+                        "gateway {} {} ({}), database {} and its money returned to the balance",
+                        t.status, t.id, t.destination, p.status
+                    ),
+                ));
+            } else if !db_moved && !in_flight {
                 out.push((
                     MismatchKind::PaidAtGatewayNotInDb,
                     format!(
@@ -229,6 +260,15 @@ pub async fn run(
         let page = payouts::for_reconciliation(pool, opts.since, after, 1000).await?;
         let Some(last) = page.last() else { break };
         after = last.id;
+        let ids: Vec<i64> = page.iter().map(|p| p.id).collect();
+        let returned: std::collections::HashSet<i64> = sqlx::query_scalar(
+            "SELECT payout_id FROM settlements WHERE outcome = 'returned' AND payout_id = ANY($1)",
+        )
+        .bind(&ids)
+        .fetch_all(pool)
+        .await?
+        .into_iter()
+        .collect();
         let looked: Vec<_> = stream::iter(page)
             .map(|p| async move {
                 let found = gateway.lookup(&payouts::idempotency_key(p.id)).await;
@@ -255,14 +295,20 @@ pub async fn run(
             if p.status == PayoutStatus::Processing && p.lease_until.is_some_and(|l| l > now) {
                 report.in_flight += 1;
             }
-            for (kind, detail) in compare(&p, &transfers, now) {
+            for (kind, mut detail) in compare(&p, &transfers, returned.contains(&p.id), now) {
                 let fixed = if opts.fix && kind == MismatchKind::PaidAtGatewayNotInDb {
                     fix(pool, &p, &transfers, &opts.actor, now).await?
                 } else {
                     false
                 };
+                if kind == MismatchKind::ReturnedPaidAtGateway {
+                    // Protective, with or without `fix`: it moves no money.
+                    detail.push_str("; ");
+                    detail.push_str(&hold_returned(pool, p.id, &opts.actor, now).await?);
+                }
                 if kind == MismatchKind::DuplicateAtGateway
                     || kind == MismatchKind::PaidInDbUnknownToGateway
+                    || kind == MismatchKind::ReturnedPaidAtGateway
                 {
                     tracing::error!(payout_id = p.id, kind = kind.label(), %detail, "reconciliation found money out of step");
                 }
@@ -369,6 +415,191 @@ pub async fn publish_last_run(pool: &PgPool) -> sqlx::Result<()> {
     }
     metrics::RECONCILE_LAST_RUN.set(at.timestamp());
     Ok(())
+}
+
+/// Failure codes that say an answer was not a refusal: the money may have
+/// moved under the payout's key (a lost or 5xx answer on the last attempt).
+const UNPROVEN: [&str; 2] = ["attempts_exhausted", "unknown"];
+
+/// Whether a cancel of `p` must ask the gateway first: it was sent (its
+/// attempt is above 0) and no answer proved that nothing moved. A `failed` or `held` payout
+/// whose code is the gateway's refusal (`account_closed`,
+/// `account_not_onboarded`, ...) was refused under its current key, and an
+/// earlier key advanced only on proof (DESIGN.md); anything else that was
+/// sent (`queued` again, `retrying`, `failed attempts_exhausted`) may have
+/// been paid.
+pub fn could_have_moved_money(p: &Payout) -> bool {
+    p.attempt > 0
+        && match p.status {
+            PayoutStatus::Failed | PayoutStatus::Held => p
+                .failure_code
+                .as_deref()
+                .is_none_or(|c| UNPROVEN.contains(&c)),
+            _ => true,
+        }
+}
+
+/// Why [`cancel`] refused.
+#[derive(Debug, thiserror::Error)]
+pub enum CancelError {
+    /// Not found, not legal from its status, or the database failed.
+    #[error(transparent)]
+    Action(#[from] payouts::ActionError),
+    /// The gateway holds a transfer for it: the money moved (or is moving).
+    #[error(
+        "payout {id} was not cancelled: the gateway holds transfer {transfer_id} ({gateway_status}) for it{}",
+        .recorded.map(|s| format!("; recorded {s}")).unwrap_or_default()
+    )]
+    MoneyMoved {
+        /// The payout.
+        id: i64,
+        /// The gateway's transfer.
+        transfer_id: String,
+        /// Its status at the gateway.
+        gateway_status: String,
+        /// What was recorded for the payout (`paid`, `in_transit`), if anything.
+        recorded: Option<PayoutStatus>,
+    },
+    /// It was sent, and the gateway could not say whether money moved.
+    #[error(
+        "payout {id} was not cancelled: it was sent and its answers do not prove that no money moved, \
+         and the gateway could not be asked ({reason}); try again when the gateway answers look-ups"
+    )]
+    Unverified {
+        /// The payout.
+        id: i64,
+        /// Why the look-up gave no answer.
+        reason: String,
+    },
+    /// A worker sent it again while the gateway was being asked.
+    #[error("payout {id} was not cancelled: a worker sent it again meanwhile; look again")]
+    SentMeanwhile {
+        /// The payout.
+        id: i64,
+    },
+}
+
+impl CancelError {
+    /// The payout's status now, when the refusal knows it.
+    pub fn status(&self) -> Option<PayoutStatus> {
+        match self {
+            CancelError::Action(payouts::ActionError::Illegal(t)) => Some(t.from),
+            CancelError::MoneyMoved { recorded, .. } => *recorded,
+            _ => None,
+        }
+    }
+}
+
+/// The operator's cancel, for every path (admin API, dashboard, `payoutctl`):
+/// `pending`, `queued`, `retrying`, `failed` or `held` -> `cancelled`, which
+/// returns a settlement payout's money to the payee's balance. When the
+/// payout was sent and its answers could have moved money
+/// ([`could_have_moved_money`]), the gateway (built by `gateway` only then)
+/// is asked first by the payout's reference, as reconciliation does: a
+/// transfer it holds refuses the cancel and is recorded (`paid`, `in_transit`);
+/// a failed look-up refuses it; only "no transfer" cancels. The cancel is
+/// fenced on the attempt seen, so a worker that sends it again in between
+/// wins. Returns the status it moved from.
+pub async fn cancel(
+    pool: &PgPool,
+    gateway: impl AsyncFnOnce() -> anyhow::Result<std::sync::Arc<dyn Gateway>>,
+    id: i64,
+    actor: &str,
+    reason: &str,
+    now: DateTime<Utc>,
+) -> Result<PayoutStatus, CancelError> {
+    let p = payouts::get(pool, id)
+        .await
+        .map_err(payouts::ActionError::Db)?
+        .ok_or(payouts::ActionError::NotFound(id))?;
+    let mut said = reason.to_string();
+    if p.status.can_move_to(PayoutStatus::Cancelled) && could_have_moved_money(&p) {
+        let gw = gateway().await.map_err(|e| CancelError::Unverified {
+            id,
+            reason: format!("{e:#}"),
+        })?;
+        let transfers = gw
+            .lookup(&payouts::idempotency_key(id))
+            .await
+            .map_err(|e| CancelError::Unverified {
+                id,
+                reason: e.to_string(),
+            })?;
+        let moved = transfers
+            .iter()
+            .find(|t| crate::sync::verdict(t) == Some(PayoutStatus::Paid))
+            .or_else(|| transfers.iter().find(|t| money_moved(t)));
+        if let Some(t) = moved {
+            let to = match crate::sync::verdict(t) {
+                Some(PayoutStatus::Paid) => PayoutStatus::Paid,
+                _ => PayoutStatus::InTransit,
+            };
+            let why = format!(
+                "cancel refused: the gateway holds {} {} for it",
+                t.status, t.id
+            );
+            let recorded = p.status.can_reconcile_to(to)
+                && payouts::reconcile_to(
+                    pool, id, p.status, p.attempt, to, &t.id, actor, &why, now,
+                )
+                .await
+                .map_err(payouts::ActionError::Db)?;
+            tracing::warn!(payout_id = id, transfer = %t.id, gateway_status = %t.status, recorded, "cancel refused: the gateway holds a transfer");
+            return Err(CancelError::MoneyMoved {
+                id,
+                transfer_id: t.id.clone(),
+                gateway_status: t.status.clone(),
+                recorded: recorded.then_some(to),
+            });
+        }
+        said = format!("{reason} (the gateway holds no transfer for it)");
+    }
+    payouts::cancel_at_attempt(pool, id, p.attempt, actor, &said, now)
+        .await?
+        .ok_or(CancelError::SentMeanwhile { id })
+}
+
+/// For a returned payout the gateway paid after all: flags its settlement
+/// and holds the payout that carries its balance if it has not been sent
+/// (pending, queued, retrying); a later carry is held by the database
+/// (migration 20261126000070). Says, for the report, what it found.
+async fn hold_returned(
+    pool: &PgPool,
+    payout_id: i64,
+    actor: &str,
+    now: DateTime<Utc>,
+) -> anyhow::Result<String> {
+    let why = format!(
+        "held: carries the balance returned from payout {payout_id}, which the gateway paid \
+         after all (returned_paid_at_gateway); enqueue it only once that money is accounted for"
+    );
+    let mut tx = pool.begin().await?;
+    let met: Vec<(i64, String, bool)> = sqlx::query_as(
+        "SELECT f.carrier, f.carrier_status, f.was_held
+           FROM settlements s,
+                LATERAL settlements_flag_paid_at_gateway(s.id, $2, $3, $4) f
+          WHERE s.payout_id = $1 AND s.outcome = 'returned'",
+    )
+    .bind(payout_id)
+    .bind(now)
+    .bind(actor)
+    .bind(&why)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    let carriers: Vec<&(i64, String, bool)> = met.iter().filter(|m| m.0 != payout_id).collect();
+    if carriers.is_empty() {
+        return Ok("not carried into a payout yet: the payout that carries it will be held".into());
+    }
+    let said: Vec<String> = carriers
+        .iter()
+        .map(|(id, status, held)| match (held, status.as_str()) {
+            (true, _) => format!("payout {id} carrying it held"),
+            (false, "held" | "cancelled") => format!("payout {id} carrying it is {status}"),
+            (false, _) => format!("payout {id} carrying it is {status}: PAID TWICE"),
+        })
+        .collect();
+    Ok(said.join("; "))
 }
 
 async fn fix(
@@ -478,15 +709,45 @@ mod tests {
         let failed = payout(PayoutStatus::Failed);
         for status in ["failed", "reversed", "canceled", "cancelled", "returned"] {
             assert_eq!(
-                compare(&failed, &[record(status)], Utc::now()),
+                compare(&failed, &[record(status)], false, Utc::now()),
                 [],
                 "{status}"
             );
         }
-        let kinds: Vec<_> = compare(&failed, &[record("pending")], Utc::now())
+        let kinds: Vec<_> = compare(&failed, &[record("pending")], false, Utc::now())
             .into_iter()
             .map(|(k, _)| k)
             .collect();
         assert_eq!(kinds, [MismatchKind::PaidAtGatewayNotInDb]);
+    }
+
+    #[test]
+    fn a_returned_payout_paid_at_the_gateway_is_its_own_kind() {
+        let cancelled = payout(PayoutStatus::Cancelled);
+        let kinds: Vec<_> = compare(&cancelled, &[record("paid")], true, Utc::now())
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(kinds, [MismatchKind::ReturnedPaidAtGateway]);
+        assert_eq!(
+            compare(&cancelled, &[record("reversed")], true, Utc::now()),
+            []
+        );
+    }
+
+    #[test]
+    fn only_a_payout_sent_without_a_refusal_needs_the_gateway_before_a_cancel() {
+        let mut p = payout(PayoutStatus::Retrying);
+        p.failure_code = Some("http_503".into());
+        assert!(could_have_moved_money(&p));
+        p.attempt = 0;
+        assert!(!could_have_moved_money(&p), "never sent");
+        let mut p = payout(PayoutStatus::Failed);
+        assert!(!could_have_moved_money(&p), "account_closed is a refusal");
+        p.failure_code = Some("attempts_exhausted".into());
+        assert!(could_have_moved_money(&p));
+        p.status = PayoutStatus::Queued;
+        p.failure_code = None;
+        assert!(could_have_moved_money(&p), "sent before, answer unknown");
     }
 }

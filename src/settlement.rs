@@ -14,12 +14,15 @@
 //! `[last end, now)` and the schedule resumes from there, so no period is
 //! shadowed or skipped. Empty periods are skipped.
 //!
-//! Each period is settled in ONE transaction: lock the payee row, re-read
-//! where its last period ended, lock its earnings and open balances,
-//! compute, write the payout (with its event), the settlement, the lines,
-//! and mark the earnings settled. Two runs at once serialize on the payee
-//! lock; the second continues from where the first ended. A trigger refuses
-//! to settle an earning twice.
+//! Payees are settled in chunks ([`CHUNK_PAYEES`] per transaction, see
+//! [`run_chunked`]): lock the chunk's payee rows, then, one period per
+//! (payee, currency) per round, re-read where each last period ended, lock
+//! its earnings and open balances, compute, and write the payouts (with
+//! their events), the settlements, the lines, and mark the earnings
+//! settled, all set-based. Two runs at once serialize on the payee locks
+//! (taken in id order); the second continues from where the first ended. A
+//! trigger refuses to settle an earning twice. A chunk whose writes fail is
+//! rolled back and settled payee by payee, one transaction per period.
 //!
 //! **Reversible.** A database trigger (migration 20261126000010) returns a
 //! cancelled or reversed settlement payout's money to the payee's balance;
@@ -27,10 +30,13 @@
 //!
 //! [`preview`] computes the next period the run would settle and writes nothing.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
 use rust_decimal::Decimal;
 use serde::Serialize;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
 use crate::{
     config::ProducerSettings,
@@ -123,6 +129,16 @@ enum Group {
     Skipped(String, bool),
 }
 
+/// Payees settled per transaction by [`run`].
+pub const CHUNK_PAYEES: usize = 1_000;
+
+/// Chunks settled at once by [`run`], each on its own connection: one per
+/// core of a small database machine, where a chunk's time is the database's.
+pub const CHUNKS_AT_ONCE: usize = 2;
+
+/// Told after each chunk: (payees done, payees in the run).
+pub type Progress<'a> = &'a (dyn Fn(usize, usize) + Send + Sync);
+
 /// Settles every closed period of every (payee, currency) with something
 /// payable, in order (see the module doc). One payee's error is reported in
 /// [`RunReport::skipped`] (and counted in `payout_settlement_errors_total`)
@@ -133,88 +149,591 @@ pub async fn run(
     now: DateTime<Utc>,
     opts: &Options,
 ) -> anyhow::Result<RunReport> {
+    run_chunked(pool, policy, now, opts, CHUNK_PAYEES, None).await
+}
+
+/// [`run`], `chunk_payees` payees per transaction ([`CHUNKS_AT_ONCE`] at
+/// once), telling `progress` after each chunk.
+///
+/// A chunk is settled set-based: its payees locked in one statement (in id
+/// order, so runs at once never deadlock), then in rounds, one period per
+/// (payee, currency) per round, oldest first, until none has another closed
+/// period: where each stands, its earnings and balances for that period are
+/// read for the whole chunk in a few statements, each period is computed in
+/// memory ([`Policy::compute_with_minimum`], as for one payee), and the
+/// payouts (with their events), settlements, lines, earnings and balances of
+/// the round are written in a few multi-row statements. A payee whose
+/// computation fails is reported and left out of the writes. Should a
+/// chunk's writes fail at the database, the chunk is rolled back and its
+/// payees are settled one by one, each period in its own transaction, so one
+/// payee never blocks the others and the report is the same.
+pub async fn run_chunked(
+    pool: &PgPool,
+    policy: &Policy,
+    now: DateTime<Utc>,
+    opts: &Options,
+    chunk_payees: usize,
+    progress: Option<Progress<'_>>,
+) -> anyhow::Result<RunReport> {
+    let candidates = settlements::candidates(pool, now, opts.payee).await?;
+    let total = candidates
+        .iter()
+        .enumerate()
+        .filter(|(i, c)| *i == 0 || candidates[i - 1].payee_id != c.payee_id)
+        .count();
+    // The chunks: `chunk_payees` payees each (candidates come by payee).
+    let mut chunks: Vec<(usize, usize, usize)> = Vec::new();
+    let mut start = 0;
+    while start < candidates.len() {
+        let (mut end, mut payees) = (start, 0);
+        while end < candidates.len() {
+            if end == start || candidates[end].payee_id != candidates[end - 1].payee_id {
+                if payees == chunk_payees.max(1) {
+                    break;
+                }
+                payees += 1;
+            }
+            end += 1;
+        }
+        chunks.push((start, end, payees));
+        start = end;
+    }
+    // CHUNKS_AT_ONCE chunks at once (disjoint payees, so they never wait
+    // for each other), their results taken in order.
+    let candidates = &candidates;
+    let mut settled =
+        futures::stream::iter(chunks.into_iter().map(|(start, end, payees)| async move {
+            let works: Vec<Work> = candidates[start..end]
+                .iter()
+                .map(|c| Work::plan(c, policy, opts))
+                .collect();
+            let slots = match settle_chunk(pool, policy, now, &opts.actor, &works).await {
+                Ok(slots) => slots,
+                Err(e) => {
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        payees,
+                        "chunk not settled in bulk (rolled back); settling its payees one by one"
+                    );
+                    settle_one_by_one(pool, policy, now, &opts.actor, &works).await
+                }
+            };
+            (slots, payees)
+        }))
+        .buffered(CHUNKS_AT_ONCE);
     let mut report = RunReport::default();
-    for c in settlements::candidates(pool, now, opts.payee).await? {
-        let skip = |reason: String, error: bool| Skipped {
+    let mut done = 0;
+    while let Some((slots, payees)) = settled.next().await {
+        for slot in slots {
+            report.absorb(slot);
+        }
+        done += payees;
+        if let Some(p) = progress {
+            p(done, total);
+        }
+    }
+    report.count_errors();
+    Ok(report)
+}
+
+/// [`run`] as it ran before chunks: each period of each (payee, currency)
+/// in its own transaction (the path a chunk falls back to). Slower; the
+/// reference the chunked run is tested against.
+pub async fn run_one_by_one(
+    pool: &PgPool,
+    policy: &Policy,
+    now: DateTime<Utc>,
+    opts: &Options,
+) -> anyhow::Result<RunReport> {
+    let works: Vec<Work> = settlements::candidates(pool, now, opts.payee)
+        .await?
+        .iter()
+        .map(|c| Work::plan(c, policy, opts))
+        .collect();
+    let mut report = RunReport::default();
+    for slot in settle_one_by_one(pool, policy, now, &opts.actor, &works).await {
+        report.absorb(slot);
+    }
+    report.count_errors();
+    Ok(report)
+}
+
+/// How a (payee, currency) of a run ended, besides the periods it settled.
+#[derive(Debug, Clone)]
+enum End {
+    AlreadySettled,
+    NotDue,
+    Skipped(String, bool),
+}
+
+/// What a run did for one (payee, currency).
+#[derive(Debug, Clone)]
+struct Slot {
+    payee_id: i64,
+    currency: String,
+    settled: Vec<Settled>,
+    end: Option<End>,
+}
+
+impl RunReport {
+    fn count_errors(&self) {
+        for s in self.skipped.iter().filter(|s| s.error) {
+            metrics::SETTLEMENT_ERRORS.inc();
+            tracing::warn!(payee = s.payee_id, currency = %s.currency, reason = %s.reason, "not settled");
+        }
+    }
+
+    fn absorb(&mut self, slot: Slot) {
+        for s in slot.settled {
+            metrics::SETTLEMENTS
+                .with_label_values(&[s.outcome.as_str()])
+                .inc();
+            tracing::debug!(
+                settlement = s.settlement_id,
+                payee = s.payee_id,
+                currency = %s.currency,
+                period = %s.period,
+                outcome = %s.outcome,
+                net = %s.net,
+                payout = ?s.payout_id,
+                "period settled"
+            );
+            self.settled.push(s);
+        }
+        match slot.end {
+            None => {}
+            Some(End::AlreadySettled) => self.already_settled += 1,
+            Some(End::NotDue) => self.not_due += 1,
+            Some(End::Skipped(reason, error)) => self.skipped.push(Skipped {
+                payee_id: slot.payee_id,
+                currency: slot.currency,
+                reason,
+                error,
+            }),
+        }
+    }
+}
+
+/// A candidate (payee, currency) of a run, checked before any lock.
+#[derive(Debug, Clone)]
+struct Work {
+    payee_id: i64,
+    code: String,
+    /// `None`: not settled (a suspended payee, a bad schedule or currency, a
+    /// manual payee not named); the slot says why.
+    plan: Option<Plan>,
+    /// Why it is not settled, when it is not.
+    end: Option<End>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    currency: Currency,
+    /// Whether its (candidate) schedule closes periods by itself; a manual
+    /// period closes once per run.
+    automatic: bool,
+    /// Named by the operator (`--payee`).
+    named: bool,
+}
+
+impl Work {
+    fn plan(c: &settlements::Candidate, policy: &Policy, opts: &Options) -> Work {
+        let not = |end: Option<End>| Work {
             payee_id: c.payee_id,
-            currency: c.currency.clone(),
-            reason,
-            error,
+            code: c.currency.clone(),
+            plan: None,
+            end,
         };
         if c.status != "active" {
-            report
-                .skipped
-                .push(skip(format!("payee is {}", c.status), false));
-            continue;
+            return not(Some(End::Skipped(format!("payee is {}", c.status), false)));
         }
         let schedule = match c.schedule.as_deref().map(str::parse::<Schedule>) {
             None => policy.default_schedule,
             Some(Ok(s)) => s,
-            Some(Err(e)) => {
-                report.skipped.push(skip(e.to_string(), true));
-                continue;
-            }
+            Some(Err(e)) => return not(Some(End::Skipped(e.to_string(), true))),
         };
         let named = opts.payee == Some(c.payee_id);
         if !schedule.is_automatic() && !named {
-            continue;
+            return not(None);
         }
         let currency: Currency = match c.currency.parse() {
             Ok(cur) => cur,
-            Err(e) => {
-                report.skipped.push(skip(format!("{e}"), true));
-                continue;
-            }
+            Err(e) => return not(Some(End::Skipped(format!("{e}"), true))),
         };
-        // Every closed period, oldest first, each in its own transaction.
-        loop {
-            let step =
-                settle_next(pool, policy, c.payee_id, currency, now, named, &opts.actor).await;
-            match step {
-                Ok(Group::Settled(s)) => {
-                    metrics::SETTLEMENTS
-                        .with_label_values(&[s.outcome.as_str()])
-                        .inc();
-                    tracing::debug!(
-                        settlement = s.settlement_id,
-                        payee = s.payee_id,
-                        currency = %s.currency,
-                        period = %s.period,
-                        outcome = %s.outcome,
-                        net = %s.net,
-                        payout = ?s.payout_id,
-                        "period settled"
-                    );
-                    report.settled.push(s);
-                    if !schedule.is_automatic() {
-                        break; // a manual period closes once per run
+        Work {
+            payee_id: c.payee_id,
+            code: c.currency.clone(),
+            plan: Some(Plan {
+                currency,
+                automatic: schedule.is_automatic(),
+                named,
+            }),
+            end: None,
+        }
+    }
+
+    fn slot(&self) -> Slot {
+        Slot {
+            payee_id: self.payee_id,
+            currency: self.code.clone(),
+            settled: Vec::new(),
+            end: self.end.clone(),
+        }
+    }
+}
+
+/// The per-payee path: each (payee, currency) of `works` period by period,
+/// each period in its own transaction (the fallback of a chunk whose bulk
+/// writes failed).
+async fn settle_one_by_one(
+    pool: &PgPool,
+    policy: &Policy,
+    now: DateTime<Utc>,
+    actor: &str,
+    works: &[Work],
+) -> Vec<Slot> {
+    let mut slots = Vec::with_capacity(works.len());
+    for w in works {
+        let mut slot = w.slot();
+        if let Some(plan) = w.plan {
+            // Every closed period, oldest first, each in its own transaction.
+            loop {
+                let step = settle_next(
+                    pool,
+                    policy,
+                    w.payee_id,
+                    plan.currency,
+                    now,
+                    plan.named,
+                    actor,
+                )
+                .await;
+                match step {
+                    Ok(Group::Settled(s)) => {
+                        slot.settled.push(s);
+                        if !plan.automatic {
+                            break; // a manual period closes once per run
+                        }
                     }
-                }
-                Ok(Group::AlreadySettled) => {
-                    report.already_settled += 1;
-                    break;
-                }
-                Ok(Group::NotDue) => {
-                    report.not_due += 1;
-                    break;
-                }
-                Ok(Group::Nothing) => break,
-                Ok(Group::Skipped(reason, error)) => {
-                    report.skipped.push(skip(reason, error));
-                    break;
-                }
-                Err(e) => {
-                    report.skipped.push(skip(format!("{e:#}"), true));
-                    break;
+                    Ok(Group::AlreadySettled) => {
+                        slot.end = Some(End::AlreadySettled);
+                        break;
+                    }
+                    Ok(Group::NotDue) => {
+                        slot.end = Some(End::NotDue);
+                        break;
+                    }
+                    Ok(Group::Nothing) => break,
+                    Ok(Group::Skipped(reason, error)) => {
+                        slot.end = Some(End::Skipped(reason, error));
+                        break;
+                    }
+                    Err(e) => {
+                        slot.end = Some(End::Skipped(format!("{e:#}"), true));
+                        break;
+                    }
                 }
             }
         }
+        slots.push(slot);
     }
-    for s in report.skipped.iter().filter(|s| s.error) {
-        metrics::SETTLEMENT_ERRORS.inc();
-        tracing::warn!(payee = s.payee_id, currency = %s.currency, reason = %s.reason, "not settled");
+    slots
+}
+
+/// A (payee, currency) still being settled in a chunk.
+#[derive(Debug, Clone, Copy)]
+struct Live {
+    /// Its index in the chunk.
+    i: usize,
+    plan: Plan,
+    /// Its schedule and method, read under the payee lock.
+    schedule: Schedule,
+    method: PayoutMethod,
+}
+
+/// A period computed in a round, to be written.
+struct Computed {
+    live: Live,
+    period: Period,
+    settlement: Settlement,
+    earnings: Vec<i64>,
+    carries: Vec<i64>,
+    money: Option<Money>,
+    payout_id: Option<i64>,
+    settlement_id: i64,
+}
+
+type Key = (i64, String);
+
+/// Settles a chunk in one transaction (see [`run_chunked`]). `Err` (a
+/// database error): nothing written; the caller settles it one by one.
+async fn settle_chunk(
+    pool: &PgPool,
+    policy: &Policy,
+    now: DateTime<Utc>,
+    actor: &str,
+    works: &[Work],
+) -> anyhow::Result<Vec<Slot>> {
+    let mut slots: Vec<Slot> = works.iter().map(Work::slot).collect();
+    let mut payee_ids: Vec<i64> = works
+        .iter()
+        .filter(|w| w.plan.is_some())
+        .map(|w| w.payee_id)
+        .collect();
+    payee_ids.dedup(); // candidates come by payee
+    if payee_ids.is_empty() {
+        return Ok(slots);
     }
-    Ok(report)
+    let key = |i: usize| -> Key { (works[i].payee_id, works[i].code.clone()) };
+    let mut tx = pool.begin().await?;
+    let terms: HashMap<i64, Result<payee_terms::Terms, String>> =
+        payee_terms::lock_many(&mut tx, &payee_ids)
+            .await?
+            .into_iter()
+            .map(|(id, t)| (id, t.map_err(|e| format!("{:#}", anyhow::Error::from(e)))))
+            .collect();
+    let mut live: Vec<Live> = Vec::new();
+    for (i, w) in works.iter().enumerate() {
+        let Some(plan) = w.plan else { continue };
+        match terms.get(&w.payee_id) {
+            None => slots[i].end = Some(End::Skipped("payee not found".into(), true)),
+            Some(Err(e)) => slots[i].end = Some(End::Skipped(e.clone(), true)),
+            Some(Ok(t)) if t.status != "active" => {
+                slots[i].end = Some(End::Skipped(format!("payee is {}", t.status), false))
+            }
+            Some(Ok(t)) => live.push(Live {
+                i,
+                plan,
+                schedule: t.schedule.unwrap_or(policy.default_schedule),
+                method: t.method,
+            }),
+        }
+    }
+    let mut deductions: HashMap<Key, Vec<payee_terms::Deduction>> = HashMap::new();
+    for d in payee_terms::deductions_many(&mut tx, &payee_ids).await? {
+        deductions
+            .entry((d.payee_id, d.currency.clone()))
+            .or_default()
+            .push(d);
+    }
+    let minimums: HashMap<Key, Decimal> = payee_terms::minimums_many(&mut tx, &payee_ids)
+        .await?
+        .into_iter()
+        .map(|(p, c, m)| ((p, c), m))
+        .collect();
+
+    // Rounds: one period per (payee, currency), until none has another.
+    while !live.is_empty() {
+        let ids: Vec<i64> = live.iter().map(|l| works[l.i].payee_id).collect();
+        let codes: Vec<&str> = live.iter().map(|l| works[l.i].code.as_str()).collect();
+        let mut states: HashMap<Key, settlements::GroupState> =
+            settlements::states(&mut tx, &ids, &codes)
+                .await?
+                .into_iter()
+                .map(|s| ((s.payee_id, s.currency.clone()), s))
+                .collect();
+        let mut due: Vec<(Live, Period)> = Vec::new();
+        for l in live.drain(..) {
+            let st = states
+                .remove(&key(l.i))
+                .ok_or_else(|| anyhow::anyhow!("payee {}: no state read", works[l.i].payee_id))?;
+            match period_to_settle(l.schedule, st.latest, &st.pending, now, l.plan.named) {
+                None => {}
+                Some(p) if p.end > now => slots[l.i].end = Some(End::NotDue),
+                Some(p) => due.push((l, p)),
+            }
+        }
+        if due.is_empty() {
+            break;
+        }
+        let ids: Vec<i64> = due.iter().map(|(l, _)| works[l.i].payee_id).collect();
+        let codes: Vec<&str> = due.iter().map(|(l, _)| works[l.i].code.as_str()).collect();
+        let ends: Vec<DateTime<Utc>> = due.iter().map(|(_, p)| p.end).collect();
+        let mut rows: HashMap<Key, Vec<earnings::Earning>> = HashMap::new();
+        for e in earnings::unsettled_many(&mut tx, &ids, &codes, &ends).await? {
+            rows.entry((e.payee_id, e.currency.clone()))
+                .or_default()
+                .push(e);
+        }
+        let mut carries: HashMap<Key, Vec<settlements::OpenCarry>> = HashMap::new();
+        for c in settlements::open_carries_many(&mut tx, &ids, &codes, &ends).await? {
+            carries
+                .entry((c.payee_id, c.currency))
+                .or_default()
+                .push(c.carry);
+        }
+
+        let mut computed: Vec<Computed> = Vec::with_capacity(due.len());
+        for (l, period) in due {
+            let k = key(l.i);
+            let rows = rows.remove(&k).unwrap_or_default();
+            let carries = carries.remove(&k).unwrap_or_default();
+            let deductions = deductions.get(&k).map_or(&[][..], Vec::as_slice);
+            match compute(
+                policy,
+                l,
+                period,
+                &rows,
+                &carries,
+                deductions,
+                minimums.get(&k).copied(),
+            ) {
+                Ok(Some(c)) => computed.push(c),
+                Ok(None) => {} // only balances below the minimum: they wait for new work
+                Err((reason, error)) => slots[l.i].end = Some(End::Skipped(reason, error)),
+            }
+        }
+        if computed.is_empty() {
+            break;
+        }
+        write_round(&mut tx, &mut computed, works, actor, now).await?;
+        for c in computed {
+            let w = &works[c.live.i];
+            slots[c.live.i].settled.push(Settled {
+                settlement_id: c.settlement_id,
+                payee_id: w.payee_id,
+                currency: w.code.clone(),
+                period: c.period,
+                outcome: c.settlement.outcome.as_str().into(),
+                net: c.settlement.net,
+                payout_id: c.payout_id,
+                earnings: c.earnings.len(),
+            });
+            if c.live.plan.automatic {
+                live.push(c.live);
+            }
+        }
+    }
+    tx.commit().await?;
+    Ok(slots)
+}
+/// One period of a chunk's round, computed as [`settle_next`] computes it:
+/// `Ok(None)` when there is nothing to pay (only balances below the
+/// minimum), `Err((reason, error))` when it is not settled.
+fn compute(
+    policy: &Policy,
+    l: Live,
+    period: Period,
+    rows: &[earnings::Earning],
+    carries: &[settlements::OpenCarry],
+    deductions: &[payee_terms::Deduction],
+    own_minimum: Option<Decimal>,
+) -> Result<Option<Computed>, (String, bool)> {
+    if rows.is_empty() && !carries.iter().any(|c| c.outcome == "returned") {
+        return Ok(None);
+    }
+    // Agreed deductions are charged per period with work in it.
+    let deductions = if rows.is_empty() { &[][..] } else { deductions };
+    let currency = l.plan.currency;
+    let code = currency.code();
+    let input = input(currency, rows, deductions, carries, l.method);
+    let s = policy
+        .compute_with_minimum(&input, own_minimum)
+        .map_err(|e| (format!("policy: {e}"), true))?;
+    if let Some(max) = policy.maximum_payout(currency) {
+        if s.pays_out() && s.net > max {
+            return Err((
+                format!(
+                    "policy: maximum_payout.{code}: the period {period} would pay {} {code}, over the maximum {max} {code}; nothing written",
+                    s.net
+                ),
+                true,
+            ));
+        }
+    }
+    let money = if s.pays_out() {
+        let m = Money::new(s.net, currency)
+            .map_err(|e| (format!("{:#}", anyhow::Error::from(e)), true))?;
+        Some(m)
+    } else {
+        None
+    };
+    Ok(Some(Computed {
+        live: l,
+        period,
+        settlement: s,
+        earnings: rows.iter().map(|e| e.id).collect(),
+        carries: carries.iter().map(|c| c.id).collect(),
+        money,
+        payout_id: None,
+        settlement_id: 0,
+    }))
+}
+
+/// Writes a round of a chunk: its payouts (with their events), settlements
+/// and lines, the earnings they settled and the balances they took over, in
+/// a few multi-row statements; fills in the payout and settlement ids.
+async fn write_round(
+    conn: &mut PgConnection,
+    computed: &mut [Computed],
+    works: &[Work],
+    actor: &str,
+    now: DateTime<Utc>,
+) -> anyhow::Result<()> {
+    let new_payouts: Vec<payouts::NewPayout> = computed
+        .iter()
+        .filter_map(|c| {
+            c.money.map(|money| payouts::NewPayout {
+                payee_id: works[c.live.i].payee_id,
+                money,
+                reason: format!("created by settlement of {}", c.period),
+            })
+        })
+        .collect();
+    let mut payout_ids = payouts::create_many(conn, &new_payouts, now, actor, now)
+        .await?
+        .into_iter();
+    for c in computed.iter_mut().filter(|c| c.money.is_some()) {
+        c.payout_id = payout_ids.next();
+    }
+    let news: Vec<settlements::NewSettlement<'_>> = computed
+        .iter()
+        .map(|c| settlements::NewSettlement {
+            payee_id: works[c.live.i].payee_id,
+            period: c.period,
+            schedule: c.live.schedule,
+            settlement: &c.settlement,
+            payout_id: c.payout_id,
+            actor,
+        })
+        .collect();
+    let ids = settlements::insert_many(conn, &news, now).await?;
+    drop(news);
+    for (c, id) in computed.iter_mut().zip(ids) {
+        c.settlement_id = id;
+    }
+    let (mut earning_ids, mut settlement_ids, mut paid_by) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut carry_ids, mut carried_into) = (Vec::new(), Vec::new());
+    let (mut paid_carries, mut carry_payouts) = (Vec::new(), Vec::new());
+    for c in computed.iter() {
+        for e in &c.earnings {
+            earning_ids.push(*e);
+            settlement_ids.push(c.settlement_id);
+            paid_by.push(c.payout_id);
+        }
+        for carry in &c.carries {
+            carry_ids.push(*carry);
+            carried_into.push(c.settlement_id);
+            if let Some(p) = c.payout_id {
+                paid_carries.push(*carry);
+                carry_payouts.push(p);
+            }
+        }
+    }
+    let marked = earnings::mark_settled_many(conn, &earning_ids, &settlement_ids, &paid_by).await?;
+    anyhow::ensure!(
+        marked == earning_ids.len() as u64,
+        "{} of {} locked earnings were settled meanwhile; nothing written",
+        earning_ids.len() as u64 - marked,
+        earning_ids.len()
+    );
+    if !carry_ids.is_empty() {
+        settlements::consume_carries_many(conn, &carry_ids, &carried_into).await?;
+    }
+    if !paid_carries.is_empty() {
+        earnings::mark_paid_through_carry_many(conn, &paid_carries, &carry_payouts).await?;
+    }
+    Ok(())
 }
 
 /// Settles the next closed period of (payee, currency), if there is one.

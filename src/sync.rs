@@ -168,7 +168,8 @@ pub struct SyncReport {
 /// The failure code of a payout whose payee cannot receive money yet.
 pub const NOT_ONBOARDED: &str = "account_not_onboarded";
 
-/// Puts every `held` payout of `account` back to `queued` (fresh attempt
+/// Puts every payout of `account` held for onboarding ([`NOT_ONBOARDED`];
+/// not one reconciliation held, `returned_paid_at_gateway`) back to `queued` (fresh attempt
 /// budget, lease already expired so the producer's sweep enqueues it), with
 /// an event by `actor`; their ids. The poll calls it once the gateway reports
 /// the account ready, the webhook on Stripe's `account.updated` at once.
@@ -185,7 +186,7 @@ pub async fn release_account(
                  updated_at = $3
              FROM payees
              WHERE payees.id = p.payee_id AND payees.gateway_account = $1
-               AND p.status = 'held'
+               AND p.status = 'held' AND p.failure_code = $2
              RETURNING p.id, p.attempt)
          INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
          SELECT id, 'held', 'queued', $4, 'payee onboarded: released from ' || $2, attempt, $3 FROM upd
@@ -272,11 +273,13 @@ impl InTransitSync {
         let accounts: Vec<String> = sqlx::query_scalar(
             "SELECT DISTINCT payees.gateway_account FROM payouts
              JOIN payees ON payees.id = payouts.payee_id
-             WHERE payouts.status = 'held' AND payees.gateway_account > $2
+             WHERE payouts.status = 'held' AND payouts.failure_code = $3
+               AND payees.gateway_account > $2
              ORDER BY 1 LIMIT $1",
         )
         .bind(self.settings.batch)
         .bind(&after)
+        .bind(NOT_ONBOARDED)
         .fetch_all(&self.pool)
         .await?;
         // A short page means the end: start from the first account next time.

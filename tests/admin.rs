@@ -2310,3 +2310,138 @@ async fn a_selection_of_more_than_500_payouts_is_refused() {
         assert_eq!(v["not_found"], 500, "{v}");
     }
 }
+
+/// Issue 13 ("Reversible"): a cancel returns a settlement payout's money to
+/// the balance, so the API's cancel of a payout sent without a proven answer
+/// asks the gateway first: refused (and recorded) when the gateway holds the
+/// transfer, refused when the gateway cannot be asked, done when it has none.
+#[tokio::test]
+async fn a_cancel_of_a_payout_whose_money_may_have_moved_asks_the_gateway_first() {
+    use payouts::gateway::{
+        Gateway, TransferRequest,
+        http::HttpGateway,
+        mock::{MockGateway, MockGatewayConfig},
+    };
+    let mock = MockGateway::start(MockGatewayConfig::default())
+        .await
+        .unwrap();
+    let a = Admin::start_with(&[("PAYOUTS_GATEWAY__BASE_URL", mock.base_url.as_str())]).await;
+    let p = a.payee("acct_c", "USD").await;
+    let paid_there = a.failed(p, "attempts_exhausted").await;
+    let none_there = a.failed(p, "attempts_exhausted").await;
+    let refused = a.failed(p, "account_closed").await;
+    // The gateway did move the money of `paid_there` (its answers were lost).
+    let s = settings(&a.db.url, &redis_url(), "x", &mock.base_url, &[]);
+    let gw = HttpGateway::new(&s.gateway).unwrap();
+    gw.transfer(&TransferRequest {
+        amount_minor: 1000,
+        currency: "USD".into(),
+        destination: "acct_c".into(),
+        reference: format!("payout_{paid_there}"),
+        metadata: Default::default(),
+        idempotency_key: format!("payout_{paid_there}"),
+        key_index: 0,
+        first_attempt: true,
+    })
+    .await;
+    let op = Some(a.operator.as_str());
+    let cancel = |id: i64| format!("/api/v1/payouts/{id}/cancel");
+
+    let (code, body) = a.post(&cancel(paid_there), op, json!({})).await;
+    assert_eq!(code, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("the gateway holds transfer"),
+        "{body}"
+    );
+    assert_eq!(body["status"], json!("paid"));
+    assert_eq!(
+        a.status(paid_there).await,
+        "paid",
+        "recorded what the gateway says"
+    );
+
+    let (code, body) = a.post(&cancel(none_there), op, json!({})).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    let (to, _, why) = a.last_event(none_there).await;
+    assert_eq!(to, "cancelled");
+    assert!(why.unwrap().contains("the gateway holds no transfer"));
+
+    // A refusal proves nothing moved: no look-up needed.
+    let (code, body) = a.post(&cancel(refused), op, json!({})).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(mock.gateway.ledger().len(), 1);
+
+    // With the gateway unreachable, a payout that may have been paid stays as it is.
+    let down = Admin::start().await;
+    let p = down.payee("acct_d", "USD").await;
+    let unsure = down.failed(p, "attempts_exhausted").await;
+    let (code, body) = down
+        .post(&cancel(unsure), Some(down.operator.as_str()), json!({}))
+        .await;
+    assert_eq!(code, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("could not be asked"),
+        "{body}"
+    );
+    assert_eq!(down.status(unsure).await, "failed");
+}
+
+/// The bulk cancel is the single cancel, payout by payout: a selected payout
+/// whose money the gateway moved (its answers lost) is not cancelled but
+/// recorded as the gateway says, and the answer says why; the others are.
+#[tokio::test]
+async fn a_bulk_cancel_asks_the_gateway_first_like_the_single_cancel() {
+    use payouts::gateway::{
+        Gateway, TransferRequest,
+        http::HttpGateway,
+        mock::{MockGateway, MockGatewayConfig},
+    };
+    let mock = MockGateway::start(MockGatewayConfig::default())
+        .await
+        .unwrap();
+    let a = Admin::start_with(&[("PAYOUTS_GATEWAY__BASE_URL", mock.base_url.as_str())]).await;
+    let p = a.payee("acct_bc", "USD").await;
+    let paid_there = a.failed(p, "attempts_exhausted").await;
+    let none_there = a.failed(p, "attempts_exhausted").await;
+    let s = settings(&a.db.url, &redis_url(), "x", &mock.base_url, &[]);
+    HttpGateway::new(&s.gateway)
+        .unwrap()
+        .transfer(&TransferRequest {
+            amount_minor: 1000,
+            currency: "USD".into(),
+            destination: "acct_bc".into(),
+            reference: format!("payout_{paid_there}"),
+            metadata: Default::default(),
+            idempotency_key: format!("payout_{paid_there}"),
+            key_index: 0,
+            first_attempt: true,
+        })
+        .await;
+    let (code, done) = a
+        .post(
+            "/api/v1/payouts/bulk-cancel",
+            Some(&a.operator),
+            json!({"ids": [paid_there, none_there], "dry_run": false}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "{done}");
+    assert_eq!(done["cancelled"], 1, "{done}");
+    assert_eq!(done["ids"], json!([none_there]));
+    assert_eq!(done["refused"][0]["id"], paid_there, "{done}");
+    assert_eq!(done["refused"][0]["status"], "paid", "{done}");
+    assert!(
+        done["refused"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("the gateway holds transfer"),
+        "{done}"
+    );
+    assert_eq!(a.status(paid_there).await, "paid");
+    assert_eq!(a.status(none_there).await, "cancelled");
+}

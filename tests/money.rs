@@ -18,7 +18,7 @@ use payouts::{
     db::{earnings, payee_terms, payees, payouts as payout_repo, settlements},
     domain::{
         Currency, Money, PayoutMethod, Policy, Schedule,
-        earning::{FileFormat, NewEarning},
+        earning::{FileFormat, NewEarning, RowReader},
         policy::{
             CarriedLine, Commission, DeductionLine, EarningLine, LineKind, Outcome, SettlementInput,
         },
@@ -975,6 +975,337 @@ async fn a_reference_taken_by_different_work_is_refused_and_an_atomic_import_rol
     assert_eq!(report.rejected[0].field, "external_ref");
     assert!(!report.committed);
     assert_eq!(count(pool, "earnings").await, 1, "B-2 rolled back");
+}
+
+/// Imports `text` (CSV) read as a stream, `batch` rows at a time.
+async fn import_streamed(
+    pool: &PgPool,
+    text: impl Into<Vec<u8>>,
+    atomic: bool,
+    batch: usize,
+) -> earnings::ImportReport {
+    let rows = RowReader::new(std::io::Cursor::new(text.into()), FileFormat::Csv).unwrap();
+    earnings::import_rows(
+        pool,
+        rows,
+        &policy(),
+        "operator:test",
+        at("2026-11-20T00:00:00Z"),
+        atomic,
+        batch,
+    )
+    .await
+    .unwrap()
+}
+
+fn lines_and_fields(report: &earnings::ImportReport) -> Vec<(usize, &str)> {
+    report
+        .rejected
+        .iter()
+        .map(|r| (r.line, r.field.as_str()))
+        .collect()
+}
+
+/// (source, reference, payee, gross) of every earning, by reference.
+async fn recorded(pool: &PgPool) -> Vec<(String, String, i64, Decimal)> {
+    sqlx::query_as(
+        "SELECT source, external_ref, payee_id, gross FROM earnings ORDER BY source, external_ref",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// 60 rows (lines 2..=61) for payees `p1` and `p2`: bad amounts every 11th
+/// row, an unknown payee, and references repeated within a batch, across
+/// batch boundaries (of 7 rows) and from an earlier import.
+fn sixty_rows(p1: i64, p2: i64) -> String {
+    let mut text = String::from("payee_id,source,external_ref,gross,currency,completed_at\n");
+    for j in 0..60 {
+        let (mut payee, mut reference, mut gross) = (
+            if j % 2 == 0 { p1 } else { p2 },
+            format!("R-{j}"),
+            format!("{}.00", j + 1),
+        );
+        if j % 11 == 5 {
+            gross = "-1.00".into();
+        }
+        match j {
+            20 => payee = 999,
+            // R-3 again, the same work (line 26; line 5 is three batches back)
+            24 => (payee, reference, gross) = (p2, "R-3".into(), "4.00".into()),
+            // R-4 again, other work
+            25 => reference = "R-4".into(),
+            // twice in one batch (lines 35, 36), then other work in the next batch (line 37)
+            33 | 34 => (payee, reference, gross) = (p1, "R-DUP".into(), "9.00".into()),
+            35 => (payee, reference, gross) = (p2, "R-DUP".into(), "9.00".into()),
+            // a pair split by a batch boundary (lines 43 | 44), other amounts
+            41 => reference = "R-EDGE".into(),
+            42 => reference = "R-EDGE".into(),
+            // recorded by an earlier import: the same work, then other work
+            50 => (payee, reference, gross) = (p1, "PRE-1".into(), "10.00".into()),
+            51 => (payee, reference, gross) = (p1, "PRE-2".into(), "11.00".into()),
+            // R-49 was refused (line 51), so this one is new
+            53 => reference = "R-49".into(),
+            _ => {}
+        }
+        text.push_str(&format!(
+            "{payee},booking,{reference},{gross},USD,2026-11-02T10:00:00Z\n"
+        ));
+    }
+    text
+}
+
+#[tokio::test]
+async fn an_import_of_many_batches_reports_bad_rows_and_repeated_references_as_one_batch_does() {
+    let mut reports = Vec::new();
+    let mut tables = Vec::new();
+    for batch in [7, 1000] {
+        let db = TestDb::new().await;
+        let pool = &db.pool;
+        let (p1, p2) = (payee(pool, "acct_1").await, payee(pool, "acct_2").await);
+        earn(
+            pool,
+            p1,
+            "PRE-1",
+            "10.00",
+            "USD",
+            at("2026-11-02T10:00:00Z"),
+        )
+        .await;
+        earn(
+            pool,
+            p1,
+            "PRE-2",
+            "10.00",
+            "USD",
+            at("2026-11-02T10:00:00Z"),
+        )
+        .await;
+
+        let report = import_streamed(pool, sixty_rows(p1, p2), false, batch).await;
+
+        assert_eq!(
+            (report.rows, report.created, report.already_had),
+            (60, 47, 3),
+            "batch of {batch}"
+        );
+        assert_eq!(
+            lines_and_fields(&report),
+            vec![
+                (7, "gross"),
+                (18, "gross"),
+                (22, "payee_id"),
+                (27, "external_ref"),
+                (29, "gross"),
+                (37, "external_ref"),
+                (40, "gross"),
+                (44, "external_ref"),
+                (51, "gross"),
+                (53, "external_ref"),
+            ],
+            "batch of {batch}"
+        );
+        let conflict = &report.rejected[3].message;
+        assert!(
+            conflict.contains("booking/R-4 is already recorded")
+                && conflict.contains(&format!("for payee {p1} with 5 USD")),
+            "{conflict}"
+        );
+        assert!(report.committed);
+        assert_eq!(count(pool, "earnings").await, 2 + 47);
+        let dup: (i64, Decimal) =
+            sqlx::query_as("SELECT payee_id, gross FROM earnings WHERE external_ref = 'R-EDGE'")
+                .fetch_one(pool)
+                .await
+                .unwrap();
+        assert_eq!(
+            dup,
+            (p2, dec("42.00")),
+            "the first line of a reference wins"
+        );
+
+        let again = import_streamed(pool, sixty_rows(p1, p2), false, batch).await;
+        assert_eq!((again.created, again.already_had), (0, 50));
+        assert_eq!(lines_and_fields(&again), lines_and_fields(&report));
+        assert_eq!(count(pool, "earnings").await, 2 + 47);
+        tables.push(recorded(pool).await);
+        reports.push(report);
+    }
+    assert_eq!(tables[0], tables[1]);
+    let strip_ids = |r: &earnings::ImportReport| {
+        let mut r = r.clone();
+        for x in &mut r.rejected {
+            x.message = x.message.split(" (earning").next().unwrap().to_string();
+        }
+        r
+    };
+    assert_eq!(strip_ids(&reports[0]), strip_ids(&reports[1]));
+}
+
+#[tokio::test]
+async fn a_reference_repeated_in_one_file_is_recorded_once_and_other_work_under_it_is_refused() {
+    let db = TestDb::new().await;
+    let pool = &db.pool;
+    let p = payee(pool, "acct_1").await;
+    let text = format!(
+        "payee_id,source,external_ref,gross,currency\n{p},booking,B-1,10.00,USD\n{p},booking,B-1,10.0,USD\n{p},booking,B-1,12.00,USD\n{p},order,B-1,12.00,USD\n"
+    );
+    let rows = FileFormat::Csv.parse(&text).unwrap();
+
+    let report = earnings::import(
+        pool,
+        rows,
+        &policy(),
+        "operator:test",
+        at("2026-11-20T00:00:00Z"),
+        false,
+    )
+    .await
+    .unwrap();
+
+    assert_eq!((report.created, report.already_had), (2, 1));
+    assert_eq!(lines_and_fields(&report), vec![(4, "external_ref")]);
+    assert!(
+        report.rejected[0]
+            .message
+            .contains("booking/B-1 is already recorded (earning "),
+        "{:?}",
+        report.rejected
+    );
+    assert_eq!(
+        recorded(pool).await,
+        vec![
+            ("booking".into(), "B-1".into(), p, dec("10.00")),
+            ("order".into(), "B-1".into(), p, dec("12.00")),
+        ]
+    );
+    let posted_by: Vec<String> = sqlx::query_scalar("SELECT DISTINCT posted_by FROM earnings")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    assert_eq!(posted_by, vec!["operator:test".to_string()]);
+}
+
+#[tokio::test]
+async fn an_atomic_import_of_many_batches_writes_nothing_for_one_refused_row() {
+    let db = TestDb::new().await;
+    let pool = &db.pool;
+    let p = payee(pool, "acct_1").await;
+    earn(pool, p, "TAKEN", "10.00", "USD", at("2026-11-02T10:00:00Z")).await;
+    let rows = |last: &str| {
+        let mut text = String::from("payee_id,source,external_ref,gross,currency\n");
+        for j in 0..30 {
+            text.push_str(&format!("{p},booking,A-{j},1.00,USD\n"));
+        }
+        text.push_str(last);
+        text
+    };
+
+    // a bad amount on the last line, four batches after the first
+    let bad = import_streamed(pool, rows(&format!("{p},booking,A-30,0,USD\n")), true, 7).await;
+    assert!(!bad.committed);
+    assert_eq!(lines_and_fields(&bad), vec![(32, "gross")]);
+    assert_eq!((bad.created, bad.already_had), (0, 0));
+    assert_eq!(count(pool, "earnings").await, 1);
+
+    // a reference taken by other work, on the last line
+    let taken = import_streamed(
+        pool,
+        rows(&format!("{p},booking,TAKEN,99.00,USD\n")),
+        true,
+        7,
+    )
+    .await;
+    assert!(!taken.committed);
+    assert_eq!(lines_and_fields(&taken), vec![(32, "external_ref")]);
+    assert_eq!(count(pool, "earnings").await, 1);
+
+    // a taken reference early and a bad row late: only the bad row is
+    // reported, as when nothing is recorded once a row is refused
+    let mut both = rows(&format!("{p},booking,A-31,x,USD\n"));
+    both = both.replacen(
+        &format!("{p},booking,A-1,1.00,USD"),
+        &format!("{p},booking,TAKEN,99.00,USD"),
+        1,
+    );
+    let both = import_streamed(pool, both, true, 7).await;
+    assert_eq!(lines_and_fields(&both), vec![(32, "gross")]);
+    assert_eq!(count(pool, "earnings").await, 1);
+
+    let good = import_streamed(pool, rows(""), true, 7).await;
+    assert!(good.committed);
+    assert_eq!((good.created, good.already_had), (30, 0));
+    assert_eq!(count(pool, "earnings").await, 31);
+}
+
+#[tokio::test]
+async fn an_import_reads_crlf_lines_and_a_last_line_without_a_newline() {
+    let db = TestDb::new().await;
+    let pool = &db.pool;
+    let p = payee(pool, "acct_1").await;
+    // CRLF, a blank line, a bad row, and no newline after the last row
+    let text = format!(
+        "\u{feff}payee_id,source,external_ref,gross,currency\r\n{p},booking,C-1,1.00,USD\r\n\r\n{p},booking,C-2,-1,USD\r\n{p},booking,C-3,3.00,USD"
+    );
+
+    let report = import_streamed(pool, text.clone(), false, 2).await;
+
+    assert_eq!((report.rows, report.created), (3, 2));
+    assert_eq!(lines_and_fields(&report), vec![(4, "gross")]);
+    let stored: Vec<(String, String, i64, Decimal)> = recorded(pool).await;
+    assert_eq!(
+        stored,
+        vec![
+            ("booking".into(), "C-1".into(), p, dec("1.00")),
+            ("booking".into(), "C-3".into(), p, dec("3.00")),
+        ]
+    );
+    let parsed = FileFormat::Csv.parse(&text).unwrap();
+    assert_eq!(
+        parsed.iter().map(|r| r.line).collect::<Vec<_>>(),
+        vec![2, 4, 5],
+        "parse numbers the lines as the stream does"
+    );
+    assert_eq!(parsed[2].fields.as_ref().unwrap().currency, "USD");
+}
+
+#[tokio::test]
+async fn payoutctl_imports_a_crlf_file_with_a_line_that_is_not_utf8_naming_its_line() {
+    let ctl = Ctl::new().await;
+    let p = ctl.json(&["payee", "add", "--name", "Ana", "--account", "acct_ana"])["id"]
+        .as_i64()
+        .unwrap();
+    let path = std::env::temp_dir().join(format!("{}.csv", unique("import")));
+    let mut bytes =
+        format!("payee_id,source,external_ref,gross,currency\r\n{p},booking,U-1,1.00,USD\r\n")
+            .into_bytes();
+    bytes.extend_from_slice(b"1,booking,U-\xff,1.00,USD\r\n");
+    bytes.extend_from_slice(format!("{p},booking,U-3,2.50,USD").as_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let file = path.to_string_lossy().to_string();
+
+    let out = ctl.run(&["earnings", "import", &file, "--json"]);
+    std::fs::remove_file(&path).unwrap();
+
+    assert!(!out.ok);
+    let report: Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    assert_eq!(
+        (report["rows"].as_i64(), report["created"].as_i64()),
+        (Some(3), Some(2))
+    );
+    assert_eq!(report["rejected"][0]["line"], 3);
+    assert_eq!(report["rejected"][0]["field"], "row");
+    assert!(
+        out.stderr.contains("1 of 3 rows rejected (lines 3;"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        !out.stderr.contains('\u{1b}'),
+        "no progress bar when not on a terminal"
+    );
+    assert_eq!(count(&ctl.db.pool, "earnings").await, 2);
 }
 
 #[tokio::test]

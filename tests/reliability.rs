@@ -515,3 +515,327 @@ async fn an_unanswered_last_attempt_is_looked_up_before_it_is_failed() {
     assert_eq!(p.gateway_transfer_id, Some(ledger[0].id.clone()));
     f.assert_paid_exactly_once().await;
 }
+
+// --- Returned settlement payouts are never paid twice (issue 13, "Reversible") ---
+
+mod returned {
+    use super::*;
+    use chrono::DateTime;
+    use payouts::{
+        db::earnings,
+        domain::{Money, Policy, earning::NewEarning},
+        settlement,
+    };
+
+    fn policy() -> Policy {
+        include_str!("../config/policy.toml").parse().unwrap()
+    }
+
+    pub fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    /// Three services of 40.00 released in the week 11-06 .. 11-13 (83.45 paid on 11-13).
+    pub async fn one_week(f: &Fleet, account: &str) -> i64 {
+        let payee = f.payee(account).await;
+        for i in 0..3 {
+            let done = at("2026-10-31T08:00:00Z") + chrono::Duration::hours(i);
+            let e = NewEarning {
+                payee_id: payee,
+                source: "booking".into(),
+                external_ref: format!("R-{payee}-{i}"),
+                gross: Money::parse("40.00", "USD").unwrap(),
+                completed_at: done,
+                release_at: policy().release_at(done),
+            };
+            let mut conn = f.pool().acquire().await.unwrap();
+            earnings::record(&mut conn, &e, "operator:test", done)
+                .await
+                .unwrap();
+        }
+        payee
+    }
+
+    pub async fn settle(f: &Fleet, now: DateTime<Utc>, payee: Option<i64>) {
+        let opts = settlement::Options {
+            payee,
+            actor: "settlement:test".into(),
+        };
+        settlement::run(f.pool(), &policy(), now, &opts)
+            .await
+            .unwrap();
+    }
+
+    /// The payee's payouts, oldest first: (id, status, failure code).
+    pub async fn payouts_of(f: &Fleet, payee: i64) -> Vec<(i64, String, Option<String>)> {
+        sqlx::query_as(
+            "SELECT id, status, failure_code FROM payouts WHERE payee_id = $1 ORDER BY id",
+        )
+        .bind(payee)
+        .fetch_all(f.pool())
+        .await
+        .unwrap()
+    }
+
+    /// Transfers the gateway made to `account`.
+    pub fn transfers_to(f: &Fleet, account: &str) -> usize {
+        f.gateway
+            .gateway
+            .ledger()
+            .iter()
+            .filter(|e| e.destination == account)
+            .count()
+    }
+
+    /// Everything due is sent: a producer tick, then every queued payout processed.
+    pub async fn pay_what_is_due(f: &Fleet) {
+        f.producer().tick().await.unwrap();
+        let queued: Vec<i64> =
+            sqlx::query_scalar("SELECT id FROM payouts WHERE status = 'queued' ORDER BY id")
+                .fetch_all(f.pool())
+                .await
+                .unwrap();
+        let w = f.worker("w");
+        for id in queued {
+            w.process(id).await;
+        }
+    }
+
+    /// A fleet whose gateway applies the first `n` transfers and then cuts
+    /// the connection: the worker hears nothing and retries later.
+    pub async fn lossy_fleet(n: usize) -> Fleet {
+        Fleet::start_with(
+            Faults {
+                script: vec![602; n],
+                ..Default::default()
+            },
+            &[
+                ("PAYOUTS_GATEWAY__BACKOFF_TRIES", "1"),
+                ("PAYOUTS_GATEWAY__BREAKER_MIN_CALLS", "1000"),
+            ],
+            payouts::clock::system(),
+        )
+        .await
+    }
+}
+
+#[tokio::test]
+async fn a_cancel_after_an_unanswered_attempt_the_gateway_paid_is_refused_and_records_paid() {
+    let f = returned::lossy_fleet(1).await;
+    let payee = returned::one_week(&f, "acct_lost").await;
+    returned::settle(&f, returned::at("2026-11-13T10:00:00Z"), None).await;
+    let p1 = returned::payouts_of(&f, payee).await[0].0;
+    f.producer().tick().await.unwrap();
+    // The gateway moved the money; the answer was lost: retrying.
+    assert_eq!(
+        f.worker("w").process(p1).await,
+        Step::Recorded(PayoutStatus::Retrying)
+    );
+    assert_eq!(returned::transfers_to(&f, "acct_lost"), 1);
+
+    // The operator gives up on it: the one cancel asks the gateway first.
+    let settings = f.settings.gateway.clone();
+    let refused = reconcile::cancel(
+        f.pool(),
+        async move || Ok(Arc::new(HttpGateway::new(&settings)?) as Arc<dyn Gateway>),
+        p1,
+        "operator:ana",
+        "gave up",
+        returned::at("2026-11-14T09:00:00Z"),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            reconcile::CancelError::MoneyMoved {
+                recorded: Some(PayoutStatus::Paid),
+                ..
+            }
+        ),
+        "{refused}"
+    );
+    assert_eq!(f.status(p1).await, "paid");
+    let outcome: String =
+        sqlx::query_scalar("SELECT outcome FROM settlements WHERE payout_id = $1")
+            .bind(p1)
+            .fetch_one(f.pool())
+            .await
+            .unwrap();
+    assert_eq!(outcome, "payout", "nothing went back to the balance");
+
+    // The next period pays nothing again; the books agree with the gateway.
+    returned::settle(&f, returned::at("2026-11-20T10:00:00Z"), None).await;
+    returned::pay_what_is_due(&f).await;
+    assert_eq!(returned::payouts_of(&f, payee).await.len(), 1);
+    assert_eq!(returned::transfers_to(&f, "acct_lost"), 1, "paid once");
+    let gw = HttpGateway::new(&f.settings.gateway).unwrap();
+    let opts = reconcile::Options {
+        since: returned::at("2026-11-01T00:00:00Z"),
+        fix: false,
+        concurrency: 4,
+        actor: "operator:reconcile".into(),
+    };
+    let report = reconcile::run(f.pool(), &gw, &opts, Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(report.open_money_mismatches(), 0, "{report:?}");
+}
+
+#[tokio::test]
+async fn a_cancel_of_a_sent_payout_is_refused_while_the_gateway_cannot_be_asked_and_goes_through_once_it_says_none()
+ {
+    // The first call fails with a 503 before applying: nothing moved, but the
+    // fleet cannot know that without asking.
+    let f = Fleet::start_with(
+        Faults {
+            script: vec![503],
+            ..Default::default()
+        },
+        &[
+            ("PAYOUTS_GATEWAY__BACKOFF_TRIES", "1"),
+            ("PAYOUTS_GATEWAY__BREAKER_MIN_CALLS", "1000"),
+        ],
+        payouts::clock::system(),
+    )
+    .await;
+    let payee = f.payee("acct_503").await;
+    let id = f.payout(payee, "12.00", Utc::now()).await;
+    f.producer().tick().await.unwrap();
+    assert_eq!(
+        f.worker("w").process(id).await,
+        Step::Recorded(PayoutStatus::Retrying)
+    );
+    let mut down = f.settings.gateway.clone();
+    down.base_url = "http://127.0.0.1:9".into();
+    let err = reconcile::cancel(
+        f.pool(),
+        async move || Ok(Arc::new(HttpGateway::new(&down)?) as Arc<dyn Gateway>),
+        id,
+        "operator:ana",
+        "gave up",
+        returned::at("2026-11-14T09:00:00Z"),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, reconcile::CancelError::Unverified { .. }),
+        "{err}"
+    );
+    assert_eq!(f.status(id).await, "retrying");
+
+    let settings = f.settings.gateway.clone();
+    let from = reconcile::cancel(
+        f.pool(),
+        async move || Ok(Arc::new(HttpGateway::new(&settings)?) as Arc<dyn Gateway>),
+        id,
+        "operator:ana",
+        "gave up",
+        returned::at("2026-11-14T09:00:00Z"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(from, PayoutStatus::Retrying);
+    assert_eq!(f.status(id).await, "cancelled");
+    let evs = events::for_payout(f.pool(), id).await.unwrap();
+    let last = evs.last().unwrap();
+    assert!(
+        last.reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("the gateway holds no transfer"),
+        "{last:?}"
+    );
+}
+
+#[tokio::test]
+async fn reconciliation_holds_the_payout_that_carries_a_returned_balance_the_gateway_paid() {
+    // Two payees whose first payout the gateway paid behind a lost answer,
+    // then cancelled without asking the gateway (as every cancel did before).
+    let f = returned::lossy_fleet(2).await;
+    let early = returned::one_week(&f, "acct_early").await;
+    let late = returned::one_week(&f, "acct_late").await;
+    returned::settle(&f, returned::at("2026-11-13T10:00:00Z"), None).await;
+    let firsts = [
+        returned::payouts_of(&f, early).await[0].0,
+        returned::payouts_of(&f, late).await[0].0,
+    ];
+    f.producer().tick().await.unwrap();
+    for id in firsts {
+        assert_eq!(
+            f.worker("w").process(id).await,
+            Step::Recorded(PayoutStatus::Retrying)
+        );
+        repo::cancel(
+            f.pool(),
+            id,
+            "operator:ana",
+            "gave up",
+            returned::at("2026-11-14T09:00:00Z"),
+        )
+        .await
+        .unwrap();
+    }
+    // `late` is settled again before reconciliation runs: its returned
+    // balance is in a payout not sent yet.
+    returned::settle(&f, returned::at("2026-11-20T10:00:00Z"), Some(late)).await;
+    assert_eq!(returned::payouts_of(&f, late).await[1].1, "pending");
+
+    let gw = HttpGateway::new(&f.settings.gateway).unwrap();
+    let opts = reconcile::Options {
+        since: returned::at("2026-11-01T00:00:00Z"),
+        fix: true,
+        concurrency: 4,
+        actor: "operator:reconcile".into(),
+    };
+    let report = reconcile::run(f.pool(), &gw, &opts, Utc::now())
+        .await
+        .unwrap();
+    let found: Vec<(i64, MismatchKind, bool)> = report
+        .mismatches
+        .iter()
+        .map(|m| (m.payout_id, m.kind, m.fixed))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            (firsts[0], MismatchKind::ReturnedPaidAtGateway, false),
+            (firsts[1], MismatchKind::ReturnedPaidAtGateway, false),
+        ],
+        "{report:?}"
+    );
+    for id in firsts {
+        assert_eq!(f.status(id).await, "cancelled", "never recorded paid");
+    }
+    let counted: i64 = sqlx::query_scalar(
+        "SELECT (mismatches->>'returned_paid_at_gateway')::bigint FROM reconcile_runs ORDER BY id DESC LIMIT 1",
+    )
+    .fetch_one(f.pool())
+    .await
+    .unwrap();
+    assert_eq!(counted, 2);
+
+    // `early` is settled after reconciliation: its new payout is held at once.
+    returned::settle(&f, returned::at("2026-11-20T10:00:00Z"), None).await;
+    returned::pay_what_is_due(&f).await;
+    for (payee, account) in [(early, "acct_early"), (late, "acct_late")] {
+        let ps = returned::payouts_of(&f, payee).await;
+        assert_eq!(ps.len(), 2, "{ps:?}");
+        assert_eq!(
+            (ps[1].1.as_str(), ps[1].2.as_deref()),
+            ("held", Some("returned_paid_at_gateway")),
+            "{account}"
+        );
+        assert_eq!(
+            returned::transfers_to(&f, account),
+            1,
+            "{account} paid once"
+        );
+        // An onboarding release (webhook or poll) does not let it go.
+        let mut conn = f.pool().acquire().await.unwrap();
+        let released = payouts::sync::release_account(&mut conn, account, "sync:t", Utc::now())
+            .await
+            .unwrap();
+        assert!(released.is_empty(), "{account}: {released:?}");
+    }
+}

@@ -1133,3 +1133,327 @@ async fn payoutctl_shows_a_settlement_payouts_lines_and_jpy_amounts_without_deci
     let preview = ctl.ok(&["preview", "--payee", &id_s]);
     assert!(!preview.contains("-0"), "{preview}");
 }
+
+// ------------------------------------------------ chunked (month-end) ----
+
+const CROWD_T0: &str = "2026-10-01T00:00:00Z";
+
+/// `n` payees with several periods of work each, made by SQL, the same (ids
+/// included) in every database it is made in: every automatic schedule,
+/// three payout methods, deductions (some periods fall short), own minimums
+/// (balances carried), a second currency for some, suspended payees,
+/// schedules that do not parse (`every:500:…` passes the column's check),
+/// and payees whose third week pays over a maximum of 2,000.00 USD.
+async fn crowd(pool: &PgPool, n: i64) {
+    let t0 = at(CROWD_T0);
+    for sql in [
+        "INSERT INTO payees (name, gateway_account, currency, status, schedule, payout_method)
+         SELECT 'p' || g, 'acct_' || g, 'USD',
+                CASE WHEN g % 97 = 0 THEN 'suspended' ELSE 'active' END,
+                CASE WHEN g % 89 = 0 THEN 'every:500:2026-10-01'
+                     ELSE (ARRAY['daily', 'weekly:fri', 'weekly:mon', 'biweekly:fri', 'monthly:15',
+                                 'every:10:2026-10-03', NULL])[1 + g % 7] END,
+                (ARRAY['standard', 'instant', 'bank_transfer'])[1 + g % 3]
+         FROM generate_series(1, $1) g",
+        "INSERT INTO payee_deductions (payee_id, currency, label, amount, created_at)
+         SELECT g, 'USD', 'booth rent', (5 + g % 40)::numeric, $2 FROM generate_series(1, $1) g
+         WHERE g % 5 = 0",
+        "INSERT INTO payee_minimums (payee_id, currency, amount, created_at)
+         SELECT g, 'USD', 150.00, $2 FROM generate_series(1, $1) g WHERE g % 6 = 0",
+        "INSERT INTO earnings (payee_id, source, external_ref, gross, currency, completed_at, release_at,
+                               created_at, posted_by)
+         SELECT g, 'booking', 'c-' || g || '-' || k || '-' || cur,
+                round(CASE WHEN cur = 'USD' THEN 5 ELSE 20 END + ((g * 31 + k * 17) % 20000)::numeric / 100, 2),
+                cur, $2 + make_interval(hours => ((g * 7 + k * 53) % (24 * 28))::int),
+                $2 + make_interval(hours => ((g * 7 + k * 53) % (24 * 28))::int) + interval '7 days',
+                $2, 'operator:test'
+         FROM generate_series(1, $1) g, generate_series(1, 6) k, unnest(ARRAY['USD', 'EUR']) cur
+         WHERE cur = 'USD' OR (g % 10 = 3 AND k <= 2)",
+        "INSERT INTO earnings (payee_id, source, external_ref, gross, currency, completed_at, release_at,
+                               created_at, posted_by)
+         SELECT g, 'booking', 'big-' || g || '-' || k, 950.00, 'USD',
+                $2 + interval '15 days' + make_interval(hours => k::int),
+                $2 + interval '22 days' + make_interval(hours => k::int), $2, 'operator:test'
+         FROM generate_series(1, $1) g, generate_series(1, 4) k WHERE g % 41 = 0",
+    ] {
+        sqlx::query(sql).bind(n).bind(t0).execute(pool).await.unwrap();
+    }
+}
+
+fn capped() -> Policy {
+    let mut p = policy();
+    p.maximum_payout.insert("USD".into(), dec("2000.00"));
+    p.validate().unwrap();
+    p
+}
+
+/// What a database holds after settlement, without ids that depend on the
+/// order of writes: every settlement (with its payout's amount and where its
+/// balance went), every line (carried-from by period), every earning (by
+/// id: both databases made them in the same order) with the periods that
+/// settled and paid it, and every payout's `created` event.
+async fn snapshot(pool: &PgPool) -> Vec<String> {
+    let mut out = Vec::new();
+    for sql in [
+        "SELECT ROW(s.payee_id, s.currency, s.period_start, s.period_end, s.schedule, s.payout_method,
+                    s.outcome, s.services, s.gross, s.deductions, s.carried_in, s.fee, s.net,
+                    p.amount, p.status, c.period_start)::text
+         FROM settlements s LEFT JOIN payouts p ON p.id = s.payout_id
+              LEFT JOIN settlements c ON c.id = s.carried_into
+         ORDER BY s.payee_id, s.currency, s.period_start",
+        "SELECT ROW(s.payee_id, s.currency, s.period_start, l.position, l.kind, l.amount, l.earning_id,
+                    c.period_start, l.payout_id IS NOT NULL)::text
+         FROM payout_lines l JOIN settlements s ON s.id = l.settlement_id
+              LEFT JOIN settlements c ON c.id = l.carried_from
+         ORDER BY s.payee_id, s.currency, s.period_start, l.position",
+        "SELECT ROW(e.id, s.period_start, ps.period_start)::text FROM earnings e
+         LEFT JOIN settlements s ON s.id = e.settlement_id
+         LEFT JOIN settlements ps ON ps.payout_id = e.payout_id
+         ORDER BY e.id",
+        "SELECT ROW(p.payee_id, p.currency, p.amount, e.actor, e.reason, e.attempt)::text
+         FROM payout_events e JOIN payouts p ON p.id = e.payout_id
+         WHERE e.from_status IS NULL AND e.to_status = 'pending'
+         ORDER BY p.payee_id, p.currency, e.reason",
+    ] {
+        let rows: Vec<String> = sqlx::query_scalar(sql).fetch_all(pool).await.unwrap();
+        out.extend(rows);
+    }
+    out
+}
+
+/// A report without the ids that depend on the order of writes, sorted.
+fn report_key(r: &settlement::RunReport) -> (Vec<String>, Vec<String>, usize, usize) {
+    let mut settled: Vec<String> = r
+        .settled
+        .iter()
+        .map(|s| {
+            format!(
+                "{} {} {} {} {} {} {}",
+                s.payee_id,
+                s.currency,
+                s.period,
+                s.outcome,
+                s.net,
+                s.payout_id.is_some(),
+                s.earnings
+            )
+        })
+        .collect();
+    settled.sort();
+    let mut skipped: Vec<String> = r.skipped.iter().map(|s| format!("{s:?}")).collect();
+    skipped.sort();
+    (settled, skipped, r.already_settled, r.not_due)
+}
+
+/// Settles each payee alone, the way settlement ran before chunks (each
+/// period in its own transaction), a few payees at a time.
+async fn settle_each_alone(
+    pool: &PgPool,
+    policy: &Policy,
+    now: DateTime<Utc>,
+    n: i64,
+) -> settlement::RunReport {
+    use futures::StreamExt;
+    let reports: Vec<settlement::RunReport> = futures::stream::iter(1..=n)
+        .map(|p| async move {
+            let opts = Options {
+                payee: Some(p),
+                actor: ACTOR.into(),
+            };
+            settlement::run_one_by_one(pool, policy, now, &opts)
+                .await
+                .unwrap()
+        })
+        .buffer_unordered(6)
+        .collect()
+        .await;
+    let mut all = settlement::RunReport::default();
+    for r in reports {
+        all.settled.extend(r.settled);
+        all.skipped.extend(r.skipped);
+        all.already_settled += r.already_settled;
+        all.not_due += r.not_due;
+    }
+    all
+}
+
+/// The first payout of every 13th payee is cancelled (its money returns to
+/// the balance): the same payouts in both databases.
+async fn cancel_some(pool: &PgPool, now: DateTime<Utc>) {
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "SELECT DISTINCT ON (payee_id, currency) payout_id FROM settlements
+         WHERE outcome = 'payout' AND payee_id % 13 = 0 ORDER BY payee_id, currency, period_start",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert!(!ids.is_empty());
+    for id in ids {
+        payout_repo::cancel(pool, id, "operator:test", "gave up", now)
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn settling_thousands_of_payees_in_chunks_equals_settling_each_payee_alone() {
+    const N: i64 = 2_000;
+    let policy = capped();
+    let (chunked, alone) = (TestDb::new().await, TestDb::new().await);
+    crowd(&chunked.pool, N).await;
+    crowd(&alone.pool, N).await;
+    let opts = Options {
+        payee: None,
+        actor: ACTOR.into(),
+    };
+    let first = at("2026-11-01T00:00:00Z");
+    let later = at("2026-11-20T00:00:00Z");
+    let calls = std::sync::Mutex::new(Vec::new());
+    let tell = |done: usize, total: usize| calls.lock().unwrap().push((done, total));
+
+    // 500 payees per transaction: four chunks, several rounds in each.
+    let a = settlement::run_chunked(&chunked.pool, &policy, first, &opts, 500, Some(&tell))
+        .await
+        .unwrap();
+    let b = settle_each_alone(&alone.pool, &policy, first, N).await;
+    assert!(
+        a.settled.len() > 2 * N as usize,
+        "several periods each: {}",
+        a.settled.len()
+    );
+    for outcome in ["payout", "below_minimum", "shortfall"] {
+        assert!(
+            a.settled.iter().any(|s| s.outcome == outcome),
+            "no {outcome}"
+        );
+    }
+    for why in [
+        "payee is suspended",
+        "between 1 and 366",
+        "maximum_payout.USD",
+    ] {
+        assert!(
+            a.skipped.iter().any(|s| s.reason.contains(why)),
+            "none skipped for {why}: {:?}",
+            a.skipped
+        );
+    }
+    assert!(a.settled.iter().any(|s| s.currency == "EUR"));
+    assert!(
+        a.settled
+            .iter()
+            .any(|s| s.payee_id % 41 == 0 && s.outcome == "payout"),
+        "a payee over the maximum in its third week still has its earlier weeks settled"
+    );
+    assert_eq!(report_key(&a), report_key(&b));
+    assert_eq!(snapshot(&chunked.pool).await, snapshot(&alone.pool).await);
+    assert_books_balance(&chunked.pool).await;
+    let calls = calls.into_inner().unwrap();
+    let payees = calls.last().unwrap().1;
+    assert_eq!(
+        calls,
+        vec![
+            (500, payees),
+            (1000, payees),
+            (1500, payees),
+            (payees, payees)
+        ]
+    );
+
+    // Then money comes back (cancelled payouts) and a later run catches up.
+    cancel_some(&chunked.pool, first + Duration::hours(1)).await;
+    cancel_some(&alone.pool, first + Duration::hours(1)).await;
+    let a = settlement::run_chunked(&chunked.pool, &policy, later, &opts, 500, None)
+        .await
+        .unwrap();
+    let b = settle_each_alone(&alone.pool, &policy, later, N).await;
+    assert!(
+        a.settled
+            .iter()
+            .any(|s| s.payee_id % 13 == 0 && s.earnings == 0),
+        "a period that pays only a returned balance"
+    );
+    assert_eq!(report_key(&a), report_key(&b));
+    assert_eq!(snapshot(&chunked.pool).await, snapshot(&alone.pool).await);
+    assert_books_balance(&chunked.pool).await;
+}
+
+#[tokio::test]
+async fn a_payee_that_fails_in_a_chunk_does_not_stop_the_others_in_it() {
+    let db = TestDb::new().await;
+    let pool = &db.pool;
+    let (before, _) = one_week(pool, "acct_before").await;
+    let (big, _) = one_week(pool, "acct_big").await;
+    let (refused, _) = one_week(pool, "acct_refused").await;
+    let (after, _) = one_week(pool, "acct_after").await;
+    for i in 0..4 {
+        earn(
+            pool,
+            big,
+            &format!("BIG-{i}"),
+            "950.00",
+            at("2026-11-01T08:00:00Z"),
+        )
+        .await;
+    }
+    // The database refuses one payee's settlement (an unexpected failure of
+    // the chunk's bulk write): the chunk is rolled back and settled one by one.
+    sqlx::raw_sql(&format!(
+        "CREATE FUNCTION test_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.payee_id = {refused} THEN
+                 RAISE EXCEPTION 'test: settlement of payee % refused', NEW.payee_id;
+             END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER test_refuse BEFORE INSERT ON settlements
+             FOR EACH ROW EXECUTE FUNCTION test_refuse();"
+    ))
+    .execute(pool)
+    .await
+    .unwrap();
+
+    let r = settlement::run(
+        pool,
+        &capped(),
+        at("2026-11-13T10:00:00Z"),
+        &Options {
+            payee: None,
+            actor: ACTOR.into(),
+        },
+    )
+    .await
+    .unwrap();
+
+    assert_eq!(r.errors(), 2, "{r:?}");
+    let reason = |p: i64| {
+        r.skipped
+            .iter()
+            .find(|s| s.payee_id == p)
+            .map(|s| s.reason.clone())
+    };
+    assert!(reason(big).unwrap().contains("maximum_payout.USD"), "{r:?}");
+    assert!(
+        reason(refused)
+            .unwrap()
+            .contains("test: settlement of payee"),
+        "{r:?}"
+    );
+    for p in [before, after] {
+        assert_eq!(
+            payout_amounts(pool, p).await,
+            vec![dec("83.45")],
+            "payee {p}"
+        );
+    }
+    for p in [big, refused] {
+        assert_eq!(
+            payout_amounts(pool, p).await,
+            Vec::<Decimal>::new(),
+            "payee {p}"
+        );
+        assert_eq!(periods(pool, p).await, vec![], "payee {p}");
+    }
+    assert_eq!(r.payouts(), 2);
+    assert_books_balance(pool).await;
+}

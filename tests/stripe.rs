@@ -797,3 +797,167 @@ proptest::proptest! {
             .block_on(run_steps(steps));
     }
 }
+
+/// Issue 14 item 3: with `kind = "stripe"`, `payoutctl preview` computes a
+/// HUF payout in whole forints (what Stripe can send), keeps the fraction in
+/// the payee's balance, and shows Stripe's `amount`; another kind pays the
+/// fraction.
+#[tokio::test]
+async fn preview_through_stripe_pays_whole_forints_keeps_the_fraction_and_shows_stripes_amount() {
+    let ctl = common::Ctl::new().await;
+    let text = include_str!("../config/policy.toml")
+        .replace("BHD = \"0.100\" }", "BHD = \"0.100\", HUF = \"100\" }")
+        .replace("BHD = \"0.200\" }", "BHD = \"0.200\", HUF = \"100\" }")
+        .replace("BHD = \"10.000\"", "BHD = \"10.000\"\nHUF = \"1000\"");
+    let file = std::env::temp_dir().join(format!("{}.toml", common::unique("policy")));
+    std::fs::write(&file, text).unwrap();
+    let policy: payouts::domain::Policy = std::fs::read_to_string(&file).unwrap().parse().unwrap();
+    let payee =
+        payouts::db::payees::create(&ctl.db.pool, "Forint", "acct_huf", "HUF".parse().unwrap())
+            .await
+            .unwrap()
+            .id;
+    let done = Utc::now() - chrono::Duration::days(30);
+    for (i, gross) in ["12345.50", "20000.25"].iter().enumerate() {
+        let e = payouts::domain::earning::NewEarning {
+            payee_id: payee,
+            source: "booking".into(),
+            external_ref: format!("H-{i}"),
+            gross: Money::parse(gross, "HUF").unwrap(),
+            completed_at: done,
+            release_at: policy.release_at(done),
+        };
+        let mut conn = ctl.db.pool.acquire().await.unwrap();
+        payouts::db::earnings::record(&mut conn, &e, "operator:test", done)
+            .await
+            .unwrap();
+    }
+    let file = file.to_str().unwrap();
+    let payee = payee.to_string();
+    let preview = |env: &[(&str, &str)]| {
+        let mut env = env.to_vec();
+        env.push(("PAYOUTS_POLICY__FILE", file));
+        let o = ctl.run_with(&["preview", "--payee", &payee, "--json"], &env);
+        assert!(o.ok, "{}", o.stderr);
+        let v: Value = serde_json::from_str(o.stdout.trim()).unwrap();
+        v["settlements"][0].clone()
+    };
+    let stripe = [
+        ("PAYOUTS_GATEWAY__KIND", "stripe"),
+        ("PAYOUTS_GATEWAY__STRIPE__BASE_URL", "http://127.0.0.1:9"),
+        ("PAYOUTS_GATEWAY__STRIPE__SECRET_KEY", KEY),
+    ];
+    let dec = |v: &Value| {
+        v.as_str()
+            .unwrap()
+            .parse::<rust_decimal::Decimal>()
+            .unwrap()
+    };
+    let s = preview(&stripe);
+    let other = preview(&[]);
+    assert_eq!(s["outcome"], "payout", "{s}");
+    let (net, kept, iso_net) = (dec(&s["net"]), dec(&s["carried_out"]), dec(&other["net"]));
+    assert!(net.fract().is_zero(), "{s}");
+    assert!(!iso_net.fract().is_zero(), "{other}");
+    assert_eq!(
+        net + kept,
+        iso_net,
+        "nothing lost: the fraction stays in the balance"
+    );
+    assert!(kept > rust_decimal::Decimal::ZERO && kept < rust_decimal::Decimal::ONE);
+    let stripe_amount = s["stripe_amount"].as_i64().unwrap();
+    assert_eq!(
+        rust_decimal::Decimal::from(stripe_amount),
+        net * rust_decimal::Decimal::ONE_HUNDRED
+    );
+    assert!(other.get("stripe_amount").is_none(), "{other}");
+
+    let o = ctl.run_with(
+        &["preview", "--payee", &payee],
+        &[&stripe[..], &[("PAYOUTS_POLICY__FILE", file)]].concat(),
+    );
+    assert!(
+        o.stdout
+            .contains(&format!("sent to Stripe as amount={stripe_amount}")),
+        "{}",
+        o.stdout
+    );
+    assert!(o.stdout.contains("kept in the balance"), "{}", o.stdout);
+}
+
+/// Issue 14 item 4: every HTTP request to Stripe counts against the
+/// fleet-wide limiter, the in-transit poll's look-ups and account checks
+/// too: while the fleet is paused (the limiter's Redis key), the producer's
+/// poll sends nothing; once the pause ends, it asks.
+#[tokio::test]
+async fn the_producers_in_transit_poll_and_account_checks_wait_for_the_fleet_limiter() {
+    let s = stripe_fleet(&[]).await;
+    let id = s.fleet.due_payout("acct_poll").await;
+    let held = s.fleet.due_payout("acct_onboarding").await;
+    for (id, to) in [(id, "in_transit"), (held, "held")] {
+        for status in ["processing", to] {
+            sqlx::query("UPDATE payouts SET status = $2, updated_at = now() - interval '1 day' WHERE id = $1")
+                .bind(id)
+                .bind(status)
+                .execute(s.fleet.pool())
+                .await
+                .unwrap();
+        }
+    }
+    sqlx::query("UPDATE payouts SET failure_code = 'account_not_onboarded' WHERE id = $1")
+        .bind(held)
+        .execute(s.fleet.pool())
+        .await
+        .unwrap();
+    let mut conn = s.fleet.queue.conn();
+    let pause = format!("{{{}}}:gateway:pause", s.fleet.prefix);
+    let _: () = redis::cmd("SET")
+        .arg(&pause)
+        .arg("1")
+        .arg("PX")
+        .arg(120_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let sync = || {
+        payouts::producer::in_transit_sync(
+            &s.fleet.settings,
+            s.fleet.pool().clone(),
+            s.fleet.queue.conn(),
+            "t",
+        )
+        .unwrap()
+    };
+    let before = s.standin.seen().len();
+    let paused = sync();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), paused.run_once())
+            .await
+            .is_err(),
+        "the look-up waits while the fleet is paused"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), paused.release_onboarded())
+            .await
+            .is_err(),
+        "the account check waits while the fleet is paused"
+    );
+    assert_eq!(s.standin.seen().len(), before, "nothing was sent to Stripe");
+
+    let _: () = redis::cmd("DEL")
+        .arg(&pause)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let free = sync();
+    assert_eq!(free.run_once().await.unwrap().looked_up, 1);
+    free.release_onboarded().await.unwrap();
+    let seen = s.standin.seen();
+    assert!(
+        seen[before..]
+            .iter()
+            .any(|r| r.path.starts_with("/v1/accounts")),
+        "{:?}",
+        seen[before..].iter().map(|r| &r.path).collect::<Vec<_>>()
+    );
+}

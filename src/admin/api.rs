@@ -283,6 +283,24 @@ fn conflict(e: ActionError, action: &str) -> ApiError {
     }
 }
 
+/// A cancel refused: by the lifecycle (as [`conflict`]), or because the
+/// gateway holds a transfer for the payout or could not be asked (409 with
+/// the reason and the payout's status, when known).
+fn cancel_refused(e: crate::reconcile::CancelError) -> ApiError {
+    match e {
+        crate::reconcile::CancelError::Action(e) => conflict(e, "cancel"),
+        other => {
+            metrics::ADMIN_ACTIONS
+                .with_label_values(&["cancel", "conflict"])
+                .inc();
+            ApiError::Conflict {
+                message: other.to_string(),
+                status: other.status().map(|s| s.as_str().to_string()),
+            }
+        }
+    }
+}
+
 async fn push(s: &AdminState, ids: &[i64]) -> bool {
     match s.queue.push_manual(ids).await {
         Ok(()) => true,
@@ -334,10 +352,20 @@ pub async fn action(
                 .clone()
                 .filter(|r| !r.is_empty())
                 .unwrap_or_else(|| "cancelled by operator".into());
+            // The one cancel: asks the gateway first (through the fleet's
+            // limiter) when the payout was sent and no answer proved that
+            // nothing moved.
+            let gateway = async || {
+                crate::gateway::select::build_limited(
+                    &s.settings.gateway,
+                    s.queue.conn(),
+                    &s.settings.redis.prefix,
+                )
+            };
             (
-                payouts::cancel(&s.pool, id, &actor, &why, now)
+                crate::reconcile::cancel(&s.pool, gateway, id, &actor, &why, now)
                     .await
-                    .map_err(|e| conflict(e, "cancel"))?,
+                    .map_err(cancel_refused)?,
                 PayoutStatus::Cancelled,
             )
         }
@@ -552,10 +580,12 @@ struct BulkCancelBody {
 }
 
 /// `POST /api/v1/payouts/bulk-cancel` (operator): the payouts selected by
-/// id. A dry run (the default, as for a bulk retry) counts those that can be
-/// cancelled now; `"dry_run": false` cancels each through the single cancel
-/// (the same function as `/payouts/{id}/cancel`, one event each) and
-/// reports the ones that could not be (their status now).
+/// id. A dry run (the default, as for a bulk retry) counts those whose status
+/// allows a cancel now; `"dry_run": false` cancels each through the single
+/// cancel (`reconcile::cancel`, as `/payouts/{id}/cancel`: the gateway is
+/// asked first about a payout that may have moved money; one event each) and
+/// reports those that moved meanwhile (`changed`) or that the gateway check
+/// refused (`refused`, with the reason).
 pub async fn bulk_cancel(
     State(s): State<AdminState>,
     Extension(c): Extension<Caller>,
@@ -590,14 +620,27 @@ pub async fn bulk_cancel(
     let actor = c.actor();
     let mut cancelled = Vec::new();
     let mut changed = Vec::new();
+    let mut refused = Vec::new();
     for r in &eligible {
-        match payouts::cancel(&s.pool, r.id, &actor, &why, now).await {
+        // The one cancel, as `/payouts/{id}/cancel`: it asks the gateway
+        // first when the payout was sent and nothing proved no money moved.
+        let gateway = async || {
+            crate::gateway::select::build_limited(
+                &s.settings.gateway,
+                s.queue.conn(),
+                &s.settings.redis.prefix,
+            )
+        };
+        match crate::reconcile::cancel(&s.pool, gateway, r.id, &actor, &why, now).await {
             Ok(_) => cancelled.push(r.id),
-            Err(ActionError::Db(e)) => return Err(e.into()),
-            Err(ActionError::Illegal(t)) => {
+            Err(crate::reconcile::CancelError::Action(ActionError::Db(e))) => return Err(e.into()),
+            Err(crate::reconcile::CancelError::Action(ActionError::Illegal(t))) => {
                 changed.push(json!({"id": r.id, "status": t.from.as_str()}))
             }
-            Err(ActionError::NotFound(_)) => {}
+            Err(crate::reconcile::CancelError::Action(ActionError::NotFound(_))) => {}
+            Err(e) => refused.push(json!({
+                "id": r.id, "status": e.status().map(|st| st.as_str()), "error": e.to_string(),
+            })),
         }
     }
     metrics::ADMIN_ACTIONS
@@ -607,7 +650,7 @@ pub async fn bulk_cancel(
     Ok(Json(json!({
         "dry_run": false, "selected": ids.len(), "matched": eligible.len(),
         "cancelled": cancelled.len(), "ids": cancelled, "not_found": missing,
-        "skipped": skipped, "changed": changed,
+        "skipped": skipped, "changed": changed, "refused": refused,
     })))
 }
 
@@ -812,18 +855,24 @@ pub async fn payee(
         let mut conn = s.pool.acquire().await?;
         crate::db::payee_terms::get(&mut conn, id).await?
     };
-    let deductions: Vec<Value> = crate::db::payee_terms::all_deductions(&s.pool, id)
-        .await?
+    let (deductions, mut minimums) = {
+        let mut conn = s.pool.acquire().await?;
+        (
+            crate::db::payee_terms::deductions_many(&mut conn, &[id]).await?,
+            crate::db::payee_terms::minimums_many(&mut conn, &[id]).await?,
+        )
+    };
+    minimums.sort();
+    let deductions: Vec<Value> = deductions
         .into_iter()
         .map(|d| {
             json!({"id": d.id, "currency": d.currency, "label": d.label,
                    "amount": at_exponent(d.amount, &d.currency), "created_at": d.created_at})
         })
         .collect();
-    let minimums: Vec<Value> = crate::db::payee_terms::all_minimums(&s.pool, id)
-        .await?
+    let minimums: Vec<Value> = minimums
         .into_iter()
-        .map(|(c, a)| json!({"currency": c, "amount": at_exponent(a, &c)}))
+        .map(|(_, c, a)| json!({"currency": c, "amount": at_exponent(a, &c)}))
         .collect();
     let settlements: Vec<Value> = crate::db::settlements::page(&s.pool, Some(id), None, 20)
         .await?

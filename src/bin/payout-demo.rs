@@ -30,9 +30,10 @@ struct Args {
     /// (two payees' accounts closed at the mock gateway, so some payouts fail).
     #[arg(long)]
     serve: bool,
-    /// The gateway the fleet speaks, both served by the mock gateway: the
-    /// generic contract or the booking worker's release-funds API.
-    #[arg(long, default_value = "contract", value_parser = ["contract", "release_funds"])]
+    /// The gateway the fleet speaks: the generic contract or the booking
+    /// worker's release-funds API (both served by the mock gateway), or Stripe
+    /// Connect (served by the local Stripe stand-in, `stripe-standin`).
+    #[arg(long, default_value = "contract", value_parser = ["contract", "release_funds", "stripe"])]
     gateway_kind: String,
 }
 

@@ -189,9 +189,16 @@ pub struct ImportReport {
     pub committed: bool,
 }
 
+/// Rows per batch of an import: one `COPY` and one `INSERT` each (and,
+/// without `atomic`, one transaction). About 5 MB of rows in memory.
+pub const IMPORT_BATCH_ROWS: usize = 20_000;
+
+/// A row of an import after [`RawEarning::validate`](crate::domain::earning::RawEarning::validate).
+type Checked = (usize, Result<NewEarning, FieldError>);
+
 /// Imports rows: each is checked like `earnings add`; refused rows are
-/// reported with their line numbers and the good rows recorded, in one
-/// transaction; with `atomic`, one refused row means nothing is written.
+/// reported with their line numbers and the good rows recorded; with
+/// `atomic`, one refused row means nothing is written. See [`import_rows`].
 pub async fn import(
     pool: &PgPool,
     rows: Vec<Row>,
@@ -200,73 +207,340 @@ pub async fn import(
     now: DateTime<Utc>,
     atomic: bool,
 ) -> sqlx::Result<ImportReport> {
+    let rows = rows.into_iter().map(Ok);
+    import_rows(
+        pool,
+        rows,
+        policy,
+        posted_by,
+        now,
+        atomic,
+        IMPORT_BATCH_ROWS,
+    )
+    .await
+}
+
+/// Imports rows as they are read (a [`RowReader`](crate::domain::earning::RowReader)
+/// over a file of any size), `batch_rows` at a time: a blocking thread reads
+/// and validates the next batch while this one is written. Each batch is
+/// copied (`COPY`) into a temporary table and recorded with one
+/// `INSERT … SELECT … ON CONFLICT DO NOTHING`, which does what [`record`]
+/// does row by row: the first line of a reference wins, a later line (or an
+/// earlier import) with the same payee and amount is already had, with other
+/// work it is refused naming `external_ref`. Refused rows are reported by
+/// line, sorted.
+///
+/// With `atomic`, the whole import is one transaction and one refused row
+/// means nothing is written. Without it, each batch commits on its own: an
+/// import stopped midway (a crash, a lost connection) leaves its first
+/// batches recorded, and running it again finishes it, since the rows
+/// already recorded are only counted as already had.
+pub async fn import_rows<I>(
+    pool: &PgPool,
+    rows: I,
+    policy: &Policy,
+    posted_by: &str,
+    now: DateTime<Utc>,
+    atomic: bool,
+    batch_rows: usize,
+) -> sqlx::Result<ImportReport>
+where
+    I: Iterator<Item = std::io::Result<Row>> + Send + 'static,
+{
+    let batch_rows = batch_rows.max(1);
+    let (send, mut batches) = tokio::sync::mpsc::channel::<std::io::Result<Vec<Checked>>>(1);
+    let policy = policy.clone();
+    let reading = tokio::task::spawn_blocking(move || {
+        let mut batch = Vec::with_capacity(batch_rows);
+        for row in rows {
+            let row = match row {
+                Ok(row) => row,
+                Err(e) => {
+                    let _ = send.blocking_send(Err(e));
+                    return;
+                }
+            };
+            batch.push((
+                row.line,
+                row.fields.and_then(|raw| raw.validate(&policy, now)),
+            ));
+            if batch.len() == batch_rows {
+                let full = std::mem::replace(&mut batch, Vec::with_capacity(batch_rows));
+                if send.blocking_send(Ok(full)).is_err() {
+                    return; // the writer stopped
+                }
+            }
+        }
+        if !batch.is_empty() {
+            let _ = send.blocking_send(Ok(batch));
+        }
+    });
+    let report = write_batches(pool, &mut batches, posted_by, now, atomic).await;
+    drop(batches);
+    if let Err(e) = reading.await {
+        if e.is_panic() {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
+    report
+}
+
+fn rejected(line: usize, e: FieldError) -> Rejected {
+    Rejected {
+        line,
+        field: e.field,
+        message: e.message,
+    }
+}
+
+async fn write_batches(
+    pool: &PgPool,
+    batches: &mut tokio::sync::mpsc::Receiver<std::io::Result<Vec<Checked>>>,
+    posted_by: &str,
+    now: DateTime<Utc>,
+    atomic: bool,
+) -> sqlx::Result<ImportReport> {
     let mut report = ImportReport {
-        rows: rows.len(),
         atomic,
         ..Default::default()
     };
-    let reject = |report: &mut ImportReport, line: usize, e: FieldError| {
-        crate::metrics::EARNINGS_REFUSED
-            .with_label_values(&[refused_label(&e.field)])
-            .inc();
-        report.rejected.push(Rejected {
-            line,
-            field: e.field,
-            message: e.message,
-        })
+    // Refused before anything is recorded (a bad field, an unknown payee) ...
+    let mut refused: Vec<Rejected> = Vec::new();
+    // ... and by what is recorded (a reference taken by other work).
+    let mut conflicts: Vec<Rejected> = Vec::new();
+    let mut whole = if atomic {
+        Some(pool.begin().await?)
+    } else {
+        None
     };
-    let mut good: Vec<(usize, NewEarning)> = Vec::with_capacity(rows.len());
-    for row in rows {
-        match row.fields.and_then(|raw| raw.validate(policy, now)) {
-            Ok(e) => good.push((row.line, e)),
-            Err(e) => reject(&mut report, row.line, e),
+    let mut staging_ready = false;
+    while let Some(batch) = batches.recv().await {
+        let batch = batch?;
+        report.rows += batch.len();
+        let mut good: Vec<(usize, NewEarning)> = Vec::with_capacity(batch.len());
+        for (line, checked) in batch {
+            match checked {
+                Ok(e) => good.push((line, e)),
+                Err(e) => refused.push(rejected(line, e)),
+            }
+        }
+        let mut per_batch: Option<sqlx::Transaction<'static, sqlx::Postgres>> = None;
+        let conn: &mut PgConnection = match whole.as_mut() {
+            Some(tx) => tx,
+            None => {
+                staging_ready = false;
+                per_batch.insert(pool.begin().await?)
+            }
+        };
+        let mut ids: Vec<i64> = good.iter().map(|(_, e)| e.payee_id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let known: HashSet<i64> = payee_terms::existing(conn, &ids)
+            .await?
+            .into_iter()
+            .collect();
+        good.retain(|(line, e)| {
+            let ok = known.contains(&e.payee_id);
+            if !ok {
+                refused.push(rejected(
+                    *line,
+                    FieldError {
+                        field: "payee_id".into(),
+                        message: format!("payee {} not found", e.payee_id),
+                    },
+                ));
+            }
+            ok
+        });
+        // With `atomic` and a refused row nothing will be written: read on
+        // only to report every refused row.
+        let writing = !atomic || refused.is_empty();
+        if writing && !good.is_empty() {
+            let created = write_batch(conn, &mut good, posted_by, now, !staging_ready).await?;
+            staging_ready = true;
+            report.created += created.created;
+            report.already_had += created.already_had;
+            conflicts.extend(created.conflicts);
+        }
+        if let Some(tx) = per_batch {
+            tx.commit().await?;
         }
     }
-    let mut tx = pool.begin().await?;
-    let ids: Vec<i64> = good.iter().map(|(_, e)| e.payee_id).collect();
-    let known: HashSet<i64> = payee_terms::existing(&mut tx, &ids)
-        .await?
-        .into_iter()
-        .collect();
-    good.retain(|(line, e)| {
-        let ok = known.contains(&e.payee_id);
-        if !ok {
-            reject(
-                &mut report,
-                *line,
-                FieldError {
-                    field: "payee_id".into(),
-                    message: format!("payee {} not found", e.payee_id),
-                },
-            );
-        }
-        ok
-    });
-    if atomic && !report.rejected.is_empty() {
-        report.rejected.sort_by_key(|r| r.line);
-        return Ok(report);
+    if atomic && !refused.is_empty() {
+        // As with one row at a time: a refused row stops the import before
+        // anything is recorded, so no reference is found taken.
+        conflicts.clear();
     }
-    for (line, e) in &good {
-        let recorded = record(&mut tx, e, posted_by, now).await?;
-        if let Some(err) = recorded.conflict_error() {
-            reject(&mut report, *line, err);
-            continue;
-        }
-        match recorded {
-            Recorded::Created(_) => report.created += 1,
-            _ => report.already_had += 1,
-        }
+    refused.append(&mut conflicts);
+    refused.sort_by_key(|r| r.line);
+    for r in &refused {
+        crate::metrics::EARNINGS_REFUSED
+            .with_label_values(&[refused_label(&r.field)])
+            .inc();
     }
-    report.rejected.sort_by_key(|r| r.line);
-    if atomic && !report.rejected.is_empty() {
-        tx.rollback().await?;
-        report.created = 0;
-        report.already_had = 0;
-        return Ok(report);
+    report.rejected = refused;
+    if let Some(tx) = whole {
+        if !report.rejected.is_empty() {
+            tx.rollback().await?;
+            report.created = 0;
+            report.already_had = 0;
+            return Ok(report);
+        }
+        tx.commit().await?;
     }
-    tx.commit().await?;
     report.committed = true;
     Ok(report)
+}
+
+/// What one batch recorded.
+struct BatchOutcome {
+    created: usize,
+    already_had: usize,
+    conflicts: Vec<Rejected>,
+}
+
+/// Appends `s` to a `COPY … FROM STDIN` (text format) row.
+fn copy_text(out: &mut Vec<u8>, s: &str) {
+    for b in s.bytes() {
+        match b {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            _ => out.push(b),
+        }
+    }
+}
+
+/// Records one batch of checked rows of known payees (sorted here by line).
+async fn write_batch(
+    conn: &mut PgConnection,
+    good: &mut [(usize, NewEarning)],
+    posted_by: &str,
+    now: DateTime<Utc>,
+    create_staging: bool,
+) -> sqlx::Result<BatchOutcome> {
+    use std::io::Write as _;
+
+    good.sort_by_key(|(line, _)| *line);
+    if create_staging {
+        sqlx::query(
+            "CREATE TEMPORARY TABLE earnings_import (
+                 line BIGINT NOT NULL, payee_id BIGINT NOT NULL, source TEXT NOT NULL,
+                 external_ref TEXT NOT NULL, gross NUMERIC NOT NULL, currency TEXT NOT NULL,
+                 completed_at TIMESTAMPTZ NOT NULL, release_at TIMESTAMPTZ NOT NULL
+             ) ON COMMIT DROP",
+        )
+        .execute(&mut *conn)
+        .await?;
+    } else {
+        sqlx::query("TRUNCATE earnings_import")
+            .execute(&mut *conn)
+            .await?;
+    }
+    let time = |t: DateTime<Utc>| {
+        t.trunc_subsecs(6)
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+    };
+    // The first line of each reference is the one recorded (as one row at a
+    // time would); the later ones are compared with what is recorded.
+    let mut firsts: HashSet<(&str, &str)> = HashSet::with_capacity(good.len());
+    let mut others: Vec<(usize, &NewEarning)> = Vec::new();
+    let mut data: Vec<u8> = Vec::with_capacity(good.len() * 128);
+    for (line, e) in good.iter() {
+        if !firsts.insert((e.source.as_str(), e.external_ref.as_str())) {
+            others.push((*line, e));
+            continue;
+        }
+        write!(data, "{line}\t{}\t", e.payee_id)?;
+        copy_text(&mut data, &e.source);
+        data.push(b'\t');
+        copy_text(&mut data, &e.external_ref);
+        writeln!(
+            data,
+            "\t{}\t{}\t{}\t{}",
+            at_minor_unit(&e.gross),
+            e.gross.currency().code(),
+            time(e.completed_at),
+            time(e.release_at)
+        )?;
+    }
+    let mut copy = conn.copy_in_raw("COPY earnings_import FROM STDIN").await?;
+    copy.send(data).await?;
+    copy.finish().await?;
+
+    // A reference already in the table records nothing.
+    let inserted: Vec<(String, String)> = sqlx::query_as(
+        "INSERT INTO earnings (payee_id, source, external_ref, gross, currency, completed_at, release_at, created_at, posted_by)
+         SELECT payee_id, source, external_ref, gross, currency, completed_at, release_at, $1, $2
+         FROM earnings_import ORDER BY line
+         ON CONFLICT (source, external_ref) DO NOTHING
+         RETURNING source, external_ref",
+    )
+    .bind(now)
+    .bind(posted_by)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut fresh: HashSet<(&str, &str)> = inserted
+        .iter()
+        .map(|(s, r)| (s.as_str(), r.as_str()))
+        .collect();
+    let mut outcome = BatchOutcome {
+        created: 0,
+        already_had: 0,
+        conflicts: Vec::new(),
+    };
+    let mut later = std::mem::take(&mut others);
+    for (line, e) in good.iter() {
+        let key = (e.source.as_str(), e.external_ref.as_str());
+        if firsts.remove(&key) {
+            if fresh.remove(&key) {
+                outcome.created += 1;
+            } else {
+                others.push((*line, e));
+            }
+        }
+    }
+    others.append(&mut later);
+    if others.is_empty() {
+        return Ok(outcome);
+    }
+    // The rest name a reference recorded before: by an earlier line or
+    // import, or by another writer meanwhile.
+    let mut keys: Vec<(&str, &str)> = others
+        .iter()
+        .map(|(_, e)| (e.source.as_str(), e.external_ref.as_str()))
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let (sources, refs): (Vec<&str>, Vec<&str>) = keys.into_iter().unzip();
+    let existing: Vec<Earning> = sqlx::query_as(
+        "SELECT e.* FROM earnings e
+         JOIN unnest($1::text[], $2::text[]) AS k (source, external_ref) USING (source, external_ref)",
+    )
+    .bind(&sources)
+    .bind(&refs)
+    .fetch_all(&mut *conn)
+    .await?;
+    let existing: std::collections::HashMap<(&str, &str), &Earning> = existing
+        .iter()
+        .map(|e| ((e.source.as_str(), e.external_ref.as_str()), e))
+        .collect();
+    for (line, e) in others {
+        let had = *existing
+            .get(&(e.source.as_str(), e.external_ref.as_str()))
+            .ok_or(sqlx::Error::RowNotFound)?;
+        // The same work is the same payee and amount, as in `record`.
+        let same = had.payee_id == e.payee_id
+            && had.gross == e.gross.amount()
+            && had.currency == e.gross.currency().code();
+        if same {
+            outcome.already_had += 1;
+        } else if let Some(err) = Recorded::Conflict(had.clone()).conflict_error() {
+            outcome.conflicts.push(rejected(line, err));
+        }
+    }
+    Ok(outcome)
 }
 
 /// One earning by id.
@@ -408,6 +682,78 @@ pub async fn seed_demo(
     .bind(ulid::Ulid::new().to_string())
     .bind(currency.exponent() as i32)
     .execute(pool)
+    .await?;
+    Ok(res.rows_affected())
+}
+
+// ---------------------------------------------------------------- bulk ----
+// The settlement run's chunked reads and marks: many (payee, currency)
+// groups per statement.
+
+/// [`unsettled`] for many groups at once, locked: the unsettled earnings of
+/// each (`payee_ids[i]`, `currencies[i]`) released before `release_before[i]`,
+/// by payee, currency, then oldest first. Each (payee, currency) at most once.
+pub async fn unsettled_many(
+    conn: &mut PgConnection,
+    payee_ids: &[i64],
+    currencies: &[&str],
+    release_before: &[DateTime<Utc>],
+) -> sqlx::Result<Vec<Earning>> {
+    sqlx::query_as(
+        "SELECT e.* FROM unnest($1::bigint[], $2::text[], $3::timestamptz[]) AS g(payee_id, currency, before)
+         JOIN earnings e ON e.payee_id = g.payee_id AND e.currency = g.currency
+                        AND e.settlement_id IS NULL AND e.release_at < g.before
+         ORDER BY e.payee_id, e.currency, e.release_at, e.id
+         FOR UPDATE OF e",
+    )
+    .bind(payee_ids)
+    .bind(currencies)
+    .bind(release_before)
+    .fetch_all(conn)
+    .await
+}
+
+/// [`mark_settled`] for many settlements: earning `ids[i]` settled by
+/// `settlement_ids[i]` and paid by `payout_ids[i]`, only those still
+/// unsettled; returns how many.
+pub async fn mark_settled_many(
+    conn: &mut PgConnection,
+    ids: &[i64],
+    settlement_ids: &[i64],
+    payout_ids: &[Option<i64>],
+) -> sqlx::Result<u64> {
+    let res = sqlx::query(
+        "UPDATE earnings e SET settlement_id = u.sid, payout_id = u.pid
+         FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS u(id, sid, pid)
+         WHERE e.id = u.id AND e.settlement_id IS NULL",
+    )
+    .bind(ids)
+    .bind(settlement_ids)
+    .bind(payout_ids)
+    .execute(conn)
+    .await?;
+    Ok(res.rows_affected())
+}
+
+/// [`mark_paid_through_carry`] for many payouts: the earnings of carried
+/// settlement `settlement_ids[i]` (and all it carried in turn) paid by
+/// `payout_ids[i]`. A settlement is carried into one payout only.
+pub async fn mark_paid_through_carry_many(
+    conn: &mut PgConnection,
+    settlement_ids: &[i64],
+    payout_ids: &[i64],
+) -> sqlx::Result<u64> {
+    let res = sqlx::query(
+        "WITH RECURSIVE chain AS (
+             SELECT u.id, u.pid FROM unnest($1::bigint[], $2::bigint[]) AS u(id, pid)
+             UNION
+             SELECT s.id, chain.pid FROM settlements s JOIN chain ON s.carried_into = chain.id)
+         UPDATE earnings e SET payout_id = chain.pid FROM chain
+         WHERE e.settlement_id = chain.id AND e.payout_id IS NULL",
+    )
+    .bind(settlement_ids)
+    .bind(payout_ids)
+    .execute(conn)
     .await?;
     Ok(res.rows_affected())
 }

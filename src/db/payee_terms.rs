@@ -221,24 +221,47 @@ pub async fn minimum(
         .await
 }
 
-/// Every deduction of a payee, in every currency, in the order agreed (the
-/// dashboard's payee view).
-pub async fn all_deductions(pool: &sqlx::PgPool, payee_id: i64) -> sqlx::Result<Vec<Deduction>> {
-    sqlx::query_as("SELECT * FROM payee_deductions WHERE payee_id = $1 ORDER BY currency, id")
-        .bind(payee_id)
-        .fetch_all(pool)
-        .await
+// ---------------------------------------------------------------- bulk ----
+// The settlement run's chunked reads: many payees per statement.
+
+/// Like [`lock`] for many payees at once, locked in id order (so two runs
+/// locking overlapping chunks never deadlock). A payee whose stored terms do
+/// not decode is returned with the error, so it fails alone.
+pub async fn lock_many(
+    conn: &mut PgConnection,
+    payee_ids: &[i64],
+) -> sqlx::Result<Vec<(i64, sqlx::Result<Terms>)>> {
+    let rows: Vec<TermsRow> = sqlx::query_as(
+        "SELECT id, status, schedule, payout_method FROM payees WHERE id = ANY($1)
+         ORDER BY id FOR NO KEY UPDATE",
+    )
+    .bind(payee_ids)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.id, r.into_terms())).collect())
 }
 
-/// Every own minimum payout of a payee: (currency, amount).
-pub async fn all_minimums(
-    pool: &sqlx::PgPool,
-    payee_id: i64,
-) -> sqlx::Result<Vec<(String, Decimal)>> {
+/// The deductions of many payees (any currency), by payee, currency, then
+/// the order they were agreed (as [`deductions`]).
+pub async fn deductions_many(
+    conn: &mut PgConnection,
+    payee_ids: &[i64],
+) -> sqlx::Result<Vec<Deduction>> {
     sqlx::query_as(
-        "SELECT currency, amount FROM payee_minimums WHERE payee_id = $1 ORDER BY currency",
+        "SELECT * FROM payee_deductions WHERE payee_id = ANY($1) ORDER BY payee_id, currency, id",
     )
-    .bind(payee_id)
-    .fetch_all(pool)
+    .bind(payee_ids)
+    .fetch_all(conn)
     .await
+}
+
+/// The own minimum payouts of many payees: (payee, currency, amount).
+pub async fn minimums_many(
+    conn: &mut PgConnection,
+    payee_ids: &[i64],
+) -> sqlx::Result<Vec<(i64, String, Decimal)>> {
+    sqlx::query_as("SELECT payee_id, currency, amount FROM payee_minimums WHERE payee_id = ANY($1)")
+        .bind(payee_ids)
+        .fetch_all(conn)
+        .await
 }

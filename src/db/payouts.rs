@@ -210,6 +210,74 @@ pub async fn create_in<'e>(
     .await
 }
 
+/// A payout for [`create_many`].
+#[derive(Debug, Clone)]
+pub struct NewPayout {
+    /// Who is paid.
+    pub payee_id: i64,
+    /// How much.
+    pub money: Money,
+    /// The reason in its `created` event.
+    pub reason: String,
+}
+
+/// [`create_in`] for many payouts (at most one per payee and currency) in
+/// one statement, with their `created` events; returns their ids in the
+/// order of `news`.
+pub async fn create_many(
+    conn: &mut sqlx::PgConnection,
+    news: &[NewPayout],
+    due_at: DateTime<Utc>,
+    actor: &str,
+    now: DateTime<Utc>,
+) -> sqlx::Result<Vec<i64>> {
+    if news.is_empty() {
+        return Ok(Vec::new());
+    }
+    let payee_ids: Vec<i64> = news.iter().map(|n| n.payee_id).collect();
+    let amounts: Vec<Decimal> = news.iter().map(|n| n.money.amount()).collect();
+    let currencies: Vec<String> = news
+        .iter()
+        .map(|n| n.money.currency().code().to_string())
+        .collect();
+    let reasons: Vec<&str> = news.iter().map(|n| n.reason.as_str()).collect();
+    let rows: Vec<(i64, i64, String)> = sqlx::query_as(
+        "WITH ins AS (
+             INSERT INTO payouts (payee_id, amount, currency, due_at, created_at, updated_at)
+             SELECT p, a, c, $4, $6, $6 FROM unnest($1::bigint[], $2::numeric[], $3::text[]) AS u(p, a, c)
+             RETURNING id, payee_id, currency),
+         ev AS (
+             INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
+             SELECT ins.id, NULL, 'pending', $5, u.r, 0, $6
+             FROM ins JOIN unnest($1::bigint[], $3::text[], $7::text[]) AS u(p, c, r)
+                  ON u.p = ins.payee_id AND u.c = ins.currency)
+         SELECT id, payee_id, currency FROM ins",
+    )
+    .bind(&payee_ids)
+    .bind(&amounts)
+    .bind(&currencies)
+    .bind(due_at)
+    .bind(actor)
+    .bind(now)
+    .bind(&reasons)
+    .fetch_all(conn)
+    .await?;
+    let by_group: std::collections::HashMap<(i64, String), i64> = rows
+        .into_iter()
+        .map(|(id, payee, currency)| ((payee, currency), id))
+        .collect();
+    news.iter()
+        .map(|n| {
+            by_group
+                .get(&(n.payee_id, n.money.currency().code().to_string()))
+                .copied()
+                .ok_or_else(|| {
+                    sqlx::Error::Protocol(format!("payout of payee {} not returned", n.payee_id))
+                })
+        })
+        .collect()
+}
+
 /// Creates `count` pending payouts spread over `payee_ids`, due at `due_at`
 /// (demo and benchmark data), with their events; returns how many.
 pub async fn seed(
@@ -552,7 +620,7 @@ struct Action<'a> {
 }
 
 async fn act(
-    pool: &PgPool,
+    pool: impl sqlx::PgExecutor<'_>,
     id: i64,
     a: Action<'_>,
     now: DateTime<Utc>,
@@ -700,6 +768,46 @@ pub async fn cancel(
         reason,
     };
     act(pool, id, action, now).await
+}
+
+/// [`cancel`], only while the payout is still at attempt `seen_attempt` (no
+/// worker sent it again since the gateway was asked): `Ok(None)` when it was.
+pub async fn cancel_at_attempt(
+    pool: &PgPool,
+    id: i64,
+    seen_attempt: i32,
+    actor: &str,
+    reason: &str,
+    now: DateTime<Utc>,
+) -> Result<Option<PayoutStatus>, ActionError> {
+    let mut tx = pool.begin().await?;
+    let attempt: Option<i32> =
+        sqlx::query_scalar("SELECT attempt FROM payouts WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    match attempt {
+        None => return Err(ActionError::NotFound(id)),
+        Some(a) if a != seen_attempt => return Ok(None),
+        Some(_) => {}
+    }
+    let action = Action {
+        from: &[
+            PayoutStatus::Pending,
+            PayoutStatus::Queued,
+            PayoutStatus::Retrying,
+            PayoutStatus::Failed,
+            PayoutStatus::Held,
+        ],
+        to: PayoutStatus::Cancelled,
+        lease_until: None,
+        reset_budget: false,
+        actor,
+        reason,
+    };
+    let from = act(&mut *tx, id, action, now).await?;
+    tx.commit().await?;
+    Ok(Some(from))
 }
 
 /// Reconciliation: records what the gateway says (`paid` or `in_transit` with

@@ -417,6 +417,228 @@ pub async fn claim_interval(
     Ok(claimed.unwrap_or(false))
 }
 
+// ---------------------------------------------------------------- bulk ----
+// The settlement run's chunked reads and writes: many (payee, currency)
+// groups per statement, each group at most once per statement.
+
+/// Where a (payee, currency) stands, read under its payee's lock: the end of
+/// its latest settled period and when its payable things start.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct GroupState {
+    /// The payee.
+    pub payee_id: i64,
+    /// The currency.
+    pub currency: String,
+    /// See [`latest_end`].
+    pub latest: Option<DateTime<Utc>>,
+    /// See [`pending`].
+    #[sqlx(flatten)]
+    pub pending: Pending,
+}
+
+/// [`latest_end`] and [`pending`] of many (payee, currency) at once.
+pub async fn states(
+    conn: &mut PgConnection,
+    payee_ids: &[i64],
+    currencies: &[&str],
+) -> sqlx::Result<Vec<GroupState>> {
+    sqlx::query_as(
+        "SELECT g.payee_id, g.currency,
+                (SELECT max(period_end) FROM settlements s
+                 WHERE s.payee_id = g.payee_id AND s.currency = g.currency) AS latest,
+                (SELECT min(release_at) FROM earnings e
+                 WHERE e.payee_id = g.payee_id AND e.currency = g.currency AND e.settlement_id IS NULL)
+                    AS first_release,
+                (SELECT min(completed_at) FROM earnings e
+                 WHERE e.payee_id = g.payee_id AND e.currency = g.currency AND e.settlement_id IS NULL)
+                    AS first_completed,
+                (SELECT min(returned_at) FROM settlements s
+                 WHERE s.payee_id = g.payee_id AND s.currency = g.currency
+                   AND s.outcome = 'returned' AND s.carried_into IS NULL) AS first_returned
+         FROM unnest($1::bigint[], $2::text[]) AS g(payee_id, currency)",
+    )
+    .bind(payee_ids)
+    .bind(currencies)
+    .fetch_all(conn)
+    .await
+}
+
+/// An [`OpenCarry`] with the (payee, currency) it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct GroupCarry {
+    /// The payee.
+    pub payee_id: i64,
+    /// The currency.
+    pub currency: String,
+    /// The balance.
+    #[sqlx(flatten)]
+    pub carry: OpenCarry,
+}
+
+/// [`open_carries`] (locked) of many (payee, currency) at once, each for a
+/// period ending at `before[i]`; by payee, currency, then oldest first.
+pub async fn open_carries_many(
+    conn: &mut PgConnection,
+    payee_ids: &[i64],
+    currencies: &[&str],
+    before: &[DateTime<Utc>],
+) -> sqlx::Result<Vec<GroupCarry>> {
+    sqlx::query_as(
+        "SELECT s.payee_id, s.currency, s.id, s.outcome, s.payout_id, s.net,
+                s.gross + s.carried_gross_in AS fee_base, s.period_start, s.period_end
+         FROM unnest($1::bigint[], $2::text[], $3::timestamptz[]) AS g(payee_id, currency, before)
+         JOIN settlements s ON s.payee_id = g.payee_id AND s.currency = g.currency
+                           AND s.outcome <> 'payout' AND s.carried_into IS NULL
+                           AND (s.outcome <> 'returned' OR s.returned_at < g.before)
+         ORDER BY s.payee_id, s.currency, s.period_end, s.id
+         FOR UPDATE OF s",
+    )
+    .bind(payee_ids)
+    .bind(currencies)
+    .bind(before)
+    .fetch_all(conn)
+    .await
+}
+
+/// [`insert`] for many settlements (at most one per payee and currency),
+/// with all their lines, in two statements. Unlike [`insert`], a period
+/// already settled is an error (the caller holds the payees' locks, so it
+/// cannot happen unless something else is wrong; the caller rolls back).
+/// Returns the new ids in the order of `news`.
+pub async fn insert_many(
+    conn: &mut PgConnection,
+    news: &[NewSettlement<'_>],
+    now: DateTime<Utc>,
+) -> sqlx::Result<Vec<i64>> {
+    if news.is_empty() {
+        return Ok(Vec::new());
+    }
+    let col = |f: &dyn Fn(&NewSettlement<'_>) -> Decimal| -> Vec<Decimal> {
+        news.iter().map(f).collect()
+    };
+    let payee_ids: Vec<i64> = news.iter().map(|n| n.payee_id).collect();
+    let currencies: Vec<&str> = news.iter().map(|n| n.settlement.currency.code()).collect();
+    let starts: Vec<DateTime<Utc>> = news.iter().map(|n| n.period.start).collect();
+    let ends: Vec<DateTime<Utc>> = news.iter().map(|n| n.period.end).collect();
+    let schedules: Vec<String> = news.iter().map(|n| n.schedule.to_string()).collect();
+    let methods: Vec<&str> = news.iter().map(|n| n.settlement.method.as_str()).collect();
+    let services: Vec<i32> = news
+        .iter()
+        .map(|n| i32::try_from(n.settlement.services).unwrap_or(i32::MAX))
+        .collect();
+    let outcomes: Vec<&str> = news.iter().map(|n| n.settlement.outcome.as_str()).collect();
+    let payout_ids: Vec<Option<i64>> = news.iter().map(|n| n.payout_id).collect();
+    let actors: Vec<&str> = news.iter().map(|n| n.actor).collect();
+    let rows: Vec<(i64, i64, String)> = sqlx::query_as(
+        "INSERT INTO settlements (payee_id, currency, period_start, period_end, schedule, payout_method,
+             services, gross, payee_percent, bonus_percent, payee_share, platform_commission, deductions,
+             carried_in, carried_gross_in, fee, net, outcome, payout_id, actor, created_at)
+         SELECT *, $21 FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::timestamptz[],
+             $5::text[], $6::text[], $7::int[], $8::numeric[], $9::numeric[], $10::numeric[],
+             $11::numeric[], $12::numeric[], $13::numeric[], $14::numeric[], $15::numeric[],
+             $16::numeric[], $17::numeric[], $18::text[], $19::bigint[], $20::text[])
+         RETURNING id, payee_id, currency",
+    )
+    .bind(&payee_ids)
+    .bind(&currencies)
+    .bind(&starts)
+    .bind(&ends)
+    .bind(&schedules)
+    .bind(&methods)
+    .bind(&services)
+    .bind(col(&|n| n.settlement.gross))
+    .bind(col(&|n| n.settlement.payee_percent))
+    .bind(col(&|n| n.settlement.bonus_percent))
+    .bind(col(&|n| n.settlement.payee_share))
+    .bind(col(&|n| n.settlement.platform_commission))
+    .bind(col(&|n| n.settlement.deductions))
+    .bind(col(&|n| n.settlement.carried_in))
+    .bind(col(&|n| n.settlement.carried_gross_in))
+    .bind(col(&|n| n.settlement.fee))
+    .bind(col(&|n| n.settlement.net))
+    .bind(&outcomes)
+    .bind(&payout_ids)
+    .bind(&actors)
+    .bind(now)
+    .fetch_all(&mut *conn)
+    .await?;
+    let by_group: std::collections::HashMap<(i64, String), i64> = rows
+        .into_iter()
+        .map(|(id, payee, currency)| ((payee, currency), id))
+        .collect();
+    let mut ids = Vec::with_capacity(news.len());
+    for n in news {
+        let key = (n.payee_id, n.settlement.currency.code().to_string());
+        let id = by_group.get(&key).copied().ok_or_else(|| {
+            sqlx::Error::Protocol(format!(
+                "settlement of payee {} {} not returned by the insert",
+                key.0, key.1
+            ))
+        })?;
+        ids.push(id);
+    }
+    let mut l = LinesColumns::default();
+    for (n, id) in news.iter().zip(&ids) {
+        for (i, line) in n.settlement.lines.iter().enumerate() {
+            l.settlement_ids.push(*id);
+            l.payout_ids.push(n.payout_id);
+            l.positions.push(i as i32 + 1);
+            l.kinds.push(line.kind.as_str());
+            l.descriptions.push(line.description.as_str());
+            l.amounts.push(line.amount);
+            l.earnings.push(line.earning_id);
+            l.carried.push(line.carried_from);
+        }
+    }
+    sqlx::query(
+        "INSERT INTO payout_lines (settlement_id, payout_id, position, kind, description, amount, earning_id, carried_from)
+         SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::text[], $5::text[], $6::numeric[],
+                              $7::bigint[], $8::bigint[])",
+    )
+    .bind(&l.settlement_ids)
+    .bind(&l.payout_ids)
+    .bind(&l.positions)
+    .bind(&l.kinds)
+    .bind(&l.descriptions)
+    .bind(&l.amounts)
+    .bind(&l.earnings)
+    .bind(&l.carried)
+    .execute(conn)
+    .await?;
+    Ok(ids)
+}
+
+#[derive(Default)]
+struct LinesColumns<'a> {
+    settlement_ids: Vec<i64>,
+    payout_ids: Vec<Option<i64>>,
+    positions: Vec<i32>,
+    kinds: Vec<&'a str>,
+    descriptions: Vec<&'a str>,
+    amounts: Vec<Decimal>,
+    earnings: Vec<Option<i64>>,
+    carried: Vec<Option<i64>>,
+}
+
+/// [`consume_carries`] for many: settlement `into[i]` took over the balance
+/// of `ids[i]`; returns how many were still open.
+pub async fn consume_carries_many(
+    conn: &mut PgConnection,
+    ids: &[i64],
+    into: &[i64],
+) -> sqlx::Result<u64> {
+    let res = sqlx::query(
+        "UPDATE settlements s SET carried_into = u.tgt
+         FROM unnest($1::bigint[], $2::bigint[]) AS u(id, tgt)
+         WHERE s.id = u.id AND s.carried_into IS NULL",
+    )
+    .bind(ids)
+    .bind(into)
+    .execute(conn)
+    .await?;
+    Ok(res.rows_affected())
+}
+
 /// A page of settlements, newest first, of one payee when given: at most
 /// `limit`, below `before_id` when given.
 pub async fn page(

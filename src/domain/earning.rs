@@ -225,7 +225,8 @@ pub enum FileFormat {
 }
 
 impl FileFormat {
-    /// By extension (`.csv`, `.jsonl`, `.ndjson`), else by the first character.
+    /// By extension (`.csv`, `.jsonl`, `.ndjson`), else by the first character
+    /// of `text` (the start of the file is enough).
     pub fn detect(path: &str, text: &str) -> FileFormat {
         let lower = path.to_ascii_lowercase();
         let json_ext = lower.ends_with(".jsonl") || lower.ends_with(".ndjson");
@@ -241,21 +242,118 @@ impl FileFormat {
     }
 
     /// Reads `text` into rows; `Err` only when the whole file is unreadable
-    /// (a CSV header that is wrong), naming line 1.
+    /// (a CSV header that is wrong), naming line 1. The same reading as
+    /// [`RowReader`], all at once.
     pub fn parse(self, text: &str) -> Result<Vec<Row>, FieldError> {
-        match self {
-            FileFormat::Csv => parse_csv(text),
-            FileFormat::JsonLines => Ok(parse_json_lines(text)),
-        }
+        let reader = RowReader::new(text.as_bytes(), self).map_err(|e| match e {
+            ReadError::Header(e) => e,
+            ReadError::Io(e) => unreachable!("reading a string cannot fail: {e}"),
+        })?;
+        Ok(reader
+            .map(|row| row.expect("reading a string cannot fail"))
+            .collect())
     }
 }
 
-fn lines(text: &str) -> impl Iterator<Item = (usize, &str)> {
-    text.trim_start_matches('\u{feff}')
-        .lines()
-        .enumerate()
-        .map(|(i, l)| (i + 1, l.trim_end_matches('\r')))
-        .filter(|(_, l)| !l.trim().is_empty())
+/// Why an import file could not be read at all.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The CSV header is wrong (the error names line 1).
+    #[error("{0}")]
+    Header(FieldError),
+    /// The file could not be read.
+    #[error("failed to read: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads an import file a line at a time, so a file of any size is read in
+/// constant memory: blank lines are skipped (but counted in line numbers), a
+/// byte-order mark at the start is ignored, lines end with LF or CRLF (the
+/// last one may have no end). A line that is not UTF-8 is a refused row
+/// (field `row`); a CSV header that is wrong refuses the whole file.
+pub struct RowReader<R> {
+    inner: R,
+    format: FileFormat,
+    /// The CSV header's columns, lower case (empty for JSON lines).
+    columns: Vec<String>,
+    /// The number of the last line read.
+    line: usize,
+    buf: Vec<u8>,
+}
+
+/// One line of the file: its number and text (or why it is not text).
+type Line = (usize, Result<String, FieldError>);
+
+impl<R: std::io::BufRead> RowReader<R> {
+    /// Starts reading; for CSV, reads and checks the header.
+    pub fn new(inner: R, format: FileFormat) -> Result<RowReader<R>, ReadError> {
+        let mut reader = RowReader {
+            inner,
+            format,
+            columns: Vec::new(),
+            line: 0,
+            buf: Vec::with_capacity(256),
+        };
+        if format == FileFormat::Csv {
+            if let Some((_, header)) = reader.next_line()? {
+                let header_err = |m: String| ReadError::Header(field_err("line 1", m));
+                let header = header.map_err(|e| header_err(e.message))?;
+                reader.columns = check_header(&header).map_err(header_err)?;
+            }
+        }
+        Ok(reader)
+    }
+
+    /// The next line that is not blank.
+    fn next_line(&mut self) -> std::io::Result<Option<Line>> {
+        loop {
+            self.buf.clear();
+            if self.inner.read_until(b'\n', &mut self.buf)? == 0 {
+                return Ok(None);
+            }
+            self.line += 1;
+            let mut bytes = self.buf.as_slice();
+            if let Some(b) = bytes.strip_suffix(b"\n") {
+                bytes = b;
+            }
+            while let Some(b) = bytes.strip_suffix(b"\r") {
+                bytes = b;
+            }
+            if self.line == 1 {
+                while let Some(b) = bytes.strip_prefix("\u{feff}".as_bytes()) {
+                    bytes = b;
+                }
+            }
+            let text = match std::str::from_utf8(bytes) {
+                Ok(t) if t.trim().is_empty() => continue,
+                Ok(t) => Ok(t.to_string()),
+                Err(_) => Err(field_err("row", "is not valid UTF-8 text")),
+            };
+            return Ok(Some((self.line, text)));
+        }
+    }
+
+    fn row(&self, line: usize, text: Result<String, FieldError>) -> Row {
+        let fields = text.and_then(|l| match self.format {
+            FileFormat::Csv => csv_row(&self.columns, &l),
+            FileFormat::JsonLines => serde_json::from_str::<serde_json::Value>(&l)
+                .map_err(|e| field_err("row", format!("not JSON: {e}")))
+                .and_then(|v| RawEarning::from_json(&v)),
+        });
+        Row { line, fields }
+    }
+}
+
+impl<R: std::io::BufRead> Iterator for RowReader<R> {
+    type Item = std::io::Result<Row>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self.next_line() {
+            Ok(Some((line, text))) => Some(Ok(self.row(line, text))),
+            Ok(None) => None,
+            Err(e) => Some(Err(e)),
+        }
+    }
 }
 
 /// Splits one CSV line (RFC 4180 quoting: `"a, b"`, `""` for a quote; a field
@@ -302,79 +400,59 @@ fn split_csv(line: &str) -> Result<Vec<String>, String> {
     Ok(fields)
 }
 
-fn parse_csv(text: &str) -> Result<Vec<Row>, FieldError> {
-    let mut it = lines(text);
-    let Some((_, header)) = it.next() else {
-        return Ok(Vec::new());
-    };
-    let header_err = |m: String| field_err("line 1", m);
-    let columns: Vec<String> = split_csv(header)
-        .map_err(header_err)?
+/// The header's columns, lower case, or why it is wrong.
+fn check_header(header: &str) -> Result<Vec<String>, String> {
+    let columns: Vec<String> = split_csv(header)?
         .into_iter()
         .map(|c| c.trim().to_ascii_lowercase())
         .collect();
     for (i, c) in columns.iter().enumerate() {
         if !FIELDS.contains(&c.as_str()) {
-            return Err(header_err(format!(
+            return Err(format!(
                 "unknown column {c:?} in the header (expected {})",
                 FIELDS.join(",")
-            )));
+            ));
         }
         if columns[..i].contains(c) {
-            return Err(header_err(format!("column {c:?} appears twice")));
+            return Err(format!("column {c:?} appears twice"));
         }
     }
     if let Some(missing) = FIELDS[..5]
         .iter()
         .find(|f| !columns.iter().any(|c| c == *f))
     {
-        return Err(header_err(format!(
+        return Err(format!(
             "the header has no {missing:?} column (expected {})",
             FIELDS.join(",")
-        )));
+        ));
     }
-    Ok(it
-        .map(|(line, l)| {
-            let fields = split_csv(l)
-                .map_err(|m| field_err("row", m))
-                .and_then(|values| {
-                    if values.len() != columns.len() {
-                        return Err(field_err(
-                            "row",
-                            format!(
-                                "has {} fields, the header has {}",
-                                values.len(),
-                                columns.len()
-                            ),
-                        ));
-                    }
-                    let mut raw = RawEarning::default();
-                    for (c, v) in columns.iter().zip(values) {
-                        match c.as_str() {
-                            "payee_id" => raw.payee_id = v,
-                            "source" => raw.source = v,
-                            "external_ref" => raw.external_ref = v,
-                            "gross" => raw.gross = v,
-                            "currency" => raw.currency = v,
-                            _ => raw.completed_at = Some(v),
-                        }
-                    }
-                    Ok(raw)
-                });
-            Row { line, fields }
-        })
-        .collect())
+    Ok(columns)
 }
 
-fn parse_json_lines(text: &str) -> Vec<Row> {
-    lines(text)
-        .map(|(line, l)| Row {
-            line,
-            fields: serde_json::from_str::<serde_json::Value>(l)
-                .map_err(|e| field_err("row", format!("not JSON: {e}")))
-                .and_then(|v| RawEarning::from_json(&v)),
-        })
-        .collect()
+fn csv_row(columns: &[String], line: &str) -> Result<RawEarning, FieldError> {
+    let values = split_csv(line).map_err(|m| field_err("row", m))?;
+    if values.len() != columns.len() {
+        return Err(field_err(
+            "row",
+            format!(
+                "has {} fields, the header has {}",
+                values.len(),
+                columns.len()
+            ),
+        ));
+    }
+    let mut raw = RawEarning::default();
+    for (c, v) in columns.iter().zip(values) {
+        match c.as_str() {
+            "payee_id" => raw.payee_id = v,
+            "source" => raw.source = v,
+            "external_ref" => raw.external_ref = v,
+            "gross" => raw.gross = v,
+            "currency" => raw.currency = v,
+            _ => raw.completed_at = Some(v),
+        }
+    }
+    Ok(raw)
 }
 
 #[cfg(test)]

@@ -201,6 +201,13 @@ pub struct Policy {
     /// are refused (a mistyped year must not be payable at once).
     #[serde(default = "default_horizon")]
     pub earning_horizon_days: u32,
+    /// Per currency: the step every payout amount is a multiple of, because
+    /// the gateway cannot send less (Stripe: whole HUF and TWD, hundredths of
+    /// a three-decimal currency). Not read from the file: set for the
+    /// configured gateway with [`Policy::with_payout_increment`]. A currency
+    /// not listed is paid to its minor unit.
+    #[serde(skip)]
+    pub payout_increment: BTreeMap<String, Decimal>,
 }
 
 fn default_horizon() -> u32 {
@@ -313,6 +320,9 @@ pub enum LineKind {
     CarriedIn,
     /// The gateway's fee (negative).
     Fee,
+    /// The part of the payable net the gateway cannot send (below its payout
+    /// increment, [`Policy::payout_increment`]): kept in the balance (negative).
+    CarriedOut,
 }
 
 impl LineKind {
@@ -325,6 +335,7 @@ impl LineKind {
             LineKind::Deduction => "deduction",
             LineKind::CarriedIn => "carried_in",
             LineKind::Fee => "fee",
+            LineKind::CarriedOut => "carried_out",
         }
     }
 }
@@ -397,6 +408,11 @@ pub struct Settlement {
     pub fee: Decimal,
     /// Sum of the lines: the payout's amount, or the balance carried over.
     pub net: Decimal,
+    /// With a payout: the part of the payable net the gateway cannot send
+    /// (below [`Policy::payout_increment`]), which stays in the payee's
+    /// balance for the next period (0 otherwise). Money is conserved:
+    /// `gross + carried_in = net + carried_out + platform + fee + deductions`.
+    pub carried_out: Decimal,
     /// Payout or carry-over.
     #[serde(flatten)]
     pub outcome: Outcome,
@@ -735,6 +751,21 @@ impl Policy {
         self.compute_with_minimum(input, None)
     }
 
+    /// This policy with payouts in `currency` rounded down to multiples of
+    /// `step` (e.g. 1 for HUF through Stripe); the rest stays in the balance.
+    pub fn with_payout_increment(mut self, currency: Currency, step: Decimal) -> Self {
+        if step > Decimal::ZERO {
+            self.payout_increment
+                .insert(currency.code().to_string(), step.normalize());
+        }
+        self
+    }
+
+    /// The step payouts in `currency` are multiples of, when the gateway needs one.
+    pub fn payout_increment(&self, currency: Currency) -> Option<Decimal> {
+        self.payout_increment.get(currency.code()).copied()
+    }
+
     /// [`Policy::compute`] with the payee's own minimum payout, when it has
     /// one above the currency's.
     pub fn compute_with_minimum(
@@ -872,7 +903,14 @@ impl Policy {
             )
         })?;
         let fee = self.round(fee_base * fee_rule.percent / Decimal::ONE_HUNDRED, cur) + fixed;
-        let paid_net = before_fee - fee;
+        let payable = before_fee - fee;
+        // What the gateway can send: rounded down to its payout increment;
+        // the rest stays in the balance.
+        let paid_net = match self.payout_increment(cur) {
+            Some(step) if payable > Decimal::ZERO => (payable / step).floor() * step,
+            _ => payable,
+        };
+        let carried_out = payable - paid_net;
         let (outcome, fee, net) = if paid_net > Decimal::ZERO && paid_net >= minimum {
             lines.push(Line {
                 kind: LineKind::Fee,
@@ -887,6 +925,18 @@ impl Policy {
                 earning_id: None,
                 carried_from: None,
             });
+            if !carried_out.is_zero() {
+                lines.push(Line {
+                    kind: LineKind::CarriedOut,
+                    description: format!(
+                        "kept in the balance: the gateway pays {code} out in steps of {}",
+                        self.payout_increment(cur).unwrap_or_default()
+                    ),
+                    amount: at_scale(-carried_out, exp),
+                    earning_id: None,
+                    carried_from: None,
+                });
+            }
             (Outcome::Payout, fee, paid_net)
         } else if before_fee > Decimal::ZERO {
             (Outcome::BelowMinimum { minimum }, Decimal::ZERO, before_fee)
@@ -906,6 +956,14 @@ impl Policy {
             carried_gross_in: at_scale(carried_gross_in, exp),
             fee: at_scale(fee, exp),
             net: at_scale(net, exp),
+            carried_out: at_scale(
+                if outcome == Outcome::Payout {
+                    carried_out
+                } else {
+                    Decimal::ZERO
+                },
+                exp,
+            ),
             outcome,
             method: input.method,
             lines,
@@ -952,6 +1010,107 @@ mod tests {
             carried: vec![],
             method: PayoutMethod::Standard,
         }
+    }
+
+    /// The example with HUF paid out (minimum 1000, fixed fee 100).
+    fn with_huf() -> Policy {
+        let mut p = example();
+        p.minimum_payout
+            .insert("HUF".into(), "1000".parse().unwrap());
+        for fee in p.fees.values_mut() {
+            fee.fixed.insert("HUF".into(), "100".parse().unwrap());
+        }
+        p
+    }
+
+    fn in_currency(code: &str, amounts: &[&str]) -> SettlementInput {
+        let mut i = input(earnings(amounts), &[]);
+        i.currency = code.parse().unwrap();
+        i
+    }
+
+    fn conserved(s: &Settlement) {
+        assert_eq!(
+            s.gross + s.carried_in,
+            s.net + s.carried_out + s.platform_commission + s.fee + s.deductions,
+            "{s:?}"
+        );
+        assert_eq!(s.lines.iter().map(|l| l.amount).sum::<Decimal>(), s.net);
+    }
+
+    #[test]
+    fn a_huf_payout_through_stripe_is_whole_forints_and_the_rest_stays_in_the_balance() {
+        let i = in_currency("HUF", &["1234.50", "2000.25"]);
+        let iso = with_huf().compute(&i).unwrap();
+        assert!(!iso.net.fract().is_zero(), "{}", iso.net);
+        let stripe = with_huf()
+            .with_payout_increment("HUF".parse().unwrap(), Decimal::ONE)
+            .compute(&i)
+            .unwrap();
+        assert!(stripe.pays_out());
+        assert_eq!(stripe.net, iso.net.floor());
+        assert_eq!(stripe.carried_out, iso.net - iso.net.floor());
+        assert_eq!(stripe.fee, iso.fee, "the fee does not change");
+        assert_eq!(stripe.lines.last().unwrap().kind, LineKind::CarriedOut);
+        conserved(&stripe);
+        conserved(&iso);
+        assert_eq!(iso.carried_out, Decimal::ZERO);
+    }
+
+    #[test]
+    fn a_three_decimal_payout_through_stripe_ends_in_zero_and_usd_is_untouched() {
+        let p = example().with_payout_increment("BHD".parse().unwrap(), Decimal::new(1, 2));
+        let s = p
+            .compute(&in_currency("BHD", &["40.001", "30.333"]))
+            .unwrap();
+        assert!(s.pays_out());
+        assert!(
+            (s.net * Decimal::ONE_HUNDRED).fract().is_zero(),
+            "{}",
+            s.net
+        );
+        assert!(s.carried_out < Decimal::new(1, 2) && s.carried_out >= Decimal::ZERO);
+        conserved(&s);
+        let usd = p
+            .compute(&input(earnings(&["19.99", "33.33"]), &[]))
+            .unwrap();
+        assert_eq!(usd.carried_out, Decimal::ZERO);
+        assert_eq!(
+            usd,
+            example()
+                .compute(&input(earnings(&["19.99", "33.33"]), &[]))
+                .unwrap()
+        );
+    }
+
+    #[test]
+    fn rounded_down_below_the_minimum_nothing_is_paid_and_everything_carries() {
+        let p = with_huf().with_payout_increment("HUF".parse().unwrap(), Decimal::ONE);
+        // The payable net is just above the 1000 minimum, but its whole part is not.
+        let mut i = in_currency("HUF", &[]);
+        i.carried = vec![CarriedLine {
+            settlement_id: 9,
+            amount: "1100.50".parse().unwrap(),
+            gross: Decimal::ZERO,
+            label: "carried".into(),
+        }];
+        let s = p.compute(&i).unwrap();
+        assert_eq!(s.outcome, Outcome::Payout, "1000.50 payable, 1000 sent");
+        assert_eq!(
+            (s.net, s.carried_out),
+            ("1000".parse().unwrap(), "0.50".parse().unwrap())
+        );
+        i.carried[0].amount = "1100.20".parse().unwrap();
+        i.carried[0].amount -= Decimal::new(1, 0);
+        let s = p.compute(&i).unwrap();
+        assert_eq!(
+            s.outcome,
+            Outcome::BelowMinimum {
+                minimum: "1000".parse().unwrap()
+            }
+        );
+        assert_eq!(s.carried_out, Decimal::ZERO);
+        conserved(&s);
     }
 
     #[test]

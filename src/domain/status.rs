@@ -8,7 +8,12 @@
 //!   processing --payee cannot receive money yet (onboarding)--> held --account ready--> queued
 //!   operator: retry (failed -> queued), enqueue (pending|retrying|held -> queued),
 //!             cancel (pending|queued|retrying|failed|held -> cancelled)
+//!   reconciliation: pending|queued|retrying -> held when the payout carries a
+//!             returned balance the gateway paid after all
 //! ```
+//!
+//! A cancel of a payout that was sent and whose answers could have moved
+//! money asks the gateway first ([`crate::reconcile::cancel`]).
 
 use std::{fmt, str::FromStr};
 

@@ -140,6 +140,19 @@ pub struct FleetLimiter {
 }
 
 impl FleetLimiter {
+    /// The fleet-wide limiter of a fleet whose Redis keys are under
+    /// `prefix`: the same keys (and limits) the workers' guards use, so every
+    /// HTTP request of a client built with it (the in-transit poll,
+    /// reconciliation, a cancel's look-up) counts against the one limit.
+    pub fn new(conn: ConnectionManager, prefix: &str, limits: Limits) -> Self {
+        FleetLimiter {
+            conn,
+            tat_key: format!("{{{prefix}}}:gateway:rate"),
+            pause_key: pause_key(prefix),
+            limits,
+        }
+    }
+
     async fn gcra(&self, key: &str, rate: Rate) {
         if rate.per_sec == 0 {
             return;
@@ -395,15 +408,11 @@ impl GatewayGuard {
     pub fn new(conn: ConnectionManager, prefix: &str, settings: GuardSettings) -> Self {
         metrics::CIRCUIT_STATE.set(0);
         LazyLock::force(&PLATFORM_PAUSES);
-        let tat_key = format!("{{{prefix}}}:gateway:rate");
-        let pause_key = pause_key(prefix);
+        let limiter = FleetLimiter::new(conn.clone(), prefix, settings.limits);
+        let tat_key = limiter.tat_key.clone();
+        let pause_key = limiter.pause_key.clone();
         GatewayGuard {
-            limiter: Arc::new(FleetLimiter {
-                conn: conn.clone(),
-                tat_key: tat_key.clone(),
-                pause_key: pause_key.clone(),
-                limits: settings.limits,
-            }),
+            limiter: Arc::new(limiter),
             conn,
             tat_key,
             pause_key,

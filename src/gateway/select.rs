@@ -171,6 +171,33 @@ pub fn build(settings: &GatewaySettings) -> anyhow::Result<Arc<dyn Gateway>> {
     })
 }
 
+/// [`build`], every HTTP request of which (look-ups, account checks,
+/// transfers) waits for the fleet-wide limiter on Redis (`conn`, keys under
+/// `prefix`) that the workers share: for clients that are not behind a
+/// worker's guard (the in-transit poll, `payoutctl reconcile`, a cancel's look-up).
+pub fn build_limited(
+    settings: &GatewaySettings,
+    conn: redis::aio::ConnectionManager,
+    prefix: &str,
+) -> anyhow::Result<Arc<dyn Gateway>> {
+    let gateway = build(settings)?;
+    gateway.use_limiter(fleet_limiter(settings, conn, prefix));
+    Ok(gateway)
+}
+
+/// The fleet-wide limiter of `settings`' gateway on Redis (see [`build_limited`]).
+pub fn fleet_limiter(
+    settings: &GatewaySettings,
+    conn: redis::aio::ConnectionManager,
+    prefix: &str,
+) -> Arc<dyn crate::gateway::RequestLimiter> {
+    Arc::new(crate::gateway::guard::FleetLimiter::new(
+        conn,
+        prefix,
+        crate::gateway::guard::limits(settings),
+    ))
+}
+
 /// The onboarding check of the selected adapter, when it has one (Stripe:
 /// the connected account's `transfers` capability; release-funds: its
 /// `account_endpoint`, when configured), for
@@ -178,8 +205,23 @@ pub fn build(settings: &GatewaySettings) -> anyhow::Result<Arc<dyn Gateway>> {
 pub fn account_check(
     settings: &GatewaySettings,
 ) -> anyhow::Result<Option<Arc<dyn crate::sync::AccountCheck>>> {
+    account_check_limited(settings, None)
+}
+
+/// [`account_check`]; with `limiter`, each of its requests waits for it (see
+/// [`build_limited`]).
+pub fn account_check_limited(
+    settings: &GatewaySettings,
+    limiter: Option<Arc<dyn crate::gateway::RequestLimiter>>,
+) -> anyhow::Result<Option<Arc<dyn crate::sync::AccountCheck>>> {
     Ok(match settings.kind.as_str() {
-        "stripe" => Some(Arc::new(StripeGateway::new(settings)?)),
+        "stripe" => {
+            let gw = StripeGateway::new(settings)?;
+            if let Some(l) = limiter {
+                gw.use_limiter(l);
+            }
+            Some(Arc::new(gw))
+        }
         "release_funds" => {
             let gw = ReleaseFundsGateway::new(settings)?;
             gw.has_account_check()

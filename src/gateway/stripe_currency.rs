@@ -103,12 +103,66 @@ pub fn check_for_kind(kind: &str, money: &Money) -> Result<(), StripeAmountError
     }
 }
 
+/// The step (in major units) every Stripe payout in `currency` must be a
+/// multiple of, when it is coarser than the ISO minor unit: 1 for HUF, TWD,
+/// ISK and UGX (whole units), 0.01 for three-decimal currencies (last digit 0).
+pub fn payout_increment(currency: crate::domain::Currency) -> Option<Decimal> {
+    let code = currency.code().to_ascii_uppercase();
+    let code = code.as_str();
+    if TWO_DECIMAL_WHOLE_UNITS.contains(&code) || WHOLE_UNIT_PAYOUTS.contains(&code) {
+        (currency.exponent() > 0).then_some(Decimal::ONE)
+    } else if THREE_DECIMAL.contains(&code) {
+        Some(Decimal::new(1, 2))
+    } else {
+        None
+    }
+}
+
+/// `policy` for a fleet with `gateway.kind = kind`: with Stripe, settlement
+/// rounds each payout down to what Stripe can send ([`payout_increment`])
+/// and keeps the rest in the payee's balance; other kinds pay to the minor unit.
+pub fn policy_for_kind(kind: &str, policy: crate::domain::Policy) -> crate::domain::Policy {
+    if kind != "stripe" {
+        return policy;
+    }
+    let currencies: Vec<crate::domain::Currency> = policy
+        .minimum_payout
+        .keys()
+        .filter_map(|c| c.parse().ok())
+        .collect();
+    currencies
+        .into_iter()
+        .fold(policy, |p, c| match payout_increment(c) {
+            Some(step) => p.with_payout_increment(c, step),
+            None => p,
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn m(a: &str, c: &str) -> Money {
         Money::parse(a, c).unwrap()
+    }
+
+    #[test]
+    fn a_stripe_policy_pays_three_decimal_currencies_in_hundredths_and_usd_to_the_cent() {
+        let p = policy_for_kind(
+            "stripe",
+            include_str!("../../config/policy.toml").parse().unwrap(),
+        );
+        assert_eq!(
+            p.payout_increment("BHD".parse().unwrap()),
+            Some(Decimal::new(1, 2))
+        );
+        assert_eq!(p.payout_increment("USD".parse().unwrap()), None);
+        assert_eq!(payout_increment("HUF".parse().unwrap()), Some(Decimal::ONE));
+        let contract = policy_for_kind(
+            "contract",
+            include_str!("../../config/policy.toml").parse().unwrap(),
+        );
+        assert!(contract.payout_increment.is_empty());
     }
 
     #[test]

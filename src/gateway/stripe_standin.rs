@@ -393,6 +393,7 @@ impl StandIn {
             .route("/_standin/events", post(ctl_event))
             .route("/_standin/forget_keys", post(ctl_forget))
             .route("/_standin/requests", get(ctl_requests))
+            .route("/_standin/transfers", get(ctl_transfers))
             .with_state(self.clone())
     }
 
@@ -1368,6 +1369,12 @@ async fn ctl_event(State(s): State<StandIn>, Json(e): Json<EventBody>) -> Respon
 async fn ctl_forget(State(s): State<StandIn>) -> Response {
     s.forget_keys();
     StatusCode::NO_CONTENT.into_response()
+}
+
+/// Stand-in only: every transfer made, reversed ones included (the demo's
+/// ledger check; Stripe has no such endpoint).
+async fn ctl_transfers(State(s): State<StandIn>) -> Response {
+    Json(Value::Array(s.transfers())).into_response()
 }
 
 async fn ctl_requests(State(s): State<StandIn>, method: Method) -> Response {

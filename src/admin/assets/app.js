@@ -1016,6 +1016,12 @@
       const changed = (done.changed || []).length;
       showNotice(`${action === 'cancel' ? 'Cancelled' : 'Retried'} ${fmtInt(n)} payout${n === 1 ? '' : 's'}` +
         `${changed ? `; ${fmtInt(changed)} changed meanwhile and ${changed === 1 ? 'was' : 'were'} left alone` : ''}.`);
+      // A cancel the gateway check refused (the money moved, or the gateway
+      // could not be asked) is an error to read, payout by payout.
+      const refused = done.refused || [];
+      if (refused.length) {
+        showAlert(`${fmtInt(refused.length)} not cancelled: ${refused.map((r) => sentence(r.error)).join(' ')}`);
+      }
     } catch (e) {
       if (e.status !== 401) showAlert(sentence(e.message));
     } finally {
