@@ -12,7 +12,12 @@
 //!   409 in the alert, and the page shows the payout as it now is;
 //! - an admin goes from a failure group to its payouts, is told how many
 //!   "Retry all matching…" will retry (a dry run), confirms, and exactly those
-//!   are queued.
+//!   are queued;
+//! - an admin pauses the fleet (a banner on every page, the workers' Redis
+//!   key set, audited) and resumes it, goes to a payout and a payee from the
+//!   search box, selects rows and cancels them after a dry-run count, sees
+//!   the list update live, reads the payee, reconcile, token and settlement
+//!   screens, sees Due→paid as `1m 05s` inside its card, and dark mode.
 //!
 //! Screenshots of the overview and of the payout page are written to
 //! `$CARGO_TARGET_TMPDIR/screenshots/`, or to `docs/screenshots/` with
