@@ -16,6 +16,7 @@
 #   scripts/month-end.sh                      # 100,000 payees x 10 = 1,000,000 earnings
 #   PAYEES=10000 scripts/month-end.sh         # a tenth
 #   SKIP_BUILD=1 BIN=/path/to/release scripts/month-end.sh
+#   IMPORT_ONLY=1 scripts/month-end.sh        # stop after the import
 #
 # Needs Redis and Postgres as scripts/services.sh starts them; psql, curl, jq.
 set -euo pipefail
@@ -87,6 +88,11 @@ T0=$(date +%s.%N)
 timed import "$BIN/payoutctl" earnings import "$CSV"
 read -r IMPORT_S IMPORT_MB <"$OUT/import.stats"
 say "import: $(cat "$OUT/import.out") ($IMPORT_S s, $IMPORT_MB MB)"
+if [ -n "${IMPORT_ONLY:-}" ]; then
+  printf '\n| `earnings import` | %s rows | %s s | %s rows/s | %s MB |\n' \
+    "$ROWS" "$IMPORT_S" "$(awk -v n="$ROWS" -v s="$IMPORT_S" 'BEGIN { printf "%.0f", n / s }')" "$IMPORT_MB"
+  exit 0
+fi
 timed settle "$BIN/payoutctl" settle
 read -r SETTLE_S SETTLE_MB <"$OUT/settle.stats"
 say "settle: $(head -3 "$OUT/settle.out") ($SETTLE_S s, $SETTLE_MB MB)"
