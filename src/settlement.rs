@@ -607,26 +607,31 @@ async fn settle_chunk(
     tx.commit().await?;
     Ok(slots)
 }
-/// One period of a chunk's round, computed as [`settle_next`] computes it:
-/// `Ok(None)` when there is nothing to pay (only balances below the
-/// minimum), `Err((reason, error))` when it is not settled.
-fn compute(
+/// A period that settles: the settlement, and its payout's amount when it pays out.
+type Decided = (Settlement, Option<Money>);
+
+/// The decision for one period, the same in both paths (a chunk's round and
+/// [`settle_next`]): `Ok(None)` when there is nothing to pay (only balances
+/// below the minimum: they wait for new work), `Err((reason, error))` when
+/// the period is not settled, else the settlement and its payout's amount.
+#[allow(clippy::too_many_arguments)]
+fn decide(
     policy: &Policy,
-    l: Live,
+    currency: Currency,
+    method: PayoutMethod,
     period: Period,
     rows: &[earnings::Earning],
     carries: &[settlements::OpenCarry],
     deductions: &[payee_terms::Deduction],
     own_minimum: Option<Decimal>,
-) -> Result<Option<Computed>, (String, bool)> {
+) -> Result<Option<Decided>, (String, bool)> {
     if rows.is_empty() && !carries.iter().any(|c| c.outcome == "returned") {
         return Ok(None);
     }
     // Agreed deductions are charged per period with work in it.
     let deductions = if rows.is_empty() { &[][..] } else { deductions };
-    let currency = l.plan.currency;
     let code = currency.code();
-    let input = input(currency, rows, deductions, carries, l.method);
+    let input = input(currency, rows, deductions, carries, method);
     let s = policy
         .compute_with_minimum(&input, own_minimum)
         .map_err(|e| (format!("policy: {e}"), true))?;
@@ -648,10 +653,33 @@ fn compute(
     } else {
         None
     };
-    Ok(Some(Computed {
+    Ok(Some((s, money)))
+}
+
+/// One period of a chunk's round ([`decide`]), with what its writes need.
+fn compute(
+    policy: &Policy,
+    l: Live,
+    period: Period,
+    rows: &[earnings::Earning],
+    carries: &[settlements::OpenCarry],
+    deductions: &[payee_terms::Deduction],
+    own_minimum: Option<Decimal>,
+) -> Result<Option<Computed>, (String, bool)> {
+    let decided = decide(
+        policy,
+        l.plan.currency,
+        l.method,
+        period,
+        rows,
+        carries,
+        deductions,
+        own_minimum,
+    )?;
+    Ok(decided.map(|(settlement, money)| Computed {
         live: l,
         period,
-        settlement: s,
+        settlement,
         earnings: rows.iter().map(|e| e.id).collect(),
         carries: carries.iter().map(|c| c.id).collect(),
         money,
@@ -766,40 +794,34 @@ async fn settle_next(
     }
     let rows = earnings::unsettled(&mut tx, payee_id, code, period.end, true).await?;
     let carries = settlements::open_carries(&mut tx, payee_id, code, period.end, true).await?;
-    if rows.is_empty() && !carries.iter().any(|c| c.outcome == "returned") {
-        // Only balances below the minimum: they wait for new work.
-        return Ok(Group::Nothing);
-    }
-    // Agreed deductions are charged per period with work in it.
     let deductions = if rows.is_empty() {
         Vec::new()
     } else {
         payee_terms::deductions(&mut tx, payee_id, code).await?
     };
-    let input = input(currency, &rows, &deductions, &carries, terms.method);
     let own_minimum = payee_terms::minimum(&mut tx, payee_id, code).await?;
-    let s = match policy.compute_with_minimum(&input, own_minimum) {
-        Ok(s) => s,
-        Err(e) => return Ok(Group::Skipped(format!("policy: {e}"), true)),
+    let decided = decide(
+        policy,
+        currency,
+        terms.method,
+        period,
+        &rows,
+        &carries,
+        &deductions,
+        own_minimum,
+    );
+    let (s, money) = match decided {
+        Ok(Some(d)) => d,
+        Ok(None) => return Ok(Group::Nothing),
+        Err((reason, error)) => return Ok(Group::Skipped(reason, error)),
     };
-    if let Some(max) = policy.maximum_payout(currency) {
-        if s.pays_out() && s.net > max {
-            return Ok(Group::Skipped(
-                format!(
-                    "policy: maximum_payout.{code}: the period {period} would pay {} {code}, over the maximum {max} {code}; nothing written",
-                    s.net
-                ),
-                true,
-            ));
+    let payout_id = match money {
+        Some(money) => {
+            let reason = format!("created by settlement of {period}");
+            let p = payouts::create_in(&mut *tx, payee_id, money, now, actor, &reason, now).await?;
+            Some(p.id)
         }
-    }
-    let payout_id = if s.pays_out() {
-        let reason = format!("created by settlement of {period}");
-        let money = Money::new(s.net, currency)?;
-        let p = payouts::create_in(&mut *tx, payee_id, money, now, actor, &reason, now).await?;
-        Some(p.id)
-    } else {
-        None
+        None => None,
     };
     let new = settlements::NewSettlement {
         payee_id,

@@ -753,7 +753,12 @@ pub async fn cancel(
     reason: &str,
     now: DateTime<Utc>,
 ) -> Result<PayoutStatus, ActionError> {
-    let action = Action {
+    act(pool, id, cancel_action(actor, reason), now).await
+}
+
+/// The operator's cancel: from every state no worker is calling the gateway in.
+fn cancel_action<'a>(actor: &'a str, reason: &'a str) -> Action<'a> {
+    Action {
         from: &[
             PayoutStatus::Pending,
             PayoutStatus::Queued,
@@ -766,8 +771,7 @@ pub async fn cancel(
         reset_budget: false,
         actor,
         reason,
-    };
-    act(pool, id, action, now).await
+    }
 }
 
 /// [`cancel`], only while the payout is still at attempt `seen_attempt` (no
@@ -791,21 +795,7 @@ pub async fn cancel_at_attempt(
         Some(a) if a != seen_attempt => return Ok(None),
         Some(_) => {}
     }
-    let action = Action {
-        from: &[
-            PayoutStatus::Pending,
-            PayoutStatus::Queued,
-            PayoutStatus::Retrying,
-            PayoutStatus::Failed,
-            PayoutStatus::Held,
-        ],
-        to: PayoutStatus::Cancelled,
-        lease_until: None,
-        reset_budget: false,
-        actor,
-        reason,
-    };
-    let from = act(&mut *tx, id, action, now).await?;
+    let from = act(&mut *tx, id, cancel_action(actor, reason), now).await?;
     tx.commit().await?;
     Ok(Some(from))
 }
