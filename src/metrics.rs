@@ -94,23 +94,6 @@ pub fn count_paid(amount: rust_decimal::Decimal, currency: &str) {
     }
 }
 
-/// [`count_paid`] for payout `id`, read back after the write that recorded it
-/// `paid` committed (the in-transit poll and the webhooks, whose statement
-/// does not return the amount). A failed read is logged, not counted.
-pub async fn count_paid_payout(pool: &sqlx::PgPool, id: i64) {
-    let row: sqlx::Result<(rust_decimal::Decimal, String)> =
-        sqlx::query_as("SELECT amount, currency FROM payouts WHERE id = $1")
-            .bind(id)
-            .fetch_one(pool)
-            .await;
-    match row {
-        Ok((amount, currency)) => count_paid(amount, &currency),
-        Err(e) => {
-            tracing::warn!(payout_id = id, error = %e, "paid amount not counted in payout_paid_minor_units_total")
-        }
-    }
-}
-
 /// Payout attempts (claims). Panel: attempts.
 pub static ATTEMPTS: LazyLock<IntCounter> =
     LazyLock::new(|| counter("payout_attempts_total", "Payouts claimed for an attempt"));

@@ -365,7 +365,7 @@ impl InTransitSync {
             if resolve(&mut conn, &res).await? {
                 RESOLVED.with_label_values(&["poll", to.as_str()]).inc();
                 if to == PayoutStatus::Paid {
-                    crate::metrics::count_paid_payout(&self.pool, id).await;
+                    count_paid_payout(&self.pool, id).await;
                     report.paid += 1;
                 } else {
                     report.failed += 1;
@@ -375,5 +375,19 @@ impl InTransitSync {
             }
         }
         Ok(report)
+    }
+}
+
+/// `payout_paid_minor_units_total` for payout `id`, read back through its
+/// repository after the write that recorded it `paid` committed (the
+/// in-transit poll and the webhooks, whose statements do not return the
+/// amount). A failed read is logged, not counted.
+pub(crate) async fn count_paid_payout(pool: &PgPool, id: i64) {
+    match crate::db::payouts::get(pool, id).await {
+        Ok(Some(p)) => crate::metrics::count_paid(p.amount, &p.currency),
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(payout_id = id, error = %format!("{e:#}"), "paid amount not counted in payout_paid_minor_units_total")
+        }
     }
 }

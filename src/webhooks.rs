@@ -543,7 +543,7 @@ async fn apply(s: &WebhookState, source: Source, ev: &Event) -> sqlx::Result<App
     .await?;
     tx.commit().await?;
     if let ("paid", Some(id)) = (outcome, linked) {
-        crate::metrics::count_paid_payout(&s.pool, id).await;
+        crate::sync::count_paid_payout(&s.pool, id).await;
     }
     Ok(Applied::Done(outcome))
 }
