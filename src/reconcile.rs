@@ -573,20 +573,8 @@ async fn hold_returned(
         "held: carries the balance returned from payout {payout_id}, which the gateway paid \
          after all (returned_paid_at_gateway); enqueue it only once that money is accounted for"
     );
-    let mut tx = pool.begin().await?;
-    let met: Vec<(i64, String, bool)> = sqlx::query_as(
-        "SELECT f.carrier, f.carrier_status, f.was_held
-           FROM settlements s,
-                LATERAL settlements_flag_paid_at_gateway(s.id, $2, $3, $4) f
-          WHERE s.payout_id = $1 AND s.outcome = 'returned'",
-    )
-    .bind(payout_id)
-    .bind(now)
-    .bind(actor)
-    .bind(&why)
-    .fetch_all(&mut *tx)
-    .await?;
-    tx.commit().await?;
+    let met =
+        crate::db::settlements::flag_paid_at_gateway(pool, payout_id, now, actor, &why).await?;
     let carriers: Vec<&(i64, String, bool)> = met.iter().filter(|m| m.0 != payout_id).collect();
     if carriers.is_empty() {
         return Ok("not carried into a payout yet: the payout that carries it will be held".into());

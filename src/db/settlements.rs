@@ -658,3 +658,29 @@ pub async fn page(
     .fetch_all(pool)
     .await
 }
+
+/// Flags the `returned` settlement of payout `payout_id` as paid at the
+/// gateway after all, and every settlement its balance was carried into
+/// (migration 20261126000070); holds the payouts carrying it that were not
+/// sent. Each carrying payout met: its id, its status, whether it was held
+/// now.
+pub async fn flag_paid_at_gateway(
+    pool: &PgPool,
+    payout_id: i64,
+    now: DateTime<Utc>,
+    actor: &str,
+    why: &str,
+) -> sqlx::Result<Vec<(i64, String, bool)>> {
+    sqlx::query_as(
+        "SELECT f.carrier, f.carrier_status, f.was_held
+           FROM settlements s,
+                LATERAL settlements_flag_paid_at_gateway(s.id, $2, $3, $4) f
+          WHERE s.payout_id = $1 AND s.outcome = 'returned'",
+    )
+    .bind(payout_id)
+    .bind(now)
+    .bind(actor)
+    .bind(why)
+    .fetch_all(pool)
+    .await
+}
