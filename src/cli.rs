@@ -590,6 +590,9 @@ impl<W: Write> Write for Printable<W> {
 
 /// Runs one command, writing its output to `out`.
 pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
+    if let Some(r) = run_offline(&cli, out) {
+        return r;
+    }
     let clock = SystemClock;
     let actor = format!("operator:{}", cli.operator);
     let pool = db::connect(&settings.database).await?;
@@ -963,13 +966,8 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
         Command::Preview(args) => {
             crate::cli_money::preview(&pool, &settings, args, cli.json, clock.now(), out).await?
         }
-        Command::Completions { .. } | Command::Man { .. } => {
-            // Run by `run_offline` before any connection; here for the
-            // library's callers.
-            if let Some(r) = run_offline(&Cli { ..cli }, out) {
-                r?;
-            }
-        }
+        // Run by `run_offline` above, before any connection.
+        Command::Completions { .. } | Command::Man { .. } => {}
         Command::Payee(PayeeCommand::Set(args)) => {
             crate::cli_money::payee_set(&pool, &settings, args, cli.json, &actor, clock.now(), out)
                 .await?
