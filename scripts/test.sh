@@ -7,6 +7,8 @@ scripts/services.sh
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup)" >&2; exit 1; }
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
+# The product alone (what the production image builds): no testkit in it.
+cargo clippy --no-default-features --lib --bins --locked -- -D warnings
 # tests/observability.rs runs Debian's promtool and prometheus (alert rule unit
 # tests, a live Prometheus) and reads YAML with python3 + PyYAML; tests/browser.rs
 # runs Debian's chromium and chromium-driver.

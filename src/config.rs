@@ -143,7 +143,7 @@ pub struct ProducerSettings {
     pub gauges_every_secs: u64,
     /// Address of `/health`, `/health/ready` and `/metrics`.
     pub listen: SocketAddr,
-    /// Run settlement (earnings -> payouts, `crate::settlement`) in the
+    /// Run settlement (earnings -> payouts, `crate::services::settlement`) in the
     /// leading producer, on its tick (on by default: otherwise earnings never
     /// become payouts).
     pub settle_on_tick: bool,

@@ -6,25 +6,18 @@
 //! fenced by the attempt number of its claim.
 
 pub mod admin;
-pub mod bench;
-pub mod chaos;
 pub mod cli;
-pub mod cli_admin;
-pub mod cli_money;
 pub mod clock;
 pub mod config;
 pub mod db;
-pub mod demo;
 pub mod domain;
-pub mod earnings_api;
 pub mod gateway;
 pub mod metrics;
 pub mod producer;
 pub mod queue;
-pub mod reconcile;
 pub mod server;
-pub mod settlement;
-pub mod sync;
+pub mod services;
 pub mod telemetry;
-pub mod webhooks;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 pub mod worker;

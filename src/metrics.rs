@@ -367,7 +367,7 @@ pub fn init() {
     LazyLock::force(&PAYOUTS_FINISHED);
     LazyLock::force(&PAID_MINOR_UNITS);
     LazyLock::force(&OLDEST_IN_TRANSIT_AGE);
-    LazyLock::force(&crate::sync::FAILED_AFTER_PAID);
+    LazyLock::force(&crate::services::sync::FAILED_AFTER_PAID);
     LazyLock::force(&ATTEMPTS);
     LazyLock::force(&DEAD_LETTERS);
     LazyLock::force(&GATEWAY_REQUESTS);
@@ -418,12 +418,12 @@ pub fn init() {
             "unmatched",
             "db_error",
         ] {
-            crate::webhooks::WEBHOOKS.with_label_values(&[source, outcome]);
+            crate::admin::webhooks::WEBHOOKS.with_label_values(&[source, outcome]);
         }
     }
     for source in ["webhook", "poll"] {
         for status in ["paid", "failed"] {
-            crate::sync::RESOLVED.with_label_values(&[source, status]);
+            crate::services::sync::RESOLVED.with_label_values(&[source, status]);
         }
     }
     zero(&SETTLEMENTS, &["payout", "below_minimum", "shortfall"]);
@@ -475,7 +475,7 @@ pub fn init() {
     for s in crate::domain::status::ALL_STATUSES {
         PAYOUTS_BY_STATUS.with_label_values(&[s.as_str()]);
     }
-    for k in crate::reconcile::MismatchKind::ALL {
+    for k in crate::services::reconcile::MismatchKind::ALL {
         RECONCILE_MISMATCHES.with_label_values(&[k.label()]);
     }
 }

@@ -68,7 +68,8 @@ impl Producer {
         let lease_until = now + chrono_secs(self.settings.queue_lease_secs);
         // Earnings -> payouts first (only when producer.settle_on_tick is on),
         // so the payouts this pass creates are enqueued by this same pass.
-        crate::settlement::on_producer_tick(&self.pool, &self.settings, now, &self.actor).await;
+        crate::services::settlement::on_producer_tick(&self.pool, &self.settings, now, &self.actor)
+            .await;
 
         if self.queue.check_epoch().await? {
             let ids = payouts::requeue_all_queued(&self.pool, lease_until, now).await?;
@@ -186,7 +187,7 @@ impl Producer {
                 .fetch_one(&self.pool)
                 .await?;
         metrics::OLDEST_IN_TRANSIT_AGE.set(since.map_or(0, |t| (now - t).num_seconds().max(0)));
-        crate::reconcile::publish_last_run(&self.pool).await?;
+        crate::services::reconcile::publish_last_run(&self.pool).await?;
         Ok(())
     }
 }
@@ -307,7 +308,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     Ok(())
 }
 
-/// The in-transit poll (`crate::sync`) with the configured gateway
+/// The in-transit poll (`crate::services::sync`) with the configured gateway
 /// (`gateway.kind`) and its onboarding check, if it has one. Every HTTP
 /// request of both (look-ups, account checks) waits for the fleet-wide
 /// limiter on Redis (`conn`) that the workers share.
@@ -316,7 +317,7 @@ pub fn in_transit_sync(
     pool: PgPool,
     conn: redis::aio::ConnectionManager,
     me: &str,
-) -> anyhow::Result<crate::sync::InTransitSync> {
+) -> anyhow::Result<crate::services::sync::InTransitSync> {
     use crate::gateway::select;
     let prefix = &settings.redis.prefix;
     let gateway = select::build_limited(&settings.gateway, conn.clone(), prefix)?;
@@ -324,7 +325,7 @@ pub fn in_transit_sync(
         &settings.gateway,
         Some(select::fleet_limiter(&settings.gateway, conn, prefix)),
     )?;
-    Ok(crate::sync::InTransitSync::new(
+    Ok(crate::services::sync::InTransitSync::new(
         pool,
         gateway,
         crate::clock::system(),
@@ -339,7 +340,7 @@ pub fn in_transit_sync(
 /// standby stays quiet; a poll on both would only duplicate look-ups, the
 /// writes are fenced either way).
 async fn sync_while_leading(
-    sync: crate::sync::InTransitSync,
+    sync: crate::services::sync::InTransitSync,
     leadership: Leadership,
     interval_secs: u64,
     shutdown: CancellationToken,

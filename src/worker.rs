@@ -291,7 +291,7 @@ impl Worker {
             // Not the payee's failure: the account cannot receive money yet.
             // Held (no budget spent) until `account.updated` or the poll sees
             // it ready; held too often, it fails with its code.
-            Outcome::Rejected { code, message } if code == crate::sync::NOT_ONBOARDED => {
+            Outcome::Rejected { code, message } if code == crate::services::sync::NOT_ONBOARDED => {
                 let max = self.settings.max_holds.max(1);
                 if holds >= max {
                     Finish::Failed {
@@ -335,7 +335,10 @@ impl Worker {
         match self.gateway.lookup(reference).await {
             Ok(found) => {
                 // Read the records as the in-transit poll does (sync::verdict).
-                let verdicts: Vec<_> = found.iter().map(|t| (t, crate::sync::verdict(t))).collect();
+                let verdicts: Vec<_> = found
+                    .iter()
+                    .map(|t| (t, crate::services::sync::verdict(t)))
+                    .collect();
                 let moved = verdicts
                     .iter()
                     .find(|(_, v)| *v == Some(crate::domain::PayoutStatus::Paid))

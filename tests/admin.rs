@@ -11,7 +11,7 @@ use std::{collections::BTreeSet, sync::Arc};
 use chrono::{Duration, Utc};
 use common::{TestDb, eventually, redis_url, settings, unique};
 use payouts::{
-    admin::{self, AdminState},
+    admin::{self, AdminState, webhooks},
     clock::SystemClock,
     db::{
         payees,
@@ -20,7 +20,6 @@ use payouts::{
     },
     domain::{Currency, Money},
     queue::Queue,
-    webhooks,
 };
 use proptest::prelude::*;
 use reqwest::{StatusCode, redirect::Policy};
@@ -2104,7 +2103,7 @@ async fn payees_settlements_and_reconcile_runs_are_served_read_only() {
     use payouts::{
         db::{earnings, payee_terms},
         domain::{Policy, earning::NewEarning},
-        settlement,
+        services::settlement,
     };
     let a = Admin::start().await;
     let p = a.payee("acct_view", "USD").await;
@@ -2317,10 +2316,9 @@ async fn a_selection_of_more_than_500_payouts_is_refused() {
 /// transfer, refused when the gateway cannot be asked, done when it has none.
 #[tokio::test]
 async fn a_cancel_of_a_payout_whose_money_may_have_moved_asks_the_gateway_first() {
-    use payouts::gateway::{
-        Gateway, TransferRequest,
-        http::HttpGateway,
-        mock::{MockGateway, MockGatewayConfig},
+    use payouts::{
+        gateway::{Gateway, TransferRequest, http::HttpGateway},
+        testkit::mock_gateway::{MockGateway, MockGatewayConfig},
     };
     let mock = MockGateway::start(MockGatewayConfig::default())
         .await
@@ -2397,10 +2395,9 @@ async fn a_cancel_of_a_payout_whose_money_may_have_moved_asks_the_gateway_first(
 /// recorded as the gateway says, and the answer says why; the others are.
 #[tokio::test]
 async fn a_bulk_cancel_asks_the_gateway_first_like_the_single_cancel() {
-    use payouts::gateway::{
-        Gateway, TransferRequest,
-        http::HttpGateway,
-        mock::{MockGateway, MockGatewayConfig},
+    use payouts::{
+        gateway::{Gateway, TransferRequest, http::HttpGateway},
+        testkit::mock_gateway::{MockGateway, MockGatewayConfig},
     };
     let mock = MockGateway::start(MockGatewayConfig::default())
         .await

@@ -13,7 +13,7 @@ use payouts::{
         payouts::{self as repo, Finish},
     },
     domain::PayoutStatus,
-    gateway::mock::Faults,
+    testkit::mock_gateway::Faults,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

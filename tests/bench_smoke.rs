@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use payouts::bench::{BenchOptions, Case, run_case, table};
+use payouts::testkit::bench::{BenchOptions, Case, run_case, table};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_benchmark_runs_end_to_end_and_checks_exactly_once() {

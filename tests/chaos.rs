@@ -12,7 +12,7 @@
 
 use std::path::PathBuf;
 
-use payouts::chaos::{self, Bins, ChaosOptions, Profile, Scenario};
+use payouts::testkit::chaos::{self, Bins, ChaosOptions, Profile, Scenario};
 
 /// The harness starts its own Postgres and Redis; two runs at once on a
 /// 2-core machine would only make each other's leases expire.

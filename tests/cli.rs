@@ -282,7 +282,7 @@ async fn bad_configuration_is_one_line_naming_the_key() {
 // Multi-threaded: the in-process mock gateway must answer while the test blocks on payoutctl.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconcile_reports_drift_fixes_what_the_gateway_proves_and_exits_non_zero_for_the_rest() {
-    use payouts::gateway::mock::{MockGateway, MockGatewayConfig};
+    use payouts::testkit::mock_gateway::{MockGateway, MockGatewayConfig};
     let ctl = Ctl::new().await;
     let gw = MockGateway::start(MockGatewayConfig::default())
         .await

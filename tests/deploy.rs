@@ -541,7 +541,7 @@ async fn migrate_check_waits_for_the_migrations_and_names_the_missing_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconcile_every_records_a_run_then_stops_cleanly_on_sigterm() {
-    use payouts::gateway::mock::{MockGateway, MockGatewayConfig};
+    use payouts::testkit::mock_gateway::{MockGateway, MockGatewayConfig};
     let ctl = Ctl::new().await;
     let gw = MockGateway::start(MockGatewayConfig::default())
         .await

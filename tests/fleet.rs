@@ -10,7 +10,7 @@ use std::{
 };
 
 use common::{Fleet, Proc, child_env, eventually};
-use payouts::gateway::mock::Faults;
+use payouts::testkit::mock_gateway::Faults;
 
 /// A private redis-server on a free port (tests that kill Redis never touch the shared one).
 struct PrivateRedis {

@@ -27,11 +27,8 @@ use payouts::{
     clock::SystemClock,
     config::Settings,
     domain::PayoutStatus,
-    gateway::{
-        Outcome, TransferRequest,
-        mock::{Faults, MockGateway, MockGatewayConfig},
-        select,
-    },
+    gateway::{Outcome, TransferRequest, select},
+    testkit::mock_gateway::{Faults, MockGateway, MockGatewayConfig},
     worker::{Step, Worker},
 };
 use serde_json::{Value, json};
@@ -128,7 +125,10 @@ async fn release_funds_holds_a_driver_not_onboarded_and_releases_it_once_the_api
     let id = due_payout(&fleet, "acct_new_driver").await;
     assert_eq!(worker.process(id).await, Step::Recorded(PayoutStatus::Held));
     let (code, message) = failure(&fleet, id).await;
-    assert_eq!(code.as_deref(), Some(payouts::sync::NOT_ONBOARDED));
+    assert_eq!(
+        code.as_deref(),
+        Some(payouts::services::sync::NOT_ONBOARDED)
+    );
     assert!(
         message
             .as_deref()
@@ -438,7 +438,7 @@ async fn a_reconciliation_whose_every_look_up_failed_is_a_failed_run_that_does_n
         stderr.contains("every look-up failed"),
         "says why: {stderr}"
     );
-    payouts::reconcile::publish_last_run(&ctl.db.pool)
+    payouts::services::reconcile::publish_last_run(&ctl.db.pool)
         .await
         .unwrap();
     assert_eq!(

@@ -1,5 +1,5 @@
 //! The real gateways against local servers that speak their wire formats:
-//! the Stripe stand-in (`payouts::gateway::stripe_standin`, built from
+//! the Stripe stand-in (`payouts::testkit::stripe_standin`, built from
 //! Stripe's API definition and documentation: saved answers of any status,
 //! replays, balance, capabilities, reversals), a fixture server that answers
 //! each recorded Stripe error of `tests/fixtures/stripe/` (for the
@@ -26,19 +26,17 @@ use axum::{
 use chrono::Utc;
 use common::Fleet;
 use payouts::{
+    admin::webhooks::{self, WebhookState},
     clock::SystemClock,
     config::{GatewaySettings, Settings},
     db::payouts as db_payouts,
     domain::PayoutStatus,
-    gateway::{
-        Gateway, Outcome, TransferRequest,
-        mock::Faults,
-        select,
-        stripe::StripeGateway,
+    gateway::{Gateway, Outcome, TransferRequest, select, stripe::StripeGateway},
+    services::sync::{FAILED_AFTER_PAID, InTransitSync},
+    testkit::{
+        mock_gateway::Faults,
         stripe_standin::{Fault, StandIn, StandInConfig},
     },
-    sync::{FAILED_AFTER_PAID, InTransitSync},
-    webhooks::{self, WebhookState},
     worker::{Step, Worker},
 };
 use serde_json::{Value, json};

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use payouts::gateway::mock::{Faults, MockGateway, MockGatewayConfig, RunningMockGateway};
+use payouts::testkit::mock_gateway::{Faults, MockGateway, MockGatewayConfig, RunningMockGateway};
 use reqwest::{Client, StatusCode};
 use serde_json::{Value, json};
 

@@ -1472,11 +1472,11 @@ fn once_the_fleet_catches_up_no_payout_is_left_unfinished() {
 /// Shrunk sequence (one payout, due at t0): `QueueDue`, `Claim { worker: 0
 /// }`, `Finish { claim: Newest, outcome: InTransit }`, then the fleet
 /// catching up — the payout stays `in_transit` for ever. The poll and
-/// webhooks being written in `src/sync.rs` (`sync::resolve`) should close
+/// webhooks being written in `src/services/sync.rs` (`sync::resolve`) should close
 /// this: when they land, add a resolve step to `Op`, the model and
 /// `drain_ops`, and drop the `#[ignore]`.
 #[test]
-#[ignore = "in_transit is resolved by the gateway (webhooks, and the producer's in-transit poll in src/sync.rs, tested in tests/gateways.rs), which this model does not drive yet"]
+#[ignore = "in_transit is resolved by the gateway (webhooks, and the producer's in-transit poll in src/services/sync.rs, tested in tests/gateways.rs), which this model does not drive yet"]
 fn an_in_transit_payout_is_not_left_unfinished_either() {
     check_sequences(lifecycle_mix(), Drain::Yes);
 }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Duration, Utc};
 use common::{Ctl, Fleet, TestDb, unique};
 use payouts::{
+    admin::intake::{self, EarningsApi},
     clock::{Clock, FakeClock},
     config::Settings,
     db::{earnings, payee_terms, payees, payouts as payout_repo, settlements},
@@ -23,9 +24,8 @@ use payouts::{
             CarriedLine, Commission, DeductionLine, EarningLine, LineKind, Outcome, SettlementInput,
         },
     },
-    earnings_api::{self, EarningsApi},
-    gateway::mock::Faults,
-    settlement::{self, Options},
+    services::settlement::{self, Options},
+    testkit::mock_gateway::Faults,
     worker::Step,
 };
 use proptest::prelude::*;
@@ -1320,9 +1320,7 @@ async fn the_earnings_endpoint_answers_201_then_200_and_names_the_bad_field() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/v1/earnings", listener.local_addr().unwrap());
     let server = tokio::spawn(async move {
-        axum::serve(listener, earnings_api::router(api))
-            .await
-            .unwrap();
+        axum::serve(listener, intake::router(api)).await.unwrap();
     });
     let http = reqwest::Client::new();
     let post = |body: Value| {

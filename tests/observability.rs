@@ -24,7 +24,7 @@ use std::{
 };
 
 use common::{Fleet, Proc, child_env, eventually, unique};
-use payouts::gateway::mock::Faults;
+use payouts::testkit::mock_gateway::Faults;
 use serde_json::Value;
 
 // --- helpers -------------------------------------------------------------------
@@ -830,9 +830,9 @@ async fn the_paid_amount_counter_is_the_exact_sum_of_what_was_recorded_paid() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_webhook_that_records_a_payout_paid_counts_its_amount_once() {
     use payouts::{
+        admin::webhooks::{WebhookState, router, signature_header},
         domain::{Currency, Money},
         metrics::PAID_MINOR_UNITS,
-        webhooks::{WebhookState, router, signature_header},
     };
     // OMR: no other test of this binary pays it in this process.
     let f = Fleet::start(Faults::default()).await;
@@ -869,7 +869,7 @@ async fn a_webhook_that_records_a_payout_paid_counts_its_amount_once() {
         clock: f.clock.clone(),
         gateway_secrets: std::sync::Arc::new(vec!["whsec_obs".to_string().into()]),
         stripe_secrets: std::sync::Arc::new(vec![]),
-        tolerance: payouts::webhooks::DEFAULT_TOLERANCE,
+        tolerance: payouts::admin::webhooks::DEFAULT_TOLERANCE,
         kind: "contract".into(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1598,7 +1598,7 @@ fn docker_compose_runs_the_whole_fleet_from_files_that_exist() {
 // --- Dockerfile ----------------------------------------------------------------------------
 
 #[test]
-fn the_dockerfile_builds_every_binary_into_one_non_root_image() {
+fn the_dockerfile_builds_the_product_binaries_only_into_a_non_root_image() {
     let text = read("Dockerfile");
     let lines: Vec<&str> = text
         .lines()
@@ -1618,7 +1618,12 @@ fn the_dockerfile_builds_every_binary_into_one_non_root_image() {
             .unwrap()
             .starts_with("FROM debian:bookworm-slim")
     );
-    assert!(text.contains("cargo build --release --locked --bins"));
+    // The product only: no testkit (mock gateway, stand-in, chaos, bench)
+    // in the production image, which is the last stage (the default target).
+    assert!(text.contains("cargo build --release --locked --no-default-features --bins"));
+    let runtime = text.rsplit("FROM ").next().unwrap();
+    assert!(runtime.contains("COPY --from=builder "), "{runtime}");
+    assert!(!runtime.contains("mock"), "{runtime}");
     assert!(text.contains("ca-certificates"));
     assert!(text.contains("COPY --from=builder"));
     let user = lines

@@ -12,8 +12,8 @@ use payouts::{
     clock::{Clock, FakeClock},
     db::{events, payouts as repo},
     domain::PayoutStatus,
-    gateway::mock::Faults,
     producer::{Leadership, run_loop},
+    testkit::mock_gateway::Faults,
     worker::{SkipReason, Step, run_consumer},
 };
 use serde_json::json;

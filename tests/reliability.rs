@@ -17,9 +17,9 @@ use payouts::{
         Gateway, TransferRequest,
         guard::{Circuit, GatewayGuard, GuardSettings},
         http::HttpGateway,
-        mock::Faults,
     },
-    reconcile::{self, MismatchKind},
+    services::reconcile::{self, MismatchKind},
+    testkit::mock_gateway::Faults,
     worker::Step,
 };
 
@@ -524,7 +524,7 @@ mod returned {
     use payouts::{
         db::earnings,
         domain::{Money, Policy, earning::NewEarning},
-        settlement,
+        services::settlement,
     };
 
     fn policy() -> Policy {
@@ -833,9 +833,10 @@ async fn reconciliation_holds_the_payout_that_carries_a_returned_balance_the_gat
         );
         // An onboarding release (webhook or poll) does not let it go.
         let mut conn = f.pool().acquire().await.unwrap();
-        let released = payouts::sync::release_account(&mut conn, account, "sync:t", Utc::now())
-            .await
-            .unwrap();
+        let released =
+            payouts::services::sync::release_account(&mut conn, account, "sync:t", Utc::now())
+                .await
+                .unwrap();
         assert!(released.is_empty(), "{account}: {released:?}");
     }
 }

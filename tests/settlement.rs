@@ -12,7 +12,7 @@ use common::TestDb;
 use payouts::{
     db::{earnings, filter, payee_terms, payees, payouts as payout_repo, settlements},
     domain::{Currency, Money, PayoutMethod, Policy, Schedule, earning::NewEarning},
-    settlement::{self, Options},
+    services::settlement::{self, Options},
 };
 use rust_decimal::Decimal;
 use sqlx::PgPool;

@@ -1,5 +1,5 @@
 //! The fleet on Stripe against the Stripe stand-in
-//! (`payouts::gateway::stripe_standin`, a real HTTP server that follows
+//! (`payouts::testkit::stripe_standin`, a real HTTP server that follows
 //! Stripe's documented idempotency, error, rate-limit and webhook rules): one
 //! test per defect of the gateway issue (#14, 1–9) and the webhook-matching
 //! finding of the security issue (#15, 2). Real Postgres and Redis.
@@ -11,18 +11,17 @@ use std::{sync::Arc, time::Duration};
 use chrono::Utc;
 use common::Fleet;
 use payouts::{
+    admin::webhooks::{self, WebhookState},
     clock::SystemClock,
     config::Settings,
     db::payouts as db_payouts,
     domain::{Money, PayoutStatus},
-    gateway::{
-        Outcome, TransferRequest,
-        mock::Faults,
-        select,
+    gateway::{Outcome, TransferRequest, select},
+    services::sync::InTransitSync,
+    testkit::{
+        mock_gateway::Faults,
         stripe_standin::{Endpoint, Fault, StandIn, StandInConfig},
     },
-    sync::InTransitSync,
-    webhooks::{self, WebhookState},
     worker::{Step, Worker},
 };
 use serde_json::{Value, json};
@@ -188,7 +187,7 @@ async fn post_signed(url: &str, header: &str, sig: &str, body: &str) -> (u16, St
     )
 }
 
-fn form_of(s: &payouts::gateway::stripe_standin::Seen, k: &str) -> String {
+fn form_of(s: &payouts::testkit::stripe_standin::Seen, k: &str) -> String {
     s.params
         .iter()
         .find(|(pk, _)| pk == k)

@@ -286,9 +286,9 @@ fn conflict(e: ActionError, action: &str) -> ApiError {
 /// A cancel refused: by the lifecycle (as [`conflict`]), or because the
 /// gateway holds a transfer for the payout or could not be asked (409 with
 /// the reason and the payout's status, when known).
-fn cancel_refused(e: crate::reconcile::CancelError) -> ApiError {
+fn cancel_refused(e: crate::services::reconcile::CancelError) -> ApiError {
     match e {
-        crate::reconcile::CancelError::Action(e) => conflict(e, "cancel"),
+        crate::services::reconcile::CancelError::Action(e) => conflict(e, "cancel"),
         other => {
             metrics::ADMIN_ACTIONS
                 .with_label_values(&["cancel", "conflict"])
@@ -363,7 +363,7 @@ pub async fn action(
                 )
             };
             (
-                crate::reconcile::cancel(&s.pool, gateway, id, &actor, &why, now)
+                crate::services::reconcile::cancel(&s.pool, gateway, id, &actor, &why, now)
                     .await
                     .map_err(cancel_refused)?,
                 PayoutStatus::Cancelled,
@@ -631,13 +631,15 @@ pub async fn bulk_cancel(
                 &s.settings.redis.prefix,
             )
         };
-        match crate::reconcile::cancel(&s.pool, gateway, r.id, &actor, &why, now).await {
+        match crate::services::reconcile::cancel(&s.pool, gateway, r.id, &actor, &why, now).await {
             Ok(_) => cancelled.push(r.id),
-            Err(crate::reconcile::CancelError::Action(ActionError::Db(e))) => return Err(e.into()),
-            Err(crate::reconcile::CancelError::Action(ActionError::Illegal(t))) => {
+            Err(crate::services::reconcile::CancelError::Action(ActionError::Db(e))) => {
+                return Err(e.into());
+            }
+            Err(crate::services::reconcile::CancelError::Action(ActionError::Illegal(t))) => {
                 changed.push(json!({"id": r.id, "status": t.from.as_str()}))
             }
-            Err(crate::reconcile::CancelError::Action(ActionError::NotFound(_))) => {}
+            Err(crate::services::reconcile::CancelError::Action(ActionError::NotFound(_))) => {}
             Err(e) => refused.push(json!({
                 "id": r.id, "status": e.status().map(|st| st.as_str()), "error": e.to_string(),
             })),
@@ -955,7 +957,7 @@ pub async fn reconcile_runs(
     RawQuery(q): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
     let lq = list_query(&q, &[])?;
-    let items = crate::reconcile::runs(&s.pool, lq.before_id, lq.limit).await?;
+    let items = crate::services::reconcile::runs(&s.pool, lq.before_id, lq.limit).await?;
     let next = next_cursor(items.iter().map(|r| r.id), items.len(), lq.limit);
     Ok(Json(json!({"items": items, "next_cursor": next})))
 }

@@ -12,9 +12,11 @@
 pub mod api;
 pub mod auth;
 pub mod host;
+pub mod intake;
 pub mod limits;
 pub mod overview;
 pub mod strict_json;
+pub mod webhooks;
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -29,13 +31,8 @@ use serde_json::json;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::{
-    clock::SharedClock,
-    config::Settings,
-    earnings_api::{self, EarningsApi},
-    queue::Queue,
-    webhooks::{self, WebhookState},
-};
+use self::{intake::EarningsApi, webhooks::WebhookState};
+use crate::{clock::SharedClock, config::Settings, queue::Queue};
 
 /// What every handler needs.
 #[derive(Clone)]
@@ -281,7 +278,7 @@ pub fn router(state: AdminState) -> Router {
         .load()
         .map(Arc::new)
         .unwrap_or_else(|e| panic!("the policy was validated with the settings: {e}"));
-    let earnings = earnings_api::router(EarningsApi {
+    let earnings = intake::router(EarningsApi {
         pool: state.pool.clone(),
         policy,
         clock: state.clock.clone(),

@@ -1,7 +1,7 @@
-//! The mock payment gateway as a standalone server (see `payouts::gateway::mock`).
+//! The mock payment gateway as a standalone server (see `payouts::testkit::mock_gateway`).
 
 use clap::Parser;
-use payouts::gateway::mock::{Faults, MockGateway, MockGatewayConfig};
+use payouts::testkit::mock_gateway::{Faults, MockGateway, MockGatewayConfig};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 

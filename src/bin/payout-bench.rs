@@ -1,9 +1,9 @@
-//! `payout-bench`: the fleet benchmark. See `payouts::bench` and BENCHMARKS.md.
+//! `payout-bench`: the fleet benchmark. See `payouts::testkit::bench` and BENCHMARKS.md.
 
 use std::{path::PathBuf, time::Duration};
 
 use clap::Parser;
-use payouts::bench::{BenchOptions, Case};
+use payouts::testkit::bench::{BenchOptions, Case};
 
 #[derive(Parser)]
 #[command(
@@ -64,7 +64,7 @@ async fn main() -> anyhow::Result<()> {
     };
     if let Some(n) = a.producer_only {
         let (rate, scan_ms) =
-            payouts::bench::producer_rate(&settings, "payouts_bench", n, 1000).await?;
+            payouts::testkit::bench::producer_rate(&settings, "payouts_bench", n, 1000).await?;
         println!(
             "producer: {n} payouts enqueued at {rate:.0}/s; median {scan_ms:.1} ms per batch of 1000 (due scan, mark queued, push; pipelined)"
         );
@@ -77,15 +77,15 @@ async fn main() -> anyhow::Result<()> {
                 workers: *workers,
                 latency_ms: *latency_ms,
             };
-            results.push(payouts::bench::run_case(&settings, case, &opts).await?);
+            results.push(payouts::testkit::bench::run_case(&settings, case, &opts).await?);
         }
     }
-    println!("{}", payouts::bench::table(&results));
+    println!("{}", payouts::testkit::bench::table(&results));
     println!(
         "CPU during the measured burst:\n\n{}",
-        payouts::bench::cpu_table(&results)
+        payouts::testkit::bench::cpu_table(&results)
     );
-    payouts::bench::write_json(&a.json, &results)?;
+    payouts::testkit::bench::write_json(&a.json, &results)?;
     if results.iter().any(|r| !r.exactly_once) {
         anyhow::bail!("exactly-once check failed");
     }

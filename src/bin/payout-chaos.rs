@@ -1,4 +1,4 @@
-//! `payout-chaos`: the chaos harness (see `payouts::chaos`). Runs the fault
+//! `payout-chaos`: the chaos harness (see `payouts::testkit::chaos`). Runs the fault
 //! scenarios against a private Redis and Postgres and the fleet binaries
 //! next to it, prints one table row per scenario, writes the whole report as
 //! JSON, and exits 1 if any invariant was broken.
@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use payouts::chaos::{self, Bins, ChaosOptions, Profile, Scenario};
+use payouts::testkit::chaos::{self, Bins, ChaosOptions, Profile, Scenario};
 
 #[derive(Parser)]
 #[command(

@@ -1,4 +1,4 @@
-//! `payout-demo`: the README's main job. See `payouts::demo`.
+//! `payout-demo`: the README's main job. See `payouts::testkit::demo`.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -41,7 +41,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let settings = payouts::config::Settings::load(None)?;
-    let opts = payouts::demo::DemoOptions {
+    let opts = payouts::testkit::demo::DemoOptions {
         count: args.count,
         workers: args.workers,
         timeout: Duration::from_secs(args.timeout_secs),
@@ -50,9 +50,9 @@ async fn main() -> anyhow::Result<()> {
         serve: args.serve,
         gateway_kind: args.gateway_kind,
     };
-    let s = payouts::demo::run(settings, opts).await?;
+    let s = payouts::testkit::demo::run(settings, opts).await?;
     if !args.serve {
-        println!("\n{}", payouts::demo::summary_line(&s));
+        println!("\n{}", payouts::testkit::demo::summary_line(&s));
     }
     if s.duplicates > 0 || s.paid + s.failed != s.seeded || s.disagreements > 0 {
         anyhow::bail!("exactly-once check failed");

@@ -1,11 +1,11 @@
 //! The Stripe stand-in as a standalone server (see
-//! `payouts::gateway::stripe_standin`), so the demo and a local fleet can run
+//! `payouts::testkit::stripe_standin`), so the demo and a local fleet can run
 //! with `gateway.kind = "stripe"` against it.
 
 use std::collections::BTreeMap;
 
 use clap::Parser;
-use payouts::gateway::stripe_standin::{Endpoint, StandIn, StandInConfig};
+use payouts::testkit::stripe_standin::{Endpoint, StandIn, StandInConfig};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]

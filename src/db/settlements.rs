@@ -1,7 +1,7 @@
 //! The `settlements` and `payout_lines` tables: one settlement per payee,
 //! currency and period (unique), with its line items, and the payout it made
 //! or the balance it carried over. Written only inside the settlement run's
-//! transaction (`crate::settlement`).
+//! transaction (`crate::services::settlement`).
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;

@@ -13,7 +13,7 @@
 //! ```
 //!
 //! A cancel of a payout that was sent and whose answers could have moved
-//! money asks the gateway first ([`crate::reconcile::cancel`]).
+//! money asks the gateway first ([`crate::services::reconcile::cancel`]).
 
 use std::{fmt, str::FromStr};
 

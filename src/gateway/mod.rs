@@ -4,12 +4,10 @@
 pub mod backoff;
 pub mod guard;
 pub mod http;
-pub mod mock;
 pub mod release_funds;
 pub mod select;
 pub mod stripe;
 pub mod stripe_currency;
-pub mod stripe_standin;
 
 use std::{collections::BTreeMap, time::Duration};
 

@@ -25,7 +25,7 @@
 //! Two refusals are not the payee's failure, whatever the status table says
 //! (the product document's "Error Scenarios"):
 //! - a code in `gateway.release_funds.not_onboarded_codes` ("driver hasn't
-//!   completed Stripe onboarding") becomes [`crate::sync::NOT_ONBOARDED`], so the
+//!   completed Stripe onboarding") becomes [`crate::services::sync::NOT_ONBOARDED`], so the
 //!   worker holds the payout until the account is ready (the API's own code
 //!   stays in the message);
 //! - a code in `gateway.release_funds.balance_codes`, or a 402 the table calls
@@ -33,7 +33,7 @@
 //!   becomes the transient [`PLATFORM_BALANCE`]: retried later, never failed.
 //!
 //! With `gateway.release_funds.account_endpoint` the adapter is also the
-//! onboarding check ([`crate::sync::AccountCheck`]) that releases held payouts.
+//! onboarding check ([`crate::services::sync::AccountCheck`]) that releases held payouts.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -93,7 +93,7 @@ impl AnswerRules {
         let listed = |list: &[String]| code.is_some_and(|c| list.iter().any(|l| l == c));
         if listed(&self.not_onboarded_codes) {
             return Some(Outcome::Rejected {
-                code: crate::sync::NOT_ONBOARDED.into(),
+                code: crate::services::sync::NOT_ONBOARDED.into(),
                 message: format!("release-funds API answered {status} {said}"),
             });
         }
@@ -455,7 +455,7 @@ fn path_segment(account: &str) -> String {
 /// `{"onboarded": bool}` (also read: `payoutsEnabled`, `payouts_enabled`,
 /// `transfersEnabled`); a 404 is an account not ready.
 #[async_trait]
-impl crate::sync::AccountCheck for ReleaseFundsGateway {
+impl crate::services::sync::AccountCheck for ReleaseFundsGateway {
     async fn account_ready(&self, account: &str) -> Result<bool, LookupError> {
         let Some(template) = &self.account_url else {
             return Err(LookupError(
@@ -524,7 +524,7 @@ mod tests {
             let o = classify_release(status, None, body, "payout_1", &shipped());
             match o {
                 Outcome::Rejected { code, message } => {
-                    assert_eq!(code, crate::sync::NOT_ONBOARDED);
+                    assert_eq!(code, crate::services::sync::NOT_ONBOARDED);
                     assert!(message.contains("_not_onboarded"), "{message}");
                 }
                 other => panic!("{status}: {other:?}"),

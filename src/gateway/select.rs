@@ -201,10 +201,10 @@ pub fn fleet_limiter(
 /// The onboarding check of the selected adapter, when it has one (Stripe:
 /// the connected account's `transfers` capability; release-funds: its
 /// `account_endpoint`, when configured), for
-/// [`crate::sync::InTransitSync::release_onboarded`].
+/// [`crate::services::sync::InTransitSync::release_onboarded`].
 pub fn account_check(
     settings: &GatewaySettings,
-) -> anyhow::Result<Option<Arc<dyn crate::sync::AccountCheck>>> {
+) -> anyhow::Result<Option<Arc<dyn crate::services::sync::AccountCheck>>> {
     account_check_limited(settings, None)
 }
 
@@ -213,7 +213,7 @@ pub fn account_check(
 pub fn account_check_limited(
     settings: &GatewaySettings,
     limiter: Option<Arc<dyn crate::gateway::RequestLimiter>>,
-) -> anyhow::Result<Option<Arc<dyn crate::sync::AccountCheck>>> {
+) -> anyhow::Result<Option<Arc<dyn crate::services::sync::AccountCheck>>> {
     Ok(match settings.kind.as_str() {
         "stripe" => {
             let gw = StripeGateway::new(settings)?;
@@ -225,7 +225,7 @@ pub fn account_check_limited(
         "release_funds" => {
             let gw = ReleaseFundsGateway::new(settings)?;
             gw.has_account_check()
-                .then(|| Arc::new(gw) as Arc<dyn crate::sync::AccountCheck>)
+                .then(|| Arc::new(gw) as Arc<dyn crate::services::sync::AccountCheck>)
         }
         _ => None,
     })

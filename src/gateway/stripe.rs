@@ -47,7 +47,7 @@
 //! A created transfer is [`Outcome::Paid`]: the funds are in the connected
 //! account's Stripe balance at once. A later `transfer.reversed` (or a
 //! `payout.failed` of a payout tagged with `metadata[payout_id]`) reaches the
-//! fleet by webhook (`crate::webhooks`) and turns the payout `failed`, with an
+//! fleet by webhook (`crate::admin::webhooks`) and turns the payout `failed`, with an
 //! alert.
 
 use std::{collections::BTreeMap, time::Duration};
@@ -581,7 +581,7 @@ fn lookup_failed(e: LookupError) -> Outcome {
 }
 
 #[async_trait]
-impl crate::sync::AccountCheck for StripeGateway {
+impl crate::services::sync::AccountCheck for StripeGateway {
     async fn account_ready(&self, account: &str) -> Result<bool, LookupError> {
         StripeGateway::account_ready(self, account).await
     }

@@ -18,10 +18,10 @@ use payouts::{
         backoff::BackoffPolicy,
         guard::{GatewayGuard, GuardSettings},
         http::HttpGateway,
-        mock::{Faults, MockGateway, MockGatewayConfig, RunningMockGateway},
     },
     producer::Producer,
     queue::{Queue, lock::Locks},
+    testkit::mock_gateway::{Faults, MockGateway, MockGatewayConfig, RunningMockGateway},
     worker::Worker,
 };
 use sqlx::{Connection, PgPool};

@@ -24,7 +24,7 @@ use sqlx::PgPool;
 use crate::{
     db::payouts::idempotency_key,
     domain::{Currency, Money, PayoutStatus},
-    gateway::mock::LedgerEntry,
+    testkit::mock_gateway::LedgerEntry,
 };
 
 /// What a payout should end as.

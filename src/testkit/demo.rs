@@ -42,7 +42,7 @@ pub struct DemoOptions {
     /// Ctrl-C; two demo payees' accounts are closed at the mock gateway so
     /// the failures view and the retry action have something to show.
     pub serve: bool,
-    /// `gateway.kind` of the fleet: one of [`crate::gateway::mock::MOCK_KINDS`].
+    /// `gateway.kind` of the fleet: one of [`crate::testkit::mock_gateway::MOCK_KINDS`].
     pub gateway_kind: String,
 }
 
@@ -81,11 +81,11 @@ pub async fn seed_from_earnings(
     let t = Instant::now();
     let n = crate::db::earnings::seed_demo(pool, payee_ids, 3, usd, completed_at, release_at, now)
         .await?;
-    let opts = crate::settlement::Options {
+    let opts = crate::services::settlement::Options {
         payee: None,
         actor: "demo:settlement".into(),
     };
-    let report = crate::settlement::run(pool, &policy, now, &opts).await?;
+    let report = crate::services::settlement::run(pool, &policy, now, &opts).await?;
     println!(
         "settled {n} earnings of {} payees (period {}): {} payouts, {} carried over, in {:.2} s",
         payee_ids.len(),
@@ -236,13 +236,13 @@ async fn reconcile_demo(pool: &PgPool, gateway_env: &[(String, String)]) -> anyh
     let gateway =
         crate::gateway::select::build_limited(&gateway_settings, conn, &settings.redis.prefix)?;
     let now = chrono::Utc::now();
-    let opts = crate::reconcile::Options {
+    let opts = crate::services::reconcile::Options {
         since: now - chrono::Duration::hours(1),
         fix: false,
         concurrency: 16,
         actor: "demo:reconcile".into(),
     };
-    let report = crate::reconcile::run(pool, gateway.as_ref(), &opts, now).await?;
+    let report = crate::services::reconcile::run(pool, gateway.as_ref(), &opts, now).await?;
     if let Some(reason) = report.failed {
         bail!(
             "reconciliation against the {} gateway failed: {reason}",
@@ -320,12 +320,12 @@ pub async fn run(settings: Settings, opts: DemoOptions) -> anyhow::Result<DemoSu
     let gateway_env = if stripe {
         Some(stripe_env(&gateway_url))
     } else {
-        crate::gateway::mock::fleet_env(&opts.gateway_kind, &gateway_url, &gw_secret)
+        crate::testkit::mock_gateway::fleet_env(&opts.gateway_kind, &gateway_url, &gw_secret)
     }
     .with_context(|| {
         format!(
             "the demo runs against the mock gateway, which speaks {:?}, not {:?}",
-            crate::gateway::mock::MOCK_KINDS,
+            crate::testkit::mock_gateway::MOCK_KINDS,
             opts.gateway_kind
         )
     })?;

@@ -90,7 +90,7 @@ pub fn signal(pid: u32, sig: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub(crate) use crate::demo::free_port;
+pub(crate) use crate::testkit::demo::free_port;
 
 /// A directory removed (with everything in it) when dropped.
 #[derive(Debug)]

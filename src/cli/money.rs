@@ -21,7 +21,7 @@ use crate::{
         earning::{FileFormat, RawEarning, RowReader},
         policy::{LineKind, Outcome, Settlement},
     },
-    settlement,
+    services::settlement,
 };
 
 /// Earnings commands.

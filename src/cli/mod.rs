@@ -3,6 +3,9 @@
 //! Bad input gets one line naming what was wrong, a non-zero exit, and
 //! changes nothing.
 
+pub mod admin;
+pub mod money;
+
 use std::{io::Write, path::PathBuf};
 
 use anyhow::{Context, bail};
@@ -88,7 +91,7 @@ pub enum Command {
     List {
         /// Which payouts.
         #[command(flatten)]
-        filter: crate::cli_admin::FilterArgs,
+        filter: crate::cli::admin::FilterArgs,
         /// How many.
         #[arg(long, default_value_t = 20)]
         limit: i64,
@@ -104,10 +107,10 @@ pub enum Command {
     /// Failed payouts grouped by failure code.
     Failures,
     /// Retry every failed payout a filter matches (count first with --dry-run).
-    BulkRetry(crate::cli_admin::BulkRetryArgs),
+    BulkRetry(crate::cli::admin::BulkRetryArgs),
     /// API tokens of the admin server.
     #[command(subcommand)]
-    Token(crate::cli_admin::TokenCommand),
+    Token(crate::cli::admin::TokenCommand),
     /// Retry a failed payout (failed -> queued) with a fresh attempt budget.
     Retry {
         /// Payout id.
@@ -152,11 +155,11 @@ pub enum Command {
     },
     /// Earnings: completed work that settlement turns into payouts.
     #[command(subcommand)]
-    Earnings(crate::cli_money::EarningsCommand),
+    Earnings(crate::cli::money::EarningsCommand),
     /// Settle closed periods: one payout per payee, currency and period, with its line items.
-    Settle(crate::cli_money::SettleArgs),
+    Settle(crate::cli::money::SettleArgs),
     /// Show the open period's payout computation line by line; writes nothing.
-    Preview(crate::cli_money::PreviewArgs),
+    Preview(crate::cli::money::PreviewArgs),
     /// Print a shell completion script: `payoutctl completions bash > /etc/bash_completion.d/payoutctl`.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -236,9 +239,9 @@ pub enum PayeeCommand {
         currency: String,
     },
     /// Set a payee's payout schedule and/or payout method.
-    Set(crate::cli_money::PayeeSet),
+    Set(crate::cli::money::PayeeSet),
     /// Add, change or remove an agreed deduction per period (booth rent, supply fee, ...).
-    Deduction(crate::cli_money::PayeeDeduction),
+    Deduction(crate::cli::money::PayeeDeduction),
 }
 
 /// Bad usage: an unknown flag, a missing or malformed argument (clap's own
@@ -496,7 +499,7 @@ async fn reconcile(
     let (settings, pool, json) = (ctx.settings, ctx.pool, ctx.json);
     let clock = SystemClock;
     let actor = ctx.actor.to_string();
-    let opts = crate::reconcile::Options {
+    let opts = crate::services::reconcile::Options {
         since: parse_since(since, clock.now())?,
         fix,
         concurrency: 16,
@@ -505,11 +508,11 @@ async fn reconcile(
     // The configured gateway (`gateway.kind`), never the contract client by default.
     let report = match crate::gateway::select::lookup_unavailable(&settings.gateway) {
         Some(reason) => {
-            crate::reconcile::record_unavailable(pool, &opts, reason, clock.now()).await?
+            crate::services::reconcile::record_unavailable(pool, &opts, reason, clock.now()).await?
         }
         None => {
             let gateway = fleet_gateway(settings).await?;
-            crate::reconcile::run(pool, gateway.as_ref(), &opts, clock.now()).await?
+            crate::services::reconcile::run(pool, gateway.as_ref(), &opts, clock.now()).await?
         }
     };
     if json {
@@ -852,14 +855,14 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
                 }
             }
         }
-        Command::Overview => crate::cli_admin::overview(&pool, &settings, cli.json, out).await?,
-        Command::Failures => crate::cli_admin::failures(&pool, cli.json, out).await?,
+        Command::Overview => crate::cli::admin::overview(&pool, &settings, cli.json, out).await?,
+        Command::Failures => crate::cli::admin::failures(&pool, cli.json, out).await?,
         Command::BulkRetry(args) => {
-            crate::cli_admin::bulk_retry(&pool, &settings, args, &actor, &clock, cli.json, out)
+            crate::cli::admin::bulk_retry(&pool, &settings, args, &actor, &clock, cli.json, out)
                 .await?
         }
         Command::Token(cmd) => {
-            crate::cli_admin::token(&pool, cmd, &actor, cli.json, clock.now(), out).await?
+            crate::cli::admin::token(&pool, cmd, &actor, cli.json, clock.now(), out).await?
         }
         Command::Retry { id } => {
             let conn = crate::queue::connect(&settings.redis).await?;
@@ -874,7 +877,7 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
         Command::Cancel { id, reason } => {
             // The one cancel: asks the gateway first when the payout was sent
             // and no answer proved that nothing moved.
-            let from = crate::reconcile::cancel(
+            let from = crate::services::reconcile::cancel(
                 &pool,
                 async || fleet_gateway(&settings).await,
                 id,
@@ -885,7 +888,7 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
             .await
             .map_err(|e| match e {
                 // Kept as the lifecycle's error, so it exits like any refusal.
-                crate::reconcile::CancelError::Action(a) => anyhow::Error::from(a),
+                crate::services::reconcile::CancelError::Action(a) => anyhow::Error::from(a),
                 other => anyhow::Error::from(other),
             })?;
             if cli.json {
@@ -948,7 +951,7 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
             }
         }
         Command::Earnings(cmd) => {
-            crate::cli_money::run_earnings(
+            crate::cli::money::run_earnings(
                 &pool,
                 &settings,
                 cmd,
@@ -960,20 +963,20 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
             .await?
         }
         Command::Settle(args) => {
-            crate::cli_money::settle(&pool, &settings, args, cli.json, &actor, clock.now(), out)
+            crate::cli::money::settle(&pool, &settings, args, cli.json, &actor, clock.now(), out)
                 .await?
         }
         Command::Preview(args) => {
-            crate::cli_money::preview(&pool, &settings, args, cli.json, clock.now(), out).await?
+            crate::cli::money::preview(&pool, &settings, args, cli.json, clock.now(), out).await?
         }
         // Run by `run_offline` above, before any connection.
         Command::Completions { .. } | Command::Man { .. } => {}
         Command::Payee(PayeeCommand::Set(args)) => {
-            crate::cli_money::payee_set(&pool, &settings, args, cli.json, &actor, clock.now(), out)
+            crate::cli::money::payee_set(&pool, &settings, args, cli.json, &actor, clock.now(), out)
                 .await?
         }
         Command::Payee(PayeeCommand::Deduction(args)) => {
-            crate::cli_money::payee_deduction(&pool, args, cli.json, &actor, clock.now(), out)
+            crate::cli::money::payee_deduction(&pool, args, cli.json, &actor, clock.now(), out)
                 .await?
         }
     }

@@ -35,7 +35,7 @@ pub use report::ScenarioReport;
 use crate::{
     db::{payees, payouts},
     domain::{Currency, Money},
-    gateway::mock::Faults,
+    testkit::mock_gateway::Faults,
 };
 use fleet::{Fleet, FleetSpec};
 use pg::PrivatePostgres;

@@ -21,7 +21,7 @@ use super::{
     proxy::Mode,
     report::ScenarioReport,
 };
-use crate::gateway::mock::Faults;
+use crate::testkit::mock_gateway::Faults;
 
 /// What a scenario injected.
 #[derive(Debug, Default)]

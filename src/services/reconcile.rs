@@ -160,9 +160,9 @@ fn minor_units(p: &Payout) -> Option<i64> {
 
 /// Whether a transfer record means money moved or is moving: anything the
 /// gateway does not call failed (or reversed, canceled, returned; read the
-/// same way as the in-transit poll, [`crate::sync::verdict`]).
+/// same way as the in-transit poll, [`crate::services::sync::verdict`]).
 fn money_moved(t: &TransferRecord) -> bool {
-    crate::sync::verdict(t) != Some(PayoutStatus::Failed)
+    crate::services::sync::verdict(t) != Some(PayoutStatus::Failed)
 }
 
 /// Compares one payout with the gateway's transfers for it; `returned`: its
@@ -527,10 +527,10 @@ pub async fn cancel(
             })?;
         let moved = transfers
             .iter()
-            .find(|t| crate::sync::verdict(t) == Some(PayoutStatus::Paid))
+            .find(|t| crate::services::sync::verdict(t) == Some(PayoutStatus::Paid))
             .or_else(|| transfers.iter().find(|t| money_moved(t)));
         if let Some(t) = moved {
-            let to = match crate::sync::verdict(t) {
+            let to = match crate::services::sync::verdict(t) {
                 Some(PayoutStatus::Paid) => PayoutStatus::Paid,
                 _ => PayoutStatus::InTransit,
             };
@@ -600,7 +600,7 @@ async fn fix(
     let Some(t) = transfers.iter().find(|t| money_moved(t)) else {
         return Ok(false);
     };
-    let to = match crate::sync::verdict(t) {
+    let to = match crate::services::sync::verdict(t) {
         Some(PayoutStatus::Paid) => PayoutStatus::Paid,
         _ => PayoutStatus::InTransit,
     };

@@ -30,8 +30,8 @@ use super::{
 };
 use crate::{
     config::Settings,
-    gateway::mock::{Faults, LedgerEntry, Stats},
     queue::Queue,
+    testkit::mock_gateway::{Faults, LedgerEntry, Stats},
 };
 
 /// Where the fleet's binaries are.
@@ -271,10 +271,10 @@ pub struct Fleet {
 /// The gateway kind the chaos fleet runs with (`PAYOUTS_CHAOS_GATEWAY_KIND`).
 fn chaos_gateway_kind() -> anyhow::Result<String> {
     let kind = std::env::var("PAYOUTS_CHAOS_GATEWAY_KIND").unwrap_or_else(|_| "contract".into());
-    if !crate::gateway::mock::MOCK_KINDS.contains(&kind.as_str()) {
+    if !crate::testkit::mock_gateway::MOCK_KINDS.contains(&kind.as_str()) {
         anyhow::bail!(
             "PAYOUTS_CHAOS_GATEWAY_KIND must be one of {:?} (got {kind:?})",
-            crate::gateway::mock::MOCK_KINDS
+            crate::testkit::mock_gateway::MOCK_KINDS
         );
     }
     Ok(kind)
@@ -282,7 +282,7 @@ fn chaos_gateway_kind() -> anyhow::Result<String> {
 
 /// The settings pointing `kind` at the mock on `base_url` (default secret).
 fn gateway_env(kind: &str, base_url: &str) -> Vec<(String, String)> {
-    crate::gateway::mock::fleet_env(kind, base_url, "sk_test_mock").unwrap_or_default()
+    crate::testkit::mock_gateway::fleet_env(kind, base_url, "sk_test_mock").unwrap_or_default()
 }
 
 /// Options of one fleet.

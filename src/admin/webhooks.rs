@@ -27,13 +27,13 @@
 //! `gateway.kind = "stripe"`, `/webhooks/gateway` only for `contract`.
 //! Anything else is recorded and answered `unmatched` (200). Stripe's
 //! `account.updated` with an active `transfers` capability releases that
-//! account's held payouts at once ([`crate::sync::release_account`]).
+//! account's held payouts at once ([`crate::services::sync::release_account`]).
 //!
 //! **Once per event.** Every event id is recorded in `webhook_events` in the
 //! same transaction as the change it makes; a repeated id is acknowledged
 //! (200) and does nothing.
 //!
-//! **What events do** (see [`crate::sync::resolve`] for the write):
+//! **What events do** (see [`crate::services::sync::resolve`] for the write):
 //!
 //! | event | payout `in_transit` | payout `paid` |
 //! |---|---|---|
@@ -73,7 +73,7 @@ use crate::{
     config::GatewaySettings,
     domain::PayoutStatus,
     metrics::REGISTRY,
-    sync::{RESOLVED, Resolution, resolve},
+    services::sync::{RESOLVED, Resolution, resolve},
 };
 
 type HmacSha256 = Hmac<Sha256>;
@@ -514,7 +514,7 @@ async fn apply(s: &WebhookState, source: Source, ev: &Event) -> sqlx::Result<App
         ("unmatched", None)
     } else if let Effect::Release { account } = &ev.effect {
         let actor = format!("webhook:{}", source.as_str());
-        let ids = crate::sync::release_account(&mut tx, account, &actor, now).await?;
+        let ids = crate::services::sync::release_account(&mut tx, account, &actor, now).await?;
         (
             if ids.is_empty() {
                 "ignored"
@@ -543,7 +543,7 @@ async fn apply(s: &WebhookState, source: Source, ev: &Event) -> sqlx::Result<App
     .await?;
     tx.commit().await?;
     if let ("paid", Some(id)) = (outcome, linked) {
-        crate::sync::count_paid_payout(&s.pool, id).await;
+        crate::services::sync::count_paid_payout(&s.pool, id).await;
     }
     Ok(Applied::Done(outcome))
 }

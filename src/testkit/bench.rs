@@ -24,7 +24,7 @@ use sqlx::{Connection, PgPool};
 use crate::{
     config::Settings,
     db::{self, payees, payouts},
-    demo::{Children, free_port},
+    testkit::demo::{Children, free_port},
 };
 
 /// One benchmark case.

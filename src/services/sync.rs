@@ -1,6 +1,6 @@
 //! Resolving payouts the gateway accepted but has not finished: `in_transit`
 //! becomes `paid` or `failed` when the gateway says so, by webhook
-//! (`crate::webhooks`) or, where no webhook comes, by the poll here, which
+//! (`crate::admin::webhooks`) or, where no webhook comes, by the poll here, which
 //! looks every payout `in_transit` for longer than
 //! `gateway.sync.min_age_secs` up at the gateway (`Gateway::lookup`) on a
 //! schedule (`gateway.sync.interval_secs`).
@@ -18,7 +18,7 @@
 //! `queued` with a fresh attempt budget and an expired lease,
 //! so the producer's sweep enqueues them ([`InTransitSync::release_onboarded`]).
 //! Stripe's `account.updated` webhook does the same at once
-//! ([`release_account`], from `crate::webhooks`); the poll is the fallback.
+//! ([`release_account`], from `crate::admin::webhooks`); the poll is the fallback.
 
 use std::sync::{
     Arc, LazyLock,
