@@ -362,12 +362,58 @@ const GATEWAY_CLASSES: [&str; 7] = [
     "timeout",
 ];
 
+/// Payouts recorded `paid` that the gateway later reported failed or
+/// reversed. Every increment should page someone.
+pub static FAILED_AFTER_PAID: LazyLock<IntCounter> = LazyLock::new(|| {
+    let c = IntCounter::new(
+        "payout_failed_after_paid_total",
+        "Payouts recorded paid that the gateway later reported failed or reversed (page)",
+    )
+    .expect("valid metric");
+    REGISTRY
+        .register(Box::new(c.clone()))
+        .expect("registered once");
+    c
+});
+
+/// In-transit payouts resolved, by how (`webhook`, `poll`) and to what (`paid`, `failed`).
+pub static RESOLVED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    let c = IntCounterVec::new(
+        Opts::new(
+            "payout_in_transit_resolved_total",
+            "In-transit payouts resolved, by source and final status",
+        ),
+        &["source", "status"],
+    )
+    .expect("valid metric");
+    REGISTRY
+        .register(Box::new(c.clone()))
+        .expect("registered once");
+    c
+});
+
+/// Webhooks received, by source and what they did.
+pub static WEBHOOKS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    let c = IntCounterVec::new(
+        Opts::new(
+            "payout_webhooks_total",
+            "Gateway webhooks received, by source and outcome",
+        ),
+        &["source", "outcome"],
+    )
+    .expect("valid metric");
+    REGISTRY
+        .register(Box::new(c.clone()))
+        .expect("registered once");
+    c
+});
+
 /// Touches every metric so `/metrics` lists them from the start.
 pub fn init() {
     LazyLock::force(&PAYOUTS_FINISHED);
     LazyLock::force(&PAID_MINOR_UNITS);
     LazyLock::force(&OLDEST_IN_TRANSIT_AGE);
-    LazyLock::force(&crate::services::sync::FAILED_AFTER_PAID);
+    LazyLock::force(&FAILED_AFTER_PAID);
     LazyLock::force(&ATTEMPTS);
     LazyLock::force(&DEAD_LETTERS);
     LazyLock::force(&GATEWAY_REQUESTS);
@@ -418,12 +464,12 @@ pub fn init() {
             "unmatched",
             "db_error",
         ] {
-            crate::admin::webhooks::WEBHOOKS.with_label_values(&[source, outcome]);
+            WEBHOOKS.with_label_values(&[source, outcome]);
         }
     }
     for source in ["webhook", "poll"] {
         for status in ["paid", "failed"] {
-            crate::services::sync::RESOLVED.with_label_values(&[source, status]);
+            RESOLVED.with_label_values(&[source, status]);
         }
     }
     zero(&SETTLEMENTS, &["payout", "below_minimum", "shortfall"]);
@@ -475,7 +521,7 @@ pub fn init() {
     for s in crate::domain::status::ALL_STATUSES {
         PAYOUTS_BY_STATUS.with_label_values(&[s.as_str()]);
     }
-    for k in crate::services::reconcile::MismatchKind::ALL {
+    for k in crate::domain::mismatch::MismatchKind::ALL {
         RECONCILE_MISMATCHES.with_label_values(&[k.label()]);
     }
 }

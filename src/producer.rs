@@ -320,7 +320,7 @@ pub fn in_transit_sync(
 ) -> anyhow::Result<crate::services::sync::InTransitSync> {
     use crate::gateway::select;
     let prefix = &settings.redis.prefix;
-    let gateway = select::build_limited(&settings.gateway, conn.clone(), prefix)?;
+    let gateway = select::lookup_limited(&settings.gateway, conn.clone(), prefix)?;
     let accounts = select::account_check_limited(
         &settings.gateway,
         Some(select::fleet_limiter(&settings.gateway, conn, prefix)),

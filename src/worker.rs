@@ -197,7 +197,7 @@ impl Worker {
                     amount_minor,
                     currency: money.currency().code().to_string(),
                     destination: claimed.gateway_account.clone(),
-                    reference: payouts::idempotency_key(payout.id),
+                    reference: crate::domain::transfer::idempotency_key(payout.id),
                     metadata: [("payout_id".to_string(), payout.id.to_string())].into(),
                     idempotency_key: payout.idempotency_key(),
                     key_index: claimed.key_index.max(0) as u32,
@@ -291,7 +291,7 @@ impl Worker {
             // Not the payee's failure: the account cannot receive money yet.
             // Held (no budget spent) until `account.updated` or the poll sees
             // it ready; held too often, it fails with its code.
-            Outcome::Rejected { code, message } if code == crate::services::sync::NOT_ONBOARDED => {
+            Outcome::Rejected { code, message } if code == crate::gateway::NOT_ONBOARDED => {
                 let max = self.settings.max_holds.max(1);
                 if holds >= max {
                     Finish::Failed {
@@ -337,7 +337,7 @@ impl Worker {
                 // Read the records as the in-transit poll does (sync::verdict).
                 let verdicts: Vec<_> = found
                     .iter()
-                    .map(|t| (t, crate::services::sync::verdict(t)))
+                    .map(|t| (t, crate::domain::transfer::verdict(&t.status)))
                     .collect();
                 let moved = verdicts
                     .iter()

@@ -125,10 +125,7 @@ async fn release_funds_holds_a_driver_not_onboarded_and_releases_it_once_the_api
     let id = due_payout(&fleet, "acct_new_driver").await;
     assert_eq!(worker.process(id).await, Step::Recorded(PayoutStatus::Held));
     let (code, message) = failure(&fleet, id).await;
-    assert_eq!(
-        code.as_deref(),
-        Some(payouts::services::sync::NOT_ONBOARDED)
-    );
+    assert_eq!(code.as_deref(), Some(payouts::gateway::NOT_ONBOARDED));
     assert!(
         message
             .as_deref()

@@ -31,8 +31,9 @@ use payouts::{
     config::{GatewaySettings, Settings},
     db::payouts as db_payouts,
     domain::PayoutStatus,
-    gateway::{Gateway, Outcome, TransferRequest, select, stripe::StripeGateway},
-    services::sync::{FAILED_AFTER_PAID, InTransitSync},
+    gateway::{Gateway, Lookup, Outcome, TransferRequest, select, stripe::StripeGateway},
+    metrics::FAILED_AFTER_PAID,
+    services::sync::InTransitSync,
     testkit::{
         mock_gateway::Faults,
         stripe_standin::{Fault, StandIn, StandInConfig},

@@ -870,7 +870,7 @@ async fn a_webhook_that_records_a_payout_paid_counts_its_amount_once() {
         gateway_secrets: std::sync::Arc::new(vec!["whsec_obs".to_string().into()]),
         stripe_secrets: std::sync::Arc::new(vec![]),
         tolerance: payouts::admin::webhooks::DEFAULT_TOLERANCE,
-        kind: "contract".into(),
+        kind: payouts::config::GatewayKind::Contract,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/webhooks/gateway", listener.local_addr().unwrap());

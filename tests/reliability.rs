@@ -14,7 +14,7 @@ use payouts::{
     db::{events, payouts as repo},
     domain::PayoutStatus,
     gateway::{
-        Gateway, TransferRequest,
+        Gateway, Lookup, TransferRequest,
         guard::{Circuit, GatewayGuard, GuardSettings},
         http::HttpGateway,
     },
@@ -637,7 +637,7 @@ async fn a_cancel_after_an_unanswered_attempt_the_gateway_paid_is_refused_and_re
     let settings = f.settings.gateway.clone();
     let refused = reconcile::cancel(
         f.pool(),
-        async move || Ok(Arc::new(HttpGateway::new(&settings)?) as Arc<dyn Gateway>),
+        async move || Ok(Arc::new(HttpGateway::new(&settings)?) as Arc<dyn Lookup>),
         p1,
         "operator:ana",
         "gave up",
@@ -710,7 +710,7 @@ async fn a_cancel_of_a_sent_payout_is_refused_while_the_gateway_cannot_be_asked_
     down.base_url = "http://127.0.0.1:9".into();
     let err = reconcile::cancel(
         f.pool(),
-        async move || Ok(Arc::new(HttpGateway::new(&down)?) as Arc<dyn Gateway>),
+        async move || Ok(Arc::new(HttpGateway::new(&down)?) as Arc<dyn Lookup>),
         id,
         "operator:ana",
         "gave up",
@@ -727,7 +727,7 @@ async fn a_cancel_of_a_sent_payout_is_refused_while_the_gateway_cannot_be_asked_
     let settings = f.settings.gateway.clone();
     let from = reconcile::cancel(
         f.pool(),
-        async move || Ok(Arc::new(HttpGateway::new(&settings)?) as Arc<dyn Gateway>),
+        async move || Ok(Arc::new(HttpGateway::new(&settings)?) as Arc<dyn Lookup>),
         id,
         "operator:ana",
         "gave up",

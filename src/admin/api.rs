@@ -356,7 +356,7 @@ pub async fn action(
             // limiter) when the payout was sent and no answer proved that
             // nothing moved.
             let gateway = async || {
-                crate::gateway::select::build_limited(
+                crate::gateway::select::lookup_limited(
                     &s.settings.gateway,
                     s.queue.conn(),
                     &s.settings.redis.prefix,
@@ -625,7 +625,7 @@ pub async fn bulk_cancel(
         // The one cancel, as `/payouts/{id}/cancel`: it asks the gateway
         // first when the payout was sent and nothing proved no money moved.
         let gateway = async || {
-            crate::gateway::select::build_limited(
+            crate::gateway::select::lookup_limited(
                 &s.settings.gateway,
                 s.queue.conn(),
                 &s.settings.redis.prefix,

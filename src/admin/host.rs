@@ -75,16 +75,7 @@ fn is_port(p: &str) -> bool {
     !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit())
 }
 
-/// A DNS name: labels of letters, digits and `-`, separated by dots.
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        })
-}
+pub use crate::config::valid_host_name as valid_name;
 
 /// Middleware: 421 for a `Host` the listener does not answer. A request
 /// without `Host` (HTTP/1.0) passes: a browser always sends one.

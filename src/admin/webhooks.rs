@@ -62,7 +62,6 @@ use axum::{
     routing::post,
 };
 use hmac::{Hmac, Mac};
-use prometheus::{IntCounterVec, Opts};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 use sha2::Sha256;
@@ -70,32 +69,16 @@ use sqlx::PgPool;
 
 use crate::{
     clock::SharedClock,
-    config::GatewaySettings,
+    config::{GatewayKind, GatewaySettings},
     domain::PayoutStatus,
-    metrics::REGISTRY,
-    services::sync::{RESOLVED, Resolution, resolve},
+    metrics::{RESOLVED, WEBHOOKS},
+    services::sync::{Resolution, resolve},
 };
 
 type HmacSha256 = Hmac<Sha256>;
 
 /// Stripe's default tolerance, and the contract's: 5 minutes.
 pub const DEFAULT_TOLERANCE: Duration = Duration::from_secs(300);
-
-/// Webhooks received, by source and what they did.
-pub static WEBHOOKS: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    let c = IntCounterVec::new(
-        Opts::new(
-            "payout_webhooks_total",
-            "Gateway webhooks received, by source and outcome",
-        ),
-        &["source", "outcome"],
-    )
-    .expect("valid metric");
-    REGISTRY
-        .register(Box::new(c.clone()))
-        .expect("registered once");
-    c
-});
 
 /// Why a signature was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -220,10 +203,10 @@ impl Source {
     /// `gateway.kind` is `kind`: Stripe's only with `stripe`, the contract's
     /// only with `contract`. Others are recorded `unmatched`: a signed event
     /// of a gateway the fleet does not pay through moves nothing.
-    fn acts_for(self, kind: &str) -> bool {
+    fn acts_for(self, kind: GatewayKind) -> bool {
         match self {
-            Source::Stripe => kind == "stripe",
-            Source::Gateway => kind == "contract",
+            Source::Stripe => kind == GatewayKind::Stripe,
+            Source::Gateway => kind == GatewayKind::Contract,
         }
     }
 }
@@ -383,7 +366,7 @@ pub struct WebhookState {
     /// Signature tolerance.
     pub tolerance: Duration,
     /// `gateway.kind`: which endpoint's events are applied.
-    pub kind: String,
+    pub kind: GatewayKind,
 }
 
 impl std::fmt::Debug for WebhookState {
@@ -413,7 +396,7 @@ impl WebhookState {
             gateway_secrets: Arc::new(trimmed(&g.webhooks.secrets)),
             stripe_secrets: Arc::new(trimmed(&g.stripe.webhook_secrets)),
             tolerance: Duration::from_secs(g.webhooks.tolerance_secs),
-            kind: g.kind.clone(),
+            kind: g.kind,
         }
     }
 }
@@ -509,7 +492,7 @@ async fn apply(s: &WebhookState, source: Source, ev: &Event) -> sqlx::Result<App
     if fresh.is_none() {
         return Ok(Applied::Done("duplicate"));
     }
-    let (outcome, linked) = if !source.acts_for(&s.kind) {
+    let (outcome, linked) = if !source.acts_for(s.kind) {
         tracing::warn!(event = %ev.id, source = source.as_str(), kind = %s.kind, "webhook on the endpoint of a gateway kind the fleet does not use: recorded, not applied");
         ("unmatched", None)
     } else if let Effect::Release { account } = &ev.effect {

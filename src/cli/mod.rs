@@ -476,14 +476,14 @@ async fn stop_signal() {
 /// to the same limits in this process alone.
 async fn fleet_gateway(
     settings: &Settings,
-) -> anyhow::Result<std::sync::Arc<dyn crate::gateway::Gateway>> {
+) -> anyhow::Result<std::sync::Arc<dyn crate::gateway::Lookup>> {
     match crate::queue::connect(&settings.redis).await {
         Ok(conn) => {
-            crate::gateway::select::build_limited(&settings.gateway, conn, &settings.redis.prefix)
+            crate::gateway::select::lookup_limited(&settings.gateway, conn, &settings.redis.prefix)
         }
         Err(e) => {
             tracing::warn!(error = %format!("{e:#}"), "no Redis: gateway requests are limited in this process only");
-            crate::gateway::select::build(&settings.gateway)
+            crate::gateway::select::build_lookup(&settings.gateway)
         }
     }
 }
@@ -695,7 +695,7 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
             }
             // The configured gateway must be able to send it (Stripe counts
             // some currencies its own way): refused now, not failed later.
-            crate::gateway::stripe_currency::check_for_kind(&settings.gateway.kind, &money)?;
+            crate::gateway::stripe_currency::check_for_kind(settings.gateway.kind, &money)?;
             let due_at = parse_due(&due, clock.now())?;
             let payee_row = payees::get(&pool, payee)
                 .await?

@@ -652,7 +652,7 @@ pub async fn preview(
     out: &mut (dyn Write + Send),
 ) -> anyhow::Result<()> {
     // Through Stripe, payouts are rounded down to what Stripe can send.
-    let kind = settings.gateway.kind.as_str();
+    let kind = settings.gateway.kind;
     let policy = crate::gateway::stripe_currency::policy_for_kind(kind, settings.policy.load()?);
     let p = settlement::preview(pool, &policy, args.payee, now).await?;
     // The payout as Stripe's `amount` (its minor units: ISK in hundredths).
@@ -660,7 +660,7 @@ pub async fn preview(
         .settlements
         .iter()
         .map(|s| {
-            (kind == "stripe" && s.pays_out())
+            (kind == crate::config::GatewayKind::Stripe && s.pays_out())
                 .then(|| crate::domain::Money::new(s.net, s.currency).ok())
                 .flatten()
                 .and_then(|m| crate::gateway::stripe_currency::stripe_minor_units(&m).ok())
@@ -668,7 +668,7 @@ pub async fn preview(
         .collect();
     if as_json {
         let mut v = serde_json::to_value(&p)?;
-        if kind == "stripe" {
+        if kind == crate::config::GatewayKind::Stripe {
             for (s, amount) in v["settlements"]
                 .as_array_mut()
                 .into_iter()

@@ -14,7 +14,7 @@ use sqlx::{PgConnection, PgPool};
 use crate::{
     db::payee_terms,
     domain::{
-        Currency, Money, Policy,
+        Currency, Policy,
         earning::{FieldError, NewEarning, Row},
     },
 };
@@ -55,13 +55,7 @@ impl Earning {
     }
 }
 
-/// The amount at its currency's scale (`120.50`, `1500`, `12.345`): what is
-/// stored and shown.
-pub fn at_minor_unit(m: &Money) -> Decimal {
-    let mut a = m.amount();
-    a.rescale(m.currency().exponent());
-    a
-}
+pub use crate::domain::money::at_minor_unit;
 
 /// What recording an earning did.
 #[derive(Debug, Clone, PartialEq, Eq)]

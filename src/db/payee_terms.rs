@@ -136,7 +136,7 @@ pub async fn set_deduction<'e>(
     .bind(payee_id)
     .bind(amount.currency().code())
     .bind(label)
-    .bind(crate::db::earnings::at_minor_unit(&amount))
+    .bind(crate::domain::money::at_minor_unit(&amount))
     .bind(now)
     .fetch_one(db)
     .await
@@ -192,7 +192,7 @@ pub async fn set_minimum<'e>(
             )
             .bind(payee_id)
             .bind(currency.code())
-            .bind(crate::db::earnings::at_minor_unit(&m))
+            .bind(crate::domain::money::at_minor_unit(&m))
             .bind(now)
             .execute(db)
             .await?;

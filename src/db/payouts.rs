@@ -72,13 +72,8 @@ impl Payout {
 
     /// The idempotency key sent to the gateway on every attempt; never changes.
     pub fn idempotency_key(&self) -> String {
-        idempotency_key(self.id)
+        crate::domain::transfer::idempotency_key(self.id)
     }
-}
-
-/// The idempotency key (and gateway reference) of payout `id`.
-pub fn idempotency_key(id: i64) -> String {
-    format!("payout_{id}")
 }
 
 /// A payout a worker has claimed, with what it needs to call the gateway.

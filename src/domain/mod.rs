@@ -2,10 +2,12 @@
 //! no clock (time is passed in).
 
 pub mod earning;
+pub mod mismatch;
 pub mod money;
 pub mod policy;
 pub mod schedule;
 pub mod status;
+pub mod transfer;
 
 pub use money::{Currency, Money, MoneyError};
 pub use policy::{PayoutMethod, Policy, PolicyError};

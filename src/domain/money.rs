@@ -234,6 +234,14 @@ impl fmt::Display for Money {
     }
 }
 
+/// The amount at its currency's scale (`120.50`, `1500`, `12.345`): what is
+/// stored and shown.
+pub fn at_minor_unit(m: &Money) -> Decimal {
+    let mut a = m.amount();
+    a.rescale(m.currency().exponent());
+    a
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

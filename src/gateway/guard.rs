@@ -43,7 +43,7 @@ use tokio::time::Instant;
 use prometheus::{IntCounterVec, Opts};
 
 use super::{
-    Gateway, Keyed, LookupError, Outcome, RequestLimiter, TransferRecord, TransferRequest,
+    Gateway, Keyed, Lookup, LookupError, Outcome, RequestLimiter, TransferRecord, TransferRequest,
 };
 use crate::{config::GatewaySettings, metrics};
 
@@ -98,7 +98,7 @@ const STRIPE_ENDPOINT_LIMIT: u32 = 25;
 /// per-endpoint limit below Stripe's 25.
 pub fn limits(s: &GatewaySettings) -> Limits {
     let rate = super::effective_rate(s);
-    if s.kind != "stripe" {
+    if s.kind != crate::config::GatewayKind::Stripe {
         return Limits {
             global: Rate {
                 per_sec: rate,
@@ -635,6 +635,21 @@ pub struct Guarded<'a> {
 }
 
 #[async_trait]
+impl Lookup for Guarded<'_> {
+    async fn lookup(&self, reference: &str) -> Result<Vec<TransferRecord>, LookupError> {
+        self.inner.lookup(reference).await
+    }
+
+    fn limits_own_requests(&self) -> bool {
+        self.inner.limits_own_requests()
+    }
+
+    fn use_limiter(&self, limiter: Arc<dyn RequestLimiter>) {
+        self.inner.use_limiter(limiter)
+    }
+}
+
+#[async_trait]
 impl Gateway for Guarded<'_> {
     async fn transfer(&self, req: &TransferRequest) -> Outcome {
         self.transfer_keyed(req).await.outcome
@@ -677,19 +692,7 @@ impl Gateway for Guarded<'_> {
         keyed
     }
 
-    async fn lookup(&self, reference: &str) -> Result<Vec<TransferRecord>, LookupError> {
-        self.inner.lookup(reference).await
-    }
-
     fn minor_units(&self, money: &crate::domain::Money) -> Result<i64, String> {
         self.inner.minor_units(money)
-    }
-
-    fn limits_own_requests(&self) -> bool {
-        self.inner.limits_own_requests()
-    }
-
-    fn use_limiter(&self, limiter: Arc<dyn RequestLimiter>) {
-        self.inner.use_limiter(limiter)
     }
 }

@@ -9,7 +9,7 @@ use reqwest::StatusCode;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use super::{Gateway, LookupError, Outcome, TransferRecord, TransferRequest};
+use super::{Gateway, Lookup, LookupError, Outcome, TransferRecord, TransferRequest};
 use crate::config::GatewaySettings;
 
 /// The contract client.
@@ -69,20 +69,7 @@ impl HttpGateway {
 }
 
 #[async_trait]
-impl Gateway for HttpGateway {
-    async fn transfer(&self, req: &TransferRequest) -> Outcome {
-        let req_builder = self
-            .client
-            .post(&self.transfers_url)
-            .bearer_auth(self.secret.expose_secret())
-            .header("Idempotency-Key", &req.idempotency_key)
-            .json(req);
-        match super::send_transfer(req_builder, "the gateway").await {
-            Ok(a) => classify(a.status, a.retry_after, &a.body),
-            Err(outcome) => outcome,
-        }
-    }
-
+impl Lookup for HttpGateway {
     async fn lookup(&self, reference: &str) -> Result<Vec<TransferRecord>, LookupError> {
         let resp = self
             .client
@@ -106,6 +93,22 @@ impl Gateway for HttpGateway {
             .await
             .map(|l| l.data)
             .map_err(|_| LookupError("unreadable look-up answer".into()))
+    }
+}
+
+#[async_trait]
+impl Gateway for HttpGateway {
+    async fn transfer(&self, req: &TransferRequest) -> Outcome {
+        let req_builder = self
+            .client
+            .post(&self.transfers_url)
+            .bearer_auth(self.secret.expose_secret())
+            .header("Idempotency-Key", &req.idempotency_key)
+            .json(req);
+        match super::send_transfer(req_builder, "the gateway").await {
+            Ok(a) => classify(a.status, a.retry_after, &a.body),
+            Err(outcome) => outcome,
+        }
     }
 }
 

@@ -169,14 +169,32 @@ pub struct TransferRecord {
 #[error("gateway look-up failed: {0}")]
 pub struct LookupError(pub String);
 
-/// A payment gateway.
+/// The look-up half of a gateway: what the fleet may ask without paying
+/// (the producer's in-transit poll, reconciliation, the cancel check). The
+/// producer, sync and reconciliation hold only this; only the worker holds a
+/// [`Gateway`], which pays.
 #[async_trait]
-pub trait Gateway: Send + Sync + std::fmt::Debug {
-    /// One call: POST the transfer with its idempotency key.
-    async fn transfer(&self, req: &TransferRequest) -> Outcome;
-
+pub trait Lookup: Send + Sync + std::fmt::Debug {
     /// Every transfer the gateway holds for `reference` (reconciliation).
     async fn lookup(&self, reference: &str) -> Result<Vec<TransferRecord>, LookupError>;
+
+    /// Whether the client rate-limits each of its own HTTP requests (then a
+    /// guard in front of it only honours fleet pauses).
+    fn limits_own_requests(&self) -> bool {
+        false
+    }
+
+    /// Makes every HTTP request of this client wait for `limiter` (the
+    /// fleet-wide limit) instead of its own in-process one.
+    fn use_limiter(&self, _limiter: std::sync::Arc<dyn RequestLimiter>) {}
+}
+
+/// A payment gateway: the half that moves money (and, as a [`Lookup`], the
+/// half that asks).
+#[async_trait]
+pub trait Gateway: Lookup {
+    /// One call: POST the transfer with its idempotency key.
+    async fn transfer(&self, req: &TransferRequest) -> Outcome;
 
     /// [`Gateway::transfer`], and the key index the next call must use.
     /// Gateways whose key never changes keep this default.
@@ -193,24 +211,25 @@ pub trait Gateway: Send + Sync + std::fmt::Debug {
     fn minor_units(&self, money: &crate::domain::Money) -> Result<i64, String> {
         money.to_minor_units().map_err(|e| e.to_string())
     }
-
-    /// Whether the client rate-limits each of its own HTTP requests (then a
-    /// guard in front of it only honours fleet pauses).
-    fn limits_own_requests(&self) -> bool {
-        false
-    }
-
-    /// Makes every HTTP request of this client wait for `limiter` (the
-    /// fleet-wide limit) instead of its own in-process one.
-    fn use_limiter(&self, _limiter: std::sync::Arc<dyn RequestLimiter>) {}
 }
+
+/// A gateway that can tell whether a payee's account can receive money now.
+#[async_trait]
+pub trait AccountCheck: Send + Sync + std::fmt::Debug {
+    /// `true` once `account` can be paid (e.g. Stripe onboarding finished).
+    async fn account_ready(&self, account: &str) -> Result<bool, LookupError>;
+}
+
+/// The failure code of a payout whose payee cannot receive money yet (the
+/// payout is `held` until the account is ready).
+pub const NOT_ONBOARDED: &str = "account_not_onboarded";
 
 /// The rate a fleet keeps to with `settings`: the configured
 /// `gateway.rate_limit_per_sec`, or for `kind = "stripe"` when it is 0, below
 /// Stripe's own limits (<https://docs.stripe.com/rate-limits>: 25 requests per
 /// second in test mode, 100 in live mode): 20 with a test key, 80 with a live one.
 pub fn effective_rate(settings: &crate::config::GatewaySettings) -> u32 {
-    if settings.kind == "stripe" && settings.rate_limit_per_sec == 0 {
+    if settings.kind == crate::config::GatewayKind::Stripe && settings.rate_limit_per_sec == 0 {
         if stripe::is_live_key(&settings.stripe) {
             80
         } else {

@@ -25,7 +25,7 @@
 //! Two refusals are not the payee's failure, whatever the status table says
 //! (the product document's "Error Scenarios"):
 //! - a code in `gateway.release_funds.not_onboarded_codes` ("driver hasn't
-//!   completed Stripe onboarding") becomes [`crate::services::sync::NOT_ONBOARDED`], so the
+//!   completed Stripe onboarding") becomes [`crate::gateway::NOT_ONBOARDED`], so the
 //!   worker holds the payout until the account is ready (the API's own code
 //!   stays in the message);
 //! - a code in `gateway.release_funds.balance_codes`, or a 402 the table calls
@@ -33,7 +33,7 @@
 //!   becomes the transient [`PLATFORM_BALANCE`]: retried later, never failed.
 //!
 //! With `gateway.release_funds.account_endpoint` the adapter is also the
-//! onboarding check ([`crate::services::sync::AccountCheck`]) that releases held payouts.
+//! onboarding check ([`crate::gateway::AccountCheck`]) that releases held payouts.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -42,7 +42,7 @@ use reqwest::StatusCode;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 
-use super::{Gateway, LookupError, Outcome, TransferRecord, TransferRequest};
+use super::{Gateway, Lookup, LookupError, Outcome, TransferRecord, TransferRequest};
 use crate::config::{GatewaySettings, ReleaseFundsSettings};
 
 /// The transient code of "the platform's balance is short": the worker pauses
@@ -93,7 +93,7 @@ impl AnswerRules {
         let listed = |list: &[String]| code.is_some_and(|c| list.iter().any(|l| l == c));
         if listed(&self.not_onboarded_codes) {
             return Some(Outcome::Rejected {
-                code: crate::services::sync::NOT_ONBOARDED.into(),
+                code: crate::gateway::NOT_ONBOARDED.into(),
                 message: format!("release-funds API answered {status} {said}"),
             });
         }
@@ -381,24 +381,7 @@ fn record_of(v: &Value, reference: &str) -> Option<TransferRecord> {
 }
 
 #[async_trait]
-impl Gateway for ReleaseFundsGateway {
-    async fn transfer(&self, req: &TransferRequest) -> Outcome {
-        let request = self
-            .auth(self.client.post(&self.url))
-            .header("Idempotency-Key", &req.idempotency_key)
-            .json(&release_body(req));
-        match super::send_transfer(request, "the release-funds API").await {
-            Ok(a) => classify_release(
-                a.status,
-                a.retry_after,
-                &a.body,
-                &req.reference,
-                &self.rules,
-            ),
-            Err(outcome) => outcome,
-        }
-    }
-
+impl Lookup for ReleaseFundsGateway {
     async fn lookup(&self, reference: &str) -> Result<Vec<TransferRecord>, LookupError> {
         let Some(url) = &self.lookup_url else {
             return Err(LookupError(
@@ -436,6 +419,26 @@ impl Gateway for ReleaseFundsGateway {
     }
 }
 
+#[async_trait]
+impl Gateway for ReleaseFundsGateway {
+    async fn transfer(&self, req: &TransferRequest) -> Outcome {
+        let request = self
+            .auth(self.client.post(&self.url))
+            .header("Idempotency-Key", &req.idempotency_key)
+            .json(&release_body(req));
+        match super::send_transfer(request, "the release-funds API").await {
+            Ok(a) => classify_release(
+                a.status,
+                a.retry_after,
+                &a.body,
+                &req.reference,
+                &self.rules,
+            ),
+            Err(outcome) => outcome,
+        }
+    }
+}
+
 /// `account` for a URL path segment: unreserved characters kept, the rest
 /// percent-encoded (an account id cannot reach another path).
 fn path_segment(account: &str) -> String {
@@ -455,7 +458,7 @@ fn path_segment(account: &str) -> String {
 /// `{"onboarded": bool}` (also read: `payoutsEnabled`, `payouts_enabled`,
 /// `transfersEnabled`); a 404 is an account not ready.
 #[async_trait]
-impl crate::services::sync::AccountCheck for ReleaseFundsGateway {
+impl crate::gateway::AccountCheck for ReleaseFundsGateway {
     async fn account_ready(&self, account: &str) -> Result<bool, LookupError> {
         let Some(template) = &self.account_url else {
             return Err(LookupError(
@@ -524,7 +527,7 @@ mod tests {
             let o = classify_release(status, None, body, "payout_1", &shipped());
             match o {
                 Outcome::Rejected { code, message } => {
-                    assert_eq!(code, crate::services::sync::NOT_ONBOARDED);
+                    assert_eq!(code, crate::gateway::NOT_ONBOARDED);
                     assert!(message.contains("_not_onboarded"), "{message}");
                 }
                 other => panic!("{status}: {other:?}"),

@@ -1,191 +1,47 @@
-//! Picks the gateway adapter by configuration (`gateway.kind`) and checks
-//! that adapter's settings at load, so a fleet pointed at Stripe test mode
-//! needs nothing but configuration and a bad setting names its key.
+//! Picks the gateway adapter by configuration (`gateway.kind`, checked at
+//! load by `config::validate_gateway`), so a fleet pointed at Stripe test
+//! mode needs nothing but configuration.
 
 use std::sync::Arc;
 
-use secrecy::ExposeSecret;
-
 use super::{
-    Gateway, http::HttpGateway, release_funds::ReleaseFundsGateway, stripe::StripeGateway,
+    Gateway, Lookup, http::HttpGateway, release_funds::ReleaseFundsGateway, stripe::StripeGateway,
 };
-use crate::config::GatewaySettings;
-
-/// The kinds `gateway.kind` accepts.
-pub const KINDS: [&str; 3] = ["contract", "stripe", "release_funds"];
-
-/// What `gateway.release_funds.status_map` values may say.
-pub const STATUS_MEANINGS: [&str; 5] = ["paid", "in_transit", "permanent", "transient", "unknown"];
-
-/// The secret the built-in defaults carry for the local mock gateway.
-pub const MOCK_SECRET: &str = "sk_test_mock";
-
-/// Whether `url`'s host (parsed, not a string prefix: the user part of
-/// `http://localhost@evil.example` is no host) is a loopback address or
-/// `localhost`, or one of `also`.
-fn local_host(url: &reqwest::Url, also: &[String]) -> bool {
-    match url.host() {
-        Some(url::Host::Domain(d)) => {
-            d.eq_ignore_ascii_case("localhost") || also.iter().any(|h| h.eq_ignore_ascii_case(d))
-        }
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback() || also.iter().any(|h| *h == ip.to_string()),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-        None => false,
-    }
-}
-
-/// Checks a gateway base URL: `http(s)://` with a host and no user part,
-/// and `https://` unless the host is local (loopback or `also`). Answers
-/// whether the host is local. The error names `key` and never the URL
-/// (which may hold a secret).
-fn check_url(key: &str, raw: &str, also: &[String]) -> Result<bool, String> {
-    let url = reqwest::Url::parse(raw).map_err(|_| format!("{key} must be an http(s) URL"))?;
-    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
-        return Err(format!("{key} must be an http(s) URL with a host"));
-    }
-    if !url.username().is_empty() || url.password().is_some() {
-        return Err(format!(
-            "{key} must not hold a user or password (credentials go in the secret settings)"
-        ));
-    }
-    let local = local_host(&url, also);
-    if url.scheme() == "http" && !local {
-        return Err(format!(
-            "{key} must be https:// (plain http only to loopback or a host in gateway.insecure_http_hosts)"
-        ));
-    }
-    Ok(local)
-}
-
-/// Webhook signing secrets: none empty, none shorter than 16 characters
-/// (an empty secret let anyone sign events).
-fn check_webhook_secrets(key: &str, secrets: &[secrecy::SecretString]) -> Result<(), String> {
-    if secrets.iter().any(|s| s.expose_secret().trim().len() < 16) {
-        return Err(format!(
-            "{key}: every secret must be at least 16 characters (an empty one would let anyone sign events)"
-        ));
-    }
-    Ok(())
-}
-
-/// Checks the settings of the selected adapter; the error names the bad key.
-pub fn validate(g: &GatewaySettings) -> Result<(), String> {
-    if !KINDS.contains(&g.kind.as_str()) {
-        return Err(format!(
-            "gateway.kind must be one of \"contract\", \"stripe\", \"release_funds\" (got {:?})",
-            g.kind
-        ));
-    }
-    if g.webhooks.tolerance_secs == 0 || g.webhooks.tolerance_secs > 3600 {
-        return Err("gateway.webhooks.tolerance_secs must be 1..=3600".into());
-    }
-    if g.sync.interval_secs == 0 {
-        return Err("gateway.sync.interval_secs must be >= 1".into());
-    }
-    if !(1..=1000).contains(&g.sync.batch) {
-        return Err("gateway.sync.batch must be 1..=1000".into());
-    }
-    for (code, meaning) in &g.release_funds.status_map {
-        if !code.parse::<u16>().is_ok_and(|c| (100..=599).contains(&c)) {
-            return Err(format!(
-                "gateway.release_funds.status_map: {code:?} is not an HTTP status code"
-            ));
-        }
-        if !STATUS_MEANINGS.contains(&meaning.as_str()) {
-            return Err(format!(
-                "gateway.release_funds.status_map.{code} must be one of paid, in_transit, permanent, transient, unknown (got {meaning:?})"
-            ));
-        }
-    }
-    check_webhook_secrets("gateway.webhooks.secrets", &g.webhooks.secrets)?;
-    check_webhook_secrets("gateway.stripe.webhook_secrets", &g.stripe.webhook_secrets)?;
-    let also = &g.insecure_http_hosts;
-    match g.kind.as_str() {
-        "stripe" => {
-            let s = &g.stripe;
-            let key = s.secret_key.expose_secret();
-            if !(key.starts_with("sk_") || key.starts_with("rk_")) {
-                return Err(
-                    "gateway.stripe.secret_key must be a Stripe secret key (sk_test_…, sk_live_… or rk_…)"
-                        .into(),
-                );
-            }
-            if s.stripe_version.trim().is_empty() {
-                return Err(
-                    "gateway.stripe.stripe_version must pin an API version (e.g. 2025-04-30.basil)"
-                        .into(),
-                );
-            }
-            check_url("gateway.stripe.base_url", &s.base_url, also)?;
-        }
-        "release_funds" => {
-            let r = &g.release_funds;
-            check_url("gateway.release_funds.base_url", &r.base_url, also)?;
-            if !r.endpoint.starts_with('/') {
-                return Err("gateway.release_funds.endpoint must start with '/'".into());
-            }
-            if !(r.lookup_endpoint.is_empty() || r.lookup_endpoint.starts_with('/')) {
-                return Err(
-                    "gateway.release_funds.lookup_endpoint must be empty or start with '/'".into(),
-                );
-            }
-            if !(r.account_endpoint.is_empty()
-                || (r.account_endpoint.starts_with('/')
-                    && r.account_endpoint.contains("{account}")))
-            {
-                return Err(
-                    "gateway.release_funds.account_endpoint must be empty or a path starting with '/' that holds {account}"
-                        .into(),
-                );
-            }
-            for (key, codes) in [
-                ("not_onboarded_codes", &r.not_onboarded_codes),
-                ("balance_codes", &r.balance_codes),
-            ] {
-                if codes.iter().any(|c| c.trim().is_empty() || c.trim() != c) {
-                    return Err(format!(
-                        "gateway.release_funds.{key} must hold non-empty codes without spaces around them"
-                    ));
-                }
-            }
-        }
-        _ => {
-            let local = check_url("gateway.base_url", &g.base_url, also)?;
-            if !local && g.secret.expose_secret() == MOCK_SECRET {
-                return Err(format!(
-                    "gateway.secret is the local mock gateway's ({MOCK_SECRET}); set the real gateway's secret"
-                ));
-            }
-        }
-    }
-    Ok(())
-}
+use crate::config::{GatewayKind, GatewaySettings};
 
 /// The adapter `settings.kind` names, behind the [`Gateway`] trait.
 pub fn build(settings: &GatewaySettings) -> anyhow::Result<Arc<dyn Gateway>> {
-    validate(settings).map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
-    Ok(match settings.kind.as_str() {
-        "stripe" => Arc::new(StripeGateway::new(settings)?),
-        "release_funds" => Arc::new(ReleaseFundsGateway::new(settings)?),
-        _ => Arc::new(HttpGateway::new(settings)?),
+    crate::config::validate_gateway(settings)
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    Ok(match settings.kind {
+        GatewayKind::Stripe => Arc::new(StripeGateway::new(settings)?),
+        GatewayKind::ReleaseFunds => Arc::new(ReleaseFundsGateway::new(settings)?),
+        GatewayKind::Contract => Arc::new(HttpGateway::new(settings)?),
     })
 }
 
-/// [`build`], every HTTP request of which (look-ups, account checks,
-/// transfers) waits for the fleet-wide limiter on Redis (`conn`, keys under
-/// `prefix`) that the workers share: for clients that are not behind a
-/// worker's guard (the in-transit poll, `payoutctl reconcile`, a cancel's look-up).
-pub fn build_limited(
+/// The look-up half only ([`Lookup`]) of the adapter `settings.kind` names:
+/// for everything that asks the gateway but must never pay (the producer's
+/// in-transit poll, reconciliation, a cancel's look-up). Its requests keep to
+/// the configured limits in this process alone; see [`lookup_limited`].
+pub fn build_lookup(settings: &GatewaySettings) -> anyhow::Result<Arc<dyn Lookup>> {
+    Ok(build(settings)?)
+}
+
+/// [`build_lookup`], every HTTP request of which (look-ups, account checks)
+/// waits for the fleet-wide limiter on Redis (`conn`, keys under `prefix`)
+/// that the workers share.
+pub fn lookup_limited(
     settings: &GatewaySettings,
     conn: redis::aio::ConnectionManager,
     prefix: &str,
-) -> anyhow::Result<Arc<dyn Gateway>> {
-    let gateway = build(settings)?;
+) -> anyhow::Result<Arc<dyn Lookup>> {
+    let gateway = build_lookup(settings)?;
     gateway.use_limiter(fleet_limiter(settings, conn, prefix));
     Ok(gateway)
 }
 
-/// The fleet-wide limiter of `settings`' gateway on Redis (see [`build_limited`]).
+/// The fleet-wide limiter of `settings`' gateway on Redis (see [`lookup_limited`]).
 pub fn fleet_limiter(
     settings: &GatewaySettings,
     conn: redis::aio::ConnectionManager,
@@ -204,30 +60,30 @@ pub fn fleet_limiter(
 /// [`crate::services::sync::InTransitSync::release_onboarded`].
 pub fn account_check(
     settings: &GatewaySettings,
-) -> anyhow::Result<Option<Arc<dyn crate::services::sync::AccountCheck>>> {
+) -> anyhow::Result<Option<Arc<dyn crate::gateway::AccountCheck>>> {
     account_check_limited(settings, None)
 }
 
 /// [`account_check`]; with `limiter`, each of its requests waits for it (see
-/// [`build_limited`]).
+/// [`lookup_limited`]).
 pub fn account_check_limited(
     settings: &GatewaySettings,
     limiter: Option<Arc<dyn crate::gateway::RequestLimiter>>,
-) -> anyhow::Result<Option<Arc<dyn crate::services::sync::AccountCheck>>> {
-    Ok(match settings.kind.as_str() {
-        "stripe" => {
+) -> anyhow::Result<Option<Arc<dyn crate::gateway::AccountCheck>>> {
+    Ok(match settings.kind {
+        GatewayKind::Stripe => {
             let gw = StripeGateway::new(settings)?;
             if let Some(l) = limiter {
                 gw.use_limiter(l);
             }
             Some(Arc::new(gw))
         }
-        "release_funds" => {
+        GatewayKind::ReleaseFunds => {
             let gw = ReleaseFundsGateway::new(settings)?;
             gw.has_account_check()
-                .then(|| Arc::new(gw) as Arc<dyn crate::services::sync::AccountCheck>)
+                .then(|| Arc::new(gw) as Arc<dyn crate::gateway::AccountCheck>)
         }
-        _ => None,
+        GatewayKind::Contract => None,
     })
 }
 
@@ -235,13 +91,13 @@ pub fn account_check_limited(
 /// (a release-funds API with no `lookup_endpoint`): reconciliation is then a
 /// failed run, not a fresh one.
 pub fn lookup_unavailable(settings: &GatewaySettings) -> Option<String> {
-    (settings.kind == "release_funds" && settings.release_funds.lookup_endpoint.is_empty()).then(
-        || {
-            "the release-funds API has no look-up endpoint configured \
+    (settings.kind == GatewayKind::ReleaseFunds
+        && settings.release_funds.lookup_endpoint.is_empty())
+    .then(|| {
+        "the release-funds API has no look-up endpoint configured \
              (gateway.release_funds.lookup_endpoint): nothing can be compared"
-                .to_string()
-        },
-    )
+            .to_string()
+    })
 }
 
 #[cfg(test)]

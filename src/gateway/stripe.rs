@@ -60,7 +60,7 @@ use serde::Deserialize;
 use std::sync::{Arc, RwLock};
 
 use super::{
-    FORBIDDEN, Gateway, Keyed, LookupError, Outcome, RequestLimiter, TransferRecord,
+    FORBIDDEN, Gateway, Keyed, Lookup, LookupError, Outcome, RequestLimiter, TransferRecord,
     TransferRequest, UNAUTHORIZED,
     guard::{LocalLimiter, limits},
     stripe_currency,
@@ -581,9 +581,29 @@ fn lookup_failed(e: LookupError) -> Outcome {
 }
 
 #[async_trait]
-impl crate::services::sync::AccountCheck for StripeGateway {
+impl crate::gateway::AccountCheck for StripeGateway {
     async fn account_ready(&self, account: &str) -> Result<bool, LookupError> {
         StripeGateway::account_ready(self, account).await
+    }
+}
+
+#[async_trait]
+impl Lookup for StripeGateway {
+    async fn lookup(&self, reference: &str) -> Result<Vec<TransferRecord>, LookupError> {
+        Ok(self
+            .find(reference)
+            .await?
+            .iter()
+            .map(|t| t.to_record(reference))
+            .collect())
+    }
+
+    fn limits_own_requests(&self) -> bool {
+        true
+    }
+
+    fn use_limiter(&self, limiter: Arc<dyn RequestLimiter>) {
+        *self.limiter.write().expect("limiter lock") = limiter;
     }
 }
 
@@ -685,25 +705,8 @@ impl Gateway for StripeGateway {
         )
     }
 
-    async fn lookup(&self, reference: &str) -> Result<Vec<TransferRecord>, LookupError> {
-        Ok(self
-            .find(reference)
-            .await?
-            .iter()
-            .map(|t| t.to_record(reference))
-            .collect())
-    }
-
     fn minor_units(&self, money: &crate::domain::Money) -> Result<i64, String> {
         stripe_currency::stripe_minor_units(money).map_err(|e| e.to_string())
-    }
-
-    fn limits_own_requests(&self) -> bool {
-        true
-    }
-
-    fn use_limiter(&self, limiter: Arc<dyn RequestLimiter>) {
-        *self.limiter.write().expect("limiter lock") = limiter;
     }
 }
 

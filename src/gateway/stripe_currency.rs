@@ -23,7 +23,7 @@
 
 use rust_decimal::{Decimal, prelude::ToPrimitive};
 
-use crate::domain::Money;
+use crate::{config::GatewayKind, domain::Money};
 
 /// Currencies Stripe counts in hundredths although ISO says 0 decimals,
 /// whose amounts must be whole units (divisible by 100).
@@ -95,8 +95,8 @@ pub fn stripe_minor_units(money: &Money) -> Result<i64, StripeAmountError> {
 /// Whether a payout of `money` can be paid by a fleet with `gateway.kind =
 /// kind`: the Stripe rules above for `stripe`, nothing more for the others.
 /// For the code that creates payouts (CLI, admin API, settlement).
-pub fn check_for_kind(kind: &str, money: &Money) -> Result<(), StripeAmountError> {
-    if kind == "stripe" {
+pub fn check_for_kind(kind: GatewayKind, money: &Money) -> Result<(), StripeAmountError> {
+    if kind == GatewayKind::Stripe {
         stripe_minor_units(money).map(|_| ())
     } else {
         Ok(())
@@ -121,8 +121,8 @@ pub fn payout_increment(currency: crate::domain::Currency) -> Option<Decimal> {
 /// `policy` for a fleet with `gateway.kind = kind`: with Stripe, settlement
 /// rounds each payout down to what Stripe can send ([`payout_increment`])
 /// and keeps the rest in the payee's balance; other kinds pay to the minor unit.
-pub fn policy_for_kind(kind: &str, policy: crate::domain::Policy) -> crate::domain::Policy {
-    if kind != "stripe" {
+pub fn policy_for_kind(kind: GatewayKind, policy: crate::domain::Policy) -> crate::domain::Policy {
+    if kind != GatewayKind::Stripe {
         return policy;
     }
     let currencies: Vec<crate::domain::Currency> = policy
@@ -149,7 +149,7 @@ mod tests {
     #[test]
     fn a_stripe_policy_pays_three_decimal_currencies_in_hundredths_and_usd_to_the_cent() {
         let p = policy_for_kind(
-            "stripe",
+            GatewayKind::Stripe,
             include_str!("../../config/policy.toml").parse().unwrap(),
         );
         assert_eq!(
@@ -159,7 +159,7 @@ mod tests {
         assert_eq!(p.payout_increment("USD".parse().unwrap()), None);
         assert_eq!(payout_increment("HUF".parse().unwrap()), Some(Decimal::ONE));
         let contract = policy_for_kind(
-            "contract",
+            GatewayKind::Contract,
             include_str!("../../config/policy.toml").parse().unwrap(),
         );
         assert!(contract.payout_increment.is_empty());
@@ -182,7 +182,7 @@ mod tests {
         assert!(e.to_string().contains("last digit"), "{e}");
         assert!(e.to_string().starts_with("amount: KWD 25.731"), "{e}");
         assert_eq!(stripe_minor_units(&m("25.73", "KWD")), Ok(25_730));
-        assert!(check_for_kind("contract", &m("25.731", "KWD")).is_ok());
-        assert!(check_for_kind("stripe", &m("25.731", "KWD")).is_err());
+        assert!(check_for_kind(GatewayKind::Contract, &m("25.731", "KWD")).is_ok());
+        assert!(check_for_kind(GatewayKind::Stripe, &m("25.731", "KWD")).is_err());
     }
 }

@@ -33,63 +33,15 @@ use sqlx::PgPool;
 
 use crate::{
     db::payouts::{self, Payout},
-    domain::{Currency, Money, PayoutStatus},
-    gateway::{Gateway, TransferRecord},
+    domain::{
+        Currency, Money, PayoutStatus,
+        transfer::{idempotency_key, verdict},
+    },
+    gateway::{Lookup, TransferRecord},
     metrics,
 };
 
-/// A kind of disagreement (also the metric label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum MismatchKind {
-    /// The gateway paid (or accepted) it; the database does not say so. Fixable.
-    PaidAtGatewayNotInDb,
-    /// The database says paid; the gateway has no transfer. Alert; never fixed by paying.
-    PaidInDbUnknownToGateway,
-    /// The database says paid; the gateway says the transfer failed.
-    FailedAtGatewayPaidInDb,
-    /// Amount or currency differ.
-    AmountMismatch,
-    /// The transfer ids differ.
-    TransferIdMismatch,
-    /// The gateway holds more than one transfer for one payout: paid twice.
-    DuplicateAtGateway,
-    /// The gateway could not be asked.
-    LookupFailed,
-    /// The payout's money went back to the payee's balance (it was cancelled
-    /// or reversed), yet the gateway paid it: that balance is paid twice
-    /// unless stopped. Pages; never "fixed" by recording paid; the payout
-    /// carrying the balance is held when it has not been sent.
-    ReturnedPaidAtGateway,
-}
-
-impl MismatchKind {
-    /// Every kind.
-    pub const ALL: [MismatchKind; 8] = [
-        MismatchKind::PaidAtGatewayNotInDb,
-        MismatchKind::PaidInDbUnknownToGateway,
-        MismatchKind::FailedAtGatewayPaidInDb,
-        MismatchKind::AmountMismatch,
-        MismatchKind::TransferIdMismatch,
-        MismatchKind::DuplicateAtGateway,
-        MismatchKind::LookupFailed,
-        MismatchKind::ReturnedPaidAtGateway,
-    ];
-
-    /// The metric label.
-    pub fn label(self) -> &'static str {
-        match self {
-            MismatchKind::PaidAtGatewayNotInDb => "paid_at_gateway_not_in_db",
-            MismatchKind::PaidInDbUnknownToGateway => "paid_in_db_unknown_to_gateway",
-            MismatchKind::FailedAtGatewayPaidInDb => "failed_at_gateway_paid_in_db",
-            MismatchKind::AmountMismatch => "amount_mismatch",
-            MismatchKind::TransferIdMismatch => "transfer_id_mismatch",
-            MismatchKind::DuplicateAtGateway => "duplicate_at_gateway",
-            MismatchKind::LookupFailed => "lookup_failed",
-            MismatchKind::ReturnedPaidAtGateway => "returned_paid_at_gateway",
-        }
-    }
-}
+pub use crate::domain::mismatch::MismatchKind;
 
 /// One disagreement.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -162,7 +114,7 @@ fn minor_units(p: &Payout) -> Option<i64> {
 /// gateway does not call failed (or reversed, canceled, returned; read the
 /// same way as the in-transit poll, [`crate::services::sync::verdict`]).
 fn money_moved(t: &TransferRecord) -> bool {
-    crate::services::sync::verdict(t) != Some(PayoutStatus::Failed)
+    verdict(&t.status) != Some(PayoutStatus::Failed)
 }
 
 /// Compares one payout with the gateway's transfers for it; `returned`: its
@@ -250,7 +202,7 @@ pub fn compare(
 /// Runs one reconciliation.
 pub async fn run(
     pool: &PgPool,
-    gateway: &dyn Gateway,
+    gateway: &dyn Lookup,
     opts: &Options,
     now: DateTime<Utc>,
 ) -> anyhow::Result<Report> {
@@ -271,7 +223,7 @@ pub async fn run(
         .collect();
         let looked: Vec<_> = stream::iter(page)
             .map(|p| async move {
-                let found = gateway.lookup(&payouts::idempotency_key(p.id)).await;
+                let found = gateway.lookup(&idempotency_key(p.id)).await;
                 (p, found)
             })
             .buffer_unordered(opts.concurrency.max(1))
@@ -502,7 +454,7 @@ impl CancelError {
 /// wins. Returns the status it moved from.
 pub async fn cancel(
     pool: &PgPool,
-    gateway: impl AsyncFnOnce() -> anyhow::Result<std::sync::Arc<dyn Gateway>>,
+    gateway: impl AsyncFnOnce() -> anyhow::Result<std::sync::Arc<dyn Lookup>>,
     id: i64,
     actor: &str,
     reason: &str,
@@ -518,19 +470,19 @@ pub async fn cancel(
             id,
             reason: format!("{e:#}"),
         })?;
-        let transfers = gw
-            .lookup(&payouts::idempotency_key(id))
-            .await
-            .map_err(|e| CancelError::Unverified {
-                id,
-                reason: e.to_string(),
-            })?;
+        let transfers =
+            gw.lookup(&idempotency_key(id))
+                .await
+                .map_err(|e| CancelError::Unverified {
+                    id,
+                    reason: e.to_string(),
+                })?;
         let moved = transfers
             .iter()
-            .find(|t| crate::services::sync::verdict(t) == Some(PayoutStatus::Paid))
+            .find(|t| verdict(&t.status) == Some(PayoutStatus::Paid))
             .or_else(|| transfers.iter().find(|t| money_moved(t)));
         if let Some(t) = moved {
-            let to = match crate::services::sync::verdict(t) {
+            let to = match verdict(&t.status) {
                 Some(PayoutStatus::Paid) => PayoutStatus::Paid,
                 _ => PayoutStatus::InTransit,
             };
@@ -600,7 +552,7 @@ async fn fix(
     let Some(t) = transfers.iter().find(|t| money_moved(t)) else {
         return Ok(false);
     };
-    let to = match crate::services::sync::verdict(t) {
+    let to = match verdict(&t.status) {
         Some(PayoutStatus::Paid) => PayoutStatus::Paid,
         _ => PayoutStatus::InTransit,
     };

@@ -2,7 +2,7 @@
 //! becomes `paid` or `failed` when the gateway says so, by webhook
 //! (`crate::admin::webhooks`) or, where no webhook comes, by the poll here, which
 //! looks every payout `in_transit` for longer than
-//! `gateway.sync.min_age_secs` up at the gateway (`Gateway::lookup`) on a
+//! `gateway.sync.min_age_secs` up at the gateway (`Lookup::lookup`) on a
 //! schedule (`gateway.sync.interval_secs`).
 //!
 //! Every change is one fenced statement with its `payout_events` row
@@ -26,50 +26,19 @@ use std::sync::{
 };
 
 use chrono::{DateTime, Utc};
-use prometheus::{IntCounter, IntCounterVec, Opts};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
-
-use async_trait::async_trait;
 
 use crate::{
     clock::SharedClock,
     config::SyncSettings,
-    db::payouts::idempotency_key,
-    domain::PayoutStatus,
-    gateway::{Gateway, LookupError, TransferRecord},
-    metrics::REGISTRY,
+    domain::{
+        PayoutStatus,
+        transfer::{idempotency_key, verdict},
+    },
+    gateway::{AccountCheck, Lookup, NOT_ONBOARDED},
+    metrics::{FAILED_AFTER_PAID, RESOLVED},
 };
-
-/// Payouts recorded `paid` that the gateway later reported failed or
-/// reversed. Every increment should page someone.
-pub static FAILED_AFTER_PAID: LazyLock<IntCounter> = LazyLock::new(|| {
-    let c = IntCounter::new(
-        "payout_failed_after_paid_total",
-        "Payouts recorded paid that the gateway later reported failed or reversed (page)",
-    )
-    .expect("valid metric");
-    REGISTRY
-        .register(Box::new(c.clone()))
-        .expect("registered once");
-    c
-});
-
-/// In-transit payouts resolved, by how (`webhook`, `poll`) and to what (`paid`, `failed`).
-pub static RESOLVED: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    let c = IntCounterVec::new(
-        Opts::new(
-            "payout_in_transit_resolved_total",
-            "In-transit payouts resolved, by source and final status",
-        ),
-        &["source", "status"],
-    )
-    .expect("valid metric");
-    REGISTRY
-        .register(Box::new(c.clone()))
-        .expect("registered once");
-    c
-});
 
 /// One state change the gateway reported.
 #[derive(Debug, Clone)]
@@ -139,15 +108,6 @@ pub async fn resolve(conn: &mut PgConnection, r: &Resolution<'_>) -> sqlx::Resul
     Ok(written)
 }
 
-/// What the gateway's record of a transfer means for an in-transit payout.
-pub fn verdict(record: &TransferRecord) -> Option<PayoutStatus> {
-    match record.status.as_str() {
-        "paid" | "succeeded" => Some(PayoutStatus::Paid),
-        "failed" | "reversed" | "canceled" | "cancelled" | "returned" => Some(PayoutStatus::Failed),
-        _ => None,
-    }
-}
-
 /// What one poll did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct SyncReport {
@@ -164,9 +124,6 @@ pub struct SyncReport {
     /// Changed by someone else (a webhook, an operator) between read and write.
     pub fenced_out: usize,
 }
-
-/// The failure code of a payout whose payee cannot receive money yet.
-pub const NOT_ONBOARDED: &str = "account_not_onboarded";
 
 /// Puts every payout of `account` held for onboarding ([`NOT_ONBOARDED`];
 /// not one reconciliation held, `returned_paid_at_gateway`) back to `queued` (fresh attempt
@@ -204,20 +161,13 @@ pub async fn release_account(
     Ok(ids)
 }
 
-/// A gateway that can tell whether a payee's account can receive money now.
-#[async_trait]
-pub trait AccountCheck: Send + Sync + std::fmt::Debug {
-    /// `true` once `account` can be paid (e.g. Stripe onboarding finished).
-    async fn account_ready(&self, account: &str) -> Result<bool, LookupError>;
-}
-
 /// The in-transit poll.
 #[derive(Debug)]
 pub struct InTransitSync {
     /// The source of truth.
     pub pool: PgPool,
     /// The gateway to ask.
-    pub gateway: Arc<dyn Gateway>,
+    pub gateway: Arc<dyn Lookup>,
     /// Time.
     pub clock: SharedClock,
     /// Interval, minimum age, batch.
@@ -237,7 +187,7 @@ impl InTransitSync {
     /// A poll over `pool` asking `gateway`.
     pub fn new(
         pool: PgPool,
-        gateway: Arc<dyn Gateway>,
+        gateway: Arc<dyn Lookup>,
         clock: SharedClock,
         settings: SyncSettings,
         actor: impl Into<String>,
@@ -343,7 +293,8 @@ impl InTransitSync {
                 .iter()
                 .find(|r| Some(&r.id) == transfer_id.as_ref())
                 .or_else(|| records.first());
-            let Some((record, to)) = record.and_then(|r| verdict(r).map(|to| (r, to))) else {
+            let Some((record, to)) = record.and_then(|r| verdict(&r.status).map(|to| (r, to)))
+            else {
                 report.still_in_transit += 1;
                 continue;
             };

@@ -234,7 +234,7 @@ async fn reconcile_demo(pool: &PgPool, gateway_env: &[(String, String)]) -> anyh
     // Its look-ups count against the fleet-wide limit, as every request does.
     let conn = crate::queue::connect(&settings.redis).await?;
     let gateway =
-        crate::gateway::select::build_limited(&gateway_settings, conn, &settings.redis.prefix)?;
+        crate::gateway::select::lookup_limited(&gateway_settings, conn, &settings.redis.prefix)?;
     let now = chrono::Utc::now();
     let opts = crate::services::reconcile::Options {
         since: now - chrono::Duration::hours(1),

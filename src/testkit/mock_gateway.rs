@@ -1531,7 +1531,7 @@ mod tests {
         for kind in MOCK_KINDS {
             let env = fleet_env(kind, "http://127.0.0.1:1", "sk_test_mock").unwrap();
             let s = crate::config::Settings::load_from(None, &env).unwrap();
-            assert_eq!(s.gateway.kind, kind);
+            assert_eq!(s.gateway.kind.as_str(), kind);
             let gw = crate::gateway::select::build(&s.gateway).unwrap();
             assert!(crate::gateway::select::lookup_unavailable(&s.gateway).is_none());
             let dbg = format!("{gw:?}");

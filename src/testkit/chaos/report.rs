@@ -22,7 +22,7 @@ use serde::Serialize;
 use sqlx::PgPool;
 
 use crate::{
-    db::payouts::idempotency_key,
+    domain::transfer::idempotency_key,
     domain::{Currency, Money, PayoutStatus},
     testkit::mock_gateway::LedgerEntry,
 };

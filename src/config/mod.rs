@@ -2,15 +2,19 @@
 //! file, then `PAYOUTS_*` environment variables (`__` separates nesting), then
 //! `DATABASE_URL` / `REDIS_URL`. Validated once at load, with the bad key named.
 
+mod gateway;
+
+pub use gateway::{MOCK_SECRET, STATUS_MEANINGS, validate_gateway};
+
 use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use anyhow::{Context, bail};
 use secrecy::SecretString;
 use serde::Deserialize;
 
-const DEFAULTS: &str = include_str!("../config/default.toml");
+const DEFAULTS: &str = include_str!("../../config/default.toml");
 /// The built-in payout policy, used when `policy.file` is empty.
-const DEFAULT_POLICY: &str = include_str!("../config/policy.toml");
+const DEFAULT_POLICY: &str = include_str!("../../config/policy.toml");
 
 /// Every setting of the fleet.
 #[derive(Debug, Clone, Deserialize)]
@@ -187,6 +191,55 @@ pub struct WorkerSettings {
     pub listen: SocketAddr,
 }
 
+/// Which gateway adapter the fleet pays through (`gateway.kind`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GatewayKind {
+    /// The generic HTTP contract (`../shared/gateway-contract.md`).
+    #[default]
+    Contract,
+    /// Stripe Connect transfers.
+    Stripe,
+    /// A platform's own release-funds API.
+    ReleaseFunds,
+}
+
+impl GatewayKind {
+    /// Every kind.
+    pub const ALL: [GatewayKind; 3] = [
+        GatewayKind::Contract,
+        GatewayKind::Stripe,
+        GatewayKind::ReleaseFunds,
+    ];
+
+    /// The configuration's spelling (`contract`, `stripe`, `release_funds`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GatewayKind::Contract => "contract",
+            GatewayKind::Stripe => "stripe",
+            GatewayKind::ReleaseFunds => "release_funds",
+        }
+    }
+}
+
+impl std::fmt::Display for GatewayKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for GatewayKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        GatewayKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| {
+                format!("gateway.kind must be one of \"contract\", \"stripe\", \"release_funds\" (got {s:?})")
+            })
+    }
+}
+
 /// The payment gateway.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -194,7 +247,7 @@ pub struct GatewaySettings {
     /// Which adapter: `contract` (the generic HTTP contract), `stripe`
     /// (Stripe Connect transfers) or `release_funds` (a platform's own
     /// `POST /api/Payment/release-funds`).
-    pub kind: String,
+    pub kind: GatewayKind,
     /// Base URL of the gateway.
     pub base_url: String,
     /// Bearer secret. Never logged. The built-in `sk_test_mock` is the local
@@ -496,10 +549,7 @@ impl Settings {
                 "admin.client_ip_header must be a header name (or empty)",
             ),
             (
-                admin
-                    .allowed_hosts
-                    .iter()
-                    .all(|h| crate::admin::host::valid_name(h)),
+                admin.allowed_hosts.iter().all(|h| valid_host_name(h)),
                 "admin.allowed_hosts must be host names (letters, digits, '-' and '.'; no port, no scheme)",
             ),
         ];
@@ -511,7 +561,7 @@ impl Settings {
         if let Err(e) = self.policy.load() {
             bail!("invalid configuration: policy.file: {e:#}");
         }
-        crate::gateway::select::validate(&self.gateway)
+        validate_gateway(&self.gateway)
             .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
         let attempt_ms = self.gateway.worst_attempt_ms();
         if self.worker.lease_secs * 1000 <= attempt_ms {
@@ -524,6 +574,17 @@ impl Settings {
         }
         Ok(())
     }
+}
+
+/// A DNS name: labels of letters, digits and `-`, separated by dots.
+pub fn valid_host_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
 }
 
 fn valid_prefix(p: &str) -> bool {
