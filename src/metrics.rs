@@ -89,7 +89,7 @@ pub fn count_paid(amount: rust_decimal::Decimal, currency: &str) {
             .inc_by(n.unsigned_abs()),
         Ok(_) => {}
         Err(e) => {
-            tracing::warn!(currency, error = %e, "paid amount not counted in payout_paid_minor_units_total")
+            tracing::warn!(currency, error = %format_args!("{e:#}"), "paid amount not counted in payout_paid_minor_units_total")
         }
     }
 }

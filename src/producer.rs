@@ -356,10 +356,12 @@ async fn sync_while_leading(
         }
         match sync.run_once().await {
             Ok(r) => tracing::debug!(?r, "in-transit poll"),
-            Err(e) => tracing::warn!(error = %e, "in-transit poll failed; next time"),
+            Err(e) => {
+                tracing::warn!(error = %format_args!("{e:#}"), "in-transit poll failed; next time")
+            }
         }
         if let Err(e) = sync.release_onboarded().await {
-            tracing::warn!(error = %e, "onboarding release failed; next time");
+            tracing::warn!(error = %format_args!("{e:#}"), "onboarding release failed; next time");
         }
     }
 }
@@ -383,7 +385,7 @@ pub async fn run_loop(producer: &Producer, leadership: &Leadership, shutdown: &C
                 leading = now_leading;
             }
             Err(e) => {
-                tracing::warn!(error = %e, "leader lock unavailable; standing by");
+                tracing::warn!(error = %format_args!("{e:#}"), "leader lock unavailable; standing by");
                 leading = false;
             }
         }
@@ -408,12 +410,12 @@ pub async fn run_loop(producer: &Producer, leadership: &Leadership, shutdown: &C
             ticks += 1;
             if ticks % s.janitor_every_ticks.max(1) == 0 {
                 if let Err(e) = producer.queue.janitor(10_000).await {
-                    tracing::warn!(error = %e, "janitor failed");
+                    tracing::warn!(error = %format_args!("{e:#}"), "janitor failed");
                 }
             }
             if tokio::time::Instant::now() >= next_gauges {
                 if let Err(e) = producer.refresh_gauges().await {
-                    tracing::warn!(error = %e, "gauge refresh failed");
+                    tracing::warn!(error = %format_args!("{e:#}"), "gauge refresh failed");
                 }
                 next_gauges =
                     tokio::time::Instant::now() + Duration::from_secs(s.gauges_every_secs);

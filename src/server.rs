@@ -110,7 +110,7 @@ pub async fn serve_hardened(
                 Err(e) => {
                     // Out of file descriptors and the like: wait a moment
                     // rather than spin.
-                    tracing::warn!(error = %e, "accept failed");
+                    tracing::warn!(error = %format_args!("{e:#}"), "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }

@@ -106,7 +106,7 @@ impl Worker {
                 let raw = payload
                     .get(crate::queue::UNDECODABLE)
                     .and_then(|v| v.as_str());
-                tracing::warn!(error = %e, not_json = ?raw, "malformed job acknowledged and dropped; no payout touched");
+                tracing::warn!(error = %format_args!("{e:#}"), not_json = ?raw, "malformed job acknowledged and dropped; no payout touched");
                 metrics::JOBS_SKIPPED
                     .with_label_values(&["malformed"])
                     .inc();
@@ -138,14 +138,14 @@ impl Worker {
                 metrics::INFRA_ERRORS
                     .with_label_values(&["redis_lock"])
                     .inc();
-                tracing::warn!(error = %e, "lock unavailable; relying on the fenced claim");
+                tracing::warn!(error = %format_args!("{e:#}"), "lock unavailable; relying on the fenced claim");
                 None
             }
         };
         let step = self.attempt(id).await;
         if let Some(guard) = lock {
             if let Err(e) = guard.release().await {
-                tracing::debug!(error = %e, "lock release failed; it expires by itself");
+                tracing::debug!(error = %format_args!("{e:#}"), "lock release failed; it expires by itself");
             }
         }
         step
@@ -416,7 +416,7 @@ impl Worker {
                 }
                 Ok(false) => return Ok(false),
                 Err(e) => {
-                    tracing::warn!(error = %e, "recording the outcome failed; retrying");
+                    tracing::warn!(error = %format_args!("{e:#}"), "recording the outcome failed; retrying");
                     failed_before = true;
                     tokio::time::sleep(delay).await;
                     delay *= 2;
@@ -428,7 +428,7 @@ impl Worker {
 
     fn infra(&self, component: &str, e: impl std::fmt::Display) -> Step {
         metrics::INFRA_ERRORS.with_label_values(&[component]).inc();
-        tracing::warn!(error = %e, component, "infrastructure error; the lease sweep will retry this payout");
+        tracing::warn!(error = %format_args!("{e:#}"), component, "infrastructure error; the lease sweep will retry this payout");
         Step::InfraError(e.to_string())
     }
 }
@@ -499,7 +499,7 @@ pub async fn run_consumer(
                 Ok(()) if shutdown.is_cancelled() => break,
                 Ok(()) => tracing::warn!(worker = %name, "apalis worker ended; restarting"),
                 Err(e) => {
-                    tracing::warn!(worker = %name, error = %e, "apalis worker failed; restarting")
+                    tracing::warn!(worker = %name, error = %format_args!("{e:#}"), "apalis worker failed; restarting")
                 }
             },
             // Dropping the stalled worker's future is safe: each job runs on its
@@ -542,10 +542,8 @@ async fn heartbeat_stalled(queue: &Queue, name: &str, stale_after: Duration) {
             .arg(name)
             .query_async(&mut conn)
             .await;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs_f64();
+        let now =
+            crate::clock::Clock::now(&crate::clock::SystemClock).timestamp_micros() as f64 / 1e6;
         match score {
             Ok(Some(at)) => {
                 seen = true;

@@ -350,3 +350,27 @@ fn the_checker_finds_grouped_and_plain_forbidden_imports() {
     }
     let _ = fs::remove_dir_all(&dir);
 }
+
+/// Errors are logged with their cause chain (`{e:#}`): `error = %e` on an
+/// `anyhow::Error` prints only its outermost context, and the cause an
+/// operator needs is lost.
+#[test]
+fn errors_are_logged_with_their_chain() {
+    let mut files = Vec::new();
+    rust_files(&src(), &mut files);
+    let mut found = Vec::new();
+    for file in files {
+        let text = fs::read_to_string(&file).expect("read");
+        for (n, line) in text.lines().enumerate() {
+            let rest = line.split("error = %e").nth(1);
+            if rest.is_some_and(|r| !r.starts_with(|c: char| c.is_alphanumeric() || c == '_')) {
+                found.push(format!("{}:{}: {}", file.display(), n + 1, line.trim()));
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "log errors with their chain (error = %format_args!(\"{{e:#}}\")):\n{}",
+        found.join("\n")
+    );
+}

@@ -1,6 +1,8 @@
 //! The fleet as separate processes: producer and worker binaries against real
 //! Postgres and Redis, the mock gateway in-process (so its ledger can be read).
 //! Processes are killed, Redis is restarted empty, a producer replica dies.
+// Tests read the wall clock on purpose (clippy.toml bans it in the product).
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

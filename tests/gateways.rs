@@ -6,6 +6,8 @@
 //! classification table only), a fake release-funds API (the booking
 //! worker's JSON), the webhook router with Stripe's signature scheme, and the
 //! in-transit poll. Real Postgres and Redis; every server on 127.0.0.1:0.
+// Tests read the wall clock on purpose (clippy.toml bans it in the product).
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

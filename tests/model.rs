@@ -1462,19 +1462,12 @@ fn once_the_fleet_catches_up_no_payout_is_left_unfinished() {
 /// must eventually be settled (DESIGN.md: in_transit --webhook/poll--> paid
 /// | failed) or at least be something an operator can act on.
 ///
-/// BUG (found by this test): nothing ever moves a payout out of
-/// `in_transit`. `finish` needs `processing`, `claim` and `sweep_expired`
-/// look only at `queued`/`processing`, `queue_due` at `pending`/`retrying`,
-/// `retry` needs `failed`, `cancel` refuses it, and there is no webhook or
-/// poll statement. Reconciliation does not either: `reconcile::compare`
-/// counts `in_transit` as "moved", so a transfer the gateway has since paid
-/// is no mismatch (no `--fix`), and `reconcile_to` cannot record `failed`.
-/// Shrunk sequence (one payout, due at t0): `QueueDue`, `Claim { worker: 0
-/// }`, `Finish { claim: Newest, outcome: InTransit }`, then the fleet
-/// catching up — the payout stays `in_transit` for ever. The poll and
-/// webhooks being written in `src/services/sync.rs` (`sync::resolve`) should close
-/// this: when they land, add a resolve step to `Op`, the model and
-/// `drain_ops`, and drop the `#[ignore]`.
+/// Found by this test, since fixed: nothing moved a payout out of
+/// `in_transit` (shrunk: `QueueDue`, `Claim`, `Finish { outcome: InTransit }`,
+/// then the fleet catching up). Webhooks and the producer's in-transit poll
+/// (`services::sync::resolve`) now resolve it; `tests/gateways.rs` and
+/// `tests/stripe.rs` prove that. This model does not drive them, so the case
+/// stays ignored here.
 #[test]
 #[ignore = "in_transit is resolved by the gateway (webhooks, and the producer's in-transit poll in src/services/sync.rs, tested in tests/gateways.rs), which this model does not drive yet"]
 fn an_in_transit_payout_is_not_left_unfinished_either() {
@@ -1484,7 +1477,7 @@ fn an_in_transit_payout_is_not_left_unfinished_either() {
 /// Final writes racing in one worker process go to Postgres as one batched
 /// statement (`db::batch`), and each must be told whether *it* was written.
 ///
-/// BUG (found by this test) in `db::batch::run_finishes`: it answers each
+/// Found by this test, since fixed, in `db::batch::run_finishes`: it answered each
 /// request with `applied.contains(&r.id)`, by payout id only. When two final
 /// writes for one payout share a batch, the fenced UPDATE applies at most
 /// one, yet both are told `true`. Shrunk sequence (one payout, due at t0):
@@ -1511,9 +1504,9 @@ fn final_writes_batched_together_agree_with_the_lifecycle_model() {
 /// worker that took the payout over: the takeover's write lands and the late
 /// one must be told it was refused (`false`), not that it was recorded.
 ///
-/// BUG: `db::batch` answers `true` to both (see above): the late worker
-/// counts the outcome as recorded (`Step::Recorded`, `payouts_finished_total`)
-/// and the stale-fence metric never sees it.
+/// Found by this test, since fixed: `db::batch` answered `true` to both (see
+/// above), so the late worker counted the outcome as recorded and the
+/// stale-fence metric never saw it.
 #[test]
 fn a_stale_final_write_batched_with_the_live_one_is_refused() {
     check_case(Case {

@@ -5,6 +5,8 @@
 //! concurrent runs and two concurrent processes, carry-over, no earning
 //! settled twice or left out); imports with line numbers; the HTTP endpoint;
 //! the CLI; JPY and BHD reaching the gateway in their minor units.
+// Tests read the wall clock on purpose (clippy.toml bans it in the product).
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

@@ -1,6 +1,8 @@
 //! The pipeline, step by step, against real Postgres, real Redis and the mock
 //! gateway over HTTP. Producer passes and worker steps are driven directly
 //! (the steppable units), with a fake clock where time matters.
+// Tests read the wall clock on purpose (clippy.toml bans it in the product).
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

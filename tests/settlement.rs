@@ -4,6 +4,8 @@
 //! shadowing a scheduled period, and money returned to the payee's balance
 //! when a settlement payout is cancelled or reversed. Real Postgres; the
 //! property tests vary WHEN runs happen and in WHAT ORDER, not only inputs.
+// Tests read the wall clock on purpose (clippy.toml bans it in the product).
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

@@ -62,7 +62,7 @@ fn unprocessable(e: FieldError) -> Response {
 }
 
 fn internal(e: sqlx::Error) -> Response {
-    tracing::error!(error = %e, "failed to record an earning");
+    tracing::error!(error = %format_args!("{e:#}"), "failed to record an earning");
     (
         StatusCode::SERVICE_UNAVAILABLE,
         Json(json!({"error": "the database is unavailable; try again"})),

@@ -16,11 +16,12 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     num::NonZeroU32,
     sync::Mutex,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use axum::{extract::ConnectInfo, http::Extensions, http::HeaderMap};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use tokio::time::Instant;
 
 /// Locked sources kept before the expired ones are pruned.
 const PRUNE_AT: usize = 4096;

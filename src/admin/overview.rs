@@ -10,7 +10,9 @@
 //! 10,000 payouts paid in the hour. One computation is shared by every viewer
 //! for `admin.overview_cache_ms`.
 
-use std::{collections::BTreeMap, sync::Arc, time::Instant};
+use std::{collections::BTreeMap, sync::Arc};
+
+use tokio::time::Instant;
 
 use chrono::{DateTime, Duration, DurationRound, Utc};
 use serde::Serialize;
@@ -241,7 +243,7 @@ pub async fn compute(state: &AdminState) -> anyhow::Result<Overview> {
     let queued = payouts::count_queued(&state.pool).await?;
     let redis_waiting = state.queue.waiting().await.ok();
     let workers = workers(state, now).await.unwrap_or_else(|e| {
-        tracing::warn!(error = %e, "overview: could not list workers from Redis");
+        tracing::warn!(error = %format_args!("{e:#}"), "overview: could not list workers from Redis");
         Vec::new()
     });
     let leadership = Leadership::new(

@@ -436,13 +436,13 @@ async fn handle(s: &WebhookState, source: Source, headers: &HeaderMap, body: &[u
         .ok_or(SignatureError::Missing)
         .and_then(|h| verify(h, body, secrets, s.tolerance, s.clock.now().timestamp()));
     if let Err(e) = verified {
-        tracing::warn!(source = source.as_str(), error = %e, "webhook refused: bad signature");
+        tracing::warn!(source = source.as_str(), error = %format_args!("{e:#}"), "webhook refused: bad signature");
         return answer(source, StatusCode::BAD_REQUEST, "bad_signature");
     }
     let event = match parse_event(source, body) {
         Ok(e) => e,
         Err(e) => {
-            tracing::warn!(source = source.as_str(), error = %e, "webhook refused: unreadable event");
+            tracing::warn!(source = source.as_str(), error = %format_args!("{e:#}"), "webhook refused: unreadable event");
             return answer(source, StatusCode::BAD_REQUEST, "bad_payload");
         }
     };
@@ -450,7 +450,7 @@ async fn handle(s: &WebhookState, source: Source, headers: &HeaderMap, body: &[u
         Ok(Applied::Done(outcome)) => answer(source, StatusCode::OK, outcome),
         Ok(Applied::RetryLater) => answer(source, StatusCode::SERVICE_UNAVAILABLE, "retry_later"),
         Err(e) => {
-            tracing::warn!(source = source.as_str(), event = %event.id, error = %e, "webhook not recorded; the gateway will deliver it again");
+            tracing::warn!(source = source.as_str(), event = %event.id, error = %format_args!("{e:#}"), "webhook not recorded; the gateway will deliver it again");
             answer(source, StatusCode::INTERNAL_SERVER_ERROR, "db_error")
         }
     }

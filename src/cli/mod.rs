@@ -606,10 +606,10 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
             check: true,
             wait_secs,
         } => {
-            let until = std::time::Instant::now() + std::time::Duration::from_secs(wait_secs);
+            let until = tokio::time::Instant::now() + std::time::Duration::from_secs(wait_secs);
             let pending = loop {
                 let pending = db::pending_migrations(&pool).await?;
-                if pending.is_empty() || std::time::Instant::now() >= until {
+                if pending.is_empty() || tokio::time::Instant::now() >= until {
                     break pending;
                 }
                 tokio::time::sleep(std::time::Duration::from_secs(2)).await;

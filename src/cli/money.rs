@@ -481,7 +481,7 @@ pub async fn settle(
         payee: args.payee,
         actor: actor.to_string(),
     };
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let bar = settle_progress_bar(as_json);
     let progress = |done: usize, total: usize| {
         bar.set_length(total as u64);

@@ -177,7 +177,7 @@ impl FleetLimiter {
                     tokio::time::sleep(Duration::from_millis(ms).min(PAUSE_STEP)).await;
                 }
                 Err(e) => {
-                    tracing::debug!(error = %e, "rate limiter unavailable; sending");
+                    tracing::debug!(error = %format_args!("{e:#}"), "rate limiter unavailable; sending");
                     return;
                 }
             }

@@ -101,7 +101,9 @@ impl Locks {
                             tracing::warn!(%key, "lock lost before release; the fence still protects the write");
                             return;
                         }
-                        Err(e) => tracing::warn!(%key, error = %e, "lock renewal failed"),
+                        Err(e) => {
+                            tracing::warn!(%key, error = %format_args!("{e:#}"), "lock renewal failed")
+                        }
                     }
                 }
             })

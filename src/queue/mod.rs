@@ -239,7 +239,7 @@ impl Queue {
     pub async fn check_epoch(&self) -> anyhow::Result<bool> {
         let mut conn = self.conn.clone();
         let key = format!("{{{}}}:epoch", self.prefix);
-        let stamp = chrono::Utc::now().to_rfc3339();
+        let stamp = crate::clock::Clock::now(&crate::clock::SystemClock).to_rfc3339();
         let set: bool = conn.set_nx(&key, stamp).await?;
         Ok(set)
     }

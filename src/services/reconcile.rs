@@ -604,6 +604,7 @@ pub async fn runs(pool: &PgPool, before_id: Option<i64>, limit: i64) -> sqlx::Re
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use chrono::Utc;
     use rust_decimal::Decimal;

@@ -959,7 +959,7 @@ pub async fn on_producer_tick(
         Ok(false) => return, // ran less than settle_every_secs ago
         Err(e) => {
             metrics::SETTLEMENT_ERRORS.inc();
-            tracing::warn!(error = %e, "settlement interval not readable; retrying next tick");
+            tracing::warn!(error = %format_args!("{e:#}"), "settlement interval not readable; retrying next tick");
             return;
         }
     }

@@ -245,7 +245,7 @@ impl InTransitSync {
                 Ok(true) => {}
                 Ok(false) => continue,
                 Err(e) => {
-                    tracing::warn!(error = %e, "onboarding check failed; next time");
+                    tracing::warn!(error = %format_args!("{e:#}"), "onboarding check failed; next time");
                     continue;
                 }
             }
@@ -285,7 +285,7 @@ impl InTransitSync {
                 Ok(r) => r,
                 Err(e) => {
                     report.lookup_failed += 1;
-                    tracing::warn!(payout_id = id, error = %e, "in-transit look-up failed");
+                    tracing::warn!(payout_id = id, error = %format_args!("{e:#}"), "in-transit look-up failed");
                     continue;
                 }
             };

@@ -749,7 +749,7 @@ impl GatewayState {
         // Durable first: if the line cannot be written, nothing is applied and
         // the client is told to retry (the same key will apply later).
         if let Err(e) = self.journal_append(&entry) {
-            tracing::error!(error = %e, "ledger file write failed; transfer not applied");
+            tracing::error!(error = %format_args!("{e:#}"), "ledger file write failed; transfer not applied");
             return Decision::Answer(Answer::error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "ledger_unavailable",
@@ -1005,7 +1005,7 @@ impl MockGateway {
             match f.set_len(0).and_then(|()| f.sync_all()) {
                 Ok(()) => Some(f),
                 Err(e) => {
-                    tracing::error!(error = %e, "could not truncate the ledger file; it is no longer written");
+                    tracing::error!(error = %format_args!("{e:#}"), "could not truncate the ledger file; it is no longer written");
                     None
                 }
             }
@@ -1390,8 +1390,12 @@ impl RunningMockGateway {
         if let Some(join) = self.join.take() {
             match join.await {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "mock gateway server failed"),
-                Err(e) => tracing::warn!(error = %e, "mock gateway task failed"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %format_args!("{e:#}"), "mock gateway server failed")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %format_args!("{e:#}"), "mock gateway task failed")
+                }
             }
         }
     }

@@ -403,7 +403,7 @@ impl StandIn {
         let app = self.router();
         tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
-                tracing::warn!(error = %e, "stripe stand-in stopped");
+                tracing::warn!(error = %format_args!("{e:#}"), "stripe stand-in stopped");
             }
         });
         Ok(format!("http://{addr}"))

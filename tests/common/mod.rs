@@ -1,5 +1,7 @@
 //! Test support: a fresh database per test, a fresh Redis key prefix, an
 //! in-process mock gateway on port 0, fast settings, and deadline polling.
+// Tests read the wall clock on purpose (clippy.toml bans it in the product).
+#![allow(clippy::disallowed_methods)]
 #![allow(dead_code)]
 
 use std::{

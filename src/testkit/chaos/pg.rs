@@ -202,7 +202,7 @@ impl Drop for PrivatePostgres {
     fn drop(&mut self) {
         if self.running {
             if let Err(e) = self.stop_immediate() {
-                tracing::warn!(error = %e, "private Postgres did not stop");
+                tracing::warn!(error = %format_args!("{e:#}"), "private Postgres did not stop");
             }
         }
     }
