@@ -150,8 +150,8 @@ pub struct ProducerSettings {
     /// The settlement interval: at most one settlement pass every this many
     /// seconds, whichever replica leads (recorded in Postgres).
     pub settle_every_secs: u64,
-    /// The policy that pass applies: loaded from `[policy]` at load when
-    /// `settle_on_tick` is on (not a key of its own).
+    /// The policy that pass applies: [`Settings::settlement_policy`], loaded
+    /// at load when `settle_on_tick` is on (not a key of its own).
     #[serde(skip)]
     pub policy: Option<Arc<crate::domain::Policy>>,
 }
@@ -372,9 +372,21 @@ impl Settings {
         })?;
         settings.validate()?;
         if settings.producer.settle_on_tick {
-            settings.producer.policy = Some(Arc::new(settings.policy.load()?));
+            settings.producer.policy = Some(Arc::new(settings.settlement_policy()?));
         }
         Ok(settings)
+    }
+
+    /// The policy settlement applies with this fleet's gateway: `[policy]`,
+    /// with each payout rounded down to what `gateway.kind` can send (the
+    /// rest kept in the payee's balance, see
+    /// [`crate::gateway::stripe_currency::policy_for_kind`]). For `settle`,
+    /// the producer's settlement pass and `preview` alike.
+    pub fn settlement_policy(&self) -> anyhow::Result<crate::domain::Policy> {
+        Ok(crate::gateway::stripe_currency::policy_for_kind(
+            &self.gateway.kind,
+            self.policy.load()?,
+        ))
     }
 
     /// Checks ranges; the error names the bad key.
