@@ -101,7 +101,8 @@ read -r EARNINGS SETTLED PERIODS PAYOUTS < <(sql -At -F ' ' -c "
   SELECT (SELECT count(*) FROM earnings), (SELECT count(*) FROM earnings WHERE settlement_id IS NOT NULL),
          (SELECT count(*) FROM settlements), (SELECT count(*) FROM settlements WHERE outcome = 'payout')")
 # Conservation, summed over every settlement (each row's CHECK holds it per
-# period; carried balances cancel out between the period that carried and the
+# period; carried balances, and the remainders a payout kept below the
+# gateway's payout step, cancel out between the period that carried and the
 # one that took them in, leaving the open ones).
 CONSERVATION=$(sql -At -F ' ' -c "
   WITH t AS (SELECT
@@ -111,7 +112,8 @@ CONSERVATION=$(sql -At -F ' ' -c "
     (SELECT coalesce(sum(platform_commission), 0) FROM settlements) AS platform,
     (SELECT coalesce(sum(fee), 0) FROM settlements) AS fees,
     (SELECT coalesce(sum(deductions), 0) FROM settlements) AS deductions,
-    (SELECT coalesce(sum(net), 0) FROM settlements WHERE outcome <> 'payout' AND carried_into IS NULL) AS open)
+    (SELECT coalesce(sum(net) FILTER (WHERE outcome <> 'payout' AND carried_into IS NULL), 0)
+            + coalesce(sum(carried_out) FILTER (WHERE carried_out_into IS NULL), 0) FROM settlements) AS open)
   SELECT earned = gross AND gross = payouts + platform + fees + deductions + open,
          earned, payouts, platform, fees, deductions, open FROM t")
 read -r HOLDS GROSS PAID_OUT PLATFORM FEES DEDUCTIONS OPEN <<<"$CONSERVATION"

@@ -284,7 +284,16 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         pool: pool.clone(),
         queue,
         clock: crate::clock::system(),
-        settings: settings.producer.clone(),
+        settings: {
+            // Settlement pays what this fleet's gateway can send.
+            let mut p = settings.producer.clone();
+            if p.settle_on_tick {
+                p.policy = Some(std::sync::Arc::new(
+                    crate::services::settlement::policy_for(&settings)?,
+                ));
+            }
+            p
+        },
         actor: format!("producer:{me}"),
     };
     let leadership = Leadership::new(

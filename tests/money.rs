@@ -795,6 +795,7 @@ async fn over_many_periods_no_earning_is_settled_twice_none_released_is_left_out
         "SELECT sum(gross), coalesce(sum(net) FILTER (WHERE outcome = 'payout'), 0),
                 sum(platform_commission), sum(fee), sum(deductions),
                 coalesce(sum(net) FILTER (WHERE outcome <> 'payout' AND carried_into IS NULL), 0)
+                + coalesce(sum(carried_out) FILTER (WHERE carried_out_into IS NULL), 0)
          FROM settlements",
     )
     .fetch_one(pool)

@@ -459,6 +459,135 @@ async fn a_payout_reversed_after_it_was_paid_is_owed_again_and_is_never_retried_
     );
 }
 
+// ------------------------------------------------- gateway payout steps ----
+
+/// The shipped policy paying HUF too (minimum 1,000, fixed fee 100), with
+/// payouts shaped by the gateway `kind` (Stripe: whole forints).
+fn huf_policy(kind: &str) -> Policy {
+    let text = include_str!("../config/policy.toml")
+        .replace("BHD = \"0.100\" }", "BHD = \"0.100\", HUF = \"100\" }")
+        .replace("BHD = \"0.200\" }", "BHD = \"0.200\", HUF = \"100\" }")
+        .replace("BHD = \"10.000\"", "BHD = \"10.000\"\nHUF = \"1000\"");
+    payouts::gateway::stripe_currency::policy_for_kind(kind.parse().unwrap(), text.parse().unwrap())
+}
+
+/// A HUF payee (weekly on Friday) with one earning in each of two weeks.
+async fn forint_weeks(pool: &PgPool, policy: &Policy, grosses: &[&str]) -> i64 {
+    let p = payees::create(pool, "Forint", "acct_huf", cur("HUF"))
+        .await
+        .unwrap()
+        .id;
+    payee_terms::set(pool, p, Some(Some("weekly:fri".parse().unwrap())), None)
+        .await
+        .unwrap();
+    for (week, gross) in grosses.iter().enumerate() {
+        let done = at("2026-10-31T08:00:00Z") + Duration::days(7 * week as i64);
+        let e = NewEarning {
+            payee_id: p,
+            source: "booking".into(),
+            external_ref: format!("HUF-{week}"),
+            gross: Money::parse(gross, "HUF").unwrap(),
+            completed_at: done,
+            release_at: policy.release_at(done),
+        };
+        let mut conn = pool.acquire().await.unwrap();
+        earnings::record(&mut conn, &e, "operator:test", done)
+            .await
+            .unwrap();
+    }
+    p
+}
+
+async fn settle_with(pool: &PgPool, policy: &Policy, now: DateTime<Utc>) -> settlement::RunReport {
+    let opts = Options {
+        payee: None,
+        actor: ACTOR.into(),
+    };
+    settlement::run(pool, policy, now, &opts).await.unwrap()
+}
+
+/// Issue 14 item 3, persisted: through Stripe a HUF payout is whole forints;
+/// the fraction stays in the payee's balance (a `carried_out` line and an
+/// open remainder), the next period takes it in and pays it once it adds up
+/// to a forint, and money is conserved to the fillér, also when a payout
+/// that kept a remainder is cancelled. The contract gateway pays the fillér.
+#[tokio::test]
+async fn through_stripe_a_huf_payout_is_whole_forints_and_the_fraction_is_carried_and_paid_later() {
+    let stripe = huf_policy("stripe");
+    let db = TestDb::new().await;
+    let pool = &db.pool;
+    // Week 1: 70% of 2000.55 = 1400.38, fee 5.00 + 100: 1295.38 payable.
+    // Week 2: 70% of 2000.95 = 1400.66, fee 5.00 + 100, plus the 0.38 kept: 1296.04.
+    let p = forint_weeks(pool, &stripe, &["2000.55", "2000.95"]).await;
+    let r = settle_with(pool, &stripe, at("2026-11-21T10:00:00Z")).await;
+    assert_eq!(r.errors(), 0, "{r:?}");
+    assert_eq!(r.payouts(), 2, "{r:?}");
+    assert_eq!(
+        payout_amounts(pool, p).await,
+        vec![dec("1295"), dec("1296")]
+    );
+
+    let (w1, w2) = (r.settled[0].settlement_id, r.settled[1].settlement_id);
+    let s1 = settlements::get(pool, w1).await.unwrap().unwrap();
+    let s2 = settlements::get(pool, w2).await.unwrap().unwrap();
+    assert_eq!((s1.net, s1.carried_out), (dec("1295"), dec("0.38")));
+    assert_eq!(s1.carried_out_into, Some(w2), "week 2 took the fraction in");
+    assert_eq!((s2.net, s2.carried_out), (dec("1296"), dec("0.04")));
+    assert_eq!(s2.carried_out_into, None, "0.04 is still owed");
+    let l1 = settlements::lines(pool, w1).await.unwrap();
+    let kept = l1.iter().find(|l| l.kind == "carried_out").unwrap();
+    assert_eq!(kept.amount, dec("-0.38"));
+    assert!(
+        kept.description.contains("steps of 1"),
+        "{}",
+        kept.description
+    );
+    let l2 = settlements::lines(pool, w2).await.unwrap();
+    let took = l2.iter().find(|l| l.kind == "carried_in").unwrap();
+    assert_eq!((took.amount, took.carried_from), (dec("0.38"), Some(w1)));
+    assert!(
+        took.description.contains("kept from payout"),
+        "{}",
+        took.description
+    );
+    assert_books_balance(pool).await;
+
+    // The payout that kept 0.04 is cancelled: the payout's money and the
+    // remainder are both owed, and the next Friday pays them (whole forints
+    // again, 0.04 kept again).
+    let cancelled = r.settled[1].payout_id.unwrap();
+    payout_repo::cancel(
+        pool,
+        cancelled,
+        "operator:ana",
+        "wrong account",
+        at("2026-11-22T09:00:00Z"),
+    )
+    .await
+    .unwrap();
+    assert_books_balance(pool).await;
+    let again = settle_with(pool, &stripe, at("2026-11-28T10:00:00Z")).await;
+    assert_eq!(again.payouts(), 1, "{again:?}");
+    assert_eq!(again.settled[0].net, dec("1296"));
+    let w3 = again.settled[0].settlement_id;
+    let s2 = settlements::get(pool, w2).await.unwrap().unwrap();
+    assert_eq!((s2.carried_into, s2.carried_out_into), (Some(w3), Some(w3)));
+    let s3 = settlements::get(pool, w3).await.unwrap().unwrap();
+    assert_eq!(s3.carried_out, dec("0.04"));
+    assert_books_balance(pool).await;
+
+    // The same work through the contract gateway: paid to the fillér.
+    let other = TestDb::new().await;
+    let contract = huf_policy("contract");
+    let q = forint_weeks(&other.pool, &contract, &["2000.55", "2000.95"]).await;
+    settle_with(&other.pool, &contract, at("2026-11-21T10:00:00Z")).await;
+    assert_eq!(
+        payout_amounts(&other.pool, q).await,
+        vec![dec("1295.38"), dec("1295.66")]
+    );
+    assert_books_balance(&other.pool).await;
+}
+
 // -------------------------------------------------------------- policy ----
 
 #[test]
@@ -772,6 +901,7 @@ async fn assert_books_balance(pool: &PgPool) {
         "SELECT sum(gross), coalesce(sum(net) FILTER (WHERE outcome = 'payout'), 0),
                 sum(platform_commission), sum(fee), sum(deductions),
                 coalesce(sum(net) FILTER (WHERE outcome <> 'payout' AND carried_into IS NULL), 0)
+                + coalesce(sum(carried_out) FILTER (WHERE carried_out_into IS NULL), 0)
          FROM settlements",
     )
     .fetch_one(pool)
@@ -1143,7 +1273,8 @@ const CROWD_T0: &str = "2026-10-01T00:00:00Z";
 /// `n` payees with several periods of work each, made by SQL, the same (ids
 /// included) in every database it is made in: every automatic schedule,
 /// three payout methods, deductions (some periods fall short), own minimums
-/// (balances carried), a second currency for some, suspended payees,
+/// (balances carried), a second currency for some (EUR, or BHD to the
+/// fils, which Stripe pays in hundredths), suspended payees,
 /// schedules that do not parse (`every:500:…` passes the column's check),
 /// and payees whose third week pays over a maximum of 2,000.00 USD.
 async fn crowd(pool: &PgPool, n: i64) {
@@ -1165,12 +1296,14 @@ async fn crowd(pool: &PgPool, n: i64) {
         "INSERT INTO earnings (payee_id, source, external_ref, gross, currency, completed_at, release_at,
                                created_at, posted_by)
          SELECT g, 'booking', 'c-' || g || '-' || k || '-' || cur,
-                round(CASE WHEN cur = 'USD' THEN 5 ELSE 20 END + ((g * 31 + k * 17) % 20000)::numeric / 100, 2),
+                CASE cur WHEN 'USD' THEN round(5 + ((g * 31 + k * 17) % 20000)::numeric / 100, 2)
+                         WHEN 'EUR' THEN round(20 + ((g * 31 + k * 17) % 20000)::numeric / 100, 2)
+                         ELSE round(2 + ((g * 31 + k * 17) % 20000)::numeric / 1000, 3) END,
                 cur, $2 + make_interval(hours => ((g * 7 + k * 53) % (24 * 28))::int),
                 $2 + make_interval(hours => ((g * 7 + k * 53) % (24 * 28))::int) + interval '7 days',
                 $2, 'operator:test'
-         FROM generate_series(1, $1) g, generate_series(1, 6) k, unnest(ARRAY['USD', 'EUR']) cur
-         WHERE cur = 'USD' OR (g % 10 = 3 AND k <= 2)",
+         FROM generate_series(1, $1) g, generate_series(1, 6) k, unnest(ARRAY['USD', 'EUR', 'BHD']) cur
+         WHERE cur = 'USD' OR (cur = 'EUR' AND g % 10 = 3 AND k <= 2) OR (cur = 'BHD' AND g % 10 = 7)",
         "INSERT INTO earnings (payee_id, source, external_ref, gross, currency, completed_at, release_at,
                                created_at, posted_by)
          SELECT g, 'booking', 'big-' || g || '-' || k, 950.00, 'USD',
@@ -1199,9 +1332,10 @@ async fn snapshot(pool: &PgPool) -> Vec<String> {
     for sql in [
         "SELECT ROW(s.payee_id, s.currency, s.period_start, s.period_end, s.schedule, s.payout_method,
                     s.outcome, s.services, s.gross, s.deductions, s.carried_in, s.fee, s.net,
-                    p.amount, p.status, c.period_start)::text
+                    s.carried_out, p.amount, p.status, c.period_start, r.period_start)::text
          FROM settlements s LEFT JOIN payouts p ON p.id = s.payout_id
               LEFT JOIN settlements c ON c.id = s.carried_into
+              LEFT JOIN settlements r ON r.id = s.carried_out_into
          ORDER BY s.payee_id, s.currency, s.period_start",
         "SELECT ROW(s.payee_id, s.currency, s.period_start, l.position, l.kind, l.amount, l.earning_id,
                     c.period_start, l.payout_id IS NOT NULL)::text
@@ -1299,11 +1433,43 @@ async fn cancel_some(pool: &PgPool, now: DateTime<Utc>) {
 
 #[tokio::test]
 async fn settling_thousands_of_payees_in_chunks_equals_settling_each_payee_alone() {
-    const N: i64 = 2_000;
-    let policy = capped();
+    chunks_equal_each_payee_alone(&capped(), 2_000).await;
+}
+
+/// The same through Stripe: BHD payouts in hundredths, the rest of each
+/// kept and carried, alike in both paths.
+#[tokio::test]
+async fn through_stripe_settling_in_chunks_equals_settling_each_payee_alone() {
+    let policy = payouts::gateway::stripe_currency::policy_for_kind(
+        payouts::config::GatewayKind::Stripe,
+        capped(),
+    );
+    let db = chunks_equal_each_payee_alone(&policy, 800).await;
+    let (kept, taken): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE carried_out > 0), count(carried_out_into) FROM settlements
+         WHERE currency = 'BHD'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(kept > 10 && taken > 0, "kept {kept}, taken in {taken}");
+    let unpayable: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM payouts WHERE currency = 'BHD' AND scale(trim_scale(amount)) > 2",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(unpayable, 0, "every BHD payout ends in 0");
+}
+
+/// Settles a crowd of `n` payees in four chunks and each payee alone, in two
+/// databases, then again after some payouts are cancelled: the same reports,
+/// rows and books. Returns the chunked database.
+async fn chunks_equal_each_payee_alone(policy: &Policy, n: i64) -> TestDb {
+    let quarter = (n / 4) as usize;
     let (chunked, alone) = (TestDb::new().await, TestDb::new().await);
-    crowd(&chunked.pool, N).await;
-    crowd(&alone.pool, N).await;
+    crowd(&chunked.pool, n).await;
+    crowd(&alone.pool, n).await;
     let opts = Options {
         payee: None,
         actor: ACTOR.into(),
@@ -1313,13 +1479,13 @@ async fn settling_thousands_of_payees_in_chunks_equals_settling_each_payee_alone
     let calls = std::sync::Mutex::new(Vec::new());
     let tell = |done: usize, total: usize| calls.lock().unwrap().push((done, total));
 
-    // 500 payees per transaction: four chunks, several rounds in each.
-    let a = settlement::run_chunked(&chunked.pool, &policy, first, &opts, 500, Some(&tell))
+    // A quarter of the payees per transaction: four chunks, several rounds in each.
+    let a = settlement::run_chunked(&chunked.pool, policy, first, &opts, quarter, Some(&tell))
         .await
         .unwrap();
-    let b = settle_each_alone(&alone.pool, &policy, first, N).await;
+    let b = settle_each_alone(&alone.pool, policy, first, n).await;
     assert!(
-        a.settled.len() > 2 * N as usize,
+        a.settled.len() > 2 * n as usize,
         "several periods each: {}",
         a.settled.len()
     );
@@ -1355,9 +1521,9 @@ async fn settling_thousands_of_payees_in_chunks_equals_settling_each_payee_alone
     assert_eq!(
         calls,
         vec![
-            (500, payees),
-            (1000, payees),
-            (1500, payees),
+            (quarter, payees),
+            (2 * quarter, payees),
+            (3 * quarter, payees),
             (payees, payees)
         ]
     );
@@ -1365,10 +1531,10 @@ async fn settling_thousands_of_payees_in_chunks_equals_settling_each_payee_alone
     // Then money comes back (cancelled payouts) and a later run catches up.
     cancel_some(&chunked.pool, first + Duration::hours(1)).await;
     cancel_some(&alone.pool, first + Duration::hours(1)).await;
-    let a = settlement::run_chunked(&chunked.pool, &policy, later, &opts, 500, None)
+    let a = settlement::run_chunked(&chunked.pool, policy, later, &opts, quarter, None)
         .await
         .unwrap();
-    let b = settle_each_alone(&alone.pool, &policy, later, N).await;
+    let b = settle_each_alone(&alone.pool, policy, later, n).await;
     assert!(
         a.settled
             .iter()
@@ -1378,6 +1544,7 @@ async fn settling_thousands_of_payees_in_chunks_equals_settling_each_payee_alone
     assert_eq!(report_key(&a), report_key(&b));
     assert_eq!(snapshot(&chunked.pool).await, snapshot(&alone.pool).await);
     assert_books_balance(&chunked.pool).await;
+    chunked
 }
 
 #[tokio::test]

@@ -884,6 +884,23 @@ async fn preview_through_stripe_pays_whole_forints_keeps_the_fraction_and_shows_
         o.stdout
     );
     assert!(o.stdout.contains("kept in the balance"), "{}", o.stdout);
+
+    // `settle` pays what the preview showed: whole forints, the fraction
+    // kept in the payee's balance for a later period.
+    let o = ctl.run_with(
+        &["settle"],
+        &[&stripe[..], &[("PAYOUTS_POLICY__FILE", file)]].concat(),
+    );
+    assert!(o.ok, "{}", o.stderr);
+    let (amount, carried_out): (rust_decimal::Decimal, rust_decimal::Decimal) = sqlx::query_as(
+        "SELECT p.amount, s.carried_out FROM payouts p JOIN settlements s ON s.payout_id = p.id
+         WHERE p.payee_id = $1",
+    )
+    .bind(payee.parse::<i64>().unwrap())
+    .fetch_one(&ctl.db.pool)
+    .await
+    .unwrap();
+    assert_eq!((amount, carried_out), (net, kept));
 }
 
 /// Issue 14 item 4: every HTTP request to Stripe counts against the

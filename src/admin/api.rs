@@ -900,6 +900,7 @@ fn settlement_json(x: &crate::db::settlements::SettlementRow) -> Value {
         "payee_share": m(x.payee_share), "platform_commission": m(x.platform_commission),
         "deductions": m(x.deductions), "carried_in": m(x.carried_in),
         "carried_gross_in": m(x.carried_gross_in), "fee": m(x.fee), "net": m(x.net),
+        "carried_out": m(x.carried_out), "carried_out_into": x.carried_out_into,
         "outcome": x.outcome, "payout_id": x.payout_id, "carried_into": x.carried_into,
         "actor": x.actor, "created_at": x.created_at, "returned_at": x.returned_at,
     })

@@ -470,7 +470,8 @@ pub async fn settle(
     now: DateTime<Utc>,
     out: &mut (dyn Write + Send),
 ) -> anyhow::Result<()> {
-    let policy = settings.policy.load()?;
+    // Payouts as the configured gateway can send them (Stripe: whole forints).
+    let policy = settlement::policy_for(settings)?;
     if let Some(id) = args.payee {
         let mut conn = pool.acquire().await?;
         if payee_terms::existing(&mut conn, &[id]).await?.is_empty() {
@@ -653,7 +654,7 @@ pub async fn preview(
 ) -> anyhow::Result<()> {
     // Through Stripe, payouts are rounded down to what Stripe can send.
     let kind = settings.gateway.kind;
-    let policy = crate::gateway::stripe_currency::policy_for_kind(kind, settings.policy.load()?);
+    let policy = settlement::policy_for(settings)?;
     let p = settlement::preview(pool, &policy, args.payee, now).await?;
     // The payout as Stripe's `amount` (its minor units: ISK in hundredths).
     let stripe_amounts: Vec<Option<i64>> = p

@@ -154,8 +154,8 @@ pub struct ProducerSettings {
     /// The settlement interval: at most one settlement pass every this many
     /// seconds, whichever replica leads (recorded in Postgres).
     pub settle_every_secs: u64,
-    /// The policy that pass applies: loaded from `[policy]` at load when
-    /// `settle_on_tick` is on (not a key of its own).
+    /// The policy that pass applies: `services::settlement::policy_for`, loaded
+    /// at load when `settle_on_tick` is on (not a key of its own).
     #[serde(skip)]
     pub policy: Option<Arc<crate::domain::Policy>>,
 }
@@ -425,6 +425,8 @@ impl Settings {
         })?;
         settings.validate()?;
         if settings.producer.settle_on_tick {
+            // The gateway's increments are applied by the producer
+            // (`services::settlement::policy_for`): configuration names no gateway.
             settings.producer.policy = Some(Arc::new(settings.policy.load()?));
         }
         Ok(settings)

@@ -52,6 +52,9 @@ pub struct SettlementRow {
     pub fee: Decimal,
     /// The sum of the lines: the payout's amount or the balance carried over.
     pub net: Decimal,
+    /// With a payout: the part of the payable amount the gateway cannot send
+    /// (below its payout step), kept in the payee's balance.
+    pub carried_out: Decimal,
     /// `payout`, `below_minimum`, `shortfall`, or `returned` (its payout was
     /// cancelled or reversed; `net` is owed again).
     pub outcome: String,
@@ -59,6 +62,8 @@ pub struct SettlementRow {
     pub payout_id: Option<i64>,
     /// The later settlement that took the balance over.
     pub carried_into: Option<i64>,
+    /// The later settlement that took `carried_out` over.
+    pub carried_out_into: Option<i64>,
     /// Who ran it.
     pub actor: String,
     /// When.
@@ -79,7 +84,8 @@ pub struct LineRow {
     /// Order within the settlement.
     pub position: i32,
     /// `earning`, `commission`, `volume_bonus`, `deduction`, `carried_in`,
-    /// `fee`, `returned` (the fee refunded when the payout was cancelled or reversed).
+    /// `fee`, `carried_out` (kept in the balance: below the gateway's payout
+    /// step), `returned` (the fee refunded when the payout was cancelled or reversed).
     pub kind: String,
     /// Human text.
     pub description: String,
@@ -190,25 +196,53 @@ pub async fn latest_end(
 }
 
 /// A balance carried over (below the minimum, a shortfall, or returned
-/// from a cancelled or reversed payout) and not yet taken into a later
-/// settlement.
+/// from a cancelled or reversed payout), or the remainder a payout kept
+/// (below the gateway's payout step), not yet taken into a later settlement.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct OpenCarry {
     /// The settlement that carried it.
     pub id: i64,
-    /// `below_minimum`, `shortfall` or `returned`.
+    /// `below_minimum`, `shortfall`, `returned`, or `payout` (a remainder).
     pub outcome: String,
-    /// The payout whose money was returned (for `returned`).
+    /// The payout whose money was returned (for `returned`), or that kept
+    /// the remainder.
     pub payout_id: Option<i64>,
     /// The balance.
     pub net: Decimal,
-    /// Gross that has not borne a fee: its own plus what it carried in.
+    /// Gross that has not borne a fee: its own plus what it carried in (0
+    /// for a remainder, whose payout paid the fee).
     pub fee_base: Decimal,
     /// Its period.
     pub period_start: DateTime<Utc>,
     /// End of its period.
     pub period_end: DateTime<Utc>,
+    /// The remainder a payout kept (`carried_out`, taken over through
+    /// `carried_out_into`), rather than the settlement's balance
+    /// (`carried_into`). A settlement may have both open.
+    pub remainder: bool,
 }
+
+impl OpenCarry {
+    /// A balance returned from a cancelled or reversed payout: it is paid
+    /// in the next period even without new work (the others wait for it).
+    pub fn is_returned(&self) -> bool {
+        self.outcome == "returned" && !self.remainder
+    }
+}
+
+/// The open balances of settlements `s`, one row per part (its balance, its
+/// remainder); `$before` is the end of the period that takes them in (a
+/// returned balance only once it was returned before then).
+const OPEN_PARTS: &str = "CROSS JOIN LATERAL (VALUES
+             (false, s.net, s.gross + s.carried_gross_in,
+              s.outcome <> 'payout' AND s.carried_into IS NULL
+                  AND (s.outcome <> 'returned' OR s.returned_at < $before)),
+             (true, s.carried_out, 0::numeric, s.carried_out > 0 AND s.carried_out_into IS NULL))
+           AS part(remainder, net, fee_base, open)";
+
+/// Whether settlement `s` has an open part (the partial index's predicate).
+const HAS_OPEN_PART: &str = "((s.outcome <> 'payout' AND s.carried_into IS NULL)
+              OR (s.carried_out > 0 AND s.carried_out_into IS NULL))";
 
 /// Open carried balances of (payee, currency) that a period ending at
 /// `before` takes in (a returned balance only once it was returned before
@@ -220,13 +254,15 @@ pub async fn open_carries(
     before: DateTime<Utc>,
     lock: bool,
 ) -> sqlx::Result<Vec<OpenCarry>> {
-    let lock = if lock { " FOR UPDATE" } else { "" };
+    let lock = if lock { " FOR UPDATE OF s" } else { "" };
     sqlx::query_as(&format!(
-        "SELECT id, outcome, payout_id, net, gross + carried_gross_in AS fee_base, period_start, period_end
-         FROM settlements
-         WHERE payee_id = $1 AND currency = $2 AND outcome <> 'payout' AND carried_into IS NULL
-           AND (outcome <> 'returned' OR returned_at < $3)
-         ORDER BY period_end, id{lock}"
+        "SELECT s.id, s.outcome, s.payout_id, part.net, part.fee_base, s.period_start, s.period_end,
+                part.remainder
+         FROM settlements s {parts}
+         WHERE s.payee_id = $1 AND s.currency = $2 AND {open} AND part.open
+         ORDER BY s.period_end, s.id, part.remainder{lock}",
+        parts = OPEN_PARTS.replace("$before", "$3"),
+        open = HAS_OPEN_PART,
     ))
     .bind(payee_id)
     .bind(currency)
@@ -263,8 +299,8 @@ pub async fn insert(
     let id: Option<i64> = sqlx::query_scalar(
         "INSERT INTO settlements (payee_id, currency, period_start, period_end, schedule, payout_method,
              services, gross, payee_percent, bonus_percent, payee_share, platform_commission, deductions,
-             carried_in, carried_gross_in, fee, net, outcome, payout_id, actor, created_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)
+             carried_in, carried_gross_in, fee, net, outcome, payout_id, actor, created_at, carried_out)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22)
          ON CONFLICT (payee_id, currency, period_start) DO NOTHING RETURNING id",
     )
     .bind(n.payee_id)
@@ -288,6 +324,7 @@ pub async fn insert(
     .bind(n.payout_id)
     .bind(n.actor)
     .bind(now)
+    .bind(s.carried_out)
     .fetch_optional(&mut *conn)
     .await?;
     let Some(id) = id else {
@@ -330,6 +367,23 @@ async fn insert_lines(
 pub async fn consume_carries(conn: &mut PgConnection, ids: &[i64], into: i64) -> sqlx::Result<u64> {
     let res = sqlx::query(
         "UPDATE settlements SET carried_into = $2 WHERE id = ANY($1) AND carried_into IS NULL",
+    )
+    .bind(ids)
+    .bind(into)
+    .execute(conn)
+    .await?;
+    Ok(res.rows_affected())
+}
+
+/// Records that `into` took over the remainders (`carried_out`) of `ids`.
+pub async fn consume_remainders(
+    conn: &mut PgConnection,
+    ids: &[i64],
+    into: i64,
+) -> sqlx::Result<u64> {
+    let res = sqlx::query(
+        "UPDATE settlements SET carried_out_into = $2
+         WHERE id = ANY($1) AND carried_out > 0 AND carried_out_into IS NULL",
     )
     .bind(ids)
     .bind(into)
@@ -483,16 +537,18 @@ pub async fn open_carries_many(
     currencies: &[&str],
     before: &[DateTime<Utc>],
 ) -> sqlx::Result<Vec<GroupCarry>> {
-    sqlx::query_as(
-        "SELECT s.payee_id, s.currency, s.id, s.outcome, s.payout_id, s.net,
-                s.gross + s.carried_gross_in AS fee_base, s.period_start, s.period_end
+    sqlx::query_as(&format!(
+        "SELECT s.payee_id, s.currency, s.id, s.outcome, s.payout_id, part.net, part.fee_base,
+                s.period_start, s.period_end, part.remainder
          FROM unnest($1::bigint[], $2::text[], $3::timestamptz[]) AS g(payee_id, currency, before)
-         JOIN settlements s ON s.payee_id = g.payee_id AND s.currency = g.currency
-                           AND s.outcome <> 'payout' AND s.carried_into IS NULL
-                           AND (s.outcome <> 'returned' OR s.returned_at < g.before)
-         ORDER BY s.payee_id, s.currency, s.period_end, s.id
+         JOIN settlements s ON s.payee_id = g.payee_id AND s.currency = g.currency AND {open}
+         {parts}
+         WHERE part.open
+         ORDER BY s.payee_id, s.currency, s.period_end, s.id, part.remainder
          FOR UPDATE OF s",
-    )
+        parts = OPEN_PARTS.replace("$before", "g.before"),
+        open = HAS_OPEN_PART,
+    ))
     .bind(payee_ids)
     .bind(currencies)
     .bind(before)
@@ -532,11 +588,11 @@ pub async fn insert_many(
     let rows: Vec<(i64, i64, String)> = sqlx::query_as(
         "INSERT INTO settlements (payee_id, currency, period_start, period_end, schedule, payout_method,
              services, gross, payee_percent, bonus_percent, payee_share, platform_commission, deductions,
-             carried_in, carried_gross_in, fee, net, outcome, payout_id, actor, created_at)
-         SELECT *, $21 FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::timestamptz[],
+             carried_in, carried_gross_in, fee, net, outcome, payout_id, actor, carried_out, created_at)
+         SELECT *, $22 FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::timestamptz[],
              $5::text[], $6::text[], $7::int[], $8::numeric[], $9::numeric[], $10::numeric[],
              $11::numeric[], $12::numeric[], $13::numeric[], $14::numeric[], $15::numeric[],
-             $16::numeric[], $17::numeric[], $18::text[], $19::bigint[], $20::text[])
+             $16::numeric[], $17::numeric[], $18::text[], $19::bigint[], $20::text[], $21::numeric[])
          RETURNING id, payee_id, currency",
     )
     .bind(&payee_ids)
@@ -559,6 +615,7 @@ pub async fn insert_many(
     .bind(&outcomes)
     .bind(&payout_ids)
     .bind(&actors)
+    .bind(col(&|n| n.settlement.carried_out))
     .bind(now)
     .fetch_all(&mut *conn)
     .await?;
@@ -631,6 +688,25 @@ pub async fn consume_carries_many(
         "UPDATE settlements s SET carried_into = u.tgt
          FROM unnest($1::bigint[], $2::bigint[]) AS u(id, tgt)
          WHERE s.id = u.id AND s.carried_into IS NULL",
+    )
+    .bind(ids)
+    .bind(into)
+    .execute(conn)
+    .await?;
+    Ok(res.rows_affected())
+}
+
+/// [`consume_remainders`] for many: settlement `into[i]` took over the
+/// remainder of `ids[i]`; returns how many were still open.
+pub async fn consume_remainders_many(
+    conn: &mut PgConnection,
+    ids: &[i64],
+    into: &[i64],
+) -> sqlx::Result<u64> {
+    let res = sqlx::query(
+        "UPDATE settlements s SET carried_out_into = u.tgt
+         FROM unnest($1::bigint[], $2::bigint[]) AS u(id, tgt)
+         WHERE s.id = u.id AND s.carried_out > 0 AND s.carried_out_into IS NULL",
     )
     .bind(ids)
     .bind(into)

@@ -28,6 +28,14 @@
 //! cancelled or reversed settlement payout's money to the payee's balance;
 //! [`run`] pays it in the payee's next period.
 //!
+//! **Payout steps.** A gateway that pays a currency only in coarser steps
+//! than its minor unit (Stripe: HUF in whole forints, BHD in hundredths)
+//! gets a policy that rounds each payout down to the step
+//! ([`policy_for`]); the rest is the
+//! settlement's `carried_out` (a `carried_out` line), an open balance that
+//! the payee's next period with work takes in, like a balance below the
+//! minimum, and pays once it adds up to a step.
+//!
 //! [`preview`] computes the next period the run would settle and writes nothing.
 
 use std::collections::HashMap;
@@ -457,7 +465,8 @@ struct Computed {
     period: Period,
     settlement: Settlement,
     earnings: Vec<i64>,
-    carries: Vec<i64>,
+    /// The balances it takes over: (settlement, whether it is its remainder).
+    carries: Vec<(i64, bool)>,
     money: Option<Money>,
     payout_id: Option<i64>,
     settlement_id: i64,
@@ -625,7 +634,7 @@ fn decide(
     deductions: &[payee_terms::Deduction],
     own_minimum: Option<Decimal>,
 ) -> Result<Option<Decided>, (String, bool)> {
-    if rows.is_empty() && !carries.iter().any(|c| c.outcome == "returned") {
+    if rows.is_empty() && !carries.iter().any(|c| c.is_returned()) {
         return Ok(None);
     }
     // Agreed deductions are charged per period with work in it.
@@ -681,7 +690,7 @@ fn compute(
         period,
         settlement,
         earnings: rows.iter().map(|e| e.id).collect(),
-        carries: carries.iter().map(|c| c.id).collect(),
+        carries: carries.iter().map(|c| (c.id, c.remainder)).collect(),
         money,
         payout_id: None,
         settlement_id: 0,
@@ -732,6 +741,7 @@ async fn write_round(
     }
     let (mut earning_ids, mut settlement_ids, mut paid_by) = (Vec::new(), Vec::new(), Vec::new());
     let (mut carry_ids, mut carried_into) = (Vec::new(), Vec::new());
+    let (mut remainder_ids, mut remainders_into) = (Vec::new(), Vec::new());
     let (mut paid_carries, mut carry_payouts) = (Vec::new(), Vec::new());
     for c in computed.iter() {
         for e in &c.earnings {
@@ -739,11 +749,17 @@ async fn write_round(
             settlement_ids.push(c.settlement_id);
             paid_by.push(c.payout_id);
         }
-        for carry in &c.carries {
-            carry_ids.push(*carry);
+        for &(carry, remainder) in &c.carries {
+            if remainder {
+                // Its earnings were paid by the payout that kept it.
+                remainder_ids.push(carry);
+                remainders_into.push(c.settlement_id);
+                continue;
+            }
+            carry_ids.push(carry);
             carried_into.push(c.settlement_id);
             if let Some(p) = c.payout_id {
-                paid_carries.push(*carry);
+                paid_carries.push(carry);
                 carry_payouts.push(p);
             }
         }
@@ -757,6 +773,9 @@ async fn write_round(
     );
     if !carry_ids.is_empty() {
         settlements::consume_carries_many(conn, &carry_ids, &carried_into).await?;
+    }
+    if !remainder_ids.is_empty() {
+        settlements::consume_remainders_many(conn, &remainder_ids, &remainders_into).await?;
     }
     if !paid_carries.is_empty() {
         earnings::mark_paid_through_carry_many(conn, &paid_carries, &carry_payouts).await?;
@@ -842,12 +861,18 @@ async fn settle_next(
         ids.len() as u64 - marked,
         ids.len()
     );
-    if !carries.is_empty() {
-        let carry_ids: Vec<i64> = carries.iter().map(|c| c.id).collect();
+    // Balances, and remainders (whose earnings the payout that kept them paid).
+    let (remainders, balances): (Vec<_>, Vec<_>) = carries.iter().partition(|c| c.remainder);
+    if !balances.is_empty() {
+        let carry_ids: Vec<i64> = balances.iter().map(|c| c.id).collect();
         settlements::consume_carries(&mut tx, &carry_ids, id).await?;
         if let Some(p) = payout_id {
             earnings::mark_paid_through_carry(&mut tx, &carry_ids, p).await?;
         }
+    }
+    if !remainders.is_empty() {
+        let ids: Vec<i64> = remainders.iter().map(|c| c.id).collect();
+        settlements::consume_remainders(&mut tx, &ids, id).await?;
     }
     tx.commit().await?;
     Ok(Group::Settled(Settled {
@@ -918,6 +943,14 @@ fn input(
                 amount: c.net,
                 gross: c.fee_base,
                 label: match (c.outcome.as_str(), c.payout_id) {
+                    (_, Some(p)) if c.remainder => format!(
+                        "kept from payout {p} (below the gateway's payout step; settlement {} of {})",
+                        c.id,
+                        Period {
+                            start: c.period_start,
+                            end: c.period_end
+                        }
+                    ),
                     ("returned", Some(p)) => format!(
                         "balance returned from payout {p} (cancelled or reversed; settlement {} of {})",
                         c.id,
@@ -939,6 +972,18 @@ fn input(
             .collect(),
         method,
     }
+}
+
+/// The policy settlement applies with this fleet's gateway: `[policy]`,
+/// with each payout rounded down to what `gateway.kind` can send (the rest
+/// kept in the payee's balance, see
+/// [`crate::gateway::stripe_currency::policy_for_kind`]). For `settle`, the
+/// producer's settlement pass and `preview` alike.
+pub fn policy_for(settings: &crate::config::Settings) -> anyhow::Result<crate::domain::Policy> {
+    Ok(crate::gateway::stripe_currency::policy_for_kind(
+        settings.gateway.kind,
+        settings.policy.load()?,
+    ))
 }
 
 /// The leading producer's hook: a settlement pass at most every
@@ -1070,7 +1115,7 @@ pub async fn preview(
         let rows = earnings::unsettled(&mut conn, payee_id, code, period.end, false).await?;
         let carries =
             settlements::open_carries(&mut conn, payee_id, code, period.end, false).await?;
-        if rows.is_empty() && !carries.iter().any(|c| c.outcome == "returned") {
+        if rows.is_empty() && !carries.iter().any(|c| c.is_returned()) {
             continue;
         }
         let deductions = if rows.is_empty() {

@@ -70,7 +70,7 @@ pub async fn seed_from_earnings(
     payee_ids: &[i64],
     now: chrono::DateTime<chrono::Utc>,
 ) -> anyhow::Result<i64> {
-    let policy = settings.policy.load()?;
+    let policy = crate::services::settlement::policy_for(settings)?;
     let closed = policy
         .default_schedule
         .last_closed(now)
