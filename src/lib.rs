@@ -18,6 +18,7 @@ pub mod demo;
 pub mod domain;
 pub mod earnings_api;
 pub mod gateway;
+pub mod lease;
 pub mod metrics;
 pub mod producer;
 pub mod queue;
