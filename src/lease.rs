@@ -67,7 +67,7 @@ pub struct Leases {
 pub struct Renewal {
     /// Leases the statement extended.
     pub renewed: usize,
-    /// Held payouts it found no longer ours (taken over, released, finished).
+    /// Held payouts it found taken over (claimed again, rescued, swept).
     pub lost: usize,
 }
 
@@ -179,21 +179,25 @@ impl Leases {
             }
         };
         metrics::LEASE_RENEWALS.with_label_values(&["ok"]).inc();
-        let mut report = Renewal {
-            renewed: renewed.len(),
-            lost: 0,
-        };
+        let mut report = Renewal::default();
         let mut held = self.held();
-        for (id, token) in snapshot {
-            let Some(h) = held.get_mut(&id) else { continue };
-            if h.token != token {
+        for r in renewed {
+            let Some(h) = held.get_mut(&r.id) else {
+                continue;
+            };
+            if h.token != r.token {
                 continue; // claimed again since the snapshot
             }
-            if renewed.contains(&(id, token)) {
+            if r.renewed {
+                report.renewed += 1;
                 h.until = h.until.max(Some(until));
             } else if h.until.is_some() {
+                // Taken over, or finished by this worker a moment ago (its
+                // guard not dropped yet): either way no call starts for it.
                 h.until = None;
-                report.lost += 1;
+                if r.taken {
+                    report.lost += 1;
+                }
             }
         }
         drop(held);

@@ -480,10 +480,26 @@ impl Fleet {
     }
 }
 
-/// The children's configuration: fast timings, so faults heal in seconds.
-/// Leases outlast the longest attempt (3 calls x 1 s + backoff), as the
-/// configuration validation demands.
+/// The children's configuration: fast timings, so faults heal in seconds
+/// (a lease of 4 s renewed every second, a call needing 1 s + 1 s of it,
+/// beats every 250 ms, a rescue after 1.5 s of silence). With
+/// `profile.defaults`, only what locates the fleet: every other setting is
+/// the default.
 fn child_env(db_url: &str, profile: &Profile) -> Vec<(String, String)> {
+    let log_filter =
+        std::env::var("PAYOUTS_CHAOS_RUST_LOG").unwrap_or_else(|_| "warn,payouts=info".into());
+    if profile.defaults {
+        return [
+            ("DATABASE_URL", db_url),
+            ("PAYOUTS_REDIS__PREFIX", PREFIX),
+            ("PAYOUTS_LOG__FORMAT", "json"),
+            // The children's log filter, e.g. `debug` when hunting a hang.
+            ("RUST_LOG", &log_filter),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    }
     let lease = profile.lease_secs.to_string();
     let lock = profile.lock_ttl_ms.to_string();
     let queue_lease = profile.queue_lease_secs.to_string();
@@ -522,7 +538,7 @@ fn child_env(db_url: &str, profile: &Profile) -> Vec<(String, String)> {
     .chain(std::iter::once((
         "RUST_LOG".to_string(),
         // The children's log filter, e.g. `debug` when hunting a hang.
-        std::env::var("PAYOUTS_CHAOS_RUST_LOG").unwrap_or_else(|_| "warn,payouts=info".into()),
+        log_filter,
     )))
     .collect()
 }

@@ -487,24 +487,31 @@ pub async fn sweep_expired(
 /// Renews, in one statement, the leases of the payouts `owner` holds: each
 /// `(ids[i], tokens[i])` still `processing` under that attempt and owner gets
 /// `lease_until` (never earlier than it had). Rows are locked in id order, as
-/// the batched claims lock them. Returns the `(id, attempt)` pairs renewed;
-/// a pair missing from the answer is no longer the owner's.
+/// the batched claims lock them. Returns, for each pair, whether it was
+/// renewed and, if not, whether it was taken from the owner (claimed again,
+/// or put back to `queued` by the rescue or the sweep) rather than finished
+/// by the owner itself.
 pub async fn renew_leases<'e>(
     exec: impl sqlx::PgExecutor<'e>,
     owner: &str,
     ids: &[i64],
     tokens: &[i32],
     lease_until: DateTime<Utc>,
-) -> sqlx::Result<Vec<(i64, i32)>> {
+) -> sqlx::Result<Vec<Renewed>> {
     sqlx::query_as(
         "WITH input AS (SELECT * FROM unnest($1::bigint[], $2::int[]) AS t(id, token)),
          mine AS (
              SELECT p.id FROM payouts p JOIN input i ON i.id = p.id AND i.token = p.attempt
              WHERE p.status = 'processing' AND p.lease_owner = $3
-             ORDER BY p.id FOR UPDATE OF p)
-         UPDATE payouts p SET lease_until = GREATEST(p.lease_until, $4)
-         FROM mine WHERE p.id = mine.id
-         RETURNING p.id, p.attempt",
+             ORDER BY p.id FOR UPDATE OF p),
+         upd AS (
+             UPDATE payouts p SET lease_until = GREATEST(p.lease_until, $4)
+             FROM mine WHERE p.id = mine.id
+             RETURNING p.id)
+         SELECT i.id, i.token, upd.id IS NOT NULL AS renewed,
+                upd.id IS NULL AND (p.id IS NULL OR p.attempt <> i.token
+                                    OR p.status IN ('queued', 'processing')) AS taken
+         FROM input i LEFT JOIN upd ON upd.id = i.id LEFT JOIN payouts p ON p.id = i.id",
     )
     .bind(ids)
     .bind(tokens)
@@ -512,6 +519,20 @@ pub async fn renew_leases<'e>(
     .bind(lease_until)
     .fetch_all(exec)
     .await
+}
+
+/// One lease of a [`renew_leases`] statement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
+pub struct Renewed {
+    /// The payout.
+    pub id: i64,
+    /// The attempt the lease was held under.
+    pub token: i32,
+    /// Extended.
+    pub renewed: bool,
+    /// Not extended because it is no longer the owner's (claimed again,
+    /// rescued, swept); `false` for a payout the owner itself finished.
+    pub taken: bool,
 }
 
 /// A worker gives a payout back without recording an outcome (its lease
