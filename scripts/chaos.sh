@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The full chaos suite: builds the release binaries and runs every fault
-# scenario (S1 ... S12) with a few thousand payouts each, against a private
+# scenario (S1 ... S13) with a few thousand payouts each, against a private
 # Postgres and private redis-servers on free loopback ports (never the shared
 # 6379/5432). Prints one table row per scenario; exits 1 if any invariant broke.
 #
 #   scripts/chaos.sh                         # everything
 #   scripts/chaos.sh --scenarios S3,S11      # some
 #   scripts/chaos.sh --payouts 5000          # bigger
+#   scripts/chaos.sh --scenarios S13 --defaults --payouts 5000 [--no-kills]
+#                                            # the kill storm with the default settings (and its baseline)
 #
 # Needs redis-server and the Postgres server binaries (scripts/services.sh
 # installs both). Report: target/chaos/last-run.json; child logs: target/chaos/logs/.

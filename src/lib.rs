@@ -12,6 +12,7 @@ pub mod config;
 pub mod db;
 pub mod domain;
 pub mod gateway;
+pub mod lease;
 pub mod metrics;
 pub mod producer;
 pub mod queue;

@@ -142,7 +142,8 @@ pub static DUE_TO_PAID_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
         LAG.to_vec(),
     )
 });
-/// Jobs pushed into Redis, by source (`due`, `sweep`, `redis_loss`, `manual`). Panel: enqueue rate.
+/// Jobs pushed into Redis, by source (`due`, `sweep`, `redis_loss`,
+/// `manual`, `rescue`: a dead worker's payouts). Panel: enqueued and recovered.
 pub static JOBS_ENQUEUED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec(
         "payout_jobs_enqueued_total",
@@ -155,6 +156,46 @@ pub static LEASES_RECOVERED: LazyLock<IntCounter> = LazyLock::new(|| {
     counter(
         "payout_leases_recovered_total",
         "Expired queued/processing leases re-enqueued by the sweep",
+    )
+});
+/// Payouts the leader released because their worker's liveness beat
+/// stopped (`producer.rescue_after_ms`). Panel: enqueued and recovered.
+pub static LEASES_RESCUED: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "payout_leases_rescued_total",
+        "Processing payouts released because their worker's liveness beat stopped",
+    )
+});
+/// Lease renewal statements of this worker, by result (`ok`, `error`,
+/// `timeout`): one per renewal interval while it holds payouts. Panel: leases.
+pub static LEASE_RENEWALS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "payout_lease_renewals_total",
+        "Lease renewal statements (one per worker process per interval), by result",
+        &["result"],
+    )
+});
+/// Held payouts a renewal found no longer this worker's (taken over after
+/// its lease ran out, or rescued while its beat was stale). Panel: leases.
+pub static LEASES_LOST: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "payout_leases_lost_total",
+        "Held payouts a lease renewal found taken over",
+    )
+});
+/// Gateway calls not started because the lease had less than the call
+/// margin left (renewals failing, or the payout taken over). Panel: leases.
+pub static LEASE_REFUSED_CALLS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "payout_lease_refused_calls_total",
+        "Gateway calls not started: the lease had less than the call margin left",
+    )
+});
+/// Payouts this worker process holds under a lease right now. Panel: leases.
+pub static LEASES_HELD: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "payout_leases_held",
+        "Payouts held under a lease by this worker",
     )
 });
 /// Jobs acknowledged without work, by reason (`locked`, `not_claimable`, `not_found`, `malformed`). Panel: lock contention.
@@ -422,6 +463,11 @@ pub fn init() {
     LazyLock::force(&DUE_TO_PAID_SECONDS);
     LazyLock::force(&JOBS_ENQUEUED);
     LazyLock::force(&LEASES_RECOVERED);
+    LazyLock::force(&LEASES_RESCUED);
+    LazyLock::force(&LEASE_RENEWALS);
+    LazyLock::force(&LEASES_LOST);
+    LazyLock::force(&LEASE_REFUSED_CALLS);
+    LazyLock::force(&LEASES_HELD);
     LazyLock::force(&JOBS_SKIPPED);
     LazyLock::force(&STALE_FENCE);
     LazyLock::force(&WORKER_RESTARTS);
@@ -502,7 +548,11 @@ pub fn init() {
         ],
     );
     zero(&GATEWAY_REQUESTS, &GATEWAY_CLASSES);
-    zero(&JOBS_ENQUEUED, &["due", "sweep", "redis_loss", "manual"]);
+    zero(
+        &JOBS_ENQUEUED,
+        &["due", "sweep", "redis_loss", "manual", "rescue"],
+    );
+    zero(&LEASE_RENEWALS, &["ok", "error", "timeout"]);
     zero(
         &JOBS_SKIPPED,
         &["locked", "not_claimable", "not_found", "malformed"],

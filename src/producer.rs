@@ -1,7 +1,9 @@
 //! The producer: finds due payouts and enqueues one job per payout, keeping
 //! at most `producer.window` jobs in Redis (the backlog waits in Postgres);
-//! sweeps expired leases; notices when Redis lost its data. Replicas elect
-//! one leader by a Redis lock with a time-to-live; the others stand by.
+//! releases what a dead worker held as soon as its liveness beat stops
+//! (`producer.rescue_after_ms`, [`Producer::rescue`]); sweeps expired leases;
+//! notices when Redis lost its data. Replicas elect one leader by a Redis
+//! lock with a time-to-live; the others stand by.
 
 use std::{
     sync::{
@@ -22,7 +24,7 @@ use crate::{
     db::payouts,
     domain::status::ALL_STATUSES,
     metrics,
-    queue::Queue,
+    queue::{Queue, beat::Beats},
     server,
 };
 
@@ -31,6 +33,8 @@ use crate::{
 pub struct TickReport {
     /// Due payouts moved to `queued` and pushed.
     pub enqueued: usize,
+    /// Payouts of workers whose liveness beat stopped, released and re-enqueued.
+    pub rescued: usize,
     /// Expired leases re-enqueued.
     pub swept: usize,
     /// Queued payouts pushed again because Redis lost its data.
@@ -86,6 +90,16 @@ impl Producer {
             report.recovered = ids.len();
         }
 
+        // A rescue that fails (Redis) leaves the leases to run out: the
+        // sweep below still runs.
+        match self.rescue(now, lease_until).await {
+            Ok(n) => report.rescued = n,
+            Err(e) => tracing::warn!(
+                error = format!("{e:#}"),
+                "rescue of dead workers' payouts failed; their leases run out instead"
+            ),
+        }
+
         let swept = payouts::sweep_expired(
             &self.pool,
             now,
@@ -99,7 +113,8 @@ impl Producer {
                 count = swept.len(),
                 "re-enqueueing payouts whose lease expired"
             );
-            self.queue.push(&swept).await?;
+            // Overdue: ahead of the window already waiting.
+            self.queue.push_front(&swept).await?;
             metrics::JOBS_ENQUEUED
                 .with_label_values(&["sweep"])
                 .inc_by(swept.len() as u64);
@@ -119,6 +134,49 @@ impl Producer {
         report.window_depth = depth;
         metrics::WINDOW_DEPTH.set(depth);
         Ok(report)
+    }
+
+    /// Releases every payout held by a worker whose liveness beat has been
+    /// stale for `producer.rescue_after_ms` (SIGKILLed, OOM-killed, its
+    /// node gone), instead of waiting for their leases: back to `queued`
+    /// with a fresh queue lease, each with an event, and pushed at the front
+    /// of the queue. A worker that was only paused finds them gone at its
+    /// next renewal and starts no call for them; the fence refuses any late
+    /// write. Returns how many.
+    pub async fn rescue(
+        &self,
+        now: chrono::DateTime<chrono::Utc>,
+        lease_until: chrono::DateTime<chrono::Utc>,
+    ) -> anyhow::Result<usize> {
+        if self.settings.rescue_after_ms == 0 {
+            return Ok(0);
+        }
+        let beats = Beats::new(self.queue.conn(), self.queue.prefix());
+        let stale = beats
+            .stale(Duration::from_millis(self.settings.rescue_after_ms))
+            .await?;
+        if stale.is_empty() {
+            return Ok(0);
+        }
+        let owners: Vec<String> = stale.iter().map(|s| s.owner.clone()).collect();
+        let ids =
+            payouts::release_owned_by(&self.pool, &owners, now, lease_until, &self.actor).await?;
+        if !ids.is_empty() {
+            tracing::warn!(
+                count = ids.len(),
+                workers = ?owners,
+                "workers stopped beating: their payouts released and re-enqueued at the front of the queue"
+            );
+            // Marked queued first, pushed second: if this fails the queue
+            // lease runs out and the sweep pushes them.
+            self.queue.push_front(&ids).await?;
+            metrics::JOBS_ENQUEUED
+                .with_label_values(&["rescue"])
+                .inc_by(ids.len() as u64);
+            metrics::LEASES_RESCUED.inc_by(ids.len() as u64);
+        }
+        beats.forget(&stale).await?;
+        Ok(ids.len())
     }
 
     /// Moves up to `room` due payouts to `queued` and pushes their jobs, in
@@ -402,7 +460,7 @@ pub async fn run_loop(producer: &Producer, leadership: &Leadership, shutdown: &C
         if leading && tokio::time::Instant::now() >= next_tick {
             let delay = match producer.tick().await {
                 Ok(r) => {
-                    if r.enqueued + r.swept + r.recovered > 0 {
+                    if r.enqueued + r.rescued + r.swept + r.recovered > 0 {
                         tracing::debug!(?r, "producer tick");
                     }
                     if r.window_full || r.enqueued > 0 {

@@ -2,7 +2,9 @@
 //! gateway with backoff, record the outcome with a fenced write, release —
 //! and returns what happened; the apalis worker and the tests both call it.
 //! [`run`] is the process: an apalis worker on the Redis queue, restarted
-//! under a fresh name whenever apalis-redis gives up on an error.
+//! under a fresh name whenever apalis-redis gives up on an error; the
+//! renewal of every lease it holds (`crate::lease`); and its liveness beat
+//! in Redis (`crate::queue::beat`), which the producer watches.
 
 use std::{sync::Arc, time::Duration};
 
@@ -25,8 +27,9 @@ use crate::{
         backoff::{BackoffPolicy, call_with_backoff},
         guard::{GatewayGuard, GuardSettings},
     },
+    lease::{LeaseGated, Leases},
     metrics,
-    queue::{PayoutJob, Queue, lock::Locks},
+    queue::{PayoutJob, Queue, beat::Beats, lock::Locks},
     server,
 };
 
@@ -42,6 +45,11 @@ pub enum Step {
     StaleFence,
     /// Postgres failed; the lease sweep will bring the payout back.
     InfraError(String),
+    /// No gateway call was started (or no further one): the lease this
+    /// worker could vouch for had less than the call margin left (renewals
+    /// failing, or the payout taken over). The payout was given back to the
+    /// queue if Postgres let us; otherwise its lease runs out.
+    LeaseRefused,
 }
 
 /// Why a job was acknowledged without an attempt.
@@ -81,6 +89,8 @@ pub struct Worker {
     pub guard: Arc<GatewayGuard>,
     /// Per-payout locks.
     pub locks: Locks,
+    /// The leases this process holds, renewed together; gates every call.
+    pub leases: Leases,
     /// Time.
     pub clock: SharedClock,
     /// Leases, attempts, schedule.
@@ -173,6 +183,8 @@ impl Worker {
         let token = claimed.token();
         let payout = &claimed.payout;
         tracing::Span::current().record("attempt", token);
+        // Renewed with every other lease of this process until dropped.
+        let lease = self.leases.hold(id, token, lease_until);
 
         // Minor units as the gateway counts them (Stripe differs from ISO for
         // ISK, HUF, TWD and three-decimal currencies): refused here, clearly,
@@ -204,8 +216,10 @@ impl Worker {
                     first_attempt: payout.attempt == 1,
                 };
                 let on_call = |o: &Outcome, took: Duration| {
-                    if o.is_guard_refusal() {
-                        return; // counted in gateway_throttled_total; nothing was sent
+                    if o.is_guard_refusal() || o.is_lease_refusal() {
+                        // Nothing was sent (counted in gateway_throttled_total,
+                        // payout_lease_refused_calls_total).
+                        return;
                     }
                     metrics::GATEWAY_REQUESTS
                         .with_label_values(&[o.class()])
@@ -214,10 +228,16 @@ impl Worker {
                         .with_label_values(&[o.class()])
                         .observe(took.as_secs_f64());
                 };
-                let guarded = self.guard.wrap(self.gateway.as_ref());
+                // The lease check sits under the guard: right before a request
+                // leaves, after any rate-limit wait.
+                let gated = LeaseGated::new(self.gateway.as_ref(), &lease);
+                let guarded = self.guard.wrap(&gated);
                 let (outcome, calls, key_index) =
                     call_with_backoff(&guarded, &req, self.backoff, &on_call).await;
                 tracing::debug!(calls, ?outcome, key_index, "gateway answered");
+                if outcome.is_lease_refusal() {
+                    return self.give_back(id, token, key_index, calls <= 1).await;
+                }
                 extras.key_index = i32::try_from(key_index).unwrap_or(i32::MAX);
                 extras.refund_attempt = outcome.pauses_fleet();
                 let unknown = matches!(outcome, Outcome::Unknown { .. });
@@ -426,6 +446,46 @@ impl Worker {
         Err("recording the outcome kept failing".into())
     }
 
+    /// The lease was too short to start a gateway call: gives the payout
+    /// back to the queue (fenced by `token`, within one renewal interval)
+    /// instead of calling; if Postgres does not answer, its lease runs out.
+    /// Whatever an earlier call of this attempt did, the next attempt sends
+    /// the same key (`key_index` is kept) and learns it from the gateway.
+    async fn give_back(&self, id: i64, token: i32, key_index: u32, nothing_sent: bool) -> Step {
+        let within = Duration::from_millis(self.settings.renew_every_ms);
+        let release = payouts::release(
+            &self.pool,
+            id,
+            token,
+            i32::try_from(key_index).unwrap_or(i32::MAX),
+            nothing_sent,
+            &self.actor,
+            "released: lease too short to call the gateway",
+            self.clock.now(),
+        );
+        match tokio::time::timeout(within, release).await {
+            Ok(Ok(true)) => tracing::info!(
+                token,
+                "lease too short to call the gateway: payout given back to the queue"
+            ),
+            Ok(Ok(false)) => tracing::info!(
+                token,
+                "lease too short to call the gateway: the payout was already taken over"
+            ),
+            Ok(Err(e)) => tracing::warn!(
+                error = ?e,
+                token,
+                "lease too short to call the gateway, and the release failed: the lease runs out"
+            ),
+            Err(_) => tracing::warn!(
+                token,
+                ?within,
+                "lease too short to call the gateway, and Postgres did not answer the release: the lease runs out"
+            ),
+        }
+        Step::LeaseRefused
+    }
+
     fn infra(&self, component: &str, e: impl std::fmt::Display) -> Step {
         metrics::INFRA_ERRORS.with_label_values(&[component]).inc();
         tracing::warn!(error = %format_args!("{e:#}"), component, "infrastructure error; the lease sweep will retry this payout");
@@ -557,6 +617,65 @@ async fn heartbeat_stalled(queue: &Queue, name: &str, stale_after: Duration) {
     }
 }
 
+/// Writes this process's liveness beat every `every` until `stop`. A beat
+/// that fails is only logged (once per outage): the producer may then
+/// release this worker's payouts, the renewal finds them gone, and the
+/// fence refuses any late write.
+async fn beat_loop(beats: Beats, owner: String, every: Duration, stop: CancellationToken) {
+    let mut failing = false;
+    loop {
+        match beats.beat(&owner).await {
+            Ok(_) if failing => {
+                failing = false;
+                tracing::info!("liveness beat written again");
+            }
+            Ok(_) => {}
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(error = ?e, "liveness beat failed; the producer may release this worker's payouts (the fence protects them)");
+            }
+            Err(_) => {}
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+/// At a shutdown whose deadline ran out: gives every payout still held
+/// back to the queue (fenced, one by one), so other workers take them at
+/// once instead of after the lease; no call starts for them here any more.
+/// Returns how many were given back.
+async fn give_back_held(worker: &Worker) -> usize {
+    let held = worker.leases.forfeit_all();
+    let mut n = 0;
+    for (id, token) in held {
+        let release = payouts::release(
+            &worker.pool,
+            id,
+            token,
+            0,
+            false,
+            &worker.actor,
+            "released: worker shutting down",
+            worker.clock.now(),
+        );
+        match tokio::time::timeout(Duration::from_secs(2), release).await {
+            Ok(Ok(true)) => n += 1,
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = ?e, payout_id = id, "release at shutdown failed; the lease runs out")
+            }
+            Err(_) => tracing::warn!(
+                payout_id = id,
+                "release at shutdown timed out; the lease runs out"
+            ),
+        }
+    }
+    n
+}
+
 /// The `payout-worker` process: health and metrics server, the consumer, and
 /// a graceful stop on `shutdown` within `worker.shutdown_deadline_secs`.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -573,6 +692,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     ));
     // Every request of a self-limiting client (Stripe) counts fleet-wide.
     gateway.use_limiter(guard.limiter());
+    let clock = crate::clock::system();
+    let actor = format!("worker:{}", worker_name());
+    let leases = Leases::from_settings(pool.clone(), &actor, clock.clone(), &settings);
     let worker = Arc::new(Worker {
         pool: pool.clone(),
         batcher: Batcher::spawn(pool.clone(), settings.worker.db_batch),
@@ -583,18 +705,27 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             &settings.redis.prefix,
             Duration::from_millis(settings.worker.lock_ttl_ms),
         ),
-        clock: crate::clock::system(),
+        leases,
+        clock,
         settings: settings.worker.clone(),
         backoff: BackoffPolicy::from_settings(&settings.gateway),
-        actor: format!("worker:{}", worker_name()),
+        actor: actor.clone(),
     });
+    let beats = Beats::new(conn.clone(), &settings.redis.prefix);
+    let beat_stop = CancellationToken::new();
+    tokio::spawn(beat_loop(
+        beats.clone(),
+        actor.clone(),
+        Duration::from_millis(settings.worker.beat_ms),
+        beat_stop.clone(),
+    ));
     let http = server::spawn(settings.worker.listen, pool.clone(), conn, shutdown.clone()).await?;
     tracing::info!(addr = %http, actor = %worker.actor, concurrency = settings.worker.concurrency, "worker started");
     metrics::WORKER_UP.set(1);
 
     let consumer_stop = CancellationToken::new();
     let consumer = tokio::spawn(run_consumer(
-        worker,
+        worker.clone(),
         queue,
         settings.worker.clone(),
         consumer_stop.clone(),
@@ -604,10 +735,16 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     consumer_stop.cancel();
     let deadline = Duration::from_secs(settings.worker.shutdown_deadline_secs);
     if tokio::time::timeout(deadline, consumer).await.is_err() {
+        let held = give_back_held(&worker).await;
         tracing::warn!(
             ?deadline,
-            "in-flight jobs did not finish in time; their leases will expire and the sweep re-enqueues them"
+            held,
+            "in-flight jobs did not finish in time; the payouts still held were given back to the queue"
         );
+    }
+    beat_stop.cancel();
+    if let Err(e) = beats.remove(&actor).await {
+        tracing::debug!(error = ?e, "liveness beat not removed; the producer finds nothing to rescue");
     }
     metrics::WORKER_UP.set(0);
     Ok(())

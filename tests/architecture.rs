@@ -18,7 +18,7 @@ use std::{
 };
 
 /// Top-level modules of the crate.
-const MODULES: [&str; 15] = [
+const MODULES: [&str; 16] = [
     "admin",
     "cli",
     "clock",
@@ -26,6 +26,7 @@ const MODULES: [&str; 15] = [
     "db",
     "domain",
     "gateway",
+    "lease",
     "metrics",
     "producer",
     "queue",
@@ -112,7 +113,8 @@ const RULES: &[(&str, &[&str], &str)] = &[
 ];
 
 /// Who may hold the paying half of a gateway (`gateway::Gateway`).
-const MAY_PAY: [&str; 2] = ["worker", "gateway"];
+/// (`lease` gates the worker's calls on the payout's lease.)
+const MAY_PAY: [&str; 3] = ["worker", "lease", "gateway"];
 
 fn src() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("src")

@@ -8,7 +8,8 @@
 //!
 //! S8 (Redis stalled) runs as its own test: it found workers that stopped
 //! fetching for good after a short Redis stall, fixed by the heartbeat
-//! watchdog in `worker::run_consumer`.
+//! watchdog in `worker::run_consumer`. S13 (the kill storm: one of three
+//! workers SIGKILLed every 2 s until the run drains) is among the others.
 
 use std::path::PathBuf;
 

@@ -14,7 +14,7 @@ use payouts::testkit::chaos::{self, Bins, ChaosOptions, Profile, Scenario};
     about = "Chaos harness: fault scenarios against a private fleet, invariants checked"
 )]
 struct Args {
-    /// Scenarios to run (S1 ... S12), comma-separated; all by default.
+    /// Scenarios to run (S1 ... S13), comma-separated; all by default.
     #[arg(long, value_delimiter = ',', value_parser = parse_scenario)]
     scenarios: Vec<Scenario>,
     /// Payouts per scenario (default: 3000, or 200 with --short).
@@ -26,6 +26,14 @@ struct Args {
     /// The short form (few payouts, short faults), as the test command runs it.
     #[arg(long)]
     short: bool,
+    /// The children run with the default settings (lease, renewal, rescue,
+    /// timeouts, retries) instead of the fast ones; payouts due within 2 s.
+    /// E.g. `--scenarios S13 --defaults --payouts 5000`.
+    #[arg(long, conflicts_with = "short")]
+    defaults: bool,
+    /// S13 without its kills: the baseline of the kill storm (same faults).
+    #[arg(long)]
+    no_kills: bool,
     /// Where to write the JSON report.
     #[arg(long, default_value = "target/chaos/last-run.json")]
     json: PathBuf,
@@ -47,11 +55,14 @@ async fn main() -> anyhow::Result<()> {
     } else {
         args.scenarios
     };
-    let profile = if args.short {
+    let mut profile = if args.short {
         Profile::short(args.payouts.unwrap_or(200), args.workers)
+    } else if args.defaults {
+        Profile::defaults(args.payouts.unwrap_or(5000), args.workers)
     } else {
         Profile::full(args.payouts.unwrap_or(3000), args.workers)
     };
+    profile.kills = !args.no_kills;
     let opts = ChaosOptions {
         scenarios,
         profile,

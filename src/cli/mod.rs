@@ -748,8 +748,8 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
             } else {
                 writeln!(
                     out,
-                    "enqueued {} due, {} with expired leases, {} after Redis loss; {} queued now",
-                    r.enqueued, r.swept, r.recovered, r.window_depth
+                    "enqueued {} due, {} of dead workers, {} with expired leases, {} after Redis loss; {} queued now",
+                    r.enqueued, r.rescued, r.swept, r.recovered, r.window_depth
                 )?;
             }
         }

@@ -154,6 +154,10 @@ pub struct ProducerSettings {
     /// The settlement interval: at most one settlement pass every this many
     /// seconds, whichever replica leads (recorded in Postgres).
     pub settle_every_secs: u64,
+    /// A worker whose liveness beat (`worker.beat_ms`) is older than this, in
+    /// ms, is taken for dead: the leader releases what it held and re-enqueues
+    /// it at the front of the queue (0: off; the lease runs out instead).
+    pub rescue_after_ms: u64,
     /// The policy that pass applies: `services::settlement::policy_for`, loaded
     /// at load when `settle_on_tick` is on (not a key of its own).
     #[serde(skip)]
@@ -174,8 +178,17 @@ pub struct WorkerSettings {
     pub poll_interval_ms: u64,
     /// apalis heartbeat interval, in s.
     pub heartbeat_secs: u64,
-    /// How long a claim holds a payout before another worker may take it over, in s.
+    /// How long a claim (or its latest renewal) holds a payout before another
+    /// worker may take it over, in s.
     pub lease_secs: u64,
+    /// How often a worker renews the leases of every payout it holds, in ms
+    /// (one statement per process).
+    pub renew_every_ms: u64,
+    /// A gateway call starts only while the lease has `gateway.timeout_ms`
+    /// plus this much left, in ms; otherwise the payout is released.
+    pub call_margin_ms: u64,
+    /// How often a worker writes its liveness beat to Redis, in ms.
+    pub beat_ms: u64,
     /// Time-to-live of the per-payout Redis lock, in ms (renewed while held).
     pub lock_ttl_ms: u64,
     /// Attempts (claims) before a payout with transient failures is `failed`.
@@ -377,11 +390,11 @@ impl WorkerSettings {
     }
 }
 
-impl GatewaySettings {
-    /// The longest one attempt can take: every call timing out, every backoff at its cap.
-    pub fn worst_attempt_ms(&self) -> u64 {
-        let tries = self.backoff_tries as u64;
-        tries * self.timeout_ms + tries.saturating_sub(1) * self.backoff_cap_ms
+impl Settings {
+    /// How much lease a gateway call needs left to start: the request's
+    /// whole timeout plus `worker.call_margin_ms`.
+    pub fn call_margin(&self) -> Duration {
+        Duration::from_millis(self.gateway.timeout_ms + self.worker.call_margin_ms)
     }
 }
 
@@ -434,7 +447,7 @@ impl Settings {
 
     /// Checks ranges; the error names the bad key.
     pub fn validate(&self) -> anyhow::Result<()> {
-        let checks: [(bool, &str); 22] = [
+        let checks: [(bool, &str); 25] = [
             (
                 self.database.max_connections >= 1,
                 "database.max_connections must be >= 1",
@@ -496,6 +509,16 @@ impl Settings {
             (
                 self.worker.lock_ttl_ms >= 100,
                 "worker.lock_ttl_ms must be >= 100",
+            ),
+            (
+                self.worker.renew_every_ms >= 100,
+                "worker.renew_every_ms must be >= 100",
+            ),
+            (self.worker.beat_ms >= 100, "worker.beat_ms must be >= 100"),
+            (
+                self.producer.rescue_after_ms == 0
+                    || self.producer.rescue_after_ms >= 2 * self.worker.beat_ms,
+                "producer.rescue_after_ms must be 0 (off) or at least twice worker.beat_ms",
             ),
             (
                 self.gateway.backoff_tries >= 1,
@@ -565,12 +588,16 @@ impl Settings {
         }
         validate_gateway(&self.gateway)
             .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
-        let attempt_ms = self.gateway.worst_attempt_ms();
-        if self.worker.lease_secs * 1000 <= attempt_ms {
+        // A call may start just before a renewal is due; it must still have its
+        // margin then. With renewals working, the lease never runs out under a
+        // live worker, whatever the retry schedule.
+        let lease_ms = self.worker.lease_secs * 1000;
+        let needed = self.worker.renew_every_ms + self.call_margin().as_millis() as u64;
+        if lease_ms < needed {
             bail!(
-                "invalid configuration: worker.lease_secs ({} s) must outlast the longest attempt \
-                 ({attempt_ms} ms = gateway.backoff_tries x gateway.timeout_ms + backoff delays), \
-                 or the sweep hands a payout to another worker while its call is still running",
+                "invalid configuration: worker.lease_secs ({} s) must cover worker.renew_every_ms + \
+                 gateway.timeout_ms + worker.call_margin_ms ({needed} ms): a gateway call starts only \
+                 with that much lease left, so a shorter lease would make calls wait for renewals",
                 self.worker.lease_secs
             );
         }
@@ -744,17 +771,42 @@ mod tests {
     }
 
     #[test]
-    fn a_lease_shorter_than_the_longest_attempt_is_refused() {
+    fn a_lease_without_room_for_a_call_between_renewals_is_refused() {
         let err = Settings::load_from(
             None,
             &env(&[
-                ("PAYOUTS_WORKER__LEASE_SECS", "30"),
+                ("PAYOUTS_WORKER__LEASE_SECS", "15"),
                 ("PAYOUTS_GATEWAY__TIMEOUT_MS", "10000"),
             ]),
         )
         .unwrap_err()
         .to_string();
         assert!(err.contains("worker.lease_secs"), "{err}");
+        // Renewing more often makes room.
+        Settings::load_from(
+            None,
+            &env(&[
+                ("PAYOUTS_WORKER__LEASE_SECS", "15"),
+                ("PAYOUTS_WORKER__RENEW_EVERY_MS", "2000"),
+                ("PAYOUTS_GATEWAY__TIMEOUT_MS", "10000"),
+            ]),
+        )
+        .unwrap();
+    }
+
+    /// Issue #20: a crashed worker costs about one short lease by default,
+    /// and its payouts are rescued sooner when its beat stops.
+    #[test]
+    fn defaults_give_a_short_renewed_lease_and_a_rescue_within_it() {
+        let s = Settings::load_from(None, &[]).unwrap();
+        assert_eq!(s.worker.lease_secs, 15);
+        assert!(s.worker.renew_every_ms * 3 <= s.worker.lease_secs * 1000);
+        assert!(s.producer.rescue_after_ms > s.worker.lock_ttl_ms);
+        assert!(s.producer.rescue_after_ms < s.worker.lease_secs * 1000);
+        let err = Settings::load_from(None, &env(&[("PAYOUTS_PRODUCER__RESCUE_AFTER_MS", "1500")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("producer.rescue_after_ms"), "{err}");
     }
 
     #[test]

@@ -479,6 +479,132 @@ pub async fn sweep_expired(
     .await
 }
 
+/// Renews, in one statement, the leases of the payouts `owner` holds: each
+/// `(ids[i], tokens[i])` still `processing` under that attempt and owner gets
+/// `lease_until` (never earlier than it had). Rows are locked in id order, as
+/// the batched claims lock them. Returns, for each pair, whether it was
+/// renewed and, if not, whether it was taken from the owner (claimed again,
+/// or put back to `queued` by the rescue or the sweep) rather than finished
+/// by the owner itself.
+pub async fn renew_leases<'e>(
+    exec: impl sqlx::PgExecutor<'e>,
+    owner: &str,
+    ids: &[i64],
+    tokens: &[i32],
+    lease_until: DateTime<Utc>,
+) -> sqlx::Result<Vec<Renewed>> {
+    sqlx::query_as(
+        "WITH input AS (SELECT * FROM unnest($1::bigint[], $2::int[]) AS t(id, token)),
+         mine AS (
+             SELECT p.id FROM payouts p JOIN input i ON i.id = p.id AND i.token = p.attempt
+             WHERE p.status = 'processing' AND p.lease_owner = $3
+             ORDER BY p.id FOR UPDATE OF p),
+         upd AS (
+             UPDATE payouts p SET lease_until = GREATEST(p.lease_until, $4)
+             FROM mine WHERE p.id = mine.id
+             RETURNING p.id)
+         SELECT i.id, i.token, upd.id IS NOT NULL AS renewed,
+                upd.id IS NULL AND (p.id IS NULL OR p.attempt <> i.token
+                                    OR p.status IN ('queued', 'processing')) AS taken
+         FROM input i LEFT JOIN upd ON upd.id = i.id LEFT JOIN payouts p ON p.id = i.id",
+    )
+    .bind(ids)
+    .bind(tokens)
+    .bind(owner)
+    .bind(lease_until)
+    .fetch_all(exec)
+    .await
+}
+
+/// One lease of a [`renew_leases`] statement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
+pub struct Renewed {
+    /// The payout.
+    pub id: i64,
+    /// The attempt the lease was held under.
+    pub token: i32,
+    /// Extended.
+    pub renewed: bool,
+    /// Not extended because it is no longer the owner's (claimed again,
+    /// rescued, swept); `false` for a payout the owner itself finished.
+    pub taken: bool,
+}
+
+/// A worker gives a payout back without recording an outcome (its lease
+/// could not be vouched for long enough to call the gateway, or it is
+/// shutting down): `processing` under `token` becomes `queued` with its lease
+/// ending `now`, so the producer's next sweep enqueues it again. Stores the
+/// key index reached (only ever raised); `refund` (no request was sent in
+/// this attempt) keeps the attempt off the payout's budget. `false` when the
+/// payout was no longer the worker's.
+#[allow(clippy::too_many_arguments)]
+pub async fn release<'e>(
+    exec: impl sqlx::PgExecutor<'e>,
+    id: i64,
+    token: i32,
+    key_index: i32,
+    refund: bool,
+    actor: &str,
+    reason: &str,
+    now: DateTime<Utc>,
+) -> sqlx::Result<bool> {
+    let row: Option<i64> = sqlx::query_scalar(
+        "WITH upd AS (
+             UPDATE payouts SET status = 'queued', lease_owner = NULL, lease_until = $5,
+                 key_index = GREATEST(key_index, $3),
+                 retry_base = retry_base + CASE WHEN $4 THEN 1 ELSE 0 END,
+                 updated_at = $5
+             WHERE id = $1 AND attempt = $2 AND status = 'processing'
+             RETURNING id, attempt)
+         INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
+         SELECT id, 'processing', 'queued', $6, $7, attempt, $5 FROM upd
+         RETURNING payout_id",
+    )
+    .bind(id)
+    .bind(token)
+    .bind(key_index)
+    .bind(refund)
+    .bind(now)
+    .bind(actor)
+    .bind(reason)
+    .fetch_optional(exec)
+    .await?;
+    Ok(row.is_some())
+}
+
+/// The producer's rescue: every payout `processing` under a lease of one of
+/// `owners` (workers whose liveness beat stopped) goes back to `queued`
+/// with a fresh queue lease, with an event; returns their ids for
+/// re-enqueueing. Their owners' late writes are refused by the fence.
+pub async fn release_owned_by(
+    pool: &PgPool,
+    owners: &[String],
+    now: DateTime<Utc>,
+    lease_until: DateTime<Utc>,
+    actor: &str,
+) -> sqlx::Result<Vec<i64>> {
+    sqlx::query_scalar(
+        "WITH gone AS (
+             SELECT id FROM payouts WHERE status = 'processing' AND lease_owner = ANY($2)
+             ORDER BY id FOR UPDATE),
+         upd AS (
+             UPDATE payouts p SET status = 'queued', lease_until = $3, lease_owner = NULL, updated_at = $1
+             FROM gone WHERE p.id = gone.id
+             RETURNING p.id, p.attempt),
+         ev AS (
+             INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
+             SELECT id, 'processing', 'queued', $4, 'worker gone (liveness beat stopped)', attempt, $1
+             FROM upd)
+         SELECT id FROM upd ORDER BY id",
+    )
+    .bind(now)
+    .bind(owners)
+    .bind(lease_until)
+    .bind(actor)
+    .fetch_all(pool)
+    .await
+}
+
 /// Ids of all `queued` payouts, their leases refreshed (after Redis lost its data).
 pub async fn requeue_all_queued(
     pool: &PgPool,

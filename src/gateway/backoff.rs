@@ -37,7 +37,8 @@ impl BackoffPolicy {
 /// the payout must store (each call uses the index the previous one left:
 /// after a saved refusal the next call is a new request under the next key).
 /// A platform problem ([`Outcome::pauses_fleet`]) is not retried here: the
-/// fleet pauses. `on_call` sees each call's outcome and latency (for metrics).
+/// fleet pauses; nor is a call the worker's lease check refused
+/// ([`Outcome::is_lease_refusal`]). `on_call` sees each call's outcome and latency (for metrics).
 pub async fn call_with_backoff(
     gateway: &dyn Gateway,
     req: &TransferRequest,
@@ -60,7 +61,8 @@ pub async fn call_with_backoff(
         key_index.store(keyed.key_index, std::sync::atomic::Ordering::Relaxed);
         let outcome = keyed.outcome;
         on_call(&outcome, started.elapsed());
-        if outcome.is_retryable() && !outcome.pauses_fleet() {
+        // A refused start (the lease is short) ends the attempt: no more calls.
+        if outcome.is_retryable() && !outcome.pauses_fleet() && !outcome.is_lease_refusal() {
             Err(outcome)
         } else {
             Ok(outcome)

@@ -542,6 +542,17 @@ impl GatewayGuard {
         }
     }
 
+    /// A half-open probe that was never sent: the circuit goes back to open
+    /// with its cool-down over, so the next call probes.
+    fn probe_not_sent(&self) {
+        let mut b = self.breaker.lock().expect("breaker lock");
+        if b.state == Circuit::HalfOpen {
+            b.state = Circuit::Open {
+                until: Instant::now(),
+            };
+        }
+    }
+
     fn record(&self, failed: bool) {
         let mut b = self.breaker.lock().expect("breaker lock");
         let now = Instant::now();
@@ -674,6 +685,12 @@ impl Gateway for Guarded<'_> {
         }
         let keyed = self.inner.transfer_keyed(req).await;
         let outcome = &keyed.outcome;
+        if outcome.is_lease_refusal() {
+            // Nothing was sent: not a gateway call. A probe that was not
+            // sent leaves the next caller to probe.
+            self.guard.probe_not_sent();
+            return keyed;
+        }
         self.guard.record(fails_the_gateway(outcome));
         if outcome.pauses_fleet() {
             if let Outcome::Transient { code, .. } = outcome {

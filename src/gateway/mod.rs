@@ -109,6 +109,13 @@ impl Outcome {
         matches!(self, Outcome::Transient { code, .. } if code == crate::gateway::guard::CIRCUIT_OPEN)
     }
 
+    /// Whether the worker refused to start the call: its lease on the payout
+    /// had less than the call margin left (`crate::lease::LeaseGated`).
+    /// Nothing was sent; the attempt ends without another call.
+    pub fn is_lease_refusal(&self) -> bool {
+        matches!(self, Outcome::Transient { code, .. } if code == LEASE_SHORT)
+    }
+
     /// A problem of the platform, not of the payee (the gateway refused our
     /// credentials, or the platform's balance cannot cover transfers): the
     /// whole fleet pauses and an alert fires; no payout fails for it and the
@@ -118,6 +125,9 @@ impl Outcome {
     }
 }
 
+/// The code of a call the worker did not start because its lease was short
+/// ([`Outcome::is_lease_refusal`]).
+pub const LEASE_SHORT: &str = "lease_short";
 /// The gateway refused the fleet's secret (401: expired, rolled, revoked).
 pub const UNAUTHORIZED: &str = "unauthorized";
 /// The secret lacks a permission (403 from a restricted key).

@@ -15,6 +15,7 @@
 //!
 //! Every key starts with `{prefix}` in braces (a Redis Cluster hash tag).
 
+pub mod beat;
 pub mod lock;
 
 use std::time::Duration;
@@ -79,6 +80,22 @@ for i = 1, 2 do
   end
 end
 return n
+"#;
+
+/// KEYS[1] the active job list; ARGV task ids just pushed (at its tail), in
+/// the order they should be fetched. Moves each to the head, so they are
+/// fetched next; an id no longer in the list (already fetched) is left alone.
+const TO_FRONT: &str = r#"
+local found = {}
+for i = 1, #ARGV do
+  if redis.call('LREM', KEYS[1], -1, ARGV[i]) > 0 then
+    table.insert(found, ARGV[i])
+  end
+end
+for i = #found, 1, -1 do
+  redis.call('LPUSH', KEYS[1], found[i])
+end
+return #found
 "#;
 
 /// A handle on the payout queue in Redis.
@@ -181,6 +198,46 @@ impl Queue {
             apalis_redis::queries::push_tasks(&mut conn, &self.config, &tasks)
                 .await
                 .context("failed to push jobs to Redis")?;
+        }
+        Ok(())
+    }
+
+    /// Pushes one job per payout at the *front* of the queue, so they are
+    /// fetched before the window already waiting: payouts that were being
+    /// worked on (a dead worker's, an expired lease's) and are overdue.
+    /// apalis-redis only appends, so the jobs are pushed as usual under task
+    /// ids chosen here, then moved to the head of the list by one script.
+    pub async fn push_front(&self, payout_ids: &[i64]) -> anyhow::Result<()> {
+        let mut conn = self.conn.clone();
+        let script = redis::Script::new(TO_FRONT);
+        for chunk in payout_ids.chunks(PUSH_CHUNK) {
+            let ids: Vec<String> = chunk
+                .iter()
+                .map(|_| ulid::Ulid::new().to_string())
+                .collect();
+            let tasks = chunk
+                .iter()
+                .zip(&ids)
+                .map(|(id, task_id)| {
+                    let data =
+                        serde_json::to_vec(&PayoutJob { payout_id: *id }).expect("plain struct");
+                    let task_id = task_id
+                        .parse::<apalis_core::task::task_id::TaskId>()
+                        .map_err(|e| anyhow::anyhow!("task id {task_id}: {e}"))?;
+                    Ok(TaskBuilder::new(data).task_id(task_id).build())
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            apalis_redis::queries::push_tasks(&mut conn, &self.config, &tasks)
+                .await
+                .context("failed to push jobs to Redis")?;
+            let mut inv = script.key(self.config.active_jobs_list());
+            for id in &ids {
+                inv.arg(id);
+            }
+            let _moved: i64 = inv
+                .invoke_async(&mut conn)
+                .await
+                .context("failed to move jobs to the front of the queue")?;
         }
         Ok(())
     }

@@ -480,10 +480,26 @@ impl Fleet {
     }
 }
 
-/// The children's configuration: fast timings, so faults heal in seconds.
-/// Leases outlast the longest attempt (3 calls x 1 s + backoff), as the
-/// configuration validation demands.
+/// The children's configuration: fast timings, so faults heal in seconds
+/// (a lease of 4 s renewed every second, a call needing 1 s + 1 s of it,
+/// beats every 250 ms, a rescue after 1.5 s of silence). With
+/// `profile.defaults`, only what locates the fleet: every other setting is
+/// the default.
 fn child_env(db_url: &str, profile: &Profile) -> Vec<(String, String)> {
+    let log_filter =
+        std::env::var("PAYOUTS_CHAOS_RUST_LOG").unwrap_or_else(|_| "warn,payouts=info".into());
+    if profile.defaults {
+        return [
+            ("DATABASE_URL", db_url),
+            ("PAYOUTS_REDIS__PREFIX", PREFIX),
+            ("PAYOUTS_LOG__FORMAT", "json"),
+            // The children's log filter, e.g. `debug` when hunting a hang.
+            ("RUST_LOG", &log_filter),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    }
     let lease = profile.lease_secs.to_string();
     let lock = profile.lock_ttl_ms.to_string();
     let queue_lease = profile.queue_lease_secs.to_string();
@@ -506,6 +522,10 @@ fn child_env(db_url: &str, profile: &Profile) -> Vec<(String, String)> {
         ("PAYOUTS_PRODUCER__JANITOR_EVERY_TICKS", "5"),
         ("PAYOUTS_WORKER__LEASE_SECS", &lease),
         ("PAYOUTS_WORKER__LOCK_TTL_MS", &lock),
+        ("PAYOUTS_WORKER__RENEW_EVERY_MS", "1000"),
+        ("PAYOUTS_WORKER__CALL_MARGIN_MS", "1000"),
+        ("PAYOUTS_WORKER__BEAT_MS", "250"),
+        ("PAYOUTS_PRODUCER__RESCUE_AFTER_MS", "1500"),
         ("PAYOUTS_WORKER__POLL_INTERVAL_MS", "20"),
         ("PAYOUTS_WORKER__HEARTBEAT_SECS", "1"),
         ("PAYOUTS_WORKER__SHUTDOWN_DEADLINE_SECS", "3"),
@@ -518,7 +538,7 @@ fn child_env(db_url: &str, profile: &Profile) -> Vec<(String, String)> {
     .chain(std::iter::once((
         "RUST_LOG".to_string(),
         // The children's log filter, e.g. `debug` when hunting a hang.
-        std::env::var("PAYOUTS_CHAOS_RUST_LOG").unwrap_or_else(|_| "warn,payouts=info".into()),
+        log_filter,
     )))
     .collect()
 }

@@ -1,5 +1,5 @@
 //! The chaos harness: proves the one rule (nobody paid twice, nobody
-//! forgotten) under twelve fault scenarios, with real parts only.
+//! forgotten) under thirteen fault scenarios, with real parts only.
 //!
 //! For each scenario [`run`] starts a fresh fleet (see [`fleet`]): its own
 //! database on a private Postgres, a private redis-server, the mock gateway
@@ -69,11 +69,14 @@ pub enum Scenario {
     S11,
     /// Poison payouts, and jobs enqueued twice (plus redeliveries and garbage).
     S12,
+    /// Kill storm: one of three workers SIGKILLed every 2 s (and restarted)
+    /// for the whole run, under the gateway faults of issue #20.
+    S13,
 }
 
 impl Scenario {
     /// Every scenario, in order.
-    pub const ALL: [Scenario; 12] = [
+    pub const ALL: [Scenario; 13] = [
         Scenario::S1,
         Scenario::S2,
         Scenario::S3,
@@ -86,9 +89,10 @@ impl Scenario {
         Scenario::S10,
         Scenario::S11,
         Scenario::S12,
+        Scenario::S13,
     ];
 
-    /// `S1` ... `S12`.
+    /// `S1` ... `S13`.
     pub fn id(self) -> String {
         format!("S{}", self as u8)
     }
@@ -108,6 +112,15 @@ impl Scenario {
             Scenario::S10 => "network cut (blackhole/delay/reset)",
             Scenario::S11 => "producer killed between mark and push",
             Scenario::S12 => "poison payouts + jobs enqueued twice",
+            Scenario::S13 => "kill storm: 1 of 3 workers SIGKILLed every 2 s, whole run",
+        }
+    }
+
+    /// Worker processes the scenario runs with: S13 is defined with three.
+    pub fn workers(self, profile: &Profile) -> usize {
+        match self {
+            Scenario::S13 => 3,
+            _ => profile.workers,
         }
     }
 }
@@ -119,11 +132,11 @@ impl FromStr for Scenario {
             .trim()
             .trim_start_matches(['S', 's'])
             .parse()
-            .map_err(|_| format!("unknown scenario {s:?} (S1 ... S12)"))?;
+            .map_err(|_| format!("unknown scenario {s:?} (S1 ... S13)"))?;
         Scenario::ALL
             .into_iter()
             .find(|sc| *sc as u8 == n)
-            .ok_or_else(|| format!("unknown scenario {s:?} (S1 ... S12)"))
+            .ok_or_else(|| format!("unknown scenario {s:?} (S1 ... S13)"))
     }
 }
 
@@ -150,6 +163,13 @@ pub struct Profile {
     pub queue_lease_secs: u64,
     /// Seed of the gateway's faults and the harness's choices.
     pub seed: u64,
+    /// The children run with the *default* lease, lock, renewal, beat,
+    /// rescue, timeout, retry and tick settings (only addresses and the log
+    /// format are set): how the fleet recovers out of the box. Off: the fast
+    /// timings below (`child_env`), so faults heal in seconds.
+    pub defaults: bool,
+    /// S13 kills workers (off: the same run without kills, its baseline).
+    pub kills: bool,
 }
 
 impl Profile {
@@ -166,6 +186,21 @@ impl Profile {
             lock_ttl_ms: 2000,
             queue_lease_secs: 3,
             seed: 7,
+            defaults: false,
+            kills: true,
+        }
+    }
+
+    /// The full form with the fleet's default settings (`--defaults`): the
+    /// payouts all due within 2 s, and a drain deadline long enough for the
+    /// default retry schedule (5 min before a second attempt).
+    pub fn defaults(payouts: i64, workers: usize) -> Profile {
+        Profile {
+            spread: Duration::from_secs(2),
+            fault_at: Duration::from_secs(2),
+            drain_deadline: Duration::from_secs(900),
+            defaults: true,
+            ..Profile::full(payouts, workers)
         }
     }
 
@@ -313,7 +348,7 @@ async fn scenario_body(
         .gateway
         .set_faults(&scenarios::initial_faults(s, profile))
         .await?;
-    fleet.start_processes(profile.workers).await?;
+    fleet.start_processes(s.workers(profile)).await?;
 
     let t0 = tokio::time::Instant::now();
     let expect = seed(&fleet, s, profile).await?;
@@ -343,8 +378,9 @@ async fn scenario_body(
         },
     )
     .await;
-    if let Err(e) = &drained {
-        report.notes.push(format!("did not drain: {e}"));
+    match &drained {
+        Ok(()) => report.drain_secs = Some(t0.elapsed().as_secs_f64()),
+        Err(e) => report.notes.push(format!("did not drain: {e}")),
     }
     if drained.is_ok() {
         scenarios::after_drain(&injected.after, &fleet, profile, report).await?;

@@ -39,7 +39,7 @@ pub enum Expect {
 /// One scenario's row.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ScenarioReport {
-    /// `S1` ... `S12`.
+    /// `S1` ... `S13`.
     pub id: String,
     /// What was injected, in a few words.
     pub title: String,
@@ -70,6 +70,11 @@ pub struct ScenarioReport {
     /// From the end of the fault until every payout due before it was final,
     /// seconds (`None` without a fault, or when some never became final).
     pub recovery_secs: Option<f64>,
+    /// From seeding until every payout was final, seconds (`None`: it never was).
+    pub drain_secs: Option<f64>,
+    /// S13: from a worker's SIGKILL to the next claim of each payout it held,
+    /// seconds: median, 99th percentile, largest (nearest rank).
+    pub reclaim_secs: Option<[f64; 3]>,
     /// When the fault began and when it healed.
     pub fault_window: Option<(DateTime<Utc>, DateTime<Utc>)>,
     /// Wall time of the whole scenario, seconds.
@@ -318,7 +323,8 @@ pub async fn check(
 }
 
 /// Nearest-rank percentile of sorted values.
-fn percentile(sorted: &[f64], q: f64) -> Option<f64> {
+/// The nearest-rank `q` quantile of `sorted` (ascending).
+pub fn percentile(sorted: &[f64], q: f64) -> Option<f64> {
     if sorted.is_empty() {
         return None;
     }
@@ -439,13 +445,13 @@ fn secs(v: Option<f64>) -> String {
 /// The table: one row per scenario (Markdown, so it pastes into the README).
 pub fn table(rows: &[ScenarioReport]) -> String {
     let mut out = String::from(
-        "| scenario | payouts | paid | failed (poison) | lost | duplicated | stuck | wrongly failed | illegal transitions | due→paid p50 | p99 | recovery | result |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+        "| scenario | payouts | paid | failed (poison) | lost | duplicated | stuck | wrongly failed | illegal transitions | due→paid p50 | p99 | recovery | drain | result |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
     );
     for r in rows {
         let result = if r.ok() { "ok" } else { "**FAIL**" };
         out.push_str(&format!(
-            "| {} {} | {} | {} | {} ({}) | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} {} | {} | {} | {} ({}) | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.id,
             r.title,
             r.payouts,
@@ -460,6 +466,7 @@ pub fn table(rows: &[ScenarioReport]) -> String {
             secs(r.p50_secs),
             secs(r.p99_secs),
             secs(r.recovery_secs),
+            secs(r.drain_secs),
             result
         ));
     }

@@ -1,8 +1,9 @@
-//! The twelve fault scenarios: what each injects into a running fleet, when
-//! it heals, and the extra evidence some of them collect after the drain
-//! (S3: the fence refused the paused worker's late writes; S11: the payouts
-//! the killed producer left `queued` without a job were recovered by the
-//! lease sweep).
+//! The thirteen fault scenarios: what each injects into a running fleet,
+//! when it heals, and the extra evidence some of them collect after the
+//! drain (S3: the paused worker's late work was refused, by the fence or by
+//! its own lease check; S11: the payouts the killed producer left `queued`
+//! without a job were recovered by the lease sweep; S13: how long after
+//! each kill every payout the dead worker held was claimed again).
 //!
 //! Faults start `profile.fault_at` after seeding, while payouts are still
 //! falling due, so there is always work in flight when they hit.
@@ -42,7 +43,7 @@ pub enum After {
     /// Nothing more.
     #[default]
     Nothing,
-    /// S3: the paused worker's outcomes must have been refused.
+    /// S3: the paused worker's late work must have been refused.
     PausedWorker {
         /// Its slot.
         slot: usize,
@@ -63,6 +64,35 @@ pub enum After {
         /// (producer actor, the batch's event time).
         batches: Vec<(String, DateTime<Utc>)>,
     },
+    /// S13: every kill and what the dead worker held.
+    KillStorm {
+        /// The kills, in order.
+        kills: Vec<Kill>,
+    },
+}
+
+/// One SIGKILL of S13.
+#[derive(Debug, Clone)]
+pub struct Kill {
+    /// When (after the process was reaped).
+    pub at: DateTime<Utc>,
+    /// The payouts it held (`processing` under its lease) and their attempts.
+    pub held: Vec<(i64, i32)>,
+}
+
+/// The gateway faults of issue #20, for S13: before applying, 503 (10%) and
+/// 429 (3%); after applying, 500 (5%) or no answer until the client gives
+/// up (2%, held 30 s).
+pub fn storm_faults(profile: &Profile) -> Faults {
+    Faults {
+        latency_ms: 100,
+        rate_5xx: 0.10,
+        rate_429: 0.03,
+        rate_apply_then_500: 0.05,
+        rate_apply_then_timeout: 0.02,
+        hang_ms: 30_000,
+        ..profile.base_faults()
+    }
 }
 
 /// The gateway faults a scenario starts with.
@@ -73,6 +103,8 @@ pub fn initial_faults(s: Scenario, profile: &Profile) -> Faults {
         Scenario::S2 => f.latency_ms = 100,
         // Slow answers, so the worker is stopped with calls in flight.
         Scenario::S3 => f.latency_ms = 500,
+        // Answers at 100 ms (a killed worker dies mid-call) and issue #20's faults.
+        Scenario::S13 => f = storm_faults(profile),
         _ => {}
     }
     f
@@ -94,7 +126,12 @@ pub async fn inject(
     t0: tokio::time::Instant,
 ) -> anyhow::Result<Injected> {
     let mut out = Injected::default();
-    if s == Scenario::S1 {
+    if s == Scenario::S1 || (s == Scenario::S13 && !profile.kills) {
+        if s == Scenario::S13 {
+            out.notes.push(
+                "no kills (the kill storm's baseline): the same gateway faults and settings".into(),
+            );
+        }
         return Ok(out);
     }
     tokio::time::sleep_until(t0 + profile.fault_at).await;
@@ -348,9 +385,65 @@ pub async fn inject(
             ));
             out.after = After::Skips { unknown };
         }
+        Scenario::S13 => {
+            let kills = kill_storm(fleet, profile, t0, &mut rng).await?;
+            let held: usize = kills.iter().map(|k| k.held.len()).sum();
+            out.notes.push(format!(
+                "{} workers SIGKILLed (one of 3 every 2 s from {:.0} s after seeding until every payout was final) \
+                 and restarted; they died holding {held} payouts mid-attempt; gateway at 100 ms with 10% 503 \
+                 and 3% 429 before applying, 5% apply-then-500, 2% apply-then-hang",
+                kills.len(),
+                profile.fault_at.as_secs_f64()
+            ));
+            out.after = After::KillStorm { kills };
+        }
     }
     out.heal = Some(Utc::now());
     Ok(out)
+}
+
+/// S13: one of the workers, at random, SIGKILLed and restarted every 2 s
+/// until every payout is final (or the drain deadline passes). Each kill
+/// notes what the dead worker held.
+async fn kill_storm(
+    fleet: &mut Fleet,
+    profile: &Profile,
+    t0: tokio::time::Instant,
+    rng: &mut StdRng,
+) -> anyhow::Result<Vec<Kill>> {
+    let deadline = t0 + profile.spread + profile.drain_deadline;
+    let mut kills = Vec::new();
+    loop {
+        let slot = rng.random_range(0..fleet.workers.len());
+        let pid = fleet.workers[slot].proc.pid();
+        fleet.workers[slot].proc.kill9();
+        let at = Utc::now();
+        let held: Vec<(i64, i32)> = sqlx::query_as(
+            "SELECT id, attempt FROM payouts WHERE status = 'processing' AND lease_owner LIKE $1",
+        )
+        .bind(format!("worker:%-{pid}-%"))
+        .fetch_all(&fleet.pool)
+        .await?;
+        kills.push(Kill { at, held });
+        fleet.spawn_worker(Some(slot))?;
+        // The fault's own cadence, watching for the end of the run.
+        let next = tokio::time::Instant::now() + Duration::from_secs(2);
+        while tokio::time::Instant::now() < next {
+            if open_count(fleet).await == Some(0) || tokio::time::Instant::now() >= deadline {
+                return Ok(kills);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+async fn open_count(fleet: &Fleet) -> Option<i64> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM payouts WHERE status NOT IN ('paid', 'failed', 'cancelled')",
+    )
+    .fetch_one(&fleet.pool)
+    .await
+    .ok()
 }
 
 /// S3: SIGSTOPs a worker that holds payouts (processing under its lease):
@@ -477,7 +570,8 @@ pub async fn after_drain(
         } => {
             let port = fleet.workers[*slot].port;
             // It finishes its old calls within seconds of SIGCONT (every call
-            // times out after 1 s); wait until it holds no job, then count.
+            // times out after 1 s, and no new one starts: its lease is gone);
+            // wait until it holds no job, then count.
             poll(
                 Duration::from_secs(20),
                 Duration::from_millis(100),
@@ -489,9 +583,16 @@ pub async fn after_drain(
                 },
             )
             .await?;
-            let refused = counter(port, "payout_stale_fence_writes_total")
+            let fenced = counter(port, "payout_stale_fence_writes_total")
                 .await
                 .context("the resumed worker's /metrics")?;
+            // With leases renewed and a call margin, the paused worker may
+            // make no late write at all: its lease check refuses to start
+            // the calls (its payouts were taken over while it slept).
+            let not_started = counter(port, "payout_lease_refused_calls_total")
+                .await
+                .context("the resumed worker's /metrics")?;
+            let refused = fenced + not_started;
             let late = *stopped_at + chrono::Duration::seconds(1);
             let accepted: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM payout_events
@@ -504,7 +605,8 @@ pub async fn after_drain(
             .fetch_one(&fleet.pool)
             .await?;
             report.notes.push(format!(
-                "after SIGCONT the fence refused {refused} late writes of the paused worker and accepted {accepted}"
+                "after SIGCONT the paused worker's late work was refused: the fence refused {fenced} late writes \
+                 (and accepted {accepted}), its lease check refused to start {not_started} calls"
             ));
             if accepted > 0 {
                 report.violation(format!(
@@ -513,7 +615,7 @@ pub async fn after_drain(
             }
             if !owned.is_empty() && refused < 1.0 {
                 report.violation(format!(
-                    "the paused worker held {} payouts but the fence refused none of its late writes",
+                    "the paused worker held {} payouts but neither the fence nor its lease check refused anything",
                     owned.len()
                 ));
             }
@@ -563,6 +665,57 @@ pub async fn after_drain(
             if restarts > 0.0 {
                 report.violation(format!(
                     "a bad payload ended an apalis worker instead of being counted: {restarts} restarts"
+                ));
+            }
+        }
+        After::KillStorm { kills } => {
+            let mut secs = Vec::new();
+            let mut never = 0usize;
+            for k in kills {
+                for (id, attempt) in &k.held {
+                    let next: Option<DateTime<Utc>> = sqlx::query_scalar(
+                        "SELECT min(at) FROM payout_events
+                         WHERE payout_id = $1 AND to_status = 'processing' AND attempt > $2",
+                    )
+                    .bind(id)
+                    .bind(attempt)
+                    .fetch_one(&fleet.pool)
+                    .await?;
+                    match next {
+                        Some(t) => secs.push((t - k.at).num_milliseconds().max(0) as f64 / 1000.0),
+                        None => never += 1,
+                    }
+                }
+            }
+            secs.sort_by(f64::total_cmp);
+            let q = |p| super::report::percentile(&secs, p).unwrap_or(0.0);
+            let (p50, p99, max) = (q(0.5), q(0.99), secs.last().copied().unwrap_or(0.0));
+            let (rescued, swept): (i64, i64) = sqlx::query_as(
+                "SELECT count(*) FILTER (WHERE reason = 'worker gone (liveness beat stopped)'),
+                        count(*) FILTER (WHERE reason = 'lease expired')
+                 FROM payout_events WHERE from_status = 'processing' AND to_status = 'queued'",
+            )
+            .fetch_one(&fleet.pool)
+            .await?;
+            if !secs.is_empty() {
+                report.reclaim_secs = Some([p50, p99, max]);
+            }
+            report.notes.push(format!(
+                "{} payouts held by the killed workers; each claimed again after the kill in p50 {p50:.2} s, \
+                 p99 {p99:.2} s, max {max:.2} s ({never} never claimed again); \
+                 {rescued} released by the rescue (beat stopped), {swept} by the lease sweep",
+                secs.len() + never
+            ));
+            let lease = if profile.defaults {
+                crate::config::Settings::load_from(None, &[])?
+                    .worker
+                    .lease_secs as f64
+            } else {
+                profile.lease_secs as f64
+            };
+            if p99 > lease {
+                report.findings.push(format!(
+                    "kill -> re-claim p99 {p99:.2} s is longer than one lease ({lease} s)"
                 ));
             }
         }
