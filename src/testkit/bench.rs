@@ -381,7 +381,19 @@ pub async fn run_once(
         opts.timeout,
     )
     .await?;
-    let commits_after = pg_commits(&pool).await?;
+    // Backends report their commits to pg_stat_database when they go idle,
+    // up to about 10 s later (PostgreSQL 15's cumulative statistics): a run
+    // shorter than that reads the count before the workers' commits arrive.
+    let commits_after = {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let c = pg_commits(&pool).await?;
+            if c > commits_before || tokio::time::Instant::now() >= deadline {
+                break c;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
     let redis_after = redis_commands(&mut redis).await?;
     let worker_cpu_secs: Vec<f64> = worker_pids
         .iter()
