@@ -455,19 +455,21 @@ fn cli_ctx<'a>(
 }
 
 /// SIGTERM or Ctrl-C (the end of `reconcile --every`).
-async fn stop_signal() {
+fn stop_signal() -> impl std::future::Future<Output = ()> {
+    // Registered now, when called, not when first polled.
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    async move {
+        #[cfg(unix)]
+        if let Some(mut term) = term {
             tokio::select! {
                 _ = term.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}
             }
             return;
         }
+        let _ = tokio::signal::ctrl_c().await;
     }
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 /// The configured gateway's client (`gateway.kind`) for look-ups outside a
@@ -919,6 +921,11 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
                     bail!("--every must be at least 1m");
                 }
                 let ctx = cli_ctx(&settings, &pool, &actor, cli.json);
+                // The handler is in place before the first run: a SIGTERM that
+                // arrives while a run is still going ends the loop after it,
+                // instead of killing the process mid-run.
+                let stop = stop_signal();
+                tokio::pin!(stop);
                 loop {
                     // A scheduler: a failed or disagreeing run is reported and recorded; the loop goes on.
                     if let Err(e) = reconcile(&ctx, &since, fix, out).await {
@@ -927,7 +934,7 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
                     out.flush()?;
                     tokio::select! {
                         _ = tokio::time::sleep(every) => {}
-                        _ = stop_signal() => break,
+                        _ = &mut stop => break,
                     }
                 }
             }
