@@ -240,10 +240,7 @@ impl Producer {
         let age = oldest.map(|t| (now - t).num_seconds().max(0)).unwrap_or(0);
         metrics::OLDEST_DUE_AGE.set(age);
         // Stuck in transit: the oldest payout the gateway accepted but never confirmed.
-        let since: Option<chrono::DateTime<chrono::Utc>> =
-            sqlx::query_scalar("SELECT min(updated_at) FROM payouts WHERE status = 'in_transit'")
-                .fetch_one(&self.pool)
-                .await?;
+        let since = payouts::oldest_in_transit(&self.pool).await?;
         metrics::OLDEST_IN_TRANSIT_AGE.set(since.map_or(0, |t| (now - t).num_seconds().max(0)));
         crate::services::reconcile::publish_last_run(&self.pool).await?;
         Ok(())

@@ -26,10 +26,7 @@ struct Deps {
 }
 
 async fn ready(State(d): State<Deps>) -> (StatusCode, String) {
-    let pg = sqlx::query_scalar::<_, i32>("SELECT 1")
-        .fetch_one(&d.pool)
-        .await
-        .is_ok();
+    let pg = crate::db::ping(&d.pool).await.is_ok();
     let mut conn = d.redis.clone();
     let rd = redis::cmd("PING")
         .query_async::<String>(&mut conn)

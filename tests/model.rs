@@ -86,9 +86,11 @@ enum Held {
 /// How a claim or final write reaches Postgres.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Via {
-    /// `db::payouts::claim` / `db::payouts::finish`.
+    /// `db::payouts::claim` / `db::payouts::finish`: the worker's batched
+    /// statements with one row, run at once.
     Direct,
-    /// `db::batch::Batcher` (the worker's path): the batched statements.
+    /// `db::batch::Batcher` (the worker's path): the same statements, rows
+    /// of concurrent calls grouped.
     Batched,
 }
 

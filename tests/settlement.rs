@@ -409,7 +409,7 @@ async fn a_payout_reversed_after_it_was_paid_is_owed_again_and_is_never_retried_
         matches!(retried, Err(payout_repo::ActionError::Illegal(_))),
         "a 409, not a second payment: {retried:?}"
     );
-    let bulk = filter::bulk_retry(
+    let bulk = payout_repo::bulk_retry(
         pool,
         &filter::PayoutFilter::default(),
         100,

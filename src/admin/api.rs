@@ -21,6 +21,7 @@ use crate::{
         payees,
         payouts::{self, ActionError},
         tokens::{self, Role},
+        webhook_events,
     },
     domain::PayoutStatus,
     metrics,
@@ -204,19 +205,7 @@ pub async fn payout(
         .with_currency_scale();
     let payee = payees::get(&s.pool, p.payee_id).await?;
     let events = events::for_payout(&s.pool, id).await?;
-    let hooks: Vec<(
-        String,
-        String,
-        String,
-        String,
-        chrono::DateTime<chrono::Utc>,
-    )> = sqlx::query_as(
-        "SELECT source, event_id, event_type, outcome, received_at FROM webhook_events
-         WHERE payout_id = $1 ORDER BY received_at",
-    )
-    .bind(id)
-    .fetch_all(&s.pool)
-    .await?;
+    let hooks = webhook_events::for_payout(&s.pool, id).await?;
     let actions: Vec<&str> = if c.principal.role >= Role::Operator {
         actions_for(p.status)
     } else {
@@ -229,8 +218,9 @@ pub async fn payout(
                                        "currency": y.currency, "status": y.status})),
         "attempts": attempts(&events),
         "events": events,
-        "webhooks": hooks.into_iter().map(|(source, event_id, event_type, outcome, at)| json!({
-            "source": source, "event_id": event_id, "type": event_type, "outcome": outcome, "received_at": at,
+        "webhooks": hooks.into_iter().map(|h| json!({
+            "source": h.source, "event_id": h.event_id, "type": h.event_type, "outcome": h.outcome,
+            "received_at": h.received_at,
         })).collect::<Vec<_>>(),
         "actions": actions,
         // A settlement payout's line items (empty for other payouts).
@@ -470,7 +460,7 @@ pub async fn bulk_retry(
     }
     let now = s.clock.now();
     let lease = now + chrono::Duration::seconds(s.settings.producer.queue_lease_secs as i64);
-    let ids = filter::bulk_retry(&s.pool, &f, cap, &c.actor(), lease, now).await?;
+    let ids = payouts::bulk_retry(&s.pool, &f, cap, &c.actor(), lease, now).await?;
     let pushed = ids.is_empty() || push(&s, &ids).await;
     metrics::ADMIN_ACTIONS
         .with_label_values(&["bulk_retry", "ok"])
@@ -958,7 +948,7 @@ pub async fn reconcile_runs(
     RawQuery(q): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
     let lq = list_query(&q, &[])?;
-    let items = crate::services::reconcile::runs(&s.pool, lq.before_id, lq.limit).await?;
+    let items = crate::db::reconcile_runs::page(&s.pool, lq.before_id, lq.limit).await?;
     let next = next_cursor(items.iter().map(|r| r.id), items.len(), lq.limit);
     Ok(Json(json!({"items": items, "next_cursor": next})))
 }

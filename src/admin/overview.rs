@@ -19,7 +19,11 @@ use serde::Serialize;
 use tokio::sync::Mutex;
 
 use super::AdminState;
-use crate::{db::payouts, domain::status::ALL_STATUSES, producer::Leadership};
+use crate::{
+    db::payouts::{self, Lateness},
+    domain::status::ALL_STATUSES,
+    producer::Leadership,
+};
 
 /// Paid and failed in one window.
 #[derive(Debug, Clone, Serialize)]
@@ -130,13 +134,7 @@ impl Cache {
 
 async fn window(state: &AdminState, now: DateTime<Utc>, span: Duration) -> sqlx::Result<Window> {
     let since = now - span;
-    let (paid, failed): (i64, i64) = sqlx::query_as(
-        "SELECT (SELECT count(*) FROM payouts WHERE paid_at >= $1),
-                (SELECT count(*) FROM payouts WHERE status = 'failed' AND updated_at >= $1)",
-    )
-    .bind(since)
-    .fetch_one(&state.pool)
-    .await?;
+    let (paid, failed) = payouts::done_since(&state.pool, since).await?;
     let done = paid + failed;
     Ok(Window {
         paid,
@@ -147,17 +145,12 @@ async fn window(state: &AdminState, now: DateTime<Utc>, span: Duration) -> sqlx:
 }
 
 async fn percentiles(state: &AdminState, now: DateTime<Utc>) -> sqlx::Result<Percentiles> {
-    let (p50, p95, p99, sample): (Option<f64>, Option<f64>, Option<f64>, i64) = sqlx::query_as(
-        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY s),
-                percentile_cont(0.95) WITHIN GROUP (ORDER BY s),
-                percentile_cont(0.99) WITHIN GROUP (ORDER BY s),
-                count(*)
-         FROM (SELECT greatest(extract(epoch FROM paid_at - due_at), 0)::float8 AS s
-               FROM payouts WHERE paid_at >= $1 ORDER BY paid_at DESC LIMIT 10000) last",
-    )
-    .bind(now - Duration::hours(1))
-    .fetch_one(&state.pool)
-    .await?;
+    let Lateness {
+        p50,
+        p95,
+        p99,
+        sample,
+    } = payouts::lateness_since(&state.pool, now - Duration::hours(1)).await?;
     Ok(Percentiles {
         p50,
         p95,
@@ -169,17 +162,7 @@ async fn percentiles(state: &AdminState, now: DateTime<Utc>) -> sqlx::Result<Per
 async fn series(state: &AdminState, now: DateTime<Utc>) -> sqlx::Result<Vec<Minute>> {
     let end = now.duration_trunc(Duration::minutes(1)).unwrap_or(now);
     let start = end - Duration::minutes(59);
-    let rows: Vec<(DateTime<Utc>, i64, i64)> = sqlx::query_as(
-        "SELECT m, sum(p)::bigint, sum(f)::bigint FROM (
-             SELECT date_trunc('minute', paid_at) AS m, 1 AS p, 0 AS f FROM payouts WHERE paid_at >= $1
-             UNION ALL
-             SELECT date_trunc('minute', updated_at), 0, 1 FROM payouts
-              WHERE status = 'failed' AND updated_at >= $1) x
-         GROUP BY m",
-    )
-    .bind(start)
-    .fetch_all(&state.pool)
-    .await?;
+    let rows = payouts::done_per_minute(&state.pool, start).await?;
     let by: BTreeMap<DateTime<Utc>, (i64, i64)> =
         rows.into_iter().map(|(m, p, f)| (m, (p, f))).collect();
     Ok((0..60)

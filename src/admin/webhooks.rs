@@ -70,6 +70,10 @@ use sqlx::PgPool;
 use crate::{
     clock::SharedClock,
     config::{GatewayKind, GatewaySettings},
+    db::{
+        payouts::{self, Locked},
+        webhook_events,
+    },
     domain::PayoutStatus,
     metrics::{RESOLVED, WEBHOOKS},
     services::sync::{Resolution, resolve},
@@ -479,17 +483,7 @@ fn matches_payout(source: Source, ev: &Event, transfer_id: Option<&str>, account
 async fn apply(s: &WebhookState, source: Source, ev: &Event) -> sqlx::Result<Applied> {
     let now = s.clock.now();
     let mut tx = s.pool.begin().await?;
-    let fresh: Option<i32> = sqlx::query_scalar(
-        "INSERT INTO webhook_events (source, event_id, event_type, outcome, received_at)
-         VALUES ($1, $2, $3, 'received', $4) ON CONFLICT DO NOTHING RETURNING 1",
-    )
-    .bind(source.as_str())
-    .bind(&ev.id)
-    .bind(&ev.kind)
-    .bind(now)
-    .fetch_optional(&mut *tx)
-    .await?;
-    if fresh.is_none() {
+    if !webhook_events::record_received(&mut tx, source.as_str(), &ev.id, &ev.kind, now).await? {
         return Ok(Applied::Done("duplicate"));
     }
     let (outcome, linked) = if !source.acts_for(s.kind) {
@@ -515,15 +509,7 @@ async fn apply(s: &WebhookState, source: Source, ev: &Event) -> sqlx::Result<App
             }
         }
     };
-    sqlx::query(
-        "UPDATE webhook_events SET outcome = $3, payout_id = $4 WHERE source = $1 AND event_id = $2",
-    )
-    .bind(source.as_str())
-    .bind(&ev.id)
-    .bind(outcome)
-    .bind(linked)
-    .execute(&mut *tx)
-    .await?;
+    webhook_events::set_outcome(&mut tx, source.as_str(), &ev.id, outcome, linked).await?;
     tx.commit().await?;
     if let ("paid", Some(id)) = (outcome, linked) {
         crate::services::sync::count_paid_payout(&s.pool, id).await;
@@ -543,35 +529,24 @@ async fn find_and_apply(
     let payout = match ev.payout_id {
         Some(id) => Some(id),
         None => match &ev.object_id {
-            Some(obj) => {
-                sqlx::query_scalar("SELECT id FROM payouts WHERE gateway_transfer_id = $1 LIMIT 1")
-                    .bind(obj)
-                    .fetch_optional(&mut *tx)
-                    .await?
-            }
+            Some(obj) => payouts::id_by_transfer(&mut *tx, obj).await?,
             None => None,
         },
     };
-    let row: Option<(i64, String, Option<String>, String)> = match payout {
-        Some(id) => {
-            sqlx::query_as(
-                "SELECT p.id, p.status, p.gateway_transfer_id, payees.gateway_account
-                 FROM payouts p JOIN payees ON payees.id = p.payee_id
-                 WHERE p.id = $1 FOR UPDATE OF p",
-            )
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?
-        }
+    let row = match payout {
+        Some(id) => payouts::lock_with_account(&mut *tx, id).await?,
         None => None,
     };
-    let Some((id, status, transfer_id, account)) = row else {
+    let Some(Locked {
+        id,
+        status,
+        gateway_transfer_id: transfer_id,
+        gateway_account: account,
+    }) = row
+    else {
         tracing::info!(event = %ev.id, kind = %ev.kind, "webhook names no payout of ours");
         return Ok(Some(("unmatched", None)));
     };
-    let status: PayoutStatus = status
-        .parse()
-        .map_err(|e: String| sqlx::Error::Decode(e.into()))?;
     if let Effect::Ignore(why) = &ev.effect {
         if *why == "partially_reversed"
             && matches_payout(source, ev, transfer_id.as_deref(), &account)

@@ -16,6 +16,7 @@ use crate::{
     config::Settings,
     db::{
         filter::{self, PayoutFilter},
+        payouts,
         tokens::{self, Role},
     },
     queue::Queue,
@@ -287,7 +288,7 @@ pub async fn bulk_retry(
     }
     let now = clock.now();
     let lease = now + chrono::Duration::seconds(settings.producer.queue_lease_secs as i64);
-    let ids = filter::bulk_retry(pool, &f, cap, actor, lease, now).await?;
+    let ids = payouts::bulk_retry(pool, &f, cap, actor, lease, now).await?;
     if !ids.is_empty() {
         let conn = crate::queue::connect(&settings.redis).await?;
         Queue::from_settings(conn, settings)

@@ -9,7 +9,7 @@ use serde_json::Value;
 use sqlx::{PgExecutor, PgPool};
 
 /// One administrative change.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AuditEntry {
     /// Its id.
     pub id: i64,
@@ -37,16 +37,16 @@ pub async fn record<'e>(
     detail: Value,
     source: Option<&str>,
 ) -> sqlx::Result<()> {
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO audit_log (at, actor, action, target, detail, source)
          VALUES ($1, $2, $3, $4, $5::text::jsonb, $6)",
+        at,
+        actor,
+        action,
+        target,
+        detail.to_string(),
+        source,
     )
-    .bind(at)
-    .bind(actor)
-    .bind(action)
-    .bind(target)
-    .bind(detail.to_string())
-    .bind(source)
     .execute(db)
     .await?;
     Ok(())
@@ -54,11 +54,12 @@ pub async fn record<'e>(
 
 /// The newest `limit` entries, newest first.
 pub async fn recent(pool: &PgPool, limit: i64) -> sqlx::Result<Vec<AuditEntry>> {
-    sqlx::query_as(
-        "SELECT id, at, actor, action, target, detail::text AS detail, source
-         FROM audit_log ORDER BY id DESC LIMIT $1",
+    sqlx::query_as!(
+        AuditEntry,
+        r#"SELECT id, at, actor, action, target, detail::text AS "detail!", source
+           FROM audit_log ORDER BY id DESC LIMIT $1"#,
+        limit,
     )
-    .bind(limit)
     .fetch_all(pool)
     .await
 }
@@ -66,11 +67,13 @@ pub async fn recent(pool: &PgPool, limit: i64) -> sqlx::Result<Vec<AuditEntry>> 
 /// The newest entry whose action is one of `actions` (e.g. the last fleet
 /// pause or resume), if any.
 pub async fn latest_of(pool: &PgPool, actions: &[&str]) -> sqlx::Result<Option<AuditEntry>> {
-    sqlx::query_as(
-        "SELECT id, at, actor, action, target, detail::text AS detail, source
-         FROM audit_log WHERE action = ANY($1) ORDER BY id DESC LIMIT 1",
+    let actions: Vec<String> = actions.iter().map(|a| a.to_string()).collect();
+    sqlx::query_as!(
+        AuditEntry,
+        r#"SELECT id, at, actor, action, target, detail::text AS "detail!", source
+           FROM audit_log WHERE action = ANY($1) ORDER BY id DESC LIMIT 1"#,
+        &actions,
     )
-    .bind(actions)
     .fetch_optional(pool)
     .await
 }

@@ -7,7 +7,7 @@ use serde::Serialize;
 use sqlx::PgPool;
 
 /// One recorded transition.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize)]
 pub struct PayoutEvent {
     /// Id (orders events).
     pub id: i64,
@@ -29,8 +29,156 @@ pub struct PayoutEvent {
 
 /// A payout's history, oldest first.
 pub async fn for_payout(pool: &PgPool, payout_id: i64) -> sqlx::Result<Vec<PayoutEvent>> {
-    sqlx::query_as::<_, PayoutEvent>("SELECT * FROM payout_events WHERE payout_id = $1 ORDER BY id")
-        .bind(payout_id)
-        .fetch_all(pool)
+    sqlx::query_as!(
+        PayoutEvent,
+        "SELECT id, payout_id, from_status, to_status, actor, reason, attempt, at
+         FROM payout_events WHERE payout_id = $1 ORDER BY id",
+        payout_id,
+    )
+    .fetch_all(pool)
+    .await
+}
+
+// ------------------------------------------------------------ tooling ----
+// What the chaos harness reads (and tries) to check the fleet's history.
+
+/// One transition, as the chaos harness replays histories.
+#[cfg(feature = "testkit")]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    /// The payout.
+    pub payout_id: i64,
+    /// Status before (`None` at creation).
+    pub from_status: Option<String>,
+    /// Status after.
+    pub to_status: String,
+}
+
+/// Every event, by payout then in order.
+#[cfg(feature = "testkit")]
+pub async fn all_transitions(pool: &PgPool) -> sqlx::Result<Vec<Transition>> {
+    sqlx::query_as!(
+        Transition,
+        "SELECT payout_id, from_status, to_status FROM payout_events ORDER BY payout_id, id"
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// Whether the database refuses to rewrite the history of `payout_id`
+/// (append-only): tried in a transaction that is rolled back.
+#[cfg(feature = "testkit")]
+pub async fn refuses_rewrite(pool: &PgPool, payout_id: i64) -> sqlx::Result<bool> {
+    let mut tx = pool.begin().await?;
+    let tried = sqlx::query!(
+        "UPDATE payout_events SET reason = 'rewritten' WHERE payout_id = $1",
+        payout_id,
+    )
+    .execute(&mut *tx)
+    .await;
+    tx.rollback().await?;
+    Ok(tried.is_err())
+}
+
+/// The highest event id (0 when there is none).
+#[cfg(feature = "testkit")]
+pub async fn max_id(pool: &PgPool) -> sqlx::Result<i64> {
+    sqlx::query_scalar!(r#"SELECT coalesce(max(id), 0) AS "max!" FROM payout_events"#)
+        .fetch_one(pool)
         .await
+}
+
+/// The newest event after `after_id` that moved a payout to `queued` by an
+/// actor LIKE `actor_like`: its actor and time.
+#[cfg(feature = "testkit")]
+pub async fn latest_queued_by(
+    pool: &PgPool,
+    after_id: i64,
+    actor_like: &str,
+) -> sqlx::Result<Option<(String, DateTime<Utc>)>> {
+    let row = sqlx::query!(
+        "SELECT actor, at FROM payout_events
+         WHERE id > $1 AND actor LIKE $2 AND to_status = 'queued'
+         ORDER BY id DESC LIMIT 1",
+        after_id,
+        actor_like,
+    )
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|r| (r.actor, r.at)))
+}
+
+/// How many outcomes (paid, failed, retrying, in transit) an actor LIKE
+/// `actor_like` recorded for `payout_ids` after `after`.
+#[cfg(feature = "testkit")]
+pub async fn outcomes_by_after(
+    pool: &PgPool,
+    payout_ids: &[i64],
+    actor_like: &str,
+    after: DateTime<Utc>,
+) -> sqlx::Result<i64> {
+    sqlx::query_scalar!(
+        r#"SELECT count(*) AS "count!" FROM payout_events
+           WHERE payout_id = ANY($1) AND actor LIKE $2 AND at > $3
+             AND to_status IN ('paid', 'failed', 'retrying', 'in_transit')"#,
+        payout_ids,
+        actor_like,
+        after,
+    )
+    .fetch_one(pool)
+    .await
+}
+
+/// When payout `payout_id` was first claimed under an attempt above `attempt`.
+#[cfg(feature = "testkit")]
+pub async fn first_claim_above(
+    pool: &PgPool,
+    payout_id: i64,
+    attempt: i32,
+) -> sqlx::Result<Option<DateTime<Utc>>> {
+    sqlx::query_scalar!(
+        "SELECT min(at) FROM payout_events
+         WHERE payout_id = $1 AND to_status = 'processing' AND attempt > $2",
+        payout_id,
+        attempt,
+    )
+    .fetch_one(pool)
+    .await
+}
+
+/// How many claims went back to `queued` by the producer's rescue (the
+/// worker's liveness beat stopped) and by the lease sweep.
+#[cfg(feature = "testkit")]
+pub async fn released_counts(pool: &PgPool) -> sqlx::Result<(i64, i64)> {
+    let r = sqlx::query!(
+        r#"SELECT count(*) FILTER (WHERE reason = 'worker gone (liveness beat stopped)') AS "rescued!",
+                  count(*) FILTER (WHERE reason = 'lease expired') AS "swept!"
+           FROM payout_events WHERE from_status = 'processing' AND to_status = 'queued'"#
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok((r.rescued, r.swept))
+}
+
+/// The payouts `actor` moved to `queued` at `at` (one producer batch), each
+/// with its first claim since.
+#[cfg(feature = "testkit")]
+pub async fn claims_after_queued(
+    pool: &PgPool,
+    actor: &str,
+    at: DateTime<Utc>,
+) -> sqlx::Result<Vec<(i64, Option<DateTime<Utc>>)>> {
+    let rows = sqlx::query!(
+        "SELECT e.payout_id,
+                (SELECT min(c.at) FROM payout_events c
+                 WHERE c.payout_id = e.payout_id AND c.to_status = 'processing' AND c.at >= e.at)
+                 AS claimed
+         FROM payout_events e
+         WHERE e.actor = $1 AND e.at = $2 AND e.to_status = 'queued'",
+        actor,
+        at,
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.payout_id, r.claimed)).collect())
 }

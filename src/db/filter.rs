@@ -5,6 +5,10 @@
 //! Every filter is a bound parameter, and each query is bounded by `LIMIT`:
 //! with the `(status, id)`, `(payee_id, id)` and failed-by-code indexes a page
 //! reads about as many rows as it shows, however large the table.
+//!
+//! These are reads of `payouts`, the dynamic ones built with `QueryBuilder`
+//! (which filters are set decides the statement); the filtered write, the
+//! bulk retry, is the payouts repository's (`db::payouts::bulk_retry`).
 
 use std::collections::BTreeMap;
 
@@ -200,7 +204,9 @@ impl PayoutFilter {
         m
     }
 
-    fn push_where<'a>(&'a self, q: &mut QueryBuilder<'a, Postgres>) {
+    /// Appends ` WHERE ...` for this filter to `q`, every value bound (the
+    /// payouts repository's bulk retry builds on it too).
+    pub(super) fn push_where<'a>(&'a self, q: &mut QueryBuilder<'a, Postgres>) {
         q.push(" WHERE true");
         if let Some(s) = self.status {
             q.push(" AND status = ").push_bind(s.as_str());
@@ -328,46 +334,8 @@ pub async fn count_failed_after_paid(
     q.build_query_scalar().fetch_one(pool).await
 }
 
-/// Retries every failed payout matching `filter` (`failed` -> `queued`, with a
-/// fresh attempt budget and an event by `actor`), at most `cap` of them, in
-/// one statement. Returns the ids moved; rows that changed status meanwhile
-/// are left alone.
-pub async fn bulk_retry(
-    pool: &PgPool,
-    filter: &PayoutFilter,
-    cap: i64,
-    actor: &str,
-    lease_until: DateTime<Utc>,
-    now: DateTime<Utc>,
-) -> sqlx::Result<Vec<i64>> {
-    let mut f = filter.clone();
-    f.status = Some(PayoutStatus::Failed);
-    let mut q = QueryBuilder::new("WITH pick AS (SELECT id FROM payouts");
-    f.push_where(&mut q);
-    q.push(" AND paid_at IS NULL ORDER BY id LIMIT ")
-        .push_bind(cap)
-        .push(" FOR UPDATE SKIP LOCKED), upd AS (UPDATE payouts p SET status = 'queued', lease_until = ")
-        .push_bind(lease_until)
-        .push(", lease_owner = NULL, updated_at = ")
-        .push_bind(now)
-        .push(
-            ", retry_base = p.attempt, next_attempt_at = NULL
-             FROM pick WHERE p.id = pick.id AND p.status = 'failed' AND p.paid_at IS NULL
-               -- money returned to the payee's balance is paid by its next period, never by a retry
-               AND NOT EXISTS (SELECT 1 FROM settlements s WHERE s.payout_id = p.id AND s.outcome = 'returned')
-             RETURNING p.id, p.attempt),
-             ev AS (INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
-                    SELECT id, 'failed', 'queued', ",
-        )
-        .push_bind(actor)
-        .push(", 'operator bulk retry', attempt, ")
-        .push_bind(now)
-        .push(" FROM upd) SELECT id FROM upd ORDER BY id");
-    q.build_query_scalar().fetch_all(pool).await
-}
-
 /// Failed payouts grouped by failure code, largest group first.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize)]
 pub struct FailureGroup {
     /// The code (`unknown` when none was recorded).
     pub failure_code: String,
@@ -385,22 +353,24 @@ pub struct FailureGroup {
 pub async fn failure_groups(pool: &PgPool) -> sqlx::Result<Vec<FailureGroup>> {
     // The groups come from the failed-by-code index alone (index-only); one
     // example message per group is one more index probe.
-    sqlx::query_as(
-        "SELECT coalesce(g.code, 'unknown') AS failure_code, g.count, g.oldest, g.newest,
-                (SELECT p.failure_message FROM payouts p
-                  WHERE p.status = 'failed' AND p.failure_code IS NOT DISTINCT FROM g.code
-                  ORDER BY p.id DESC LIMIT 1) AS example_message
-         FROM (SELECT failure_code AS code, count(*) AS count,
-                      min(updated_at) AS oldest, max(updated_at) AS newest
-               FROM payouts WHERE status = 'failed' GROUP BY failure_code) g
-         ORDER BY g.count DESC, 1",
+    sqlx::query_as!(
+        FailureGroup,
+        r#"SELECT coalesce(g.code, 'unknown') AS "failure_code!", g.count AS "count!",
+                  g.oldest AS "oldest!", g.newest AS "newest!",
+                  (SELECT p.failure_message FROM payouts p
+                    WHERE p.status = 'failed' AND p.failure_code IS NOT DISTINCT FROM g.code
+                    ORDER BY p.id DESC LIMIT 1) AS example_message
+           FROM (SELECT failure_code AS code, count(*) AS count,
+                        min(updated_at) AS oldest, max(updated_at) AS newest
+                 FROM payouts WHERE status = 'failed' GROUP BY failure_code) g
+           ORDER BY g.count DESC, 1"#
     )
     .fetch_all(pool)
     .await
 }
 
 /// A payout selected by id for a bulk action, as it is now.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Selected {
     /// Its id.
     pub id: i64,
@@ -413,11 +383,12 @@ pub struct Selected {
 
 /// The payouts among `ids` that exist, by id.
 pub async fn selected(pool: &PgPool, ids: &[i64]) -> sqlx::Result<Vec<Selected>> {
-    sqlx::query_as(
-        "SELECT id, status, paid_at IS NOT NULL AS paid_before FROM payouts
-         WHERE id = ANY($1) ORDER BY id",
+    sqlx::query_as!(
+        Selected,
+        r#"SELECT id, status, paid_at IS NOT NULL AS "paid_before!" FROM payouts
+           WHERE id = ANY($1) ORDER BY id"#,
+        ids,
     )
-    .bind(ids)
     .fetch_all(pool)
     .await
 }

@@ -1,5 +1,15 @@
 //! Postgres repositories: every SQL statement on a table lives in that
-//! table's module. Time is always passed in (the clock seam), never `now()`.
+//! table's module, and nowhere else in the crate (`tests/architecture.rs`
+//! checks it). Time is always passed in (the clock seam), never `now()`.
+//!
+//! Statements are checked at compile time against the schema
+//! (`sqlx::query!`, `query_as!`, `query_scalar!`), with their offline data
+//! committed in `.sqlx/` so a build needs no database; `scripts/sqlx-prepare.sh`
+//! rewrites it after a statement or a migration changes, and the test command
+//! fails when it is stale. A statement whose shape depends on its input (the
+//! payout filters) is built with `QueryBuilder`, every value bound. This
+//! module holds what is not about a table: connecting, migrating, the health
+//! check, and creating databases (names cannot be bound).
 
 pub mod audit;
 pub mod batch;
@@ -9,9 +19,11 @@ pub mod filter;
 pub mod payee_terms;
 pub mod payees;
 pub mod payouts;
+pub mod reconcile_runs;
 pub mod search;
 pub mod settlements;
 pub mod tokens;
+pub mod webhook_events;
 
 use std::time::Duration;
 
@@ -75,6 +87,69 @@ pub async fn pending_migrations(pool: &PgPool) -> anyhow::Result<Vec<i64>> {
         .map(|m| m.version)
         .filter(|v| !applied.contains(v))
         .collect())
+}
+
+/// Whether the database answers (the readiness check).
+pub async fn ping(pool: &PgPool) -> sqlx::Result<()> {
+    sqlx::query_scalar!(r#"SELECT 1 AS "one!""#)
+        .fetch_one(pool)
+        .await?;
+    Ok(())
+}
+
+/// A database name safe to put in a statement: `[A-Za-z0-9_]` only (a
+/// database name cannot be a bound parameter).
+fn database_name(name: &str) -> anyhow::Result<&str> {
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        anyhow::bail!("database name {name:?} must be [A-Za-z0-9_]");
+    }
+    Ok(name)
+}
+
+/// Creates database `name` on the server of `admin` (a connection to another
+/// database of it); with `if_missing`, only when it does not exist yet.
+/// Tooling: the demo, the chaos harness, the benchmark.
+pub async fn create_database(
+    admin: &mut sqlx::PgConnection,
+    name: &str,
+    if_missing: bool,
+) -> anyhow::Result<()> {
+    let name = database_name(name)?;
+    if if_missing {
+        let exists = sqlx::query_scalar!(
+            r#"SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1) AS "exists!""#,
+            name,
+        )
+        .fetch_one(&mut *admin)
+        .await?;
+        if exists {
+            return Ok(());
+        }
+    }
+    sqlx::raw_sql(&format!("CREATE DATABASE {name}"))
+        .execute(&mut *admin)
+        .await?;
+    Ok(())
+}
+
+/// Drops database `name` if it exists, ending its sessions.
+pub async fn drop_database(admin: &mut sqlx::PgConnection, name: &str) -> anyhow::Result<()> {
+    let name = database_name(name)?;
+    sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(&mut *admin)
+        .await?;
+    Ok(())
+}
+
+/// Transactions committed in the pool's database so far (`pg_stat_database`;
+/// the benchmark's commits per payout).
+pub async fn commits(pool: &PgPool) -> sqlx::Result<i64> {
+    let n = sqlx::query_scalar!(
+        "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(n.unwrap_or(0))
 }
 
 /// Applies pending migrations.

@@ -23,7 +23,6 @@ pub struct Terms {
     pub method: PayoutMethod,
 }
 
-#[derive(sqlx::FromRow)]
 struct TermsRow {
     id: i64,
     status: String,
@@ -46,28 +45,32 @@ impl TermsRow {
     }
 }
 
-const TERMS: &str = "SELECT id, status, schedule, payout_method FROM payees WHERE id = $1";
-
 /// A payee's terms; `None` when there is no such payee.
 pub async fn get(conn: &mut PgConnection, payee_id: i64) -> sqlx::Result<Option<Terms>> {
-    sqlx::query_as::<_, TermsRow>(TERMS)
-        .bind(payee_id)
-        .fetch_optional(conn)
-        .await?
-        .map(TermsRow::into_terms)
-        .transpose()
+    sqlx::query_as!(
+        TermsRow,
+        "SELECT id, status, schedule, payout_method FROM payees WHERE id = $1",
+        payee_id,
+    )
+    .fetch_optional(conn)
+    .await?
+    .map(TermsRow::into_terms)
+    .transpose()
 }
 
 /// Like [`get`], and locks the payee row until the transaction ends: the
 /// settlement of one payee is serialized across processes. (`NO KEY UPDATE`
 /// still lets earnings for the payee be inserted meanwhile.)
 pub async fn lock(conn: &mut PgConnection, payee_id: i64) -> sqlx::Result<Option<Terms>> {
-    sqlx::query_as::<_, TermsRow>(&format!("{TERMS} FOR NO KEY UPDATE"))
-        .bind(payee_id)
-        .fetch_optional(conn)
-        .await?
-        .map(TermsRow::into_terms)
-        .transpose()
+    sqlx::query_as!(
+        TermsRow,
+        "SELECT id, status, schedule, payout_method FROM payees WHERE id = $1 FOR NO KEY UPDATE",
+        payee_id,
+    )
+    .fetch_optional(conn)
+    .await?
+    .map(TermsRow::into_terms)
+    .transpose()
 }
 
 /// Sets the schedule (`Some(None)` = back to the policy default) and/or the
@@ -78,16 +81,17 @@ pub async fn set<'e>(
     schedule: Option<Option<Schedule>>,
     method: Option<PayoutMethod>,
 ) -> sqlx::Result<Option<Terms>> {
-    sqlx::query_as::<_, TermsRow>(
+    sqlx::query_as!(
+        TermsRow,
         "UPDATE payees SET
              schedule = CASE WHEN $2 THEN $3 ELSE schedule END,
              payout_method = COALESCE($4, payout_method)
          WHERE id = $1 RETURNING id, status, schedule, payout_method",
+        payee_id,
+        schedule.is_some(),
+        schedule.flatten().map(|s| s.to_string()),
+        method.map(|m| m.as_str()),
     )
-    .bind(payee_id)
-    .bind(schedule.is_some())
-    .bind(schedule.flatten().map(|s| s.to_string()))
-    .bind(method.map(|m| m.as_str()))
     .fetch_optional(db)
     .await?
     .map(TermsRow::into_terms)
@@ -96,14 +100,13 @@ pub async fn set<'e>(
 
 /// Which of `ids` are payees.
 pub async fn existing(conn: &mut PgConnection, ids: &[i64]) -> sqlx::Result<Vec<i64>> {
-    sqlx::query_scalar("SELECT id FROM payees WHERE id = ANY($1)")
-        .bind(ids)
+    sqlx::query_scalar!("SELECT id FROM payees WHERE id = ANY($1)", ids)
         .fetch_all(conn)
         .await
 }
 
 /// An agreed deduction, charged once per settled period.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Deduction {
     /// Id.
     pub id: i64,
@@ -127,17 +130,19 @@ pub async fn set_deduction<'e>(
     amount: Money,
     now: DateTime<Utc>,
 ) -> sqlx::Result<Deduction> {
-    sqlx::query_as(
+    let currency = amount.currency();
+    sqlx::query_as!(
+        Deduction,
         "INSERT INTO payee_deductions (payee_id, currency, label, amount, created_at)
          VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (payee_id, currency, label) DO UPDATE SET amount = EXCLUDED.amount
-         RETURNING *",
+         RETURNING id, payee_id, currency, label, amount, created_at",
+        payee_id,
+        currency.code(),
+        label,
+        crate::domain::money::at_minor_unit(&amount),
+        now,
     )
-    .bind(payee_id)
-    .bind(amount.currency().code())
-    .bind(label)
-    .bind(crate::domain::money::at_minor_unit(&amount))
-    .bind(now)
     .fetch_one(db)
     .await
 }
@@ -149,12 +154,12 @@ pub async fn remove_deduction<'e>(
     currency: &str,
     label: &str,
 ) -> sqlx::Result<bool> {
-    let res = sqlx::query(
+    let res = sqlx::query!(
         "DELETE FROM payee_deductions WHERE payee_id = $1 AND currency = $2 AND label = $3",
+        payee_id,
+        currency,
+        label,
     )
-    .bind(payee_id)
-    .bind(currency)
-    .bind(label)
     .execute(db)
     .await?;
     Ok(res.rows_affected() > 0)
@@ -166,11 +171,13 @@ pub async fn deductions(
     payee_id: i64,
     currency: &str,
 ) -> sqlx::Result<Vec<Deduction>> {
-    sqlx::query_as(
-        "SELECT * FROM payee_deductions WHERE payee_id = $1 AND currency = $2 ORDER BY id",
+    sqlx::query_as!(
+        Deduction,
+        "SELECT id, payee_id, currency, label, amount, created_at
+         FROM payee_deductions WHERE payee_id = $1 AND currency = $2 ORDER BY id",
+        payee_id,
+        currency,
     )
-    .bind(payee_id)
-    .bind(currency)
     .fetch_all(conn)
     .await
 }
@@ -186,23 +193,25 @@ pub async fn set_minimum<'e>(
 ) -> sqlx::Result<()> {
     match amount {
         Some(m) => {
-            sqlx::query(
+            sqlx::query!(
                 "INSERT INTO payee_minimums (payee_id, currency, amount, created_at) VALUES ($1, $2, $3, $4)
                  ON CONFLICT (payee_id, currency) DO UPDATE SET amount = EXCLUDED.amount",
+                payee_id,
+                currency.code(),
+                crate::domain::money::at_minor_unit(&m),
+                now,
             )
-            .bind(payee_id)
-            .bind(currency.code())
-            .bind(crate::domain::money::at_minor_unit(&m))
-            .bind(now)
             .execute(db)
             .await?;
         }
         None => {
-            sqlx::query("DELETE FROM payee_minimums WHERE payee_id = $1 AND currency = $2")
-                .bind(payee_id)
-                .bind(currency.code())
-                .execute(db)
-                .await?;
+            sqlx::query!(
+                "DELETE FROM payee_minimums WHERE payee_id = $1 AND currency = $2",
+                payee_id,
+                currency.code(),
+            )
+            .execute(db)
+            .await?;
         }
     }
     Ok(())
@@ -214,11 +223,13 @@ pub async fn minimum(
     payee_id: i64,
     currency: &str,
 ) -> sqlx::Result<Option<Decimal>> {
-    sqlx::query_scalar("SELECT amount FROM payee_minimums WHERE payee_id = $1 AND currency = $2")
-        .bind(payee_id)
-        .bind(currency)
-        .fetch_optional(conn)
-        .await
+    sqlx::query_scalar!(
+        "SELECT amount FROM payee_minimums WHERE payee_id = $1 AND currency = $2",
+        payee_id,
+        currency,
+    )
+    .fetch_optional(conn)
+    .await
 }
 
 // ---------------------------------------------------------------- bulk ----
@@ -231,11 +242,12 @@ pub async fn lock_many(
     conn: &mut PgConnection,
     payee_ids: &[i64],
 ) -> sqlx::Result<Vec<(i64, sqlx::Result<Terms>)>> {
-    let rows: Vec<TermsRow> = sqlx::query_as(
+    let rows = sqlx::query_as!(
+        TermsRow,
         "SELECT id, status, schedule, payout_method FROM payees WHERE id = ANY($1)
          ORDER BY id FOR NO KEY UPDATE",
+        payee_ids,
     )
-    .bind(payee_ids)
     .fetch_all(conn)
     .await?;
     Ok(rows.into_iter().map(|r| (r.id, r.into_terms())).collect())
@@ -247,10 +259,12 @@ pub async fn deductions_many(
     conn: &mut PgConnection,
     payee_ids: &[i64],
 ) -> sqlx::Result<Vec<Deduction>> {
-    sqlx::query_as(
-        "SELECT * FROM payee_deductions WHERE payee_id = ANY($1) ORDER BY payee_id, currency, id",
+    sqlx::query_as!(
+        Deduction,
+        "SELECT id, payee_id, currency, label, amount, created_at
+         FROM payee_deductions WHERE payee_id = ANY($1) ORDER BY payee_id, currency, id",
+        payee_ids,
     )
-    .bind(payee_ids)
     .fetch_all(conn)
     .await
 }
@@ -260,8 +274,14 @@ pub async fn minimums_many(
     conn: &mut PgConnection,
     payee_ids: &[i64],
 ) -> sqlx::Result<Vec<(i64, String, Decimal)>> {
-    sqlx::query_as("SELECT payee_id, currency, amount FROM payee_minimums WHERE payee_id = ANY($1)")
-        .bind(payee_ids)
-        .fetch_all(conn)
-        .await
+    let rows = sqlx::query!(
+        "SELECT payee_id, currency, amount FROM payee_minimums WHERE payee_id = ANY($1)",
+        payee_ids,
+    )
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.payee_id, r.currency, r.amount))
+        .collect())
 }

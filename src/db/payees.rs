@@ -7,7 +7,7 @@ use sqlx::PgPool;
 use crate::domain::Currency;
 
 /// A payee row.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Payee {
     /// Id.
     pub id: i64,
@@ -30,44 +30,60 @@ pub async fn create<'e>(
     gateway_account: &str,
     currency: Currency,
 ) -> sqlx::Result<Payee> {
-    sqlx::query_as::<_, Payee>(
-        "INSERT INTO payees (name, gateway_account, currency) VALUES ($1, $2, $3) RETURNING *",
+    sqlx::query_as!(
+        Payee,
+        "INSERT INTO payees (name, gateway_account, currency) VALUES ($1, $2, $3)
+         RETURNING id, name, gateway_account, currency, status, created_at",
+        name,
+        gateway_account,
+        currency.code(),
     )
-    .bind(name)
-    .bind(gateway_account)
-    .bind(currency.code())
     .fetch_one(db)
     .await
 }
 
 /// One payee.
 pub async fn get(pool: &PgPool, id: i64) -> sqlx::Result<Option<Payee>> {
-    sqlx::query_as::<_, Payee>("SELECT * FROM payees WHERE id = $1")
-        .bind(id)
-        .fetch_optional(pool)
-        .await
+    sqlx::query_as!(
+        Payee,
+        "SELECT id, name, gateway_account, currency, status, created_at FROM payees WHERE id = $1",
+        id,
+    )
+    .fetch_optional(pool)
+    .await
 }
 
 /// Adds `count` demo payees in one statement; returns their ids.
 pub async fn create_demo(pool: &PgPool, count: i64, currency: Currency) -> sqlx::Result<Vec<i64>> {
-    sqlx::query_scalar(
+    sqlx::query_scalar!(
         "INSERT INTO payees (name, gateway_account, currency)
-         SELECT 'Demo payee ' || g, 'acct_demo_' || g, $2 FROM generate_series(1, $1) g
+         SELECT 'Demo payee ' || g, 'acct_demo_' || g, $2 FROM generate_series(1, $1::bigint) g
          RETURNING id",
+        count,
+        currency.code(),
     )
-    .bind(count)
-    .bind(currency.code())
     .fetch_all(pool)
     .await
 }
 
 /// A page of payees, newest first: at most `limit`, below `before_id` when given.
 pub async fn page(pool: &PgPool, before_id: Option<i64>, limit: i64) -> sqlx::Result<Vec<Payee>> {
-    sqlx::query_as::<_, Payee>(
-        "SELECT * FROM payees WHERE ($1::bigint IS NULL OR id < $1) ORDER BY id DESC LIMIT $2",
+    sqlx::query_as!(
+        Payee,
+        "SELECT id, name, gateway_account, currency, status, created_at FROM payees
+         WHERE ($1::bigint IS NULL OR id < $1) ORDER BY id DESC LIMIT $2",
+        before_id,
+        limit,
     )
-    .bind(before_id)
-    .bind(limit)
     .fetch_all(pool)
     .await
+}
+
+/// The gateway accounts of payees `ids` (tooling: the demo seeds them at the
+/// Stripe stand-in).
+#[cfg(feature = "testkit")]
+pub async fn gateway_accounts(pool: &PgPool, ids: &[i64]) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar!("SELECT gateway_account FROM payees WHERE id = ANY($1)", ids)
+        .fetch_all(pool)
+        .await
 }

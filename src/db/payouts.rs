@@ -1,14 +1,20 @@
-//! The `payouts` table. Every statement that changes a payout's status writes
-//! its `payout_events` row in the same statement, and every worker write is
-//! fenced by the attempt number its claim returned.
-
-use std::sync::LazyLock;
+//! The `payouts` table, and the only module that writes it. Every statement
+//! that changes a payout's status writes its `payout_events` row in the same
+//! statement, and every worker write is fenced by the attempt number its
+//! claim returned. The worker's claim and final write are the batched
+//! statements [`claim_many`] and [`finish_many`] (`db::batch` groups
+//! concurrent jobs into them); [`claim`] and [`finish`] are a batch of one.
+//!
+//! Statements are checked at compile time (`sqlx::query!` and friends,
+//! offline data in `.sqlx/`); the one dynamic statement, the filtered bulk
+//! retry, is built by `QueryBuilder` from `db::filter`.
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::Serialize;
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::{PgConnection, PgPool, Postgres, QueryBuilder};
 
+use super::filter::PayoutFilter;
 use crate::domain::{Money, PayoutStatus, TransitionError};
 
 /// A payout row.
@@ -51,6 +57,23 @@ pub struct Payout {
     pub paid_at: Option<DateTime<Utc>>,
 }
 
+/// Statuses are stored as their names (`payouts.status`, checked by the table).
+impl sqlx::Type<Postgres> for PayoutStatus {
+    fn type_info() -> sqlx::postgres::PgTypeInfo {
+        <&str as sqlx::Type<Postgres>>::type_info()
+    }
+    fn compatible(ty: &sqlx::postgres::PgTypeInfo) -> bool {
+        <&str as sqlx::Type<Postgres>>::compatible(ty)
+    }
+}
+
+impl<'r> sqlx::Decode<'r, Postgres> for PayoutStatus {
+    fn decode(value: sqlx::postgres::PgValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+        let s = <&str as sqlx::Decode<Postgres>>::decode(value)?;
+        Ok(s.parse::<PayoutStatus>()?)
+    }
+}
+
 impl TryFrom<String> for PayoutStatus {
     type Error = String;
     fn try_from(s: String) -> Result<Self, Self::Error> {
@@ -77,10 +100,9 @@ impl Payout {
 }
 
 /// A payout a worker has claimed, with what it needs to call the gateway.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct Claimed {
     /// The payout as it is after the claim.
-    #[sqlx(flatten)]
     pub payout: Payout,
     /// The payee's gateway account.
     pub gateway_account: String,
@@ -185,22 +207,27 @@ pub async fn create_in<'e>(
     reason: &str,
     now: DateTime<Utc>,
 ) -> sqlx::Result<Payout> {
-    sqlx::query_as::<_, Payout>(
-        "WITH ins AS (
+    let currency = money.currency();
+    sqlx::query_as!(
+        Payout,
+        r#"WITH ins AS (
              INSERT INTO payouts (payee_id, amount, currency, due_at, created_at, updated_at)
              VALUES ($1, $2, $3, $4, $6, $6) RETURNING *),
          ev AS (
              INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
              SELECT id, NULL, 'pending', $5, $7, 0, $6 FROM ins)
-         SELECT * FROM ins",
+         SELECT id, payee_id, amount, currency, status AS "status: PayoutStatus", due_at, attempt,
+                retry_base, next_attempt_at, lease_owner, lease_until, gateway_transfer_id,
+                failure_code, failure_message, created_at, updated_at, paid_at
+         FROM ins"#,
+        payee_id,
+        money.amount(),
+        currency.code(),
+        due_at,
+        actor,
+        now,
+        reason,
     )
-    .bind(payee_id)
-    .bind(money.amount())
-    .bind(money.currency().code())
-    .bind(due_at)
-    .bind(actor)
-    .bind(now)
-    .bind(reason)
     .fetch_one(exec)
     .await
 }
@@ -220,7 +247,7 @@ pub struct NewPayout {
 /// one statement, with their `created` events; returns their ids in the
 /// order of `news`.
 pub async fn create_many(
-    conn: &mut sqlx::PgConnection,
+    conn: &mut PgConnection,
     news: &[NewPayout],
     due_at: DateTime<Utc>,
     actor: &str,
@@ -235,9 +262,9 @@ pub async fn create_many(
         .iter()
         .map(|n| n.money.currency().code().to_string())
         .collect();
-    let reasons: Vec<&str> = news.iter().map(|n| n.reason.as_str()).collect();
-    let rows: Vec<(i64, i64, String)> = sqlx::query_as(
-        "WITH ins AS (
+    let reasons: Vec<String> = news.iter().map(|n| n.reason.clone()).collect();
+    let rows = sqlx::query!(
+        r#"WITH ins AS (
              INSERT INTO payouts (payee_id, amount, currency, due_at, created_at, updated_at)
              SELECT p, a, c, $4, $6, $6 FROM unnest($1::bigint[], $2::numeric[], $3::text[]) AS u(p, a, c)
              RETURNING id, payee_id, currency),
@@ -246,20 +273,20 @@ pub async fn create_many(
              SELECT ins.id, NULL, 'pending', $5, u.r, 0, $6
              FROM ins JOIN unnest($1::bigint[], $3::text[], $7::text[]) AS u(p, c, r)
                   ON u.p = ins.payee_id AND u.c = ins.currency)
-         SELECT id, payee_id, currency FROM ins",
+         SELECT id, payee_id, currency FROM ins"#,
+        &payee_ids,
+        &amounts,
+        &currencies,
+        due_at,
+        actor,
+        now,
+        &reasons,
     )
-    .bind(&payee_ids)
-    .bind(&amounts)
-    .bind(&currencies)
-    .bind(due_at)
-    .bind(actor)
-    .bind(now)
-    .bind(&reasons)
     .fetch_all(conn)
     .await?;
     let by_group: std::collections::HashMap<(i64, String), i64> = rows
         .into_iter()
-        .map(|(id, payee, currency)| ((payee, currency), id))
+        .map(|r| ((r.payee_id, r.currency), r.id))
         .collect();
     news.iter()
         .map(|n| {
@@ -283,21 +310,21 @@ pub async fn seed(
     due_at: DateTime<Utc>,
     now: DateTime<Utc>,
 ) -> sqlx::Result<u64> {
-    let res = sqlx::query(
+    let res = sqlx::query!(
         "WITH ins AS (
              INSERT INTO payouts (payee_id, amount, currency, due_at, created_at, updated_at)
              SELECT ($1::bigint[])[1 + (g % cardinality($1::bigint[]))],
                     (5 + (g * 7919) % 995)::numeric + ((g * 31) % 100)::numeric / 100,
                     $3, $4, $5, $5
-             FROM generate_series(1, $2) g RETURNING id)
+             FROM generate_series(1, $2::bigint) g RETURNING id)
          INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
          SELECT id, NULL, 'pending', 'operator:seed', 'created', 0, $5 FROM ins",
+        payee_ids,
+        count,
+        currency,
+        due_at,
+        now,
     )
-    .bind(payee_ids)
-    .bind(count)
-    .bind(currency)
-    .bind(due_at)
-    .bind(now)
     .execute(pool)
     .await?;
     Ok(res.rows_affected())
@@ -305,17 +332,26 @@ pub async fn seed(
 
 /// One payout.
 pub async fn get(pool: &PgPool, id: i64) -> sqlx::Result<Option<Payout>> {
-    sqlx::query_as::<_, Payout>("SELECT * FROM payouts WHERE id = $1")
-        .bind(id)
-        .fetch_optional(pool)
-        .await
+    sqlx::query_as!(
+        Payout,
+        r#"SELECT id, payee_id, amount, currency, status AS "status: PayoutStatus", due_at, attempt,
+                  retry_base, next_attempt_at, lease_owner, lease_until, gateway_transfer_id,
+                  failure_code, failure_message, created_at, updated_at, paid_at
+           FROM payouts WHERE id = $1"#,
+        id,
+    )
+    .fetch_optional(pool)
+    .await
 }
 
 /// Counts by status (exact; for the CLI, demo and tests).
 pub async fn count_by_status(pool: &PgPool) -> sqlx::Result<Vec<(String, i64)>> {
-    sqlx::query_as("SELECT status, count(*) FROM payouts GROUP BY status ORDER BY status")
-        .fetch_all(pool)
-        .await
+    let rows = sqlx::query!(
+        r#"SELECT status, count(*) AS "count!" FROM payouts GROUP BY status ORDER BY status"#
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.status, r.count)).collect())
 }
 
 /// Payouts by status for the gauges and the overview: exact for every
@@ -326,10 +362,9 @@ pub async fn status_counts(pool: &PgPool) -> sqlx::Result<Vec<(PayoutStatus, i64
     Ok(status_counts_marked(pool).await?.0)
 }
 
-/// Counts of every status but `paid`: read through the `(status, id)` index.
-pub const UNPAID_COUNTS: &str = "SELECT status, count(*) FROM payouts
-     WHERE status IN ('pending', 'queued', 'processing', 'retrying', 'in_transit', 'failed', 'cancelled', 'held')
-     GROUP BY status";
+/// Counts of every status but `paid`: read through the `(status, id)` index
+/// (the statement [`status_counts_marked`] runs; a test reads its plan).
+pub const UNPAID_COUNTS: &str = include_str!("sql/payouts_unpaid_counts.sql");
 
 /// Tables below this many rows (by the planner's estimate) get an exact
 /// `paid` count too: cheap there, and the estimate of a young table is poor.
@@ -337,21 +372,26 @@ const EXACT_PAID_BELOW: i64 = 1_000_000;
 
 /// [`status_counts`], and whether `paid` is an estimate.
 pub async fn status_counts_marked(pool: &PgPool) -> sqlx::Result<(Vec<(PayoutStatus, i64)>, bool)> {
-    let rows: Vec<(String, i64)> = sqlx::query_as(UNPAID_COUNTS).fetch_all(pool).await?;
-    let estimate: i64 = sqlx::query_scalar(
-        "SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = 'payouts'::regclass",
+    let rows = sqlx::query_file!("src/db/sql/payouts_unpaid_counts.sql")
+        .fetch_all(pool)
+        .await?;
+    let estimate = sqlx::query_scalar!(
+        r#"SELECT greatest(reltuples, 0)::bigint AS "estimate!" FROM pg_class
+           WHERE oid = 'payouts'::regclass"#
     )
     .fetch_one(pool)
     .await?;
     let mut out: Vec<(PayoutStatus, i64)> = rows
         .into_iter()
-        .filter_map(|(s, n)| s.parse().ok().map(|s| (s, n)))
+        .filter_map(|r| r.status.parse().ok().map(|s| (s, r.count)))
         .collect();
     let others: i64 = out.iter().map(|(_, n)| n).sum();
     if estimate < EXACT_PAID_BELOW {
-        let paid: i64 = sqlx::query_scalar("SELECT count(*) FROM payouts WHERE status = 'paid'")
-            .fetch_one(pool)
-            .await?;
+        let paid = sqlx::query_scalar!(
+            r#"SELECT count(*) AS "count!" FROM payouts WHERE status = 'paid'"#
+        )
+        .fetch_one(pool)
+        .await?;
         out.push((PayoutStatus::Paid, paid));
         return Ok((out, false));
     }
@@ -366,52 +406,30 @@ pub async fn oldest_due_unfinished(
     pool: &PgPool,
     now: DateTime<Utc>,
 ) -> sqlx::Result<Option<DateTime<Utc>>> {
-    sqlx::query_scalar(
+    sqlx::query_scalar!(
         "SELECT least(
              (SELECT min(due_at) FROM payouts WHERE status = 'pending' AND due_at <= $1),
              (SELECT min(due_at) FROM payouts WHERE status IN ('queued', 'processing')))",
+        now,
     )
-    .bind(now)
     .fetch_one(pool)
     .await
 }
 
-/// How many payouts are `queued`: the jobs the window holds.
-pub async fn count_queued(pool: &PgPool) -> sqlx::Result<i64> {
-    sqlx::query_scalar("SELECT count(*) FROM payouts WHERE status = 'queued'")
+/// When the oldest payout `in_transit` was last changed: how long the
+/// gateway has left it unconfirmed (the stuck-in-transit gauge).
+pub async fn oldest_in_transit(pool: &PgPool) -> sqlx::Result<Option<DateTime<Utc>>> {
+    sqlx::query_scalar!("SELECT min(updated_at) FROM payouts WHERE status = 'in_transit'")
         .fetch_one(pool)
         .await
 }
 
-/// Moves rows matching `filter` (at most $2, oldest `order` first, skipping
-/// rows another replica holds) to `queued`, leased until $3, with their events.
-fn queue_statement(filter: &str, order: &str, reason: &str) -> String {
-    format!(
-        "WITH due AS (
-             SELECT id, status FROM payouts WHERE {filter}
-             ORDER BY {order} LIMIT $2 FOR UPDATE SKIP LOCKED),
-         upd AS (
-             UPDATE payouts p SET status = 'queued', lease_until = $3, lease_owner = NULL, updated_at = $1
-             FROM due WHERE p.id = due.id
-             RETURNING p.id, due.status AS from_status, p.attempt),
-         ev AS (
-             INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
-             SELECT id, from_status, 'queued', $4, '{reason}', attempt, $1 FROM upd)
-         SELECT id FROM upd"
-    )
+/// How many payouts are `queued`: the jobs the window holds.
+pub async fn count_queued(pool: &PgPool) -> sqlx::Result<i64> {
+    sqlx::query_scalar!(r#"SELECT count(*) AS "count!" FROM payouts WHERE status = 'queued'"#)
+        .fetch_one(pool)
+        .await
 }
-
-/// Retrying payouts whose next attempt is due (index `payouts_retrying_next_idx`).
-static QUEUE_RETRYING: LazyLock<String> = LazyLock::new(|| {
-    queue_statement(
-        "status = 'retrying' AND next_attempt_at <= $1",
-        "next_attempt_at",
-        "retry due",
-    )
-});
-/// Pending payouts that are due (index `payouts_pending_due_idx`).
-static QUEUE_PENDING: LazyLock<String> =
-    LazyLock::new(|| queue_statement("status = 'pending' AND due_at <= $1", "due_at", "due"));
 
 /// Moves up to `limit` due payouts (retrying whose time has come first, then
 /// pending by due time) to `queued`, leased until `lease_until`; returns their ids.
@@ -423,23 +441,49 @@ pub async fn queue_due(
     lease_until: DateTime<Utc>,
     actor: &str,
 ) -> sqlx::Result<Vec<i64>> {
-    let mut tx: Transaction<'_, Postgres> = pool.begin().await?;
-    let mut ids: Vec<i64> = sqlx::query_scalar(QUEUE_RETRYING.as_str())
-        .bind(now)
-        .bind(limit)
-        .bind(lease_until)
-        .bind(actor)
-        .fetch_all(&mut *tx)
-        .await?;
+    let mut tx = pool.begin().await?;
+    // Retrying payouts whose next attempt is due (index `payouts_retrying_next_idx`).
+    let mut ids: Vec<i64> = sqlx::query_scalar!(
+        r#"WITH due AS (
+             SELECT id, status FROM payouts WHERE status = 'retrying' AND next_attempt_at <= $1
+             ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED),
+         upd AS (
+             UPDATE payouts p SET status = 'queued', lease_until = $3, lease_owner = NULL, updated_at = $1
+             FROM due WHERE p.id = due.id
+             RETURNING p.id, due.status AS from_status, p.attempt),
+         ev AS (
+             INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
+             SELECT id, from_status, 'queued', $4, 'retry due', attempt, $1 FROM upd)
+         SELECT id AS "id!" FROM upd"#,
+        now,
+        limit,
+        lease_until,
+        actor,
+    )
+    .fetch_all(&mut *tx)
+    .await?;
     let rest = limit - ids.len() as i64;
     if rest > 0 {
-        let more: Vec<i64> = sqlx::query_scalar(QUEUE_PENDING.as_str())
-            .bind(now)
-            .bind(rest)
-            .bind(lease_until)
-            .bind(actor)
-            .fetch_all(&mut *tx)
-            .await?;
+        // Pending payouts that are due (index `payouts_pending_due_idx`).
+        let more: Vec<i64> = sqlx::query_scalar!(
+            r#"WITH due AS (
+                 SELECT id, status FROM payouts WHERE status = 'pending' AND due_at <= $1
+                 ORDER BY due_at LIMIT $2 FOR UPDATE SKIP LOCKED),
+             upd AS (
+                 UPDATE payouts p SET status = 'queued', lease_until = $3, lease_owner = NULL, updated_at = $1
+                 FROM due WHERE p.id = due.id
+                 RETURNING p.id, due.status AS from_status, p.attempt),
+             ev AS (
+                 INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
+                 SELECT id, from_status, 'queued', $4, 'due', attempt, $1 FROM upd)
+             SELECT id AS "id!" FROM upd"#,
+            now,
+            rest,
+            lease_until,
+            actor,
+        )
+        .fetch_all(&mut *tx)
+        .await?;
         ids.extend(more);
     }
     tx.commit().await?;
@@ -456,8 +500,8 @@ pub async fn sweep_expired(
     lease_until: DateTime<Utc>,
     actor: &str,
 ) -> sqlx::Result<Vec<i64>> {
-    sqlx::query_scalar(
-        "WITH exp AS (
+    sqlx::query_scalar!(
+        r#"WITH exp AS (
              SELECT id, status FROM payouts
              WHERE status IN ('queued', 'processing') AND lease_until < $1
              ORDER BY lease_until LIMIT $2 FOR UPDATE SKIP LOCKED),
@@ -469,12 +513,12 @@ pub async fn sweep_expired(
              INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
              SELECT id, from_status, 'queued', $4, 'lease expired', attempt, $1
              FROM upd WHERE from_status = 'processing')
-         SELECT id FROM upd",
+         SELECT id AS "id!" FROM upd"#,
+        now,
+        limit,
+        lease_until,
+        actor,
     )
-    .bind(now)
-    .bind(limit)
-    .bind(lease_until)
-    .bind(actor)
     .fetch_all(pool)
     .await
 }
@@ -493,8 +537,9 @@ pub async fn renew_leases<'e>(
     tokens: &[i32],
     lease_until: DateTime<Utc>,
 ) -> sqlx::Result<Vec<Renewed>> {
-    sqlx::query_as(
-        "WITH input AS (SELECT * FROM unnest($1::bigint[], $2::int[]) AS t(id, token)),
+    sqlx::query_as!(
+        Renewed,
+        r#"WITH input AS (SELECT * FROM unnest($1::bigint[], $2::int[]) AS t(id, token)),
          mine AS (
              SELECT p.id FROM payouts p JOIN input i ON i.id = p.id AND i.token = p.attempt
              WHERE p.status = 'processing' AND p.lease_owner = $3
@@ -503,21 +548,21 @@ pub async fn renew_leases<'e>(
              UPDATE payouts p SET lease_until = GREATEST(p.lease_until, $4)
              FROM mine WHERE p.id = mine.id
              RETURNING p.id)
-         SELECT i.id, i.token, upd.id IS NOT NULL AS renewed,
+         SELECT i.id AS "id!", i.token AS "token!", upd.id IS NOT NULL AS "renewed!",
                 upd.id IS NULL AND (p.id IS NULL OR p.attempt <> i.token
-                                    OR p.status IN ('queued', 'processing')) AS taken
-         FROM input i LEFT JOIN upd ON upd.id = i.id LEFT JOIN payouts p ON p.id = i.id",
+                                    OR p.status IN ('queued', 'processing')) AS "taken!"
+         FROM input i LEFT JOIN upd ON upd.id = i.id LEFT JOIN payouts p ON p.id = i.id"#,
+        ids,
+        tokens,
+        owner,
+        lease_until,
     )
-    .bind(ids)
-    .bind(tokens)
-    .bind(owner)
-    .bind(lease_until)
     .fetch_all(exec)
     .await
 }
 
 /// One lease of a [`renew_leases`] statement.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Renewed {
     /// The payout.
     pub id: i64,
@@ -548,7 +593,7 @@ pub async fn release<'e>(
     reason: &str,
     now: DateTime<Utc>,
 ) -> sqlx::Result<bool> {
-    let row: Option<i64> = sqlx::query_scalar(
+    let row = sqlx::query_scalar!(
         "WITH upd AS (
              UPDATE payouts SET status = 'queued', lease_owner = NULL, lease_until = $5,
                  key_index = GREATEST(key_index, $3),
@@ -559,14 +604,14 @@ pub async fn release<'e>(
          INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
          SELECT id, 'processing', 'queued', $6, $7, attempt, $5 FROM upd
          RETURNING payout_id",
+        id,
+        token,
+        key_index,
+        refund,
+        now,
+        actor,
+        reason,
     )
-    .bind(id)
-    .bind(token)
-    .bind(key_index)
-    .bind(refund)
-    .bind(now)
-    .bind(actor)
-    .bind(reason)
     .fetch_optional(exec)
     .await?;
     Ok(row.is_some())
@@ -583,8 +628,8 @@ pub async fn release_owned_by(
     lease_until: DateTime<Utc>,
     actor: &str,
 ) -> sqlx::Result<Vec<i64>> {
-    sqlx::query_scalar(
-        "WITH gone AS (
+    sqlx::query_scalar!(
+        r#"WITH gone AS (
              SELECT id FROM payouts WHERE status = 'processing' AND lease_owner = ANY($2)
              ORDER BY id FOR UPDATE),
          upd AS (
@@ -595,12 +640,12 @@ pub async fn release_owned_by(
              INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
              SELECT id, 'processing', 'queued', $4, 'worker gone (liveness beat stopped)', attempt, $1
              FROM upd)
-         SELECT id FROM upd ORDER BY id",
+         SELECT id AS "id!" FROM upd ORDER BY id"#,
+        now,
+        owners,
+        lease_until,
+        actor,
     )
-    .bind(now)
-    .bind(owners)
-    .bind(lease_until)
-    .bind(actor)
     .fetch_all(pool)
     .await
 }
@@ -611,18 +656,134 @@ pub async fn requeue_all_queued(
     lease_until: DateTime<Utc>,
     now: DateTime<Utc>,
 ) -> sqlx::Result<Vec<i64>> {
-    sqlx::query_scalar(
+    sqlx::query_scalar!(
         "UPDATE payouts SET lease_until = $1, updated_at = $2 WHERE status = 'queued' RETURNING id",
+        lease_until,
+        now,
     )
-    .bind(lease_until)
-    .bind(now)
     .fetch_all(pool)
     .await
 }
 
-/// Claims a payout for one attempt: `queued` (or `processing` with an expired
-/// lease) becomes `processing`, `attempt` goes up by one and is returned as the
-/// fencing token. `None` when the payout is not claimable (final, held, unknown).
+// ------------------------------------------------------------- worker ----
+// The worker's claim and final write. Production runs them batched
+// (`db::batch::Batcher` groups concurrent jobs of one process into one
+// statement); the single-row forms are the same statements with one row.
+
+/// One claim of a [`claim_many`] statement.
+#[derive(Debug, Clone)]
+pub struct ClaimRequest {
+    /// The payout.
+    pub id: i64,
+    /// The worker claiming it (`worker:<id>`): its lease owner and event actor.
+    pub owner: String,
+    /// When.
+    pub now: DateTime<Utc>,
+    /// Until when the claim's lease holds.
+    pub lease_until: DateTime<Utc>,
+}
+
+/// A claimed row as the statement returns it (flat; [`Claimed`] nests it).
+struct ClaimedRow {
+    id: i64,
+    payee_id: i64,
+    amount: Decimal,
+    currency: String,
+    status: PayoutStatus,
+    due_at: DateTime<Utc>,
+    attempt: i32,
+    retry_base: i32,
+    next_attempt_at: Option<DateTime<Utc>>,
+    lease_owner: Option<String>,
+    lease_until: Option<DateTime<Utc>>,
+    gateway_transfer_id: Option<String>,
+    failure_code: Option<String>,
+    failure_message: Option<String>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    paid_at: Option<DateTime<Utc>>,
+    key_index: i32,
+    holds: i32,
+    gateway_account: String,
+}
+
+impl From<ClaimedRow> for Claimed {
+    fn from(r: ClaimedRow) -> Self {
+        Claimed {
+            payout: Payout {
+                id: r.id,
+                payee_id: r.payee_id,
+                amount: r.amount,
+                currency: r.currency,
+                status: r.status,
+                due_at: r.due_at,
+                attempt: r.attempt,
+                retry_base: r.retry_base,
+                next_attempt_at: r.next_attempt_at,
+                lease_owner: r.lease_owner,
+                lease_until: r.lease_until,
+                gateway_transfer_id: r.gateway_transfer_id,
+                failure_code: r.failure_code,
+                failure_message: r.failure_message,
+                created_at: r.created_at,
+                updated_at: r.updated_at,
+                paid_at: r.paid_at,
+            },
+            gateway_account: r.gateway_account,
+            key_index: r.key_index,
+            holds: r.holds,
+        }
+    }
+}
+
+/// Claims payouts for one attempt each, in one statement: `queued` (or
+/// `processing` with an expired lease) becomes `processing`, `attempt` goes
+/// up by one and is returned as the fencing token, with a `claimed` event.
+/// Returns the payouts claimed (in no order); one that is not claimable
+/// (final, held, unknown, leased to a live claim) is left out. Rows are locked
+/// in id order, so batches of different workers cannot deadlock. The ids
+/// must be distinct (the batcher sends one claim per payout).
+pub async fn claim_many(pool: &PgPool, claims: &[ClaimRequest]) -> sqlx::Result<Vec<Claimed>> {
+    let ids: Vec<i64> = claims.iter().map(|c| c.id).collect();
+    let owners: Vec<String> = claims.iter().map(|c| c.owner.clone()).collect();
+    let nows: Vec<DateTime<Utc>> = claims.iter().map(|c| c.now).collect();
+    let leases: Vec<DateTime<Utc>> = claims.iter().map(|c| c.lease_until).collect();
+    let rows = sqlx::query_as!(
+        ClaimedRow,
+        r#"WITH input AS (
+             SELECT * FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::timestamptz[])
+                 AS t(id, owner, now, lease_until)),
+         prev AS (
+             SELECT p.id, p.status FROM payouts p JOIN input i ON i.id = p.id
+             ORDER BY p.id FOR UPDATE OF p),
+         upd AS (
+             UPDATE payouts p SET status = 'processing', attempt = p.attempt + 1,
+                 lease_owner = i.owner, lease_until = i.lease_until, updated_at = i.now
+             FROM prev, input i
+             WHERE p.id = prev.id AND i.id = p.id
+               AND (prev.status = 'queued' OR (prev.status = 'processing' AND p.lease_until < i.now))
+             RETURNING p.*, prev.status AS from_status, i.owner AS claim_owner, i.now AS claim_now),
+         ev AS (
+             INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
+             SELECT id, from_status, 'processing', claim_owner, 'claimed', attempt, claim_now FROM upd)
+         SELECT upd.id, upd.payee_id, upd.amount, upd.currency, upd.status AS "status: PayoutStatus",
+                upd.due_at, upd.attempt, upd.retry_base, upd.next_attempt_at, upd.lease_owner,
+                upd.lease_until, upd.gateway_transfer_id, upd.failure_code, upd.failure_message,
+                upd.created_at, upd.updated_at, upd.paid_at, upd.key_index, upd.holds,
+                payees.gateway_account
+         FROM upd JOIN payees ON payees.id = upd.payee_id"#,
+        &ids,
+        &owners,
+        &nows,
+        &leases,
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(Claimed::from).collect())
+}
+
+/// Claims one payout for one attempt: [`claim_many`] with one row. `None`
+/// when the payout is not claimable (final, held, unknown, leased).
 pub async fn claim(
     pool: &PgPool,
     id: i64,
@@ -630,43 +791,55 @@ pub async fn claim(
     now: DateTime<Utc>,
     lease_until: DateTime<Utc>,
 ) -> sqlx::Result<Option<Claimed>> {
-    sqlx::query_as::<_, Claimed>(
-        "WITH prev AS (SELECT id, status FROM payouts WHERE id = $1 FOR UPDATE),
-         upd AS (
-             UPDATE payouts p SET status = 'processing', attempt = p.attempt + 1,
-                 lease_owner = $2, lease_until = $4, updated_at = $3
-             FROM prev
-             WHERE p.id = prev.id
-               AND (prev.status = 'queued' OR (prev.status = 'processing' AND p.lease_until < $3))
-             RETURNING p.*, prev.status AS from_status),
-         ev AS (
-             INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
-             SELECT id, from_status, 'processing', $2, 'claimed', attempt, $3 FROM upd)
-         SELECT upd.*, payees.gateway_account FROM upd JOIN payees ON payees.id = upd.payee_id",
-    )
-    .bind(id)
-    .bind(owner)
-    .bind(now)
-    .bind(lease_until)
-    .fetch_optional(pool)
-    .await
+    let claim = ClaimRequest {
+        id,
+        owner: owner.to_string(),
+        now,
+        lease_until,
+    };
+    Ok(claim_many(pool, &[claim]).await?.into_iter().next())
+}
+
+/// What a final write stores besides the [`Finish`] columns.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FinishExtras {
+    /// The key index to store (only ever raised: `GREATEST` with the stored one).
+    pub key_index: i32,
+    /// The attempt was not the payee's (a platform problem): it does not
+    /// count against the budget (`retry_base` goes up with it).
+    pub refund_attempt: bool,
+}
+
+/// One final write of a [`finish_many`] statement.
+#[derive(Debug, Clone)]
+pub struct FinishRequest {
+    /// The payout.
+    pub id: i64,
+    /// The fencing token its claim returned.
+    pub token: i32,
+    /// How the attempt ended.
+    pub outcome: Finish,
+    /// Key index and budget refund.
+    pub extras: FinishExtras,
+    /// Who (`worker:<id>`).
+    pub actor: String,
+    /// Why (the event's reason).
+    pub reason: String,
+    /// When.
+    pub now: DateTime<Utc>,
 }
 
 /// The columns a [`Finish`] writes besides its status.
 #[derive(Debug, Clone, Default)]
-pub struct FinishColumns {
-    /// Gateway transfer id (paid, in transit).
-    pub transfer_id: Option<String>,
-    /// Next attempt (retrying).
-    pub next_attempt_at: Option<DateTime<Utc>>,
-    /// Failure code (retrying, failed).
-    pub code: Option<String>,
-    /// Failure message (retrying, failed).
-    pub message: Option<String>,
+struct FinishColumns {
+    transfer_id: Option<String>,
+    next_attempt_at: Option<DateTime<Utc>>,
+    code: Option<String>,
+    message: Option<String>,
 }
 
 /// The columns `outcome` writes.
-pub fn finish_columns(outcome: &Finish) -> FinishColumns {
+fn finish_columns(outcome: &Finish) -> FinishColumns {
     match outcome {
         Finish::Paid { transfer_id } | Finish::InTransit { transfer_id } => FinishColumns {
             transfer_id: Some(transfer_id.clone()),
@@ -690,8 +863,83 @@ pub fn finish_columns(outcome: &Finish) -> FinishColumns {
     }
 }
 
-/// Records an attempt's outcome, fenced: it changes nothing (and returns
-/// `false`) unless the payout is still `processing` under `token`.
+/// Records attempts' outcomes in one statement, each fenced: a write changes
+/// nothing unless its payout is still `processing` under its token. Returns
+/// the `(id, token)` pairs that applied, with their events. Rows are written
+/// in id order. At most one write per `(id, token)` (the batcher's rule).
+pub async fn finish_many(pool: &PgPool, writes: &[FinishRequest]) -> sqlx::Result<Vec<(i64, i32)>> {
+    let n = writes.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut tokens = Vec::with_capacity(n);
+    let mut statuses: Vec<String> = Vec::with_capacity(n);
+    let mut transfers: Vec<Option<String>> = Vec::with_capacity(n);
+    let mut next_ats: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(n);
+    let mut codes: Vec<Option<String>> = Vec::with_capacity(n);
+    let mut messages: Vec<Option<String>> = Vec::with_capacity(n);
+    let mut actors: Vec<String> = Vec::with_capacity(n);
+    let mut reasons: Vec<String> = Vec::with_capacity(n);
+    let mut nows = Vec::with_capacity(n);
+    let mut key_indexes = Vec::with_capacity(n);
+    let mut refunds = Vec::with_capacity(n);
+    for w in writes {
+        let cols = finish_columns(&w.outcome);
+        ids.push(w.id);
+        tokens.push(w.token);
+        statuses.push(w.outcome.status().as_str().to_string());
+        transfers.push(cols.transfer_id);
+        next_ats.push(cols.next_attempt_at);
+        codes.push(cols.code);
+        messages.push(cols.message);
+        actors.push(w.actor.clone());
+        reasons.push(w.reason.clone());
+        nows.push(w.now);
+        key_indexes.push(w.extras.key_index);
+        refunds.push(w.extras.refund_attempt);
+    }
+    let rows = sqlx::query!(
+        r#"WITH input AS (
+             SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::text[], $5::timestamptz[],
+                                  $6::text[], $7::text[], $8::text[], $9::text[], $10::timestamptz[],
+                                  $11::int[], $12::bool[])
+                 AS t(id, token, status, transfer_id, next_at, code, message, actor, reason, now,
+                      key_index, refund)
+             ORDER BY id),
+         upd AS (
+             UPDATE payouts p SET status = i.status,
+                 key_index = GREATEST(p.key_index, i.key_index),
+                 holds = p.holds + CASE WHEN i.status = 'held' THEN 1 ELSE 0 END,
+                 retry_base = p.retry_base + CASE WHEN i.refund THEN 1 ELSE 0 END,
+                 gateway_transfer_id = COALESCE(i.transfer_id, p.gateway_transfer_id),
+                 next_attempt_at = i.next_at, failure_code = i.code, failure_message = i.message,
+                 paid_at = CASE WHEN i.status = 'paid' THEN i.now ELSE p.paid_at END,
+                 lease_owner = NULL, lease_until = NULL, updated_at = i.now
+             FROM input i
+             WHERE p.id = i.id AND p.attempt = i.token AND p.status = 'processing'
+             RETURNING p.id, p.attempt, i.status, i.actor, i.reason, i.now)
+         INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
+         SELECT id, 'processing', status, actor, reason, attempt, now FROM upd
+         RETURNING payout_id, attempt AS "attempt!""#,
+        &ids,
+        &tokens,
+        &statuses,
+        &transfers[..] as &[Option<String>],
+        &next_ats[..] as &[Option<DateTime<Utc>>],
+        &codes[..] as &[Option<String>],
+        &messages[..] as &[Option<String>],
+        &actors,
+        &reasons,
+        &nows,
+        &key_indexes,
+        &refunds,
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.payout_id, r.attempt)).collect())
+}
+
+/// Records one attempt's outcome, fenced: [`finish_many`] with one write
+/// (no key index, no refund). It changes nothing (and returns `false`)
+/// unless the payout is still `processing` under `token`.
 pub async fn finish(
     pool: &PgPool,
     id: i64,
@@ -701,34 +949,19 @@ pub async fn finish(
     reason: &str,
     now: DateTime<Utc>,
 ) -> sqlx::Result<bool> {
-    let cols = finish_columns(outcome);
-    let row: Option<i64> = sqlx::query_scalar(
-        "WITH upd AS (
-             UPDATE payouts SET status = $3,
-                 gateway_transfer_id = COALESCE($4, gateway_transfer_id),
-                 next_attempt_at = $5, failure_code = $6, failure_message = $7,
-                 paid_at = CASE WHEN $3 = 'paid' THEN $8 ELSE paid_at END,
-                 lease_owner = NULL, lease_until = NULL, updated_at = $8
-             WHERE id = $1 AND attempt = $2 AND status = 'processing'
-             RETURNING id, attempt)
-         INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
-         SELECT id, 'processing', $3, $9, $10, attempt, $8 FROM upd
-         RETURNING payout_id",
-    )
-    .bind(id)
-    .bind(token)
-    .bind(outcome.status().as_str())
-    .bind(cols.transfer_id)
-    .bind(cols.next_attempt_at)
-    .bind(cols.code)
-    .bind(cols.message)
-    .bind(now)
-    .bind(actor)
-    .bind(reason)
-    .fetch_optional(pool)
-    .await?;
-    Ok(row.is_some())
+    let write = FinishRequest {
+        id,
+        token,
+        outcome: outcome.clone(),
+        extras: FinishExtras::default(),
+        actor: actor.to_string(),
+        reason: reason.to_string(),
+        now,
+    };
+    Ok(!finish_many(pool, &[write]).await?.is_empty())
 }
+
+// ----------------------------------------------------------- operator ----
 
 /// An operator (or system) action: move payout `id` from one of `from` to `to`.
 struct Action<'a> {
@@ -746,9 +979,9 @@ async fn act(
     a: Action<'_>,
     now: DateTime<Utc>,
 ) -> Result<PayoutStatus, ActionError> {
-    let from: Vec<&str> = a.from.iter().map(|s| s.as_str()).collect();
-    let row: Option<(String, Option<String>)> = sqlx::query_as(
-        "WITH prev AS (SELECT id, status FROM payouts WHERE id = $1 FOR UPDATE),
+    let from: Vec<String> = a.from.iter().map(|s| s.as_str().to_string()).collect();
+    let row = sqlx::query!(
+        r#"WITH prev AS (SELECT id, status FROM payouts WHERE id = $1 FOR UPDATE),
          upd AS (
              UPDATE payouts p SET status = $2, lease_until = $5, lease_owner = NULL, updated_at = $6,
                  retry_base = CASE WHEN $7 THEN p.attempt ELSE p.retry_base END,
@@ -758,27 +991,25 @@ async fn act(
          ev AS (
              INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
              SELECT id, from_status, $2, $4, $8, attempt, $6 FROM upd)
-         SELECT prev.status, (SELECT from_status FROM upd) FROM prev",
+         SELECT prev.status AS "current!: PayoutStatus", (SELECT from_status FROM upd) AS moved
+         FROM prev"#,
+        id,
+        a.to.as_str(),
+        &from,
+        a.actor,
+        a.lease_until,
+        now,
+        a.reset_budget,
+        a.reason,
     )
-    .bind(id)
-    .bind(a.to.as_str())
-    .bind(&from)
-    .bind(a.actor)
-    .bind(a.lease_until)
-    .bind(now)
-    .bind(a.reset_budget)
-    .bind(a.reason)
     .fetch_optional(pool)
     .await?;
-    let (current, moved) = row.ok_or(ActionError::NotFound(id))?;
-    let current: PayoutStatus = current
-        .parse()
-        .map_err(|e: String| ActionError::Db(sqlx::Error::Decode(e.into())))?;
-    match moved {
-        Some(_) => Ok(current),
+    let row = row.ok_or(ActionError::NotFound(id))?;
+    match row.moved {
+        Some(_) => Ok(row.current),
         None => Err(TransitionError {
             id,
-            from: current,
+            from: row.current,
             to: a.to,
         }
         .into()),
@@ -906,11 +1137,9 @@ pub async fn cancel_at_attempt(
     now: DateTime<Utc>,
 ) -> Result<Option<PayoutStatus>, ActionError> {
     let mut tx = pool.begin().await?;
-    let attempt: Option<i32> =
-        sqlx::query_scalar("SELECT attempt FROM payouts WHERE id = $1 FOR UPDATE")
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?;
+    let attempt = sqlx::query_scalar!("SELECT attempt FROM payouts WHERE id = $1 FOR UPDATE", id)
+        .fetch_optional(&mut *tx)
+        .await?;
     match attempt {
         None => return Err(ActionError::NotFound(id)),
         Some(a) if a != seen_attempt => return Ok(None),
@@ -920,6 +1149,49 @@ pub async fn cancel_at_attempt(
     tx.commit().await?;
     Ok(Some(from))
 }
+
+/// Operator: retries every failed payout matching `filter` (`failed` ->
+/// `queued`, with a fresh attempt budget and an event by `actor`), at most
+/// `cap` of them, in one statement. Returns the ids moved; rows that changed
+/// status meanwhile are left alone, and so are payouts paid before they
+/// failed (`paid_at` kept) and settlement payouts whose money went back to
+/// the payee's balance: retrying those pays twice. The statement is built
+/// from the filter (`QueryBuilder`, every value bound).
+pub async fn bulk_retry(
+    pool: &PgPool,
+    filter: &PayoutFilter,
+    cap: i64,
+    actor: &str,
+    lease_until: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> sqlx::Result<Vec<i64>> {
+    let mut f = filter.clone();
+    f.status = Some(PayoutStatus::Failed);
+    let mut q = QueryBuilder::new("WITH pick AS (SELECT id FROM payouts");
+    f.push_where(&mut q);
+    q.push(" AND paid_at IS NULL ORDER BY id LIMIT ")
+        .push_bind(cap)
+        .push(" FOR UPDATE SKIP LOCKED), upd AS (UPDATE payouts p SET status = 'queued', lease_until = ")
+        .push_bind(lease_until)
+        .push(", lease_owner = NULL, updated_at = ")
+        .push_bind(now)
+        .push(
+            ", retry_base = p.attempt, next_attempt_at = NULL
+             FROM pick WHERE p.id = pick.id AND p.status = 'failed' AND p.paid_at IS NULL
+               -- money returned to the payee's balance is paid by its next period, never by a retry
+               AND NOT EXISTS (SELECT 1 FROM settlements s WHERE s.payout_id = p.id AND s.outcome = 'returned')
+             RETURNING p.id, p.attempt),
+             ev AS (INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
+                    SELECT id, 'failed', 'queued', ",
+        )
+        .push_bind(actor)
+        .push(", 'operator bulk retry', attempt, ")
+        .push_bind(now)
+        .push(" FROM upd) SELECT id FROM upd ORDER BY id");
+    q.build_query_scalar().fetch_all(pool).await
+}
+
+// ------------------------------------------------ gateway's final word ----
 
 /// Reconciliation: records what the gateway says (`paid` or `in_transit` with
 /// its transfer id), only if the payout is still as it was read (`status` and
@@ -937,10 +1209,10 @@ pub async fn reconcile_to(
     now: DateTime<Utc>,
 ) -> sqlx::Result<bool> {
     let mut tx = pool.begin().await?;
-    sqlx::query("SET LOCAL payouts.reconcile = 'on'")
+    sqlx::query!("SET LOCAL payouts.reconcile = 'on'")
         .execute(&mut *tx)
         .await?;
-    let row: Option<i64> = sqlx::query_scalar(
+    let row = sqlx::query_scalar!(
         "WITH upd AS (
              UPDATE payouts SET status = $4, gateway_transfer_id = $5,
                  paid_at = CASE WHEN $4 = 'paid' THEN $7 ELSE paid_at END,
@@ -951,15 +1223,15 @@ pub async fn reconcile_to(
          INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
          SELECT id, $2, $4, $6, $8, attempt, $7 FROM upd
          RETURNING payout_id",
+        id,
+        seen_status.as_str(),
+        seen_attempt,
+        to.as_str(),
+        transfer_id,
+        actor,
+        now,
+        reason,
     )
-    .bind(id)
-    .bind(seen_status.as_str())
-    .bind(seen_attempt)
-    .bind(to.as_str())
-    .bind(transfer_id)
-    .bind(actor)
-    .bind(now)
-    .bind(reason)
     .fetch_optional(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -974,14 +1246,489 @@ pub async fn for_reconciliation(
     after_id: i64,
     limit: i64,
 ) -> sqlx::Result<Vec<Payout>> {
-    sqlx::query_as(
-        "SELECT * FROM payouts
-         WHERE updated_at >= $1 AND id > $2 AND status <> 'pending'
-         ORDER BY id LIMIT $3",
+    sqlx::query_as!(
+        Payout,
+        r#"SELECT id, payee_id, amount, currency, status AS "status: PayoutStatus", due_at, attempt,
+                  retry_base, next_attempt_at, lease_owner, lease_until, gateway_transfer_id,
+                  failure_code, failure_message, created_at, updated_at, paid_at
+           FROM payouts
+           WHERE updated_at >= $1 AND id > $2 AND status <> 'pending'
+           ORDER BY id LIMIT $3"#,
+        since,
+        after_id,
+        limit,
     )
-    .bind(since)
-    .bind(after_id)
-    .bind(limit)
     .fetch_all(pool)
     .await
+}
+
+/// One state change the gateway reported (by webhook or the in-transit poll).
+#[derive(Debug, Clone)]
+pub struct Resolution<'a> {
+    /// The payout.
+    pub payout_id: i64,
+    /// The status it must still be in.
+    pub from: PayoutStatus,
+    /// The attempt it must still be under (`None`: any).
+    pub attempt: Option<i32>,
+    /// `Paid` or `Failed`.
+    pub to: PayoutStatus,
+    /// The gateway's id for it, kept if the payout has none yet.
+    pub transfer_id: Option<&'a str>,
+    /// Failure code (to `failed`).
+    pub code: Option<&'a str>,
+    /// Failure message (to `failed`).
+    pub message: Option<&'a str>,
+    /// `webhook:stripe`, `sync:<host>`, ...
+    pub actor: &'a str,
+    /// The event's reason.
+    pub reason: &'a str,
+    /// When.
+    pub now: DateTime<Utc>,
+}
+
+/// Records `r` with its event in one statement, fenced on its status (and
+/// attempt); `true` when written. (`services::sync::resolve` adds the
+/// alert of a payout failed after it was paid.)
+pub async fn resolve(conn: &mut PgConnection, r: &Resolution<'_>) -> sqlx::Result<bool> {
+    let row = sqlx::query_scalar!(
+        "WITH upd AS (
+             UPDATE payouts SET status = $3,
+                 gateway_transfer_id = COALESCE(gateway_transfer_id, $4),
+                 failure_code = $5, failure_message = $6,
+                 paid_at = CASE WHEN $3 = 'paid' THEN $7 ELSE paid_at END,
+                 lease_owner = NULL, lease_until = NULL, updated_at = $7
+             WHERE id = $1 AND status = $2 AND ($8::int IS NULL OR attempt = $8)
+             RETURNING id, attempt)
+         INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
+         SELECT id, $2, $3, $9, $10, attempt, $7 FROM upd
+         RETURNING payout_id",
+        r.payout_id,
+        r.from.as_str(),
+        r.to.as_str(),
+        r.transfer_id,
+        r.code,
+        r.message,
+        r.now,
+        r.attempt,
+        r.actor,
+        r.reason,
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(row.is_some())
+}
+
+/// A payout `in_transit` the poll asks the gateway about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InTransit {
+    /// The payout.
+    pub id: i64,
+    /// Its attempt (the poll's write is fenced on it).
+    pub attempt: i32,
+    /// The gateway's transfer id, when it gave one.
+    pub gateway_transfer_id: Option<String>,
+}
+
+/// Up to `limit` payouts `in_transit` unchanged since `cutoff`, by id after `after_id`.
+pub async fn in_transit_before(
+    pool: &PgPool,
+    cutoff: DateTime<Utc>,
+    after_id: i64,
+    limit: i64,
+) -> sqlx::Result<Vec<InTransit>> {
+    sqlx::query_as!(
+        InTransit,
+        "SELECT id, attempt, gateway_transfer_id FROM payouts
+         WHERE status = 'in_transit' AND updated_at <= $1 AND id > $2
+         ORDER BY id LIMIT $3",
+        cutoff,
+        after_id,
+        limit,
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// The gateway accounts (after `after`, in order, at most `limit`) of payees
+/// with payouts `held` for `code`.
+pub async fn held_accounts(
+    pool: &PgPool,
+    code: &str,
+    after: &str,
+    limit: i64,
+) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar!(
+        "SELECT DISTINCT payees.gateway_account FROM payouts
+         JOIN payees ON payees.id = payouts.payee_id
+         WHERE payouts.status = 'held' AND payouts.failure_code = $3
+           AND payees.gateway_account > $2
+         ORDER BY 1 LIMIT $1",
+        limit,
+        after,
+        code,
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// Puts every payout of `account` held for `code` back to `queued` (fresh
+/// attempt budget, lease already expired at `now` so the producer's sweep
+/// enqueues it), with an event by `actor`; their ids.
+pub async fn release_held(
+    conn: &mut PgConnection,
+    account: &str,
+    code: &str,
+    actor: &str,
+    now: DateTime<Utc>,
+) -> sqlx::Result<Vec<i64>> {
+    sqlx::query_scalar!(
+        "WITH upd AS (
+             UPDATE payouts p SET status = 'queued', retry_base = p.attempt,
+                 next_attempt_at = NULL, lease_owner = NULL, lease_until = $3,
+                 updated_at = $3
+             FROM payees
+             WHERE payees.id = p.payee_id AND payees.gateway_account = $1
+               AND p.status = 'held' AND p.failure_code = $2
+             RETURNING p.id, p.attempt)
+         INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
+         SELECT id, 'held', 'queued', $4, 'payee onboarded: released from ' || $2, attempt, $3 FROM upd
+         RETURNING payout_id",
+        account,
+        code,
+        now,
+        actor,
+    )
+    .fetch_all(&mut *conn)
+    .await
+}
+
+/// The payout whose gateway transfer is `transfer_id`, if any.
+pub async fn id_by_transfer(
+    conn: &mut PgConnection,
+    transfer_id: &str,
+) -> sqlx::Result<Option<i64>> {
+    sqlx::query_scalar!(
+        "SELECT id FROM payouts WHERE gateway_transfer_id = $1 LIMIT 1",
+        transfer_id,
+    )
+    .fetch_optional(&mut *conn)
+    .await
+}
+
+/// A payout locked for a webhook's change, with its payee's account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Locked {
+    /// The payout.
+    pub id: i64,
+    /// Its status.
+    pub status: PayoutStatus,
+    /// Its gateway transfer, once accepted.
+    pub gateway_transfer_id: Option<String>,
+    /// The payee's gateway account.
+    pub gateway_account: String,
+}
+
+/// Payout `id` and its payee's account, the payout row locked until the
+/// transaction ends.
+pub async fn lock_with_account(conn: &mut PgConnection, id: i64) -> sqlx::Result<Option<Locked>> {
+    sqlx::query_as!(
+        Locked,
+        r#"SELECT p.id, p.status AS "status: PayoutStatus", p.gateway_transfer_id,
+                  payees.gateway_account
+           FROM payouts p JOIN payees ON payees.id = p.payee_id
+           WHERE p.id = $1 FOR UPDATE OF p"#,
+        id,
+    )
+    .fetch_optional(&mut *conn)
+    .await
+}
+
+// ----------------------------------------------------------- overview ----
+
+/// Payouts paid since `since`, and payouts failed (last changed) since then.
+pub async fn done_since(pool: &PgPool, since: DateTime<Utc>) -> sqlx::Result<(i64, i64)> {
+    let r = sqlx::query!(
+        r#"SELECT (SELECT count(*) FROM payouts WHERE paid_at >= $1) AS "paid!",
+                  (SELECT count(*) FROM payouts WHERE status = 'failed' AND updated_at >= $1) AS "failed!""#,
+        since,
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok((r.paid, r.failed))
+}
+
+/// How late payouts were paid (seconds from due to paid): the 50th, 95th
+/// and 99th percentiles over the last 10,000 paid since `since`, and how
+/// many that was.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Lateness {
+    /// Median.
+    pub p50: Option<f64>,
+    /// 95th percentile.
+    pub p95: Option<f64>,
+    /// 99th percentile.
+    pub p99: Option<f64>,
+    /// Payouts measured.
+    pub sample: i64,
+}
+
+/// [`Lateness`] of the payouts paid since `since`.
+pub async fn lateness_since(pool: &PgPool, since: DateTime<Utc>) -> sqlx::Result<Lateness> {
+    sqlx::query_as!(
+        Lateness,
+        r#"SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY s) AS p50,
+                  percentile_cont(0.95) WITHIN GROUP (ORDER BY s) AS p95,
+                  percentile_cont(0.99) WITHIN GROUP (ORDER BY s) AS p99,
+                  count(*) AS "sample!"
+           FROM (SELECT greatest(extract(epoch FROM paid_at - due_at), 0)::float8 AS s
+                 FROM payouts WHERE paid_at >= $1 ORDER BY paid_at DESC LIMIT 10000) last"#,
+        since,
+    )
+    .fetch_one(pool)
+    .await
+}
+
+/// Paid and failed per minute since `start` (minutes with neither left
+/// out): `(minute, paid, failed)`.
+pub async fn done_per_minute(
+    pool: &PgPool,
+    start: DateTime<Utc>,
+) -> sqlx::Result<Vec<(DateTime<Utc>, i64, i64)>> {
+    let rows = sqlx::query!(
+        r#"SELECT m AS "m!", sum(p)::bigint AS "paid!", sum(f)::bigint AS "failed!" FROM (
+             SELECT date_trunc('minute', paid_at) AS m, 1 AS p, 0 AS f FROM payouts WHERE paid_at >= $1
+             UNION ALL
+             SELECT date_trunc('minute', updated_at), 0, 1 FROM payouts
+              WHERE status = 'failed' AND updated_at >= $1) x
+           GROUP BY m"#,
+        start,
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.m, r.paid, r.failed)).collect())
+}
+
+// ------------------------------------------------------------ tooling ----
+// What the test tooling (`testkit`: demo, chaos harness, bench) reads and
+// writes, and nothing in the product calls.
+
+/// Payouts with `status` (exact count).
+#[cfg(feature = "testkit")]
+pub async fn count_with_status(pool: &PgPool, status: PayoutStatus) -> sqlx::Result<i64> {
+    sqlx::query_scalar!(
+        r#"SELECT count(*) AS "count!" FROM payouts WHERE status = $1"#,
+        status.as_str(),
+    )
+    .fetch_one(pool)
+    .await
+}
+
+/// Payouts not final yet (neither paid, failed nor cancelled).
+#[cfg(feature = "testkit")]
+pub async fn count_open(pool: &PgPool) -> sqlx::Result<i64> {
+    sqlx::query_scalar!(
+        r#"SELECT count(*) AS "count!" FROM payouts
+           WHERE status NOT IN ('paid', 'failed', 'cancelled')"#
+    )
+    .fetch_one(pool)
+    .await
+}
+
+/// Every payout.
+#[cfg(feature = "testkit")]
+pub async fn count_all(pool: &PgPool) -> sqlx::Result<i64> {
+    sqlx::query_scalar!(r#"SELECT count(*) AS "count!" FROM payouts"#)
+        .fetch_one(pool)
+        .await
+}
+
+/// The highest payout id (0 when there is none).
+#[cfg(feature = "testkit")]
+pub async fn max_id(pool: &PgPool) -> sqlx::Result<i64> {
+    sqlx::query_scalar!(r#"SELECT coalesce(max(id), 0) AS "max!" FROM payouts"#)
+        .fetch_one(pool)
+        .await
+}
+
+/// Of the payouts above `after_id`: how many are paid, failed, and not final.
+#[cfg(feature = "testkit")]
+pub async fn outcomes_after(pool: &PgPool, after_id: i64) -> sqlx::Result<(i64, i64, i64)> {
+    let r = sqlx::query!(
+        r#"SELECT count(*) FILTER (WHERE status = 'paid') AS "paid!",
+                  count(*) FILTER (WHERE status = 'failed') AS "failed!",
+                  count(*) FILTER (WHERE status NOT IN ('paid', 'failed', 'cancelled')) AS "open!"
+           FROM payouts WHERE id > $1"#,
+        after_id,
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok((r.paid, r.failed, r.open))
+}
+
+/// Every payout, by id.
+#[cfg(feature = "testkit")]
+pub async fn all(pool: &PgPool) -> sqlx::Result<Vec<Payout>> {
+    sqlx::query_as!(
+        Payout,
+        r#"SELECT id, payee_id, amount, currency, status AS "status: PayoutStatus", due_at, attempt,
+                  retry_base, next_attempt_at, lease_owner, lease_until, gateway_transfer_id,
+                  failure_code, failure_message, created_at, updated_at, paid_at
+           FROM payouts ORDER BY id"#
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// Ids of up to `limit` payouts with `status`, by id.
+#[cfg(feature = "testkit")]
+pub async fn ids_with_status(
+    pool: &PgPool,
+    status: PayoutStatus,
+    limit: i64,
+) -> sqlx::Result<Vec<i64>> {
+    sqlx::query_scalar!(
+        "SELECT id FROM payouts WHERE status = $1 ORDER BY id LIMIT $2",
+        status.as_str(),
+        limit,
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// Ids of up to `limit` paid payouts, picked at random.
+#[cfg(feature = "testkit")]
+pub async fn random_paid(pool: &PgPool, limit: i64) -> sqlx::Result<Vec<i64>> {
+    sqlx::query_scalar!(
+        "SELECT id FROM payouts WHERE status = 'paid' ORDER BY random() LIMIT $1",
+        limit,
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// The payouts `processing` under a lease whose owner is LIKE `owner_like`
+/// (a worker process: `worker:%-<pid>-%`), with their attempts.
+#[cfg(feature = "testkit")]
+pub async fn processing_owned_like(
+    pool: &PgPool,
+    owner_like: &str,
+) -> sqlx::Result<Vec<(i64, i32)>> {
+    let rows = sqlx::query!(
+        "SELECT id, attempt FROM payouts WHERE status = 'processing' AND lease_owner LIKE $1",
+        owner_like,
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.id, r.attempt)).collect())
+}
+
+/// The lease owner holding the most payouts `processing`, if any.
+#[cfg(feature = "testkit")]
+pub async fn busiest_owner(pool: &PgPool) -> sqlx::Result<Option<String>> {
+    let owner = sqlx::query_scalar!(
+        "SELECT lease_owner FROM payouts WHERE status = 'processing' AND lease_owner IS NOT NULL
+         GROUP BY lease_owner ORDER BY count(*) DESC LIMIT 1"
+    )
+    .fetch_optional(pool)
+    .await?;
+    Ok(owner.flatten())
+}
+
+/// Creates `count` pending payouts of `amount` (unchecked: any scale the
+/// column takes, which no `Money` allows) for `payee_id`, with their events:
+/// poison for the chaos harness. Their ids.
+#[cfg(feature = "testkit")]
+pub async fn create_unchecked(
+    pool: &PgPool,
+    payee_id: i64,
+    amount: Decimal,
+    currency: &str,
+    count: i64,
+    actor: &str,
+    now: DateTime<Utc>,
+) -> sqlx::Result<Vec<i64>> {
+    sqlx::query_scalar!(
+        r#"WITH ins AS (
+             INSERT INTO payouts (payee_id, amount, currency, due_at, created_at, updated_at)
+             SELECT $1, $2, $3, $6, $6, $6 FROM generate_series(1, $4::bigint) RETURNING id),
+         ev AS (
+             INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
+             SELECT id, NULL, 'pending', $5, 'created', 0, $6 FROM ins)
+         SELECT id AS "id!" FROM ins"#,
+        payee_id,
+        amount,
+        currency,
+        count,
+        actor,
+        now,
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// The first paid payout, if any.
+#[cfg(feature = "testkit")]
+pub async fn first_paid(pool: &PgPool) -> sqlx::Result<Option<i64>> {
+    sqlx::query_scalar!("SELECT id FROM payouts WHERE status = 'paid' ORDER BY id LIMIT 1")
+        .fetch_optional(pool)
+        .await
+}
+
+/// Whether the database refuses an illegal transition (paid payout `id`
+/// back to `pending`): tried in a transaction that is rolled back.
+#[cfg(feature = "testkit")]
+pub async fn refuses_illegal_transition(pool: &PgPool, id: i64) -> sqlx::Result<bool> {
+    let mut tx = pool.begin().await?;
+    let tried = sqlx::query!("UPDATE payouts SET status = 'pending' WHERE id = $1", id)
+        .execute(&mut *tx)
+        .await;
+    tx.rollback().await?;
+    Ok(tried.is_err())
+}
+
+/// For the benchmark: when the first payout created since `since` was
+/// queued, and when the last of them was paid.
+#[cfg(feature = "testkit")]
+pub async fn run_span(
+    pool: &PgPool,
+    since: DateTime<Utc>,
+) -> sqlx::Result<(DateTime<Utc>, DateTime<Utc>)> {
+    let r = sqlx::query!(
+        r#"SELECT (SELECT min(at) FROM payout_events e JOIN payouts p ON p.id = e.payout_id
+                   WHERE e.to_status = 'queued' AND p.created_at >= $1) AS "start!",
+                  (SELECT max(paid_at) FROM payouts WHERE created_at >= $1) AS "end!""#,
+        since,
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok((r.start, r.end))
+}
+
+/// For the benchmark: the 50th, 95th and 99th percentiles of seconds from
+/// `start` to paid, over the payouts created since `since`.
+#[cfg(feature = "testkit")]
+pub async fn paid_after_percentiles(
+    pool: &PgPool,
+    since: DateTime<Utc>,
+    start: DateTime<Utc>,
+) -> sqlx::Result<(f64, f64, f64)> {
+    let r = sqlx::query!(
+        r#"SELECT q[1] AS "p50!", q[2] AS "p95!", q[3] AS "p99!" FROM (
+             SELECT percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP
+                 (ORDER BY extract(epoch FROM paid_at - $2)::float8) AS q
+             FROM payouts WHERE created_at >= $1) s"#,
+        since,
+        start,
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok((r.p50, r.p95, r.p99))
+}
+
+/// Fresh planner statistics for `payouts` (the benchmark, after seeding).
+#[cfg(feature = "testkit")]
+pub async fn vacuum_analyze(pool: &PgPool) -> sqlx::Result<()> {
+    sqlx::query!("VACUUM ANALYZE payouts").execute(pool).await?;
+    Ok(())
 }

@@ -96,6 +96,16 @@ fn payout_hit(matched: &'static str, (id, mut amount, currency, status, at): Pay
     }
 }
 
+async fn payout_by_id(pool: &PgPool, id: i64) -> sqlx::Result<Option<PayoutRow>> {
+    let row = sqlx::query!(
+        "SELECT id, amount, currency, status, created_at FROM payouts WHERE id = $1",
+        id,
+    )
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|r| (r.id, r.amount, r.currency, r.status, r.created_at)))
+}
+
 fn payee_hit(matched: &'static str, (id, name, account, status, at): PayeeRow) -> Hit {
     Hit {
         kind: "payee",
@@ -107,9 +117,6 @@ fn payee_hit(matched: &'static str, (id, name, account, status, at): PayeeRow) -
     }
 }
 
-const PAYOUT_COLS: &str = "SELECT id, amount, currency, status, created_at FROM payouts";
-const PAYEE_COLS: &str = "SELECT id, name, gateway_account, status, created_at FROM payees";
-
 /// Everything `q` (trimmed, non-empty) names, at most [`MAX_RESULTS`]:
 /// exact matches first (payout id, idempotency key, transfer id, account),
 /// then payees by account prefix and by the words of their name.
@@ -118,54 +125,75 @@ pub async fn search(pool: &PgPool, q: &str) -> sqlx::Result<Vec<Hit>> {
     let q = q.trim();
     let as_id = digits(q.strip_prefix('#').unwrap_or(q));
     if let Some(id) = as_id {
-        let row: Option<PayoutRow> = sqlx::query_as(&format!("{PAYOUT_COLS} WHERE id = $1"))
-            .bind(id)
-            .fetch_optional(pool)
-            .await?;
-        hits.extend(row.map(|r| payout_hit("payout id", r)));
+        hits.extend(
+            payout_by_id(pool, id)
+                .await?
+                .map(|r| payout_hit("payout id", r)),
+        );
     }
     if let Some(id) = id_of_key(q) {
-        let row: Option<PayoutRow> = sqlx::query_as(&format!("{PAYOUT_COLS} WHERE id = $1"))
-            .bind(id)
-            .fetch_optional(pool)
-            .await?;
-        hits.extend(row.map(|r| payout_hit("idempotency key", r)));
+        hits.extend(
+            payout_by_id(pool, id)
+                .await?
+                .map(|r| payout_hit("idempotency key", r)),
+        );
     }
-    let rows: Vec<PayoutRow> = sqlx::query_as(&format!(
-        "{PAYOUT_COLS} WHERE gateway_transfer_id = $1 ORDER BY id DESC LIMIT $2"
-    ))
-    .bind(q)
-    .bind(MAX_RESULTS as i64)
+    let rows = sqlx::query!(
+        "SELECT id, amount, currency, status, created_at FROM payouts
+         WHERE gateway_transfer_id = $1 ORDER BY id DESC LIMIT $2",
+        q,
+        MAX_RESULTS as i64,
+    )
     .fetch_all(pool)
     .await?;
-    hits.extend(rows.into_iter().map(|r| payout_hit("transfer id", r)));
+    hits.extend(rows.into_iter().map(|r| {
+        payout_hit(
+            "transfer id",
+            (r.id, r.amount, r.currency, r.status, r.created_at),
+        )
+    }));
     // Accounts: the exact one first, then by prefix. The inner LIMIT keeps a
     // short prefix from sorting every payee (the same for names: a word
     // prefix as short as one letter matches them all).
-    let rows: Vec<PayeeRow> = sqlx::query_as(&format!(
-        "SELECT * FROM ({PAYEE_COLS} WHERE gateway_account = $1
-         UNION ALL
-         SELECT * FROM ({PAYEE_COLS} WHERE gateway_account LIKE $2 LIMIT 200) m) u
-         ORDER BY gateway_account <> $1, id LIMIT $3"
-    ))
-    .bind(q)
-    .bind(like_prefix(q))
-    .bind(MAX_RESULTS as i64 + 1)
+    let rows = sqlx::query!(
+        r#"SELECT id AS "id!", name AS "name!", gateway_account AS "gateway_account!",
+                  status AS "status!", created_at AS "created_at!" FROM (
+             SELECT id, name, gateway_account, status, created_at FROM payees WHERE gateway_account = $1
+             UNION ALL
+             SELECT * FROM (SELECT id, name, gateway_account, status, created_at FROM payees
+                            WHERE gateway_account LIKE $2 LIMIT 200) m) u
+           ORDER BY gateway_account <> $1, id LIMIT $3"#,
+        q,
+        like_prefix(q),
+        MAX_RESULTS as i64 + 1,
+    )
     .fetch_all(pool)
     .await?;
+    let rows: Vec<PayeeRow> = rows
+        .into_iter()
+        .map(|r| (r.id, r.name, r.gateway_account, r.status, r.created_at))
+        .collect();
     let (exact, prefix): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| r.2 == q);
     hits.extend(exact.into_iter().map(|r| payee_hit("gateway account", r)));
     hits.extend(prefix.into_iter().map(|r| payee_hit("gateway account", r)));
     if let Some(words) = name_query(q) {
-        let rows: Vec<PayeeRow> = sqlx::query_as(&format!(
-            "SELECT * FROM ({PAYEE_COLS} WHERE to_tsvector('simple', name) @@ to_tsquery('simple', $1)
-             LIMIT 200) m ORDER BY id LIMIT $2"
-        ))
-        .bind(words)
-        .bind(MAX_RESULTS as i64)
+        let rows = sqlx::query!(
+            r#"SELECT id AS "id!", name AS "name!", gateway_account AS "gateway_account!",
+                      status AS "status!", created_at AS "created_at!" FROM (
+                 SELECT id, name, gateway_account, status, created_at FROM payees
+                 WHERE to_tsvector('simple', name) @@ to_tsquery('simple', $1)
+                 LIMIT 200) m ORDER BY id LIMIT $2"#,
+            words,
+            MAX_RESULTS as i64,
+        )
         .fetch_all(pool)
         .await?;
-        hits.extend(rows.into_iter().map(|r| payee_hit("payee name", r)));
+        hits.extend(rows.into_iter().map(|r| {
+            payee_hit(
+                "payee name",
+                (r.id, r.name, r.gateway_account, r.status, r.created_at),
+            )
+        }));
     }
     let mut seen = std::collections::HashSet::new();
     hits.retain(|h| seen.insert((h.kind, h.id)));

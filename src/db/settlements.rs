@@ -435,6 +435,18 @@ pub async fn returned_status(
         .transpose()
 }
 
+/// Which of `payout_ids` are settlement payouts whose money was returned
+/// to the payee's balance (reconciliation, a page of payouts at a time).
+pub async fn returned_among(pool: &PgPool, payout_ids: &[i64]) -> sqlx::Result<Vec<i64>> {
+    let ids = sqlx::query_scalar!(
+        "SELECT payout_id FROM settlements WHERE outcome = 'returned' AND payout_id = ANY($1)",
+        payout_ids,
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(ids.into_iter().flatten().collect())
+}
+
 /// One settlement.
 pub async fn get(pool: &PgPool, id: i64) -> sqlx::Result<Option<SettlementRow>> {
     sqlx::query_as("SELECT * FROM settlements WHERE id = $1")

@@ -56,7 +56,7 @@ impl std::str::FromStr for Role {
 }
 
 /// A token as listed (never the token itself).
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize)]
 pub struct TokenInfo {
     /// Id.
     pub id: i64,
@@ -163,15 +163,15 @@ pub async fn issue(
     }
     let token = format!("pat_{}", random_hex(32));
     let mut tx = pool.begin().await?;
-    let id: Result<i64, sqlx::Error> = sqlx::query_scalar(
+    let id: Result<i64, sqlx::Error> = sqlx::query_scalar!(
         "INSERT INTO api_tokens (name, role, token_hash, created_at, expires_at)
          VALUES ($1, $2, $3, $4, $5) RETURNING id",
+        name,
+        role.as_str(),
+        hash(&token),
+        now,
+        expires_at,
     )
-    .bind(name)
-    .bind(role.as_str())
-    .bind(hash(&token))
-    .bind(now)
-    .bind(expires_at)
     .fetch_one(&mut *tx)
     .await;
     let id = match id {
@@ -197,8 +197,10 @@ pub async fn issue(
 
 /// All tokens, newest first.
 pub async fn list(pool: &PgPool) -> sqlx::Result<Vec<TokenInfo>> {
-    sqlx::query_as(
-        "SELECT id, name, role, created_at, last_used_at, revoked_at, expires_at FROM api_tokens ORDER BY id DESC",
+    sqlx::query_as!(
+        TokenInfo,
+        "SELECT id, name, role, created_at, last_used_at, revoked_at, expires_at
+         FROM api_tokens ORDER BY id DESC"
     )
     .fetch_all(pool)
     .await
@@ -219,16 +221,15 @@ pub async fn revoke_by(
     source: Option<&str>,
 ) -> sqlx::Result<bool> {
     let mut tx = pool.begin().await?;
-    let id: Option<i64> = sqlx::query_scalar(
+    let id = sqlx::query_scalar!(
         "UPDATE api_tokens SET revoked_at = $2 WHERE name = $1 AND revoked_at IS NULL RETURNING id",
+        name,
+        now,
     )
-    .bind(name)
-    .bind(now)
     .fetch_optional(&mut *tx)
     .await?;
     if let Some(id) = id {
-        sqlx::query("DELETE FROM admin_sessions WHERE token_id = $1")
-            .bind(id)
+        sqlx::query!("DELETE FROM admin_sessions WHERE token_id = $1", id)
             .execute(&mut *tx)
             .await?;
         super::audit::record(
@@ -264,7 +265,7 @@ pub async fn authenticate(
     // The hash is looked up by equality: the comparison is on a digest of the
     // secret, so its timing tells nothing about the token. `last_used_at` is
     // written only when it is a minute old, not on every request.
-    let row: Option<(i64, String, String)> = sqlx::query_as(
+    let row = sqlx::query!(
         "WITH t AS (
              SELECT id, name, role, last_used_at FROM api_tokens
              WHERE token_hash = $1 AND revoked_at IS NULL
@@ -273,12 +274,12 @@ pub async fn authenticate(
              UPDATE api_tokens a SET last_used_at = $2 FROM t
              WHERE a.id = t.id AND (t.last_used_at IS NULL OR t.last_used_at < $2 - interval '1 minute'))
          SELECT id, name, role FROM t",
+        hash(token),
+        now,
     )
-    .bind(hash(token))
-    .bind(now)
     .fetch_optional(pool)
     .await?;
-    Ok(row.and_then(principal))
+    Ok(row.and_then(|r| principal((r.id, r.name, r.role))))
 }
 
 /// A new browser session for `principal`: the cookie value and its CSRF secret.
@@ -291,19 +292,18 @@ pub async fn open_session(
     let cookie = random_hex(32);
     let csrf = random_hex(32);
     // Each login also clears sessions that have expired, so the table stays small.
-    sqlx::query("DELETE FROM admin_sessions WHERE expires_at <= $1")
-        .bind(now)
+    sqlx::query!("DELETE FROM admin_sessions WHERE expires_at <= $1", now)
         .execute(pool)
         .await?;
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO admin_sessions (id_hash, token_id, csrf, expires_at, created_at, last_seen_at)
          VALUES ($1, $2, $3, $4, $5, $5)",
+        hash(&cookie),
+        principal.token_id,
+        &csrf,
+        expires_at,
+        now,
     )
-    .bind(hash(&cookie))
-    .bind(principal.token_id)
-    .bind(&csrf)
-    .bind(expires_at)
-    .bind(now)
     .execute(pool)
     .await?;
     Ok((cookie, csrf))
@@ -318,32 +318,34 @@ pub async fn session(
     now: DateTime<Utc>,
     idle: chrono::Duration,
 ) -> sqlx::Result<Option<(Principal, String)>> {
-    let row: Option<(i64, String, String, String)> = sqlx::query_as(
+    let row = sqlx::query!(
         "WITH s AS (
              SELECT t.id, t.name, t.role, s.csrf, s.id_hash, s.last_seen_at
              FROM admin_sessions s JOIN api_tokens t ON t.id = s.token_id
-             WHERE s.id_hash = $1 AND s.expires_at > $2 AND s.last_seen_at > $2 - $3
+             WHERE s.id_hash = $1 AND s.expires_at > $2 AND s.last_seen_at > $2 - $3::interval
                AND t.revoked_at IS NULL AND (t.expires_at IS NULL OR t.expires_at > $2)),
          touch AS (
              UPDATE admin_sessions a SET last_seen_at = $2 FROM s
              WHERE a.id_hash = s.id_hash AND s.last_seen_at < $2 - interval '1 minute')
          SELECT id, name, role, csrf FROM s",
+        hash(cookie),
+        now,
+        idle as _,
     )
-    .bind(hash(cookie))
-    .bind(now)
-    .bind(idle)
     .fetch_optional(pool)
     .await?;
-    Ok(row.and_then(|(id, name, role, csrf)| Some((principal((id, name, role))?, csrf))))
+    Ok(row.and_then(|r| Some((principal((r.id, r.name, r.role))?, r.csrf))))
 }
 
 /// Ends a session (and, in passing, sessions that expired).
 pub async fn close_session(pool: &PgPool, cookie: &str, now: DateTime<Utc>) -> sqlx::Result<()> {
-    sqlx::query("DELETE FROM admin_sessions WHERE id_hash = $1 OR expires_at <= $2")
-        .bind(hash(cookie))
-        .bind(now)
-        .execute(pool)
-        .await?;
+    sqlx::query!(
+        "DELETE FROM admin_sessions WHERE id_hash = $1 OR expires_at <= $2",
+        hash(cookie),
+        now,
+    )
+    .execute(pool)
+    .await?;
     Ok(())
 }
 

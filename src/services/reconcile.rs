@@ -32,7 +32,11 @@ use serde::Serialize;
 use sqlx::PgPool;
 
 use crate::{
-    db::payouts::{self, Payout},
+    db::{
+        payouts::{self, Payout},
+        reconcile_runs::{self, NewRun},
+        settlements,
+    },
     domain::{
         Currency, Money, PayoutStatus,
         transfer::{idempotency_key, verdict},
@@ -213,14 +217,10 @@ pub async fn run(
         let Some(last) = page.last() else { break };
         after = last.id;
         let ids: Vec<i64> = page.iter().map(|p| p.id).collect();
-        let returned: std::collections::HashSet<i64> = sqlx::query_scalar(
-            "SELECT payout_id FROM settlements WHERE outcome = 'returned' AND payout_id = ANY($1)",
-        )
-        .bind(&ids)
-        .fetch_all(pool)
-        .await?
-        .into_iter()
-        .collect();
+        let returned: std::collections::HashSet<i64> = settlements::returned_among(pool, &ids)
+            .await?
+            .into_iter()
+            .collect();
         let looked: Vec<_> = stream::iter(page)
             .map(|p| async move {
                 let found = gateway.lookup(&idempotency_key(p.id)).await;
@@ -315,7 +315,7 @@ async fn record(
     now: DateTime<Utc>,
 ) -> anyhow::Result<()> {
     let counts = report.counts();
-    let mut by_kind = serde_json::Map::new();
+    let mut by_kind = BTreeMap::new();
     for kind in MismatchKind::ALL {
         let n = counts.get(&kind).copied().unwrap_or(0) as i64;
         if report.failed.is_none() {
@@ -323,25 +323,21 @@ async fn record(
                 .with_label_values(&[kind.label()])
                 .set(n);
         }
-        by_kind.insert(kind.label().to_string(), n.into());
+        by_kind.insert(kind.label().to_string(), n);
     }
     if let Some(reason) = &report.failed {
         tracing::error!(%reason, "reconciliation failed: nothing was compared");
     }
-    sqlx::query(
-        "INSERT INTO reconcile_runs (started_at, finished_at, since, checked, fixed, mismatches, actor, failed, error)
-         VALUES ($1, now(), $2, $3, $4, $5, $6, $7, $8)",
-    )
-    .bind(now)
-    .bind(opts.since)
-    .bind(report.checked as i64)
-    .bind(report.mismatches.iter().filter(|m| m.fixed).count() as i64)
-    .bind(serde_json::Value::Object(by_kind))
-    .bind(&opts.actor)
-    .bind(report.failed.is_some())
-    .bind(report.failed.as_deref())
-    .execute(pool)
-    .await?;
+    let run = NewRun {
+        started_at: now,
+        since: opts.since,
+        checked: report.checked as i64,
+        fixed: report.mismatches.iter().filter(|m| m.fixed).count() as i64,
+        mismatches: &by_kind,
+        actor: &opts.actor,
+        failed: report.failed.as_deref(),
+    };
+    reconcile_runs::insert(pool, &run).await?;
     Ok(())
 }
 
@@ -351,16 +347,11 @@ async fn record(
 /// calls it with its other gauges). No such run yet: the timestamp stays 0,
 /// which the staleness alert reads as "never ran".
 pub async fn publish_last_run(pool: &PgPool) -> sqlx::Result<()> {
-    let last: Option<(DateTime<Utc>, serde_json::Value)> = sqlx::query_as(
-        "SELECT finished_at, mismatches FROM reconcile_runs WHERE NOT failed ORDER BY id DESC LIMIT 1",
-    )
-    .fetch_optional(pool)
-    .await?;
-    let Some((at, counts)) = last else {
+    let Some((at, counts)) = reconcile_runs::last_counted(pool).await? else {
         return Ok(());
     };
     for kind in MismatchKind::ALL {
-        let n = counts[kind.label()].as_i64().unwrap_or(0);
+        let n = counts.get(kind.label()).copied().unwrap_or(0);
         metrics::RECONCILE_MISMATCHES
             .with_label_values(&[kind.label()])
             .set(n);
@@ -564,43 +555,6 @@ async fn fix(
         pool, p.id, p.status, p.attempt, to, &t.id, actor, &reason, now,
     )
     .await?)
-}
-
-/// A recorded reconciliation run (the dashboard's reconcile view).
-#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
-pub struct RunRow {
-    /// Its id.
-    pub id: i64,
-    /// When it started.
-    pub started_at: DateTime<Utc>,
-    /// When it finished.
-    pub finished_at: DateTime<Utc>,
-    /// The payouts it compared were changed since then.
-    pub since: DateTime<Utc>,
-    /// How many payouts it compared.
-    pub checked: i64,
-    /// How many mismatches it fixed.
-    pub fixed: i64,
-    /// Mismatches by kind, zeros included.
-    pub mismatches: serde_json::Value,
-    /// Who ran it.
-    pub actor: String,
-    /// Nothing could be looked up: not a reconciliation.
-    pub failed: bool,
-    /// Why it failed.
-    pub error: Option<String>,
-}
-
-/// A page of runs, newest first: at most `limit`, below `before_id` when given.
-pub async fn runs(pool: &PgPool, before_id: Option<i64>, limit: i64) -> sqlx::Result<Vec<RunRow>> {
-    sqlx::query_as(
-        "SELECT id, started_at, finished_at, since, checked, fixed, mismatches, actor, failed, error
-         FROM reconcile_runs WHERE ($1::bigint IS NULL OR id < $1) ORDER BY id DESC LIMIT $2",
-    )
-    .bind(before_id)
-    .bind(limit)
-    .fetch_all(pool)
-    .await
 }
 
 #[cfg(test)]

@@ -32,6 +32,7 @@ use sqlx::{PgConnection, PgPool};
 use crate::{
     clock::SharedClock,
     config::SyncSettings,
+    db::payouts::{self, InTransit},
     domain::{
         PayoutStatus,
         transfer::{idempotency_key, verdict},
@@ -40,61 +41,13 @@ use crate::{
     metrics::{FAILED_AFTER_PAID, RESOLVED},
 };
 
-/// One state change the gateway reported.
-#[derive(Debug, Clone)]
-pub struct Resolution<'a> {
-    /// The payout.
-    pub payout_id: i64,
-    /// The status it must still be in.
-    pub from: PayoutStatus,
-    /// The attempt it must still be under (`None`: any).
-    pub attempt: Option<i32>,
-    /// `Paid` or `Failed`.
-    pub to: PayoutStatus,
-    /// The gateway's id for it, kept if the payout has none yet.
-    pub transfer_id: Option<&'a str>,
-    /// Failure code (to `failed`).
-    pub code: Option<&'a str>,
-    /// Failure message (to `failed`).
-    pub message: Option<&'a str>,
-    /// `webhook:stripe`, `sync:<host>`, ...
-    pub actor: &'a str,
-    /// The event's reason.
-    pub reason: &'a str,
-    /// When.
-    pub now: DateTime<Utc>,
-}
+pub use crate::db::payouts::Resolution;
 
-/// Records `r` with its event, fenced on its status (and attempt); `true`
-/// when written. `paid -> failed` also logs an alert and counts
-/// `payout_failed_after_paid_total`.
+/// Records `r` with its event, fenced on its status (and attempt)
+/// ([`crate::db::payouts::resolve`]); `true` when written. `paid -> failed`
+/// also logs an alert and counts `payout_failed_after_paid_total`.
 pub async fn resolve(conn: &mut PgConnection, r: &Resolution<'_>) -> sqlx::Result<bool> {
-    let row: Option<i64> = sqlx::query_scalar(
-        "WITH upd AS (
-             UPDATE payouts SET status = $3,
-                 gateway_transfer_id = COALESCE(gateway_transfer_id, $4),
-                 failure_code = $5, failure_message = $6,
-                 paid_at = CASE WHEN $3 = 'paid' THEN $7 ELSE paid_at END,
-                 lease_owner = NULL, lease_until = NULL, updated_at = $7
-             WHERE id = $1 AND status = $2 AND ($8::int IS NULL OR attempt = $8)
-             RETURNING id, attempt)
-         INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
-         SELECT id, $2, $3, $9, $10, attempt, $7 FROM upd
-         RETURNING payout_id",
-    )
-    .bind(r.payout_id)
-    .bind(r.from.as_str())
-    .bind(r.to.as_str())
-    .bind(r.transfer_id)
-    .bind(r.code)
-    .bind(r.message)
-    .bind(r.now)
-    .bind(r.attempt)
-    .bind(r.actor)
-    .bind(r.reason)
-    .fetch_optional(&mut *conn)
-    .await?;
-    let written = row.is_some();
+    let written = payouts::resolve(conn, r).await?;
     if written && r.from == PayoutStatus::Paid && r.to == PayoutStatus::Failed {
         FAILED_AFTER_PAID.inc();
         tracing::error!(
@@ -136,25 +89,7 @@ pub async fn release_account(
     actor: &str,
     now: DateTime<Utc>,
 ) -> sqlx::Result<Vec<i64>> {
-    let ids: Vec<i64> = sqlx::query_scalar(
-        "WITH upd AS (
-             UPDATE payouts p SET status = 'queued', retry_base = p.attempt,
-                 next_attempt_at = NULL, lease_owner = NULL, lease_until = $3,
-                 updated_at = $3
-             FROM payees
-             WHERE payees.id = p.payee_id AND payees.gateway_account = $1
-               AND p.status = 'held' AND p.failure_code = $2
-             RETURNING p.id, p.attempt)
-         INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
-         SELECT id, 'held', 'queued', $4, 'payee onboarded: released from ' || $2, attempt, $3 FROM upd
-         RETURNING payout_id",
-    )
-    .bind(account)
-    .bind(NOT_ONBOARDED)
-    .bind(now)
-    .bind(actor)
-    .fetch_all(&mut *conn)
-    .await?;
+    let ids = payouts::release_held(conn, account, NOT_ONBOARDED, actor, now).await?;
     if !ids.is_empty() {
         tracing::info!(payouts = ids.len(), "payee onboarded: payouts released");
     }
@@ -220,18 +155,8 @@ impl InTransitSync {
             return Ok(0);
         };
         let after = self.account_cursor.lock().expect("not poisoned").clone();
-        let accounts: Vec<String> = sqlx::query_scalar(
-            "SELECT DISTINCT payees.gateway_account FROM payouts
-             JOIN payees ON payees.id = payouts.payee_id
-             WHERE payouts.status = 'held' AND payouts.failure_code = $3
-               AND payees.gateway_account > $2
-             ORDER BY 1 LIMIT $1",
-        )
-        .bind(self.settings.batch)
-        .bind(&after)
-        .bind(NOT_ONBOARDED)
-        .fetch_all(&self.pool)
-        .await?;
+        let accounts =
+            payouts::held_accounts(&self.pool, NOT_ONBOARDED, &after, self.settings.batch).await?;
         // A short page means the end: start from the first account next time.
         *self.account_cursor.lock().expect("not poisoned") =
             if (accounts.len() as i64) < self.settings.batch {
@@ -261,25 +186,22 @@ impl InTransitSync {
         let now = self.clock.now();
         let cutoff = now - chrono::Duration::seconds(self.settings.min_age_secs as i64);
         let after = self.cursor.load(Ordering::Relaxed);
-        let rows: Vec<(i64, i32, Option<String>)> = sqlx::query_as(
-            "SELECT id, attempt, gateway_transfer_id FROM payouts
-             WHERE status = 'in_transit' AND updated_at <= $1 AND id > $2
-             ORDER BY id LIMIT $3",
-        )
-        .bind(cutoff)
-        .bind(after)
-        .bind(self.settings.batch)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows =
+            payouts::in_transit_before(&self.pool, cutoff, after, self.settings.batch).await?;
         let next = if (rows.len() as i64) < self.settings.batch {
             0
         } else {
-            rows.last().map_or(0, |r| r.0)
+            rows.last().map_or(0, |r| r.id)
         };
         self.cursor.store(next, Ordering::Relaxed);
 
         let mut report = SyncReport::default();
-        for (id, attempt, transfer_id) in rows {
+        for InTransit {
+            id,
+            attempt,
+            gateway_transfer_id: transfer_id,
+        } in rows
+        {
             report.looked_up += 1;
             let records = match self.gateway.lookup(&idempotency_key(id)).await {
                 Ok(r) => r,
@@ -334,7 +256,7 @@ impl InTransitSync {
 /// in-transit poll and the webhooks, whose statements do not return the
 /// amount). A failed read is logged, not counted.
 pub(crate) async fn count_paid_payout(pool: &PgPool, id: i64) {
-    match crate::db::payouts::get(pool, id).await {
+    match payouts::get(pool, id).await {
         Ok(Some(p)) => crate::metrics::count_paid(p.amount, &p.currency),
         Ok(None) => {}
         Err(e) => {

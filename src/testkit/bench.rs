@@ -15,7 +15,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use redis::aio::ConnectionManager;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
@@ -24,6 +24,7 @@ use sqlx::{Connection, PgPool};
 use crate::{
     config::Settings,
     db::{self, payees, payouts},
+    domain::PayoutStatus,
     testkit::demo::{Children, free_port},
 };
 
@@ -166,12 +167,8 @@ async fn fresh_database(settings: &Settings, name: &str) -> anyhow::Result<Strin
     let mut admin = sqlx::PgConnection::connect(&admin_url)
         .await
         .context("failed to connect to Postgres")?;
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .execute(&mut admin)
-        .await?;
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut admin)
-        .await?;
+    db::drop_database(&mut admin, name).await?;
+    db::create_database(&mut admin, name, false).await?;
     with_db(&settings.database.url, name)
 }
 
@@ -230,11 +227,7 @@ async fn redis_commands(conn: &mut ConnectionManager) -> anyhow::Result<u64> {
 }
 
 async fn pg_commits(pool: &PgPool) -> anyhow::Result<i64> {
-    Ok(sqlx::query_scalar(
-        "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
-    )
-    .fetch_one(pool)
-    .await?)
+    Ok(db::commits(pool).await?)
 }
 
 async fn wait_paid(
@@ -245,9 +238,7 @@ async fn wait_paid(
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
-        let paid: i64 = sqlx::query_scalar("SELECT count(*) FROM payouts WHERE status = 'paid'")
-            .fetch_one(pool)
-            .await?;
+        let paid = payouts::count_with_status(pool, PayoutStatus::Paid).await?;
         if paid >= n {
             return Ok(());
         }
@@ -406,24 +397,8 @@ pub async fn run_once(
     let postgres_cpu_secs = comm_cpu_since("postgres", &pg_cpu_before);
     let worker_peak_rss_mib: Vec<f64> = worker_pids.iter().map(|p| proc_peak_rss_mib(*p)).collect();
 
-    let (start, end): (DateTime<Utc>, DateTime<Utc>) = sqlx::query_as(
-        "SELECT (SELECT min(at) FROM payout_events e JOIN payouts p ON p.id = e.payout_id
-                 WHERE e.to_status = 'queued' AND p.created_at >= $1),
-                (SELECT max(paid_at) FROM payouts WHERE created_at >= $1)",
-    )
-    .bind(seeded_at)
-    .fetch_one(&pool)
-    .await?;
-    let (p50, p95, p99): (f64, f64, f64) = sqlx::query_as(
-        "SELECT q[1], q[2], q[3] FROM (
-             SELECT percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP
-                 (ORDER BY extract(epoch FROM paid_at - $2)::float8) AS q
-             FROM payouts WHERE created_at >= $1) s",
-    )
-    .bind(seeded_at)
-    .bind(start)
-    .fetch_one(&pool)
-    .await?;
+    let (start, end) = payouts::run_span(&pool, seeded_at).await?;
+    let (p50, p95, p99) = payouts::paid_after_percentiles(&pool, seeded_at, start).await?;
 
     let ledger: Vec<serde_json::Value> = http
         .get(format!("{gateway_url}/_mock/ledger"))
@@ -438,9 +413,7 @@ pub async fn run_once(
     let entries = refs.len();
     refs.sort_unstable();
     refs.dedup();
-    let paid: i64 = sqlx::query_scalar("SELECT count(*) FROM payouts WHERE status = 'paid'")
-        .fetch_one(&pool)
-        .await?;
+    let paid = payouts::count_with_status(&pool, PayoutStatus::Paid).await?;
     let exactly_once =
         entries == refs.len() && entries as i64 == paid && paid == opts.warmup + opts.payouts;
 
@@ -559,7 +532,7 @@ pub async fn producer_rate(
     let payee_ids = payees::create_demo(&pool, 1000, "USD".parse().expect("USD")).await?;
     let now = Utc::now();
     payouts::seed(&pool, &payee_ids, n, "USD", now, now).await?;
-    sqlx::query("VACUUM ANALYZE payouts").execute(&pool).await?;
+    payouts::vacuum_analyze(&pool).await?;
     let producer = crate::producer::Producer {
         pool: pool.clone(),
         queue,

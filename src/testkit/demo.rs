@@ -203,23 +203,10 @@ pub async fn ensure_database(settings: &Settings) -> anyhow::Result<()> {
         .rsplit_once('/')
         .context("database URL has no database name")?;
     let name = name.split('?').next().unwrap_or(name);
-    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-        bail!("database name {name:?} must be [A-Za-z0-9_]");
-    }
     let mut admin = sqlx::PgConnection::connect(&format!("{base}/postgres"))
         .await
         .context("failed to connect to Postgres")?;
-    let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-            .bind(name)
-            .fetch_one(&mut admin)
-            .await?;
-    if !exists {
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&mut admin)
-            .await?;
-    }
-    Ok(())
+    db::create_database(&mut admin, name, true).await
 }
 
 /// Reconciles the last hour against the gateway the fleet spoke (the
@@ -282,11 +269,7 @@ async fn seed_standin_accounts(
     pool: &PgPool,
     payee_ids: &[i64],
 ) -> anyhow::Result<()> {
-    let accounts: Vec<String> =
-        sqlx::query_scalar("SELECT gateway_account FROM payees WHERE id = ANY($1)")
-            .bind(payee_ids)
-            .fetch_all(pool)
-            .await?;
+    let accounts = payees::gateway_accounts(pool, payee_ids).await?;
     let url = format!("{base_url}/_standin/accounts");
     let mut posts = futures::stream::iter(accounts)
         .map(|id| {
@@ -456,9 +439,7 @@ pub async fn run(settings: Settings, opts: DemoOptions) -> anyhow::Result<DemoSu
     println!("  token ({token_name}, admin; revoke with `payoutctl token revoke {token_name}`):");
     println!("    {token}");
 
-    let before: i64 = sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM payouts")
-        .fetch_one(&pool)
-        .await?;
+    let before = payouts::max_id(&pool).await?;
     // From earnings: one payee per payout, whose settlement makes the payout.
     let n_payees = if opts.from_earnings {
         opts.count
@@ -484,14 +465,7 @@ pub async fn run(settings: Settings, opts: DemoOptions) -> anyhow::Result<DemoSu
     let deadline = Instant::now() + opts.timeout;
     let mut last_print = Instant::now();
     let (paid, failed) = loop {
-        let (paid, failed, open): (i64, i64, i64) = sqlx::query_as(
-            "SELECT count(*) FILTER (WHERE status = 'paid'), count(*) FILTER (WHERE status = 'failed'),
-                    count(*) FILTER (WHERE status NOT IN ('paid', 'failed', 'cancelled'))
-             FROM payouts WHERE id > $1",
-        )
-        .bind(before)
-        .fetch_one(&pool)
-        .await?;
+        let (paid, failed, open) = payouts::outcomes_after(&pool, before).await?;
         if open == 0 {
             break (paid, failed);
         }

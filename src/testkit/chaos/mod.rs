@@ -27,6 +27,7 @@ use std::{collections::HashMap, path::PathBuf, str::FromStr, time::Duration};
 
 use anyhow::{Context, bail};
 use chrono::Utc;
+use rust_decimal::Decimal;
 use serde::Serialize;
 
 pub use fleet::Bins;
@@ -367,12 +368,7 @@ async fn scenario_body(
         || {
             let pool = pool.clone();
             async move {
-                let open: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM payouts WHERE status NOT IN ('paid', 'failed', 'cancelled')",
-                )
-                .fetch_one(&pool)
-                .await
-                .ok()?;
+                let open = payouts::count_open(&pool).await.ok()?;
                 (open == 0).then_some(())
             }
         },
@@ -463,26 +459,21 @@ async fn seed(
         }
         // Amounts finer than the currency allows (only SQL can write them):
         // the worker must refuse them without calling the gateway.
-        let bad: Vec<i64> = sqlx::query_scalar(
-            "WITH ins AS (
-                 INSERT INTO payouts (payee_id, amount, currency, due_at, created_at, updated_at)
-                 SELECT $1, 10.005, 'USD', $2, $2, $2 FROM generate_series(1, 3) RETURNING id),
-             ev AS (
-                 INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
-                 SELECT id, NULL, 'pending', 'operator:chaos', 'created', 0, $2 FROM ins)
-             SELECT id FROM ins",
+        let bad = payouts::create_unchecked(
+            pool,
+            payee_ids[0],
+            Decimal::new(10_005, 3),
+            "USD",
+            3,
+            "operator:chaos",
+            now,
         )
-        .bind(payee_ids[0])
-        .bind(now)
-        .fetch_all(pool)
         .await?;
         for id in bad {
             expect.insert(id, Expect::Failed("invalid_amount".into()));
         }
     }
-    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM payouts")
-        .fetch_one(pool)
-        .await?;
+    let count = payouts::count_all(pool).await?;
     if count < profile.payouts {
         bail!("seeded {count} payouts, wanted {}", profile.payouts);
     }

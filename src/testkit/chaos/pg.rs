@@ -185,15 +185,10 @@ impl PrivatePostgres {
 
     /// Creates database `name` and returns its URL.
     pub async fn create_database(&self, name: &str) -> anyhow::Result<String> {
-        if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            bail!("database name {name:?} must be [A-Za-z0-9_]");
-        }
         let mut admin = sqlx::PgConnection::connect(&self.url("postgres"))
             .await
             .context("connect to the private Postgres")?;
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&mut admin)
-            .await?;
+        crate::db::create_database(&mut admin, name, false).await?;
         Ok(self.url(name))
     }
 }

@@ -22,6 +22,10 @@ use serde::Serialize;
 use sqlx::PgPool;
 
 use crate::{
+    db::{
+        events::{self, Transition},
+        payouts,
+    },
     domain::transfer::idempotency_key,
     domain::{Currency, Money, PayoutStatus},
     testkit::mock_gateway::LedgerEntry,
@@ -114,7 +118,6 @@ impl ScenarioReport {
     }
 }
 
-#[derive(sqlx::FromRow)]
 struct Row {
     id: i64,
     status: String,
@@ -125,13 +128,6 @@ struct Row {
     due_at: DateTime<Utc>,
     paid_at: Option<DateTime<Utc>>,
     updated_at: DateTime<Utc>,
-}
-
-#[derive(sqlx::FromRow)]
-struct EventRow {
-    payout_id: i64,
-    from_status: Option<String>,
-    to_status: String,
 }
 
 /// The gateway's ledger as the invariants see it.
@@ -151,12 +147,21 @@ pub async fn check(
     heal: Option<DateTime<Utc>>,
     report: &mut ScenarioReport,
 ) -> anyhow::Result<()> {
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT id, status, amount, currency, gateway_transfer_id, failure_code, due_at, paid_at, updated_at
-         FROM payouts ORDER BY id",
-    )
-    .fetch_all(pool)
-    .await?;
+    let rows: Vec<Row> = payouts::all(pool)
+        .await?
+        .into_iter()
+        .map(|p| Row {
+            id: p.id,
+            status: p.status.as_str().to_string(),
+            amount: p.amount,
+            currency: p.currency,
+            gateway_transfer_id: p.gateway_transfer_id,
+            failure_code: p.failure_code,
+            due_at: p.due_at,
+            paid_at: p.paid_at,
+            updated_at: p.updated_at,
+        })
+        .collect();
 
     // The durable ledger must hold everything the gateway answered for.
     let file_ids: HashSet<&str> = ledgers.file.iter().map(|e| e.id.as_str()).collect();
@@ -339,12 +344,8 @@ async fn check_events(
     rows: &[Row],
     report: &mut ScenarioReport,
 ) -> anyhow::Result<()> {
-    let events: Vec<EventRow> = sqlx::query_as(
-        "SELECT payout_id, from_status, to_status FROM payout_events ORDER BY payout_id, id",
-    )
-    .fetch_all(pool)
-    .await?;
-    let mut by_payout: HashMap<i64, Vec<&EventRow>> = HashMap::new();
+    let events = events::all_transitions(pool).await?;
+    let mut by_payout: HashMap<i64, Vec<&Transition>> = HashMap::new();
     for e in &events {
         by_payout.entry(e.payout_id).or_default().push(e);
     }
@@ -358,7 +359,7 @@ async fn check_events(
     Ok(())
 }
 
-fn history_problem(history: &[&EventRow], current: &str) -> Option<String> {
+fn history_problem(history: &[&Transition], current: &str) -> Option<String> {
     let mut prev: Option<PayoutStatus> = None;
     let mut paid_events = 0;
     for (i, e) in history.iter().enumerate() {
@@ -406,31 +407,15 @@ fn history_problem(history: &[&EventRow], current: &str) -> Option<String> {
 /// The database's own guards are armed: an illegal transition and a rewrite
 /// of history are refused (tried in a transaction that is rolled back).
 async fn check_triggers(pool: &PgPool, report: &mut ScenarioReport) -> anyhow::Result<()> {
-    let Some(paid): Option<i64> =
-        sqlx::query_scalar("SELECT id FROM payouts WHERE status = 'paid' ORDER BY id LIMIT 1")
-            .fetch_optional(pool)
-            .await?
-    else {
+    let Some(paid) = payouts::first_paid(pool).await? else {
         return Ok(());
     };
-    let mut tx = pool.begin().await?;
-    let illegal = sqlx::query("UPDATE payouts SET status = 'pending' WHERE id = $1")
-        .bind(paid)
-        .execute(&mut *tx)
-        .await;
-    tx.rollback().await?;
-    if illegal.is_ok() {
+    if !payouts::refuses_illegal_transition(pool, paid).await? {
         report.violation(format!(
             "the database accepted paid -> pending for payout {paid}: transition trigger missing"
         ));
     }
-    let mut tx = pool.begin().await?;
-    let rewrite = sqlx::query("UPDATE payout_events SET reason = 'rewritten' WHERE payout_id = $1")
-        .bind(paid)
-        .execute(&mut *tx)
-        .await;
-    tx.rollback().await?;
-    if rewrite.is_ok() {
+    if !events::refuses_rewrite(pool, paid).await? {
         report.violation(
             "the database let payout_events be rewritten: append-only trigger missing".into(),
         );
@@ -502,8 +487,8 @@ pub fn details(rows: &[ScenarioReport]) -> String {
 mod tests {
     use super::*;
 
-    fn ev(from: Option<&str>, to: &str) -> EventRow {
-        EventRow {
+    fn ev(from: Option<&str>, to: &str) -> Transition {
+        Transition {
             payout_id: 1,
             from_status: from.map(str::to_string),
             to_status: to.into(),
@@ -521,7 +506,7 @@ mod tests {
             ev(Some("queued"), "processing"),
             ev(Some("processing"), "paid"),
         ];
-        let refs: Vec<&EventRow> = good.iter().collect();
+        let refs: Vec<&Transition> = good.iter().collect();
         assert_eq!(history_problem(&refs, "paid"), None);
         assert!(
             history_problem(&refs, "failed").is_some(),
@@ -529,7 +514,7 @@ mod tests {
         );
 
         let illegal = [ev(None, "pending"), ev(Some("pending"), "paid")];
-        let refs: Vec<&EventRow> = illegal.iter().collect();
+        let refs: Vec<&Transition> = illegal.iter().collect();
         assert!(history_problem(&refs, "paid").unwrap().contains("illegal"));
 
         let gap = [
@@ -537,7 +522,7 @@ mod tests {
             ev(Some("pending"), "queued"),
             ev(Some("processing"), "paid"),
         ];
-        let refs: Vec<&EventRow> = gap.iter().collect();
+        let refs: Vec<&Transition> = gap.iter().collect();
         assert!(history_problem(&refs, "paid").is_some());
     }
 

@@ -22,7 +22,11 @@ use super::{
     proxy::Mode,
     report::ScenarioReport,
 };
-use crate::testkit::mock_gateway::Faults;
+use crate::{
+    db::{events, payouts},
+    domain::PayoutStatus,
+    testkit::mock_gateway::Faults,
+};
 
 /// What a scenario injected.
 #[derive(Debug, Default)]
@@ -111,8 +115,7 @@ pub fn initial_faults(s: Scenario, profile: &Profile) -> Faults {
 }
 
 async fn paid_count(fleet: &Fleet) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM payouts WHERE status = 'paid'")
-        .fetch_one(&fleet.pool)
+    payouts::count_with_status(&fleet.pool, PayoutStatus::Paid)
         .await
         .unwrap_or(-1)
 }
@@ -148,13 +151,10 @@ pub async fn inject(
                 let slot = rng.random_range(0..fleet.workers.len());
                 let pid = fleet.workers[slot].proc.pid();
                 fleet.workers[slot].proc.kill9();
-                let held: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM payouts WHERE status = 'processing' AND lease_owner LIKE $1",
-                )
-                .bind(format!("worker:%-{pid}-%"))
-                .fetch_one(&fleet.pool)
-                .await?;
-                mid_attempt += held;
+                let held =
+                    payouts::processing_owned_like(&fleet.pool, &format!("worker:%-{pid}-%"))
+                        .await?;
+                mid_attempt += held.len() as i64;
                 fleet.spawn_worker(Some(slot))?;
                 kills += 1;
                 // The fault's own cadence.
@@ -360,18 +360,11 @@ pub async fn inject(
                 fleet.queue.push(&ids).await?;
                 twice += ids.len();
                 // And a second job for payouts the real producer queued.
-                let queued: Vec<i64> = sqlx::query_scalar(
-                    "SELECT id FROM payouts WHERE status = 'queued' ORDER BY id LIMIT 500",
-                )
-                .fetch_all(&fleet.pool)
-                .await?;
+                let queued =
+                    payouts::ids_with_status(&fleet.pool, PayoutStatus::Queued, 500).await?;
                 fleet.queue.push(&queued).await?;
                 twice += queued.len();
-                let paid: Vec<i64> = sqlx::query_scalar(
-                    "SELECT id FROM payouts WHERE status = 'paid' ORDER BY random() LIMIT 20",
-                )
-                .fetch_all(&fleet.pool)
-                .await?;
+                let paid = payouts::random_paid(&fleet.pool, 20).await?;
                 fleet.queue.push(&paid).await?;
                 redelivered += paid.len();
                 fleet.queue.push(&[i64::MAX - unknown as i64]).await?;
@@ -418,12 +411,8 @@ async fn kill_storm(
         let pid = fleet.workers[slot].proc.pid();
         fleet.workers[slot].proc.kill9();
         let at = Utc::now();
-        let held: Vec<(i64, i32)> = sqlx::query_as(
-            "SELECT id, attempt FROM payouts WHERE status = 'processing' AND lease_owner LIKE $1",
-        )
-        .bind(format!("worker:%-{pid}-%"))
-        .fetch_all(&fleet.pool)
-        .await?;
+        let held =
+            payouts::processing_owned_like(&fleet.pool, &format!("worker:%-{pid}-%")).await?;
         kills.push(Kill { at, held });
         fleet.spawn_worker(Some(slot))?;
         // The fault's own cadence, watching for the end of the run.
@@ -438,12 +427,7 @@ async fn kill_storm(
 }
 
 async fn open_count(fleet: &Fleet) -> Option<i64> {
-    sqlx::query_scalar(
-        "SELECT count(*) FROM payouts WHERE status NOT IN ('paid', 'failed', 'cancelled')",
-    )
-    .fetch_one(&fleet.pool)
-    .await
-    .ok()
+    payouts::count_open(&fleet.pool).await.ok()
 }
 
 /// S3: SIGSTOPs a worker that holds payouts (processing under its lease):
@@ -453,12 +437,7 @@ async fn open_count(fleet: &Fleet) -> Option<i64> {
 async fn stop_a_busy_worker(fleet: &Fleet) -> anyhow::Result<(usize, u32, Vec<i64>)> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let busiest: Option<String> = sqlx::query_scalar(
-            "SELECT lease_owner FROM payouts WHERE status = 'processing' AND lease_owner IS NOT NULL
-             GROUP BY lease_owner ORDER BY count(*) DESC LIMIT 1",
-        )
-        .fetch_optional(&fleet.pool)
-        .await?;
+        let busiest = payouts::busiest_owner(&fleet.pool).await?;
         let found = busiest.and_then(|owner| {
             fleet
                 .workers
@@ -469,12 +448,12 @@ async fn stop_a_busy_worker(fleet: &Fleet) -> anyhow::Result<(usize, u32, Vec<i6
             let proc = &fleet.workers[slot].proc;
             let pid = proc.pid();
             proc.signal("STOP")?;
-            let owned: Vec<i64> = sqlx::query_scalar(
-                "SELECT id FROM payouts WHERE status = 'processing' AND lease_owner LIKE $1",
-            )
-            .bind(format!("worker:%-{pid}-%"))
-            .fetch_all(&fleet.pool)
-            .await?;
+            let owned: Vec<i64> =
+                payouts::processing_owned_like(&fleet.pool, &format!("worker:%-{pid}-%"))
+                    .await?
+                    .into_iter()
+                    .map(|(id, _)| id)
+                    .collect();
             if !owned.is_empty() {
                 return Ok((slot, pid, owned));
             }
@@ -502,9 +481,7 @@ async fn kill_producer_between_mark_and_push(
         fleet.producer_redis.set(Mode::DropContaining("payout_id"));
         let pid = fleet.producer.as_ref().context("no producer")?.pid();
         let actor_like = format!("producer:%-{pid}-%");
-        let seen: i64 = sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM payout_events")
-            .fetch_one(&fleet.pool)
-            .await?;
+        let seen = events::max_id(&fleet.pool).await?;
         let pool = fleet.pool.clone();
         let (actor, at): (String, DateTime<Utc>) = poll(
             Duration::from_secs(30),
@@ -513,17 +490,10 @@ async fn kill_producer_between_mark_and_push(
             || {
                 let (pool, actor_like) = (pool.clone(), actor_like.clone());
                 async move {
-                    sqlx::query_as(
-                        "SELECT actor, at FROM payout_events
-                         WHERE id > $1 AND actor LIKE $2 AND to_status = 'queued'
-                         ORDER BY id DESC LIMIT 1",
-                    )
-                    .bind(seen)
-                    .bind(&actor_like)
-                    .fetch_optional(&pool)
-                    .await
-                    .ok()
-                    .flatten()
+                    events::latest_queued_by(&pool, seen, &actor_like)
+                        .await
+                        .ok()
+                        .flatten()
                 }
             },
         )
@@ -594,16 +564,9 @@ pub async fn after_drain(
                 .context("the resumed worker's /metrics")?;
             let refused = fenced + not_started;
             let late = *stopped_at + chrono::Duration::seconds(1);
-            let accepted: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM payout_events
-                 WHERE payout_id = ANY($1) AND actor LIKE $2 AND at > $3
-                   AND to_status IN ('paid', 'failed', 'retrying', 'in_transit')",
-            )
-            .bind(owned)
-            .bind(format!("worker:%-{pid}-%"))
-            .bind(late)
-            .fetch_one(&fleet.pool)
-            .await?;
+            let accepted =
+                events::outcomes_by_after(&fleet.pool, owned, &format!("worker:%-{pid}-%"), late)
+                    .await?;
             report.notes.push(format!(
                 "after SIGCONT the paused worker's late work was refused: the fence refused {fenced} late writes \
                  (and accepted {accepted}), its lease check refused to start {not_started} calls"
@@ -673,14 +636,7 @@ pub async fn after_drain(
             let mut never = 0usize;
             for k in kills {
                 for (id, attempt) in &k.held {
-                    let next: Option<DateTime<Utc>> = sqlx::query_scalar(
-                        "SELECT min(at) FROM payout_events
-                         WHERE payout_id = $1 AND to_status = 'processing' AND attempt > $2",
-                    )
-                    .bind(id)
-                    .bind(attempt)
-                    .fetch_one(&fleet.pool)
-                    .await?;
+                    let next = events::first_claim_above(&fleet.pool, *id, *attempt).await?;
                     match next {
                         Some(t) => secs.push((t - k.at).num_milliseconds().max(0) as f64 / 1000.0),
                         None => never += 1,
@@ -690,13 +646,7 @@ pub async fn after_drain(
             secs.sort_by(f64::total_cmp);
             let q = |p| super::report::percentile(&secs, p).unwrap_or(0.0);
             let (p50, p99, max) = (q(0.5), q(0.99), secs.last().copied().unwrap_or(0.0));
-            let (rescued, swept): (i64, i64) = sqlx::query_as(
-                "SELECT count(*) FILTER (WHERE reason = 'worker gone (liveness beat stopped)'),
-                        count(*) FILTER (WHERE reason = 'lease expired')
-                 FROM payout_events WHERE from_status = 'processing' AND to_status = 'queued'",
-            )
-            .fetch_one(&fleet.pool)
-            .await?;
+            let (rescued, swept) = events::released_counts(&fleet.pool).await?;
             if !secs.is_empty() {
                 report.reclaim_secs = Some([p50, p99, max]);
             }
@@ -724,17 +674,7 @@ pub async fn after_drain(
             let mut swept = 0i64;
             for (actor, at) in batches {
                 // Each payout of the batch, and its first claim after being marked.
-                let claims: Vec<(i64, Option<DateTime<Utc>>)> = sqlx::query_as(
-                    "SELECT e.payout_id,
-                            (SELECT min(c.at) FROM payout_events c
-                             WHERE c.payout_id = e.payout_id AND c.to_status = 'processing' AND c.at >= e.at)
-                     FROM payout_events e
-                     WHERE e.actor = $1 AND e.at = $2 AND e.to_status = 'queued'",
-                )
-                .bind(actor)
-                .bind(at)
-                .fetch_all(&fleet.pool)
-                .await?;
+                let claims = events::claims_after_queued(&fleet.pool, actor, *at).await?;
                 let lease =
                     chrono::Duration::milliseconds(profile.queue_lease_secs as i64 * 1000 - 300);
                 for (_, claimed) in &claims {
