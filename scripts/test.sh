@@ -6,7 +6,11 @@ cd "$(dirname "$0")/.."
 scripts/services.sh
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup)" >&2; exit 1; }
 cargo fmt --all -- --check
-cargo clippy --all-targets --locked -- -D warnings
+# Lints, compiled against a freshly migrated database: every checked statement
+# (sqlx::query! and friends) is checked against the migrations as they are, and
+# the offline data in .sqlx/ (what a build without a database uses) must be
+# what they give (scripts/sqlx-prepare.sh rewrites it).
+scripts/sqlx-prepare.sh --check -- cargo clippy --all-targets --locked -- -D warnings
 # The product alone (what the production image builds): no testkit in it.
 cargo clippy --no-default-features --lib --bins --locked -- -D warnings
 # tests/observability.rs runs Debian's promtool and prometheus (alert rule unit

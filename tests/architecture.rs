@@ -10,6 +10,11 @@
 //!   holds the trait that pays (`gateway::Gateway`).
 //! - The worker knows nothing of the admin listener or the CLI.
 //! - No product module names the tooling in `testkit` (behind its feature).
+//! - Statements live in `src/db/` (every statement on a table in that table's
+//!   repository): nothing else builds a query, the tooling included. In
+//!   `src/db/` they are compile-time checked (`sqlx::query!` and friends,
+//!   offline data in `.sqlx/`), or built by `QueryBuilder` where the filter
+//!   decides the statement; `db/mod.rs` holds the few no table owns.
 
 use std::{
     collections::BTreeSet,
@@ -351,6 +356,166 @@ fn the_checker_finds_grouped_and_plain_forbidden_imports() {
         assert_eq!(broken, bad, "{path}: {text}");
     }
     let _ = fs::remove_dir_all(&dir);
+}
+
+/// Files that may still hold runtime statements, to be tightened: the
+/// settlement service and repositories, rewritten elsewhere while the rest
+/// moved to checked statements in repositories (#16 step 1).
+const STATEMENTS_ALLOWED: [&str; 3] = [
+    "src/db/settlements.rs",
+    "src/db/earnings.rs",
+    "src/services/settlement.rs",
+];
+
+/// The one repository file whose runtime statements stay: what no table of
+/// ours owns and no statement can check at compile time (sqlx's own
+/// migration table, which a database may not have yet; `CREATE DATABASE`,
+/// whose name cannot be bound).
+const UNCHECKED_BY_NATURE: &str = "src/db/mod.rs";
+
+/// What builds a statement (any form), as whole words (`query_as`, not
+/// redis' `query_async`).
+const STATEMENT: [&str; 7] = [
+    "query_as",
+    "query_scalar",
+    "query_file",
+    "query_file_as",
+    "query_file_scalar",
+    "QueryBuilder",
+    "raw_sql",
+];
+
+/// Whether `code` holds `word` as a whole identifier.
+fn has_word(code: &str, word: &str) -> bool {
+    let ident = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    code.match_indices(word)
+        .any(|(i, _)| !code[..i].ends_with(ident) && !code[i + word.len()..].starts_with(ident))
+}
+
+/// What builds a statement sqlx does not check at compile time.
+const UNCHECKED: [&str; 6] = [
+    "sqlx::query(",
+    "sqlx::query_as(",
+    "sqlx::query_as::<",
+    "sqlx::query_scalar(",
+    "sqlx::query_scalar::<",
+    "raw_sql(",
+];
+
+/// Where `code` (of the file at `rel`, relative to the crate) builds a
+/// statement it may not: outside `src/db/` any statement, inside it an
+/// unchecked one. `None` when it is fine.
+fn statement_problem(rel: &str, code: &str) -> Option<String> {
+    if STATEMENTS_ALLOWED.contains(&rel) {
+        return None;
+    }
+    if !rel.starts_with("src/db/") {
+        let found = code
+            .contains("sqlx::query")
+            .then_some("sqlx::query")
+            .or_else(|| STATEMENT.into_iter().find(|w| has_word(code, w)));
+        return found.map(|p| {
+            format!("builds a statement (`{p}`) outside src/db: put it in its table's repository")
+        });
+    }
+    if rel == UNCHECKED_BY_NATURE {
+        return None;
+    }
+    UNCHECKED.iter().find(|p| code.contains(**p)).map(|p| {
+        format!(
+            "a statement sqlx does not check (`{p}`): use sqlx::query!/query_as!/query_scalar! \
+             (QueryBuilder where a filter decides the statement) and run scripts/sqlx-prepare.sh"
+        )
+    })
+}
+
+#[test]
+fn statements_live_in_repositories_and_are_checked() {
+    let mut files = Vec::new();
+    rust_files(&src(), &mut files);
+    files.sort();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut found = Vec::new();
+    for file in files {
+        let rel = file
+            .strip_prefix(root)
+            .expect("under the crate")
+            .to_string_lossy()
+            .replace('\\', "/");
+        let code = code(&fs::read_to_string(&file).expect("read"));
+        if let Some(problem) = statement_problem(&rel, &code) {
+            found.push(format!("{rel}: {problem}"));
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "statements out of place:\n{}",
+        found.join("\n")
+    );
+}
+
+/// The statement rule can fail: one case of each kind.
+#[test]
+fn the_statement_rule_finds_queries_out_of_place() {
+    let cases = [
+        (
+            "src/services/sync.rs",
+            "let n: i64 = sqlx::query_scalar(\"SELECT 1\").fetch_one(p).await?;",
+            true,
+        ),
+        (
+            "src/admin/api.rs",
+            "let r = sqlx::query!(\"SELECT 1 AS one\").fetch_one(p).await?;",
+            true,
+        ),
+        (
+            "src/testkit/demo.rs",
+            "let mut q = QueryBuilder::new(\"SELECT\");",
+            true,
+        ),
+        (
+            "src/producer.rs",
+            "let since = payouts::oldest_in_transit(&self.pool).await?;",
+            false,
+        ),
+        (
+            "src/admin/overview.rs",
+            "let n: i64 = redis::cmd(\"SCARD\").arg(k).query_async(&mut c).await?;",
+            false,
+        ),
+        ("src/cli/mod.rs", "use sqlx::{query_as, PgPool};", true),
+        (
+            "src/worker.rs",
+            "fn f() {}\n#[cfg(test)]\nmod tests { fn g() { sqlx::query(\"SELECT 1\"); } }",
+            false,
+        ),
+        (
+            "src/db/payouts.rs",
+            "sqlx::query_as::<_, Payout>(\"SELECT * FROM payouts\")",
+            true,
+        ),
+        (
+            "src/db/payouts.rs",
+            "sqlx::query_as!(Payout, \"SELECT id FROM payouts WHERE id = $1\", id)",
+            false,
+        ),
+        (
+            "src/db/filter.rs",
+            "let mut q = QueryBuilder::new(\"SELECT * FROM payouts\");",
+            false,
+        ),
+        ("src/db/settlements.rs", "sqlx::query(\"SELECT 1\")", false),
+        (
+            "src/services/settlement.rs",
+            "sqlx::query(\"SELECT 1\")",
+            false,
+        ),
+        ("src/db/mod.rs", "sqlx::raw_sql(&create)", false),
+    ];
+    for (rel, text, bad) in cases {
+        let problem = statement_problem(rel, &code(text));
+        assert_eq!(problem.is_some(), bad, "{rel}: {text}: {problem:?}");
+    }
 }
 
 /// Errors are logged with their cause chain (`{e:#}`): `error = %e` on an
