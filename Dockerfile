@@ -16,6 +16,10 @@ COPY src src
 COPY workers workers
 COPY config config
 COPY migrations migrations
+# The checked statements' offline data (no database at build time), and the
+# setting that says to use it.
+COPY .sqlx .sqlx
+COPY .cargo .cargo
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --no-default-features --bins \
@@ -30,6 +34,8 @@ COPY src src
 COPY workers workers
 COPY config config
 COPY migrations migrations
+COPY .sqlx .sqlx
+COPY .cargo .cargo
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --features testkit --bin mock-gateway \

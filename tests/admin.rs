@@ -16,11 +16,11 @@ use payouts::{
     admin::{self, AdminState, webhooks},
     clock::SystemClock,
     db::{
-        payees,
+        filter, payees,
         payouts::{self as db_payouts, Finish},
         tokens::{self, Role},
     },
-    domain::{Currency, Money},
+    domain::{Currency, Money, PayoutStatus},
     queue::Queue,
 };
 use proptest::prelude::*;
@@ -656,6 +656,316 @@ async fn actions_are_legal_transitions_with_their_actor_or_a_409_that_says_why()
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     assert_eq!(a.events().await, before, "refused actions wrote nothing");
     assert_eq!(a.status(paid).await, "paid");
+}
+
+/// A payout as the filter oracle sees it.
+#[derive(Debug, Clone)]
+struct Seeded {
+    id: i64,
+    status: &'static str,
+    payee: i64,
+    currency: &'static str,
+    code: Option<&'static str>,
+    created: chrono::DateTime<Utc>,
+    due: chrono::DateTime<Utc>,
+    paid: Option<chrono::DateTime<Utc>>,
+}
+
+impl Seeded {
+    /// What `f` selects, by the filter's documented meaning (every field
+    /// optional, combined with AND; ranges from inclusive, to exclusive).
+    fn matches(&self, f: &filter::PayoutFilter) -> bool {
+        let range = |t: Option<chrono::DateTime<Utc>>,
+                     from: Option<chrono::DateTime<Utc>>,
+                     to: Option<chrono::DateTime<Utc>>| {
+            (from.is_none() || t.is_some_and(|t| t >= from.unwrap()))
+                && (to.is_none() || t.is_some_and(|t| t < to.unwrap()))
+        };
+        f.status.is_none_or(|s| s.as_str() == self.status)
+            && f.payee_id.is_none_or(|p| p == self.payee)
+            && f.currency.as_deref().is_none_or(|c| c == self.currency)
+            && f.failure_code
+                .as_deref()
+                .is_none_or(|c| Some(c) == self.code)
+            && range(Some(self.created), f.created_from, f.created_to)
+            && range(Some(self.due), f.due_from, f.due_to)
+            && range(self.paid, f.paid_from, f.paid_to)
+    }
+}
+
+/// Fails payout `id` again (queued -> processing -> failed with `code`), as
+/// it was before a bulk retry moved it.
+async fn fail_again(pool: &sqlx::PgPool, id: i64, code: &str) {
+    let now = Utc::now();
+    let lease = now + Duration::seconds(60);
+    let claimed = db_payouts::claim(pool, id, "worker:t", now, lease)
+        .await
+        .unwrap()
+        .expect("queued by the bulk retry");
+    let failed = Finish::Failed {
+        code: code.into(),
+        message: "again".into(),
+    };
+    assert!(
+        db_payouts::finish(pool, id, claimed.token(), &failed, "worker:t", "again", now)
+            .await
+            .unwrap()
+    );
+}
+
+/// The dynamic statements (`QueryBuilder`): each filter, alone, narrows the
+/// page, both failed counts and the bulk retry to exactly the payouts it
+/// names, in the repository (every filter also goes through the API in
+/// `every_filter_selects_exactly_its_payouts`).
+#[tokio::test]
+async fn each_filter_narrows_the_page_the_counts_and_the_bulk_retry() {
+    let db = TestDb::new().await;
+    let pool = &db.pool;
+    let usd = payees::create(pool, "usd", "acct_usd", "USD".parse().unwrap())
+        .await
+        .unwrap()
+        .id;
+    let eur = payees::create(pool, "eur", "acct_eur", "EUR".parse().unwrap())
+        .await
+        .unwrap()
+        .id;
+    let t0: chrono::DateTime<Utc> = "2026-11-01T00:00:00Z".parse().unwrap();
+    let h = Duration::hours;
+    // Eight payouts: created an hour apart, due in the reverse order, two
+    // pending, four failed (one of them paid before it failed), one paid,
+    // one cancelled; even ones the USD payee's, odd ones the EUR payee's.
+    let plan: [(&str, Option<&str>); 8] = [
+        ("pending", None),
+        ("pending", None),
+        ("failed", Some("account_closed")),
+        ("failed", Some("account_frozen")),
+        ("failed", Some("account_closed")),
+        ("failed", Some("account_closed")),
+        ("paid", None),
+        ("cancelled", None),
+    ];
+    let mut rows = Vec::new();
+    for (i, (status, code)) in plan.into_iter().enumerate() {
+        let (payee, currency) = if i % 2 == 0 {
+            (usd, "USD")
+        } else {
+            (eur, "EUR")
+        };
+        let money = Money::new("10.00".parse().unwrap(), currency.parse().unwrap()).unwrap();
+        let now = Utc::now();
+        let id = db_payouts::create(pool, payee, money, now, "test", now)
+            .await
+            .unwrap()
+            .id;
+        let lease = now + h(1);
+        match status {
+            "failed" | "paid" => {
+                db_payouts::enqueue_now(pool, id, "test", lease, now)
+                    .await
+                    .unwrap();
+                let c = db_payouts::claim(pool, id, "worker:t", now, lease)
+                    .await
+                    .unwrap()
+                    .unwrap();
+                let outcome = match code {
+                    Some(code) => Finish::Failed {
+                        code: code.into(),
+                        message: "no".into(),
+                    },
+                    None => Finish::Paid {
+                        transfer_id: format!("tr_{id}"),
+                    },
+                };
+                assert!(
+                    db_payouts::finish(pool, id, c.token(), &outcome, "worker:t", "t", now)
+                        .await
+                        .unwrap()
+                );
+            }
+            "cancelled" => {
+                db_payouts::cancel(pool, id, "test", "t", now)
+                    .await
+                    .unwrap();
+            }
+            _ => {}
+        }
+        let created = t0 + h(i as i64);
+        let due = t0 + h(7 - i as i64);
+        let paid = match i {
+            5 => Some(t0 + h(5) + Duration::minutes(30)),
+            6 => Some(t0 + h(6) + Duration::minutes(30)),
+            _ => None,
+        };
+        // Times the filters can cut between (columns no trigger guards).
+        sqlx::query("UPDATE payouts SET created_at = $2, due_at = $3, paid_at = $4 WHERE id = $1")
+            .bind(id)
+            .bind(created)
+            .bind(due)
+            .bind(paid)
+            .execute(pool)
+            .await
+            .unwrap();
+        rows.push(Seeded {
+            id,
+            status,
+            payee,
+            currency,
+            code,
+            created,
+            due,
+            paid,
+        });
+    }
+
+    let f = filter::PayoutFilter::default;
+    let cases: Vec<(&str, filter::PayoutFilter)> = vec![
+        (
+            "status",
+            filter::PayoutFilter {
+                status: Some(PayoutStatus::Failed),
+                ..f()
+            },
+        ),
+        (
+            "payee_id",
+            filter::PayoutFilter {
+                payee_id: Some(eur),
+                ..f()
+            },
+        ),
+        (
+            "currency",
+            filter::PayoutFilter {
+                currency: Some("USD".into()),
+                ..f()
+            },
+        ),
+        (
+            "failure_code",
+            filter::PayoutFilter {
+                failure_code: Some("account_closed".into()),
+                ..f()
+            },
+        ),
+        (
+            "created_from",
+            filter::PayoutFilter {
+                created_from: Some(t0 + h(3)),
+                ..f()
+            },
+        ),
+        (
+            "created_to",
+            filter::PayoutFilter {
+                created_to: Some(t0 + h(5)),
+                ..f()
+            },
+        ),
+        (
+            "due_from",
+            filter::PayoutFilter {
+                due_from: Some(t0 + h(4)),
+                ..f()
+            },
+        ),
+        (
+            "due_to",
+            filter::PayoutFilter {
+                due_to: Some(t0 + h(5)),
+                ..f()
+            },
+        ),
+        (
+            "paid_from",
+            filter::PayoutFilter {
+                paid_from: Some(t0 + h(6)),
+                ..f()
+            },
+        ),
+        (
+            "paid_to",
+            filter::PayoutFilter {
+                paid_to: Some(t0 + h(6)),
+                ..f()
+            },
+        ),
+    ];
+    for (key, filter) in &cases {
+        // The page: newest first, exactly the matches, and not trivially so.
+        let want: Vec<i64> = rows
+            .iter()
+            .rev()
+            .filter(|r| r.matches(filter))
+            .map(|r| r.id)
+            .collect();
+        assert!(
+            !want.is_empty() && want.len() < rows.len(),
+            "{key}: the case must narrow"
+        );
+        let req = filter::PageRequest {
+            filter: filter.clone(),
+            limit: 100,
+            before_id: None,
+        };
+        let page = filter::page(pool, &req).await.unwrap();
+        let got: Vec<i64> = page.items.iter().map(|p| p.id).collect();
+        assert_eq!(got, want, "{key}: page");
+
+        // The failed ones (the counts and the retry take status as failed),
+        // apart from those paid before they failed.
+        let failed = filter::PayoutFilter {
+            status: Some(PayoutStatus::Failed),
+            ..filter.clone()
+        };
+        let retryable: Vec<&Seeded> = rows
+            .iter()
+            .filter(|r| r.matches(&failed) && r.paid.is_none())
+            .collect();
+        let after_paid = rows
+            .iter()
+            .filter(|r| r.matches(&failed) && r.paid.is_some())
+            .count() as i64;
+        assert_eq!(
+            filter::count_failed(pool, filter, 100).await.unwrap(),
+            retryable.len() as i64,
+            "{key}: count_failed"
+        );
+        assert_eq!(
+            filter::count_failed_after_paid(pool, filter, 100)
+                .await
+                .unwrap(),
+            after_paid,
+            "{key}: count_failed_after_paid"
+        );
+        let now = Utc::now();
+        let retried = db_payouts::bulk_retry(pool, filter, 100, "operator:t", now + h(1), now)
+            .await
+            .unwrap();
+        let want: Vec<i64> = retryable.iter().map(|r| r.id).collect();
+        assert_eq!(retried, want, "{key}: bulk_retry");
+        for r in retryable {
+            fail_again(pool, r.id, r.code.unwrap()).await;
+        }
+    }
+    // Filters combine with AND.
+    let both = filter::PayoutFilter {
+        failure_code: Some("account_closed".into()),
+        currency: Some("USD".into()),
+        ..f()
+    };
+    let req = filter::PageRequest {
+        filter: both.clone(),
+        limit: 100,
+        before_id: None,
+    };
+    let got: Vec<i64> = filter::page(pool, &req)
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|p| p.id)
+        .collect();
+    assert_eq!(got, [rows[4].id, rows[2].id]);
 }
 
 #[tokio::test]

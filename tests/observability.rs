@@ -1676,9 +1676,13 @@ fn the_dockerfile_builds_the_product_binaries_only_into_a_non_root_image() {
     if root().join("build.rs").exists() {
         sources.push("build.rs".into());
     }
-    // Embedded at compile time: the default settings and the migrations.
+    // Embedded at compile time: the default settings and the migrations;
+    // read at compile time: the checked statements' offline data (a build
+    // has no database) and the setting that says to use it.
     sources.push("config/default.toml".into());
     sources.push("migrations".into());
+    sources.push(".sqlx".into());
+    sources.push(".cargo/config.toml".into());
     for src in sources {
         assert!(
             copied
