@@ -10,6 +10,9 @@
 //! attempt is the fencing token, and a final write applies only to a payout
 //! still `processing` under that token.
 
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
@@ -226,15 +229,37 @@ async fn run_claims(pool: &PgPool, mut batch: Vec<ClaimReq>) {
     }
     let ids: Vec<i64> = unique.iter().map(|r| r.id).collect();
     let owners: Vec<&str> = unique.iter().map(|r| r.owner.as_str()).collect();
-    let nows: Vec<DateTime<Utc>> = unique.iter().map(|r| r.now).collect();
-    let leases: Vec<DateTime<Utc>> = unique.iter().map(|r| r.lease_until).collect();
-    let result = sqlx::query_as::<_, Claimed>(CLAIM_BATCH)
-        .bind(&ids)
-        .bind(&owners)
-        .bind(&nows)
-        .bind(&leases)
-        .fetch_all(pool)
-        .await;
+    // A claim that fails because the connection broke (Postgres restarted,
+    // a failover to a standby) is tried again on a fresh connection for up
+    // to about ten seconds, its times moved on by the wait: given up at
+    // once, the payout would sit `queued` until the sweep takes it back
+    // (`producer.queue_lease_secs`, a minute by default). Retrying is safe:
+    // if the lost try did commit, the payout is no longer claimable and the
+    // retry claims nothing (the job is skipped; the lease runs out).
+    let asked = tokio::time::Instant::now();
+    let result = (|| async {
+        let waited = chrono::Duration::from_std(asked.elapsed()).unwrap_or_default();
+        let nows: Vec<DateTime<Utc>> = unique.iter().map(|r| r.now + waited).collect();
+        let leases: Vec<DateTime<Utc>> = unique.iter().map(|r| r.lease_until + waited).collect();
+        sqlx::query_as::<_, Claimed>(CLAIM_BATCH)
+            .bind(&ids)
+            .bind(&owners)
+            .bind(&nows)
+            .bind(&leases)
+            .fetch_all(pool)
+            .await
+    })
+    .retry(
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(2))
+            .with_max_times(8),
+    )
+    .when(connection_lost)
+    .notify(|e, after| {
+        tracing::warn!(error = %e, ?after, "claim failed: connection lost; trying again");
+    })
+    .await;
     match result {
         Ok(rows) => {
             for r in unique {
@@ -249,6 +274,12 @@ async fn run_claims(pool: &PgPool, mut batch: Vec<ClaimReq>) {
             }
         }
     }
+}
+
+/// The statement failed because the connection did (reset, closed, EOF):
+/// worth one more try on another connection.
+fn connection_lost(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Io(_))
 }
 
 async fn run_finishes(pool: &PgPool, mut batch: Vec<FinishReq>) {
