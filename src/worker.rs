@@ -503,12 +503,24 @@ static STARTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(
 /// restarted apalis worker never collides with its own earlier registration
 /// (apalis-redis refuses a name it saw alive within the orphan threshold).
 pub fn worker_name() -> String {
+    let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}-{n}", worker_name_stem())
+}
+
+fn worker_name_stem() -> String {
     let host = hostname::get()
         .ok()
         .and_then(|h| h.into_string().ok())
         .unwrap_or_else(|| "host".into());
-    let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    format!("{host}-{}-{n}", std::process::id())
+    format!("{host}-{}", std::process::id())
+}
+
+/// Every apalis worker name [`worker_name`] has given out in this process.
+pub fn worker_names_given() -> Vec<String> {
+    let stem = worker_name_stem();
+    (0..STARTS.load(std::sync::atomic::Ordering::Relaxed))
+        .map(|n| format!("{stem}-{n}"))
+        .collect()
 }
 
 async fn apalis_handler(
@@ -726,7 +738,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let consumer_stop = CancellationToken::new();
     let consumer = tokio::spawn(run_consumer(
         worker.clone(),
-        queue,
+        queue.clone(),
         settings.worker.clone(),
         consumer_stop.clone(),
     ));
@@ -741,6 +753,17 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             held,
             "in-flight jobs did not finish in time; the payouts still held were given back to the queue"
         );
+    }
+    // A batch fetched at the moment of the stop can stay in the in-flight
+    // set of an apalis worker that is gone, where apalis-redis re-enqueues
+    // nothing: back to the queue for the others now, not at the lease sweep.
+    match queue.hand_back(&worker_names_given()).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(jobs = n, "fetched jobs not run handed back to the queue"),
+        Err(e) => tracing::warn!(
+            error = %format_args!("{e:#}"),
+            "fetched jobs not handed back; the lease sweep re-enqueues their payouts"
+        ),
     }
     beat_stop.cancel();
     if let Err(e) = beats.remove(&actor).await {

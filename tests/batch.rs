@@ -150,3 +150,79 @@ async fn batched_final_writes_apply_only_under_the_current_token() {
         "the stale write added no event"
     );
 }
+
+/// A Postgres restart or a failover to a standby breaks the connections
+/// under the statements in flight. A batched claim that fails that way is
+/// tried again on a fresh connection: given up at once (as it was), the
+/// payout sat `queued` until the sweep took it back, a minute by default
+/// (chaos S15 with the default settings: last payout paid 68 s after the
+/// primary died).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_connection_broke_is_tried_again_on_a_fresh_one() {
+    use payouts::testkit::chaos::proxy::{Mode, Proxy};
+
+    let f = Fleet::start(Faults::default()).await;
+    f.seed(1, 1).await;
+    f.producer().tick().await.unwrap();
+    let id: i64 = sqlx::query_scalar("SELECT id FROM payouts")
+        .fetch_one(f.pool())
+        .await
+        .unwrap();
+    let admin = url::Url::parse(&common::admin_url()).unwrap();
+    let upstream = format!(
+        "{}:{}",
+        admin.host_str().unwrap(),
+        admin.port().unwrap_or(5432)
+    );
+    let upstream = tokio::net::lookup_host(upstream)
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    let proxy = Proxy::start("test->postgres", upstream).await.unwrap();
+    let mut url = url::Url::parse(&f.db.url).unwrap();
+    url.set_host(Some("127.0.0.1")).unwrap();
+    url.set_port(Some(proxy.addr().port())).unwrap();
+    // One connection, handed out as it is (no ping first), as a statement
+    // already on its way is.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .test_before_acquire(false)
+        .connect(url.as_str())
+        .await
+        .unwrap();
+    sqlx::query("SELECT 1").execute(&pool).await.unwrap();
+
+    // The claim's statement goes out and no answer comes (the primary died
+    // under it: the proxy swallows it); then the connection is reset and the
+    // address answers again at once (the standby, promoted).
+    proxy.set(Mode::DropContaining("lease_until"));
+    let now = Utc::now();
+    let batcher = Batcher::spawn(pool, 8);
+    let claim = tokio::spawn(async move {
+        batcher
+            .claim(id, "worker:test", now, now + chrono::Duration::seconds(15))
+            .await
+    });
+    common::eventually(
+        std::time::Duration::from_secs(5),
+        "the claim's statement to be on its way",
+        || async {
+            (proxy
+                .stats()
+                .swallowed_bytes
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 0)
+            .then_some(())
+        },
+    )
+    .await;
+    proxy.set(Mode::Pass);
+
+    let claimed = claim
+        .await
+        .unwrap()
+        .expect("the claim is tried again on a fresh connection, not given up");
+    assert_eq!(claimed.map(|c| c.token()), Some(1));
+    assert_eq!(f.status(id).await, "processing");
+}

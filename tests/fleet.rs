@@ -318,3 +318,80 @@ async fn sigterm_lets_in_flight_payouts_finish_before_the_worker_exits() {
     );
     f.assert_paid_exactly_once().await;
 }
+
+/// A worker fetches jobs ahead of running them (`worker.fetch_batch`), into
+/// its apalis-redis in-flight set. A rolling restart (chaos S16) relies on a
+/// gracefully stopped worker giving those back to the queue at once: left in
+/// the set of a worker that is gone, their payouts would wait for the lease
+/// sweep (`producer.queue_lease_secs`, a minute by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_hands_back_the_jobs_a_worker_fetched_but_did_not_start() {
+    let f = Fleet::start(Faults {
+        latency_ms: 1500,
+        ..Default::default()
+    })
+    .await;
+    let payee = f.payee("acct_1").await;
+    for _ in 0..10 {
+        f.payout(payee, "1.00", chrono::Utc::now()).await;
+    }
+    let mut env = env_for(&f, &common::redis_url());
+    env.push(("PAYOUTS_WORKER__CONCURRENCY".into(), "1".into()));
+    f.producer().tick().await.unwrap();
+    let mut worker = Proc::worker(&env, "fetches-ahead");
+    let redis = redis::Client::open(common::redis_url()).unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let inflight_pattern = format!("{}:*", f.queue.config().inflight_jobs_set());
+    let inflight = |mut conn: redis::aio::MultiplexedConnection, pattern: String| async move {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(&pattern)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let mut n = 0usize;
+        for k in keys {
+            let c: usize = redis::cmd("SCARD")
+                .arg(&k)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            n += c;
+        }
+        n
+    };
+    eventually(
+        Duration::from_secs(30),
+        "one payout in flight and more jobs fetched ahead",
+        || {
+            let (conn, pattern, f) = (conn.clone(), inflight_pattern.clone(), &f);
+            async move {
+                let fetched = inflight(conn, pattern).await;
+                (fetched > 1 && f.count("processing").await == 1).then_some(())
+            }
+        },
+    )
+    .await;
+
+    worker.signal("TERM");
+    let status = eventually(Duration::from_secs(15), "the worker exits", || {
+        let s = worker.child.try_wait().unwrap();
+        async move { s }
+    })
+    .await;
+    assert!(status.success(), "exit status {status:?}");
+    assert_eq!(
+        inflight(conn.clone(), inflight_pattern.clone()).await,
+        0,
+        "the jobs fetched and not run went back to the queue, not left in the stopped worker's in-flight set"
+    );
+    let waiting: usize = redis::cmd("LLEN")
+        .arg(f.queue.config().active_jobs_list())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let queued = f.count("queued").await as usize;
+    assert!(
+        queued >= 8 && waiting >= queued,
+        "every payout still queued has its job back in the queue: {queued} queued, {waiting} jobs waiting"
+    );
+}

@@ -11,6 +11,9 @@
 //! fencing token, and a final write applies only to a payout still
 //! `processing` under that token. This module only groups requests.
 
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
@@ -170,7 +173,38 @@ async fn run_claims(pool: &PgPool, mut batch: Vec<ClaimReq>) {
     }
     let (claims, replies): (Vec<ClaimRequest>, Vec<_>) =
         unique.into_iter().map(|r| (r.claim, r.reply)).unzip();
-    match payouts::claim_many(pool, &claims).await {
+    // A claim that fails because the connection broke (Postgres restarted,
+    // a failover to a standby) is tried again on a fresh connection for up
+    // to about ten seconds, its times moved on by the wait: given up at
+    // once, the payout would sit `queued` until the sweep takes it back
+    // (`producer.queue_lease_secs`, a minute by default). Retrying is safe:
+    // if the lost try did commit, the payout is no longer claimable and the
+    // retry claims nothing (the job is skipped; the lease runs out).
+    let asked = tokio::time::Instant::now();
+    let result = (|| async {
+        let waited = chrono::Duration::from_std(asked.elapsed()).unwrap_or_default();
+        let moved: Vec<ClaimRequest> = claims
+            .iter()
+            .map(|c| ClaimRequest {
+                now: c.now + waited,
+                lease_until: c.lease_until + waited,
+                ..c.clone()
+            })
+            .collect();
+        payouts::claim_many(pool, &moved).await
+    })
+    .retry(
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(2))
+            .with_max_times(8),
+    )
+    .when(connection_lost)
+    .notify(|e, after| {
+        tracing::warn!(error = %format_args!("{e:#}"), ?after, "claim failed: connection lost; trying again");
+    })
+    .await;
+    match result {
         Ok(rows) => {
             for (c, reply) in claims.iter().zip(replies) {
                 let claimed = rows.iter().find(|r| r.payout.id == c.id).cloned();
@@ -184,6 +218,12 @@ async fn run_claims(pool: &PgPool, mut batch: Vec<ClaimReq>) {
             }
         }
     }
+}
+
+/// The statement failed because the connection did (reset, closed, EOF):
+/// worth one more try on another connection.
+fn connection_lost(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Io(_))
 }
 
 async fn run_finishes(pool: &PgPool, mut batch: Vec<FinishReq>) {

@@ -182,3 +182,25 @@ pub async fn claims_after_queued(
     .await?;
     Ok(rows.into_iter().map(|r| (r.payout_id, r.claimed)).collect())
 }
+
+/// How many payouts moved to `queued` since `since` were first claimed only
+/// `lease_secs` or more after it (the chaos harness's rolling restart: jobs
+/// left stranded until the sweep).
+#[cfg(feature = "testkit")]
+pub async fn queued_claimed_late(
+    pool: &PgPool,
+    since: Option<DateTime<Utc>>,
+    lease_secs: f64,
+) -> sqlx::Result<i64> {
+    sqlx::query_scalar!(
+        r#"SELECT count(*) AS "count!" FROM payout_events q
+           WHERE q.to_status = 'queued' AND q.at >= $1
+             AND (SELECT min(c.at) FROM payout_events c
+                  WHERE c.payout_id = q.payout_id AND c.to_status = 'processing' AND c.at >= q.at)
+                 >= q.at + make_interval(secs => $2)"#,
+        since,
+        lease_secs,
+    )
+    .fetch_one(pool)
+    .await
+}

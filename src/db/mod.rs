@@ -152,6 +152,18 @@ pub async fn commits(pool: &PgPool) -> sqlx::Result<i64> {
     Ok(n.unwrap_or(0))
 }
 
+/// How many standbys replicate from this server synchronously, streaming
+/// (the chaos harness's failover scenario waits for one).
+#[cfg(feature = "testkit")]
+pub async fn synchronous_standbys(conn: &mut sqlx::PgConnection) -> sqlx::Result<i64> {
+    sqlx::query_scalar!(
+        r#"SELECT count(*) AS "count!" FROM pg_stat_replication
+           WHERE state = 'streaming' AND sync_state = 'sync'"#
+    )
+    .fetch_one(&mut *conn)
+    .await
+}
+
 /// Applies pending migrations.
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     MIGRATOR

@@ -1726,6 +1726,38 @@ pub async fn paid_after_percentiles(
     Ok((r.p50, r.p95, r.p99))
 }
 
+/// The first and the last time a payout was paid after `after` (the chaos
+/// harness's failover scenario).
+#[cfg(feature = "testkit")]
+pub async fn paid_span_after(
+    pool: &PgPool,
+    after: DateTime<Utc>,
+) -> sqlx::Result<(Option<DateTime<Utc>>, Option<DateTime<Utc>>)> {
+    let r = sqlx::query!(
+        "SELECT min(paid_at) AS first, max(paid_at) AS last FROM payouts WHERE paid_at > $1",
+        after,
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok((r.first, r.last))
+}
+
+/// Payout `id`'s attempt now, and the time of its latest event.
+#[cfg(feature = "testkit")]
+pub async fn attempt_and_last_event(
+    pool: &PgPool,
+    id: i64,
+) -> sqlx::Result<(i32, Option<DateTime<Utc>>)> {
+    let r = sqlx::query!(
+        "SELECT attempt, (SELECT max(at) FROM payout_events WHERE payout_id = $1) AS last_event
+         FROM payouts WHERE id = $1",
+        id,
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok((r.attempt, r.last_event))
+}
+
 /// Fresh planner statistics for `payouts` (the benchmark, after seeding).
 #[cfg(feature = "testkit")]
 pub async fn vacuum_analyze(pool: &PgPool) -> sqlx::Result<()> {

@@ -11,14 +11,19 @@
 //!   rows in Postgres;
 //! - losing Redis loses jobs: Postgres still says `queued`; the producer sees
 //!   the epoch key gone ([`Queue::check_epoch`]) and enqueues them again, and
-//!   the lease sweep catches anything else.
+//!   the lease sweep catches anything else;
+//! - a worker stopped gracefully can leave a batch of jobs it had fetched
+//!   but not run in its in-flight set, which nothing re-enqueues once the
+//!   worker is gone (in a rolling restart, chaos S16 with the defaults, 32
+//!   payouts waited for the lease sweep, a minute): the stopping worker
+//!   hands them back ([`Queue::hand_back`]).
 //!
 //! Every key starts with `{prefix}` in braces (a Redis Cluster hash tag).
 
 pub mod beat;
 pub mod lock;
 
-use std::time::Duration;
+use std::{sync::LazyLock, time::Duration};
 
 use anyhow::Context;
 use apalis_core::task::builder::TaskBuilder;
@@ -138,6 +143,34 @@ pub async fn connect(settings: &RedisSettings) -> anyhow::Result<ConnectionManag
         .context("failed to connect to Redis")
 }
 
+/// Moves the in-flight jobs of the named apalis workers back to the active
+/// list and forgets those workers (apalis-redis's own orphan re-enqueue, for
+/// workers that are stopping rather than dead).
+/// KEYS: workers set, active list, signal list, in-flight set prefix.
+/// ARGV: worker names.
+static HAND_BACK: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+        local n = 0
+        for _, w in ipairs(ARGV) do
+            local key = KEYS[4] .. ':' .. w
+            local jobs = redis.call('smembers', key)
+            for i = 1, #jobs, 1000 do
+                redis.call('rpush', KEYS[2], unpack(jobs, i, math.min(i + 999, #jobs)))
+            end
+            n = n + #jobs
+            redis.call('del', key)
+            redis.call('zrem', KEYS[1], w)
+        end
+        if n > 0 then
+            redis.call('del', KEYS[3])
+            redis.call('lpush', KEYS[3], 1)
+        end
+        return n
+        ",
+    )
+});
+
 impl Queue {
     /// The queue under `settings.prefix`.
     pub fn new(
@@ -181,6 +214,28 @@ impl Queue {
     /// The key prefix.
     pub fn prefix(&self) -> &str {
         &self.prefix
+    }
+
+    /// Hands the jobs the apalis workers `names` fetched and did not finish
+    /// back to the queue, for other workers to take now; returns how many.
+    /// For a stopping worker process, once its consumers ended: a job whose
+    /// payout is still held is harmless twice (its claim is refused).
+    pub async fn hand_back(&self, names: &[String]) -> anyhow::Result<u64> {
+        if names.is_empty() {
+            return Ok(0);
+        }
+        let mut conn = self.conn.clone();
+        let mut call = HAND_BACK.prepare_invoke();
+        call.key(self.config.workers_set())
+            .key(self.config.active_jobs_list())
+            .key(self.config.signal_list())
+            .key(self.config.inflight_jobs_set());
+        for n in names {
+            call.arg(n);
+        }
+        call.invoke_async(&mut conn)
+            .await
+            .context("failed to hand the fetched jobs back to Redis")
     }
 
     /// Pushes one job per payout, in chunks of one Lua call each.

@@ -266,6 +266,20 @@ pub struct Fleet {
     /// `gateway.kind` of the children: `PAYOUTS_CHAOS_GATEWAY_KIND`, one of
     /// the kinds the mock speaks (default `contract`).
     gateway_kind: String,
+    /// Everyone (fleet and harness) -> Postgres, when the spec asks for it
+    /// (S15: switched to the standby when it is promoted).
+    pub postgres: Option<Proxy>,
+    /// S15's primary and synchronous standby (dropped last).
+    pub ha: Option<HaPostgres>,
+}
+
+/// A primary and its synchronous streaming standby (S15).
+#[derive(Debug)]
+pub struct HaPostgres {
+    /// Takes the writes until it is killed.
+    pub primary: PrivatePostgres,
+    /// Promoted when the primary dies.
+    pub standby: PrivatePostgres,
 }
 
 /// The gateway kind the chaos fleet runs with (`PAYOUTS_CHAOS_GATEWAY_KIND`).
@@ -292,6 +306,9 @@ pub struct FleetSpec {
     pub aof: bool,
     /// Gateway accounts the mock answers `account_closed` for.
     pub closed_destinations: Vec<String>,
+    /// Every Postgres connection (children and harness) through a proxy
+    /// whose upstream can be switched (S15).
+    pub pg_proxy: bool,
 }
 
 impl Fleet {
@@ -315,6 +332,16 @@ impl Fleet {
             ulid::Ulid::new().to_string().to_lowercase()
         );
         let db_url = pg.create_database(&db_name).await?;
+        let postgres = if spec.pg_proxy {
+            let upstream = SocketAddr::from(([127, 0, 0, 1], pg.port()));
+            Some(Proxy::start("fleet->postgres", upstream).await?)
+        } else {
+            None
+        };
+        let db_url = match &postgres {
+            Some(p) => format!("postgres://postgres@{}/{db_name}", p.addr()),
+            None => db_url,
+        };
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(5))
@@ -362,6 +389,8 @@ impl Fleet {
             env,
             spawned: 0,
             gateway_kind,
+            postgres,
+            ha: None,
         })
     }
 

@@ -1,5 +1,5 @@
 //! The chaos harness: proves the one rule (nobody paid twice, nobody
-//! forgotten) under thirteen fault scenarios, with real parts only.
+//! forgotten) under fifteen fault scenarios, with real parts only.
 //!
 //! For each scenario [`run`] starts a fresh fleet (see [`fleet`]): its own
 //! database on a private Postgres, a private redis-server, the mock gateway
@@ -73,11 +73,17 @@ pub enum Scenario {
     /// Kill storm: one of three workers SIGKILLed every 2 s (and restarted)
     /// for the whole run, under the gateway faults of issue #20.
     S13,
+    /// Postgres failover: the primary (synchronous streaming replication)
+    /// killed mid-run, the standby promoted, the fleet's address switched to it.
+    S15 = 15,
+    /// Rolling restart: every worker SIGTERMed and replaced, one at a time,
+    /// under load (what a Kubernetes rollout does).
+    S16,
 }
 
 impl Scenario {
     /// Every scenario, in order.
-    pub const ALL: [Scenario; 13] = [
+    pub const ALL: [Scenario; 15] = [
         Scenario::S1,
         Scenario::S2,
         Scenario::S3,
@@ -91,9 +97,11 @@ impl Scenario {
         Scenario::S11,
         Scenario::S12,
         Scenario::S13,
+        Scenario::S15,
+        Scenario::S16,
     ];
 
-    /// `S1` ... `S13`.
+    /// `S1` ... `S16` (S14, a Redis Sentinel failover, is not built yet).
     pub fn id(self) -> String {
         format!("S{}", self as u8)
     }
@@ -114,6 +122,8 @@ impl Scenario {
             Scenario::S11 => "producer killed between mark and push",
             Scenario::S12 => "poison payouts + jobs enqueued twice",
             Scenario::S13 => "kill storm: 1 of 3 workers SIGKILLed every 2 s, whole run",
+            Scenario::S15 => "Postgres failover to a synchronous standby",
+            Scenario::S16 => "rolling restart: each worker SIGTERMed and replaced in turn",
         }
     }
 
@@ -133,11 +143,11 @@ impl FromStr for Scenario {
             .trim()
             .trim_start_matches(['S', 's'])
             .parse()
-            .map_err(|_| format!("unknown scenario {s:?} (S1 ... S13)"))?;
+            .map_err(|_| format!("unknown scenario {s:?} (S1 ... S13, S15, S16)"))?;
         Scenario::ALL
             .into_iter()
             .find(|sc| *sc as u8 == n)
-            .ok_or_else(|| format!("unknown scenario {s:?} (S1 ... S13)"))
+            .ok_or_else(|| format!("unknown scenario {s:?} (S1 ... S13, S15, S16)"))
     }
 }
 
@@ -340,11 +350,26 @@ async fn scenario_body(
         } else {
             vec![]
         },
+        pg_proxy: s == Scenario::S15,
     };
     let dir = tmp.join(s.id());
     let logs = log_root.join(s.id());
     let _ = std::fs::remove_dir_all(&logs);
-    let mut fleet = Fleet::start(&s.id(), &dir, &logs, pg, &opts.bins, profile, &spec).await?;
+    let mut fleet = if s == Scenario::S15 {
+        // Its own primary and synchronous standby: the shared Postgres of
+        // the other scenarios is not killed for good.
+        let primary =
+            PrivatePostgres::start_sync_primary(&dir.join("pg-primary")).context("S15 primary")?;
+        let standby = PrivatePostgres::standby_of(&primary, &dir.join("pg-standby"))
+            .await
+            .context("S15 standby")?;
+        let mut fleet =
+            Fleet::start(&s.id(), &dir, &logs, &primary, &opts.bins, profile, &spec).await?;
+        fleet.ha = Some(fleet::HaPostgres { primary, standby });
+        fleet
+    } else {
+        Fleet::start(&s.id(), &dir, &logs, pg, &opts.bins, profile, &spec).await?
+    };
     fleet
         .gateway
         .set_faults(&scenarios::initial_faults(s, profile))

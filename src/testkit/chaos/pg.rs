@@ -26,6 +26,8 @@ pub struct PrivatePostgres {
     port: u16,
     as_postgres: bool,
     running: bool,
+    /// Server options on top of the defaults (`-c name=value ...`).
+    extra_opts: String,
 }
 
 /// The directory of `pg_ctl` and `initdb`: `PAYOUTS_CHAOS_PG_BIN`, else the
@@ -68,28 +70,78 @@ fn running_as_root() -> bool {
 impl PrivatePostgres {
     /// `initdb` under `dir` (created) and starts the server.
     pub fn start(dir: &Path) -> anyhow::Result<PrivatePostgres> {
-        let bin = find_bin_dir()?;
-        std::fs::create_dir_all(dir)?;
-        let as_postgres = running_as_root();
-        if as_postgres {
-            let ok = Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(dir)
-                .status()
-                .context("chown")?;
-            if !ok.success() {
-                bail!("chown postgres {} failed", dir.display());
+        PrivatePostgres::start_with(dir, "")
+    }
+
+    /// A primary whose commits wait for a synchronous streaming standby
+    /// (`synchronous_commit = on`, `synchronous_standby_names = '*'`): a
+    /// commit is acknowledged only once the standby has it. Start the
+    /// standby with [`PrivatePostgres::standby_of`] before the first write,
+    /// or commits wait for it. The setting is a server option, not in the
+    /// data directory, so the standby it is copied into does not inherit it
+    /// (a promoted standby must not wait for a standby of its own).
+    pub fn start_sync_primary(dir: &Path) -> anyhow::Result<PrivatePostgres> {
+        PrivatePostgres::start_with(
+            dir,
+            "-c synchronous_commit=on -c synchronous_standby_names='*' -c wal_level=replica",
+        )
+    }
+
+    /// A streaming standby of `primary` under `dir`: `pg_basebackup -R`
+    /// (the copy and `primary_conninfo`), then the server in recovery on its
+    /// own port; returns once the primary reports it streaming as its
+    /// synchronous standby.
+    pub async fn standby_of(
+        primary: &PrivatePostgres,
+        dir: &Path,
+    ) -> anyhow::Result<PrivatePostgres> {
+        let mut sb = PrivatePostgres::prepare(dir, "")?;
+        let data = sb.data.to_string_lossy().into_owned();
+        let port = primary.port.to_string();
+        sb.run(
+            "pg_basebackup",
+            &[
+                "-D",
+                &data,
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "--no-sync",
+            ],
+        )?;
+        sb.start_server()?;
+        let mut admin = sqlx::PgConnection::connect(&primary.url("postgres"))
+            .await
+            .context("connect to the primary")?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let sync = crate::db::synchronous_standbys(&mut admin).await?;
+            if sync > 0 {
+                return Ok(sb);
             }
+            if std::time::Instant::now() >= deadline {
+                bail!("the standby did not stream synchronously within 30 s");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
-        let mut pg = PrivatePostgres {
-            data: dir.join("data"),
-            log: dir.join("postgres.log"),
-            dir: dir.to_path_buf(),
-            bin,
-            port: free_port()?,
-            as_postgres,
-            running: false,
-        };
+    }
+
+    /// `pg_ctl promote -w`: the standby leaves recovery and takes writes.
+    pub fn promote(&mut self) -> anyhow::Result<()> {
+        let data = self.data.to_string_lossy().into_owned();
+        self.run("pg_ctl", &["-D", &data, "-w", "-t", "60", "promote"])
+    }
+
+    fn start_with(dir: &Path, extra_opts: &str) -> anyhow::Result<PrivatePostgres> {
+        let mut pg = PrivatePostgres::prepare(dir, extra_opts)?;
         let data = pg.data.to_string_lossy().into_owned();
         pg.run(
             "initdb",
@@ -107,6 +159,35 @@ impl PrivatePostgres {
             ],
         )?;
         pg.start_server()?;
+        Ok(pg)
+    }
+
+    /// The directory (created, owned by `postgres` when run as root) and a
+    /// free port; no data directory yet, nothing running.
+    fn prepare(dir: &Path, extra_opts: &str) -> anyhow::Result<PrivatePostgres> {
+        let bin = find_bin_dir()?;
+        std::fs::create_dir_all(dir)?;
+        let as_postgres = running_as_root();
+        if as_postgres {
+            let ok = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir)
+                .status()
+                .context("chown")?;
+            if !ok.success() {
+                bail!("chown postgres {} failed", dir.display());
+            }
+        }
+        let pg = PrivatePostgres {
+            data: dir.join("data"),
+            log: dir.join("postgres.log"),
+            dir: dir.to_path_buf(),
+            bin,
+            port: free_port()?,
+            as_postgres,
+            running: false,
+            extra_opts: extra_opts.to_string(),
+        };
         Ok(pg)
     }
 
@@ -145,9 +226,10 @@ impl PrivatePostgres {
     pub fn start_server(&mut self) -> anyhow::Result<()> {
         let opts = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off \
-             -c synchronous_commit=off -c max_connections=200",
+             -c synchronous_commit=off -c max_connections=200 {}",
             self.port,
-            self.dir.display()
+            self.dir.display(),
+            self.extra_opts
         );
         let data = self.data.to_string_lossy().into_owned();
         let log = self.log.to_string_lossy().into_owned();

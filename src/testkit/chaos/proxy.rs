@@ -64,6 +64,7 @@ pub struct Proxy {
     name: String,
     addr: SocketAddr,
     mode: watch::Sender<Mode>,
+    upstream: watch::Sender<SocketAddr>,
     stop: CancellationToken,
     stats: Arc<ProxyStats>,
 }
@@ -74,11 +75,12 @@ impl Proxy {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
         let (mode, mode_rx) = watch::channel(Mode::Pass);
+        let (upstream, upstream_rx) = watch::channel(upstream);
         let stop = CancellationToken::new();
         let stats = Arc::new(ProxyStats::default());
         tokio::spawn(accept_loop(
             listener,
-            upstream,
+            upstream_rx,
             mode_rx,
             stop.clone(),
             stats.clone(),
@@ -87,6 +89,7 @@ impl Proxy {
             name: name.to_string(),
             addr,
             mode,
+            upstream,
             stop,
             stats,
         })
@@ -103,6 +106,13 @@ impl Proxy {
         self.mode.send_replace(mode);
     }
 
+    /// Points new connections at `addr` (what a DNS name or HAProxy does
+    /// when a standby is promoted); open connections keep their upstream.
+    pub fn set_upstream(&self, addr: SocketAddr) {
+        tracing::info!(proxy = %self.name, %addr, "proxy upstream");
+        self.upstream.send_replace(addr);
+    }
+
     /// The counters.
     pub fn stats(&self) -> &ProxyStats {
         &self.stats
@@ -117,7 +127,7 @@ impl Drop for Proxy {
 
 async fn accept_loop(
     listener: TcpListener,
-    upstream: SocketAddr,
+    upstream: watch::Receiver<SocketAddr>,
     mode: watch::Receiver<Mode>,
     stop: CancellationToken,
     stats: Arc<ProxyStats>,
@@ -131,9 +141,10 @@ async fn accept_loop(
             Ok((client, _)) => {
                 let _ = client.set_nodelay(true);
                 stats.accepted.fetch_add(1, Ordering::Relaxed);
+                let to = *upstream.borrow();
                 tokio::spawn(connection(
                     client,
-                    upstream,
+                    to,
                     mode.clone(),
                     stop.clone(),
                     stats.clone(),

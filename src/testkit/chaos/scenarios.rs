@@ -1,9 +1,11 @@
-//! The thirteen fault scenarios: what each injects into a running fleet,
+//! The fault scenarios: what each injects into a running fleet,
 //! when it heals, and the extra evidence some of them collect after the
 //! drain (S3: the paused worker's late work was refused, by the fence or by
 //! its own lease check; S11: the payouts the killed producer left `queued`
 //! without a job were recovered by the lease sweep; S13: how long after
-//! each kill every payout the dead worker held was claimed again).
+//! each kill every payout the dead worker held was claimed again; S15: how
+//! soon payouts flowed again after the primary died; S16: how long the
+//! payouts of a worker stopped by SIGTERM waited).
 //!
 //! Faults start `profile.fault_at` after seeding, while payouts are still
 //! falling due, so there is always work in flight when they hit.
@@ -73,6 +75,16 @@ pub enum After {
         /// The kills, in order.
         kills: Vec<Kill>,
     },
+    /// S15: when the primary was killed.
+    Failover {
+        /// When `pg_ctl stop -m immediate` returned.
+        killed_at: DateTime<Utc>,
+    },
+    /// S16: every SIGTERM and what the stopping worker held.
+    RollingRestart {
+        /// The SIGTERMs, in order (`Kill::at` is when the signal was sent).
+        stops: Vec<Kill>,
+    },
 }
 
 /// One SIGKILL of S13.
@@ -138,6 +150,26 @@ pub async fn inject(
         return Ok(out);
     }
     tokio::time::sleep_until(t0 + profile.fault_at).await;
+    if matches!(s, Scenario::S15 | Scenario::S16) {
+        // These faults are about work in flight: with the default producer
+        // tick nothing may be claimed yet at `fault_at`.
+        let pool = fleet.pool.clone();
+        poll(
+            Duration::from_secs(30),
+            Duration::from_millis(20),
+            "a payout to be in flight",
+            || {
+                let pool = pool.clone();
+                async move {
+                    let n = payouts::count_with_status(&pool, PayoutStatus::Processing)
+                        .await
+                        .ok()?;
+                    (n > 0).then_some(())
+                }
+            },
+        )
+        .await?;
+    }
     let paid_before = paid_count(fleet).await;
     out.start = Some(Utc::now());
     let mut rng = StdRng::seed_from_u64(profile.seed ^ s as u64);
@@ -390,6 +422,39 @@ pub async fn inject(
             ));
             out.after = After::KillStorm { kills };
         }
+        Scenario::S15 => {
+            let ha = fleet
+                .ha
+                .as_mut()
+                .context("S15 runs on a primary and a standby")?;
+            ha.primary.stop_immediate()?;
+            let killed_at = Utc::now();
+            let killed = std::time::Instant::now();
+            ha.standby.promote()?;
+            let promote_secs = killed.elapsed().as_secs_f64();
+            let standby = std::net::SocketAddr::from(([127, 0, 0, 1], ha.standby.port()));
+            fleet
+                .postgres
+                .as_ref()
+                .context("S15 runs behind the Postgres proxy")?
+                .set_upstream(standby);
+            out.notes.push(format!(
+                "primary (synchronous_commit = on, one synchronous streaming standby) stopped with pg_ctl -m immediate \
+                 with {paid_before} paid; standby promoted (pg_ctl promote -w) {promote_secs:.2} s later and the \
+                 fleet's address (a TCP proxy, as a DNS name or HAProxy would be) switched to it"
+            ));
+            out.after = After::Failover { killed_at };
+        }
+        Scenario::S16 => {
+            let stops = rolling_restart(fleet, profile, t0).await?;
+            let held: usize = stops.iter().map(|k| k.held.len()).sum();
+            out.notes.push(format!(
+                "{} workers replaced one at a time, as a Kubernetes rollout does (a new one started and ready, \
+                 then an old one SIGTERMed and waited for); they held {held} payouts when signalled",
+                stops.len()
+            ));
+            out.after = After::RollingRestart { stops };
+        }
     }
     out.heal = Some(Utc::now());
     Ok(out)
@@ -424,6 +489,72 @@ async fn kill_storm(
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// S16: rounds of a rolling restart until every payout is final (at least
+/// one round): for each worker, a replacement is started and
+/// waited for (ready), then the old one gets SIGTERM and is waited for; it
+/// must exit on its own, successfully, within its shutdown deadline.
+async fn rolling_restart(
+    fleet: &mut Fleet,
+    profile: &Profile,
+    t0: tokio::time::Instant,
+) -> anyhow::Result<Vec<Kill>> {
+    let n = fleet.workers.len();
+    let shutdown = fleet.settings.worker.shutdown_deadline_secs;
+    let mut stops = Vec::new();
+    loop {
+        for _ in 0..n {
+            let port = fleet.spawn_worker(None)?;
+            wait_ready(port).await?;
+            let mut old = fleet.workers.remove(0);
+            let pid = old.proc.pid();
+            old.proc.signal("TERM")?;
+            let at = Utc::now();
+            let held =
+                payouts::processing_owned_like(&fleet.pool, &format!("worker:%-{pid}-%")).await?;
+            let name = old.proc.name().to_string();
+            let status = poll(
+                Duration::from_secs(shutdown + 10),
+                Duration::from_millis(20),
+                &format!("{name} to exit after SIGTERM"),
+                || {
+                    let st = old.proc.exited();
+                    async move { st }
+                },
+            )
+            .await?;
+            if !status.success() {
+                bail!("{name} exited with {status} after SIGTERM");
+            }
+            stops.push(Kill { at, held });
+        }
+        let deadline = t0 + profile.spread + profile.drain_deadline;
+        if open_count(fleet).await == Some(0) || tokio::time::Instant::now() >= deadline {
+            return Ok(stops);
+        }
+    }
+}
+
+/// Polls a fleet process's `/health/ready` until it answers 200.
+async fn wait_ready(port: u16) -> anyhow::Result<()> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()?;
+    let url = format!("http://127.0.0.1:{port}/health/ready");
+    poll(
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        &format!("{url} to answer 200"),
+        || {
+            let (http, url) = (http.clone(), url.clone());
+            async move {
+                let r = http.get(&url).send().await.ok()?;
+                r.status().is_success().then_some(())
+            }
+        },
+    )
+    .await
 }
 
 async fn open_count(fleet: &Fleet) -> Option<i64> {
@@ -666,6 +797,76 @@ pub async fn after_drain(
             if p99 > lease {
                 report.findings.push(format!(
                     "kill -> re-claim p99 {p99:.2} s is longer than one lease ({lease} s)"
+                ));
+            }
+        }
+        After::Failover { killed_at } => {
+            let (first, last) = payouts::paid_span_after(&fleet.pool, *killed_at).await?;
+            let after = |t: Option<DateTime<Utc>>| {
+                t.map(|t| (t - *killed_at).num_milliseconds() as f64 / 1000.0)
+            };
+            match (after(first), after(last)) {
+                (Some(first), Some(last)) => report.notes.push(format!(
+                    "after the primary died: payouts flowing again (first paid on the promoted standby) in \
+                     {first:.2} s; the last payout paid {last:.2} s after the kill"
+                )),
+                _ => report.violation(
+                    "no payout was paid after the failover: the scenario did not test what it says".into(),
+                ),
+            }
+        }
+        After::RollingRestart { stops } => {
+            let lease = if profile.defaults {
+                crate::config::Settings::load_from(None, &[])?
+                    .worker
+                    .lease_secs
+            } else {
+                profile.lease_secs
+            };
+            let (mut held, mut reclaimed, mut waited) = (0usize, 0usize, 0f64);
+            for k in stops {
+                for (id, attempt) in &k.held {
+                    held += 1;
+                    let (now_attempt, ended) =
+                        payouts::attempt_and_last_event(&fleet.pool, *id).await?;
+                    if now_attempt > *attempt {
+                        reclaimed += 1;
+                    }
+                    if let Some(t) = ended {
+                        waited = waited.max((t - k.at).num_milliseconds() as f64 / 1000.0);
+                    }
+                }
+            }
+            // A payout whose job a stopping worker fetched and then left
+            // stranded is claimed only once the sweep re-enqueues it, a
+            // queue lease after it was marked queued.
+            let queue_lease = if profile.defaults {
+                crate::config::Settings::load_from(None, &[])?
+                    .producer
+                    .queue_lease_secs
+            } else {
+                profile.queue_lease_secs
+            };
+            let stranded = events::queued_claimed_late(
+                &fleet.pool,
+                stops.first().map(|k| k.at),
+                queue_lease as f64 - 0.3,
+            )
+            .await?;
+            report.notes.push(format!(
+                "{held} payouts were held by workers when they got SIGTERM: {reclaimed} had to be claimed again \
+                 by another worker; the longest took {waited:.2} s from the SIGTERM to its last event (lease {lease} s); \
+                 {stranded} payouts waited for the sweep ({queue_lease} s queue lease) to be claimed"
+            ));
+            if stranded > 0 {
+                report.violation(format!(
+                    "{stranded} payouts were claimed only after their {queue_lease} s queue lease ran out: jobs \
+                     fetched by a stopping worker were left stranded"
+                ));
+            }
+            if waited > lease as f64 {
+                report.violation(format!(
+                    "a payout held by a stopping worker waited {waited:.2} s, more than one lease ({lease} s)"
                 ));
             }
         }
