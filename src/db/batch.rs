@@ -180,9 +180,15 @@ async fn run_claims(pool: &PgPool, mut batch: Vec<ClaimReq>) {
     // (`producer.queue_lease_secs`, a minute by default). Retrying is safe:
     // if the lost try did commit, the payout is no longer claimable and the
     // retry claims nothing (the job is skipped; the lease runs out).
+    // The first try claims at the requested times exactly.
     let asked = tokio::time::Instant::now();
+    let tries = std::sync::atomic::AtomicU32::new(0);
     let result = (|| async {
-        let waited = chrono::Duration::from_std(asked.elapsed()).unwrap_or_default();
+        let waited = if tries.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 0 {
+            chrono::Duration::zero()
+        } else {
+            chrono::Duration::from_std(asked.elapsed()).unwrap_or_default()
+        };
         let moved: Vec<ClaimRequest> = claims
             .iter()
             .map(|c| ClaimRequest {
