@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Validates the deployment files with real validators from the package
 # registries (scripts/test.sh installs them; tests/deploy.rs runs this):
-# - docker-compose.yml against the compose-spec JSON schema
+# - docker-compose.yml and docker-compose.sentinel.yml against the compose-spec JSON schema
 #   (check-jsonschema's vendored `vendor.compose-spec`);
 # - every kustomize variant (deploy/k8s/base, keda, hpa, monitoring, pgbouncer,
 #   and keda with the ingress Component) rendered
@@ -19,7 +19,7 @@ py=python3; "$py" -c 'import yaml' 2>/dev/null || py=/usr/bin/python3
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 
-check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
+check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml docker-compose.sentinel.yml
 
 # deploy/k8s/ingress is a Component: rendered on top of the keda variant.
 mkdir -p "$out/overlay"

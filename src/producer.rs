@@ -332,6 +332,8 @@ impl Leadership {
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     metrics::init();
     let pool = crate::db::connect(&settings.database).await?;
+    let master =
+        crate::queue::sentinel::MasterWatch::start(&settings.redis, shutdown.clone()).await?;
     let conn = crate::queue::connect(&settings.redis).await?;
     let queue = Queue::from_settings(conn.clone(), &settings);
     let me = crate::worker::worker_name();
@@ -369,7 +371,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     run_loop(&producer, &leadership, &shutdown).await;
     let _ = leadership.resign().await;
     metrics::PRODUCER_LEADER.set(0);
-    Ok(())
+    master.outcome()
 }
 
 /// The in-transit poll (`crate::services::sync`) with the configured gateway

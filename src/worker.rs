@@ -693,6 +693,8 @@ async fn give_back_held(worker: &Worker) -> usize {
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     metrics::init();
     let pool = crate::db::connect(&settings.database).await?;
+    let master =
+        crate::queue::sentinel::MasterWatch::start(&settings.redis, shutdown.clone()).await?;
     let conn = crate::queue::connect(&settings.redis).await?;
     let queue = Queue::from_settings(conn.clone(), &settings);
     let gateway: Arc<dyn Gateway> =
@@ -770,5 +772,5 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         tracing::debug!(error = ?e, "liveness beat not removed; the producer finds nothing to rescue");
     }
     metrics::WORKER_UP.set(0);
-    Ok(())
+    master.outcome()
 }

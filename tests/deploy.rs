@@ -147,11 +147,9 @@ fn mutated(file: &str, from: &str, to: &str) -> PathBuf {
             .unwrap();
         assert!(ok.success(), "copy {sub}");
     }
-    std::fs::copy(
-        root().join("docker-compose.yml"),
-        dir.join("docker-compose.yml"),
-    )
-    .unwrap();
+    for compose in ["docker-compose.yml", "docker-compose.sentinel.yml"] {
+        std::fs::copy(root().join(compose), dir.join(compose)).unwrap();
+    }
     let path = dir.join(file);
     let text = std::fs::read_to_string(&path).unwrap();
     assert!(text.contains(from), "{file} has no {from:?}");
@@ -167,6 +165,12 @@ fn the_validators_refuse_a_misspelt_field_in_compose_kubernetes_and_custom_resou
             "stop_grace_period: 15s",
             "stop_grace_periods: 15s",
             "compose",
+        ),
+        (
+            "docker-compose.sentinel.yml",
+            "    command: [",
+            "    commands: [",
+            "compose (Sentinel)",
         ),
         (
             "deploy/k8s/base/reconcile-cronjob.yaml",

@@ -488,6 +488,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         std::time::Duration::from_millis(settings.admin.statement_timeout_ms),
     )
     .await?;
+    let master =
+        crate::queue::sentinel::MasterWatch::start(&settings.redis, shutdown.clone()).await?;
     let conn = crate::queue::connect(&settings.redis).await?;
     let queue = Queue::from_settings(conn, &settings);
     let listen = settings.admin.listen;
@@ -495,5 +497,5 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let (addr, handle) = serve(listen, state, shutdown).await?;
     tracing::info!(%addr, "payout-admin listening: dashboard at http://{addr}/ui/, API at http://{addr}/api/v1");
     handle.await?;
-    Ok(())
+    master.outcome()
 }

@@ -123,6 +123,27 @@ pub struct RedisSettings {
     pub url: SecretString,
     /// Prefix of every key the fleet writes; the queue keys are hash-tagged with it.
     pub prefix: String,
+    /// Redis Sentinel addresses (`host:port`). Empty: `url` is the Redis.
+    /// Set: the master is asked of the sentinels (`url` then gives only the
+    /// password and database), and a process whose master moves stops
+    /// gracefully and exits non-zero, so its supervisor restarts it against
+    /// the new master.
+    #[serde(default)]
+    pub sentinels: Vec<String>,
+    /// The master name the sentinels monitor.
+    #[serde(default = "default_sentinel_master")]
+    pub sentinel_master: String,
+    /// How often a process asks the sentinels where the master is, in ms.
+    #[serde(default = "default_sentinel_check_ms")]
+    pub sentinel_check_ms: u64,
+}
+
+fn default_sentinel_master() -> String {
+    "mymaster".into()
+}
+
+fn default_sentinel_check_ms() -> u64 {
+    1000
 }
 
 /// The producer.
@@ -447,10 +468,22 @@ impl Settings {
 
     /// Checks ranges; the error names the bad key.
     pub fn validate(&self) -> anyhow::Result<()> {
-        let checks: [(bool, &str); 25] = [
+        let checks: [(bool, &str); 27] = [
             (
                 self.database.max_connections >= 1,
                 "database.max_connections must be >= 1",
+            ),
+            (
+                self.redis.sentinels.iter().all(|s| {
+                    s.rsplit_once(':').is_some_and(|(host, port)| {
+                        !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+                    })
+                }),
+                "redis.sentinels must each be host:port",
+            ),
+            (
+                self.redis.sentinel_check_ms >= 100,
+                "redis.sentinel_check_ms must be >= 100",
             ),
             (
                 valid_prefix(&self.redis.prefix),

@@ -22,6 +22,7 @@
 
 pub mod beat;
 pub mod lock;
+pub mod sentinel;
 
 use std::{sync::LazyLock, time::Duration};
 
@@ -129,9 +130,17 @@ pub fn apalis_config(prefix: &str, fetch_batch: usize, heartbeat: Duration) -> C
         .emit_events(false)
 }
 
-/// Connects to Redis with a connection manager (it reconnects by itself).
+/// Connects to Redis with a connection manager (it reconnects by itself, to
+/// the same address). With `redis.sentinels`, to the master they name.
 pub async fn connect(settings: &RedisSettings) -> anyhow::Result<ConnectionManager> {
-    let client = redis::Client::open(settings.url.expose_secret()).context("invalid Redis URL")?;
+    let client = if settings.sentinels.is_empty() {
+        redis::Client::open(settings.url.expose_secret()).context("invalid Redis URL")?
+    } else {
+        let info = sentinel::master_info(settings, 10)
+            .await
+            .context("failed to find the Redis master through Sentinel")?;
+        redis::Client::open(info).context("invalid Redis master address")?
+    };
     let cfg = redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(2)))
         .set_response_timeout(Some(Duration::from_secs(5)))

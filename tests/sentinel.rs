@@ -1,0 +1,257 @@
+//! Redis Sentinel (issue #20, item 3), against real redis-servers the test
+//! starts on free ports: a master, a replica of it and a sentinel (Debian's
+//! redis-server in sentinel mode). A fleet configured with
+//! `redis.sentinels` pays through the master the sentinel names; after a
+//! failover (`SENTINEL FAILOVER`: the replica promoted) every process stops
+//! gracefully and exits non-zero saying why, and, restarted as a supervisor
+//! would, pays through the new master. Nobody is paid twice.
+// Tests read the wall clock on purpose (clippy.toml bans it in the product).
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use common::{Fleet, Proc, child_env, eventually};
+use payouts::testkit::mock_gateway::Faults;
+
+/// A redis-server (or sentinel) child, killed when dropped.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn redis_server(dir: &Path, port: u16, extra: &[&str]) -> Server {
+    let log = std::fs::File::create(dir.join(format!("redis-{port}.log"))).unwrap();
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+        .arg("--dir")
+        .arg(dir)
+        .args(extra)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("redis-server");
+    Server(child)
+}
+
+async fn query<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> Option<T> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+    let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+    cmd.query_async(&mut conn).await.ok()
+}
+
+async fn role(port: u16) -> Option<String> {
+    let v: Vec<redis::Value> = query(port, &redis::cmd("ROLE")).await?;
+    match v.first()? {
+        redis::Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        _ => None,
+    }
+}
+
+/// A master, its replica and one sentinel watching them (quorum 1).
+struct Sentinel {
+    _servers: Vec<Server>,
+    master: u16,
+    replica: u16,
+    sentinel: u16,
+    _dir: PathBuf,
+}
+
+impl Sentinel {
+    async fn start() -> Sentinel {
+        let dir = std::env::temp_dir().join(format!(
+            "payouts-sentinel-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (master, replica, sentinel) = (free_port(), free_port(), free_port());
+        let mut servers = vec![redis_server(&dir, master, &[])];
+        servers.push(redis_server(
+            &dir,
+            replica,
+            &["--replicaof", "127.0.0.1", &master.to_string()],
+        ));
+        let conf = dir.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {sentinel}\nbind 127.0.0.1\nprotected-mode no\ndir {}\n\
+                 sentinel monitor mymaster 127.0.0.1 {master} 1\n\
+                 sentinel down-after-milliseconds mymaster 1000\n\
+                 sentinel failover-timeout mymaster 5000\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.join("sentinel.log")).unwrap();
+        servers.push(Server(
+            Command::new("redis-server")
+                .arg(&conf)
+                .arg("--sentinel")
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .stdin(Stdio::null())
+                .spawn()
+                .expect("redis-server --sentinel"),
+        ));
+        // The replica in sync, and the sentinel knowing both.
+        eventually(
+            Duration::from_secs(30),
+            "the replica to sync",
+            || async move {
+                let info: String = query(replica, redis::cmd("INFO").arg("replication")).await?;
+                info.contains("master_link_status:up").then_some(())
+            },
+        )
+        .await;
+        eventually(
+            Duration::from_secs(30),
+            "the sentinel to see the replica",
+            || async move {
+                let replicas: Vec<redis::Value> = query(
+                    sentinel,
+                    redis::cmd("SENTINEL").arg("replicas").arg("mymaster"),
+                )
+                .await?;
+                (!replicas.is_empty()).then_some(())
+            },
+        )
+        .await;
+        Sentinel {
+            _servers: servers,
+            master,
+            replica,
+            sentinel,
+            _dir: dir,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_on_sentinel_pays_through_the_master_and_follows_a_failover() {
+    let s = Sentinel::start().await;
+    let f = Fleet::start(Faults::default()).await;
+    // REDIS_URL names no reachable Redis: the sentinels say where it is.
+    let mut env = child_env(
+        &f.db.url,
+        "redis://127.0.0.1:1",
+        &f.prefix,
+        &f.gateway.base_url,
+    );
+    env.push((
+        "PAYOUTS_REDIS__SENTINELS".into(),
+        format!("[\"127.0.0.1:{}\"]", s.sentinel),
+    ));
+    env.push(("PAYOUTS_REDIS__SENTINEL_CHECK_MS".into(), "200".into()));
+    let payee = f.payee("acct_1").await;
+    for _ in 0..20 {
+        f.payout(payee, "1.00", chrono::Utc::now()).await;
+    }
+    let mut producer = Proc::producer(&env, "sentinel-producer");
+    let mut worker = Proc::worker(&env, "sentinel-worker");
+    eventually(
+        Duration::from_secs(30),
+        "20 paid through the master",
+        || async { (f.count("paid").await == 20).then_some(()) },
+    )
+    .await;
+    let on_master: Option<String> =
+        query(s.master, redis::cmd("KEYS").arg(format!("*{}*", f.prefix)))
+            .await
+            .and_then(|keys: Vec<String>| keys.into_iter().next());
+    assert!(
+        on_master.is_some(),
+        "the fleet's keys are on the master the sentinel named"
+    );
+
+    // Failover: the replica becomes the master.
+    let _: String = query(
+        s.sentinel,
+        redis::cmd("SENTINEL").arg("failover").arg("mymaster"),
+    )
+    .await
+    .expect("SENTINEL FAILOVER accepted");
+    eventually(Duration::from_secs(30), "the replica promoted", || async {
+        (role(s.replica).await.as_deref() == Some("master")).then_some(())
+    })
+    .await;
+
+    // Each process notices, stops gracefully and exits non-zero, saying why.
+    for p in [&mut producer, &mut worker] {
+        let status = eventually(Duration::from_secs(30), "the process to exit", || {
+            let st = p.child.try_wait().unwrap();
+            async move { st }
+        })
+        .await;
+        assert!(
+            !status.success(),
+            "{} must exit non-zero so its supervisor restarts it ({status:?})",
+            p.name
+        );
+        let log =
+            std::fs::read_to_string(std::env::temp_dir().join("payouts-test-logs").join(format!(
+                "{}-{}.log",
+                p.name,
+                std::process::id()
+            )))
+            .unwrap();
+        assert!(
+            log.contains("the Redis master moved"),
+            "{} says why it stopped:\n{log}",
+            p.name
+        );
+    }
+
+    // Restarted (what Kubernetes or compose do), they pay through the new master.
+    for _ in 0..20 {
+        f.payout(payee, "1.00", chrono::Utc::now()).await;
+    }
+    let _producer = Proc::producer(&env, "sentinel-producer-2");
+    let _worker = Proc::worker(&env, "sentinel-worker-2");
+    eventually(
+        Duration::from_secs(30),
+        "40 paid, the last 20 through the new master",
+        || async { (f.count("paid").await == 40).then_some(()) },
+    )
+    .await;
+    let on_new: Vec<String> = query(s.replica, redis::cmd("KEYS").arg(format!("*{}*", f.prefix)))
+        .await
+        .unwrap();
+    assert!(!on_new.is_empty(), "the fleet writes to the new master");
+    f.assert_paid_exactly_once().await;
+}
+
+#[test]
+fn sentinels_that_are_not_host_and_port_are_refused() {
+    let err = payouts::config::Settings::load_from(
+        None,
+        &[(
+            "PAYOUTS_REDIS__SENTINELS".into(),
+            "[\"sentinel-without-port\"]".into(),
+        )],
+    )
+    .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("redis.sentinels must each be host:port"),
+        "{err:#}"
+    );
+}
