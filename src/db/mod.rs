@@ -70,6 +70,8 @@ pub async fn connect_with_statement_timeout(
 /// not applied yet (empty: the schema is current for this binary). A
 /// database never migrated has them all pending.
 pub async fn pending_migrations(pool: &PgPool) -> anyhow::Result<Vec<i64>> {
+    // sqlx's own table, which a database never migrated does not have:
+    // read at run time, not checked against a schema.
     let table: Option<String> = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations')::text")
         .fetch_one(pool)
         .await
