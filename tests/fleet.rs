@@ -304,11 +304,7 @@ async fn sigterm_lets_in_flight_payouts_finish_before_the_worker_exits() {
     .await;
 
     worker.signal("TERM");
-    let status = eventually(Duration::from_secs(10), "the worker exits", || {
-        let s = worker.child.try_wait().unwrap();
-        async move { s }
-    })
-    .await;
+    let status = worker.wait_exit(Duration::from_secs(10)).await;
 
     assert!(status.success(), "exit status {status:?}");
     assert_eq!(
@@ -325,7 +321,7 @@ async fn sigterm_lets_in_flight_payouts_finish_before_the_worker_exits() {
 /// the set of a worker that is gone, their payouts would wait for the lease
 /// sweep (`producer.queue_lease_secs`, a minute by default).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_hands_back_the_jobs_a_worker_fetched_but_did_not_start() {
+async fn a_worker_stopped_by_sigterm_leaves_no_fetched_job_stranded() {
     let f = Fleet::start(Faults {
         latency_ms: 1500,
         ..Default::default()
@@ -373,11 +369,7 @@ async fn sigterm_hands_back_the_jobs_a_worker_fetched_but_did_not_start() {
     .await;
 
     worker.signal("TERM");
-    let status = eventually(Duration::from_secs(15), "the worker exits", || {
-        let s = worker.child.try_wait().unwrap();
-        async move { s }
-    })
-    .await;
+    let status = worker.wait_exit(Duration::from_secs(15)).await;
     assert!(status.success(), "exit status {status:?}");
     assert_eq!(
         inflight(conn.clone(), inflight_pattern.clone()).await,

@@ -25,7 +25,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Fleet, Proc, child_env, eventually, unique};
+use common::{Fleet, Proc, child_env, eventually, free_port, unique};
 use payouts::testkit::mock_gateway::Faults;
 use serde_json::Value;
 
@@ -118,14 +118,6 @@ fn run_ok(cmd: &mut Command) -> String {
 fn s<'a>(v: &'a Value, what: &str) -> &'a str {
     v.as_str()
         .unwrap_or_else(|| panic!("{what}: expected a string, got {v}"))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// `30s`, `1m30s`, `2m`, `1h` -> seconds.

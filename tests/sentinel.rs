@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use common::{Fleet, Proc, child_env, eventually};
+use common::{Fleet, Proc, child_env, eventually, free_port};
 use payouts::testkit::mock_gateway::Faults;
 
 /// A redis-server (or sentinel) child, killed when dropped.
@@ -27,14 +27,6 @@ impl Drop for Server {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn redis_server(dir: &Path, port: u16, extra: &[&str]) -> Server {
@@ -66,13 +58,21 @@ async fn role(port: u16) -> Option<String> {
     }
 }
 
-/// A master, its replica and one sentinel watching them (quorum 1).
+/// A master, its replica and one sentinel watching them (quorum 1); the
+/// servers stop and their directory goes when dropped.
 struct Sentinel {
-    _servers: Vec<Server>,
+    servers: Vec<Server>,
     master: u16,
     replica: u16,
     sentinel: u16,
-    _dir: PathBuf,
+    dir: PathBuf,
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        self.servers.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 impl Sentinel {
@@ -137,11 +137,11 @@ impl Sentinel {
         )
         .await;
         Sentinel {
-            _servers: servers,
+            servers,
             master,
             replica,
             sentinel,
-            _dir: dir,
+            dir,
         }
     }
 }
@@ -197,11 +197,7 @@ async fn a_fleet_on_sentinel_pays_through_the_master_and_follows_a_failover() {
 
     // Each process notices, stops gracefully and exits non-zero, saying why.
     for p in [&mut producer, &mut worker] {
-        let status = eventually(Duration::from_secs(30), "the process to exit", || {
-            let st = p.child.try_wait().unwrap();
-            async move { st }
-        })
-        .await;
+        let status = p.wait_exit(Duration::from_secs(30)).await;
         assert!(
             !status.success(),
             "{} must exit non-zero so its supervisor restarts it ({status:?})",

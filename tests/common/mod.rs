@@ -446,6 +446,26 @@ impl Proc {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// Waits (polling, with a deadline) until the process exits; its status.
+    pub async fn wait_exit(&mut self, deadline: Duration) -> std::process::ExitStatus {
+        let what = format!("{} to exit", self.name);
+        let child = &mut self.child;
+        eventually(deadline, &what, || {
+            let s = child.try_wait().unwrap();
+            async move { s }
+        })
+        .await
+    }
+}
+
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Drop for Proc {

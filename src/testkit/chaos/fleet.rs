@@ -401,24 +401,8 @@ impl Fleet {
         for _ in 0..workers {
             ports.push(self.spawn_worker(None)?);
         }
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(2))
-            .build()?;
         for port in ports {
-            let url = format!("http://127.0.0.1:{port}/health/ready");
-            poll(
-                Duration::from_secs(60),
-                Duration::from_millis(50),
-                &format!("{url} to answer 200"),
-                || {
-                    let (http, url) = (http.clone(), url.clone());
-                    async move {
-                        let r = http.get(&url).send().await.ok()?;
-                        r.status().is_success().then_some(())
-                    }
-                },
-            )
-            .await?;
+            wait_ready(port).await?;
         }
         Ok(())
     }
@@ -570,4 +554,26 @@ fn child_env(db_url: &str, profile: &Profile) -> Vec<(String, String)> {
         log_filter,
     )))
     .collect()
+}
+
+/// Polls a fleet process's `/health/ready` until it answers 200 (Postgres
+/// and Redis answer it).
+pub async fn wait_ready(port: u16) -> anyhow::Result<()> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()?;
+    let url = format!("http://127.0.0.1:{port}/health/ready");
+    poll(
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        &format!("{url} to answer 200"),
+        || {
+            let (http, url) = (http.clone(), url.clone());
+            async move {
+                let r = http.get(&url).send().await.ok()?;
+                r.status().is_success().then_some(())
+            }
+        },
+    )
+    .await
 }

@@ -18,7 +18,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use super::{
     Profile, Scenario,
-    fleet::{Fleet, PREFIX},
+    fleet::{Fleet, PREFIX, wait_ready},
     pg::PrivatePostgres,
     process::poll,
     proxy::Mode,
@@ -534,27 +534,6 @@ async fn rolling_restart(
             return Ok(stops);
         }
     }
-}
-
-/// Polls a fleet process's `/health/ready` until it answers 200.
-async fn wait_ready(port: u16) -> anyhow::Result<()> {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
-        .build()?;
-    let url = format!("http://127.0.0.1:{port}/health/ready");
-    poll(
-        Duration::from_secs(60),
-        Duration::from_millis(50),
-        &format!("{url} to answer 200"),
-        || {
-            let (http, url) = (http.clone(), url.clone());
-            async move {
-                let r = http.get(&url).send().await.ok()?;
-                r.status().is_success().then_some(())
-            }
-        },
-    )
-    .await
 }
 
 async fn open_count(fleet: &Fleet) -> Option<i64> {
