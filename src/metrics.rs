@@ -449,8 +449,94 @@ pub static WEBHOOKS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     c
 });
 
+/// The outcomes of an outbound webhook attempt (the failure-rate alert
+/// `WebhookDeliveriesFailing` reads them; panel "Webhooks out").
+pub const WEBHOOK_OUTCOMES: [&str; 7] = [
+    "delivered",
+    "http_error",
+    "redirect",
+    "timeout",
+    "connect_error",
+    "error",
+    "refused",
+];
+
+/// Outbound webhook attempts (one per message per attempt, immediate
+/// retries inside it not counted), by outcome. Alert WebhookDeliveriesFailing;
+/// panel "Webhooks out".
+pub static WEBHOOK_ATTEMPTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "payout_webhook_out_attempts_total",
+        "Outbound webhook attempts, by outcome",
+        &["outcome"],
+    )
+});
+
+/// Outbound messages failed after the last attempt of the schedule. Panel "Webhooks out".
+pub static WEBHOOK_MESSAGES_FAILED: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "payout_webhook_out_messages_failed_total",
+        "Outbound webhook messages given up after the last scheduled attempt",
+    )
+});
+
+/// Endpoints the fleet disabled because every delivery failed for
+/// `webhooks_out.disable_after_secs`. Alert WebhookEndpointDisabled.
+pub static WEBHOOK_ENDPOINTS_DISABLED: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "payout_webhook_out_endpoints_disabled_total",
+        "Webhook endpoints disabled by the fleet after failing too long",
+    )
+});
+
+/// Age in seconds of the oldest undelivered outbound message (0: none), set
+/// by the delivery lease holder. Alert WebhookBacklogOld; panel "Webhooks out".
+pub static WEBHOOK_OLDEST_UNDELIVERED_AGE: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "payout_webhook_out_oldest_undelivered_age_seconds",
+        "Age of the oldest outbound webhook message not yet delivered",
+    )
+});
+
+/// Enabled webhook endpoints every attempt to which has failed for 15
+/// minutes or more, set by the delivery lease holder. Alert
+/// PayoutWebhookEndpointFailing; panel "Webhooks out".
+pub static WEBHOOK_FAILING_ENDPOINTS: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "payout_webhook_out_failing_endpoints",
+        "Enabled webhook endpoints failing every attempt for 15 minutes or more",
+    )
+});
+
+/// 1 while this process holds the webhook delivery lease. Panel "Webhooks out".
+pub static WEBHOOK_LEADER: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "payout_webhook_out_leader",
+        "1 while this process fans out and delivers outbound webhooks",
+    )
+});
+
+/// Seconds from a message's creation (fan-out) to its delivery. Panel "Webhooks out".
+pub static WEBHOOK_LAG_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
+    histogram(
+        "payout_webhook_out_lag_seconds",
+        "Seconds from an outbound message's creation to its delivery",
+        LAG.to_vec(),
+    )
+});
+
 /// Touches every metric so `/metrics` lists them from the start.
 pub fn init() {
+    LazyLock::force(&WEBHOOK_ATTEMPTS);
+    LazyLock::force(&WEBHOOK_MESSAGES_FAILED);
+    LazyLock::force(&WEBHOOK_ENDPOINTS_DISABLED);
+    LazyLock::force(&WEBHOOK_OLDEST_UNDELIVERED_AGE);
+    LazyLock::force(&WEBHOOK_LEADER);
+    LazyLock::force(&WEBHOOK_FAILING_ENDPOINTS);
+    LazyLock::force(&WEBHOOK_LAG_SECONDS);
+    for o in WEBHOOK_OUTCOMES {
+        WEBHOOK_ATTEMPTS.with_label_values(&[o]);
+    }
     LazyLock::force(&PAYOUTS_FINISHED);
     LazyLock::force(&PAID_MINOR_UNITS);
     LazyLock::force(&OLDEST_IN_TRANSIT_AGE);

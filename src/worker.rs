@@ -737,6 +737,22 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     tracing::info!(addr = %http, actor = %worker.actor, concurrency = settings.worker.concurrency, "worker started");
     metrics::WORKER_UP.set(1);
 
+    // Outbound webhooks: every worker runs the loop, the lease holder delivers.
+    let hooks_stop = CancellationToken::new();
+    let hooks = if settings.webhooks_out.enabled {
+        let d = crate::services::webhooks_out::Dispatcher::new(
+            pool.clone(),
+            settings.webhooks_out.clone(),
+            worker.clock.clone(),
+            &actor,
+        )?;
+        Some(tokio::spawn(crate::services::webhooks_out::run(
+            d,
+            hooks_stop.clone(),
+        )))
+    } else {
+        None
+    };
     let consumer_stop = CancellationToken::new();
     let consumer = tokio::spawn(run_consumer(
         worker.clone(),
@@ -766,6 +782,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             error = %format_args!("{e:#}"),
             "fetched jobs not handed back; the lease sweep re-enqueues their payouts"
         ),
+    }
+    hooks_stop.cancel();
+    if let Some(h) = hooks {
+        let _ = tokio::time::timeout(deadline, h).await;
     }
     beat_stop.cancel();
     if let Err(e) = beats.remove(&actor).await {

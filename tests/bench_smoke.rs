@@ -35,6 +35,7 @@ async fn the_benchmark_runs_end_to_end_and_checks_exactly_once() {
         timeout: Duration::from_secs(120),
         bin_dir: Some(bin_dir),
         db_name: db_name.clone(),
+        webhook: false,
     };
 
     let result = run_case(

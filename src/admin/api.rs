@@ -236,7 +236,9 @@ struct ActionBody {
     reason: Option<String>,
 }
 
-fn json_body<T: for<'de> Deserialize<'de> + Default>(body: &Bytes) -> Result<T, ApiError> {
+pub(crate) fn json_body<T: for<'de> Deserialize<'de> + Default>(
+    body: &Bytes,
+) -> Result<T, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) || body.as_ref() == b"null" {
         return Ok(T::default());
     }

@@ -17,6 +17,7 @@ pub mod limits;
 pub mod overview;
 pub mod strict_json;
 pub mod webhooks;
+pub mod webhooks_out;
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -266,6 +267,7 @@ pub fn router(state: AdminState) -> Router {
             get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
         )
         .route("/logout", post(auth::logout))
+        .merge(webhooks_out::routes())
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::authenticate,

@@ -41,6 +41,9 @@ struct Args {
     /// Measure only the producer's enqueue path (this many payouts) and exit.
     #[arg(long)]
     producer_only: Option<i64>,
+    /// Register one local receiving webhook endpoint subscribed to every event.
+    #[arg(long)]
+    webhook: bool,
     /// Where the processes log.
     #[arg(long, default_value = ".bench")]
     log_dir: PathBuf,
@@ -61,6 +64,7 @@ async fn main() -> anyhow::Result<()> {
         timeout: Duration::from_secs(1800),
         bin_dir: None,
         db_name: "payouts_bench".into(),
+        webhook: a.webhook,
     };
     if let Some(n) = a.producer_only {
         let (rate, scan_ms) =

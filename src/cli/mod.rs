@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod money;
+pub mod webhooks;
 
 use std::{io::Write, path::PathBuf};
 
@@ -111,6 +112,9 @@ pub enum Command {
     /// API tokens of the admin server.
     #[command(subcommand)]
     Token(crate::cli::admin::TokenCommand),
+    /// Outbound webhook endpoints, their delivery log and replays.
+    #[command(subcommand)]
+    Webhooks(crate::cli::webhooks::WebhooksCommand),
     /// Retry a failed payout (failed -> queued) with a fresh attempt budget.
     Retry {
         /// Payout id.
@@ -865,6 +869,10 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
         }
         Command::Token(cmd) => {
             crate::cli::admin::token(&pool, cmd, &actor, cli.json, clock.now(), out).await?
+        }
+        Command::Webhooks(cmd) => {
+            crate::cli::webhooks::run(&pool, &settings, cmd, &actor, cli.json, clock.now(), out)
+                .await?
         }
         Command::Retry { id } => {
             let conn = crate::queue::connect(&settings.redis).await?;

@@ -3,8 +3,10 @@
 //! `DATABASE_URL` / `REDIS_URL`. Validated once at load, with the bad key named.
 
 mod gateway;
+pub mod webhooks_out;
 
 pub use gateway::{MOCK_SECRET, STATUS_MEANINGS, validate_gateway};
+pub use webhooks_out::WebhooksOutSettings;
 
 use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
@@ -35,6 +37,8 @@ pub struct Settings {
     pub policy: PolicySettings,
     /// The admin server: API, dashboard, webhooks, earnings intake.
     pub admin: AdminSettings,
+    /// Outbound webhooks to the platform (Standard Webhooks).
+    pub webhooks_out: WebhooksOutSettings,
 }
 
 /// `payout-admin`.
@@ -468,6 +472,7 @@ impl Settings {
 
     /// Checks ranges; the error names the bad key.
     pub fn validate(&self) -> anyhow::Result<()> {
+        self.webhooks_out.validate()?;
         let checks: [(bool, &str); 27] = [
             (
                 self.database.max_connections >= 1,

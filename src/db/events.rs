@@ -204,3 +204,83 @@ pub async fn queued_claimed_late(
     .fetch_one(pool)
     .await
 }
+
+// ------------------------------------------------------------- outbox ----
+// `payout_events` is the outbox of outbound webhooks: the fan-out reads it in
+// (tx_id, id) order after its cursor, only below the oldest transaction still
+// running, so an event of a transaction still open is never skipped.
+
+/// One event as the fan-out reads it, with its payout's current fields.
+#[derive(Debug, Clone)]
+pub struct OutboxEvent {
+    /// The writing transaction (`xid8`, as a number): the cursor's first half.
+    pub tx_id: i64,
+    /// The event id: the cursor's second half.
+    pub id: i64,
+    /// The payout.
+    pub payout_id: i64,
+    /// The event's place in its payout's history (1 = creation).
+    pub seq: i64,
+    /// Status before (`None` at creation).
+    pub from_status: Option<String>,
+    /// Status after.
+    pub to_status: String,
+    /// Why.
+    pub reason: Option<String>,
+    /// The attempt number at the time.
+    pub attempt: Option<i32>,
+    /// When.
+    pub at: DateTime<Utc>,
+    /// The payee.
+    pub payee_id: i64,
+    /// The amount.
+    pub amount: rust_decimal::Decimal,
+    /// The currency.
+    pub currency: String,
+    /// When it fell (falls) due.
+    pub due_at: DateTime<Utc>,
+    /// The gateway's transfer id, once known.
+    pub gateway_transfer_id: Option<String>,
+    /// The failure code, if any.
+    pub failure_code: Option<String>,
+}
+
+/// Up to `limit` settled events after the cursor (`tx_id`, `id`), in order.
+pub async fn outbox_after(
+    db: &mut sqlx::PgConnection,
+    tx_id: i64,
+    id: i64,
+    limit: i64,
+) -> sqlx::Result<Vec<OutboxEvent>> {
+    sqlx::query_as!(
+        OutboxEvent,
+        r#"SELECT e.tx_id::text::bigint AS "tx_id!", e.id, e.payout_id,
+                  (SELECT count(*) FROM payout_events s
+                   WHERE s.payout_id = e.payout_id AND s.id <= e.id) AS "seq!",
+                  e.from_status, e.to_status, e.reason, e.attempt, e.at,
+                  p.payee_id, p.amount, p.currency, p.due_at, p.gateway_transfer_id, p.failure_code
+           FROM payout_events e JOIN payouts p ON p.id = e.payout_id
+           WHERE (e.tx_id, e.id) > ($1::bigint::text::xid8, $2)
+             AND e.tx_id < pg_snapshot_xmin(pg_current_snapshot())
+           ORDER BY e.tx_id, e.id
+           LIMIT $3"#,
+        tx_id,
+        id,
+        limit,
+    )
+    .fetch_all(&mut *db)
+    .await
+}
+
+/// The newest settled event (`tx_id`, `id`): where a fan-out with no
+/// endpoint moves its cursor to.
+pub async fn outbox_last_settled(db: &mut sqlx::PgConnection) -> sqlx::Result<Option<(i64, i64)>> {
+    let row = sqlx::query!(
+        r#"SELECT e.tx_id::text::bigint AS "tx_id!", e.id FROM payout_events e
+           WHERE e.tx_id < pg_snapshot_xmin(pg_current_snapshot())
+           ORDER BY e.tx_id DESC, e.id DESC LIMIT 1"#
+    )
+    .fetch_optional(&mut *db)
+    .await?;
+    Ok(row.map(|r| (r.tx_id, r.id)))
+}

@@ -23,6 +23,9 @@ pub mod reconcile_runs;
 pub mod search;
 pub mod settlements;
 pub mod tokens;
+pub mod webhook_cursors;
+pub mod webhook_deliveries;
+pub mod webhook_endpoints;
 pub mod webhook_events;
 
 use std::time::Duration;

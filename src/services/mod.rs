@@ -1,7 +1,9 @@
 //! The fleet's services over its stores and the gateway: settlement (earnings
-//! to payouts), sync (the in-transit poll and account checks) and
-//! reconciliation (the fleet's record against the gateway's).
+//! to payouts), sync (the in-transit poll and account checks),
+//! reconciliation (the fleet's record against the gateway's) and outbound
+//! webhooks (events to the platform).
 
 pub mod reconcile;
 pub mod settlement;
 pub mod sync;
+pub mod webhooks_out;

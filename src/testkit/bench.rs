@@ -60,6 +60,9 @@ pub struct BenchOptions {
     pub bin_dir: Option<PathBuf>,
     /// The scratch database, dropped and created for every run.
     pub db_name: String,
+    /// Register one local receiving webhook endpoint subscribed to every
+    /// event type before the warm-up, and wait for every `payout.paid`.
+    pub webhook: bool,
 }
 
 /// One run's measurements.
@@ -93,6 +96,9 @@ pub struct RunResult {
     pub redis_cmds_per_payout: f64,
     /// Every payout paid, exactly one ledger entry each.
     pub exactly_once: bool,
+    /// With a webhook endpoint: payouts whose `payout.paid` the receiver got
+    /// (warm-up included), and the lag from paid to received, p50 and p99 (s).
+    pub webhook: Option<(usize, f64, f64)>,
 }
 
 /// Median, min and max of one figure over runs.
@@ -296,6 +302,34 @@ pub async fn run_once(
         ("PAYOUTS_LOG__FORMAT".into(), "json".into()),
         ("RUST_LOG".into(), "warn".into()),
     ];
+    let receiver = if opts.webhook {
+        let r = crate::testkit::receiver::Receiver::start().await?;
+        let policy = crate::services::webhooks_out::safety::Policy::new(&["127.0.0.0/8".into()]);
+        let new = crate::services::webhooks_out::endpoints::NewEndpoint {
+            url: r.url.clone(),
+            event_types: vec!["*".into()],
+            description: Some("payout-bench receiver".into()),
+            enabled: Some(true),
+        };
+        crate::services::webhooks_out::endpoints::register(
+            &pool,
+            &policy,
+            &new,
+            "operator:bench",
+            None,
+            Utc::now(),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("register the bench endpoint: {e}"))?;
+        Some(r)
+    } else {
+        None
+    };
+    let mut base_env = base_env;
+    base_env.push((
+        "PAYOUTS_WEBHOOKS_OUT__ALLOW_PRIVATE".into(),
+        r#"["127.0.0.0/8"]"#.into(),
+    ));
     let mut children = Children(Vec::new());
     let mut gw_env = base_env.clone();
     gw_env.push(("MOCK_GATEWAY_LISTEN".into(), format!("127.0.0.1:{gw_port}")));
@@ -417,6 +451,19 @@ pub async fn run_once(
     let exactly_once =
         entries == refs.len() && entries as i64 == paid && paid == opts.warmup + opts.payouts;
 
+    let webhook = match &receiver {
+        Some(r) => {
+            let want = (opts.warmup + opts.payouts) as usize;
+            let until = Instant::now() + opts.timeout;
+            while r.paid() < want && Instant::now() < until {
+                children.check_alive()?;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let (p50, p99) = r.lag();
+            Some((r.paid(), p50, p99))
+        }
+        None => None,
+    };
     drop(children);
     pool.close().await;
     let seconds = (end - start).num_microseconds().unwrap_or(0) as f64 / 1e6;
@@ -436,6 +483,7 @@ pub async fn run_once(
         pg_commits_per_payout: (commits_after - commits_before) as f64 / n,
         redis_cmds_per_payout: (redis_after - redis_before) as f64 / n,
         exactly_once,
+        webhook,
     })
 }
 
@@ -459,6 +507,12 @@ pub async fn run_case(
             res.p99,
             res.exactly_once
         );
+        if let Some((paid, p50, p99)) = res.webhook {
+            eprintln!(
+                "    webhooks: payout.paid received for {paid} of {} payouts; lag paid -> received p50 {p50:.2}s, p99 {p99:.2}s",
+                opts.warmup + opts.payouts
+            );
+        }
         runs.push(res);
     }
     let spread = |f: &dyn Fn(&RunResult) -> f64| Spread::of(runs.iter().map(f).collect());

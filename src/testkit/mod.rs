@@ -8,4 +8,5 @@ pub mod bench;
 pub mod chaos;
 pub mod demo;
 pub mod mock_gateway;
+pub mod receiver;
 pub mod stripe_standin;

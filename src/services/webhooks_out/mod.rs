@@ -1,0 +1,645 @@
+//! Outbound webhooks: every payout event the platform subscribed to, signed
+//! to the Standard Webhooks specification and delivered at least once.
+//!
+//! - **Outbox.** `payout_events` is the outbox: every status change writes its
+//!   event in the same transaction (no event for a change that rolled back).
+//!   The hot path writes nothing more; each event row carries the id of the
+//!   transaction that wrote it (`tx_id`).
+//! - **Fan-out.** The process holding the delivery lease reads the events
+//!   after its cursor in (tx_id, id) order, only below the oldest transaction
+//!   still running (so an event of an open transaction is never skipped),
+//!   maps each to an event type, creates one message per subscribed, enabled
+//!   endpoint and moves the cursor, in one transaction. With no endpoint it
+//!   only moves the cursor.
+//! - **Delivery.** It claims due messages (the claim leases them, so a crash
+//!   loses nothing), POSTs them signed, retries once at once (backon) and
+//!   then on `webhooks_out.retry_schedule_secs`, and fails a message after
+//!   the last; an endpoint failing for `disable_after_secs` is disabled.
+//!   [`safety`] decides where the fleet may connect; redirects are not
+//!   followed, answers are read up to a cap, secrets are never logged.
+
+pub mod endpoints;
+pub mod safety;
+pub mod sign;
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context;
+use backon::{ConstantBuilder, Retryable};
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use secrecy::SecretString;
+use serde_json::json;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    clock::SharedClock,
+    config::WebhooksOutSettings,
+    db::{
+        events::{self, OutboxEvent},
+        webhook_cursors::{self, PAYOUT_EVENTS},
+        webhook_deliveries::{self, Claimed, NewDelivery, Outcome},
+        webhook_endpoints::{self, Subscriber, Target},
+    },
+    metrics,
+};
+
+/// Every event type an endpoint may subscribe to (`*`: all of them).
+pub const EVENT_TYPES: [&str; 10] = [
+    "payout.created",
+    "payout.queued",
+    "payout.held",
+    "payout.in_transit",
+    "payout.paid",
+    "payout.failed",
+    "payout.cancelled",
+    "payout.reversed",
+    "settlement.created",
+    "earning.released",
+];
+
+/// The event type a payout transition is told as, if any. Internal moves
+/// (claims, in-attempt retries, re-enqueues after a retry or a lost lease)
+/// are not told.
+pub fn payout_event_type(from: Option<&str>, to: &str) -> Option<&'static str> {
+    Some(match (from, to) {
+        (None, _) => "payout.created",
+        (Some("pending" | "failed" | "held"), "queued") => "payout.queued",
+        (_, "held") => "payout.held",
+        (_, "in_transit") => "payout.in_transit",
+        (_, "paid") => "payout.paid",
+        (Some("paid"), "failed") => "payout.reversed",
+        (_, "failed") => "payout.failed",
+        (_, "cancelled") => "payout.cancelled",
+        _ => return None,
+    })
+}
+
+/// Checks a list of wanted event types; the error names the bad one.
+pub fn check_event_types(types: &[String]) -> Result<(), String> {
+    if types.is_empty() {
+        return Err("event_types must name at least one event type (or \"*\")".into());
+    }
+    if types.len() > 32 {
+        return Err("event_types may name at most 32 types".into());
+    }
+    if let Some(bad) = types
+        .iter()
+        .find(|t| t.as_str() != "*" && !EVENT_TYPES.contains(&t.as_str()))
+    {
+        let shown: String = bad.chars().take(60).collect();
+        return Err(format!(
+            "event_types: {shown:?} is not an event type; use \"*\" or some of {}",
+            EVENT_TYPES.join(", ")
+        ));
+    }
+    Ok(())
+}
+
+fn wants(sub: &Subscriber, kind: &str) -> bool {
+    sub.event_types.iter().any(|t| t == "*" || t == kind)
+}
+
+/// The `webhook-id` of a payout event.
+pub fn payout_message_id(event_id: i64) -> String {
+    format!("evt_payout_{event_id}")
+}
+
+/// The amount at its currency's scale (`120.50`), as the API shows it.
+fn shown_amount(amount: rust_decimal::Decimal, currency: &str) -> String {
+    match currency.parse::<crate::domain::Currency>() {
+        Ok(c) => match crate::domain::Money::new(amount, c) {
+            Ok(m) => crate::domain::money::at_minor_unit(&m).to_string(),
+            Err(_) => amount.normalize().to_string(),
+        },
+        Err(_) => amount.normalize().to_string(),
+    }
+}
+
+/// The body of a payout event (Standard Webhooks: type, timestamp, data).
+pub fn payout_body(kind: &str, e: &OutboxEvent) -> String {
+    json!({
+        "type": kind,
+        "timestamp": e.at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        "data": {
+            "object": "payout",
+            "id": e.payout_id,
+            "seq": e.seq,
+            "event_id": payout_message_id(e.id),
+            "status": e.to_status,
+            "previous_status": e.from_status,
+            "reason": e.reason,
+            "attempt": e.attempt,
+            "payee_id": e.payee_id,
+            "amount": shown_amount(e.amount, &e.currency),
+            "currency": e.currency,
+            "due_at": e.due_at,
+            "gateway_transfer_id": e.gateway_transfer_id,
+            "failure_code": e.failure_code,
+        }
+    })
+    .to_string()
+}
+
+/// What one delivery pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pass {
+    /// Whether this process held the lease.
+    pub leading: bool,
+    /// Events read by the fan-out.
+    pub events: usize,
+    /// Messages created.
+    pub messages: u64,
+    /// Messages delivered.
+    pub delivered: usize,
+    /// Attempts that failed.
+    pub failed: usize,
+}
+
+/// The fan-out and the deliverer of one process.
+#[derive(Clone)]
+pub struct Dispatcher {
+    pool: PgPool,
+    settings: WebhooksOutSettings,
+    clock: SharedClock,
+    owner: String,
+    client: reqwest::Client,
+    /// When the gauges were last refreshed (every 5 s at most).
+    gauges_at: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
+}
+
+impl std::fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher")
+            .field("owner", &self.owner)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The HTTP client of the deliverer: no redirects, both timeouts, every
+/// address checked by the policy.
+pub fn client(settings: &WebhooksOutSettings) -> anyhow::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_millis(settings.connect_timeout_ms))
+        .timeout(Duration::from_millis(settings.timeout_ms))
+        .dns_resolver(Arc::new(safety::CheckedResolver(safety::Policy::new(
+            &settings.allow_private,
+        ))))
+        .user_agent(concat!("payouts-webhooks/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .context("failed to build the webhook client")
+}
+
+enum Sent {
+    Answer { code: u16, excerpt: String },
+    Error { kind: &'static str, message: String },
+}
+
+impl Dispatcher {
+    /// A dispatcher acting as `owner` (its lease's holder).
+    pub fn new(
+        pool: PgPool,
+        settings: WebhooksOutSettings,
+        clock: SharedClock,
+        owner: &str,
+    ) -> anyhow::Result<Self> {
+        Ok(Dispatcher {
+            client: client(&settings)?,
+            pool,
+            settings,
+            clock,
+            owner: owner.to_string(),
+            gauges_at: Arc::default(),
+        })
+    }
+
+    /// One pass: hold the lease; if held, fan out and deliver what is due.
+    pub async fn tick(&self) -> anyhow::Result<Pass> {
+        let now = self.clock.now();
+        let until = now + chrono::Duration::seconds(self.settings.lease_secs as i64);
+        let leading = webhook_cursors::hold(&self.pool, PAYOUT_EVENTS, &self.owner, until, now)
+            .await
+            .context("failed to hold the webhook lease")?;
+        metrics::WEBHOOK_LEADER.set(i64::from(leading));
+        if !leading {
+            return Ok(Pass::default());
+        }
+        let mut pass = Pass {
+            leading,
+            ..Pass::default()
+        };
+        // A bounded number of fan-out batches per pass, then delivery.
+        for _ in 0..8 {
+            let (events, messages) = self.fan_out().await?;
+            pass.events += events;
+            pass.messages += messages;
+            if events < self.settings.fanout_batch as usize {
+                break;
+            }
+        }
+        let (delivered, failed) = self.deliver().await?;
+        pass.delivered = delivered;
+        pass.failed = failed;
+        let due = {
+            let mut at = self.gauges_at.lock().expect("gauge clock");
+            let due = at.is_none_or(|t| t.elapsed() >= Duration::from_secs(5));
+            if due {
+                *at = Some(tokio::time::Instant::now());
+            }
+            due
+        };
+        if due {
+            self.refresh_gauges().await?;
+        }
+        Ok(pass)
+    }
+
+    /// One fan-out batch; (events read, messages created).
+    pub async fn fan_out(&self) -> anyhow::Result<(usize, u64)> {
+        let now = self.clock.now();
+        let mut tx = self.pool.begin().await?;
+        let Some((tx_id, id)) = webhook_cursors::lock(&mut tx, PAYOUT_EVENTS, &self.owner).await?
+        else {
+            return Ok((0, 0));
+        };
+        let subs = webhook_endpoints::subscribers(&mut tx).await?;
+        if subs.is_empty() {
+            if let Some((t, i)) = events::outbox_last_settled(&mut tx).await? {
+                webhook_cursors::advance(&mut tx, PAYOUT_EVENTS, t, i).await?;
+            }
+            tx.commit().await?;
+            return Ok((0, 0));
+        }
+        let batch = events::outbox_after(&mut tx, tx_id, id, self.settings.fanout_batch).await?;
+        let Some(last) = batch.last() else {
+            tx.commit().await?;
+            return Ok((0, 0));
+        };
+        let (last_tx, last_id) = (last.tx_id, last.id);
+        let mut rows = Vec::new();
+        for e in &batch {
+            let Some(kind) = payout_event_type(e.from_status.as_deref(), &e.to_status) else {
+                continue;
+            };
+            let mut body = None;
+            for s in subs
+                .iter()
+                .filter(|s| wants(s, kind) && s.created_at <= e.at)
+            {
+                let body = body.get_or_insert_with(|| payout_body(kind, e));
+                rows.push(NewDelivery {
+                    endpoint_id: s.id,
+                    event_id: payout_message_id(e.id),
+                    event_type: kind.to_string(),
+                    body: body.clone(),
+                });
+            }
+        }
+        let created = webhook_deliveries::insert(&mut tx, &rows, now).await?;
+        webhook_cursors::advance(&mut tx, PAYOUT_EVENTS, last_tx, last_id).await?;
+        tx.commit().await?;
+        Ok((batch.len(), created))
+    }
+
+    /// Claims the due messages and delivers them; (delivered, failed attempts).
+    pub async fn deliver(&self) -> anyhow::Result<(usize, usize)> {
+        let now = self.clock.now();
+        let lease = now + chrono::Duration::seconds(self.settings.lease_secs as i64);
+        let claimed =
+            webhook_deliveries::claim(&self.pool, self.settings.delivery_batch, lease, now).await?;
+        if claimed.is_empty() {
+            return Ok((0, 0));
+        }
+        let mut ids: Vec<i64> = claimed.iter().map(|c| c.endpoint_id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let targets: std::collections::HashMap<i64, Target> =
+            webhook_endpoints::targets(&self.pool, &ids)
+                .await?
+                .into_iter()
+                .map(|t| (t.id, t))
+                .collect();
+        let targets = Arc::new(targets);
+        let outcomes: Vec<(i64, Outcome)> = futures::stream::iter(claimed)
+            .map(|c| {
+                let targets = targets.clone();
+                async move {
+                    let endpoint = c.endpoint_id;
+                    (endpoint, self.attempt(targets.get(&endpoint), c).await)
+                }
+            })
+            .buffer_unordered(self.settings.concurrency)
+            .collect()
+            .await;
+        let end = self.clock.now();
+        let (mut ok, mut bad) = (Vec::new(), Vec::new());
+        for (endpoint, o) in &outcomes {
+            if o.status == "delivered" {
+                ok.push(*endpoint);
+            } else {
+                bad.push(*endpoint);
+            }
+        }
+        let outcomes: Vec<Outcome> = outcomes.into_iter().map(|(_, o)| o).collect();
+        webhook_deliveries::finish(&self.pool, &outcomes, end).await?;
+        let (delivered, failed) = (ok.len(), bad.len());
+        ok.sort_unstable();
+        ok.dedup();
+        bad.sort_unstable();
+        bad.dedup();
+        webhook_endpoints::record_outcomes(&self.pool, &ok, &bad, end).await?;
+        let cutoff = end - chrono::Duration::seconds(self.settings.disable_after_secs as i64);
+        let disabled = webhook_endpoints::disable_failing(
+            &self.pool,
+            cutoff,
+            "every delivery failed for webhooks_out.disable_after_secs",
+            end,
+        )
+        .await?;
+        for id in disabled {
+            metrics::WEBHOOK_ENDPOINTS_DISABLED.inc();
+            tracing::warn!(
+                endpoint_id = id,
+                "webhook endpoint disabled: every delivery failed too long"
+            );
+        }
+        Ok((delivered, failed))
+    }
+
+    /// One attempt (with the immediate retries) of one message.
+    async fn attempt(&self, target: Option<&Target>, c: Claimed) -> Outcome {
+        let started = tokio::time::Instant::now();
+        let sent = match target {
+            Some(t) if t.enabled => {
+                let send = || self.send(t, &c);
+                send.retry(
+                    ConstantBuilder::default()
+                        .with_delay(Duration::ZERO)
+                        .with_max_times(self.settings.immediate_retries),
+                )
+                .when(|e: &SendFailed| e.retry)
+                .await
+                .unwrap_or_else(|e| e.sent)
+            }
+            _ => Sent::Error {
+                kind: "refused",
+                message: "the endpoint is disabled".into(),
+            },
+        };
+        let latency_ms = started.elapsed().as_millis().min(i32::MAX as u128) as i32;
+        let now = self.clock.now();
+        let (status_code, error, response, outcome) = match sent {
+            Sent::Answer { code, excerpt } if (200..300).contains(&code) => {
+                (Some(i32::from(code)), None, Some(excerpt), "delivered")
+            }
+            Sent::Answer { code, excerpt } => (
+                Some(i32::from(code)),
+                Some(format!("HTTP {code}")),
+                Some(excerpt),
+                if (300..400).contains(&code) {
+                    "redirect"
+                } else {
+                    "http_error"
+                },
+            ),
+            Sent::Error { kind, message } => (None, Some(message), None, kind),
+        };
+        metrics::WEBHOOK_ATTEMPTS
+            .with_label_values(&[outcome])
+            .inc();
+        if outcome == "delivered" {
+            metrics::WEBHOOK_LAG_SECONDS
+                .observe((now - c.created_at).num_milliseconds().max(0) as f64 / 1000.0);
+            return Outcome {
+                id: c.id,
+                attempt: c.attempts,
+                status: "delivered",
+                next_attempt_at: now,
+                status_code,
+                latency_ms,
+                error: None,
+                response,
+            };
+        }
+        // attempts = 1 failed: the first delay of the schedule; past the end, failed.
+        let delay = self
+            .settings
+            .retry_schedule_secs
+            .get(c.attempts.max(1) as usize - 1)
+            .copied();
+        let (status, next) = match delay {
+            Some(d) => ("pending", now + chrono::Duration::seconds(d as i64)),
+            None => {
+                metrics::WEBHOOK_MESSAGES_FAILED.inc();
+                ("failed", now)
+            }
+        };
+        Outcome {
+            id: c.id,
+            attempt: c.attempts,
+            status,
+            next_attempt_at: next,
+            status_code,
+            latency_ms,
+            error,
+            response,
+        }
+    }
+
+    /// One POST; an error when it should be tried again at once.
+    async fn send(&self, t: &Target, c: &Claimed) -> Result<Sent, SendFailed> {
+        let policy = safety::Policy::new(&self.settings.allow_private);
+        let url = match policy.check_url(&t.url) {
+            Ok(u) => u,
+            Err(e) => {
+                return Ok(Sent::Error {
+                    kind: "refused",
+                    message: e.to_string(),
+                });
+            }
+        };
+        let now = self.clock.now();
+        let ts = now.timestamp();
+        let mut secrets: Vec<&SecretString> = vec![&t.secret];
+        if let Some((prev, until)) = &t.previous
+            && *until > now
+        {
+            secrets.push(prev);
+        }
+        let signature = match sign::header(&secrets, &c.event_id, ts, &c.body) {
+            Ok(s) => s,
+            Err(e) => {
+                return Ok(Sent::Error {
+                    kind: "refused",
+                    message: e.to_string(),
+                });
+            }
+        };
+        let resp = self
+            .client
+            .post(url)
+            .header("content-type", "application/json")
+            .header("webhook-id", &c.event_id)
+            .header("webhook-timestamp", ts.to_string())
+            .header("webhook-signature", signature)
+            .body(c.body.clone())
+            .send()
+            .await;
+        let sent = match resp {
+            Ok(mut r) => {
+                let code = r.status().as_u16();
+                let mut buf: Vec<u8> = Vec::new();
+                let cap = self.settings.response_cap_bytes;
+                while buf.len() < cap {
+                    match r.chunk().await {
+                        Ok(Some(chunk)) => buf.extend_from_slice(&chunk),
+                        _ => break,
+                    }
+                }
+                buf.truncate(cap);
+                let excerpt: String = String::from_utf8_lossy(&buf).chars().take(512).collect();
+                Sent::Answer { code, excerpt }
+            }
+            Err(e) => Sent::Error {
+                kind: if e.is_timeout() {
+                    "timeout"
+                } else if e.is_connect() {
+                    "connect_error"
+                } else {
+                    "error"
+                },
+                message: error_chain(&e),
+            },
+        };
+        match &sent {
+            Sent::Answer { code, .. } if (200..300).contains(code) || (300..400).contains(code) => {
+                Ok(sent)
+            }
+            _ => Err(SendFailed { retry: true, sent }),
+        }
+    }
+
+    /// The gauges: how old the oldest undelivered message is, how many
+    /// endpoints keep failing.
+    pub async fn refresh_gauges(&self) -> anyhow::Result<()> {
+        let oldest = webhook_deliveries::oldest_pending(&self.pool).await?;
+        let age = oldest.map_or(0, |t| (self.clock.now() - t).num_seconds().max(0));
+        metrics::WEBHOOK_OLDEST_UNDELIVERED_AGE.set(age);
+        let failing = webhook_endpoints::count_failing(
+            &self.pool,
+            self.clock.now() - chrono::Duration::minutes(15),
+        )
+        .await?;
+        metrics::WEBHOOK_FAILING_ENDPOINTS.set(failing);
+        Ok(())
+    }
+
+    /// Gives the lease up (graceful stop).
+    pub async fn resign(&self) {
+        if let Err(e) = webhook_cursors::release(&self.pool, PAYOUT_EVENTS, &self.owner).await {
+            tracing::debug!(error = %format_args!("{e:#}"), "webhook lease not released; it runs out");
+        }
+        metrics::WEBHOOK_LEADER.set(0);
+    }
+}
+
+struct SendFailed {
+    retry: bool,
+    sent: Sent,
+}
+
+/// An error's chain on one line (no URL query, no secret: reqwest's messages
+/// name the URL, which holds no credential by [`safety`]).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s.chars().take(300).collect()
+}
+
+/// The loop in the worker process: a pass every `tick_ms` until `shutdown`,
+/// then the lease is given up.
+pub async fn run(dispatcher: Dispatcher, shutdown: CancellationToken) {
+    let every = Duration::from_millis(dispatcher.settings.tick_ms);
+    loop {
+        match dispatcher.tick().await {
+            Ok(p) if p.events > 0 || p.delivered > 0 || p.failed > 0 => {
+                tracing::debug!(?p, "webhook pass");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "webhook pass failed; trying again")
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+    dispatcher.resign().await;
+}
+
+/// A `whsec_` secret and when an endpoint's previous one stops signing after
+/// a rotation at `now` with `overlap`.
+pub fn rotation(now: DateTime<Utc>, overlap: Duration) -> (SecretString, DateTime<Utc>) {
+    (
+        sign::new_secret(),
+        now + chrono::Duration::from_std(overlap).unwrap_or(chrono::Duration::zero()),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transitions_are_told_as_their_event_types() {
+        assert_eq!(payout_event_type(None, "pending"), Some("payout.created"));
+        assert_eq!(
+            payout_event_type(Some("pending"), "queued"),
+            Some("payout.queued")
+        );
+        assert_eq!(payout_event_type(Some("retrying"), "queued"), None);
+        assert_eq!(payout_event_type(Some("processing"), "queued"), None);
+        assert_eq!(payout_event_type(Some("queued"), "processing"), None);
+        assert_eq!(payout_event_type(Some("processing"), "retrying"), None);
+        assert_eq!(
+            payout_event_type(Some("processing"), "paid"),
+            Some("payout.paid")
+        );
+        assert_eq!(
+            payout_event_type(Some("paid"), "failed"),
+            Some("payout.reversed")
+        );
+        assert_eq!(
+            payout_event_type(Some("processing"), "failed"),
+            Some("payout.failed")
+        );
+        assert_eq!(
+            payout_event_type(Some("processing"), "held"),
+            Some("payout.held")
+        );
+        assert_eq!(
+            payout_event_type(Some("held"), "queued"),
+            Some("payout.queued")
+        );
+        assert_eq!(
+            payout_event_type(Some("failed"), "cancelled"),
+            Some("payout.cancelled")
+        );
+        assert!(check_event_types(&["*".into()]).is_ok());
+        assert!(check_event_types(&["payout.paid".into()]).is_ok());
+        assert!(check_event_types(&[]).is_err());
+        assert!(
+            check_event_types(&["payout.nope".into()])
+                .unwrap_err()
+                .contains("payout.nope")
+        );
+    }
+}
