@@ -626,3 +626,27 @@ async fn bad_endpoint_input_is_refused_naming_the_field_and_writes_nothing() {
             .unwrap();
     assert_eq!(audited, 0);
 }
+
+#[tokio::test]
+async fn the_openapi_description_lists_the_webhook_endpoint_routes() {
+    let h = Hooks::start().await;
+    let (_, doc) = h
+        .call(reqwest::Method::GET, "/api/openapi.json", &h.viewer, None)
+        .await;
+    for (path, method) in [
+        ("/api/v1/webhook-endpoints", "get"),
+        ("/api/v1/webhook-endpoints", "post"),
+        ("/api/v1/webhook-endpoints/{id}", "get"),
+        ("/api/v1/webhook-endpoints/{id}", "patch"),
+        ("/api/v1/webhook-endpoints/{id}", "delete"),
+        ("/api/v1/webhook-endpoints/{id}/rotate-secret", "post"),
+        ("/api/v1/webhook-endpoints/{id}/replay", "post"),
+        ("/api/v1/webhook-deliveries/{id}", "get"),
+        ("/api/v1/webhook-deliveries/{id}/replay", "post"),
+    ] {
+        assert!(
+            doc["paths"][path][method].is_object(),
+            "{method} {path} missing from openapi.json"
+        );
+    }
+}
