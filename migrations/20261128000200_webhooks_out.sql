@@ -45,7 +45,9 @@ CREATE TABLE webhook_endpoints (
 
 -- One message to one endpoint. The body is stored as sent (the signature
 -- covers its exact bytes); event_id is the `webhook-id`, the same on every
--- retry. A claim pushes next_attempt_at ahead by the delivery lease, so a
+-- retry. The fan-out sends a message first and writes it once, with the
+-- outcome of that first attempt (one INSERT per message: the drain's budget);
+-- a retry's claim pushes next_attempt_at ahead by the delivery lease, so a
 -- deliverer that dies loses nothing: the message is due again after it.
 CREATE TABLE webhook_deliveries (
     id              BIGINT      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -63,7 +65,6 @@ CREATE TABLE webhook_deliveries (
     UNIQUE (endpoint_id, event_id)
 );
 CREATE INDEX webhook_deliveries_due_idx ON webhook_deliveries (next_attempt_at) WHERE status = 'pending';
-CREATE INDEX webhook_deliveries_endpoint_idx ON webhook_deliveries (endpoint_id, id);
 
 -- The delivery log: every attempt, its answer, latency and a capped excerpt.
 CREATE TABLE webhook_attempts (

@@ -219,8 +219,6 @@ pub struct OutboxEvent {
     pub id: i64,
     /// The payout.
     pub payout_id: i64,
-    /// The event's place in its payout's history (1 = creation).
-    pub seq: i64,
     /// Status before (`None` at creation).
     pub from_status: Option<String>,
     /// Status after.
@@ -254,10 +252,7 @@ pub async fn outbox_after(
 ) -> sqlx::Result<Vec<OutboxEvent>> {
     sqlx::query_as!(
         OutboxEvent,
-        r#"SELECT e.tx_id::text::bigint AS "tx_id!", e.id, e.payout_id,
-                  (SELECT count(*) FROM payout_events s
-                   WHERE s.payout_id = e.payout_id AND s.id <= e.id) AS "seq!",
-                  e.from_status, e.to_status, e.reason, e.attempt, e.at,
+        r#"SELECT e.tx_id::text::bigint AS "tx_id!", e.id, e.payout_id, e.from_status, e.to_status, e.reason, e.attempt, e.at,
                   p.payee_id, p.amount, p.currency, p.due_at, p.gateway_transfer_id, p.failure_code
            FROM payout_events e JOIN payouts p ON p.id = e.payout_id
            WHERE (e.tx_id, e.id) > ($1::bigint::text::xid8, $2)

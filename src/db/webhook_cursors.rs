@@ -41,16 +41,15 @@ pub async fn release(pool: &PgPool, name: &str, owner: &str) -> sqlx::Result<()>
     Ok(())
 }
 
-/// The cursor (`tx_id`, `event_id`), locked for the fan-out's transaction,
-/// when `owner` still holds the lease.
-pub async fn lock(
+/// The cursor (`tx_id`, `event_id`), when `owner` holds the lease.
+pub async fn get(
     db: &mut sqlx::PgConnection,
     name: &str,
     owner: &str,
 ) -> sqlx::Result<Option<(i64, i64)>> {
     let row = sqlx::query!(
         r#"SELECT tx_id::text::bigint AS "tx_id!", event_id FROM webhook_cursors
-           WHERE name = $1 AND owner = $2 FOR UPDATE"#,
+           WHERE name = $1 AND owner = $2"#,
         name,
         owner,
     )
@@ -59,21 +58,27 @@ pub async fn lock(
     Ok(row.map(|r| (r.tx_id, r.event_id)))
 }
 
-/// Moves the cursor forward to (`tx_id`, `event_id`) (never back).
+/// Moves the cursor from `from` to `to` if `owner` still holds the lease
+/// and the cursor is still at `from`; `false` otherwise (the caller's
+/// transaction must then roll back: another process fanned out meanwhile).
 pub async fn advance(
     db: &mut sqlx::PgConnection,
     name: &str,
-    tx_id: i64,
-    event_id: i64,
-) -> sqlx::Result<()> {
-    sqlx::query!(
-        "UPDATE webhook_cursors SET tx_id = $2::bigint::text::xid8, event_id = $3
-         WHERE name = $1 AND (tx_id, event_id) < ($2::bigint::text::xid8, $3)",
+    owner: &str,
+    from: (i64, i64),
+    to: (i64, i64),
+) -> sqlx::Result<bool> {
+    let r = sqlx::query!(
+        "UPDATE webhook_cursors SET tx_id = $5::bigint::text::xid8, event_id = $6
+         WHERE name = $1 AND owner = $2 AND tx_id = $3::bigint::text::xid8 AND event_id = $4",
         name,
-        tx_id,
-        event_id,
+        owner,
+        from.0,
+        from.1,
+        to.0,
+        to.1,
     )
     .execute(&mut *db)
     .await?;
-    Ok(())
+    Ok(r.rows_affected() == 1)
 }

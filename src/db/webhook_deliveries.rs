@@ -1,5 +1,7 @@
 //! `webhook_deliveries` (one message to one endpoint) and `webhook_attempts`
-//! (the delivery log: every attempt with its answer). A claim pushes the
+//! (the delivery log: every retry, and every first attempt that failed; a
+//! first attempt that succeeded is on the message itself). The fan-out writes
+//! a message once, after its first attempt; a retry's claim pushes the
 //! message's next attempt past the delivery lease, so a deliverer that dies
 //! mid-delivery loses nothing: the message is due again once the lease ends.
 
@@ -7,46 +9,91 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::PgPool;
 
-/// One message to create.
+/// One message, written once after its first attempt (or unsent, due now,
+/// when its endpoint was failing).
 #[derive(Debug, Clone)]
-pub struct NewDelivery {
+pub struct SentDelivery {
     /// The endpoint.
     pub endpoint_id: i64,
     /// The `webhook-id`.
     pub event_id: String,
     /// The event type.
     pub event_type: String,
-    /// The body, exactly as it will be signed and sent.
+    /// The body, exactly as signed and sent.
     pub body: String,
+    /// `delivered`, `pending` or `failed`.
+    pub status: &'static str,
+    /// Attempts made (0: not sent yet).
+    pub attempts: i32,
+    /// When to try (again).
+    pub next_attempt_at: DateTime<Utc>,
+    /// When it was delivered.
+    pub delivered_at: Option<DateTime<Utc>>,
+    /// The HTTP status of the attempt.
+    pub status_code: Option<i32>,
+    /// What went wrong.
+    pub error: Option<String>,
+    /// Latency of the attempt, ms.
+    pub latency_ms: i32,
+    /// The start of the answer.
+    pub response: Option<String>,
 }
 
-/// Creates `rows` due at `now` (a message already created for an endpoint is
-/// left as it is); how many were new.
-pub async fn insert(
+/// Writes `rows` (a message already written for an endpoint is left as it
+/// is), and a log entry for each failed first attempt, in one statement.
+pub async fn insert_sent(
     db: &mut sqlx::PgConnection,
-    rows: &[NewDelivery],
+    rows: &[SentDelivery],
     now: DateTime<Utc>,
-) -> sqlx::Result<u64> {
+) -> sqlx::Result<()> {
     if rows.is_empty() {
-        return Ok(0);
+        return Ok(());
     }
     let endpoint: Vec<i64> = rows.iter().map(|r| r.endpoint_id).collect();
     let event: Vec<String> = rows.iter().map(|r| r.event_id.clone()).collect();
     let kind: Vec<String> = rows.iter().map(|r| r.event_type.clone()).collect();
     let body: Vec<String> = rows.iter().map(|r| r.body.clone()).collect();
-    let r = sqlx::query!(
-        "INSERT INTO webhook_deliveries (endpoint_id, event_id, event_type, body, next_attempt_at, created_at)
-         SELECT e, i, t, b, $5, $5 FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[]) AS u(e, i, t, b)
-         ON CONFLICT (endpoint_id, event_id) DO NOTHING",
+    let status: Vec<String> = rows.iter().map(|r| r.status.to_string()).collect();
+    let attempts: Vec<i32> = rows.iter().map(|r| r.attempts).collect();
+    let next: Vec<DateTime<Utc>> = rows.iter().map(|r| r.next_attempt_at).collect();
+    let delivered: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.delivered_at).collect();
+    let code: Vec<Option<i32>> = rows.iter().map(|r| r.status_code).collect();
+    let error: Vec<Option<String>> = rows.iter().map(|r| r.error.clone()).collect();
+    let latency: Vec<i32> = rows.iter().map(|r| r.latency_ms).collect();
+    let response: Vec<Option<String>> = rows.iter().map(|r| r.response.clone()).collect();
+    sqlx::query!(
+        "WITH u AS (
+             SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[],
+                                  $6::int[], $7::timestamptz[], $8::timestamptz[], $9::int[],
+                                  $10::text[], $11::int[], $12::text[])
+                 AS u(e, i, t, b, s, a, n, d, c, err, l, r)),
+         ins AS (
+             INSERT INTO webhook_deliveries (endpoint_id, event_id, event_type, body, status, attempts,
+                                             next_attempt_at, created_at, delivered_at, last_status, last_error)
+             SELECT e, i, t, b, s, a, n, $13, d, c, err FROM u
+             ON CONFLICT (endpoint_id, event_id) DO NOTHING
+             RETURNING id, endpoint_id, event_id)
+         INSERT INTO webhook_attempts (delivery_id, attempt, at, status_code, latency_ms, error, response)
+         SELECT ins.id, 1, $13, u.c, u.l, u.err, u.r
+         FROM ins JOIN u ON u.e = ins.endpoint_id AND u.i = ins.event_id
+         WHERE u.a > 0 AND u.s <> 'delivered'",
         &endpoint,
         &event,
         &kind,
         &body,
+        &status,
+        &attempts,
+        &next,
+        &delivered as &[Option<DateTime<Utc>>],
+        &code as &[Option<i32>],
+        &error as &[Option<String>],
+        &latency,
+        &response as &[Option<String>],
         now,
     )
     .execute(&mut *db)
     .await?;
-    Ok(r.rows_affected())
+    Ok(())
 }
 
 /// A message claimed for one attempt.

@@ -39,7 +39,7 @@ use crate::{
     db::{
         events::{self, OutboxEvent},
         webhook_cursors::{self, PAYOUT_EVENTS},
-        webhook_deliveries::{self, Claimed, NewDelivery, Outcome},
+        webhook_deliveries::{self, Claimed, Outcome, SentDelivery},
         webhook_endpoints::{self, Subscriber, Target},
     },
     metrics,
@@ -125,7 +125,7 @@ pub fn payout_body(kind: &str, e: &OutboxEvent) -> String {
         "data": {
             "object": "payout",
             "id": e.payout_id,
-            "seq": e.seq,
+            "seq": e.id,
             "event_id": payout_message_id(e.id),
             "status": e.to_status,
             "previous_status": e.from_status,
@@ -256,29 +256,35 @@ impl Dispatcher {
         Ok(pass)
     }
 
-    /// One fan-out batch; (events read, messages created).
+    /// One fan-out batch: reads the events after the cursor, sends each
+    /// message once (to endpoints not failing; at most one failure per
+    /// endpoint per batch, the rest wait for the retry pass), then writes the
+    /// messages with their outcome and moves the cursor in one transaction.
+    /// A crash before that commit sends them again (at least once).
+    /// Returns (events read, messages written).
     pub async fn fan_out(&self) -> anyhow::Result<(usize, u64)> {
         let now = self.clock.now();
-        let mut tx = self.pool.begin().await?;
-        let Some((tx_id, id)) = webhook_cursors::lock(&mut tx, PAYOUT_EVENTS, &self.owner).await?
-        else {
+        let mut conn = self.pool.acquire().await?;
+        let Some(from) = webhook_cursors::get(&mut conn, PAYOUT_EVENTS, &self.owner).await? else {
             return Ok((0, 0));
         };
-        let subs = webhook_endpoints::subscribers(&mut tx).await?;
+        let subs = webhook_endpoints::subscribers(&mut conn).await?;
         if subs.is_empty() {
-            if let Some((t, i)) = events::outbox_last_settled(&mut tx).await? {
-                webhook_cursors::advance(&mut tx, PAYOUT_EVENTS, t, i).await?;
+            if let Some(to) = events::outbox_last_settled(&mut conn).await?
+                && to > from
+            {
+                webhook_cursors::advance(&mut conn, PAYOUT_EVENTS, &self.owner, from, to).await?;
             }
-            tx.commit().await?;
             return Ok((0, 0));
         }
-        let batch = events::outbox_after(&mut tx, tx_id, id, self.settings.fanout_batch).await?;
+        let batch =
+            events::outbox_after(&mut conn, from.0, from.1, self.settings.fanout_batch).await?;
+        drop(conn);
         let Some(last) = batch.last() else {
-            tx.commit().await?;
             return Ok((0, 0));
         };
-        let (last_tx, last_id) = (last.tx_id, last.id);
-        let mut rows = Vec::new();
+        let to = (last.tx_id, last.id);
+        let mut messages = Vec::new();
         for e in &batch {
             let Some(kind) = payout_event_type(e.from_status.as_deref(), &e.to_status) else {
                 continue;
@@ -289,18 +295,135 @@ impl Dispatcher {
                 .filter(|s| wants(s, kind) && s.created_at <= e.at)
             {
                 let body = body.get_or_insert_with(|| payout_body(kind, e));
-                rows.push(NewDelivery {
+                messages.push(Claimed {
+                    id: 0,
                     endpoint_id: s.id,
                     event_id: payout_message_id(e.id),
-                    event_type: kind.to_string(),
                     body: body.clone(),
+                    attempts: 1,
+                    created_at: now,
                 });
             }
         }
-        let created = webhook_deliveries::insert(&mut tx, &rows, now).await?;
-        webhook_cursors::advance(&mut tx, PAYOUT_EVENTS, last_tx, last_id).await?;
+        let ids: Vec<i64> = subs.iter().map(|s| s.id).collect();
+        let targets: std::collections::HashMap<i64, Target> =
+            webhook_endpoints::targets(&self.pool, &ids)
+                .await?
+                .into_iter()
+                .map(|t| (t.id, t))
+                .collect();
+        // Endpoints not to send to in this batch: failing already, or failed once here.
+        let held: std::sync::Mutex<std::collections::HashSet<i64>> = std::sync::Mutex::new(
+            targets
+                .values()
+                .filter(|t| t.failing_since.is_some())
+                .map(|t| t.id)
+                .collect(),
+        );
+        let kinds: std::collections::HashMap<String, &'static str> = batch
+            .iter()
+            .filter_map(|e| {
+                payout_event_type(e.from_status.as_deref(), &e.to_status)
+                    .map(|k| (payout_message_id(e.id), k))
+            })
+            .collect();
+        let rows: Vec<SentDelivery> = futures::stream::iter(messages)
+            .map(|c| {
+                let (targets, held, kinds) = (&targets, &held, &kinds);
+                async move {
+                    let kind = kinds.get(&c.event_id).copied().unwrap_or("payout.unknown");
+                    let skip = held.lock().expect("held set").contains(&c.endpoint_id);
+                    if skip {
+                        return SentDelivery {
+                            endpoint_id: c.endpoint_id,
+                            event_id: c.event_id,
+                            event_type: kind.to_string(),
+                            body: c.body,
+                            status: "pending",
+                            attempts: 0,
+                            next_attempt_at: now,
+                            delivered_at: None,
+                            status_code: None,
+                            error: None,
+                            latency_ms: 0,
+                            response: None,
+                        };
+                    }
+                    let o = self.attempt(targets.get(&c.endpoint_id), c.clone()).await;
+                    if o.status != "delivered" {
+                        held.lock().expect("held set").insert(c.endpoint_id);
+                    }
+                    SentDelivery {
+                        endpoint_id: c.endpoint_id,
+                        event_id: c.event_id,
+                        event_type: kind.to_string(),
+                        body: c.body,
+                        status: o.status,
+                        attempts: 1,
+                        next_attempt_at: o.next_attempt_at,
+                        delivered_at: (o.status == "delivered").then_some(o.next_attempt_at),
+                        status_code: o.status_code,
+                        error: o.error,
+                        latency_ms: o.latency_ms,
+                        response: o.response,
+                    }
+                }
+            })
+            .buffer_unordered(self.settings.concurrency)
+            .collect()
+            .await;
+        let end = self.clock.now();
+        let mut tx = self.pool.begin().await?;
+        webhook_deliveries::insert_sent(&mut tx, &rows, end).await?;
+        if !webhook_cursors::advance(&mut tx, PAYOUT_EVENTS, &self.owner, from, to).await? {
+            // The lease moved on meanwhile: the new holder sends these again.
+            tx.rollback().await?;
+            return Ok((batch.len(), 0));
+        }
         tx.commit().await?;
-        Ok((batch.len(), created))
+        let (mut ok, mut bad) = (Vec::new(), Vec::new());
+        for r in rows.iter().filter(|r| r.attempts > 0) {
+            if r.status == "delivered" {
+                ok.push(r.endpoint_id);
+            } else {
+                bad.push(r.endpoint_id);
+            }
+        }
+        self.record_endpoints(ok, bad, end).await?;
+        Ok((batch.len(), rows.len() as u64))
+    }
+
+    /// Records each endpoint's run of failures and disables those failing too long.
+    async fn record_endpoints(
+        &self,
+        mut ok: Vec<i64>,
+        mut bad: Vec<i64>,
+        end: DateTime<Utc>,
+    ) -> anyhow::Result<()> {
+        ok.sort_unstable();
+        ok.dedup();
+        bad.sort_unstable();
+        bad.dedup();
+        if ok.is_empty() && bad.is_empty() {
+            return Ok(());
+        }
+        webhook_endpoints::record_outcomes(&self.pool, &ok, &bad, end).await?;
+        let cutoff = end - chrono::Duration::seconds(self.settings.disable_after_secs as i64);
+        let disabled = webhook_endpoints::disable_failing(
+            &self.pool,
+            cutoff,
+            "every delivery failed for webhooks_out.disable_after_secs",
+            end,
+        )
+        .await?;
+        for id in disabled {
+            metrics::WEBHOOK_ENDPOINTS_DISABLED.inc();
+            tracing::warn!(
+                endpoint_id = id,
+                "webhook endpoint disabled: every delivery failed too long"
+            );
+        }
+        Ok(())
     }
 
     /// Claims the due messages and delivers them; (delivered, failed attempts).
@@ -345,26 +468,7 @@ impl Dispatcher {
         let outcomes: Vec<Outcome> = outcomes.into_iter().map(|(_, o)| o).collect();
         webhook_deliveries::finish(&self.pool, &outcomes, end).await?;
         let (delivered, failed) = (ok.len(), bad.len());
-        ok.sort_unstable();
-        ok.dedup();
-        bad.sort_unstable();
-        bad.dedup();
-        webhook_endpoints::record_outcomes(&self.pool, &ok, &bad, end).await?;
-        let cutoff = end - chrono::Duration::seconds(self.settings.disable_after_secs as i64);
-        let disabled = webhook_endpoints::disable_failing(
-            &self.pool,
-            cutoff,
-            "every delivery failed for webhooks_out.disable_after_secs",
-            end,
-        )
-        .await?;
-        for id in disabled {
-            metrics::WEBHOOK_ENDPOINTS_DISABLED.inc();
-            tracing::warn!(
-                endpoint_id = id,
-                "webhook endpoint disabled: every delivery failed too long"
-            );
-        }
+        self.record_endpoints(ok, bad, end).await?;
         Ok((delivered, failed))
     }
 
