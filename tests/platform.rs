@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 struct Server {
     db: TestDb,
+    settings: Arc<payouts::config::Settings>,
     base: String,
     viewer: String,
     operator: String,
@@ -59,7 +60,13 @@ impl Server {
         );
         let conn = payouts::queue::connect(&s.redis).await.unwrap();
         let queue = Queue::from_settings(conn, &s);
-        let state = AdminState::new(db.pool.clone(), queue, Arc::new(s), Arc::new(SystemClock));
+        let settings = Arc::new(s);
+        let state = AdminState::new(
+            db.pool.clone(),
+            queue,
+            settings.clone(),
+            Arc::new(SystemClock),
+        );
         let stop = CancellationToken::new();
         let (addr, _) = admin::serve("127.0.0.1:0".parse().unwrap(), state, stop.clone())
             .await
@@ -72,6 +79,7 @@ impl Server {
         let platform = token("market-backend", Role::Integration).await;
         Server {
             db,
+            settings,
             base: format!("http://{addr}"),
             viewer,
             operator,
@@ -729,5 +737,340 @@ async fn payoutctl_manages_payees_and_refuses_bad_input_with_one_line() {
             ("payee.account".into(), "operator:alice".into()),
             ("payee.resume".into(), "operator:alice".into()),
         ]
+    );
+}
+
+/// `payoutctl` against the server's database, as JSON.
+fn ctl_json(s: &Server, args: &[&str]) -> Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_payoutctl"))
+        .args(args)
+        .arg("--json")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("DATABASE_URL", &s.db.url)
+        .env("REDIS_URL", redis_url())
+        .env("PAYOUTS_OPERATOR", "alice")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "payoutctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn ago(days: i64) -> String {
+    (Utc::now() - Duration::days(days)).to_rfc3339()
+}
+
+#[tokio::test]
+async fn the_platform_reads_a_payees_balance_earnings_payouts_and_upcoming_payout() {
+    let s = Server::start().await;
+    let p = s.payee("acct_reads").await;
+    let q = s.payee("acct_small").await;
+    let post = async |payee: i64, r: &str, gross: &str, days: i64| {
+        let (code, out) = s
+            .post(
+                "/v1/earnings",
+                &s.platform,
+                json!({"payee_id": payee, "source": "market", "external_ref": r,
+                       "gross": gross, "currency": "USD", "completed_at": ago(days)}),
+            )
+            .await;
+        assert_eq!(code, StatusCode::CREATED, "{out}");
+        out["earning"]["id"].as_i64().unwrap()
+    };
+    // Settled into a payout (released weeks ago), and a small one carried
+    // over below the minimum (another payee).
+    let settled = post(p, "o-1", "100.00", 30).await;
+    post(q, "o-2", "10.00", 30).await;
+    let policy = payouts::services::settlement::policy_for(&s.settings).unwrap();
+    let opts = payouts::services::settlement::Options {
+        payee: None,
+        actor: "system:test".into(),
+    };
+    payouts::services::settlement::run(s.pool(), &policy, Utc::now(), &opts)
+        .await
+        .unwrap();
+    // Released since (not settled yet), and held.
+    let released = post(p, "o-3", "40.00", 8).await;
+    let held = post(p, "o-4", "15.50", 1).await;
+
+    let (code, b) = s
+        .get(&format!("/api/v1/payees/{p}/balance"), &s.platform)
+        .await;
+    assert_eq!(code, StatusCode::OK, "{b}");
+    let usd = &b["currencies"][0];
+    assert_eq!(usd["currency"], "USD");
+    assert_eq!(
+        (usd["held"].as_str(), usd["held_count"].as_i64()),
+        (Some("15.50"), Some(1))
+    );
+    assert_eq!(
+        (usd["releasable"].as_str(), usd["releasable_count"].as_i64()),
+        (Some("40.00"), Some(1))
+    );
+    assert_eq!(usd["carried_over"], "0.00");
+    assert_eq!(usd["in_flight_count"], 1, "{b}");
+    let payout_amount = usd["in_flight"].as_str().unwrap().to_string();
+    assert_eq!(usd["paid_this_period"], "0.00");
+    assert!(usd["next_release_at"].is_string());
+    let (_, bq) = s
+        .get(&format!("/api/v1/payees/{q}/balance"), &s.viewer)
+        .await;
+    assert_eq!(
+        bq["currencies"][0]["carried_over"], "7.00",
+        "70% of 10.00, below the minimum: {bq}"
+    );
+
+    // Earnings with their state, filtered and paged.
+    let (code, page) = s
+        .get(&format!("/api/v1/payees/{p}/earnings"), &s.platform)
+        .await;
+    assert_eq!(code, StatusCode::OK, "{page}");
+    let states: Vec<(i64, String)> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["id"].as_i64().unwrap(),
+                e["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        states,
+        [
+            (held, "held".to_string()),
+            (released, "released".into()),
+            (settled, "settled".into())
+        ]
+    );
+    let payout_id = page["items"][2]["payout_id"]
+        .as_i64()
+        .expect("settled into a payout");
+    assert_eq!(page["items"][2]["posted_by"], "integration:market-backend");
+    assert_eq!(page["items"][0]["gross"], "15.50");
+    let (_, only) = s
+        .get(
+            &format!("/api/v1/payees/{p}/earnings?state=held"),
+            &s.platform,
+        )
+        .await;
+    assert_eq!(only["items"].as_array().unwrap().len(), 1);
+    let mut seen = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let (_, pg) = s
+            .get(
+                &format!("/api/v1/payees/{p}/earnings?limit=2{cursor}"),
+                &s.platform,
+            )
+            .await;
+        seen.extend(
+            pg["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["id"].as_i64().unwrap()),
+        );
+        match pg["next_cursor"].as_str() {
+            Some(c) => cursor = format!("&cursor={c}"),
+            None => break,
+        }
+    }
+    assert_eq!(
+        seen,
+        [held, released, settled],
+        "pages neither repeat nor skip"
+    );
+
+    // Payouts with their lines.
+    let (code, pays) = s
+        .get(&format!("/api/v1/payees/{p}/payouts"), &s.platform)
+        .await;
+    assert_eq!(code, StatusCode::OK, "{pays}");
+    let item = &pays["items"][0];
+    assert_eq!(item["id"].as_i64(), Some(payout_id));
+    assert_eq!(item["amount"].as_str(), Some(payout_amount.as_str()));
+    let lines = item["lines"].as_array().unwrap();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["kind"] == "earning" && l["earning_id"].as_i64() == Some(settled)),
+        "{item}"
+    );
+    assert!(lines.iter().any(|l| l["kind"] == "fee"), "{item}");
+    let (_, none) = s
+        .get(
+            &format!("/api/v1/payees/{p}/payouts?status=paid"),
+            &s.platform,
+        )
+        .await;
+    assert_eq!(none["items"], json!([]));
+
+    // The upcoming payout is the preview.
+    let (code, up) = s
+        .get(&format!("/api/v1/payees/{p}/upcoming"), &s.platform)
+        .await;
+    assert_eq!(code, StatusCode::OK, "{up}");
+    assert_eq!(up["payee_id"].as_i64(), Some(p));
+    assert!(
+        up["settlements"].is_array() && up["held"].is_array(),
+        "{up}"
+    );
+
+    // Bad input: a 4xx that names it.
+    for (path, code, says) in [
+        (
+            "/api/v1/payees/999999/balance".to_string(),
+            StatusCode::NOT_FOUND,
+            "payee 999999 not found",
+        ),
+        (
+            "/api/v1/payees/999999/earnings".to_string(),
+            StatusCode::NOT_FOUND,
+            "payee 999999 not found",
+        ),
+        (
+            "/api/v1/payees/999999/payouts".to_string(),
+            StatusCode::NOT_FOUND,
+            "payee 999999 not found",
+        ),
+        (
+            "/api/v1/payees/999999/upcoming".to_string(),
+            StatusCode::NOT_FOUND,
+            "payee 999999 not found",
+        ),
+        (
+            format!("/api/v1/payees/{p}/earnings?state=lost"),
+            StatusCode::BAD_REQUEST,
+            "state: expected one of",
+        ),
+        (
+            format!("/api/v1/payees/{p}/earnings?currency=XYZ"),
+            StatusCode::BAD_REQUEST,
+            "currency",
+        ),
+        (
+            format!("/api/v1/payees/{p}/earnings?completed_from=yesterday"),
+            StatusCode::BAD_REQUEST,
+            "completed_from",
+        ),
+        (
+            format!("/api/v1/payees/{p}/earnings?sort=amount"),
+            StatusCode::BAD_REQUEST,
+            "unknown query parameter",
+        ),
+        (
+            format!("/api/v1/payees/{p}/payouts?status=lost"),
+            StatusCode::BAD_REQUEST,
+            "status",
+        ),
+        (
+            format!("/api/v1/payees/{p}/payouts?limit=0"),
+            StatusCode::BAD_REQUEST,
+            "limit",
+        ),
+        (
+            "/api/v1/payees/abc/balance".to_string(),
+            StatusCode::BAD_REQUEST,
+            "payee id",
+        ),
+    ] {
+        let (got, out) = s.get(&path, &s.platform).await;
+        assert_eq!(got, code, "{path}: {out}");
+        assert!(error_of(&out).contains(says), "{path}: {out}");
+    }
+
+    // Paid: counted in the current period, gone from in flight.
+    let now = Utc::now();
+    sqlx::query("UPDATE payouts SET status = 'queued', lease_until = $2 WHERE id = $1")
+        .bind(payout_id)
+        .bind(now + Duration::seconds(60))
+        .execute(s.pool())
+        .await
+        .unwrap();
+    let c = db_payouts::claim(
+        s.pool(),
+        payout_id,
+        "worker:w",
+        now,
+        now + Duration::seconds(60),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let paid = Finish::Paid {
+        transfer_id: "tr_1".into(),
+    };
+    assert!(
+        db_payouts::finish(s.pool(), payout_id, c.token(), &paid, "worker:w", "t", now)
+            .await
+            .unwrap()
+    );
+    let (_, b) = s
+        .get(&format!("/api/v1/payees/{p}/balance"), &s.platform)
+        .await;
+    let usd = &b["currencies"][0];
+    assert_eq!(
+        (usd["in_flight_count"].as_i64(), usd["paid_count"].as_i64()),
+        (Some(0), Some(1))
+    );
+    assert_eq!(
+        usd["paid_this_period"].as_str(),
+        Some(payout_amount.as_str())
+    );
+    let (_, pays) = s
+        .get(
+            &format!("/api/v1/payees/{p}/payouts?status=paid"),
+            &s.platform,
+        )
+        .await;
+    assert_eq!(pays["items"][0]["destination"], "acct_reads");
+
+    // payoutctl says the same.
+    let cli = ctl_json(&s, &["payee", "balance", &p.to_string()]);
+    assert_eq!(cli["currencies"], b["currencies"]);
+    let cli = ctl_json(
+        &s,
+        &["payee", "earnings", &p.to_string(), "--state", "released"],
+    );
+    assert_eq!(cli["items"][0]["id"].as_i64(), Some(released));
+    let cli = ctl_json(&s, &["payee", "payouts", &p.to_string()]);
+    assert_eq!(cli["items"][0]["id"].as_i64(), Some(payout_id));
+    assert!(!cli["items"][0]["lines"].as_array().unwrap().is_empty());
+    let cli = ctl_json(&s, &["payee", "upcoming", &p.to_string()]);
+    assert_eq!(cli["payee_id"].as_i64(), Some(p));
+}
+
+#[tokio::test]
+async fn the_openapi_description_lists_the_platform_routes() {
+    let s = Server::start().await;
+    let (code, doc) = s.get("/api/openapi.json", &s.platform).await;
+    assert_eq!(code, StatusCode::OK);
+    for (path, method) in [
+        ("/api/v1/payees", "get"),
+        ("/api/v1/payees/{id}/suspend", "post"),
+        ("/api/v1/payees/{id}/resume", "post"),
+        ("/api/v1/payees/{id}/account", "put"),
+        ("/api/v1/payees/{id}/account", "post"),
+        ("/api/v1/payees/{id}/balance", "get"),
+        ("/api/v1/payees/{id}/earnings", "get"),
+        ("/api/v1/payees/{id}/payouts", "get"),
+        ("/api/v1/payees/{id}/upcoming", "get"),
+    ] {
+        assert!(
+            doc["paths"][path][method].is_object(),
+            "{method} {path} missing from openapi.json"
+        );
+    }
+    assert!(
+        doc["paths"]["/api/v1/payees"]["get"]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "status")
     );
 }

@@ -243,7 +243,7 @@ pub enum PayeeCommand {
     Set(crate::cli::money::PayeeSet),
     /// Add, change or remove an agreed deduction per period (booth rent, supply fee, ...).
     Deduction(crate::cli::money::PayeeDeduction),
-    /// list, show, suspend, resume, set-account.
+    /// list, show, suspend, resume, set-account, balance, earnings, payouts, upcoming.
     #[command(flatten)]
     Manage(crate::cli::platform::PayeeOps),
 }

@@ -228,6 +228,163 @@ pub async fn set_account(
     })
 }
 
+/// A payee's balance in one currency (#17 item 2). Earnings amounts are
+/// gross (before commission, deductions and the fee: `upcoming` computes
+/// the net); the rest are amounts of money owed or paid.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CurrencyBalance {
+    /// The currency.
+    pub currency: String,
+    /// Gross of the earnings still held (not yet released).
+    pub held: rust_decimal::Decimal,
+    /// How many earnings are held.
+    pub held_count: i64,
+    /// When the next held earning is released.
+    pub next_release_at: Option<DateTime<Utc>>,
+    /// Gross of the earnings released and not settled yet: what the next
+    /// settlement (or an early payout request) takes.
+    pub releasable: rust_decimal::Decimal,
+    /// How many earnings are releasable.
+    pub releasable_count: i64,
+    /// Balances carried over from settled periods (below the minimum, a
+    /// shortfall (negative), a returned payout, a remainder below the
+    /// gateway's step): taken into the next settlement.
+    pub carried_over: rust_decimal::Decimal,
+    /// Payouts made and not finished (pending, queued, processing,
+    /// retrying, in transit, held).
+    pub in_flight: rust_decimal::Decimal,
+    /// How many payouts are in flight.
+    pub in_flight_count: i64,
+    /// Paid since the current period started.
+    pub paid_this_period: rust_decimal::Decimal,
+    /// How many payouts were paid this period.
+    pub paid_count: i64,
+}
+
+/// A payee's balances.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Balance {
+    /// The payee.
+    pub payee_id: i64,
+    /// `active` or `suspended`.
+    pub status: String,
+    /// The payee's schedule (its own, else the policy's default).
+    pub schedule: String,
+    /// The current period (`paid_this_period` counts from its start); for
+    /// a manual schedule, the current calendar month.
+    pub period: crate::domain::schedule::Period,
+    /// One entry per currency with anything in it (the payee's own
+    /// currency always).
+    pub currencies: Vec<CurrencyBalance>,
+}
+
+/// The balances of payee `id` at `now`; `None` when there is no such payee.
+pub async fn balance(
+    pool: &PgPool,
+    policy: &crate::domain::Policy,
+    id: i64,
+    now: DateTime<Utc>,
+) -> Result<Option<Balance>, PayeeError> {
+    use std::collections::BTreeMap;
+
+    use chrono::Datelike;
+    use rust_decimal::Decimal;
+
+    let Some(payee) = payees::get(pool, id).await? else {
+        return Ok(None);
+    };
+    let mut conn = pool.acquire().await?;
+    let terms = crate::db::payee_terms::get(&mut conn, id).await?;
+    let schedule = terms
+        .and_then(|t| t.schedule)
+        .unwrap_or(policy.default_schedule);
+    let period = schedule.period_containing(now).unwrap_or_else(|| {
+        let start = now
+            .date_naive()
+            .with_day(1)
+            .expect("day 1")
+            .and_hms_opt(0, 0, 0)
+            .expect("midnight")
+            .and_utc();
+        let end = start
+            .checked_add_months(chrono::Months::new(1))
+            .unwrap_or(now);
+        crate::domain::schedule::Period { start, end }
+    });
+    let empty = |currency: &str| CurrencyBalance {
+        currency: currency.to_string(),
+        held: Decimal::ZERO,
+        held_count: 0,
+        next_release_at: None,
+        releasable: Decimal::ZERO,
+        releasable_count: 0,
+        carried_over: Decimal::ZERO,
+        in_flight: Decimal::ZERO,
+        in_flight_count: 0,
+        paid_this_period: Decimal::ZERO,
+        paid_count: 0,
+    };
+    let mut by: BTreeMap<String, CurrencyBalance> = BTreeMap::new();
+    by.insert(payee.currency.clone(), empty(&payee.currency));
+    for u in crate::db::platform::unsettled_sums(pool, id, now).await? {
+        let b = by
+            .entry(u.currency.clone())
+            .or_insert_with(|| empty(&u.currency));
+        b.held = u.held;
+        b.held_count = u.held_count;
+        b.next_release_at = u.next_release_at;
+        b.releasable = u.releasable;
+        b.releasable_count = u.releasable_count;
+    }
+    for p in crate::db::platform::payout_sums(pool, id, period.start).await? {
+        let b = by
+            .entry(p.currency.clone())
+            .or_insert_with(|| empty(&p.currency));
+        b.in_flight = p.in_flight;
+        b.in_flight_count = p.in_flight_count;
+        b.paid_this_period = p.paid;
+        b.paid_count = p.paid_count;
+    }
+    let codes = crate::db::platform::carried_currencies(pool, id).await?;
+    // Carried balances: every open one, whenever it was returned (a
+    // settlement taking it in later takes it whole).
+    let far = now + chrono::Duration::days(36_500);
+    for code in codes {
+        let carries =
+            crate::db::settlements::open_carries(&mut conn, id, &code, far, false).await?;
+        if carries.is_empty() {
+            continue;
+        }
+        let b = by.entry(code.clone()).or_insert_with(|| empty(&code));
+        b.carried_over = carries.iter().map(|c| c.net).sum();
+    }
+    // Amounts at the currency's exponent (`10.00`, not `10.00000000`).
+    let currencies = by
+        .into_values()
+        .map(|mut b| {
+            if let Ok(c) = b.currency.parse::<crate::domain::Currency>() {
+                for d in [
+                    &mut b.held,
+                    &mut b.releasable,
+                    &mut b.carried_over,
+                    &mut b.in_flight,
+                    &mut b.paid_this_period,
+                ] {
+                    d.rescale(c.exponent().max(d.normalize().scale()));
+                }
+            }
+            b
+        })
+        .collect();
+    Ok(Some(Balance {
+        payee_id: id,
+        status: payee.status,
+        schedule: schedule.to_string(),
+        period,
+        currencies,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
