@@ -335,6 +335,22 @@ async fn a_suspended_payee_is_not_paid_until_resumed_and_its_queued_payouts_wait
             .await;
         assert_eq!(code, StatusCode::FORBIDDEN);
     }
+    // An operator cannot queue (enqueue now, or retry) a suspended payee's
+    // payout: the claim would only put it back; the answer says why.
+    let (code, out) = s
+        .post(
+            &format!("/api/v1/payouts/{waiting}/enqueue"),
+            &s.operator,
+            json!({}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CONFLICT, "{out}");
+    assert!(
+        error_of(&out).contains(&format!(
+            "payout {waiting} belongs to payee {p}, which is suspended: resume the payee first"
+        )),
+        "{out}"
+    );
     assert_eq!(s.state().await, before, "refusals change nothing");
 
     // The list filters by status.

@@ -271,6 +271,15 @@ fn conflict(e: ActionError, action: &str) -> ApiError {
                 status: Some(t.from.as_str().to_string()),
             }
         }
+        e @ ActionError::PayeeSuspended { .. } => {
+            metrics::ADMIN_ACTIONS
+                .with_label_values(&[action, "conflict"])
+                .inc();
+            ApiError::Conflict {
+                message: format!("cannot {action}: {e}"),
+                status: None,
+            }
+        }
         ActionError::Db(e) => e.into(),
     }
 }
@@ -542,6 +551,9 @@ async fn bulk_retry_ids(
             // Moved meanwhile (or its money went back to the balance).
             Err(ActionError::Illegal(t)) => {
                 changed.push(json!({"id": r.id, "status": t.from.as_str()}))
+            }
+            Err(ActionError::PayeeSuspended { id, .. }) => {
+                changed.push(json!({"id": id, "status": r.status.as_str(), "payee": "suspended"}))
             }
             Err(ActionError::NotFound(_)) => {}
         }

@@ -306,7 +306,9 @@ impl Exit {
             if let Some(a) = cause.downcast_ref::<ActionError>() {
                 match a {
                     ActionError::NotFound(_) => return EXIT_NOT_FOUND,
-                    ActionError::Illegal(_) => return EXIT_CONFLICT,
+                    ActionError::Illegal(_) | ActionError::PayeeSuspended { .. } => {
+                        return EXIT_CONFLICT;
+                    }
                     ActionError::Db(_) => {}
                 }
             }

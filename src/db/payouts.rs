@@ -179,6 +179,14 @@ pub enum ActionError {
     /// Not legal from the payout's status.
     #[error(transparent)]
     Illegal(#[from] TransitionError),
+    /// Would queue a payout of a suspended payee (resume the payee first).
+    #[error("payout {id} belongs to payee {payee}, which is suspended: resume the payee first")]
+    PayeeSuspended {
+        /// The payout.
+        id: i64,
+        /// Its payee.
+        payee: i64,
+    },
     /// The database failed.
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
@@ -1005,17 +1013,21 @@ async fn act(
 ) -> Result<PayoutStatus, ActionError> {
     let from: Vec<String> = a.from.iter().map(|s| s.as_str().to_string()).collect();
     let row = sqlx::query!(
-        r#"WITH prev AS (SELECT id, status FROM payouts WHERE id = $1 FOR UPDATE),
+        r#"WITH prev AS (
+             SELECT p.id, p.status, p.payee_id, y.status = 'suspended' AS suspended
+             FROM payouts p JOIN payees y ON y.id = p.payee_id WHERE p.id = $1 FOR UPDATE OF p),
          upd AS (
              UPDATE payouts p SET status = $2, lease_until = $5, lease_owner = NULL, updated_at = $6,
                  retry_base = CASE WHEN $7 THEN p.attempt ELSE p.retry_base END,
                  next_attempt_at = CASE WHEN $7 THEN NULL ELSE p.next_attempt_at END
              FROM prev WHERE p.id = prev.id AND prev.status = ANY($3)
+                 AND NOT ($9 AND prev.suspended)
              RETURNING p.id, prev.status AS from_status, p.attempt),
          ev AS (
              INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
              SELECT id, from_status, $2, $4, $8, attempt, $6 FROM upd)
-         SELECT prev.status AS "current!: PayoutStatus", (SELECT from_status FROM upd) AS moved
+         SELECT prev.status AS "current!: PayoutStatus", (SELECT from_status FROM upd) AS moved,
+                prev.payee_id AS "payee_id!", prev.suspended AS "suspended!"
          FROM prev"#,
         id,
         a.to.as_str(),
@@ -1025,12 +1037,20 @@ async fn act(
         now,
         a.reset_budget,
         a.reason,
+        // A suspended payee's payouts wait: nothing queues them.
+        a.to == PayoutStatus::Queued,
     )
     .fetch_optional(pool)
     .await?;
     let row = row.ok_or(ActionError::NotFound(id))?;
     match row.moved {
         Some(_) => Ok(row.current),
+        None if row.suspended && a.to == PayoutStatus::Queued && a.from.contains(&row.current) => {
+            Err(ActionError::PayeeSuspended {
+                id,
+                payee: row.payee_id,
+            })
+        }
         None => Err(TransitionError {
             id,
             from: row.current,
