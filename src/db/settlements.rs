@@ -493,6 +493,20 @@ pub struct GroupState {
     pub pending: Pending,
 }
 
+/// Plans the rest of the transaction's prepared statements generically:
+/// the settlement run's chunk statements take arrays of keys (a thousand
+/// payees, ten thousand earnings), and a custom plan, which sees how many,
+/// hashes or sorts the whole table instead of looking each key up, badly so
+/// on a freshly imported `earnings` that has no statistics yet (month-end:
+/// import, then settle), where it thinks nearly no earning is unsettled.
+/// The generic plan looks the keys up by index, whatever the statistics.
+pub async fn plan_by_key(conn: &mut PgConnection) -> sqlx::Result<()> {
+    sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan")
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// [`latest_end`] and [`pending`] of many (payee, currency) at once.
 pub async fn states(
     conn: &mut PgConnection,

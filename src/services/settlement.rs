@@ -498,6 +498,7 @@ async fn settle_chunk(
     }
     let key = |i: usize| -> Key { (works[i].payee_id, works[i].code.clone()) };
     let mut tx = pool.begin().await?;
+    settlements::plan_by_key(&mut tx).await?;
     let terms: HashMap<i64, Result<payee_terms::Terms, String>> =
         payee_terms::lock_many(&mut tx, &payee_ids)
             .await?
