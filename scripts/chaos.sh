@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The full chaos suite: builds the release binaries and runs every fault
-# scenario (S1 ... S13, S15, S16) with a few thousand payouts each, against a private
+# scenario (S1 ... S16) with a few thousand payouts each, against a private
 # Postgres and private redis-servers on free loopback ports (never the shared
 # 6379/5432). Prints one table row per scenario; exits 1 if any invariant broke.
 #

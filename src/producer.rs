@@ -75,12 +75,17 @@ impl Producer {
         crate::services::settlement::on_producer_tick(&self.pool, &self.settings, now, &self.actor)
             .await;
 
-        if self.queue.check_epoch().await? {
+        let epoch = self.queue.check_epoch().await?;
+        if epoch.lost_jobs() {
             let ids = payouts::requeue_all_queued(&self.pool, lease_until, now).await?;
             if !ids.is_empty() {
+                let why = match epoch {
+                    crate::queue::Epoch::Missing => "Redis lost its data (epoch key missing)",
+                    _ => "another Redis server holds the queue (failover or restart)",
+                };
                 tracing::warn!(
                     count = ids.len(),
-                    "Redis lost its data (epoch key missing): enqueueing every queued payout again"
+                    "{why}: enqueueing every queued payout again"
                 );
             }
             self.queue.push(&ids).await?;

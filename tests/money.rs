@@ -1274,6 +1274,56 @@ async fn an_import_reads_crlf_lines_and_a_last_line_without_a_newline() {
 }
 
 #[tokio::test]
+async fn payoutctl_imports_from_stdin_and_caps_the_rejected_rows_it_prints() {
+    let ctl = Ctl::new().await;
+    let p = ctl.json(&["payee", "add", "--name", "Ana", "--account", "acct_ana"])["id"]
+        .as_i64()
+        .unwrap();
+    // `-` is standard input: 3 good rows and 500 bad ones (unknown currency).
+    let mut csv = String::from("payee_id,source,external_ref,gross,currency\n");
+    for i in 0..3 {
+        csv.push_str(&format!("{p},booking,S-{i},1.00,USD\n"));
+    }
+    for i in 0..500 {
+        csv.push_str(&format!("{p},booking,X-{i},1.00,XYZ\n"));
+    }
+    let out = ctl.run_stdin(&["earnings", "import", "-"], csv.as_bytes());
+    assert!(!out.ok, "rejected rows make the import fail");
+    assert!(
+        out.stdout
+            .starts_with("503 rows: 3 earnings imported, 0 already recorded, 500 rejected"),
+        "{}",
+        out.stdout
+    );
+    let listed = out
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("  line "))
+        .count();
+    assert_eq!(
+        listed, 20,
+        "the first 20 rejected rows, one per line:\n{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .contains("  ... and 480 more rejected rows (--json lists them all)"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stderr.len() < 1_000 && out.stderr.contains("500 of 503 rows rejected (lines 5, 6,"),
+        "one short error line, not every line number: {}",
+        out.stderr
+    );
+    // --json lists every rejected row; the good rows were recorded once.
+    let again = ctl.run_stdin(&["earnings", "import", "-", "--json"], csv.as_bytes());
+    let report: Value = serde_json::from_str(again.stdout.trim()).unwrap();
+    assert_eq!(report["rejected"].as_array().map(Vec::len), Some(500));
+    assert_eq!(report["already_had"], 3);
+}
+
+#[tokio::test]
 async fn payoutctl_imports_a_crlf_file_with_a_line_that_is_not_utf8_naming_its_line() {
     let ctl = Ctl::new().await;
     let p = ctl.json(&["payee", "add", "--name", "Ana", "--account", "acct_ana"])["id"]

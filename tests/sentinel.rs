@@ -236,6 +236,51 @@ async fn a_fleet_on_sentinel_pays_through_the_master_and_follows_a_failover() {
     f.assert_paid_exactly_once().await;
 }
 
+async fn queue_on(port: u16, prefix: &str) -> payouts::queue::Queue {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+    let conn = client.get_connection_manager().await.unwrap();
+    payouts::queue::Queue::new(conn, prefix, 10, Duration::from_secs(5))
+}
+
+/// A promoted replica holds the master's epoch key (replicated) but may lack
+/// its last jobs: the producer must see the queue changed servers and push
+/// every queued payout again, not wait a queue lease (S14 with the defaults:
+/// the last payout was paid 62 s after the master died before this check,
+/// 17 s after it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_epoch_check_sees_a_promoted_replica_as_another_server() {
+    use payouts::queue::Epoch;
+    let s = Sentinel::start().await;
+    let prefix = format!("epoch-{}", free_port());
+    let on_master = queue_on(s.master, &prefix).await;
+    assert_eq!(on_master.check_epoch().await.unwrap(), Epoch::Missing);
+    assert_eq!(on_master.check_epoch().await.unwrap(), Epoch::Same);
+    let key = format!("{{{prefix}}}:epoch");
+    eventually(
+        Duration::from_secs(30),
+        "the epoch key on the replica",
+        || {
+            let key = key.clone();
+            async move {
+                let v: Option<String> = query(s.replica, redis::cmd("GET").arg(&key)).await?;
+                v
+            }
+        },
+    )
+    .await;
+    // The replica promoted (what the sentinel does in a failover).
+    let _: String = query(s.replica, redis::cmd("REPLICAOF").arg("NO").arg("ONE"))
+        .await
+        .expect("REPLICAOF NO ONE");
+    let on_new = queue_on(s.replica, &prefix).await;
+    assert_eq!(
+        on_new.check_epoch().await.unwrap(),
+        Epoch::OtherServer,
+        "the key was set on the old master: jobs may be missing here"
+    );
+    assert_eq!(on_new.check_epoch().await.unwrap(), Epoch::Same);
+}
+
 #[test]
 fn sentinels_that_are_not_host_and_port_are_refused() {
     let err = payouts::config::Settings::load_from(

@@ -14,7 +14,7 @@ use payouts::testkit::chaos::{self, Bins, ChaosOptions, Profile, Scenario};
     about = "Chaos harness: fault scenarios against a private fleet, invariants checked"
 )]
 struct Args {
-    /// Scenarios to run (S1 ... S13, S15, S16), comma-separated; all by default.
+    /// Scenarios to run (S1 ... S16), comma-separated; all by default.
     #[arg(long, value_delimiter = ',', value_parser = parse_scenario)]
     scenarios: Vec<Scenario>,
     /// Payouts per scenario (default: 3000, or 200 with --short).

@@ -54,9 +54,10 @@ pub enum EarningsCommand {
     /// The file is read as a stream and written 20,000 rows at a time (COPY). Without --atomic each
     /// batch commits on its own: an import stopped midway leaves its first batches recorded, and
     /// running it again finishes it (rows already recorded count as "already recorded").
-    /// A progress bar shows on a terminal (not with --json).
+    /// A progress bar shows on a terminal (not with --json). Rejected rows are listed one per line,
+    /// the first 20 of them, then a count (--json lists them all).
     Import {
-        /// The file.
+        /// The file; `-` reads standard input.
         file: PathBuf,
         /// All or nothing: one bad row and nothing is imported (one transaction for the whole file).
         #[arg(long)]
@@ -66,6 +67,10 @@ pub enum EarningsCommand {
         format: Option<String>,
     },
 }
+
+/// Rejected rows an import prints (and names in its error) before it says
+/// how many more there are.
+const REJECTED_SHOWN: usize = 20;
 
 /// `payoutctl payee set`.
 #[derive(Debug, Args)]
@@ -197,21 +202,36 @@ pub async fn run_earnings(
             format,
         } => {
             use std::io::{BufRead, IsTerminal};
-            let opened = std::fs::File::open(&file)
-                .with_context(|| format!("failed to read {}", file.display()))?;
-            let size = opened.metadata().map(|m| m.len()).unwrap_or(0);
+            // `-` is standard input (its size unknown: a spinner, not a bar).
+            let stdin = file.as_os_str() == "-";
+            let (input, size): (Box<dyn std::io::Read + Send>, Option<u64>) = if stdin {
+                (Box::new(std::io::stdin()), None)
+            } else {
+                let opened = std::fs::File::open(&file)
+                    .with_context(|| format!("failed to read {}", file.display()))?;
+                let size = opened.metadata().map(|m| m.len()).ok();
+                (Box::new(opened), size)
+            };
             // Progress by bytes read, on a terminal only (stderr; stdout keeps the summary).
             let bar = if !as_json && std::io::stdout().is_terminal() {
-                indicatif::ProgressBar::new(size).with_style(
-                    indicatif::ProgressStyle::with_template(
-                        "importing {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-                    )
-                    .expect("a valid progress template"),
-                )
+                match size {
+                    Some(size) => indicatif::ProgressBar::new(size).with_style(
+                        indicatif::ProgressStyle::with_template(
+                            "importing {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                        )
+                        .expect("a valid progress template"),
+                    ),
+                    None => indicatif::ProgressBar::new_spinner().with_style(
+                        indicatif::ProgressStyle::with_template(
+                            "importing {spinner} {bytes} {bytes_per_sec}",
+                        )
+                        .expect("a valid progress template"),
+                    ),
+                }
             } else {
                 indicatif::ProgressBar::hidden()
             };
-            let mut reader = std::io::BufReader::with_capacity(1 << 16, bar.wrap_read(opened));
+            let mut reader = std::io::BufReader::with_capacity(1 << 16, bar.wrap_read(input));
             let format = match format.as_deref() {
                 None => {
                     let start = reader
@@ -253,13 +273,29 @@ pub async fn run_earnings(
                         " (nothing imported)"
                     }
                 )?;
-                for r in &report.rejected {
+                // One line per rejected row, up to a cap: 10,000 bad rows are
+                // a count and the first few, not a wall of text.
+                for r in report.rejected.iter().take(REJECTED_SHOWN) {
                     writeln!(out, "  line {}: {}: {}", r.line, r.field, r.message)?;
+                }
+                if report.rejected.len() > REJECTED_SHOWN {
+                    writeln!(
+                        out,
+                        "  ... and {} more rejected rows (--json lists them all)",
+                        report.rejected.len() - REJECTED_SHOWN
+                    )?;
                 }
             }
             if let Some(first) = report.rejected.first() {
-                let lines: Vec<String> =
-                    report.rejected.iter().map(|r| r.line.to_string()).collect();
+                let mut lines: Vec<String> = report
+                    .rejected
+                    .iter()
+                    .take(REJECTED_SHOWN)
+                    .map(|r| r.line.to_string())
+                    .collect();
+                if report.rejected.len() > REJECTED_SHOWN {
+                    lines.push("...".into());
+                }
                 let what = if report.committed {
                     "the other rows were imported"
                 } else {

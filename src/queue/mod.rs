@@ -10,8 +10,9 @@
 //! - `max_attempts` is ignored: the handler always acknowledges; retries are
 //!   rows in Postgres;
 //! - losing Redis loses jobs: Postgres still says `queued`; the producer sees
-//!   the epoch key gone ([`Queue::check_epoch`]) and enqueues them again, and
-//!   the lease sweep catches anything else;
+//!   the epoch key gone, or set by another server process after a Sentinel
+//!   failover or a restart ([`Queue::check_epoch`]), and enqueues them again,
+//!   and the lease sweep catches anything else;
 //! - a worker stopped gracefully can leave a batch of jobs it had fetched
 //!   but not run in its in-flight set, which nothing re-enqueues once the
 //!   worker is gone (in a rolling restart, chaos S16 with the defaults, 32
@@ -29,7 +30,6 @@ use std::{sync::LazyLock, time::Duration};
 use anyhow::Context;
 use apalis_core::task::builder::TaskBuilder;
 use apalis_redis::{Config, ConnectionManager, RedisStorage};
-use redis::AsyncCommands;
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 
@@ -355,16 +355,67 @@ impl Queue {
         Ok(n)
     }
 
-    /// Sets the epoch key if it is missing; `true` means it was missing: Redis
-    /// is new or lost its data, and every `queued` job must be pushed again.
-    pub async fn check_epoch(&self) -> anyhow::Result<bool> {
+    /// Checks that the Redis the queue talks to still holds every job the
+    /// producer pushed: the epoch key names the server process (`run_id`)
+    /// that has held the data since it was set. `Missing`: Redis is new or
+    /// lost its data. `OtherServer`: another server process holds it now (a
+    /// Sentinel failover promoted a replica, which may lack the master's last
+    /// writes, or Redis restarted from a file that may lack its last second).
+    /// Either way every `queued` job must be pushed again; the key is then
+    /// stamped with the current server. One script call.
+    pub async fn check_epoch(&self) -> anyhow::Result<Epoch> {
         let mut conn = self.conn.clone();
         let key = format!("{{{}}}:epoch", self.prefix);
         let stamp = crate::clock::Clock::now(&crate::clock::SystemClock).to_rfc3339();
-        let set: bool = conn.set_nx(&key, stamp).await?;
-        Ok(set)
+        let state: i64 = CHECK_EPOCH
+            .key(&key)
+            .arg(stamp)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(match state {
+            0 => Epoch::Same,
+            1 => Epoch::Missing,
+            _ => Epoch::OtherServer,
+        })
     }
 }
+
+/// What [`Queue::check_epoch`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Epoch {
+    /// The same server process has held the data since the key was set.
+    Same,
+    /// No epoch key: Redis is new or lost its data.
+    Missing,
+    /// The key was set on another server process (a failover or a restart).
+    OtherServer,
+}
+
+impl Epoch {
+    /// Whether every `queued` job must be pushed again.
+    pub fn lost_jobs(self) -> bool {
+        self != Epoch::Same
+    }
+}
+
+/// KEYS: the epoch key. ARGV: a timestamp. The key holds `<run_id> <stamp>`;
+/// returns 0 when `run_id` is this server's, else stamps it with this
+/// server's and returns 1 (it was missing) or 2 (another server's).
+static CHECK_EPOCH: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+        local info = redis.call('INFO', 'server')
+        local run = string.match(info, 'run_id:(%x+)')
+        local cur = redis.call('GET', KEYS[1])
+        if cur and string.sub(cur, 1, #run + 1) == run .. ' ' then
+            return 0
+        end
+        redis.call('SET', KEYS[1], run .. ' ' .. ARGV[1])
+        if cur then return 2 end
+        return 1
+        ",
+    )
+});
 
 #[cfg(test)]
 mod tests {

@@ -520,6 +520,31 @@ impl Ctl {
         }
     }
 
+    /// Runs a command with `input` on its standard input.
+    pub fn run_stdin(&self, args: &[&str], input: &[u8]) -> Out {
+        use std::io::Write;
+        let mut child = self
+            .command(args, &[])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run payoutctl");
+        child
+            .stdin
+            .take()
+            .expect("stdin piped")
+            .write_all(input)
+            .expect("write payoutctl's stdin");
+        let out = child.wait_with_output().expect("payoutctl's output");
+        Out {
+            ok: out.status.success(),
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into(),
+            stderr: String::from_utf8_lossy(&out.stderr).into(),
+        }
+    }
+
     /// Runs a command (no extra environment).
     pub fn run(&self, args: &[&str]) -> Out {
         self.run_with(args, &[])

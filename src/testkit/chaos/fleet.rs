@@ -26,7 +26,7 @@ use super::{
     pg::PrivatePostgres,
     process::{ChildProc, free_port, poll},
     proxy::Proxy,
-    redis::PrivateRedis,
+    redis::{PrivateRedis, PrivateSentinel},
 };
 use crate::{
     config::Settings,
@@ -250,7 +250,9 @@ pub struct Fleet {
     pub producer_redis: Proxy,
     /// The mock gateway.
     pub gateway: GatewayProc,
-    /// The private Redis.
+    /// S14's replica and sentinel (before the master: dropped first).
+    pub sentinel: Option<PrivateSentinel>,
+    /// The private Redis (S14: the first master).
     pub redis: PrivateRedis,
     /// The harness's own pool on the scenario's database.
     pub pool: PgPool,
@@ -309,6 +311,10 @@ pub struct FleetSpec {
     /// Every Postgres connection (children and harness) through a proxy
     /// whose upstream can be switched (S15).
     pub pg_proxy: bool,
+    /// Redis as a master, a replica and a sentinel; the children find the
+    /// master through the sentinel (`redis.sentinels`), so the Redis proxies
+    /// are not on their path (S14).
+    pub sentinel: bool,
 }
 
 impl Fleet {
@@ -366,7 +372,22 @@ impl Fleet {
         let worker_gateway = Proxy::start("workers->gateway", gateway.addr()).await?;
         let producer_redis = Proxy::start("producer->redis", redis_addr).await?;
 
-        let env = child_env(&db_url, profile);
+        let sentinel = if spec.sentinel {
+            Some(PrivateSentinel::start(dir, logs, &redis).await?)
+        } else {
+            None
+        };
+        let mut env = child_env(&db_url, profile);
+        if let Some(s) = &sentinel {
+            env.push((
+                "PAYOUTS_REDIS__SENTINELS".into(),
+                format!("[\"{}\"]", s.addr()),
+            ));
+            env.push((
+                "PAYOUTS_REDIS__SENTINEL_MASTER".into(),
+                super::redis::SENTINEL_MASTER.into(),
+            ));
+        }
         let mut harness_env = env.clone();
         harness_env.push(("REDIS_URL".into(), redis.url()));
         harness_env.extend(gateway_env(&gateway_kind, &gateway.base_url()));
@@ -380,6 +401,7 @@ impl Fleet {
             worker_gateway,
             producer_redis,
             gateway,
+            sentinel,
             redis,
             pool,
             queue,

@@ -73,6 +73,10 @@ pub enum Scenario {
     /// Kill storm: one of three workers SIGKILLed every 2 s (and restarted)
     /// for the whole run, under the gateway faults of issue #20.
     S13,
+    /// Redis Sentinel failover: the master SIGKILLed mid-run, the sentinel
+    /// promotes the replica, every process stops, exits non-zero and is
+    /// restarted (as compose or Kubernetes would) against the new master.
+    S14,
     /// Postgres failover: the primary (synchronous streaming replication)
     /// killed mid-run, the standby promoted, the fleet's address switched to it.
     S15 = 15,
@@ -83,7 +87,7 @@ pub enum Scenario {
 
 impl Scenario {
     /// Every scenario, in order.
-    pub const ALL: [Scenario; 15] = [
+    pub const ALL: [Scenario; 16] = [
         Scenario::S1,
         Scenario::S2,
         Scenario::S3,
@@ -97,11 +101,12 @@ impl Scenario {
         Scenario::S11,
         Scenario::S12,
         Scenario::S13,
+        Scenario::S14,
         Scenario::S15,
         Scenario::S16,
     ];
 
-    /// `S1` ... `S16` (S14, a Redis Sentinel failover, is not built yet).
+    /// `S1` ... `S16`.
     pub fn id(self) -> String {
         format!("S{}", self as u8)
     }
@@ -122,6 +127,7 @@ impl Scenario {
             Scenario::S11 => "producer killed between mark and push",
             Scenario::S12 => "poison payouts + jobs enqueued twice",
             Scenario::S13 => "kill storm: 1 of 3 workers SIGKILLed every 2 s, whole run",
+            Scenario::S14 => "Redis Sentinel failover: master SIGKILLed, replica promoted",
             Scenario::S15 => "Postgres failover to a synchronous standby",
             Scenario::S16 => "rolling restart: each worker SIGTERMed and replaced in turn",
         }
@@ -143,11 +149,11 @@ impl FromStr for Scenario {
             .trim()
             .trim_start_matches(['S', 's'])
             .parse()
-            .map_err(|_| format!("unknown scenario {s:?} (S1 ... S13, S15, S16)"))?;
+            .map_err(|_| format!("unknown scenario {s:?} (S1 ... S16)"))?;
         Scenario::ALL
             .into_iter()
             .find(|sc| *sc as u8 == n)
-            .ok_or_else(|| format!("unknown scenario {s:?} (S1 ... S13, S15, S16)"))
+            .ok_or_else(|| format!("unknown scenario {s:?} (S1 ... S16)"))
     }
 }
 
@@ -351,6 +357,7 @@ async fn scenario_body(
             vec![]
         },
         pg_proxy: s == Scenario::S15,
+        sentinel: s == Scenario::S14,
     };
     let dir = tmp.join(s.id());
     let logs = log_root.join(s.id());

@@ -3,7 +3,9 @@
 //! drain (S3: the paused worker's late work was refused, by the fence or by
 //! its own lease check; S11: the payouts the killed producer left `queued`
 //! without a job were recovered by the lease sweep; S13: how long after
-//! each kill every payout the dead worker held was claimed again; S15: how
+//! each kill every payout the dead worker held was claimed again; S14: that
+//! every process stopped when the Redis master moved, and how soon payouts
+//! flowed again through the new one; S15: how
 //! soon payouts flowed again after the primary died; S16: how long the
 //! payouts of a worker stopped by SIGTERM waited).
 //!
@@ -22,6 +24,7 @@ use super::{
     pg::PrivatePostgres,
     process::poll,
     proxy::Mode,
+    redis::role,
     report::ScenarioReport,
 };
 use crate::{
@@ -74,6 +77,15 @@ pub enum After {
     KillStorm {
         /// The kills, in order.
         kills: Vec<Kill>,
+    },
+    /// S14: when the Redis master was killed and the replica promoted.
+    RedisFailover {
+        /// When the master was SIGKILLed.
+        killed_at: DateTime<Utc>,
+        /// When the sentinel had promoted the replica (`ROLE` says master).
+        promoted_at: DateTime<Utc>,
+        /// Fleet processes that exited after the failover, and how (restarted).
+        exits: Vec<String>,
     },
     /// S15: when the primary was killed.
     Failover {
@@ -150,7 +162,7 @@ pub async fn inject(
         return Ok(out);
     }
     tokio::time::sleep_until(t0 + profile.fault_at).await;
-    if matches!(s, Scenario::S15 | Scenario::S16) {
+    if matches!(s, Scenario::S14 | Scenario::S15 | Scenario::S16) {
         // These faults are about work in flight: with the default producer
         // tick nothing may be claimed yet at `fault_at`.
         let pool = fleet.pool.clone();
@@ -422,6 +434,39 @@ pub async fn inject(
             ));
             out.after = After::KillStorm { kills };
         }
+        Scenario::S14 => {
+            let replica = fleet
+                .sentinel
+                .as_ref()
+                .context("S14 runs on a master, a replica and a sentinel")?
+                .replica
+                .port();
+            fleet.redis.kill();
+            let killed_at = Utc::now();
+            let killed = std::time::Instant::now();
+            poll(
+                Duration::from_secs(60),
+                Duration::from_millis(50),
+                "the sentinel to promote the replica",
+                || async move { (role(replica).await.as_deref() == Some("master")).then_some(()) },
+            )
+            .await?;
+            let promoted_at = Utc::now();
+            let promote_secs = killed.elapsed().as_secs_f64();
+            let exits = supervise(fleet, profile, t0).await?;
+            out.notes.push(format!(
+                "Redis master SIGKILLed with {paid_before} paid; the sentinel (down-after 1 s, quorum 1) \
+                 promoted the replica {promote_secs:.2} s later; {} fleet processes stopped on seeing the \
+                 master move and were restarted as a supervisor would ({})",
+                exits.len(),
+                exits.join(", ")
+            ));
+            out.after = After::RedisFailover {
+                killed_at,
+                promoted_at,
+                exits,
+            };
+        }
         Scenario::S15 => {
             let ha = fleet
                 .ha
@@ -533,6 +578,38 @@ async fn rolling_restart(
         if open_count(fleet).await == Some(0) || tokio::time::Instant::now() >= deadline {
             return Ok(stops);
         }
+    }
+}
+
+/// S14: what compose's `restart: unless-stopped` and Kubernetes do: every
+/// fleet process that exits is started again (same slot), until every
+/// payout is final or the drain deadline passes. Returns each exit
+/// (`name: status`).
+async fn supervise(
+    fleet: &mut Fleet,
+    profile: &Profile,
+    t0: tokio::time::Instant,
+) -> anyhow::Result<Vec<String>> {
+    let deadline = t0 + profile.spread + profile.drain_deadline;
+    let mut exits = Vec::new();
+    loop {
+        if let Some(p) = fleet.producer.as_mut()
+            && let Some(status) = p.exited()
+        {
+            exits.push(format!("{}: {status}", p.name()));
+            fleet.spawn_producer()?;
+        }
+        for slot in 0..fleet.workers.len() {
+            let w = &mut fleet.workers[slot].proc;
+            if let Some(status) = w.exited() {
+                exits.push(format!("{}: {status}", w.name()));
+                fleet.spawn_worker(Some(slot))?;
+            }
+        }
+        if open_count(fleet).await == Some(0) || tokio::time::Instant::now() >= deadline {
+            return Ok(exits);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -777,6 +854,32 @@ pub async fn after_drain(
                 report.findings.push(format!(
                     "kill -> re-claim p99 {p99:.2} s is longer than one lease ({lease} s)"
                 ));
+            }
+        }
+        After::RedisFailover {
+            killed_at,
+            promoted_at,
+            exits,
+        } => {
+            let (first, last) = payouts::paid_span_after(&fleet.pool, *promoted_at).await?;
+            let after = |t: Option<DateTime<Utc>>| {
+                t.map(|t| (t - *killed_at).num_milliseconds() as f64 / 1000.0)
+            };
+            if exits.is_empty() {
+                report.violation(
+                    "no fleet process stopped after the Redis master moved: they kept using the old address"
+                        .into(),
+                );
+            }
+            match (after(first), after(last)) {
+                (Some(first), Some(last)) => report.notes.push(format!(
+                    "after the master died: the first payout paid after the promotion {first:.2} s after the \
+                     kill; the last payout paid {last:.2} s after the kill"
+                )),
+                _ => report.violation(
+                    "no payout was paid after the Redis failover: the scenario did not test what it says"
+                        .into(),
+                ),
             }
         }
         After::Failover { killed_at } => {
