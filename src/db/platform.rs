@@ -266,12 +266,16 @@ pub struct LineView {
 /// The line items of payouts `ids` (of the settlements that made them), by
 /// payout and position.
 pub async fn lines_of(pool: &PgPool, ids: &[i64]) -> sqlx::Result<Vec<LineView>> {
+    // `payout_lines` is a view (migration 20261128000100): filtered on its
+    // own `payout_id` (each line's is its settlement's payout), each of its
+    // halves is read by index; joined to `settlements`, it could not be.
     sqlx::query_as!(
         LineView,
-        r#"SELECT s.payout_id AS "payout_id!", l.position, l.kind, l.description, l.amount, l.earning_id
-           FROM settlements s JOIN payout_lines l ON l.settlement_id = s.id
-           WHERE s.payout_id = ANY($1)
-           ORDER BY s.payout_id, l.position"#,
+        r#"SELECT l.payout_id AS "payout_id!", l.position AS "position!", l.kind AS "kind!",
+                  l.description AS "description!", l.amount AS "amount!", l.earning_id
+           FROM payout_lines l
+           WHERE l.payout_id = ANY($1)
+           ORDER BY l.payout_id, l.position"#,
         ids,
     )
     .fetch_all(pool)
