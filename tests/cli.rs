@@ -363,7 +363,7 @@ async fn the_admin_commands_match_the_dashboard_tokens_failures_bulk_retry_and_f
     assert_eq!(root.code, Some(2), "{}", root.stderr);
     assert!(
         root.stderr
-            .contains("[possible values: viewer, operator, admin]"),
+            .contains("[possible values: viewer, operator, admin, integration]"),
         "{}",
         root.stderr
     );

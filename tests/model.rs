@@ -773,6 +773,8 @@ fn act_result(r: Result<PayoutStatus, ActionError>) -> Result<ActResult, String>
             to: e.to,
         }),
         Err(ActionError::NotFound(_)) => Ok(ActResult::NotFound),
+        // The model never suspends a payee.
+        Err(e @ ActionError::PayeeSuspended { .. }) => Err(e.to_string()),
         Err(ActionError::Db(e)) => Err(db(e)),
     }
 }

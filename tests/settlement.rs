@@ -304,6 +304,75 @@ async fn one_week(pool: &PgPool, account: &str) -> (i64, Vec<i64>) {
     (p, ids)
 }
 
+/// The SQLSTATE and message of a statement that must fail.
+async fn refused(pool: &PgPool, sql: &str) -> (String, String) {
+    let e = sqlx::query(sql).execute(pool).await.expect_err(sql);
+    let d = e.as_database_error().expect(sql);
+    (
+        d.code().unwrap_or_default().into_owned(),
+        d.message().to_string(),
+    )
+}
+
+#[tokio::test]
+async fn an_earning_line_is_the_settled_earning_itself_and_its_references_are_checked() {
+    let db = TestDb::new().await;
+    let pool = &db.pool;
+    let (p, ids) = one_week(pool, "acct_lines").await;
+    let r = settle(pool, at("2026-11-13T10:00:00Z")).await;
+    let s = r.settled[0].settlement_id;
+    let payout = r.settled[0].payout_id.unwrap();
+
+    // Its earning lines come from the earnings (migration 20261128000100):
+    // first, in order, each id the earning's id negated; the rest are stored.
+    let lines = settlements::lines(pool, s).await.unwrap();
+    assert_eq!(
+        lines,
+        settlements::lines_for_payout(pool, payout).await.unwrap()
+    );
+    let positions: Vec<i32> = lines.iter().map(|l| l.position).collect();
+    assert_eq!(positions, (1..=lines.len() as i32).collect::<Vec<_>>());
+    for (l, e) in lines.iter().zip(&ids) {
+        assert_eq!(
+            (l.kind.as_str(), l.earning_id, l.id, l.amount, l.payout_id),
+            ("earning", Some(*e), -*e, dec("40.00"), Some(payout))
+        );
+        assert_eq!(l.description, format!("booking/R-{p}-{}", l.position - 1));
+    }
+    let stored: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM settlement_lines WHERE settlement_id = $1")
+            .bind(s)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(stored as usize, lines.len() - ids.len());
+    assert_eq!(
+        lines.iter().map(|l| l.amount).sum::<Decimal>(),
+        r.settled[0].net
+    );
+
+    // The references the foreign keys checked row by row, checked per statement.
+    let open = earn(pool, p, "R-open", "10.00", at("2026-11-12T08:00:00Z")).await;
+    for sql in [
+        format!("UPDATE earnings SET settlement_id = {s} + 1000 WHERE id = {open}"),
+        format!(
+            "UPDATE earnings SET settlement_id = {s}, payout_id = {payout} + 1000 WHERE id = {open}"
+        ),
+        format!("DELETE FROM settlements WHERE id = {s}"),
+        format!("DELETE FROM payouts WHERE id = {payout}"),
+    ] {
+        let (code, message) = refused(pool, &sql).await;
+        assert_eq!(code, "23503", "{sql}: {message}");
+        assert!(message.contains("earning"), "{sql}: {message}");
+    }
+    // A settled earning keeps its line.
+    let sql = format!(
+        "UPDATE earnings SET line_position = 9 WHERE id = {}",
+        ids[0]
+    );
+    assert_eq!(refused(pool, &sql).await.0, "23514", "{sql}");
+}
+
 #[tokio::test]
 async fn a_cancelled_settlement_payout_returns_its_earnings_to_the_balance_and_the_next_period_pays_them()
  {

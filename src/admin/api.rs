@@ -47,7 +47,7 @@ pub async fn overview(State(s): State<AdminState>) -> Result<Response, ApiError>
     Ok(Json(&*o).into_response())
 }
 
-fn pairs(q: &Option<String>) -> Result<Vec<(String, String)>, ApiError> {
+pub(crate) fn pairs(q: &Option<String>) -> Result<Vec<(String, String)>, ApiError> {
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(q.as_deref().unwrap_or(""))
         .map_err(|_| ApiError::BadRequest("the query string is not valid form encoding".into()))?;
     if let Some((k, _)) = pairs.iter().find(|(k, v)| has_control(k) || has_control(v)) {
@@ -206,7 +206,7 @@ pub async fn payout(
     let payee = payees::get(&s.pool, p.payee_id).await?;
     let events = events::for_payout(&s.pool, id).await?;
     let hooks = webhook_events::for_payout(&s.pool, id).await?;
-    let actions: Vec<&str> = if c.principal.role >= Role::Operator {
+    let actions: Vec<&str> = if c.principal.role.allows(tokens::Permission::ActOnPayout) {
         actions_for(p.status)
     } else {
         Vec::new()
@@ -269,6 +269,15 @@ fn conflict(e: ActionError, action: &str) -> ApiError {
             ApiError::Conflict {
                 message: format!("cannot {action} payout {}: it is {}", t.id, t.from),
                 status: Some(t.from.as_str().to_string()),
+            }
+        }
+        e @ ActionError::PayeeSuspended { .. } => {
+            metrics::ADMIN_ACTIONS
+                .with_label_values(&[action, "conflict"])
+                .inc();
+            ApiError::Conflict {
+                message: format!("cannot {action}: {e}"),
+                status: None,
             }
         }
         ActionError::Db(e) => e.into(),
@@ -543,6 +552,9 @@ async fn bulk_retry_ids(
             Err(ActionError::Illegal(t)) => {
                 changed.push(json!({"id": r.id, "status": t.from.as_str()}))
             }
+            Err(ActionError::PayeeSuspended { id, .. }) => {
+                changed.push(json!({"id": id, "status": r.status.as_str(), "payee": "suspended"}))
+            }
             Err(ActionError::NotFound(_)) => {}
         }
     }
@@ -799,7 +811,11 @@ fn list_query(q: &Option<String>, allowed: &[&str]) -> Result<ListQuery, ApiErro
 }
 
 /// The next page's cursor: the last id, when the page was full.
-fn next_cursor(ids: impl DoubleEndedIterator<Item = i64>, n: usize, limit: i64) -> Option<String> {
+pub(crate) fn next_cursor(
+    ids: impl DoubleEndedIterator<Item = i64>,
+    n: usize,
+    limit: i64,
+) -> Option<String> {
     (n as i64 == limit)
         .then(|| ids.last().map(|id| id.to_string()))
         .flatten()
@@ -807,7 +823,7 @@ fn next_cursor(ids: impl DoubleEndedIterator<Item = i64>, n: usize, limit: i64) 
 
 /// An amount at its currency's exponent when that loses nothing (`10.00`,
 /// not the column's `10.00000000`), as a string.
-fn at_exponent(mut d: rust_decimal::Decimal, currency: &str) -> String {
+pub(crate) fn at_exponent(mut d: rust_decimal::Decimal, currency: &str) -> String {
     if let Ok(c) = currency.parse::<crate::domain::Currency>()
         && d.scale() > c.exponent()
         && d.round_dp(c.exponent()) == d
@@ -817,20 +833,21 @@ fn at_exponent(mut d: rust_decimal::Decimal, currency: &str) -> String {
     d.to_string()
 }
 
-fn positive_id(raw: &str, what: &str) -> Result<i64, ApiError> {
+pub(crate) fn positive_id(raw: &str, what: &str) -> Result<i64, ApiError> {
     raw.parse::<i64>()
         .ok()
         .filter(|n| *n > 0)
         .ok_or_else(|| ApiError::BadRequest(format!("{what}: expected a positive integer id")))
 }
 
-/// `GET /api/v1/payees`: payees, newest first (`limit`, `cursor`).
+/// `GET /api/v1/payees`: payees, newest first (`status`, `limit`, `cursor`).
 pub async fn payees_list(
     State(s): State<AdminState>,
     RawQuery(q): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
-    let lq = list_query(&q, &[])?;
-    let items = payees::page(&s.pool, lq.before_id, lq.limit).await?;
+    let lq = list_query(&q, &["status"])?;
+    let status = super::platform::payee_status_filter(lq.extra.get("status"))?;
+    let items = payees::page_with_status(&s.pool, status, lq.before_id, lq.limit).await?;
     let next = next_cursor(items.iter().map(|p| p.id), items.len(), lq.limit);
     Ok(Json(json!({"items": items, "next_cursor": next})))
 }

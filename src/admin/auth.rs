@@ -20,7 +20,7 @@ use std::net::IpAddr;
 
 use super::{AdminState, ApiError, limits};
 use crate::{
-    db::tokens::{self, Principal, Role},
+    db::tokens::{self, Permission, Principal, Role},
     metrics,
 };
 
@@ -70,9 +70,11 @@ pub struct Caller {
 }
 
 impl Caller {
-    /// `Ok` when the caller's role is at least `role`; a 403 naming both otherwise.
+    /// `Ok` when the caller's role is `role` or above it on the operators'
+    /// ladder ([`Role::includes`]: never for an `integration` token unless
+    /// `role` is `integration`); a 403 naming both otherwise.
     pub fn require(&self, role: Role) -> Result<(), ApiError> {
-        if self.principal.role >= role {
+        if self.principal.role.includes(role) {
             Ok(())
         } else {
             metrics::ADMIN_REFUSED
@@ -81,6 +83,22 @@ impl Caller {
             Err(ApiError::Forbidden(format!(
                 "this needs the {role} role; the token {:?} is {}",
                 self.principal.name, self.principal.role
+            )))
+        }
+    }
+
+    /// `Ok` when the caller's role allows `what` ([`Role::allows`]); a 403
+    /// naming the action and the role otherwise.
+    pub fn permit(&self, what: Permission, action: &str) -> Result<(), ApiError> {
+        if self.principal.role.allows(what) {
+            Ok(())
+        } else {
+            metrics::ADMIN_REFUSED
+                .with_label_values(&["forbidden"])
+                .inc();
+            Err(ApiError::Forbidden(format!(
+                "the {} role may not {action} (token {:?})",
+                self.principal.role, self.principal.name
             )))
         }
     }
@@ -240,6 +258,20 @@ pub async fn authenticate(
             .into_response();
         }
     }
+    if caller.principal.role == Role::Integration
+        && !integration_route(req.method(), req.uri().path())
+    {
+        metrics::ADMIN_REFUSED
+            .with_label_values(&["forbidden"])
+            .inc();
+        tracing::warn!(%source, token = %caller.principal.name, "admin request refused: not open to the integration role");
+        return ApiError::Forbidden(format!(
+            "the integration role may post earnings, read payees, balances, earnings and payouts, and request payouts; not {} {}",
+            req.method(),
+            super::api::short(req.uri().path())
+        ))
+        .into_response();
+    }
     req.extensions_mut().insert(caller);
     req.extensions_mut().insert(Source(source));
     let mut resp = next.run(req).await;
@@ -248,10 +280,38 @@ pub async fn authenticate(
     resp
 }
 
-/// Middleware of the earnings intake: an operator (or admin) caller.
+/// The routes an `integration` token may reach at all (each handler still
+/// checks its own [`Permission`]): its session, the payees and their reads,
+/// payouts, payout requests, the earnings intake and the API description.
+/// Everything else (the overview, search, actions, bulk, tokens, the fleet,
+/// the audit log) is refused before any handler runs.
+pub fn integration_route(method: &Method, path: &str) -> bool {
+    let segs: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+    let get = *method == Method::GET || *method == Method::HEAD;
+    match segs.as_slice() {
+        ["v1", "earnings"] => *method == Method::POST,
+        ["api", "openapi.json"] | ["api", "v1", "session"] => get,
+        ["api", "v1", "payees"] | ["api", "v1", "payees", _] => get,
+        [
+            "api",
+            "v1",
+            "payees",
+            _,
+            "balance" | "earnings" | "payouts" | "upcoming",
+        ] => get,
+        ["api", "v1", "payees", _, "payout-requests"] => get || *method == Method::POST,
+        ["api", "v1", "payouts"] => get,
+        // `/payouts/{id}` only: not `/payouts/bulk-retry` or an action.
+        ["api", "v1", "payouts", id] => get && id.bytes().all(|b| b.is_ascii_digit()),
+        _ => false,
+    }
+}
+
+/// Middleware of the earnings intake: a caller whose role may post
+/// earnings (operator, admin, integration).
 pub async fn require_operator(req: Request, next: Next) -> Response {
     match req.extensions().get::<Caller>() {
-        Some(c) => match c.require(Role::Operator) {
+        Some(c) => match c.permit(Permission::PostEarnings, "post earnings") {
             Ok(()) => next.run(req).await,
             Err(e) => e.into_response(),
         },
@@ -330,6 +390,16 @@ pub async fn login(
         let _ = failed_auth(&state, source, "login with a token that is not valid");
         return Ok(Redirect::to("/login?error=1").into_response());
     };
+    if principal.role == Role::Integration {
+        // The platform's backend calls the API with its bearer token; the
+        // dashboard is for operators.
+        let _ = refused(
+            "forbidden",
+            source,
+            "an integration token cannot open a dashboard session",
+        );
+        return Ok(Redirect::to("/login?error=1").into_response());
+    }
     let ttl = state.settings.admin.session_ttl_secs as i64;
     let (cookie, _csrf) = tokens::open_session(
         &state.pool,
@@ -415,6 +485,43 @@ mod tests {
             Some(Err(()))
         );
         assert_eq!(bearer(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn integration_reaches_only_its_routes() {
+        let ok = [
+            (Method::POST, "/v1/earnings"),
+            (Method::GET, "/api/v1/payees"),
+            (Method::GET, "/api/v1/payees/7"),
+            (Method::GET, "/api/v1/payees/7/balance"),
+            (Method::GET, "/api/v1/payees/7/earnings"),
+            (Method::GET, "/api/v1/payees/7/payouts"),
+            (Method::GET, "/api/v1/payees/7/upcoming"),
+            (Method::POST, "/api/v1/payees/7/payout-requests"),
+            (Method::GET, "/api/v1/payouts"),
+            (Method::GET, "/api/v1/payouts/12"),
+            (Method::GET, "/api/v1/session"),
+        ];
+        for (m, p) in ok {
+            assert!(integration_route(&m, p), "{m} {p}");
+        }
+        let refused = [
+            (Method::POST, "/api/v1/payouts/12/retry"),
+            (Method::POST, "/api/v1/payouts/12/cancel"),
+            (Method::POST, "/api/v1/payouts/bulk-retry"),
+            (Method::GET, "/api/v1/payouts/bulk-retry"),
+            (Method::POST, "/api/v1/payees/7/suspend"),
+            (Method::PUT, "/api/v1/payees/7/account"),
+            (Method::GET, "/api/v1/tokens"),
+            (Method::GET, "/api/v1/overview"),
+            (Method::GET, "/api/v1/audit"),
+            (Method::POST, "/api/v1/fleet/pause"),
+            (Method::GET, "/v1/earnings"),
+            (Method::DELETE, "/api/v1/payees/7"),
+        ];
+        for (m, p) in refused {
+            assert!(!integration_route(&m, p), "{m} {p}");
+        }
     }
 
     #[test]

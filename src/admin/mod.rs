@@ -15,6 +15,7 @@ pub mod host;
 pub mod intake;
 pub mod limits;
 pub mod overview;
+pub mod platform;
 pub mod strict_json;
 pub mod webhooks;
 pub mod webhooks_out;
@@ -332,6 +333,7 @@ pub fn router(state: AdminState) -> Router {
     Router::new()
         .merge(api)
         .merge(earnings)
+        .merge(platform::router(state.clone()))
         .merge(pages)
         .merge(public)
         .merge(hooks)

@@ -30,8 +30,10 @@ pub enum TokenCommand {
         /// Who holds it (the actor in payout histories): 1-64 of A-Z a-z 0-9 _ . @ -.
         #[arg(long)]
         name: String,
-        /// viewer (read), operator (retry, cancel, enqueue, post earnings) or admin (also bulk actions, tokens).
-        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(["viewer", "operator", "admin"]))]
+        /// viewer (read), operator (retry, cancel, enqueue, post earnings), admin (also bulk
+        /// actions, tokens, payee accounts) or integration (the platform's backend: post
+        /// earnings, read payees and payouts, request payouts; nothing else).
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(["viewer", "operator", "admin", "integration"]))]
         role: String,
         /// Let it stop working after this many days (default: until revoked).
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=3650))]

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod money;
+pub mod platform;
 pub mod webhooks;
 
 use std::{io::Write, path::PathBuf};
@@ -246,6 +247,9 @@ pub enum PayeeCommand {
     Set(crate::cli::money::PayeeSet),
     /// Add, change or remove an agreed deduction per period (booth rent, supply fee, ...).
     Deduction(crate::cli::money::PayeeDeduction),
+    /// list, show, suspend, resume, set-account, balance, earnings, payouts, upcoming.
+    #[command(flatten)]
+    Manage(crate::cli::platform::PayeeOps),
 }
 
 /// Bad usage: an unknown flag, a missing or malformed argument (clap's own
@@ -306,7 +310,9 @@ impl Exit {
             if let Some(a) = cause.downcast_ref::<ActionError>() {
                 match a {
                     ActionError::NotFound(_) => return EXIT_NOT_FOUND,
-                    ActionError::Illegal(_) => return EXIT_CONFLICT,
+                    ActionError::Illegal(_) | ActionError::PayeeSuspended { .. } => {
+                        return EXIT_CONFLICT;
+                    }
                     ActionError::Db(_) => {}
                 }
             }
@@ -992,6 +998,10 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
         }
         Command::Payee(PayeeCommand::Deduction(args)) => {
             crate::cli::money::payee_deduction(&pool, args, cli.json, &actor, clock.now(), out)
+                .await?
+        }
+        Command::Payee(PayeeCommand::Manage(cmd)) => {
+            crate::cli::platform::run(&pool, &settings, cmd, cli.json, &actor, clock.now(), out)
                 .await?
         }
     }

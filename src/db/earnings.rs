@@ -598,21 +598,25 @@ pub async fn unsettled_currencies(
     .await
 }
 
-/// Marks `ids` settled by `settlement_id` (and paid by `payout_id`), only
-/// those still unsettled; returns how many.
+/// Marks `ids` settled by `settlement_id` (and paid by `payout_id`), each
+/// at its line's position `positions[i]` among the settlement's lines (its
+/// earning line in `payout_lines`), only those still unsettled; returns how many.
 pub async fn mark_settled(
     conn: &mut PgConnection,
     ids: &[i64],
+    positions: &[i32],
     settlement_id: i64,
     payout_id: Option<i64>,
 ) -> sqlx::Result<u64> {
-    let res = sqlx::query(
-        "UPDATE earnings SET settlement_id = $2, payout_id = $3
-         WHERE id = ANY($1) AND settlement_id IS NULL",
+    let res = sqlx::query!(
+        "UPDATE earnings e SET settlement_id = $3, payout_id = $4, line_position = u.pos
+         FROM unnest($1::bigint[], $2::int[]) AS u(id, pos)
+         WHERE e.id = u.id AND e.settlement_id IS NULL",
+        ids,
+        positions,
+        settlement_id,
+        payout_id,
     )
-    .bind(ids)
-    .bind(settlement_id)
-    .bind(payout_id)
     .execute(conn)
     .await?;
     Ok(res.rows_affected())
@@ -684,9 +688,13 @@ pub async fn seed_demo(
 // The settlement run's chunked reads and marks: many (payee, currency)
 // groups per statement.
 
-/// [`unsettled`] for many groups at once, locked: the unsettled earnings of
-/// each (`payee_ids[i]`, `currencies[i]`) released before `release_before[i]`,
+/// [`unsettled`] for many groups at once: the unsettled earnings of each
+/// (`payee_ids[i]`, `currencies[i]`) released before `release_before[i]`,
 /// by payee, currency, then oldest first. Each (payee, currency) at most once.
+///
+/// Not locked: the caller holds the payees' locks, which every settlement
+/// takes, and nothing else changes an unsettled earning; the mark
+/// ([`mark_settled_many`]) re-checks that each is still unsettled.
 pub async fn unsettled_many(
     conn: &mut PgConnection,
     payee_ids: &[i64],
@@ -697,8 +705,7 @@ pub async fn unsettled_many(
         "SELECT e.* FROM unnest($1::bigint[], $2::text[], $3::timestamptz[]) AS g(payee_id, currency, before)
          JOIN earnings e ON e.payee_id = g.payee_id AND e.currency = g.currency
                         AND e.settlement_id IS NULL AND e.release_at < g.before
-         ORDER BY e.payee_id, e.currency, e.release_at, e.id
-         FOR UPDATE OF e",
+         ORDER BY e.payee_id, e.currency, e.release_at, e.id",
     )
     .bind(payee_ids)
     .bind(currencies)
@@ -708,22 +715,24 @@ pub async fn unsettled_many(
 }
 
 /// [`mark_settled`] for many settlements: earning `ids[i]` settled by
-/// `settlement_ids[i]` and paid by `payout_ids[i]`, only those still
-/// unsettled; returns how many.
+/// `settlement_ids[i]` at line `positions[i]` and paid by `payout_ids[i]`,
+/// only those still unsettled; returns how many.
 pub async fn mark_settled_many(
     conn: &mut PgConnection,
     ids: &[i64],
+    positions: &[i32],
     settlement_ids: &[i64],
     payout_ids: &[Option<i64>],
 ) -> sqlx::Result<u64> {
-    let res = sqlx::query(
-        "UPDATE earnings e SET settlement_id = u.sid, payout_id = u.pid
-         FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS u(id, sid, pid)
+    let res = sqlx::query!(
+        "UPDATE earnings e SET settlement_id = u.sid, payout_id = u.pid, line_position = u.pos
+         FROM unnest($1::bigint[], $2::int[], $3::bigint[], $4::bigint[]) AS u(id, pos, sid, pid)
          WHERE e.id = u.id AND e.settlement_id IS NULL",
+        ids,
+        positions,
+        settlement_ids,
+        payout_ids as &[Option<i64>],
     )
-    .bind(ids)
-    .bind(settlement_ids)
-    .bind(payout_ids)
     .execute(conn)
     .await?;
     Ok(res.rows_affected())

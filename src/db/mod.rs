@@ -19,6 +19,7 @@ pub mod filter;
 pub mod payee_terms;
 pub mod payees;
 pub mod payouts;
+pub mod platform;
 pub mod reconcile_runs;
 pub mod search;
 pub mod settlements;

@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
 use crate::domain::Currency;
 
@@ -76,6 +76,66 @@ pub async fn page(pool: &PgPool, before_id: Option<i64>, limit: i64) -> sqlx::Re
         limit,
     )
     .fetch_all(pool)
+    .await
+}
+
+/// A page of payees, newest first, only those with `status` when given: at
+/// most `limit`, below `before_id` when given.
+pub async fn page_with_status(
+    pool: &PgPool,
+    status: Option<&str>,
+    before_id: Option<i64>,
+    limit: i64,
+) -> sqlx::Result<Vec<Payee>> {
+    sqlx::query_as!(
+        Payee,
+        "SELECT id, name, gateway_account, currency, status, created_at FROM payees
+         WHERE ($1::text IS NULL OR status = $1) AND ($2::bigint IS NULL OR id < $2)
+         ORDER BY id DESC LIMIT $3",
+        status,
+        before_id,
+        limit,
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// Payee `id`, its row locked (`FOR NO KEY UPDATE`, as settlement locks it)
+/// until the transaction ends.
+pub async fn lock(conn: &mut PgConnection, id: i64) -> sqlx::Result<Option<Payee>> {
+    sqlx::query_as!(
+        Payee,
+        "SELECT id, name, gateway_account, currency, status, created_at FROM payees
+         WHERE id = $1 FOR NO KEY UPDATE",
+        id,
+    )
+    .fetch_optional(&mut *conn)
+    .await
+}
+
+/// Sets payee `id`'s status (`active` or `suspended`); returns the row.
+pub async fn set_status(conn: &mut PgConnection, id: i64, status: &str) -> sqlx::Result<Payee> {
+    sqlx::query_as!(
+        Payee,
+        "UPDATE payees SET status = $2 WHERE id = $1
+         RETURNING id, name, gateway_account, currency, status, created_at",
+        id,
+        status,
+    )
+    .fetch_one(&mut *conn)
+    .await
+}
+
+/// Sets payee `id`'s gateway account; returns the row.
+pub async fn set_account(conn: &mut PgConnection, id: i64, account: &str) -> sqlx::Result<Payee> {
+    sqlx::query_as!(
+        Payee,
+        "UPDATE payees SET gateway_account = $2 WHERE id = $1
+         RETURNING id, name, gateway_account, currency, status, created_at",
+        id,
+        account,
+    )
+    .fetch_one(&mut *conn)
     .await
 }
 

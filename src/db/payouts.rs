@@ -179,6 +179,14 @@ pub enum ActionError {
     /// Not legal from the payout's status.
     #[error(transparent)]
     Illegal(#[from] TransitionError),
+    /// Would queue a payout of a suspended payee (resume the payee first).
+    #[error("payout {id} belongs to payee {payee}, which is suspended: resume the payee first")]
+    PayeeSuspended {
+        /// The payout.
+        id: i64,
+        /// Its payee.
+        payee: i64,
+    },
     /// The database failed.
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
@@ -401,14 +409,16 @@ pub async fn status_counts_marked(pool: &PgPool) -> sqlx::Result<(Vec<(PayoutSta
 
 /// The due time of the oldest payout that is due and not yet worked off
 /// (pending, queued or processing): the backlog's age. `retrying` payouts are
-/// left out: they wait on their schedule by design, not on the fleet.
+/// left out: they wait on their schedule by design, not on the fleet; so do
+/// the pending payouts of a suspended payee.
 pub async fn oldest_due_unfinished(
     pool: &PgPool,
     now: DateTime<Utc>,
 ) -> sqlx::Result<Option<DateTime<Utc>>> {
     sqlx::query_scalar!(
         "SELECT least(
-             (SELECT min(due_at) FROM payouts WHERE status = 'pending' AND due_at <= $1),
+             (SELECT min(due_at) FROM payouts WHERE status = 'pending' AND due_at <= $1
+                AND NOT EXISTS (SELECT 1 FROM payees y WHERE y.id = payouts.payee_id AND y.status = 'suspended')),
              (SELECT min(due_at) FROM payouts WHERE status IN ('queued', 'processing')))",
         now,
     )
@@ -433,7 +443,8 @@ pub async fn count_queued(pool: &PgPool) -> sqlx::Result<i64> {
 
 /// Moves up to `limit` due payouts (retrying whose time has come first, then
 /// pending by due time) to `queued`, leased until `lease_until`; returns their ids.
-/// Replicas never take the same rows (`FOR UPDATE SKIP LOCKED`).
+/// Replicas never take the same rows (`FOR UPDATE SKIP LOCKED`). Payouts of
+/// a suspended payee wait (their claim would put them back, see [`claim_many`]).
 pub async fn queue_due(
     pool: &PgPool,
     now: DateTime<Utc>,
@@ -446,6 +457,7 @@ pub async fn queue_due(
     let mut ids: Vec<i64> = sqlx::query_scalar!(
         r#"WITH due AS (
              SELECT id, status FROM payouts WHERE status = 'retrying' AND next_attempt_at <= $1
+               AND NOT EXISTS (SELECT 1 FROM payees y WHERE y.id = payouts.payee_id AND y.status = 'suspended')
              ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED),
          upd AS (
              UPDATE payouts p SET status = 'queued', lease_until = $3, lease_owner = NULL, updated_at = $1
@@ -468,6 +480,7 @@ pub async fn queue_due(
         let more: Vec<i64> = sqlx::query_scalar!(
             r#"WITH due AS (
                  SELECT id, status FROM payouts WHERE status = 'pending' AND due_at <= $1
+                   AND NOT EXISTS (SELECT 1 FROM payees y WHERE y.id = payouts.payee_id AND y.status = 'suspended')
                  ORDER BY due_at LIMIT $2 FOR UPDATE SKIP LOCKED),
              upd AS (
                  UPDATE payouts p SET status = 'queued', lease_until = $3, lease_owner = NULL, updated_at = $1
@@ -740,7 +753,12 @@ impl From<ClaimedRow> for Claimed {
 /// `processing` with an expired lease) becomes `processing`, `attempt` goes
 /// up by one and is returned as the fencing token, with a `claimed` event.
 /// Returns the payouts claimed (in no order); one that is not claimable
-/// (final, held, unknown, leased to a live claim) is left out. Rows are locked
+/// (final, held, unknown, leased to a live claim) is left out. A `queued`
+/// payout of a suspended payee is not claimed either: it goes back to
+/// `pending` (with its event) and waits for the payee's resume. The
+/// destination is the payee's account at the first claim, kept for every
+/// later one (`payouts.destination`): a changed account applies to payouts
+/// not yet sent. Rows are locked
 /// in id order, so batches of different workers cannot deadlock. The ids
 /// must be distinct (the batcher sends one claim per payout).
 pub async fn claim_many(pool: &PgPool, claims: &[ClaimRequest]) -> sqlx::Result<Vec<Claimed>> {
@@ -754,24 +772,38 @@ pub async fn claim_many(pool: &PgPool, claims: &[ClaimRequest]) -> sqlx::Result<
              SELECT * FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::timestamptz[])
                  AS t(id, owner, now, lease_until)),
          prev AS (
-             SELECT p.id, p.status FROM payouts p JOIN input i ON i.id = p.id
+             SELECT p.id, p.status, y.status AS payee_status, y.gateway_account
+             FROM payouts p JOIN input i ON i.id = p.id JOIN payees y ON y.id = p.payee_id
              ORDER BY p.id FOR UPDATE OF p),
          upd AS (
              UPDATE payouts p SET status = 'processing', attempt = p.attempt + 1,
-                 lease_owner = i.owner, lease_until = i.lease_until, updated_at = i.now
+                 lease_owner = i.owner, lease_until = i.lease_until, updated_at = i.now,
+                 destination = coalesce(p.destination, prev.gateway_account)
              FROM prev, input i
              WHERE p.id = prev.id AND i.id = p.id
-               AND (prev.status = 'queued' OR (prev.status = 'processing' AND p.lease_until < i.now))
+               AND ((prev.status = 'queued' AND prev.payee_status <> 'suspended')
+                    OR (prev.status = 'processing' AND p.lease_until < i.now))
              RETURNING p.*, prev.status AS from_status, i.owner AS claim_owner, i.now AS claim_now),
          ev AS (
              INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
-             SELECT id, from_status, 'processing', claim_owner, 'claimed', attempt, claim_now FROM upd)
+             SELECT id, from_status, 'processing', claim_owner, 'claimed', attempt, claim_now FROM upd),
+         park AS (
+             UPDATE payouts p SET status = 'pending', lease_owner = NULL, lease_until = NULL,
+                 updated_at = i.now
+             FROM prev, input i
+             WHERE p.id = prev.id AND i.id = p.id
+               AND prev.status = 'queued' AND prev.payee_status = 'suspended'
+             RETURNING p.id, p.attempt, i.owner AS claim_owner, i.now AS claim_now),
+         park_ev AS (
+             INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
+             SELECT id, 'queued', 'pending', claim_owner, 'payee suspended: waits for the resume',
+                    attempt, claim_now FROM park)
          SELECT upd.id, upd.payee_id, upd.amount, upd.currency, upd.status AS "status: PayoutStatus",
                 upd.due_at, upd.attempt, upd.retry_base, upd.next_attempt_at, upd.lease_owner,
                 upd.lease_until, upd.gateway_transfer_id, upd.failure_code, upd.failure_message,
                 upd.created_at, upd.updated_at, upd.paid_at, upd.key_index, upd.holds,
-                payees.gateway_account
-         FROM upd JOIN payees ON payees.id = upd.payee_id"#,
+                upd.destination AS "gateway_account!"
+         FROM upd"#,
         &ids,
         &owners,
         &nows,
@@ -981,17 +1013,21 @@ async fn act(
 ) -> Result<PayoutStatus, ActionError> {
     let from: Vec<String> = a.from.iter().map(|s| s.as_str().to_string()).collect();
     let row = sqlx::query!(
-        r#"WITH prev AS (SELECT id, status FROM payouts WHERE id = $1 FOR UPDATE),
+        r#"WITH prev AS (
+             SELECT p.id, p.status, p.payee_id, y.status = 'suspended' AS suspended
+             FROM payouts p JOIN payees y ON y.id = p.payee_id WHERE p.id = $1 FOR UPDATE OF p),
          upd AS (
              UPDATE payouts p SET status = $2, lease_until = $5, lease_owner = NULL, updated_at = $6,
                  retry_base = CASE WHEN $7 THEN p.attempt ELSE p.retry_base END,
                  next_attempt_at = CASE WHEN $7 THEN NULL ELSE p.next_attempt_at END
              FROM prev WHERE p.id = prev.id AND prev.status = ANY($3)
+                 AND NOT ($9 AND prev.suspended)
              RETURNING p.id, prev.status AS from_status, p.attempt),
          ev AS (
              INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
              SELECT id, from_status, $2, $4, $8, attempt, $6 FROM upd)
-         SELECT prev.status AS "current!: PayoutStatus", (SELECT from_status FROM upd) AS moved
+         SELECT prev.status AS "current!: PayoutStatus", (SELECT from_status FROM upd) AS moved,
+                prev.payee_id AS "payee_id!", prev.suspended AS "suspended!"
          FROM prev"#,
         id,
         a.to.as_str(),
@@ -1001,12 +1037,20 @@ async fn act(
         now,
         a.reset_budget,
         a.reason,
+        // A suspended payee's payouts wait: nothing queues them.
+        a.to == PayoutStatus::Queued,
     )
     .fetch_optional(pool)
     .await?;
     let row = row.ok_or(ActionError::NotFound(id))?;
     match row.moved {
         Some(_) => Ok(row.current),
+        None if row.suspended && a.to == PayoutStatus::Queued && a.from.contains(&row.current) => {
+            Err(ActionError::PayeeSuspended {
+                id,
+                payee: row.payee_id,
+            })
+        }
         None => Err(TransitionError {
             id,
             from: row.current,
@@ -1425,23 +1469,89 @@ pub struct Locked {
     pub status: PayoutStatus,
     /// Its gateway transfer, once accepted.
     pub gateway_transfer_id: Option<String>,
-    /// The payee's gateway account.
+    /// The account it was sent to (else its payee's gateway account).
     pub gateway_account: String,
 }
 
-/// Payout `id` and its payee's account, the payout row locked until the
-/// transaction ends.
+/// Payout `id` and the account it was sent to (its payee's account when it
+/// was never sent), the payout row locked until the transaction ends.
 pub async fn lock_with_account(conn: &mut PgConnection, id: i64) -> sqlx::Result<Option<Locked>> {
     sqlx::query_as!(
         Locked,
         r#"SELECT p.id, p.status AS "status: PayoutStatus", p.gateway_transfer_id,
-                  payees.gateway_account
+                  coalesce(p.destination, payees.gateway_account) AS "gateway_account!"
            FROM payouts p JOIN payees ON payees.id = p.payee_id
            WHERE p.id = $1 FOR UPDATE OF p"#,
         id,
     )
     .fetch_optional(&mut *conn)
     .await
+}
+
+/// Puts payee `payee_id`'s `queued` payouts (a job in Redis, no worker's
+/// claim yet) back to `pending`, each with its event: the payee was
+/// suspended and they wait for the resume. Their jobs, when delivered, find
+/// nothing to claim. Returns their ids.
+pub async fn park_queued_of_payee(
+    conn: &mut PgConnection,
+    payee_id: i64,
+    actor: &str,
+    reason: &str,
+    now: DateTime<Utc>,
+) -> sqlx::Result<Vec<i64>> {
+    sqlx::query_scalar!(
+        r#"WITH q AS (
+             SELECT id FROM payouts WHERE payee_id = $1 AND status = 'queued'
+             ORDER BY id FOR UPDATE),
+         upd AS (
+             UPDATE payouts p SET status = 'pending', lease_owner = NULL, lease_until = NULL, updated_at = $4
+             FROM q WHERE p.id = q.id AND p.status = 'queued'
+             RETURNING p.id, p.attempt),
+         ev AS (
+             INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
+             SELECT id, 'queued', 'pending', $2, $3, attempt, $4 FROM upd)
+         SELECT id AS "id!" FROM upd ORDER BY id"#,
+        payee_id,
+        actor,
+        reason,
+        now,
+    )
+    .fetch_all(&mut *conn)
+    .await
+}
+
+/// Fixes the destination of payee `payee_id`'s payouts that were sent
+/// (claimed at least once) before destinations were recorded at the claim:
+/// they keep `account`, the account they went to. Returns how many.
+pub async fn pin_destinations(
+    conn: &mut PgConnection,
+    payee_id: i64,
+    account: &str,
+) -> sqlx::Result<u64> {
+    Ok(sqlx::query!(
+        "UPDATE payouts SET destination = $2
+         WHERE payee_id = $1 AND destination IS NULL AND attempt > 0",
+        payee_id,
+        account,
+    )
+    .execute(&mut *conn)
+    .await?
+    .rows_affected())
+}
+
+/// How many of payee `payee_id`'s payouts are not finished (pending,
+/// queued, processing, retrying, in transit, held), and how many of those
+/// were sent (their destination is fixed).
+pub async fn open_of_payee(pool: &PgPool, payee_id: i64) -> sqlx::Result<(i64, i64)> {
+    let r = sqlx::query!(
+        r#"SELECT count(*) AS "open!", count(*) FILTER (WHERE attempt > 0) AS "sent!" FROM payouts
+           WHERE payee_id = $1
+             AND status IN ('pending', 'queued', 'processing', 'retrying', 'in_transit', 'held')"#,
+        payee_id,
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok((r.open, r.sent))
 }
 
 // ----------------------------------------------------------- overview ----

@@ -1,7 +1,14 @@
-//! The `settlements` and `payout_lines` tables: one settlement per payee,
-//! currency and period (unique), with its line items, and the payout it made
-//! or the balance it carried over. Written only inside the settlement run's
-//! transaction (`crate::services::settlement`).
+//! The `settlements` table and its line items: one settlement per payee,
+//! currency and period (unique), with the payout it made or the balance it
+//! carried over. Written only inside the settlement run's transaction
+//! (`crate::services::settlement`).
+//!
+//! Line items are read from the `payout_lines` view (migration
+//! 20261128000100): the stored lines (`settlement_lines`: commission, bonus,
+//! deductions, carried balances, fee, remainder, returned) and one line per
+//! settled earning, made from the earning itself (its `line_position`, set
+//! when [`crate::db::earnings::mark_settled`] settles it), so an earning's
+//! line is never written twice.
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -288,8 +295,9 @@ pub struct NewSettlement<'a> {
     pub actor: &'a str,
 }
 
-/// Inserts the settlement and its lines; `None` (nothing written) when a
-/// period starting there is settled already.
+/// Inserts the settlement and its stored lines (not the earning lines: the
+/// caller marks the earnings settled with their positions, see the module
+/// doc); `None` (nothing written) when a period starting there is settled already.
 pub async fn insert(
     conn: &mut PgConnection,
     n: &NewSettlement<'_>,
@@ -340,27 +348,9 @@ async fn insert_lines(
     payout_id: Option<i64>,
     lines: &[Line],
 ) -> sqlx::Result<()> {
-    let positions: Vec<i32> = (1..=lines.len() as i32).collect();
-    let kinds: Vec<&str> = lines.iter().map(|l| l.kind.as_str()).collect();
-    let descriptions: Vec<&str> = lines.iter().map(|l| l.description.as_str()).collect();
-    let amounts: Vec<Decimal> = lines.iter().map(|l| l.amount).collect();
-    let earnings: Vec<Option<i64>> = lines.iter().map(|l| l.earning_id).collect();
-    let carried: Vec<Option<i64>> = lines.iter().map(|l| l.carried_from).collect();
-    sqlx::query(
-        "INSERT INTO payout_lines (settlement_id, payout_id, position, kind, description, amount, earning_id, carried_from)
-         SELECT $1::bigint, $2::bigint, * FROM unnest($3::int[], $4::text[], $5::text[], $6::numeric[], $7::bigint[], $8::bigint[])",
-    )
-    .bind(settlement_id)
-    .bind(payout_id)
-    .bind(&positions)
-    .bind(&kinds)
-    .bind(&descriptions)
-    .bind(&amounts)
-    .bind(&earnings)
-    .bind(&carried)
-    .execute(conn)
-    .await?;
-    Ok(())
+    let mut l = LinesColumns::default();
+    l.push(settlement_id, payout_id, lines);
+    l.insert(conn).await
 }
 
 /// Records that `into` took over the balances of `ids`.
@@ -408,9 +398,10 @@ pub async fn returned_currencies(
 
 /// The line items of a payout (of the settlement that made it), in order.
 pub async fn lines_for_payout(pool: &PgPool, payout_id: i64) -> sqlx::Result<Vec<LineRow>> {
+    // The settlement first: a join into the view could not use its indexes.
     sqlx::query_as(
-        "SELECT l.* FROM payout_lines l JOIN settlements s ON s.id = l.settlement_id
-         WHERE s.payout_id = $1 ORDER BY l.position",
+        "SELECT * FROM payout_lines
+         WHERE settlement_id = (SELECT id FROM settlements WHERE payout_id = $1) ORDER BY position",
     )
     .bind(payout_id)
     .fetch_all(pool)
@@ -502,6 +493,20 @@ pub struct GroupState {
     pub pending: Pending,
 }
 
+/// Plans the rest of the transaction's prepared statements generically:
+/// the settlement run's chunk statements take arrays of keys (a thousand
+/// payees, ten thousand earnings), and a custom plan, which sees how many,
+/// hashes or sorts the whole table instead of looking each key up, badly so
+/// on a freshly imported `earnings` that has no statistics yet (month-end:
+/// import, then settle), where it thinks nearly no earning is unsettled.
+/// The generic plan looks the keys up by index, whatever the statistics.
+pub async fn plan_by_key(conn: &mut PgConnection) -> sqlx::Result<()> {
+    sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan")
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// [`latest_end`] and [`pending`] of many (payee, currency) at once.
 pub async fn states(
     conn: &mut PgConnection,
@@ -569,7 +574,8 @@ pub async fn open_carries_many(
 }
 
 /// [`insert`] for many settlements (at most one per payee and currency),
-/// with all their lines, in two statements. Unlike [`insert`], a period
+/// with their stored lines (not the earning lines: see the module doc), in
+/// two statements. Unlike [`insert`], a period
 /// already settled is an error (the caller holds the payees' locks, so it
 /// cannot happen unless something else is wrong; the caller rolls back).
 /// Returns the new ids in the order of `news`.
@@ -648,35 +654,14 @@ pub async fn insert_many(
     }
     let mut l = LinesColumns::default();
     for (n, id) in news.iter().zip(&ids) {
-        for (i, line) in n.settlement.lines.iter().enumerate() {
-            l.settlement_ids.push(*id);
-            l.payout_ids.push(n.payout_id);
-            l.positions.push(i as i32 + 1);
-            l.kinds.push(line.kind.as_str());
-            l.descriptions.push(line.description.as_str());
-            l.amounts.push(line.amount);
-            l.earnings.push(line.earning_id);
-            l.carried.push(line.carried_from);
-        }
+        l.push(*id, n.payout_id, &n.settlement.lines);
     }
-    sqlx::query(
-        "INSERT INTO payout_lines (settlement_id, payout_id, position, kind, description, amount, earning_id, carried_from)
-         SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::text[], $5::text[], $6::numeric[],
-                              $7::bigint[], $8::bigint[])",
-    )
-    .bind(&l.settlement_ids)
-    .bind(&l.payout_ids)
-    .bind(&l.positions)
-    .bind(&l.kinds)
-    .bind(&l.descriptions)
-    .bind(&l.amounts)
-    .bind(&l.earnings)
-    .bind(&l.carried)
-    .execute(conn)
-    .await?;
+    l.insert(conn).await?;
     Ok(ids)
 }
 
+/// The stored lines of settlements, by column: every line but the earning
+/// lines, which the settled earnings give (`earnings.line_position`).
 #[derive(Default)]
 struct LinesColumns<'a> {
     settlement_ids: Vec<i64>,
@@ -685,8 +670,46 @@ struct LinesColumns<'a> {
     kinds: Vec<&'a str>,
     descriptions: Vec<&'a str>,
     amounts: Vec<Decimal>,
-    earnings: Vec<Option<i64>>,
     carried: Vec<Option<i64>>,
+}
+
+impl<'a> LinesColumns<'a> {
+    fn push(&mut self, settlement_id: i64, payout_id: Option<i64>, lines: &'a [Line]) {
+        for (i, line) in lines.iter().enumerate() {
+            if line.earning_id.is_some() {
+                continue;
+            }
+            self.settlement_ids.push(settlement_id);
+            self.payout_ids.push(payout_id);
+            self.positions
+                .push(i32::try_from(i + 1).unwrap_or(i32::MAX));
+            self.kinds.push(line.kind.as_str());
+            self.descriptions.push(line.description.as_str());
+            self.amounts.push(line.amount);
+            self.carried.push(line.carried_from);
+        }
+    }
+
+    async fn insert(self, conn: &mut PgConnection) -> sqlx::Result<()> {
+        if self.settlement_ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query!(
+            "INSERT INTO settlement_lines (settlement_id, payout_id, position, kind, description, amount, carried_from)
+             SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::text[], $5::text[], $6::numeric[],
+                                  $7::bigint[])",
+            &self.settlement_ids,
+            &self.payout_ids as &[Option<i64>],
+            &self.positions,
+            &self.kinds as &[&str],
+            &self.descriptions as &[&str],
+            &self.amounts,
+            &self.carried as &[Option<i64>],
+        )
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
 }
 
 /// [`consume_carries`] for many: settlement `into[i]` took over the balance

@@ -12,8 +12,11 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 
-/// What a token may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+/// What a token may do. Operators' roles form a ladder (viewer < operator <
+/// admin: [`Role::includes`]); `integration`, the platform's backend, stands
+/// apart: it may do exactly its [`Permission`]s ([`Role::allows`]), so no
+/// comparison of roles ever lets it retry, cancel or bulk-act.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Read everything.
@@ -22,6 +25,31 @@ pub enum Role {
     Operator,
     /// Everything: bulk actions too.
     Admin,
+    /// The platform's backend: post earnings; read payees, balances,
+    /// earnings and payouts; ask for payouts. Nothing else.
+    Integration,
+}
+
+/// One kind of action, checked against the caller's role ([`Role::allows`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Permission {
+    /// Read payees, their balances, earnings and payouts (the platform's reads).
+    ReadPayees,
+    /// Read everything else: the overview, failures, search, settlements,
+    /// reconciliation runs, the fleet, the dashboard.
+    ReadFleet,
+    /// Post earnings (`POST /v1/earnings`).
+    PostEarnings,
+    /// Ask for a payee's payout (an early payout request).
+    RequestPayout,
+    /// Retry, cancel or enqueue one payout.
+    ActOnPayout,
+    /// Suspend or resume a payee.
+    SuspendPayee,
+    /// Change a payee's gateway account (where money goes: admin only).
+    ChangeAccount,
+    /// Bulk actions, tokens, the fleet pause.
+    Administer,
 }
 
 impl Role {
@@ -31,6 +59,36 @@ impl Role {
             Role::Viewer => "viewer",
             Role::Operator => "operator",
             Role::Admin => "admin",
+            Role::Integration => "integration",
+        }
+    }
+
+    /// Whether this role may do `p`.
+    pub fn allows(self, p: Permission) -> bool {
+        use Permission::*;
+        match self {
+            Role::Integration => matches!(p, ReadPayees | PostEarnings | RequestPayout),
+            Role::Viewer => matches!(p, ReadPayees | ReadFleet),
+            Role::Operator => !matches!(p, ChangeAccount | Administer),
+            Role::Admin => true,
+        }
+    }
+
+    /// Whether this role is `other` or above it on the operators' ladder
+    /// (viewer < operator < admin). `integration` is on no ladder: it
+    /// includes only itself.
+    pub fn includes(self, other: Role) -> bool {
+        fn rung(r: Role) -> Option<u8> {
+            match r {
+                Role::Viewer => Some(0),
+                Role::Operator => Some(1),
+                Role::Admin => Some(2),
+                Role::Integration => None,
+            }
+        }
+        match (rung(self), rung(other)) {
+            (Some(a), Some(b)) => a >= b,
+            _ => self == other,
         }
     }
 }
@@ -48,8 +106,9 @@ impl std::str::FromStr for Role {
             "viewer" => Ok(Role::Viewer),
             "operator" => Ok(Role::Operator),
             "admin" => Ok(Role::Admin),
+            "integration" => Ok(Role::Integration),
             other => Err(format!(
-                "unknown role {other:?} (expected viewer, operator or admin)"
+                "unknown role {other:?} (expected viewer, operator, admin or integration)"
             )),
         }
     }
@@ -62,7 +121,7 @@ pub struct TokenInfo {
     pub id: i64,
     /// Who holds it: the actor name in event histories.
     pub name: String,
-    /// `viewer`, `operator` or `admin`.
+    /// `viewer`, `operator`, `admin` or `integration`.
     pub role: String,
     /// Created.
     pub created_at: DateTime<Utc>,
@@ -86,9 +145,14 @@ pub struct Principal {
 }
 
 impl Principal {
-    /// The actor written to payout events: `operator:<name>` (whatever the role).
+    /// The actor written to payout events and audit rows:
+    /// `integration:<name>` for the platform's backend, `operator:<name>`
+    /// for every other role.
     pub fn actor(&self) -> String {
-        format!("operator:{}", self.name)
+        match self.role {
+            Role::Integration => format!("integration:{}", self.name),
+            _ => format!("operator:{}", self.name),
+        }
     }
 }
 
@@ -354,6 +418,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn integration_may_post_read_and_request_and_nothing_else() {
+        use Permission::*;
+        let all = [
+            ReadPayees,
+            ReadFleet,
+            PostEarnings,
+            RequestPayout,
+            ActOnPayout,
+            SuspendPayee,
+            ChangeAccount,
+            Administer,
+        ];
+        let allowed: Vec<Permission> = all
+            .into_iter()
+            .filter(|p| Role::Integration.allows(*p))
+            .collect();
+        assert_eq!(allowed, [ReadPayees, PostEarnings, RequestPayout]);
+        for r in [Role::Viewer, Role::Operator, Role::Admin] {
+            assert!(!Role::Integration.includes(r), "integration is not {r}");
+            assert!(!r.includes(Role::Integration), "{r} is not integration");
+        }
+        assert!(Role::Operator.allows(ActOnPayout) && !Role::Operator.allows(Administer));
+        assert!(Role::Admin.allows(ChangeAccount) && !Role::Operator.allows(ChangeAccount));
+    }
+
+    #[test]
     fn names_and_roles() {
         assert!(valid_name("alice@ops.example"));
         assert!(!valid_name(""));
@@ -361,7 +451,9 @@ mod tests {
         assert!(!valid_name(&"x".repeat(65)));
         assert_eq!("operator".parse::<Role>().unwrap(), Role::Operator);
         assert!("root".parse::<Role>().unwrap_err().contains("unknown role"));
-        assert!(Role::Viewer < Role::Operator && Role::Operator < Role::Admin);
+        assert!(Role::Admin.includes(Role::Operator) && Role::Operator.includes(Role::Viewer));
+        assert!(!Role::Viewer.includes(Role::Operator));
+        assert_eq!("integration".parse::<Role>().unwrap(), Role::Integration);
         assert_eq!(hash("x").len(), 64);
     }
 }

@@ -10,6 +10,7 @@
 //!             cancel (pending|queued|retrying|failed|held -> cancelled)
 //!   reconciliation: pending|queued|retrying -> held when the payout carries a
 //!             returned balance the gateway paid after all
+//!   payee suspended: queued -> pending (not yet claimed; waits for the resume)
 //! ```
 //!
 //! A cancel of a payout that was sent and whose answers could have moved
@@ -107,6 +108,7 @@ impl PayoutStatus {
                 | (Pending, Cancelled)
                 | (Queued, Processing)
                 | (Queued, Cancelled)
+                | (Queued, Pending)
                 | (Processing, Paid)
                 | (Processing, InTransit)
                 | (Processing, Retrying)

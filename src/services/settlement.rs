@@ -16,12 +16,15 @@
 //!
 //! Payees are settled in chunks ([`CHUNK_PAYEES`] per transaction, see
 //! [`run_chunked`]): lock the chunk's payee rows, then, one period per
-//! (payee, currency) per round, re-read where each last period ended, lock
-//! its earnings and open balances, compute, and write the payouts (with
-//! their events), the settlements, the lines, and mark the earnings
-//! settled, all set-based. Two runs at once serialize on the payee locks
-//! (taken in id order); the second continues from where the first ended. A
-//! trigger refuses to settle an earning twice. A chunk whose writes fail is
+//! (payee, currency) per round, re-read where each last period ended, read
+//! its earnings (unlocked: only a settlement, under the payee lock, changes
+//! an unsettled earning) and lock its open balances, compute, and write the
+//! payouts (with their events), the settlements, their stored lines, and
+//! mark the earnings settled (each with its line's position: an earning's
+//! line in `payout_lines` is the earning itself), all set-based. Two runs at
+//! once serialize on the payee locks (taken in id order); the second
+//! continues from where the first ended. The mark re-checks that each
+//! earning is unsettled, and a trigger refuses to settle an earning twice. A chunk whose writes fail is
 //! rolled back and settled payee by payee, one transaction per period.
 //!
 //! **Reversible.** A database trigger (migration 20261126000010) returns a
@@ -495,6 +498,7 @@ async fn settle_chunk(
     }
     let key = |i: usize| -> Key { (works[i].payee_id, works[i].code.clone()) };
     let mut tx = pool.begin().await?;
+    settlements::plan_by_key(&mut tx).await?;
     let terms: HashMap<i64, Result<payee_terms::Terms, String>> =
         payee_terms::lock_many(&mut tx, &payee_ids)
             .await?
@@ -739,13 +743,21 @@ async fn write_round(
     for (c, id) in computed.iter_mut().zip(ids) {
         c.settlement_id = id;
     }
-    let (mut earning_ids, mut settlement_ids, mut paid_by) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut earning_ids, mut positions) = (Vec::new(), Vec::new());
+    let (mut settlement_ids, mut paid_by) = (Vec::new(), Vec::new());
     let (mut carry_ids, mut carried_into) = (Vec::new(), Vec::new());
     let (mut remainder_ids, mut remainders_into) = (Vec::new(), Vec::new());
     let (mut paid_carries, mut carry_payouts) = (Vec::new(), Vec::new());
     for c in computed.iter() {
-        for e in &c.earnings {
-            earning_ids.push(*e);
+        let (ids, at) = earning_lines(&c.settlement);
+        anyhow::ensure!(
+            ids == c.earnings,
+            "settlement of payee {}: its earning lines are not its earnings",
+            works[c.live.i].payee_id
+        );
+        for (e, p) in ids.into_iter().zip(at) {
+            earning_ids.push(e);
+            positions.push(p);
             settlement_ids.push(c.settlement_id);
             paid_by.push(c.payout_id);
         }
@@ -764,7 +776,9 @@ async fn write_round(
             }
         }
     }
-    let marked = earnings::mark_settled_many(conn, &earning_ids, &settlement_ids, &paid_by).await?;
+    let marked =
+        earnings::mark_settled_many(conn, &earning_ids, &positions, &settlement_ids, &paid_by)
+            .await?;
     anyhow::ensure!(
         marked == earning_ids.len() as u64,
         "{} of {} locked earnings were settled meanwhile; nothing written",
@@ -854,7 +868,12 @@ async fn settle_next(
         return Ok(Group::AlreadySettled); // dropped: rolled back, payout included
     };
     let ids: Vec<i64> = rows.iter().map(|e| e.id).collect();
-    let marked = earnings::mark_settled(&mut tx, &ids, id, payout_id).await?;
+    let (lined, positions) = earning_lines(&s);
+    anyhow::ensure!(
+        lined == ids,
+        "payee {payee_id}: the settlement's earning lines are not its earnings; nothing written"
+    );
+    let marked = earnings::mark_settled(&mut tx, &ids, &positions, id, payout_id).await?;
     anyhow::ensure!(
         marked == ids.len() as u64,
         "payee {payee_id}: {} of {} locked earnings were settled meanwhile; nothing written",
@@ -885,6 +904,17 @@ async fn settle_next(
         payout_id,
         earnings: rows.len(),
     }))
+}
+
+/// The earnings of a settlement's earning lines, in line order, with each
+/// line's position (from 1, among all its lines): what the earnings keep so
+/// that `payout_lines` shows their lines without storing them twice.
+fn earning_lines(s: &Settlement) -> (Vec<i64>, Vec<i32>) {
+    s.lines
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| Some((l.earning_id?, i32::try_from(i + 1).unwrap_or(i32::MAX))))
+        .unzip()
 }
 
 /// The next period of (payee, currency) to settle: the scheduled period
