@@ -566,6 +566,11 @@ async fn bad_endpoint_input_is_refused_naming_the_field_and_writes_nothing() {
             json!({"url": "https://example.com/h", "event_types": ["payout.nope"]}),
             "event_types",
         ),
+        // Not emitted yet: refused rather than silently never delivered.
+        (
+            json!({"url": "https://example.com/h", "event_types": ["settlement.created"]}),
+            "event_types",
+        ),
         (
             json!({"url": "https://example.com/h", "event_types": ["*"], "secret": "x"}),
             "secret",

@@ -45,8 +45,10 @@ use crate::{
     metrics,
 };
 
-/// Every event type an endpoint may subscribe to (`*`: all of them).
-pub const EVENT_TYPES: [&str; 10] = [
+/// Every event type an endpoint may subscribe to (`*`: all of them): only
+/// those the fleet emits, so a subscription never waits for an event that
+/// never comes (settlement and earning events are not emitted yet).
+pub const EVENT_TYPES: [&str; 8] = [
     "payout.created",
     "payout.queued",
     "payout.held",
@@ -55,8 +57,6 @@ pub const EVENT_TYPES: [&str; 10] = [
     "payout.failed",
     "payout.cancelled",
     "payout.reversed",
-    "settlement.created",
-    "earning.released",
 ];
 
 /// The event type a payout transition is told as, if any. Internal moves
