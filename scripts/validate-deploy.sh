@@ -4,7 +4,7 @@
 # - docker-compose.yml and docker-compose.sentinel.yml against the compose-spec JSON schema
 #   (check-jsonschema's vendored `vendor.compose-spec`);
 # - every kustomize variant (deploy/k8s/base, keda, hpa, monitoring, pgbouncer,
-#   and keda with the ingress Component) rendered
+#   and keda with the ingress or the sentinel Component) rendered
 #   by `kubectl kustomize`, then Kubernetes' own kinds checked by
 #   `kubernetes-validate --strict` (unknown fields refused) and the custom
 #   resources (ScaledObject, PodMonitor, PrometheusRule) by check-jsonschema
@@ -21,13 +21,16 @@ trap 'rm -rf "$out"' EXIT
 
 check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml docker-compose.sentinel.yml
 
-# deploy/k8s/ingress is a Component: rendered on top of the keda variant.
-mkdir -p "$out/overlay"
-rel=$(realpath --relative-to="$out/overlay" deploy/k8s)
-printf 'resources: [%s]\ncomponents: [%s]\n' "$rel/keda" "$rel/ingress" >"$out/overlay/kustomization.yaml"
-for variant in base keda hpa monitoring pgbouncer ingress; do
-  if [ "$variant" = ingress ]; then
-    kubectl kustomize "$out/overlay" >"$out/$variant.yaml"
+# deploy/k8s/ingress and deploy/k8s/sentinel are Components: each rendered on
+# top of the keda variant.
+for component in ingress sentinel; do
+  mkdir -p "$out/overlay-$component"
+  rel=$(realpath --relative-to="$out/overlay-$component" deploy/k8s)
+  printf 'resources: [%s]\ncomponents: [%s]\n' "$rel/keda" "$rel/$component" >"$out/overlay-$component/kustomization.yaml"
+done
+for variant in base keda hpa monitoring pgbouncer ingress sentinel; do
+  if [ "$variant" = ingress ] || [ "$variant" = sentinel ]; then
+    kubectl kustomize "$out/overlay-$variant" >"$out/$variant.yaml"
   else
     kubectl kustomize "deploy/k8s/$variant" >"$out/$variant.yaml"
   fi

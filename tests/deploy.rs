@@ -397,6 +397,63 @@ fn behind_the_ingress_the_lockout_keys_on_the_client_and_the_public_host_is_answ
     );
 }
 
+#[test]
+fn the_sentinel_component_points_every_process_at_the_charts_sentinels() {
+    let dir = std::env::temp_dir().join(format!("sentinel-overlay-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let k8s = root().join("deploy/k8s");
+    std::fs::write(
+        dir.join("kustomization.yaml"),
+        format!(
+            "resources: [{}]\ncomponents: [{}]\n",
+            pathdiff(&k8s.join("base"), &dir),
+            pathdiff(&k8s.join("sentinel"), &dir),
+        ),
+    )
+    .unwrap();
+    let out = Command::new("kubectl")
+        .args(["kustomize", &dir.to_string_lossy()])
+        .output()
+        .expect("kubectl");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let objs = docs_of(&String::from_utf8_lossy(&out.stdout));
+    let data = find(&objs, "ConfigMap", "payouts-config")["data"]
+        .as_object()
+        .unwrap();
+    let env: Vec<(String, String)> = data
+        .iter()
+        .filter(|(k, _)| k.starts_with("PAYOUTS_"))
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+        // The Secret's part, as payouts-secrets would give it.
+        .chain([("PAYOUTS_GATEWAY__SECRET".into(), "sk_live_example".into())])
+        .collect();
+    // The fleet reads them as it would in the pod.
+    let settings = payouts::config::Settings::load_from(None, &env).expect("valid settings");
+    assert_eq!(settings.redis.sentinels, ["redis.payouts.svc:26379"]);
+    // The master name is the one the chart's values give its sentinels.
+    let values = &file_docs("deploy/k8s/sentinel/redis-values.yaml")[0];
+    assert_eq!(values["sentinel"]["enabled"], true);
+    assert_eq!(
+        values["sentinel"]["masterSet"].as_str(),
+        Some(settings.redis.sentinel_master.as_str())
+    );
+    // Every fleet workload takes its settings from that ConfigMap.
+    for (kind, name) in [
+        ("Deployment", "payout-producer"),
+        ("Deployment", "payout-worker"),
+        ("Deployment", "payout-admin"),
+    ] {
+        let spec = pod_spec(find(&objs, kind, name));
+        let from = spec["containers"][0]["envFrom"].to_string();
+        assert!(from.contains("payouts-config"), "{name}: {from}");
+    }
+}
+
 /// `to` relative to `from` (kustomize refuses absolute resource paths).
 fn pathdiff(to: &Path, from: &Path) -> String {
     let up = from.components().count() - 1;
