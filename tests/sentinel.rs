@@ -10,67 +10,29 @@
 
 mod common;
 
-use std::{
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::{path::PathBuf, time::Duration};
 
 use common::{Fleet, Proc, child_env, eventually, free_port};
-use payouts::testkit::mock_gateway::Faults;
+use payouts::testkit::{
+    chaos::redis::{PrivateRedis, PrivateSentinel, query, role},
+    mock_gateway::Faults,
+};
 
-/// A redis-server (or sentinel) child, killed when dropped.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn redis_server(dir: &Path, port: u16, extra: &[&str]) -> Server {
-    let log = std::fs::File::create(dir.join(format!("redis-{port}.log"))).unwrap();
-    let child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
-        .arg("--dir")
-        .arg(dir)
-        .args(extra)
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("redis-server");
-    Server(child)
-}
-
-async fn query<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> Option<T> {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
-    let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-    cmd.query_async(&mut conn).await.ok()
-}
-
-async fn role(port: u16) -> Option<String> {
-    let v: Vec<redis::Value> = query(port, &redis::cmd("ROLE")).await?;
-    match v.first()? {
-        redis::Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
-        _ => None,
-    }
-}
-
-/// A master, its replica and one sentinel watching them (quorum 1); the
-/// servers stop and their directory goes when dropped.
+/// A master, its replica and one sentinel watching them (quorum 1, the
+/// chaos harness's S14 set-up); the servers stop and their directory goes
+/// when dropped.
 struct Sentinel {
-    servers: Vec<Server>,
+    sentinel: PrivateSentinel,
+    redis: PrivateRedis,
     master: u16,
     replica: u16,
-    sentinel: u16,
     dir: PathBuf,
 }
 
 impl Drop for Sentinel {
     fn drop(&mut self) {
-        self.servers.clear();
+        self.sentinel.replica.kill();
+        self.redis.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -83,64 +45,18 @@ impl Sentinel {
             free_port()
         ));
         std::fs::create_dir_all(&dir).unwrap();
-        let (master, replica, sentinel) = (free_port(), free_port(), free_port());
-        let mut servers = vec![redis_server(&dir, master, &[])];
-        servers.push(redis_server(
-            &dir,
-            replica,
-            &["--replicaof", "127.0.0.1", &master.to_string()],
-        ));
-        let conf = dir.join("sentinel.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "port {sentinel}\nbind 127.0.0.1\nprotected-mode no\ndir {}\n\
-                 sentinel monitor mymaster 127.0.0.1 {master} 1\n\
-                 sentinel down-after-milliseconds mymaster 1000\n\
-                 sentinel failover-timeout mymaster 5000\n",
-                dir.display()
-            ),
-        )
-        .unwrap();
-        let log = std::fs::File::create(dir.join("sentinel.log")).unwrap();
-        servers.push(Server(
-            Command::new("redis-server")
-                .arg(&conf)
-                .arg("--sentinel")
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .stdin(Stdio::null())
-                .spawn()
-                .expect("redis-server --sentinel"),
-        ));
+        let redis = PrivateRedis::start(&dir.join("redis"), &dir.join("redis.log"), false)
+            .await
+            .expect("redis-server");
         // The replica in sync, and the sentinel knowing both.
-        eventually(
-            Duration::from_secs(30),
-            "the replica to sync",
-            || async move {
-                let info: String = query(replica, redis::cmd("INFO").arg("replication")).await?;
-                info.contains("master_link_status:up").then_some(())
-            },
-        )
-        .await;
-        eventually(
-            Duration::from_secs(30),
-            "the sentinel to see the replica",
-            || async move {
-                let replicas: Vec<redis::Value> = query(
-                    sentinel,
-                    redis::cmd("SENTINEL").arg("replicas").arg("mymaster"),
-                )
-                .await?;
-                (!replicas.is_empty()).then_some(())
-            },
-        )
-        .await;
+        let sentinel = PrivateSentinel::start(&dir, &dir, &redis)
+            .await
+            .expect("replica and sentinel");
         Sentinel {
-            servers,
-            master,
-            replica,
+            master: redis.port(),
+            replica: sentinel.replica.port(),
             sentinel,
+            redis,
             dir,
         }
     }
@@ -159,7 +75,7 @@ async fn a_fleet_on_sentinel_pays_through_the_master_and_follows_a_failover() {
     );
     env.push((
         "PAYOUTS_REDIS__SENTINELS".into(),
-        format!("[\"127.0.0.1:{}\"]", s.sentinel),
+        format!("[\"{}\"]", s.sentinel.addr()),
     ));
     env.push(("PAYOUTS_REDIS__SENTINEL_CHECK_MS".into(), "200".into()));
     let payee = f.payee("acct_1").await;
@@ -185,7 +101,7 @@ async fn a_fleet_on_sentinel_pays_through_the_master_and_follows_a_failover() {
 
     // Failover: the replica becomes the master.
     let _: String = query(
-        s.sentinel,
+        s.sentinel.port(),
         redis::cmd("SENTINEL").arg("failover").arg("mymaster"),
     )
     .await

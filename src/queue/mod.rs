@@ -405,7 +405,8 @@ static CHECK_EPOCH: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
         local info = redis.call('INFO', 'server')
-        local run = string.match(info, 'run_id:(%x+)')
+        -- A server that does not say its run_id is always the same one.
+        local run = string.match(info, 'run_id:(%x+)') or 'unknown'
         local cur = redis.call('GET', KEYS[1])
         if cur and string.sub(cur, 1, #run + 1) == run .. ' ' then
             return 0

@@ -490,6 +490,17 @@ pub struct Out {
     pub stderr: String,
 }
 
+impl Out {
+    fn of(out: std::process::Output) -> Out {
+        Out {
+            ok: out.status.success(),
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into(),
+            stderr: String::from_utf8_lossy(&out.stderr).into(),
+        }
+    }
+}
+
 impl Ctl {
     pub async fn new() -> Ctl {
         Ctl {
@@ -511,13 +522,7 @@ impl Ctl {
     }
 
     pub fn run_with(&self, args: &[&str], env: &[(&str, &str)]) -> Out {
-        let out = self.command(args, env).output().expect("run payoutctl");
-        Out {
-            ok: out.status.success(),
-            code: out.status.code(),
-            stdout: String::from_utf8_lossy(&out.stdout).into(),
-            stderr: String::from_utf8_lossy(&out.stderr).into(),
-        }
+        Out::of(self.command(args, env).output().expect("run payoutctl"))
     }
 
     /// Runs a command with `input` on its standard input.
@@ -536,13 +541,7 @@ impl Ctl {
             .expect("stdin piped")
             .write_all(input)
             .expect("write payoutctl's stdin");
-        let out = child.wait_with_output().expect("payoutctl's output");
-        Out {
-            ok: out.status.success(),
-            code: out.status.code(),
-            stdout: String::from_utf8_lossy(&out.stdout).into(),
-            stderr: String::from_utf8_lossy(&out.stderr).into(),
-        }
+        Out::of(child.wait_with_output().expect("payoutctl's output"))
     }
 
     /// Runs a command (no extra environment).

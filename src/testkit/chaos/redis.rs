@@ -260,4 +260,9 @@ impl PrivateSentinel {
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
+
+    /// The sentinel's port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
 }
