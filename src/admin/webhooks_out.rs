@@ -58,10 +58,7 @@ fn policy(s: &AdminState) -> Policy {
 }
 
 fn id_of(raw: &str) -> Result<i64, ApiError> {
-    raw.parse::<i64>()
-        .ok()
-        .filter(|i| *i > 0)
-        .ok_or_else(|| ApiError::BadRequest("id must be a positive integer".into()))
+    super::api::positive_id(raw, "id")
 }
 
 /// `GET /api/v1/webhook-endpoints` (viewer): every endpoint, no secrets.

@@ -1542,14 +1542,17 @@ pub async fn pin_destinations(
 /// How many of payee `payee_id`'s payouts are not finished (pending,
 /// queued, processing, retrying, in transit, held), and how many of those
 /// were sent (their destination is fixed).
-pub async fn open_of_payee(pool: &PgPool, payee_id: i64) -> sqlx::Result<(i64, i64)> {
+pub async fn open_of_payee(
+    conn: impl sqlx::PgExecutor<'_>,
+    payee_id: i64,
+) -> sqlx::Result<(i64, i64)> {
     let r = sqlx::query!(
         r#"SELECT count(*) AS "open!", count(*) FILTER (WHERE attempt > 0) AS "sent!" FROM payouts
            WHERE payee_id = $1
              AND status IN ('pending', 'queued', 'processing', 'retrying', 'in_transit', 'held')"#,
         payee_id,
     )
-    .fetch_one(pool)
+    .fetch_one(conn)
     .await?;
     Ok((r.open, r.sent))
 }

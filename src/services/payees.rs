@@ -217,8 +217,9 @@ pub async fn set_account(
         by.source,
     )
     .await?;
+    // Counted in the transaction: what the answer says is what committed.
+    let (open, sent) = payouts::open_of_payee(&mut *tx, id).await?;
     tx.commit().await?;
-    let (open, sent) = payouts::open_of_payee(pool, id).await?;
     tracing::info!(payee = id, actor = %by.actor, "payee gateway account changed");
     Ok(AccountChanged {
         payee,

@@ -483,7 +483,6 @@ impl Dispatcher {
                         .with_delay(Duration::ZERO)
                         .with_max_times(self.settings.immediate_retries),
                 )
-                .when(|e: &SendFailed| e.retry)
                 .await
                 .unwrap_or_else(|e| e.sent)
             }
@@ -614,14 +613,16 @@ impl Dispatcher {
                 } else {
                     "error"
                 },
-                message: error_chain(&e),
+                // Without the URL: a query string could hold the
+                // receiver's own token, and the text is shown to viewers.
+                message: error_chain(&e.without_url()),
             },
         };
         match &sent {
             Sent::Answer { code, .. } if (200..300).contains(code) || (300..400).contains(code) => {
                 Ok(sent)
             }
-            _ => Err(SendFailed { retry: true, sent }),
+            _ => Err(SendFailed { sent }),
         }
     }
 
@@ -650,12 +651,11 @@ impl Dispatcher {
 }
 
 struct SendFailed {
-    retry: bool,
     sent: Sent,
 }
 
-/// An error's chain on one line (no URL query, no secret: reqwest's messages
-/// name the URL, which holds no credential by [`safety`]).
+/// An error's chain on one line, cut to 300 characters (callers strip the
+/// URL first: reqwest's messages name it, query string included).
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
