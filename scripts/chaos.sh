@@ -18,4 +18,4 @@ command -v redis-server >/dev/null || { echo "redis-server not found: run script
 ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || [ -n "${PAYOUTS_CHAOS_PG_BIN:-}" ] ||
   { echo "Postgres server binaries not found: run scripts/services.sh (or set PAYOUTS_CHAOS_PG_BIN)" >&2; exit 1; }
 cargo build --release --locked --bin payout-chaos --bin payout-worker --bin payout-producer --bin mock-gateway
-exec target/release/payout-chaos "$@"
+exec "${CARGO_TARGET_DIR:-target}/release/payout-chaos" "$@"

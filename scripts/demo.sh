@@ -8,4 +8,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/services.sh
 cargo build --release --locked --bins
-exec target/release/payout-demo "$@"
+exec "${CARGO_TARGET_DIR:-target}/release/payout-demo" "$@"
