@@ -1076,6 +1076,9 @@ async fn the_openapi_description_lists_the_platform_routes() {
         ("/api/v1/payees/{id}/earnings", "get"),
         ("/api/v1/payees/{id}/payouts", "get"),
         ("/api/v1/payees/{id}/upcoming", "get"),
+        ("/api/v1/earnings/{id}/release", "post"),
+        ("/api/v1/earnings/{id}/void", "post"),
+        ("/api/v1/holds", "get"),
     ] {
         assert!(
             doc["paths"][path][method].is_object(),
@@ -1089,4 +1092,249 @@ async fn the_openapi_description_lists_the_platform_routes() {
             .iter()
             .any(|p| p["name"] == "status")
     );
+}
+
+/// Escrow actions (#17 item 5): a held earning released early is paid in
+/// the current period; a voided one is never settled, paid or counted, and
+/// its reference stays taken; both are refused once settled, audited with
+/// their actor, and forbidden to viewers and the platform's integration
+/// token. Holds list totals per payee and per source.
+#[tokio::test]
+async fn escrow_releases_and_voids_held_earnings_and_lists_holds() {
+    let s = Server::start().await;
+    let p = s.payee("acct_escrow").await;
+    let q = s.payee("acct_other").await;
+    let post = async |payee: i64, source: &str, r: &str, gross: &str, days: i64| {
+        let (code, out) = s
+            .post(
+                "/v1/earnings",
+                &s.platform,
+                json!({"payee_id": payee, "source": source, "external_ref": r,
+                       "gross": gross, "currency": "USD", "completed_at": ago(days)}),
+            )
+            .await;
+        assert_eq!(code, StatusCode::CREATED, "{out}");
+        out["earning"]["id"].as_i64().unwrap()
+    };
+    let early = post(p, "booking", "b-1", "100.00", 1).await;
+    let voided = post(p, "booking", "b-2", "50.00", 1).await;
+    let kept = post(p, "tips", "t-1", "20.00", 2).await;
+    let other = post(q, "booking", "b-3", "30.00", 1).await;
+
+    // Holds: per payee and per source, largest first.
+    let (code, h) = s.get("/api/v1/holds", &s.viewer).await;
+    assert_eq!(code, StatusCode::OK, "{h}");
+    let rows = |v: &Value| -> Vec<(String, i64, String)> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["key"].as_str().unwrap().to_string(),
+                    r["earnings"].as_i64().unwrap(),
+                    r["gross"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        rows(&h["by_payee"]),
+        [
+            (p.to_string(), 3, "170.00".into()),
+            (q.to_string(), 1, "30.00".into())
+        ]
+    );
+    assert_eq!(
+        rows(&h["by_source"]),
+        [
+            ("booking".into(), 3, "180.00".into()),
+            ("tips".into(), 1, "20.00".into())
+        ]
+    );
+    let (_, h) = s.get("/api/v1/holds?source=tips", &s.viewer).await;
+    assert_eq!(rows(&h["by_payee"]), [(p.to_string(), 1, "20.00".into())]);
+    let (code, e) = s.get("/api/v1/holds?payee=x", &s.viewer).await;
+    assert_eq!(code, StatusCode::BAD_REQUEST, "{e}");
+
+    // Who may act: operators; not viewers, not the platform's token.
+    let before = s.state().await;
+    for token in [&s.viewer, &s.platform] {
+        let (code, e) = s
+            .post(
+                &format!("/api/v1/earnings/{early}/release"),
+                token,
+                json!({}),
+            )
+            .await;
+        assert_eq!(code, StatusCode::FORBIDDEN, "{e}");
+    }
+    // A void needs a reason; an unknown earning is 404: nothing changes.
+    let (code, e) = s
+        .post(
+            &format!("/api/v1/earnings/{voided}/void"),
+            &s.operator,
+            json!({}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::BAD_REQUEST, "{e}");
+    assert!(error_of(&e).contains("reason"), "{e}");
+    let (code, _) = s
+        .post(
+            "/api/v1/earnings/999999/void",
+            &s.operator,
+            json!({"reason": "x"}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::NOT_FOUND);
+    assert_eq!(s.state().await, before, "refusals change nothing");
+
+    // Release early and void.
+    let (code, r) = s
+        .post(
+            &format!("/api/v1/earnings/{early}/release"),
+            &s.operator,
+            json!({"reason": "guest confirmed"}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "{r}");
+    assert_eq!(r["state"], "released");
+    let (code, r) = s
+        .post(
+            &format!("/api/v1/earnings/{early}/release"),
+            &s.operator,
+            json!({}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CONFLICT, "released already: {r}");
+    let (code, r) = s
+        .post(
+            &format!("/api/v1/earnings/{voided}/void"),
+            &s.operator,
+            json!({"reason": "booking refunded"}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "{r}");
+    let (code, r) = s
+        .post(
+            &format!("/api/v1/earnings/{voided}/void"),
+            &s.operator,
+            json!({"reason": "again"}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CONFLICT, "{r}");
+    // The same work posted again is not recorded anew.
+    let (code, out) = s
+        .post(
+            "/v1/earnings",
+            &s.platform,
+            json!({"payee_id": p, "source": "booking", "external_ref": "b-2",
+                   "gross": "50.00", "currency": "USD", "completed_at": ago(1)}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "already recorded: {out}");
+    assert_eq!(out["earning"]["id"], voided);
+
+    // The balance: the released one releasable, the voided one nowhere.
+    let (_, b) = s
+        .get(&format!("/api/v1/payees/{p}/balance"), &s.operator)
+        .await;
+    let usd = &b["currencies"][0];
+    assert_eq!(
+        (usd["releasable"].as_str(), usd["held"].as_str()),
+        (Some("100.00"), Some("20.00")),
+        "{b}"
+    );
+    let (_, page) = s
+        .get(
+            &format!("/api/v1/payees/{p}/earnings?state=voided"),
+            &s.operator,
+        )
+        .await;
+    let items = page["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{page}");
+    assert_eq!(
+        (items[0]["id"].as_i64(), items[0]["void_reason"].as_str()),
+        (Some(voided), Some("booking refunded"))
+    );
+
+    // Settlement pays the released one, now, and never the voided one.
+    let policy = payouts::services::settlement::policy_for(&s.settings).unwrap();
+    let opts = payouts::services::settlement::Options {
+        payee: Some(p),
+        actor: "system:test".into(),
+    };
+    sqlx::query("UPDATE payees SET schedule = 'per_earning' WHERE id = $1")
+        .bind(p)
+        .execute(s.pool())
+        .await
+        .unwrap();
+    payouts::services::settlement::run(s.pool(), &policy, Utc::now(), &opts)
+        .await
+        .unwrap();
+    let settled: Vec<(i64, Option<i64>)> = sqlx::query_as(
+        "SELECT id, payout_id FROM earnings WHERE payee_id = $1 AND settlement_id IS NOT NULL ORDER BY id",
+    )
+    .bind(p)
+    .fetch_all(s.pool())
+    .await
+    .unwrap();
+    assert_eq!(settled.len(), 1, "only the released one: {settled:?}");
+    assert_eq!(settled[0].0, early);
+    assert!(settled[0].1.is_some(), "paid by a payout");
+    // Too late to void or release a settled earning.
+    let (code, e) = s
+        .post(
+            &format!("/api/v1/earnings/{early}/void"),
+            &s.operator,
+            json!({"reason": "late"}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CONFLICT, "{e}");
+    assert!(error_of(&e).contains("settled"), "{e}");
+    // Holds after: the kept tip and the other payee's booking.
+    let (_, h) = s.get("/api/v1/holds", &s.viewer).await;
+    assert_eq!(
+        rows(&h["by_payee"]),
+        [
+            (q.to_string(), 1, "30.00".into()),
+            (p.to_string(), 1, "20.00".into())
+        ]
+    );
+    let _ = (kept, other);
+
+    // Audited with the actor.
+    let rel = s.audit("earning.release").await;
+    let void = s.audit("earning.void").await;
+    assert_eq!(rel.len(), 1);
+    assert_eq!(
+        (rel[0].0.as_str(), rel[0].1.as_str()),
+        ("operator:otto", early.to_string().as_str())
+    );
+    assert_eq!(rel[0].2["reason"], "guest confirmed");
+    assert_eq!(void.len(), 1);
+    assert_eq!(void[0].2["reason"], "booking refunded");
+
+    // payoutctl: holds, void with its exit codes.
+    let out = ctl_json(&s, &["earnings", "holds", "--payee", &q.to_string()]);
+    assert_eq!(out["by_payee"][0]["gross"], "30.00", "{out}");
+    let out = ctl_json(
+        &s,
+        &[
+            "earnings",
+            "void",
+            &other.to_string(),
+            "--reason",
+            "duplicate booking",
+        ],
+    );
+    assert_eq!(out["state"], "voided", "{out}");
+    let again = std::process::Command::new(env!("CARGO_BIN_EXE_payoutctl"))
+        .args(["earnings", "void", &other.to_string(), "--reason", "x"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("DATABASE_URL", &s.db.url)
+        .env("REDIS_URL", redis_url())
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(4), "conflict exit code");
+    assert!(String::from_utf8_lossy(&again.stderr).contains("voided"));
 }

@@ -25,7 +25,10 @@ use super::{
 use crate::{
     db::{platform as reads, tokens::Permission},
     metrics,
-    services::payees::{self as payee_service, By, PayeeError},
+    services::{
+        escrow::{self, EscrowError},
+        payees::{self as payee_service, By, PayeeError},
+    },
 };
 
 /// The routes of this module, authenticated.
@@ -38,6 +41,9 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/v1/payees/{id}/earnings", get(earnings))
         .route("/api/v1/payees/{id}/payouts", get(payee_payouts))
         .route("/api/v1/payees/{id}/upcoming", get(upcoming))
+        .route("/api/v1/earnings/{id}/release", post(release_earning))
+        .route("/api/v1/earnings/{id}/void", post(void_earning))
+        .route("/api/v1/holds", get(holds))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::authenticate,
@@ -79,7 +85,7 @@ fn refused(e: PayeeError, action: &str) -> ApiError {
     }
 }
 
-fn done(action: &str) {
+fn done_action(action: &str) {
     metrics::ADMIN_ACTIONS
         .with_label_values(&[action, "ok"])
         .inc();
@@ -115,7 +121,7 @@ async fn suspend(
     let r = payee_service::suspend(&s.pool, id, body.reason.as_deref(), by)
         .await
         .map_err(|e| refused(e, "payee_suspend"))?;
-    done("payee_suspend");
+    done_action("payee_suspend");
     Ok(Json(json!({"payee": r.payee, "parked": r.parked})))
 }
 
@@ -140,7 +146,7 @@ async fn resume(
     let payee = payee_service::resume(&s.pool, id, by)
         .await
         .map_err(|e| refused(e, "payee_resume"))?;
-    done("payee_resume");
+    done_action("payee_resume");
     Ok(Json(json!({"payee": payee})))
 }
 
@@ -183,8 +189,123 @@ async fn account(
     let r = payee_service::set_account(&s.pool, s.settings.gateway.kind, id, &account, by)
         .await
         .map_err(|e| refused(e, "payee_account"))?;
-    done("payee_account");
+    done_action("payee_account");
     Ok(Json(serde_json::to_value(r).map_err(anyhow::Error::from)?))
+}
+
+// ---------- Escrow actions (#17 item 5) ----------
+
+/// The body of an escrow action: `{"reason": "…"}` (required for a void).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EscrowBody {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+fn escrow_refused(e: EscrowError, action: &str) -> ApiError {
+    let outcome = match &e {
+        EscrowError::NotFound(_) => "not_found",
+        EscrowError::Conflict(_) => "conflict",
+        EscrowError::Invalid(_) => "bad_input",
+        EscrowError::Db(_) => "error",
+    };
+    metrics::ADMIN_ACTIONS
+        .with_label_values(&[action, outcome])
+        .inc();
+    match e {
+        EscrowError::NotFound(id) => ApiError::NotFound(format!("earning {id} not found")),
+        EscrowError::Conflict(m) => ApiError::Conflict {
+            message: m,
+            status: None,
+        },
+        EscrowError::Invalid(m) => ApiError::BadRequest(m),
+        EscrowError::Db(e) => e.into(),
+    }
+}
+
+/// `POST /api/v1/earnings/{id}/release` (operator), body optional
+/// `{"reason": "…"}`: a held earning is payable now (in the payee's current
+/// period). 409 once released, settled or voided.
+async fn release_earning(
+    State(s): State<AdminState>,
+    Extension(c): Extension<Caller>,
+    Extension(source): Extension<Source>,
+    Path(raw): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    escrow_action(s, c, source, raw, body, false).await
+}
+
+/// `POST /api/v1/earnings/{id}/void` (operator), body `{"reason": "…"}`
+/// (required): the earning is never paid; its reference stays taken. 409
+/// once settled (cancel or reverse the payout instead) or voided.
+async fn void_earning(
+    State(s): State<AdminState>,
+    Extension(c): Extension<Caller>,
+    Extension(source): Extension<Source>,
+    Path(raw): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    escrow_action(s, c, source, raw, body, true).await
+}
+
+async fn escrow_action(
+    s: AdminState,
+    c: Caller,
+    source: Source,
+    raw: String,
+    body: Bytes,
+    void: bool,
+) -> Result<Json<Value>, ApiError> {
+    let (action, what) = if void {
+        ("earning_void", "void an earning")
+    } else {
+        ("earning_release", "release an earning early")
+    };
+    c.permit(Permission::ActOnEarning, what)?;
+    let id = positive_id(&raw, "earning id")?;
+    let body: EscrowBody = json_body(&body)?;
+    let (actor, src) = (c.actor(), source.0.to_string());
+    let by = By {
+        actor: &actor,
+        source: Some(&src),
+        now: s.clock.now(),
+    };
+    let done = if void {
+        escrow::void(&s.pool, id, body.reason.as_deref(), by).await
+    } else {
+        escrow::release(&s.pool, id, body.reason.as_deref(), by).await
+    }
+    .map_err(|e| escrow_refused(e, action))?;
+    done_action(action);
+    Ok(Json(
+        serde_json::to_value(done).map_err(anyhow::Error::from)?,
+    ))
+}
+
+/// `GET /api/v1/holds` (any operator role): held earnings' totals per payee
+/// and per source, each per currency, largest first; filters `payee`,
+/// `source`, `currency`; `limit` groups of each (default 50, at most 200).
+async fn holds(
+    State(s): State<AdminState>,
+    Extension(c): Extension<Caller>,
+    RawQuery(q): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    c.permit(Permission::ReadFleet, "list holds")?;
+    let q = query(&q, &["payee", "source", "currency"])?;
+    let payee_id = q
+        .filters
+        .get("payee")
+        .map(|p| positive_id(p, "payee"))
+        .transpose()?;
+    let f = crate::db::earnings::HoldFilter {
+        payee_id,
+        source: q.filters.get("source").cloned(),
+        currency: currency_filter(q.filters.get("currency"))?,
+    };
+    let h = escrow::holds(&s.pool, &f, s.clock.now(), q.limit).await?;
+    Ok(Json(serde_json::to_value(h).map_err(anyhow::Error::from)?))
 }
 
 // ---------- Reads for a payee (#17 item 2) ----------

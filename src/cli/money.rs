@@ -66,6 +66,37 @@ pub enum EarningsCommand {
         #[arg(long)]
         format: Option<String>,
     },
+    /// Release a held earning now (payable in the payee's current period). Audited.
+    Release {
+        /// Earning id.
+        id: i64,
+        /// Why (recorded in the audit log).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Void an earning before it is settled: it is never paid; its reference stays taken. Audited.
+    Void {
+        /// Earning id.
+        id: i64,
+        /// Why (required; recorded with the earning and in the audit log).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Held earnings: totals per payee and per source, each per currency, largest first.
+    Holds {
+        /// Only this payee.
+        #[arg(long)]
+        payee: Option<i64>,
+        /// Only this source.
+        #[arg(long)]
+        source: Option<String>,
+        /// Only this currency.
+        #[arg(long)]
+        currency: Option<String>,
+        /// Groups of each listing.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
 }
 
 /// Rejected rows an import prints (and names in its error) before it says
@@ -194,6 +225,51 @@ pub async fn run_earnings(
                     row.id,
                     row.label()
                 )?;
+            }
+        }
+        EarningsCommand::Release { id, reason } => {
+            escrow_cli(pool, id, reason.as_deref(), false, as_json, actor, now, out).await?
+        }
+        EarningsCommand::Void { id, reason } => {
+            escrow_cli(pool, id, Some(&reason), true, as_json, actor, now, out).await?
+        }
+        EarningsCommand::Holds {
+            payee,
+            source,
+            currency,
+            limit,
+        } => {
+            let currency = currency
+                .map(|c| c.to_ascii_uppercase().parse::<Currency>())
+                .transpose()?
+                .map(|c| c.code().to_string());
+            let f = crate::db::earnings::HoldFilter {
+                payee_id: payee,
+                source,
+                currency,
+            };
+            let h = crate::services::escrow::holds(pool, &f, now, limit.clamp(1, 10_000)).await?;
+            if as_json {
+                writeln!(out, "{}", serde_json::to_string(&h)?)?;
+            } else {
+                for (title, rows) in [("PAYEE", &h.by_payee), ("SOURCE", &h.by_source)] {
+                    let mut t = crate::cli::table(
+                        &[title, "CUR", "HELD", "GROSS", "NEXT RELEASE"],
+                        &[2, 3],
+                    );
+                    for r in rows {
+                        t.add_row(vec![
+                            r.key.clone(),
+                            r.currency.clone(),
+                            r.earnings.to_string(),
+                            r.gross.normalize().to_string(),
+                            r.next_release_at.map_or(String::new(), |t| {
+                                t.format("%Y-%m-%dT%H:%M:%SZ").to_string()
+                            }),
+                        ]);
+                    }
+                    crate::cli::print_table(out, &t)?;
+                }
             }
         }
         EarningsCommand::Import {
@@ -756,6 +832,57 @@ pub async fn preview(
             h.gross.normalize(),
             h.currency,
             h.first_release.to_rfc3339()
+        )?;
+    }
+    Ok(())
+}
+
+/// `payoutctl earnings release|void`.
+#[allow(clippy::too_many_arguments)]
+async fn escrow_cli(
+    pool: &PgPool,
+    id: i64,
+    reason: Option<&str>,
+    void: bool,
+    as_json: bool,
+    actor: &str,
+    now: DateTime<Utc>,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<()> {
+    use crate::{
+        cli::{EXIT_CONFLICT, EXIT_USAGE, Exit},
+        services::escrow::{self, By, EscrowError},
+    };
+    let by = By {
+        actor,
+        source: None,
+        now,
+    };
+    let done = if void {
+        escrow::void(pool, id, reason, by).await
+    } else {
+        escrow::release(pool, id, reason, by).await
+    }
+    .map_err(|e| match e {
+        EscrowError::NotFound(id) => Exit::not_found(format!("earning {id} not found")),
+        EscrowError::Conflict(m) => Exit::new(EXIT_CONFLICT, m).into(),
+        EscrowError::Invalid(m) => Exit::new(EXIT_USAGE, m).into(),
+        EscrowError::Db(e) => anyhow::Error::from(e),
+    })?;
+    if as_json {
+        writeln!(out, "{}", serde_json::to_string(&done)?)?;
+    } else {
+        let e = &done.earning;
+        writeln!(
+            out,
+            "earning {id} ({}/{}, payee {}, {} {}) {}; release at {}",
+            e.source,
+            e.external_ref,
+            e.payee_id,
+            e.gross.normalize(),
+            e.currency,
+            done.state,
+            done.release_at.format("%Y-%m-%dT%H:%M:%SZ")
         )?;
     }
     Ok(())

@@ -557,7 +557,7 @@ pub async fn unsettled(
     let lock = if lock { " FOR UPDATE" } else { "" };
     sqlx::query_as(&format!(
         "SELECT * FROM earnings
-         WHERE payee_id = $1 AND currency = $2 AND settlement_id IS NULL AND release_at < $3
+         WHERE payee_id = $1 AND currency = $2 AND settlement_id IS NULL AND voided_at IS NULL AND release_at < $3
          ORDER BY release_at, id{lock}"
     ))
     .bind(payee_id)
@@ -576,7 +576,7 @@ pub async fn held(
 ) -> sqlx::Result<Vec<(String, i64, Decimal, DateTime<Utc>)>> {
     sqlx::query_as(
         "SELECT currency, count(*), sum(gross), min(release_at) FROM earnings
-         WHERE payee_id = $1 AND settlement_id IS NULL AND release_at >= $2
+         WHERE payee_id = $1 AND settlement_id IS NULL AND voided_at IS NULL AND release_at >= $2
          GROUP BY currency ORDER BY currency",
     )
     .bind(payee_id)
@@ -591,7 +591,7 @@ pub async fn unsettled_currencies(
     payee_id: i64,
 ) -> sqlx::Result<Vec<String>> {
     sqlx::query_scalar(
-        "SELECT DISTINCT currency FROM earnings WHERE payee_id = $1 AND settlement_id IS NULL ORDER BY currency",
+        "SELECT DISTINCT currency FROM earnings WHERE payee_id = $1 AND settlement_id IS NULL AND voided_at IS NULL ORDER BY currency",
     )
     .bind(payee_id)
     .fetch_all(conn)
@@ -611,7 +611,7 @@ pub async fn mark_settled(
     let res = sqlx::query!(
         "UPDATE earnings e SET settlement_id = $3, payout_id = $4, line_position = u.pos
          FROM unnest($1::bigint[], $2::int[]) AS u(id, pos)
-         WHERE e.id = u.id AND e.settlement_id IS NULL",
+         WHERE e.id = u.id AND e.settlement_id IS NULL AND e.voided_at IS NULL",
         ids,
         positions,
         settlement_id,
@@ -704,7 +704,7 @@ pub async fn unsettled_many(
     sqlx::query_as(
         "SELECT e.* FROM unnest($1::bigint[], $2::text[], $3::timestamptz[]) AS g(payee_id, currency, before)
          JOIN earnings e ON e.payee_id = g.payee_id AND e.currency = g.currency
-                        AND e.settlement_id IS NULL AND e.release_at < g.before
+                        AND e.settlement_id IS NULL AND e.voided_at IS NULL AND e.release_at < g.before
          ORDER BY e.payee_id, e.currency, e.release_at, e.id",
     )
     .bind(payee_ids)
@@ -727,7 +727,7 @@ pub async fn mark_settled_many(
     let res = sqlx::query!(
         "UPDATE earnings e SET settlement_id = u.sid, payout_id = u.pid, line_position = u.pos
          FROM unnest($1::bigint[], $2::int[], $3::bigint[], $4::bigint[]) AS u(id, pos, sid, pid)
-         WHERE e.id = u.id AND e.settlement_id IS NULL",
+         WHERE e.id = u.id AND e.settlement_id IS NULL AND e.voided_at IS NULL",
         ids,
         positions,
         settlement_ids,
@@ -759,4 +759,152 @@ pub async fn mark_paid_through_carry_many(
     .execute(conn)
     .await?;
     Ok(res.rows_affected())
+}
+
+// ---------- Escrow actions (#17 item 5) ----------
+
+/// An earning as an escrow action reads it, locked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EscrowRow {
+    /// Id.
+    pub id: i64,
+    /// Who earned it.
+    pub payee_id: i64,
+    /// Where it comes from.
+    pub source: String,
+    /// The source's id for it.
+    pub external_ref: String,
+    /// Gross amount.
+    pub gross: Decimal,
+    /// ISO 4217 code.
+    pub currency: String,
+    /// When the work was completed.
+    pub completed_at: DateTime<Utc>,
+    /// When it is (or was) released.
+    pub release_at: DateTime<Utc>,
+    /// The settlement that closed it.
+    pub settlement_id: Option<i64>,
+    /// The payout that paid it.
+    pub payout_id: Option<i64>,
+    /// When it was voided.
+    pub voided_at: Option<DateTime<Utc>>,
+}
+
+/// The payee of earning `id` (unlocked: an earning never changes payee),
+/// so that an escrow action can lock the payee first, as settlement does.
+pub async fn payee_of(conn: &mut PgConnection, id: i64) -> sqlx::Result<Option<i64>> {
+    sqlx::query_scalar!("SELECT payee_id FROM earnings WHERE id = $1", id)
+        .fetch_optional(conn)
+        .await
+}
+
+/// Earning `id`, locked (its payee locked before by the caller).
+pub async fn lock_for_escrow(conn: &mut PgConnection, id: i64) -> sqlx::Result<Option<EscrowRow>> {
+    sqlx::query_as!(
+        EscrowRow,
+        "SELECT id, payee_id, source, external_ref, gross, currency, completed_at, release_at,
+                settlement_id, payout_id, voided_at
+         FROM earnings WHERE id = $1 FOR UPDATE",
+        id,
+    )
+    .fetch_optional(conn)
+    .await
+}
+
+/// Releases open earning `id` at `now` (or at its completion, if later);
+/// returns the new release time, `None` when it is not open (settled or voided).
+pub async fn release_now(
+    conn: &mut PgConnection,
+    id: i64,
+    now: DateTime<Utc>,
+) -> sqlx::Result<Option<DateTime<Utc>>> {
+    sqlx::query_scalar!(
+        "UPDATE earnings SET release_at = greatest(completed_at, $2)
+         WHERE id = $1 AND settlement_id IS NULL AND voided_at IS NULL
+         RETURNING release_at",
+        id,
+        now,
+    )
+    .fetch_optional(conn)
+    .await
+}
+
+/// Voids open earning `id`; whether it was open (not settled, not voided).
+pub async fn void(
+    conn: &mut PgConnection,
+    id: i64,
+    actor: &str,
+    reason: &str,
+    now: DateTime<Utc>,
+) -> sqlx::Result<bool> {
+    let r = sqlx::query!(
+        "UPDATE earnings SET voided_at = $2, voided_by = $3, void_reason = $4
+         WHERE id = $1 AND settlement_id IS NULL AND voided_at IS NULL",
+        id,
+        now,
+        actor,
+        reason,
+    )
+    .execute(conn)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Held earnings (open, released after `now`) summed by one key: a payee
+/// id or a source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HoldTotal {
+    /// The payee (totals per payee) or the source (totals per source).
+    pub key: String,
+    /// ISO 4217 code.
+    pub currency: String,
+    /// How many earnings are held.
+    pub earnings: i64,
+    /// Their gross.
+    pub gross: Decimal,
+    /// The next release among them.
+    pub next_release_at: Option<DateTime<Utc>>,
+}
+
+/// What a holds listing is narrowed to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HoldFilter {
+    /// One payee.
+    pub payee_id: Option<i64>,
+    /// One source.
+    pub source: Option<String>,
+    /// One currency.
+    pub currency: Option<String>,
+}
+
+/// Held earnings at `now`, per payee (`by_source` false) or per source, and
+/// currency; at most `limit` groups, largest gross first.
+pub async fn hold_totals(
+    pool: &PgPool,
+    f: &HoldFilter,
+    by_source: bool,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> sqlx::Result<Vec<HoldTotal>> {
+    sqlx::query_as!(
+        HoldTotal,
+        r#"SELECT CASE WHEN $5 THEN source ELSE payee_id::text END AS "key!", currency,
+                  count(*) AS "earnings!", sum(gross) AS "gross!", min(release_at) AS next_release_at
+           FROM earnings
+           WHERE settlement_id IS NULL AND voided_at IS NULL AND release_at > $1
+             AND ($2::bigint IS NULL OR payee_id = $2)
+             AND ($3::text IS NULL OR source = $3)
+             AND ($4::text IS NULL OR currency = $4)
+           GROUP BY 1, currency
+           ORDER BY sum(gross) DESC, 1, currency
+           LIMIT $6"#,
+        now,
+        f.payee_id,
+        f.source,
+        f.currency,
+        by_source,
+        limit,
+    )
+    .fetch_all(pool)
+    .await
 }

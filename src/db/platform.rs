@@ -40,7 +40,7 @@ pub async fn unsettled_sums(
                   min(release_at) FILTER (WHERE release_at > $2) AS next_release_at,
                   coalesce(sum(gross) FILTER (WHERE release_at <= $2), 0) AS "releasable!",
                   count(*) FILTER (WHERE release_at <= $2) AS "releasable_count!"
-           FROM earnings WHERE payee_id = $1 AND settlement_id IS NULL
+           FROM earnings WHERE payee_id = $1 AND settlement_id IS NULL AND voided_at IS NULL
            GROUP BY currency ORDER BY currency"#,
         payee_id,
         now,
@@ -112,7 +112,8 @@ pub struct EarningView {
     pub release_at: DateTime<Utc>,
     /// `held` (before `release_at`), `released` (payable, not settled),
     /// `carried` (settled into a balance carried over: below the minimum or
-    /// a shortfall) or `settled` (settled into `payout_id`).
+    /// a shortfall), `settled` (settled into `payout_id`) or `voided`
+    /// (never to be paid: `void_reason`).
     pub state: String,
     /// The settlement that closed it.
     pub settlement_id: Option<i64>,
@@ -124,6 +125,12 @@ pub struct EarningView {
     pub posted_by: String,
     /// When it was recorded.
     pub created_at: DateTime<Utc>,
+    /// When it was voided.
+    pub voided_at: Option<DateTime<Utc>>,
+    /// Who voided it.
+    pub voided_by: Option<String>,
+    /// Why.
+    pub void_reason: Option<String>,
 }
 
 /// The filters of an earnings page.
@@ -142,7 +149,7 @@ pub struct EarningFilter {
 }
 
 /// The earning states, in lifecycle order.
-pub const EARNING_STATES: [&str; 4] = ["held", "released", "carried", "settled"];
+pub const EARNING_STATES: [&str; 5] = ["held", "released", "carried", "settled", "voided"];
 
 /// A page of `payee_id`'s earnings, newest first: at most `limit`, below
 /// `before_id` when given, the state read at `now`.
@@ -158,9 +165,11 @@ pub async fn earnings_page(
         EarningView,
         r#"SELECT e.id, e.payee_id, e.source, e.external_ref, e.gross, e.currency, e.completed_at,
                   e.release_at, st.state AS "state!", e.settlement_id, e.payout_id,
-                  p.status AS "payout_status?", e.posted_by, e.created_at
+                  p.status AS "payout_status?", e.posted_by, e.created_at, e.voided_at,
+                  e.voided_by, e.void_reason
            FROM earnings e
            CROSS JOIN LATERAL (SELECT CASE
+                 WHEN e.voided_at IS NOT NULL THEN 'voided'
                  WHEN e.payout_id IS NOT NULL THEN 'settled'
                  WHEN e.settlement_id IS NOT NULL THEN 'carried'
                  WHEN e.release_at > $2 THEN 'held'

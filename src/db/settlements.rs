@@ -129,7 +129,7 @@ pub async fn candidates(
     sqlx::query_as(
         "SELECT c.payee_id, c.currency, p.schedule, p.status
          FROM (SELECT DISTINCT payee_id, currency FROM earnings
-               WHERE settlement_id IS NULL AND release_at < $1 AND ($2::bigint IS NULL OR payee_id = $2)
+               WHERE settlement_id IS NULL AND voided_at IS NULL AND release_at < $1 AND ($2::bigint IS NULL OR payee_id = $2)
                UNION
                SELECT payee_id, currency FROM settlements
                WHERE outcome = 'returned' AND carried_into IS NULL AND returned_at < $1
@@ -174,9 +174,9 @@ pub async fn pending(
 ) -> sqlx::Result<Pending> {
     sqlx::query_as(
         "SELECT (SELECT min(release_at) FROM earnings
-                 WHERE payee_id = $1 AND currency = $2 AND settlement_id IS NULL) AS first_release,
+                 WHERE payee_id = $1 AND currency = $2 AND settlement_id IS NULL AND voided_at IS NULL) AS first_release,
                 (SELECT min(completed_at) FROM earnings
-                 WHERE payee_id = $1 AND currency = $2 AND settlement_id IS NULL) AS first_completed,
+                 WHERE payee_id = $1 AND currency = $2 AND settlement_id IS NULL AND voided_at IS NULL) AS first_completed,
                 (SELECT min(returned_at) FROM settlements
                  WHERE payee_id = $1 AND currency = $2 AND outcome = 'returned' AND carried_into IS NULL)
                     AS first_returned",
@@ -518,10 +518,10 @@ pub async fn states(
                 (SELECT max(period_end) FROM settlements s
                  WHERE s.payee_id = g.payee_id AND s.currency = g.currency) AS latest,
                 (SELECT min(release_at) FROM earnings e
-                 WHERE e.payee_id = g.payee_id AND e.currency = g.currency AND e.settlement_id IS NULL)
+                 WHERE e.payee_id = g.payee_id AND e.currency = g.currency AND e.settlement_id IS NULL AND e.voided_at IS NULL)
                     AS first_release,
                 (SELECT min(completed_at) FROM earnings e
-                 WHERE e.payee_id = g.payee_id AND e.currency = g.currency AND e.settlement_id IS NULL)
+                 WHERE e.payee_id = g.payee_id AND e.currency = g.currency AND e.settlement_id IS NULL AND e.voided_at IS NULL)
                     AS first_completed,
                 (SELECT min(returned_at) FROM settlements s
                  WHERE s.payee_id = g.payee_id AND s.currency = g.currency

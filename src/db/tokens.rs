@@ -46,6 +46,8 @@ pub enum Permission {
     ActOnPayout,
     /// Suspend or resume a payee.
     SuspendPayee,
+    /// Release a held earning early or void an unsettled one (escrow actions).
+    ActOnEarning,
     /// Change a payee's gateway account (where money goes: admin only).
     ChangeAccount,
     /// Bulk actions, tokens, the fleet pause.
@@ -427,6 +429,7 @@ mod tests {
             RequestPayout,
             ActOnPayout,
             SuspendPayee,
+            ActOnEarning,
             ChangeAccount,
             Administer,
         ];
@@ -440,6 +443,7 @@ mod tests {
             assert!(!r.includes(Role::Integration), "{r} is not integration");
         }
         assert!(Role::Operator.allows(ActOnPayout) && !Role::Operator.allows(Administer));
+        assert!(Role::Operator.allows(ActOnEarning) && !Role::Viewer.allows(ActOnEarning));
         assert!(Role::Admin.allows(ChangeAccount) && !Role::Operator.allows(ChangeAccount));
     }
 

@@ -1,9 +1,10 @@
 //! The fleet's services over its stores and the gateway: settlement (earnings
 //! to payouts), sync (the in-transit poll and account checks),
 //! reconciliation (the fleet's record against the gateway's), payee
-//! management (suspend, resume, a change of gateway account) and outbound
-//! webhooks (events to the platform).
+//! management (suspend, resume, a change of gateway account), escrow actions
+//! (release early, void, holds) and outbound webhooks (events to the platform).
 
+pub mod escrow;
 pub mod payees;
 pub mod reconcile;
 pub mod settlement;
