@@ -1,5 +1,5 @@
 //! The operator dashboard in a real browser: Debian's headless Chromium,
-//! driven through chromedriver's W3C WebDriver HTTP API with `reqwest`,
+//! driven through chromedriver with the `fantoccini` WebDriver client,
 //! against the admin router on port 0 over a fresh database and Redis prefix.
 //!
 //! - an operator logs in through the form, sees the overview, filters the
@@ -28,7 +28,6 @@
 mod common;
 
 use std::{
-    io::{Read, Write},
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::Arc,
@@ -37,6 +36,7 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use common::{TestDb, eventually, redis_url, unique};
+use fantoccini::{Client, ClientBuilder, Locator, elements::Element};
 use payouts::{
     admin::{AdminState, router},
     db::{
@@ -54,10 +54,8 @@ use sqlx::PgPool;
 const WAIT: Duration = Duration::from_secs(20);
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
-/// The key WebDriver puts an element reference under.
-const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
-// --- chromedriver over HTTP ---------------------------------------------------
+// --- the browser ----------------------------------------------------------------
 
 /// A chromedriver process on a free loopback port; killed when dropped.
 struct Chromedriver {
@@ -105,99 +103,79 @@ impl Drop for Chromedriver {
     }
 }
 
-/// One WebDriver session: a headless Chromium.
+/// Chrome's DevTools protocol through chromedriver (`goog/cdp/execute`), for
+/// what WebDriver has no command for (emulating the dark colour scheme).
+#[derive(Debug)]
+struct Cdp {
+    cmd: &'static str,
+    params: Value,
+}
+
+impl fantoccini::wd::WebDriverCompatibleCommand for Cdp {
+    fn endpoint(
+        &self,
+        base: &url::Url,
+        session: Option<&str>,
+    ) -> Result<url::Url, url::ParseError> {
+        base.join(&format!(
+            "session/{}/goog/cdp/execute",
+            session.unwrap_or_default()
+        ))
+    }
+
+    fn method_and_body(&self, _: &url::Url) -> (axum::http::Method, Option<String>) {
+        let body = json!({"cmd": self.cmd, "params": self.params});
+        (axum::http::Method::POST, Some(body.to_string()))
+    }
+}
+
+/// One WebDriver session: a headless Chromium, with the waiting helpers the
+/// tests share (every look-up polls until a deadline, then says what the
+/// page showed).
 struct Browser {
-    http: reqwest::Client,
-    /// `http://127.0.0.1:<port>/session/<id>`.
-    url: String,
-    id: String,
-    driver: Chromedriver,
+    client: Client,
+    // Dropped after `client` (fields drop in order): the session ends first.
+    _driver: Chromedriver,
 }
 
 impl Browser {
     async fn start() -> Browser {
         let driver = Chromedriver::start().await;
-        let http = reqwest::Client::new();
-        let caps = json!({"capabilities": {"alwaysMatch": {
+        let caps = json!({
             "browserName": "chrome",
             "goog:chromeOptions": {
                 "binary": CHROMIUM,
                 "args": ["--headless", "--no-sandbox", "--disable-gpu",
                          "--disable-background-networking", "--window-size=1400,1000"],
             },
-        }}});
-        let resp: Value = http
-            .post(format!("http://127.0.0.1:{}/session", driver.port))
-            .json(&caps)
-            .send()
+        });
+        let Value::Object(caps) = caps else {
+            unreachable!("capabilities are an object")
+        };
+        // Plain HTTP to chromedriver on loopback: no TLS connector needed.
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        let client = ClientBuilder::new(connector)
+            .capabilities(caps)
+            .connect(&format!("http://127.0.0.1:{}", driver.port))
             .await
-            .expect("POST /session")
-            .json()
-            .await
-            .expect("session JSON");
-        let id = resp["value"]["sessionId"]
-            .as_str()
-            .unwrap_or_else(|| panic!("chromedriver made no session: {resp}"))
-            .to_string();
+            .unwrap_or_else(|e| panic!("chromedriver made no session: {e}"));
         Browser {
-            http,
-            url: format!("http://127.0.0.1:{}/session/{id}", driver.port),
-            id,
-            driver,
+            client,
+            _driver: driver,
         }
-    }
-
-    /// One WebDriver command; `Err` carries the WebDriver error code and message.
-    async fn cmd(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> Result<Value, String> {
-        let mut req = self.http.request(method, format!("{}{path}", self.url));
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| format!("request {path}: {e}"))?;
-        let ok = resp.status().is_success();
-        let v: Value = resp
-            .json()
-            .await
-            .map_err(|e| format!("response {path}: {e}"))?;
-        if ok {
-            Ok(v["value"].clone())
-        } else {
-            Err(format!(
-                "{}: {}",
-                v["value"]["error"], v["value"]["message"]
-            ))
-        }
-    }
-
-    async fn post(&self, path: &str, body: Value) -> Result<Value, String> {
-        self.cmd(reqwest::Method::POST, path, Some(body)).await
-    }
-
-    async fn get(&self, path: &str) -> Result<Value, String> {
-        self.cmd(reqwest::Method::GET, path, None).await
     }
 
     async fn goto(&self, url: &str) {
-        self.post("/url", json!({ "url": url }))
-            .await
-            .expect("navigate");
+        self.client.goto(url).await.expect("navigate");
     }
 
     /// The first element matching `css`, if there is one now.
-    async fn find(&self, css: &str) -> Option<String> {
-        let v = self
-            .post("/element", json!({"using": "css selector", "value": css}))
-            .await
-            .ok()?;
-        v[ELEMENT].as_str().map(str::to_string)
+    async fn find(&self, css: &str) -> Option<Element> {
+        match self.client.find(Locator::Css(css)).await {
+            Ok(e) => Some(e),
+            Err(e) if e.is_no_such_element() => None,
+            Err(e) => panic!("find {css}: {e}"),
+        }
     }
 
     /// Polls `check` until it gives `Some`; on timeout, panics with what
@@ -213,14 +191,15 @@ impl Browser {
             }
             if tokio::time::Instant::now() >= deadline {
                 let page = self
-                    .post(
-                        "/execute/sync",
-                        json!({"script": "return location.href + '\\n' + document.body.innerText.slice(0, 1500);", "args": []}),
+                    .client
+                    .execute(
+                        "return location.href + '\\n' + document.body.innerText.slice(0, 1500);",
+                        vec![],
                     )
                     .await;
                 let page = match page {
                     Ok(v) => v.as_str().unwrap_or_default().to_string(),
-                    Err(e) => e,
+                    Err(e) => e.to_string(),
                 };
                 panic!("timed out after {WAIT:?} waiting for {what}; the page:\n{page}");
             }
@@ -229,14 +208,9 @@ impl Browser {
     }
 
     /// The first element matching `css`, once there is one.
-    async fn wait(&self, css: &str) -> String {
+    async fn wait(&self, css: &str) -> Element {
         self.until(&format!("an element matching {css}"), || self.find(css))
             .await
-    }
-
-    async fn text_of(&self, element: &str) -> Option<String> {
-        let v = self.get(&format!("/element/{element}/text")).await.ok()?;
-        v.as_str().map(str::to_string)
     }
 
     /// The text of `css` once `ok` holds for it.
@@ -244,7 +218,7 @@ impl Browser {
         let ok = &ok;
         self.until(&format!("{css} to show {what}"), || async move {
             let el = self.find(css).await?;
-            self.text_of(&el).await.filter(|t| ok(t))
+            el.text().await.ok().filter(|t| ok(t))
         })
         .await
     }
@@ -253,23 +227,22 @@ impl Browser {
     /// opening, say, makes the first tries fail).
     async fn click(&self, css: &str) {
         self.until(&format!("a click on {css}"), || async move {
-            let el = self.find(css).await?;
-            self.post(&format!("/element/{el}/click"), json!({}))
-                .await
-                .ok()
+            self.find(css).await?.click().await.ok()
         })
         .await;
     }
 
     async fn type_into(&self, css: &str, text: &str) {
-        let el = self.wait(css).await;
-        self.post(&format!("/element/{el}/value"), json!({ "text": text }))
+        self.wait(css)
+            .await
+            .send_keys(text)
             .await
             .unwrap_or_else(|e| panic!("type into {css}: {e}"));
     }
 
     async fn script(&self, js: &str) -> Value {
-        self.post("/execute/sync", json!({"script": js, "args": []}))
+        self.client
+            .execute(js, vec![])
             .await
             .unwrap_or_else(|e| panic!("script {js}: {e}"))
     }
@@ -277,13 +250,21 @@ impl Browser {
     /// Polls `js` (which returns a value or null) until it returns non-null.
     async fn wait_script(&self, what: &str, js: &str) -> Value {
         self.until(what, || async move {
-            let v = self
-                .post("/execute/sync", json!({"script": js, "args": []}))
-                .await
-                .ok()?;
+            let v = self.client.execute(js, vec![]).await.ok()?;
             (!v.is_null()).then_some(v)
         })
         .await
+    }
+
+    /// Emulates the system's dark colour scheme.
+    async fn prefer_dark(&self) {
+        self.client
+            .issue_cmd(Cdp {
+                cmd: "Emulation.setEmulatedMedia",
+                params: json!({"features": [{"name": "prefers-color-scheme", "value": "dark"}]}),
+            })
+            .await
+            .expect("emulate dark mode");
     }
 
     /// A PNG of the whole page (the window grown to the page's height), written
@@ -293,17 +274,15 @@ impl Browser {
             .script("return [window.outerHeight - window.innerHeight, document.documentElement.scrollHeight];")
             .await;
         let height = dims[0].as_i64().unwrap_or(0) + dims[1].as_i64().unwrap_or(1000);
-        self.post(
-            "/window/rect",
-            json!({"width": 1400, "height": height.clamp(600, 4000)}),
-        )
-        .await
-        .expect("resize the window");
-        let png = self.get("/screenshot").await.expect("screenshot");
-        self.post("/window/rect", json!({"width": 1400, "height": 1000}))
+        self.client
+            .set_window_size(1400, height.clamp(600, 4000) as u32)
+            .await
+            .expect("resize the window");
+        let png = self.client.screenshot().await.expect("screenshot");
+        self.client
+            .set_window_size(1400, 1000)
             .await
             .expect("restore the window");
-        let png = base64_decode(png.as_str().expect("base64 PNG"));
         assert!(png.starts_with(b"\x89PNG"), "the screenshot is a PNG");
         let dir = screenshot_dir();
         std::fs::create_dir_all(&dir).expect("create the screenshot directory");
@@ -315,18 +294,18 @@ impl Browser {
 }
 
 impl Drop for Browser {
-    /// Ends the session so chromedriver closes Chromium: a blocking request,
-    /// since `drop` cannot await (then the driver itself is killed).
+    /// Ends the session so chromedriver closes Chromium before the driver
+    /// itself is killed. `drop` cannot await: the close runs on this
+    /// (multi-threaded) test runtime, which also drives fantoccini's session
+    /// task.
     fn drop(&mut self) {
-        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.driver.port)) {
-            let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-            let _ = write!(
-                s,
-                "DELETE /session/{} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                self.id, self.driver.port
-            );
-            let _ = s.read_to_end(&mut Vec::new());
-        }
+        let client = self.client.clone();
+        tokio::task::block_in_place(|| {
+            let _ = tokio::runtime::Handle::current().block_on(tokio::time::timeout(
+                Duration::from_secs(10),
+                client.close(),
+            ));
+        });
     }
 }
 
@@ -336,39 +315,6 @@ fn screenshot_dir() -> PathBuf {
     } else {
         PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("screenshots")
     }
-}
-
-/// Standard base64 (WebDriver screenshots), without a dependency for it.
-fn base64_decode(s: &str) -> Vec<u8> {
-    fn sextet(c: u8) -> u32 {
-        u32::from(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => panic!("not base64: {:?}", c as char),
-        })
-    }
-    let digits: Vec<u8> = s
-        .bytes()
-        .filter(|b| !b.is_ascii_whitespace() && *b != b'=')
-        .collect();
-    let mut out = Vec::with_capacity(digits.len() * 3 / 4);
-    for chunk in digits.chunks(4) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, &c)| n | sextet(c) << (18 - 6 * i));
-        out.push((n >> 16) as u8);
-        if chunk.len() > 2 {
-            out.push((n >> 8) as u8);
-        }
-        if chunk.len() > 3 {
-            out.push(n as u8);
-        }
-    }
-    out
 }
 
 // --- the server and its data ----------------------------------------------------
@@ -1225,14 +1171,7 @@ async fn an_admin_pauses_the_fleet_searches_and_cancels_selected_payouts() {
     browser.wait("#settlements .empty").await;
 
     // Dark mode follows the system's colour scheme.
-    browser
-        .post(
-            "/goog/cdp/execute",
-            json!({"cmd": "Emulation.setEmulatedMedia",
-                   "params": {"features": [{"name": "prefers-color-scheme", "value": "dark"}]}}),
-        )
-        .await
-        .expect("emulate dark mode");
+    browser.prefer_dark().await;
     let dark = browser
         .wait_script(
             "a dark page",
