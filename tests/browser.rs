@@ -17,7 +17,13 @@
 //!   key set, audited) and resumes it, goes to a payout and a payee from the
 //!   search box, selects rows and cancels them after a dry-run count, sees
 //!   the list update live, reads the payee, reconcile, token and settlement
-//!   screens, sees Due→paid as `1m 05s` inside its card, and dark mode.
+//!   screens, sees Due→paid as `1m 05s` inside its card, and dark mode;
+//! - outbound webhooks, with a receiver on loopback and the delivery worker
+//!   running: an admin registers an endpoint and sees its `whsec_` secret
+//!   once, rotates, disables and deletes it; the delivery log shows a
+//!   message refused once and then delivered, with both attempts; an
+//!   operator replays a message (and everything since a time) and sees the
+//!   new attempt; a viewer is offered no button that writes.
 //!
 //! Screenshots of the overview and of the payout page are written to
 //! `$CARGO_TARGET_TMPDIR/screenshots/`, or to `docs/screenshots/` with
@@ -39,6 +45,7 @@ use common::{TestDb, eventually, redis_url, unique};
 use fantoccini::{Client, ClientBuilder, Locator, elements::Element};
 use payouts::{
     admin::{AdminState, router},
+    config::Settings,
     db::{
         payees,
         tokens::{self, Role},
@@ -325,22 +332,30 @@ struct Admin {
     queue: Queue,
     prefix: String,
     base: String,
+    settings: Arc<Settings>,
 }
 
 impl Admin {
     async fn start() -> Admin {
+        Admin::start_with(&[]).await
+    }
+
+    /// With `extra` settings (`PAYOUTS_*` variables).
+    async fn start_with(extra: &[(&str, &str)]) -> Admin {
         let db = TestDb::new().await;
         let prefix = unique("t");
         // No gateway is called: nothing here runs a worker.
-        let settings = common::settings(&db.url, &redis_url(), &prefix, "http://127.0.0.1:9", &[]);
+        let settings =
+            common::settings(&db.url, &redis_url(), &prefix, "http://127.0.0.1:9", extra);
         let conn = payouts::queue::connect(&settings.redis)
             .await
             .expect("redis");
         let queue = Queue::from_settings(conn, &settings);
+        let settings = Arc::new(settings);
         let state = AdminState::new(
             db.pool.clone(),
             queue.clone(),
-            Arc::new(settings),
+            settings.clone(),
             payouts::clock::system(),
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -357,6 +372,7 @@ impl Admin {
             queue,
             prefix,
             base,
+            settings,
         }
     }
 
@@ -755,6 +771,12 @@ async fn a_viewer_sees_no_action_buttons() {
             t.eq_ignore_ascii_case("viewer")
         })
         .await;
+    // The admin's pause button is in the page, hidden (not only marked so).
+    let pause = browser.wait("#fleet-pause").await;
+    assert!(
+        !pause.is_displayed().await.expect("displayed"),
+        "a viewer is shown the fleet pause button"
+    );
 
     // The overview refreshes itself: a payout added behind it shows up.
     browser
@@ -1183,4 +1205,564 @@ async fn an_admin_pauses_the_fleet_searches_and_cancels_selected_payouts() {
     browser.click("#nav-overview").await;
     browser.wait("[data-tile=\"pending\"]").await;
     browser.screenshot("overview-dark.png").await;
+}
+
+// --- outbound webhooks ----------------------------------------------------------
+
+/// Settings for the webhook screens: endpoints on loopback, a retry 1 s
+/// after a failure.
+const HOOK_SETTINGS: &[(&str, &str)] = &[
+    ("PAYOUTS_WEBHOOKS_OUT__ALLOW_PRIVATE", r#"["127.0.0.0/8"]"#),
+    ("PAYOUTS_WEBHOOKS_OUT__RETRY_SCHEDULE_SECS", "[1, 1]"),
+    ("PAYOUTS_WEBHOOKS_OUT__TIMEOUT_MS", "3000"),
+];
+
+#[derive(Clone, Default)]
+struct ReceiverState {
+    /// The `webhook-id` of every request, in order.
+    got: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Status codes to answer, in order; then 200.
+    script: Arc<std::sync::Mutex<std::collections::VecDeque<u16>>>,
+}
+
+/// A platform's receiver on loopback, and the fleet's webhook deliverer
+/// running against the admin's database; both stop when dropped.
+struct Hooks {
+    url: String,
+    state: ReceiverState,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Drop for Hooks {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl Hooks {
+    async fn start(admin: &Admin) -> Hooks {
+        async fn hook(
+            axum::extract::State(s): axum::extract::State<ReceiverState>,
+            headers: axum::http::HeaderMap,
+        ) -> (axum::http::StatusCode, String) {
+            let id = headers
+                .get("webhook-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            s.got.lock().unwrap().push(id);
+            let code = s.script.lock().unwrap().pop_front().unwrap_or(200);
+            (
+                axum::http::StatusCode::from_u16(code).unwrap(),
+                format!("answer {code}"),
+            )
+        }
+        let state = ReceiverState::default();
+        let app = axum::Router::new()
+            .route("/hook", axum::routing::post(hook))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}/hook", listener.local_addr().expect("address"));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let until = stop.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(until.cancelled_owned())
+                .await
+        });
+        let dispatcher = payouts::services::webhooks_out::Dispatcher::new(
+            admin.pool().clone(),
+            admin.settings.webhooks_out.clone(),
+            payouts::clock::system(),
+            "worker:browser-test",
+        )
+        .expect("dispatcher");
+        tokio::spawn(payouts::services::webhooks_out::run(
+            dispatcher,
+            stop.clone(),
+        ));
+        Hooks { url, state, stop }
+    }
+
+    /// Registers the receiver for `payout.created`, as an admin would; its id.
+    async fn register(&self, admin: &Admin) -> i64 {
+        let new = payouts::services::webhooks_out::endpoints::NewEndpoint {
+            url: self.url.clone(),
+            event_types: vec!["payout.created".into()],
+            description: Some("ledger sync".into()),
+            enabled: Some(true),
+        };
+        let policy = payouts::services::webhooks_out::safety::Policy::new(
+            &admin.settings.webhooks_out.allow_private,
+        );
+        payouts::services::webhooks_out::endpoints::register(
+            admin.pool(),
+            &policy,
+            &new,
+            "operator:setup",
+            None,
+            Utc::now(),
+        )
+        .await
+        .expect("register the endpoint")
+        .0
+    }
+
+    fn got(&self) -> Vec<String> {
+        self.state.got.lock().unwrap().clone()
+    }
+
+    fn script(&self, codes: &[u16]) {
+        self.state.script.lock().unwrap().extend(codes);
+    }
+}
+
+/// A new payout (its `payout.created` event is what the endpoint hears of).
+async fn new_payout(admin: &Admin) -> i64 {
+    let payee = payees::create(
+        admin.pool(),
+        "Ada Lovelace",
+        &unique("acct"),
+        "EUR".parse::<Currency>().unwrap(),
+    )
+    .await
+    .expect("payee");
+    let due = Utc::now() + chrono::Duration::hours(1);
+    let money = Money::parse("12.50", "EUR").unwrap();
+    payouts::db::payouts::create(
+        admin.pool(),
+        payee.id,
+        money,
+        due,
+        "operator:test",
+        Utc::now(),
+    )
+    .await
+    .expect("payout")
+    .id
+}
+
+/// The message to endpoint `endpoint` once it is delivered: (id, attempts).
+async fn delivered_message(admin: &Admin, endpoint: i64) -> (i64, i32) {
+    eventually(WAIT, "a delivered message", || async {
+        sqlx::query_as::<_, (i64, i32)>(
+            "SELECT id, attempts FROM webhook_deliveries WHERE endpoint_id = $1 AND status = 'delivered'",
+        )
+        .bind(endpoint)
+        .fetch_optional(admin.pool())
+        .await
+        .expect("messages")
+    })
+    .await
+}
+
+async fn audited(admin: &Admin, prefix: &str) -> Vec<(String, String)> {
+    sqlx::query_as(
+        "SELECT actor, action FROM audit_log WHERE action LIKE $1 || '%' AND actor <> 'operator:setup' ORDER BY id",
+    )
+    .bind(prefix)
+    .fetch_all(admin.pool())
+    .await
+    .expect("audit")
+}
+
+/// Issue 18: an admin registers an endpoint from the dashboard and is shown
+/// its `whsec_` secret once (never in a later page or answer); the
+/// description is shown as text, not markup; the admin rotates the secret
+/// (a new one, shown once), disables and deletes the endpoint; all audited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_registers_a_webhook_endpoint_and_sees_its_secret_once() {
+    let admin = Admin::start_with(HOOK_SETTINGS).await;
+    let token = admin.token("root", Role::Admin).await;
+    let browser = Browser::start().await;
+    log_in(&browser, &admin, &token).await;
+
+    browser.click("#nav-webhooks").await;
+    browser.wait("#webhooks-empty").await;
+    browser
+        .type_into("#wh-url", "http://127.0.0.1:9/hooks/payouts")
+        .await;
+    browser
+        .type_into("#wh-description", "Ledger <b>sync</b>")
+        .await;
+    browser.click("#wh-all").await;
+    browser.click("input.wh-type[value=\"payout.paid\"]").await;
+    browser
+        .click("input.wh-type[value=\"payout.failed\"]")
+        .await;
+    browser.click("#wh-create").await;
+
+    let secret = browser
+        .wait_text("#webhook-secret-value", "the new secret", |t| {
+            t.starts_with("whsec_")
+        })
+        .await;
+    let (id, stored, types): (i64, String, Vec<String>) =
+        sqlx::query_as("SELECT id, secret, event_types FROM webhook_endpoints")
+            .fetch_one(admin.pool())
+            .await
+            .expect("the endpoint");
+    assert_eq!(secret, stored, "the secret shown is the one that signs");
+    assert_eq!(types, ["payout.paid", "payout.failed"]);
+    let row = format!("#webhook-endpoints-table tr[data-id=\"{id}\"]");
+    browser
+        .wait_text(&format!("{row} td.mono"), "the event types", |t| {
+            t == "payout.paid, payout.failed"
+        })
+        .await;
+    // Untrusted text is text: the description's tags are shown, not made.
+    browser
+        .wait_text(&format!("{row} td.url .muted"), "the description", |t| {
+            t == "Ledger <b>sync</b>"
+        })
+        .await;
+    assert!(
+        browser.find(&format!("{row} b")).await.is_none(),
+        "the description made markup"
+    );
+
+    // Once: not on the endpoint's page, not back on the list, nor in any answer.
+    browser.click(&format!("{row} a")).await;
+    browser
+        .wait_text("#webhook-url", "the endpoint's URL", |t| {
+            t == "http://127.0.0.1:9/hooks/payouts"
+        })
+        .await;
+    browser.click("#webhook .crumb").await;
+    browser.wait(&row).await;
+    let shown = browser
+        .script(&format!(
+            "return document.documentElement.outerHTML.includes({});",
+            json!(secret)
+        ))
+        .await;
+    assert_eq!(shown, json!(false), "the secret is shown again");
+    let http = reqwest::Client::new();
+    for path in [
+        "/api/v1/webhook-endpoints".to_string(),
+        format!("/api/v1/webhook-endpoints/{id}"),
+    ] {
+        let body = http
+            .get(format!("{}{path}", admin.base))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("GET")
+            .text()
+            .await
+            .expect("body");
+        assert!(body.contains("payout.paid"), "{path}: {body}");
+        assert!(!body.contains(&secret), "{path} shows the secret");
+    }
+
+    // Rotate: a new secret, shown once; the old one signs during the overlap.
+    browser.click(&format!("{row} a")).await;
+    browser.click("#endpoint-rotate").await;
+    browser
+        .wait_script(
+            "the confirmation dialog",
+            "return document.getElementById('confirm').open || null;",
+        )
+        .await;
+    browser.click("#confirm-ok").await;
+    let rotated = browser
+        .wait_text("#webhook-secret-value", "the rotated secret", |t| {
+            t.starts_with("whsec_") && t != secret
+        })
+        .await;
+    let (now_signing, previous): (String, Option<String>) =
+        sqlx::query_as("SELECT secret, previous_secret FROM webhook_endpoints WHERE id = $1")
+            .bind(id)
+            .fetch_one(admin.pool())
+            .await
+            .expect("secrets");
+    assert_eq!(
+        (now_signing.as_str(), previous.as_deref()),
+        (rotated.as_str(), Some(secret.as_str()))
+    );
+
+    // Disable, then delete.
+    browser.click("#endpoint-disable").await;
+    browser
+        .wait_script(
+            "the confirmation dialog",
+            "return document.getElementById('confirm').open || null;",
+        )
+        .await;
+    browser.click("#confirm-ok").await;
+    browser
+        .wait("#webhook-state [data-state=\"disabled\"]")
+        .await;
+    browser.wait("#endpoint-enable").await;
+    let enabled: bool = sqlx::query_scalar("SELECT enabled FROM webhook_endpoints WHERE id = $1")
+        .bind(id)
+        .fetch_one(admin.pool())
+        .await
+        .expect("enabled");
+    assert!(!enabled);
+    browser.click("#endpoint-delete").await;
+    browser
+        .wait_text("#confirm-message", "what is deleted", |t| {
+            t.contains("http://127.0.0.1:9/hooks/payouts")
+        })
+        .await;
+    browser.click("#confirm-ok").await;
+    browser.wait("#webhooks-empty").await;
+    browser
+        .wait_text("#notice", "the deletion", |t| {
+            t.contains(&format!("Endpoint #{id} deleted"))
+        })
+        .await;
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_endpoints")
+        .fetch_one(admin.pool())
+        .await
+        .expect("count");
+    assert_eq!(left, 0);
+    let actions: Vec<String> = audited(&admin, "webhook_endpoint.")
+        .await
+        .into_iter()
+        .map(|(actor, action)| {
+            assert_eq!(actor, "operator:root");
+            action
+        })
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "webhook_endpoint.create",
+            "webhook_endpoint.rotate_secret",
+            "webhook_endpoint.update",
+            "webhook_endpoint.delete"
+        ]
+    );
+}
+
+/// Issue 18: the delivery log of an endpoint shows a message that was
+/// refused once (HTTP 500, with the answer's excerpt and latency) and then
+/// delivered, with both attempts; the page updates by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_delivery_log_shows_a_delivered_message_with_its_attempts() {
+    let admin = Admin::start_with(HOOK_SETTINGS).await;
+    let hooks = Hooks::start(&admin).await;
+    let endpoint = hooks.register(&admin).await;
+    let token = admin.token("vera", Role::Viewer).await;
+    let browser = Browser::start().await;
+    log_in(&browser, &admin, &token).await;
+    browser
+        .goto(&format!("{}/ui/#/webhooks/{endpoint}", admin.base))
+        .await;
+    browser.wait("#webhook-messages-empty").await;
+
+    // The receiver refuses the first request (and the at-once retry), then
+    // takes the retry a second later.
+    hooks.script(&[500, 500]);
+    let payout = new_payout(&admin).await;
+    let (message, attempts) = delivered_message(&admin, endpoint).await;
+    assert_eq!(attempts, 2, "refused once, then taken");
+    let row = format!("#webhook-deliveries-table tbody.message[data-id=\"{message}\"]");
+    browser
+        .wait(&format!("{row}[data-status=\"delivered\"]"))
+        .await;
+    let cells = browser
+        .script(&format!(
+            "const m = document.querySelector('{row}');
+             return [...m.querySelectorAll('tr.attempt')].map(a => [
+               a.dataset.attempt, a.dataset.ok,
+               ...[...a.querySelectorAll('td')].map(td => td.textContent)]);",
+            row = row.replace('"', "\\\"")
+        ))
+        .await;
+    let cells: Vec<Vec<String>> = serde_json::from_value(cells).expect("rows of text");
+    assert_eq!(cells.len(), 2, "two attempts: {cells:?}");
+    let (first, second) = (&cells[0], &cells[1]);
+    assert_eq!((first[0].as_str(), first[1].as_str()), ("1", "false"));
+    assert_eq!(first[4], "HTTP 500");
+    assert!(
+        first[5].ends_with("ms") || first[5].ends_with('s'),
+        "a latency: {first:?}"
+    );
+    assert!(
+        first[6].contains("answer 500"),
+        "the answer's excerpt: {first:?}"
+    );
+    assert_eq!((second[0].as_str(), second[1].as_str()), ("2", "true"));
+    assert_eq!(second[4], "HTTP 200");
+    assert!(second[6].contains("answer 200"), "{second:?}");
+    browser
+        .wait_text(&format!("{row} td .mono"), "the event type", |t| {
+            t == "payout.created"
+        })
+        .await;
+    let ids = hooks.got();
+    assert_eq!(
+        ids.len(),
+        3,
+        "the attempt and its at-once retry refused, the next attempt taken: {ids:?}"
+    );
+    assert!(ids.iter().all(|i| i == &ids[0]), "one message: {ids:?}");
+    let body: String = sqlx::query_scalar("SELECT body FROM webhook_deliveries WHERE id = $1")
+        .bind(message)
+        .fetch_one(admin.pool())
+        .await
+        .expect("body");
+    assert!(body.contains(&format!("\"id\":{payout}")), "{body}");
+}
+
+/// Issue 18: an operator replays one message from the delivery log (the
+/// receiver gets it again, a new attempt joins the log) and everything since
+/// a time; both audited. The admin's endpoint buttons are not offered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaying_a_message_from_the_dashboard_delivers_it_again() {
+    let admin = Admin::start_with(HOOK_SETTINGS).await;
+    let hooks = Hooks::start(&admin).await;
+    let endpoint = hooks.register(&admin).await;
+    new_payout(&admin).await;
+    let (message, attempts) = delivered_message(&admin, endpoint).await;
+    assert_eq!(attempts, 1, "taken at the first try");
+    assert_eq!(hooks.got().len(), 1);
+
+    let token = admin.token("omar", Role::Operator).await;
+    let browser = Browser::start().await;
+    log_in(&browser, &admin, &token).await;
+    browser.click("#nav-webhooks").await;
+    browser
+        .click(&format!(
+            "#webhook-endpoints-table tr[data-id=\"{endpoint}\"] a"
+        ))
+        .await;
+    let row = format!("#webhook-deliveries-table tbody.message[data-id=\"{message}\"]");
+    browser
+        .wait(&format!(
+            "{row}[data-attempts=\"1\"] tr.attempt[data-attempt=\"1\"]"
+        ))
+        .await;
+    for admins_only in [
+        "#endpoint-disable",
+        "#endpoint-rotate",
+        "#endpoint-delete",
+        "#webhook-actions",
+    ] {
+        assert!(
+            browser.find(admins_only).await.is_none(),
+            "an operator is offered {admins_only}"
+        );
+    }
+
+    browser.click(&format!("{row} button.replay")).await;
+    browser
+        .wait_script(
+            "the confirmation dialog",
+            "return document.getElementById('confirm').open || null;",
+        )
+        .await;
+    browser.click("#confirm-ok").await;
+    browser
+        .wait_text("#notice", "the replay", |t| {
+            t.contains(&format!("Message {message} will be sent again"))
+        })
+        .await;
+    // Delivered again, and the page shows the new attempt by itself.
+    browser
+        .wait_text(
+            &format!(
+                "{row}[data-status=\"delivered\"] tr.attempt[data-attempt=\"2\"] td:nth-child(3)"
+            ),
+            "the second attempt",
+            |t| t == "HTTP 200",
+        )
+        .await;
+    let got = hooks.got();
+    assert_eq!(got.len(), 2, "sent again: {got:?}");
+    assert_eq!(got[0], got[1], "with the same webhook-id");
+
+    // Everything since a time before the message: it is sent once more.
+    browser
+        .script(
+            "const i = document.getElementById('replay-since');
+             const d = new Date(Date.now() - 3600 * 1000);
+             const p = (n) => String(n).padStart(2, '0');
+             i.value = `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())}T${p(d.getHours())}:${p(d.getMinutes())}:${p(d.getSeconds())}`;",
+        )
+        .await;
+    browser.click("#replay-since-go").await;
+    browser
+        .wait_script(
+            "the confirmation dialog",
+            "return document.getElementById('confirm').open || null;",
+        )
+        .await;
+    browser.click("#confirm-ok").await;
+    browser
+        .wait_text("#notice .message", "the count", |t| {
+            t == "1 message will be sent again."
+        })
+        .await;
+    eventually(WAIT, "the third delivery", || async {
+        (hooks.got().len() == 3).then_some(())
+    })
+    .await;
+    browser
+        .wait(&format!("{row} tr.attempt[data-attempt=\"3\"]"))
+        .await;
+    assert_eq!(
+        audited(&admin, "webhook_").await,
+        [
+            (
+                "operator:omar".to_string(),
+                "webhook_delivery.replay".to_string()
+            ),
+            (
+                "operator:omar".to_string(),
+                "webhook_endpoint.replay".to_string()
+            ),
+        ]
+    );
+}
+
+/// Issue 18: a viewer reads the endpoints and the delivery log, and is
+/// offered none of the buttons that write (the API would refuse them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_viewer_sees_webhooks_without_any_write_button() {
+    let admin = Admin::start_with(HOOK_SETTINGS).await;
+    let hooks = Hooks::start(&admin).await;
+    let endpoint = hooks.register(&admin).await;
+    new_payout(&admin).await;
+    let (message, _) = delivered_message(&admin, endpoint).await;
+
+    let token = admin.token("vera", Role::Viewer).await;
+    let browser = Browser::start().await;
+    log_in(&browser, &admin, &token).await;
+    browser.click("#nav-webhooks").await;
+    let row = format!("#webhook-endpoints-table tr[data-id=\"{endpoint}\"]");
+    browser.wait(&row).await;
+    browser.wait("#webhooks-readonly").await;
+    for write in ["#webhook-create", "#wh-create"] {
+        assert!(
+            browser.find(write).await.is_none(),
+            "a viewer is offered {write}"
+        );
+    }
+    browser.click(&format!("{row} a")).await;
+    browser
+        .wait(&format!(
+            "#webhook-deliveries-table tbody.message[data-id=\"{message}\"][data-status=\"delivered\"]"
+        ))
+        .await;
+    for write in [
+        "#webhook-actions",
+        "#endpoint-disable",
+        "#endpoint-enable",
+        "#endpoint-rotate",
+        "#endpoint-delete",
+        "#replay-since-form",
+        "button.replay",
+        "#webhook .actions button",
+    ] {
+        assert!(
+            browser.find(write).await.is_none(),
+            "a viewer is offered {write}"
+        );
+    }
 }

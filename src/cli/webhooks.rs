@@ -255,14 +255,16 @@ pub async fn run(
             since,
         } => match (id, endpoint, since) {
             (Some(id), _, _) => {
-                if !webhook_deliveries::replay(pool, id, now).await? {
-                    anyhow::bail!("webhook delivery {id} not found");
-                }
+                endpoints::replay(pool, id, actor, None, now)
+                    .await
+                    .map_err(plain)?;
                 writeln!(out, "delivery {id} will be sent again")?;
             }
             (None, Some(endpoint), Some(since)) => {
                 let since = crate::cli::parse_since(&since, now).context("--since")?;
-                let n = webhook_deliveries::replay_since(pool, endpoint, since, now).await?;
+                let n = endpoints::replay_since(pool, endpoint, since, actor, None, now)
+                    .await
+                    .map_err(plain)?;
                 writeln!(
                     out,
                     "{n} messages to endpoint {endpoint} will be sent again"
