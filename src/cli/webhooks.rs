@@ -12,6 +12,7 @@ use serde_json::json;
 use sqlx::PgPool;
 
 use crate::{
+    cli::{EXIT_USAGE, Exit},
     config::Settings,
     db::{webhook_deliveries, webhook_endpoints},
     services::webhooks_out::{
@@ -100,10 +101,14 @@ pub enum WebhooksCommand {
     },
 }
 
+/// The error with its exit code: not found 3, bad input 2 (README: exit codes).
 fn plain(e: EndpointError) -> anyhow::Error {
     match e {
         EndpointError::Db(e) => anyhow::Error::new(e).context("failed to write the endpoint"),
-        e => anyhow::anyhow!("{e}"),
+        e @ (EndpointError::NotFound(_) | EndpointError::MessageNotFound(_)) => {
+            Exit::not_found(e.to_string())
+        }
+        EndpointError::BadInput(m) => Exit::new(EXIT_USAGE, m).into(),
     }
 }
 
