@@ -1,5 +1,5 @@
 //! The operator dashboard in a real browser: Debian's headless Chromium,
-//! driven through chromedriver's W3C WebDriver HTTP API with `reqwest`,
+//! driven through chromedriver with the `fantoccini` WebDriver client,
 //! against the admin router on port 0 over a fresh database and Redis prefix.
 //!
 //! - an operator logs in through the form, sees the overview, filters the
@@ -17,7 +17,13 @@
 //!   key set, audited) and resumes it, goes to a payout and a payee from the
 //!   search box, selects rows and cancels them after a dry-run count, sees
 //!   the list update live, reads the payee, reconcile, token and settlement
-//!   screens, sees Due→paid as `1m 05s` inside its card, and dark mode.
+//!   screens, sees Due→paid as `1m 05s` inside its card, and dark mode;
+//! - outbound webhooks, with a receiver on loopback and the delivery worker
+//!   running: an admin registers an endpoint and sees its `whsec_` secret
+//!   once, rotates, disables and deletes it; the delivery log shows a
+//!   message refused once and then delivered, with both attempts; an
+//!   operator replays a message (and everything since a time) and sees the
+//!   new attempt; a viewer is offered no button that writes.
 //!
 //! Screenshots of the overview and of the payout page are written to
 //! `$CARGO_TARGET_TMPDIR/screenshots/`, or to `docs/screenshots/` with
@@ -28,7 +34,6 @@
 mod common;
 
 use std::{
-    io::{Read, Write},
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::Arc,
@@ -37,8 +42,10 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use common::{TestDb, eventually, redis_url, unique};
+use fantoccini::{Client, ClientBuilder, Locator, elements::Element};
 use payouts::{
     admin::{AdminState, router},
+    config::Settings,
     db::{
         payees,
         tokens::{self, Role},
@@ -54,10 +61,8 @@ use sqlx::PgPool;
 const WAIT: Duration = Duration::from_secs(20);
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
-/// The key WebDriver puts an element reference under.
-const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
-// --- chromedriver over HTTP ---------------------------------------------------
+// --- the browser ----------------------------------------------------------------
 
 /// A chromedriver process on a free loopback port; killed when dropped.
 struct Chromedriver {
@@ -105,99 +110,79 @@ impl Drop for Chromedriver {
     }
 }
 
-/// One WebDriver session: a headless Chromium.
+/// Chrome's DevTools protocol through chromedriver (`goog/cdp/execute`), for
+/// what WebDriver has no command for (emulating the dark colour scheme).
+#[derive(Debug)]
+struct Cdp {
+    cmd: &'static str,
+    params: Value,
+}
+
+impl fantoccini::wd::WebDriverCompatibleCommand for Cdp {
+    fn endpoint(
+        &self,
+        base: &url::Url,
+        session: Option<&str>,
+    ) -> Result<url::Url, url::ParseError> {
+        base.join(&format!(
+            "session/{}/goog/cdp/execute",
+            session.unwrap_or_default()
+        ))
+    }
+
+    fn method_and_body(&self, _: &url::Url) -> (axum::http::Method, Option<String>) {
+        let body = json!({"cmd": self.cmd, "params": self.params});
+        (axum::http::Method::POST, Some(body.to_string()))
+    }
+}
+
+/// One WebDriver session: a headless Chromium, with the waiting helpers the
+/// tests share (every look-up polls until a deadline, then says what the
+/// page showed).
 struct Browser {
-    http: reqwest::Client,
-    /// `http://127.0.0.1:<port>/session/<id>`.
-    url: String,
-    id: String,
-    driver: Chromedriver,
+    client: Client,
+    // Dropped after `client` (fields drop in order): the session ends first.
+    _driver: Chromedriver,
 }
 
 impl Browser {
     async fn start() -> Browser {
         let driver = Chromedriver::start().await;
-        let http = reqwest::Client::new();
-        let caps = json!({"capabilities": {"alwaysMatch": {
+        let caps = json!({
             "browserName": "chrome",
             "goog:chromeOptions": {
                 "binary": CHROMIUM,
                 "args": ["--headless", "--no-sandbox", "--disable-gpu",
                          "--disable-background-networking", "--window-size=1400,1000"],
             },
-        }}});
-        let resp: Value = http
-            .post(format!("http://127.0.0.1:{}/session", driver.port))
-            .json(&caps)
-            .send()
+        });
+        let Value::Object(caps) = caps else {
+            unreachable!("capabilities are an object")
+        };
+        // Plain HTTP to chromedriver on loopback: no TLS connector needed.
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        let client = ClientBuilder::new(connector)
+            .capabilities(caps)
+            .connect(&format!("http://127.0.0.1:{}", driver.port))
             .await
-            .expect("POST /session")
-            .json()
-            .await
-            .expect("session JSON");
-        let id = resp["value"]["sessionId"]
-            .as_str()
-            .unwrap_or_else(|| panic!("chromedriver made no session: {resp}"))
-            .to_string();
+            .unwrap_or_else(|e| panic!("chromedriver made no session: {e}"));
         Browser {
-            http,
-            url: format!("http://127.0.0.1:{}/session/{id}", driver.port),
-            id,
-            driver,
+            client,
+            _driver: driver,
         }
-    }
-
-    /// One WebDriver command; `Err` carries the WebDriver error code and message.
-    async fn cmd(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> Result<Value, String> {
-        let mut req = self.http.request(method, format!("{}{path}", self.url));
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| format!("request {path}: {e}"))?;
-        let ok = resp.status().is_success();
-        let v: Value = resp
-            .json()
-            .await
-            .map_err(|e| format!("response {path}: {e}"))?;
-        if ok {
-            Ok(v["value"].clone())
-        } else {
-            Err(format!(
-                "{}: {}",
-                v["value"]["error"], v["value"]["message"]
-            ))
-        }
-    }
-
-    async fn post(&self, path: &str, body: Value) -> Result<Value, String> {
-        self.cmd(reqwest::Method::POST, path, Some(body)).await
-    }
-
-    async fn get(&self, path: &str) -> Result<Value, String> {
-        self.cmd(reqwest::Method::GET, path, None).await
     }
 
     async fn goto(&self, url: &str) {
-        self.post("/url", json!({ "url": url }))
-            .await
-            .expect("navigate");
+        self.client.goto(url).await.expect("navigate");
     }
 
     /// The first element matching `css`, if there is one now.
-    async fn find(&self, css: &str) -> Option<String> {
-        let v = self
-            .post("/element", json!({"using": "css selector", "value": css}))
-            .await
-            .ok()?;
-        v[ELEMENT].as_str().map(str::to_string)
+    async fn find(&self, css: &str) -> Option<Element> {
+        match self.client.find(Locator::Css(css)).await {
+            Ok(e) => Some(e),
+            Err(e) if e.is_no_such_element() => None,
+            Err(e) => panic!("find {css}: {e}"),
+        }
     }
 
     /// Polls `check` until it gives `Some`; on timeout, panics with what
@@ -213,14 +198,15 @@ impl Browser {
             }
             if tokio::time::Instant::now() >= deadline {
                 let page = self
-                    .post(
-                        "/execute/sync",
-                        json!({"script": "return location.href + '\\n' + document.body.innerText.slice(0, 1500);", "args": []}),
+                    .client
+                    .execute(
+                        "return location.href + '\\n' + document.body.innerText.slice(0, 1500);",
+                        vec![],
                     )
                     .await;
                 let page = match page {
                     Ok(v) => v.as_str().unwrap_or_default().to_string(),
-                    Err(e) => e,
+                    Err(e) => e.to_string(),
                 };
                 panic!("timed out after {WAIT:?} waiting for {what}; the page:\n{page}");
             }
@@ -229,14 +215,9 @@ impl Browser {
     }
 
     /// The first element matching `css`, once there is one.
-    async fn wait(&self, css: &str) -> String {
+    async fn wait(&self, css: &str) -> Element {
         self.until(&format!("an element matching {css}"), || self.find(css))
             .await
-    }
-
-    async fn text_of(&self, element: &str) -> Option<String> {
-        let v = self.get(&format!("/element/{element}/text")).await.ok()?;
-        v.as_str().map(str::to_string)
     }
 
     /// The text of `css` once `ok` holds for it.
@@ -244,7 +225,7 @@ impl Browser {
         let ok = &ok;
         self.until(&format!("{css} to show {what}"), || async move {
             let el = self.find(css).await?;
-            self.text_of(&el).await.filter(|t| ok(t))
+            el.text().await.ok().filter(|t| ok(t))
         })
         .await
     }
@@ -253,23 +234,22 @@ impl Browser {
     /// opening, say, makes the first tries fail).
     async fn click(&self, css: &str) {
         self.until(&format!("a click on {css}"), || async move {
-            let el = self.find(css).await?;
-            self.post(&format!("/element/{el}/click"), json!({}))
-                .await
-                .ok()
+            self.find(css).await?.click().await.ok()
         })
         .await;
     }
 
     async fn type_into(&self, css: &str, text: &str) {
-        let el = self.wait(css).await;
-        self.post(&format!("/element/{el}/value"), json!({ "text": text }))
+        self.wait(css)
+            .await
+            .send_keys(text)
             .await
             .unwrap_or_else(|e| panic!("type into {css}: {e}"));
     }
 
     async fn script(&self, js: &str) -> Value {
-        self.post("/execute/sync", json!({"script": js, "args": []}))
+        self.client
+            .execute(js, vec![])
             .await
             .unwrap_or_else(|e| panic!("script {js}: {e}"))
     }
@@ -277,13 +257,21 @@ impl Browser {
     /// Polls `js` (which returns a value or null) until it returns non-null.
     async fn wait_script(&self, what: &str, js: &str) -> Value {
         self.until(what, || async move {
-            let v = self
-                .post("/execute/sync", json!({"script": js, "args": []}))
-                .await
-                .ok()?;
+            let v = self.client.execute(js, vec![]).await.ok()?;
             (!v.is_null()).then_some(v)
         })
         .await
+    }
+
+    /// Emulates the system's dark colour scheme.
+    async fn prefer_dark(&self) {
+        self.client
+            .issue_cmd(Cdp {
+                cmd: "Emulation.setEmulatedMedia",
+                params: json!({"features": [{"name": "prefers-color-scheme", "value": "dark"}]}),
+            })
+            .await
+            .expect("emulate dark mode");
     }
 
     /// A PNG of the whole page (the window grown to the page's height), written
@@ -293,17 +281,15 @@ impl Browser {
             .script("return [window.outerHeight - window.innerHeight, document.documentElement.scrollHeight];")
             .await;
         let height = dims[0].as_i64().unwrap_or(0) + dims[1].as_i64().unwrap_or(1000);
-        self.post(
-            "/window/rect",
-            json!({"width": 1400, "height": height.clamp(600, 4000)}),
-        )
-        .await
-        .expect("resize the window");
-        let png = self.get("/screenshot").await.expect("screenshot");
-        self.post("/window/rect", json!({"width": 1400, "height": 1000}))
+        self.client
+            .set_window_size(1400, height.clamp(600, 4000) as u32)
+            .await
+            .expect("resize the window");
+        let png = self.client.screenshot().await.expect("screenshot");
+        self.client
+            .set_window_size(1400, 1000)
             .await
             .expect("restore the window");
-        let png = base64_decode(png.as_str().expect("base64 PNG"));
         assert!(png.starts_with(b"\x89PNG"), "the screenshot is a PNG");
         let dir = screenshot_dir();
         std::fs::create_dir_all(&dir).expect("create the screenshot directory");
@@ -315,18 +301,18 @@ impl Browser {
 }
 
 impl Drop for Browser {
-    /// Ends the session so chromedriver closes Chromium: a blocking request,
-    /// since `drop` cannot await (then the driver itself is killed).
+    /// Ends the session so chromedriver closes Chromium before the driver
+    /// itself is killed. `drop` cannot await: the close runs on this
+    /// (multi-threaded) test runtime, which also drives fantoccini's session
+    /// task.
     fn drop(&mut self) {
-        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.driver.port)) {
-            let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-            let _ = write!(
-                s,
-                "DELETE /session/{} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                self.id, self.driver.port
-            );
-            let _ = s.read_to_end(&mut Vec::new());
-        }
+        let client = self.client.clone();
+        tokio::task::block_in_place(|| {
+            let _ = tokio::runtime::Handle::current().block_on(tokio::time::timeout(
+                Duration::from_secs(10),
+                client.close(),
+            ));
+        });
     }
 }
 
@@ -338,39 +324,6 @@ fn screenshot_dir() -> PathBuf {
     }
 }
 
-/// Standard base64 (WebDriver screenshots), without a dependency for it.
-fn base64_decode(s: &str) -> Vec<u8> {
-    fn sextet(c: u8) -> u32 {
-        u32::from(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => panic!("not base64: {:?}", c as char),
-        })
-    }
-    let digits: Vec<u8> = s
-        .bytes()
-        .filter(|b| !b.is_ascii_whitespace() && *b != b'=')
-        .collect();
-    let mut out = Vec::with_capacity(digits.len() * 3 / 4);
-    for chunk in digits.chunks(4) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, &c)| n | sextet(c) << (18 - 6 * i));
-        out.push((n >> 16) as u8);
-        if chunk.len() > 2 {
-            out.push((n >> 8) as u8);
-        }
-        if chunk.len() > 3 {
-            out.push(n as u8);
-        }
-    }
-    out
-}
-
 // --- the server and its data ----------------------------------------------------
 
 /// The admin router on a free port over a fresh database and Redis prefix.
@@ -379,22 +332,30 @@ struct Admin {
     queue: Queue,
     prefix: String,
     base: String,
+    settings: Arc<Settings>,
 }
 
 impl Admin {
     async fn start() -> Admin {
+        Admin::start_with(&[]).await
+    }
+
+    /// With `extra` settings (`PAYOUTS_*` variables).
+    async fn start_with(extra: &[(&str, &str)]) -> Admin {
         let db = TestDb::new().await;
         let prefix = unique("t");
         // No gateway is called: nothing here runs a worker.
-        let settings = common::settings(&db.url, &redis_url(), &prefix, "http://127.0.0.1:9", &[]);
+        let settings =
+            common::settings(&db.url, &redis_url(), &prefix, "http://127.0.0.1:9", extra);
         let conn = payouts::queue::connect(&settings.redis)
             .await
             .expect("redis");
         let queue = Queue::from_settings(conn, &settings);
+        let settings = Arc::new(settings);
         let state = AdminState::new(
             db.pool.clone(),
             queue.clone(),
-            Arc::new(settings),
+            settings.clone(),
             payouts::clock::system(),
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -411,6 +372,7 @@ impl Admin {
             queue,
             prefix,
             base,
+            settings,
         }
     }
 
@@ -809,6 +771,12 @@ async fn a_viewer_sees_no_action_buttons() {
             t.eq_ignore_ascii_case("viewer")
         })
         .await;
+    // The admin's pause button is in the page, hidden (not only marked so).
+    let pause = browser.wait("#fleet-pause").await;
+    assert!(
+        !pause.is_displayed().await.expect("displayed"),
+        "a viewer is shown the fleet pause button"
+    );
 
     // The overview refreshes itself: a payout added behind it shows up.
     browser
@@ -1225,14 +1193,7 @@ async fn an_admin_pauses_the_fleet_searches_and_cancels_selected_payouts() {
     browser.wait("#settlements .empty").await;
 
     // Dark mode follows the system's colour scheme.
-    browser
-        .post(
-            "/goog/cdp/execute",
-            json!({"cmd": "Emulation.setEmulatedMedia",
-                   "params": {"features": [{"name": "prefers-color-scheme", "value": "dark"}]}}),
-        )
-        .await
-        .expect("emulate dark mode");
+    browser.prefer_dark().await;
     let dark = browser
         .wait_script(
             "a dark page",
@@ -1244,4 +1205,564 @@ async fn an_admin_pauses_the_fleet_searches_and_cancels_selected_payouts() {
     browser.click("#nav-overview").await;
     browser.wait("[data-tile=\"pending\"]").await;
     browser.screenshot("overview-dark.png").await;
+}
+
+// --- outbound webhooks ----------------------------------------------------------
+
+/// Settings for the webhook screens: endpoints on loopback, a retry 1 s
+/// after a failure.
+const HOOK_SETTINGS: &[(&str, &str)] = &[
+    ("PAYOUTS_WEBHOOKS_OUT__ALLOW_PRIVATE", r#"["127.0.0.0/8"]"#),
+    ("PAYOUTS_WEBHOOKS_OUT__RETRY_SCHEDULE_SECS", "[1, 1]"),
+    ("PAYOUTS_WEBHOOKS_OUT__TIMEOUT_MS", "3000"),
+];
+
+#[derive(Clone, Default)]
+struct ReceiverState {
+    /// The `webhook-id` of every request, in order.
+    got: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Status codes to answer, in order; then 200.
+    script: Arc<std::sync::Mutex<std::collections::VecDeque<u16>>>,
+}
+
+/// A platform's receiver on loopback, and the fleet's webhook deliverer
+/// running against the admin's database; both stop when dropped.
+struct Hooks {
+    url: String,
+    state: ReceiverState,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Drop for Hooks {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl Hooks {
+    async fn start(admin: &Admin) -> Hooks {
+        async fn hook(
+            axum::extract::State(s): axum::extract::State<ReceiverState>,
+            headers: axum::http::HeaderMap,
+        ) -> (axum::http::StatusCode, String) {
+            let id = headers
+                .get("webhook-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            s.got.lock().unwrap().push(id);
+            let code = s.script.lock().unwrap().pop_front().unwrap_or(200);
+            (
+                axum::http::StatusCode::from_u16(code).unwrap(),
+                format!("answer {code}"),
+            )
+        }
+        let state = ReceiverState::default();
+        let app = axum::Router::new()
+            .route("/hook", axum::routing::post(hook))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}/hook", listener.local_addr().expect("address"));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let until = stop.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(until.cancelled_owned())
+                .await
+        });
+        let dispatcher = payouts::services::webhooks_out::Dispatcher::new(
+            admin.pool().clone(),
+            admin.settings.webhooks_out.clone(),
+            payouts::clock::system(),
+            "worker:browser-test",
+        )
+        .expect("dispatcher");
+        tokio::spawn(payouts::services::webhooks_out::run(
+            dispatcher,
+            stop.clone(),
+        ));
+        Hooks { url, state, stop }
+    }
+
+    /// Registers the receiver for `payout.created`, as an admin would; its id.
+    async fn register(&self, admin: &Admin) -> i64 {
+        let new = payouts::services::webhooks_out::endpoints::NewEndpoint {
+            url: self.url.clone(),
+            event_types: vec!["payout.created".into()],
+            description: Some("ledger sync".into()),
+            enabled: Some(true),
+        };
+        let policy = payouts::services::webhooks_out::safety::Policy::new(
+            &admin.settings.webhooks_out.allow_private,
+        );
+        payouts::services::webhooks_out::endpoints::register(
+            admin.pool(),
+            &policy,
+            &new,
+            "operator:setup",
+            None,
+            Utc::now(),
+        )
+        .await
+        .expect("register the endpoint")
+        .0
+    }
+
+    fn got(&self) -> Vec<String> {
+        self.state.got.lock().unwrap().clone()
+    }
+
+    fn script(&self, codes: &[u16]) {
+        self.state.script.lock().unwrap().extend(codes);
+    }
+}
+
+/// A new payout (its `payout.created` event is what the endpoint hears of).
+async fn new_payout(admin: &Admin) -> i64 {
+    let payee = payees::create(
+        admin.pool(),
+        "Ada Lovelace",
+        &unique("acct"),
+        "EUR".parse::<Currency>().unwrap(),
+    )
+    .await
+    .expect("payee");
+    let due = Utc::now() + chrono::Duration::hours(1);
+    let money = Money::parse("12.50", "EUR").unwrap();
+    payouts::db::payouts::create(
+        admin.pool(),
+        payee.id,
+        money,
+        due,
+        "operator:test",
+        Utc::now(),
+    )
+    .await
+    .expect("payout")
+    .id
+}
+
+/// The message to endpoint `endpoint` once it is delivered: (id, attempts).
+async fn delivered_message(admin: &Admin, endpoint: i64) -> (i64, i32) {
+    eventually(WAIT, "a delivered message", || async {
+        sqlx::query_as::<_, (i64, i32)>(
+            "SELECT id, attempts FROM webhook_deliveries WHERE endpoint_id = $1 AND status = 'delivered'",
+        )
+        .bind(endpoint)
+        .fetch_optional(admin.pool())
+        .await
+        .expect("messages")
+    })
+    .await
+}
+
+async fn audited(admin: &Admin, prefix: &str) -> Vec<(String, String)> {
+    sqlx::query_as(
+        "SELECT actor, action FROM audit_log WHERE action LIKE $1 || '%' AND actor <> 'operator:setup' ORDER BY id",
+    )
+    .bind(prefix)
+    .fetch_all(admin.pool())
+    .await
+    .expect("audit")
+}
+
+/// Issue 18: an admin registers an endpoint from the dashboard and is shown
+/// its `whsec_` secret once (never in a later page or answer); the
+/// description is shown as text, not markup; the admin rotates the secret
+/// (a new one, shown once), disables and deletes the endpoint; all audited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_registers_a_webhook_endpoint_and_sees_its_secret_once() {
+    let admin = Admin::start_with(HOOK_SETTINGS).await;
+    let token = admin.token("root", Role::Admin).await;
+    let browser = Browser::start().await;
+    log_in(&browser, &admin, &token).await;
+
+    browser.click("#nav-webhooks").await;
+    browser.wait("#webhooks-empty").await;
+    browser
+        .type_into("#wh-url", "http://127.0.0.1:9/hooks/payouts")
+        .await;
+    browser
+        .type_into("#wh-description", "Ledger <b>sync</b>")
+        .await;
+    browser.click("#wh-all").await;
+    browser.click("input.wh-type[value=\"payout.paid\"]").await;
+    browser
+        .click("input.wh-type[value=\"payout.failed\"]")
+        .await;
+    browser.click("#wh-create").await;
+
+    let secret = browser
+        .wait_text("#webhook-secret-value", "the new secret", |t| {
+            t.starts_with("whsec_")
+        })
+        .await;
+    let (id, stored, types): (i64, String, Vec<String>) =
+        sqlx::query_as("SELECT id, secret, event_types FROM webhook_endpoints")
+            .fetch_one(admin.pool())
+            .await
+            .expect("the endpoint");
+    assert_eq!(secret, stored, "the secret shown is the one that signs");
+    assert_eq!(types, ["payout.paid", "payout.failed"]);
+    let row = format!("#webhook-endpoints-table tr[data-id=\"{id}\"]");
+    browser
+        .wait_text(&format!("{row} td.mono"), "the event types", |t| {
+            t == "payout.paid, payout.failed"
+        })
+        .await;
+    // Untrusted text is text: the description's tags are shown, not made.
+    browser
+        .wait_text(&format!("{row} td.url .muted"), "the description", |t| {
+            t == "Ledger <b>sync</b>"
+        })
+        .await;
+    assert!(
+        browser.find(&format!("{row} b")).await.is_none(),
+        "the description made markup"
+    );
+
+    // Once: not on the endpoint's page, not back on the list, nor in any answer.
+    browser.click(&format!("{row} a")).await;
+    browser
+        .wait_text("#webhook-url", "the endpoint's URL", |t| {
+            t == "http://127.0.0.1:9/hooks/payouts"
+        })
+        .await;
+    browser.click("#webhook .crumb").await;
+    browser.wait(&row).await;
+    let shown = browser
+        .script(&format!(
+            "return document.documentElement.outerHTML.includes({});",
+            json!(secret)
+        ))
+        .await;
+    assert_eq!(shown, json!(false), "the secret is shown again");
+    let http = reqwest::Client::new();
+    for path in [
+        "/api/v1/webhook-endpoints".to_string(),
+        format!("/api/v1/webhook-endpoints/{id}"),
+    ] {
+        let body = http
+            .get(format!("{}{path}", admin.base))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("GET")
+            .text()
+            .await
+            .expect("body");
+        assert!(body.contains("payout.paid"), "{path}: {body}");
+        assert!(!body.contains(&secret), "{path} shows the secret");
+    }
+
+    // Rotate: a new secret, shown once; the old one signs during the overlap.
+    browser.click(&format!("{row} a")).await;
+    browser.click("#endpoint-rotate").await;
+    browser
+        .wait_script(
+            "the confirmation dialog",
+            "return document.getElementById('confirm').open || null;",
+        )
+        .await;
+    browser.click("#confirm-ok").await;
+    let rotated = browser
+        .wait_text("#webhook-secret-value", "the rotated secret", |t| {
+            t.starts_with("whsec_") && t != secret
+        })
+        .await;
+    let (now_signing, previous): (String, Option<String>) =
+        sqlx::query_as("SELECT secret, previous_secret FROM webhook_endpoints WHERE id = $1")
+            .bind(id)
+            .fetch_one(admin.pool())
+            .await
+            .expect("secrets");
+    assert_eq!(
+        (now_signing.as_str(), previous.as_deref()),
+        (rotated.as_str(), Some(secret.as_str()))
+    );
+
+    // Disable, then delete.
+    browser.click("#endpoint-disable").await;
+    browser
+        .wait_script(
+            "the confirmation dialog",
+            "return document.getElementById('confirm').open || null;",
+        )
+        .await;
+    browser.click("#confirm-ok").await;
+    browser
+        .wait("#webhook-state [data-state=\"disabled\"]")
+        .await;
+    browser.wait("#endpoint-enable").await;
+    let enabled: bool = sqlx::query_scalar("SELECT enabled FROM webhook_endpoints WHERE id = $1")
+        .bind(id)
+        .fetch_one(admin.pool())
+        .await
+        .expect("enabled");
+    assert!(!enabled);
+    browser.click("#endpoint-delete").await;
+    browser
+        .wait_text("#confirm-message", "what is deleted", |t| {
+            t.contains("http://127.0.0.1:9/hooks/payouts")
+        })
+        .await;
+    browser.click("#confirm-ok").await;
+    browser.wait("#webhooks-empty").await;
+    browser
+        .wait_text("#notice", "the deletion", |t| {
+            t.contains(&format!("Endpoint #{id} deleted"))
+        })
+        .await;
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_endpoints")
+        .fetch_one(admin.pool())
+        .await
+        .expect("count");
+    assert_eq!(left, 0);
+    let actions: Vec<String> = audited(&admin, "webhook_endpoint.")
+        .await
+        .into_iter()
+        .map(|(actor, action)| {
+            assert_eq!(actor, "operator:root");
+            action
+        })
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "webhook_endpoint.create",
+            "webhook_endpoint.rotate_secret",
+            "webhook_endpoint.update",
+            "webhook_endpoint.delete"
+        ]
+    );
+}
+
+/// Issue 18: the delivery log of an endpoint shows a message that was
+/// refused once (HTTP 500, with the answer's excerpt and latency) and then
+/// delivered, with both attempts; the page updates by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_delivery_log_shows_a_delivered_message_with_its_attempts() {
+    let admin = Admin::start_with(HOOK_SETTINGS).await;
+    let hooks = Hooks::start(&admin).await;
+    let endpoint = hooks.register(&admin).await;
+    let token = admin.token("vera", Role::Viewer).await;
+    let browser = Browser::start().await;
+    log_in(&browser, &admin, &token).await;
+    browser
+        .goto(&format!("{}/ui/#/webhooks/{endpoint}", admin.base))
+        .await;
+    browser.wait("#webhook-messages-empty").await;
+
+    // The receiver refuses the first request (and the at-once retry), then
+    // takes the retry a second later.
+    hooks.script(&[500, 500]);
+    let payout = new_payout(&admin).await;
+    let (message, attempts) = delivered_message(&admin, endpoint).await;
+    assert_eq!(attempts, 2, "refused once, then taken");
+    let row = format!("#webhook-deliveries-table tbody.message[data-id=\"{message}\"]");
+    browser
+        .wait(&format!("{row}[data-status=\"delivered\"]"))
+        .await;
+    let cells = browser
+        .script(&format!(
+            "const m = document.querySelector('{row}');
+             return [...m.querySelectorAll('tr.attempt')].map(a => [
+               a.dataset.attempt, a.dataset.ok,
+               ...[...a.querySelectorAll('td')].map(td => td.textContent)]);",
+            row = row.replace('"', "\\\"")
+        ))
+        .await;
+    let cells: Vec<Vec<String>> = serde_json::from_value(cells).expect("rows of text");
+    assert_eq!(cells.len(), 2, "two attempts: {cells:?}");
+    let (first, second) = (&cells[0], &cells[1]);
+    assert_eq!((first[0].as_str(), first[1].as_str()), ("1", "false"));
+    assert_eq!(first[4], "HTTP 500");
+    assert!(
+        first[5].ends_with("ms") || first[5].ends_with('s'),
+        "a latency: {first:?}"
+    );
+    assert!(
+        first[6].contains("answer 500"),
+        "the answer's excerpt: {first:?}"
+    );
+    assert_eq!((second[0].as_str(), second[1].as_str()), ("2", "true"));
+    assert_eq!(second[4], "HTTP 200");
+    assert!(second[6].contains("answer 200"), "{second:?}");
+    browser
+        .wait_text(&format!("{row} td .mono"), "the event type", |t| {
+            t == "payout.created"
+        })
+        .await;
+    let ids = hooks.got();
+    assert_eq!(
+        ids.len(),
+        3,
+        "the attempt and its at-once retry refused, the next attempt taken: {ids:?}"
+    );
+    assert!(ids.iter().all(|i| i == &ids[0]), "one message: {ids:?}");
+    let body: String = sqlx::query_scalar("SELECT body FROM webhook_deliveries WHERE id = $1")
+        .bind(message)
+        .fetch_one(admin.pool())
+        .await
+        .expect("body");
+    assert!(body.contains(&format!("\"id\":{payout}")), "{body}");
+}
+
+/// Issue 18: an operator replays one message from the delivery log (the
+/// receiver gets it again, a new attempt joins the log) and everything since
+/// a time; both audited. The admin's endpoint buttons are not offered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaying_a_message_from_the_dashboard_delivers_it_again() {
+    let admin = Admin::start_with(HOOK_SETTINGS).await;
+    let hooks = Hooks::start(&admin).await;
+    let endpoint = hooks.register(&admin).await;
+    new_payout(&admin).await;
+    let (message, attempts) = delivered_message(&admin, endpoint).await;
+    assert_eq!(attempts, 1, "taken at the first try");
+    assert_eq!(hooks.got().len(), 1);
+
+    let token = admin.token("omar", Role::Operator).await;
+    let browser = Browser::start().await;
+    log_in(&browser, &admin, &token).await;
+    browser.click("#nav-webhooks").await;
+    browser
+        .click(&format!(
+            "#webhook-endpoints-table tr[data-id=\"{endpoint}\"] a"
+        ))
+        .await;
+    let row = format!("#webhook-deliveries-table tbody.message[data-id=\"{message}\"]");
+    browser
+        .wait(&format!(
+            "{row}[data-attempts=\"1\"] tr.attempt[data-attempt=\"1\"]"
+        ))
+        .await;
+    for admins_only in [
+        "#endpoint-disable",
+        "#endpoint-rotate",
+        "#endpoint-delete",
+        "#webhook-actions",
+    ] {
+        assert!(
+            browser.find(admins_only).await.is_none(),
+            "an operator is offered {admins_only}"
+        );
+    }
+
+    browser.click(&format!("{row} button.replay")).await;
+    browser
+        .wait_script(
+            "the confirmation dialog",
+            "return document.getElementById('confirm').open || null;",
+        )
+        .await;
+    browser.click("#confirm-ok").await;
+    browser
+        .wait_text("#notice", "the replay", |t| {
+            t.contains(&format!("Message {message} will be sent again"))
+        })
+        .await;
+    // Delivered again, and the page shows the new attempt by itself.
+    browser
+        .wait_text(
+            &format!(
+                "{row}[data-status=\"delivered\"] tr.attempt[data-attempt=\"2\"] td:nth-child(3)"
+            ),
+            "the second attempt",
+            |t| t == "HTTP 200",
+        )
+        .await;
+    let got = hooks.got();
+    assert_eq!(got.len(), 2, "sent again: {got:?}");
+    assert_eq!(got[0], got[1], "with the same webhook-id");
+
+    // Everything since a time before the message: it is sent once more.
+    browser
+        .script(
+            "const i = document.getElementById('replay-since');
+             const d = new Date(Date.now() - 3600 * 1000);
+             const p = (n) => String(n).padStart(2, '0');
+             i.value = `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())}T${p(d.getHours())}:${p(d.getMinutes())}:${p(d.getSeconds())}`;",
+        )
+        .await;
+    browser.click("#replay-since-go").await;
+    browser
+        .wait_script(
+            "the confirmation dialog",
+            "return document.getElementById('confirm').open || null;",
+        )
+        .await;
+    browser.click("#confirm-ok").await;
+    browser
+        .wait_text("#notice .message", "the count", |t| {
+            t == "1 message will be sent again."
+        })
+        .await;
+    eventually(WAIT, "the third delivery", || async {
+        (hooks.got().len() == 3).then_some(())
+    })
+    .await;
+    browser
+        .wait(&format!("{row} tr.attempt[data-attempt=\"3\"]"))
+        .await;
+    assert_eq!(
+        audited(&admin, "webhook_").await,
+        [
+            (
+                "operator:omar".to_string(),
+                "webhook_delivery.replay".to_string()
+            ),
+            (
+                "operator:omar".to_string(),
+                "webhook_endpoint.replay".to_string()
+            ),
+        ]
+    );
+}
+
+/// Issue 18: a viewer reads the endpoints and the delivery log, and is
+/// offered none of the buttons that write (the API would refuse them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_viewer_sees_webhooks_without_any_write_button() {
+    let admin = Admin::start_with(HOOK_SETTINGS).await;
+    let hooks = Hooks::start(&admin).await;
+    let endpoint = hooks.register(&admin).await;
+    new_payout(&admin).await;
+    let (message, _) = delivered_message(&admin, endpoint).await;
+
+    let token = admin.token("vera", Role::Viewer).await;
+    let browser = Browser::start().await;
+    log_in(&browser, &admin, &token).await;
+    browser.click("#nav-webhooks").await;
+    let row = format!("#webhook-endpoints-table tr[data-id=\"{endpoint}\"]");
+    browser.wait(&row).await;
+    browser.wait("#webhooks-readonly").await;
+    for write in ["#webhook-create", "#wh-create"] {
+        assert!(
+            browser.find(write).await.is_none(),
+            "a viewer is offered {write}"
+        );
+    }
+    browser.click(&format!("{row} a")).await;
+    browser
+        .wait(&format!(
+            "#webhook-deliveries-table tbody.message[data-id=\"{message}\"][data-status=\"delivered\"]"
+        ))
+        .await;
+    for write in [
+        "#webhook-actions",
+        "#endpoint-disable",
+        "#endpoint-enable",
+        "#endpoint-rotate",
+        "#endpoint-delete",
+        "#replay-since-form",
+        "button.replay",
+        "#webhook .actions button",
+    ] {
+        assert!(
+            browser.find(write).await.is_none(),
+            "a viewer is offered {write}"
+        );
+    }
 }

@@ -631,3 +631,89 @@ fn completions_and_man_pages_need_no_database() {
     assert!(dir.join("payoutctl.1").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Issue 18: `payoutctl webhooks` registers (the secret printed once),
+/// lists, rotates and replays, with the exit codes of the other commands:
+/// an unknown endpoint or message 3, bad input 2; replays are audited.
+#[tokio::test]
+async fn webhooks_commands_print_what_they_did_and_exit_by_the_conventions() {
+    let ctl = Ctl::new().await;
+    ctl.ok(&["migrate"]);
+    let out = ctl.ok(&[
+        "webhooks",
+        "create",
+        "--url",
+        "https://hooks.example.com/payouts",
+        "--events",
+        "payout.paid,payout.failed",
+    ]);
+    assert!(out.starts_with("endpoint 1 registered"), "{out}");
+    let secret = out.lines().nth(1).unwrap_or_default().to_string();
+    assert!(secret.starts_with("whsec_"), "{out}");
+    let list = ctl.ok(&["webhooks", "list"]);
+    assert!(
+        list.contains("https://hooks.example.com/payouts")
+            && list.contains("payout.paid,payout.failed"),
+        "{list}"
+    );
+    assert!(!list.contains(&secret), "the list shows the secret");
+    let rotated = ctl.json(&["webhooks", "rotate-secret", "1"]);
+    let new = rotated["secret"].as_str().unwrap_or_default();
+    assert!(new.starts_with("whsec_") && new != secret, "{rotated}");
+    let since = ctl.ok(&["webhooks", "replay", "--endpoint", "1", "--since", "1h"]);
+    assert_eq!(since.trim(), "0 messages to endpoint 1 will be sent again");
+
+    let code = |args: &[&str]| ctl.run(args).code;
+    assert_eq!(
+        code(&["webhooks", "replay", "424242"]),
+        Some(3),
+        "no message"
+    );
+    assert_eq!(
+        code(&[
+            "webhooks",
+            "replay",
+            "--endpoint",
+            "424242",
+            "--since",
+            "1h"
+        ]),
+        Some(3),
+        "no endpoint"
+    );
+    assert_eq!(code(&["webhooks", "rotate-secret", "424242"]), Some(3));
+    assert_eq!(code(&["webhooks", "delete", "424242"]), Some(3));
+    assert_eq!(
+        code(&["webhooks", "create", "--url", "ftp://example.com/hook"]),
+        Some(2),
+        "a bad URL"
+    );
+    assert_eq!(
+        code(&[
+            "webhooks",
+            "create",
+            "--url",
+            "https://example.com/h",
+            "--events",
+            "payout.nope"
+        ]),
+        Some(2),
+        "an unknown event type"
+    );
+    assert_eq!(code(&["webhooks", "replay"]), Some(2), "usage");
+
+    let actions: Vec<String> = sqlx::query_scalar(
+        "SELECT action FROM audit_log WHERE actor = 'operator:alice' ORDER BY id",
+    )
+    .fetch_all(&ctl.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        actions,
+        [
+            "webhook_endpoint.create",
+            "webhook_endpoint.rotate_secret",
+            "webhook_endpoint.replay"
+        ]
+    );
+}

@@ -4,6 +4,8 @@
 //! rotating secrets an admin. A secret is in the answer that made it, and
 //! nowhere else.
 
+use std::collections::HashMap;
+
 use axum::{
     Extension, Json, Router,
     body::Bytes,
@@ -47,7 +49,9 @@ impl From<EndpointError> for ApiError {
     fn from(e: EndpointError) -> Self {
         match e {
             EndpointError::BadInput(m) => ApiError::BadRequest(m),
-            e @ EndpointError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            e @ (EndpointError::NotFound(_) | EndpointError::MessageNotFound(_)) => {
+                ApiError::NotFound(e.to_string())
+            }
             EndpointError::Db(e) => e.into(),
         }
     }
@@ -93,7 +97,8 @@ pub async fn create(
         .into_response())
 }
 
-/// `GET /api/v1/webhook-endpoints/{id}` (viewer): the endpoint and its newest messages.
+/// `GET /api/v1/webhook-endpoints/{id}` (viewer): the endpoint and its newest
+/// messages, each with its delivery log (`log`, oldest attempt first).
 pub async fn show(
     State(s): State<AdminState>,
     Extension(c): Extension<Caller>,
@@ -105,6 +110,29 @@ pub async fn show(
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("webhook endpoint {id} not found")))?;
     let deliveries = webhook_deliveries::for_endpoint(&s.pool, id, 100).await?;
+    let ids: Vec<i64> = deliveries.iter().map(|d| d.id).collect();
+    let mut logs: HashMap<i64, Vec<Value>> = HashMap::new();
+    for a in webhook_deliveries::attempts_of(&s.pool, &ids).await? {
+        logs.entry(a.delivery_id).or_default().push(json!({
+            "attempt": a.attempt,
+            "at": a.at,
+            "status_code": a.status_code,
+            "latency_ms": a.latency_ms,
+            "error": a.error,
+            "response": a.response,
+        }));
+    }
+    // Each message with its log (a first attempt that succeeded is on the
+    // message itself: `delivered_at`, `last_status`).
+    let deliveries: Vec<Value> = deliveries
+        .into_iter()
+        .map(|d| {
+            let log = logs.remove(&d.id).unwrap_or_default();
+            let mut v = json!(d);
+            v["log"] = Value::Array(log);
+            v
+        })
+        .collect();
     Ok(Json(
         json!({"endpoint": endpoint, "deliveries": deliveries}),
     ))
@@ -189,10 +217,11 @@ struct Since {
 }
 
 /// `POST /api/v1/webhook-endpoints/{id}/replay` (operator) `{"since": RFC 3339}`:
-/// every message to it created since then, sent again.
+/// every message to it created since then, sent again; audited.
 pub async fn replay_since(
     State(s): State<AdminState>,
     Extension(c): Extension<Caller>,
+    Extension(source): Extension<Source>,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
@@ -202,12 +231,10 @@ pub async fn replay_since(
     let since = b
         .since
         .ok_or_else(|| ApiError::BadRequest("since is required (RFC 3339)".into()))?;
-    if webhook_endpoints::get(&s.pool, id).await?.is_none() {
-        return Err(ApiError::NotFound(format!(
-            "webhook endpoint {id} not found"
-        )));
-    }
-    let n = webhook_deliveries::replay_since(&s.pool, id, since, s.clock.now()).await?;
+    let src = source.0.to_string();
+    let n =
+        endpoints::replay_since(&s.pool, id, since, &c.actor(), Some(&src), s.clock.now()).await?;
+    tracing::info!(actor = %c.actor(), endpoint_id = id, replayed = n, "webhook messages replayed");
     Ok(Json(json!({"endpoint_id": id, "replayed": n})))
 }
 
@@ -223,18 +250,17 @@ pub async fn delivery(
     Ok(Json(json!({"id": id, "attempts": attempts})))
 }
 
-/// `POST /api/v1/webhook-deliveries/{id}/replay` (operator): send it again now.
+/// `POST /api/v1/webhook-deliveries/{id}/replay` (operator): send it again now; audited.
 pub async fn replay(
     State(s): State<AdminState>,
     Extension(c): Extension<Caller>,
+    Extension(source): Extension<Source>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     c.require(Role::Operator)?;
     let id = id_of(&id)?;
-    if !webhook_deliveries::replay(&s.pool, id, s.clock.now()).await? {
-        return Err(ApiError::NotFound(format!(
-            "webhook delivery {id} not found"
-        )));
-    }
+    let src = source.0.to_string();
+    endpoints::replay(&s.pool, id, &c.actor(), Some(&src), s.clock.now()).await?;
+    tracing::info!(actor = %c.actor(), delivery_id = id, "webhook message replayed");
     Ok(Json(json!({"id": id, "status": "pending"})))
 }

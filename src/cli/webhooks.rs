@@ -12,6 +12,7 @@ use serde_json::json;
 use sqlx::PgPool;
 
 use crate::{
+    cli::{EXIT_USAGE, Exit},
     config::Settings,
     db::{webhook_deliveries, webhook_endpoints},
     services::webhooks_out::{
@@ -100,10 +101,14 @@ pub enum WebhooksCommand {
     },
 }
 
+/// The error with its exit code: not found 3, bad input 2 (README: exit codes).
 fn plain(e: EndpointError) -> anyhow::Error {
     match e {
         EndpointError::Db(e) => anyhow::Error::new(e).context("failed to write the endpoint"),
-        e => anyhow::anyhow!("{e}"),
+        e @ (EndpointError::NotFound(_) | EndpointError::MessageNotFound(_)) => {
+            Exit::not_found(e.to_string())
+        }
+        EndpointError::BadInput(m) => Exit::new(EXIT_USAGE, m).into(),
     }
 }
 
@@ -255,14 +260,16 @@ pub async fn run(
             since,
         } => match (id, endpoint, since) {
             (Some(id), _, _) => {
-                if !webhook_deliveries::replay(pool, id, now).await? {
-                    anyhow::bail!("webhook delivery {id} not found");
-                }
+                endpoints::replay(pool, id, actor, None, now)
+                    .await
+                    .map_err(plain)?;
                 writeln!(out, "delivery {id} will be sent again")?;
             }
             (None, Some(endpoint), Some(since)) => {
                 let since = crate::cli::parse_since(&since, now).context("--since")?;
-                let n = webhook_deliveries::replay_since(pool, endpoint, since, now).await?;
+                let n = endpoints::replay_since(pool, endpoint, since, actor, None, now)
+                    .await
+                    .map_err(plain)?;
                 writeln!(
                     out,
                     "{n} messages to endpoint {endpoint} will be sent again"

@@ -7,7 +7,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::PgPool;
+use sqlx::{PgExecutor, PgPool};
 
 /// One message, written once after its first attempt (or unsent, due now,
 /// when its endpoint was failing).
@@ -279,21 +279,56 @@ pub async fn attempts(pool: &PgPool, id: i64) -> sqlx::Result<Vec<Attempt>> {
     .await
 }
 
+/// One attempt in the log, with its message (a page of messages' logs).
+#[derive(Debug, Clone, Serialize)]
+pub struct MessageAttempt {
+    /// The message.
+    pub delivery_id: i64,
+    /// Its number.
+    pub attempt: i32,
+    /// When it ended.
+    pub at: DateTime<Utc>,
+    /// The HTTP status, if an answer came.
+    pub status_code: Option<i32>,
+    /// Latency, ms.
+    pub latency_ms: i32,
+    /// What went wrong.
+    pub error: Option<String>,
+    /// The start of the answer.
+    pub response: Option<String>,
+}
+
+/// The logs of the messages `ids` (a page of them), each oldest first.
+pub async fn attempts_of(pool: &PgPool, ids: &[i64]) -> sqlx::Result<Vec<MessageAttempt>> {
+    sqlx::query_as!(
+        MessageAttempt,
+        "SELECT delivery_id, attempt, at, status_code, latency_ms, error, response
+         FROM webhook_attempts WHERE delivery_id = ANY($1) ORDER BY delivery_id, id",
+        ids,
+    )
+    .fetch_all(pool)
+    .await
+}
+
 /// Sends delivery `id` again now (whatever its status); `true` when it exists.
-pub async fn replay(pool: &PgPool, id: i64, now: DateTime<Utc>) -> sqlx::Result<bool> {
+pub async fn replay<'e>(
+    db: impl PgExecutor<'e>,
+    id: i64,
+    now: DateTime<Utc>,
+) -> sqlx::Result<bool> {
     let r = sqlx::query!(
         "UPDATE webhook_deliveries SET status = 'pending', next_attempt_at = $2 WHERE id = $1",
         id,
         now,
     )
-    .execute(pool)
+    .execute(db)
     .await?;
     Ok(r.rows_affected() == 1)
 }
 
 /// Sends again now every message to `endpoint_id` created since `since`; how many.
-pub async fn replay_since(
-    pool: &PgPool,
+pub async fn replay_since<'e>(
+    db: impl PgExecutor<'e>,
     endpoint_id: i64,
     since: DateTime<Utc>,
     now: DateTime<Utc>,
@@ -305,7 +340,7 @@ pub async fn replay_since(
         since,
         now,
     )
-    .execute(pool)
+    .execute(db)
     .await?;
     Ok(r.rows_affected())
 }

@@ -375,7 +375,7 @@
   }
 
   function setNav(active) {
-    for (const name of ['overview', 'payouts', 'failures', 'payees', 'settlements', 'reconcile', 'tokens']) {
+    for (const name of ['overview', 'payouts', 'failures', 'payees', 'settlements', 'reconcile', 'webhooks', 'tokens']) {
       const link = document.getElementById(`nav-${name}`);
       if (name === active) link.setAttribute('aria-current', 'page');
       else link.removeAttribute('aria-current');
@@ -424,6 +424,12 @@
     } else if (parts[0] === 'reconcile' && parts.length === 1) {
       view = 'reconcile';
       run = () => viewReconcile(gen, params);
+    } else if (parts[0] === 'webhooks' && parts.length === 1) {
+      view = 'webhooks';
+      run = () => viewWebhooks(gen);
+    } else if (parts[0] === 'webhooks' && parts.length === 2 && /^[0-9]{1,18}$/.test(parts[1])) {
+      view = `webhook:${parts[1]}`;
+      run = () => viewWebhook(gen, parts[1]);
     } else if (parts[0] === 'tokens' && parts.length === 1) {
       view = 'tokens';
       run = () => viewTokens(gen);
@@ -434,7 +440,8 @@
     const moved = state.view !== null && state.view !== view;
     state.view = view;
     setNav(view.split(':')[0].replace(/^payout$/, 'payouts').replace(/^payee$/, 'payees')
-      .replace(/^settlement$/, 'settlements'));
+      .replace(/^settlement$/, 'settlements')
+      .replace(/^webhook$/, 'webhooks'));
     refreshFleet();
     await run();
     // A new page: move focus to its heading, so screen readers and keyboard
@@ -1688,6 +1695,422 @@
             el('td', {}, l.kind.replaceAll('_', ' ')),
             el('td', { class: 'message' }, l.description),
             el('td', { class: 'num' }, money(l.amount, c))))))));
+  }
+
+  // ---------- Outbound webhooks ----------
+
+  // The event types an endpoint may ask for (the server checks again:
+  // services::webhooks_out::EVENT_TYPES).
+  const WEBHOOK_EVENT_TYPES = ['payout.created', 'payout.queued', 'payout.held', 'payout.in_transit',
+    'payout.paid', 'payout.failed', 'payout.cancelled', 'payout.reversed'];
+  const ROLE_RANK = { viewer: 0, operator: 1, admin: 2 };
+
+  // Whether the session's role is `r` or above (the server checks again).
+  function roleAtLeast(r) {
+    return (ROLE_RANK[role()] || 0) >= ROLE_RANK[r];
+  }
+
+  function endpointState(e) {
+    if (e.enabled) {
+      return e.failing_since
+        ? el('span', { class: 'badge badge-retrying', 'data-state': 'failing' }, 'failing')
+        : el('span', { class: 'badge badge-paid', 'data-state': 'enabled' }, 'enabled');
+    }
+    return el('span', { class: 'badge badge-cancelled', 'data-state': 'disabled' }, 'disabled');
+  }
+
+  function eventTypes(types) {
+    return (types || []).includes('*') ? 'every event type' : (types || []).join(', ');
+  }
+
+  // A secret the server shows once: kept only in this box (never in the
+  // URL, storage or a later answer), gone when it is dismissed or the page
+  // is left.
+  function secretBox(title, secret, note) {
+    const value = el('code', { class: 'secret', id: 'webhook-secret-value' }, secret);
+    const copied = el('span', { class: 'hint', 'aria-live': 'polite' });
+    const box = el('section', { class: 'card secret-box', id: 'webhook-secret', 'aria-labelledby': 'h-secret' },
+      el('div', { class: 'card-head' }, el('h2', { id: 'h-secret' }, title)),
+      el('div', { class: 'card-body' },
+        el('p', {}, 'The signing secret is shown only now: copy it to the receiving service. ', note || ''),
+        el('p', {}, value),
+        el('div', { class: 'actions' },
+          el('button', {
+            type: 'button',
+            class: 'button small',
+            id: 'webhook-secret-copy',
+            onclick: async () => {
+              try {
+                await navigator.clipboard.writeText(secret);
+                copied.textContent = 'Copied.';
+              } catch (e) {
+                window.getSelection().selectAllChildren(value);
+                copied.textContent = 'Selected: copy it with the keyboard.';
+              }
+            },
+          }, 'Copy'),
+          el('button', {
+            type: 'button',
+            class: 'button small',
+            id: 'webhook-secret-done',
+            onclick: () => box.remove(),
+          }, 'I have stored it'),
+          copied)));
+    return box;
+  }
+
+  function webhookCreateForm(onCreated) {
+    const url = el('input', {
+      id: 'wh-url', name: 'url', type: 'url', required: true, maxlength: '2000', autocomplete: 'off',
+      placeholder: 'https://platform.example/webhooks/payouts',
+    });
+    const description = el('input', { id: 'wh-description', name: 'description', type: 'text', maxlength: '200', autocomplete: 'off' });
+    const all = el('input', { id: 'wh-all', type: 'checkbox', checked: true });
+    const boxes = WEBHOOK_EVENT_TYPES.map((t) => el('input', { type: 'checkbox', class: 'wh-type', value: t, disabled: true }));
+    all.addEventListener('change', () => {
+      for (const b of boxes) b.disabled = all.checked;
+    });
+    const enabled = el('input', { id: 'wh-enabled', type: 'checkbox', checked: true });
+    const error = el('p', { class: 'inline-error', id: 'wh-error', role: 'alert' });
+    const submit = el('button', { type: 'submit', class: 'button primary', id: 'wh-create' }, 'Register endpoint');
+    const form = el('form', { id: 'webhook-create', class: 'card filters', 'aria-labelledby': 'h-wh-new' },
+      el('h2', { id: 'h-wh-new' }, 'New endpoint'),
+      el('div', { class: 'filter-grid' },
+        field('wh-url', 'URL', url, 'https://, or http:// to a loopback address'),
+        field('wh-description', 'Description', description, 'optional, for people')),
+      el('fieldset', { class: 'checks' },
+        el('legend', {}, 'Event types'),
+        el('label', {}, all, ' All (*), also types added later'),
+        WEBHOOK_EVENT_TYPES.map((t, i) => el('label', {}, boxes[i], ' ', el('span', { class: 'mono' }, t)))),
+      el('div', { class: 'checks' }, el('label', {}, enabled, ' Enabled: send messages to it at once')),
+      el('div', { class: 'filter-actions' }, submit),
+      error);
+    form.addEventListener('submit', async (ev) => {
+      ev.preventDefault();
+      error.textContent = '';
+      const types = all.checked ? ['*'] : boxes.filter((b) => b.checked).map((b) => b.value);
+      if (!types.length) {
+        error.textContent = 'Choose at least one event type, or All.';
+        return;
+      }
+      const body = { url: url.value.trim(), event_types: types, enabled: enabled.checked };
+      if (description.value.trim()) body.description = description.value.trim();
+      submit.disabled = true;
+      submit.setAttribute('aria-busy', 'true');
+      try {
+        const r = await api('/api/v1/webhook-endpoints', { method: 'POST', body });
+        form.reset();
+        for (const b of boxes) b.disabled = true;
+        onCreated(r);
+      } catch (e) {
+        if (e.status !== 401) error.textContent = sentence(e.message);
+      } finally {
+        submit.disabled = false;
+        submit.removeAttribute('aria-busy');
+      }
+    });
+    return form;
+  }
+
+  async function viewWebhooks(gen, quiet = false) {
+    if (!quiet) {
+      const admin = roleAtLeast('admin');
+      mount(el('section', { id: 'webhooks' },
+        viewHead('Webhooks', el('p', { class: 'meta' }, 'Where the fleet tells the platform of payout events, signed (Standard Webhooks)'),
+          el('span', { class: 'spacer' }), liveToggle()),
+        el('div', { id: 'webhook-secret-slot' }),
+        el('div', { id: 'webhook-endpoints' }, el('p', { class: 'loading' }, 'Loading…')),
+        admin ? webhookCreateForm((r) => {
+          $('#webhook-secret-slot').replaceChildren(secretBox(`Endpoint #${r.endpoint.id} registered`, r.secret));
+          showNotice(`Endpoint #${r.endpoint.id} registered.`);
+          viewWebhooks(gen, true);
+          $('#webhook-secret').scrollIntoView({ block: 'nearest' });
+        }) : el('p', { class: 'muted', id: 'webhooks-readonly' },
+          role() === 'operator' ? 'Operators may replay messages; an admin registers and changes endpoints.'
+            : 'Read-only: an admin registers and changes endpoints.')));
+    }
+    let data;
+    try {
+      data = await api('/api/v1/webhook-endpoints');
+    } catch (e) {
+      if (gen !== state.gen) return;
+      if (quiet) scheduleRefresh(gen, () => viewWebhooks(gen, true));
+      else failedView('Webhooks', e);
+      return;
+    }
+    if (gen !== state.gen) return;
+    scheduleRefresh(gen, () => viewWebhooks(gen, true));
+    const box = $('#webhook-endpoints');
+    const seen = JSON.stringify(data);
+    if (!box || box.dataset.seen === seen) return;
+    box.dataset.seen = seen;
+    const list = data.endpoints || [];
+    box.replaceChildren(list.length
+      ? simpleTable('webhook-endpoints-table', 'Webhook endpoints, oldest first',
+        [['ID', 'num'], ['URL'], ['Events'], ['State'], ['Failing since'], ['Disabled because']],
+        list.map((e) => el('tr', { 'data-id': e.id, 'data-enabled': String(e.enabled) },
+          el('td', { class: 'num' }, String(e.id)),
+          el('td', { class: 'url' }, el('a', { href: `#/webhooks/${e.id}` }, e.url),
+            e.description ? el('div', { class: 'muted' }, e.description) : null),
+          el('td', { class: 'mono' }, eventTypes(e.event_types)),
+          el('td', {}, endpointState(e)),
+          el('td', { class: 'time' }, timeEl(e.failing_since)),
+          el('td', { class: 'message' }, orNil(e.disabled_reason)))))
+      : el('div', { class: 'card' }, el('p', { class: 'empty', id: 'webhooks-empty' }, 'No endpoint is registered: the platform hears of nothing.')));
+  }
+
+  // What the last attempt of a message says, short.
+  function lastOutcome(d) {
+    if (d.last_status !== null && d.last_status !== undefined) return `HTTP ${d.last_status}`;
+    return orNil(d.last_error);
+  }
+
+  // The delivery log of one message: its attempts, oldest first. A first
+  // attempt that succeeded is kept on the message itself, not in the log.
+  function attemptsTable(d) {
+    const log = d.log || [];
+    const rows = [];
+    if (d.attempts > 0 && !log.some((a) => a.attempt === 1)) {
+      rows.push(el('tr', { class: 'attempt', 'data-attempt': '1', 'data-ok': 'true' },
+        el('td', { class: 'num' }, '1'),
+        el('td', { class: 'time' }, timeEl(d.created_at)),
+        el('td', {}, el('span', { class: 'badge badge-paid' }, 'delivered')),
+        el('td', { class: 'num' }, nil()),
+        el('td', { class: 'muted' }, 'Taken at the first try (kept on the message only).')));
+    }
+    for (const a of log) {
+      const ok = a.status_code !== null && a.status_code >= 200 && a.status_code < 300;
+      rows.push(el('tr', { class: 'attempt', 'data-attempt': a.attempt, 'data-ok': String(ok) },
+        el('td', { class: 'num' }, String(a.attempt)),
+        el('td', { class: 'time' }, timeEl(a.at)),
+        el('td', {}, el('span', { class: `badge badge-${ok ? 'paid' : 'failed'}` },
+          a.status_code !== null ? `HTTP ${a.status_code}` : 'no answer')),
+        el('td', { class: 'num' }, fmtSeconds(a.latency_ms / 1000)),
+        el('td', { class: 'message' },
+          a.error ? el('div', { class: 'attempt-error' }, a.error) : null,
+          a.response ? el('pre', { class: 'excerpt', title: 'The start of the answer (capped)' }, a.response) : null,
+          !a.error && !a.response ? nil() : null)));
+    }
+    if (!rows.length) return el('p', { class: 'muted' }, 'Not sent yet.');
+    return el('table', { class: 'attempts' },
+      el('caption', { class: 'sr-only' }, `Delivery log of message ${d.event_id}`),
+      el('thead', {}, el('tr', {},
+        el('th', { scope: 'col', class: 'num' }, '#'),
+        el('th', { scope: 'col' }, 'Time'),
+        el('th', { scope: 'col' }, 'Answer'),
+        el('th', { scope: 'col', class: 'num' }, 'Latency'),
+        el('th', { scope: 'col' }, 'Response excerpt or error'))),
+      el('tbody', {}, rows));
+  }
+
+  function messageStatus(d) {
+    const cls = { delivered: 'paid', pending: 'retrying', failed: 'failed' }[d.status] || 'pending';
+    return el('span', { class: `badge badge-${cls}` }, d.status === 'pending' && d.attempts === 0 ? 'not sent' : d.status);
+  }
+
+  function endpointActions(e) {
+    if (!roleAtLeast('admin')) return null;
+    return el('div', { class: 'actions', id: 'webhook-actions', role: 'group', 'aria-label': 'Endpoint actions' },
+      e.enabled
+        ? el('button', { type: 'button', class: 'button', id: 'endpoint-disable', onclick: () => setEnabled(e, false) }, 'Disable')
+        : el('button', { type: 'button', class: 'button primary', id: 'endpoint-enable', onclick: () => setEnabled(e, true) }, 'Enable'),
+      el('button', { type: 'button', class: 'button', id: 'endpoint-rotate', onclick: () => rotateSecret(e) }, 'Rotate secret'),
+      el('button', { type: 'button', class: 'button danger', id: 'endpoint-delete', onclick: () => deleteEndpoint(e) }, 'Delete'));
+  }
+
+  function replaySinceForm(id) {
+    if (!roleAtLeast('operator')) return null;
+    const input = el('input', { id: 'replay-since', type: 'datetime-local', step: '1', required: true });
+    const form = el('form', { id: 'replay-since-form', class: 'replay-since' },
+      field('replay-since', 'Send again every message created since', input, 'in your time zone'),
+      el('button', { type: 'submit', class: 'button', id: 'replay-since-go' }, 'Replay…'));
+    form.addEventListener('submit', async (ev) => {
+      ev.preventDefault();
+      const since = localToRfc3339(input.value);
+      if (!since) {
+        showAlert('Give the time to replay from.');
+        return;
+      }
+      const { ok } = await confirmDialog({
+        title: `Replay messages to endpoint #${id}?`,
+        message: `Every message to it created since ${fmtTime(since)} is sent again now, delivered or not ` +
+          '(the same webhook-id, so a receiver that deduplicates sees each once).',
+        ok: 'Replay',
+      });
+      if (!ok) return;
+      clearMessages();
+      try {
+        const r = await api(`/api/v1/webhook-endpoints/${encodeURIComponent(id)}/replay`, { method: 'POST', body: { since } });
+        showNotice(`${fmtInt(r.replayed)} message${r.replayed === 1 ? '' : 's'} will be sent again.`);
+        refreshWebhook(state.gen, id);
+      } catch (e) {
+        if (e.status !== 401) showAlert(sentence(e.message));
+      }
+    });
+    return form;
+  }
+
+  async function viewWebhook(gen, id) {
+    mount(el('section', { id: 'webhook', 'data-id': id },
+      el('a', { class: 'crumb', href: '#/webhooks' }, '← Webhooks'),
+      el('div', { class: 'view-head' }, el('h1', { tabindex: '-1' }, `Endpoint #${id}`),
+        el('span', { id: 'webhook-state' }), el('span', { class: 'spacer' }), liveToggle()),
+      el('div', { id: 'webhook-secret-slot' }),
+      el('div', { id: 'webhook-body' }, el('p', { class: 'loading' }, 'Loading…')),
+      el('section', { class: 'section', 'aria-labelledby': 'h-messages' },
+        el('div', { class: 'toolbar' }, el('h2', { id: 'h-messages' }, 'Delivery log'),
+          el('p', { class: 'meta' }, 'the newest 100 messages'), el('span', { class: 'spacer' }), replaySinceForm(id)),
+        el('div', { id: 'webhook-messages' }))));
+    document.title = `Endpoint #${id} · Payouts admin`;
+    await refreshWebhook(gen, id);
+  }
+
+  async function refreshWebhook(gen, id) {
+    let d;
+    try {
+      d = await api(`/api/v1/webhook-endpoints/${encodeURIComponent(id)}`);
+    } catch (e) {
+      if (gen !== state.gen) return;
+      if (e.status === 404) {
+        mount(el('section', { id: 'webhook-missing' }, viewHead(`Endpoint #${id}`),
+          el('p', {}, `There is no webhook endpoint #${id}. `, el('a', { href: '#/webhooks' }, 'Back to webhooks'), '.')));
+        return;
+      }
+      if ($('#webhook-body .loading')) failedView(`Endpoint #${id}`, e);
+      else scheduleRefresh(gen, () => refreshWebhook(gen, id));
+      return;
+    }
+    if (gen !== state.gen) return;
+    scheduleRefresh(gen, () => refreshWebhook(gen, id));
+    const seen = JSON.stringify(d);
+    const body = $('#webhook-body');
+    if (!body || body.dataset.seen === seen) return;
+    body.dataset.seen = seen;
+    const e = d.endpoint;
+    $('#webhook-state').replaceChildren(endpointState(e));
+    body.replaceChildren(
+      el('section', { class: 'card', 'aria-labelledby': 'h-endpoint' },
+        el('div', { class: 'card-head' }, el('h2', { id: 'h-endpoint' }, 'Endpoint'), el('span', { class: 'spacer' }), endpointActions(e)),
+        el('div', { class: 'card-body' }, kv([
+          ['URL', el('span', { class: 'mono', id: 'webhook-url' }, e.url)],
+          ['Description', orNil(e.description)],
+          ['Event types', el('span', { class: 'mono' }, eventTypes(e.event_types))],
+          ['State', endpointState(e)],
+          ['Failing since', timeEl(e.failing_since)],
+          ['Disabled because', orNil(e.disabled_reason)],
+          ['Previous secret signs until', timeEl(e.previous_until)],
+          ['Registered', timeEl(e.created_at)],
+          ['Changed', timeEl(e.updated_at)],
+        ]))));
+    const msgs = d.deliveries || [];
+    const operator = roleAtLeast('operator');
+    const now = Date.now();
+    $('#webhook-messages').replaceChildren(msgs.length
+      ? el('div', { class: 'table-wrap' }, el('table', { id: 'webhook-deliveries-table' },
+        el('caption', { class: 'sr-only' }, 'Messages to this endpoint, newest first, each with its attempts'),
+        el('thead', {}, el('tr', {},
+          el('th', { scope: 'col', class: 'num' }, 'ID'),
+          el('th', { scope: 'col' }, 'Created'),
+          el('th', { scope: 'col' }, 'Event'),
+          el('th', { scope: 'col' }, 'Status'),
+          el('th', { scope: 'col', class: 'num' }, 'Attempts'),
+          el('th', { scope: 'col' }, 'Last answer'),
+          el('th', { scope: 'col' }, 'Next attempt'),
+          el('th', { scope: 'col' }, el('span', { class: 'sr-only' }, 'Actions')))),
+        msgs.map((m) => el('tbody', { class: 'message', 'data-id': m.id, 'data-status': m.status, 'data-attempts': m.attempts },
+          el('tr', {},
+            el('td', { class: 'num' }, String(m.id)),
+            el('td', { class: 'time' }, timeEl(m.created_at)),
+            el('td', {}, el('div', { class: 'mono' }, m.event_type), el('div', { class: 'mono muted' }, m.event_id)),
+            el('td', {}, messageStatus(m)),
+            el('td', { class: 'num' }, String(m.attempts)),
+            el('td', {}, lastOutcome(m)),
+            el('td', { class: 'time' }, m.status === 'pending'
+              ? [timeEl(m.next_attempt_at), new Date(m.next_attempt_at).getTime() > now
+                ? el('div', { class: 'muted' }, `in ${fmtSeconds((new Date(m.next_attempt_at).getTime() - now) / 1000)}`) : null]
+              : nil()),
+            el('td', {}, operator ? el('button', {
+              type: 'button', class: 'button small replay', 'data-id': m.id, onclick: () => replayMessage(id, m),
+            }, 'Replay') : null)),
+          el('tr', { class: 'log' }, el('td', { colspan: '8' }, attemptsTable(m)))))))
+      : el('div', { class: 'card' }, el('p', { class: 'empty', id: 'webhook-messages-empty' }, 'No message to it yet.')));
+  }
+
+  async function replayMessage(endpointId, m) {
+    const { ok } = await confirmDialog({
+      title: `Send message ${m.id} again?`,
+      message: `${m.event_type} (${m.event_id}) is sent again now, with the same webhook-id; a new attempt joins its log.`,
+      ok: 'Replay',
+    });
+    if (!ok) return;
+    clearMessages();
+    try {
+      await api(`/api/v1/webhook-deliveries/${encodeURIComponent(m.id)}/replay`, { method: 'POST', body: {} });
+      showNotice(`Message ${m.id} will be sent again.`);
+      refreshWebhook(state.gen, endpointId);
+    } catch (e) {
+      if (e.status !== 401) showAlert(sentence(e.message));
+    }
+  }
+
+  async function setEnabled(e, enabled) {
+    const { ok } = await confirmDialog(enabled
+      ? { title: `Enable endpoint #${e.id}?`, message: 'New events are sent to it again; its run of failures starts over.', ok: 'Enable' }
+      : {
+        title: `Disable endpoint #${e.id}?`,
+        message: 'No message is sent to it until it is enabled again; events meanwhile are not queued for it.',
+        ok: 'Disable',
+        danger: true,
+      });
+    if (!ok) return;
+    clearMessages();
+    try {
+      await api(`/api/v1/webhook-endpoints/${encodeURIComponent(e.id)}`, { method: 'PATCH', body: { enabled } });
+      showNotice(`Endpoint #${e.id} is ${enabled ? 'enabled' : 'disabled'}.`);
+      refreshWebhook(state.gen, String(e.id));
+    } catch (err) {
+      if (err.status !== 401) showAlert(sentence(err.message));
+    }
+  }
+
+  async function rotateSecret(e) {
+    const { ok } = await confirmDialog({
+      title: `Rotate the secret of endpoint #${e.id}?`,
+      message: 'A new signing secret is made and shown once. The current one keeps signing too for the overlap ' +
+        '(a day by default), so the receiver can switch without losing a message.',
+      ok: 'Rotate secret',
+    });
+    if (!ok) return;
+    clearMessages();
+    try {
+      const r = await api(`/api/v1/webhook-endpoints/${encodeURIComponent(e.id)}/rotate-secret`, { method: 'POST', body: {} });
+      $('#webhook-secret-slot').replaceChildren(secretBox(`New secret for endpoint #${e.id}`, r.secret,
+        `The previous one also signs until ${fmtTime(r.previous_until)}.`));
+      refreshWebhook(state.gen, String(e.id));
+    } catch (err) {
+      if (err.status !== 401) showAlert(sentence(err.message));
+    }
+  }
+
+  async function deleteEndpoint(e) {
+    const { ok } = await confirmDialog({
+      title: `Delete endpoint #${e.id}?`,
+      message: `${e.url} hears of nothing more, and its messages and delivery log are deleted. This cannot be undone.`,
+      ok: 'Delete endpoint',
+      dismiss: 'Keep it',
+      danger: true,
+    });
+    if (!ok) return;
+    clearMessages();
+    try {
+      await api(`/api/v1/webhook-endpoints/${encodeURIComponent(e.id)}`, { method: 'DELETE' });
+      // Without a hashchange (whose route() would clear the notice).
+      window.history.pushState(null, '', '#/webhooks');
+      await route();
+      showNotice(`Endpoint #${e.id} deleted.`);
+    } catch (err) {
+      if (err.status !== 401) showAlert(sentence(err.message));
+    }
   }
 
   // ---------- Start ----------

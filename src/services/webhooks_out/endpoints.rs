@@ -10,7 +10,7 @@ use serde_json::{Map, Value, json};
 use sqlx::PgPool;
 
 use super::{check_event_types, safety::Policy, sign};
-use crate::db::{audit, webhook_endpoints};
+use crate::db::{audit, webhook_deliveries, webhook_endpoints};
 
 /// Why a change was refused.
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +21,9 @@ pub enum EndpointError {
     /// No such endpoint.
     #[error("webhook endpoint {0} not found")]
     NotFound(i64),
+    /// No such message.
+    #[error("webhook delivery {0} not found")]
+    MessageNotFound(i64),
     /// The database failed.
     #[error(transparent)]
     Db(#[from] sqlx::Error),
@@ -279,4 +282,60 @@ pub async fn rotate(
     .await?;
     tx.commit().await?;
     Ok((secret, until))
+}
+
+/// Sends message `id` again now, whatever its status (a new attempt in its
+/// log); audited.
+pub async fn replay(
+    pool: &PgPool,
+    id: i64,
+    actor: &str,
+    source: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<(), EndpointError> {
+    let mut tx = pool.begin().await?;
+    if !webhook_deliveries::replay(&mut *tx, id, now).await? {
+        return Err(EndpointError::MessageNotFound(id));
+    }
+    audit::record(
+        &mut *tx,
+        now,
+        actor,
+        "webhook_delivery.replay",
+        &id.to_string(),
+        json!({}),
+        source,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Sends again now every message to endpoint `id` created since `since`;
+/// how many. Audited.
+pub async fn replay_since(
+    pool: &PgPool,
+    id: i64,
+    since: DateTime<Utc>,
+    actor: &str,
+    source: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<u64, EndpointError> {
+    let mut tx = pool.begin().await?;
+    if webhook_endpoints::get(&mut *tx, id).await?.is_none() {
+        return Err(EndpointError::NotFound(id));
+    }
+    let n = webhook_deliveries::replay_since(&mut *tx, id, since, now).await?;
+    audit::record(
+        &mut *tx,
+        now,
+        actor,
+        "webhook_endpoint.replay",
+        &id.to_string(),
+        json!({"since": since, "replayed": n}),
+        source,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(n)
 }
