@@ -20,7 +20,7 @@ use crate::{
 };
 
 /// An earnings row.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Earning {
     /// Id.
     pub id: i64,
@@ -31,6 +31,7 @@ pub struct Earning {
     /// The source's id for it.
     pub external_ref: String,
     /// Gross amount.
+    #[schema(value_type = crate::domain::DecimalString)]
     pub gross: Decimal,
     /// ISO 4217 code.
     pub currency: String,
