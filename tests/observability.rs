@@ -960,7 +960,8 @@ async fn reconciliation_that_records_a_payout_paid_counts_its_amount_once() {
         for status in ["queued", "processing", "retrying"] {
             sqlx::query(
                 "UPDATE payouts SET status = $2, attempt = 1,
-                     lease_until = CASE WHEN $2 = 'processing' THEN now() + interval '1 minute' END
+                     lease_until = CASE WHEN $2 <> 'retrying' THEN now() + interval '1 minute' END,
+                     next_attempt_at = CASE WHEN $2 = 'retrying' THEN now() + interval '1 hour' END
                  WHERE id = $1",
             )
             .bind(id)
@@ -1022,7 +1023,8 @@ async fn reconciliation_that_records_a_payout_paid_counts_its_amount_once() {
     for status in ["queued", "processing", "retrying"] {
         sqlx::query(
             "UPDATE payouts SET status = $2, attempt = 1,
-                 lease_until = CASE WHEN $2 = 'processing' THEN now() + interval '1 minute' END
+                 lease_until = CASE WHEN $2 <> 'retrying' THEN now() + interval '1 minute' END,
+                 next_attempt_at = CASE WHEN $2 = 'retrying' THEN now() + interval '1 hour' END
              WHERE id = $1",
         )
         .bind(id)
