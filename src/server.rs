@@ -20,12 +20,47 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::ServiceExt;
 
 #[derive(Clone)]
-struct Deps {
+pub(crate) struct Deps {
     pool: PgPool,
     redis: ConnectionManager,
 }
 
-async fn ready(State(d): State<Deps>) -> (StatusCode, String) {
+/// `GET /health`: the process is up.
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "operations",
+    security(()),
+    responses((status = 200, description = "`ok`", content_type = "text/plain", body = String))
+)]
+pub(crate) async fn health() -> &'static str {
+    "ok\n"
+}
+
+/// `GET /metrics`: every metric, in the Prometheus text format.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    security(()),
+    responses((status = 200, description = "The Prometheus text format", content_type = "text/plain; version=0.0.4", body = String))
+)]
+pub(crate) async fn metrics() -> String {
+    crate::metrics::render()
+}
+
+/// `GET /health/ready`: Postgres and Redis answer.
+#[utoipa::path(
+    get,
+    path = "/health/ready",
+    tag = "operations",
+    security(()),
+    responses(
+        (status = 200, description = "Ready: `postgres: ok`, `redis: ok`", content_type = "text/plain", body = String),
+        (status = 503, description = "Not ready: which dependency is unavailable", content_type = "text/plain", body = String),
+    )
+)]
+pub(crate) async fn ready(State(d): State<Deps>) -> (StatusCode, String) {
     let pg = crate::db::ping(&d.pool).await.is_ok();
     let mut conn = d.redis.clone();
     let rd = redis::cmd("PING")
@@ -47,9 +82,9 @@ fn ok(b: bool) -> &'static str {
 /// The router.
 pub fn router(pool: PgPool, redis: ConnectionManager) -> Router {
     Router::new()
-        .route("/health", get(|| async { "ok\n" }))
+        .route("/health", get(health))
         .route("/health/ready", get(ready))
-        .route("/metrics", get(|| async { crate::metrics::render() }))
+        .route("/metrics", get(metrics))
         .with_state(Deps { pool, redis })
 }
 

@@ -904,6 +904,157 @@ async fn a_webhook_that_records_a_payout_paid_counts_its_amount_once() {
     assert_eq!(counted() - before, 1234, "counted once");
 }
 
+/// A gateway that answers every look-up with one paid transfer for the
+/// reference it is asked about.
+#[derive(Debug)]
+struct PaysEverything {
+    amount_minor: i64,
+    currency: &'static str,
+}
+
+#[async_trait::async_trait]
+impl payouts::gateway::Lookup for PaysEverything {
+    async fn lookup(
+        &self,
+        reference: &str,
+    ) -> Result<Vec<payouts::gateway::TransferRecord>, payouts::gateway::LookupError> {
+        Ok(vec![payouts::gateway::TransferRecord {
+            id: format!("tr_{reference}"),
+            status: "paid".into(),
+            amount_minor: self.amount_minor,
+            currency: self.currency.into(),
+            destination: "acct_fix".into(),
+            reference: reference.into(),
+        }])
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciliation_that_records_a_payout_paid_counts_its_amount_once() {
+    use payouts::{
+        domain::{Currency, Money},
+        metrics::PAID_MINOR_UNITS,
+        services::reconcile,
+    };
+    // KWD: no other test of this binary pays it in this process.
+    let f = Fleet::start(Faults::default()).await;
+    let kwd: Currency = "KWD".parse().unwrap();
+    let payee = payouts::db::payees::create(f.pool(), "Fix", "acct_fix", kwd)
+        .await
+        .unwrap();
+    let now = chrono::Utc::now();
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let id = payouts::db::payouts::create(
+            f.pool(),
+            payee.id,
+            Money::parse("2.5", "KWD").unwrap(),
+            now,
+            "operator:test",
+            now,
+        )
+        .await
+        .unwrap()
+        .id;
+        // Sent once, its answer lost: `retrying`, attempt 1.
+        for status in ["queued", "processing", "retrying"] {
+            sqlx::query(
+                "UPDATE payouts SET status = $2, attempt = 1,
+                     lease_until = CASE WHEN $2 <> 'retrying' THEN now() + interval '1 minute' END,
+                     next_attempt_at = CASE WHEN $2 = 'retrying' THEN now() + interval '1 hour' END
+                 WHERE id = $1",
+            )
+            .bind(id)
+            .bind(status)
+            .execute(f.pool())
+            .await
+            .unwrap();
+        }
+        ids.push(id);
+    }
+    let gw = PaysEverything {
+        amount_minor: 2500,
+        currency: "KWD",
+    };
+    let counted = || PAID_MINOR_UNITS.with_label_values(&["KWD"]).get();
+    let before = counted();
+
+    // `payoutctl reconcile --fix` records the lost payment...
+    let opts = reconcile::Options {
+        since: now - chrono::Duration::hours(1),
+        fix: true,
+        concurrency: 2,
+        actor: "operator:reconcile".into(),
+    };
+    let report = reconcile::run(f.pool(), &gw, &opts, chrono::Utc::now())
+        .await
+        .unwrap();
+    let fixed: Vec<i64> = report
+        .mismatches
+        .iter()
+        .filter(|m| m.fixed)
+        .map(|m| m.payout_id)
+        .collect();
+    assert_eq!(fixed.len(), 2, "{report:?}");
+    assert_eq!(f.status(ids[0]).await, "paid");
+    assert_eq!(
+        counted() - before,
+        5000,
+        "two payouts of 2.500 KWD = 5,000 fils"
+    );
+    // ...once: a second run finds nothing to record.
+    reconcile::run(f.pool(), &gw, &opts, chrono::Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(counted() - before, 5000, "counted once");
+
+    // A refused cancel that records the gateway's payment counts it too.
+    let id = payouts::db::payouts::create(
+        f.pool(),
+        payee.id,
+        Money::parse("1.25", "KWD").unwrap(),
+        now,
+        "operator:test",
+        now,
+    )
+    .await
+    .unwrap()
+    .id;
+    for status in ["queued", "processing", "retrying"] {
+        sqlx::query(
+            "UPDATE payouts SET status = $2, attempt = 1,
+                 lease_until = CASE WHEN $2 <> 'retrying' THEN now() + interval '1 minute' END,
+                 next_attempt_at = CASE WHEN $2 = 'retrying' THEN now() + interval '1 hour' END
+             WHERE id = $1",
+        )
+        .bind(id)
+        .bind(status)
+        .execute(f.pool())
+        .await
+        .unwrap();
+    }
+    let gw: std::sync::Arc<dyn payouts::gateway::Lookup> = std::sync::Arc::new(PaysEverything {
+        amount_minor: 1250,
+        currency: "KWD",
+    });
+    let refused = reconcile::cancel(
+        f.pool(),
+        async || Ok(gw),
+        id,
+        "operator:ana",
+        "gave up",
+        chrono::Utc::now(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(refused.status(), Some(payouts::domain::PayoutStatus::Paid));
+    assert_eq!(
+        counted() - before,
+        6250,
+        "the cancel check's record counted"
+    );
+}
+
 // --- a real Prometheus ---------------------------------------------------------------
 
 /// A Prometheus server on loopback with its own config and storage; killed

@@ -1,5 +1,7 @@
-//! The JSON API under `/api/v1` (described in `openapi.json`). Every handler
-//! runs after [`super::auth::authenticate`], so a [`Caller`] is always there.
+//! The JSON API under `/api/v1` (described by the OpenAPI document that
+//! [`super::openapi`] generates from these handlers' annotations and
+//! answer types). Every handler runs after [`super::auth::authenticate`], so
+//! a [`Caller`] is always there.
 
 use std::collections::BTreeMap;
 
@@ -12,36 +14,75 @@ use axum::{
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use utoipa::ToSchema;
 
-use super::{AdminState, ApiError, auth::Caller, auth::Source, auth::Via};
+use super::{
+    AdminState, ApiError,
+    auth::Caller,
+    auth::Source,
+    auth::Via,
+    openapi::{IdParam, ListParams, PageParams},
+};
 use crate::{
     db::{
+        audit::AuditEntry,
         events::{self, PayoutEvent},
-        filter::{self, PageRequest, PayoutFilter},
-        payees,
-        payouts::{self, ActionError},
-        tokens::{self, Role},
+        filter::{self, FailureGroup, PageRequest, PayoutFilter},
+        payees::{self, Payee},
+        payouts::{self, ActionError, Payout},
+        reconcile_runs::Run,
+        search::Hit,
+        settlements::{LineRow, SettlementRow},
+        tokens::{self, Role, TokenInfo},
         webhook_events,
     },
-    domain::PayoutStatus,
+    domain::{DecimalString, PayoutStatus},
     metrics,
 };
 
+/// `GET /api/v1/session`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct SessionInfo {
+    /// The token's name (the actor in event histories).
+    pub name: String,
+    /// Its role.
+    pub role: Role,
+    /// How actions are recorded (`operator:<name>`, ...).
+    pub actor: String,
+    /// A browser session's CSRF secret, to send as `X-CSRF-Token` with every
+    /// request but a GET; `null` for a bearer token.
+    pub csrf: Option<String>,
+}
+
 /// `GET /api/v1/session`: who you are, and the CSRF secret of a browser session.
-pub async fn session(Extension(c): Extension<Caller>) -> Json<Value> {
+#[utoipa::path(
+    get,
+    path = "/api/v1/session",
+    tag = "access",
+    security(("bearer" = ["viewer", "operator", "admin", "integration"])),
+    responses((status = 200, description = "The caller", body = SessionInfo))
+)]
+pub async fn session(Extension(c): Extension<Caller>) -> Json<SessionInfo> {
     let csrf = match &c.via {
         Via::Session { csrf } => Some(csrf.clone()),
         Via::Bearer => None,
     };
-    Json(json!({
-        "name": c.principal.name,
-        "role": c.principal.role,
-        "actor": c.actor(),
-        "csrf": csrf,
-    }))
+    Json(SessionInfo {
+        name: c.principal.name.clone(),
+        role: c.principal.role,
+        actor: c.actor(),
+        csrf,
+    })
 }
 
-/// `GET /api/v1/overview`.
+/// `GET /api/v1/overview`: the fleet at a glance (cached for
+/// `admin.overview_cache_ms`).
+#[utoipa::path(
+    get,
+    path = "/api/v1/overview",
+    tag = "fleet",
+    responses((status = 200, description = "Overview", body = super::overview::Overview))
+)]
 pub async fn overview(State(s): State<AdminState>) -> Result<Response, ApiError> {
     let o = s.overview.get(&s).await?;
     Ok(Json(&*o).into_response())
@@ -103,6 +144,20 @@ pub fn parse_page(query: &Option<String>) -> Result<PageRequest, ApiError> {
 }
 
 /// `GET /api/v1/payouts?…`: a page, newest first, and the next page's cursor.
+///
+/// Keyset-paginated; the filters combine with AND.
+#[utoipa::path(
+    get,
+    path = "/api/v1/payouts",
+    operation_id = "list_payouts",
+    tag = "payouts",
+    params(PayoutFilter, PageParams),
+    security(("bearer" = ["viewer", "operator", "admin", "integration"])),
+    responses(
+        (status = 200, description = "A page", body = filter::Page),
+        (status = 400, description = "A filter, `limit` or `cursor` is not valid", body = super::openapi::ErrorBody),
+    )
+)]
 pub async fn list(
     State(s): State<AdminState>,
     RawQuery(q): RawQuery,
@@ -113,7 +168,7 @@ pub async fn list(
 
 /// One attempt at the gateway, read off the event history: from the claim
 /// (`-> processing`) to the event that left `processing`.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct Attempt {
     /// The attempt number (the fencing token).
     pub attempt: i32,
@@ -191,13 +246,78 @@ pub(crate) fn short(s: &str) -> String {
     s.chars().take(40).collect()
 }
 
+/// The payee of a payout, as its detail shows it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct PayoutPayee {
+    /// Id.
+    pub id: i64,
+    /// Display name.
+    pub name: String,
+    /// Its account at the gateway (where its payouts not yet sent go).
+    pub gateway_account: String,
+    /// Its currency.
+    pub currency: String,
+    /// `active` or `suspended`.
+    pub status: String,
+}
+
+/// A gateway webhook that named a payout.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct WebhookSeen {
+    /// `gateway` or `stripe`.
+    pub source: String,
+    /// The event's id at the gateway.
+    pub event_id: String,
+    /// The event's type.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// What it did (`paid`, `failed`, `duplicate`, `already_paid`, ...).
+    pub outcome: String,
+    /// When it arrived.
+    pub received_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// `GET /api/v1/payouts/{id}`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct PayoutDetail {
+    /// The payout (its amount at its currency's exponent).
+    pub payout: Payout,
+    /// The idempotency key its gateway requests carry now.
+    pub idempotency_key: String,
+    /// Its payee.
+    pub payee: Option<PayoutPayee>,
+    /// Its attempts at the gateway, oldest first.
+    pub attempts: Vec<Attempt>,
+    /// Its history, oldest first.
+    pub events: Vec<PayoutEvent>,
+    /// The gateway webhooks that named it.
+    pub webhooks: Vec<WebhookSeen>,
+    /// What the caller may do to it now (`retry`, `cancel`, `enqueue`).
+    pub actions: Vec<&'static str>,
+    /// A settlement payout's line items, in order (empty for other payouts).
+    pub lines: Vec<LineRow>,
+}
+
 /// `GET /api/v1/payouts/{id}`: the payout, its payee, its history, its
 /// attempts, the webhooks that named it, and the actions legal now.
+#[utoipa::path(
+    get,
+    path = "/api/v1/payouts/{id}",
+    operation_id = "show_payout",
+    tag = "payouts",
+    params(IdParam),
+    security(("bearer" = ["viewer", "operator", "admin", "integration"])),
+    responses(
+        (status = 200, description = "The payout", body = PayoutDetail),
+        (status = 400, description = "The id is not a positive integer", body = super::openapi::ErrorBody),
+        (status = 404, description = "No such payout", body = super::openapi::ErrorBody),
+    )
+)]
 pub async fn payout(
     State(s): State<AdminState>,
     Extension(c): Extension<Caller>,
     Path(raw): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<PayoutDetail>, ApiError> {
     let id = payout_id(&raw)?;
     let p = payouts::get(&s.pool, id)
         .await?
@@ -211,28 +331,41 @@ pub async fn payout(
     } else {
         Vec::new()
     };
-    Ok(Json(json!({
-        "payout": p,
-        "idempotency_key": p.idempotency_key(),
-        "payee": payee.map(|y| json!({"id": y.id, "name": y.name, "gateway_account": y.gateway_account,
-                                       "currency": y.currency, "status": y.status})),
-        "attempts": attempts(&events),
-        "events": events,
-        "webhooks": hooks.into_iter().map(|h| json!({
-            "source": h.source, "event_id": h.event_id, "type": h.event_type, "outcome": h.outcome,
-            "received_at": h.received_at,
-        })).collect::<Vec<_>>(),
-        "actions": actions,
-        // A settlement payout's line items (empty for other payouts).
-        "lines": crate::db::settlements::lines_for_payout(&s.pool, id).await?,
-    })))
+    Ok(Json(PayoutDetail {
+        idempotency_key: p.idempotency_key(),
+        payout: p,
+        payee: payee.map(|y| PayoutPayee {
+            id: y.id,
+            name: y.name,
+            gateway_account: y.gateway_account,
+            currency: y.currency,
+            status: y.status,
+        }),
+        attempts: attempts(&events),
+        events,
+        webhooks: hooks
+            .into_iter()
+            .map(|h| WebhookSeen {
+                source: h.source,
+                event_id: h.event_id,
+                event_type: h.event_type,
+                outcome: h.outcome,
+                received_at: h.received_at,
+            })
+            .collect(),
+        actions,
+        lines: crate::db::settlements::lines_for_payout(&s.pool, id).await?,
+    }))
 }
 
 /// The body of an action (optional).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ActionBody {
+pub(crate) struct ActionBody {
+    /// Why, in the operator's words (at most 500 characters kept); recorded
+    /// in the payout's event.
     #[serde(default)]
+    #[schema(max_length = 500)]
     reason: Option<String>,
 }
 
@@ -314,13 +447,52 @@ async fn push(s: &AdminState, ids: &[i64]) -> bool {
     }
 }
 
+/// What an action did.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ActionResult {
+    /// The payout.
+    pub id: i64,
+    /// Its status before.
+    pub from: PayoutStatus,
+    /// Its status now.
+    pub to: PayoutStatus,
+    /// Whether its job was pushed to Redis now (`false`: the producer's
+    /// lease sweep pushes it shortly).
+    pub pushed: bool,
+}
+
 /// `POST /api/v1/payouts/{id}/{retry|cancel|enqueue}` (operator).
+///
+/// `retry`: failed -> queued; `cancel`: pending, queued, retrying, failed or
+/// held -> cancelled (a payout that was sent and could have moved money is
+/// looked up at the gateway first: a transfer there refuses the cancel and
+/// is recorded; a failed look-up refuses it); `enqueue`: pending, retrying
+/// or held -> queued now. 409 when the payout's status does not allow it
+/// (the body's `status` says which it is) or its payee is suspended.
+#[utoipa::path(
+    post,
+    path = "/api/v1/payouts/{id}/{action}",
+    operation_id = "act_on_payout",
+    tag = "payouts",
+    params(
+        IdParam,
+        ("action" = String, Path, description = "`retry`, `cancel` or `enqueue`", pattern = "^(retry|cancel|enqueue)$"),
+    ),
+    request_body(content = Option<ActionBody>, description = "Optional"),
+    security(("bearer" = ["operator", "admin"])),
+    responses(
+        (status = 200, description = "Done", body = ActionResult),
+        (status = 400, description = "The id or the body is not valid", body = super::openapi::ErrorBody),
+        (status = 404, description = "No such payout, or no such action", body = super::openapi::ErrorBody),
+        (status = 409, description = "Not legal from the payout's status (`status` says it), its payee is suspended, or the gateway holds a transfer for it (cancel)", body = super::openapi::ErrorBody),
+    )
+)]
 pub async fn action(
     State(s): State<AdminState>,
     Extension(c): Extension<Caller>,
     Path((raw, action)): Path<(String, String)>,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ActionResult>, ApiError> {
     c.require(Role::Operator)?;
     let id = payout_id(&raw)?;
     let body: ActionBody = json_body(&body)?;
@@ -382,25 +554,96 @@ pub async fn action(
         .with_label_values(&[action.as_str(), "ok"])
         .inc();
     tracing::info!(payout_id = id, %actor, %action, from = %from, "operator action");
-    Ok(Json(
-        json!({"id": id, "from": from, "to": to, "pushed": pushed}),
-    ))
+    Ok(Json(ActionResult {
+        id,
+        from,
+        to,
+        pushed,
+    }))
 }
 
 /// The body of a bulk retry. Nothing moves unless the body says
 /// `"dry_run": false` in so many words: a missing, empty or `null` body, or
 /// one without `dry_run`, is a dry run (security finding 1: the derived
 /// default used to retry everything).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct BulkBody {
+pub(crate) struct BulkBody {
+    /// The list's filters (`payee_id`, `currency`, `failure_code`, the time
+    /// ranges), as strings; `status` may only be `failed`.
     #[serde(default)]
+    #[schema(value_type = BTreeMap<String, String>)]
     filter: BTreeMap<String, Value>,
-    /// The payouts selected by id (instead of a filter).
+    /// The payouts selected by id (instead of a filter), 1 to 500: the
+    /// failed ones never paid are retried one by one; the answer is a
+    /// selection's.
     #[serde(default)]
+    #[schema(value_type = Option<Vec<i64>>, min_items = 1, max_items = 500)]
     ids: Option<Vec<Value>>,
+    /// Only `false` retries; absent or `true`: a dry run that counts.
     #[serde(default)]
+    #[schema(default = true)]
     dry_run: Option<bool>,
+}
+
+/// The answer of a bulk retry or a bulk cancel: a count (`dry_run` true)
+/// or what was done. Which fields appear depends on the request: by filter
+/// (`matched`, `more_than_cap`, `cap`, `excluded_paid_before`, `filter` at
+/// the count; `retried`, `pushed`, `first_id`, `last_id` when done) or by
+/// selection (`selected`, `matched`, `not_found`, `skipped`, and when done
+/// `retried` or `cancelled`, `ids`, `changed`, `refused`).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct BulkResult {
+    /// Whether this only counted.
+    pub dry_run: bool,
+    /// How many payouts the filter or selection matched (that the action may move).
+    pub matched: i64,
+    /// By filter, counted: more than the cap matched.
+    pub more_than_cap: Option<bool>,
+    /// By filter, counted: `admin.bulk_max`.
+    pub cap: Option<i64>,
+    /// Failed payouts left out because they were paid before (reversed,
+    /// returned): retry those by id.
+    pub excluded_paid_before: Option<i64>,
+    /// By filter, counted: the filter as understood.
+    pub filter: Option<BTreeMap<String, String>>,
+    /// By selection: how many ids were given (repeats dropped).
+    pub selected: Option<i64>,
+    /// By selection: ids that name no payout.
+    pub not_found: Option<i64>,
+    /// By selection: payouts the action does not apply to now.
+    pub skipped: Option<Vec<BulkRow>>,
+    /// Done: how many were retried.
+    pub retried: Option<i64>,
+    /// Done: how many were cancelled.
+    pub cancelled: Option<i64>,
+    /// Done: whether their jobs were pushed to Redis now.
+    pub pushed: Option<bool>,
+    /// Done by filter: the first and last id retried.
+    pub first_id: Option<i64>,
+    /// Done by filter: the last id retried.
+    pub last_id: Option<i64>,
+    /// Done by selection: the ids moved.
+    pub ids: Option<Vec<i64>>,
+    /// Done by selection: payouts that moved meanwhile (or whose payee is suspended).
+    pub changed: Option<Vec<BulkRow>>,
+    /// Done by selection (cancel): payouts the gateway check refused, with `error`.
+    pub refused: Option<Vec<BulkRow>>,
+}
+
+/// One payout of a selection that was not moved, and why.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct BulkRow {
+    /// The payout.
+    pub id: i64,
+    /// Its status (when known).
+    pub status: Option<String>,
+    /// Paid before it failed (bulk retry).
+    pub paid_before: Option<bool>,
+    /// `suspended` when its payee is.
+    pub payee: Option<String>,
+    /// Why the gateway check refused a cancel.
+    pub error: Option<String>,
 }
 
 fn filter_of(raw: &BTreeMap<String, Value>) -> Result<PayoutFilter, ApiError> {
@@ -432,7 +675,20 @@ fn filter_of(raw: &BTreeMap<String, Value>) -> Result<PayoutFilter, ApiError> {
 /// filter that narrows the failed set retries them (at most
 /// `admin.bulk_max`) and pushes their jobs. Payouts that were paid before
 /// they failed (reversed, returned) are never part of a bulk retry: retrying
-/// one pays again, so it is done by name (`/payouts/{id}/retry`).
+/// one pays again, so it is done by name (`/payouts/{id}/retry`). With `ids`
+/// instead of a filter: the selected payouts (the dashboard's selected rows),
+/// same rules.
+#[utoipa::path(
+    post,
+    path = "/api/v1/payouts/bulk-retry",
+    tag = "payouts",
+    request_body(content = Option<BulkBody>, description = "Optional: without one, a dry run over every failed payout"),
+    security(("bearer" = ["admin"])),
+    responses(
+        (status = 200, description = "The count, or what was retried", body = BulkResult),
+        (status = 400, description = "The body is not valid, or a real run's filter does not narrow the failed payouts", body = super::openapi::ErrorBody),
+    )
+)]
 pub async fn bulk_retry(
     State(s): State<AdminState>,
     Extension(c): Extension<Caller>,
@@ -572,14 +828,20 @@ async fn bulk_retry_ids(
 }
 
 /// The body of a bulk cancel.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct BulkCancelBody {
+pub(crate) struct BulkCancelBody {
+    /// The payouts selected, 1 to 500 (and at most `admin.bulk_max`).
     #[serde(default)]
+    #[schema(value_type = Vec<i64>, min_items = 1, max_items = 500)]
     ids: Vec<Value>,
+    /// Only `false` cancels; absent or `true`: a dry run that counts.
     #[serde(default)]
+    #[schema(default = true)]
     dry_run: Option<bool>,
+    /// Why (at most 500 characters kept), recorded in each payout's event.
     #[serde(default)]
+    #[schema(max_length = 500)]
     reason: Option<String>,
 }
 
@@ -590,6 +852,17 @@ struct BulkCancelBody {
 /// asked first about a payout that may have moved money; one event each) and
 /// reports those that moved meanwhile (`changed`) or that the gateway check
 /// refused (`refused`, with the reason).
+#[utoipa::path(
+    post,
+    path = "/api/v1/payouts/bulk-cancel",
+    tag = "payouts",
+    request_body = BulkCancelBody,
+    security(("bearer" = ["operator", "admin"])),
+    responses(
+        (status = 200, description = "The count, or what was cancelled", body = BulkResult),
+        (status = 400, description = "The body or its ids are not valid", body = super::openapi::ErrorBody),
+    )
+)]
 pub async fn bulk_cancel(
     State(s): State<AdminState>,
     Extension(c): Extension<Caller>,
@@ -660,33 +933,93 @@ pub async fn bulk_cancel(
     })))
 }
 
+/// `GET /api/v1/failures`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Failures {
+    /// Largest group first.
+    pub groups: Vec<FailureGroup>,
+}
+
 /// `GET /api/v1/failures`: failed payouts grouped by code.
-pub async fn failures(State(s): State<AdminState>) -> Result<Json<Value>, ApiError> {
-    Ok(Json(
-        json!({"groups": filter::failure_groups(&s.pool).await?}),
-    ))
+#[utoipa::path(
+    get,
+    path = "/api/v1/failures",
+    tag = "payouts",
+    responses((status = 200, description = "Groups", body = Failures))
+)]
+pub async fn failures(State(s): State<AdminState>) -> Result<Json<Failures>, ApiError> {
+    Ok(Json(Failures {
+        groups: filter::failure_groups(&s.pool).await?,
+    }))
+}
+
+/// `GET /api/v1/tokens`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct TokenList {
+    /// Every token, revoked and expired ones included; never the secret.
+    pub tokens: Vec<TokenInfo>,
 }
 
 /// `GET /api/v1/tokens` (admin): every token, never the secret.
+#[utoipa::path(
+    get,
+    path = "/api/v1/tokens",
+    tag = "access",
+    security(("bearer" = ["admin"])),
+    responses((status = 200, description = "Tokens", body = TokenList))
+)]
 pub async fn tokens(
     State(s): State<AdminState>,
     Extension(c): Extension<Caller>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<TokenList>, ApiError> {
     c.require(Role::Admin)?;
-    Ok(Json(json!({"tokens": tokens::list(&s.pool).await?})))
+    Ok(Json(TokenList {
+        tokens: tokens::list(&s.pool).await?,
+    }))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct NewToken {
+pub(crate) struct NewToken {
+    /// Its name, the actor in event histories: 1 to 64 of letters, digits, `_.@-`.
+    #[schema(pattern = "^[A-Za-z0-9_.@-]{1,64}$")]
     name: String,
+    /// `viewer`, `operator`, `admin` or `integration`.
+    #[schema(value_type = Role)]
     role: String,
     /// When it stops working (RFC 3339); none: until revoked.
     #[serde(default)]
     expires_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
+/// A token made: the secret is in this answer only.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct CreatedToken {
+    /// Id.
+    pub id: i64,
+    /// Its name.
+    pub name: String,
+    /// Its role.
+    pub role: Role,
+    /// The secret, shown once (send it as `Authorization: Bearer <token>`).
+    pub token: String,
+    /// When it stops working; `null`: until revoked.
+    pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
 /// `POST /api/v1/tokens` (admin): a new token, shown once; audited.
+#[utoipa::path(
+    post,
+    path = "/api/v1/tokens",
+    tag = "access",
+    request_body = NewToken,
+    security(("bearer" = ["admin"])),
+    responses(
+        (status = 201, description = "Created", body = CreatedToken),
+        (status = 400, description = "The name, role or expiry is not valid", body = super::openapi::ErrorBody),
+        (status = 409, description = "A live token has that name", body = super::openapi::ErrorBody),
+    )
+)]
 pub async fn create_token(
     State(s): State<AdminState>,
     Extension(c): Extension<Caller>,
@@ -713,10 +1046,13 @@ pub async fn create_token(
             tracing::info!(actor = %c.actor(), name = %body.name, %role, "token created");
             Ok((
                 StatusCode::CREATED,
-                Json(
-                    json!({"id": id, "name": body.name, "role": role, "token": token,
-                            "expires_at": body.expires_at}),
-                ),
+                Json(CreatedToken {
+                    id,
+                    name: body.name,
+                    role,
+                    token,
+                    expires_at: body.expires_at,
+                }),
             )
                 .into_response())
         }
@@ -731,18 +1067,36 @@ pub async fn create_token(
     }
 }
 
+/// A token revoked.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Revoked {
+    /// Its name.
+    pub revoked: String,
+}
+
 /// `DELETE /api/v1/tokens/{name}` (admin): revokes it and ends its sessions; audited.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/tokens/{name}",
+    tag = "access",
+    params(("name" = String, Path, description = "The token's name")),
+    security(("bearer" = ["admin"])),
+    responses(
+        (status = 200, description = "Revoked", body = Revoked),
+        (status = 404, description = "No live token has that name", body = super::openapi::ErrorBody),
+    )
+)]
 pub async fn revoke_token(
     State(s): State<AdminState>,
     Extension(c): Extension<Caller>,
     Extension(source): Extension<Source>,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Revoked>, ApiError> {
     c.require(Role::Admin)?;
     let src = source.0.to_string();
     if tokens::revoke_by(&s.pool, &name, s.clock.now(), &c.actor(), Some(&src)).await? {
         tracing::info!(actor = %c.actor(), %name, "token revoked");
-        Ok(Json(json!({"revoked": name})))
+        Ok(Json(Revoked { revoked: name }))
     } else {
         Err(ApiError::NotFound(format!(
             "no live token named {:?}",
@@ -751,14 +1105,30 @@ pub async fn revoke_token(
     }
 }
 
-/// `GET /api/v1/audit` (admin): the newest administrative changes.
+/// `GET /api/v1/audit`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct AuditLog {
+    /// Newest first.
+    pub entries: Vec<AuditEntry>,
+}
+
+/// `GET /api/v1/audit` (admin): the newest 200 administrative changes
+/// (tokens, payees, the fleet pause, webhook endpoints): who, what, on what,
+/// details, source address.
+#[utoipa::path(
+    get,
+    path = "/api/v1/audit",
+    tag = "access",
+    security(("bearer" = ["admin"])),
+    responses((status = 200, description = "Entries, newest first", body = AuditLog))
+)]
 pub async fn audit(
     State(s): State<AdminState>,
     Extension(c): Extension<Caller>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AuditLog>, ApiError> {
     c.require(Role::Admin)?;
     let entries = crate::db::audit::recent(&s.pool, 200).await?;
-    Ok(Json(json!({"entries": entries})))
+    Ok(Json(AuditLog { entries }))
 }
 
 // ---------- Read-only views ----------
@@ -822,15 +1192,24 @@ pub(crate) fn next_cursor(
 }
 
 /// An amount at its currency's exponent when that loses nothing (`10.00`,
-/// not the column's `10.00000000`), as a string.
-pub(crate) fn at_exponent(mut d: rust_decimal::Decimal, currency: &str) -> String {
+/// not the column's `10.00000000`); serialized as that string.
+pub(crate) fn rescaled(mut d: rust_decimal::Decimal, currency: &str) -> rust_decimal::Decimal {
     if let Ok(c) = currency.parse::<crate::domain::Currency>()
         && d.scale() > c.exponent()
         && d.round_dp(c.exponent()) == d
     {
         d.rescale(c.exponent());
     }
-    d.to_string()
+    d
+}
+
+/// A page of a plain list, newest first.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ListPage<T> {
+    /// The items.
+    pub items: Vec<T>,
+    /// Pass as `cursor` for the next page; `null` on the last one.
+    pub next_cursor: Option<String>,
 }
 
 pub(crate) fn positive_id(raw: &str, what: &str) -> Result<i64, ApiError> {
@@ -841,23 +1220,104 @@ pub(crate) fn positive_id(raw: &str, what: &str) -> Result<i64, ApiError> {
 }
 
 /// `GET /api/v1/payees`: payees, newest first (`status`, `limit`, `cursor`).
+/// Any role, integration included.
+#[utoipa::path(
+    get,
+    path = "/api/v1/payees",
+    tag = "payees",
+    params(
+        ("status" = Option<String>, Query, description = "Only `active` or `suspended` payees", pattern = "^(active|suspended)$"),
+        ListParams,
+    ),
+    security(("bearer" = ["viewer", "operator", "admin", "integration"])),
+    responses(
+        (status = 200, description = "A page", body = ListPage<Payee>),
+        (status = 400, description = "A parameter is not valid", body = super::openapi::ErrorBody),
+    )
+)]
 pub async fn payees_list(
     State(s): State<AdminState>,
     RawQuery(q): RawQuery,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ListPage<Payee>>, ApiError> {
     let lq = list_query(&q, &["status"])?;
     let status = super::platform::payee_status_filter(lq.extra.get("status"))?;
     let items = payees::page_with_status(&s.pool, status, lq.before_id, lq.limit).await?;
     let next = next_cursor(items.iter().map(|p| p.id), items.len(), lq.limit);
-    Ok(Json(json!({"items": items, "next_cursor": next})))
+    Ok(Json(ListPage {
+        items,
+        next_cursor: next,
+    }))
+}
+
+/// A payee's settlement terms.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct TermsView {
+    /// Its own schedule (`null`: the policy's default).
+    pub schedule: Option<String>,
+    /// Its payout method.
+    pub payout_method: String,
+}
+
+/// A standing deduction of a payee.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct DeductionView {
+    /// Id.
+    pub id: i64,
+    /// Its currency.
+    pub currency: String,
+    /// What it is for.
+    pub label: String,
+    /// Taken from each settlement of that currency.
+    #[schema(value_type = DecimalString)]
+    pub amount: rust_decimal::Decimal,
+    /// Set.
+    pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// A payee's own minimum payout in a currency.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct MinimumView {
+    /// The currency.
+    pub currency: String,
+    /// Below it, a period's net is carried over.
+    #[schema(value_type = DecimalString)]
+    pub amount: rust_decimal::Decimal,
+}
+
+/// `GET /api/v1/payees/{id}`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct PayeeDetail {
+    /// The payee.
+    pub payee: Payee,
+    /// Its settlement terms (`null` when it has none of its own).
+    pub terms: Option<TermsView>,
+    /// Its standing deductions.
+    pub deductions: Vec<DeductionView>,
+    /// Its own minimums.
+    pub minimums: Vec<MinimumView>,
+    /// Its latest 20 settlements, newest first.
+    pub settlements: Vec<SettlementRow>,
 }
 
 /// `GET /api/v1/payees/{id}`: a payee with its settlement terms (schedule,
 /// payout method, deductions, own minimums) and its latest settlements.
+/// Any role, integration included.
+#[utoipa::path(
+    get,
+    path = "/api/v1/payees/{id}",
+    tag = "payees",
+    params(IdParam),
+    security(("bearer" = ["viewer", "operator", "admin", "integration"])),
+    responses(
+        (status = 200, description = "The payee", body = PayeeDetail),
+        (status = 400, description = "The id is not a positive integer", body = super::openapi::ErrorBody),
+        (status = 404, description = "No such payee", body = super::openapi::ErrorBody),
+    )
+)]
 pub async fn payee(
     State(s): State<AdminState>,
     Path(raw): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<PayeeDetail>, ApiError> {
     let id = positive_id(&raw, "id")?;
     let p = payees::get(&s.pool, id)
         .await?
@@ -874,53 +1334,78 @@ pub async fn payee(
         )
     };
     minimums.sort();
-    let deductions: Vec<Value> = deductions
+    let deductions = deductions
         .into_iter()
-        .map(|d| {
-            json!({"id": d.id, "currency": d.currency, "label": d.label,
-                   "amount": at_exponent(d.amount, &d.currency), "created_at": d.created_at})
+        .map(|d| DeductionView {
+            id: d.id,
+            amount: rescaled(d.amount, &d.currency),
+            currency: d.currency,
+            label: d.label,
+            created_at: d.created_at,
         })
         .collect();
-    let minimums: Vec<Value> = minimums
+    let minimums = minimums
         .into_iter()
-        .map(|(_, c, a)| json!({"currency": c, "amount": at_exponent(a, &c)}))
+        .map(|(_, c, a)| MinimumView {
+            amount: rescaled(a, &c),
+            currency: c,
+        })
         .collect();
-    let settlements: Vec<Value> = crate::db::settlements::page(&s.pool, Some(id), None, 20)
+    let settlements = crate::db::settlements::page(&s.pool, Some(id), None, 20)
         .await?
-        .iter()
-        .map(settlement_json)
+        .into_iter()
+        .map(settlement_view)
         .collect();
-    Ok(Json(json!({
-        "payee": p,
-        "terms": terms.map(|t| json!({"schedule": t.schedule.map(|s| s.to_string()), "payout_method": t.method.to_string()})),
-        "deductions": deductions,
-        "minimums": minimums,
-        "settlements": settlements,
-    })))
+    Ok(Json(PayeeDetail {
+        payee: p,
+        terms: terms.map(|t| TermsView {
+            schedule: t.schedule.map(|s| s.to_string()),
+            payout_method: t.method.to_string(),
+        }),
+        deductions,
+        minimums,
+        settlements,
+    }))
 }
 
-fn settlement_json(x: &crate::db::settlements::SettlementRow) -> Value {
-    let m = |d: rust_decimal::Decimal| at_exponent(d, &x.currency);
-    json!({
-        "id": x.id, "payee_id": x.payee_id, "currency": x.currency,
-        "period_start": x.period_start, "period_end": x.period_end,
-        "schedule": x.schedule, "payout_method": x.payout_method, "services": x.services,
-        "gross": m(x.gross), "payee_percent": x.payee_percent, "bonus_percent": x.bonus_percent,
-        "payee_share": m(x.payee_share), "platform_commission": m(x.platform_commission),
-        "deductions": m(x.deductions), "carried_in": m(x.carried_in),
-        "carried_gross_in": m(x.carried_gross_in), "fee": m(x.fee), "net": m(x.net),
-        "carried_out": m(x.carried_out), "carried_out_into": x.carried_out_into,
-        "outcome": x.outcome, "payout_id": x.payout_id, "carried_into": x.carried_into,
-        "actor": x.actor, "created_at": x.created_at, "returned_at": x.returned_at,
-    })
+/// A settlement with its amounts at its currency's exponent.
+fn settlement_view(mut x: SettlementRow) -> SettlementRow {
+    let c = x.currency.clone();
+    for d in [
+        &mut x.gross,
+        &mut x.payee_share,
+        &mut x.platform_commission,
+        &mut x.deductions,
+        &mut x.carried_in,
+        &mut x.carried_gross_in,
+        &mut x.fee,
+        &mut x.net,
+        &mut x.carried_out,
+    ] {
+        *d = rescaled(*d, &c);
+    }
+    x
 }
 
 /// `GET /api/v1/settlements`: settlements, newest first (`payee_id`,
 /// `limit`, `cursor`).
+#[utoipa::path(
+    get,
+    path = "/api/v1/settlements",
+    tag = "settlements",
+    params(
+        ("payee_id" = Option<i64>, Query, description = "Only this payee's", minimum = 1),
+        ListParams,
+    ),
+    responses(
+        (status = 200, description = "A page", body = ListPage<SettlementRow>),
+        (status = 400, description = "A parameter is not valid", body = super::openapi::ErrorBody),
+    )
+)]
 pub async fn settlements_list(
     State(s): State<AdminState>,
     RawQuery(q): RawQuery,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ListPage<SettlementRow>>, ApiError> {
     let lq = list_query(&q, &["payee_id"])?;
     let payee_id = match lq.extra.get("payee_id").filter(|v| !v.is_empty()) {
         Some(v) => Some(positive_id(v, "payee_id")?),
@@ -928,48 +1413,99 @@ pub async fn settlements_list(
     };
     let rows = crate::db::settlements::page(&s.pool, payee_id, lq.before_id, lq.limit).await?;
     let next = next_cursor(rows.iter().map(|r| r.id), rows.len(), lq.limit);
-    Ok(Json(json!({
-        "items": rows.iter().map(settlement_json).collect::<Vec<_>>(),
-        "next_cursor": next,
-    })))
+    Ok(Json(ListPage {
+        items: rows.into_iter().map(settlement_view).collect(),
+        next_cursor: next,
+    }))
 }
 
-/// `GET /api/v1/settlements/{id}`: a settlement and its line items, in order.
+/// The payee of a settlement, as its detail shows it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct SettlementPayee {
+    /// Id.
+    pub id: i64,
+    /// Display name.
+    pub name: String,
+    /// Its account at the gateway.
+    pub gateway_account: String,
+}
+
+/// `GET /api/v1/settlements/{id}`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct SettlementDetail {
+    /// The settlement.
+    pub settlement: SettlementRow,
+    /// Its payee.
+    pub payee: Option<SettlementPayee>,
+    /// Its line items in order (they sum to its net).
+    pub lines: Vec<LineRow>,
+}
+
+/// `GET /api/v1/settlements/{id}`: a settlement, its payee and its line
+/// items, in order (they sum to its net).
+#[utoipa::path(
+    get,
+    path = "/api/v1/settlements/{id}",
+    tag = "settlements",
+    params(IdParam),
+    responses(
+        (status = 200, description = "The settlement", body = SettlementDetail),
+        (status = 400, description = "The id is not a positive integer", body = super::openapi::ErrorBody),
+        (status = 404, description = "No such settlement", body = super::openapi::ErrorBody),
+    )
+)]
 pub async fn settlement(
     State(s): State<AdminState>,
     Path(raw): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<SettlementDetail>, ApiError> {
     let id = positive_id(&raw, "id")?;
     let x = crate::db::settlements::get(&s.pool, id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("settlement {id} not found")))?;
-    let lines: Vec<Value> = crate::db::settlements::lines(&s.pool, id)
+    let lines = crate::db::settlements::lines(&s.pool, id)
         .await?
         .into_iter()
-        .map(|l| {
-            json!({"id": l.id, "position": l.position, "kind": l.kind, "description": l.description,
-                   "amount": at_exponent(l.amount, &x.currency), "payout_id": l.payout_id,
-                   "earning_id": l.earning_id, "carried_from": l.carried_from})
+        .map(|mut l| {
+            l.amount = rescaled(l.amount, &x.currency);
+            l
         })
         .collect();
     let payee = payees::get(&s.pool, x.payee_id).await?;
-    Ok(Json(json!({
-        "settlement": settlement_json(&x),
-        "payee": payee.map(|y| json!({"id": y.id, "name": y.name, "gateway_account": y.gateway_account})),
-        "lines": lines,
-    })))
+    Ok(Json(SettlementDetail {
+        settlement: settlement_view(x),
+        payee: payee.map(|y| SettlementPayee {
+            id: y.id,
+            name: y.name,
+            gateway_account: y.gateway_account,
+        }),
+        lines,
+    }))
 }
 
 /// `GET /api/v1/reconcile-runs`: reconciliation runs, newest first
-/// (`limit`, `cursor`); a failed run compared nothing.
+/// (`limit`, `cursor`); a failed run looked nothing up and is not a
+/// reconciliation.
+#[utoipa::path(
+    get,
+    path = "/api/v1/reconcile-runs",
+    tag = "fleet",
+    params(ListParams),
+    responses(
+        (status = 200, description = "A page", body = ListPage<Run>),
+        (status = 400, description = "A parameter is not valid", body = super::openapi::ErrorBody),
+    )
+)]
 pub async fn reconcile_runs(
     State(s): State<AdminState>,
     RawQuery(q): RawQuery,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ListPage<Run>>, ApiError> {
     let lq = list_query(&q, &[])?;
     let items = crate::db::reconcile_runs::page(&s.pool, lq.before_id, lq.limit).await?;
     let next = next_cursor(items.iter().map(|r| r.id), items.len(), lq.limit);
-    Ok(Json(json!({"items": items, "next_cursor": next})))
+    Ok(Json(ListPage {
+        items,
+        next_cursor: next,
+    }))
 }
 
 // ---------- Search ----------
@@ -978,10 +1514,22 @@ pub async fn reconcile_runs(
 /// as a payout id, an idempotency key, a gateway transfer id, a gateway
 /// account (or its prefix) or words of a payee's name; at most 20 results,
 /// exact matches first.
+#[utoipa::path(
+    get,
+    path = "/api/v1/search",
+    tag = "payouts",
+    params(("q" = String, Query, description = "A payout id (or `#id`), an idempotency key \
+(`payout_<id>`, `payout_<id>-<n>`), a gateway transfer id, a gateway account (exact or prefix) or \
+words of a payee's name (word prefixes)", min_length = 1, max_length = 200)),
+    responses(
+        (status = 200, description = "What q names", body = SearchAnswer),
+        (status = 400, description = "q is missing, empty or too long", body = super::openapi::ErrorBody),
+    )
+)]
 pub async fn search(
     State(s): State<AdminState>,
     RawQuery(q): RawQuery,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<SearchAnswer>, ApiError> {
     let mut text = None;
     for (k, v) in pairs(&q)? {
         if k != "q" {
@@ -1002,9 +1550,22 @@ pub async fn search(
         ));
     }
     let hits = crate::db::search::search(&s.pool, text).await?;
-    Ok(Json(
-        json!({"q": text, "results": hits, "max": crate::db::search::MAX_RESULTS}),
-    ))
+    Ok(Json(SearchAnswer {
+        q: text.to_string(),
+        results: hits,
+        max: crate::db::search::MAX_RESULTS,
+    }))
+}
+
+/// `GET /api/v1/search`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct SearchAnswer {
+    /// The query, trimmed.
+    pub q: String,
+    /// Exact matches first.
+    pub results: Vec<Hit>,
+    /// The most results given.
+    pub max: usize,
 }
 
 // ---------- Fleet pause ----------
@@ -1014,17 +1575,46 @@ pub async fn search(
 const MAX_PAUSE_MINUTES: u64 = 7 * 24 * 60;
 
 /// The body of a fleet pause (optional).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct PauseBody {
-    /// How long; the longest allowed when absent.
+pub(crate) struct PauseBody {
+    /// How long, in minutes; the longest allowed (a week) when absent.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 10080)]
     minutes: Option<u64>,
+    /// Why (at most 500 characters kept), in the audit log.
     #[serde(default)]
+    #[schema(max_length = 500)]
     reason: Option<String>,
 }
 
-async fn fleet_state(s: &AdminState) -> Result<Value, ApiError> {
+/// Whether the fleet is paused.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct FleetState {
+    /// Paused: no worker claims a payout or calls the gateway.
+    pub paused: bool,
+    /// Until when (`null` when not paused).
+    pub until: Option<chrono::DateTime<chrono::Utc>>,
+    /// Seconds left (0 when not paused).
+    pub remaining_secs: u64,
+    /// The operator's pause (`null` when not paused or when the gateway
+    /// guard paused the fleet itself: a rate limit, the platform refused).
+    pub by: Option<PausedBy>,
+}
+
+/// Who paused the fleet.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct PausedBy {
+    /// The operator.
+    pub actor: String,
+    /// When.
+    pub at: chrono::DateTime<chrono::Utc>,
+    /// What they gave (`minutes`, `reason`).
+    #[schema(value_type = Object)]
+    pub detail: Value,
+}
+
+async fn fleet_state(s: &AdminState) -> Result<FleetState, ApiError> {
     let key = crate::gateway::guard::pause_key(s.queue.prefix());
     let left = crate::gateway::guard::read_pause(&mut s.queue.conn(), &key)
         .await
@@ -1038,28 +1628,60 @@ async fn fleet_state(s: &AdminState) -> Result<Value, ApiError> {
             // paused the fleet itself (a rate limit, the platform refused).
             let by = last
                 .filter(|e| e.action == "fleet.pause")
-                .map(|e| json!({"actor": e.actor, "at": e.at, "detail": serde_json::from_str::<Value>(&e.detail).unwrap_or(Value::Null)}));
-            json!({"paused": true, "until": until, "remaining_secs": left.as_secs(), "by": by})
+                .map(|e| PausedBy {
+                    detail: serde_json::from_str::<Value>(&e.detail).unwrap_or(Value::Null),
+                    actor: e.actor,
+                    at: e.at,
+                });
+            FleetState {
+                paused: true,
+                until: Some(until),
+                remaining_secs: left.as_secs(),
+                by,
+            }
         }
-        None => json!({"paused": false, "until": null, "remaining_secs": 0, "by": null}),
+        None => FleetState {
+            paused: false,
+            until: None,
+            remaining_secs: 0,
+            by: None,
+        },
     })
 }
 
 /// `GET /api/v1/fleet`: whether the fleet is paused (by an operator or by
 /// the gateway guard), until when and by whom.
-pub async fn fleet(State(s): State<AdminState>) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/api/v1/fleet",
+    tag = "fleet",
+    responses((status = 200, description = "The fleet's state", body = FleetState))
+)]
+pub async fn fleet(State(s): State<AdminState>) -> Result<Json<FleetState>, ApiError> {
     Ok(Json(fleet_state(&s).await?))
 }
 
 /// `POST /api/v1/fleet/pause` (admin): no worker claims a payout or calls the
 /// gateway until `/resume` (or `minutes`, at most a week, have passed); the
-/// same Redis key the workers' guards read before every claim. Audited.
+/// same Redis key the workers' guards read before every claim. Audited
+/// (`fleet.pause`).
+#[utoipa::path(
+    post,
+    path = "/api/v1/fleet/pause",
+    tag = "fleet",
+    request_body(content = Option<PauseBody>, description = "Optional"),
+    security(("bearer" = ["admin"])),
+    responses(
+        (status = 200, description = "The fleet's state after the pause", body = FleetState),
+        (status = 400, description = "`minutes` is out of range or the body is not valid", body = super::openapi::ErrorBody),
+    )
+)]
 pub async fn fleet_pause(
     State(s): State<AdminState>,
     Extension(c): Extension<Caller>,
     Extension(source): Extension<Source>,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<FleetState>, ApiError> {
     c.require(Role::Admin)?;
     let body: PauseBody = json_body(&body)?;
     let minutes = body.minutes.unwrap_or(MAX_PAUSE_MINUTES);
@@ -1106,13 +1728,24 @@ pub async fn fleet_pause(
 }
 
 /// `POST /api/v1/fleet/resume` (admin): ends the fleet pause, whoever set it
-/// (an operator or the gateway guard). Audited.
+/// (an operator or the gateway guard). Audited (`fleet.resume`).
+#[utoipa::path(
+    post,
+    path = "/api/v1/fleet/resume",
+    tag = "fleet",
+    request_body(content = Option<ActionBody>, description = "Optional"),
+    security(("bearer" = ["admin"])),
+    responses(
+        (status = 200, description = "The fleet's state after the resume", body = FleetState),
+        (status = 400, description = "The body is not valid", body = super::openapi::ErrorBody),
+    )
+)]
 pub async fn fleet_resume(
     State(s): State<AdminState>,
     Extension(c): Extension<Caller>,
     Extension(source): Extension<Source>,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<FleetState>, ApiError> {
     c.require(Role::Admin)?;
     let _: ActionBody = json_body(&body)?;
     let now = s.clock.now();

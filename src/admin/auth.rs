@@ -320,8 +320,9 @@ pub async fn require_operator(req: Request, next: Next) -> Response {
 }
 
 /// The login form's body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct LoginForm {
+    /// A token of an operator's role (viewer, operator or admin).
     token: String,
 }
 
@@ -358,6 +359,17 @@ fn session_cookie(state: &AdminState, value: &str, max_age: i64) -> HeaderValue 
 
 /// `POST /login`: a token in, a session cookie out (303 to the dashboard),
 /// or back to the form with `?error=1`.
+#[utoipa::path(
+    post,
+    path = "/login",
+    tag = "access",
+    request_body(content = LoginForm, content_type = "application/x-www-form-urlencoded"),
+    security(()),
+    responses(
+        (status = 303, description = "To `/ui/` with a session cookie (`Set-Cookie`); back to `/login?error=1` for a token that does not open a session, `/login?error=locked` for a source locked out"),
+        (status = 403, description = "From another site (an `Origin` that is not this server's)", body = super::openapi::ErrorBody),
+    )
+)]
 pub async fn login(
     State(state): State<AdminState>,
     connect: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
@@ -416,6 +428,12 @@ pub async fn login(
 }
 
 /// `POST /logout` (behind [`authenticate`], so CSRF-checked): ends the session.
+#[utoipa::path(
+    post,
+    path = "/logout",
+    tag = "access",
+    responses((status = 303, description = "To `/login`, the session ended and its cookie cleared"))
+)]
 pub async fn logout(
     State(state): State<AdminState>,
     headers: HeaderMap,

@@ -70,7 +70,55 @@ fn internal(e: sqlx::Error) -> Response {
         .into_response()
 }
 
-async fn post_earning(
+/// The body of `POST /v1/earnings`: every value a string (an amount as a
+/// JSON number would be a float).
+#[derive(Debug, utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct EarningBody {
+    /// The payee (a positive integer, as a string or a number).
+    payee_id: String,
+    /// Where the work comes from (`rides`, `bookings`, ...).
+    source: String,
+    /// The source's id for it; with `source`, the idempotency key of the post.
+    external_ref: String,
+    /// Gross amount, at most the currency's decimals.
+    #[schema(value_type = crate::domain::DecimalString)]
+    gross: String,
+    /// ISO 4217 code, one the policy pays.
+    currency: String,
+    /// When the work was completed (RFC 3339; default now); held for the
+    /// policy's hold period from then.
+    completed_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// What `POST /v1/earnings` recorded.
+#[derive(Debug, utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct EarningRecorded {
+    /// `true` (201) when recorded now, `false` (200) when the same earning
+    /// was recorded before.
+    created: bool,
+    /// The earning.
+    earning: crate::db::earnings::Earning,
+}
+
+/// `POST /v1/earnings`: records completed work, idempotent by `source` and
+/// `external_ref`. Operator, admin or integration.
+#[utoipa::path(
+    post,
+    path = "/v1/earnings",
+    tag = "intake",
+    request_body = EarningBody,
+    security(("bearer" = ["operator", "admin", "integration"])),
+    responses(
+        (status = 201, description = "Recorded", body = EarningRecorded),
+        (status = 200, description = "Recorded before (the same body)", body = EarningRecorded),
+        (status = 400, description = "The body is not JSON", body = crate::admin::openapi::ErrorBody),
+        (status = 409, description = "Recorded before with other values; `field` names the first that differs", body = crate::admin::openapi::ErrorBody),
+        (status = 422, description = "A field is missing or not valid (an unknown payee, currency, a bad amount); `field` names it", body = crate::admin::openapi::ErrorBody),
+    )
+)]
+pub(crate) async fn post_earning(
     State(api): State<EarningsApi>,
     caller: Option<Extension<Caller>>,
     body: Bytes,

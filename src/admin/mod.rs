@@ -1,6 +1,7 @@
 //! `payout-admin`: the operators' server. One listener serves
 //! - `/health`, `/health/ready`, `/metrics` (no credentials, like every binary);
-//! - the JSON API under `/api/v1` and its OpenAPI description at `/api/openapi.json`;
+//! - the JSON API under `/api/v1` and its OpenAPI description at
+//!   `/api/openapi.json` (generated from the handlers, [`openapi`]);
 //! - the dashboard under `/ui/` and its login at `/login`;
 //! - `POST /webhooks/gateway` and `POST /webhooks/stripe` (signed by the gateway);
 //! - `POST /v1/earnings` (the platform, with an operator token).
@@ -14,7 +15,9 @@ pub mod auth;
 pub mod host;
 pub mod intake;
 pub mod limits;
+pub mod openapi;
 pub mod overview;
+pub mod pages;
 pub mod platform;
 pub mod strict_json;
 pub mod webhooks;
@@ -26,7 +29,7 @@ use axum::{
     Json, Router,
     http::{HeaderValue, StatusCode, header},
     middleware,
-    response::{IntoResponse, Redirect, Response},
+    response::{IntoResponse, Response},
     routing::{get, post},
 };
 use serde_json::json;
@@ -212,7 +215,6 @@ const LOGIN_JS: &str = include_str!("assets/login.js");
 const INDEX_HTML: &str = include_str!("assets/index.html");
 const APP_JS: &str = include_str!("assets/app.js");
 const APP_CSS: &str = include_str!("assets/app.css");
-const OPENAPI: &str = include_str!("openapi.json");
 
 /// Pages: no framing, no third-party anything.
 /// No inline script anywhere (the login page's behaviour is `/login.js`);
@@ -263,10 +265,7 @@ pub fn router(state: AdminState) -> Router {
             "/api/v1/tokens/{name}",
             axum::routing::delete(api::revoke_token),
         )
-        .route(
-            "/api/openapi.json",
-            get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
-        )
+        .route("/api/openapi.json", get(pages::openapi_json))
         .route("/logout", post(auth::logout))
         .merge(webhooks_out::routes())
         .route_layer(middleware::from_fn_with_state(
@@ -293,18 +292,9 @@ pub fn router(state: AdminState) -> Router {
     ));
 
     let pages = Router::new()
-        .route(
-            "/ui/",
-            get(|| async { asset(INDEX_HTML, "text/html; charset=utf-8") }),
-        )
-        .route(
-            "/ui/app.js",
-            get(|| async { asset(APP_JS, "text/javascript; charset=utf-8") }),
-        )
-        .route(
-            "/ui/app.css",
-            get(|| async { asset(APP_CSS, "text/css; charset=utf-8") }),
-        )
+        .route("/ui/", get(pages::index))
+        .route("/ui/app.js", get(pages::app_js))
+        .route("/ui/app.css", get(pages::app_css))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::page_session,
@@ -312,16 +302,10 @@ pub fn router(state: AdminState) -> Router {
         .with_state(state.clone());
 
     let public = Router::new()
-        .route("/", get(|| async { Redirect::to("/ui/") }))
-        .route("/ui", get(|| async { Redirect::to("/ui/") }))
-        .route(
-            "/login",
-            get(|| async { asset(LOGIN_HTML, "text/html; charset=utf-8") }).post(auth::login),
-        )
-        .route(
-            "/login.js",
-            get(|| async { asset(LOGIN_JS, "text/javascript; charset=utf-8") }),
-        )
+        .route("/", get(pages::root))
+        .route("/ui", get(pages::ui_redirect))
+        .route("/login", get(pages::login_page).post(auth::login))
+        .route("/login.js", get(pages::login_js))
         .with_state(state.clone());
 
     let hooks = webhooks::router(WebhookState::from_settings(

@@ -26,7 +26,7 @@ use crate::{
 };
 
 /// Paid and failed in one window.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Window {
     /// Payouts recorded paid in the window.
     pub paid: i64,
@@ -39,7 +39,7 @@ pub struct Window {
 }
 
 /// Due-to-paid latency percentiles, in seconds.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Percentiles {
     /// Median.
     pub p50: Option<f64>,
@@ -52,7 +52,7 @@ pub struct Percentiles {
 }
 
 /// The queue window.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct QueueWindow {
     /// Payouts `queued` in Postgres (jobs handed to Redis and not yet claimed).
     pub queued: i64,
@@ -61,7 +61,7 @@ pub struct QueueWindow {
 }
 
 /// One apalis consumer.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct WorkerInfo {
     /// Its name (`host-pid-n`).
     pub name: String,
@@ -74,7 +74,7 @@ pub struct WorkerInfo {
 }
 
 /// Paid and failed in one minute.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Minute {
     /// The minute's start.
     pub t: DateTime<Utc>,
@@ -85,11 +85,12 @@ pub struct Minute {
 }
 
 /// The whole overview.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Overview {
     /// When computed.
     pub generated_at: DateTime<Utc>,
     /// Payouts by status (every status present).
+    #[schema(value_type = BTreeMap<String, i64>)]
     pub counts: BTreeMap<&'static str, i64>,
     /// `paid` is an estimate (see the module docs).
     pub paid_is_estimate: bool,

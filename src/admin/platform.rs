@@ -14,16 +14,22 @@ use axum::{
     middleware,
     routing::{get, post},
 };
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::{
     AdminState, ApiError,
-    api::{at_exponent, json_body, next_cursor, pairs, positive_id, short},
+    api::{ListPage, json_body, next_cursor, pairs, positive_id, rescaled, short},
     auth::{self, Caller, Source},
+    openapi::{ErrorBody, IdParam, ListParams},
 };
 use crate::{
-    db::{platform as reads, tokens::Permission},
+    db::{
+        payees::Payee,
+        platform::{self as reads, EarningView, PayoutView},
+        tokens::Permission,
+    },
+    domain::DecimalString,
     metrics,
     services::{
         escrow::{self, EscrowError},
@@ -92,23 +98,46 @@ fn done_action(action: &str) {
 }
 
 /// The body of a suspension (optional).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct SuspendBody {
+pub(crate) struct SuspendBody {
+    /// Why (at most 500 characters kept), in the audit log.
     #[serde(default)]
+    #[schema(max_length = 500)]
     reason: Option<String>,
+}
+
+/// A payee after a change.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct PayeeAnswer {
+    /// The payee now.
+    pub payee: Payee,
 }
 
 /// `POST /api/v1/payees/{id}/suspend` (operator): the payee is not settled
 /// and its payouts wait; its queued payouts go back to pending. 409 when
 /// suspended already.
-async fn suspend(
+#[utoipa::path(
+    post,
+    path = "/api/v1/payees/{id}/suspend",
+    tag = "payees",
+    params(IdParam),
+    request_body(content = Option<SuspendBody>, description = "Optional"),
+    security(("bearer" = ["operator", "admin"])),
+    responses(
+        (status = 200, description = "Suspended", body = crate::services::payees::Suspended),
+        (status = 400, description = "The id or the body is not valid", body = ErrorBody),
+        (status = 404, description = "No such payee", body = ErrorBody),
+        (status = 409, description = "The payee is suspended already", body = ErrorBody),
+    )
+)]
+pub(crate) async fn suspend(
     State(s): State<AdminState>,
     Extension(c): Extension<Caller>,
     Extension(source): Extension<Source>,
     Path(raw): Path<String>,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<crate::services::payees::Suspended>, ApiError> {
     c.permit(Permission::SuspendPayee, "suspend a payee")?;
     let id = positive_id(&raw, "payee id")?;
     let body: SuspendBody = json_body(&body)?;
@@ -122,18 +151,32 @@ async fn suspend(
         .await
         .map_err(|e| refused(e, "payee_suspend"))?;
     done_action("payee_suspend");
-    Ok(Json(json!({"payee": r.payee, "parked": r.parked})))
+    Ok(Json(r))
 }
 
 /// `POST /api/v1/payees/{id}/resume` (operator): settled again, its due
 /// payouts go out. 409 when not suspended.
-async fn resume(
+#[utoipa::path(
+    post,
+    path = "/api/v1/payees/{id}/resume",
+    tag = "payees",
+    params(IdParam),
+    request_body(content = Option<SuspendBody>, description = "Optional"),
+    security(("bearer" = ["operator", "admin"])),
+    responses(
+        (status = 200, description = "Resumed", body = PayeeAnswer),
+        (status = 400, description = "The id or the body is not valid", body = ErrorBody),
+        (status = 404, description = "No such payee", body = ErrorBody),
+        (status = 409, description = "The payee is not suspended", body = ErrorBody),
+    )
+)]
+pub(crate) async fn resume(
     State(s): State<AdminState>,
     Extension(c): Extension<Caller>,
     Extension(source): Extension<Source>,
     Path(raw): Path<String>,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<PayeeAnswer>, ApiError> {
     c.permit(Permission::SuspendPayee, "resume a payee")?;
     let id = positive_id(&raw, "payee id")?;
     let _: SuspendBody = json_body(&body)?;
@@ -147,14 +190,18 @@ async fn resume(
         .await
         .map_err(|e| refused(e, "payee_resume"))?;
     done_action("payee_resume");
-    Ok(Json(json!({"payee": payee})))
+    Ok(Json(PayeeAnswer { payee }))
 }
 
 /// The body of a change of account.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct AccountBody {
+pub(crate) struct AccountBody {
+    /// The payee's new account at the gateway (with `gateway.kind` stripe or
+    /// release_funds: a Stripe connected account, `acct_` followed by
+    /// letters or digits).
     #[serde(default)]
+    #[schema(value_type = String, min_length = 1, max_length = 255)]
     gateway_account: Option<String>,
 }
 
@@ -162,13 +209,27 @@ struct AccountBody {
 /// `{"gateway_account": "acct_…"}`: where the payee's payouts not yet sent
 /// go; payouts sent keep their destination. 400 for an account the
 /// configured gateway cannot pay, 409 when it is the account already.
-async fn account(
+#[utoipa::path(
+    method(put, post),
+    path = "/api/v1/payees/{id}/account",
+    tag = "payees",
+    params(IdParam),
+    request_body = AccountBody,
+    security(("bearer" = ["admin"])),
+    responses(
+        (status = 200, description = "Changed", body = crate::services::payees::AccountChanged),
+        (status = 400, description = "The id or the body is not valid, or the configured gateway cannot pay that account (the message names gateway_account)", body = ErrorBody),
+        (status = 404, description = "No such payee", body = ErrorBody),
+        (status = 409, description = "It is the payee's account already", body = ErrorBody),
+    )
+)]
+pub(crate) async fn account(
     State(s): State<AdminState>,
     Extension(c): Extension<Caller>,
     Extension(source): Extension<Source>,
     Path(raw): Path<String>,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<crate::services::payees::AccountChanged>, ApiError> {
     c.permit(
         Permission::ChangeAccount,
         "change a payee's gateway account (admin only)",
@@ -190,16 +251,18 @@ async fn account(
         .await
         .map_err(|e| refused(e, "payee_account"))?;
     done_action("payee_account");
-    Ok(Json(serde_json::to_value(r).map_err(anyhow::Error::from)?))
+    Ok(Json(r))
 }
 
 // ---------- Escrow actions (#17 item 5) ----------
 
 /// The body of an escrow action: `{"reason": "…"}` (required for a void).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct EscrowBody {
+pub(crate) struct EscrowBody {
+    /// Why (at most 500 characters), in the audit log; required for a void.
     #[serde(default)]
+    #[schema(max_length = 500)]
     reason: Option<String>,
 }
 
@@ -227,26 +290,54 @@ fn escrow_refused(e: EscrowError, action: &str) -> ApiError {
 /// `POST /api/v1/earnings/{id}/release` (operator), body optional
 /// `{"reason": "…"}`: a held earning is payable now (in the payee's current
 /// period). 409 once released, settled or voided.
-async fn release_earning(
+#[utoipa::path(
+    post,
+    path = "/api/v1/earnings/{id}/release",
+    tag = "earnings",
+    params(IdParam),
+    request_body(content = Option<EscrowBody>, description = "Optional"),
+    security(("bearer" = ["operator", "admin"])),
+    responses(
+        (status = 200, description = "Released: payable in the payee's current period", body = escrow::Done),
+        (status = 400, description = "The id or the body is not valid", body = ErrorBody),
+        (status = 404, description = "No such earning", body = ErrorBody),
+        (status = 409, description = "Released already, settled or voided", body = ErrorBody),
+    )
+)]
+pub(crate) async fn release_earning(
     State(s): State<AdminState>,
     Extension(c): Extension<Caller>,
     Extension(source): Extension<Source>,
     Path(raw): Path<String>,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<escrow::Done>, ApiError> {
     escrow_action(s, c, source, raw, body, false).await
 }
 
 /// `POST /api/v1/earnings/{id}/void` (operator), body `{"reason": "…"}`
 /// (required): the earning is never paid; its reference stays taken. 409
 /// once settled (cancel or reverse the payout instead) or voided.
-async fn void_earning(
+#[utoipa::path(
+    post,
+    path = "/api/v1/earnings/{id}/void",
+    tag = "earnings",
+    params(IdParam),
+    request_body(content = EscrowBody, description = "`reason` is required"),
+    security(("bearer" = ["operator", "admin"])),
+    responses(
+        (status = 200, description = "Voided: never settled, paid or counted; its reference stays taken", body = escrow::Done),
+        (status = 400, description = "The id is not valid or the reason is missing", body = ErrorBody),
+        (status = 404, description = "No such earning", body = ErrorBody),
+        (status = 409, description = "Settled (cancel or reverse its payout instead) or voided already", body = ErrorBody),
+    )
+)]
+pub(crate) async fn void_earning(
     State(s): State<AdminState>,
     Extension(c): Extension<Caller>,
     Extension(source): Extension<Source>,
     Path(raw): Path<String>,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<escrow::Done>, ApiError> {
     escrow_action(s, c, source, raw, body, true).await
 }
 
@@ -257,7 +348,7 @@ async fn escrow_action(
     raw: String,
     body: Bytes,
     void: bool,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<escrow::Done>, ApiError> {
     let (action, what) = if void {
         ("earning_void", "void an earning")
     } else {
@@ -279,19 +370,33 @@ async fn escrow_action(
     }
     .map_err(|e| escrow_refused(e, action))?;
     done_action(action);
-    Ok(Json(
-        serde_json::to_value(done).map_err(anyhow::Error::from)?,
-    ))
+    Ok(Json(done))
 }
 
 /// `GET /api/v1/holds` (any operator role): held earnings' totals per payee
 /// and per source, each per currency, largest first; filters `payee`,
 /// `source`, `currency`; `limit` groups of each (default 50, at most 200).
-async fn holds(
+#[utoipa::path(
+    get,
+    path = "/api/v1/holds",
+    tag = "earnings",
+    params(
+        ("payee" = Option<i64>, Query, description = "Only this payee", minimum = 1),
+        ("source" = Option<String>, Query, description = "Only this source"),
+        ("currency" = Option<String>, Query, description = "ISO 4217 code", pattern = "^[A-Za-z]{3}$"),
+        ("limit" = Option<i64>, Query, description = "Groups of each listing (default 50)", minimum = 1, maximum = 200),
+    ),
+    security(("bearer" = ["viewer", "operator", "admin"])),
+    responses(
+        (status = 200, description = "Held earnings' totals per payee and per source, each per currency, largest gross first", body = escrow::Holds),
+        (status = 400, description = "A parameter is not valid", body = ErrorBody),
+    )
+)]
+pub(crate) async fn holds(
     State(s): State<AdminState>,
     Extension(c): Extension<Caller>,
     RawQuery(q): RawQuery,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<escrow::Holds>, ApiError> {
     c.permit(Permission::ReadFleet, "list holds")?;
     let q = query(&q, &["payee", "source", "currency"])?;
     let payee_id = q
@@ -305,7 +410,7 @@ async fn holds(
         currency: currency_filter(q.filters.get("currency"))?,
     };
     let h = escrow::holds(&s.pool, &f, s.clock.now(), q.limit).await?;
-    Ok(Json(serde_json::to_value(h).map_err(anyhow::Error::from)?))
+    Ok(Json(h))
 }
 
 // ---------- Reads for a payee (#17 item 2) ----------
@@ -397,30 +502,62 @@ fn policy(s: &AdminState) -> Result<crate::domain::Policy, ApiError> {
 /// `GET /api/v1/payees/{id}/balance`: per currency, the gross of earnings
 /// held and releasable, the balance carried over, payouts in flight and
 /// paid in the current period.
-async fn balance(
+#[utoipa::path(
+    get,
+    path = "/api/v1/payees/{id}/balance",
+    tag = "payees",
+    params(IdParam),
+    security(("bearer" = ["viewer", "operator", "admin", "integration"])),
+    responses(
+        (status = 200, description = "The balance", body = crate::services::payees::Balance),
+        (status = 400, description = "The id is not a positive integer", body = ErrorBody),
+        (status = 404, description = "No such payee", body = ErrorBody),
+    )
+)]
+pub(crate) async fn balance(
     State(s): State<AdminState>,
     Extension(c): Extension<Caller>,
     Path(raw): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<crate::services::payees::Balance>, ApiError> {
     c.permit(Permission::ReadPayees, "read payees")?;
     let id = positive_id(&raw, "payee id")?;
     let b = payee_service::balance(&s.pool, &policy(&s)?, id, s.clock.now())
         .await
         .map_err(|e| refused(e, "payee_balance"))?
         .ok_or_else(|| ApiError::NotFound(format!("payee {id} not found")))?;
-    Ok(Json(serde_json::to_value(b).map_err(anyhow::Error::from)?))
+    Ok(Json(b))
 }
 
 /// `GET /api/v1/payees/{id}/earnings`: newest first, each with its state
 /// (`held` until `release_at`, `released`, `carried`, `settled` into
 /// `payout_id`). Filters: `state`, `currency`, `source`, `completed_from`,
 /// `completed_to`; `limit`, `cursor`.
-async fn earnings(
+#[utoipa::path(
+    get,
+    path = "/api/v1/payees/{id}/earnings",
+    tag = "payees",
+    params(
+        IdParam,
+        ("state" = Option<String>, Query, description = "Only earnings in this state", pattern = "^(held|released|carried|settled|voided)$"),
+        ("currency" = Option<String>, Query, description = "ISO 4217 code", pattern = "^[A-Za-z]{3}$"),
+        ("source" = Option<String>, Query, description = "Only from this source"),
+        ("completed_from" = Option<chrono::DateTime<chrono::Utc>>, Query, description = "Completed at or after (RFC 3339)"),
+        ("completed_to" = Option<chrono::DateTime<chrono::Utc>>, Query, description = "Completed before (RFC 3339)"),
+        ListParams,
+    ),
+    security(("bearer" = ["viewer", "operator", "admin", "integration"])),
+    responses(
+        (status = 200, description = "A page", body = ListPage<EarningView>),
+        (status = 400, description = "A parameter is not valid", body = ErrorBody),
+        (status = 404, description = "No such payee", body = ErrorBody),
+    )
+)]
+pub(crate) async fn earnings(
     State(s): State<AdminState>,
     Extension(c): Extension<Caller>,
     Path(raw): Path<String>,
     RawQuery(q): RawQuery,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ListPage<EarningView>>, ApiError> {
     c.permit(Permission::ReadPayees, "read payees")?;
     let q = query(
         &q,
@@ -452,26 +589,71 @@ async fn earnings(
     let p = known_payee(&s, &raw).await?;
     let rows = reads::earnings_page(&s.pool, p.id, &f, s.clock.now(), q.before_id, q.limit).await?;
     let next = next_cursor(rows.iter().map(|e| e.id), rows.len(), q.limit);
-    let items: Vec<Value> = rows
-        .iter()
-        .map(|e| {
-            let mut v = serde_json::to_value(e).unwrap_or(Value::Null);
-            v["gross"] = json!(at_exponent(e.gross, &e.currency));
-            v
+    let items = rows
+        .into_iter()
+        .map(|mut e| {
+            e.gross = rescaled(e.gross, &e.currency);
+            e
         })
         .collect();
-    Ok(Json(json!({"items": items, "next_cursor": next})))
+    Ok(Json(ListPage {
+        items,
+        next_cursor: next,
+    }))
+}
+
+/// A line item of a payee's payout.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct PayoutLine {
+    /// Order within the settlement.
+    pub position: i32,
+    /// `earning`, `commission`, `volume_bonus`, `deduction`, `carried_in`, `fee`, `carried_out`, `returned`.
+    pub kind: String,
+    /// Human text.
+    pub description: String,
+    /// Signed amount, at the payout currency's exponent.
+    #[schema(value_type = DecimalString)]
+    pub amount: rust_decimal::Decimal,
+    /// The earning, for earning lines.
+    pub earning_id: Option<i64>,
+}
+
+/// A payee's payout with its line items.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct PayeePayout {
+    /// The payout (its amount at its currency's exponent).
+    #[serde(flatten)]
+    pub payout: PayoutView,
+    /// A settlement payout's line items (none for one made by hand).
+    pub lines: Vec<PayoutLine>,
 }
 
 /// `GET /api/v1/payees/{id}/payouts`: newest first, each with its line
 /// items (a settlement payout's; none for one made by hand). Filters:
 /// `status`, `currency`; `limit`, `cursor`.
-async fn payee_payouts(
+#[utoipa::path(
+    get,
+    path = "/api/v1/payees/{id}/payouts",
+    tag = "payees",
+    params(
+        IdParam,
+        ("status" = Option<crate::domain::PayoutStatus>, Query, description = "Only this status"),
+        ("currency" = Option<String>, Query, description = "ISO 4217 code", pattern = "^[A-Za-z]{3}$"),
+        ListParams,
+    ),
+    security(("bearer" = ["viewer", "operator", "admin", "integration"])),
+    responses(
+        (status = 200, description = "A page", body = ListPage<PayeePayout>),
+        (status = 400, description = "A parameter is not valid", body = ErrorBody),
+        (status = 404, description = "No such payee", body = ErrorBody),
+    )
+)]
+pub(crate) async fn payee_payouts(
     State(s): State<AdminState>,
     Extension(c): Extension<Caller>,
     Path(raw): Path<String>,
     RawQuery(q): RawQuery,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ListPage<PayeePayout>>, ApiError> {
     c.permit(Permission::ReadPayees, "read payees")?;
     let q = query(&q, &["status", "currency"])?;
     let status = q
@@ -495,42 +677,72 @@ async fn payee_payouts(
     )
     .await?;
     let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-    let mut lines: BTreeMap<i64, Vec<Value>> = BTreeMap::new();
+    let mut lines: BTreeMap<i64, Vec<PayoutLine>> = BTreeMap::new();
     let currency_of: BTreeMap<i64, &str> =
         rows.iter().map(|r| (r.id, r.currency.as_str())).collect();
     for l in reads::lines_of(&s.pool, &ids).await? {
         let cur = currency_of.get(&l.payout_id).copied().unwrap_or("");
-        lines.entry(l.payout_id).or_default().push(json!({
-            "position": l.position, "kind": l.kind, "description": l.description,
-            "amount": at_exponent(l.amount, cur), "earning_id": l.earning_id,
-        }));
+        lines.entry(l.payout_id).or_default().push(PayoutLine {
+            position: l.position,
+            kind: l.kind,
+            description: l.description,
+            amount: rescaled(l.amount, cur),
+            earning_id: l.earning_id,
+        });
     }
     let next = next_cursor(ids.iter().copied(), rows.len(), q.limit);
-    let items: Vec<Value> = rows
-        .iter()
-        .map(|r| {
-            let mut v = serde_json::to_value(r).unwrap_or(Value::Null);
-            v["amount"] = json!(at_exponent(r.amount, &r.currency));
-            v["lines"] = json!(lines.remove(&r.id).unwrap_or_default());
-            v
+    let items = rows
+        .into_iter()
+        .map(|mut r| {
+            r.amount = rescaled(r.amount, &r.currency);
+            PayeePayout {
+                lines: lines.remove(&r.id).unwrap_or_default(),
+                payout: r,
+            }
         })
         .collect();
-    Ok(Json(json!({"items": items, "next_cursor": next})))
+    Ok(Json(ListPage {
+        items,
+        next_cursor: next,
+    }))
+}
+
+/// The payee's upcoming payout.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Upcoming {
+    /// The preview.
+    #[serde(flatten)]
+    pub preview: crate::services::settlement::Preview,
+    /// The payee's status (a suspended payee is not settled).
+    pub payee_status: String,
 }
 
 /// `GET /api/v1/payees/{id}/upcoming`: the payee's next payout, computed
 /// line by line as `payoutctl preview` does (writes nothing).
-async fn upcoming(
+#[utoipa::path(
+    get,
+    path = "/api/v1/payees/{id}/upcoming",
+    tag = "payees",
+    params(IdParam),
+    security(("bearer" = ["viewer", "operator", "admin", "integration"])),
+    responses(
+        (status = 200, description = "The preview", body = Upcoming),
+        (status = 400, description = "The id is not a positive integer", body = ErrorBody),
+        (status = 404, description = "No such payee", body = ErrorBody),
+    )
+)]
+pub(crate) async fn upcoming(
     State(s): State<AdminState>,
     Extension(c): Extension<Caller>,
     Path(raw): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Upcoming>, ApiError> {
     c.permit(Permission::ReadPayees, "read payees")?;
     let p = known_payee(&s, &raw).await?;
     let preview = crate::services::settlement::preview(&s.pool, &policy(&s)?, p.id, s.clock.now())
         .await
         .map_err(ApiError::Unavailable)?;
-    let mut v = serde_json::to_value(&preview).map_err(anyhow::Error::from)?;
-    v["payee_status"] = json!(p.status);
-    Ok(Json(v))
+    Ok(Json(Upcoming {
+        preview,
+        payee_status: p.status,
+    }))
 }

@@ -414,11 +414,61 @@ pub fn router(state: WebhookState) -> Router {
         .with_state(state)
 }
 
-async fn gateway_hook(State(s): State<WebhookState>, headers: HeaderMap, body: Bytes) -> Response {
+/// The answer to a gateway webhook.
+#[derive(Debug, utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct HookOutcome {
+    /// What it did: `paid`, `failed`, `failed_after_paid`, `already_paid`,
+    /// `ignored_status`, `duplicate` (a replay), `unknown_payout`, ...; with
+    /// a 400 `bad_signature` or `bad_payload`; with a 5xx `db_error` or
+    /// `retry_later` (the gateway sends it again).
+    outcome: String,
+}
+
+/// `POST /webhooks/gateway`: the contract gateway's events, signed with
+/// `Gateway-Signature` (HMAC-SHA256 over `t.body`); no token.
+#[utoipa::path(
+    post,
+    path = "/webhooks/gateway",
+    tag = "gateway",
+    request_body(content = Object, description = "The gateway's event (`id`, `type`, `data` with the transfer)"),
+    params(("Gateway-Signature" = String, Header, description = "`t=<unix time>,v1=<hex HMAC-SHA256 of t.body>`")),
+    security(()),
+    responses(
+        (status = 200, description = "Handled (or a replay)", body = HookOutcome),
+        (status = 400, description = "A bad signature or payload", body = HookOutcome),
+        (status = 500, description = "The database failed; the gateway retries", body = HookOutcome),
+        (status = 503, description = "Not now; the gateway retries", body = HookOutcome),
+    )
+)]
+pub(crate) async fn gateway_hook(
+    State(s): State<WebhookState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     handle(&s, Source::Gateway, &headers, &body).await
 }
 
-async fn stripe_hook(State(s): State<WebhookState>, headers: HeaderMap, body: Bytes) -> Response {
+/// `POST /webhooks/stripe`: Stripe's events, signed with `Stripe-Signature`; no token.
+#[utoipa::path(
+    post,
+    path = "/webhooks/stripe",
+    tag = "gateway",
+    request_body(content = Object, description = "A Stripe event (`transfer.*`, `payout.*`)"),
+    params(("Stripe-Signature" = String, Header, description = "`t=<unix time>,v1=<hex HMAC-SHA256 of t.body>`")),
+    security(()),
+    responses(
+        (status = 200, description = "Handled (or a replay)", body = HookOutcome),
+        (status = 400, description = "A bad signature or payload", body = HookOutcome),
+        (status = 500, description = "The database failed; Stripe retries", body = HookOutcome),
+        (status = 503, description = "Not now; Stripe retries", body = HookOutcome),
+    )
+)]
+pub(crate) async fn stripe_hook(
+    State(s): State<WebhookState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     handle(&s, Source::Stripe, &headers, &body).await
 }
 

@@ -66,6 +66,8 @@ fn id_of(raw: &str) -> Result<i64, ApiError> {
 }
 
 /// `GET /api/v1/webhook-endpoints` (viewer): every endpoint, no secrets.
+#[utoipa::path(get, path = "/api/v1/webhook-endpoints", operation_id = "list_webhook_endpoints", tag = "webhooks-out",
+    responses((status = 200, description = "The endpoints", body = crate::admin::openapi::EndpointList)))]
 pub async fn list(
     State(s): State<AdminState>,
     Extension(c): Extension<Caller>,
@@ -76,6 +78,12 @@ pub async fn list(
 }
 
 /// `POST /api/v1/webhook-endpoints` (admin): registers one; 201 with its secret, shown once.
+#[utoipa::path(post, path = "/api/v1/webhook-endpoints", operation_id = "create_webhook_endpoint", tag = "webhooks-out",
+    request_body = crate::admin::openapi::EndpointBody, security(("bearer" = ["admin"])),
+    responses(
+        (status = 201, description = "Registered", body = crate::admin::openapi::EndpointCreated),
+        (status = 400, description = "The url, an event type or the body is not valid", body = crate::admin::openapi::ErrorBody),
+    ))]
 pub async fn create(
     State(s): State<AdminState>,
     Extension(c): Extension<Caller>,
@@ -99,6 +107,13 @@ pub async fn create(
 
 /// `GET /api/v1/webhook-endpoints/{id}` (viewer): the endpoint and its newest
 /// messages, each with its delivery log (`log`, oldest attempt first).
+#[utoipa::path(get, path = "/api/v1/webhook-endpoints/{id}", operation_id = "show_webhook_endpoint", tag = "webhooks-out",
+    params(crate::admin::openapi::IdParam),
+    responses(
+        (status = 200, description = "The endpoint and its newest 100 messages", body = crate::admin::openapi::EndpointDetail),
+        (status = 400, description = "The id is not a positive integer", body = crate::admin::openapi::ErrorBody),
+        (status = 404, description = "No such endpoint", body = crate::admin::openapi::ErrorBody),
+    ))]
 pub async fn show(
     State(s): State<AdminState>,
     Extension(c): Extension<Caller>,
@@ -139,6 +154,13 @@ pub async fn show(
 }
 
 /// `PATCH /api/v1/webhook-endpoints/{id}` (admin): url, event_types, description, enabled.
+#[utoipa::path(patch, path = "/api/v1/webhook-endpoints/{id}", operation_id = "update_webhook_endpoint", tag = "webhooks-out",
+    params(crate::admin::openapi::IdParam), request_body = crate::admin::openapi::EndpointBody, security(("bearer" = ["admin"])),
+    responses(
+        (status = 200, description = "Changed", body = crate::admin::openapi::EndpointChanged),
+        (status = 400, description = "The id or the body is not valid", body = crate::admin::openapi::ErrorBody),
+        (status = 404, description = "No such endpoint", body = crate::admin::openapi::ErrorBody),
+    ))]
 pub async fn update(
     State(s): State<AdminState>,
     Extension(c): Extension<Caller>,
@@ -165,6 +187,13 @@ pub async fn update(
 }
 
 /// `DELETE /api/v1/webhook-endpoints/{id}` (admin): the endpoint and its messages.
+#[utoipa::path(delete, path = "/api/v1/webhook-endpoints/{id}", operation_id = "delete_webhook_endpoint", tag = "webhooks-out",
+    params(crate::admin::openapi::IdParam), security(("bearer" = ["admin"])),
+    responses(
+        (status = 200, description = "Deleted, with its messages", body = crate::admin::openapi::EndpointDeleted),
+        (status = 400, description = "The id is not a positive integer", body = crate::admin::openapi::ErrorBody),
+        (status = 404, description = "No such endpoint", body = crate::admin::openapi::ErrorBody),
+    ))]
 pub async fn remove(
     State(s): State<AdminState>,
     Extension(c): Extension<Caller>,
@@ -187,6 +216,14 @@ struct Rotate {
 
 /// `POST /api/v1/webhook-endpoints/{id}/rotate-secret` (admin): a new
 /// secret (shown once); the old one signs too for `overlap_secs`.
+#[utoipa::path(post, path = "/api/v1/webhook-endpoints/{id}/rotate-secret", operation_id = "rotate_webhook_secret", tag = "webhooks-out",
+    params(crate::admin::openapi::IdParam), request_body(content = Option<crate::admin::openapi::RotateBody>, description = "Optional"),
+    security(("bearer" = ["admin"])),
+    responses(
+        (status = 200, description = "A new secret", body = crate::admin::openapi::SecretRotated),
+        (status = 400, description = "The id or the body is not valid", body = crate::admin::openapi::ErrorBody),
+        (status = 404, description = "No such endpoint", body = crate::admin::openapi::ErrorBody),
+    ))]
 pub async fn rotate(
     State(s): State<AdminState>,
     Extension(c): Extension<Caller>,
@@ -218,6 +255,13 @@ struct Since {
 
 /// `POST /api/v1/webhook-endpoints/{id}/replay` (operator) `{"since": RFC 3339}`:
 /// every message to it created since then, sent again; audited.
+#[utoipa::path(post, path = "/api/v1/webhook-endpoints/{id}/replay", operation_id = "replay_webhook_endpoint", tag = "webhooks-out",
+    params(crate::admin::openapi::IdParam), request_body = crate::admin::openapi::ReplayBody, security(("bearer" = ["operator", "admin"])),
+    responses(
+        (status = 200, description = "Queued again", body = crate::admin::openapi::Replayed),
+        (status = 400, description = "The id is not valid or `since` is missing", body = crate::admin::openapi::ErrorBody),
+        (status = 404, description = "No such endpoint", body = crate::admin::openapi::ErrorBody),
+    ))]
 pub async fn replay_since(
     State(s): State<AdminState>,
     Extension(c): Extension<Caller>,
@@ -239,6 +283,12 @@ pub async fn replay_since(
 }
 
 /// `GET /api/v1/webhook-deliveries/{id}` (viewer): the delivery log of one message.
+#[utoipa::path(get, path = "/api/v1/webhook-deliveries/{id}", operation_id = "show_webhook_delivery", tag = "webhooks-out",
+    params(crate::admin::openapi::IdParam),
+    responses(
+        (status = 200, description = "The delivery log", body = crate::admin::openapi::DeliveryLog),
+        (status = 400, description = "The id is not a positive integer", body = crate::admin::openapi::ErrorBody),
+    ))]
 pub async fn delivery(
     State(s): State<AdminState>,
     Extension(c): Extension<Caller>,
@@ -251,6 +301,13 @@ pub async fn delivery(
 }
 
 /// `POST /api/v1/webhook-deliveries/{id}/replay` (operator): send it again now; audited.
+#[utoipa::path(post, path = "/api/v1/webhook-deliveries/{id}/replay", operation_id = "replay_webhook_delivery", tag = "webhooks-out",
+    params(crate::admin::openapi::IdParam), security(("bearer" = ["operator", "admin"])),
+    responses(
+        (status = 200, description = "Queued again", body = crate::admin::openapi::DeliveryReplayed),
+        (status = 400, description = "The id is not a positive integer", body = crate::admin::openapi::ErrorBody),
+        (status = 404, description = "No such message", body = crate::admin::openapi::ErrorBody),
+    ))]
 pub async fn replay(
     State(s): State<AdminState>,
     Extension(c): Extension<Caller>,

@@ -256,9 +256,25 @@ pub async fn bulk_retry(
     }
     let f = args.filter.filter()?;
     let cap = settings.admin.bulk_max;
+    if args.execute && !f.narrows_failed() {
+        bail!(
+            "bulk-retry --execute needs a filter that narrows the failed payouts \
+             (--payee-id, --currency, --failure-code or a time range)"
+        );
+    }
+    // One statement each (the count, the retry): a spinner, not a bar.
+    let bar = crate::cli::money::progress_bar(json_out, "{spinner} {msg}  {elapsed}");
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
     if !args.execute {
-        let n = filter::count_failed(pool, &f, cap).await?;
-        let excluded = filter::count_failed_after_paid(pool, &f, cap).await?;
+        bar.set_message("counting the failed payouts the filter matches");
+        let counted = async {
+            let n = filter::count_failed(pool, &f, cap).await?;
+            let excluded = filter::count_failed_after_paid(pool, &f, cap).await?;
+            Ok::<_, sqlx::Error>((n, excluded))
+        }
+        .await;
+        bar.finish_and_clear();
+        let (n, excluded) = counted?;
         if json_out {
             writeln!(
                 out,
@@ -282,21 +298,23 @@ pub async fn bulk_retry(
         }
         return Ok(());
     }
-    if !f.narrows_failed() {
-        bail!(
-            "bulk-retry --execute needs a filter that narrows the failed payouts \
-             (--payee-id, --currency, --failure-code or a time range)"
-        );
-    }
     let now = clock.now();
     let lease = now + chrono::Duration::seconds(settings.producer.queue_lease_secs as i64);
-    let ids = payouts::bulk_retry(pool, &f, cap, actor, lease, now).await?;
-    if !ids.is_empty() {
-        let conn = crate::queue::connect(&settings.redis).await?;
-        Queue::from_settings(conn, settings)
-            .push_manual(&ids)
-            .await?;
+    bar.set_message(format!("retrying failed payouts (at most {cap})"));
+    let retried = async {
+        let ids = payouts::bulk_retry(pool, &f, cap, actor, lease, now).await?;
+        if !ids.is_empty() {
+            bar.set_message(format!("pushing {} jobs", ids.len()));
+            let conn = crate::queue::connect(&settings.redis).await?;
+            Queue::from_settings(conn, settings)
+                .push_manual(&ids)
+                .await?;
+        }
+        anyhow::Ok(ids)
     }
+    .await;
+    bar.finish_and_clear();
+    let ids = retried?;
     if json_out {
         writeln!(
             out,

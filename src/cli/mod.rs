@@ -176,10 +176,14 @@ pub enum Command {
         #[arg(long, default_value = ".")]
         dir: PathBuf,
     },
+    /// Print the admin server's OpenAPI 3.1 document, generated from its
+    /// handlers (what `/api/openapi.json` serves): `payoutctl openapi > docs/openapi.json`.
+    Openapi,
 }
 
 /// The commands that need no configuration, database or Redis
-/// (completions, man pages): run them, or `None` for every other command.
+/// (completions, man pages, the OpenAPI document): run them, or `None` for
+/// every other command.
 pub fn run_offline(cli: &Cli, out: &mut (dyn Write + Send)) -> Option<anyhow::Result<()>> {
     use clap::CommandFactory;
     match &cli.command {
@@ -190,6 +194,10 @@ pub fn run_offline(cli: &Cli, out: &mut (dyn Write + Send)) -> Option<anyhow::Re
             Some(out.write_all(&buf).map_err(Into::into))
         }
         Command::Man { dir } => Some(write_man_pages(dir, out)),
+        Command::Openapi => Some(
+            out.write_all(crate::admin::openapi::pretty().as_bytes())
+                .map_err(Into::into),
+        ),
         _ => None,
     }
 }
@@ -524,7 +532,24 @@ async fn reconcile(
         }
         None => {
             let gateway = fleet_gateway(settings).await?;
-            crate::services::reconcile::run(pool, gateway.as_ref(), &opts, clock.now()).await?
+            let bar = crate::cli::money::progress_bar(
+                json,
+                "reconciling {bar:40} {pos}/{len} payouts  {per_sec}  eta {eta}",
+            );
+            let progress = |done: usize, total: usize| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            };
+            let report = crate::services::reconcile::run_with_progress(
+                pool,
+                gateway.as_ref(),
+                &opts,
+                clock.now(),
+                Some(&progress),
+            )
+            .await;
+            bar.finish_and_clear();
+            report?
         }
     };
     if json {
@@ -991,7 +1016,7 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
             crate::cli::money::preview(&pool, &settings, args, cli.json, clock.now(), out).await?
         }
         // Run by `run_offline` above, before any connection.
-        Command::Completions { .. } | Command::Man { .. } => {}
+        Command::Completions { .. } | Command::Man { .. } | Command::Openapi => {}
         Command::Payee(PayeeCommand::Set(args)) => {
             crate::cli::money::payee_set(&pool, &settings, args, cli.json, &actor, clock.now(), out)
                 .await?

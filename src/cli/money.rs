@@ -595,7 +595,10 @@ pub async fn settle(
         actor: actor.to_string(),
     };
     let started = tokio::time::Instant::now();
-    let bar = settle_progress_bar(as_json);
+    let bar = progress_bar(
+        as_json,
+        "settling {bar:40} {pos}/{len} payees  {per_sec}  eta {eta}",
+    );
     let progress = |done: usize, total: usize| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
@@ -681,17 +684,17 @@ pub async fn settle(
     Ok(())
 }
 
-/// `settle`'s progress bar (payees done of the run's), on stderr when
-/// stdout is a terminal and the output is not JSON; hidden otherwise.
-fn settle_progress_bar(as_json: bool) -> indicatif::ProgressBar {
+/// A progress bar drawn with `template` (indicatif's), on stderr when
+/// stdout is a terminal and the output is not JSON; hidden otherwise. Used
+/// by `settle` (payees done of the run's), `reconcile` (payouts compared)
+/// and `bulk-retry` (a spinner while its statement runs).
+pub(crate) fn progress_bar(as_json: bool, template: &str) -> indicatif::ProgressBar {
     use std::io::IsTerminal;
     if as_json || !std::io::stdout().is_terminal() {
         return indicatif::ProgressBar::hidden();
     }
     let bar = indicatif::ProgressBar::new(0);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "settling {bar:40} {pos}/{len} payees  {per_sec}  eta {eta}",
-    ) {
+    if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
         bar.set_style(style);
     }
     bar

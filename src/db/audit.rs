@@ -9,7 +9,7 @@ use serde_json::Value;
 use sqlx::{PgExecutor, PgPool};
 
 /// One administrative change.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct AuditEntry {
     /// Its id.
     pub id: i64,

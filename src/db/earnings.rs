@@ -20,7 +20,7 @@ use crate::{
 };
 
 /// An earnings row.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Earning {
     /// Id.
     pub id: i64,
@@ -31,6 +31,7 @@ pub struct Earning {
     /// The source's id for it.
     pub external_ref: String,
     /// Gross amount.
+    #[schema(value_type = crate::domain::DecimalString)]
     pub gross: Decimal,
     /// ISO 4217 code.
     pub currency: String,
@@ -764,7 +765,7 @@ pub async fn mark_paid_through_carry_many(
 // ---------- Escrow actions (#17 item 5) ----------
 
 /// An earning as an escrow action reads it, locked.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct EscrowRow {
     /// Id.
     pub id: i64,
@@ -775,6 +776,7 @@ pub struct EscrowRow {
     /// The source's id for it.
     pub external_ref: String,
     /// Gross amount.
+    #[schema(value_type = crate::domain::DecimalString)]
     pub gross: Decimal,
     /// ISO 4217 code.
     pub currency: String,
@@ -852,7 +854,7 @@ pub async fn void(
 
 /// Held earnings (open, released after `now`) summed by one key: a payee
 /// id or a source.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct HoldTotal {
     /// The payee (totals per payee) or the source (totals per source).
     pub key: String,
@@ -861,6 +863,7 @@ pub struct HoldTotal {
     /// How many earnings are held.
     pub earnings: i64,
     /// Their gross.
+    #[schema(value_type = crate::domain::DecimalString)]
     pub gross: Decimal,
     /// The next release among them.
     pub next_release_at: Option<DateTime<Utc>>,

@@ -25,8 +25,9 @@ pub const MAX_LIMIT: i64 = 500;
 pub const DEFAULT_LIMIT: i64 = 50;
 
 /// Which payouts: every field is optional and they combine with AND.
-#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct PayoutFilter {
     /// Only this status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -72,7 +73,7 @@ pub struct PageRequest {
 }
 
 /// A page of payouts and the cursor of the next one.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Page {
     /// The payouts, newest first.
     pub items: Vec<Payout>,
@@ -335,7 +336,7 @@ pub async fn count_failed_after_paid(
 }
 
 /// Failed payouts grouped by failure code, largest group first.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct FailureGroup {
     /// The code (`unknown` when none was recorded).
     pub failure_code: String,

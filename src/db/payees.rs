@@ -7,7 +7,7 @@ use sqlx::{PgConnection, PgPool};
 use crate::domain::Currency;
 
 /// A payee row.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Payee {
     /// Id.
     pub id: i64,

@@ -18,13 +18,14 @@ use super::filter::PayoutFilter;
 use crate::domain::{Money, PayoutStatus, TransitionError};
 
 /// A payout row.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Payout {
     /// Id; the gateway idempotency key and reference derive from it.
     pub id: i64,
     /// Who is paid.
     pub payee_id: i64,
     /// Exact amount.
+    #[schema(value_type = crate::domain::DecimalString)]
     pub amount: Decimal,
     /// ISO 4217 code.
     pub currency: String,
@@ -1314,6 +1315,17 @@ pub async fn for_reconciliation(
         limit,
     )
     .fetch_all(pool)
+    .await
+}
+
+/// How many payouts [`for_reconciliation`] pages through from the start
+/// (the progress bar's length; rows that change meanwhile may make it off by a few).
+pub async fn count_for_reconciliation(pool: &PgPool, since: DateTime<Utc>) -> sqlx::Result<i64> {
+    sqlx::query_scalar!(
+        r#"SELECT count(*) AS "n!" FROM payouts WHERE updated_at >= $1 AND status <> 'pending'"#,
+        since,
+    )
+    .fetch_one(pool)
     .await
 }
 

@@ -92,7 +92,7 @@ pub async fn payout_sums(
 }
 
 /// An earning as the platform reads it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct EarningView {
     /// Id.
     pub id: i64,
@@ -103,6 +103,7 @@ pub struct EarningView {
     /// The source's id for it (a booking, an order).
     pub external_ref: String,
     /// Gross amount.
+    #[schema(value_type = crate::domain::DecimalString)]
     pub gross: Decimal,
     /// ISO 4217 code.
     pub currency: String,
@@ -198,11 +199,12 @@ pub async fn earnings_page(
 }
 
 /// A payout as the platform reads it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct PayoutView {
     /// Id.
     pub id: i64,
     /// Amount.
+    #[schema(value_type = crate::domain::DecimalString)]
     pub amount: Decimal,
     /// ISO 4217 code.
     pub currency: String,
@@ -255,7 +257,7 @@ pub async fn payouts_page(
 }
 
 /// A line item of a payout.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct LineView {
     /// The payout.
     pub payout_id: i64,
@@ -267,6 +269,7 @@ pub struct LineView {
     /// Human text.
     pub description: String,
     /// Signed amount.
+    #[schema(value_type = crate::domain::DecimalString)]
     pub amount: Decimal,
     /// The earning, for earning lines.
     pub earning_id: Option<i64>,

@@ -10,7 +10,7 @@ use serde::Serialize;
 use sqlx::PgPool;
 
 /// A recorded reconciliation run (the dashboard's reconcile view).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Run {
     /// Its id.
     pub id: i64,
@@ -25,6 +25,7 @@ pub struct Run {
     /// How many mismatches it fixed.
     pub fixed: i64,
     /// Mismatches by kind, zeros included.
+    #[schema(value_type = std::collections::BTreeMap<String, i64>)]
     pub mismatches: serde_json::Value,
     /// Who ran it.
     pub actor: String,

@@ -14,7 +14,7 @@ use sqlx::PgPool;
 pub const MAX_RESULTS: usize = 20;
 
 /// One thing found.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Hit {
     /// `payout` or `payee`.
     pub kind: &'static str,

@@ -20,8 +20,9 @@ use crate::domain::{
     policy::{Line, Settlement},
 };
 
-/// A settlement row.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+/// A settlement row (in the API, its amounts at its currency's exponent).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+#[schema(as = Settlement)]
 pub struct SettlementRow {
     /// Id.
     pub id: i64,
@@ -40,27 +41,38 @@ pub struct SettlementRow {
     /// Earnings in the period.
     pub services: i32,
     /// Their gross.
+    #[schema(value_type = crate::domain::DecimalString)]
     pub gross: Decimal,
     /// The payee's tier percentage.
+    #[schema(value_type = crate::domain::DecimalString)]
     pub payee_percent: Decimal,
     /// Bonus points.
+    #[schema(value_type = crate::domain::DecimalString)]
     pub bonus_percent: Decimal,
     /// The payee's share.
+    #[schema(value_type = crate::domain::DecimalString)]
     pub payee_share: Decimal,
     /// What the platform kept.
+    #[schema(value_type = crate::domain::DecimalString)]
     pub platform_commission: Decimal,
     /// Sum of deductions.
+    #[schema(value_type = crate::domain::DecimalString)]
     pub deductions: Decimal,
     /// Balances carried in.
+    #[schema(value_type = crate::domain::DecimalString)]
     pub carried_in: Decimal,
     /// Gross carried in without a fee yet.
+    #[schema(value_type = crate::domain::DecimalString)]
     pub carried_gross_in: Decimal,
     /// The gateway fee.
+    #[schema(value_type = crate::domain::DecimalString)]
     pub fee: Decimal,
     /// The sum of the lines: the payout's amount or the balance carried over.
+    #[schema(value_type = crate::domain::DecimalString)]
     pub net: Decimal,
     /// With a payout: the part of the payable amount the gateway cannot send
     /// (below its payout step), kept in the payee's balance.
+    #[schema(value_type = crate::domain::DecimalString)]
     pub carried_out: Decimal,
     /// `payout`, `below_minimum`, `shortfall`, or `returned` (its payout was
     /// cancelled or reversed; `net` is owed again).
@@ -80,9 +92,11 @@ pub struct SettlementRow {
 }
 
 /// A stored line item.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct LineRow {
-    /// Id.
+    /// The line's id: an earning's line is the settled earning itself and
+    /// carries its id negated (`-earning_id`); other lines (commission, fee,
+    /// deduction, carried balance) have positive ids.
     pub id: i64,
     /// Its settlement.
     pub settlement_id: i64,
@@ -97,6 +111,7 @@ pub struct LineRow {
     /// Human text.
     pub description: String,
     /// Signed amount.
+    #[schema(value_type = crate::domain::DecimalString)]
     pub amount: Decimal,
     /// The earning, for earning lines.
     pub earning_id: Option<i64>,

@@ -16,7 +16,7 @@ use sqlx::PgPool;
 /// admin: [`Role::includes`]); `integration`, the platform's backend, stands
 /// apart: it may do exactly its [`Permission`]s ([`Role::allows`]), so no
 /// comparison of roles ever lets it retry, cancel or bulk-act.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Read everything.
@@ -117,7 +117,7 @@ impl std::str::FromStr for Role {
 }
 
 /// A token as listed (never the token itself).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct TokenInfo {
     /// Id.
     pub id: i64,

@@ -206,7 +206,7 @@ pub async fn finish(pool: &PgPool, outcomes: &[Outcome], now: DateTime<Utc>) -> 
 }
 
 /// A message as listed.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Delivery {
     /// Its id.
     pub id: i64,
@@ -251,7 +251,8 @@ pub async fn for_endpoint(
 }
 
 /// One attempt in the log.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[schema(as = DeliveryAttempt)]
 pub struct Attempt {
     /// Its number.
     pub attempt: i32,

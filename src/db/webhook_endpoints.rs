@@ -8,7 +8,7 @@ use serde::Serialize;
 use sqlx::{PgExecutor, PgPool};
 
 /// An endpoint as listed (no secret).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Endpoint {
     /// Its id.
     pub id: i64,

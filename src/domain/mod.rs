@@ -9,7 +9,7 @@ pub mod schedule;
 pub mod status;
 pub mod transfer;
 
-pub use money::{Currency, Money, MoneyError};
+pub use money::{Currency, DecimalString, Money, MoneyError};
 pub use policy::{PayoutMethod, Policy, PolicyError};
 pub use schedule::{Period, Schedule};
 pub use status::{PayoutStatus, TransitionError};

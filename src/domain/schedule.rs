@@ -50,7 +50,7 @@ pub enum Schedule {
 }
 
 /// A half-open interval of time `[start, end)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, utoipa::ToSchema)]
 pub struct Period {
     /// First instant of the period.
     pub start: DateTime<Utc>,

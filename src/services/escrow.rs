@@ -50,13 +50,14 @@ pub enum EscrowError {
 }
 
 /// An escrow action done.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Done {
     /// The earning as it was before.
     pub earning: EscrowRow,
     /// Its release time after (a release), or as it was (a void).
     pub release_at: DateTime<Utc>,
     /// `released` or `voided`.
+    #[schema(value_type = String, pattern = "^(released|voided)$")]
     pub state: &'static str,
 }
 
@@ -184,7 +185,7 @@ fn check_reason(reason: Option<&str>, required: bool) -> Result<Option<String>, 
 
 /// Held earnings (open, released after `now`): totals per payee and per
 /// source, each per currency, largest first (at most `limit` of each).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Holds {
     /// Per payee (`key` is the payee id).
     pub by_payee: Vec<earnings::HoldTotal>,

@@ -51,7 +51,7 @@ pub struct By<'a> {
 }
 
 /// A suspension done.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Suspended {
     /// The payee after.
     pub payee: Payee,
@@ -60,7 +60,7 @@ pub struct Suspended {
 }
 
 /// A change of account done.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct AccountChanged {
     /// The payee after.
     pub payee: Payee,
@@ -232,11 +232,12 @@ pub async fn set_account(
 /// A payee's balance in one currency (#17 item 2). Earnings amounts are
 /// gross (before commission, deductions and the fee: `upcoming` computes
 /// the net); the rest are amounts of money owed or paid.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct CurrencyBalance {
     /// The currency.
     pub currency: String,
     /// Gross of the earnings still held (not yet released).
+    #[schema(value_type = crate::domain::DecimalString)]
     pub held: rust_decimal::Decimal,
     /// How many earnings are held.
     pub held_count: i64,
@@ -244,26 +245,30 @@ pub struct CurrencyBalance {
     pub next_release_at: Option<DateTime<Utc>>,
     /// Gross of the earnings released and not settled yet: what the next
     /// settlement (or an early payout request) takes.
+    #[schema(value_type = crate::domain::DecimalString)]
     pub releasable: rust_decimal::Decimal,
     /// How many earnings are releasable.
     pub releasable_count: i64,
     /// Balances carried over from settled periods (below the minimum, a
     /// shortfall (negative), a returned payout, a remainder below the
     /// gateway's step): taken into the next settlement.
+    #[schema(value_type = crate::domain::DecimalString)]
     pub carried_over: rust_decimal::Decimal,
     /// Payouts made and not finished (pending, queued, processing,
     /// retrying, in transit, held).
+    #[schema(value_type = crate::domain::DecimalString)]
     pub in_flight: rust_decimal::Decimal,
     /// How many payouts are in flight.
     pub in_flight_count: i64,
     /// Paid since the current period started.
+    #[schema(value_type = crate::domain::DecimalString)]
     pub paid_this_period: rust_decimal::Decimal,
     /// How many payouts were paid this period.
     pub paid_count: i64,
 }
 
 /// A payee's balances.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Balance {
     /// The payee.
     pub payee_id: i64,

@@ -46,6 +46,7 @@ use crate::{
 };
 
 pub use crate::domain::mismatch::MismatchKind;
+pub use crate::services::settlement::Progress;
 
 /// One disagreement.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -210,8 +211,24 @@ pub async fn run(
     opts: &Options,
     now: DateTime<Utc>,
 ) -> anyhow::Result<Report> {
+    run_with_progress(pool, gateway, opts, now, None).await
+}
+
+/// [`run`], telling `progress` after each page of look-ups: (payouts
+/// compared, payouts to compare as counted at the start).
+pub async fn run_with_progress(
+    pool: &PgPool,
+    gateway: &dyn Lookup,
+    opts: &Options,
+    now: DateTime<Utc>,
+    progress: Option<Progress<'_>>,
+) -> anyhow::Result<Report> {
     let mut report = Report::default();
     let mut after = 0i64;
+    let total = match progress {
+        Some(_) => payouts::count_for_reconciliation(pool, opts.since).await? as usize,
+        None => 0,
+    };
     loop {
         let page = payouts::for_reconciliation(pool, opts.since, after, 1000).await?;
         let Some(last) = page.last() else { break };
@@ -271,6 +288,9 @@ pub async fn run(
                     fixed,
                 });
             }
+        }
+        if let Some(tell) = progress {
+            tell(report.checked, total.max(report.checked));
         }
     }
     if report.checked > 0 && report.lookup_failed == report.checked {
@@ -482,11 +502,9 @@ pub async fn cancel(
                 t.status, t.id
             );
             let recorded = p.status.can_reconcile_to(to)
-                && payouts::reconcile_to(
-                    pool, id, p.status, p.attempt, to, &t.id, actor, &why, now,
-                )
-                .await
-                .map_err(payouts::ActionError::Db)?;
+                && record_gateway_word(pool, &p, to, &t.id, actor, &why, now)
+                    .await
+                    .map_err(payouts::ActionError::Db)?;
             tracing::warn!(payout_id = id, transfer = %t.id, gateway_status = %t.status, recorded, "cancel refused: the gateway holds a transfer");
             return Err(CancelError::MoneyMoved {
                 id,
@@ -551,10 +569,40 @@ async fn fix(
         return Ok(false);
     }
     let reason = format!("reconciliation: gateway {} {}", t.status, t.id);
-    Ok(payouts::reconcile_to(
-        pool, p.id, p.status, p.attempt, to, &t.id, actor, &reason, now,
+    Ok(record_gateway_word(pool, p, to, &t.id, actor, &reason, now).await?)
+}
+
+/// Records `p` as the gateway says (`paid` or `in_transit`, transfer
+/// `transfer_id`), fenced on the status and attempt seen; a `paid` that
+/// changed the row counts its amount in `payout_paid_minor_units_total`, as
+/// the worker's, the poll's and the webhooks' writes do (an `in_transit` is
+/// counted when it resolves). Whether the row changed.
+#[allow(clippy::too_many_arguments)]
+async fn record_gateway_word(
+    pool: &PgPool,
+    p: &Payout,
+    to: PayoutStatus,
+    transfer_id: &str,
+    actor: &str,
+    reason: &str,
+    now: DateTime<Utc>,
+) -> sqlx::Result<bool> {
+    let changed = payouts::reconcile_to(
+        pool,
+        p.id,
+        p.status,
+        p.attempt,
+        to,
+        transfer_id,
+        actor,
+        reason,
+        now,
     )
-    .await?)
+    .await?;
+    if changed && to == PayoutStatus::Paid {
+        metrics::count_paid(p.amount, &p.currency);
+    }
+    Ok(changed)
 }
 
 #[cfg(test)]

@@ -1100,24 +1100,26 @@ pub async fn on_producer_tick(
 }
 
 /// Unsettled earnings of a currency that release after the previewed period.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Held {
     /// The currency.
     pub currency: String,
     /// How many.
     pub earnings: i64,
     /// Their gross.
+    #[schema(value_type = crate::domain::DecimalString)]
     pub gross: Decimal,
     /// The first release.
     pub first_release: DateTime<Utc>,
 }
 
 /// What the next period would pay, computed and not written.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Preview {
     /// The payee.
     pub payee_id: i64,
-    /// Its schedule.
+    /// Its schedule (`daily`, `weekly:mon`, `monthly:1`, `every:14:2026-01-05`, `manual`, ...).
+    #[schema(value_type = String)]
     pub schedule: Schedule,
     /// Its payout method.
     pub method: PayoutMethod,
@@ -1128,7 +1130,13 @@ pub struct Preview {
     pub period: Period,
     /// Whether that period has closed (the next run settles it).
     pub closed: bool,
-    /// One computation per currency with earnings released by the period's end.
+    /// One computation per currency with earnings released by the period's end:
+    /// `currency`, `services`, the amounts (`gross`, `payee_share`,
+    /// `platform_commission`, `deductions`, `carried_in`, `fee`, `net`,
+    /// `carried_out`, ... as decimal strings), `outcome` (`payout`,
+    /// `below_minimum` with its `minimum`, `shortfall`), `method` and
+    /// `lines` (`kind`, `description`, `amount`, `earning_id`, `carried_from`).
+    #[schema(value_type = Vec<Object>)]
     pub settlements: Vec<Settlement>,
     /// Earnings released only after the period's end.
     pub held: Vec<Held>,
