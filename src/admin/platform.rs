@@ -34,6 +34,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/v1/payees/{id}/suspend", post(suspend))
         .route("/api/v1/payees/{id}/resume", post(resume))
         .route("/api/v1/payees/{id}/account", post(account).put(account))
+        .route("/api/v1/payees/{id}/email", post(email).put(email))
         .route("/api/v1/payees/{id}/balance", get(balance))
         .route("/api/v1/payees/{id}/earnings", get(earnings))
         .route("/api/v1/payees/{id}/payouts", get(payee_payouts))
@@ -185,6 +186,54 @@ async fn account(
         .map_err(|e| refused(e, "payee_account"))?;
     done("payee_account");
     Ok(Json(serde_json::to_value(r).map_err(anyhow::Error::from)?))
+}
+
+/// The body of a change of email address.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EmailBody {
+    /// The address, or `null` to clear it (absent: refused).
+    #[serde(default)]
+    email: Option<Value>,
+}
+
+/// `PUT` (or `POST`) `/api/v1/payees/{id}/email` (admin), body
+/// `{"email": "name@domain"}` or `{"email": null}`: where the payee's payout
+/// notices are mailed (README "Email to payees"); null clears it (no more
+/// mail). 400 for a bad address, 409 when it is that already.
+async fn email(
+    State(s): State<AdminState>,
+    Extension(c): Extension<Caller>,
+    Extension(source): Extension<Source>,
+    Path(raw): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    c.permit(
+        Permission::ChangeAccount,
+        "change a payee's email address (admin only)",
+    )?;
+    let id = positive_id(&raw, "payee id")?;
+    let body: EmailBody = json_body(&body)?;
+    let email = match body.email {
+        Some(Value::String(e)) => Some(e),
+        Some(Value::Null) => None,
+        _ => {
+            return Err(ApiError::BadRequest(
+                "email: required (an address, or null to clear it)".into(),
+            ));
+        }
+    };
+    let (actor, src) = (c.actor(), source.0.to_string());
+    let by = By {
+        actor: &actor,
+        source: Some(&src),
+        now: s.clock.now(),
+    };
+    let p = payee_service::set_email(&s.pool, id, email.as_deref(), by)
+        .await
+        .map_err(|e| refused(e, "payee_email"))?;
+    done("payee_email");
+    Ok(Json(serde_json::json!({ "payee": p })))
 }
 
 // ---------- Reads for a payee (#17 item 2) ----------
