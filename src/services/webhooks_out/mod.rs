@@ -1,10 +1,18 @@
-//! Outbound webhooks: every payout event the platform subscribed to, signed
-//! to the Standard Webhooks specification and delivered at least once.
+//! Outbound webhooks: every payout and settlement event the platform
+//! subscribed to, signed to the Standard Webhooks specification and
+//! delivered at least once; and, through the same machinery, email to
+//! payees ([`mail`]).
 //!
-//! - **Outbox.** `payout_events` is the outbox: every status change writes its
-//!   event in the same transaction (no event for a change that rolled back).
-//!   The hot path writes nothing more; each event row carries the id of the
-//!   transaction that wrote it (`tx_id`).
+//! - **Outbox.** `payout_events` is the outbox of payout events: every
+//!   status change writes its event in the same transaction (no event for a
+//!   change that rolled back). The hot path writes nothing more; each event
+//!   row carries the id of the transaction that wrote it (`tx_id`).
+//!   `settlement_events` is that of the settlement run (`settlement.created`,
+//!   `earning.released`), read after a cursor of its own.
+//! - **Lease.** One process at a time fans out and delivers; it renews its
+//!   lease, and those of the messages it has claimed, every third of
+//!   `webhooks_out.lease_secs` while a pass is in flight, so a slow endpoint
+//!   cannot let it run out mid-batch.
 //! - **Fan-out.** The process holding the delivery lease reads the events
 //!   after its cursor in (tx_id, id) order, only below the oldest transaction
 //!   still running (so an event of an open transaction is never skipped),
