@@ -210,7 +210,10 @@ impl Worker {
                     currency: money.currency().code().to_string(),
                     destination: claimed.gateway_account.clone(),
                     reference: crate::domain::transfer::idempotency_key(payout.id),
-                    metadata: [("payout_id".to_string(), payout.id.to_string())].into(),
+                    metadata: crate::gateway::transfer_metadata(
+                        payout.id,
+                        claimed.external_ref.as_deref(),
+                    ),
                     idempotency_key: payout.idempotency_key(),
                     key_index: claimed.key_index.max(0) as u32,
                     first_attempt: payout.attempt == 1,

@@ -156,6 +156,88 @@ async fn release_funds_holds_a_driver_not_onboarded_and_releases_it_once_the_api
     fleet.assert_paid_exactly_once().await;
 }
 
+/// The booking worker's release per booking (#17): a driver on the
+/// `per_earning` schedule is paid one release per booking, as soon as its
+/// hold ends, and the release-funds call names the booking (`bookingId` =
+/// the earning's external reference), not the fleet's payout.
+#[tokio::test]
+async fn release_funds_sends_a_per_earning_payouts_booking_as_booking_id() {
+    use payouts::{
+        db::{earnings, payee_terms, payouts as payout_repo},
+        domain::{Money, Policy, Schedule, earning::NewEarning},
+        services::settlement,
+    };
+    let fleet = release_fleet(Faults::default()).await;
+    let pool = fleet.pool();
+    let driver = fleet.payee("acct_driver").await;
+    payee_terms::set(pool, driver, Some(Some(Schedule::PerEarning)), None)
+        .await
+        .unwrap();
+    let policy: Policy = include_str!("../config/policy.toml").parse().unwrap();
+    #[allow(clippy::disallowed_methods)] // settled "now", as the producer would
+    let now = Utc::now();
+    let completed = now - chrono::Duration::days(8);
+    let mut conn = pool.acquire().await.unwrap();
+    for booking in ["booking-4711", "booking-4712"] {
+        let e = NewEarning {
+            payee_id: driver,
+            source: "booking".into(),
+            external_ref: booking.into(),
+            gross: Money::parse("100.00", "USD").unwrap(),
+            completed_at: completed,
+            release_at: policy.release_at(completed),
+        };
+        earnings::record(&mut conn, &e, "integration:test", now)
+            .await
+            .unwrap();
+    }
+    drop(conn);
+    let opts = settlement::Options {
+        payee: None,
+        actor: "settlement:test".into(),
+    };
+    settlement::run(pool, &policy, now, &opts).await.unwrap();
+    let ids: Vec<i64> =
+        sqlx::query_scalar("SELECT id FROM payouts WHERE payee_id = $1 ORDER BY id")
+            .bind(driver)
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        ids.len(),
+        2,
+        "one payout per booking, though released at one instant"
+    );
+    let worker = worker_on(&fleet);
+    for &id in &ids {
+        payout_repo::enqueue_now(
+            pool,
+            id,
+            "operator:test",
+            now + chrono::Duration::seconds(60),
+            now,
+        )
+        .await
+        .unwrap();
+        assert_eq!(worker.process(id).await, Step::Recorded(PayoutStatus::Paid));
+    }
+    let mut bookings: Vec<Option<String>> = fleet
+        .gateway
+        .ledger()
+        .into_iter()
+        .map(|e| e.booking_id)
+        .collect();
+    bookings.sort();
+    assert_eq!(
+        bookings,
+        vec![
+            Some("booking-4711".to_string()),
+            Some("booking-4712".to_string())
+        ]
+    );
+    fleet.assert_paid_exactly_once().await;
+}
+
 #[tokio::test]
 async fn release_funds_platform_balance_short_is_retried_later_never_a_payee_failure() {
     // 402 from the release-funds API: the platform's Stripe balance is short

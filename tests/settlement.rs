@@ -790,6 +790,72 @@ async fn a_period_over_the_maximum_payout_is_an_error_for_that_payee_only_and_wr
     assert_eq!(bad.validate().unwrap_err().field, "maximum_payout.USD");
 }
 
+/// The booking worker's per-booking release (#17): on `per_earning`, each
+/// earning is its own payout, due the instant its hold ends (not at the
+/// next daily boundary), even when two are released at the same instant or
+/// one is imported after a later one was paid; the payout carries the
+/// earning's reference.
+#[tokio::test]
+async fn per_earning_pays_each_earning_alone_the_moment_it_is_released() {
+    let db = TestDb::new().await;
+    let p = payee(&db.pool, "acct_driver").await;
+    payee_terms::set(&db.pool, p, Some(Some(Schedule::PerEarning)), None)
+        .await
+        .unwrap();
+    let done = at("2026-11-02T10:15:30.250Z");
+    let released = policy().release_at(done);
+    assert_eq!(released, at("2026-11-09T10:15:30.250Z"), "7-day hold");
+    earn(&db.pool, p, "booking-1", "100.00", done).await;
+    earn(&db.pool, p, "booking-2", "200.00", done).await; // the same instant
+    earn(
+        &db.pool,
+        p,
+        "booking-3",
+        "300.00",
+        done + Duration::hours(5),
+    )
+    .await;
+
+    let before = settle(&db.pool, released - Duration::microseconds(1)).await;
+    assert!(
+        payout_amounts(&db.pool, p).await.is_empty(),
+        "held until the instant: {before:?}"
+    );
+    // One microsecond after the release (not the next midnight): the first
+    // of that instant alone; the other takes the next instant.
+    settle(&db.pool, released + Duration::microseconds(1)).await;
+    assert_eq!(payout_amounts(&db.pool, p).await, vec![dec("69.50")]);
+    settle(&db.pool, released + Duration::microseconds(2)).await;
+    assert_eq!(
+        payout_amounts(&db.pool, p).await,
+        vec![dec("69.50"), dec("139.25")]
+    );
+    // The third, five hours later, on its own; a run twice at once changes nothing.
+    let later = released + Duration::hours(5) + Duration::seconds(1);
+    let (a, b) = tokio::join!(settle(&db.pool, later), settle(&db.pool, later));
+    assert_eq!(a.settled.len() + b.settled.len(), 1, "{a:?} {b:?}");
+    // A late import, released before what was already paid: its own payout next.
+    earn(&db.pool, p, "booking-0", "100.00", done - Duration::days(1)).await;
+    settle(&db.pool, later).await;
+    assert_eq!(
+        payout_amounts(&db.pool, p).await,
+        vec![dec("69.50"), dec("139.25"), dec("209.00"), dec("69.50")]
+    );
+    let refs: Vec<Option<String>> =
+        sqlx::query_scalar("SELECT external_ref FROM payouts WHERE payee_id = $1 ORDER BY id")
+            .bind(p)
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    let refs: Vec<&str> = refs.iter().map(|r| r.as_deref().unwrap_or("-")).collect();
+    assert_eq!(refs, ["booking-1", "booking-2", "booking-3", "booking-0"]);
+    // Each is one settlement of one line, periods in order and disjoint.
+    let ps = periods(&db.pool, p).await;
+    assert_eq!(ps.len(), 4);
+    assert!(ps.windows(2).all(|w| w[0].1 <= w[1].0), "{ps:?}");
+    assert_books_balance(&db.pool).await;
+}
+
 // ------------------------------------------------- property: run times ----
 
 use proptest::prelude::*;
@@ -821,6 +887,7 @@ fn schedule_strategy() -> impl Strategy<Value = Schedule> {
             "every:{n}:{}",
             (at(T0) + Duration::days(d)).format("%Y-%m-%d")
         )),
+        Just("per_earning".to_string()),
         Just("manual".to_string()),
     ]
     .prop_map(|s| s.parse().unwrap())
@@ -1032,6 +1099,16 @@ proptest! {
             // World A: a run at every period boundary of every payee.
             let mut on_time = closes_at.clone();
             for spec in &specs {
+                if spec.schedule == Schedule::PerEarning {
+                    // Its periods are instants: a run as each earning is released.
+                    for (minutes, _) in &spec.earnings {
+                        let released = policy().release_at(t0 + Duration::minutes(*minutes));
+                        if released < end {
+                            on_time.push((released + Duration::microseconds(1), Run::All));
+                        }
+                    }
+                    continue;
+                }
                 let mut p = spec.schedule.period_containing(t0);
                 while let Some(q) = p {
                     if q.end > end { break; }

@@ -110,6 +110,8 @@ pub struct Claimed {
     pub key_index: i32,
     /// How many times it was held before (`payouts.holds`).
     pub holds: i32,
+    /// The external reference of the one earning it pays (`per_earning`).
+    pub external_ref: Option<String>,
 }
 
 impl Claimed {
@@ -249,6 +251,10 @@ pub struct NewPayout {
     pub money: Money,
     /// The reason in its `created` event.
     pub reason: String,
+    /// The external reference of the one earning it pays, on a
+    /// `per_earning` schedule (sent to the gateway: the release-funds
+    /// API's `bookingId`).
+    pub external_ref: Option<String>,
 }
 
 /// [`create_in`] for many payouts (at most one per payee and currency) in
@@ -271,10 +277,12 @@ pub async fn create_many(
         .map(|n| n.money.currency().code().to_string())
         .collect();
     let reasons: Vec<String> = news.iter().map(|n| n.reason.clone()).collect();
+    let refs: Vec<Option<String>> = news.iter().map(|n| n.external_ref.clone()).collect();
     let rows = sqlx::query!(
         r#"WITH ins AS (
-             INSERT INTO payouts (payee_id, amount, currency, due_at, created_at, updated_at)
-             SELECT p, a, c, $4, $6, $6 FROM unnest($1::bigint[], $2::numeric[], $3::text[]) AS u(p, a, c)
+             INSERT INTO payouts (payee_id, amount, currency, due_at, created_at, updated_at, external_ref)
+             SELECT p, a, c, $4, $6, $6, x
+             FROM unnest($1::bigint[], $2::numeric[], $3::text[], $8::text[]) AS u(p, a, c, x)
              RETURNING id, payee_id, currency),
          ev AS (
              INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
@@ -289,6 +297,7 @@ pub async fn create_many(
         actor,
         now,
         &reasons,
+        &refs as &[Option<String>],
     )
     .fetch_all(conn)
     .await?;
@@ -718,6 +727,7 @@ struct ClaimedRow {
     key_index: i32,
     holds: i32,
     gateway_account: String,
+    external_ref: Option<String>,
 }
 
 impl From<ClaimedRow> for Claimed {
@@ -745,6 +755,7 @@ impl From<ClaimedRow> for Claimed {
             gateway_account: r.gateway_account,
             key_index: r.key_index,
             holds: r.holds,
+            external_ref: r.external_ref,
         }
     }
 }
@@ -802,7 +813,7 @@ pub async fn claim_many(pool: &PgPool, claims: &[ClaimRequest]) -> sqlx::Result<
                 upd.due_at, upd.attempt, upd.retry_base, upd.next_attempt_at, upd.lease_owner,
                 upd.lease_until, upd.gateway_transfer_id, upd.failure_code, upd.failure_message,
                 upd.created_at, upd.updated_at, upd.paid_at, upd.key_index, upd.holds,
-                upd.destination AS "gateway_account!"
+                upd.destination AS "gateway_account!", upd.external_ref
          FROM upd"#,
         &ids,
         &owners,

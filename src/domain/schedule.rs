@@ -7,10 +7,19 @@
 //! running `payoutctl settle --payee X`). A period is *closed* once `now`
 //! has reached its end; settlement pays every closed period, one by one, in
 //! order ([`Schedule::next_period`]).
+//!
+//! **Per earning** (`per_earning`, the booking worker's release per
+//! booking): every instant is its own period, one microsecond long (the
+//! database's resolution), so an earning's period closes the moment it is
+//! released, not at the next boundary; settlement pays such a payee one
+//! earning per payout (the earliest released first, see
+//! `services::settlement`), even when several share an instant.
 
 use std::{fmt, str::FromStr};
 
-use chrono::{DateTime, Datelike, Days, Months, NaiveDate, TimeZone, Utc, Weekday};
+use chrono::{
+    DateTime, Datelike, Days, DurationRound, Months, NaiveDate, TimeDelta, TimeZone, Utc, Weekday,
+};
 use serde::{Deserialize, Serialize};
 
 /// When a payee is paid.
@@ -33,6 +42,9 @@ pub enum Schedule {
         /// A date on which a period starts.
         anchor: NaiveDate,
     },
+    /// One payout per earning, due the moment it is released: periods are
+    /// single instants (one microsecond).
+    PerEarning,
     /// Only when an operator settles the payee by hand.
     Manual,
 }
@@ -69,7 +81,7 @@ impl fmt::Display for Period {
 pub enum ScheduleError {
     /// Not a schedule at all.
     #[error(
-        "schedule {0:?} is not one of daily, weekly:<mon..sun>, biweekly:<mon..sun>, monthly:<1..28>, every:<days>:<YYYY-MM-DD>, manual"
+        "schedule {0:?} is not one of daily, weekly:<mon..sun>, biweekly:<mon..sun>, monthly:<1..28>, every:<days>:<YYYY-MM-DD>, per_earning, manual"
     )]
     Unknown(String),
     /// A custom schedule with a bad number of days.
@@ -93,6 +105,13 @@ impl Schedule {
         let date = t.date_naive();
         let (start, end) = match *self {
             Schedule::Manual => return None,
+            Schedule::PerEarning => {
+                let start = t.duration_trunc(TimeDelta::microseconds(1)).unwrap_or(t);
+                return Some(Period {
+                    start,
+                    end: start + TimeDelta::microseconds(1),
+                });
+            }
             Schedule::Daily => (date, date + Days::new(1)),
             Schedule::Weekly(wd) => {
                 let back =
@@ -182,6 +201,7 @@ impl fmt::Display for Schedule {
             Schedule::Every { days, anchor } => {
                 write!(f, "every:{days}:{}", anchor.format("%Y-%m-%d"))
             }
+            Schedule::PerEarning => f.write_str("per_earning"),
             Schedule::Manual => f.write_str("manual"),
         }
     }
@@ -203,6 +223,7 @@ impl FromStr for Schedule {
         match kind {
             "daily" if arg.is_none() => Ok(Schedule::Daily),
             "manual" if arg.is_none() => Ok(Schedule::Manual),
+            "per_earning" | "per-earning" if arg.is_none() => Ok(Schedule::PerEarning),
             "weekly" => Ok(Schedule::Weekly(weekday(arg)?)),
             "biweekly" | "bi-weekly" => Ok(Schedule::BiWeekly(weekday(arg)?)),
             "every" => {
@@ -257,6 +278,7 @@ mod tests {
             "monthly:1",
             "monthly:28",
             "every:10:2026-11-02",
+            "per_earning",
             "manual",
         ] {
             assert_eq!(s.parse::<Schedule>().unwrap().to_string(), s);
@@ -392,5 +414,25 @@ mod tests {
         );
         let before = s.period_containing(at("2026-10-30T00:00:00Z")).unwrap();
         assert_eq!(before.start, at("2026-10-23T00:00:00Z"));
+    }
+
+    #[test]
+    fn per_earning_periods_are_single_instants_that_close_at_the_release() {
+        let s: Schedule = "per_earning".parse().unwrap();
+        let released = at("2026-11-13T05:00:00.123456789Z");
+        let p = s.period_containing(released).unwrap();
+        assert_eq!(p.start, at("2026-11-13T05:00:00.123456Z"));
+        assert_eq!(p.end, at("2026-11-13T05:00:00.123457Z"));
+        assert!(p.contains(released));
+        // Not the next daily boundary: closed one microsecond after the release.
+        assert_eq!(s.last_closed(p.end), Some(p));
+        // After a settled instant, the next one is the work's own instant...
+        let later = at("2026-11-14T09:30:00Z");
+        let q = s.next_period(Some(p.end), later).unwrap();
+        assert_eq!(q.start, later);
+        // ... or, for work released before it (a late import), the instant right after.
+        let r = s.next_period(Some(p.end), released).unwrap();
+        assert_eq!(r.start, p.end);
+        assert!(s.is_automatic());
     }
 }

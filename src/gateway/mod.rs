@@ -14,6 +14,22 @@ use std::{collections::BTreeMap, time::Duration};
 use async_trait::async_trait;
 use serde::Serialize;
 
+/// The metadata key of the payout's id (every transfer has it).
+pub const PAYOUT_ID: &str = "payout_id";
+/// The metadata key of the external reference (the booking) of the one
+/// earning a `per_earning` payout pays: the release-funds API's `bookingId`.
+pub const EXTERNAL_REF: &str = "external_ref";
+
+/// A transfer's metadata: the payout's id and, when it has one, the
+/// external reference of the earning it pays.
+pub fn transfer_metadata(payout_id: i64, external_ref: Option<&str>) -> BTreeMap<String, String> {
+    let mut m = BTreeMap::from([(PAYOUT_ID.to_string(), payout_id.to_string())]);
+    if let Some(r) = external_ref {
+        m.insert(EXTERNAL_REF.to_string(), r.to_string());
+    }
+    m
+}
+
 /// One transfer, in the gateway's terms (integer minor units).
 #[derive(Debug, Clone, Serialize)]
 pub struct TransferRequest {

@@ -9,7 +9,8 @@
 //!  "currency":"usd","reference":"payout_42"}
 //! ```
 //!
-//! `bookingId` is the payout's `booking_id` metadata when it has one, else its
+//! `bookingId` is the payout's `external_ref` metadata when it has one (the
+//! booking of the one earning a `per_earning` payout pays), else its
 //! reference. Headers: `Idempotency-Key` (the fleet's key, stable across
 //! attempts) and `Authorization: Bearer …` when a secret is configured.
 //!
@@ -134,7 +135,7 @@ impl std::fmt::Debug for ReleaseFundsGateway {
 pub fn release_body(req: &TransferRequest) -> Value {
     let booking = req
         .metadata
-        .get("booking_id")
+        .get(crate::gateway::EXTERNAL_REF)
         .cloned()
         .unwrap_or_else(|| req.reference.clone());
     serde_json::json!({

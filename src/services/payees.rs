@@ -353,7 +353,13 @@ pub async fn balance(
     let schedule = terms
         .and_then(|t| t.schedule)
         .unwrap_or(policy.default_schedule);
-    let period = schedule.period_containing(now).unwrap_or_else(|| {
+    // "Paid in the current period": a manual schedule has none and a
+    // per-earning one's are instants, so both count the calendar month.
+    let own = match schedule {
+        crate::domain::Schedule::PerEarning => None,
+        s => s.period_containing(now),
+    };
+    let period = own.unwrap_or_else(|| {
         let start = now
             .date_naive()
             .with_day(1)

@@ -478,6 +478,8 @@ struct Computed {
     /// The balances it takes over: (settlement, whether it is its remainder).
     carries: Vec<(i64, bool)>,
     money: Option<Money>,
+    /// The external reference of its one earning (`per_earning`).
+    external_ref: Option<String>,
     payout_id: Option<i64>,
     settlement_id: i64,
 }
@@ -686,6 +688,7 @@ fn compute(
     deductions: &[payee_terms::Deduction],
     own_minimum: Option<Decimal>,
 ) -> Result<Option<Computed>, (String, bool)> {
+    let rows = payable(l.schedule, rows);
     let decided = decide(
         policy,
         l.plan.currency,
@@ -703,6 +706,7 @@ fn compute(
         earnings: rows.iter().map(|e| e.id).collect(),
         carries: carries.iter().map(|c| (c.id, c.remainder)).collect(),
         money,
+        external_ref: external_ref(l.schedule, rows),
         payout_id: None,
         settlement_id: 0,
     }))
@@ -725,6 +729,7 @@ async fn write_round(
                 payee_id: works[c.live.i].payee_id,
                 money,
                 reason: format!("created by settlement of {}", c.period),
+                external_ref: c.external_ref.clone(),
             })
         })
         .collect();
@@ -836,7 +841,8 @@ async fn settle_next(
     if period.end > now {
         return Ok(Group::NotDue);
     }
-    let rows = earnings::unsettled(&mut tx, payee_id, code, period.end, true).await?;
+    let mut rows = earnings::unsettled(&mut tx, payee_id, code, period.end, true).await?;
+    rows.truncate(payable(schedule, &rows).len());
     let carries = settlements::open_carries(&mut tx, payee_id, code, period.end, true).await?;
     let deductions = if rows.is_empty() {
         Vec::new()
@@ -861,9 +867,14 @@ async fn settle_next(
     };
     let payout_id = match money {
         Some(money) => {
-            let reason = format!("created by settlement of {period}");
-            let p = payouts::create_in(&mut *tx, payee_id, money, now, actor, &reason, now).await?;
-            Some(p.id)
+            let new = payouts::NewPayout {
+                payee_id,
+                money,
+                reason: format!("created by settlement of {period}"),
+                external_ref: external_ref(schedule, &rows),
+            };
+            let ids = payouts::create_many(&mut tx, &[new], now, actor, now).await?;
+            ids.first().copied()
         }
         None => None,
     };
@@ -916,6 +927,27 @@ async fn settle_next(
         payout_id,
         earnings: rows.len(),
     }))
+}
+
+/// The earnings one payout takes from those released by its period's end
+/// (oldest release first, then by id): all of them, or on a `per_earning`
+/// schedule only the first, so that every earning is its own payout even
+/// when several were released at one instant or one was imported after a
+/// later one was settled (the rest go, one by one, into the next instants).
+fn payable(schedule: Schedule, rows: &[earnings::Earning]) -> &[earnings::Earning] {
+    match schedule {
+        Schedule::PerEarning => &rows[..rows.len().min(1)],
+        _ => rows,
+    }
+}
+
+/// The external reference a payout carries to the gateway: its one
+/// earning's, on a `per_earning` schedule (the booking it releases).
+fn external_ref(schedule: Schedule, rows: &[earnings::Earning]) -> Option<String> {
+    match (schedule, rows) {
+        (Schedule::PerEarning, [one]) => Some(one.external_ref.clone()),
+        _ => None,
+    }
 }
 
 /// The earnings of a settlement's earning lines, in line order, with each
@@ -1154,7 +1186,8 @@ pub async fn preview(
     let mut out = Vec::new();
     for code in &codes {
         let currency: Currency = code.parse()?;
-        let rows = earnings::unsettled(&mut conn, payee_id, code, period.end, false).await?;
+        let mut rows = earnings::unsettled(&mut conn, payee_id, code, period.end, false).await?;
+        rows.truncate(payable(schedule, &rows).len());
         let carries =
             settlements::open_carries(&mut conn, payee_id, code, period.end, false).await?;
         if rows.is_empty() && !carries.iter().any(|c| c.is_returned()) {

@@ -198,6 +198,9 @@ pub struct LedgerEntry {
     pub status: String,
     /// When the transfer was applied.
     pub applied_at: DateTime<Utc>,
+    /// The release-funds API's `bookingId` (none on the contract's API).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub booking_id: Option<String>,
 }
 
 /// Counters about `POST /v1/transfers`.
@@ -275,6 +278,9 @@ struct TransferRequest {
     #[serde(default)]
     #[allow(dead_code)]
     metadata: Option<HashMap<String, String>>,
+    /// The release-funds API's `bookingId`.
+    #[serde(skip)]
+    booking_id: Option<String>,
 }
 
 /// The release-funds request body (ASP.NET binds camelCase).
@@ -295,8 +301,9 @@ impl From<ReleaseRequest> for TransferRequest {
             amount_minor: r.amount,
             currency: r.currency.to_ascii_uppercase(),
             destination: r.driver_stripe_account_id,
-            reference: r.reference.unwrap_or(r.booking_id),
+            reference: r.reference.unwrap_or_else(|| r.booking_id.clone()),
             metadata: None,
+            booking_id: Some(r.booking_id),
         }
     }
 }
@@ -745,6 +752,7 @@ impl GatewayState {
             reference: req.reference.clone(),
             status: if pending { "pending" } else { "paid" }.to_owned(),
             applied_at: Utc::now(),
+            booking_id: req.booking_id.clone(),
         };
         // Durable first: if the line cannot be written, nothing is applied and
         // the client is told to retry (the same key will apply later).
@@ -1486,6 +1494,7 @@ mod tests {
             reference: "payout_1".into(),
             status: "paid".into(),
             applied_at: Utc::now(),
+            booking_id: None,
         };
         let good = format!("{}\n", serde_json::to_string(&entry).unwrap());
         std::fs::write(&path, format!("{good}{{\"id\":\"tr_")).unwrap();
