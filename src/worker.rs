@@ -740,7 +740,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     tracing::info!(addr = %http, actor = %worker.actor, concurrency = settings.worker.concurrency, "worker started");
     metrics::WORKER_UP.set(1);
 
-    // Outbound webhooks: every worker runs the loop, the lease holder delivers.
+    // Outbound webhooks (and email to payees): every worker runs the loop,
+    // the lease holder delivers.
     let hooks_stop = CancellationToken::new();
     let hooks = if settings.webhooks_out.enabled {
         let d = crate::services::webhooks_out::Dispatcher::new(
@@ -748,7 +749,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             settings.webhooks_out.clone(),
             worker.clock.clone(),
             &actor,
-        )?;
+        )?
+        .with_email(&settings.email)?;
         Some(tokio::spawn(crate::services::webhooks_out::run(
             d,
             hooks_stop.clone(),

@@ -27,7 +27,7 @@ use axum::{
     routing::post,
 };
 use base64::{Engine, engine::general_purpose::STANDARD};
-use common::{Fleet, eventually};
+use common::{Fleet, Proc, child_env, eventually};
 use hmac::{Hmac, Mac};
 use payouts::{
     admin::{self, AdminState},
@@ -64,6 +64,8 @@ struct ReceiverState {
     script: Arc<Mutex<VecDeque<u16>>>,
     /// Requests that reached the redirect's target.
     followed: Arc<Mutex<usize>>,
+    /// How long each request is held open before it is answered.
+    hold: Arc<Mutex<Duration>>,
 }
 
 async fn hook(State(s): State<ReceiverState>, headers: HeaderMap, body: Bytes) -> Response {
@@ -80,6 +82,10 @@ async fn hook(State(s): State<ReceiverState>, headers: HeaderMap, body: Bytes) -
         signature: h("webhook-signature"),
         body: String::from_utf8(body.to_vec()).expect("UTF-8 body"),
     });
+    let hold = *s.hold.lock().unwrap();
+    if !hold.is_zero() {
+        tokio::time::sleep(hold).await;
+    }
     let code = s.script.lock().unwrap().pop_front().unwrap_or(200);
     if (300..400).contains(&code) {
         return (
@@ -121,6 +127,10 @@ impl Receiver {
 
     fn got(&self) -> Vec<Received> {
         self.state.got.lock().unwrap().clone()
+    }
+
+    fn hold(&self, d: Duration) {
+        *self.state.hold.lock().unwrap() = d;
     }
 
     fn script(&self, codes: &[u16]) {
@@ -566,9 +576,9 @@ async fn bad_endpoint_input_is_refused_naming_the_field_and_writes_nothing() {
             json!({"url": "https://example.com/h", "event_types": ["payout.nope"]}),
             "event_types",
         ),
-        // Not emitted yet: refused rather than silently never delivered.
+        // Not a type the fleet emits: refused rather than silently never delivered.
         (
-            json!({"url": "https://example.com/h", "event_types": ["settlement.created"]}),
+            json!({"url": "https://example.com/h", "event_types": ["settlement.paid"]}),
             "event_types",
         ),
         (
@@ -654,4 +664,545 @@ async fn the_openapi_description_lists_the_webhook_endpoint_routes() {
             "{method} {path} missing from openapi.json"
         );
     }
+}
+
+#[tokio::test]
+async fn a_slow_endpoint_does_not_let_the_lease_run_out_mid_batch() {
+    // A 1 s lease and an endpoint that takes 2.5 s to answer: without the
+    // renewal, a second worker takes the lease mid-request and sends the
+    // same message again.
+    let h = Hooks::start().await;
+    let rx = Receiver::start().await;
+    h.register(&rx.url, &["payout.created"]).await;
+    let mut settings = h.fleet.settings.webhooks_out.clone();
+    settings.lease_secs = 1;
+    settings.timeout_ms = 5000;
+    settings.immediate_retries = 0;
+    let dispatcher = |owner: &str| {
+        Dispatcher::new(
+            h.fleet.pool().clone(),
+            settings.clone(),
+            Arc::new(SystemClock),
+            owner,
+        )
+        .unwrap()
+    };
+    let (a, b) = (dispatcher("worker:slow-a"), dispatcher("worker:slow-b"));
+    rx.hold(Duration::from_millis(2500));
+    let payee = h.payee().await;
+    let id = h.fleet.payout(payee, "10.00", chrono::Utc::now()).await;
+    // Passes of the first worker until one reads the event (another test's
+    // open transaction can hold it back a while), then that pass sends it.
+    let first = tokio::spawn(async move {
+        loop {
+            let pass = a.tick().await.unwrap();
+            if pass.events > 0 {
+                return pass;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    eventually(
+        Duration::from_secs(30),
+        "the slow request started",
+        || async { (!rx.for_payout(id).is_empty()).then_some(()) },
+    )
+    .await;
+    while !first.is_finished() {
+        b.tick().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pass = first.await.unwrap();
+    assert_eq!(pass.delivered + pass.messages as usize, 1, "{pass:?}");
+    rx.hold(Duration::ZERO);
+    // The standby takes over once the lease ends; it has nothing to send.
+    eventually(Duration::from_secs(30), "the standby leads", || async {
+        b.tick().await.unwrap().leading.then_some(())
+    })
+    .await;
+    b.tick().await.unwrap();
+    assert_eq!(
+        rx.for_payout(id).len(),
+        1,
+        "sent once, not again by the standby"
+    );
+}
+
+#[tokio::test]
+async fn an_outcome_for_an_attempt_taken_over_writes_no_log_line() {
+    use payouts::db::webhook_deliveries::{self, Outcome, SentDelivery};
+    let h = Hooks::start().await;
+    let (endpoint, _) = h.register("http://127.0.0.1:9/hook", &["*"]).await;
+    let pool = h.fleet.pool();
+    let now = chrono::Utc::now();
+    let mut conn = pool.acquire().await.unwrap();
+    webhook_deliveries::insert_sent(
+        &mut conn,
+        &[SentDelivery {
+            endpoint_id: endpoint,
+            event_id: "evt_payout_taken_over".into(),
+            event_type: "payout.created".into(),
+            body: "{}".into(),
+            status: "pending",
+            attempts: 0,
+            next_attempt_at: now,
+            delivered_at: None,
+            status_code: None,
+            error: None,
+            latency_ms: 0,
+            response: None,
+        }],
+        now,
+    )
+    .await
+    .unwrap();
+    drop(conn);
+    let lease = now + chrono::Duration::seconds(1);
+    let first = webhook_deliveries::claim(pool, 10, lease, now)
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 1);
+    // The lease runs out; another deliverer claims attempt 2.
+    let later = now + chrono::Duration::seconds(2);
+    let second = webhook_deliveries::claim(pool, 10, later + chrono::Duration::seconds(30), later)
+        .await
+        .unwrap();
+    assert_eq!(second[0].attempts, 2);
+    // The first deliverer's late outcome changes nothing and logs nothing.
+    let recorded = webhook_deliveries::finish(
+        pool,
+        &[Outcome {
+            id: first[0].id,
+            attempt: first[0].attempts,
+            status: "delivered",
+            next_attempt_at: later,
+            status_code: Some(200),
+            latency_ms: 5,
+            error: None,
+            response: Some("ok".into()),
+        }],
+        later,
+    )
+    .await
+    .unwrap();
+    assert_eq!(recorded, 0);
+    assert!(
+        webhook_deliveries::attempts(pool, first[0].id)
+            .await
+            .unwrap()
+            .is_empty(),
+        "no log line for an outcome that was not recorded"
+    );
+    let listed = webhook_deliveries::for_endpoint(pool, endpoint, 10)
+        .await
+        .unwrap();
+    assert_eq!(listed[0].status, "pending");
+}
+
+#[tokio::test]
+async fn a_deliverer_killed_mid_delivery_loses_no_event() {
+    // The real worker binary delivers; the receiver holds its requests open
+    // and the worker is SIGKILLed while they are in flight. A new worker
+    // takes the lease over once it runs out and every event arrives.
+    let h = Hooks::start().await;
+    let rx = Receiver::start().await;
+    h.register(&rx.url, &["payout.created"]).await;
+    let payee = h.payee().await;
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(h.fleet.payout(payee, "10.00", chrono::Utc::now()).await);
+    }
+    let mut env = child_env(
+        &h.fleet.db.url,
+        &common::redis_url(),
+        &h.fleet.prefix,
+        &h.fleet.gateway.base_url,
+    );
+    for (k, v) in [
+        ("PAYOUTS_WEBHOOKS_OUT__ALLOW_PRIVATE", r#"["127.0.0.0/8"]"#),
+        ("PAYOUTS_WEBHOOKS_OUT__RETRY_SCHEDULE_SECS", "[1, 1, 1]"),
+        ("PAYOUTS_WEBHOOKS_OUT__CONNECT_TIMEOUT_MS", "500"),
+        ("PAYOUTS_WEBHOOKS_OUT__TIMEOUT_MS", "1000"),
+        ("PAYOUTS_WEBHOOKS_OUT__IMMEDIATE_RETRIES", "0"),
+        ("PAYOUTS_WEBHOOKS_OUT__LEASE_SECS", "6"),
+        ("PAYOUTS_WEBHOOKS_OUT__CONCURRENCY", "4"),
+    ] {
+        env.push((k.to_string(), v.to_string()));
+    }
+    rx.hold(Duration::from_secs(600));
+    let mut victim = Proc::worker(&env, "hooks-victim");
+    eventually(Duration::from_secs(30), "requests in flight", || async {
+        (!rx.got().is_empty()).then_some(())
+    })
+    .await;
+    victim.signal("KILL");
+    victim.wait_exit(Duration::from_secs(10)).await;
+    let before = rx.got().len();
+    assert!(before < ids.len(), "killed before it could send everything");
+    rx.hold(Duration::ZERO);
+    let _rescuer = Proc::worker(&env, "hooks-rescuer");
+    eventually(Duration::from_secs(60), "every event delivered", || async {
+        ids.iter()
+            .all(|id| !rx.for_payout(*id).is_empty())
+            .then_some(())
+    })
+    .await;
+    for id in &ids {
+        let got = rx.for_payout(*id);
+        assert!(
+            got.iter().all(|(t, _)| t == "payout.created"),
+            "payout {id}: {got:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_settlement_tells_settlement_created_and_each_earning_released() {
+    use payouts::{
+        db::earnings,
+        domain::earning::NewEarning,
+        services::settlement::{self, Options},
+    };
+    let h = Hooks::start().await;
+    let rx = Receiver::start().await;
+    // Both types are subscribable again: the fleet emits them.
+    let (_, secret) = h
+        .register(&rx.url, &["settlement.created", "earning.released"])
+        .await;
+    let policy = h.fleet.settings.policy.load().unwrap();
+    let payee = h.payee().await;
+    let now = chrono::Utc::now();
+    let mut earned = Vec::new();
+    for (i, gross) in ["40.10", "25.05"].into_iter().enumerate() {
+        let done = now - chrono::Duration::days(20) + chrono::Duration::hours(i as i64);
+        let e = NewEarning {
+            payee_id: payee,
+            source: "booking".into(),
+            external_ref: format!("B-{payee}-{i}"),
+            gross: Money::parse(gross, "USD").unwrap(),
+            completed_at: done,
+            release_at: policy.release_at(done),
+        };
+        let mut conn = h.fleet.pool().acquire().await.unwrap();
+        match earnings::record(&mut conn, &e, "operator:test", done)
+            .await
+            .unwrap()
+        {
+            earnings::Recorded::Created(row) => earned.push(row.id),
+            other => panic!("{other:?}"),
+        }
+    }
+    let report = settlement::run(
+        h.fleet.pool(),
+        &policy,
+        now,
+        &Options {
+            payee: Some(payee),
+            actor: "settlement:test".into(),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(report.payouts() >= 1, "{report:?}");
+    let got = h
+        .until("the settlement and its two earnings told", || {
+            let got = rx.got();
+            (got.len() >= 3).then_some(got)
+        })
+        .await;
+    // More passes send nothing again.
+    for _ in 0..3 {
+        h.dispatcher.tick().await.unwrap();
+    }
+    assert_eq!(rx.got().len(), 3);
+    assert!(got.iter().all(|r| verifies(&secret, r)));
+    let created: Vec<Value> = got
+        .iter()
+        .map(Received::json)
+        .filter(|b| b["type"] == "settlement.created")
+        .collect();
+    assert_eq!(created.len(), 1);
+    let s = &created[0]["data"];
+    assert_eq!(s["object"], json!("settlement"));
+    assert_eq!(s["payee_id"], json!(payee));
+    assert_eq!(s["gross"], json!("65.15"), "{s}");
+    assert_eq!(s["outcome"], json!("payout"));
+    let payout = s["payout_id"].as_i64().expect("the settlement's payout");
+    let net: rust_decimal::Decimal = s["net"].as_str().unwrap().parse().unwrap();
+    let amount: rust_decimal::Decimal =
+        sqlx::query_scalar("SELECT amount FROM payouts WHERE id = $1")
+            .bind(payout)
+            .fetch_one(h.fleet.pool())
+            .await
+            .unwrap();
+    assert_eq!(net, amount, "net is the payout's amount");
+    let mut released: Vec<i64> = got
+        .iter()
+        .map(Received::json)
+        .filter(|b| b["type"] == "earning.released")
+        .map(|b| {
+            assert_eq!(b["data"]["settlement"]["id"], s["id"]);
+            assert_eq!(b["data"]["payout_id"], json!(payout));
+            b["data"]["id"].as_i64().unwrap()
+        })
+        .collect();
+    released.sort();
+    assert_eq!(released, earned);
+}
+
+/// A real SMTP server (aiosmtpd, tests/fixtures/smtp_server.py) on a free
+/// loopback port that wants AUTH, refuses the first `fail_first` messages
+/// with 451 and keeps the others as files.
+struct Smtp {
+    port: u16,
+    dir: std::path::PathBuf,
+    child: std::process::Child,
+}
+
+impl Drop for Smtp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Smtp {
+    async fn start(fail_first: u32) -> Smtp {
+        let port = common::free_port();
+        let dir = std::env::temp_dir().join(common::unique("smtp"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = std::process::Command::new("python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/smtp_server.py"
+            ))
+            .arg(port.to_string())
+            .arg(&dir)
+            .arg(fail_first.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 with aiosmtpd (scripts/test.sh installs it)");
+        eventually(
+            Duration::from_secs(20),
+            "the SMTP server listens",
+            || async {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .ok()
+                    .map(|_| ())
+            },
+        )
+        .await;
+        Smtp { port, dir, child }
+    }
+
+    /// The messages it kept, in order.
+    fn mails(&self) -> Vec<String> {
+        let mut files: Vec<_> = std::fs::read_dir(&self.dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "eml"))
+            .collect();
+        files.sort_by_key(|p| {
+            p.file_stem()
+                .and_then(|s| s.to_str())
+                .and_then(|s| s.parse::<u32>().ok())
+        });
+        files
+            .iter()
+            .map(|p| std::fs::read_to_string(p).unwrap().replace("\r\n", "\n"))
+            .collect()
+    }
+}
+
+impl Hooks {
+    /// A dispatcher that also mails payees through `smtp`.
+    fn mailing(&self, smtp: &Smtp) -> Dispatcher {
+        let email = payouts::config::EmailSettings {
+            enabled: true,
+            smtp_url: secrecy::SecretString::from(format!(
+                "smtp://payouts:s3cret@127.0.0.1:{}",
+                smtp.port
+            )),
+            from: "Payouts <payouts@example.com>".into(),
+            event_types: vec!["payout.paid".into(), "payout.failed".into()],
+            timeout_ms: 3000,
+        };
+        Dispatcher::new(
+            self.fleet.pool().clone(),
+            self.fleet.settings.webhooks_out.clone(),
+            Arc::new(SystemClock),
+            "worker:mail-test",
+        )
+        .unwrap()
+        .with_email(&email)
+        .unwrap()
+    }
+
+    /// A payee with `email` set through the API (none: no address).
+    async fn payee_with(&self, email: Option<&str>) -> i64 {
+        let payee = self.payee().await;
+        if let Some(email) = email {
+            let (status, body) = self
+                .call(
+                    reqwest::Method::PUT,
+                    &format!("/api/v1/payees/{payee}/email"),
+                    &self.admin,
+                    Some(json!({ "email": email })),
+                )
+                .await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            assert_eq!(body["payee"]["email"], json!(email));
+        }
+        payee
+    }
+
+    /// A payout of `amount` to `payee`, paid by a worker.
+    async fn paid(&self, payee: i64, amount: &str) -> i64 {
+        let id = self.fleet.payout(payee, amount, chrono::Utc::now()).await;
+        payouts::db::payouts::enqueue_now(
+            self.fleet.pool(),
+            id,
+            "operator:test",
+            chrono::Utc::now() + chrono::Duration::seconds(60),
+            chrono::Utc::now(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            self.fleet.worker("w").process(id).await,
+            Step::Recorded(payouts::domain::PayoutStatus::Paid)
+        );
+        id
+    }
+}
+
+/// Passes of `d` until `check` holds.
+async fn passes<T>(d: &Dispatcher, what: &str, check: impl Fn() -> Option<T>) -> T {
+    eventually(Duration::from_secs(20), what, || async {
+        d.tick().await.expect("delivery pass");
+        check()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_paid_payout_mails_its_payee_once_with_the_exact_amount() {
+    let h = Hooks::start().await;
+    let smtp = Smtp::start(0).await;
+    let d = h.mailing(&smtp);
+    let payee = h.payee_with(Some("ada@example.com")).await;
+    let id = h.paid(payee, "1234.5").await;
+    let mails = passes(&d, "the paid notice", || {
+        let m = smtp.mails();
+        (!m.is_empty()).then_some(m)
+    })
+    .await;
+    for _ in 0..3 {
+        d.tick().await.unwrap();
+    }
+    let mails_now = smtp.mails();
+    assert_eq!(
+        mails_now.len(),
+        1,
+        "one mail: created and queued are not mailed, paid once: {mails_now:?}"
+    );
+    let m = &mails[0];
+    assert!(m.starts_with("X-Envelope-To: ada@example.com\n"), "{m}");
+    assert!(m.contains("To: ada@example.com\n"), "{m}");
+    assert!(m.contains("From: Payouts <payouts@example.com>\n"), "{m}");
+    assert!(
+        m.contains("Subject: Your payout of 1234.50 USD has been sent\n"),
+        "{m}"
+    );
+    assert!(m.contains("Amount:    1234.50 USD\n"), "{m}");
+    assert!(m.contains(&format!("Payout:    {id}\n")), "{m}");
+    let listed = payouts::db::webhook_deliveries::mails_for_payee(h.fleet.pool(), payee, 10)
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].status, "delivered");
+    assert_eq!(listed[0].event_type, "payout.paid");
+    // The payee read shows the address.
+    let (_, body) = h
+        .call(
+            reqwest::Method::GET,
+            &format!("/api/v1/payees/{payee}"),
+            &h.viewer,
+            None,
+        )
+        .await;
+    assert!(body.to_string().contains("ada@example.com"), "{body}");
+}
+
+#[tokio::test]
+async fn a_failing_smtp_server_is_retried_and_the_mail_arrives_after_it_recovers() {
+    let h = Hooks::start().await;
+    // Attempt 1: 451, and 451 again at once; attempt 2 (1 s later): 451, then taken.
+    let smtp = Smtp::start(3).await;
+    let d = h.mailing(&smtp);
+    let payee = h.payee_with(Some("bob@example.com")).await;
+    h.paid(payee, "80").await;
+    let mails = passes(&d, "the mail after the server recovers", || {
+        let m = smtp.mails();
+        (!m.is_empty()).then_some(m)
+    })
+    .await;
+    assert_eq!(mails.len(), 1);
+    assert!(mails[0].contains("Subject: Your payout of 80.00 USD has been sent\n"));
+    let listed = payouts::db::webhook_deliveries::mails_for_payee(h.fleet.pool(), payee, 10)
+        .await
+        .unwrap();
+    assert_eq!(listed[0].status, "delivered");
+    assert_eq!(listed[0].attempts, 2);
+    let log = payouts::db::webhook_deliveries::attempts(h.fleet.pool(), listed[0].id)
+        .await
+        .unwrap();
+    assert_eq!(log.len(), 2, "{log:?}");
+    assert!(
+        log[0].error.as_deref().unwrap_or_default().contains("451"),
+        "{log:?}"
+    );
+    assert!(log[1].error.is_none(), "{log:?}");
+}
+
+#[tokio::test]
+async fn a_payee_without_email_gets_no_mail() {
+    let h = Hooks::start().await;
+    let smtp = Smtp::start(0).await;
+    let d = h.mailing(&smtp);
+    let silent = h.payee_with(None).await;
+    let told = h.payee_with(Some("cy@example.com")).await;
+    h.paid(silent, "10.00").await;
+    h.paid(told, "20.00").await;
+    passes(&d, "the mail to the payee with an address", || {
+        (!smtp.mails().is_empty()).then_some(())
+    })
+    .await;
+    for _ in 0..3 {
+        d.tick().await.unwrap();
+    }
+    let mails = smtp.mails();
+    assert_eq!(mails.len(), 1, "{mails:?}");
+    assert!(mails[0].contains("To: cy@example.com\n"));
+    assert!(
+        payouts::db::webhook_deliveries::mails_for_payee(h.fleet.pool(), silent, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // A bad address is refused, naming the field.
+    let (status, body) = h
+        .call(
+            reqwest::Method::PUT,
+            &format!("/api/v1/payees/{silent}/email"),
+            &h.admin,
+            Some(json!({ "email": "not an address" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.to_string().contains("email"), "{body}");
 }

@@ -111,6 +111,7 @@ out: 429 with `Retry-After`. Generated from the handlers (`payoutctl openapi`)."
         super::platform::suspend,
         super::platform::resume,
         super::platform::account,
+        super::platform::email,
         super::platform::balance,
         super::platform::earnings,
         super::platform::payee_payouts,
@@ -334,7 +335,8 @@ pub struct EndpointBody {
     pub url: Option<String>,
     /// The event types it receives: `*` or any of `payout.created`,
     /// `payout.queued`, `payout.held`, `payout.in_transit`, `payout.paid`,
-    /// `payout.failed`, `payout.cancelled`, `payout.reversed`.
+    /// `payout.failed`, `payout.cancelled`, `payout.reversed`,
+    /// `settlement.created`, `earning.released`.
     pub event_types: Option<Vec<String>>,
     /// Free text.
     #[schema(max_length = 200)]

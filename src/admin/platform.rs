@@ -15,6 +15,7 @@ use axum::{
     routing::{get, post},
 };
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use utoipa::ToSchema;
 
 use super::{
@@ -43,6 +44,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/v1/payees/{id}/suspend", post(suspend))
         .route("/api/v1/payees/{id}/resume", post(resume))
         .route("/api/v1/payees/{id}/account", post(account).put(account))
+        .route("/api/v1/payees/{id}/email", post(email).put(email))
         .route("/api/v1/payees/{id}/balance", get(balance))
         .route("/api/v1/payees/{id}/earnings", get(earnings))
         .route("/api/v1/payees/{id}/payouts", get(payee_payouts))
@@ -411,6 +413,69 @@ pub(crate) async fn holds(
     };
     let h = escrow::holds(&s.pool, &f, s.clock.now(), q.limit).await?;
     Ok(Json(h))
+}
+
+/// The body of a change of email address.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct EmailBody {
+    /// The address, or `null` to clear it (absent: refused).
+    #[serde(default)]
+    #[schema(value_type = Option<String>, max_length = 254)]
+    email: Option<Value>,
+}
+
+/// `PUT` (or `POST`) `/api/v1/payees/{id}/email` (admin), body
+/// `{"email": "name@domain"}` or `{"email": null}`: where the payee's payout
+/// notices are mailed (README "Email to payees"); null clears it (no more
+/// mail). 400 for a bad address, 409 when it is that already.
+#[utoipa::path(
+    method(put, post),
+    path = "/api/v1/payees/{id}/email",
+    tag = "payees",
+    params(IdParam),
+    request_body = EmailBody,
+    security(("bearer" = ["admin"])),
+    responses(
+        (status = 200, description = "Changed", body = PayeeAnswer),
+        (status = 400, description = "The id or the body is not valid, or the address is not one (the message names email)", body = ErrorBody),
+        (status = 404, description = "No such payee", body = ErrorBody),
+        (status = 409, description = "It is the payee's address already", body = ErrorBody),
+    )
+)]
+pub(crate) async fn email(
+    State(s): State<AdminState>,
+    Extension(c): Extension<Caller>,
+    Extension(source): Extension<Source>,
+    Path(raw): Path<String>,
+    body: Bytes,
+) -> Result<Json<PayeeAnswer>, ApiError> {
+    c.permit(
+        Permission::ChangeAccount,
+        "change a payee's email address (admin only)",
+    )?;
+    let id = positive_id(&raw, "payee id")?;
+    let body: EmailBody = json_body(&body)?;
+    let email = match body.email {
+        Some(Value::String(e)) => Some(e),
+        Some(Value::Null) => None,
+        _ => {
+            return Err(ApiError::BadRequest(
+                "email: required (an address, or null to clear it)".into(),
+            ));
+        }
+    };
+    let (actor, src) = (c.actor(), source.0.to_string());
+    let by = By {
+        actor: &actor,
+        source: Some(&src),
+        now: s.clock.now(),
+    };
+    let p = payee_service::set_email(&s.pool, id, email.as_deref(), by)
+        .await
+        .map_err(|e| refused(e, "payee_email"))?;
+    done_action("payee_email");
+    Ok(Json(PayeeAnswer { payee: p }))
 }
 
 // ---------- Reads for a payee (#17 item 2) ----------

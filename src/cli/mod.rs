@@ -255,7 +255,7 @@ pub enum PayeeCommand {
     Set(crate::cli::money::PayeeSet),
     /// Add, change or remove an agreed deduction per period (booth rent, supply fee, ...).
     Deduction(crate::cli::money::PayeeDeduction),
-    /// list, show, suspend, resume, set-account, balance, earnings, payouts, upcoming.
+    /// list, show, suspend, resume, set-account, set-email, balance, earnings, payouts, upcoming.
     #[command(flatten)]
     Manage(crate::cli::platform::PayeeOps),
 }

@@ -1,4 +1,4 @@
-//! `payoutctl payee list|show|suspend|resume|set-account` (#17 item 7): the
+//! `payoutctl payee list|show|suspend|resume|set-account|set-email` (#17 item 7): the
 //! same changes as the admin API's (`src/services/payees.rs`), audited with
 //! the operator as actor.
 
@@ -96,6 +96,17 @@ pub enum PayeeOps {
     Upcoming {
         /// Payee id.
         id: i64,
+    },
+    /// Set (or clear) the address a payee's payout notices are mailed to.
+    SetEmail {
+        /// Payee id.
+        id: i64,
+        /// The address (name@domain).
+        #[arg(long, conflicts_with = "clear", required_unless_present = "clear")]
+        email: Option<String>,
+        /// Remove the address: no more mail to this payee.
+        #[arg(long)]
+        clear: bool,
     },
     /// Change a payee's gateway account; payouts already sent keep theirs.
     SetAccount {
@@ -199,6 +210,7 @@ pub async fn run(
                 writeln!(out, "  account   {}", p.gateway_account)?;
                 writeln!(out, "  currency  {}", p.currency)?;
                 writeln!(out, "  status    {}", p.status)?;
+                writeln!(out, "  email     {}", p.email.as_deref().unwrap_or("-"))?;
                 writeln!(
                     out,
                     "  created   {}",
@@ -423,6 +435,20 @@ pub async fn run(
                 out,
             )
             .await?
+        }
+        PayeeOps::SetEmail { id, email, clear } => {
+            let email = if clear { None } else { email };
+            let p = payee_service::set_email(pool, id, email.as_deref(), by)
+                .await
+                .map_err(exit_of)?;
+            if as_json {
+                writeln!(out, "{}", json!({"payee": p}))?;
+            } else {
+                match &p.email {
+                    Some(e) => writeln!(out, "payee {id} email set to {e}")?,
+                    None => writeln!(out, "payee {id} email cleared: no more mail")?,
+                }
+            }
         }
         PayeeOps::SetAccount { id, account } => {
             let r = payee_service::set_account(pool, settings.gateway.kind, id, &account, by)

@@ -2,9 +2,11 @@
 //! file, then `PAYOUTS_*` environment variables (`__` separates nesting), then
 //! `DATABASE_URL` / `REDIS_URL`. Validated once at load, with the bad key named.
 
+pub mod email;
 mod gateway;
 pub mod webhooks_out;
 
+pub use email::EmailSettings;
 pub use gateway::{MOCK_SECRET, STATUS_MEANINGS, validate_gateway};
 pub use webhooks_out::WebhooksOutSettings;
 
@@ -39,6 +41,8 @@ pub struct Settings {
     pub admin: AdminSettings,
     /// Outbound webhooks to the platform (Standard Webhooks).
     pub webhooks_out: WebhooksOutSettings,
+    /// Email to payees (SMTP), sent with the outbound webhooks.
+    pub email: EmailSettings,
 }
 
 /// `payout-admin`.
@@ -473,6 +477,23 @@ impl Settings {
     /// Checks ranges; the error names the bad key.
     pub fn validate(&self) -> anyhow::Result<()> {
         self.webhooks_out.validate()?;
+        self.email.validate()?;
+        if self.email.enabled {
+            if !self.webhooks_out.enabled {
+                bail!("email.enabled needs webhooks_out.enabled (the same worker sends both)");
+            }
+            let worst = self
+                .email
+                .timeout_ms
+                .saturating_mul(1 + self.webhooks_out.immediate_retries as u64);
+            if self.webhooks_out.lease_secs.saturating_mul(1000)
+                < worst + webhooks_out::LEASE_MARGIN_MS
+            {
+                bail!(
+                    "email.timeout_ms x (1 + webhooks_out.immediate_retries) + 5 s must be <= webhooks_out.lease_secs"
+                );
+            }
+        }
         let checks: [(bool, &str); 27] = [
             (
                 self.database.max_connections >= 1,

@@ -13,6 +13,9 @@ pub struct WebhooksOutSettings {
     /// How often the lease holder fans out and delivers, in ms.
     pub tick_ms: u64,
     /// The delivery lease, in seconds: a standby worker takes over within it.
+    /// The holder renews it (and its messages' leases) every third of it
+    /// while a batch is in flight; it must exceed one message's worst case,
+    /// `timeout_ms` x (1 + `immediate_retries`), by 5 s (checked at load).
     pub lease_secs: u64,
     /// Most events one fan-out pass reads.
     pub fanout_batch: i64,
@@ -45,7 +48,18 @@ pub struct WebhooksOutSettings {
     pub allow_private: Vec<String>,
 }
 
+/// What the delivery lease must exceed one message's worst case by, in ms
+/// (a renewal's own round trip, a busy database).
+pub const LEASE_MARGIN_MS: u64 = 5_000;
+
 impl WebhooksOutSettings {
+    /// The longest one attempt of one message can take, in ms: the request
+    /// timeout, once and again for each immediate retry.
+    pub fn worst_attempt_ms(&self) -> u64 {
+        self.timeout_ms
+            .saturating_mul(1 + self.immediate_retries as u64)
+    }
+
     /// Checks ranges; the error names the bad key.
     pub fn validate(&self) -> anyhow::Result<()> {
         let checks = [
@@ -68,8 +82,8 @@ impl WebhooksOutSettings {
                 "webhooks_out.timeout_ms must be >= webhooks_out.connect_timeout_ms >= 1",
             ),
             (
-                self.timeout_ms < self.lease_secs * 1000,
-                "webhooks_out.timeout_ms must be below webhooks_out.lease_secs",
+                self.lease_secs.saturating_mul(1000) >= self.worst_attempt_ms() + LEASE_MARGIN_MS,
+                "webhooks_out.lease_secs must be >= webhooks_out.timeout_ms x (1 + webhooks_out.immediate_retries) + 5 s",
             ),
             (
                 self.response_cap_bytes <= 1 << 20,

@@ -22,6 +22,7 @@ pub mod payouts;
 pub mod platform;
 pub mod reconcile_runs;
 pub mod search;
+pub mod settlement_events;
 pub mod settlements;
 pub mod tokens;
 pub mod webhook_cursors;

@@ -21,6 +21,9 @@ pub struct Payee {
     pub status: String,
     /// When created.
     pub created_at: DateTime<Utc>,
+    /// Where mail about its payouts goes (README "Email to payees"); none:
+    /// no mail.
+    pub email: Option<String>,
 }
 
 /// Adds a payee.
@@ -33,7 +36,7 @@ pub async fn create<'e>(
     sqlx::query_as!(
         Payee,
         "INSERT INTO payees (name, gateway_account, currency) VALUES ($1, $2, $3)
-         RETURNING id, name, gateway_account, currency, status, created_at",
+         RETURNING id, name, gateway_account, currency, status, created_at, email",
         name,
         gateway_account,
         currency.code(),
@@ -46,7 +49,7 @@ pub async fn create<'e>(
 pub async fn get(pool: &PgPool, id: i64) -> sqlx::Result<Option<Payee>> {
     sqlx::query_as!(
         Payee,
-        "SELECT id, name, gateway_account, currency, status, created_at FROM payees WHERE id = $1",
+        "SELECT id, name, gateway_account, currency, status, created_at, email FROM payees WHERE id = $1",
         id,
     )
     .fetch_optional(pool)
@@ -70,7 +73,7 @@ pub async fn create_demo(pool: &PgPool, count: i64, currency: Currency) -> sqlx:
 pub async fn page(pool: &PgPool, before_id: Option<i64>, limit: i64) -> sqlx::Result<Vec<Payee>> {
     sqlx::query_as!(
         Payee,
-        "SELECT id, name, gateway_account, currency, status, created_at FROM payees
+        "SELECT id, name, gateway_account, currency, status, created_at, email FROM payees
          WHERE ($1::bigint IS NULL OR id < $1) ORDER BY id DESC LIMIT $2",
         before_id,
         limit,
@@ -89,7 +92,7 @@ pub async fn page_with_status(
 ) -> sqlx::Result<Vec<Payee>> {
     sqlx::query_as!(
         Payee,
-        "SELECT id, name, gateway_account, currency, status, created_at FROM payees
+        "SELECT id, name, gateway_account, currency, status, created_at, email FROM payees
          WHERE ($1::text IS NULL OR status = $1) AND ($2::bigint IS NULL OR id < $2)
          ORDER BY id DESC LIMIT $3",
         status,
@@ -105,7 +108,7 @@ pub async fn page_with_status(
 pub async fn lock(conn: &mut PgConnection, id: i64) -> sqlx::Result<Option<Payee>> {
     sqlx::query_as!(
         Payee,
-        "SELECT id, name, gateway_account, currency, status, created_at FROM payees
+        "SELECT id, name, gateway_account, currency, status, created_at, email FROM payees
          WHERE id = $1 FOR NO KEY UPDATE",
         id,
     )
@@ -118,7 +121,7 @@ pub async fn set_status(conn: &mut PgConnection, id: i64, status: &str) -> sqlx:
     sqlx::query_as!(
         Payee,
         "UPDATE payees SET status = $2 WHERE id = $1
-         RETURNING id, name, gateway_account, currency, status, created_at",
+         RETURNING id, name, gateway_account, currency, status, created_at, email",
         id,
         status,
     )
@@ -131,7 +134,7 @@ pub async fn set_account(conn: &mut PgConnection, id: i64, account: &str) -> sql
     sqlx::query_as!(
         Payee,
         "UPDATE payees SET gateway_account = $2 WHERE id = $1
-         RETURNING id, name, gateway_account, currency, status, created_at",
+         RETURNING id, name, gateway_account, currency, status, created_at, email",
         id,
         account,
     )
@@ -146,4 +149,35 @@ pub async fn gateway_accounts(pool: &PgPool, ids: &[i64]) -> sqlx::Result<Vec<St
     sqlx::query_scalar!("SELECT gateway_account FROM payees WHERE id = ANY($1)", ids)
         .fetch_all(pool)
         .await
+}
+
+/// Sets (or, with `None`, clears) payee `id`'s email address; returns the row.
+pub async fn set_email(
+    conn: &mut PgConnection,
+    id: i64,
+    email: Option<&str>,
+) -> sqlx::Result<Payee> {
+    sqlx::query_as!(
+        Payee,
+        "UPDATE payees SET email = $2 WHERE id = $1
+         RETURNING id, name, gateway_account, currency, status, created_at, email",
+        id,
+        email,
+    )
+    .fetch_one(&mut *conn)
+    .await
+}
+
+/// (id, name, email) of those of payees `ids` that have an address.
+pub async fn addresses(
+    conn: &mut PgConnection,
+    ids: &[i64],
+) -> sqlx::Result<Vec<(i64, String, String)>> {
+    let rows = sqlx::query!(
+        r#"SELECT id, name, email AS "email!" FROM payees WHERE id = ANY($1) AND email IS NOT NULL"#,
+        ids,
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.id, r.name, r.email)).collect())
 }

@@ -1,11 +1,14 @@
 //! `webhook_cursors`: where the webhook fan-out stands in each outbox, and
-//! the lease that lets one process fan out and deliver at a time.
+//! the lease that lets one process fan out and deliver at a time (held on
+//! the `payout_events` row; it covers every cursor).
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
-/// The outbox of payout events.
+/// The outbox of payout events (its row holds the delivery lease).
 pub const PAYOUT_EVENTS: &str = "payout_events";
+/// The outbox of settlement events.
+pub const SETTLEMENT_EVENTS: &str = "settlement_events";
 
 /// Takes or renews the lease on cursor `name` for `owner` until `until`;
 /// `true` when `owner` holds it.
@@ -41,15 +44,16 @@ pub async fn release(pool: &PgPool, name: &str, owner: &str) -> sqlx::Result<()>
     Ok(())
 }
 
-/// The cursor (`tx_id`, `event_id`), when `owner` holds the lease.
+/// The cursor `name` (`tx_id`, `event_id`), when `owner` holds the lease.
 pub async fn get(
     db: &mut sqlx::PgConnection,
     name: &str,
     owner: &str,
 ) -> sqlx::Result<Option<(i64, i64)>> {
     let row = sqlx::query!(
-        r#"SELECT tx_id::text::bigint AS "tx_id!", event_id FROM webhook_cursors
-           WHERE name = $1 AND owner = $2"#,
+        r#"SELECT c.tx_id::text::bigint AS "tx_id!", c.event_id FROM webhook_cursors c
+           JOIN webhook_cursors l ON l.name = 'payout_events' AND l.owner = $2
+           WHERE c.name = $1"#,
         name,
         owner,
     )
@@ -69,8 +73,9 @@ pub async fn advance(
     to: (i64, i64),
 ) -> sqlx::Result<bool> {
     let r = sqlx::query!(
-        "UPDATE webhook_cursors SET tx_id = $5::bigint::text::xid8, event_id = $6
-         WHERE name = $1 AND owner = $2 AND tx_id = $3::bigint::text::xid8 AND event_id = $4",
+        "UPDATE webhook_cursors c SET tx_id = $5::bigint::text::xid8, event_id = $6
+         WHERE c.name = $1 AND c.tx_id = $3::bigint::text::xid8 AND c.event_id = $4
+           AND EXISTS (SELECT 1 FROM webhook_cursors l WHERE l.name = 'payout_events' AND l.owner = $2)",
         name,
         owner,
         from.0,

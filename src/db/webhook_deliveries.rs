@@ -1,4 +1,5 @@
-//! `webhook_deliveries` (one message to one endpoint) and `webhook_attempts`
+//! `webhook_deliveries` (one message to one endpoint, or one mail to one
+//! payee: channel `email`) and `webhook_attempts`
 //! (the delivery log: every retry, and every first attempt that failed; a
 //! first attempt that succeeded is on the message itself). The fan-out writes
 //! a message once, after its first attempt; a retry's claim pushes the
@@ -101,16 +102,76 @@ pub async fn insert_sent(
 pub struct Claimed {
     /// The delivery.
     pub id: i64,
-    /// The endpoint.
-    pub endpoint_id: i64,
-    /// The `webhook-id`.
+    /// The endpoint (a webhook).
+    pub endpoint_id: Option<i64>,
+    /// The `webhook-id` (a mail's Message-ID is made of it).
     pub event_id: String,
-    /// The body.
+    /// The body (a mail's plain text).
     pub body: String,
     /// This attempt's number (the fence of its outcome).
     pub attempts: i32,
     /// When the message was created.
     pub created_at: DateTime<Utc>,
+    /// `webhook` or `email`.
+    pub channel: String,
+    /// The address a mail goes to.
+    pub recipient: Option<String>,
+    /// A mail's subject.
+    pub subject: Option<String>,
+}
+
+/// A mail to a payee, written by the fan-out with the cursor's move and
+/// sent by the deliverer (due at once).
+#[derive(Debug, Clone)]
+pub struct NewMail {
+    /// The payee.
+    pub payee_id: i64,
+    /// The event's `webhook-id` (one mail per event and payee).
+    pub event_id: String,
+    /// The event type.
+    pub event_type: String,
+    /// The payee's address at the fan-out.
+    pub recipient: String,
+    /// The subject.
+    pub subject: String,
+    /// The plain text.
+    pub body: String,
+}
+
+/// Writes `mails`, due at `now` (one already written for its event and
+/// payee is left as it is).
+pub async fn insert_mail(
+    db: &mut sqlx::PgConnection,
+    mails: &[NewMail],
+    now: DateTime<Utc>,
+) -> sqlx::Result<u64> {
+    if mails.is_empty() {
+        return Ok(0);
+    }
+    let payee: Vec<i64> = mails.iter().map(|m| m.payee_id).collect();
+    let event: Vec<String> = mails.iter().map(|m| m.event_id.clone()).collect();
+    let kind: Vec<String> = mails.iter().map(|m| m.event_type.clone()).collect();
+    let to: Vec<String> = mails.iter().map(|m| m.recipient.clone()).collect();
+    let subject: Vec<String> = mails.iter().map(|m| m.subject.clone()).collect();
+    let body: Vec<String> = mails.iter().map(|m| m.body.clone()).collect();
+    let r = sqlx::query!(
+        "INSERT INTO webhook_deliveries (channel, payee_id, event_id, event_type, recipient, subject, body,
+                                         status, attempts, next_attempt_at, created_at)
+         SELECT 'email', p, i, t, r, s, b, 'pending', 0, $7, $7
+         FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
+             AS u(p, i, t, r, s, b)
+         ON CONFLICT (payee_id, event_id) WHERE channel = 'email' DO NOTHING",
+        &payee,
+        &event,
+        &kind,
+        &to,
+        &subject,
+        &body,
+        now,
+    )
+    .execute(&mut *db)
+    .await?;
+    Ok(r.rows_affected())
 }
 
 /// Claims up to `limit` due messages for one attempt each, leased until
@@ -127,7 +188,8 @@ pub async fn claim(
          WHERE d.id IN (SELECT id FROM webhook_deliveries
                         WHERE status = 'pending' AND next_attempt_at <= $3
                         ORDER BY next_attempt_at, id LIMIT $1 FOR UPDATE SKIP LOCKED)
-         RETURNING d.id, d.endpoint_id, d.event_id, d.body, d.attempts, d.created_at",
+         RETURNING d.id, d.endpoint_id, d.event_id, d.body, d.attempts, d.created_at, d.channel,
+                   d.recipient, d.subject",
         limit,
         lease_until,
         now,
@@ -157,10 +219,13 @@ pub struct Outcome {
     pub response: Option<String>,
 }
 
-/// Records `outcomes` (messages and log) in one transaction, at `now`.
-pub async fn finish(pool: &PgPool, outcomes: &[Outcome], now: DateTime<Utc>) -> sqlx::Result<()> {
+/// Records `outcomes` at `now` in one statement: each message whose
+/// attempt is still `attempt` (its lease did not move on to another
+/// attempt) takes its outcome, and only those get their line in the log.
+/// Returns how many were recorded.
+pub async fn finish(pool: &PgPool, outcomes: &[Outcome], now: DateTime<Utc>) -> sqlx::Result<u64> {
     if outcomes.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
     let id: Vec<i64> = outcomes.iter().map(|o| o.id).collect();
     let attempt: Vec<i32> = outcomes.iter().map(|o| o.attempt).collect();
@@ -170,39 +235,52 @@ pub async fn finish(pool: &PgPool, outcomes: &[Outcome], now: DateTime<Utc>) -> 
     let latency: Vec<i32> = outcomes.iter().map(|o| o.latency_ms).collect();
     let error: Vec<Option<String>> = outcomes.iter().map(|o| o.error.clone()).collect();
     let response: Vec<Option<String>> = outcomes.iter().map(|o| o.response.clone()).collect();
-    let mut tx = pool.begin().await?;
-    sqlx::query!(
-        "UPDATE webhook_deliveries d SET status = u.s, next_attempt_at = u.n,
-                delivered_at = CASE WHEN u.s = 'delivered' THEN $7 ELSE d.delivered_at END,
-                last_status = u.c, last_error = u.e
-         FROM unnest($1::bigint[], $2::int[], $3::text[], $4::timestamptz[], $5::int[], $6::text[])
-              AS u(i, a, s, n, c, e)
-         WHERE d.id = u.i AND d.attempts = u.a AND d.status = 'pending'",
+    let r = sqlx::query!(
+        "WITH u AS (
+             SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::timestamptz[], $5::int[],
+                                  $6::text[], $7::int[], $8::text[])
+                 AS u(i, a, s, n, c, e, l, r)),
+         done AS (
+             UPDATE webhook_deliveries d SET status = u.s, next_attempt_at = u.n,
+                    delivered_at = CASE WHEN u.s = 'delivered' THEN $9 ELSE d.delivered_at END,
+                    last_status = u.c, last_error = u.e
+             FROM u
+             WHERE d.id = u.i AND d.attempts = u.a AND d.status = 'pending'
+             RETURNING d.id, d.attempts)
+         INSERT INTO webhook_attempts (delivery_id, attempt, at, status_code, latency_ms, error, response)
+         SELECT u.i, u.a, $9, u.c, u.l, u.e, u.r
+         FROM done JOIN u ON u.i = done.id AND u.a = done.attempts",
         &id,
         &attempt,
         &status,
         &next,
         &code as &[Option<i32>],
         &error as &[Option<String>],
-        now,
-    )
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query!(
-        "INSERT INTO webhook_attempts (delivery_id, attempt, at, status_code, latency_ms, error, response)
-         SELECT i, a, $7, c, l, e, r
-         FROM unnest($1::bigint[], $2::int[], $3::int[], $4::int[], $5::text[], $6::text[]) AS u(i, a, c, l, e, r)",
-        &id,
-        &attempt,
-        &code as &[Option<i32>],
         &latency,
-        &error as &[Option<String>],
         &response as &[Option<String>],
         now,
     )
-    .execute(&mut *tx)
+    .execute(pool)
     .await?;
-    tx.commit().await
+    Ok(r.rows_affected())
+}
+
+/// Renews the leases of the messages `held` ((id, attempt), still pending at
+/// that attempt) until `until`: a deliverer still working on them keeps them.
+pub async fn extend(pool: &PgPool, held: &[(i64, i32)], until: DateTime<Utc>) -> sqlx::Result<u64> {
+    let id: Vec<i64> = held.iter().map(|h| h.0).collect();
+    let attempt: Vec<i32> = held.iter().map(|h| h.1).collect();
+    let r = sqlx::query!(
+        "UPDATE webhook_deliveries d SET next_attempt_at = $3
+         FROM unnest($1::bigint[], $2::int[]) AS u(i, a)
+         WHERE d.id = u.i AND d.attempts = u.a AND d.status = 'pending' AND d.next_attempt_at < $3",
+        &id,
+        &attempt,
+        until,
+    )
+    .execute(pool)
+    .await?;
+    Ok(r.rows_affected())
 }
 
 /// A message as listed.
@@ -240,9 +318,9 @@ pub async fn for_endpoint(
 ) -> sqlx::Result<Vec<Delivery>> {
     sqlx::query_as!(
         Delivery,
-        "SELECT id, endpoint_id, event_id, event_type, status, attempts, next_attempt_at, created_at,
-                delivered_at, last_status, last_error
-         FROM webhook_deliveries WHERE endpoint_id = $1 ORDER BY id DESC LIMIT $2",
+        r#"SELECT id, endpoint_id AS "endpoint_id!", event_id, event_type, status, attempts,
+                  next_attempt_at, created_at, delivered_at, last_status, last_error
+           FROM webhook_deliveries WHERE endpoint_id = $1 ORDER BY id DESC LIMIT $2"#,
         endpoint_id,
         limit,
     )
@@ -346,9 +424,53 @@ pub async fn replay_since<'e>(
     Ok(r.rows_affected())
 }
 
-/// When the oldest message still undelivered was created (the backlog gauge).
-pub async fn oldest_pending(pool: &PgPool) -> sqlx::Result<Option<DateTime<Utc>>> {
-    sqlx::query_scalar!("SELECT min(created_at) FROM webhook_deliveries WHERE status = 'pending'")
-        .fetch_one(pool)
-        .await
+/// When the oldest message of `channel` (`webhook`, `email`) still
+/// undelivered was created (the backlog gauges).
+pub async fn oldest_pending(pool: &PgPool, channel: &str) -> sqlx::Result<Option<DateTime<Utc>>> {
+    sqlx::query_scalar!(
+        "SELECT min(created_at) FROM webhook_deliveries WHERE status = 'pending' AND channel = $1",
+        channel,
+    )
+    .fetch_one(pool)
+    .await
+}
+
+/// The mails to payee `payee_id`, newest first (at most `limit`).
+pub async fn mails_for_payee(pool: &PgPool, payee_id: i64, limit: i64) -> sqlx::Result<Vec<Mail>> {
+    sqlx::query_as!(
+        Mail,
+        r#"SELECT id, event_id, event_type, recipient AS "recipient!", subject AS "subject!", status,
+                  attempts, created_at, delivered_at, last_error
+           FROM webhook_deliveries WHERE channel = 'email' AND payee_id = $1
+           ORDER BY id DESC LIMIT $2"#,
+        payee_id,
+        limit,
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// A mail as listed.
+#[derive(Debug, Clone, Serialize)]
+pub struct Mail {
+    /// Its id (a delivery: `payoutctl webhooks attempts`/`replay` take it).
+    pub id: i64,
+    /// The event's id.
+    pub event_id: String,
+    /// The event type.
+    pub event_type: String,
+    /// Where it goes.
+    pub recipient: String,
+    /// Its subject.
+    pub subject: String,
+    /// `pending`, `delivered` or `failed`.
+    pub status: String,
+    /// Attempts made.
+    pub attempts: i32,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+    /// When the server took it.
+    pub delivered_at: Option<DateTime<Utc>>,
+    /// The last error.
+    pub last_error: Option<String>,
 }

@@ -41,6 +41,9 @@ pub struct Subscriber {
     pub event_types: Vec<String>,
     /// Events before this are not sent to it.
     pub created_at: DateTime<Utc>,
+    /// Where and how to send (read in the same statement, so the fan-out
+    /// reads the endpoints once per batch).
+    pub target: Target,
 }
 
 /// What the deliverer needs of an endpoint: where, and the secrets that sign.
@@ -174,14 +177,34 @@ pub async fn rotate<'e>(
     Ok(r.rows_affected() == 1)
 }
 
-/// The enabled endpoints (the fan-out's subscribers).
+/// The enabled endpoints (the fan-out's subscribers), with their targets.
 pub async fn subscribers(db: &mut sqlx::PgConnection) -> sqlx::Result<Vec<Subscriber>> {
-    sqlx::query_as!(
-        Subscriber,
-        "SELECT id, event_types, created_at FROM webhook_endpoints WHERE enabled ORDER BY id"
+    let rows = sqlx::query!(
+        "SELECT id, event_types, created_at, url, enabled, secret, previous_secret, previous_until,
+                failing_since
+         FROM webhook_endpoints WHERE enabled ORDER BY id"
     )
     .fetch_all(&mut *db)
-    .await
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| Subscriber {
+            id: r.id,
+            event_types: r.event_types,
+            created_at: r.created_at,
+            target: Target {
+                id: r.id,
+                url: r.url,
+                enabled: r.enabled,
+                secret: SecretString::from(r.secret),
+                previous: r
+                    .previous_secret
+                    .zip(r.previous_until)
+                    .map(|(s, u)| (SecretString::from(s), u)),
+                failing_since: r.failing_since,
+            },
+        })
+        .collect())
 }
 
 /// The endpoints `ids`, with their secrets (the deliverer's).

@@ -1,5 +1,5 @@
 //! Payee management (#17 item 7): suspend, resume, change of gateway
-//! account. Each change is one transaction with its audit row (actor, what
+//! account, email address (mail about payouts, #18). Each change is one transaction with its audit row (actor, what
 //! changed, the request's source), shared by the admin API and `payoutctl`.
 //!
 //! A suspended payee is not settled (settlement skips it) and its payouts
@@ -227,6 +227,60 @@ pub async fn set_account(
         kept_destination: sent,
         to_new_account: open - sent,
     })
+}
+
+/// Checks an email address for a payee: trimmed, at most 254 characters,
+/// one mailbox (`name@domain`, no display name); the error names the field.
+pub fn email_problem(email: &str) -> Option<String> {
+    if email.is_empty() || email.chars().count() > 254 {
+        return Some("email: 1 to 254 characters".into());
+    }
+    if email.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Some("email: no spaces or control characters".into());
+    }
+    match email.parse::<lettre::Address>() {
+        Ok(_) => None,
+        Err(_) => Some("email: not an email address (name@domain)".into()),
+    }
+}
+
+/// Sets payee `id`'s email address (`None`: clears it, no more mail).
+/// Refused when it is that already.
+pub async fn set_email(
+    pool: &PgPool,
+    id: i64,
+    email: Option<&str>,
+    by: By<'_>,
+) -> Result<Payee, PayeeError> {
+    let email = email.map(str::trim);
+    if let Some(problem) = email.and_then(email_problem) {
+        return Err(PayeeError::Invalid(problem));
+    }
+    let mut tx = pool.begin().await?;
+    let p = payees::lock(&mut tx, id)
+        .await?
+        .ok_or(PayeeError::NotFound(id))?;
+    if p.email.as_deref() == email {
+        return Err(PayeeError::Conflict(match email {
+            Some(_) => format!("payee {id}'s email is that already"),
+            None => format!("payee {id} has no email already"),
+        }));
+    }
+    let payee = payees::set_email(&mut tx, id, email).await?;
+    audit::record(
+        &mut *tx,
+        by.now,
+        by.actor,
+        "payee.email",
+        &id.to_string(),
+        json!({"from": p.email, "to": email}),
+        by.source,
+    )
+    .await?;
+    tx.commit().await?;
+    // The address itself is not logged.
+    tracing::info!(payee = id, actor = %by.actor, set = email.is_some(), "payee email changed");
+    Ok(payee)
 }
 
 /// A payee's balance in one currency (#17 item 2). Earnings amounts are

@@ -39,6 +39,13 @@
 //! the payee's next period with work takes in, like a balance below the
 //! minimum, and pays once it adds up to a step.
 //!
+//! **Told.** Each settlement written writes, in its transaction, a
+//! `settlement.created` event and an `earning.released` event for each
+//! earning it takes in (`settlement_events`, the outbox of outbound
+//! webhooks). Release is a time predicate (`release_at` before the period's
+//! end), not a write: `earning.released` is emitted when the run observes it,
+//! i.e. when the earning is settled, not at `release_at` itself.
+//!
 //! [`preview`] computes the next period the run would settle and writes nothing.
 
 use std::collections::HashMap;
@@ -51,7 +58,7 @@ use sqlx::{PgConnection, PgPool};
 
 use crate::{
     config::ProducerSettings,
-    db::{earnings, payee_terms, payouts, settlements},
+    db::{earnings, payee_terms, payouts, settlement_events, settlements},
     domain::{
         Currency, Money, PayoutMethod, Period, Policy, Schedule,
         policy::{CarriedLine, DeductionLine, EarningLine, Settlement, SettlementInput},
@@ -799,6 +806,10 @@ async fn write_round(
     if !paid_carries.is_empty() {
         earnings::mark_paid_through_carry_many(conn, &paid_carries, &carry_payouts).await?;
     }
+    // What changed is told, in this transaction: settlement.created and
+    // earning.released (the run has just observed the release).
+    let written: Vec<i64> = computed.iter().map(|c| c.settlement_id).collect();
+    settlement_events::record(conn, &written, now).await?;
     Ok(())
 }
 
@@ -904,6 +915,7 @@ async fn settle_next(
         let ids: Vec<i64> = remainders.iter().map(|c| c.id).collect();
         settlements::consume_remainders(&mut tx, &ids, id).await?;
     }
+    settlement_events::record(&mut tx, &[id], now).await?;
     tx.commit().await?;
     Ok(Group::Settled(Settled {
         settlement_id: id,

@@ -1,10 +1,18 @@
-//! Outbound webhooks: every payout event the platform subscribed to, signed
-//! to the Standard Webhooks specification and delivered at least once.
+//! Outbound webhooks: every payout and settlement event the platform
+//! subscribed to, signed to the Standard Webhooks specification and
+//! delivered at least once; and, through the same machinery, email to
+//! payees ([`mail`]).
 //!
-//! - **Outbox.** `payout_events` is the outbox: every status change writes its
-//!   event in the same transaction (no event for a change that rolled back).
-//!   The hot path writes nothing more; each event row carries the id of the
-//!   transaction that wrote it (`tx_id`).
+//! - **Outbox.** `payout_events` is the outbox of payout events: every
+//!   status change writes its event in the same transaction (no event for a
+//!   change that rolled back). The hot path writes nothing more; each event
+//!   row carries the id of the transaction that wrote it (`tx_id`).
+//!   `settlement_events` is that of the settlement run (`settlement.created`,
+//!   `earning.released`), read after a cursor of its own.
+//! - **Lease.** One process at a time fans out and delivers; it renews its
+//!   lease, and those of the messages it has claimed, every third of
+//!   `webhooks_out.lease_secs` while a pass is in flight, so a slow endpoint
+//!   cannot let it run out mid-batch.
 //! - **Fan-out.** The process holding the delivery lease reads the events
 //!   after its cursor in (tx_id, id) order, only below the oldest transaction
 //!   still running (so an event of an open transaction is never skipped),
@@ -19,6 +27,7 @@
 //!   followed, answers are read up to a cap, secrets are never logged.
 
 pub mod endpoints;
+pub mod mail;
 pub mod safety;
 pub mod sign;
 
@@ -35,11 +44,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     clock::SharedClock,
-    config::WebhooksOutSettings,
+    config::{EmailSettings, WebhooksOutSettings},
     db::{
         events::{self, OutboxEvent},
-        webhook_cursors::{self, PAYOUT_EVENTS},
-        webhook_deliveries::{self, Claimed, Outcome, SentDelivery},
+        payees, settlement_events,
+        webhook_cursors::{self, PAYOUT_EVENTS, SETTLEMENT_EVENTS},
+        webhook_deliveries::{self, Claimed, NewMail, Outcome, SentDelivery},
         webhook_endpoints::{self, Subscriber, Target},
     },
     metrics,
@@ -47,8 +57,8 @@ use crate::{
 
 /// Every event type an endpoint may subscribe to (`*`: all of them): only
 /// those the fleet emits, so a subscription never waits for an event that
-/// never comes (settlement and earning events are not emitted yet).
-pub const EVENT_TYPES: [&str; 8] = [
+/// never comes.
+pub const EVENT_TYPES: [&str; 10] = [
     "payout.created",
     "payout.queued",
     "payout.held",
@@ -57,7 +67,104 @@ pub const EVENT_TYPES: [&str; 8] = [
     "payout.failed",
     "payout.cancelled",
     "payout.reversed",
+    "settlement.created",
+    "earning.released",
 ];
+
+/// The outboxes the fan-out reads, each after its own cursor (under one
+/// delivery lease).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outbox {
+    /// `payout_events`: payout transitions.
+    Payouts,
+    /// `settlement_events`: settlements written, earnings released.
+    Settlements,
+}
+
+impl Outbox {
+    fn cursor(self) -> &'static str {
+        match self {
+            Outbox::Payouts => PAYOUT_EVENTS,
+            Outbox::Settlements => SETTLEMENT_EVENTS,
+        }
+    }
+}
+
+/// One event as told: its type, `webhook-id`, time and body.
+struct Told {
+    kind: &'static str,
+    message_id: String,
+    at: DateTime<Utc>,
+    body: String,
+}
+
+/// The event type a settlement event is told as.
+fn settlement_event_type(kind: &str) -> Option<&'static str> {
+    match kind {
+        "settlement.created" => Some("settlement.created"),
+        "earning.released" => Some("earning.released"),
+        _ => None,
+    }
+}
+
+/// The `webhook-id` of a settlement event.
+pub fn settlement_message_id(event_id: i64) -> String {
+    format!("evt_settlement_{event_id}")
+}
+
+/// The body of a settlement event: the settlement (`settlement.created`),
+/// or the earning with its settlement (`earning.released`).
+pub fn settlement_body(kind: &str, e: &settlement_events::OutboxEvent) -> String {
+    let money = |d: rust_decimal::Decimal| shown_amount(d, &e.currency);
+    let settlement = json!({
+        "object": "settlement",
+        "id": e.settlement_id,
+        "payee_id": e.payee_id,
+        "currency": e.currency,
+        "period_start": e.period_start,
+        "period_end": e.period_end,
+        "schedule": e.schedule,
+        "outcome": e.outcome,
+        "services": e.services,
+        "gross": money(e.gross),
+        "platform_commission": money(e.platform_commission),
+        "deductions": money(e.deductions),
+        "carried_in": money(e.carried_in),
+        "fee": money(e.fee),
+        "net": money(e.net),
+        "payout_id": e.payout_id,
+    });
+    let data = match (kind, e.earning_id) {
+        ("earning.released", Some(id)) => json!({
+            "object": "earning",
+            "id": id,
+            "seq": e.id,
+            "event_id": settlement_message_id(e.id),
+            "payee_id": e.payee_id,
+            "source": e.earning_source,
+            "external_ref": e.earning_ref,
+            "gross": e.earning_gross.map(money),
+            "currency": e.currency,
+            "completed_at": e.earning_completed_at,
+            "release_at": e.earning_release_at,
+            "settlement_id": e.settlement_id,
+            "payout_id": e.payout_id,
+            "settlement": settlement,
+        }),
+        _ => {
+            let mut s = settlement;
+            s["seq"] = json!(e.id);
+            s["event_id"] = json!(settlement_message_id(e.id));
+            s
+        }
+    };
+    json!({
+        "type": kind,
+        "timestamp": e.at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        "data": data,
+    })
+    .to_string()
+}
 
 /// The event type a payout transition is told as, if any. Internal moves
 /// (claims, in-attempt retries, re-enqueues after a retry or a lost lease)
@@ -165,6 +272,8 @@ pub struct Dispatcher {
     clock: SharedClock,
     owner: String,
     client: reqwest::Client,
+    /// The SMTP channel (email to payees), when `email.enabled`.
+    mailer: Option<mail::Mailer>,
     /// When the gauges were last refreshed (every 5 s at most).
     gauges_at: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
 }
@@ -193,8 +302,19 @@ pub fn client(settings: &WebhooksOutSettings) -> anyhow::Result<reqwest::Client>
 }
 
 enum Sent {
-    Answer { code: u16, excerpt: String },
-    Error { kind: &'static str, message: String },
+    Answer {
+        code: u16,
+        excerpt: String,
+    },
+    /// The SMTP server took the mail.
+    Accepted {
+        code: u16,
+        excerpt: String,
+    },
+    Error {
+        kind: &'static str,
+        message: String,
+    },
 }
 
 impl Dispatcher {
@@ -211,8 +331,20 @@ impl Dispatcher {
             settings,
             clock,
             owner: owner.to_string(),
+            mailer: None,
             gauges_at: Arc::default(),
         })
+    }
+
+    /// Also mails payees, when `email.enabled`: mail messages are written by
+    /// the fan-out of payout events and sent by the same deliverer.
+    pub fn with_email(mut self, email: &EmailSettings) -> anyhow::Result<Self> {
+        self.mailer = if email.enabled {
+            Some(mail::Mailer::new(email)?)
+        } else {
+            None
+        };
+        Ok(self)
     }
 
     /// One pass: hold the lease; if held, fan out and deliver what is due.
@@ -226,22 +358,39 @@ impl Dispatcher {
         if !leading {
             return Ok(Pass::default());
         }
-        let mut pass = Pass {
-            leading,
-            ..Pass::default()
-        };
-        // A bounded number of fan-out batches per pass, then delivery.
-        for _ in 0..8 {
-            let (events, messages) = self.fan_out().await?;
-            pass.events += events;
-            pass.messages += messages;
-            if events < self.settings.fanout_batch as usize {
-                break;
+        let inflight = InFlight::default();
+        let work = async {
+            let mut pass = Pass {
+                leading,
+                ..Pass::default()
+            };
+            // A bounded number of fan-out batches of each outbox per pass,
+            // then delivery.
+            for outbox in [Outbox::Payouts, Outbox::Settlements] {
+                for _ in 0..8 {
+                    let (events, messages) = self.fan_out(outbox).await?;
+                    pass.events += events;
+                    pass.messages += messages;
+                    if events < self.settings.fanout_batch as usize {
+                        break;
+                    }
+                }
             }
-        }
-        let (delivered, failed) = self.deliver().await?;
-        pass.delivered = delivered;
-        pass.failed = failed;
+            let (delivered, failed) = self.deliver_leased(&inflight).await?;
+            pass.delivered = delivered;
+            pass.failed = failed;
+            anyhow::Ok(pass)
+        };
+        let Some(pass) = self.keeping_lease(&inflight, work).await else {
+            // Another process holds the lease now: what was in flight is
+            // dropped unrecorded, and the new holder sends it again.
+            metrics::WEBHOOK_LEADER.set(0);
+            tracing::warn!(
+                "webhook lease lost during a pass; the new holder sends its messages again"
+            );
+            return Ok(Pass::default());
+        };
+        let pass = pass?;
         let due = {
             let mut at = self.gauges_at.lock().expect("gauge clock");
             let due = at.is_none_or(|t| t.elapsed() >= Duration::from_secs(5));
@@ -256,62 +405,103 @@ impl Dispatcher {
         Ok(pass)
     }
 
-    /// One fan-out batch: reads the events after the cursor, sends each
-    /// message once (to endpoints not failing; at most one failure per
-    /// endpoint per batch, the rest wait for the retry pass), then writes the
-    /// messages with their outcome and moves the cursor in one transaction.
-    /// A crash before that commit sends them again (at least once).
-    /// Returns (events read, messages written).
-    pub async fn fan_out(&self) -> anyhow::Result<(usize, u64)> {
+    /// One fan-out batch of `outbox`: reads the events after its cursor,
+    /// sends each message once (to endpoints not failing; at most one
+    /// failure per endpoint per batch, the rest wait for the retry pass),
+    /// then writes the messages with their outcome and moves the cursor in
+    /// one transaction. A crash before that commit sends them again (at
+    /// least once). Returns (events read, messages written).
+    pub async fn fan_out(&self, outbox: Outbox) -> anyhow::Result<(usize, u64)> {
         let now = self.clock.now();
+        let cursor = outbox.cursor();
         let mut conn = self.pool.acquire().await?;
-        let Some(from) = webhook_cursors::get(&mut conn, PAYOUT_EVENTS, &self.owner).await? else {
+        let Some(from) = webhook_cursors::get(&mut conn, cursor, &self.owner).await? else {
             return Ok((0, 0));
         };
         let subs = webhook_endpoints::subscribers(&mut conn).await?;
-        if subs.is_empty() {
-            if let Some(to) = events::outbox_last_settled(&mut conn).await?
+        let mailer = self.mailer.as_ref().filter(|_| outbox == Outbox::Payouts);
+        if subs.is_empty() && mailer.is_none() {
+            let last = match outbox {
+                Outbox::Payouts => events::outbox_last_settled(&mut conn).await?,
+                Outbox::Settlements => settlement_events::outbox_last_settled(&mut conn).await?,
+            };
+            if let Some(to) = last
                 && to > from
             {
-                webhook_cursors::advance(&mut conn, PAYOUT_EVENTS, &self.owner, from, to).await?;
+                webhook_cursors::advance(&mut conn, cursor, &self.owner, from, to).await?;
             }
             return Ok((0, 0));
         }
-        let batch =
-            events::outbox_after(&mut conn, from.0, from.1, self.settings.fanout_batch).await?;
+        let limit = self.settings.fanout_batch;
+        // Each event told (type, `webhook-id`, time, body), built only when
+        // some endpoint wants it.
+        let wanted = |kind: &str, at: DateTime<Utc>| {
+            subs.iter().any(|s| wants(s, kind) && s.created_at <= at)
+        };
+        let mut mails = Vec::new();
+        let (read, last, told): (usize, Option<(i64, i64)>, Vec<Told>) = match outbox {
+            Outbox::Payouts => {
+                let batch = events::outbox_after(&mut conn, from.0, from.1, limit).await?;
+                if let Some(m) = mailer {
+                    mails = self.mails(&mut conn, m, &batch).await?;
+                }
+                let told = batch
+                    .iter()
+                    .filter_map(|e| {
+                        let kind = payout_event_type(e.from_status.as_deref(), &e.to_status)?;
+                        wanted(kind, e.at).then(|| Told {
+                            kind,
+                            message_id: payout_message_id(e.id),
+                            at: e.at,
+                            body: payout_body(kind, e),
+                        })
+                    })
+                    .collect();
+                (batch.len(), batch.last().map(|e| (e.tx_id, e.id)), told)
+            }
+            Outbox::Settlements => {
+                let batch =
+                    settlement_events::outbox_after(&mut conn, from.0, from.1, limit).await?;
+                let told = batch
+                    .iter()
+                    .filter_map(|e| {
+                        let kind = settlement_event_type(&e.kind)?;
+                        wanted(kind, e.at).then(|| Told {
+                            kind,
+                            message_id: settlement_message_id(e.id),
+                            at: e.at,
+                            body: settlement_body(kind, e),
+                        })
+                    })
+                    .collect();
+                (batch.len(), batch.last().map(|e| (e.tx_id, e.id)), told)
+            }
+        };
         drop(conn);
-        let Some(last) = batch.last() else {
+        let Some(to) = last else {
             return Ok((0, 0));
         };
-        let to = (last.tx_id, last.id);
         let mut messages = Vec::new();
-        for e in &batch {
-            let Some(kind) = payout_event_type(e.from_status.as_deref(), &e.to_status) else {
-                continue;
-            };
-            let mut body = None;
+        for t in &told {
             for s in subs
                 .iter()
-                .filter(|s| wants(s, kind) && s.created_at <= e.at)
+                .filter(|s| wants(s, t.kind) && s.created_at <= t.at)
             {
-                let body = body.get_or_insert_with(|| payout_body(kind, e));
                 messages.push(Claimed {
                     id: 0,
-                    endpoint_id: s.id,
-                    event_id: payout_message_id(e.id),
-                    body: body.clone(),
+                    endpoint_id: Some(s.id),
+                    event_id: t.message_id.clone(),
+                    body: t.body.clone(),
                     attempts: 1,
                     created_at: now,
+                    channel: "webhook".into(),
+                    recipient: None,
+                    subject: None,
                 });
             }
         }
-        let ids: Vec<i64> = subs.iter().map(|s| s.id).collect();
-        let targets: std::collections::HashMap<i64, Target> =
-            webhook_endpoints::targets(&self.pool, &ids)
-                .await?
-                .into_iter()
-                .map(|t| (t.id, t))
-                .collect();
+        let targets: std::collections::HashMap<i64, &Target> =
+            subs.iter().map(|s| (s.id, &s.target)).collect();
         // Endpoints not to send to in this batch: failing already, or failed once here.
         let held: std::sync::Mutex<std::collections::HashSet<i64>> = std::sync::Mutex::new(
             targets
@@ -320,22 +510,21 @@ impl Dispatcher {
                 .map(|t| t.id)
                 .collect(),
         );
-        let kinds: std::collections::HashMap<String, &'static str> = batch
+        let kinds: std::collections::HashMap<&str, &'static str> = told
             .iter()
-            .filter_map(|e| {
-                payout_event_type(e.from_status.as_deref(), &e.to_status)
-                    .map(|k| (payout_message_id(e.id), k))
-            })
+            .map(|t| (t.message_id.as_str(), t.kind))
             .collect();
         let rows: Vec<SentDelivery> = futures::stream::iter(messages)
             .map(|c| {
                 let (targets, held, kinds) = (&targets, &held, &kinds);
                 async move {
-                    let kind = kinds.get(&c.event_id).copied().unwrap_or("payout.unknown");
-                    let skip = held.lock().expect("held set").contains(&c.endpoint_id);
+                    let kind = kinds.get(c.event_id.as_str()).copied().unwrap_or("unknown");
+                    // Webhook messages only here: each has its endpoint.
+                    let endpoint = c.endpoint_id.unwrap_or_default();
+                    let skip = held.lock().expect("held set").contains(&endpoint);
                     if skip {
                         return SentDelivery {
-                            endpoint_id: c.endpoint_id,
+                            endpoint_id: endpoint,
                             event_id: c.event_id,
                             event_type: kind.to_string(),
                             body: c.body,
@@ -349,12 +538,14 @@ impl Dispatcher {
                             response: None,
                         };
                     }
-                    let o = self.attempt(targets.get(&c.endpoint_id), c.clone()).await;
+                    let o = self
+                        .attempt(targets.get(&endpoint).copied(), c.clone())
+                        .await;
                     if o.status != "delivered" {
-                        held.lock().expect("held set").insert(c.endpoint_id);
+                        held.lock().expect("held set").insert(endpoint);
                     }
                     SentDelivery {
-                        endpoint_id: c.endpoint_id,
+                        endpoint_id: endpoint,
                         event_id: c.event_id,
                         event_type: kind.to_string(),
                         body: c.body,
@@ -375,10 +566,11 @@ impl Dispatcher {
         let end = self.clock.now();
         let mut tx = self.pool.begin().await?;
         webhook_deliveries::insert_sent(&mut tx, &rows, end).await?;
-        if !webhook_cursors::advance(&mut tx, PAYOUT_EVENTS, &self.owner, from, to).await? {
+        let mailed = webhook_deliveries::insert_mail(&mut tx, &mails, end).await?;
+        if !webhook_cursors::advance(&mut tx, cursor, &self.owner, from, to).await? {
             // The lease moved on meanwhile: the new holder sends these again.
             tx.rollback().await?;
-            return Ok((batch.len(), 0));
+            return Ok((read, 0));
         }
         tx.commit().await?;
         let (mut ok, mut bad) = (Vec::new(), Vec::new());
@@ -390,7 +582,51 @@ impl Dispatcher {
             }
         }
         self.record_endpoints(ok, bad, end).await?;
-        Ok((batch.len(), rows.len() as u64))
+        Ok((read, rows.len() as u64 + mailed))
+    }
+
+    /// The mails about the events of `batch` of a type `m` mails, one to
+    /// each payee that has an address (none for a payee without one).
+    async fn mails(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        m: &mail::Mailer,
+        batch: &[OutboxEvent],
+    ) -> anyhow::Result<Vec<NewMail>> {
+        let mailed: Vec<(&'static str, &OutboxEvent)> = batch
+            .iter()
+            .filter_map(|e| {
+                let kind = payout_event_type(e.from_status.as_deref(), &e.to_status)?;
+                m.wants(kind).then_some((kind, e))
+            })
+            .collect();
+        if mailed.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut ids: Vec<i64> = mailed.iter().map(|(_, e)| e.payee_id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let contacts: std::collections::HashMap<i64, (String, String)> =
+            payees::addresses(&mut *conn, &ids)
+                .await?
+                .into_iter()
+                .map(|(id, name, email)| (id, (name, email)))
+                .collect();
+        Ok(mailed
+            .into_iter()
+            .filter_map(|(kind, e)| {
+                let (name, email) = contacts.get(&e.payee_id)?;
+                let (subject, body) = mail::render(kind, e, name)?;
+                Some(NewMail {
+                    payee_id: e.payee_id,
+                    event_id: payout_message_id(e.id),
+                    event_type: kind.to_string(),
+                    recipient: email.clone(),
+                    subject,
+                    body,
+                })
+            })
+            .collect())
     }
 
     /// Records each endpoint's run of failures and disables those failing too long.
@@ -426,8 +662,60 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// Claims the due messages and delivers them; (delivered, failed attempts).
+    /// Runs `work` (a pass) while renewing the delivery lease, and the
+    /// leases of the messages in `inflight`, every third of
+    /// `webhooks_out.lease_secs`: a slow endpoint can hold a batch longer
+    /// than one lease, and a lease that ran out mid-batch would let another
+    /// process send the same messages again. `None` when the lease was lost
+    /// all the same (a stalled process): `work` is then dropped, its
+    /// requests cancelled and nothing of it recorded.
+    async fn keeping_lease<T>(
+        &self,
+        inflight: &InFlight,
+        work: impl std::future::Future<Output = T>,
+    ) -> Option<T> {
+        let every = Duration::from_millis((self.settings.lease_secs * 1000 / 3).max(10));
+        let renew = async {
+            loop {
+                tokio::time::sleep(every).await;
+                let now = self.clock.now();
+                let until = now + chrono::Duration::seconds(self.settings.lease_secs as i64);
+                match webhook_cursors::hold(&self.pool, PAYOUT_EVENTS, &self.owner, until, now)
+                    .await
+                {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %format_args!("{e:#}"), "webhook lease not renewed; trying again");
+                        continue;
+                    }
+                }
+                let held = inflight.lock().expect("in-flight messages").clone();
+                if !held.is_empty()
+                    && let Err(e) = webhook_deliveries::extend(&self.pool, &held, until).await
+                {
+                    tracing::warn!(error = %format_args!("{e:#}"), "message leases not renewed; trying again");
+                }
+            }
+        };
+        tokio::select! {
+            biased;
+            done = work => Some(done),
+            () = renew => None,
+        }
+    }
+
+    /// Claims the due messages and delivers them; (delivered, failed
+    /// attempts). Call it as part of [`Dispatcher::tick`], which renews the
+    /// leases while it runs.
     pub async fn deliver(&self) -> anyhow::Result<(usize, usize)> {
+        let inflight = InFlight::default();
+        self.keeping_lease(&inflight, self.deliver_leased(&inflight))
+            .await
+            .unwrap_or(Ok((0, 0)))
+    }
+
+    async fn deliver_leased(&self, inflight: &InFlight) -> anyhow::Result<(usize, usize)> {
         let now = self.clock.now();
         let lease = now + chrono::Duration::seconds(self.settings.lease_secs as i64);
         let claimed =
@@ -435,7 +723,9 @@ impl Dispatcher {
         if claimed.is_empty() {
             return Ok((0, 0));
         }
-        let mut ids: Vec<i64> = claimed.iter().map(|c| c.endpoint_id).collect();
+        *inflight.lock().expect("in-flight messages") =
+            claimed.iter().map(|c| (c.id, c.attempts)).collect();
+        let mut ids: Vec<i64> = claimed.iter().filter_map(|c| c.endpoint_id).collect();
         ids.sort_unstable();
         ids.dedup();
         let targets: std::collections::HashMap<i64, Target> =
@@ -445,12 +735,13 @@ impl Dispatcher {
                 .map(|t| (t.id, t))
                 .collect();
         let targets = Arc::new(targets);
-        let outcomes: Vec<(i64, Outcome)> = futures::stream::iter(claimed)
+        let outcomes: Vec<(Option<i64>, Outcome)> = futures::stream::iter(claimed)
             .map(|c| {
                 let targets = targets.clone();
                 async move {
                     let endpoint = c.endpoint_id;
-                    (endpoint, self.attempt(targets.get(&endpoint), c).await)
+                    let target = endpoint.and_then(|e| targets.get(&e));
+                    (endpoint, self.attempt(target, c).await)
                 }
             })
             .buffer_unordered(self.settings.concurrency)
@@ -458,16 +749,23 @@ impl Dispatcher {
             .await;
         let end = self.clock.now();
         let (mut ok, mut bad) = (Vec::new(), Vec::new());
+        let mut delivered = 0;
         for (endpoint, o) in &outcomes {
+            if o.status == "delivered" {
+                delivered += 1;
+            }
+            // Mails have no endpoint whose run of failures to record.
+            let Some(endpoint) = endpoint else { continue };
             if o.status == "delivered" {
                 ok.push(*endpoint);
             } else {
                 bad.push(*endpoint);
             }
         }
+        let failed = outcomes.len() - delivered;
         let outcomes: Vec<Outcome> = outcomes.into_iter().map(|(_, o)| o).collect();
         webhook_deliveries::finish(&self.pool, &outcomes, end).await?;
-        let (delivered, failed) = (ok.len(), bad.len());
+        inflight.lock().expect("in-flight messages").clear();
         self.record_endpoints(ok, bad, end).await?;
         Ok((delivered, failed))
     }
@@ -475,16 +773,24 @@ impl Dispatcher {
     /// One attempt (with the immediate retries) of one message.
     async fn attempt(&self, target: Option<&Target>, c: Claimed) -> Outcome {
         let started = tokio::time::Instant::now();
+        let email = c.channel == "email";
+        let retries = ConstantBuilder::default()
+            .with_delay(Duration::ZERO)
+            .with_max_times(self.settings.immediate_retries);
         let sent = match target {
+            _ if email => match &self.mailer {
+                Some(m) => {
+                    let send = || m.send(&c);
+                    send.retry(retries).await.unwrap_or_else(|e| e.sent)
+                }
+                None => Sent::Error {
+                    kind: "refused",
+                    message: "email to payees is off (email.enabled)".into(),
+                },
+            },
             Some(t) if t.enabled => {
                 let send = || self.send(t, &c);
-                send.retry(
-                    ConstantBuilder::default()
-                        .with_delay(Duration::ZERO)
-                        .with_max_times(self.settings.immediate_retries),
-                )
-                .await
-                .unwrap_or_else(|e| e.sent)
+                send.retry(retries).await.unwrap_or_else(|e| e.sent)
             }
             _ => Sent::Error {
                 kind: "refused",
@@ -495,6 +801,9 @@ impl Dispatcher {
         let now = self.clock.now();
         let (status_code, error, response, outcome) = match sent {
             Sent::Answer { code, excerpt } if (200..300).contains(&code) => {
+                (Some(i32::from(code)), None, Some(excerpt), "delivered")
+            }
+            Sent::Accepted { code, excerpt } => {
                 (Some(i32::from(code)), None, Some(excerpt), "delivered")
             }
             Sent::Answer { code, excerpt } => (
@@ -509,12 +818,18 @@ impl Dispatcher {
             ),
             Sent::Error { kind, message } => (None, Some(message), None, kind),
         };
-        metrics::WEBHOOK_ATTEMPTS
-            .with_label_values(&[outcome])
-            .inc();
+        if email {
+            metrics::MAIL_ATTEMPTS.with_label_values(&[outcome]).inc();
+        } else {
+            metrics::WEBHOOK_ATTEMPTS
+                .with_label_values(&[outcome])
+                .inc();
+        }
         if outcome == "delivered" {
-            metrics::WEBHOOK_LAG_SECONDS
-                .observe((now - c.created_at).num_milliseconds().max(0) as f64 / 1000.0);
+            if !email {
+                metrics::WEBHOOK_LAG_SECONDS
+                    .observe((now - c.created_at).num_milliseconds().max(0) as f64 / 1000.0);
+            }
             return Outcome {
                 id: c.id,
                 attempt: c.attempts,
@@ -535,7 +850,11 @@ impl Dispatcher {
         let (status, next) = match delay {
             Some(d) => ("pending", now + chrono::Duration::seconds(d as i64)),
             None => {
-                metrics::WEBHOOK_MESSAGES_FAILED.inc();
+                if email {
+                    metrics::MAIL_MESSAGES_FAILED.inc();
+                } else {
+                    metrics::WEBHOOK_MESSAGES_FAILED.inc();
+                }
                 ("failed", now)
             }
         };
@@ -629,7 +948,7 @@ impl Dispatcher {
     /// The gauges: how old the oldest undelivered message is, how many
     /// endpoints keep failing.
     pub async fn refresh_gauges(&self) -> anyhow::Result<()> {
-        let oldest = webhook_deliveries::oldest_pending(&self.pool).await?;
+        let oldest = webhook_deliveries::oldest_pending(&self.pool, "webhook").await?;
         let age = oldest.map_or(0, |t| (self.clock.now() - t).num_seconds().max(0));
         metrics::WEBHOOK_OLDEST_UNDELIVERED_AGE.set(age);
         let failing = webhook_endpoints::count_failing(
@@ -649,6 +968,9 @@ impl Dispatcher {
         metrics::WEBHOOK_LEADER.set(0);
     }
 }
+
+/// The messages a pass has claimed and not finished: (id, attempt).
+type InFlight = std::sync::Mutex<Vec<(i64, i32)>>;
 
 struct SendFailed {
     sent: Sent,
