@@ -33,7 +33,7 @@ use crate::{
     domain::DecimalString,
     metrics,
     services::{
-        escrow::{self, EscrowError},
+        escrow,
         payees::{self as payee_service, By, PayeeError},
     },
 };
@@ -74,7 +74,7 @@ pub fn payee_status_filter(raw: Option<&String>) -> Result<Option<&'static str>,
 
 fn refused(e: PayeeError, action: &str) -> ApiError {
     let outcome = match &e {
-        PayeeError::NotFound(_) => "not_found",
+        PayeeError::NotFound(..) => "not_found",
         PayeeError::Conflict(_) => "conflict",
         PayeeError::Invalid(_) => "bad_input",
         PayeeError::Db(_) => "error",
@@ -83,7 +83,7 @@ fn refused(e: PayeeError, action: &str) -> ApiError {
         .with_label_values(&[action, outcome])
         .inc();
     match e {
-        PayeeError::NotFound(id) => ApiError::NotFound(format!("payee {id} not found")),
+        e @ PayeeError::NotFound(..) => ApiError::NotFound(e.to_string()),
         PayeeError::Conflict(m) => ApiError::Conflict {
             message: m,
             status: None,
@@ -268,27 +268,6 @@ pub(crate) struct EscrowBody {
     reason: Option<String>,
 }
 
-fn escrow_refused(e: EscrowError, action: &str) -> ApiError {
-    let outcome = match &e {
-        EscrowError::NotFound(_) => "not_found",
-        EscrowError::Conflict(_) => "conflict",
-        EscrowError::Invalid(_) => "bad_input",
-        EscrowError::Db(_) => "error",
-    };
-    metrics::ADMIN_ACTIONS
-        .with_label_values(&[action, outcome])
-        .inc();
-    match e {
-        EscrowError::NotFound(id) => ApiError::NotFound(format!("earning {id} not found")),
-        EscrowError::Conflict(m) => ApiError::Conflict {
-            message: m,
-            status: None,
-        },
-        EscrowError::Invalid(m) => ApiError::BadRequest(m),
-        EscrowError::Db(e) => e.into(),
-    }
-}
-
 /// `POST /api/v1/earnings/{id}/release` (operator), body optional
 /// `{"reason": "…"}`: a held earning is payable now (in the payee's current
 /// period). 409 once released, settled or voided.
@@ -370,7 +349,7 @@ async fn escrow_action(
     } else {
         escrow::release(&s.pool, id, body.reason.as_deref(), by).await
     }
-    .map_err(|e| escrow_refused(e, action))?;
+    .map_err(|e| refused(e, action))?;
     done_action(action);
     Ok(Json(done))
 }

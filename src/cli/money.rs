@@ -852,10 +852,7 @@ async fn escrow_cli(
     now: DateTime<Utc>,
     out: &mut (dyn Write + Send),
 ) -> anyhow::Result<()> {
-    use crate::{
-        cli::{EXIT_CONFLICT, EXIT_USAGE, Exit},
-        services::escrow::{self, By, EscrowError},
-    };
+    use crate::services::escrow::{self, By};
     let by = By {
         actor,
         source: None,
@@ -866,12 +863,7 @@ async fn escrow_cli(
     } else {
         escrow::release(pool, id, reason, by).await
     }
-    .map_err(|e| match e {
-        EscrowError::NotFound(id) => Exit::not_found(format!("earning {id} not found")),
-        EscrowError::Conflict(m) => Exit::new(EXIT_CONFLICT, m).into(),
-        EscrowError::Invalid(m) => Exit::new(EXIT_USAGE, m).into(),
-        EscrowError::Db(e) => anyhow::Error::from(e),
-    })?;
+    .map_err(crate::cli::platform::exit_of)?;
     if as_json {
         writeln!(out, "{}", serde_json::to_string(&done)?)?;
     } else {

@@ -118,9 +118,10 @@ pub enum PayeeOps {
     },
 }
 
-fn exit_of(e: PayeeError) -> anyhow::Error {
+/// The exit of a refused payee change or escrow action.
+pub(crate) fn exit_of(e: PayeeError) -> anyhow::Error {
     match e {
-        PayeeError::NotFound(id) => Exit::not_found(format!("payee {id} not found")),
+        e @ PayeeError::NotFound(..) => Exit::not_found(e.to_string()),
         PayeeError::Conflict(m) => Exit::new(EXIT_CONFLICT, m).into(),
         PayeeError::Invalid(m) => Exit::new(EXIT_USAGE, m).into(),
         PayeeError::Db(e) => e.into(),

@@ -32,22 +32,9 @@ pub use crate::services::payees::By;
 /// The longest void reason.
 pub const MAX_REASON: usize = 500;
 
-/// Why an escrow action was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum EscrowError {
-    /// No such earning.
-    #[error("earning {0} not found")]
-    NotFound(i64),
-    /// Not legal in the earning's state.
-    #[error("{0}")]
-    Conflict(String),
-    /// Bad input (a missing or too long reason).
-    #[error("{0}")]
-    Invalid(String),
-    /// The database failed.
-    #[error("database error: {0}")]
-    Db(#[from] sqlx::Error),
-}
+/// Why an escrow action was refused: payee management's refusals (not
+/// found, conflict with the earning's state, bad input, database).
+pub use crate::services::payees::PayeeError as EscrowError;
 
 /// An escrow action done.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -69,11 +56,11 @@ async fn lock_open(
 ) -> Result<EscrowRow, EscrowError> {
     let payee = earnings::payee_of(tx, id)
         .await?
-        .ok_or(EscrowError::NotFound(id))?;
+        .ok_or(EscrowError::NotFound("earning", id))?;
     payees::lock(tx, payee).await?;
     let e = earnings::lock_for_escrow(tx, id)
         .await?
-        .ok_or(EscrowError::NotFound(id))?;
+        .ok_or(EscrowError::NotFound("earning", id))?;
     if let Some(at) = e.voided_at {
         return Err(EscrowError::Conflict(format!(
             "earning {id} was voided at {}: nothing to {what}",

@@ -20,12 +20,13 @@ use crate::{
     db::{audit, payees, payees::Payee, payouts},
 };
 
-/// Why a payee change was refused; nothing was changed.
+/// Why a payee change (or an escrow action on a payee's earning,
+/// [`crate::services::escrow`]) was refused; nothing was changed.
 #[derive(Debug, thiserror::Error)]
 pub enum PayeeError {
-    /// No such payee.
-    #[error("payee {0} not found")]
-    NotFound(i64),
+    /// No such thing (`payee`, `earning`) with this id.
+    #[error("{0} {1} not found")]
+    NotFound(&'static str, i64),
     /// The change is not legal from the payee's state (suspend of a
     /// suspended payee, resume of an active one, the same account again).
     #[error("{0}")]
@@ -93,7 +94,7 @@ pub async fn suspend(
     let mut tx = pool.begin().await?;
     let p = payees::lock(&mut tx, id)
         .await?
-        .ok_or(PayeeError::NotFound(id))?;
+        .ok_or(PayeeError::NotFound("payee", id))?;
     if p.status == "suspended" {
         return Err(PayeeError::Conflict(format!(
             "payee {id} is suspended already (resume it first to suspend it again)"
@@ -127,7 +128,7 @@ pub async fn resume(pool: &PgPool, id: i64, by: By<'_>) -> Result<Payee, PayeeEr
     let mut tx = pool.begin().await?;
     let p = payees::lock(&mut tx, id)
         .await?
-        .ok_or(PayeeError::NotFound(id))?;
+        .ok_or(PayeeError::NotFound("payee", id))?;
     if p.status != "suspended" {
         return Err(PayeeError::Conflict(format!(
             "payee {id} is {}, not suspended: nothing to resume",
@@ -197,7 +198,7 @@ pub async fn set_account(
     let mut tx = pool.begin().await?;
     let p = payees::lock(&mut tx, id)
         .await?
-        .ok_or(PayeeError::NotFound(id))?;
+        .ok_or(PayeeError::NotFound("payee", id))?;
     if p.gateway_account == account {
         return Err(PayeeError::Conflict(format!(
             "payee {id}'s gateway account is {account} already"
@@ -259,7 +260,7 @@ pub async fn set_email(
     let mut tx = pool.begin().await?;
     let p = payees::lock(&mut tx, id)
         .await?
-        .ok_or(PayeeError::NotFound(id))?;
+        .ok_or(PayeeError::NotFound("payee", id))?;
     if p.email.as_deref() == email {
         return Err(PayeeError::Conflict(match email {
             Some(_) => format!("payee {id}'s email is that already"),
