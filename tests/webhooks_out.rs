@@ -1169,6 +1169,43 @@ async fn a_failing_smtp_server_is_retried_and_the_mail_arrives_after_it_recovers
     assert!(log[1].error.is_none(), "{log:?}");
 }
 
+/// A mail the server refuses for good (550) is failed at its first
+/// attempt: no resend at once, none on the schedule.
+#[tokio::test]
+async fn a_mail_refused_for_good_fails_at_once() {
+    let h = Hooks::start().await;
+    let smtp = Smtp::start(0).await;
+    let d = h.mailing(&smtp);
+    let payee = h.payee_with(Some("nobody@example.com")).await;
+    h.paid(payee, "80").await;
+    let listed = eventually(
+        Duration::from_secs(20),
+        "the refused mail failed",
+        || async {
+            d.tick().await.expect("delivery pass");
+            let listed =
+                payouts::db::webhook_deliveries::mails_for_payee(h.fleet.pool(), payee, 10)
+                    .await
+                    .unwrap();
+            listed
+                .first()
+                .is_some_and(|m| m.status == "failed")
+                .then_some(listed)
+        },
+    )
+    .await;
+    assert_eq!(listed[0].attempts, 1, "{listed:?}");
+    let log = payouts::db::webhook_deliveries::attempts(h.fleet.pool(), listed[0].id)
+        .await
+        .unwrap();
+    assert_eq!(log.len(), 1, "no immediate resend: {log:?}");
+    assert!(
+        log[0].error.as_deref().unwrap_or_default().contains("550"),
+        "{log:?}"
+    );
+    assert!(smtp.mails().is_empty());
+}
+
 #[tokio::test]
 async fn a_payee_without_email_gets_no_mail() {
     let h = Hooks::start().await;

@@ -487,7 +487,7 @@ impl Settings {
                 .timeout_ms
                 .saturating_mul(1 + self.webhooks_out.immediate_retries as u64);
             if self.webhooks_out.lease_secs.saturating_mul(1000)
-                < worst + webhooks_out::LEASE_MARGIN_MS
+                < worst.saturating_add(webhooks_out::LEASE_MARGIN_MS)
             {
                 bail!(
                     "email.timeout_ms x (1 + webhooks_out.immediate_retries) + 5 s must be <= webhooks_out.lease_secs"

@@ -82,7 +82,8 @@ impl WebhooksOutSettings {
                 "webhooks_out.timeout_ms must be >= webhooks_out.connect_timeout_ms >= 1",
             ),
             (
-                self.lease_secs.saturating_mul(1000) >= self.worst_attempt_ms() + LEASE_MARGIN_MS,
+                self.lease_secs.saturating_mul(1000)
+                    >= self.worst_attempt_ms().saturating_add(LEASE_MARGIN_MS),
                 "webhooks_out.lease_secs must be >= webhooks_out.timeout_ms x (1 + webhooks_out.immediate_retries) + 5 s",
             ),
             (

@@ -1702,7 +1702,8 @@
   // The event types an endpoint may ask for (the server checks again:
   // services::webhooks_out::EVENT_TYPES).
   const WEBHOOK_EVENT_TYPES = ['payout.created', 'payout.queued', 'payout.held', 'payout.in_transit',
-    'payout.paid', 'payout.failed', 'payout.cancelled', 'payout.reversed'];
+    'payout.paid', 'payout.failed', 'payout.cancelled', 'payout.reversed',
+    'settlement.created', 'earning.released'];
   const ROLE_RANK = { viewer: 0, operator: 1, admin: 2 };
 
   // Whether the session's role is `r` or above (the server checks again).

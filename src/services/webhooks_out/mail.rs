@@ -107,12 +107,18 @@ impl Mailer {
                 } else {
                     "smtp_error"
                 };
-                Err(SendFailed {
-                    sent: Sent::Error {
-                        kind,
-                        message: super::error_chain(&e),
-                    },
-                })
+                let sent = Sent::Error {
+                    kind,
+                    message: super::error_chain(&e),
+                };
+                // A refusal (5xx) will not change on a resend, and after a
+                // timeout the server may have taken the mail: neither is
+                // retried at once (no second copy in the payee's inbox).
+                if e.is_permanent() || e.is_timeout() {
+                    Ok(sent)
+                } else {
+                    Err(SendFailed { sent })
+                }
             }
         }
     }

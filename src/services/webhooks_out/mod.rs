@@ -841,12 +841,16 @@ impl Dispatcher {
                 response,
             };
         }
-        // attempts = 1 failed: the first delay of the schedule; past the end, failed.
-        let delay = self
-            .settings
-            .retry_schedule_secs
-            .get(c.attempts.max(1) as usize - 1)
-            .copied();
+        // attempts = 1 failed: the first delay of the schedule; past the end,
+        // or a mail the SMTP server refused for good (5xx), failed.
+        let delay = if outcome == "smtp_rejected" {
+            None
+        } else {
+            self.settings
+                .retry_schedule_secs
+                .get(c.attempts.max(1) as usize - 1)
+                .copied()
+        };
         let (status, next) = match delay {
             Some(d) => ("pending", now + chrono::Duration::seconds(d as i64)),
             None => {
