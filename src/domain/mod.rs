@@ -5,11 +5,13 @@ pub mod earning;
 pub mod mismatch;
 pub mod money;
 pub mod policy;
+pub mod priority;
 pub mod schedule;
 pub mod status;
 pub mod transfer;
 
 pub use money::{Currency, DecimalString, Money, MoneyError};
 pub use policy::{PayoutMethod, Policy, PolicyError};
+pub use priority::Priority;
 pub use schedule::{Period, Schedule};
 pub use status::{PayoutStatus, TransitionError};
