@@ -16,7 +16,7 @@
 # `none` (no endpoint), `paid` (subscribed to payout.paid, the issue's
 # case), `all` (subscribed to every type: three messages per payout) and
 # `paid-noyield` (`paid` with webhooks_out.yield_secs = 0: delivery never
-# waits for the drain).
+# waits for the drain) and `paid-yield30` (yield_secs = 30).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN_DIR=${BIN_DIR:-target/release}
@@ -46,6 +46,8 @@ for round in $(seq 1 "$ROUNDS"); do
       all) extra=(--webhook --webhook-events '*') ;;
       paid-noyield) extra=(--webhook --webhook-events payout.paid)
                     env=(PAYOUTS_WEBHOOKS_OUT__YIELD_SECS=0) ;;
+      paid-yield30) extra=(--webhook --webhook-events payout.paid)
+                    env=(PAYOUTS_WEBHOOKS_OUT__YIELD_SECS=30) ;;
       *) echo "unknown configuration $config" >&2; exit 2 ;;
     esac
     name=${build}-${config}
