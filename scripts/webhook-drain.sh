@@ -15,7 +15,7 @@
 # alternate with the others' too. CONFIGS lists the configurations:
 # `none` (no endpoint), `paid` (subscribed to payout.paid, the issue's
 # case), `all` (subscribed to every type: three messages per payout) and
-# `paid-noyield` (`paid` with webhooks_out.yield_secs = 0: delivery never
+# CONFIGS_<build> overrides CONFIGS for one build. `paid-noyield` (`paid` with webhooks_out.yield_secs = 0: delivery never
 # waits for the drain) and `paid-yield30` (yield_secs = 30).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +29,8 @@ mkdir -p "$OUT"
 echo "results in $OUT (load average before: $(cut -d' ' -f1-3 /proc/loadavg))"
 runs=()
 for build in ${BUILDS:-default}; do
-  for config in $CONFIGS; do runs+=("$build/$config"); done
+  configs="CONFIGS_$build"
+  for config in ${!configs:-$CONFIGS}; do runs+=("$build/$config"); done
 done
 for round in $(seq 1 "$ROUNDS"); do
   for run in "${runs[@]}"; do
