@@ -358,7 +358,10 @@ impl Gateway for LeaseGated<'_> {
         self.inner.transfer_keyed(req).await
     }
 
-    fn minor_units(&self, money: &crate::domain::Money) -> Result<i64, String> {
+    fn minor_units(
+        &self,
+        money: &crate::domain::Money,
+    ) -> Result<i64, crate::gateway::AmountError> {
         self.inner.minor_units(money)
     }
 }

@@ -23,7 +23,7 @@ use crate::{
     },
     domain::{Currency, Money},
     gateway::{
-        Gateway, Outcome, RejectReason, TransferRequest,
+        AmountError, Gateway, Outcome, RejectReason, TransferRequest,
         backoff::{BackoffPolicy, call_with_backoff},
         guard::{GatewayGuard, GuardSettings},
     },
@@ -149,6 +149,18 @@ impl Decision {
     }
 }
 
+/// Why the worker could not record an outcome (the lease sweep brings the
+/// payout back).
+#[derive(Debug, thiserror::Error)]
+enum RecordError {
+    /// Every try of the fenced write failed.
+    #[error("recording the outcome kept failing")]
+    KeptFailing,
+    /// After a failed try, reading back whether it committed failed.
+    #[error(transparent)]
+    ReadBack(#[from] sqlx::Error),
+}
+
 fn chrono_dur(d: Duration) -> chrono::Duration {
     chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
 }
@@ -241,14 +253,14 @@ impl Worker {
             .currency
             .parse::<Currency>()
             .and_then(|c| Money::new(payout.amount, c))
-            .map_err(|e| e.to_string())
+            .map_err(AmountError::from)
             .and_then(|m| self.gateway.minor_units(&m).map(|minor| (m, minor)));
         let mut extras = FinishExtras {
             key_index: claimed.key_index,
             refund_attempt: false,
         };
         let decision = match money {
-            Err(e) => Decision::fail(Failure::Permanent, INVALID_AMOUNT.into(), e),
+            Err(e) => Decision::fail(Failure::Permanent, INVALID_AMOUNT.into(), e.to_string()),
             Ok((money, amount_minor)) => {
                 let req = TransferRequest {
                     amount_minor,
@@ -468,7 +480,7 @@ impl Worker {
         finish: &Finish,
         extras: FinishExtras,
         reason: &str,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, RecordError> {
         let mut delay = Duration::from_millis(50);
         let mut failed_before = false;
         for _ in 0..6 {
@@ -481,9 +493,7 @@ impl Worker {
                 Ok(true) => return Ok(true),
                 Ok(false) if failed_before => {
                     // An earlier try may have committed and lost only its answer.
-                    let row = payouts::get(&self.pool, id)
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    let row = payouts::get(&self.pool, id).await?;
                     return Ok(
                         row.is_some_and(|p| p.attempt == token && p.status == finish.status())
                     );
@@ -497,7 +507,7 @@ impl Worker {
                 }
             }
         }
-        Err("recording the outcome kept failing".into())
+        Err(RecordError::KeptFailing)
     }
 
     /// The lease was too short to start a gateway call: gives the payout

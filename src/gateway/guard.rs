@@ -710,7 +710,7 @@ impl Gateway for Guarded<'_> {
         keyed
     }
 
-    fn minor_units(&self, money: &crate::domain::Money) -> Result<i64, String> {
+    fn minor_units(&self, money: &crate::domain::Money) -> Result<i64, super::AmountError> {
         self.inner.minor_units(money)
     }
 }

@@ -330,6 +330,17 @@ pub struct Keyed {
     pub key_index: u32,
 }
 
+/// Why an amount cannot be sent through a gateway ([`Gateway::minor_units`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AmountError {
+    /// Not an amount of its currency (ISO 4217 minor units).
+    #[error(transparent)]
+    Money(#[from] crate::domain::MoneyError),
+    /// Stripe counts the currency differently and the amount breaks its rule.
+    #[error(transparent)]
+    Stripe(#[from] stripe_currency::StripeAmountError),
+}
+
 /// Something every HTTP request to a gateway waits for (a rate limit).
 #[async_trait]
 pub trait RequestLimiter: Send + Sync + std::fmt::Debug {
@@ -398,8 +409,8 @@ pub trait Gateway: Lookup {
     /// `money` in the integer minor units this gateway counts (ISO 4217 by
     /// default; Stripe differs, see [`stripe_currency`]); `Err` names why it
     /// cannot be sent.
-    fn minor_units(&self, money: &crate::domain::Money) -> Result<i64, String> {
-        money.to_minor_units().map_err(|e| e.to_string())
+    fn minor_units(&self, money: &crate::domain::Money) -> Result<i64, AmountError> {
+        Ok(money.to_minor_units()?)
     }
 }
 

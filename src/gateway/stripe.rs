@@ -702,8 +702,8 @@ impl Gateway for StripeGateway {
         )
     }
 
-    fn minor_units(&self, money: &crate::domain::Money) -> Result<i64, String> {
-        stripe_currency::stripe_minor_units(money).map_err(|e| e.to_string())
+    fn minor_units(&self, money: &crate::domain::Money) -> Result<i64, super::AmountError> {
+        Ok(stripe_currency::stripe_minor_units(money)?)
     }
 }
 
