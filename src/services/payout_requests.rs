@@ -478,7 +478,38 @@ async fn answer(
     .into_iter()
     .find(|p| p.id == request.payout_id)
     .ok_or_else(|| sqlx::Error::RowNotFound)?;
-    let lines = reads::lines_of(pool, &[request.payout_id]).await?;
+    let mut lines = reads::lines_of(pool, &[request.payout_id]).await?;
+    // Amounts at the currency's exponent (numeric columns keep the scale
+    // of the arithmetic that wrote them), as the reads answer them.
+    let (mut settlement, mut payout, mut request) = (settlement, payout, request);
+    if let Ok(c) = request.currency.parse::<Currency>() {
+        let fit = |d: &mut Decimal| {
+            if d.scale() > c.exponent() && d.round_dp(c.exponent()) == *d {
+                d.rescale(c.exponent());
+            }
+        };
+        fit(&mut payout.amount);
+        for l in &mut lines {
+            fit(&mut l.amount);
+        }
+        if let Some(a) = request.amount.as_mut() {
+            fit(a);
+        }
+        let x = &mut settlement;
+        for d in [
+            &mut x.gross,
+            &mut x.payee_share,
+            &mut x.platform_commission,
+            &mut x.deductions,
+            &mut x.carried_in,
+            &mut x.carried_gross_in,
+            &mut x.fee,
+            &mut x.net,
+            &mut x.carried_out,
+        ] {
+            fit(d);
+        }
+    }
     Ok(Requested {
         request,
         replayed,
