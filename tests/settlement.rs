@@ -2068,7 +2068,7 @@ async fn a_request_refuses_a_suspended_payee_an_unknown_method_and_a_payout_belo
     assert_eq!(r.settlement.payout_method, "instant");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requests_racing_settlement_runs_never_settle_an_earning_twice() {
     let db = TestDb::new().await;
     let pool = &db.pool;
@@ -2092,7 +2092,21 @@ async fn requests_racing_settlement_runs_never_settle_an_earning_twice() {
         let amount = (i % 2 == 0).then_some("40.00");
         request(pool, *p, amount, &format!("race-{i}"), now).await
     });
-    let (run, answers) = tokio::join!(settle(pool, now), futures::future::join_all(asks));
+    // The run settles 4 payees per transaction (2 at once), from the lowest
+    // id; the requests ask from the highest: some lock their payee before
+    // the run reaches it, others wait for the run's lock and find it settled.
+    let (run_policy, opts) = (
+        policy(),
+        Options {
+            payee: None,
+            actor: ACTOR.into(),
+        },
+    );
+    let chunked = settlement::run_chunked(pool, &run_policy, now, &opts, 4, None);
+    let (run, answers) = tokio::join!(
+        async { chunked.await.unwrap() },
+        futures::future::join_all(asks.rev())
+    );
     assert_eq!(run.errors(), 0, "{run:?}");
     let mut requested = 0;
     for a in answers {
