@@ -484,7 +484,7 @@ async fn answer(
     let (mut settlement, mut payout, mut request) = (settlement, payout, request);
     if let Ok(c) = request.currency.parse::<Currency>() {
         let fit = |d: &mut Decimal| {
-            if d.scale() > c.exponent() && d.round_dp(c.exponent()) == *d {
+            if d.scale() != c.exponent() && d.round_dp(c.exponent()) == *d {
                 d.rescale(c.exponent());
             }
         };
