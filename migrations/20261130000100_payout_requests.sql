@@ -7,8 +7,10 @@
 -- its period may overlap a scheduled one.
 ALTER TABLE settlements ADD COLUMN requested BOOLEAN NOT NULL DEFAULT false;
 ALTER TABLE settlements DROP CONSTRAINT settlements_payee_id_currency_period_start_key;
-CREATE UNIQUE INDEX settlements_period_key ON settlements (payee_id, currency, period_start)
-    WHERE NOT requested;
+-- The same name as the constraint it replaces: a duplicate scheduled period
+-- is refused with the same error as before.
+CREATE UNIQUE INDEX settlements_payee_id_currency_period_start_key
+    ON settlements (payee_id, currency, period_start) WHERE NOT requested;
 
 -- Who asked, with what, and what it made; the idempotency key is unique per
 -- payee (a replay answers the same payout).
