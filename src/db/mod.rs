@@ -1,5 +1,5 @@
 //! Postgres repositories: every SQL statement on a table lives in that
-//! table's module, and nowhere else in the crate (`tests/architecture.rs`
+//! table's module, and nowhere else in the crate (`tests/it/architecture.rs`
 //! checks it). Time is always passed in (the clock seam), never `now()`.
 //!
 //! Statements are checked at compile time against the schema
@@ -18,6 +18,7 @@ pub mod events;
 pub mod filter;
 pub mod payee_terms;
 pub mod payees;
+pub mod payout_requests;
 pub mod payouts;
 pub mod platform;
 pub mod reconcile_runs;
