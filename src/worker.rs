@@ -753,8 +753,6 @@ async fn give_back_held(worker: &Worker) -> usize {
     n
 }
 
-/// The `payout-worker` process: health and metrics server, the consumer, and
-/// a graceful stop on `shutdown` within `worker.shutdown_deadline_secs`.
 /// Payout jobs this process has started handling (the webhook deliverer
 /// yields while it moves: `webhooks_out.yield_secs`).
 static PROCESSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -764,6 +762,8 @@ pub fn processed() -> u64 {
     PROCESSED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// The `payout-worker` process: health and metrics server, the consumer, and
+/// a graceful stop on `shutdown` within `worker.shutdown_deadline_secs`.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     metrics::init();
     let pool = crate::db::connect(&settings.database).await?;
