@@ -2326,8 +2326,17 @@ async fn a_weeks_rent_is_charged_once_whether_its_work_is_taken_by_requests_or_t
             .unwrap();
         assert_eq!(rent(&second.settlement), dec("0.00"), "bulk {bulk}");
         assert!(deduction_lines(pool, second.settlement.id).await.is_empty());
-        // Work left for the Friday settlement of that week: settled, no rent again.
+        // Friday's preview of the week shows no second rent either.
         earn(pool, p, "A4", "100.00", at("2026-11-11T10:00:00Z")).await; // released 11-18
+        let preview = settlement::preview(pool, &policy(), p, at("2026-11-18T12:00:00Z"))
+            .await
+            .unwrap();
+        assert_eq!(
+            (preview.period.start, preview.settlements[0].deductions),
+            (at("2026-11-13T00:00:00Z"), Decimal::ZERO),
+            "bulk {bulk}"
+        );
+        // Work left for the Friday settlement of that week: settled, no rent again.
         let friday = settle_by(pool, at("2026-11-20T10:00:00Z"), bulk).await;
         assert_eq!(friday.settled.len(), 1, "bulk {bulk}: {friday:?}");
         let f = &friday.settled[0];

@@ -46,6 +46,11 @@
 //! end), not a write: `earning.released` is emitted when the run observes it,
 //! i.e. when the earning is settled, not at `release_at` itself.
 //!
+//! **Agreed deductions once per period.** A period with work in it charges
+//! the payee's agreed deductions (`payee_deductions`), unless an early payout
+//! request made in the period charged them already (a request charges those
+//! of the period it is made in: see `services::payout_requests`).
+//!
 //! [`preview`] computes the next period the run would settle and writes nothing.
 
 use std::collections::HashMap;
@@ -1273,7 +1278,17 @@ pub async fn preview(
         let deductions = if rows.is_empty() {
             Vec::new()
         } else {
-            payee_terms::deductions(&mut conn, payee_id, code).await?
+            let agreed = payee_terms::deductions(&mut conn, payee_id, code).await?;
+            let latest = settlements::latest_end(&mut conn, payee_id, code).await?;
+            let (since, until) = requests_window(schedule, latest, period);
+            if agreed.is_empty()
+                || settlements::deductions_requested(&mut conn, payee_id, code, since, Some(until))
+                    .await?
+            {
+                Vec::new() // charged by an early payout request in the period
+            } else {
+                agreed
+            }
         };
         let own_minimum = payee_terms::minimum(&mut conn, payee_id, code).await?;
         let s = policy
