@@ -6,7 +6,7 @@
 // Tests read the wall clock on purpose (clippy.toml bans it in the product).
 #![allow(clippy::disallowed_methods)]
 
-mod common;
+use crate::common;
 
 use std::{collections::BTreeSet, sync::Arc};
 
@@ -1955,7 +1955,7 @@ proptest! {
         if let Ok(pairs) = serde_urlencoded::from_str::<Vec<(String, String)>>(&q) {
             match payouts::db::filter::PageRequest::from_pairs(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str()))) {
                 Ok(r) => prop_assert!((1..=500).contains(&r.limit)),
-                Err(e) => prop_assert!(!e.is_empty()),
+                Err(e) => prop_assert!(!e.to_string().is_empty()),
             }
         }
     }
@@ -2429,7 +2429,7 @@ async fn payees_settlements_and_reconcile_runs_are_served_read_only() {
     )
     .await
     .unwrap();
-    let policy: Policy = include_str!("../config/policy.toml").parse().unwrap();
+    let policy: Policy = include_str!("../../config/policy.toml").parse().unwrap();
     let done = Utc::now() - Duration::days(40);
     let e = NewEarning {
         payee_id: p,

@@ -5,7 +5,7 @@
 // Tests read the wall clock on purpose (clippy.toml bans it in the product).
 #![allow(clippy::disallowed_methods)]
 
-mod common;
+use crate::common;
 
 use serde_json::Value;
 use std::{sync::Arc, time::Duration};
@@ -422,7 +422,7 @@ async fn the_breaker_half_opens_and_reopens_when_the_probe_fails() {
     assert!(matches!(guard.circuit(), Circuit::Open { .. }));
     let refused = guarded.transfer(&req).await;
     assert!(
-        matches!(&refused, payouts::gateway::Outcome::Transient { code, .. } if code == "circuit_open"),
+        matches!(&refused, payouts::gateway::Outcome::Transient { kind, .. } if kind.code() == "circuit_open"),
         "{refused:?}"
     );
     assert_eq!(
@@ -530,7 +530,7 @@ mod returned {
     };
 
     fn policy() -> Policy {
-        include_str!("../config/policy.toml").parse().unwrap()
+        include_str!("../../config/policy.toml").parse().unwrap()
     }
 
     pub fn at(s: &str) -> DateTime<Utc> {

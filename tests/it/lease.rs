@@ -7,7 +7,7 @@
 // Tests read the wall clock on purpose (clippy.toml bans it in the product).
 #![allow(clippy::disallowed_methods)]
 
-mod common;
+use crate::common;
 
 use std::{
     sync::{Arc, Mutex},
@@ -75,7 +75,7 @@ impl Gateway for Scripted {
         tokio::time::sleep(self.delay).await;
         if n <= self.transient {
             Outcome::Transient {
-                code: "http_503".into(),
+                kind: payouts::gateway::TransientKind::Http(503),
                 message: "scripted".into(),
                 retry_after: None,
             }
