@@ -46,8 +46,11 @@
 //!   deductions (or leaves less than the minimum) is refused, naming them
 //!   and the releasable balance. A request takes earnings released before
 //!   its period only when the run has not yet settled a closed period (it
-//!   settles them on its interval); such a closed period's own deductions
-//!   are then not charged by the request.
+//!   settles them on its interval). For a payee with agreed deductions that
+//!   is refused (409, nothing written) until the run has settled the closed
+//!   period: its deductions are that settlement's to charge, with the work
+//!   released in it, and a request taking the work would leave them charged
+//!   by nobody.
 //! - **Priority.** The payout is due now with `priority = requested`
 //!   ([`Priority::Requested`]), which the due scan ranks ahead of the
 //!   scheduled backlog.
@@ -276,6 +279,7 @@ pub async fn request(
     let now = by.now;
     let rows = earnings::unsettled(&mut tx, payee.id, currency.code(), now, true).await?;
     let available: Decimal = rows.iter().map(|e| e.gross).sum();
+    let first_release = rows.iter().map(|e| e.release_at).min();
     if rows.is_empty() {
         return Err(short_balance(
             format!(
@@ -344,6 +348,36 @@ pub async fn request(
     let latest = settlements::latest_end(&mut tx, payee.id, currency.code()).await?;
     let (since, until) = settlement::request_deductions_window(schedule, latest, now);
     let agreed = payee_terms::deductions(&mut tx, payee.id, currency.code()).await?;
+    // A closed period the run has not settled yet (it settles on its
+    // interval): its agreed deductions are its own settlement's to charge,
+    // and that settlement charges them only with work in it. A request
+    // taking that work now would leave the period's rent charged by nobody,
+    // so it waits for the run.
+    if !agreed.is_empty()
+        && let Some(current) = schedule.period_containing(now)
+        && first_release.is_some_and(|r| r < current.start)
+        && latest.is_none_or(|l| l < current.start)
+    {
+        let each: Vec<String> = agreed
+            .iter()
+            .map(|d| {
+                format!(
+                    "{} {} {}",
+                    d.label,
+                    at_scale(d.amount, currency),
+                    currency.code()
+                )
+            })
+            .collect();
+        return Err(RequestError::Conflict(format!(
+            "payee {}: the period that ended {} is not settled yet and its agreed deductions ({}) \
+             are its settlement's to charge; the settlement run settles it within \
+             producer.settle_every_secs (or an operator runs `payoutctl settle`): ask again after it; nothing done",
+            payee.id,
+            current.start.format("%Y-%m-%d %H:%M UTC"),
+            each.join(", ")
+        )));
+    }
     let deductions = if agreed.is_empty()
         || settlements::deductions_requested(&mut tx, payee.id, currency.code(), since, until)
             .await?

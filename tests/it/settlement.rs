@@ -2151,6 +2151,63 @@ async fn requests_racing_settlement_runs_never_settle_an_earning_twice() {
     eprintln!("{requested} of 40 requests went before the run");
 }
 
+/// Settlement a week late: a closed week the run has not settled yet owns
+/// its rent. A request taking its work first would leave the rent charged
+/// by nobody (the week's settlement charges it only with work in it), so the
+/// request waits for the run (409, nothing written), and the week pays its
+/// rent once when the run comes.
+#[tokio::test]
+async fn a_request_waits_while_a_closed_week_with_rent_is_not_settled() {
+    let db = TestDb::new().await;
+    let pool = &db.pool;
+    let p = payee(pool, "acct_late").await;
+    payee_terms::set(pool, p, Some(Some("weekly:fri".parse().unwrap())), None)
+        .await
+        .unwrap();
+    payee_terms::set_deduction(
+        pool,
+        p,
+        "booth rent",
+        Money::parse("50.00", "USD").unwrap(),
+        at("2026-10-01T00:00:00Z"),
+    )
+    .await
+    .unwrap();
+    // Released 11-14, in the week [11-13, 11-20); that week has closed by
+    // 11-21 but the run has not come.
+    earn(pool, p, "L1", "200.00", at("2026-11-07T10:00:00Z")).await;
+    let before = books(pool).await;
+    match request(pool, p, None, "late-a", at("2026-11-21T09:00:00Z")).await {
+        Err(RequestError::Conflict(message)) => {
+            assert!(message.contains("not settled yet"), "{message}");
+            assert!(message.contains("booth rent 50.00 USD"), "{message}");
+        }
+        other => panic!("a request before the late run: {other:?}"),
+    }
+    assert_eq!(books(pool).await, before, "a refusal writes nothing");
+    // The run settles the closed week with its work and its rent.
+    let run = settle_by(pool, at("2026-11-21T09:05:00Z"), true).await;
+    assert_eq!(run.settled.len(), 1, "{run:?}");
+    let row = settlements::get(pool, run.settled[0].settlement_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.deductions, dec("50.00"));
+    // Then a request for the new week's released work goes, with that week's rent.
+    earn(pool, p, "L2", "200.00", at("2026-11-14T08:00:00Z")).await; // released 11-21
+    let asked = request(pool, p, None, "late-b", at("2026-11-21T12:00:00Z"))
+        .await
+        .unwrap();
+    assert_eq!(asked.settlement.deductions, dec("50.00"));
+    let charged: Vec<Decimal> = sqlx::query_scalar(
+        "SELECT deductions FROM settlements WHERE payee_id = $1 AND deductions > 0 ORDER BY id",
+    )
+    .bind(p)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert_eq!(charged, [dec("50.00"), dec("50.00")], "one rent per week");
+}
 #[derive(Debug, Clone)]
 enum Step {
     /// Settle everyone.
@@ -2196,6 +2253,8 @@ proptest! {
                         match request(pool, p, amount.as_deref(), &format!("p-{k}"), t).await {
                             Ok(r) => assert!(r.settlement.requested),
                             Err(RequestError::Unprocessable { .. }) => {}
+                            // A closed period with rent the run has not settled yet.
+                            Err(RequestError::Conflict(m)) if m.contains("not settled yet") => {}
                             Err(e) => panic!("{e}"),
                         }
                     }
