@@ -34,7 +34,11 @@ mod tests {
 
     #[test]
     fn stored_values_round_trip() {
-        for p in [Priority::Scheduled, Priority::Requested, Priority::ProcessNow] {
+        for p in [
+            Priority::Scheduled,
+            Priority::Requested,
+            Priority::ProcessNow,
+        ] {
             assert_eq!(Priority::from_i16(p.as_i16()), Some(p));
         }
         assert_eq!(Priority::from_i16(3), None);

@@ -316,6 +316,16 @@ impl Queue {
         Ok(())
     }
 
+    /// [`Queue::push_manual`] at the front of the queue (an operator's
+    /// "process now": ahead of the window already waiting).
+    pub async fn push_manual_front(&self, payout_ids: &[i64]) -> anyhow::Result<()> {
+        self.push_front(payout_ids).await?;
+        crate::metrics::JOBS_ENQUEUED
+            .with_label_values(&["manual"])
+            .inc_by(payout_ids.len() as u64);
+        Ok(())
+    }
+
     /// Pushes raw bytes as a job (tests of malformed payloads).
     pub async fn push_raw(&self, payload: Vec<u8>) -> anyhow::Result<()> {
         let mut conn = self.conn.clone();
