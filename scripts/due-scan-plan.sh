@@ -39,12 +39,13 @@ $PSQL -d payouts_scan <<'SQL'
 BEGIN;
 EXPLAIN (ANALYZE, BUFFERS, COSTS OFF)
 WITH due AS (
-    SELECT id, status FROM payouts WHERE status = 'pending' AND rank_at <= now() AND due_at <= now()
+    SELECT id, status FROM payouts WHERE rank_at <= now() AND due_at <= now()
       AND NOT EXISTS (SELECT 1 FROM payees y WHERE y.id = payouts.payee_id AND y.status = 'suspended')
     ORDER BY rank_at LIMIT 500 FOR UPDATE SKIP LOCKED),
 upd AS (
-    UPDATE payouts p SET status = 'queued', lease_until = now() + interval '60 seconds', lease_owner = NULL, updated_at = now()
-    FROM due WHERE p.id = due.id
+    UPDATE payouts p SET status = 'queued', lease_until = now() + interval '60 seconds', lease_owner = NULL, updated_at = now(),
+        rank_at = NULL
+    FROM due WHERE p.id = due.id AND due.status = 'pending'
     RETURNING p.id, due.status AS from_status, p.attempt),
 ev AS (
     INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)

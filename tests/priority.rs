@@ -89,6 +89,24 @@ async fn a_request_goes_ahead_of_the_scheduled_backlog_in_the_first_batch() {
     // Without the ranking it would wait behind all 3,000 (due earlier).
     let p = repo::get(&db.pool, req).await.unwrap().unwrap();
     assert_eq!(p.status.as_str(), "queued");
+    // Only pending payouts keep a rank (the due scan reads the index without
+    // a status clause): queued ones lost it, as does a cancelled one.
+    assert_eq!(repo::rank_at(&db.pool, req).await.unwrap(), None);
+    let ranked: i64 = sqlx::query_scalar("SELECT count(*) FROM payouts WHERE rank_at IS NOT NULL")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(ranked, 2501);
+    let pending: i64 = sqlx::query_scalar(
+        "SELECT id FROM payouts WHERE status = 'pending' AND rank_at IS NOT NULL LIMIT 1",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    repo::cancel(&db.pool, pending, "operator:test", "test", Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(repo::rank_at(&db.pool, pending).await.unwrap(), None);
 }
 
 #[tokio::test]

@@ -572,16 +572,20 @@ pub async fn queue_due_ranked(
     if rest > 0 {
         // Pending payouts that are due, by rank (index `payouts_pending_rank_idx`;
         // `rank_at <= due_at`, so `rank_at <= now` bounds the index range).
+        // Only pending payouts have a rank (migration 20261130000200): no
+        // status clause, which would make the planner expect a few rows and
+        // sort them all instead of reading the index in order.
         let more: Vec<Due> = sqlx::query_as!(
             Due,
             r#"WITH due AS (
                  SELECT id, status FROM payouts
-                 WHERE status = 'pending' AND rank_at <= $1 AND due_at <= $1
+                 WHERE rank_at <= $1 AND due_at <= $1
                    AND NOT EXISTS (SELECT 1 FROM payees y WHERE y.id = payouts.payee_id AND y.status = 'suspended')
                  ORDER BY rank_at LIMIT $2 FOR UPDATE SKIP LOCKED),
              upd AS (
-                 UPDATE payouts p SET status = 'queued', lease_until = $3, lease_owner = NULL, updated_at = $1
-                 FROM due WHERE p.id = due.id
+                 UPDATE payouts p SET status = 'queued', lease_until = $3, lease_owner = NULL, updated_at = $1,
+                     rank_at = NULL
+                 FROM due WHERE p.id = due.id AND due.status = 'pending'
                  RETURNING p.id, due.status AS from_status, p.attempt, p.priority),
              ev AS (
                  INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
