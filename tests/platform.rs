@@ -371,7 +371,7 @@ async fn a_suspended_payee_is_not_paid_until_resumed_and_its_queued_payouts_wait
         .post(
             &format!("/api/v1/payees/{p}/resume"),
             &s.operator,
-            json!({}),
+            json!({"reason": "review closed"}),
         )
         .await;
     assert_eq!(code, StatusCode::OK, "{out}");
@@ -379,7 +379,10 @@ async fn a_suspended_payee_is_not_paid_until_resumed_and_its_queued_payouts_wait
     let mut scanned = s.due_scan().await;
     scanned.sort();
     assert_eq!(scanned, [queued, waiting]);
-    assert_eq!(s.audit("payee.resume").await.len(), 1);
+    let resumed = s.audit("payee.resume").await;
+    assert_eq!(resumed.len(), 1);
+    // The reason given is kept (it was once accepted and dropped).
+    assert_eq!(resumed[0].2["reason"], "review closed", "{resumed:?}");
 }
 
 #[tokio::test]

@@ -234,12 +234,7 @@ pub fn actions_for(status: PayoutStatus) -> Vec<&'static str> {
 }
 
 fn payout_id(raw: &str) -> Result<i64, ApiError> {
-    raw.parse::<i64>().ok().filter(|n| *n > 0).ok_or_else(|| {
-        ApiError::BadRequest(format!(
-            "payout id must be a positive integer, got {:?}",
-            short(raw)
-        ))
-    })
+    positive_id(raw, "payout id")
 }
 
 pub(crate) fn short(s: &str) -> String {
@@ -1231,11 +1226,15 @@ pub struct ListPage<T> {
     pub next_cursor: Option<String>,
 }
 
+/// An id from the path: a positive integer, or a 400 naming `what` and the
+/// (shortened) value given.
 pub(crate) fn positive_id(raw: &str, what: &str) -> Result<i64, ApiError> {
-    raw.parse::<i64>()
-        .ok()
-        .filter(|n| *n > 0)
-        .ok_or_else(|| ApiError::BadRequest(format!("{what}: expected a positive integer id")))
+    raw.parse::<i64>().ok().filter(|n| *n > 0).ok_or_else(|| {
+        ApiError::BadRequest(format!(
+            "{what} must be a positive integer, got {:?}",
+            short(raw)
+        ))
+    })
 }
 
 /// `GET /api/v1/payees`: payees, newest first (`status`, `limit`, `cursor`).

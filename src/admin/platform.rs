@@ -181,14 +181,14 @@ pub(crate) async fn resume(
 ) -> Result<Json<PayeeAnswer>, ApiError> {
     c.permit(Permission::SuspendPayee, "resume a payee")?;
     let id = positive_id(&raw, "payee id")?;
-    let _: SuspendBody = json_body(&body)?;
+    let body: SuspendBody = json_body(&body)?;
     let (actor, src) = (c.actor(), source.0.to_string());
     let by = By {
         actor: &actor,
         source: Some(&src),
         now: s.clock.now(),
     };
-    let payee = payee_service::resume(&s.pool, id, by)
+    let payee = payee_service::resume(&s.pool, id, body.reason.as_deref(), by)
         .await
         .map_err(|e| refused(e, "payee_resume"))?;
     done_action("payee_resume");

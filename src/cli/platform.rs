@@ -49,6 +49,9 @@ pub enum PayeeOps {
     Resume {
         /// Payee id.
         id: i64,
+        /// Why (recorded in the audit log).
+        #[arg(long)]
+        reason: Option<String>,
     },
     /// A payee's balance per currency: held, releasable, carried over, in flight, paid this period.
     Balance {
@@ -243,8 +246,10 @@ pub async fn run(
                 )?;
             }
         }
-        PayeeOps::Resume { id } => {
-            let p = payee_service::resume(pool, id, by).await.map_err(exit_of)?;
+        PayeeOps::Resume { id, reason } => {
+            let p = payee_service::resume(pool, id, reason.as_deref(), by)
+                .await
+                .map_err(exit_of)?;
             if as_json {
                 writeln!(out, "{}", json!({"payee": p}))?;
             } else {

@@ -69,19 +69,6 @@ pub async fn create_demo(pool: &PgPool, count: i64, currency: Currency) -> sqlx:
     .await
 }
 
-/// A page of payees, newest first: at most `limit`, below `before_id` when given.
-pub async fn page(pool: &PgPool, before_id: Option<i64>, limit: i64) -> sqlx::Result<Vec<Payee>> {
-    sqlx::query_as!(
-        Payee,
-        "SELECT id, name, gateway_account, currency, status, created_at, email FROM payees
-         WHERE ($1::bigint IS NULL OR id < $1) ORDER BY id DESC LIMIT $2",
-        before_id,
-        limit,
-    )
-    .fetch_all(pool)
-    .await
-}
-
 /// A page of payees, newest first, only those with `status` when given: at
 /// most `limit`, below `before_id` when given.
 pub async fn page_with_status(

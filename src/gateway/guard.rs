@@ -338,6 +338,93 @@ pub enum Circuit {
 struct Breaker {
     state: Circuit,
     window: VecDeque<(Instant, bool)>,
+    /// Calls in the window before it may open.
+    min_calls: usize,
+    /// Failed share (percent) that opens it.
+    error_ratio_pct: u32,
+    /// The sliding window.
+    span: Duration,
+    /// How long it stays open.
+    cooldown: Duration,
+}
+
+impl Breaker {
+    /// A closed breaker with `s`'s thresholds.
+    fn new(s: &GuardSettings) -> Self {
+        Breaker {
+            state: Circuit::Closed,
+            window: VecDeque::new(),
+            min_calls: s.min_calls,
+            error_ratio_pct: s.error_ratio_pct,
+            span: s.window,
+            cooldown: s.cooldown,
+        }
+    }
+
+    /// Whether a call may go at `now`: always while closed; once the
+    /// cool-down is over, to exactly one probe (the circuit turns half-open).
+    fn allows(&mut self, now: Instant) -> bool {
+        match self.state {
+            Circuit::Closed => true,
+            Circuit::Open { until } if now >= until => {
+                self.state = Circuit::HalfOpen;
+                metrics::CIRCUIT_STATE.set(1);
+                true
+            }
+            Circuit::Open { .. } | Circuit::HalfOpen => false,
+        }
+    }
+
+    /// A half-open probe that was never sent: back to open with the
+    /// cool-down over, so the next call probes.
+    fn probe_not_sent(&mut self, now: Instant) {
+        if self.state == Circuit::HalfOpen {
+            self.state = Circuit::Open { until: now };
+        }
+    }
+
+    fn open(&mut self, now: Instant) {
+        self.state = Circuit::Open {
+            until: now + self.cooldown,
+        };
+        metrics::CIRCUIT_STATE.set(2);
+        metrics::CIRCUIT_OPENED.inc();
+    }
+
+    /// A call's outcome at `now`: a half-open probe closes or reopens the
+    /// circuit; while closed, the window slides and the circuit opens when
+    /// at least `min_calls` calls in it failed at `error_ratio_pct` or more.
+    fn record(&mut self, now: Instant, failed: bool) {
+        match self.state {
+            Circuit::HalfOpen => {
+                if failed {
+                    self.open(now);
+                } else {
+                    self.state = Circuit::Closed;
+                    self.window.clear();
+                    metrics::CIRCUIT_STATE.set(0);
+                    tracing::info!("gateway circuit closed again after a successful probe");
+                }
+            }
+            Circuit::Open { .. } => {}
+            Circuit::Closed => {
+                self.window.push_back((now, failed));
+                while self
+                    .window
+                    .front()
+                    .is_some_and(|(t, _)| now.duration_since(*t) > self.span)
+                {
+                    self.window.pop_front();
+                }
+                let n = self.window.len();
+                let errors = self.window.iter().filter(|(_, f)| *f).count();
+                if n >= self.min_calls.max(1) && errors * 100 >= n * self.error_ratio_pct as usize {
+                    self.open(now);
+                    tracing::warn!(errors, calls = n, cooldown = ?self.cooldown, "gateway circuit opened: too many failed calls");
+                }
+            }
+        }
+    }
 }
 
 /// Breaker and limiter settings.
@@ -417,10 +504,7 @@ impl GatewayGuard {
             tat_key,
             pause_key,
             settings,
-            breaker: Mutex::new(Breaker {
-                state: Circuit::Closed,
-                window: VecDeque::new(),
-            }),
+            breaker: Mutex::new(Breaker::new(&settings)),
             pause_seen: Mutex::new((None, None)),
             waiting: AtomicUsize::new(0),
         }
@@ -527,74 +611,27 @@ impl GatewayGuard {
         self.waiting.load(Ordering::Relaxed)
     }
 
-    /// Whether a call may go now: always while closed; once the cool-down is
-    /// over, to exactly one probe (the circuit turns half-open).
+    /// Whether a call may go now (see [`Breaker::allows`]).
     fn breaker_allows(&self) -> bool {
-        let mut b = self.breaker.lock().expect("breaker lock");
-        match b.state {
-            Circuit::Closed => true,
-            Circuit::Open { until } if Instant::now() >= until => {
-                b.state = Circuit::HalfOpen;
-                metrics::CIRCUIT_STATE.set(1);
-                true
-            }
-            Circuit::Open { .. } | Circuit::HalfOpen => false,
-        }
+        self.breaker
+            .lock()
+            .expect("breaker lock")
+            .allows(Instant::now())
     }
 
-    /// A half-open probe that was never sent: the circuit goes back to open
-    /// with its cool-down over, so the next call probes.
+    /// A half-open probe that was never sent: the next call probes.
     fn probe_not_sent(&self) {
-        let mut b = self.breaker.lock().expect("breaker lock");
-        if b.state == Circuit::HalfOpen {
-            b.state = Circuit::Open {
-                until: Instant::now(),
-            };
-        }
+        self.breaker
+            .lock()
+            .expect("breaker lock")
+            .probe_not_sent(Instant::now());
     }
 
     fn record(&self, failed: bool) {
-        let mut b = self.breaker.lock().expect("breaker lock");
-        let now = Instant::now();
-        match b.state {
-            Circuit::HalfOpen => {
-                if failed {
-                    b.state = Circuit::Open {
-                        until: now + self.settings.cooldown,
-                    };
-                    metrics::CIRCUIT_STATE.set(2);
-                    metrics::CIRCUIT_OPENED.inc();
-                } else {
-                    b.state = Circuit::Closed;
-                    b.window.clear();
-                    metrics::CIRCUIT_STATE.set(0);
-                    tracing::info!("gateway circuit closed again after a successful probe");
-                }
-            }
-            Circuit::Open { .. } => {}
-            Circuit::Closed => {
-                b.window.push_back((now, failed));
-                while b
-                    .window
-                    .front()
-                    .is_some_and(|(t, _)| now.duration_since(*t) > self.settings.window)
-                {
-                    b.window.pop_front();
-                }
-                let n = b.window.len();
-                let errors = b.window.iter().filter(|(_, f)| *f).count();
-                if n >= self.settings.min_calls.max(1)
-                    && errors * 100 >= n * self.settings.error_ratio_pct as usize
-                {
-                    b.state = Circuit::Open {
-                        until: now + self.settings.cooldown,
-                    };
-                    metrics::CIRCUIT_STATE.set(2);
-                    metrics::CIRCUIT_OPENED.inc();
-                    tracing::warn!(errors, calls = n, cooldown = ?self.settings.cooldown, "gateway circuit opened: too many failed calls");
-                }
-            }
-        }
+        self.breaker
+            .lock()
+            .expect("breaker lock")
+            .record(Instant::now(), failed);
     }
 
     /// Waits for the fleet-wide rate limit and any fleet pause. Redis errors
@@ -711,5 +748,118 @@ impl Gateway for Guarded<'_> {
 
     fn minor_units(&self, money: &crate::domain::Money) -> Result<i64, String> {
         self.inner.minor_units(money)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The breaker's state machine on tokio's paused clock: cool-downs and
+    //! sliding windows are walked through with `advance`, not waited out.
+    use super::*;
+
+    fn breaker() -> Breaker {
+        Breaker {
+            state: Circuit::Closed,
+            window: VecDeque::new(),
+            min_calls: 4,
+            error_ratio_pct: 50,
+            span: Duration::from_secs(10),
+            cooldown: Duration::from_secs(30),
+        }
+    }
+
+    async fn advance(secs: u64) {
+        tokio::time::advance(Duration::from_secs(secs)).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn opens_at_the_error_ratio_once_enough_calls_are_in_the_window() {
+        let mut b = breaker();
+        for _ in 0..3 {
+            b.record(Instant::now(), true);
+        }
+        assert_eq!(b.state, Circuit::Closed, "3 calls are below min_calls");
+        b.record(Instant::now(), false);
+        // 3 failed of 4: 75% >= 50%.
+        assert!(matches!(b.state, Circuit::Open { .. }), "{:?}", b.state);
+        assert!(!b.allows(Instant::now()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_older_than_the_window_do_not_count() {
+        let mut b = breaker();
+        b.record(Instant::now(), true);
+        b.record(Instant::now(), true);
+        advance(11).await;
+        b.record(Instant::now(), false);
+        b.record(Instant::now(), false);
+        b.record(Instant::now(), true);
+        // The two old failures slid out: 1 failed of 3, and too few calls.
+        assert_eq!(b.state, Circuit::Closed);
+        b.record(Instant::now(), false);
+        // 1 of 4 = 25% < 50%.
+        assert_eq!(b.state, Circuit::Closed);
+        assert_eq!(b.window.len(), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_the_cool_down_one_probe_goes_and_its_success_closes() {
+        let mut b = breaker();
+        for _ in 0..4 {
+            b.record(Instant::now(), true);
+        }
+        advance(29).await;
+        assert!(!b.allows(Instant::now()), "still cooling down");
+        advance(1).await;
+        assert!(b.allows(Instant::now()), "the probe");
+        assert_eq!(b.state, Circuit::HalfOpen);
+        assert!(!b.allows(Instant::now()), "only one probe at a time");
+        b.record(Instant::now(), false);
+        assert_eq!(b.state, Circuit::Closed);
+        assert!(
+            b.window.is_empty(),
+            "a closed circuit starts a fresh window"
+        );
+        assert!(b.allows(Instant::now()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_probe_reopens_for_a_whole_cool_down() {
+        let mut b = breaker();
+        for _ in 0..4 {
+            b.record(Instant::now(), true);
+        }
+        advance(30).await;
+        assert!(b.allows(Instant::now()));
+        b.record(Instant::now(), true);
+        assert!(matches!(b.state, Circuit::Open { .. }));
+        advance(29).await;
+        assert!(
+            !b.allows(Instant::now()),
+            "the cool-down starts again at the failed probe"
+        );
+        advance(1).await;
+        assert!(b.allows(Instant::now()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_that_was_never_sent_lets_the_next_call_probe_at_once() {
+        let mut b = breaker();
+        for _ in 0..4 {
+            b.record(Instant::now(), true);
+        }
+        advance(30).await;
+        assert!(b.allows(Instant::now()));
+        b.probe_not_sent(Instant::now());
+        assert!(matches!(b.state, Circuit::Open { .. }));
+        assert!(b.allows(Instant::now()), "no second cool-down");
+        // Outcomes recorded while open are ignored.
+        let mut open = breaker();
+        for _ in 0..4 {
+            open.record(Instant::now(), true);
+        }
+        let before = open.state;
+        open.record(Instant::now(), false);
+        assert_eq!(open.state, before);
     }
 }

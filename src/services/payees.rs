@@ -124,7 +124,13 @@ pub async fn suspend(
 /// Resumes suspended payee `id`: settled again (missed periods catch up),
 /// its due payouts go out at the next producer tick. Refused when it is not
 /// suspended.
-pub async fn resume(pool: &PgPool, id: i64, by: By<'_>) -> Result<Payee, PayeeError> {
+pub async fn resume(
+    pool: &PgPool,
+    id: i64,
+    reason: Option<&str>,
+    by: By<'_>,
+) -> Result<Payee, PayeeError> {
+    let reason = reason_of(reason);
     let mut tx = pool.begin().await?;
     let p = payees::lock(&mut tx, id)
         .await?
@@ -142,7 +148,7 @@ pub async fn resume(pool: &PgPool, id: i64, by: By<'_>) -> Result<Payee, PayeeEr
         by.actor,
         "payee.resume",
         &id.to_string(),
-        json!({"from": p.status}),
+        json!({"from": p.status, "reason": reason}),
         by.source,
     )
     .await?;
