@@ -1082,6 +1082,7 @@ async fn the_openapi_description_lists_the_platform_routes() {
         ("/api/v1/earnings/{id}/release", "post"),
         ("/api/v1/earnings/{id}/void", "post"),
         ("/api/v1/holds", "get"),
+        ("/api/v1/payees/{id}/payout-requests", "post"),
     ] {
         assert!(
             doc["paths"][path][method].is_object(),
@@ -1340,4 +1341,265 @@ async fn escrow_releases_and_voids_held_earnings_and_lists_holds() {
         .unwrap();
     assert_eq!(again.status.code(), Some(4), "conflict exit code");
     assert!(String::from_utf8_lossy(&again.stderr).contains("voided"));
+}
+
+/// `payoutctl` against the server's database: its exit code and output.
+fn ctl_run(s: &Server, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_payoutctl"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("DATABASE_URL", &s.db.url)
+        .env("REDIS_URL", redis_url())
+        .env("PAYOUTS_OPERATOR", "alice")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+/// Early payout requests (#17 item 3) over HTTP and `payoutctl request`:
+/// the seller market's (002) scout asks for part of what is owed, the
+/// barber scheduler's (001) "Requested early payout" takes the rest; a
+/// replay answers the same payout; refusals name what is wrong (the
+/// available balance for too much) and change nothing.
+#[tokio::test]
+async fn an_early_payout_request_pays_what_is_released_now_and_refusals_change_nothing() {
+    let s = Server::start().await;
+    let p = s.payee("acct_scout").await;
+    let post = async |r: &str, gross: &str, days: i64| {
+        let (code, out) = s
+            .post(
+                "/v1/earnings",
+                &s.platform,
+                json!({"payee_id": p, "source": "market", "external_ref": r,
+                       "gross": gross, "currency": "USD", "completed_at": ago(days)}),
+            )
+            .await;
+        assert_eq!(code, StatusCode::CREATED, "{out}");
+        out["earning"]["id"].as_i64().unwrap()
+    };
+    let first = post("b-1", "60.00", 10).await;
+    let second = post("b-2", "40.00", 9).await;
+    post("b-3", "15.00", 1).await; // held
+    let path = format!("/api/v1/payees/{p}/payout-requests");
+    let payouts_now = async || -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM payouts")
+            .fetch_one(s.pool())
+            .await
+            .unwrap()
+    };
+
+    // Refused, each naming what is wrong; nothing changed.
+    let before = (s.state().await, payouts_now().await);
+    let (code, out) = s
+        .post(
+            &path,
+            &s.platform,
+            json!({"amount": "100.01", "idempotency_key": "k-over"}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{out}");
+    assert_eq!(
+        (out["available"].as_str(), out["currency"].as_str()),
+        (Some("100.00"), Some("USD"))
+    );
+    assert!(
+        error_of(&out).contains("above the releasable balance"),
+        "{out}"
+    );
+    let cases: Vec<(Value, StatusCode, &str)> = vec![
+        (
+            json!({"amount": "0", "idempotency_key": "k"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "amount: ",
+        ),
+        (
+            json!({"amount": "-1.00", "idempotency_key": "k"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "amount: ",
+        ),
+        (
+            json!({"amount": "10.001", "idempotency_key": "k"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "amount: ",
+        ),
+        (
+            json!({"amount": 10, "idempotency_key": "k"}),
+            StatusCode::BAD_REQUEST,
+            "invalid type",
+        ),
+        (
+            json!({"currency": "XXX", "idempotency_key": "k"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "currency: ",
+        ),
+        (
+            json!({"method": "express", "idempotency_key": "k"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "method: ",
+        ),
+        (
+            json!({"amount": "10.00"}),
+            StatusCode::BAD_REQUEST,
+            "idempotency_key: required",
+        ),
+        (
+            json!({"idempotency_key": "k", "extra": 1}),
+            StatusCode::BAD_REQUEST,
+            "unknown field",
+        ),
+    ];
+    for (body, want, says) in cases {
+        let (code, out) = s.post(&path, &s.platform, body.clone()).await;
+        assert_eq!(code, want, "{body}: {out}");
+        assert!(error_of(&out).contains(says), "{body}: {out}");
+    }
+    let (code, out) = s
+        .post(
+            "/api/v1/payees/999999/payout-requests",
+            &s.platform,
+            json!({"idempotency_key": "k"}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::NOT_FOUND, "{out}");
+    let (code, _) = s
+        .post(&path, &s.viewer, json!({"idempotency_key": "k"}))
+        .await;
+    assert_eq!(code, StatusCode::FORBIDDEN, "a viewer may not ask");
+    assert_eq!((s.state().await, payouts_now().await), before);
+
+    // 002: the scout asks for 80.00 of the 100.00 released, instant: whole
+    // earnings in release order while they fit: b-1 (60.00). 70% = 42.00,
+    // instant fee 1.25% of 60.00 + 0.25 = 1.00: 41.00.
+    let body = json!({"amount": "80.00", "method": "instant", "idempotency_key": "scout-7-req-1"});
+    let (code, r) = s.post(&path, &s.platform, body.clone()).await;
+    assert_eq!(code, StatusCode::CREATED, "{r}");
+    assert_eq!(r["replayed"], false);
+    assert_eq!(r["payout"]["amount"], "41.00");
+    assert_eq!(r["request"]["amount"], "80.00");
+    assert_eq!(r["request"]["requested_by"], "integration:market-backend");
+    assert_eq!(r["settlement"]["requested"], true);
+    let lines: Vec<(&str, Option<i64>)> = r["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| (l["kind"].as_str().unwrap(), l["earning_id"].as_i64()))
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            ("earning", Some(first)),
+            ("commission", None),
+            ("fee", None)
+        ]
+    );
+    let payout = r["payout"]["id"].as_i64().unwrap();
+    let (priority, events): (i16, i64) = sqlx::query_as(
+        "SELECT priority, (SELECT count(*) FROM payout_events WHERE payout_id = $1 AND actor = 'integration:market-backend')
+         FROM payouts WHERE id = $1",
+    )
+    .bind(payout)
+    .fetch_one(s.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        (priority, events),
+        (1, 1),
+        "requested, its creation event by the caller"
+    );
+    let audit = s.audit("payout.request").await;
+    assert_eq!(audit.len(), 1);
+    assert_eq!(
+        (audit[0].0.as_str(), audit[0].1.clone()),
+        ("integration:market-backend", p.to_string())
+    );
+    assert_eq!(audit[0].2["payout_id"], payout);
+
+    // A replay (body or header) answers the same payout; another amount is refused.
+    let before = (s.state().await, payouts_now().await);
+    let (code, again) = s.post(&path, &s.platform, body).await;
+    assert_eq!(code, StatusCode::OK, "{again}");
+    assert_eq!(
+        (again["replayed"].as_bool(), again["payout"]["id"].as_i64()),
+        (Some(true), Some(payout))
+    );
+    let resp = s
+        .http
+        .post(format!("{}{path}", s.base))
+        .bearer_auth(&s.platform)
+        .header("Idempotency-Key", "scout-7-req-1")
+        .json(&json!({"amount": "80.00", "method": "instant"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let (code, out) = s
+        .post(
+            &path,
+            &s.platform,
+            json!({"amount": "90.00", "method": "instant", "idempotency_key": "scout-7-req-1"}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CONFLICT, "{out}");
+    assert!(error_of(&out).contains("amount 90.00 (was 80.00)"), "{out}");
+    assert_eq!((s.state().await, payouts_now().await), before);
+
+    // 001: the barber's "Requested early payout" by payoutctl: the rest (b-2).
+    // 70% of 40.00 = 28.00, standard fee 0.10 + 0.25: 27.65.
+    let (code, stdout, stderr) = ctl_run(
+        &s,
+        &[
+            "request",
+            &p.to_string(),
+            "--idempotency-key",
+            "barber-123-early",
+            "--json",
+        ],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    let r: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(r["payout"]["amount"], "27.65");
+    assert_eq!(r["request"]["requested_by"], "operator:alice");
+    assert_eq!(r["lines"][0]["earning_id"], second);
+    let (code, stdout, _) = ctl_run(
+        &s,
+        &[
+            "request",
+            &p.to_string(),
+            "--idempotency-key",
+            "barber-123-early",
+        ],
+    );
+    assert_eq!(code, Some(0));
+    assert!(stdout.starts_with("replayed: payout"), "{stdout}");
+    // Nothing released now: exit 4, naming 0.00 available.
+    let (code, _, stderr) = ctl_run(&s, &["request", &p.to_string()]);
+    assert_eq!(code, Some(4), "{stderr}");
+    assert!(stderr.contains("available: 0.00 USD"), "{stderr}");
+    let (code, _, stderr) = ctl_run(&s, &["request", &p.to_string(), "--method", "express"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    let (code, _, _) = ctl_run(&s, &["request", "999999"]);
+    assert_eq!(code, Some(3));
+
+    // A suspended payee is refused (409).
+    let (code, _) = s
+        .post(
+            &format!("/api/v1/payees/{p}/suspend"),
+            &s.operator,
+            json!({}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK);
+    let (code, out) = s
+        .post(
+            &path,
+            &s.operator,
+            json!({"idempotency_key": "after-suspend"}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CONFLICT, "{out}");
+    assert!(error_of(&out).contains("suspended"), "{out}");
 }

@@ -1778,3 +1778,466 @@ async fn a_payee_that_fails_in_a_chunk_does_not_stop_the_others_in_it() {
     assert_eq!(r.payouts(), 2);
     assert_books_balance(pool).await;
 }
+
+// ------------------------------------------- early payout requests ----
+
+use payouts::services::payout_requests::{self as requests, Ask, By, RequestError};
+
+const ASKER: &str = "integration:test";
+
+async fn request(
+    pool: &PgPool,
+    p: i64,
+    amount: Option<&str>,
+    key: &str,
+    now: DateTime<Utc>,
+) -> Result<requests::Requested, RequestError> {
+    requests::request(
+        pool,
+        &policy(),
+        &Ask {
+            payee_id: p,
+            currency: None,
+            amount,
+            method: None,
+            idempotency_key: key,
+        },
+        By {
+            actor: ASKER,
+            source: None,
+            now,
+        },
+    )
+    .await
+}
+
+/// What a refused request must leave as it was: every table it writes.
+async fn books(pool: &PgPool) -> Vec<i64> {
+    let mut out = Vec::new();
+    for sql in [
+        "SELECT count(*) FROM payouts",
+        "SELECT count(*) FROM settlements",
+        "SELECT count(*) FROM payout_requests",
+        "SELECT count(*) FROM earnings WHERE settlement_id IS NOT NULL",
+        "SELECT count(*) FROM settlement_events",
+        "SELECT count(*) FROM audit_log",
+    ] {
+        out.push(sqlx::query_scalar(sql).fetch_one(pool).await.unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn an_early_request_pays_what_is_released_and_the_friday_settlement_pays_the_rest_on_time() {
+    let db = TestDb::new().await;
+    let pool = &db.pool;
+    let p = payee(pool, "acct_req").await;
+    payee_terms::set(pool, p, Some(Some("weekly:fri".parse().unwrap())), None)
+        .await
+        .unwrap();
+    payee_terms::set_deduction(
+        pool,
+        p,
+        "booth rent",
+        Money::parse("5.00", "USD").unwrap(),
+        at("2026-10-01T00:00:00Z"),
+    )
+    .await
+    .unwrap();
+    earn(pool, p, "W1", "100.00", at("2026-11-02T10:00:00Z")).await; // released 11-09
+    assert_eq!(settle(pool, at("2026-11-13T10:00:00Z")).await.payouts(), 1);
+
+    let r1 = earn(pool, p, "R1", "100.00", at("2026-11-07T10:00:00Z")).await; // released 11-14
+    let r2 = earn(pool, p, "R2", "50.00", at("2026-11-08T10:00:00Z")).await; // released 11-15
+    let r3 = earn(pool, p, "R3", "40.00", at("2026-11-12T10:00:00Z")).await; // released 11-19
+    let held = earn(pool, p, "H1", "30.00", at("2026-11-16T10:00:00Z")).await; // released 11-23
+    let sunday = at("2026-11-16T12:00:00Z");
+
+    // More than is released: refused, naming what is; nothing written.
+    let before = books(pool).await;
+    match request(pool, p, Some("150.01"), "k-over", sunday).await {
+        Err(RequestError::Unprocessable {
+            message,
+            available,
+            currency,
+        }) => {
+            assert_eq!(available, Some(dec("150.00")), "{message}");
+            assert_eq!(currency.as_deref(), Some("USD"));
+            assert!(message.contains("150.00 USD available"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Less than the first earning: no whole earning fits.
+    match request(pool, p, Some("99.99"), "k-small", sunday).await {
+        Err(RequestError::Unprocessable { message, .. }) => {
+            assert!(message.contains(&format!("earning {r1}")), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    for bad in ["0", "-5.00", "10.001", "ten"] {
+        match request(pool, p, Some(bad), "k-bad", sunday).await {
+            Err(RequestError::Unprocessable {
+                message, available, ..
+            }) => {
+                assert!(message.starts_with("amount: "), "{bad}: {message}");
+                assert_eq!(available, None);
+            }
+            other => panic!("{bad}: {other:?}"),
+        }
+    }
+    assert_eq!(books(pool).await, before, "refusals change nothing");
+
+    // Up to 120.00: whole earnings in release order while the sum fits: R1 only.
+    let r = request(pool, p, Some("120.00"), "k-1", sunday)
+        .await
+        .unwrap();
+    assert!(!r.replayed);
+    // 70% of 100.00 = 70.00, standard fee 0.25 + 0.25 = 0.50; no rent.
+    assert_eq!(r.payout.amount, dec("69.50"));
+    assert_eq!(r.payout.due_at, sunday);
+    assert_eq!(r.request.amount, Some(dec("120.00")));
+    assert_eq!(r.request.requested_by, ASKER);
+    assert!(r.settlement.requested);
+    assert_eq!(r.settlement.deductions, dec("0.00"));
+    let kinds: Vec<(&str, Option<i64>)> = r
+        .lines
+        .iter()
+        .map(|l| (l.kind.as_str(), l.earning_id))
+        .collect();
+    assert_eq!(
+        kinds,
+        [("earning", Some(r1)), ("commission", None), ("fee", None)]
+    );
+    assert_eq!(
+        r.lines.iter().map(|l| l.amount).sum::<Decimal>(),
+        r.payout.amount
+    );
+    let priority: i16 = sqlx::query_scalar("SELECT priority FROM payouts WHERE id = $1")
+        .bind(r.payout.id)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(priority, payouts::domain::Priority::Requested.as_i16());
+    let events: Vec<String> = sqlx::query_scalar(
+        "SELECT kind FROM settlement_events WHERE settlement_id = $1 ORDER BY id",
+    )
+    .bind(r.settlement.id)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert_eq!(events, ["settlement.created", "earning.released"]);
+    let audit: (String, String) = sqlx::query_as(
+        "SELECT actor, target FROM audit_log WHERE action = 'payout.request' ORDER BY id DESC LIMIT 1",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(audit, (ASKER.to_string(), p.to_string()));
+
+    // A replay answers the same payout; the same key with another amount is refused.
+    let before = books(pool).await;
+    let again = request(pool, p, Some("120"), "k-1", sunday + Duration::hours(1))
+        .await
+        .unwrap();
+    assert!(again.replayed);
+    assert_eq!(
+        (again.payout.id, again.request.id),
+        (r.payout.id, r.request.id)
+    );
+    match request(pool, p, Some("130.00"), "k-1", sunday).await {
+        Err(RequestError::Conflict(m)) => {
+            assert!(m.contains("amount 130.00 (was 120.00)"), "{m}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(books(pool).await, before, "a replay writes nothing");
+
+    // The schedule is not moved: nothing is due before Friday, and Friday's
+    // settlement is the week [11-13, 11-20) with what is left (R2, R3), with the rent.
+    let midweek = settle(pool, at("2026-11-18T10:00:00Z")).await;
+    assert_eq!(midweek.payouts(), 0, "{midweek:?}");
+    let friday = settle(pool, at("2026-11-20T10:00:00Z")).await;
+    assert_eq!(friday.payouts(), 1, "{friday:?}");
+    let s = &friday.settled[0];
+    assert_eq!(
+        (s.period.start, s.period.end, s.earnings),
+        (at("2026-11-13T00:00:00Z"), at("2026-11-20T00:00:00Z"), 2)
+    );
+    for (e, settled) in [(r2, true), (r3, true), (held, false)] {
+        let row = earnings::get(pool, e).await.unwrap().unwrap();
+        assert_eq!(row.payout_id.is_some(), settled, "earning {e}");
+    }
+    let row = settlements::get(pool, s.settlement_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.deductions, dec("5.00"), "the week's rent, once");
+    assert!(!row.requested);
+    // The next week, too, at its time.
+    let next = settle(pool, at("2026-11-27T10:00:00Z")).await;
+    assert_eq!(
+        (next.settled[0].period.start, next.settled[0].period.end),
+        (at("2026-11-20T00:00:00Z"), at("2026-11-27T00:00:00Z"))
+    );
+    assert_books_balance(pool).await;
+
+    // Nothing released now: refused, naming 0.00 available.
+    match request(pool, p, None, "k-2", at("2026-11-27T11:00:00Z")).await {
+        Err(RequestError::Unprocessable { available, .. }) => {
+            assert_eq!(available, Some(dec("0.00")))
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_request_refuses_a_suspended_payee_an_unknown_method_and_a_payout_below_the_minimum() {
+    let db = TestDb::new().await;
+    let pool = &db.pool;
+    let p = payee(pool, "acct_refusals").await;
+    earn(pool, p, "S1", "30.00", at("2026-11-02T10:00:00Z")).await;
+    earn(pool, p, "S2", "30.00", at("2026-11-03T10:00:00Z")).await;
+    let now = at("2026-11-12T10:00:00Z");
+    let before = books(pool).await;
+    // 70% of 30.00 = 21.00: below the 25.00 minimum.
+    match request(pool, p, Some("30.00"), "k", now).await {
+        Err(RequestError::Unprocessable { message, .. }) => {
+            assert!(
+                message.contains("below the minimum payout of 25.00"),
+                "{message}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    let ask = |method: &'static str, currency: &'static str| Ask {
+        payee_id: p,
+        currency: Some(currency),
+        amount: None,
+        method: Some(method),
+        idempotency_key: "k",
+    };
+    let by = By {
+        actor: ASKER,
+        source: None,
+        now,
+    };
+    for (method, currency, says) in [
+        ("express", "USD", "method: payout method \"express\""),
+        ("standard", "XXX", "currency: \"XXX\" is not a known"),
+        (
+            "standard",
+            "CHF",
+            "currency: CHF is not paid out by the policy",
+        ),
+    ] {
+        match requests::request(pool, &policy(), &ask(method, currency), by).await {
+            Err(RequestError::Unprocessable { message, .. }) => {
+                assert!(message.starts_with(says), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    match request(pool, p + 1000, None, "k", now).await {
+        Err(RequestError::NotFound(id)) => assert_eq!(id, p + 1000),
+        other => panic!("{other:?}"),
+    }
+    match request(pool, p, None, "", now).await {
+        Err(RequestError::Invalid(m)) => assert!(m.starts_with("idempotency_key"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    sqlx::query("UPDATE payees SET status = 'suspended' WHERE id = $1")
+        .bind(p)
+        .execute(pool)
+        .await
+        .unwrap();
+    match request(pool, p, None, "k", now).await {
+        Err(RequestError::Conflict(m)) => assert!(m.contains("is suspended"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(books(pool).await, before, "refusals change nothing");
+    sqlx::query("UPDATE payees SET status = 'active' WHERE id = $1")
+        .bind(p)
+        .execute(pool)
+        .await
+        .unwrap();
+    // Instant: 70% of 60.00 = 42.00, fee 1.25% of 60.00 + 0.25 = 1.00.
+    let r = requests::request(pool, &policy(), &ask("instant", "usd"), by)
+        .await
+        .unwrap();
+    assert_eq!(r.payout.amount, dec("41.00"));
+    assert_eq!(r.settlement.payout_method, "instant");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_racing_settlement_runs_never_settle_an_earning_twice() {
+    let db = TestDb::new().await;
+    let pool = &db.pool;
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let p = payee(pool, &format!("acct_race_{i}")).await;
+        for j in 0..4 {
+            earn(
+                pool,
+                p,
+                &format!("RC-{i}-{j}"),
+                "20.00",
+                at("2026-11-02T10:00:00Z") + Duration::hours(j),
+            )
+            .await;
+        }
+        ids.push(p);
+    }
+    let now = at("2026-11-13T10:00:00Z");
+    let asks = ids.iter().enumerate().map(|(i, p)| async move {
+        let amount = (i % 2 == 0).then_some("40.00");
+        request(pool, *p, amount, &format!("race-{i}"), now).await
+    });
+    // The run settles 4 payees per transaction (2 at once), from the lowest
+    // id; the requests ask from the highest: some lock their payee before
+    // the run reaches it, others wait for the run's lock and find it settled.
+    let (run_policy, opts) = (
+        policy(),
+        Options {
+            payee: None,
+            actor: ACTOR.into(),
+        },
+    );
+    let chunked = settlement::run_chunked(pool, &run_policy, now, &opts, 4, None);
+    let (run, answers) = tokio::join!(
+        async { chunked.await.unwrap() },
+        futures::future::join_all(asks.rev())
+    );
+    assert_eq!(run.errors(), 0, "{run:?}");
+    let mut requested = 0;
+    for a in answers {
+        match a {
+            Ok(r) => {
+                requested += 1;
+                assert!(r.settlement.requested);
+            }
+            // The run settled that payee first.
+            Err(RequestError::Unprocessable { available, .. }) => {
+                assert_eq!(available, Some(dec("0.00")))
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    // Whatever a request left (an amount of 40.00 takes two of four), the run
+    // took, or the next one does.
+    settle(pool, now).await;
+    let unsettled: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM earnings WHERE settlement_id IS NULL")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(unsettled, 0);
+    assert_books_balance(pool).await;
+    let requests_made: i64 = sqlx::query_scalar("SELECT count(*) FROM payout_requests")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(requests_made, requested);
+    eprintln!("{requested} of 40 requests went before the run");
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    /// Settle everyone.
+    Run,
+    /// A request of payee n, of everything or up to the cents.
+    Request(usize, Option<i64>),
+    /// A request racing a run of everyone.
+    Racing(usize, Option<i64>),
+}
+
+fn step_strategy() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        Just(Step::Run),
+        (0usize..4, prop::option::of(100i64..20_000)).prop_map(|(i, a)| Step::Request(i, a)),
+        (0usize..4, prop::option::of(100i64..20_000)).prop_map(|(i, a)| Step::Racing(i, a)),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 8, ..ProptestConfig::default() })]
+
+    /// Early requests interleaved with (and racing) settlement runs never
+    /// settle an earning twice nor lose one, and never move a schedule:
+    /// every scheduled settlement's period is one of its schedule's.
+    #[test]
+    fn requests_interleaved_with_settlements_never_settle_an_earning_twice_nor_lose_one(
+        specs in prop::collection::vec(payee_strategy(), 1..4),
+        steps in prop::collection::vec((0i64..DAYS * 24, step_strategy()), 1..12),
+    ) {
+        rt().block_on(async {
+            let t0 = at(T0);
+            let end = t0 + Duration::days(DAYS);
+            let (db, ids) = world(&specs).await;
+            let pool = &db.pool;
+            let mut steps = steps;
+            steps.sort_by_key(|(h, _)| *h);
+            for (k, (h, step)) in steps.iter().enumerate() {
+                let t = t0 + Duration::hours(*h);
+                let ask = |i: usize, cents: Option<i64>| {
+                    let amount = cents.map(|c| Decimal::new(c, 2).to_string());
+                    let p = ids[i % ids.len()];
+                    async move {
+                        match request(pool, p, amount.as_deref(), &format!("p-{k}"), t).await {
+                            Ok(r) => assert!(r.settlement.requested),
+                            Err(RequestError::Unprocessable { .. }) => {}
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                };
+                match step {
+                    Step::Run => { settle(pool, t).await; }
+                    Step::Request(i, a) => ask(*i, *a).await,
+                    Step::Racing(i, a) => {
+                        let (r, ()) = tokio::join!(settle(pool, t), ask(*i, *a));
+                        assert_eq!(r.errors(), 0, "{r:?}");
+                    }
+                }
+            }
+            settle(pool, end).await;
+            assert_books_balance(pool).await;
+            for (i, spec) in specs.iter().enumerate() {
+                // Nothing released before the open period is left (automatic schedules).
+                if let Some(open) = spec.schedule.period_containing(end) {
+                    let left: i64 = sqlx::query_scalar(
+                        "SELECT count(*) FROM earnings WHERE payee_id = $1 AND settlement_id IS NULL AND release_at < $2",
+                    )
+                    .bind(ids[i])
+                    .bind(open.start)
+                    .fetch_one(pool)
+                    .await
+                    .unwrap();
+                    assert_eq!(left, 0, "payee {i} ({}) left out released earnings", spec.schedule);
+                }
+                // Scheduled periods are the schedule's, whatever was requested.
+                if spec.schedule.is_automatic() && spec.schedule != Schedule::PerEarning {
+                    let scheduled: Vec<(DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
+                        "SELECT period_start, period_end FROM settlements
+                         WHERE payee_id = $1 AND NOT requested ORDER BY period_start",
+                    )
+                    .bind(ids[i])
+                    .fetch_all(pool)
+                    .await
+                    .unwrap();
+                    for (start, stop) in scheduled {
+                        let p = spec.schedule.period_containing(start).unwrap();
+                        assert_eq!((p.start, p.end), (start, stop), "payee {i} ({})", spec.schedule);
+                    }
+                }
+            }
+            // Every earning settled is on exactly one settlement's lines.
+            let twice: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM (SELECT earning_id FROM payout_lines WHERE earning_id IS NOT NULL
+                 GROUP BY earning_id HAVING count(*) > 1) d",
+            )
+            .fetch_one(pool)
+            .await
+            .unwrap();
+            assert_eq!(twice, 0);
+        });
+    }
+}

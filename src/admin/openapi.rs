@@ -80,7 +80,7 @@ requests must carry `X-CSRF-Token` (from `GET /api/v1/session`). Roles: viewer r
 retries, cancels and enqueues one payout, bulk-cancels selected payouts, suspends payees and posts \
 earnings; admin also bulk-retries, manages tokens and webhook endpoints, pauses the fleet and changes \
 payees' gateway accounts; integration (the platform's backend, on no ladder) posts earnings, reads \
-payees, their balances, earnings and payouts, and nothing else (no retry, cancel or bulk action, no \
+payees, their balances, earnings and payouts, requests early payouts, and nothing else (no retry, cancel or bulk action, no \
 dashboard session). Every action is a legal lifecycle move recorded in the payout's events with the \
 caller as actor, or a 409 that says why not. Amounts are exact decimals as strings (`Decimal`), never \
 JSON numbers. Every error is an `Error` body. Too many failed authentications from one source lock it \
@@ -119,6 +119,7 @@ out: 429 with `Retry-After`. Generated from the handlers (`payoutctl openapi`)."
         super::platform::release_earning,
         super::platform::void_earning,
         super::platform::holds,
+        super::platform::payout_request,
         super::webhooks_out::list,
         super::webhooks_out::create,
         super::webhooks_out::show,

@@ -52,6 +52,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/v1/earnings/{id}/release", post(release_earning))
         .route("/api/v1/earnings/{id}/void", post(void_earning))
         .route("/api/v1/holds", get(holds))
+        .route("/api/v1/payees/{id}/payout-requests", post(payout_request))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::authenticate,
@@ -789,4 +790,174 @@ pub(crate) async fn upcoming(
         preview,
         payee_status: p.status,
     }))
+}
+
+// ---------- Early payout requests (#17 item 3) ----------
+
+/// The body of an early payout request.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PayoutRequestBody {
+    /// ISO 4217 code (default: the payee's currency).
+    #[serde(default)]
+    #[schema(pattern = "^[A-Za-z]{3}$")]
+    currency: Option<String>,
+    /// The gross of released earnings to settle at most, a decimal string at
+    /// most as fine as the currency (default: everything released). Whole
+    /// earnings are taken in release order while their sum stays at or
+    /// below it; an earning is never split.
+    #[serde(default)]
+    #[schema(value_type = Option<crate::domain::DecimalString>)]
+    amount: Option<String>,
+    /// `standard` or `instant` (or `bank_transfer`): the policy's fee for it
+    /// applies (default: the payee's method).
+    #[serde(default)]
+    #[schema(pattern = "^(standard|instant|bank_transfer)$")]
+    method: Option<String>,
+    /// The caller's key, unique per payee (1 to 255 characters): a replay
+    /// answers the first request. Or the `Idempotency-Key` header.
+    #[serde(default)]
+    #[schema(min_length = 1, max_length = 255)]
+    idempotency_key: Option<String>,
+}
+
+/// A refusal of a payout request that names the releasable balance.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct RequestRefusal {
+    /// What is wrong.
+    error: String,
+    /// The releasable balance (gross of released, unsettled earnings), when
+    /// the refusal is about it.
+    #[schema(value_type = Option<crate::domain::DecimalString>)]
+    available: Option<rust_decimal::Decimal>,
+    /// Its currency.
+    currency: Option<String>,
+}
+
+/// `POST /api/v1/payees/{id}/payout-requests` (integration, operator):
+/// settles the payee's released, unsettled earnings now (up to `amount`)
+/// into one payout with its lines, due now ahead of the scheduled backlog;
+/// the payee's schedule is not moved. 201 with what it made; 200 with the
+/// same answer for a replay of the idempotency key. 409 for a suspended
+/// payee or a key used with other parameters; 422 for an unknown currency
+/// or method, a bad amount, more than the releasable balance or nothing
+/// released (naming `available`), or a payout the policy would not make.
+#[utoipa::path(
+    post,
+    path = "/api/v1/payees/{id}/payout-requests",
+    tag = "payees",
+    params(
+        IdParam,
+        ("Idempotency-Key" = Option<String>, Header, description = "The idempotency key, instead of `idempotency_key` in the body"),
+    ),
+    request_body = PayoutRequestBody,
+    security(("bearer" = ["operator", "admin", "integration"])),
+    responses(
+        (status = 201, description = "Requested: the payout made, its settlement and lines", body = crate::services::payout_requests::Requested),
+        (status = 200, description = "A replay: the first request's answer (`replayed`), nothing done", body = crate::services::payout_requests::Requested),
+        (status = 400, description = "The id or the body is not valid, or the idempotency key is missing", body = ErrorBody),
+        (status = 404, description = "No such payee", body = ErrorBody),
+        (status = 409, description = "The payee is suspended, or the idempotency key was used with other parameters (named)", body = ErrorBody),
+        (status = 422, description = "An unknown currency or method, an amount not positive or finer than the currency, more than the releasable balance or nothing released (`available` named), or a payout the policy would not make", body = RequestRefusal),
+    )
+)]
+pub(crate) async fn payout_request(
+    State(s): State<AdminState>,
+    Extension(c): Extension<Caller>,
+    Extension(source): Extension<Source>,
+    Path(raw): Path<String>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::{http::StatusCode, response::IntoResponse};
+
+    use crate::services::payout_requests::{self as requests, RequestError};
+    const ACTION: &str = "payout_request";
+    c.permit(Permission::RequestPayout, "request a payout")?;
+    let id = positive_id(&raw, "payee id")?;
+    let body: PayoutRequestBody = json_body(&body)?;
+    let header = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| ApiError::BadRequest("Idempotency-Key: not visible ASCII".into()))?,
+        ),
+    };
+    let key = match (body.idempotency_key.as_deref(), header) {
+        (Some(b), Some(h)) if b != h => {
+            return Err(ApiError::BadRequest(
+                "idempotency_key: the body and the Idempotency-Key header differ".into(),
+            ));
+        }
+        (Some(k), _) | (None, Some(k)) => k.to_string(),
+        (None, None) => {
+            return Err(ApiError::BadRequest(
+                "idempotency_key: required (in the body or the Idempotency-Key header)".into(),
+            ));
+        }
+    };
+    let (actor, src) = (c.actor(), source.0.to_string());
+    let by = By {
+        actor: &actor,
+        source: Some(&src),
+        now: s.clock.now(),
+    };
+    let ask = requests::Ask {
+        payee_id: id,
+        currency: body.currency.as_deref(),
+        amount: body.amount.as_deref(),
+        method: body.method.as_deref(),
+        idempotency_key: &key,
+    };
+    let count = |result: &str| {
+        metrics::ADMIN_ACTIONS
+            .with_label_values(&[ACTION, result])
+            .inc()
+    };
+    match requests::request(&s.pool, &policy(&s)?, &ask, by).await {
+        Ok(r) => {
+            count(if r.replayed { "replayed" } else { "ok" });
+            let code = if r.replayed {
+                StatusCode::OK
+            } else {
+                StatusCode::CREATED
+            };
+            Ok((code, Json(r)).into_response())
+        }
+        Err(RequestError::NotFound(id)) => {
+            count("not_found");
+            Err(ApiError::NotFound(format!("payee {id} not found")))
+        }
+        Err(RequestError::Conflict(m)) => {
+            count("conflict");
+            Err(ApiError::Conflict {
+                message: m,
+                status: None,
+            })
+        }
+        Err(RequestError::Invalid(m)) => {
+            count("bad_input");
+            Err(ApiError::BadRequest(m))
+        }
+        Err(RequestError::Unprocessable {
+            message,
+            available,
+            currency,
+        }) => {
+            count("refused");
+            metrics::ADMIN_REFUSED
+                .with_label_values(&["bad_input"])
+                .inc();
+            let body = RequestRefusal {
+                error: message,
+                available,
+                currency,
+            };
+            Ok((StatusCode::UNPROCESSABLE_ENTITY, Json(body)).into_response())
+        }
+        Err(RequestError::Db(e)) => {
+            count("error");
+            Err(e.into())
+        }
+    }
 }

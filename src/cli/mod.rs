@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod money;
 pub mod platform;
+pub mod request;
 pub mod webhooks;
 
 use std::{io::Write, path::PathBuf};
@@ -166,6 +167,10 @@ pub enum Command {
     Settle(crate::cli::money::SettleArgs),
     /// Show the open period's payout computation line by line; writes nothing.
     Preview(crate::cli::money::PreviewArgs),
+    /// An early payout request: settle the payee's released earnings now
+    /// (up to --amount) into one payout, due ahead of the schedule, which it
+    /// does not move.
+    Request(crate::cli::request::RequestArgs),
     /// Print a shell completion script: `payoutctl completions bash > /etc/bash_completion.d/payoutctl`.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -1015,6 +1020,10 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
         }
         Command::Preview(args) => {
             crate::cli::money::preview(&pool, &settings, args, cli.json, clock.now(), out).await?
+        }
+        Command::Request(args) => {
+            crate::cli::request::run(&pool, &settings, args, cli.json, &actor, clock.now(), out)
+                .await?
         }
         // Run by `run_offline` above, before any connection.
         Command::Completions { .. } | Command::Man { .. } | Command::Openapi => {}

@@ -18,6 +18,7 @@ pub mod events;
 pub mod filter;
 pub mod payee_terms;
 pub mod payees;
+pub mod payout_requests;
 pub mod payouts;
 pub mod platform;
 pub mod reconcile_runs;

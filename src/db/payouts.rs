@@ -2034,3 +2034,21 @@ pub async fn vacuum_analyze(pool: &PgPool) -> sqlx::Result<()> {
     sqlx::query!("VACUUM ANALYZE payouts").execute(pool).await?;
     Ok(())
 }
+
+/// Sets why payout `id` is due (`payouts.priority`, which the due scan
+/// ranks by); in the caller's transaction, e.g. right after [`create_many`]
+/// for an early payout request ([`crate::domain::Priority::Requested`]).
+pub async fn set_priority(
+    conn: &mut PgConnection,
+    id: i64,
+    priority: crate::domain::Priority,
+) -> sqlx::Result<u64> {
+    let r = sqlx::query!(
+        "UPDATE payouts SET priority = $2 WHERE id = $1",
+        id,
+        priority.as_i16(),
+    )
+    .execute(conn)
+    .await?;
+    Ok(r.rows_affected())
+}

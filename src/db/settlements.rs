@@ -89,6 +89,9 @@ pub struct SettlementRow {
     pub created_at: DateTime<Utc>,
     /// When its payout was cancelled or reversed and the money returned.
     pub returned_at: Option<DateTime<Utc>>,
+    /// Made by an early payout request (`payout_requests`), not by the
+    /// schedule: its period is not one of the schedule's.
+    pub requested: bool,
 }
 
 /// A stored line item.
@@ -202,14 +205,16 @@ pub async fn pending(
     .await
 }
 
-/// The end of the latest settled period of (payee, currency).
+/// The end of the latest settled period of (payee, currency) by its
+/// schedule (a settlement made by an early payout request does not count:
+/// requests never move the schedule).
 pub async fn latest_end(
     conn: &mut PgConnection,
     payee_id: i64,
     currency: &str,
 ) -> sqlx::Result<Option<DateTime<Utc>>> {
     sqlx::query_scalar(
-        "SELECT max(period_end) FROM settlements WHERE payee_id = $1 AND currency = $2",
+        "SELECT max(period_end) FROM settlements WHERE payee_id = $1 AND currency = $2 AND NOT requested",
     )
     .bind(payee_id)
     .bind(currency)
@@ -308,11 +313,15 @@ pub struct NewSettlement<'a> {
     pub payout_id: Option<i64>,
     /// Who runs it.
     pub actor: &'a str,
+    /// Made by an early payout request, not the schedule ([`insert`] only):
+    /// never counted as the end of a scheduled period ([`latest_end`]).
+    pub requested: bool,
 }
 
 /// Inserts the settlement and its stored lines (not the earning lines: the
 /// caller marks the earnings settled with their positions, see the module
-/// doc); `None` (nothing written) when a period starting there is settled already.
+/// doc); `None` (nothing written) when a period starting there is settled
+/// already (by the schedule: a requested settlement never conflicts).
 pub async fn insert(
     conn: &mut PgConnection,
     n: &NewSettlement<'_>,
@@ -322,9 +331,11 @@ pub async fn insert(
     let id: Option<i64> = sqlx::query_scalar(
         "INSERT INTO settlements (payee_id, currency, period_start, period_end, schedule, payout_method,
              services, gross, payee_percent, bonus_percent, payee_share, platform_commission, deductions,
-             carried_in, carried_gross_in, fee, net, outcome, payout_id, actor, created_at, carried_out)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22)
-         ON CONFLICT (payee_id, currency, period_start) DO NOTHING RETURNING id",
+             carried_in, carried_gross_in, fee, net, outcome, payout_id, actor, created_at, carried_out,
+             requested)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22,
+                 $23)
+         ON CONFLICT (payee_id, currency, period_start) WHERE NOT requested DO NOTHING RETURNING id",
     )
     .bind(n.payee_id)
     .bind(s.currency.code())
@@ -348,6 +359,7 @@ pub async fn insert(
     .bind(n.actor)
     .bind(now)
     .bind(s.carried_out)
+    .bind(n.requested)
     .fetch_optional(&mut *conn)
     .await?;
     let Some(id) = id else {
@@ -531,7 +543,7 @@ pub async fn states(
     sqlx::query_as(
         "SELECT g.payee_id, g.currency,
                 (SELECT max(period_end) FROM settlements s
-                 WHERE s.payee_id = g.payee_id AND s.currency = g.currency) AS latest,
+                 WHERE s.payee_id = g.payee_id AND s.currency = g.currency AND NOT s.requested) AS latest,
                 (SELECT min(release_at) FROM earnings e
                  WHERE e.payee_id = g.payee_id AND e.currency = g.currency AND e.settlement_id IS NULL AND e.voided_at IS NULL)
                     AS first_release,
@@ -602,6 +614,10 @@ pub async fn insert_many(
     if news.is_empty() {
         return Ok(Vec::new());
     }
+    debug_assert!(
+        news.iter().all(|n| !n.requested),
+        "the run settles by schedule"
+    );
     let col = |f: &dyn Fn(&NewSettlement<'_>) -> Decimal| -> Vec<Decimal> {
         news.iter().map(f).collect()
     };

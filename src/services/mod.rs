@@ -6,6 +6,7 @@
 
 pub mod escrow;
 pub mod payees;
+pub mod payout_requests;
 pub mod reconcile;
 pub mod settlement;
 pub mod sync;

@@ -630,14 +630,14 @@ async fn settle_chunk(
     Ok(slots)
 }
 /// A period that settles: the settlement, and its payout's amount when it pays out.
-type Decided = (Settlement, Option<Money>);
+pub(crate) type Decided = (Settlement, Option<Money>);
 
 /// The decision for one period, the same in both paths (a chunk's round and
 /// [`settle_next`]): `Ok(None)` when there is nothing to pay (only balances
 /// below the minimum: they wait for new work), `Err((reason, error))` when
 /// the period is not settled, else the settlement and its payout's amount.
 #[allow(clippy::too_many_arguments)]
-fn decide(
+pub(crate) fn decide(
     policy: &Policy,
     currency: Currency,
     method: PayoutMethod,
@@ -748,6 +748,7 @@ async fn write_round(
             settlement: &c.settlement,
             payout_id: c.payout_id,
             actor,
+            requested: false,
         })
         .collect();
     let ids = settlements::insert_many(conn, &news, now).await?;
@@ -885,6 +886,7 @@ async fn settle_next(
         settlement: &s,
         payout_id,
         actor,
+        requested: false,
     };
     let Some(id) = settlements::insert(&mut tx, &new, now).await? else {
         return Ok(Group::AlreadySettled); // dropped: rolled back, payout included
@@ -943,7 +945,7 @@ fn payable(schedule: Schedule, rows: &[earnings::Earning]) -> &[earnings::Earnin
 
 /// The external reference a payout carries to the gateway: its one
 /// earning's, on a `per_earning` schedule (the booking it releases).
-fn external_ref(schedule: Schedule, rows: &[earnings::Earning]) -> Option<String> {
+pub(crate) fn external_ref(schedule: Schedule, rows: &[earnings::Earning]) -> Option<String> {
     match (schedule, rows) {
         (Schedule::PerEarning, [one]) => Some(one.external_ref.clone()),
         _ => None,
@@ -953,7 +955,7 @@ fn external_ref(schedule: Schedule, rows: &[earnings::Earning]) -> Option<String
 /// The earnings of a settlement's earning lines, in line order, with each
 /// line's position (from 1, among all its lines): what the earnings keep so
 /// that `payout_lines` shows their lines without storing them twice.
-fn earning_lines(s: &Settlement) -> (Vec<i64>, Vec<i32>) {
+pub(crate) fn earning_lines(s: &Settlement) -> (Vec<i64>, Vec<i32>) {
     s.lines
         .iter()
         .enumerate()
@@ -986,7 +988,7 @@ fn period_to_settle(
     (start < now && first < now).then_some(Period { start, end: now })
 }
 
-fn input(
+pub(crate) fn input(
     currency: Currency,
     rows: &[earnings::Earning],
     deductions: &[payee_terms::Deduction],
