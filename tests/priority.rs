@@ -41,10 +41,11 @@ async fn payout(pool: &PgPool, payee: i64, amount: &str, due: DateTime<Utc>) -> 
 /// An early request: priority 1, due now (as `req`'s requests insert them).
 async fn requested(pool: &PgPool, payee: i64, now: DateTime<Utc>) -> i64 {
     let id = payout(pool, payee, "25.00", now).await;
-    assert!(
-        repo::set_priority(pool, id, Priority::Requested)
+    assert_eq!(
+        repo::set_priority(&mut *pool.acquire().await.unwrap(), id, Priority::Requested)
             .await
-            .unwrap()
+            .unwrap(),
+        1
     );
     id
 }
@@ -156,9 +157,13 @@ async fn process_now_ranks_ahead_of_a_request_and_is_audited() {
     assert_eq!(actor, "operator:alice");
     // Ranked: a pending process-now payout (due now) beats a request due before it.
     let pn = payout(&db.pool, y, "10.00", now).await;
-    repo::set_priority(&db.pool, pn, Priority::ProcessNow)
-        .await
-        .unwrap();
+    repo::set_priority(
+        &mut *db.pool.acquire().await.unwrap(),
+        pn,
+        Priority::ProcessNow,
+    )
+    .await
+    .unwrap();
     assert_eq!(
         queue(&db.pool, &PrioritySettings::default(), 2).await,
         vec![pn, req]
@@ -281,9 +286,13 @@ async fn a_changed_priority_or_due_time_is_ranked_again() {
     );
     // Not due yet: not queued, even ranked.
     assert!(queue(&db.pool, &ranking, 10).await.is_empty());
-    repo::set_priority(&db.pool, id, Priority::Requested)
-        .await
-        .unwrap();
+    repo::set_priority(
+        &mut *db.pool.acquire().await.unwrap(),
+        id,
+        Priority::Requested,
+    )
+    .await
+    .unwrap();
     assert_eq!(repo::rank_at(&db.pool, id).await.unwrap(), None);
     // Ranked 1 h earlier, still not due (due in 2 h): the boost ranks, it
     // does not make a payout due.

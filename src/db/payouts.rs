@@ -624,23 +624,6 @@ pub async fn rank_at(pool: &PgPool, id: i64) -> sqlx::Result<Option<DateTime<Utc
     Ok(r.flatten())
 }
 
-/// Sets a payout's priority ([`crate::domain::Priority`]); a pending one is
-/// ranked again by the producer's next pass. `false` when there is no such payout.
-pub async fn set_priority(
-    pool: &PgPool,
-    id: i64,
-    priority: crate::domain::Priority,
-) -> sqlx::Result<bool> {
-    let res = sqlx::query!(
-        "UPDATE payouts SET priority = $2 WHERE id = $1",
-        id,
-        priority.as_i16(),
-    )
-    .execute(pool)
-    .await?;
-    Ok(res.rows_affected() == 1)
-}
-
 /// Finds `queued` and `processing` payouts whose lease ran out (a lost job, a
 /// crashed worker), puts them back to `queued` with a fresh lease and returns
 /// their ids for re-enqueueing. A crashed worker's claim is recorded as an event.
@@ -1241,7 +1224,12 @@ pub async fn enqueue_now_because(
     };
     // "Process now": ranked first should it be pending again (a retry, a
     // suspension), and its job goes to the front of the queue.
-    set_priority(pool, id, crate::domain::Priority::ProcessNow).await?;
+    set_priority(
+        &mut *pool.acquire().await?,
+        id,
+        crate::domain::Priority::ProcessNow,
+    )
+    .await?;
     Ok(from)
 }
 
