@@ -42,7 +42,7 @@ async fn payout(pool: &PgPool, payee: i64, amount: &str, due: DateTime<Utc>) -> 
 async fn requested(pool: &PgPool, payee: i64, now: DateTime<Utc>) -> i64 {
     let id = payout(pool, payee, "25.00", now).await;
     assert_eq!(
-        repo::set_priority(&mut *pool.acquire().await.unwrap(), id, Priority::Requested)
+        repo::set_priority(&mut pool.acquire().await.unwrap(), id, Priority::Requested)
             .await
             .unwrap(),
         1
@@ -158,7 +158,7 @@ async fn process_now_ranks_ahead_of_a_request_and_is_audited() {
     // Ranked: a pending process-now payout (due now) beats a request due before it.
     let pn = payout(&db.pool, y, "10.00", now).await;
     repo::set_priority(
-        &mut *db.pool.acquire().await.unwrap(),
+        &mut db.pool.acquire().await.unwrap(),
         pn,
         Priority::ProcessNow,
     )
@@ -287,7 +287,7 @@ async fn a_changed_priority_or_due_time_is_ranked_again() {
     // Not due yet: not queued, even ranked.
     assert!(queue(&db.pool, &ranking, 10).await.is_empty());
     repo::set_priority(
-        &mut *db.pool.acquire().await.unwrap(),
+        &mut db.pool.acquire().await.unwrap(),
         id,
         Priority::Requested,
     )
