@@ -392,3 +392,49 @@ fn configuration_is_validated_with_the_bad_key_named() {
     );
     assert!(e.contains("producer.priority.tier_boost_secs"), "{e}");
 }
+
+/// The payout whose job is at position `i` of the Redis queue (0: fetched next).
+async fn job_at(f: &common::Fleet, i: isize) -> i64 {
+    let mut conn = f.queue.conn();
+    let task: String = redis::cmd("LINDEX")
+        .arg(f.queue.config().active_jobs_list())
+        .arg(i)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let data: String = redis::cmd("HGET")
+        .arg(f.queue.config().job_data_hash())
+        .arg(&task)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    serde_json::from_str::<serde_json::Value>(&data).unwrap()["payout_id"]
+        .as_i64()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_producer_pushes_a_request_ahead_of_the_window_already_waiting() {
+    let f = common::Fleet::start(payouts::testkit::mock_gateway::Faults::default()).await;
+    f.seed(300, 10).await;
+    let producer = f.producer();
+    let first = producer.tick().await.unwrap();
+    assert_eq!(first.enqueued, 300);
+    let y = f.payee("acct_early").await;
+    let req = requested(f.pool(), y, Utc::now()).await;
+    let second = producer.tick().await.unwrap();
+    assert_eq!(second.enqueued, 1);
+    // No worker runs: 301 jobs wait, the request's first, not behind the
+    // 300. apalis-redis pushes every job into its scheduled set, whose due
+    // jobs a fetch appends to the active list; the request's job is at the
+    // head of the active list, so it is fetched before them.
+    assert_eq!(f.queue.waiting().await.unwrap(), 301);
+    assert_eq!(job_at(&f, 0).await, req);
+    let mut conn = f.queue.conn();
+    let scheduled: u64 = redis::cmd("ZCARD")
+        .arg(f.queue.config().scheduled_jobs_set())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(scheduled, 300);
+}
