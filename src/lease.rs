@@ -32,7 +32,8 @@ use crate::{
     clock::SharedClock,
     db::payouts,
     gateway::{
-        Gateway, Keyed, LEASE_SHORT, Lookup, LookupError, Outcome, TransferRecord, TransferRequest,
+        Gateway, Keyed, Lookup, LookupError, Outcome, TransferRecord, TransferRequest,
+        TransientKind,
     },
     metrics,
 };
@@ -340,7 +341,7 @@ impl Gateway for LeaseGated<'_> {
             let left = self.lease.left(now);
             return Keyed {
                 outcome: Outcome::Transient {
-                    code: LEASE_SHORT.into(),
+                    kind: TransientKind::LeaseShort,
                     message: match left {
                         Some(l) => format!(
                             "lease has {} ms left, a call needs {} ms: not sending",
@@ -357,7 +358,10 @@ impl Gateway for LeaseGated<'_> {
         self.inner.transfer_keyed(req).await
     }
 
-    fn minor_units(&self, money: &crate::domain::Money) -> Result<i64, String> {
+    fn minor_units(
+        &self,
+        money: &crate::domain::Money,
+    ) -> Result<i64, crate::gateway::AmountError> {
         self.inner.minor_units(money)
     }
 }

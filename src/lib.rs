@@ -5,6 +5,10 @@
 //! Postgres is the truth, the idempotency key is per payout, every write is
 //! fenced by the attempt number of its claim.
 
+// No unwrap in the product: `expect` with the reason it cannot fail, or a
+// proper error. Unit tests may unwrap (clippy.toml `allow-unwrap-in-tests`).
+#![warn(clippy::unwrap_used)]
+
 pub mod admin;
 pub mod cli;
 pub mod clock;

@@ -23,7 +23,7 @@ use crate::{
     },
     domain::{Currency, Money},
     gateway::{
-        Gateway, Outcome, TransferRequest,
+        AmountError, Gateway, Outcome, RejectReason, TransferRequest,
         backoff::{BackoffPolicy, call_with_backoff},
         guard::{GatewayGuard, GuardSettings},
     },
@@ -99,6 +99,66 @@ pub struct Worker {
     pub backoff: BackoffPolicy,
     /// `worker:<host>-<pid>-<n>`: written as lease owner and event actor.
     pub actor: String,
+}
+
+/// The failure code of a payout whose attempts ran out.
+pub const ATTEMPTS_EXHAUSTED: &str = "attempts_exhausted";
+/// The failure code of a payout whose amount cannot be sent (no such
+/// currency, or not representable in the gateway's minor units).
+pub const INVALID_AMOUNT: &str = "invalid_amount";
+
+/// Why a payout failed for good: its `dead_letters` class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// Refused for good (by the gateway, or the amount cannot be sent).
+    Permanent,
+    /// Its attempts ran out ([`ATTEMPTS_EXHAUSTED`]).
+    Exhausted,
+}
+
+impl Failure {
+    fn label(self) -> &'static str {
+        match self {
+            Failure::Permanent => "permanent",
+            Failure::Exhausted => "exhausted",
+        }
+    }
+}
+
+/// What the worker records for an attempt, and for a failure why it is
+/// final (set exactly when `finish` is [`Finish::Failed`]).
+#[derive(Debug)]
+struct Decision {
+    finish: Finish,
+    failure: Option<Failure>,
+}
+
+impl Decision {
+    fn record(finish: Finish) -> Self {
+        Decision {
+            finish,
+            failure: None,
+        }
+    }
+
+    fn fail(failure: Failure, code: String, message: String) -> Self {
+        Decision {
+            finish: Finish::Failed { code, message },
+            failure: Some(failure),
+        }
+    }
+}
+
+/// Why the worker could not record an outcome (the lease sweep brings the
+/// payout back).
+#[derive(Debug, thiserror::Error)]
+enum RecordError {
+    /// Every try of the fenced write failed.
+    #[error("recording the outcome kept failing")]
+    KeptFailing,
+    /// After a failed try, reading back whether it committed failed.
+    #[error(transparent)]
+    ReadBack(#[from] sqlx::Error),
 }
 
 fn chrono_dur(d: Duration) -> chrono::Duration {
@@ -193,17 +253,14 @@ impl Worker {
             .currency
             .parse::<Currency>()
             .and_then(|c| Money::new(payout.amount, c))
-            .map_err(|e| e.to_string())
+            .map_err(AmountError::from)
             .and_then(|m| self.gateway.minor_units(&m).map(|minor| (m, minor)));
         let mut extras = FinishExtras {
             key_index: claimed.key_index,
             refund_attempt: false,
         };
-        let finish = match money {
-            Err(e) => Finish::Failed {
-                code: "invalid_amount".into(),
-                message: e,
-            },
+        let decision = match money {
+            Err(e) => Decision::fail(Failure::Permanent, INVALID_AMOUNT.into(), e.to_string()),
             Ok((money, amount_minor)) => {
                 let req = TransferRequest {
                     amount_minor,
@@ -244,19 +301,23 @@ impl Worker {
                 extras.key_index = i32::try_from(key_index).unwrap_or(i32::MAX);
                 extras.refund_attempt = outcome.pauses_fleet();
                 let unknown = matches!(outcome, Outcome::Unknown { .. });
-                let finish =
+                let decision =
                     self.decide(payout.attempt - payout.retry_base, claimed.holds, outcome);
-                match finish {
+                match decision {
                     // The last attempt ended without an answer (a timeout, a
                     // reset): the money may have moved. Ask before failing.
-                    Finish::Failed { code, message } if unknown => {
-                        self.verify_before_failing(&req.reference, code, message)
+                    Decision {
+                        finish: Finish::Failed { code, message },
+                        failure: Some(failure),
+                    } if unknown => {
+                        self.verify_before_failing(&req.reference, failure, code, message)
                             .await
                     }
                     other => other,
                 }
             }
         };
+        let Decision { finish, failure } = decision;
 
         let reason = match &finish {
             Finish::Paid { .. } => "gateway paid".to_string(),
@@ -281,11 +342,7 @@ impl Worker {
                         metrics::count_paid(payout.amount, &payout.currency);
                     }
                     Finish::Failed { code, .. } => {
-                        let class = if code == "attempts_exhausted" {
-                            "exhausted"
-                        } else {
-                            "permanent"
-                        };
+                        let class = failure.unwrap_or(Failure::Permanent).label();
                         metrics::DEAD_LETTERS.with_label_values(&[class]).inc();
                         tracing::warn!(code, "payout failed");
                     }
@@ -307,39 +364,46 @@ impl Worker {
 
     /// What to record for a gateway outcome, given the attempts used so far
     /// and how often the payout was held before.
-    fn decide(&self, used: i32, holds: i32, outcome: Outcome) -> Finish {
+    fn decide(&self, used: i32, holds: i32, outcome: Outcome) -> Decision {
         match outcome {
-            Outcome::Paid { transfer_id } => Finish::Paid { transfer_id },
-            Outcome::InTransit { transfer_id } => Finish::InTransit { transfer_id },
+            Outcome::Paid { transfer_id } => Decision::record(Finish::Paid { transfer_id }),
+            Outcome::InTransit { transfer_id } => {
+                Decision::record(Finish::InTransit { transfer_id })
+            }
             // Not the payee's failure: the account cannot receive money yet.
             // Held (no budget spent) until `account.updated` or the poll sees
             // it ready; held too often, it fails with its code.
-            Outcome::Rejected { code, message } if code == crate::gateway::NOT_ONBOARDED => {
+            Outcome::Rejected {
+                reason: reason @ RejectReason::NotOnboarded,
+                message,
+            } => {
                 let max = self.settings.max_holds.max(1);
+                let code = reason.code().to_string();
                 if holds >= max {
-                    Finish::Failed {
-                        message: format!(
-                            "held {holds} times, still not onboarded; last: {message}"
-                        ),
+                    Decision::fail(
+                        Failure::Permanent,
                         code,
-                    }
+                        format!("held {holds} times, still not onboarded; last: {message}"),
+                    )
                 } else {
-                    Finish::Held { code, message }
+                    Decision::record(Finish::Held { code, message })
                 }
             }
             // A platform problem (credentials, platform balance): the fleet
             // is paused; the payout waits it out without spending its budget.
-            Outcome::Transient { code, message, .. }
-                if crate::gateway::PLATFORM_PROBLEMS.contains(&code.as_str()) =>
-            {
-                Finish::Retrying {
+            Outcome::Transient { kind, message, .. } if kind.is_platform_problem() => {
+                Decision::record(Finish::Retrying {
                     next_attempt_at: self.clock.now() + chrono_dur(self.guard.platform_pause()),
-                    code,
+                    code: kind.code().into_owned(),
                     message,
-                }
+                })
             }
-            Outcome::Rejected { code, message } => Finish::Failed { code, message },
-            Outcome::Transient { code, message, .. } => self.retry_or_fail(used, code, message),
+            Outcome::Rejected { reason, message } => {
+                Decision::fail(Failure::Permanent, reason.code().to_string(), message)
+            }
+            Outcome::Transient { kind, message, .. } => {
+                self.retry_or_fail(used, kind.code().into_owned(), message)
+            }
             Outcome::Unknown { message } => self.retry_or_fail(used, "unknown".into(), message),
         }
     }
@@ -352,9 +416,10 @@ impl Worker {
     async fn verify_before_failing(
         &self,
         reference: &str,
+        failure: Failure,
         code: String,
         message: String,
-    ) -> Finish {
+    ) -> Decision {
         match self.gateway.lookup(reference).await {
             Ok(found) => {
                 // Read the records as the in-transit poll does (sync::verdict).
@@ -379,31 +444,29 @@ impl Worker {
                 match moved {
                     Some(f) => {
                         tracing::warn!(reference, outcome = ?f, "last attempt went unanswered but the gateway holds the transfer; recorded as such");
-                        f
+                        Decision::record(f)
                     }
-                    None => Finish::Failed { code, message },
+                    None => Decision::fail(failure, code, message),
                 }
             }
-            Err(e) => Finish::Failed {
-                code,
-                message: format!("{message}; unverified: {e}"),
-            },
+            Err(e) => Decision::fail(failure, code, format!("{message}; unverified: {e}")),
         }
     }
 
-    fn retry_or_fail(&self, used: i32, code: String, message: String) -> Finish {
+    fn retry_or_fail(&self, used: i32, code: String, message: String) -> Decision {
         if used >= self.settings.max_attempts {
-            Finish::Failed {
-                code: "attempts_exhausted".into(),
-                message: format!("{used} attempts; last: {code}: {message}"),
-            }
+            Decision::fail(
+                Failure::Exhausted,
+                ATTEMPTS_EXHAUSTED.into(),
+                format!("{used} attempts; last: {code}: {message}"),
+            )
         } else {
             let next = self.clock.now() + chrono_dur(self.settings.retry_delay(used));
-            Finish::Retrying {
+            Decision::record(Finish::Retrying {
                 next_attempt_at: next,
                 code,
                 message,
-            }
+            })
         }
     }
 
@@ -417,7 +480,7 @@ impl Worker {
         finish: &Finish,
         extras: FinishExtras,
         reason: &str,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, RecordError> {
         let mut delay = Duration::from_millis(50);
         let mut failed_before = false;
         for _ in 0..6 {
@@ -430,9 +493,7 @@ impl Worker {
                 Ok(true) => return Ok(true),
                 Ok(false) if failed_before => {
                     // An earlier try may have committed and lost only its answer.
-                    let row = payouts::get(&self.pool, id)
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    let row = payouts::get(&self.pool, id).await?;
                     return Ok(
                         row.is_some_and(|p| p.attempt == token && p.status == finish.status())
                     );
@@ -446,7 +507,7 @@ impl Worker {
                 }
             }
         }
-        Err("recording the outcome kept failing".into())
+        Err(RecordError::KeptFailing)
     }
 
     /// The lease was too short to start a gateway call: gives the payout

@@ -1955,7 +1955,7 @@ proptest! {
         if let Ok(pairs) = serde_urlencoded::from_str::<Vec<(String, String)>>(&q) {
             match payouts::db::filter::PageRequest::from_pairs(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str()))) {
                 Ok(r) => prop_assert!((1..=500).contains(&r.limit)),
-                Err(e) => prop_assert!(!e.is_empty()),
+                Err(e) => prop_assert!(!e.to_string().is_empty()),
             }
         }
     }

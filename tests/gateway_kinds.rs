@@ -250,8 +250,8 @@ async fn release_funds_platform_balance_short_is_retried_later_never_a_payee_fai
     let gw = select::build(&fleet.settings.gateway).unwrap();
     let out = gw.transfer(&request(77, "acct_driver")).await;
     assert!(
-        matches!(&out, Outcome::Transient { code, message, .. }
-            if code == "platform_balance_insufficient" && message.contains("insufficient_funds")),
+        matches!(&out, Outcome::Transient { kind, message, .. }
+            if kind.code() == "platform_balance_insufficient" && message.contains("insufficient_funds")),
         "{out:?}"
     );
     let worker = worker_on(&fleet);

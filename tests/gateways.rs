@@ -339,12 +339,16 @@ async fn every_recorded_stripe_error_maps_to_its_fleet_outcome() {
             .await;
         let (got_class, got_code, retry_after) = match &out {
             Outcome::Transient {
-                code, retry_after, ..
-            } => ("transient", code.as_str(), *retry_after),
-            Outcome::Rejected { code, .. } => ("permanent", code.as_str(), None),
+                kind, retry_after, ..
+            } => ("transient", kind.code().into_owned(), *retry_after),
+            Outcome::Rejected { reason, .. } => ("permanent", reason.code().to_string(), None),
             other => panic!("{name}: unexpected {other:?}"),
         };
-        assert_eq!((got_class, got_code), (class, code), "{name}: {out:?}");
+        assert_eq!(
+            (got_class, got_code.as_str()),
+            (class, code),
+            "{name}: {out:?}"
+        );
         if name == "rate_limit" {
             assert_eq!(
                 retry_after,
@@ -362,7 +366,7 @@ async fn every_recorded_stripe_error_maps_to_its_fleet_outcome() {
         .transfer(&request(2000, "acct_1"))
         .await;
     assert!(
-        matches!(&out, Outcome::Transient { code, .. } if code == "unauthorized"),
+        matches!(&out, Outcome::Transient { kind, .. } if kind.code() == "unauthorized"),
         "{out:?}"
     );
     assert!(out.pauses_fleet(), "{out:?}");
@@ -376,7 +380,7 @@ async fn every_recorded_stripe_error_maps_to_its_fleet_outcome() {
         .transfer(&request(2001, "acct_1"))
         .await;
     assert!(
-        matches!(&out, Outcome::Transient { code, .. } if code == "connect"),
+        matches!(&out, Outcome::Transient { kind, .. } if kind.code() == "connect"),
         "{out:?}"
     );
 }
@@ -390,7 +394,7 @@ async fn a_lost_answer_behind_a_stored_500_is_found_by_transfer_group_and_never_
     // The first answer is a fresh 500 although the money moved: retry later, same key.
     let first = gw.transfer(&req).await;
     assert!(
-        matches!(&first, Outcome::Transient { code, .. } if code == "http_500"),
+        matches!(&first, Outcome::Transient { kind, .. } if kind.code() == "http_500"),
         "{first:?}"
     );
     // The retry gets the saved 500 replayed; the adapter looks before it takes a new key.
@@ -1042,13 +1046,13 @@ async fn release_funds_posts_the_booking_workers_json_and_maps_answers_by_the_co
     assert_eq!(
         out,
         Outcome::Rejected {
-            code: "invalid_driver_account".into(),
+            reason: payouts::gateway::RejectReason::Gateway("invalid_driver_account".into()),
             message: "Driver has not completed Stripe onboarding".into()
         }
     );
     let out = gw.transfer(&request(9, "acct_down")).await;
     assert!(
-        matches!(&out, Outcome::Transient { code, .. } if code == "http_503"),
+        matches!(&out, Outcome::Transient { kind, .. } if kind.code() == "http_503"),
         "{out:?}"
     );
     let records = gw.lookup("payout_6").await.unwrap();

@@ -75,7 +75,7 @@ impl Gateway for Scripted {
         tokio::time::sleep(self.delay).await;
         if n <= self.transient {
             Outcome::Transient {
-                code: "http_503".into(),
+                kind: payouts::gateway::TransientKind::Http(503),
                 message: "scripted".into(),
                 retry_after: None,
             }

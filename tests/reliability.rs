@@ -422,7 +422,7 @@ async fn the_breaker_half_opens_and_reopens_when_the_probe_fails() {
     assert!(matches!(guard.circuit(), Circuit::Open { .. }));
     let refused = guarded.transfer(&req).await;
     assert!(
-        matches!(&refused, payouts::gateway::Outcome::Transient { code, .. } if code == "circuit_open"),
+        matches!(&refused, payouts::gateway::Outcome::Transient { kind, .. } if kind.code() == "circuit_open"),
         "{refused:?}"
     );
     assert_eq!(

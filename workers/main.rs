@@ -1,6 +1,10 @@
 //! `payout-worker`: the process that scales out. Takes payout jobs from Redis,
 //! pays them through the gateway, records the outcome in Postgres.
 
+// No unwrap in the product: `expect` with the reason it cannot fail, or a
+// proper error. Unit tests may unwrap (clippy.toml `allow-unwrap-in-tests`).
+#![warn(clippy::unwrap_used)]
+
 use std::path::PathBuf;
 
 use clap::Parser;

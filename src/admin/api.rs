@@ -140,7 +140,7 @@ fn control_in(v: &Value, path: &str) -> Option<String> {
 pub fn parse_page(query: &Option<String>) -> Result<PageRequest, ApiError> {
     let pairs = pairs(query)?;
     PageRequest::from_pairs(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .map_err(ApiError::BadRequest)
+        .map_err(|e| ApiError::BadRequest(e.to_string()))
 }
 
 /// `GET /api/v1/payouts?…`: a page, newest first, and the next page's cursor.
@@ -679,7 +679,8 @@ fn filter_of(raw: &BTreeMap<String, Value>) -> Result<PayoutFilter, ApiError> {
                 "bulk retry acts on failed payouts only: status must be failed or absent".into(),
             ));
         }
-        f.set(k, &v).map_err(ApiError::BadRequest)?;
+        f.set(k, &v)
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
     }
     Ok(f)
 }

@@ -10,13 +10,11 @@ use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visit
 
 /// Parses `body` as JSON, refusing any object with a repeated key; the error
 /// names the key (shortened).
-pub fn parse(body: &[u8]) -> Result<serde_json::Value, String> {
+pub fn parse(body: &[u8]) -> Result<serde_json::Value, serde_json::Error> {
     let mut de = serde_json::Deserializer::from_slice(body);
-    NoDuplicates
-        .deserialize(&mut de)
-        .map_err(|e| e.to_string())?;
-    de.end().map_err(|e| e.to_string())?;
-    serde_json::from_slice(body).map_err(|e| e.to_string())
+    NoDuplicates.deserialize(&mut de)?;
+    de.end()?;
+    serde_json::from_slice(body)
 }
 
 /// Walks a JSON document and fails on a repeated key; keeps nothing.
@@ -85,7 +83,9 @@ mod tests {
     #[test]
     fn a_repeated_key_at_any_depth_is_refused_and_the_rest_reads_as_json() {
         assert!(parse(br#"{"a": 1, "b": [1, {"c": true}]}"#).is_ok());
-        let e = parse(br#"{"dry_run": true, "dry_run": false}"#).unwrap_err();
+        let e = parse(br#"{"dry_run": true, "dry_run": false}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("\"dry_run\" appears twice"), "{e}");
         assert!(parse(br#"{"filter": {"x": "1", "x": "2"}}"#).is_err());
         assert!(parse(br#"[{"k": 1}, {"k": 2}]"#).is_ok());

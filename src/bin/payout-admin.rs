@@ -1,6 +1,10 @@
 //! `payout-admin`: the operators' server: the JSON API, the dashboard, the
 //! gateway webhooks and the earnings intake, behind API tokens and roles.
 
+// No unwrap in the product: `expect` with the reason it cannot fail, or a
+// proper error. Unit tests may unwrap (clippy.toml `allow-unwrap-in-tests`).
+#![warn(clippy::unwrap_used)]
+
 use std::path::PathBuf;
 
 use clap::Parser;

@@ -1,6 +1,10 @@
 //! `payout-producer`: enqueues due payouts into Redis, one job each, within a
 //! bounded window; sweeps expired leases. Run two: one leads, one stands by.
 
+// No unwrap in the product: `expect` with the reason it cannot fail, or a
+// proper error. Unit tests may unwrap (clippy.toml `allow-unwrap-in-tests`).
+#![warn(clippy::unwrap_used)]
+
 use std::path::PathBuf;
 
 use clap::Parser;

@@ -1,5 +1,9 @@
 //! `payoutctl`: the operator CLI. See `payouts::cli`.
 
+// No unwrap in the product: `expect` with the reason it cannot fail, or a
+// proper error. Unit tests may unwrap (clippy.toml `allow-unwrap-in-tests`).
+#![warn(clippy::unwrap_used)]
+
 use clap::Parser;
 
 #[tokio::main]

@@ -8,7 +8,7 @@ pub mod priority;
 pub mod webhooks_out;
 
 pub use email::EmailSettings;
-pub use gateway::{MOCK_SECRET, STATUS_MEANINGS, validate_gateway};
+pub use gateway::{GatewaySettingsError, MOCK_SECRET, STATUS_MEANINGS, validate_gateway};
 pub use priority::PrioritySettings;
 pub use webhooks_out::WebhooksOutSettings;
 
@@ -274,15 +274,18 @@ impl std::fmt::Display for GatewayKind {
     }
 }
 
+/// A `gateway.kind` that names no adapter (the kind given).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("gateway.kind must be one of \"contract\", \"stripe\", \"release_funds\" (got {0:?})")]
+pub struct UnknownGatewayKind(pub String);
+
 impl std::str::FromStr for GatewayKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownGatewayKind;
+    fn from_str(s: &str) -> Result<Self, UnknownGatewayKind> {
         GatewayKind::ALL
             .into_iter()
             .find(|k| k.as_str() == s)
-            .ok_or_else(|| {
-                format!("gateway.kind must be one of \"contract\", \"stripe\", \"release_funds\" (got {s:?})")
-            })
+            .ok_or_else(|| UnknownGatewayKind(s.to_string()))
     }
 }
 

@@ -145,13 +145,27 @@ impl Cidr {
     }
 }
 
+/// Why an address range could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CidrError {
+    /// Not an IPv4 or IPv6 address.
+    #[error("bad address")]
+    Address,
+    /// A prefix length longer than the address (or not a number).
+    #[error("the prefix length must be 0..={max}")]
+    PrefixLength {
+        /// 32 or 128.
+        max: u8,
+    },
+}
+
 /// Parses `a.b.c.d/n` or `x::y/n` (a bare address is a /32 or /128).
-pub fn parse_cidr(s: &str) -> Result<Cidr, String> {
+pub fn parse_cidr(s: &str) -> Result<Cidr, CidrError> {
     let (addr, len) = match s.split_once('/') {
         Some((a, l)) => (a, Some(l)),
         None => (s, None),
     };
-    let addr: std::net::IpAddr = addr.trim().parse().map_err(|_| "bad address".to_string())?;
+    let addr: std::net::IpAddr = addr.trim().parse().map_err(|_| CidrError::Address)?;
     let max = if addr.is_ipv4() { 32 } else { 128 };
     let len = match len {
         Some(l) => l
@@ -159,7 +173,7 @@ pub fn parse_cidr(s: &str) -> Result<Cidr, String> {
             .parse::<u8>()
             .ok()
             .filter(|l| *l <= max)
-            .ok_or_else(|| format!("the prefix length must be 0..={max}"))?,
+            .ok_or(CidrError::PrefixLength { max })?,
         None => max,
     };
     Ok(Cidr { addr, len })

@@ -11,7 +11,7 @@
 //! fencing token, and a final write applies only to a payout still
 //! `processing` under that token. This module only groups requests.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use backon::{ExponentialBuilder, Retryable};
 use chrono::{DateTime, Utc};
@@ -23,12 +23,12 @@ use super::payouts::{self, ClaimRequest, Claimed, Finish, FinishRequest};
 
 struct ClaimReq {
     claim: ClaimRequest,
-    reply: oneshot::Sender<Result<Option<Claimed>, String>>,
+    reply: oneshot::Sender<Result<Option<Claimed>, BatchError>>,
 }
 
 struct FinishReq {
     write: FinishRequest,
-    reply: oneshot::Sender<Result<bool, String>>,
+    reply: oneshot::Sender<Result<bool, BatchError>>,
 }
 
 /// Batches claims and final writes of one worker process.
@@ -38,10 +38,16 @@ pub struct Batcher {
     finishes: mpsc::Sender<FinishReq>,
 }
 
-/// A batched statement failed (the whole batch shares the error).
+/// Why a batched claim or final write gave no answer.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("batched write failed: {0}")]
-pub struct BatchError(pub String);
+pub enum BatchError {
+    /// The batching loop is gone (the process is stopping).
+    #[error("batched write failed: batcher stopped")]
+    Stopped,
+    /// The shared statement failed: every request of the batch gets its error.
+    #[error("batched write failed: {0}")]
+    Statement(Arc<sqlx::Error>),
+}
 
 impl Batcher {
     /// Starts the two batching loops on `pool`; at most `max_batch` rows per statement.
@@ -84,10 +90,8 @@ impl Batcher {
         self.claims
             .send(req)
             .await
-            .map_err(|_| BatchError("batcher stopped".into()))?;
-        rx.await
-            .map_err(|_| BatchError("batcher stopped".into()))?
-            .map_err(BatchError)
+            .map_err(|_| BatchError::Stopped)?;
+        rx.await.map_err(|_| BatchError::Stopped)?
     }
 
     /// [`payouts::finish`], batched with whatever else is finishing.
@@ -140,10 +144,8 @@ impl Batcher {
         self.finishes
             .send(req)
             .await
-            .map_err(|_| BatchError("batcher stopped".into()))?;
-        rx.await
-            .map_err(|_| BatchError("batcher stopped".into()))?
-            .map_err(BatchError)
+            .map_err(|_| BatchError::Stopped)?;
+        rx.await.map_err(|_| BatchError::Stopped)?
     }
 }
 
@@ -218,9 +220,9 @@ async fn run_claims(pool: &PgPool, mut batch: Vec<ClaimReq>) {
             }
         }
         Err(e) => {
-            let msg = e.to_string();
+            let e = BatchError::Statement(Arc::new(e));
             for reply in replies {
-                let _ = reply.send(Err(msg.clone()));
+                let _ = reply.send(Err(e.clone()));
             }
         }
     }
@@ -258,9 +260,9 @@ async fn run_finishes(pool: &PgPool, mut batch: Vec<FinishReq>) {
             }
         }
         Err(e) => {
-            let msg = e.to_string();
+            let e = BatchError::Statement(Arc::new(e));
             for reply in replies {
-                let _ = reply.send(Err(msg.clone()));
+                let _ = reply.send(Err(e.clone()));
             }
         }
     }

@@ -81,11 +81,57 @@ pub struct Page {
     pub next_cursor: Option<String>,
 }
 
-fn time(key: &str, v: &str) -> Result<DateTime<Utc>, String> {
+/// A query-string pair that names no filter, or a value a filter cannot
+/// take; the text names the key and what was expected (a 400's message).
+/// Values are shown cut to 40 characters.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FilterError {
+    /// No such filter.
+    #[error("unknown filter {0:?}")]
+    UnknownFilter(String),
+    /// A key given twice.
+    #[error("{0:?} given more than once")]
+    Repeated(String),
+    /// Not a payout status.
+    #[error("status: unknown status {0:?} (expected one of {statuses})", statuses = status_list())]
+    Status(String),
+    /// Not a positive integer.
+    #[error("payee_id: expected a positive integer, got {0:?}")]
+    PayeeId(String),
+    /// Not an ISO 4217 code.
+    #[error("currency: unknown ISO 4217 code {0:?}")]
+    Currency(String),
+    /// A failure code longer than any stored one.
+    #[error("failure_code: longer than 100 characters")]
+    FailureCodeTooLong,
+    /// Not an RFC 3339 time.
+    #[error("{key}: expected an RFC 3339 time such as 2026-11-23T10:00:00Z, got {value:?}")]
+    Time {
+        /// The key (`created_from`, …).
+        key: String,
+        /// The value given.
+        value: String,
+    },
+    /// A page size out of range.
+    #[error("limit: expected 1 to {MAX_LIMIT}, got {0:?}")]
+    Limit(String),
+    /// Not a cursor this API gave out.
+    #[error("cursor: not a cursor this API gave out: {0:?}")]
+    Cursor(String),
+}
+
+fn status_list() -> String {
+    crate::domain::status::ALL_STATUSES
+        .map(|s| s.as_str())
+        .join(", ")
+}
+
+fn time(key: &str, v: &str) -> Result<DateTime<Utc>, FilterError> {
     DateTime::parse_from_rfc3339(v)
         .map(|t| t.with_timezone(&Utc))
-        .map_err(|_| {
-            format!("{key}: expected an RFC 3339 time such as 2026-11-23T10:00:00Z, got {v:?}")
+        .map_err(|_| FilterError::Time {
+            key: key.to_string(),
+            value: v.to_string(),
         })
 }
 
@@ -100,7 +146,7 @@ fn shown(v: &str) -> String {
 impl PayoutFilter {
     /// Sets one filter from a query-string pair; empty values mean "any".
     /// The error names the key and what was expected.
-    pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), FilterError> {
         const KEYS: [&str; 10] = [
             "status",
             "payee_id",
@@ -114,39 +160,32 @@ impl PayoutFilter {
             "paid_to",
         ];
         if !KEYS.contains(&key) {
-            return Err(format!("unknown filter {:?}", shown(key)));
+            return Err(FilterError::UnknownFilter(shown(key)));
         }
         let v = value.trim();
         if v.is_empty() {
             return Ok(());
         }
         match key {
-            "status" => {
-                self.status = Some(v.parse().map_err(|_| {
-                    format!(
-                        "status: unknown status {:?} (expected one of {})",
-                        shown(v),
-                        crate::domain::status::ALL_STATUSES
-                            .map(|s| s.as_str())
-                            .join(", ")
-                    )
-                })?)
-            }
+            "status" => self.status = Some(v.parse().map_err(|_| FilterError::Status(shown(v)))?),
             "payee_id" => {
-                self.payee_id = Some(v.parse::<i64>().ok().filter(|n| *n > 0).ok_or_else(|| {
-                    format!("payee_id: expected a positive integer, got {:?}", shown(v))
-                })?)
+                self.payee_id = Some(
+                    v.parse::<i64>()
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .ok_or_else(|| FilterError::PayeeId(shown(v)))?,
+                )
             }
             "currency" => {
                 let c: Currency = v
                     .to_ascii_uppercase()
                     .parse()
-                    .map_err(|_| format!("currency: unknown ISO 4217 code {:?}", shown(v)))?;
+                    .map_err(|_| FilterError::Currency(shown(v)))?;
                 self.currency = Some(c.code().to_string());
             }
             "failure_code" => {
                 if v.len() > 100 {
-                    return Err("failure_code: longer than 100 characters".into());
+                    return Err(FilterError::FailureCodeTooLong);
                 }
                 self.failure_code = Some(v.to_string());
             }
@@ -156,7 +195,7 @@ impl PayoutFilter {
             "due_to" => self.due_to = Some(time(key, v)?),
             "paid_from" => self.paid_from = Some(time(key, v)?),
             "paid_to" => self.paid_to = Some(time(key, v)?),
-            other => return Err(format!("unknown filter {:?}", shown(other))),
+            other => return Err(FilterError::UnknownFilter(shown(other))),
         }
         Ok(())
     }
@@ -243,7 +282,7 @@ impl PageRequest {
     /// name the key.
     pub fn from_pairs<'a>(
         pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
-    ) -> Result<PageRequest, String> {
+    ) -> Result<PageRequest, FilterError> {
         let mut req = PageRequest {
             filter: PayoutFilter::default(),
             limit: DEFAULT_LIMIT,
@@ -252,7 +291,7 @@ impl PageRequest {
         let mut seen = std::collections::HashSet::new();
         for (k, v) in pairs {
             if !seen.insert(k.to_string()) {
-                return Err(format!("{:?} given more than once", shown(k)));
+                return Err(FilterError::Repeated(shown(k)));
             }
             match k {
                 "limit" if !v.trim().is_empty() => {
@@ -261,9 +300,7 @@ impl PageRequest {
                         .parse::<i64>()
                         .ok()
                         .filter(|n| (1..=MAX_LIMIT).contains(n))
-                        .ok_or_else(|| {
-                            format!("limit: expected 1 to {MAX_LIMIT}, got {:?}", shown(v))
-                        })?;
+                        .ok_or_else(|| FilterError::Limit(shown(v)))?;
                 }
                 "cursor" if !v.trim().is_empty() => {
                     req.before_id = Some(
@@ -271,9 +308,7 @@ impl PageRequest {
                             .parse::<i64>()
                             .ok()
                             .filter(|n| *n > 0)
-                            .ok_or_else(|| {
-                                format!("cursor: not a cursor this API gave out: {:?}", shown(v))
-                            })?,
+                            .ok_or_else(|| FilterError::Cursor(shown(v)))?,
                     );
                 }
                 "limit" | "cursor" => {}
@@ -398,7 +433,7 @@ pub async fn selected(pool: &PgPool, ids: &[i64]) -> sqlx::Result<Vec<Selected>>
 mod tests {
     use super::*;
 
-    fn parse(q: &str) -> Result<PageRequest, String> {
+    fn parse(q: &str) -> Result<PageRequest, FilterError> {
         let pairs: Vec<(String, String)> = serde_urlencoded::from_str(q).unwrap();
         PageRequest::from_pairs(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
     }
@@ -429,7 +464,7 @@ mod tests {
             ("sort=id", "unknown filter"),
             ("status=paid&status=failed", "more than once"),
         ] {
-            let e = parse(q).unwrap_err();
+            let e = parse(q).unwrap_err().to_string();
             assert!(e.contains(says), "{q}: {e}");
         }
     }

@@ -123,7 +123,7 @@ mod tests {
 
     fn transient(retry_after: Option<Duration>) -> Outcome {
         Outcome::Transient {
-            code: "http_503".into(),
+            kind: crate::gateway::TransientKind::Http(503),
             message: String::new(),
             retry_after,
         }
@@ -189,7 +189,7 @@ mod tests {
 
         let gw = Scripted {
             answers: Mutex::new(vec![Outcome::Transient {
-                code: crate::gateway::UNAUTHORIZED.into(),
+                kind: crate::gateway::TransientKind::Unauthorized,
                 message: String::new(),
                 retry_after: None,
             }]),

@@ -43,7 +43,8 @@ use tokio::time::Instant;
 use prometheus::{IntCounterVec, Opts};
 
 use super::{
-    Gateway, Keyed, Lookup, LookupError, Outcome, RequestLimiter, TransferRecord, TransferRequest,
+    Gateway, Keyed, Lookup, LookupError, Outcome, RejectReason, RequestLimiter, TransferRecord,
+    TransferRequest, TransientKind,
 };
 use crate::{config::GatewaySettings, metrics};
 
@@ -483,9 +484,9 @@ pub struct GatewayGuard {
 
 fn fails_the_gateway(o: &Outcome) -> bool {
     match o {
-        Outcome::Transient { code, .. } => code != "rate_limited",
+        Outcome::Transient { kind, .. } => *kind != TransientKind::RateLimited,
         Outcome::Unknown { .. } => true,
-        Outcome::Rejected { code, .. } => code == "unauthorized",
+        Outcome::Rejected { reason, .. } => *reason == RejectReason::Unauthorized,
         Outcome::Paid { .. } | Outcome::InTransit { .. } => false,
     }
 }
@@ -707,7 +708,7 @@ impl Gateway for Guarded<'_> {
         if !self.guard.breaker_allows() {
             return Keyed {
                 outcome: Outcome::Transient {
-                    code: CIRCUIT_OPEN.into(),
+                    kind: TransientKind::CircuitOpen,
                     message: "gateway circuit is open; not sending".into(),
                     retry_after: Some(self.guard.wait_for_circuit()),
                 },
@@ -730,23 +731,23 @@ impl Gateway for Guarded<'_> {
         }
         self.guard.record(fails_the_gateway(outcome));
         if outcome.pauses_fleet() {
-            if let Outcome::Transient { code, .. } = outcome {
-                self.guard.pause_for_platform(code).await;
+            if let Outcome::Transient { kind, .. } = outcome {
+                self.guard.pause_for_platform(&kind.code()).await;
             }
         } else if let Outcome::Transient {
-            code, retry_after, ..
+            kind: TransientKind::RateLimited,
+            retry_after,
+            ..
         } = outcome
         {
-            if code == "rate_limited" {
-                self.guard
-                    .pause_fleet(retry_after.unwrap_or(Duration::from_secs(1)))
-                    .await;
-            }
+            self.guard
+                .pause_fleet(retry_after.unwrap_or(Duration::from_secs(1)))
+                .await;
         }
         keyed
     }
 
-    fn minor_units(&self, money: &crate::domain::Money) -> Result<i64, String> {
+    fn minor_units(&self, money: &crate::domain::Money) -> Result<i64, super::AmountError> {
         self.inner.minor_units(money)
     }
 }

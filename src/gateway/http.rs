@@ -9,7 +9,10 @@ use reqwest::StatusCode;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use super::{Gateway, Lookup, LookupError, Outcome, TransferRecord, TransferRequest};
+use super::{
+    Gateway, Lookup, LookupError, Outcome, RejectReason, TransferRecord, TransferRequest,
+    TransientKind,
+};
 use crate::config::GatewaySettings;
 
 /// The contract client.
@@ -131,36 +134,34 @@ pub fn classify(status: StatusCode, retry_after: Option<Duration>, body: &[u8]) 
             },
         },
         429 => Outcome::Transient {
-            code: "rate_limited".into(),
+            kind: TransientKind::RateLimited,
             message: "gateway rate limited the request".into(),
             retry_after,
         },
         401 => Outcome::Rejected {
-            code: "unauthorized".into(),
+            reason: RejectReason::Unauthorized,
             message: "gateway refused the secret".into(),
         },
         409 => {
             let e = error();
-            Outcome::Rejected {
-                code: e
-                    .as_ref()
+            Outcome::rejected(
+                e.as_ref()
                     .map(|e| e.code.clone())
                     .unwrap_or_else(|| "idempotency_conflict".into()),
-                message: e.map(|e| e.message).unwrap_or_default(),
-            }
+                e.map(|e| e.message).unwrap_or_default(),
+            )
         }
         400 | 402 | 403 | 404 | 422 => {
             let e = error();
-            Outcome::Rejected {
-                code: e
-                    .as_ref()
+            Outcome::rejected(
+                e.as_ref()
                     .map(|e| e.code.clone())
                     .unwrap_or_else(|| format!("http_{}", status.as_u16())),
-                message: e.map(|e| e.message).unwrap_or_default(),
-            }
+                e.map(|e| e.message).unwrap_or_default(),
+            )
         }
         s if s >= 500 => Outcome::Transient {
-            code: format!("http_{s}"),
+            kind: TransientKind::Http(s),
             message: format!("gateway answered {s}"),
             retry_after,
         },
@@ -193,12 +194,17 @@ mod tests {
         let closed = br#"{"error":{"code":"account_closed","message":"closed"}}"#;
         assert!(
             matches!(classify(StatusCode::UNPROCESSABLE_ENTITY, None, closed),
-            Outcome::Rejected { code, .. } if code == "account_closed")
+            Outcome::Rejected { reason, .. } if reason.code() == "account_closed")
         );
         assert!(matches!(classify(StatusCode::CONFLICT, None, b"{}"),
-            Outcome::Rejected { code, .. } if code == "idempotency_conflict"));
-        assert!(matches!(classify(StatusCode::UNAUTHORIZED, None, b""),
-            Outcome::Rejected { code, .. } if code == "unauthorized"));
+            Outcome::Rejected { reason, .. } if reason.code() == "idempotency_conflict"));
+        assert!(matches!(
+            classify(StatusCode::UNAUTHORIZED, None, b""),
+            Outcome::Rejected {
+                reason: RejectReason::Unauthorized,
+                ..
+            }
+        ));
         assert_eq!(
             classify(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -206,7 +212,7 @@ mod tests {
                 b""
             ),
             Outcome::Transient {
-                code: "rate_limited".into(),
+                kind: TransientKind::RateLimited,
                 message: "gateway rate limited the request".into(),
                 retry_after: Some(Duration::from_secs(3))
             }

@@ -62,6 +62,132 @@ pub struct TransferRequest {
     pub first_attempt: bool,
 }
 
+/// Why a gateway refused a transfer for good ([`Outcome::Rejected`]). The
+/// codes the fleet acts on are variants; every other code the gateway gave
+/// is kept as [`RejectReason::Gateway`]. [`RejectReason::code`] is the string
+/// stored as the payout's failure code and shown to operators.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RejectReason {
+    /// The payee's account cannot receive money yet ([`NOT_ONBOARDED`]): the
+    /// worker holds the payout instead of failing it.
+    NotOnboarded,
+    /// The gateway refused the fleet's credentials for good (`unauthorized`):
+    /// counts against the circuit breaker.
+    Unauthorized,
+    /// Any other code, as the gateway gave it (e.g. `account_closed`).
+    Gateway(String),
+}
+
+impl RejectReason {
+    /// The reason a gateway's `code` names: a known code becomes its
+    /// variant, so `RejectReason::from_code(r.code())` is `r`.
+    pub fn from_code(code: impl Into<String>) -> Self {
+        let code = code.into();
+        match code.as_str() {
+            NOT_ONBOARDED => RejectReason::NotOnboarded,
+            UNAUTHORIZED => RejectReason::Unauthorized,
+            _ => RejectReason::Gateway(code),
+        }
+    }
+
+    /// The code (stored as the payout's failure code).
+    pub fn code(&self) -> &str {
+        match self {
+            RejectReason::NotOnboarded => NOT_ONBOARDED,
+            RejectReason::Unauthorized => UNAUTHORIZED,
+            RejectReason::Gateway(code) => code,
+        }
+    }
+}
+
+impl std::fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.code())
+    }
+}
+
+/// What kind of passing failure a call met ([`Outcome::Transient`]). The
+/// kinds the fleet acts on are variants; every other code is kept as
+/// [`TransientKind::Other`]. [`TransientKind::code`] is the string stored
+/// with the payout's retry and used as a metrics label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TransientKind {
+    /// The connection was refused: nothing was sent (`connect`).
+    Connect,
+    /// The gateway rate-limited us (`rate_limited`): the fleet pauses for
+    /// its Retry-After; not a failure of the gateway.
+    RateLimited,
+    /// An HTTP status worth retrying, as `http_<status>` (`http_503`).
+    Http(u16),
+    /// The fleet's circuit breaker is open: nothing was sent
+    /// ([`guard::CIRCUIT_OPEN`]).
+    CircuitOpen,
+    /// The worker's lease was too short to start the call: nothing was sent
+    /// ([`LEASE_SHORT`]).
+    LeaseShort,
+    /// The gateway refused the fleet's secret ([`UNAUTHORIZED`]): the fleet pauses.
+    Unauthorized,
+    /// The secret lacks a permission ([`FORBIDDEN`]): the fleet pauses.
+    Forbidden,
+    /// The platform's balance cannot cover transfers
+    /// ([`PLATFORM_BALANCE_INSUFFICIENT`]): the fleet pauses.
+    PlatformBalance,
+    /// Any other code (e.g. Stripe's `lock_timeout`, `lookup_failed`).
+    Other(String),
+}
+
+impl TransientKind {
+    /// The kind `code` names: a known code becomes its variant, so
+    /// `TransientKind::from_code(k.code())` is `k`.
+    pub fn from_code(code: impl Into<String>) -> Self {
+        let code = code.into();
+        match code.as_str() {
+            "connect" => TransientKind::Connect,
+            "rate_limited" => TransientKind::RateLimited,
+            guard::CIRCUIT_OPEN => TransientKind::CircuitOpen,
+            LEASE_SHORT => TransientKind::LeaseShort,
+            UNAUTHORIZED => TransientKind::Unauthorized,
+            FORBIDDEN => TransientKind::Forbidden,
+            PLATFORM_BALANCE_INSUFFICIENT => TransientKind::PlatformBalance,
+            c => match c.strip_prefix("http_").and_then(|n| n.parse::<u16>().ok()) {
+                // Only the canonical spelling: the code must read back the same.
+                Some(status) if format!("http_{status}") == c => TransientKind::Http(status),
+                _ => TransientKind::Other(code),
+            },
+        }
+    }
+
+    /// The code (stored with the payout, a metrics label).
+    pub fn code(&self) -> std::borrow::Cow<'_, str> {
+        use std::borrow::Cow;
+        match self {
+            TransientKind::Connect => Cow::Borrowed("connect"),
+            TransientKind::RateLimited => Cow::Borrowed("rate_limited"),
+            TransientKind::Http(status) => Cow::Owned(format!("http_{status}")),
+            TransientKind::CircuitOpen => Cow::Borrowed(guard::CIRCUIT_OPEN),
+            TransientKind::LeaseShort => Cow::Borrowed(LEASE_SHORT),
+            TransientKind::Unauthorized => Cow::Borrowed(UNAUTHORIZED),
+            TransientKind::Forbidden => Cow::Borrowed(FORBIDDEN),
+            TransientKind::PlatformBalance => Cow::Borrowed(PLATFORM_BALANCE_INSUFFICIENT),
+            TransientKind::Other(code) => Cow::Borrowed(code),
+        }
+    }
+
+    /// A problem of the platform, not of the payee (see [`Outcome::pauses_fleet`]).
+    pub fn is_platform_problem(&self) -> bool {
+        matches!(
+            self,
+            TransientKind::Unauthorized | TransientKind::Forbidden | TransientKind::PlatformBalance
+        )
+    }
+}
+
+impl std::fmt::Display for TransientKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.code())
+    }
+}
+
 /// What a gateway call came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -77,15 +203,15 @@ pub enum Outcome {
     },
     /// Permanent: do not retry.
     Rejected {
-        /// The gateway's error code (e.g. `account_closed`).
-        code: String,
+        /// Why (its code, e.g. `account_closed`, is stored).
+        reason: RejectReason,
         /// Its message.
         message: String,
     },
     /// Transient: retry with the same key, no sooner than `retry_after` if given.
     Transient {
-        /// Class (e.g. `http_503`, `rate_limited`, `connect`).
-        code: String,
+        /// Class (its code, e.g. `http_503`, `rate_limited`, `connect`, is stored).
+        kind: TransientKind,
         /// Detail.
         message: String,
         /// The gateway's Retry-After.
@@ -99,6 +225,29 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// A permanent refusal with the gateway's `code` (a known code becomes
+    /// its [`RejectReason`] variant).
+    pub fn rejected(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Outcome::Rejected {
+            reason: RejectReason::from_code(code),
+            message: message.into(),
+        }
+    }
+
+    /// A passing failure with `code` (a known code becomes its
+    /// [`TransientKind`] variant).
+    pub fn transient(
+        code: impl Into<String>,
+        message: impl Into<String>,
+        retry_after: Option<Duration>,
+    ) -> Self {
+        Outcome::Transient {
+            kind: TransientKind::from_code(code),
+            message: message.into(),
+            retry_after,
+        }
+    }
+
     /// Worth another call with the same key.
     pub fn is_retryable(&self) -> bool {
         matches!(self, Outcome::Transient { .. } | Outcome::Unknown { .. })
@@ -111,10 +260,13 @@ impl Outcome {
         match self {
             Outcome::Paid { .. } | Outcome::InTransit { .. } => "2xx",
             Outcome::Rejected { .. } => "4xx",
-            Outcome::Transient { code, .. } if code == "rate_limited" => "429",
-            Outcome::Transient { code, .. } if code.starts_with("http_5") => "5xx",
-            Outcome::Transient { code, .. } if code == "connect" => "connect",
-            Outcome::Transient { .. } => "transient",
+            Outcome::Transient { kind, .. } => match kind {
+                TransientKind::RateLimited => "429",
+                // `http_5…`: every status whose digits start with 5.
+                TransientKind::Http(status) if status.to_string().starts_with('5') => "5xx",
+                TransientKind::Connect => "connect",
+                _ => "transient",
+            },
             Outcome::Unknown { .. } => "timeout",
         }
     }
@@ -122,14 +274,26 @@ impl Outcome {
     /// Whether the fleet's own guard answered, without calling the gateway
     /// (an open circuit): not a gateway request.
     pub fn is_guard_refusal(&self) -> bool {
-        matches!(self, Outcome::Transient { code, .. } if code == crate::gateway::guard::CIRCUIT_OPEN)
+        matches!(
+            self,
+            Outcome::Transient {
+                kind: TransientKind::CircuitOpen,
+                ..
+            }
+        )
     }
 
     /// Whether the worker refused to start the call: its lease on the payout
     /// had less than the call margin left (`crate::lease::LeaseGated`).
     /// Nothing was sent; the attempt ends without another call.
     pub fn is_lease_refusal(&self) -> bool {
-        matches!(self, Outcome::Transient { code, .. } if code == LEASE_SHORT)
+        matches!(
+            self,
+            Outcome::Transient {
+                kind: TransientKind::LeaseShort,
+                ..
+            }
+        )
     }
 
     /// A problem of the platform, not of the payee (the gateway refused our
@@ -137,7 +301,7 @@ impl Outcome {
     /// whole fleet pauses and an alert fires; no payout fails for it and the
     /// attempt does not count against its budget.
     pub fn pauses_fleet(&self) -> bool {
-        matches!(self, Outcome::Transient { code, .. } if PLATFORM_PROBLEMS.contains(&code.as_str()))
+        matches!(self, Outcome::Transient { kind, .. } if kind.is_platform_problem())
     }
 }
 
@@ -164,6 +328,17 @@ pub struct Keyed {
     pub outcome: Outcome,
     /// The key index for the next call (and to store with the payout).
     pub key_index: u32,
+}
+
+/// Why an amount cannot be sent through a gateway ([`Gateway::minor_units`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AmountError {
+    /// Not an amount of its currency (ISO 4217 minor units).
+    #[error(transparent)]
+    Money(#[from] crate::domain::MoneyError),
+    /// Stripe counts the currency differently and the amount breaks its rule.
+    #[error(transparent)]
+    Stripe(#[from] stripe_currency::StripeAmountError),
 }
 
 /// Something every HTTP request to a gateway waits for (a rate limit).
@@ -234,8 +409,8 @@ pub trait Gateway: Lookup {
     /// `money` in the integer minor units this gateway counts (ISO 4217 by
     /// default; Stripe differs, see [`stripe_currency`]); `Err` names why it
     /// cannot be sent.
-    fn minor_units(&self, money: &crate::domain::Money) -> Result<i64, String> {
-        money.to_minor_units().map_err(|e| e.to_string())
+    fn minor_units(&self, money: &crate::domain::Money) -> Result<i64, AmountError> {
+        Ok(money.to_minor_units()?)
     }
 }
 
@@ -289,7 +464,7 @@ pub(crate) async fn send_transfer(
         Ok(r) => r,
         Err(e) if e.is_connect() => {
             return Err(Outcome::Transient {
-                code: "connect".into(),
+                kind: TransientKind::Connect,
                 message: format!("connection to {who} failed"),
                 retry_after: None,
             });
@@ -333,11 +508,7 @@ mod tests {
     use super::*;
 
     fn transient(code: &str) -> Outcome {
-        Outcome::Transient {
-            code: code.into(),
-            message: String::new(),
-            retry_after: None,
-        }
+        Outcome::transient(code, "", None)
     }
 
     #[test]
@@ -347,5 +518,53 @@ mod tests {
         assert_eq!(transient("http_503").class(), "5xx");
         assert!(transient(guard::CIRCUIT_OPEN).is_guard_refusal());
         assert!(!transient("connect").is_guard_refusal());
+    }
+
+    #[test]
+    fn codes_read_back_as_they_were_given() {
+        for code in [
+            "connect",
+            "rate_limited",
+            "http_503",
+            "http_400",
+            "http_0503",
+            "http_5x",
+            guard::CIRCUIT_OPEN,
+            LEASE_SHORT,
+            UNAUTHORIZED,
+            FORBIDDEN,
+            PLATFORM_BALANCE_INSUFFICIENT,
+            "lock_timeout",
+        ] {
+            assert_eq!(TransientKind::from_code(code).code(), code);
+        }
+        assert_eq!(
+            TransientKind::from_code("http_503"),
+            TransientKind::Http(503)
+        );
+        assert_eq!(
+            TransientKind::from_code("http_0503"),
+            TransientKind::Other("http_0503".into())
+        );
+        for code in [NOT_ONBOARDED, UNAUTHORIZED, "account_closed"] {
+            assert_eq!(RejectReason::from_code(code).code(), code);
+        }
+        assert_eq!(
+            RejectReason::from_code(NOT_ONBOARDED),
+            RejectReason::NotOnboarded
+        );
+    }
+
+    #[test]
+    fn the_metrics_class_and_the_fleet_pause_follow_the_kind() {
+        assert_eq!(transient("rate_limited").class(), "429");
+        assert_eq!(transient("http_599").class(), "5xx");
+        assert_eq!(transient("http_429").class(), "transient");
+        assert_eq!(Outcome::rejected("account_closed", "").class(), "4xx");
+        for code in PLATFORM_PROBLEMS {
+            assert!(transient(code).pauses_fleet(), "{code}");
+        }
+        assert!(!transient("balance_insufficient").pauses_fleet());
+        assert!(transient(LEASE_SHORT).is_lease_refusal());
     }
 }

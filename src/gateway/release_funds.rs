@@ -43,7 +43,10 @@ use reqwest::StatusCode;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 
-use super::{Gateway, Lookup, LookupError, Outcome, TransferRecord, TransferRequest};
+use super::{
+    Gateway, Lookup, LookupError, Outcome, RejectReason, TransferRecord, TransferRequest,
+    TransientKind,
+};
 use crate::config::{GatewaySettings, ReleaseFundsSettings};
 
 /// The transient code of "the platform's balance is short": the worker pauses
@@ -94,13 +97,13 @@ impl AnswerRules {
         let listed = |list: &[String]| code.is_some_and(|c| list.iter().any(|l| l == c));
         if listed(&self.not_onboarded_codes) {
             return Some(Outcome::Rejected {
-                code: crate::gateway::NOT_ONBOARDED.into(),
+                reason: RejectReason::NotOnboarded,
                 message: format!("release-funds API answered {status} {said}"),
             });
         }
         if listed(&self.balance_codes) || (status == 402 && meaning == "transient") {
             return Some(Outcome::Transient {
-                code: PLATFORM_BALANCE.into(),
+                kind: TransientKind::PlatformBalance,
                 message: format!("release-funds API answered {status} {said}"),
                 retry_after,
             });
@@ -193,10 +196,7 @@ fn success(status: StatusCode, body: &[u8], reference: &str) -> Outcome {
     };
     if v.get("success").and_then(Value::as_bool) == Some(false) {
         let (code, message) = error_of(body);
-        return Outcome::Rejected {
-            code: code.unwrap_or_else(|| "release_refused".into()),
-            message,
-        };
+        return Outcome::rejected(code.unwrap_or_else(|| "release_refused".into()), message);
     }
     let id = str_field(&v, &["transferId", "transfer_id", "id", "paymentId"])
         .map(str::to_string)
@@ -213,10 +213,7 @@ fn success(status: StatusCode, body: &[u8], reference: &str) -> Outcome {
         }
         Some("failed" | "rejected") => {
             let (code, message) = error_of(body);
-            Outcome::Rejected {
-                code: code.unwrap_or_else(|| "release_failed".into()),
-                message,
-            }
+            Outcome::rejected(code.unwrap_or_else(|| "release_failed".into()), message)
         }
         Some(other) => Outcome::Unknown {
             message: format!("release-funds API answered unknown status {other:?}"),
@@ -287,21 +284,19 @@ fn classify_by_status(
                 Outcome::InTransit { transfer_id: id }
             }
         }
-        "permanent" => Outcome::Rejected {
-            code: code.unwrap_or_else(|| {
-                if s == 401 {
-                    "unauthorized".into()
-                } else {
-                    format!("http_{s}")
-                }
-            }),
-            message,
+        "permanent" => match code {
+            Some(code) => Outcome::rejected(code, message),
+            None if s == 401 => Outcome::Rejected {
+                reason: RejectReason::Unauthorized,
+                message,
+            },
+            None => Outcome::rejected(format!("http_{s}"), message),
         },
         "transient" => Outcome::Transient {
-            code: if s == 429 {
-                "rate_limited".into()
+            kind: if s == 429 {
+                TransientKind::RateLimited
             } else {
-                format!("http_{s}")
+                TransientKind::Http(s)
             },
             message: if message.is_empty() {
                 format!("release-funds API answered {s}")
@@ -527,8 +522,9 @@ mod tests {
         ] {
             let o = classify_release(status, None, body, "payout_1", &shipped());
             match o {
-                Outcome::Rejected { code, message } => {
-                    assert_eq!(code, crate::gateway::NOT_ONBOARDED);
+                Outcome::Rejected { reason, message } => {
+                    assert_eq!(reason, RejectReason::NotOnboarded);
+                    assert_eq!(reason.code(), crate::gateway::NOT_ONBOARDED);
                     assert!(message.contains("_not_onboarded"), "{message}");
                 }
                 other => panic!("{status}: {other:?}"),
@@ -543,7 +539,7 @@ mod tests {
             &shipped(),
         );
         assert!(
-            matches!(o, Outcome::Rejected { ref code, .. } if code == "invalid_driver_account")
+            matches!(o, Outcome::Rejected { ref reason, .. } if reason.code() == "invalid_driver_account")
         );
     }
 
@@ -560,7 +556,7 @@ mod tests {
         assert_eq!(
             o,
             Outcome::Transient {
-                code: PLATFORM_BALANCE.into(),
+                kind: TransientKind::PlatformBalance,
                 message: "release-funds API answered 402 Insufficient funds".into(),
                 retry_after: Some(Duration::from_secs(60)),
             }
@@ -574,7 +570,7 @@ mod tests {
             &shipped(),
         );
         assert!(
-            matches!(&o, Outcome::Transient { code, message, .. } if code == PLATFORM_BALANCE && message.contains("insufficient_funds")),
+            matches!(&o, Outcome::Transient { kind, message, .. } if kind.code() == PLATFORM_BALANCE && message.contains("insufficient_funds")),
             "{o:?}"
         );
     }
@@ -604,7 +600,13 @@ mod tests {
         );
         assert!(o.is_retryable(), "{o:?}");
         let o = classify_release(StatusCode::BAD_GATEWAY, None, b"", "payout_1", &m);
-        assert!(matches!(o, Outcome::Transient { ref code, .. } if code == "http_502"));
+        assert!(matches!(
+            o,
+            Outcome::Transient {
+                kind: TransientKind::Http(502),
+                ..
+            }
+        ));
         let o = classify_release(StatusCode::IM_A_TEAPOT, None, b"", "payout_1", &m);
         assert!(matches!(o, Outcome::Unknown { .. }));
     }
@@ -622,7 +624,7 @@ mod tests {
         assert_eq!(
             o,
             Outcome::Rejected {
-                code: "invalid_driver_account".into(),
+                reason: RejectReason::Gateway("invalid_driver_account".into()),
                 message: "Driver has no Stripe account".into()
             }
         );

@@ -60,8 +60,8 @@ use serde::Deserialize;
 use std::sync::{Arc, RwLock};
 
 use super::{
-    FORBIDDEN, Gateway, Keyed, Lookup, LookupError, Outcome, RequestLimiter, TransferRecord,
-    TransferRequest, UNAUTHORIZED,
+    Gateway, Keyed, Lookup, LookupError, Outcome, RejectReason, RequestLimiter, TransferRecord,
+    TransferRequest, TransientKind,
     guard::{LocalLimiter, limits},
     stripe_currency,
 };
@@ -341,15 +341,15 @@ pub fn classify_stripe(status: StatusCode, headers: &StripeHeaders, body: &[u8])
         None => format!("stripe answered {}", status.as_u16()),
     };
     let s = status.as_u16();
-    let transient = |code: String| Outcome::Transient {
-        code,
-        message: message.clone(),
-        retry_after: headers.retry_after,
-    };
+    let transient = |code: String| Outcome::transient(code, message.clone(), headers.retry_after);
     if s == 401 || s == 403 {
-        let code = if s == 401 { UNAUTHORIZED } else { FORBIDDEN };
+        let kind = if s == 401 {
+            TransientKind::Unauthorized
+        } else {
+            TransientKind::Forbidden
+        };
         return Outcome::Transient {
-            code: code.into(),
+            kind,
             message: format!(
                 "{message} (the platform's Stripe key was refused: the fleet pauses; no payout fails for it)"
             ),
@@ -367,31 +367,28 @@ pub fn classify_stripe(status: StatusCode, headers: &StripeHeaders, body: &[u8])
     }
     let not_onboarded = NOT_ONBOARDED_CODES.contains(&code.as_str());
     if PLATFORM_BALANCE_CODES.contains(&code.as_str()) {
-        return Outcome::Transient {
+        return Outcome::transient(
             code,
-            message: format!(
+            format!(
                 "{message} (the platform's Stripe balance is short; retried later under a new key)"
             ),
-            retry_after: None,
-        };
+            None,
+        );
     }
     if not_onboarded {
         return Outcome::Rejected {
-            code: "account_not_onboarded".into(),
+            reason: RejectReason::NotOnboarded,
             message: format!(
                 "the payee's Stripe account cannot receive transfers yet (onboarding not finished; stripe code {code}): {message}"
             ),
         };
     }
     if err.kind == "idempotency_error" {
-        return Outcome::Rejected {
-            code: "idempotency_conflict".into(),
-            message,
-        };
+        return Outcome::rejected("idempotency_conflict", message);
     }
     if headers.should_retry == Some(false) {
         // Stripe says a retry of this request cannot succeed.
-        return Outcome::Rejected { code, message };
+        return Outcome::rejected(code, message);
     }
     if s == 429 {
         return transient(code);
@@ -400,7 +397,7 @@ pub fn classify_stripe(status: StatusCode, headers: &StripeHeaders, body: &[u8])
         return transient(code);
     }
     if status.is_client_error() {
-        return Outcome::Rejected { code, message };
+        return Outcome::rejected(code, message);
     }
     Outcome::Unknown {
         message: format!("stripe answered unexpected status {s}"),
@@ -454,7 +451,7 @@ impl StripeGateway {
     async fn post(&self, req: &TransferRequest, key: &str) -> Result<super::Answer, Outcome> {
         let body =
             serde_urlencoded::to_string(transfer_form(req)).map_err(|e| Outcome::Rejected {
-                code: "invalid_request".into(),
+                reason: RejectReason::Gateway("invalid_request".into()),
                 message: format!("transfer could not be form-encoded: {e}"),
             })?;
         let request = self
@@ -574,7 +571,7 @@ fn standing(transfers: &[StripeTransfer]) -> Option<&StripeTransfer> {
 
 fn lookup_failed(e: LookupError) -> Outcome {
     Outcome::Transient {
-        code: "lookup_failed".into(),
+        kind: TransientKind::Other("lookup_failed".into()),
         message: format!("could not check stripe for an earlier transfer: {}", e.0),
         retry_after: None,
     }
@@ -695,7 +692,7 @@ impl Gateway for StripeGateway {
         }
         done(
             Outcome::Transient {
-                code: "idempotency_keys_exhausted".into(),
+                kind: TransientKind::Other("idempotency_keys_exhausted".into()),
                 message: format!(
                     "stripe answered a stored 5xx or a reversed transfer for {MAX_KEYS} keys in a row"
                 ),
@@ -705,8 +702,8 @@ impl Gateway for StripeGateway {
         )
     }
 
-    fn minor_units(&self, money: &crate::domain::Money) -> Result<i64, String> {
-        stripe_currency::stripe_minor_units(money).map_err(|e| e.to_string())
+    fn minor_units(&self, money: &crate::domain::Money) -> Result<i64, super::AmountError> {
+        Ok(stripe_currency::stripe_minor_units(money)?)
     }
 }
 
@@ -754,7 +751,7 @@ mod tests {
             &err("invalid_request_error", Some("balance_insufficient")),
         );
         assert!(
-            matches!(&o, Outcome::Transient { code, .. } if code == "balance_insufficient"),
+            matches!(&o, Outcome::Transient { kind, .. } if kind.code() == "balance_insufficient"),
             "{o:?}"
         );
     }
@@ -768,7 +765,7 @@ mod tests {
                 &err("invalid_request_error", Some(code)),
             );
             assert!(
-                matches!(&o, Outcome::Rejected { code: c, .. } if c == code),
+                matches!(&o, Outcome::Rejected { reason, .. } if reason.code() == *code),
                 "{o:?}"
             );
         }
@@ -799,6 +796,8 @@ mod tests {
             &h(None),
             &err("idempotency_error", None),
         );
-        assert!(matches!(&o, Outcome::Rejected { code, .. } if code == "idempotency_conflict"));
+        assert!(
+            matches!(&o, Outcome::Rejected { reason, .. } if reason.code() == "idempotency_conflict")
+        );
     }
 }
