@@ -2,7 +2,7 @@
 # Writes deploy/k8s/monitoring/prometheusrule.yaml: the alert rules of
 # prometheus/alerts.yml (the file Prometheus and `promtool test rules` read)
 # as a PrometheusRule for the Prometheus Operator. Run it after changing the
-# rules; tests/deploy.rs fails while the two differ.
+# rules; tests/it/deploy.rs fails while the two differ.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=python3; "$py" -c 'import yaml' 2>/dev/null || py=/usr/bin/python3

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Validates the deployment files with real validators from the package
-# registries (scripts/test.sh installs them; tests/deploy.rs runs this):
+# registries (scripts/test.sh installs them; tests/it/deploy.rs runs this):
 # - docker-compose.yml and docker-compose.sentinel.yml against the compose-spec JSON schema
 #   (check-jsonschema's vendored `vendor.compose-spec`);
 # - every kustomize variant (deploy/k8s/base, keda, hpa, monitoring, pgbouncer,

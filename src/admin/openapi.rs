@@ -3,7 +3,7 @@
 //! `ToSchema` derives (no hand-written document: what the handlers return is
 //! what it says). Served at `/api/openapi.json`, printed by
 //! `payoutctl openapi`, and kept in the repository as `docs/openapi.json`,
-//! which `tests/openapi.rs` compares with this output (and checks that every
+//! which `tests/it/openapi.rs` compares with this output (and checks that every
 //! route of the router is described and every described route exists).
 //!
 //! What the annotations leave to this module, the same for every route:

@@ -1,5 +1,5 @@
 //! Postgres repositories: every SQL statement on a table lives in that
-//! table's module, and nowhere else in the crate (`tests/architecture.rs`
+//! table's module, and nowhere else in the crate (`tests/it/architecture.rs`
 //! checks it). Time is always passed in (the clock seam), never `now()`.
 //!
 //! Statements are checked at compile time against the schema

@@ -2,7 +2,7 @@
 //! development; the production image builds with `--no-default-features`):
 //! the contract mock gateway, the Stripe stand-in built from Stripe's
 //! documentation, the chaos harness, the benchmark and the demo. Nothing in
-//! the product modules may import from here (`tests/architecture.rs`).
+//! the product modules may import from here (`tests/it/architecture.rs`).
 
 pub mod bench;
 pub mod chaos;

@@ -12,7 +12,7 @@
 //! the invariants against the database and the gateway's ledger
 //! ([`report`]). One table row per scenario.
 //!
-//! `payout-chaos` (the binary) runs the full suite; `tests/chaos.rs` runs
+//! `payout-chaos` (the binary) runs the full suite; `tests/it/chaos.rs` runs
 //! the short form with the test command.
 
 pub mod fleet;

@@ -18,7 +18,7 @@
 //! Needs python3 with PyYAML, `kubectl`, `check-jsonschema`,
 //! `kubernetes-validate` and `promtool`; `scripts/test.sh` installs them.
 
-mod common;
+use crate::common;
 
 use std::{
     path::{Path, PathBuf},

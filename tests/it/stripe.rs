@@ -6,7 +6,7 @@
 // Tests read the wall clock on purpose (clippy.toml bans it in the product).
 #![allow(clippy::disallowed_methods)]
 
-mod common;
+use crate::common;
 
 use std::{sync::Arc, time::Duration};
 
@@ -806,7 +806,7 @@ proptest::proptest! {
 #[tokio::test]
 async fn preview_through_stripe_pays_whole_forints_keeps_the_fraction_and_shows_stripes_amount() {
     let ctl = common::Ctl::new().await;
-    let text = include_str!("../config/policy.toml")
+    let text = include_str!("../../config/policy.toml")
         .replace("BHD = \"0.100\" }", "BHD = \"0.100\", HUF = \"100\" }")
         .replace("BHD = \"0.200\" }", "BHD = \"0.200\", HUF = \"100\" }")
         .replace("BHD = \"10.000\"", "BHD = \"10.000\"\nHUF = \"1000\"");

@@ -2,7 +2,7 @@
 //! (`payouts::admin::openapi`); these tests keep it whole and honest, with
 //! no database or server:
 //! - the committed copy (`docs/openapi.json`) is what the code generates
-//!   (`UPDATE_OPENAPI=1 cargo test --test openapi` or
+//!   (`UPDATE_OPENAPI=1 cargo test --test it openapi::` or
 //!   `payoutctl openapi > docs/openapi.json` rewrites it);
 //! - every route the admin server's routers declare is in the document, and
 //!   every operation of the document is a declared route;
@@ -36,7 +36,7 @@ fn the_committed_document_is_the_generated_one() {
     assert!(
         committed == generated,
         "{COMMITTED} is not what the handlers generate: run \
-         `UPDATE_OPENAPI=1 cargo test --test openapi` (or `payoutctl openapi > {COMMITTED}`) \
+         `UPDATE_OPENAPI=1 cargo test --test it openapi::` (or `payoutctl openapi > {COMMITTED}`) \
          and commit the result"
     );
 }

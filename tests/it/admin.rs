@@ -6,7 +6,7 @@
 // Tests read the wall clock on purpose (clippy.toml bans it in the product).
 #![allow(clippy::disallowed_methods)]
 
-mod common;
+use crate::common;
 
 use std::{collections::BTreeSet, sync::Arc};
 
@@ -2429,7 +2429,7 @@ async fn payees_settlements_and_reconcile_runs_are_served_read_only() {
     )
     .await
     .unwrap();
-    let policy: Policy = include_str!("../config/policy.toml").parse().unwrap();
+    let policy: Policy = include_str!("../../config/policy.toml").parse().unwrap();
     let done = Utc::now() - Duration::days(40);
     let e = NewEarning {
         payee_id: p,

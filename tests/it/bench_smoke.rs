@@ -1,7 +1,7 @@
 //! The benchmark, small, so it cannot rot: one worker process, 300 payouts,
 //! every figure present and the exactly-once ledger check passing.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -8,7 +8,7 @@
 // Tests read the wall clock on purpose (clippy.toml bans it in the product).
 #![allow(clippy::disallowed_methods)]
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 
@@ -37,7 +37,7 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 
 fn policy() -> Policy {
-    include_str!("../config/policy.toml").parse().unwrap()
+    include_str!("../../config/policy.toml").parse().unwrap()
 }
 
 fn flat_policy() -> Policy {
@@ -871,7 +871,7 @@ async fn an_import_reports_bad_rows_by_line_and_records_the_good_ones_once() {
     let pool = &db.pool;
     payee(pool, "acct_1").await;
     payee(pool, "acct_2").await;
-    let text = include_str!("fixtures/earnings.csv");
+    let text = include_str!("../fixtures/earnings.csv");
     let rows = || FileFormat::Csv.parse(text).unwrap();
     let now = at("2026-11-20T00:00:00Z");
 
@@ -915,7 +915,7 @@ async fn an_atomic_import_with_one_bad_row_writes_nothing() {
     payee(pool, "acct_1").await;
     payee(pool, "acct_2").await;
     let rows = FileFormat::JsonLines
-        .parse(include_str!("fixtures/earnings.jsonl"))
+        .parse(include_str!("../fixtures/earnings.jsonl"))
         .unwrap();
 
     let report = earnings::import(

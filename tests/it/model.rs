@@ -21,10 +21,10 @@
 //! One database per test function; each proptest case truncates it and
 //! creates its payouts afresh. Time is a [`FakeClock`]; nothing sleeps. A
 //! failure prints the shrunk sequence of steps.
-//! `PROPTEST_CASES=1000 cargo test --test model` runs a deeper search;
+//! `PROPTEST_CASES=1000 cargo test --test it model::` runs a deeper search;
 //! `-- --ignored` runs the tests that show the bugs this one found.
 
-mod common;
+use crate::common;
 
 use std::{collections::BTreeMap, fmt, ops::RangeInclusive};
 
@@ -1469,11 +1469,11 @@ fn once_the_fleet_catches_up_no_payout_is_left_unfinished() {
 /// Found by this test, since fixed: nothing moved a payout out of
 /// `in_transit` (shrunk: `QueueDue`, `Claim`, `Finish { outcome: InTransit }`,
 /// then the fleet catching up). Webhooks and the producer's in-transit poll
-/// (`services::sync::resolve`) now resolve it; `tests/gateways.rs` and
-/// `tests/stripe.rs` prove that. This model does not drive them, so the case
+/// (`services::sync::resolve`) now resolve it; `tests/it/gateways.rs` and
+/// `tests/it/stripe.rs` prove that. This model does not drive them, so the case
 /// stays ignored here.
 #[test]
-#[ignore = "in_transit is resolved by the gateway (webhooks, and the producer's in-transit poll in src/services/sync.rs, tested in tests/gateways.rs), which this model does not drive yet"]
+#[ignore = "in_transit is resolved by the gateway (webhooks, and the producer's in-transit poll in src/services/sync.rs, tested in tests/it/gateways.rs), which this model does not drive yet"]
 fn an_in_transit_payout_is_not_left_unfinished_either() {
     check_sequences(lifecycle_mix(), Drain::Yes);
 }

@@ -16,7 +16,7 @@
 // Tests read the wall clock on purpose (clippy.toml bans it in the product).
 #![allow(clippy::disallowed_methods)]
 
-mod common;
+use crate::common;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -1940,7 +1940,7 @@ fn kubernetes_manifests_scale_workers_safely_and_run_two_producers() {
     assert_eq!(pdb["spec"]["selector"]["matchLabels"], worker_labels);
 
     // Producer: two replicas (leader and standby); it waits for the
-    // migration Job (tests/deploy.rs checks the Job and every pod's wait).
+    // migration Job (tests/it/deploy.rs checks the Job and every pod's wait).
     let (_, producer_labels) = check_deployment("payout-producer", "PAYOUTS_PRODUCER__LISTEN");
     let producer = find(&base, "Deployment", "payout-producer");
     assert_eq!(producer["spec"]["replicas"], 2);

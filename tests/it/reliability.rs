@@ -5,7 +5,7 @@
 // Tests read the wall clock on purpose (clippy.toml bans it in the product).
 #![allow(clippy::disallowed_methods)]
 
-mod common;
+use crate::common;
 
 use serde_json::Value;
 use std::{sync::Arc, time::Duration};
@@ -530,7 +530,7 @@ mod returned {
     };
 
     fn policy() -> Policy {
-        include_str!("../config/policy.toml").parse().unwrap()
+        include_str!("../../config/policy.toml").parse().unwrap()
     }
 
     pub fn at(s: &str) -> DateTime<Utc> {

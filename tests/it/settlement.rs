@@ -7,7 +7,7 @@
 // Tests read the wall clock on purpose (clippy.toml bans it in the product).
 #![allow(clippy::disallowed_methods)]
 
-mod common;
+use crate::common;
 
 use chrono::{DateTime, Duration, Utc};
 use common::TestDb;
@@ -22,7 +22,7 @@ use sqlx::PgPool;
 const ACTOR: &str = "settlement:test";
 
 fn policy() -> Policy {
-    include_str!("../config/policy.toml").parse().unwrap()
+    include_str!("../../config/policy.toml").parse().unwrap()
 }
 
 fn at(s: &str) -> DateTime<Utc> {
@@ -533,7 +533,7 @@ async fn a_payout_reversed_after_it_was_paid_is_owed_again_and_is_never_retried_
 /// The shipped policy paying HUF too (minimum 1,000, fixed fee 100), with
 /// payouts shaped by the gateway `kind` (Stripe: whole forints).
 fn huf_policy(kind: &str) -> Policy {
-    let text = include_str!("../config/policy.toml")
+    let text = include_str!("../../config/policy.toml")
         .replace("BHD = \"0.100\" }", "BHD = \"0.100\", HUF = \"100\" }")
         .replace("BHD = \"0.200\" }", "BHD = \"0.200\", HUF = \"100\" }")
         .replace("BHD = \"10.000\"", "BHD = \"10.000\"\nHUF = \"1000\"");
@@ -662,8 +662,8 @@ async fn through_stripe_a_huf_payout_is_whole_forints_and_the_fraction_is_carrie
 #[test]
 fn the_kubernetes_policy_is_the_shipped_policy() {
     assert_eq!(
-        include_str!("../deploy/k8s/base/policy.toml"),
-        include_str!("../config/policy.toml"),
+        include_str!("../../deploy/k8s/base/policy.toml"),
+        include_str!("../../config/policy.toml"),
         "deploy/k8s/base/policy.toml is a copy of config/policy.toml (kustomize reads only its own directory)"
     );
 }

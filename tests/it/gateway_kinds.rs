@@ -7,7 +7,7 @@
 //! for `PayoutReconcileStale` to read. Real Postgres and Redis; every server
 //! on 127.0.0.1:0.
 
-mod common;
+use crate::common;
 
 use std::{
     collections::HashMap,
@@ -173,7 +173,7 @@ async fn release_funds_sends_a_per_earning_payouts_booking_as_booking_id() {
     payee_terms::set(pool, driver, Some(Some(Schedule::PerEarning)), None)
         .await
         .unwrap();
-    let policy: Policy = include_str!("../config/policy.toml").parse().unwrap();
+    let policy: Policy = include_str!("../../config/policy.toml").parse().unwrap();
     #[allow(clippy::disallowed_methods)] // settled "now", as the producer would
     let now = Utc::now();
     let completed = now - chrono::Duration::days(8);
