@@ -5,7 +5,7 @@
 // Tests read the wall clock on purpose (clippy.toml bans it in the product).
 #![allow(clippy::disallowed_methods)]
 
-mod common;
+use crate::common;
 
 use chrono::{DateTime, Duration, SubsecRound, Utc};
 use common::TestDb;
