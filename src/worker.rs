@@ -188,6 +188,7 @@ impl Worker {
     /// Handles the job for payout `id`.
     #[tracing::instrument(name = "payout", skip(self), fields(payout_id = id, attempt = tracing::field::Empty, worker = %self.actor))]
     pub async fn process(&self, id: i64) -> Step {
+        PROCESSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         metrics::IN_FLIGHT.inc();
         let step = self.process_inner(id).await;
         metrics::IN_FLIGHT.dec();
@@ -752,6 +753,15 @@ async fn give_back_held(worker: &Worker) -> usize {
     n
 }
 
+/// Payout jobs this process has started handling (the webhook deliverer
+/// yields while it moves: `webhooks_out.yield_secs`).
+static PROCESSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many payout jobs this process has started handling.
+pub fn processed() -> u64 {
+    PROCESSED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The `payout-worker` process: health and metrics server, the consumer, and
 /// a graceful stop on `shutdown` within `worker.shutdown_deadline_secs`.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -811,7 +821,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             worker.clock.clone(),
             &actor,
         )?
-        .with_email(&settings.email)?;
+        .with_email(&settings.email)?
+        .yielding_to(Arc::new(processed));
         Some(tokio::spawn(crate::services::webhooks_out::run(
             d,
             hooks_stop.clone(),

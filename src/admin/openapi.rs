@@ -365,13 +365,12 @@ pub struct EndpointCreated {
 }
 
 /// An endpoint and its newest 100 messages.
-#[derive(Debug, ToSchema)]
-#[allow(dead_code)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct EndpointDetail {
     /// The endpoint.
     pub endpoint: crate::db::webhook_endpoints::Endpoint,
-    /// Its messages, newest first.
-    pub deliveries: Vec<crate::db::webhook_deliveries::Delivery>,
+    /// Its messages, newest first, each with its delivery log (`log`).
+    pub deliveries: Vec<crate::db::webhook_deliveries::DeliveryWithLog>,
 }
 
 /// An endpoint after a change.

@@ -4,8 +4,6 @@
 //! rotating secrets an admin. A secret is in the answer that made it, and
 //! nowhere else.
 
-use std::collections::HashMap;
-
 use axum::{
     Extension, Json, Router,
     body::Bytes,
@@ -118,7 +116,7 @@ pub async fn show(
     State(s): State<AdminState>,
     Extension(c): Extension<Caller>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<crate::admin::openapi::EndpointDetail>, ApiError> {
     c.require(Role::Viewer)?;
     let id = id_of(&id)?;
     let endpoint = webhook_endpoints::get(&s.pool, id)
@@ -126,31 +124,11 @@ pub async fn show(
         .ok_or_else(|| ApiError::NotFound(format!("webhook endpoint {id} not found")))?;
     let deliveries = webhook_deliveries::for_endpoint(&s.pool, id, 100).await?;
     let ids: Vec<i64> = deliveries.iter().map(|d| d.id).collect();
-    let mut logs: HashMap<i64, Vec<Value>> = HashMap::new();
-    for a in webhook_deliveries::attempts_of(&s.pool, &ids).await? {
-        logs.entry(a.delivery_id).or_default().push(json!({
-            "attempt": a.attempt,
-            "at": a.at,
-            "status_code": a.status_code,
-            "latency_ms": a.latency_ms,
-            "error": a.error,
-            "response": a.response,
-        }));
-    }
-    // Each message with its log (a first attempt that succeeded is on the
-    // message itself: `delivered_at`, `last_status`).
-    let deliveries: Vec<Value> = deliveries
-        .into_iter()
-        .map(|d| {
-            let log = logs.remove(&d.id).unwrap_or_default();
-            let mut v = json!(d);
-            v["log"] = Value::Array(log);
-            v
-        })
-        .collect();
-    Ok(Json(
-        json!({"endpoint": endpoint, "deliveries": deliveries}),
-    ))
+    let attempts = webhook_deliveries::attempts_of(&s.pool, &ids).await?;
+    Ok(Json(crate::admin::openapi::EndpointDetail {
+        endpoint,
+        deliveries: webhook_deliveries::DeliveryWithLog::join(deliveries, attempts),
+    }))
 }
 
 /// `PATCH /api/v1/webhook-endpoints/{id}` (admin): url, event_types, description, enabled.

@@ -41,9 +41,14 @@ struct Args {
     /// Measure only the producer's enqueue path (this many payouts) and exit.
     #[arg(long)]
     producer_only: Option<i64>,
-    /// Register one local receiving webhook endpoint subscribed to every event.
+    /// Register one local receiving webhook endpoint (subscribed to
+    /// `--webhook-events`) and wait for every `payout.paid` to arrive.
     #[arg(long)]
     webhook: bool,
+    /// The event types the bench endpoint subscribes to (`*`: all of them,
+    /// three messages per payout).
+    #[arg(long, value_delimiter = ',', default_value = "payout.paid")]
+    webhook_events: Vec<String>,
     /// Where the processes log.
     #[arg(long, default_value = ".bench")]
     log_dir: PathBuf,
@@ -65,6 +70,7 @@ async fn main() -> anyhow::Result<()> {
         bin_dir: None,
         db_name: "payouts_bench".into(),
         webhook: a.webhook,
+        webhook_events: a.webhook_events,
     };
     if let Some(n) = a.producer_only {
         let (rate, scan_ms) =

@@ -23,6 +23,12 @@ pub struct WebhooksOutSettings {
     pub delivery_batch: i64,
     /// Most requests in flight at once.
     pub concurrency: usize,
+    /// Delivery yields to payouts: while the worker holding the delivery
+    /// lease is paying payouts, the fan-out waits, up to this many seconds at
+    /// a time, then sends everything that waited before it yields again (so
+    /// a drain does not share its cores with delivery, and no message waits
+    /// much longer than this). 0: never wait.
+    pub yield_secs: u64,
     /// TCP + TLS connect timeout, in ms.
     pub connect_timeout_ms: u64,
     /// Whole-request timeout (answer included), in ms.
@@ -76,6 +82,10 @@ impl WebhooksOutSettings {
             (
                 (1..=1000).contains(&self.concurrency),
                 "webhooks_out.concurrency must be 1..=1000",
+            ),
+            (
+                self.yield_secs <= 600,
+                "webhooks_out.yield_secs must be <= 600",
             ),
             (
                 self.connect_timeout_ms >= 1 && self.timeout_ms >= self.connect_timeout_ms,

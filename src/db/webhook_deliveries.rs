@@ -377,6 +377,50 @@ pub struct MessageAttempt {
     pub response: Option<String>,
 }
 
+impl From<MessageAttempt> for Attempt {
+    fn from(a: MessageAttempt) -> Self {
+        Attempt {
+            attempt: a.attempt,
+            at: a.at,
+            status_code: a.status_code,
+            latency_ms: a.latency_ms,
+            error: a.error,
+            response: a.response,
+        }
+    }
+}
+
+/// A message with its delivery log (an endpoint's page of messages): the
+/// message's fields and `log`, every attempt recorded, oldest first. A
+/// first attempt that succeeded is not in the log; it is on the message
+/// itself (`delivered_at`, `last_status`).
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct DeliveryWithLog {
+    /// The message.
+    #[serde(flatten)]
+    pub delivery: Delivery,
+    /// Its attempts, oldest first.
+    pub log: Vec<Attempt>,
+}
+
+impl DeliveryWithLog {
+    /// Each of `deliveries` with its lines of `attempts` (in their order).
+    pub fn join(deliveries: Vec<Delivery>, attempts: Vec<MessageAttempt>) -> Vec<DeliveryWithLog> {
+        let mut logs: std::collections::HashMap<i64, Vec<Attempt>> =
+            std::collections::HashMap::new();
+        for a in attempts {
+            logs.entry(a.delivery_id).or_default().push(a.into());
+        }
+        deliveries
+            .into_iter()
+            .map(|d| DeliveryWithLog {
+                log: logs.remove(&d.id).unwrap_or_default(),
+                delivery: d,
+            })
+            .collect()
+    }
+}
+
 /// The logs of the messages `ids` (a page of them), each oldest first.
 pub async fn attempts_of(pool: &PgPool, ids: &[i64]) -> sqlx::Result<Vec<MessageAttempt>> {
     sqlx::query_as!(

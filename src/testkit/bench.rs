@@ -60,9 +60,12 @@ pub struct BenchOptions {
     pub bin_dir: Option<PathBuf>,
     /// The scratch database, dropped and created for every run.
     pub db_name: String,
-    /// Register one local receiving webhook endpoint subscribed to every
-    /// event type before the warm-up, and wait for every `payout.paid`.
+    /// Register one local receiving webhook endpoint before the warm-up,
+    /// subscribed to `webhook_events`, and wait for every `payout.paid`.
     pub webhook: bool,
+    /// The event types the bench endpoint subscribes to (`payout.paid`, or
+    /// `*` for every type: three messages per payout).
+    pub webhook_events: Vec<String>,
 }
 
 /// One run's measurements.
@@ -99,6 +102,10 @@ pub struct RunResult {
     /// With a webhook endpoint: payouts whose `payout.paid` the receiver got
     /// (warm-up included), and the lag from paid to received, p50 and p99 (s).
     pub webhook: Option<(usize, f64, f64)>,
+    /// With a webhook endpoint: CPU seconds of this process (the receiver,
+    /// and the bench's own polling) from the burst until the last
+    /// `payout.paid` arrived.
+    pub receiver_cpu_secs: Option<f64>,
 }
 
 /// Median, min and max of one figure over runs.
@@ -307,7 +314,7 @@ pub async fn run_once(
         let policy = crate::services::webhooks_out::safety::Policy::new(&["127.0.0.0/8".into()]);
         let new = crate::services::webhooks_out::endpoints::NewEndpoint {
             url: r.url.clone(),
-            event_types: vec!["*".into()],
+            event_types: opts.webhook_events.clone(),
             description: Some("payout-bench receiver".into()),
             enabled: Some(true),
         };
@@ -395,6 +402,7 @@ pub async fn run_once(
     let gateway_pid = children.0[0].1.id();
     let gateway_cpu_before = proc_cpu_secs(gateway_pid);
     let (redis_cpu_before, pg_cpu_before) = (comm_cpu("redis-server"), comm_cpu("postgres"));
+    let self_cpu_before = proc_cpu_secs(std::process::id());
     let commits_before = pg_commits(&pool).await?;
     let redis_before = redis_commands(&mut redis).await?;
     let seeded_at = Utc::now();
@@ -464,6 +472,9 @@ pub async fn run_once(
         }
         None => None,
     };
+    let receiver_cpu_secs = receiver
+        .as_ref()
+        .map(|_| proc_cpu_secs(std::process::id()) - self_cpu_before);
     drop(children);
     pool.close().await;
     let seconds = (end - start).num_microseconds().unwrap_or(0) as f64 / 1e6;
@@ -484,6 +495,7 @@ pub async fn run_once(
         redis_cmds_per_payout: (redis_after - redis_before) as f64 / n,
         exactly_once,
         webhook,
+        receiver_cpu_secs,
     })
 }
 
@@ -509,8 +521,10 @@ pub async fn run_case(
         );
         if let Some((paid, p50, p99)) = res.webhook {
             eprintln!(
-                "    webhooks: payout.paid received for {paid} of {} payouts; lag paid -> received p50 {p50:.2}s, p99 {p99:.2}s",
-                opts.warmup + opts.payouts
+                "    webhooks: payout.paid received for {paid} of {} payouts; lag paid -> received p50 {p50:.2}s, p99 {p99:.2}s; receiver CPU {:.2}s, busiest worker CPU {:.2}s",
+                opts.warmup + opts.payouts,
+                res.receiver_cpu_secs.unwrap_or(0.0),
+                res.worker_cpu_secs.iter().copied().fold(0.0, f64::max),
             );
         }
         runs.push(res);

@@ -36,6 +36,7 @@ async fn the_benchmark_runs_end_to_end_and_checks_exactly_once() {
         bin_dir: Some(bin_dir),
         db_name: db_name.clone(),
         webhook: false,
+        webhook_events: vec!["payout.paid".into()],
     };
 
     let result = run_case(

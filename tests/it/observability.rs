@@ -1364,6 +1364,7 @@ fn grafana_provisioning_and_dashboard_fit_together() {
         "money paid per currency per hour",
         "webhooks",
         "webhook failure rate",
+        "email to payees",
         "failed after paid",
         "in transit",
         "infrastructure errors",

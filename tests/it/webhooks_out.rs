@@ -1243,3 +1243,187 @@ async fn a_payee_without_email_gets_no_mail() {
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert!(body.to_string().contains("email"), "{body}");
 }
+
+/// The receiver the README shows ("A receiver in a few lines of Python"),
+/// run as written (only its secret and port filled in): it answers 200 to
+/// what the fleet signs with its secret and 401 to a message signed with
+/// another endpoint's secret, and the delivery log (`log` of each message
+/// in `GET /api/v1/webhook-endpoints/{id}`) records the refusal.
+#[tokio::test]
+async fn the_readme_python_receiver_verifies_what_the_fleet_signs() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let (_, after) = readme
+        .split_once("A receiver in a few lines of Python:")
+        .expect("README has the Python receiver");
+    let code = after
+        .split_once("```python\n")
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .map(|(code, _)| code)
+        .expect("a ```python block");
+    assert!(
+        code.lines().count() <= 25,
+        "a few lines: {}",
+        code.lines().count()
+    );
+    let h = Hooks::start().await;
+    let port = common::free_port();
+    let (good, secret) = h
+        .register(&format!("http://127.0.0.1:{port}/good"), &["payout.paid"])
+        .await;
+    let (bad, _) = h
+        .register(&format!("http://127.0.0.1:{port}/bad"), &["payout.paid"])
+        .await;
+    assert!(code.contains("\"whsec_...\"") && code.contains("((\"\", 8000)"));
+    let code = code
+        .replace("\"whsec_...\"", &format!("{secret:?}"))
+        .replace("((\"\", 8000)", &format!("((\"127.0.0.1\", {port})"));
+    struct Child(std::process::Child);
+    impl Drop for Child {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _py = Child(
+        std::process::Command::new("python3")
+            .args(["-c", &code])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3"),
+    );
+    eventually(
+        Duration::from_secs(20),
+        "the README receiver listens",
+        || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()
+                .map(|_| ())
+        },
+    )
+    .await;
+    let id = h.fleet.due_payout("acct_readme").await;
+    assert_eq!(
+        h.fleet.worker("w").process(id).await,
+        Step::Recorded(payouts::domain::PayoutStatus::Paid)
+    );
+    let show = |endpoint: i64| {
+        let h = &h;
+        async move {
+            let (status, body) = h
+                .call(
+                    reqwest::Method::GET,
+                    &format!("/api/v1/webhook-endpoints/{endpoint}"),
+                    &h.viewer,
+                    None,
+                )
+                .await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            body["deliveries"][0].clone()
+        }
+    };
+    let message = eventually(
+        Duration::from_secs(20),
+        "both messages attempted",
+        || async {
+            h.dispatcher.tick().await.expect("webhook pass");
+            let (g, b) = (show(good).await, show(bad).await);
+            (g["status"] == "delivered" && b["last_status"] == 401).then_some((g, b))
+        },
+    )
+    .await;
+    let (g, b) = message;
+    assert_eq!(g["event_type"], "payout.paid");
+    assert_eq!(g["last_status"], 200, "{g}");
+    assert_eq!(g["log"], json!([]), "a first attempt that succeeded: {g}");
+    assert_eq!(b["status"], "pending", "401 is retried: {b}");
+    let log = b["log"].as_array().expect("a log array");
+    assert_eq!(log.len(), 1, "{b}");
+    assert_eq!(log[0]["attempt"], 1);
+    assert_eq!(log[0]["status_code"], 401);
+    assert!(log[0]["latency_ms"].as_i64().is_some(), "{b}");
+}
+
+/// `webhooks_out.yield_secs`: while the process pays payouts (its work
+/// count moves from pass to pass) the fan-out waits, at most `yield_secs`
+/// at a time, and then sends what waited; once the payouts stop, it sends at
+/// the next pass.
+#[tokio::test]
+async fn delivery_yields_to_payouts_being_paid_for_at_most_yield_secs() {
+    let h = Hooks::start().await;
+    let rx = Receiver::start().await;
+    h.register(&rx.url, &["payout.paid"]).await;
+    let mut settings = h.fleet.settings.webhooks_out.clone();
+    settings.yield_secs = 2;
+    let work = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = work.clone();
+    let d = Dispatcher::new(
+        h.fleet.pool().clone(),
+        settings,
+        Arc::new(SystemClock),
+        "worker:hooks-yield",
+    )
+    .unwrap()
+    .yielding_to(Arc::new(move || {
+        counter.load(std::sync::atomic::Ordering::Relaxed)
+    }));
+    let busy = || work.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+
+    // Paying: the fan-out waits, then sends once the wait has run out.
+    let id = h.fleet.due_payout("acct_yield").await;
+    assert_eq!(
+        h.fleet.worker("w").process(id).await,
+        Step::Recorded(payouts::domain::PayoutStatus::Paid)
+    );
+    let started = std::time::Instant::now();
+    let yielded = std::sync::atomic::AtomicUsize::new(0);
+    let waited = eventually(
+        Duration::from_secs(20),
+        "paid sent after the wait",
+        || async {
+            busy();
+            let pass = d.tick().await.expect("webhook pass");
+            yielded.fetch_add(
+                usize::from(pass.yielded),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            if rx.for_payout(id).is_empty() {
+                assert!(
+                    pass.yielded || pass.events > 0 || started.elapsed() < Duration::from_secs(3)
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                None
+            } else {
+                Some(started.elapsed())
+            }
+        },
+    )
+    .await;
+    assert!(
+        yielded.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "no pass yielded"
+    );
+    assert!(
+        waited >= Duration::from_secs(2),
+        "sent after {waited:?}, before yield_secs ran out"
+    );
+    assert!(
+        waited < Duration::from_secs(10),
+        "sent only after {waited:?}"
+    );
+
+    // Idle (the count stands still): sent at the next pass, no wait.
+    let id = h.fleet.due_payout("acct_yield_idle").await;
+    assert_eq!(
+        h.fleet.worker("w").process(id).await,
+        Step::Recorded(payouts::domain::PayoutStatus::Paid)
+    );
+    eventually(Duration::from_secs(5), "idle: sent at once", || async {
+        let pass = d.tick().await.expect("webhook pass");
+        assert!(!pass.yielded, "yielded while idle");
+        (!rx.for_payout(id).is_empty()).then_some(())
+    })
+    .await;
+}

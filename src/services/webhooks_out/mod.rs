@@ -225,28 +225,55 @@ fn shown_amount(amount: rust_decimal::Decimal, currency: &str) -> String {
 }
 
 /// The body of a payout event (Standard Webhooks: type, timestamp, data).
+/// Serialized from borrowed fields in one pass (no intermediate
+/// `serde_json::Value`: one of these is built per message the fan-out
+/// sends); the keys in alphabetical order, as a `json!` object has them.
 pub fn payout_body(kind: &str, e: &OutboxEvent) -> String {
-    json!({
-        "type": kind,
-        "timestamp": e.at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-        "data": {
-            "object": "payout",
-            "id": e.payout_id,
-            "seq": e.id,
-            "event_id": payout_message_id(e.id),
-            "status": e.to_status,
-            "previous_status": e.from_status,
-            "reason": e.reason,
-            "attempt": e.attempt,
-            "payee_id": e.payee_id,
-            "amount": shown_amount(e.amount, &e.currency),
-            "currency": e.currency,
-            "due_at": e.due_at,
-            "gateway_transfer_id": e.gateway_transfer_id,
-            "failure_code": e.failure_code,
-        }
-    })
-    .to_string()
+    #[derive(serde::Serialize)]
+    struct Data<'a> {
+        amount: String,
+        attempt: Option<i32>,
+        currency: &'a str,
+        due_at: DateTime<Utc>,
+        event_id: String,
+        failure_code: Option<&'a str>,
+        gateway_transfer_id: Option<&'a str>,
+        id: i64,
+        object: &'static str,
+        payee_id: i64,
+        previous_status: Option<&'a str>,
+        reason: Option<&'a str>,
+        seq: i64,
+        status: &'a str,
+    }
+    #[derive(serde::Serialize)]
+    struct Body<'a> {
+        data: Data<'a>,
+        timestamp: String,
+        #[serde(rename = "type")]
+        kind: &'a str,
+    }
+    let body = Body {
+        data: Data {
+            amount: shown_amount(e.amount, &e.currency),
+            attempt: e.attempt,
+            currency: &e.currency,
+            due_at: e.due_at,
+            event_id: payout_message_id(e.id),
+            failure_code: e.failure_code.as_deref(),
+            gateway_transfer_id: e.gateway_transfer_id.as_deref(),
+            id: e.payout_id,
+            object: "payout",
+            payee_id: e.payee_id,
+            previous_status: e.from_status.as_deref(),
+            reason: e.reason.as_deref(),
+            seq: e.id,
+            status: &e.to_status,
+        },
+        timestamp: e.at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        kind,
+    };
+    serde_json::to_string(&body).expect("a payout body serializes")
 }
 
 /// What one delivery pass did.
@@ -262,6 +289,23 @@ pub struct Pass {
     pub delivered: usize,
     /// Attempts that failed.
     pub failed: usize,
+    /// Whether the fan-out waited for the payouts being paid (`yield_secs`).
+    pub yielded: bool,
+}
+
+/// A count of the work this process has done for payouts (e.g. payouts
+/// handled so far): the deliverer yields while it moves.
+pub type WorkCounter = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// Where the yield to payouts stands (see `webhooks_out.yield_secs`).
+#[derive(Debug, Default)]
+struct Yield {
+    /// The work count at the previous pass.
+    last: u64,
+    /// Since when the fan-out has been waiting.
+    since: Option<tokio::time::Instant>,
+    /// The wait ran out: passes send until the fan-out has caught up.
+    catching_up: bool,
 }
 
 /// The fan-out and the deliverer of one process.
@@ -272,10 +316,15 @@ pub struct Dispatcher {
     clock: SharedClock,
     owner: String,
     client: reqwest::Client,
+    /// Where endpoints may point (`allow_private`), parsed once.
+    policy: safety::Policy,
     /// The SMTP channel (email to payees), when `email.enabled`.
     mailer: Option<mail::Mailer>,
     /// When the gauges were last refreshed (every 5 s at most).
     gauges_at: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
+    /// The process's payout work, when delivery yields to it.
+    work: Option<WorkCounter>,
+    yielding: Arc<std::sync::Mutex<Yield>>,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -327,13 +376,54 @@ impl Dispatcher {
     ) -> anyhow::Result<Self> {
         Ok(Dispatcher {
             client: client(&settings)?,
+            policy: safety::Policy::new(&settings.allow_private),
             pool,
             settings,
             clock,
             owner: owner.to_string(),
             mailer: None,
             gauges_at: Arc::default(),
+            work: None,
+            yielding: Arc::default(),
         })
+    }
+
+    /// Yields to the payouts this process pays (`webhooks_out.yield_secs`):
+    /// while `work` moves from one pass to the next, the fan-out waits, up to
+    /// `yield_secs` at a time; then passes send until the fan-out has caught
+    /// up, and it may wait again. Without this, it never waits.
+    pub fn yielding_to(mut self, work: WorkCounter) -> Self {
+        self.work = Some(work);
+        self
+    }
+
+    /// Whether this pass's fan-out waits for the payouts being paid.
+    fn yields(&self) -> bool {
+        let Some(work) = &self.work else {
+            return false;
+        };
+        if self.settings.yield_secs == 0 {
+            return false;
+        }
+        let count = work();
+        let mut y = self.yielding.lock().expect("yield state");
+        let working = std::mem::replace(&mut y.last, count) != count;
+        if !working {
+            y.since = None;
+            y.catching_up = false;
+            return false;
+        }
+        if y.catching_up {
+            return false;
+        }
+        let now = tokio::time::Instant::now();
+        let since = *y.since.get_or_insert(now);
+        if now.duration_since(since) < Duration::from_secs(self.settings.yield_secs) {
+            return true;
+        }
+        y.since = None;
+        y.catching_up = true;
+        false
     }
 
     /// Also mails payees, when `email.enabled`: mail messages are written by
@@ -365,16 +455,28 @@ impl Dispatcher {
                 ..Pass::default()
             };
             // A bounded number of fan-out batches of each outbox per pass,
-            // then delivery.
+            // then delivery (retries). While yielding to payouts, the
+            // fan-out waits: the events stay in the outbox, after the cursor.
+            pass.yielded = self.yields();
+            let mut caught_up = true;
             for outbox in [Outbox::Payouts, Outbox::Settlements] {
+                if pass.yielded {
+                    break;
+                }
+                let mut all = false;
                 for _ in 0..8 {
                     let (events, messages) = self.fan_out(outbox).await?;
                     pass.events += events;
                     pass.messages += messages;
                     if events < self.settings.fanout_batch as usize {
+                        all = true;
                         break;
                     }
                 }
+                caught_up &= all;
+            }
+            if caught_up && !pass.yielded {
+                self.yielding.lock().expect("yield state").catching_up = false;
             }
             let (delivered, failed) = self.deliver_leased(&inflight).await?;
             pass.delivered = delivered;
@@ -538,9 +640,7 @@ impl Dispatcher {
                             response: None,
                         };
                     }
-                    let o = self
-                        .attempt(targets.get(&endpoint).copied(), c.clone())
-                        .await;
+                    let o = self.attempt(targets.get(&endpoint).copied(), &c).await;
                     if o.status != "delivered" {
                         held.lock().expect("held set").insert(endpoint);
                     }
@@ -741,7 +841,7 @@ impl Dispatcher {
                 async move {
                     let endpoint = c.endpoint_id;
                     let target = endpoint.and_then(|e| targets.get(&e));
-                    (endpoint, self.attempt(target, c).await)
+                    (endpoint, self.attempt(target, &c).await)
                 }
             })
             .buffer_unordered(self.settings.concurrency)
@@ -771,7 +871,7 @@ impl Dispatcher {
     }
 
     /// One attempt (with the immediate retries) of one message.
-    async fn attempt(&self, target: Option<&Target>, c: Claimed) -> Outcome {
+    async fn attempt(&self, target: Option<&Target>, c: &Claimed) -> Outcome {
         let started = tokio::time::Instant::now();
         let email = c.channel == "email";
         let retries = ConstantBuilder::default()
@@ -780,7 +880,7 @@ impl Dispatcher {
         let sent = match target {
             _ if email => match &self.mailer {
                 Some(m) => {
-                    let send = || m.send(&c);
+                    let send = || m.send(c);
                     send.retry(retries).await.unwrap_or_else(|e| e.sent)
                 }
                 None => Sent::Error {
@@ -789,7 +889,7 @@ impl Dispatcher {
                 },
             },
             Some(t) if t.enabled => {
-                let send = || self.send(t, &c);
+                let send = || self.send(t, c);
                 send.retry(retries).await.unwrap_or_else(|e| e.sent)
             }
             _ => Sent::Error {
@@ -876,8 +976,7 @@ impl Dispatcher {
 
     /// One POST; an error when it should be tried again at once.
     async fn send(&self, t: &Target, c: &Claimed) -> Result<Sent, SendFailed> {
-        let policy = safety::Policy::new(&self.settings.allow_private);
-        let url = match policy.check_url(&t.url) {
+        let url = match self.policy.check_url(&t.url) {
             Ok(u) => u,
             Err(e) => {
                 return Ok(Sent::Error {
@@ -1027,6 +1126,53 @@ pub fn rotation(now: DateTime<Utc>, overlap: Duration) -> (SecretString, DateTim
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_payout_body_is_the_json_object_it_was() {
+        let at = chrono::DateTime::parse_from_rfc3339("2026-11-27T10:00:00.123456Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        for (from, failure) in [(Some("processing"), None), (None, Some("\"quoted\" é"))] {
+            let e = OutboxEvent {
+                tx_id: 7,
+                id: 42,
+                payout_id: 9,
+                from_status: from.map(String::from),
+                to_status: "paid".into(),
+                reason: Some("gateway said so".into()),
+                attempt: Some(1),
+                at,
+                payee_id: 3,
+                amount: "120.5".parse().unwrap(),
+                currency: "USD".into(),
+                due_at: at,
+                gateway_transfer_id: Some("tr_1".into()),
+                failure_code: failure.map(String::from),
+            };
+            let was = json!({
+                "type": "payout.paid",
+                "timestamp": e.at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                "data": {
+                    "object": "payout",
+                    "id": e.payout_id,
+                    "seq": e.id,
+                    "event_id": payout_message_id(e.id),
+                    "status": e.to_status,
+                    "previous_status": e.from_status,
+                    "reason": e.reason,
+                    "attempt": e.attempt,
+                    "payee_id": e.payee_id,
+                    "amount": "120.50",
+                    "currency": e.currency,
+                    "due_at": e.due_at,
+                    "gateway_transfer_id": e.gateway_transfer_id,
+                    "failure_code": e.failure_code,
+                }
+            })
+            .to_string();
+            assert_eq!(payout_body("payout.paid", &e), was);
+        }
+    }
 
     #[test]
     fn transitions_are_told_as_their_event_types() {
