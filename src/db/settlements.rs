@@ -222,6 +222,61 @@ pub async fn latest_end(
     .await
 }
 
+/// Whether an early payout request of (payee, currency) made in
+/// `[since, until)` (either end open when `None`) charged the payee's agreed
+/// deductions: a request charges those of the scheduled period it is made
+/// in, so a period's deductions are charged once (see
+/// `services::payout_requests`).
+pub async fn deductions_requested(
+    conn: &mut PgConnection,
+    payee_id: i64,
+    currency: &str,
+    since: Option<DateTime<Utc>>,
+    until: Option<DateTime<Utc>>,
+) -> sqlx::Result<bool> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM settlements
+             WHERE payee_id = $1 AND currency = $2 AND requested AND deductions > 0
+               AND ($3::timestamptz IS NULL OR created_at >= $3)
+               AND ($4::timestamptz IS NULL OR created_at < $4))",
+    )
+    .bind(payee_id)
+    .bind(currency)
+    .bind(since)
+    .bind(until)
+    .fetch_one(conn)
+    .await
+}
+
+/// [`deductions_requested`] for many (payee, currency, since, until): those
+/// (payee, currency) whose deductions a request in the window charged.
+pub async fn deductions_requested_many(
+    conn: &mut PgConnection,
+    payee_ids: &[i64],
+    currencies: &[&str],
+    since: &[Option<DateTime<Utc>>],
+    until: &[DateTime<Utc>],
+) -> sqlx::Result<Vec<(i64, String)>> {
+    if payee_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    sqlx::query_as(
+        "SELECT g.payee_id, g.currency
+         FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::timestamptz[])
+              AS g(payee_id, currency, since, until)
+         WHERE EXISTS (SELECT 1 FROM settlements s
+             WHERE s.payee_id = g.payee_id AND s.currency = g.currency AND s.requested
+               AND s.deductions > 0
+               AND (g.since IS NULL OR s.created_at >= g.since) AND s.created_at < g.until)",
+    )
+    .bind(payee_ids)
+    .bind(currencies)
+    .bind(since)
+    .bind(until)
+    .fetch_all(conn)
+    .await
+}
+
 /// A balance carried over (below the minimum, a shortfall, or returned
 /// from a cancelled or reversed payout), or the remainder a payout kept
 /// (below the gateway's payout step), not yet taken into a later settlement.

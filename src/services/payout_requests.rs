@@ -31,8 +31,23 @@
 //!   `requested`: its period (`[first completion, now)`) is not one of the
 //!   schedule's, so the scheduled run, looking for the end of the last
 //!   settled period, passes it by; the next scheduled settlement happens at
-//!   its normal time and takes only what is left. Agreed deductions are
-//!   charged by the scheduled periods only (a request charges none).
+//!   its normal time and takes only what is left.
+//! - **Agreed deductions once per scheduled period.** A request charges the
+//!   payee's agreed deductions (`payee_deductions`, e.g. a weekly booth
+//!   rent) of the scheduled period containing `now` (as the run cuts it,
+//!   from the end of the last settled period; on a manual schedule, since
+//!   the last settled period), unless a request made earlier in that period
+//!   charged them. The period's scheduled settlement, after it closes,
+//!   charges them only if no request made in the period did (the charge is
+//!   recognised by the requested settlement's `deductions` and its
+//!   `created_at` within the period, under the payee lock both take). So a
+//!   payee whose work is all taken by requests still pays each period's
+//!   rent once, and a request whose released gross does not cover the
+//!   deductions (or leaves less than the minimum) is refused, naming them
+//!   and the releasable balance. A request takes earnings released before
+//!   its period only when the run has not yet settled a closed period (it
+//!   settles them on its interval); such a closed period's own deductions
+//!   are then not charged by the request.
 //! - **Priority.** The payout is due now with `priority = requested`
 //!   ([`Priority::Requested`]), which the due scan ranks ahead of the
 //!   scheduled backlog.
@@ -323,6 +338,20 @@ pub async fn request(
         start: first,
         end: now,
     };
+    // The agreed deductions of the scheduled period containing `now`,
+    // unless a request earlier in it charged them (the period's scheduled
+    // settlement, after it closes, then charges none).
+    let latest = settlements::latest_end(&mut tx, payee.id, currency.code()).await?;
+    let (since, until) = settlement::request_deductions_window(schedule, latest, now);
+    let agreed = payee_terms::deductions(&mut tx, payee.id, currency.code()).await?;
+    let deductions = if agreed.is_empty()
+        || settlements::deductions_requested(&mut tx, payee.id, currency.code(), since, until)
+            .await?
+    {
+        Vec::new()
+    } else {
+        agreed
+    };
     let decided = settlement::decide(
         policy,
         currency,
@@ -330,7 +359,7 @@ pub async fn request(
         period,
         rows,
         &carries,
-        &[],
+        &deductions,
         own_minimum,
     )
     .map_err(|(reason, _)| short_balance(reason, available, currency))?;
@@ -338,16 +367,28 @@ pub async fn request(
         return Err(short_balance("nothing to pay", available, currency));
     };
     let Some(money) = money else {
+        let code = currency.code();
+        let owed = if deductions.is_empty() {
+            String::new()
+        } else {
+            let each: Vec<String> = deductions
+                .iter()
+                .map(|d| format!("{} {} {code}", d.label, at_scale(d.amount, currency)))
+                .collect();
+            format!(
+                " after this period's agreed deductions ({})",
+                each.join(", ")
+            )
+        };
+        let releasable = at_scale(available, currency);
         let why = match s.outcome {
             Outcome::BelowMinimum { minimum } => format!(
-                "would pay {} {code}, below the minimum payout of {minimum} {code}; ask for more, or wait for the schedule",
+                "would pay {} {code}{owed}, below the minimum payout of {minimum} {code} ({releasable} {code} releasable); ask for more, or wait for the schedule",
                 s.net,
-                code = currency.code()
             ),
             _ => format!(
-                "would pay nothing: the balance after what is owed (deductions or a shortfall carried over) is {} {}",
+                "would pay nothing{owed}: the balance after what is owed (deductions or a shortfall carried over) is {} {code} ({releasable} {code} releasable)",
                 s.net,
-                currency.code()
             ),
         };
         return Err(short_balance(
@@ -439,6 +480,7 @@ pub async fn request(
                "amount": amount.map(|a| a.to_string()), "method": method.as_str(),
                "available": at_scale(available, currency).to_string(),
                "earnings": ids.len(), "gross": s.gross.to_string(), "fee": s.fee.to_string(),
+               "deductions": s.deductions.to_string(),
                "net": s.net.to_string(), "settlement_id": settlement_id, "payout_id": payout_id}),
         by.source,
     )

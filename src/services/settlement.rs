@@ -46,6 +46,11 @@
 //! end), not a write: `earning.released` is emitted when the run observes it,
 //! i.e. when the earning is settled, not at `release_at` itself.
 //!
+//! **Agreed deductions once per period.** A period with work in it charges
+//! the payee's agreed deductions (`payee_deductions`), unless an early payout
+//! request made in the period charged them already (a request charges those
+//! of the period it is made in: see `services::payout_requests`).
+//!
 //! [`preview`] computes the next period the run would settle and writes nothing.
 
 use std::collections::HashMap;
@@ -554,7 +559,7 @@ async fn settle_chunk(
                 .into_iter()
                 .map(|s| ((s.payee_id, s.currency.clone()), s))
                 .collect();
-        let mut due: Vec<(Live, Period)> = Vec::new();
+        let mut due: Vec<(Live, Period, Option<DateTime<Utc>>)> = Vec::new();
         for l in live.drain(..) {
             let st = states
                 .remove(&key(l.i))
@@ -562,15 +567,15 @@ async fn settle_chunk(
             match period_to_settle(l.schedule, st.latest, &st.pending, now, l.plan.named) {
                 None => {}
                 Some(p) if p.end > now => slots[l.i].end = Some(End::NotDue),
-                Some(p) => due.push((l, p)),
+                Some(p) => due.push((l, p, st.latest)),
             }
         }
         if due.is_empty() {
             break;
         }
-        let ids: Vec<i64> = due.iter().map(|(l, _)| works[l.i].payee_id).collect();
-        let codes: Vec<&str> = due.iter().map(|(l, _)| works[l.i].code.as_str()).collect();
-        let ends: Vec<DateTime<Utc>> = due.iter().map(|(_, p)| p.end).collect();
+        let ids: Vec<i64> = due.iter().map(|(l, ..)| works[l.i].payee_id).collect();
+        let codes: Vec<&str> = due.iter().map(|(l, ..)| works[l.i].code.as_str()).collect();
+        let ends: Vec<DateTime<Utc>> = due.iter().map(|(_, p, _)| p.end).collect();
         let mut rows: HashMap<Key, Vec<earnings::Earning>> = HashMap::new();
         for e in earnings::unsettled_many(&mut tx, &ids, &codes, &ends).await? {
             rows.entry((e.payee_id, e.currency.clone()))
@@ -585,12 +590,36 @@ async fn settle_chunk(
                 .push(c.carry);
         }
 
+        // Deductions a request in the period charged already (only asked
+        // for those with deductions).
+        let (mut d_ids, mut d_codes, mut d_since, mut d_until) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (l, period, latest) in &due {
+            let k = key(l.i);
+            if deductions.contains_key(&k) {
+                let (since, until) = requests_window(l.schedule, *latest, *period);
+                d_ids.push(k.0);
+                d_codes.push(works[l.i].code.as_str());
+                d_since.push(since);
+                d_until.push(until);
+            }
+        }
+        let charged: std::collections::HashSet<Key> =
+            settlements::deductions_requested_many(&mut tx, &d_ids, &d_codes, &d_since, &d_until)
+                .await?
+                .into_iter()
+                .collect();
+
         let mut computed: Vec<Computed> = Vec::with_capacity(due.len());
-        for (l, period) in due {
+        for (l, period, _) in due {
             let k = key(l.i);
             let rows = rows.remove(&k).unwrap_or_default();
             let carries = carries.remove(&k).unwrap_or_default();
-            let deductions = deductions.get(&k).map_or(&[][..], Vec::as_slice);
+            let deductions = if charged.contains(&k) {
+                &[][..]
+            } else {
+                deductions.get(&k).map_or(&[][..], Vec::as_slice)
+            };
             match compute(
                 policy,
                 l,
@@ -848,7 +877,16 @@ async fn settle_next(
     let deductions = if rows.is_empty() {
         Vec::new()
     } else {
-        payee_terms::deductions(&mut tx, payee_id, code).await?
+        let agreed = payee_terms::deductions(&mut tx, payee_id, code).await?;
+        let (since, until) = requests_window(schedule, latest, period);
+        if agreed.is_empty()
+            || settlements::deductions_requested(&mut tx, payee_id, code, since, Some(until))
+                .await?
+        {
+            Vec::new() // charged by an early payout request in the period
+        } else {
+            agreed
+        }
     };
     let own_minimum = payee_terms::minimum(&mut tx, payee_id, code).await?;
     let decided = decide(
@@ -929,6 +967,40 @@ async fn settle_next(
         payout_id,
         earnings: rows.len(),
     }))
+}
+
+/// The early payout requests whose charge of the agreed deductions counts
+/// for a scheduled `period`: those made in it (on a manual schedule, since
+/// the last settled period ended). A request charges the deductions of the
+/// period it is made in ([`request_deductions_window`]), so the period's
+/// settlement does not charge them again.
+fn requests_window(
+    schedule: Schedule,
+    latest: Option<DateTime<Utc>>,
+    period: Period,
+) -> (Option<DateTime<Utc>>, DateTime<Utc>) {
+    if schedule.is_automatic() {
+        (Some(period.start), period.end)
+    } else {
+        (latest, period.end)
+    }
+}
+
+/// The window of the period whose agreed deductions an early payout
+/// request made at `now` charges: the scheduled period containing `now`
+/// (from the end of the last settled period, as the run cuts it); on a
+/// manual schedule, everything since the last settled period ended. The
+/// request charges them unless a request made in that window did already
+/// (the scheduled settlement of the period comes only after it closes).
+pub(crate) fn request_deductions_window(
+    schedule: Schedule,
+    latest: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> (Option<DateTime<Utc>>, Option<DateTime<Utc>>) {
+    match schedule.next_period(latest, now) {
+        Some(p) => (Some(p.start), Some(p.end)),
+        None => (latest, None),
+    }
 }
 
 /// The earnings one payout takes from those released by its period's end
@@ -1206,7 +1278,17 @@ pub async fn preview(
         let deductions = if rows.is_empty() {
             Vec::new()
         } else {
-            payee_terms::deductions(&mut conn, payee_id, code).await?
+            let agreed = payee_terms::deductions(&mut conn, payee_id, code).await?;
+            let latest = settlements::latest_end(&mut conn, payee_id, code).await?;
+            let (since, until) = requests_window(schedule, latest, period);
+            if agreed.is_empty()
+                || settlements::deductions_requested(&mut conn, payee_id, code, since, Some(until))
+                    .await?
+            {
+                Vec::new() // charged by an early payout request in the period
+            } else {
+                agreed
+            }
         };
         let own_minimum = payee_terms::minimum(&mut conn, payee_id, code).await?;
         let s = policy

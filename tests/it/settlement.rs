@@ -1892,13 +1892,14 @@ async fn an_early_request_pays_what_is_released_and_the_friday_settlement_pays_t
         .await
         .unwrap();
     assert!(!r.replayed);
-    // 70% of 100.00 = 70.00, standard fee 0.25 + 0.25 = 0.50; no rent.
-    assert_eq!(r.payout.amount, dec("69.50"));
+    // 70% of 100.00 = 70.00, the week's rent 5.00 (the first request of
+    // the week [11-13, 11-20) charges it), standard fee 0.25 + 0.25 = 0.50.
+    assert_eq!(r.payout.amount, dec("64.50"));
     assert_eq!(r.payout.due_at, sunday);
     assert_eq!(r.request.amount, Some(dec("120.00")));
     assert_eq!(r.request.requested_by, ASKER);
     assert!(r.settlement.requested);
-    assert_eq!(r.settlement.deductions, dec("0.00"));
+    assert_eq!(r.settlement.deductions, dec("5.00"));
     let kinds: Vec<(&str, Option<i64>)> = r
         .lines
         .iter()
@@ -1906,7 +1907,12 @@ async fn an_early_request_pays_what_is_released_and_the_friday_settlement_pays_t
         .collect();
     assert_eq!(
         kinds,
-        [("earning", Some(r1)), ("commission", None), ("fee", None)]
+        [
+            ("earning", Some(r1)),
+            ("commission", None),
+            ("deduction", None),
+            ("fee", None)
+        ]
     );
     assert_eq!(
         r.lines.iter().map(|l| l.amount).sum::<Decimal>(),
@@ -1953,7 +1959,8 @@ async fn an_early_request_pays_what_is_released_and_the_friday_settlement_pays_t
     assert_eq!(books(pool).await, before, "a replay writes nothing");
 
     // The schedule is not moved: nothing is due before Friday, and Friday's
-    // settlement is the week [11-13, 11-20) with what is left (R2, R3), with the rent.
+    // settlement is the week [11-13, 11-20) with what is left (R2, R3),
+    // without the rent the request of the week charged.
     let midweek = settle(pool, at("2026-11-18T10:00:00Z")).await;
     assert_eq!(midweek.payouts(), 0, "{midweek:?}");
     let friday = settle(pool, at("2026-11-20T10:00:00Z")).await;
@@ -1971,7 +1978,11 @@ async fn an_early_request_pays_what_is_released_and_the_friday_settlement_pays_t
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(row.deductions, dec("5.00"), "the week's rent, once");
+    assert_eq!(
+        row.deductions,
+        dec("0.00"),
+        "the week's rent, once (by the request)"
+    );
     assert!(!row.requested);
     // The next week, too, at its time.
     let next = settle(pool, at("2026-11-27T10:00:00Z")).await;
@@ -2239,5 +2250,159 @@ proptest! {
             .unwrap();
             assert_eq!(twice, 0);
         });
+    }
+}
+
+/// Settles everyone at `now`, in chunks (`bulk`) or one period per transaction.
+async fn settle_by(pool: &PgPool, now: DateTime<Utc>, bulk: bool) -> settlement::RunReport {
+    let opts = Options {
+        payee: None,
+        actor: ACTOR.into(),
+    };
+    if bulk {
+        settlement::run(pool, &policy(), now, &opts).await.unwrap()
+    } else {
+        settlement::run_one_by_one(pool, &policy(), now, &opts)
+            .await
+            .unwrap()
+    }
+}
+
+/// The deduction lines of a settlement.
+async fn deduction_lines(pool: &PgPool, settlement_id: i64) -> Vec<(String, Decimal)> {
+    sqlx::query_as(
+        "SELECT description, amount FROM payout_lines
+         WHERE settlement_id = $1 AND kind = 'deduction' ORDER BY position",
+    )
+    .bind(settlement_id)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_weeks_rent_is_charged_once_whether_its_work_is_taken_by_requests_or_the_friday_settlement()
+ {
+    for bulk in [true, false] {
+        let db = TestDb::new().await;
+        let pool = &db.pool;
+        let p = payee(pool, "acct_rent").await;
+        payee_terms::set(pool, p, Some(Some("weekly:fri".parse().unwrap())), None)
+            .await
+            .unwrap();
+        payee_terms::set_deduction(
+            pool,
+            p,
+            "booth rent",
+            Money::parse("50.00", "USD").unwrap(),
+            at("2026-10-01T00:00:00Z"),
+        )
+        .await
+        .unwrap();
+        let rent = |s: &settlements::SettlementRow| s.deductions;
+        // The week [11-13, 11-20): all its released work requested midweek.
+        earn(pool, p, "A1", "200.00", at("2026-11-07T10:00:00Z")).await; // released 11-14
+        earn(pool, p, "A2", "100.00", at("2026-11-08T10:00:00Z")).await; // released 11-15
+        let first = request(pool, p, None, "w1-a", at("2026-11-16T12:00:00Z"))
+            .await
+            .unwrap();
+        assert_eq!(
+            rent(&first.settlement),
+            dec("50.00"),
+            "bulk {bulk}: the week's rent"
+        );
+        assert_eq!(
+            deduction_lines(pool, first.settlement.id).await,
+            [("booth rent".to_string(), dec("-50.00"))]
+        );
+        // 70% of 300.00 = 210.00, less the rent and the standard fee.
+        let s = &first.settlement;
+        assert_eq!(s.net, s.payee_share - dec("50.00") - s.fee, "{s:?}");
+        assert_eq!(first.payout.amount, s.net);
+        // A second request in the same week: no second rent.
+        earn(pool, p, "A3", "100.00", at("2026-11-10T10:00:00Z")).await; // released 11-17
+        let second = request(pool, p, None, "w1-b", at("2026-11-17T12:00:00Z"))
+            .await
+            .unwrap();
+        assert_eq!(rent(&second.settlement), dec("0.00"), "bulk {bulk}");
+        assert!(deduction_lines(pool, second.settlement.id).await.is_empty());
+        // Friday's preview of the week shows no second rent either.
+        earn(pool, p, "A4", "100.00", at("2026-11-11T10:00:00Z")).await; // released 11-18
+        let preview = settlement::preview(pool, &policy(), p, at("2026-11-18T12:00:00Z"))
+            .await
+            .unwrap();
+        assert_eq!(
+            (preview.period.start, preview.settlements[0].deductions),
+            (at("2026-11-13T00:00:00Z"), Decimal::ZERO),
+            "bulk {bulk}"
+        );
+        // Work left for the Friday settlement of that week: settled, no rent again.
+        let friday = settle_by(pool, at("2026-11-20T10:00:00Z"), bulk).await;
+        assert_eq!(friday.settled.len(), 1, "bulk {bulk}: {friday:?}");
+        let f = &friday.settled[0];
+        assert_eq!(
+            (f.period.start, f.period.end, f.earnings),
+            (at("2026-11-13T00:00:00Z"), at("2026-11-20T00:00:00Z"), 1)
+        );
+        let row = settlements::get(pool, f.settlement_id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            row.deductions,
+            dec("0.00"),
+            "bulk {bulk}: charged by the request"
+        );
+        assert!(deduction_lines(pool, f.settlement_id).await.is_empty());
+
+        // The next week [11-20, 11-27): its first request charges its rent.
+        earn(pool, p, "B1", "150.00", at("2026-11-15T10:00:00Z")).await; // released 11-22
+        let next = request(pool, p, None, "w2-a", at("2026-11-23T09:00:00Z"))
+            .await
+            .unwrap();
+        assert_eq!(rent(&next.settlement), dec("50.00"), "bulk {bulk}");
+        // Its Friday settlement, with new work, charges none.
+        earn(pool, p, "B2", "100.00", at("2026-11-17T10:00:00Z")).await; // released 11-24
+        let friday = settle_by(pool, at("2026-11-27T10:00:00Z"), bulk).await;
+        assert_eq!(friday.settled.len(), 1, "bulk {bulk}: {friday:?}");
+        let row = settlements::get(pool, friday.settled[0].settlement_id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(row.deductions, dec("0.00"), "bulk {bulk}");
+
+        // The week [11-27, 12-04): 70% of 60.00 does not cover the rent:
+        // refused, naming it and the releasable balance; nothing written.
+        earn(pool, p, "C1", "60.00", at("2026-11-21T10:00:00Z")).await; // released 11-28
+        let before = books(pool).await;
+        match request(pool, p, None, "w3-a", at("2026-11-30T10:00:00Z")).await {
+            Err(RequestError::Unprocessable {
+                message, available, ..
+            }) => {
+                assert_eq!(available, Some(dec("60.00")), "{message}");
+                assert!(message.contains("booth rent 50.00 USD"), "{message}");
+                assert!(message.contains("60.00 USD releasable"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(books(pool).await, before, "a refusal writes nothing");
+        // The Friday settlement charges that week's rent (a shortfall carried over).
+        let friday = settle_by(pool, at("2026-12-04T10:00:00Z"), bulk).await;
+        let row = settlements::get(pool, friday.settled[0].settlement_id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(row.deductions, dec("50.00"), "bulk {bulk}");
+
+        // Every week with work paid its rent exactly once.
+        let charged: Vec<Decimal> = sqlx::query_scalar(
+            "SELECT deductions FROM settlements WHERE payee_id = $1 AND deductions > 0 ORDER BY id",
+        )
+        .bind(p)
+        .fetch_all(pool)
+        .await
+        .unwrap();
+        assert_eq!(charged, [dec("50.00"), dec("50.00"), dec("50.00")]);
+        assert_books_balance(pool).await;
     }
 }
