@@ -2,7 +2,8 @@
 # The producer's due scan against a large table: creates database
 # payouts_scan, fills it with ROWS payouts (default 10,000,000: 99% paid,
 # 1% pending and due), and prints EXPLAIN ANALYZE of one producer batch
-# (500 rows), rolled back. The statement mirrors db::payouts::queue_statement.
+# (500 rows), rolled back. The statement mirrors the pending step of
+# db::payouts::queue_due_ranked (by rank time, `payouts_pending_rank_idx`).
 # Used for BENCHMARKS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,10 +18,11 @@ time $PSQL -d payouts_scan <<SQL
 INSERT INTO payees (name, gateway_account, currency)
 SELECT 'p' || g, 'acct_' || g, 'USD' FROM generate_series(1, 10000) g;
 ALTER TABLE payouts DISABLE TRIGGER payouts_transition;
-INSERT INTO payouts (payee_id, amount, currency, status, due_at, attempt, gateway_transfer_id, paid_at, created_at, updated_at)
+INSERT INTO payouts (payee_id, amount, currency, status, due_at, rank_at, attempt, gateway_transfer_id, paid_at, created_at, updated_at)
 SELECT 1 + g % 10000, 10 + (g % 500), 'USD',
        CASE WHEN g % 100 = 0 THEN 'pending' ELSE 'paid' END,
        now() - interval '30 days' + (g % 2592000) * interval '1 second',
+       CASE WHEN g % 100 = 0 THEN now() - interval '30 days' + (g % 2592000) * interval '1 second' END,
        CASE WHEN g % 100 = 0 THEN 0 ELSE 1 END,
        CASE WHEN g % 100 = 0 THEN NULL ELSE 'tr_' || g END,
        CASE WHEN g % 100 = 0 THEN NULL ELSE now() END,
@@ -37,11 +39,13 @@ $PSQL -d payouts_scan <<'SQL'
 BEGIN;
 EXPLAIN (ANALYZE, BUFFERS, COSTS OFF)
 WITH due AS (
-    SELECT id, status FROM payouts WHERE status = 'pending' AND due_at <= now()
-    ORDER BY due_at LIMIT 500 FOR UPDATE SKIP LOCKED),
+    SELECT id, status FROM payouts WHERE rank_at <= now() AND due_at <= now()
+      AND NOT EXISTS (SELECT 1 FROM payees y WHERE y.id = payouts.payee_id AND y.status = 'suspended')
+    ORDER BY rank_at LIMIT 500 FOR UPDATE SKIP LOCKED),
 upd AS (
-    UPDATE payouts p SET status = 'queued', lease_until = now() + interval '60 seconds', lease_owner = NULL, updated_at = now()
-    FROM due WHERE p.id = due.id
+    UPDATE payouts p SET status = 'queued', lease_until = now() + interval '60 seconds', lease_owner = NULL, updated_at = now(),
+        rank_at = NULL
+    FROM due WHERE p.id = due.id AND due.status = 'pending'
     RETURNING p.id, due.status AS from_status, p.attempt),
 ev AS (
     INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)

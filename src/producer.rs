@@ -4,6 +4,13 @@
 //! (`producer.rescue_after_ms`, [`Producer::rescue`]); sweeps expired leases;
 //! notices when Redis lost its data. Replicas elect one leader by a Redis
 //! lock with a time-to-live; the others stand by.
+//!
+//! Priority (#17 item 4, [`crate::config::priority`]): due payouts are taken
+//! by rank time, `due_at` minus a bounded boost (a payee's early request, an
+//! operator's "process now", and the policy for scheduled payouts: amount or
+//! payee tier), so they go ahead of the scheduled backlog yet a payout that
+//! has waited longer than the boost still goes first (aging); boosted jobs
+//! are pushed at the front of the Redis queue, ahead of the window.
 
 use std::{
     sync::{
@@ -186,6 +193,9 @@ impl Producer {
 
     /// Moves up to `room` due payouts to `queued` and pushes their jobs, in
     /// batches: the push of one batch overlaps the due scan of the next.
+    /// Payouts are taken in rank order (`producer.priority`,
+    /// [`payouts::queue_due_ranked`]); early requests' and "process now"
+    /// jobs are pushed at the front of the queue.
     /// Returns how many, and whether `room` ran out with more perhaps due.
     ///
     /// Marked queued first, pushed second: if this process dies in between,
@@ -202,18 +212,36 @@ impl Producer {
         let mut more = false;
         while left > 0 {
             let limit = left.min(self.settings.batch_size);
-            let ids = payouts::queue_due(&self.pool, now, limit, lease_until, &self.actor).await?;
+            let due = payouts::queue_due_ranked(
+                &self.pool,
+                &self.settings.priority,
+                now,
+                limit,
+                lease_until,
+                &self.actor,
+            )
+            .await?;
             if let Some(p) = pushing.take() {
                 p.await??;
             }
-            let n = ids.len();
+            let n = due.len();
             metrics::JOBS_ENQUEUED
                 .with_label_values(&["due"])
                 .inc_by(n as u64);
             enqueued += n;
             left -= n as i64;
+            // Early requests and "process now" go ahead of the window
+            // already waiting in Redis; the rest join its end.
+            let (front, back): (Vec<_>, Vec<_>) = due.into_iter().partition(|d| d.priority > 0);
+            let front: Vec<i64> = front.into_iter().map(|d| d.id).collect();
+            let back: Vec<i64> = back.into_iter().map(|d| d.id).collect();
             let queue = self.queue.clone();
-            pushing = Some(tokio::spawn(async move { queue.push(&ids).await }));
+            pushing = Some(tokio::spawn(async move {
+                if !front.is_empty() {
+                    queue.push_front(&front).await?;
+                }
+                queue.push(&back).await
+            }));
             if (n as i64) < limit {
                 break;
             }

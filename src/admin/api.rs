@@ -442,6 +442,18 @@ async fn push(s: &AdminState, ids: &[i64]) -> bool {
     }
 }
 
+/// [`push`] at the front of the queue.
+async fn push_front(s: &AdminState, ids: &[i64]) -> bool {
+    match s.queue.push_manual_front(ids).await {
+        Ok(()) => true,
+        Err(e) => {
+            // Queued with a lease in Postgres: the lease sweep pushes them.
+            tracing::warn!(error = %format!("{e:#}"), n = ids.len(), "could not push jobs; the lease sweep will");
+            false
+        }
+    }
+}
+
 /// What an action did.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ActionResult {
@@ -461,8 +473,9 @@ pub struct ActionResult {
 /// `retry`: failed -> queued; `cancel`: pending, queued, retrying, failed or
 /// held -> cancelled (a payout that was sent and could have moved money is
 /// looked up at the gateway first: a transfer there refuses the cancel and
-/// is recorded; a failed look-up refuses it); `enqueue`: pending, retrying
-/// or held -> queued now. 409 when the payout's status does not allow it
+/// is recorded; a failed look-up refuses it); `enqueue` ("process now"):
+/// pending, retrying or held -> queued now, with priority 2 (process now)
+/// and its job at the front of the queue. 409 when the payout's status does not allow it
 /// (the body's `status` says which it is) or its payee is suspended.
 #[utoipa::path(
     post,
@@ -544,7 +557,13 @@ pub async fn action(
             )));
         }
     };
-    let pushed = to != PayoutStatus::Queued || push(&s, &[id]).await;
+    let pushed = to != PayoutStatus::Queued
+        || if action == "enqueue" {
+            // "Process now": ahead of the window already waiting.
+            push_front(&s, &[id]).await
+        } else {
+            push(&s, &[id]).await
+        };
     metrics::ADMIN_ACTIONS
         .with_label_values(&[action.as_str(), "ok"])
         .inc();

@@ -76,7 +76,8 @@ pub enum Command {
         #[arg(long, default_value = "now")]
         due: String,
     },
-    /// Enqueue one payout now (whatever its due time), or run one producer pass with --due.
+    /// Enqueue one payout now ("process now": whatever its due time, ahead of
+    /// the queue, priority 2), or run one producer pass with --due.
     Enqueue {
         /// Payout id.
         #[arg(required_unless_present = "due", conflicts_with = "due")]
@@ -764,7 +765,7 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
         Command::Enqueue { id: Some(id), .. } => {
             let conn = crate::queue::connect(&settings.redis).await?;
             let from = payouts::enqueue_now(&pool, id, &actor, lease_until(), clock.now()).await?;
-            queue_for(&settings, conn).push_manual(&[id]).await?;
+            queue_for(&settings, conn).push_manual_front(&[id]).await?;
             if cli.json {
                 writeln!(
                     out,

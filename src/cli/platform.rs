@@ -1,4 +1,4 @@
-//! `payoutctl payee list|show|suspend|resume|set-account|set-email` (#17 item 7): the
+//! `payoutctl payee list|show|suspend|resume|set-account|set-email|set-tier` (#17 items 7, 4): the
 //! same changes as the admin API's (`src/services/payees.rs`), audited with
 //! the operator as actor.
 
@@ -110,6 +110,15 @@ pub enum PayeeOps {
         /// Remove the address: no more mail to this payee.
         #[arg(long)]
         clear: bool,
+    },
+    /// Set a payee's tier (0-9): with `producer.priority.scheduled = "tier"`
+    /// its scheduled payouts rank ahead by `tier_boost_secs[tier]`.
+    SetTier {
+        /// Payee id.
+        id: i64,
+        /// The tier, 0 (standard) to 9.
+        #[arg(long)]
+        tier: i64,
     },
     /// Change a payee's gateway account; payouts already sent keep theirs.
     SetAccount {
@@ -454,6 +463,20 @@ pub async fn run(
                     Some(e) => writeln!(out, "payee {id} email set to {e}")?,
                     None => writeln!(out, "payee {id} email cleared: no more mail")?,
                 }
+            }
+        }
+        PayeeOps::SetTier { id, tier } => {
+            let r = payee_service::set_tier(pool, id, tier, by)
+                .await
+                .map_err(exit_of)?;
+            if as_json {
+                writeln!(out, "{}", serde_json::to_string(&r)?)?;
+            } else {
+                writeln!(
+                    out,
+                    "payee {id} tier {} -> {}; {} pending payouts ranked again",
+                    r.previous, r.tier, r.reranked
+                )?;
             }
         }
         PayeeOps::SetAccount { id, account } => {

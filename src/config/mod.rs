@@ -4,10 +4,12 @@
 
 pub mod email;
 mod gateway;
+pub mod priority;
 pub mod webhooks_out;
 
 pub use email::EmailSettings;
 pub use gateway::{GatewaySettingsError, MOCK_SECRET, STATUS_MEANINGS, validate_gateway};
+pub use priority::PrioritySettings;
 pub use webhooks_out::WebhooksOutSettings;
 
 use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
@@ -187,6 +189,8 @@ pub struct ProducerSettings {
     /// ms, is taken for dead: the leader releases what it held and re-enqueues
     /// it at the front of the queue (0: off; the lease runs out instead).
     pub rescue_after_ms: u64,
+    /// The due scan's ranking (`[producer.priority]`, [`priority`]).
+    pub priority: PrioritySettings,
     /// The policy that pass applies: `services::settlement::policy_for`, loaded
     /// at load when `settle_on_tick` is on (not a key of its own).
     #[serde(skip)]
@@ -481,6 +485,7 @@ impl Settings {
     pub fn validate(&self) -> anyhow::Result<()> {
         self.webhooks_out.validate()?;
         self.email.validate()?;
+        self.producer.priority.validate()?;
         if self.email.enabled {
             if !self.webhooks_out.enabled {
                 bail!("email.enabled needs webhooks_out.enabled (the same worker sends both)");

@@ -129,6 +129,26 @@ pub async fn set_account(conn: &mut PgConnection, id: i64, account: &str) -> sql
     .await
 }
 
+/// Sets payee `id`'s tier (`producer.priority.scheduled = "tier"`); returns
+/// the tier before, `None` when there is no such payee.
+pub async fn set_tier(conn: &mut PgConnection, id: i64, tier: i16) -> sqlx::Result<Option<i16>> {
+    sqlx::query_scalar!(
+        r#"UPDATE payees y SET tier = $2 FROM payees old WHERE y.id = $1 AND old.id = y.id
+           RETURNING old.tier AS "before!""#,
+        id,
+        tier,
+    )
+    .fetch_optional(&mut *conn)
+    .await
+}
+
+/// Payee `id`'s tier, if it exists.
+pub async fn tier(pool: &PgPool, id: i64) -> sqlx::Result<Option<i16>> {
+    sqlx::query_scalar!("SELECT tier FROM payees WHERE id = $1", id)
+        .fetch_optional(pool)
+        .await
+}
+
 /// The gateway accounts of payees `ids` (tooling: the demo seeds them at the
 /// Stripe stand-in).
 #[cfg(feature = "testkit")]

@@ -451,10 +451,9 @@ pub async fn count_queued(pool: &PgPool) -> sqlx::Result<i64> {
         .await
 }
 
-/// Moves up to `limit` due payouts (retrying whose time has come first, then
-/// pending by due time) to `queued`, leased until `lease_until`; returns their ids.
-/// Replicas never take the same rows (`FOR UPDATE SKIP LOCKED`). Payouts of
-/// a suspended payee wait (their claim would put them back, see [`claim_many`]).
+/// Moves up to `limit` due payouts to `queued` (with a queue lease and a
+/// `queued` event each) and returns their ids, ranked by the default
+/// `[producer.priority]`: [`queue_due_ranked`].
 pub async fn queue_due(
     pool: &PgPool,
     now: DateTime<Utc>,
@@ -462,9 +461,94 @@ pub async fn queue_due(
     lease_until: DateTime<Utc>,
     actor: &str,
 ) -> sqlx::Result<Vec<i64>> {
+    let ranking = crate::config::PrioritySettings::default();
+    Ok(
+        queue_due_ranked(pool, &ranking, now, limit, lease_until, actor)
+            .await?
+            .into_iter()
+            .map(|d| d.id)
+            .collect(),
+    )
+}
+
+/// A payout [`queue_due_ranked`] queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Due {
+    /// The payout.
+    pub id: i64,
+    /// Its `payouts.priority` ([`crate::domain::Priority`]): above 0, the
+    /// producer pushes its job at the front of the queue.
+    pub priority: i16,
+}
+
+/// Most pending payouts one [`rank_pending`] ranks.
+pub const RANK_BATCH: i64 = 10_000;
+
+/// Ranks pending payouts not ranked yet (new ones, and those whose due time,
+/// priority, amount, status or payee tier changed): `rank_at = due_at -
+/// boost` by `ranking` (see [`crate::config::priority`]), at most `limit`,
+/// early requests and "process now" first (index `payouts_unranked_idx`).
+/// Returns how many.
+pub async fn rank_pending(
+    pool: &PgPool,
+    ranking: &crate::config::PrioritySettings,
+    limit: i64,
+) -> sqlx::Result<u64> {
+    let res = sqlx::query!(
+        r#"WITH todo AS (
+             SELECT id FROM payouts WHERE status = 'pending' AND rank_at IS NULL
+             ORDER BY priority DESC, id LIMIT $1 FOR UPDATE SKIP LOCKED)
+         UPDATE payouts p SET rank_at = p.due_at - make_interval(secs => (
+             CASE p.priority
+               WHEN 2 THEN $2::int::numeric
+               WHEN 1 THEN $3::int::numeric
+               ELSE CASE $4::text
+                 WHEN 'larger_first' THEN $5::int * LEAST(p.amount / $6::numeric, 1)
+                 WHEN 'smaller_first' THEN $5::int * (1 - LEAST(p.amount / $6::numeric, 1))
+                 WHEN 'tier' THEN COALESCE(($7::int[])[y.tier + 1], 0)::numeric
+                 ELSE 0 END
+             END)::float8)
+         FROM todo, payees y WHERE p.id = todo.id AND y.id = p.payee_id"#,
+        limit,
+        ranking.process_now_boost_secs as i32,
+        ranking.requested_boost_secs as i32,
+        ranking.scheduled.as_str(),
+        ranking.amount_boost_secs as i32,
+        ranking.amount_full,
+        &ranking.tier_boosts(),
+    )
+    .execute(pool)
+    .await?;
+    Ok(res.rows_affected())
+}
+
+/// Moves up to `limit` due payouts to `queued` (with a queue lease and a
+/// `queued` event each) and returns them, in this order:
+///
+/// 1. retrying payouts whose next attempt is due, earliest first (index
+///    `payouts_retrying_next_idx`): they were due before and are few (the
+///    retry budget, the backoff), so they are not ranked behind new
+///    requests; a requested payout that is retrying keeps its place among them;
+/// 2. pending payouts that are due, by rank time `rank_at` = `due_at` minus
+///    the boost of `ranking` (index `payouts_pending_rank_idx`), after
+///    [`rank_pending`] has ranked up to [`RANK_BATCH`] new ones. A pending
+///    payout not ranked yet waits for a later pass.
+///
+/// Replicas never take the same rows (`FOR UPDATE SKIP LOCKED`). Payouts of
+/// a suspended payee wait (their claim would put them back, see [`claim_many`]).
+pub async fn queue_due_ranked(
+    pool: &PgPool,
+    ranking: &crate::config::PrioritySettings,
+    now: DateTime<Utc>,
+    limit: i64,
+    lease_until: DateTime<Utc>,
+    actor: &str,
+) -> sqlx::Result<Vec<Due>> {
+    rank_pending(pool, ranking, RANK_BATCH).await?;
     let mut tx = pool.begin().await?;
     // Retrying payouts whose next attempt is due (index `payouts_retrying_next_idx`).
-    let mut ids: Vec<i64> = sqlx::query_scalar!(
+    let mut due: Vec<Due> = sqlx::query_as!(
+        Due,
         r#"WITH due AS (
              SELECT id, status FROM payouts WHERE status = 'retrying' AND next_attempt_at <= $1
                AND NOT EXISTS (SELECT 1 FROM payees y WHERE y.id = payouts.payee_id AND y.status = 'suspended')
@@ -472,11 +556,11 @@ pub async fn queue_due(
          upd AS (
              UPDATE payouts p SET status = 'queued', lease_until = $3, lease_owner = NULL, updated_at = $1
              FROM due WHERE p.id = due.id
-             RETURNING p.id, due.status AS from_status, p.attempt),
+             RETURNING p.id, due.status AS from_status, p.attempt, p.priority),
          ev AS (
              INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
              SELECT id, from_status, 'queued', $4, 'retry due', attempt, $1 FROM upd)
-         SELECT id AS "id!" FROM upd"#,
+         SELECT id AS "id!", priority AS "priority!" FROM upd"#,
         now,
         limit,
         lease_until,
@@ -484,22 +568,29 @@ pub async fn queue_due(
     )
     .fetch_all(&mut *tx)
     .await?;
-    let rest = limit - ids.len() as i64;
+    let rest = limit - due.len() as i64;
     if rest > 0 {
-        // Pending payouts that are due (index `payouts_pending_due_idx`).
-        let more: Vec<i64> = sqlx::query_scalar!(
+        // Pending payouts that are due, by rank (index `payouts_pending_rank_idx`;
+        // `rank_at <= due_at`, so `rank_at <= now` bounds the index range).
+        // Only pending payouts have a rank (migration 20261130000200): no
+        // status clause, which would make the planner expect a few rows and
+        // sort them all instead of reading the index in order.
+        let more: Vec<Due> = sqlx::query_as!(
+            Due,
             r#"WITH due AS (
-                 SELECT id, status FROM payouts WHERE status = 'pending' AND due_at <= $1
+                 SELECT id, status FROM payouts
+                 WHERE rank_at <= $1 AND due_at <= $1
                    AND NOT EXISTS (SELECT 1 FROM payees y WHERE y.id = payouts.payee_id AND y.status = 'suspended')
-                 ORDER BY due_at LIMIT $2 FOR UPDATE SKIP LOCKED),
+                 ORDER BY rank_at LIMIT $2 FOR UPDATE SKIP LOCKED),
              upd AS (
-                 UPDATE payouts p SET status = 'queued', lease_until = $3, lease_owner = NULL, updated_at = $1
-                 FROM due WHERE p.id = due.id
-                 RETURNING p.id, due.status AS from_status, p.attempt),
+                 UPDATE payouts p SET status = 'queued', lease_until = $3, lease_owner = NULL, updated_at = $1,
+                     rank_at = NULL
+                 FROM due WHERE p.id = due.id AND due.status = 'pending'
+                 RETURNING p.id, due.status AS from_status, p.attempt, p.priority),
              ev AS (
                  INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
                  SELECT id, from_status, 'queued', $4, 'due', attempt, $1 FROM upd)
-             SELECT id AS "id!" FROM upd"#,
+             SELECT id AS "id!", priority AS "priority!" FROM upd"#,
             now,
             rest,
             lease_until,
@@ -507,10 +598,30 @@ pub async fn queue_due(
         )
         .fetch_all(&mut *tx)
         .await?;
-        ids.extend(more);
+        due.extend(more);
     }
     tx.commit().await?;
-    Ok(ids)
+    Ok(due)
+}
+
+/// Makes payee `payee_id`'s pending payouts unranked (its tier changed): the
+/// producer's next pass ranks them again. Returns how many.
+pub async fn unrank_pending_of_payee(conn: &mut PgConnection, payee_id: i64) -> sqlx::Result<u64> {
+    let res = sqlx::query!(
+        "UPDATE payouts SET rank_at = NULL WHERE payee_id = $1 AND status = 'pending' AND rank_at IS NOT NULL",
+        payee_id,
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(res.rows_affected())
+}
+
+/// A payout's rank time (`rank_at`): `None` when not ranked (or no such payout).
+pub async fn rank_at(pool: &PgPool, id: i64) -> sqlx::Result<Option<DateTime<Utc>>> {
+    let r = sqlx::query_scalar!("SELECT rank_at FROM payouts WHERE id = $1", id)
+        .fetch_optional(pool)
+        .await?;
+    Ok(r.flatten())
 }
 
 /// Finds `queued` and `processing` payouts whose lease ran out (a lost job, a
@@ -1073,7 +1184,9 @@ async fn act(
 }
 
 /// Operator: enqueue now, whatever the due time (`pending`, `retrying` or
-/// `held` -> `queued`). Returns the status it moved from; `queued` when it already was.
+/// `held` -> `queued`): "process now", which also sets its priority to
+/// [`crate::domain::Priority::ProcessNow`]. Returns the status it moved
+/// from; `queued` when it already was.
 pub async fn enqueue_now(
     pool: &PgPool,
     id: i64,
@@ -1105,10 +1218,19 @@ pub async fn enqueue_now_because(
         actor,
         reason,
     };
-    match act(pool, id, action, now).await {
-        Err(ActionError::Illegal(e)) if e.from == PayoutStatus::Queued => Ok(PayoutStatus::Queued),
-        other => other,
-    }
+    let from = match act(pool, id, action, now).await {
+        Err(ActionError::Illegal(e)) if e.from == PayoutStatus::Queued => PayoutStatus::Queued,
+        other => other?,
+    };
+    // "Process now": ranked first should it be pending again (a retry, a
+    // suspension), and its job goes to the front of the queue.
+    set_priority(
+        &mut *pool.acquire().await?,
+        id,
+        crate::domain::Priority::ProcessNow,
+    )
+    .await?;
+    Ok(from)
 }
 
 /// Operator: retry a failed payout (`failed` -> `queued`) with a fresh attempt budget.

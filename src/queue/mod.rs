@@ -88,13 +88,20 @@ end
 return n
 "#;
 
-/// KEYS[1] the active job list; ARGV task ids just pushed (at its tail), in
-/// the order they should be fetched. Moves each to the head, so they are
-/// fetched next; an id no longer in the list (already fetched) is left alone.
+/// KEYS[1] the active job list, KEYS[2] the scheduled set; ARGV task ids just
+/// pushed, in the order they should be fetched. apalis-redis 1.0 pushes
+/// every job into the scheduled set (scored by the push's second; a fetch
+/// first appends the due ones to the active list's tail), so each is taken
+/// from the scheduled set, or else from the active list, and put at the
+/// list's head: fetched next. An id in neither (already fetched) is left alone.
 const TO_FRONT: &str = r#"
 local found = {}
 for i = 1, #ARGV do
-  if redis.call('LREM', KEYS[1], -1, ARGV[i]) > 0 then
+  local n = redis.call('ZREM', KEYS[2], ARGV[i])
+  if n == 0 then
+    n = redis.call('LREM', KEYS[1], -1, ARGV[i])
+  end
+  if n > 0 then
     table.insert(found, ARGV[i])
   end
 end
@@ -295,6 +302,7 @@ impl Queue {
                 .await
                 .context("failed to push jobs to Redis")?;
             let mut inv = script.key(self.config.active_jobs_list());
+            inv.key(self.config.scheduled_jobs_set());
             for id in &ids {
                 inv.arg(id);
             }
@@ -310,6 +318,16 @@ impl Queue {
     /// counted as `manual` in `payout_jobs_enqueued_total`.
     pub async fn push_manual(&self, payout_ids: &[i64]) -> anyhow::Result<()> {
         self.push(payout_ids).await?;
+        crate::metrics::JOBS_ENQUEUED
+            .with_label_values(&["manual"])
+            .inc_by(payout_ids.len() as u64);
+        Ok(())
+    }
+
+    /// [`Queue::push_manual`] at the front of the queue (an operator's
+    /// "process now": ahead of the window already waiting).
+    pub async fn push_manual_front(&self, payout_ids: &[i64]) -> anyhow::Result<()> {
+        self.push_front(payout_ids).await?;
         crate::metrics::JOBS_ENQUEUED
             .with_label_values(&["manual"])
             .inc_by(payout_ids.len() as u64);

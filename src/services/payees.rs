@@ -157,6 +157,57 @@ pub async fn resume(
     Ok(payee)
 }
 
+/// A change of tier done.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct TierChanged {
+    /// The payee.
+    pub payee_id: i64,
+    /// The tier before.
+    pub previous: i16,
+    /// The tier now.
+    pub tier: i16,
+    /// Its pending payouts, ranked again by the producer's next pass.
+    pub reranked: u64,
+}
+
+/// Sets payee `id`'s tier (0-9; `producer.priority.scheduled = "tier"`
+/// ranks its scheduled payouts by it), audited; its pending payouts are
+/// ranked again. Refused for a tier out of range or an unknown payee.
+pub async fn set_tier(
+    pool: &PgPool,
+    id: i64,
+    tier: i64,
+    by: By<'_>,
+) -> Result<TierChanged, PayeeError> {
+    let tier = i16::try_from(tier)
+        .ok()
+        .filter(|t| (0..=9).contains(t))
+        .ok_or_else(|| PayeeError::Invalid(format!("tier must be 0-9, not {tier}")))?;
+    let mut tx = pool.begin().await?;
+    let previous = payees::set_tier(&mut tx, id, tier)
+        .await?
+        .ok_or(PayeeError::NotFound("payee", id))?;
+    let reranked = payouts::unrank_pending_of_payee(&mut tx, id).await?;
+    audit::record(
+        &mut *tx,
+        by.now,
+        by.actor,
+        "payee.tier",
+        &id.to_string(),
+        json!({"from": previous, "to": tier, "reranked_payouts": reranked}),
+        by.source,
+    )
+    .await?;
+    tx.commit().await?;
+    tracing::info!(payee = id, actor = %by.actor, previous, tier, "payee tier changed");
+    Ok(TierChanged {
+        payee_id: id,
+        previous,
+        tier,
+        reranked,
+    })
+}
+
 /// What is wrong with `account` as a destination of gateway `kind`, if
 /// anything: Stripe and the release-funds API (`driverStripeAccountId`) take
 /// a Stripe connected account (`acct_` and letters or digits); the HTTP

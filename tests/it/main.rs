@@ -24,6 +24,7 @@ mod observability;
 mod openapi;
 mod pipeline;
 mod platform;
+mod priority;
 mod reliability;
 mod sentinel;
 mod settlement;
