@@ -1831,6 +1831,19 @@ async fn books(pool: &PgPool) -> Vec<i64> {
 async fn an_early_request_pays_what_is_released_and_the_friday_settlement_pays_the_rest_on_time() {
     let db = TestDb::new().await;
     let pool = &db.pool;
+    // A platform listening for settlement events (the outbox writes them
+    // only for a subscribed type).
+    payouts::db::webhook_endpoints::create(
+        pool,
+        "https://platform.example/hooks",
+        "",
+        &["settlement.created".into(), "earning.released".into()],
+        true,
+        "whsec_test",
+        at("2026-10-01T00:00:00Z"),
+    )
+    .await
+    .unwrap();
     let p = payee(pool, "acct_req").await;
     payee_terms::set(pool, p, Some(Some("weekly:fri".parse().unwrap())), None)
         .await
@@ -2193,6 +2206,14 @@ async fn a_request_waits_while_a_closed_week_with_rent_is_not_settled() {
         .unwrap()
         .unwrap();
     assert_eq!(row.deductions, dec("50.00"));
+    let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM settlement_events")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        outbox, 0,
+        "no endpoint subscribes: no settlement event rows"
+    );
     // Then a request for the new week's released work goes, with that week's rent.
     earn(pool, p, "L2", "200.00", at("2026-11-14T08:00:00Z")).await; // released 11-21
     let asked = request(pool, p, None, "late-b", at("2026-11-21T12:00:00Z"))
