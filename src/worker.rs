@@ -517,7 +517,13 @@ impl Worker {
     /// instead of calling; if Postgres does not answer, its lease runs out.
     /// Whatever an earlier call of this attempt did, the next attempt sends
     /// the same key (`key_index` is kept) and learns it from the gateway.
-    async fn give_back(&self, id: PayoutId, token: i32, key_index: u32, nothing_sent: bool) -> Step {
+    async fn give_back(
+        &self,
+        id: PayoutId,
+        token: i32,
+        key_index: u32,
+        nothing_sent: bool,
+    ) -> Step {
         let within = Duration::from_millis(self.settings.renew_every_ms);
         let release = payouts::release(
             &self.pool,

@@ -817,7 +817,15 @@ async fn bulk_retry_ids(
     let mut retried = Vec::new();
     let mut changed = Vec::new();
     for r in &eligible {
-        match payouts::retry_because(&s.pool, PayoutId::new(r.id), &actor, "operator bulk retry", lease, now).await
+        match payouts::retry_because(
+            &s.pool,
+            PayoutId::new(r.id),
+            &actor,
+            "operator bulk retry",
+            lease,
+            now,
+        )
+        .await
         {
             Ok(_) => retried.push(PayoutId::new(r.id)),
             Err(ActionError::Db(e)) => return Err(e.into()),
@@ -925,7 +933,16 @@ pub async fn bulk_cancel(
                 &s.settings.redis.prefix,
             )
         };
-        match crate::services::reconcile::cancel(&s.pool, gateway, PayoutId::new(r.id), &actor, &why, now).await {
+        match crate::services::reconcile::cancel(
+            &s.pool,
+            gateway,
+            PayoutId::new(r.id),
+            &actor,
+            &why,
+            now,
+        )
+        .await
+        {
             Ok(_) => cancelled.push(r.id),
             Err(crate::services::reconcile::CancelError::Action(ActionError::Db(e))) => {
                 return Err(e.into());

@@ -632,7 +632,8 @@ pub(crate) async fn earnings(
         completed_to: time_filter("completed_to", q.filters.get("completed_to"))?,
     };
     let p = known_payee(&s, &raw).await?;
-    let rows = reads::earnings_page(&s.pool, p.id.get(), &f, s.clock.now(), q.before_id, q.limit).await?;
+    let rows =
+        reads::earnings_page(&s.pool, p.id.get(), &f, s.clock.now(), q.before_id, q.limit).await?;
     let next = next_cursor(rows.iter().map(|e| e.id), rows.len(), q.limit);
     let items = rows
         .into_iter()
@@ -783,9 +784,10 @@ pub(crate) async fn upcoming(
 ) -> Result<Json<Upcoming>, ApiError> {
     c.permit(Permission::ReadPayees, "read payees")?;
     let p = known_payee(&s, &raw).await?;
-    let preview = crate::services::settlement::preview(&s.pool, &policy(&s)?, p.id.get(), s.clock.now())
-        .await
-        .map_err(ApiError::Unavailable)?;
+    let preview =
+        crate::services::settlement::preview(&s.pool, &policy(&s)?, p.id.get(), s.clock.now())
+            .await
+            .map_err(ApiError::Unavailable)?;
     Ok(Json(Upcoming {
         preview,
         payee_status: p.status,

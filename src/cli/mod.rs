@@ -746,9 +746,16 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
             if payee_row.status != "active" {
                 bail!("payee {payee} is {}", payee_row.status);
             }
-            let p = payouts::create(&pool, PayeeId::new(payee), money, due_at, &actor, clock.now())
-                .await?
-                .with_currency_scale();
+            let p = payouts::create(
+                &pool,
+                PayeeId::new(payee),
+                money,
+                due_at,
+                &actor,
+                clock.now(),
+            )
+            .await?
+            .with_currency_scale();
             if cli.json {
                 writeln!(out, "{}", serde_json::to_string(&p)?)?;
             } else {
@@ -764,8 +771,12 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
         }
         Command::Enqueue { id: Some(id), .. } => {
             let conn = crate::queue::connect(&settings.redis).await?;
-            let from = payouts::enqueue_now(&pool, PayoutId::new(id), &actor, lease_until(), clock.now()).await?;
-            queue_for(&settings, conn).push_manual_front(&[PayoutId::new(id)]).await?;
+            let from =
+                payouts::enqueue_now(&pool, PayoutId::new(id), &actor, lease_until(), clock.now())
+                    .await?;
+            queue_for(&settings, conn)
+                .push_manual_front(&[PayoutId::new(id)])
+                .await?;
             if cli.json {
                 writeln!(
                     out,
@@ -914,7 +925,9 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
         Command::Retry { id } => {
             let conn = crate::queue::connect(&settings.redis).await?;
             payouts::retry(&pool, PayoutId::new(id), &actor, lease_until(), clock.now()).await?;
-            queue_for(&settings, conn).push_manual(&[PayoutId::new(id)]).await?;
+            queue_for(&settings, conn)
+                .push_manual(&[PayoutId::new(id)])
+                .await?;
             if cli.json {
                 writeln!(out, "{}", json!({"id": id, "status": "queued"}))?;
             } else {

@@ -118,7 +118,11 @@ pub async fn set_status(conn: &mut PgConnection, id: PayeeId, status: &str) -> s
 }
 
 /// Sets payee `id`'s gateway account; returns the row.
-pub async fn set_account(conn: &mut PgConnection, id: PayeeId, account: &str) -> sqlx::Result<Payee> {
+pub async fn set_account(
+    conn: &mut PgConnection,
+    id: PayeeId,
+    account: &str,
+) -> sqlx::Result<Payee> {
     sqlx::query_as!(
         Payee,
         r#"UPDATE payees SET gateway_account = $2 WHERE id = $1
@@ -132,7 +136,11 @@ pub async fn set_account(conn: &mut PgConnection, id: PayeeId, account: &str) ->
 
 /// Sets payee `id`'s tier (`producer.priority.scheduled = "tier"`); returns
 /// the tier before, `None` when there is no such payee.
-pub async fn set_tier(conn: &mut PgConnection, id: PayeeId, tier: i16) -> sqlx::Result<Option<i16>> {
+pub async fn set_tier(
+    conn: &mut PgConnection,
+    id: PayeeId,
+    tier: i16,
+) -> sqlx::Result<Option<i16>> {
     sqlx::query_scalar!(
         r#"UPDATE payees y SET tier = $2 FROM payees old WHERE y.id = $1 AND old.id = y.id
            RETURNING old.tier AS "before!""#,

@@ -1339,9 +1339,12 @@ pub async fn cancel_at_attempt(
     now: DateTime<Utc>,
 ) -> Result<Option<PayoutStatus>, ActionError> {
     let mut tx = pool.begin().await?;
-    let attempt = sqlx::query_scalar!("SELECT attempt FROM payouts WHERE id = $1 FOR UPDATE", id.get())
-        .fetch_optional(&mut *tx)
-        .await?;
+    let attempt = sqlx::query_scalar!(
+        "SELECT attempt FROM payouts WHERE id = $1 FOR UPDATE",
+        id.get()
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
     match attempt {
         None => return Err(ActionError::NotFound(id.get())),
         Some(a) if a != seen_attempt => return Ok(None),

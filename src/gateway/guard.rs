@@ -968,7 +968,11 @@ mod tests {
         assert_eq!(key.reads(), 1);
         advance_ms(1).await;
         wait(&gate, &key).await;
-        assert_eq!(key.reads(), 2, "read again once the last read is older than 100 ms");
+        assert_eq!(
+            key.reads(),
+            2,
+            "read again once the last read is older than 100 ms"
+        );
     }
 
     async fn advance_ms(ms: u64) {
@@ -1012,13 +1016,19 @@ mod tests {
     async fn the_process_own_pause_holds_without_a_read_and_a_later_read_extends_it() {
         let (gate, key) = (Mutex::new(PauseGate::default()), Key::default());
         // This process met the 429 and set the pause: it knows without asking.
-        gate.lock().unwrap().seen(Instant::now(), Some(Duration::from_millis(300)));
+        gate.lock()
+            .unwrap()
+            .seen(Instant::now(), Some(Duration::from_millis(300)));
         key.pause(Duration::from_millis(300));
         let left = pause_left_with(&gate, || key.read()).await;
         assert_eq!((left, key.reads()), (Duration::from_millis(300), 0));
         advance_ms(50).await;
         let left = pause_left_with(&gate, || key.read()).await;
-        assert_eq!((left, key.reads()), (Duration::from_millis(250), 0), "counts down between reads");
+        assert_eq!(
+            (left, key.reads()),
+            (Duration::from_millis(250), 0),
+            "counts down between reads"
+        );
         // Another worker's longer Retry-After is learnt at the next read.
         key.pause(Duration::from_secs(5));
         advance_ms(51).await;
@@ -1033,7 +1043,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_key_that_cannot_be_read_is_no_pause() {
         let gate = Mutex::new(PauseGate::default());
-        gate.lock().unwrap().seen(Instant::now(), Some(Duration::from_secs(60)));
+        gate.lock()
+            .unwrap()
+            .seen(Instant::now(), Some(Duration::from_secs(60)));
         advance_ms(101).await;
         let start = Instant::now();
         // A Redis error reads as `None` (`read_pause(..).unwrap_or(None)`).

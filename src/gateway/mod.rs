@@ -24,7 +24,8 @@ pub const EXTERNAL_REF: &str = "external_ref";
 /// external reference of the earning it pays.
 pub fn transfer_metadata(
     payout_id: crate::domain::PayoutId,
-    external_ref: Option<&str>) -> BTreeMap<String, String> {
+    external_ref: Option<&str>,
+) -> BTreeMap<String, String> {
     let mut m = BTreeMap::from([(PAYOUT_ID.to_string(), payout_id.to_string())]);
     if let Some(r) = external_ref {
         m.insert(EXTERNAL_REF.to_string(), r.to_string());

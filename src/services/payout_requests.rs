@@ -329,7 +329,8 @@ pub async fn request(
         ));
     }
     let rows = &rows[..taken];
-    let carries = settlements::open_carries(&mut tx, payee.id.get(), currency.code(), now, true).await?;
+    let carries =
+        settlements::open_carries(&mut tx, payee.id.get(), currency.code(), now, true).await?;
     let own_minimum = payee_terms::minimum(&mut tx, payee.id.get(), currency.code()).await?;
     let schedule = terms.schedule.unwrap_or(policy.default_schedule);
     let first = rows

@@ -617,8 +617,8 @@ mod tests {
     fn payout(status: PayoutStatus) -> Payout {
         let now = Utc::now();
         Payout {
-            id: 7,
-            payee_id: 1,
+            id: PayoutId::new(7),
+            payee_id: crate::domain::PayeeId::new(1),
             amount: Decimal::new(1000, 2),
             currency: "USD".into(),
             status,

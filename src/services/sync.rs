@@ -203,7 +203,11 @@ impl InTransitSync {
         } in rows
         {
             report.looked_up += 1;
-            let records = match self.gateway.lookup(&idempotency_key(PayoutId::new(id))).await {
+            let records = match self
+                .gateway
+                .lookup(&idempotency_key(PayoutId::new(id)))
+                .await
+            {
                 Ok(r) => r,
                 Err(e) => {
                     report.lookup_failed += 1;

@@ -183,7 +183,10 @@ pub async fn check(
         }
         by_ref.entry(e.reference.as_str()).or_default().push(e);
     }
-    let known: HashSet<String> = rows.iter().map(|r| idempotency_key(PayoutId::new(r.id))).collect();
+    let known: HashSet<String> = rows
+        .iter()
+        .map(|r| idempotency_key(PayoutId::new(r.id)))
+        .collect();
     for (reference, entries) in &by_ref {
         if !known.contains(*reference) {
             report.duplicated += entries.len();
