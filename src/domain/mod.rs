@@ -1,4 +1,4 @@
-//! The domain: money, payout states and their legal transitions. Pure: no I/O,
+//! The domain: money, typed ids, payout states and their legal transitions. Pure: no I/O,
 //! no clock (time is passed in).
 
 pub mod earning;
