@@ -502,10 +502,11 @@ fn the_statement_rule_finds_queries_out_of_place() {
             false,
         ),
         ("src/db/settlements.rs", "sqlx::query(\"SELECT 1\")", false),
+        // No longer exempt: the settlement service builds no statement.
         (
             "src/services/settlement.rs",
             "sqlx::query(\"SELECT 1\")",
-            false,
+            true,
         ),
         ("src/db/mod.rs", "sqlx::raw_sql(&create)", false),
     ];
