@@ -293,6 +293,20 @@ impl PauseGate {
             .is_none_or(|t| now.duration_since(t) > PAUSE_READ_EVERY)
     }
 
+    /// Whether the caller at `now` is the one to read the key: it is stale
+    /// ([`PauseGate::stale`]). The read is claimed at once, so until it
+    /// lands the other callers use the last value: one read per process per
+    /// [`PAUSE_READ_EVERY`] however many jobs wait (at 64 jobs in flight,
+    /// every job used to read it at once, #21). Before the first read,
+    /// every caller reads.
+    fn claim_read(&mut self, now: Instant) -> bool {
+        let stale = self.stale(now);
+        if stale && self.read_at.is_some() {
+            self.read_at = Some(now);
+        }
+        stale
+    }
+
     /// A read (or this process's own write) at `now` found the pause
     /// lasting `left` more (`None`: no pause).
     fn seen(&mut self, now: Instant, left: Option<Duration>) {
@@ -310,17 +324,21 @@ impl PauseGate {
 }
 
 /// How long the fleet pause still lasts (zero when none): from `gate`
-/// while its last read is fresh, else from `read` (the key's PTTL; `None`
-/// for no pause or an error), which `gate` then remembers.
+/// while its last read is fresh (or another caller is refreshing it), else
+/// from `read` (the key's PTTL; `None` for no pause or an error), which
+/// `gate` then remembers.
 async fn pause_left_with<F, Fut>(gate: &Mutex<PauseGate>, read: F) -> Duration
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = Option<Duration>>,
 {
     let now = Instant::now();
-    let seen = *gate.lock().unwrap_or_else(|p| p.into_inner());
-    if !seen.stale(now) {
-        return seen.left(now);
+    let (read_now, last) = {
+        let mut g = gate.lock().unwrap_or_else(|p| p.into_inner());
+        (g.claim_read(now), g.left(now))
+    };
+    if !read_now {
+        return last;
     }
     let left = read().await;
     let mut g = gate.lock().unwrap_or_else(|p| p.into_inner());
@@ -1038,6 +1056,28 @@ mod tests {
         let start = Instant::now();
         wait(&gate, &key).await;
         assert_eq!(start.elapsed(), Duration::from_millis(4949));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_caller_refreshes_a_stale_read_and_the_others_use_the_last_value() {
+        let (gate, key) = (Mutex::new(PauseGate::default()), Key::default());
+        key.pause(Duration::from_secs(5));
+        // Before the first read, every caller reads.
+        let slow_read = || async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            key.read().await
+        };
+        let (a, b) = tokio::join!(
+            pause_left_with(&gate, slow_read),
+            pause_left_with(&gate, slow_read)
+        );
+        assert_eq!((a, b, key.reads()), (a, a, 2));
+        advance_ms(200).await;
+        // Stale now: 64 jobs ask at once, one reads.
+        let answers =
+            futures::future::join_all((0..64).map(|_| pause_left_with(&gate, slow_read))).await;
+        assert_eq!(key.reads(), 3, "one read for 64 callers");
+        assert!(answers.iter().all(|l| !l.is_zero()), "{answers:?}");
     }
 
     #[tokio::test(start_paused = true)]
