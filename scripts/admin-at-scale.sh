@@ -8,13 +8,16 @@
 #
 #   scripts/admin-at-scale.sh            # 5 M rows
 #   ROWS=1000000 scripts/admin-at-scale.sh
+#   SKIP_BUILD=1 BIN=/path/to/release scripts/admin-at-scale.sh   # other binaries
+#   SCALE_DB=name PG_URL=postgres://... scripts/admin-at-scale.sh  # another database / server
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROWS="${ROWS:-5000000}"
 DB="${SCALE_DB:-payouts_admin_scale}"
 PG="${PG_URL:-postgres://postgres@127.0.0.1:5432}"
 scripts/services.sh >/dev/null
-cargo build --release --locked --bin payout-admin --bin payoutctl >/dev/null 2>&1
+BIN=${BIN:-${CARGO_TARGET_DIR:-target}/release}
+[ -n "${SKIP_BUILD:-}" ] || cargo build --release --locked --bin payout-admin --bin payoutctl >/dev/null 2>&1
 export DATABASE_URL="$PG/$DB"
 export PAYOUTS_REDIS__PREFIX="scale_$$"
 SEED_VERSION=2
@@ -22,7 +25,7 @@ SEED_VERSION=2
 if [ "$(psql "$PG/postgres" -Atc "SELECT count(*) FROM pg_database WHERE datname = '$DB'")" = 0 ] ||
    [ "$(psql "$DATABASE_URL" -Atc "SELECT count(*) || '/' || obj_description('payouts'::regclass) FROM payouts" 2>/dev/null || echo 0)" != "$ROWS/seed $SEED_VERSION" ]; then
   psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -c "CREATE DATABASE $DB"
-  target/release/payoutctl migrate >/dev/null
+  "$BIN"/payoutctl migrate >/dev/null
   echo "seeding $ROWS payouts..."
   psql "$DATABASE_URL" -q <<SQL
 INSERT INTO payees (name, gateway_account, currency)
@@ -48,11 +51,11 @@ fi
 echo "payouts: $(psql "$DATABASE_URL" -Atc "SELECT count(*) FROM payouts")"
 
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-TOKEN=$(PAYOUTS_OPERATOR=scale target/release/payoutctl --json token create --name "scale-$$" --role admin | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
+TOKEN=$(PAYOUTS_OPERATOR=scale "$BIN"/payoutctl --json token create --name "scale-$$" --role admin | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
 PAYOUTS_ADMIN__LISTEN="127.0.0.1:$PORT" PAYOUTS_ADMIN__OVERVIEW_CACHE_MS=0 PAYOUTS_LOG__FORMAT=json \
-  target/release/payout-admin 2>/dev/null &
+  "$BIN"/payout-admin 2>/dev/null &
 ADMIN=$!
-trap 'kill $ADMIN 2>/dev/null; target/release/payoutctl token revoke "scale-$$" >/dev/null 2>&1 || true' EXIT
+trap 'kill $ADMIN 2>/dev/null; "$BIN"/payoutctl token revoke "scale-$$" >/dev/null 2>&1 || true' EXIT
 for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$PORT/health" >/dev/null && break; sleep 0.1; done
 
 CURSOR=$(curl -fs -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$PORT/api/v1/payouts?limit=50" |

@@ -5,16 +5,22 @@
 # (500 rows), rolled back. The statement mirrors the pending step of
 # db::payouts::queue_due_ranked (by rank time, `payouts_pending_rank_idx`).
 # Used for BENCHMARKS.md.
+#
+#   SKIP_FILL=1 scripts/due-scan-plan.sh       # the plans again on the table already filled
+#   SCAN_DB=name SKIP_BUILD=1 BIN=/path/to/release scripts/due-scan-plan.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROWS=${ROWS:-10000000}
+DB=${SCAN_DB:-payouts_scan}
+BIN=${BIN:-${CARGO_TARGET_DIR:-target}/release}
 PSQL="psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -q"
 scripts/services.sh
-$PSQL -d postgres -c "DROP DATABASE IF EXISTS payouts_scan WITH (FORCE)" -c "CREATE DATABASE payouts_scan"
-cargo build --release --locked --bin payoutctl >/dev/null 2>&1
-DATABASE_URL=postgres://postgres@127.0.0.1:5432/payouts_scan target/release/payoutctl migrate >/dev/null
+if [ -z "${SKIP_FILL:-}" ]; then
+$PSQL -d postgres -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -c "CREATE DATABASE $DB"
+[ -n "${SKIP_BUILD:-}" ] || cargo build --release --locked --bin payoutctl >/dev/null 2>&1
+DATABASE_URL=postgres://postgres@127.0.0.1:5432/$DB "$BIN"/payoutctl migrate >/dev/null
 echo "filling $ROWS rows..."
-time $PSQL -d payouts_scan <<SQL
+time $PSQL -d $DB <<SQL
 INSERT INTO payees (name, gateway_account, currency)
 SELECT 'p' || g, 'acct_' || g, 'USD' FROM generate_series(1, 10000) g;
 ALTER TABLE payouts DISABLE TRIGGER payouts_transition;
@@ -31,11 +37,12 @@ FROM generate_series(1, $ROWS) g;
 ALTER TABLE payouts ENABLE TRIGGER payouts_transition;
 VACUUM ANALYZE payouts;
 SQL
-$PSQL -d payouts_scan -c "SELECT status, count(*) FROM payouts GROUP BY status" \
+fi
+$PSQL -d $DB -c "SELECT status, count(*) FROM payouts GROUP BY status" \
   -c "SELECT pg_size_pretty(pg_total_relation_size('payouts')) AS table_and_indexes"
 echo "one producer batch (500), three times, rolled back:"
 for i in 1 2 3; do
-$PSQL -d payouts_scan <<'SQL'
+$PSQL -d $DB <<'SQL'
 BEGIN;
 EXPLAIN (ANALYZE, BUFFERS, COSTS OFF)
 WITH due AS (

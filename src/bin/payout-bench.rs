@@ -100,6 +100,10 @@ async fn main() -> anyhow::Result<()> {
         "CPU during the measured burst:\n\n{}",
         payouts::testkit::bench::cpu_table(&results)
     );
+    println!(
+        "What Postgres wrote (updates, HOT share and event rows over the whole run, warm-up included; WAL during the burst, the whole server):\n\n{}",
+        payouts::testkit::bench::writes_table(&results)
+    );
     payouts::testkit::bench::write_json(&a.json, &results)?;
     if results.iter().any(|r| !r.exactly_once) {
         anyhow::bail!("exactly-once check failed");

@@ -200,6 +200,57 @@ pub async fn commits(pool: &PgPool) -> sqlx::Result<i64> {
     Ok(n.unwrap_or(0))
 }
 
+/// The server's WAL insert position, in bytes from the start (the benchmark's
+/// WAL bytes per payout: the difference across a burst, on a server nothing
+/// else writes to).
+pub async fn wal_position(pool: &PgPool) -> sqlx::Result<i64> {
+    sqlx::query_scalar!(r#"SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint AS "bytes!""#)
+        .fetch_one(pool)
+        .await
+}
+
+/// Rows written to one table of the current database so far
+/// (`pg_stat_user_tables`): what a benchmark run wrote, per payout.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct TableWrites {
+    /// Rows inserted.
+    pub inserted: i64,
+    /// Rows updated.
+    pub updated: i64,
+    /// Of those, HOT updates (no index entry written).
+    pub hot_updated: i64,
+}
+
+/// [`TableWrites`] of `table` (zero when it has no statistics yet). The
+/// counts of a backend reach the statistics when it goes idle or exits.
+pub async fn table_writes(pool: &PgPool, table: &str) -> sqlx::Result<TableWrites> {
+    let row = sqlx::query!(
+        r#"SELECT n_tup_ins AS "ins!", n_tup_upd AS "upd!", n_tup_hot_upd AS "hot!"
+           FROM pg_stat_user_tables WHERE schemaname = 'public' AND relname = $1"#,
+        table
+    )
+    .fetch_optional(pool)
+    .await?;
+    Ok(row
+        .map(|r| TableWrites {
+            inserted: r.ins,
+            updated: r.upd,
+            hot_updated: r.hot,
+        })
+        .unwrap_or_default())
+}
+
+/// Other sessions connected to the pool's database (the benchmark waits for
+/// the fleet's to end, so that their counts have reached the statistics).
+pub async fn other_sessions(pool: &PgPool) -> sqlx::Result<i64> {
+    sqlx::query_scalar!(
+        r#"SELECT count(*) AS "n!" FROM pg_stat_activity
+           WHERE datname = current_database() AND pid <> pg_backend_pid()"#
+    )
+    .fetch_one(pool)
+    .await
+}
+
 /// How many standbys replicate from this server synchronously, streaming
 /// (the chaos harness's failover scenario waits for one).
 #[cfg(feature = "testkit")]

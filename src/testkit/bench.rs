@@ -102,6 +102,16 @@ pub struct RunResult {
     pub redis_cmds_per_payout: f64,
     /// Every payout paid, exactly one ledger entry each.
     pub exactly_once: bool,
+    /// WAL bytes per payout during the burst (the whole server's
+    /// `pg_current_wal_lsn()`: meaningful on a server only the bench uses).
+    pub wal_bytes_per_payout: f64,
+    /// `payouts` rows updated per payout over the whole run (warm-up
+    /// included; `pg_stat_user_tables` of the bench database).
+    pub payout_updates_per_payout: f64,
+    /// Of those updates, the share that was HOT (no index entry written), %.
+    pub payout_hot_pct: f64,
+    /// `payout_events` rows written per payout over the whole run.
+    pub event_rows_per_payout: f64,
     /// With a webhook endpoint: payouts whose `payout.paid` the receiver got
     /// (warm-up included), and the lag from paid to received, p50 and p99 (s).
     pub webhook: Option<(usize, f64, f64)>,
@@ -300,13 +310,19 @@ async fn wait_paid(
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
-        let paid = payouts::count_paid_after(pool, after).await?;
-        if paid >= n {
-            return Ok(());
+        // Polled through the (status, id) index: the unfinished payouts are
+        // few, the paid ones all of the table (and its history).
+        let open = payouts::count_open(pool).await?;
+        if open == 0 {
+            let paid = payouts::count_paid_after(pool, after).await?;
+            if paid >= n {
+                return Ok(());
+            }
+            bail!("every payout finished, {paid} of {n} paid");
         }
         children.check_alive()?;
         if Instant::now() > deadline {
-            bail!("timed out: {paid} of {n} paid");
+            bail!("timed out: {open} payouts of {n} not finished");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -455,6 +471,7 @@ pub async fn run_once(
     let (redis_cpu_before, pg_cpu_before) = (comm_cpu("redis-server"), comm_cpu("postgres"));
     let self_cpu_before = proc_cpu_secs(std::process::id());
     let commits_before = pg_commits(&pool).await?;
+    let wal_before = db::wal_position(&pool).await?;
     let redis_before = redis_commands(&mut redis).await?;
     let seeded_at = Utc::now();
     payouts::seed(&pool, &payee_ids, opts.payouts, "USD", seeded_at, seeded_at).await?;
@@ -480,6 +497,7 @@ pub async fn run_once(
         }
     };
     let redis_after = redis_commands(&mut redis).await?;
+    let wal_after = db::wal_position(&pool).await?;
     let worker_cpu_secs: Vec<f64> = worker_pids
         .iter()
         .zip(&cpu_before)
@@ -529,6 +547,8 @@ pub async fn run_once(
         .map(|_| proc_cpu_secs(std::process::id()) - self_cpu_before);
     drop(children);
     pool.close().await;
+    let writes = run_writes(&db_url).await?;
+    let total = (opts.warmup + opts.payouts) as f64;
     let seconds = (end - start).num_microseconds().unwrap_or(0) as f64 / 1e6;
     let n = opts.payouts as f64;
     Ok(RunResult {
@@ -545,10 +565,34 @@ pub async fn run_once(
         postgres_cpu_secs,
         pg_commits_per_payout: (commits_after - commits_before) as f64 / n,
         redis_cmds_per_payout: (redis_after - redis_before) as f64 / n,
+        wal_bytes_per_payout: (wal_after - wal_before) as f64 / n,
+        payout_updates_per_payout: writes.0.updated as f64 / total,
+        payout_hot_pct: 100.0 * writes.0.hot_updated as f64 / writes.0.updated.max(1) as f64,
+        event_rows_per_payout: writes.1.inserted as f64 / total,
         exactly_once,
         webhook,
         receiver_cpu_secs,
     })
+}
+
+/// What the run wrote to `payouts` and `payout_events`, once the fleet's
+/// sessions have ended (a backend's counts reach the statistics when it
+/// exits; waits up to 15 s for them to go).
+async fn run_writes(db_url: &str) -> anyhow::Result<(db::TableWrites, db::TableWrites)> {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(db_url)
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while db::other_sessions(&pool).await? > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let writes = (
+        db::table_writes(&pool, "payouts").await?,
+        db::table_writes(&pool, "payout_events").await?,
+    );
+    pool.close().await;
+    Ok(writes)
 }
 
 /// Runs one case `opts.runs` times.
@@ -708,6 +752,26 @@ pub fn cpu_table(results: &[CaseResult]) -> String {
         out.push_str(&format!(
             "| {} | {} ms | {workers:.2} s | {producer:.2} s | {gateway:.2} s | {redis:.2} s | {pg:.2} s | {per:.0} |\n",
             r.case.workers, r.case.latency_ms
+        ));
+    }
+    out
+}
+
+/// What Postgres wrote, per case (medians of the runs), as a Markdown table.
+pub fn writes_table(results: &[CaseResult]) -> String {
+    let mut out = String::from(
+        "| workers | gateway latency | payouts updates/payout | HOT % | payout_events rows/payout | WAL bytes/payout (burst) |\n|---|---|---|---|---|---|\n",
+    );
+    for r in results {
+        let med = |f: &dyn Fn(&RunResult) -> f64| Spread::of(r.runs.iter().map(f).collect()).median;
+        out.push_str(&format!(
+            "| {} | {} ms | {:.2} | {:.1} | {:.2} | {:.0} |\n",
+            r.case.workers,
+            r.case.latency_ms,
+            med(&|x| x.payout_updates_per_payout),
+            med(&|x| x.payout_hot_pct),
+            med(&|x| x.event_rows_per_payout),
+            med(&|x| x.wal_bytes_per_payout),
         ));
     }
     out
