@@ -333,7 +333,10 @@ impl Queue {
     pub async fn clear_locks(&self, payout_ids: &[i64]) -> anyhow::Result<()> {
         let mut conn = self.conn.clone();
         for chunk in payout_ids.chunks(PUSH_CHUNK) {
-            let keys: Vec<String> = chunk.iter().map(|id| lock::key(&self.prefix, *id)).collect();
+            let keys: Vec<String> = chunk
+                .iter()
+                .map(|id| lock::key(&self.prefix, *id))
+                .collect();
             let _: i64 = redis::cmd("DEL")
                 .arg(&keys)
                 .query_async(&mut conn)
