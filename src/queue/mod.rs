@@ -33,14 +33,14 @@ use apalis_redis::{Config, ConnectionManager, RedisStorage};
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 
-use crate::config::RedisSettings;
+use crate::{config::RedisSettings, domain::PayoutId};
 
 /// The job: which payout to work on. Nothing else travels through Redis; the
 /// worker reads the truth from Postgres.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PayoutJob {
-    /// The payout id.
-    pub payout_id: i64,
+    /// The payout id (a plain number in the JSON payload).
+    pub payout_id: PayoutId,
 }
 
 /// The key a payload that is not JSON arrives under (see [`LenientJson`]).
@@ -266,7 +266,7 @@ impl Queue {
     }
 
     /// Pushes one job per payout, in chunks of one Lua call each.
-    pub async fn push(&self, payout_ids: &[i64]) -> anyhow::Result<()> {
+    pub async fn push(&self, payout_ids: &[PayoutId]) -> anyhow::Result<()> {
         let mut conn = self.conn.clone();
         for chunk in payout_ids.chunks(PUSH_CHUNK) {
             let tasks: Vec<_> = chunk
@@ -289,7 +289,7 @@ impl Queue {
     /// worked on (a dead worker's, an expired lease's) and are overdue.
     /// apalis-redis only appends, so the jobs are pushed as usual under task
     /// ids chosen here, then moved to the head of the list by one script.
-    pub async fn push_front(&self, payout_ids: &[i64]) -> anyhow::Result<()> {
+    pub async fn push_front(&self, payout_ids: &[PayoutId]) -> anyhow::Result<()> {
         let mut conn = self.conn.clone();
         let script = redis::Script::new(TO_FRONT);
         for chunk in payout_ids.chunks(PUSH_CHUNK) {
@@ -330,12 +330,12 @@ impl Queue {
     /// operator who brings such a payout back at once must not find its job
     /// skipped as locked. Deleting a lock a live worker holds is harmless:
     /// the fenced claim refuses a second worker.
-    pub async fn clear_locks(&self, payout_ids: &[i64]) -> anyhow::Result<()> {
+    pub async fn clear_locks(&self, payout_ids: &[PayoutId]) -> anyhow::Result<()> {
         let mut conn = self.conn.clone();
         for chunk in payout_ids.chunks(PUSH_CHUNK) {
             let keys: Vec<String> = chunk
                 .iter()
-                .map(|id| lock::key(&self.prefix, *id))
+                .map(|id| lock::key(&self.prefix, id.get()))
                 .collect();
             let _: i64 = redis::cmd("DEL")
                 .arg(&keys)
@@ -349,7 +349,7 @@ impl Queue {
     /// Pushes jobs an operator asked for (enqueue now, retry, bulk retry),
     /// counted as `manual` in `payout_jobs_enqueued_total`. Clears their
     /// locks first ([`Queue::clear_locks`]).
-    pub async fn push_manual(&self, payout_ids: &[i64]) -> anyhow::Result<()> {
+    pub async fn push_manual(&self, payout_ids: &[PayoutId]) -> anyhow::Result<()> {
         self.clear_locks(payout_ids).await?;
         self.push(payout_ids).await?;
         crate::metrics::JOBS_ENQUEUED
@@ -360,7 +360,7 @@ impl Queue {
 
     /// [`Queue::push_manual`] at the front of the queue (an operator's
     /// "process now": ahead of the window already waiting).
-    pub async fn push_manual_front(&self, payout_ids: &[i64]) -> anyhow::Result<()> {
+    pub async fn push_manual_front(&self, payout_ids: &[PayoutId]) -> anyhow::Result<()> {
         self.clear_locks(payout_ids).await?;
         self.push_front(payout_ids).await?;
         crate::metrics::JOBS_ENQUEUED
@@ -484,7 +484,15 @@ mod tests {
             .unwrap();
         assert_eq!(
             serde_json::from_value::<PayoutJob>(job).unwrap().payout_id,
-            7
+            PayoutId::new(7)
+        );
+        // The wire format is the plain number, as before the newtype.
+        assert_eq!(
+            serde_json::to_string(&PayoutJob {
+                payout_id: PayoutId::new(7)
+            })
+            .unwrap(),
+            r#"{"payout_id":7}"#
         );
         let junk = LenientJson.decode(&b"\xff\xfe not json".to_vec()).unwrap();
         let text = junk[UNDECODABLE].as_str().unwrap();

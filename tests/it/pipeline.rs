@@ -42,9 +42,9 @@ async fn only_due_pending_payouts_are_enqueued_never_future_or_cancelled() {
     let report = f.producer().tick().await.unwrap();
 
     assert_eq!(report.enqueued, 1);
-    assert_eq!(f.status(due).await, "queued");
-    assert_eq!(f.status(future).await, "pending");
-    assert_eq!(f.status(cancelled).await, "cancelled");
+    assert_eq!(f.status(due.get()).await, "queued");
+    assert_eq!(f.status(future.get()).await, "pending");
+    assert_eq!(f.status(cancelled.get()).await, "cancelled");
     assert_eq!(f.queue.waiting().await.unwrap(), 1);
     let again = f.producer().tick().await.unwrap();
     assert_eq!(again.enqueued, 0, "a queued payout is not enqueued twice");
@@ -71,7 +71,7 @@ async fn a_payout_is_paid_with_the_transfer_id_and_a_full_history() {
         Some(ledger[0].id.as_str())
     );
     assert!(p.paid_at.is_some() && p.lease_owner.is_none());
-    let history: Vec<(Option<String>, String, String)> = events::for_payout(f.pool(), id)
+    let history: Vec<(Option<String>, String, String)> = events::for_payout(f.pool(), id.get())
         .await
         .unwrap()
         .into_iter()
@@ -233,10 +233,10 @@ async fn the_same_job_delivered_twice_pays_once() {
     f.assert_paid_exactly_once().await;
 }
 
-async fn lock_pttl(f: &Fleet, id: i64) -> i64 {
+async fn lock_pttl(f: &Fleet, id: payouts::domain::PayoutId) -> i64 {
     let mut conn = f.queue.conn();
     redis::cmd("PTTL")
-        .arg(payouts::queue::lock::key(&f.prefix, id))
+        .arg(payouts::queue::lock::key(&f.prefix, id.get()))
         .query_async(&mut conn)
         .await
         .unwrap()
@@ -438,7 +438,7 @@ async fn a_stale_worker_cannot_overwrite_a_takeover() {
         .unwrap()
     );
     assert_eq!(
-        f.status(id).await,
+        f.status(id.get()).await,
         "processing",
         "the stale write changed nothing"
     );
@@ -493,7 +493,7 @@ async fn malformed_and_unknown_jobs_are_counted_and_change_nothing() {
         Step::Skipped(SkipReason::NotClaimable),
         "pending, not due: not claimable"
     );
-    assert_eq!(f.status(id).await, "pending");
+    assert_eq!(f.status(id.get()).await, "pending");
     assert_eq!(f.gateway.gateway.stats().requests, 0);
 }
 
@@ -527,7 +527,7 @@ async fn the_database_refuses_bad_rows_and_illegal_transitions() {
         .execute(f.pool())
         .await;
     assert!(rewrite.is_err(), "events are append-only");
-    assert_eq!(f.status(id).await, "pending");
+    assert_eq!(f.status(id.get()).await, "pending");
 }
 
 #[tokio::test]
@@ -560,7 +560,14 @@ async fn operator_actions_are_legal_transitions_or_clear_errors() {
         .unwrap_err();
     assert!(err.to_string().contains("from paid to queued"), "{err}");
     assert!(matches!(
-        repo::cancel(f.pool(), 987_654, "operator:test", "x", now).await,
+        repo::cancel(
+            f.pool(),
+            payouts::domain::PayoutId::new(987_654),
+            "operator:test",
+            "x",
+            now
+        )
+        .await,
         Err(repo::ActionError::NotFound(987_654))
     ));
 
@@ -572,7 +579,7 @@ async fn operator_actions_are_legal_transitions_or_clear_errors() {
     );
     let p = repo::get(f.pool(), failed).await.unwrap().unwrap();
     assert_eq!((p.status, p.retry_base), (PayoutStatus::Queued, 1));
-    let last = events::for_payout(f.pool(), failed)
+    let last = events::for_payout(f.pool(), failed.get())
         .await
         .unwrap()
         .pop()
@@ -587,7 +594,7 @@ async fn operator_actions_are_legal_transitions_or_clear_errors() {
             .unwrap(),
         PayoutStatus::Queued
     );
-    assert_eq!(f.status(failed).await, "cancelled");
+    assert_eq!(f.status(failed.get()).await, "cancelled");
 }
 
 /// A producer loop and `workers` apalis consumers, in-process, until the token is cancelled.
