@@ -52,6 +52,20 @@ pub enum Step {
     LeaseRefused,
 }
 
+impl Step {
+    /// Whether no worker needs the payout again soon: recorded paid, in
+    /// transit (the webhook or poll settles it, no job) or failed for good
+    /// (only an operator's retry brings it back, and that clears the lock).
+    /// Its lock is then left to expire instead of released
+    /// (`crate::queue::lock`). Anything else may be worked on again soon (a
+    /// retry, a held payout's release, a given-back or swept payout) and is
+    /// released, so its next job is not skipped as locked.
+    pub fn needs_no_lock_soon(&self) -> bool {
+        use crate::domain::PayoutStatus as S;
+        matches!(self, Step::Recorded(S::Paid | S::InTransit | S::Failed))
+    }
+}
+
 /// Why a job was acknowledged without an attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SkipReason {
@@ -215,7 +229,11 @@ impl Worker {
         };
         let step = self.attempt(id).await;
         if let Some(guard) = lock {
-            if let Err(e) = guard.release().await {
+            if step.needs_no_lock_soon() {
+                // One command and round trip saved per payout (the release
+                // script); a late duplicate job is skipped as locked.
+                guard.leave();
+            } else if let Err(e) = guard.release().await {
                 tracing::debug!(error = %format_args!("{e:#}"), "lock release failed; it expires by itself");
             }
         }

@@ -139,8 +139,9 @@ async fn a_permanent_error_fails_with_its_code_and_is_never_called_again() {
     let p = repo::get(f.pool(), id).await.unwrap().unwrap();
     assert_eq!(p.failure_code.as_deref(), Some("account_closed"));
 
-    // A late second delivery and further producer passes call nothing.
-    assert_eq!(w.process(id).await, Step::Skipped(SkipReason::NotClaimable));
+    // A late second delivery and further producer passes call nothing (the
+    // failed payout's lock is left to expire: skipped as locked).
+    assert_eq!(w.process(id).await, Step::Skipped(SkipReason::Locked));
     assert_eq!(f.producer().tick().await.unwrap().enqueued, 0);
     assert_eq!(f.gateway.gateway.stats().requests, 1);
     assert!(f.gateway.gateway.ledger().is_empty());
@@ -225,9 +226,128 @@ async fn the_same_job_delivered_twice_pays_once() {
         .filter(|s| ***s == Step::Recorded(PayoutStatus::Paid))
         .count();
     assert_eq!(paid, 1, "{ra:?} {rb:?} {rc:?}");
-    assert_eq!(rc, Step::Skipped(SkipReason::NotClaimable));
+    // The paid payout's lock is left to expire: the third delivery is
+    // skipped as locked.
+    assert_eq!(rc, Step::Skipped(SkipReason::Locked));
     assert_eq!(f.gateway.gateway.ledger().len(), 1);
     f.assert_paid_exactly_once().await;
+}
+
+async fn lock_pttl(f: &Fleet, id: payouts::domain::PayoutId) -> i64 {
+    let mut conn = f.queue.conn();
+    redis::cmd("PTTL")
+        .arg(payouts::queue::lock::key(&f.prefix, id.get()))
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
+/// #21: a paid payout's lock is left to expire, not released (the release
+/// script was 3 of the lock's 4 Redis commands per payout). A job delivered
+/// again meanwhile is skipped as locked, and after the TTL the final row
+/// refuses it: no second gateway call either way.
+#[tokio::test]
+async fn a_paid_payouts_lock_is_left_to_expire_and_a_late_duplicate_calls_nothing() {
+    let ttl = 1000;
+    let f = Fleet::start_with(
+        Faults::default(),
+        &[("PAYOUTS_WORKER__LOCK_TTL_MS", "1000")],
+        std::sync::Arc::new(payouts::clock::SystemClock),
+    )
+    .await;
+    let payee = f.payee("acct_1").await;
+    let id = f.payout(payee, "5.00", Utc::now()).await;
+    f.producer().tick().await.unwrap();
+    let (a, b) = (f.worker("a"), f.worker("b"));
+
+    assert_eq!(a.process(id).await, Step::Recorded(PayoutStatus::Paid));
+    let pttl = lock_pttl(&f, id).await;
+    assert!(
+        pttl > 0 && pttl <= ttl,
+        "the paid payout's lock is left to expire, not released: PTTL {pttl}"
+    );
+    assert_eq!(b.process(id).await, Step::Skipped(SkipReason::Locked));
+    eventually(Duration::from_secs(10), "the lock to expire", || async {
+        (lock_pttl(&f, id).await == -2).then_some(())
+    })
+    .await;
+    assert_eq!(b.process(id).await, Step::Skipped(SkipReason::NotClaimable));
+    assert_eq!(f.gateway.gateway.stats().requests, 1);
+    f.assert_paid_exactly_once().await;
+}
+
+/// #21: a payout that will be retried releases its lock, so the retry runs
+/// when it is due instead of being skipped as locked (and waiting for the
+/// lease sweep).
+#[tokio::test]
+async fn a_retryable_failure_releases_the_lock_so_the_retry_runs_at_once() {
+    let start = Utc::now().trunc_subsecs(3);
+    let clock = FakeClock::new(start);
+    let f = Fleet::start_with(
+        Faults {
+            script: vec![503, 503],
+            ..Default::default()
+        },
+        &[
+            ("PAYOUTS_GATEWAY__BACKOFF_TRIES", "2"),
+            ("PAYOUTS_WORKER__RETRY_SCHEDULE_SECS", "[1]"),
+        ],
+        clock.clone(),
+    )
+    .await;
+    let payee = f.payee("acct_1").await;
+    let id = f.payout(payee, "5.00", start).await;
+    let (a, b) = (f.worker("a"), f.worker("b"));
+
+    assert_eq!(f.producer().tick().await.unwrap().enqueued, 1);
+    assert_eq!(a.process(id).await, Step::Recorded(PayoutStatus::Retrying));
+    assert_eq!(lock_pttl(&f, id).await, -2, "released for the retry");
+    clock.advance(chrono::Duration::seconds(1));
+    assert_eq!(f.producer().tick().await.unwrap().enqueued, 1);
+    assert_eq!(
+        b.process(id).await,
+        Step::Recorded(PayoutStatus::Paid),
+        "the retry, a second after the failure, is not skipped as locked"
+    );
+    assert_eq!(f.gateway.gateway.stats().requests, 3);
+    f.assert_paid_exactly_once().await;
+}
+
+/// #21: an operator's retry right after a payout failed for good is not
+/// skipped because the failed attempt's lock was left to expire: pushing
+/// the job clears it.
+#[tokio::test]
+async fn an_operator_retry_right_after_a_failure_is_not_skipped_as_locked() {
+    let f = Fleet::start(Faults {
+        closed_destinations: vec!["acct_closed".into()],
+        ..Default::default()
+    })
+    .await;
+    let payee = f.payee("acct_closed").await;
+    let id = f.payout(payee, "5.00", Utc::now()).await;
+    f.producer().tick().await.unwrap();
+    let w = f.worker("w");
+    assert_eq!(w.process(id).await, Step::Recorded(PayoutStatus::Failed));
+    assert!(lock_pttl(&f, id).await > 0, "left to expire");
+
+    // What `payoutctl retry` and the dashboard's retry do.
+    repo::retry(
+        f.pool(),
+        id,
+        "operator:test",
+        Utc::now() + chrono::Duration::seconds(60),
+        Utc::now(),
+    )
+    .await
+    .unwrap();
+    f.queue.push_manual(&[id]).await.unwrap();
+    assert_eq!(lock_pttl(&f, id).await, -2, "the retry cleared the lock");
+    assert_eq!(
+        w.process(id).await,
+        Step::Recorded(PayoutStatus::Failed),
+        "attempted again (and refused again by the gateway), not skipped"
+    );
+    assert_eq!(f.gateway.gateway.stats().requests, 2);
 }
 
 #[tokio::test]
