@@ -101,7 +101,8 @@ sql -At -F ' ' -c "
        q AS (SELECT count(*) AS n, min(t) AS t0, max(t) AS t1,
                     percentile_disc(0.1) WITHIN GROUP (ORDER BY t) AS t10,
                     percentile_disc(0.9) WITHIN GROUP (ORDER BY t) AS t90 FROM p),
-       s AS (SELECT count(*) AS c FROM p, q WHERE p.t >= q.t0 + 1 AND p.t < q.t1 - 1
+       s AS (SELECT count(*) AS c FROM p, q
+             WHERE floor(p.t - q.t0) BETWEEN 1 AND floor(q.t1 - q.t0) - 1
              GROUP BY floor(p.t - q.t0))
   SELECT n, round((t1 - t0)::numeric, 2),
          round(((n - 1) / nullif(t1 - t0, 0))::numeric, 1),
