@@ -31,6 +31,7 @@ use sqlx::PgPool;
 use crate::{
     clock::SharedClock,
     db::payouts,
+    domain::PayoutId,
     gateway::{
         Gateway, Keyed, Lookup, LookupError, Outcome, TransferRecord, TransferRequest,
         TransientKind,
@@ -55,7 +56,7 @@ struct Inner {
     lease: chrono::Duration,
     renew_every: Duration,
     margin: chrono::Duration,
-    held: Mutex<HashMap<i64, Held>>,
+    held: Mutex<HashMap<PayoutId, Held>>,
     statements: AtomicU64,
 }
 
@@ -122,7 +123,7 @@ impl Leases {
 
     /// The lease a claim returned: payout `id` under attempt `token`, held
     /// until `until`. Renewed until the returned guard is dropped.
-    pub fn hold(&self, id: i64, token: i32, until: DateTime<Utc>) -> HeldLease {
+    pub fn hold(&self, id: PayoutId, token: i32, until: DateTime<Utc>) -> HeldLease {
         self.held().insert(
             id,
             Held {
@@ -159,7 +160,7 @@ impl Leases {
     /// leases known keep running out, and calls stop once they are short.
     pub async fn renew_once(&self) -> Result<Renewal, sqlx::Error> {
         let inner = &self.inner;
-        let snapshot: Vec<(i64, i32)> = self
+        let snapshot: Vec<(PayoutId, i32)> = self
             .held()
             .iter()
             .filter(|(_, h)| h.until.is_some())
@@ -168,7 +169,7 @@ impl Leases {
         if snapshot.is_empty() {
             return Ok(Renewal::default());
         }
-        let (ids, tokens): (Vec<i64>, Vec<i32>) = snapshot.iter().copied().unzip();
+        let (ids, tokens): (Vec<PayoutId>, Vec<i32>) = snapshot.iter().copied().unzip();
         // Computed before the statement is sent: what we vouch for is never
         // later than what Postgres holds.
         let until = inner.clock.now() + inner.lease;
@@ -217,7 +218,7 @@ impl Leases {
     /// Stops vouching for every held lease (no call starts for them any
     /// more) and returns those it vouched for, `(id, attempt)`: for giving
     /// them back at shutdown.
-    pub fn forfeit_all(&self) -> Vec<(i64, i32)> {
+    pub fn forfeit_all(&self) -> Vec<(PayoutId, i32)> {
         let mut held = self.held();
         let mut out = Vec::new();
         for (id, h) in held.iter_mut() {
@@ -228,7 +229,7 @@ impl Leases {
         out
     }
 
-    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Held>> {
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<PayoutId, Held>> {
         self.inner.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -265,7 +266,7 @@ async fn renew_loop(inner: Weak<Inner>, every: Duration) {
 #[derive(Debug)]
 pub struct HeldLease {
     leases: Leases,
-    id: i64,
+    id: PayoutId,
     token: i32,
 }
 

@@ -79,17 +79,27 @@ pub static PAID_MINOR_UNITS: LazyLock<IntCounterVec> = LazyLock::new(|| {
 /// amount that is not a valid amount of a known currency (the worker refuses
 /// those before paying) is logged, not counted.
 pub fn count_paid(amount: rust_decimal::Decimal, currency: &str) {
-    let minor = currency
+    let money = currency
         .parse::<crate::domain::Currency>()
-        .and_then(|c| crate::domain::Money::new(amount, c))
-        .and_then(|m| m.to_minor_units());
-    match minor {
+        .and_then(|c| crate::domain::Money::new(amount, c));
+    match money {
+        Ok(m) => count_paid_money(&m),
+        Err(e) => {
+            tracing::warn!(currency, error = %format_args!("{e:#}"), "paid amount not counted in payout_paid_minor_units_total")
+        }
+    }
+}
+
+/// [`count_paid`] of an amount already decoded (the worker's claimed payout).
+pub fn count_paid_money(money: &crate::domain::Money) {
+    let currency = money.currency();
+    match money.to_minor_units() {
         Ok(n) if n > 0 => PAID_MINOR_UNITS
-            .with_label_values(&[currency])
+            .with_label_values(&[currency.code()])
             .inc_by(n.unsigned_abs()),
         Ok(_) => {}
         Err(e) => {
-            tracing::warn!(currency, error = %format_args!("{e:#}"), "paid amount not counted in payout_paid_minor_units_total")
+            tracing::warn!(currency = currency.code(), error = %format_args!("{e:#}"), "paid amount not counted in payout_paid_minor_units_total")
         }
     }
 }

@@ -29,7 +29,7 @@ use crate::{
     clock::SharedClock,
     config::{ProducerSettings, Settings},
     db::payouts,
-    domain::status::ALL_STATUSES,
+    domain::{PayoutId, status::ALL_STATUSES},
     metrics,
     queue::{Queue, beat::Beats},
     server,
@@ -233,8 +233,8 @@ impl Producer {
             // Early requests and "process now" go ahead of the window
             // already waiting in Redis; the rest join its end.
             let (front, back): (Vec<_>, Vec<_>) = due.into_iter().partition(|d| d.priority > 0);
-            let front: Vec<i64> = front.into_iter().map(|d| d.id).collect();
-            let back: Vec<i64> = back.into_iter().map(|d| d.id).collect();
+            let front: Vec<PayoutId> = front.into_iter().map(|d| d.id).collect();
+            let back: Vec<PayoutId> = back.into_iter().map(|d| d.id).collect();
             let queue = self.queue.clone();
             pushing = Some(tokio::spawn(async move {
                 if !front.is_empty() {

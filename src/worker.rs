@@ -21,7 +21,7 @@ use crate::{
         batch::{Batcher, FinishExtras},
         payouts::{self, Finish},
     },
-    domain::{Currency, Money},
+    domain::PayoutId,
     gateway::{
         AmountError, Gateway, Outcome, RejectReason, TransferRequest,
         backoff::{BackoffPolicy, call_with_backoff},
@@ -186,8 +186,8 @@ impl Worker {
     }
 
     /// Handles the job for payout `id`.
-    #[tracing::instrument(name = "payout", skip(self), fields(payout_id = id, attempt = tracing::field::Empty, worker = %self.actor))]
-    pub async fn process(&self, id: i64) -> Step {
+    #[tracing::instrument(name = "payout", skip(self), fields(payout_id = id.get(), attempt = tracing::field::Empty, worker = %self.actor))]
+    pub async fn process(&self, id: PayoutId) -> Step {
         PROCESSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         metrics::IN_FLIGHT.inc();
         let step = self.process_inner(id).await;
@@ -200,8 +200,8 @@ impl Worker {
         step
     }
 
-    async fn process_inner(&self, id: i64) -> Step {
-        let lock = match self.locks.try_acquire(id).await {
+    async fn process_inner(&self, id: PayoutId) -> Step {
+        let lock = match self.locks.try_acquire(id.get()).await {
             Ok(Some(guard)) => Some(guard),
             Ok(None) => return Step::Skipped(SkipReason::Locked),
             Err(e) => {
@@ -222,7 +222,7 @@ impl Worker {
         step
     }
 
-    async fn attempt(&self, id: i64) -> Step {
+    async fn attempt(&self, id: PayoutId) -> Step {
         // An open circuit or a fleet pause holds the job here, before the
         // claim, so no attempt is burned.
         self.guard.wait_closed().await;
@@ -249,11 +249,10 @@ impl Worker {
 
         // Minor units as the gateway counts them (Stripe differs from ISO for
         // ISK, HUF, TWD and three-decimal currencies): refused here, clearly,
-        // rather than sent wrong.
-        let money = payout
-            .currency
-            .parse::<Currency>()
-            .and_then(|c| Money::new(payout.amount, c))
+        // rather than sent wrong. The amount itself was decoded by the claim.
+        let money = claimed
+            .money
+            .clone()
             .map_err(AmountError::from)
             .and_then(|m| self.gateway.minor_units(&m).map(|minor| (m, minor)));
         let mut extras = FinishExtras {
@@ -340,7 +339,9 @@ impl Worker {
                     Finish::Paid { .. } => {
                         metrics::DUE_TO_PAID_SECONDS
                             .observe(secs_between(payout.due_at, finished_at));
-                        metrics::count_paid(payout.amount, &payout.currency);
+                        if let Ok(money) = &claimed.money {
+                            metrics::count_paid_money(money);
+                        }
                     }
                     Finish::Failed { code, .. } => {
                         let class = failure.unwrap_or(Failure::Permanent).label();
@@ -476,7 +477,7 @@ impl Worker {
     /// next attempt learns the same answer from the gateway by the same key).
     async fn record(
         &self,
-        id: i64,
+        id: PayoutId,
         token: i32,
         finish: &Finish,
         extras: FinishExtras,
@@ -516,7 +517,13 @@ impl Worker {
     /// instead of calling; if Postgres does not answer, its lease runs out.
     /// Whatever an earlier call of this attempt did, the next attempt sends
     /// the same key (`key_index` is kept) and learns it from the gateway.
-    async fn give_back(&self, id: i64, token: i32, key_index: u32, nothing_sent: bool) -> Step {
+    async fn give_back(
+        &self,
+        id: PayoutId,
+        token: i32,
+        key_index: u32,
+        nothing_sent: bool,
+    ) -> Step {
         let within = Duration::from_millis(self.settings.renew_every_ms);
         let release = payouts::release(
             &self.pool,
@@ -742,10 +749,10 @@ async fn give_back_held(worker: &Worker) -> usize {
             Ok(Ok(true)) => n += 1,
             Ok(Ok(false)) => {}
             Ok(Err(e)) => {
-                tracing::warn!(error = ?e, payout_id = id, "release at shutdown failed; the lease runs out")
+                tracing::warn!(error = ?e, payout_id = id.get(), "release at shutdown failed; the lease runs out")
             }
             Err(_) => tracing::warn!(
-                payout_id = id,
+                payout_id = id.get(),
                 "release at shutdown timed out; the lease runs out"
             ),
         }

@@ -36,7 +36,7 @@ use crate::{
         tokens::{self, Role, TokenInfo},
         webhook_events,
     },
-    domain::{DecimalString, PayoutStatus},
+    domain::{DecimalString, PayeeId, PayoutId, PayoutStatus},
     metrics,
 };
 
@@ -233,8 +233,8 @@ pub fn actions_for(status: PayoutStatus) -> Vec<&'static str> {
     out
 }
 
-fn payout_id(raw: &str) -> Result<i64, ApiError> {
-    positive_id(raw, "payout id")
+fn payout_id(raw: &str) -> Result<PayoutId, ApiError> {
+    positive_id(raw, "payout id").map(PayoutId::new)
 }
 
 pub(crate) fn short(s: &str) -> String {
@@ -245,7 +245,8 @@ pub(crate) fn short(s: &str) -> String {
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct PayoutPayee {
     /// Id.
-    pub id: i64,
+    #[schema(value_type = i64)]
+    pub id: PayeeId,
     /// Display name.
     pub name: String,
     /// Its account at the gateway (where its payouts not yet sent go).
@@ -319,8 +320,8 @@ pub async fn payout(
         .ok_or_else(|| ApiError::NotFound(format!("payout {id} not found")))?
         .with_currency_scale();
     let payee = payees::get(&s.pool, p.payee_id).await?;
-    let events = events::for_payout(&s.pool, id).await?;
-    let hooks = webhook_events::for_payout(&s.pool, id).await?;
+    let events = events::for_payout(&s.pool, id.get()).await?;
+    let hooks = webhook_events::for_payout(&s.pool, id.get()).await?;
     let actions: Vec<&str> = if c.principal.role.allows(tokens::Permission::ActOnPayout) {
         actions_for(p.status)
     } else {
@@ -349,7 +350,7 @@ pub async fn payout(
             })
             .collect(),
         actions,
-        lines: crate::db::settlements::lines_for_payout(&s.pool, id).await?,
+        lines: crate::db::settlements::lines_for_payout(&s.pool, id.get()).await?,
     }))
 }
 
@@ -430,7 +431,7 @@ fn cancel_refused(e: crate::services::reconcile::CancelError) -> ApiError {
     }
 }
 
-async fn push(s: &AdminState, ids: &[i64]) -> bool {
+async fn push(s: &AdminState, ids: &[PayoutId]) -> bool {
     match s.queue.push_manual(ids).await {
         Ok(()) => true,
         Err(e) => {
@@ -443,7 +444,7 @@ async fn push(s: &AdminState, ids: &[i64]) -> bool {
 }
 
 /// [`push`] at the front of the queue.
-async fn push_front(s: &AdminState, ids: &[i64]) -> bool {
+async fn push_front(s: &AdminState, ids: &[PayoutId]) -> bool {
     match s.queue.push_manual_front(ids).await {
         Ok(()) => true,
         Err(e) => {
@@ -458,7 +459,8 @@ async fn push_front(s: &AdminState, ids: &[i64]) -> bool {
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ActionResult {
     /// The payout.
-    pub id: i64,
+    #[schema(value_type = i64)]
+    pub id: PayoutId,
     /// Its status before.
     pub from: PayoutStatus,
     /// Its status now.
@@ -567,7 +569,7 @@ pub async fn action(
     metrics::ADMIN_ACTIONS
         .with_label_values(&[action.as_str(), "ok"])
         .inc();
-    tracing::info!(payout_id = id, %actor, %action, from = %from, "operator action");
+    tracing::info!(payout_id = id.get(), %actor, %action, from = %from, "operator action");
     Ok(Json(ActionResult {
         id,
         from,
@@ -815,9 +817,17 @@ async fn bulk_retry_ids(
     let mut retried = Vec::new();
     let mut changed = Vec::new();
     for r in &eligible {
-        match payouts::retry_because(&s.pool, r.id, &actor, "operator bulk retry", lease, now).await
+        match payouts::retry_because(
+            &s.pool,
+            PayoutId::new(r.id),
+            &actor,
+            "operator bulk retry",
+            lease,
+            now,
+        )
+        .await
         {
-            Ok(_) => retried.push(r.id),
+            Ok(_) => retried.push(PayoutId::new(r.id)),
             Err(ActionError::Db(e)) => return Err(e.into()),
             // Moved meanwhile (or its money went back to the balance).
             Err(ActionError::Illegal(t)) => {
@@ -923,7 +933,16 @@ pub async fn bulk_cancel(
                 &s.settings.redis.prefix,
             )
         };
-        match crate::services::reconcile::cancel(&s.pool, gateway, r.id, &actor, &why, now).await {
+        match crate::services::reconcile::cancel(
+            &s.pool,
+            gateway,
+            PayoutId::new(r.id),
+            &actor,
+            &why,
+            now,
+        )
+        .await
+        {
             Ok(_) => cancelled.push(r.id),
             Err(crate::services::reconcile::CancelError::Action(ActionError::Db(e))) => {
                 return Err(e.into());
@@ -1261,7 +1280,7 @@ pub async fn payees_list(
     let lq = list_query(&q, &["status"])?;
     let status = super::platform::payee_status_filter(lq.extra.get("status"))?;
     let items = payees::page_with_status(&s.pool, status, lq.before_id, lq.limit).await?;
-    let next = next_cursor(items.iter().map(|p| p.id), items.len(), lq.limit);
+    let next = next_cursor(items.iter().map(|p| p.id.get()), items.len(), lq.limit);
     Ok(Json(ListPage {
         items,
         next_cursor: next,
@@ -1337,19 +1356,19 @@ pub async fn payee(
     State(s): State<AdminState>,
     Path(raw): Path<String>,
 ) -> Result<Json<PayeeDetail>, ApiError> {
-    let id = positive_id(&raw, "id")?;
+    let id = PayeeId::new(positive_id(&raw, "id")?);
     let p = payees::get(&s.pool, id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("payee {id} not found")))?;
     let terms = {
         let mut conn = s.pool.acquire().await?;
-        crate::db::payee_terms::get(&mut conn, id).await?
+        crate::db::payee_terms::get(&mut conn, id.get()).await?
     };
     let (deductions, mut minimums) = {
         let mut conn = s.pool.acquire().await?;
         (
-            crate::db::payee_terms::deductions_many(&mut conn, &[id]).await?,
-            crate::db::payee_terms::minimums_many(&mut conn, &[id]).await?,
+            crate::db::payee_terms::deductions_many(&mut conn, &[id.get()]).await?,
+            crate::db::payee_terms::minimums_many(&mut conn, &[id.get()]).await?,
         )
     };
     minimums.sort();
@@ -1370,7 +1389,7 @@ pub async fn payee(
             currency: c,
         })
         .collect();
-    let settlements = crate::db::settlements::page(&s.pool, Some(id), None, 20)
+    let settlements = crate::db::settlements::page(&s.pool, Some(id.get()), None, 20)
         .await?
         .into_iter()
         .map(settlement_view)
@@ -1442,7 +1461,8 @@ pub async fn settlements_list(
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct SettlementPayee {
     /// Id.
-    pub id: i64,
+    #[schema(value_type = i64)]
+    pub id: PayeeId,
     /// Display name.
     pub name: String,
     /// Its account at the gateway.
@@ -1489,7 +1509,7 @@ pub async fn settlement(
             l
         })
         .collect();
-    let payee = payees::get(&s.pool, x.payee_id).await?;
+    let payee = payees::get(&s.pool, PayeeId::new(x.payee_id)).await?;
     Ok(Json(SettlementDetail {
         settlement: settlement_view(x),
         payee: payee.map(|y| SettlementPayee {

@@ -30,7 +30,7 @@ use crate::{
         platform::{self as reads, EarningView, PayoutView},
         tokens::Permission,
     },
-    domain::DecimalString,
+    domain::{DecimalString, PayeeId},
     metrics,
     services::{
         escrow,
@@ -535,7 +535,7 @@ fn time_filter(
 /// The payee named by the path, or a 404 naming it.
 async fn known_payee(s: &AdminState, raw: &str) -> Result<crate::db::payees::Payee, ApiError> {
     let id = positive_id(raw, "payee id")?;
-    crate::db::payees::get(&s.pool, id)
+    crate::db::payees::get(&s.pool, PayeeId::new(id))
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("payee {id} not found")))
 }
@@ -632,7 +632,8 @@ pub(crate) async fn earnings(
         completed_to: time_filter("completed_to", q.filters.get("completed_to"))?,
     };
     let p = known_payee(&s, &raw).await?;
-    let rows = reads::earnings_page(&s.pool, p.id, &f, s.clock.now(), q.before_id, q.limit).await?;
+    let rows =
+        reads::earnings_page(&s.pool, p.id.get(), &f, s.clock.now(), q.before_id, q.limit).await?;
     let next = next_cursor(rows.iter().map(|e| e.id), rows.len(), q.limit);
     let items = rows
         .into_iter()
@@ -714,7 +715,7 @@ pub(crate) async fn payee_payouts(
     let p = known_payee(&s, &raw).await?;
     let rows = reads::payouts_page(
         &s.pool,
-        p.id,
+        p.id.get(),
         status,
         currency.as_deref(),
         q.before_id,
@@ -783,9 +784,10 @@ pub(crate) async fn upcoming(
 ) -> Result<Json<Upcoming>, ApiError> {
     c.permit(Permission::ReadPayees, "read payees")?;
     let p = known_payee(&s, &raw).await?;
-    let preview = crate::services::settlement::preview(&s.pool, &policy(&s)?, p.id, s.clock.now())
-        .await
-        .map_err(ApiError::Unavailable)?;
+    let preview =
+        crate::services::settlement::preview(&s.pool, &policy(&s)?, p.id.get(), s.clock.now())
+            .await
+            .map_err(ApiError::Unavailable)?;
     Ok(Json(Upcoming {
         preview,
         payee_status: p.status,

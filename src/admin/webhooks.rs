@@ -265,26 +265,49 @@ fn str_at<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
     v.get(key).and_then(Value::as_str).filter(|s| !s.is_empty())
 }
 
+/// Why an event body was refused (answered 400 `bad_payload`).
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    /// The body is not JSON.
+    #[error("not JSON: {0}")]
+    NotJson(#[from] serde_json::Error),
+    /// No (non-empty) `id`.
+    #[error("no event id")]
+    NoId,
+    /// No (non-empty) `type`.
+    #[error("no event type")]
+    NoType,
+    /// `id` or `type` (the field named) is longer than 255 characters.
+    #[error("event {0} must be 1 to 255 characters")]
+    FieldLength(&'static str),
+    /// `id` or `type` (the field named) holds a control character.
+    #[error("event {0} contains a control character")]
+    ControlCharacter(&'static str),
+    /// No data object where the source puts it.
+    #[error("no data object")]
+    NoDataObject,
+}
+
 /// Parses an event body of `source`.
-pub fn parse_event(source: Source, body: &[u8]) -> Result<Event, String> {
-    let v: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
-    let id = str_at(&v, "id").ok_or("no event id")?.to_string();
-    let kind = str_at(&v, "type").ok_or("no event type")?.to_string();
+pub fn parse_event(source: Source, body: &[u8]) -> Result<Event, EventError> {
+    let v: Value = serde_json::from_slice(body)?;
+    let id = str_at(&v, "id").ok_or(EventError::NoId)?.to_string();
+    let kind = str_at(&v, "type").ok_or(EventError::NoType)?.to_string();
     // Refused at the edge, not by the database on every redelivery (a 500
     // for an id over 255 characters, a 503 for a NUL byte: issue #15).
     for (field, value) in [("id", &id), ("type", &kind)] {
         if value.is_empty() || value.chars().count() > 255 {
-            return Err(format!("event {field} must be 1 to 255 characters"));
+            return Err(EventError::FieldLength(field));
         }
         if value.chars().any(char::is_control) {
-            return Err(format!("event {field} contains a control character"));
+            return Err(EventError::ControlCharacter(field));
         }
     }
     let object = match source {
         Source::Stripe => v.pointer("/data/object"),
         Source::Gateway => v.get("data"),
     }
-    .ok_or("no data object")?;
+    .ok_or(EventError::NoDataObject)?;
     let metadata_id = object.pointer("/metadata/payout_id").and_then(|m| {
         m.as_str()
             .and_then(|s| s.parse().ok())
@@ -821,12 +844,14 @@ mod tests {
         assert!(
             parse_event(Source::Stripe, long.as_bytes())
                 .unwrap_err()
+                .to_string()
                 .contains("255")
         );
         let nul = br#"{"id":"evt_\u0000","type":"transfer.paid","data":{"object":{}}}"#;
         assert!(
             parse_event(Source::Stripe, nul)
                 .unwrap_err()
+                .to_string()
                 .contains("control")
         );
         let ok = br#"{"id":"evt_1","type":"transfer.paid","data":{"object":{}}}"#;

@@ -42,7 +42,7 @@ struct Args {
     log_dir: PathBuf,
 }
 
-fn parse_scenario(s: &str) -> Result<Scenario, String> {
+fn parse_scenario(s: &str) -> Result<Scenario, chaos::UnknownScenario> {
     s.parse()
 }
 

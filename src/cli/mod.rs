@@ -20,7 +20,7 @@ use crate::{
     clock::{Clock, SystemClock},
     config::Settings,
     db::{self, events, payees, payouts},
-    domain::{Currency, Money, PayoutStatus},
+    domain::{Currency, Money, PayeeId, PayoutId, PayoutStatus},
     producer::Producer,
     queue::Queue,
 };
@@ -740,15 +740,22 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
             // some currencies its own way): refused now, not failed later.
             crate::gateway::stripe_currency::check_for_kind(settings.gateway.kind, &money)?;
             let due_at = parse_due(&due, clock.now())?;
-            let payee_row = payees::get(&pool, payee)
+            let payee_row = payees::get(&pool, PayeeId::new(payee))
                 .await?
                 .ok_or_else(|| Exit::not_found(format!("payee {payee} not found")))?;
             if payee_row.status != "active" {
                 bail!("payee {payee} is {}", payee_row.status);
             }
-            let p = payouts::create(&pool, payee, money, due_at, &actor, clock.now())
-                .await?
-                .with_currency_scale();
+            let p = payouts::create(
+                &pool,
+                PayeeId::new(payee),
+                money,
+                due_at,
+                &actor,
+                clock.now(),
+            )
+            .await?
+            .with_currency_scale();
             if cli.json {
                 writeln!(out, "{}", serde_json::to_string(&p)?)?;
             } else {
@@ -764,8 +771,12 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
         }
         Command::Enqueue { id: Some(id), .. } => {
             let conn = crate::queue::connect(&settings.redis).await?;
-            let from = payouts::enqueue_now(&pool, id, &actor, lease_until(), clock.now()).await?;
-            queue_for(&settings, conn).push_manual_front(&[id]).await?;
+            let from =
+                payouts::enqueue_now(&pool, PayoutId::new(id), &actor, lease_until(), clock.now())
+                    .await?;
+            queue_for(&settings, conn)
+                .push_manual_front(&[PayoutId::new(id)])
+                .await?;
             if cli.json {
                 writeln!(
                     out,
@@ -797,7 +808,7 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
             }
         }
         Command::Status { id } => {
-            let p = payouts::get(&pool, id)
+            let p = payouts::get(&pool, PayoutId::new(id))
                 .await?
                 .ok_or_else(|| Exit::not_found(format!("payout {id} not found")))?;
             let p = p.with_currency_scale();
@@ -913,8 +924,10 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
         }
         Command::Retry { id } => {
             let conn = crate::queue::connect(&settings.redis).await?;
-            payouts::retry(&pool, id, &actor, lease_until(), clock.now()).await?;
-            queue_for(&settings, conn).push_manual(&[id]).await?;
+            payouts::retry(&pool, PayoutId::new(id), &actor, lease_until(), clock.now()).await?;
+            queue_for(&settings, conn)
+                .push_manual(&[PayoutId::new(id)])
+                .await?;
             if cli.json {
                 writeln!(out, "{}", json!({"id": id, "status": "queued"}))?;
             } else {
@@ -927,7 +940,7 @@ pub async fn run(cli: Cli, settings: Settings, out: &mut (dyn Write + Send)) -> 
             let from = crate::services::reconcile::cancel(
                 &pool,
                 async || fleet_gateway(&settings).await,
-                id,
+                PayoutId::new(id),
                 &actor,
                 &reason,
                 clock.now(),

@@ -14,6 +14,7 @@ use super::{EXIT_CONFLICT, EXIT_USAGE, Exit, print_table, table};
 use crate::{
     config::Settings,
     db::payees,
+    domain::PayeeId,
     services::payees::{self as payee_service, By, PayeeError},
 };
 
@@ -208,7 +209,7 @@ pub async fn run(
             }
         }
         PayeeOps::Show { id } => {
-            let p = payees::get(pool, id)
+            let p = payees::get(pool, PayeeId::new(id))
                 .await?
                 .ok_or_else(|| Exit::not_found(format!("payee {id} not found")))?;
             let (open, sent) = crate::db::payouts::open_of_payee(pool, id).await?;
@@ -325,7 +326,7 @@ pub async fn run(
                 .map_err(|e| anyhow::anyhow!("currency: {e}"))?
                 .map(|c| c.code().to_string());
             check_limit(limit)?;
-            payees::get(pool, id)
+            payees::get(pool, PayeeId::new(id))
                 .await?
                 .ok_or_else(|| Exit::not_found(format!("payee {id} not found")))?;
             let f = reads::EarningFilter {
@@ -387,7 +388,7 @@ pub async fn run(
                 .map_err(|e| anyhow::anyhow!("currency: {e}"))?
                 .map(|c| c.code().to_string());
             check_limit(limit)?;
-            payees::get(pool, id)
+            payees::get(pool, PayeeId::new(id))
                 .await?
                 .ok_or_else(|| Exit::not_found(format!("payee {id} not found")))?;
             let rows = crate::db::platform::payouts_page(
@@ -438,7 +439,7 @@ pub async fn run(
             }
         }
         PayeeOps::Upcoming { id } => {
-            payees::get(pool, id)
+            payees::get(pool, PayeeId::new(id))
                 .await?
                 .ok_or_else(|| Exit::not_found(format!("payee {id} not found")))?;
             crate::cli::money::preview(

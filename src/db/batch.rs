@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use super::payouts::FinishExtras;
 use super::payouts::{self, ClaimRequest, Claimed, Finish, FinishRequest};
+use crate::domain::PayoutId;
 
 struct ClaimReq {
     claim: ClaimRequest,
@@ -72,7 +73,7 @@ impl Batcher {
     /// [`payouts::claim`], batched with whatever else is claiming.
     pub async fn claim(
         &self,
-        id: i64,
+        id: PayoutId,
         owner: &str,
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
@@ -97,7 +98,7 @@ impl Batcher {
     /// [`payouts::finish`], batched with whatever else is finishing.
     pub async fn finish(
         &self,
-        id: i64,
+        id: PayoutId,
         token: i32,
         outcome: &Finish,
         actor: &str,
@@ -120,7 +121,7 @@ impl Batcher {
     #[allow(clippy::too_many_arguments)]
     pub async fn finish_with(
         &self,
-        id: i64,
+        id: PayoutId,
         token: i32,
         outcome: &Finish,
         extras: FinishExtras,

@@ -4,13 +4,14 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
 
-use crate::domain::Currency;
+use crate::domain::{Currency, PayeeId};
 
 /// A payee row.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Payee {
     /// Id.
-    pub id: i64,
+    #[schema(value_type = i64)]
+    pub id: PayeeId,
     /// Display name.
     pub name: String,
     /// The payee's account at the gateway (e.g. `acct_123`).
@@ -35,8 +36,8 @@ pub async fn create<'e>(
 ) -> sqlx::Result<Payee> {
     sqlx::query_as!(
         Payee,
-        "INSERT INTO payees (name, gateway_account, currency) VALUES ($1, $2, $3)
-         RETURNING id, name, gateway_account, currency, status, created_at, email",
+        r#"INSERT INTO payees (name, gateway_account, currency) VALUES ($1, $2, $3)
+         RETURNING id AS "id: PayeeId", name, gateway_account, currency, status, created_at, email"#,
         name,
         gateway_account,
         currency.code(),
@@ -46,11 +47,11 @@ pub async fn create<'e>(
 }
 
 /// One payee.
-pub async fn get(pool: &PgPool, id: i64) -> sqlx::Result<Option<Payee>> {
+pub async fn get(pool: &PgPool, id: PayeeId) -> sqlx::Result<Option<Payee>> {
     sqlx::query_as!(
         Payee,
-        "SELECT id, name, gateway_account, currency, status, created_at, email FROM payees WHERE id = $1",
-        id,
+        r#"SELECT id AS "id: PayeeId", name, gateway_account, currency, status, created_at, email FROM payees WHERE id = $1"#,
+        id.get(),
     )
     .fetch_optional(pool)
     .await
@@ -79,9 +80,9 @@ pub async fn page_with_status(
 ) -> sqlx::Result<Vec<Payee>> {
     sqlx::query_as!(
         Payee,
-        "SELECT id, name, gateway_account, currency, status, created_at, email FROM payees
+        r#"SELECT id AS "id: PayeeId", name, gateway_account, currency, status, created_at, email FROM payees
          WHERE ($1::text IS NULL OR status = $1) AND ($2::bigint IS NULL OR id < $2)
-         ORDER BY id DESC LIMIT $3",
+         ORDER BY id DESC LIMIT $3"#,
         status,
         before_id,
         limit,
@@ -92,24 +93,24 @@ pub async fn page_with_status(
 
 /// Payee `id`, its row locked (`FOR NO KEY UPDATE`, as settlement locks it)
 /// until the transaction ends.
-pub async fn lock(conn: &mut PgConnection, id: i64) -> sqlx::Result<Option<Payee>> {
+pub async fn lock(conn: &mut PgConnection, id: PayeeId) -> sqlx::Result<Option<Payee>> {
     sqlx::query_as!(
         Payee,
-        "SELECT id, name, gateway_account, currency, status, created_at, email FROM payees
-         WHERE id = $1 FOR NO KEY UPDATE",
-        id,
+        r#"SELECT id AS "id: PayeeId", name, gateway_account, currency, status, created_at, email FROM payees
+         WHERE id = $1 FOR NO KEY UPDATE"#,
+        id.get(),
     )
     .fetch_optional(&mut *conn)
     .await
 }
 
 /// Sets payee `id`'s status (`active` or `suspended`); returns the row.
-pub async fn set_status(conn: &mut PgConnection, id: i64, status: &str) -> sqlx::Result<Payee> {
+pub async fn set_status(conn: &mut PgConnection, id: PayeeId, status: &str) -> sqlx::Result<Payee> {
     sqlx::query_as!(
         Payee,
-        "UPDATE payees SET status = $2 WHERE id = $1
-         RETURNING id, name, gateway_account, currency, status, created_at, email",
-        id,
+        r#"UPDATE payees SET status = $2 WHERE id = $1
+         RETURNING id AS "id: PayeeId", name, gateway_account, currency, status, created_at, email"#,
+        id.get(),
         status,
     )
     .fetch_one(&mut *conn)
@@ -117,12 +118,16 @@ pub async fn set_status(conn: &mut PgConnection, id: i64, status: &str) -> sqlx:
 }
 
 /// Sets payee `id`'s gateway account; returns the row.
-pub async fn set_account(conn: &mut PgConnection, id: i64, account: &str) -> sqlx::Result<Payee> {
+pub async fn set_account(
+    conn: &mut PgConnection,
+    id: PayeeId,
+    account: &str,
+) -> sqlx::Result<Payee> {
     sqlx::query_as!(
         Payee,
-        "UPDATE payees SET gateway_account = $2 WHERE id = $1
-         RETURNING id, name, gateway_account, currency, status, created_at, email",
-        id,
+        r#"UPDATE payees SET gateway_account = $2 WHERE id = $1
+         RETURNING id AS "id: PayeeId", name, gateway_account, currency, status, created_at, email"#,
+        id.get(),
         account,
     )
     .fetch_one(&mut *conn)
@@ -131,11 +136,15 @@ pub async fn set_account(conn: &mut PgConnection, id: i64, account: &str) -> sql
 
 /// Sets payee `id`'s tier (`producer.priority.scheduled = "tier"`); returns
 /// the tier before, `None` when there is no such payee.
-pub async fn set_tier(conn: &mut PgConnection, id: i64, tier: i16) -> sqlx::Result<Option<i16>> {
+pub async fn set_tier(
+    conn: &mut PgConnection,
+    id: PayeeId,
+    tier: i16,
+) -> sqlx::Result<Option<i16>> {
     sqlx::query_scalar!(
         r#"UPDATE payees y SET tier = $2 FROM payees old WHERE y.id = $1 AND old.id = y.id
            RETURNING old.tier AS "before!""#,
-        id,
+        id.get(),
         tier,
     )
     .fetch_optional(&mut *conn)
@@ -143,8 +152,8 @@ pub async fn set_tier(conn: &mut PgConnection, id: i64, tier: i16) -> sqlx::Resu
 }
 
 /// Payee `id`'s tier, if it exists.
-pub async fn tier(pool: &PgPool, id: i64) -> sqlx::Result<Option<i16>> {
-    sqlx::query_scalar!("SELECT tier FROM payees WHERE id = $1", id)
+pub async fn tier(pool: &PgPool, id: PayeeId) -> sqlx::Result<Option<i16>> {
+    sqlx::query_scalar!("SELECT tier FROM payees WHERE id = $1", id.get())
         .fetch_optional(pool)
         .await
 }
@@ -161,14 +170,14 @@ pub async fn gateway_accounts(pool: &PgPool, ids: &[i64]) -> sqlx::Result<Vec<St
 /// Sets (or, with `None`, clears) payee `id`'s email address; returns the row.
 pub async fn set_email(
     conn: &mut PgConnection,
-    id: i64,
+    id: PayeeId,
     email: Option<&str>,
 ) -> sqlx::Result<Payee> {
     sqlx::query_as!(
         Payee,
-        "UPDATE payees SET email = $2 WHERE id = $1
-         RETURNING id, name, gateway_account, currency, status, created_at, email",
-        id,
+        r#"UPDATE payees SET email = $2 WHERE id = $1
+         RETURNING id AS "id: PayeeId", name, gateway_account, currency, status, created_at, email"#,
+        id.get(),
         email,
     )
     .fetch_one(&mut *conn)

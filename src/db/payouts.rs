@@ -15,15 +15,17 @@ use serde::Serialize;
 use sqlx::{PgConnection, PgPool, Postgres, QueryBuilder};
 
 use super::filter::PayoutFilter;
-use crate::domain::{Money, PayoutStatus, TransitionError};
+use crate::domain::{Money, MoneyError, PayeeId, PayoutId, PayoutStatus, TransitionError};
 
 /// A payout row.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Payout {
     /// Id; the gateway idempotency key and reference derive from it.
-    pub id: i64,
+    #[schema(value_type = i64)]
+    pub id: PayoutId,
     /// Who is paid.
-    pub payee_id: i64,
+    #[schema(value_type = i64)]
+    pub payee_id: PayeeId,
     /// Exact amount.
     #[schema(value_type = crate::domain::DecimalString)]
     pub amount: Decimal,
@@ -105,6 +107,11 @@ impl Payout {
 pub struct Claimed {
     /// The payout as it is after the claim.
     pub payout: Payout,
+    /// Its amount, decoded once here from the row's `amount` and `currency`;
+    /// an error when the row holds no payable amount (an unknown currency,
+    /// zero, more decimals than the currency has): the worker fails such a
+    /// payout as `invalid_amount` without calling the gateway.
+    pub money: Result<Money, MoneyError>,
     /// The payee's gateway account.
     pub gateway_account: String,
     /// The payout's position in its idempotency-key chain (`payouts.key_index`).
@@ -198,7 +205,7 @@ pub enum ActionError {
 /// Creates a pending payout (and its `created` event).
 pub async fn create(
     pool: &PgPool,
-    payee_id: i64,
+    payee_id: PayeeId,
     money: Money,
     due_at: DateTime<Utc>,
     actor: &str,
@@ -211,7 +218,7 @@ pub async fn create(
 /// the `created` event.
 pub async fn create_in<'e>(
     exec: impl sqlx::PgExecutor<'e>,
-    payee_id: i64,
+    payee_id: PayeeId,
     money: Money,
     due_at: DateTime<Utc>,
     actor: &str,
@@ -227,11 +234,12 @@ pub async fn create_in<'e>(
          ev AS (
              INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
              SELECT id, NULL, 'pending', $5, $7, 0, $6 FROM ins)
-         SELECT id, payee_id, amount, currency, status AS "status: PayoutStatus", due_at, attempt,
+         SELECT id AS "id: PayoutId", payee_id AS "payee_id: PayeeId", amount, currency,
+                  status AS "status: PayoutStatus", due_at, attempt,
                 retry_base, next_attempt_at, lease_owner, lease_until, gateway_transfer_id,
                 failure_code, failure_message, created_at, updated_at, paid_at
          FROM ins"#,
-        payee_id,
+        payee_id.get(),
         money.amount(),
         currency.code(),
         due_at,
@@ -349,14 +357,15 @@ pub async fn seed(
 }
 
 /// One payout.
-pub async fn get(pool: &PgPool, id: i64) -> sqlx::Result<Option<Payout>> {
+pub async fn get(pool: &PgPool, id: PayoutId) -> sqlx::Result<Option<Payout>> {
     sqlx::query_as!(
         Payout,
-        r#"SELECT id, payee_id, amount, currency, status AS "status: PayoutStatus", due_at, attempt,
+        r#"SELECT id AS "id: PayoutId", payee_id AS "payee_id: PayeeId", amount, currency,
+                  status AS "status: PayoutStatus", due_at, attempt,
                   retry_base, next_attempt_at, lease_owner, lease_until, gateway_transfer_id,
                   failure_code, failure_message, created_at, updated_at, paid_at
            FROM payouts WHERE id = $1"#,
-        id,
+        id.get(),
     )
     .fetch_optional(pool)
     .await
@@ -460,7 +469,7 @@ pub async fn queue_due(
     limit: i64,
     lease_until: DateTime<Utc>,
     actor: &str,
-) -> sqlx::Result<Vec<i64>> {
+) -> sqlx::Result<Vec<PayoutId>> {
     let ranking = crate::config::PrioritySettings::default();
     Ok(
         queue_due_ranked(pool, &ranking, now, limit, lease_until, actor)
@@ -475,7 +484,7 @@ pub async fn queue_due(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Due {
     /// The payout.
-    pub id: i64,
+    pub id: PayoutId,
     /// Its `payouts.priority` ([`crate::domain::Priority`]): above 0, the
     /// producer pushes its job at the front of the queue.
     pub priority: i16,
@@ -560,7 +569,7 @@ pub async fn queue_due_ranked(
          ev AS (
              INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
              SELECT id, from_status, 'queued', $4, 'retry due', attempt, $1 FROM upd)
-         SELECT id AS "id!", priority AS "priority!" FROM upd"#,
+         SELECT id AS "id!: PayoutId", priority AS "priority!" FROM upd"#,
         now,
         limit,
         lease_until,
@@ -590,7 +599,7 @@ pub async fn queue_due_ranked(
              ev AS (
                  INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
                  SELECT id, from_status, 'queued', $4, 'due', attempt, $1 FROM upd)
-             SELECT id AS "id!", priority AS "priority!" FROM upd"#,
+             SELECT id AS "id!: PayoutId", priority AS "priority!" FROM upd"#,
             now,
             rest,
             lease_until,
@@ -633,8 +642,8 @@ pub async fn sweep_expired(
     limit: i64,
     lease_until: DateTime<Utc>,
     actor: &str,
-) -> sqlx::Result<Vec<i64>> {
-    sqlx::query_scalar!(
+) -> sqlx::Result<Vec<PayoutId>> {
+    let ids = sqlx::query_scalar!(
         r#"WITH exp AS (
              SELECT id, status FROM payouts
              WHERE status IN ('queued', 'processing') AND lease_until < $1
@@ -654,7 +663,8 @@ pub async fn sweep_expired(
         actor,
     )
     .fetch_all(pool)
-    .await
+    .await?;
+    Ok(ids.into_iter().map(PayoutId::new).collect())
 }
 
 /// Renews, in one statement, the leases of the payouts `owner` holds: each
@@ -667,10 +677,11 @@ pub async fn sweep_expired(
 pub async fn renew_leases<'e>(
     exec: impl sqlx::PgExecutor<'e>,
     owner: &str,
-    ids: &[i64],
+    ids: &[PayoutId],
     tokens: &[i32],
     lease_until: DateTime<Utc>,
 ) -> sqlx::Result<Vec<Renewed>> {
+    let ids: Vec<i64> = ids.iter().map(|id| id.get()).collect();
     sqlx::query_as!(
         Renewed,
         r#"WITH input AS (SELECT * FROM unnest($1::bigint[], $2::int[]) AS t(id, token)),
@@ -682,11 +693,11 @@ pub async fn renew_leases<'e>(
              UPDATE payouts p SET lease_until = GREATEST(p.lease_until, $4)
              FROM mine WHERE p.id = mine.id
              RETURNING p.id)
-         SELECT i.id AS "id!", i.token AS "token!", upd.id IS NOT NULL AS "renewed!",
+         SELECT i.id AS "id!: PayoutId", i.token AS "token!", upd.id IS NOT NULL AS "renewed!",
                 upd.id IS NULL AND (p.id IS NULL OR p.attempt <> i.token
                                     OR p.status IN ('queued', 'processing')) AS "taken!"
          FROM input i LEFT JOIN upd ON upd.id = i.id LEFT JOIN payouts p ON p.id = i.id"#,
-        ids,
+        &ids,
         tokens,
         owner,
         lease_until,
@@ -699,7 +710,7 @@ pub async fn renew_leases<'e>(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Renewed {
     /// The payout.
-    pub id: i64,
+    pub id: PayoutId,
     /// The attempt the lease was held under.
     pub token: i32,
     /// Extended.
@@ -719,7 +730,7 @@ pub struct Renewed {
 #[allow(clippy::too_many_arguments)]
 pub async fn release<'e>(
     exec: impl sqlx::PgExecutor<'e>,
-    id: i64,
+    id: PayoutId,
     token: i32,
     key_index: i32,
     refund: bool,
@@ -738,7 +749,7 @@ pub async fn release<'e>(
          INSERT INTO payout_events (payout_id, from_status, to_status, actor, reason, attempt, at)
          SELECT id, 'processing', 'queued', $6, $7, attempt, $5 FROM upd
          RETURNING payout_id",
-        id,
+        id.get(),
         token,
         key_index,
         refund,
@@ -761,8 +772,8 @@ pub async fn release_owned_by(
     now: DateTime<Utc>,
     lease_until: DateTime<Utc>,
     actor: &str,
-) -> sqlx::Result<Vec<i64>> {
-    sqlx::query_scalar!(
+) -> sqlx::Result<Vec<PayoutId>> {
+    let ids = sqlx::query_scalar!(
         r#"WITH gone AS (
              SELECT id FROM payouts WHERE status = 'processing' AND lease_owner = ANY($2)
              ORDER BY id FOR UPDATE),
@@ -781,7 +792,8 @@ pub async fn release_owned_by(
         actor,
     )
     .fetch_all(pool)
-    .await
+    .await?;
+    Ok(ids.into_iter().map(PayoutId::new).collect())
 }
 
 /// Ids of all `queued` payouts, their leases refreshed (after Redis lost its data).
@@ -789,14 +801,15 @@ pub async fn requeue_all_queued(
     pool: &PgPool,
     lease_until: DateTime<Utc>,
     now: DateTime<Utc>,
-) -> sqlx::Result<Vec<i64>> {
-    sqlx::query_scalar!(
+) -> sqlx::Result<Vec<PayoutId>> {
+    let ids = sqlx::query_scalar!(
         "UPDATE payouts SET lease_until = $1, updated_at = $2 WHERE status = 'queued' RETURNING id",
         lease_until,
         now,
     )
     .fetch_all(pool)
-    .await
+    .await?;
+    Ok(ids.into_iter().map(PayoutId::new).collect())
 }
 
 // ------------------------------------------------------------- worker ----
@@ -808,7 +821,7 @@ pub async fn requeue_all_queued(
 #[derive(Debug, Clone)]
 pub struct ClaimRequest {
     /// The payout.
-    pub id: i64,
+    pub id: PayoutId,
     /// The worker claiming it (`worker:<id>`): its lease owner and event actor.
     pub owner: String,
     /// When.
@@ -844,10 +857,15 @@ struct ClaimedRow {
 
 impl From<ClaimedRow> for Claimed {
     fn from(r: ClaimedRow) -> Self {
+        let money = r
+            .currency
+            .parse::<crate::domain::Currency>()
+            .and_then(|c| Money::new(r.amount, c));
         Claimed {
+            money,
             payout: Payout {
-                id: r.id,
-                payee_id: r.payee_id,
+                id: PayoutId::new(r.id),
+                payee_id: PayeeId::new(r.payee_id),
                 amount: r.amount,
                 currency: r.currency,
                 status: r.status,
@@ -885,7 +903,7 @@ impl From<ClaimedRow> for Claimed {
 /// in id order, so batches of different workers cannot deadlock. The ids
 /// must be distinct (the batcher sends one claim per payout).
 pub async fn claim_many(pool: &PgPool, claims: &[ClaimRequest]) -> sqlx::Result<Vec<Claimed>> {
-    let ids: Vec<i64> = claims.iter().map(|c| c.id).collect();
+    let ids: Vec<i64> = claims.iter().map(|c| c.id.get()).collect();
     let owners: Vec<String> = claims.iter().map(|c| c.owner.clone()).collect();
     let nows: Vec<DateTime<Utc>> = claims.iter().map(|c| c.now).collect();
     let leases: Vec<DateTime<Utc>> = claims.iter().map(|c| c.lease_until).collect();
@@ -941,7 +959,7 @@ pub async fn claim_many(pool: &PgPool, claims: &[ClaimRequest]) -> sqlx::Result<
 /// when the payout is not claimable (final, held, unknown, leased).
 pub async fn claim(
     pool: &PgPool,
-    id: i64,
+    id: PayoutId,
     owner: &str,
     now: DateTime<Utc>,
     lease_until: DateTime<Utc>,
@@ -969,7 +987,7 @@ pub struct FinishExtras {
 #[derive(Debug, Clone)]
 pub struct FinishRequest {
     /// The payout.
-    pub id: i64,
+    pub id: PayoutId,
     /// The fencing token its claim returned.
     pub token: i32,
     /// How the attempt ended.
@@ -1022,7 +1040,10 @@ fn finish_columns(outcome: &Finish) -> FinishColumns {
 /// nothing unless its payout is still `processing` under its token. Returns
 /// the `(id, token)` pairs that applied, with their events. Rows are written
 /// in id order. At most one write per `(id, token)` (the batcher's rule).
-pub async fn finish_many(pool: &PgPool, writes: &[FinishRequest]) -> sqlx::Result<Vec<(i64, i32)>> {
+pub async fn finish_many(
+    pool: &PgPool,
+    writes: &[FinishRequest],
+) -> sqlx::Result<Vec<(PayoutId, i32)>> {
     let n = writes.len();
     let mut ids = Vec::with_capacity(n);
     let mut tokens = Vec::with_capacity(n);
@@ -1038,7 +1059,7 @@ pub async fn finish_many(pool: &PgPool, writes: &[FinishRequest]) -> sqlx::Resul
     let mut refunds = Vec::with_capacity(n);
     for w in writes {
         let cols = finish_columns(&w.outcome);
-        ids.push(w.id);
+        ids.push(w.id.get());
         tokens.push(w.token);
         statuses.push(w.outcome.status().as_str().to_string());
         transfers.push(cols.transfer_id);
@@ -1089,7 +1110,10 @@ pub async fn finish_many(pool: &PgPool, writes: &[FinishRequest]) -> sqlx::Resul
     )
     .fetch_all(pool)
     .await?;
-    Ok(rows.into_iter().map(|r| (r.payout_id, r.attempt)).collect())
+    Ok(rows
+        .into_iter()
+        .map(|r| (PayoutId::new(r.payout_id), r.attempt))
+        .collect())
 }
 
 /// Records one attempt's outcome, fenced: [`finish_many`] with one write
@@ -1097,7 +1121,7 @@ pub async fn finish_many(pool: &PgPool, writes: &[FinishRequest]) -> sqlx::Resul
 /// unless the payout is still `processing` under `token`.
 pub async fn finish(
     pool: &PgPool,
-    id: i64,
+    id: PayoutId,
     token: i32,
     outcome: &Finish,
     actor: &str,
@@ -1130,7 +1154,7 @@ struct Action<'a> {
 
 async fn act(
     pool: impl sqlx::PgExecutor<'_>,
-    id: i64,
+    id: PayoutId,
     a: Action<'_>,
     now: DateTime<Utc>,
 ) -> Result<PayoutStatus, ActionError> {
@@ -1152,7 +1176,7 @@ async fn act(
          SELECT prev.status AS "current!: PayoutStatus", (SELECT from_status FROM upd) AS moved,
                 prev.payee_id AS "payee_id!", prev.suspended AS "suspended!"
          FROM prev"#,
-        id,
+        id.get(),
         a.to.as_str(),
         &from,
         a.actor,
@@ -1165,17 +1189,17 @@ async fn act(
     )
     .fetch_optional(pool)
     .await?;
-    let row = row.ok_or(ActionError::NotFound(id))?;
+    let row = row.ok_or(ActionError::NotFound(id.get()))?;
     match row.moved {
         Some(_) => Ok(row.current),
         None if row.suspended && a.to == PayoutStatus::Queued && a.from.contains(&row.current) => {
             Err(ActionError::PayeeSuspended {
-                id,
+                id: id.get(),
                 payee: row.payee_id,
             })
         }
         None => Err(TransitionError {
-            id,
+            id: id.get(),
             from: row.current,
             to: a.to,
         }
@@ -1189,7 +1213,7 @@ async fn act(
 /// from; `queued` when it already was.
 pub async fn enqueue_now(
     pool: &PgPool,
-    id: i64,
+    id: PayoutId,
     actor: &str,
     lease_until: DateTime<Utc>,
     now: DateTime<Utc>,
@@ -1200,7 +1224,7 @@ pub async fn enqueue_now(
 /// [`enqueue_now`] with the operator's reason in the event.
 pub async fn enqueue_now_because(
     pool: &PgPool,
-    id: i64,
+    id: PayoutId,
     actor: &str,
     reason: &str,
     lease_until: DateTime<Utc>,
@@ -1226,7 +1250,7 @@ pub async fn enqueue_now_because(
     // suspension), and its job goes to the front of the queue.
     set_priority(
         &mut *pool.acquire().await?,
-        id,
+        id.get(),
         crate::domain::Priority::ProcessNow,
     )
     .await?;
@@ -1236,7 +1260,7 @@ pub async fn enqueue_now_because(
 /// Operator: retry a failed payout (`failed` -> `queued`) with a fresh attempt budget.
 pub async fn retry(
     pool: &PgPool,
-    id: i64,
+    id: PayoutId,
     actor: &str,
     lease_until: DateTime<Utc>,
     now: DateTime<Utc>,
@@ -1247,7 +1271,7 @@ pub async fn retry(
 /// [`retry`] with the operator's reason in the event.
 pub async fn retry_because(
     pool: &PgPool,
-    id: i64,
+    id: PayoutId,
     actor: &str,
     reason: &str,
     lease_until: DateTime<Utc>,
@@ -1256,9 +1280,9 @@ pub async fn retry_because(
     // A settlement payout whose money went back to the payee's balance
     // (cancelled, or reversed after it was paid) is paid by the payee's next
     // period; retrying it would pay twice (a trigger refuses it too).
-    if let Some(from) = crate::db::settlements::returned_status(pool, id).await? {
+    if let Some(from) = crate::db::settlements::returned_status(pool, id.get()).await? {
         return Err(TransitionError {
-            id,
+            id: id.get(),
             from,
             to: PayoutStatus::Queued,
         }
@@ -1278,7 +1302,7 @@ pub async fn retry_because(
 /// Operator: cancel (`pending`, `queued`, `retrying`, `failed` or `held` -> `cancelled`).
 pub async fn cancel(
     pool: &PgPool,
-    id: i64,
+    id: PayoutId,
     actor: &str,
     reason: &str,
     now: DateTime<Utc>,
@@ -1308,18 +1332,21 @@ fn cancel_action<'a>(actor: &'a str, reason: &'a str) -> Action<'a> {
 /// worker sent it again since the gateway was asked): `Ok(None)` when it was.
 pub async fn cancel_at_attempt(
     pool: &PgPool,
-    id: i64,
+    id: PayoutId,
     seen_attempt: i32,
     actor: &str,
     reason: &str,
     now: DateTime<Utc>,
 ) -> Result<Option<PayoutStatus>, ActionError> {
     let mut tx = pool.begin().await?;
-    let attempt = sqlx::query_scalar!("SELECT attempt FROM payouts WHERE id = $1 FOR UPDATE", id)
-        .fetch_optional(&mut *tx)
-        .await?;
+    let attempt = sqlx::query_scalar!(
+        "SELECT attempt FROM payouts WHERE id = $1 FOR UPDATE",
+        id.get()
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
     match attempt {
-        None => return Err(ActionError::NotFound(id)),
+        None => return Err(ActionError::NotFound(id.get())),
         Some(a) if a != seen_attempt => return Ok(None),
         Some(_) => {}
     }
@@ -1342,7 +1369,7 @@ pub async fn bulk_retry(
     actor: &str,
     lease_until: DateTime<Utc>,
     now: DateTime<Utc>,
-) -> sqlx::Result<Vec<i64>> {
+) -> sqlx::Result<Vec<PayoutId>> {
     let mut f = filter.clone();
     f.status = Some(PayoutStatus::Failed);
     let mut q = QueryBuilder::new("WITH pick AS (SELECT id FROM payouts");
@@ -1426,7 +1453,8 @@ pub async fn for_reconciliation(
 ) -> sqlx::Result<Vec<Payout>> {
     sqlx::query_as!(
         Payout,
-        r#"SELECT id, payee_id, amount, currency, status AS "status: PayoutStatus", due_at, attempt,
+        r#"SELECT id AS "id: PayoutId", payee_id AS "payee_id: PayeeId", amount, currency,
+                  status AS "status: PayoutStatus", due_at, attempt,
                   retry_base, next_attempt_at, lease_owner, lease_until, gateway_transfer_id,
                   failure_code, failure_message, created_at, updated_at, paid_at
            FROM payouts
@@ -1829,7 +1857,8 @@ pub async fn outcomes_after(pool: &PgPool, after_id: i64) -> sqlx::Result<(i64, 
 pub async fn all(pool: &PgPool) -> sqlx::Result<Vec<Payout>> {
     sqlx::query_as!(
         Payout,
-        r#"SELECT id, payee_id, amount, currency, status AS "status: PayoutStatus", due_at, attempt,
+        r#"SELECT id AS "id: PayoutId", payee_id AS "payee_id: PayeeId", amount, currency,
+                  status AS "status: PayoutStatus", due_at, attempt,
                   retry_base, next_attempt_at, lease_owner, lease_until, gateway_transfer_id,
                   failure_code, failure_message, created_at, updated_at, paid_at
            FROM payouts ORDER BY id"#
@@ -1844,25 +1873,27 @@ pub async fn ids_with_status(
     pool: &PgPool,
     status: PayoutStatus,
     limit: i64,
-) -> sqlx::Result<Vec<i64>> {
-    sqlx::query_scalar!(
+) -> sqlx::Result<Vec<PayoutId>> {
+    let ids = sqlx::query_scalar!(
         "SELECT id FROM payouts WHERE status = $1 ORDER BY id LIMIT $2",
         status.as_str(),
         limit,
     )
     .fetch_all(pool)
-    .await
+    .await?;
+    Ok(ids.into_iter().map(PayoutId::new).collect())
 }
 
 /// Ids of up to `limit` paid payouts, picked at random.
 #[cfg(feature = "testkit")]
-pub async fn random_paid(pool: &PgPool, limit: i64) -> sqlx::Result<Vec<i64>> {
-    sqlx::query_scalar!(
+pub async fn random_paid(pool: &PgPool, limit: i64) -> sqlx::Result<Vec<PayoutId>> {
+    let ids = sqlx::query_scalar!(
         "SELECT id FROM payouts WHERE status = 'paid' ORDER BY random() LIMIT $1",
         limit,
     )
     .fetch_all(pool)
-    .await
+    .await?;
+    Ok(ids.into_iter().map(PayoutId::new).collect())
 }
 
 /// The payouts `processing` under a lease whose owner is LIKE `owner_like`

@@ -1,7 +1,8 @@
-//! The domain: money, payout states and their legal transitions. Pure: no I/O,
+//! The domain: money, typed ids, payout states and their legal transitions. Pure: no I/O,
 //! no clock (time is passed in).
 
 pub mod earning;
+pub mod ids;
 pub mod mismatch;
 pub mod money;
 pub mod policy;
@@ -10,6 +11,7 @@ pub mod schedule;
 pub mod status;
 pub mod transfer;
 
+pub use ids::{PayeeId, PayoutId};
 pub use money::{Currency, DecimalString, Money, MoneyError};
 pub use policy::{PayoutMethod, Policy, PolicyError};
 pub use priority::Priority;

@@ -2,11 +2,11 @@
 //! (and reference) a payout is sent under, and what a gateway's status for a
 //! transfer means for the payout.
 
-use super::PayoutStatus;
+use super::{PayoutId, PayoutStatus};
 
 /// The idempotency key (and gateway reference) of payout `id`: the same for
 /// every attempt (see DESIGN.md).
-pub fn idempotency_key(id: i64) -> String {
+pub fn idempotency_key(id: PayoutId) -> String {
     format!("payout_{id}")
 }
 
@@ -26,7 +26,7 @@ mod tests {
 
     #[test]
     fn the_key_is_the_payout_id_and_open_statuses_have_no_verdict() {
-        assert_eq!(idempotency_key(42), "payout_42");
+        assert_eq!(idempotency_key(PayoutId::new(42)), "payout_42");
         assert_eq!(verdict("succeeded"), Some(PayoutStatus::Paid));
         assert_eq!(verdict("reversed"), Some(PayoutStatus::Failed));
         assert_eq!(verdict("pending"), None);

@@ -141,9 +141,9 @@ pub struct FleetLimiter {
     tat_key: String,
     pause_key: String,
     limits: Limits,
-    /// (last time the pause was read from Redis, paused until), shared by
-    /// the clones of this limiter.
-    pause_seen: Arc<Mutex<(Option<Instant>, Option<Instant>)>>,
+    /// The fleet pause as this process last saw it, shared by the clones of
+    /// this limiter and by the guard built on it.
+    pause_seen: Arc<Mutex<PauseGate>>,
 }
 
 impl FleetLimiter {
@@ -157,7 +157,7 @@ impl FleetLimiter {
             tat_key: format!("{{{prefix}}}:gateway:rate"),
             pause_key: pause_key(prefix),
             limits,
-            pause_seen: Arc::new(Mutex::new((None, None))),
+            pause_seen: Arc::new(Mutex::new(PauseGate::default())),
         }
     }
 
@@ -211,33 +211,23 @@ impl FleetLimiter {
     }
 
     /// How long the fleet pause still lasts (zero when none), read from Redis
-    /// at most every 100 ms; a Redis error reads as no pause.
+    /// at most every 100 ms per process ([`PauseGate`], shared with the
+    /// guard); a Redis error reads as no pause.
     async fn pause_left(&self) -> Duration {
-        let now = Instant::now();
-        let (stale, until) = {
-            let seen = self.pause_seen.lock().expect("pause lock");
-            (
-                seen.0
-                    .is_none_or(|t| now.duration_since(t) > Duration::from_millis(100)),
-                seen.1,
-            )
-        };
-        let until = if stale {
+        pause_left_with(&self.pause_seen, || {
             let mut conn = self.conn.clone();
-            let left = read_pause(&mut conn, &self.pause_key).await.unwrap_or(None);
-            let until = left.map(|l| now + l);
-            *self.pause_seen.lock().expect("pause lock") = (Some(now), until);
-            until
-        } else {
-            until
-        };
-        until.map_or(Duration::ZERO, |u| u.saturating_duration_since(now))
+            let key = self.pause_key.clone();
+            async move { read_pause(&mut conn, &key).await.unwrap_or(None) }
+        })
+        .await
     }
 
     /// Notes a pause this process just set, so its own waiters see it at once.
     fn saw_pause(&self, for_: Duration) {
-        let now = Instant::now();
-        *self.pause_seen.lock().expect("pause lock") = (Some(now), Some(now + for_));
+        self.pause_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .seen(Instant::now(), Some(for_));
     }
 }
 
@@ -347,6 +337,102 @@ return {1, math.floor((go - now) * 1000)}
 
 /// The longest single wait on a fleet pause before the key is read again.
 const PAUSE_STEP: Duration = Duration::from_secs(1);
+
+/// How long a read of the fleet pause key is trusted by the process.
+const PAUSE_READ_EVERY: Duration = Duration::from_millis(100);
+
+/// One process's view of the fleet pause, apart from Redis: when the key was
+/// last read and until when it pauses (as read, or as this process set it).
+/// Pure, times passed in; [`wait_unpaused_with`] is the wait on it. Tested
+/// on tokio's paused clock (Redis time cannot be paused).
+#[derive(Debug, Default, Clone, Copy)]
+struct PauseGate {
+    /// When the key was last read (or written by this process).
+    read_at: Option<Instant>,
+    /// Until when the fleet is paused, as of that read.
+    until: Option<Instant>,
+}
+
+impl PauseGate {
+    /// Whether the key must be read again at `now`: never read, or read
+    /// more than [`PAUSE_READ_EVERY`] ago.
+    fn stale(&self, now: Instant) -> bool {
+        self.read_at
+            .is_none_or(|t| now.duration_since(t) > PAUSE_READ_EVERY)
+    }
+
+    /// Whether the caller at `now` is the one to read the key: it is stale
+    /// ([`PauseGate::stale`]). The read is claimed at once, so until it
+    /// lands the other callers use the last value: one read per process per
+    /// [`PAUSE_READ_EVERY`] however many jobs wait (at 64 jobs in flight,
+    /// every job used to read it at once, #21). Before the first read,
+    /// every caller reads.
+    fn claim_read(&mut self, now: Instant) -> bool {
+        let stale = self.stale(now);
+        if stale && self.read_at.is_some() {
+            self.read_at = Some(now);
+        }
+        stale
+    }
+
+    /// A read (or this process's own write) at `now` found the pause
+    /// lasting `left` more (`None`: no pause).
+    fn seen(&mut self, now: Instant, left: Option<Duration>) {
+        *self = PauseGate {
+            read_at: Some(now),
+            until: left.map(|l| now + l),
+        };
+    }
+
+    /// How long the pause still lasts at `now`, as last seen (zero: none).
+    fn left(&self, now: Instant) -> Duration {
+        self.until
+            .map_or(Duration::ZERO, |u| u.saturating_duration_since(now))
+    }
+}
+
+/// How long the fleet pause still lasts (zero when none): from `gate`
+/// while its last read is fresh (or another caller is refreshing it), else
+/// from `read` (the key's PTTL; `None` for no pause or an error), which
+/// `gate` then remembers.
+async fn pause_left_with<F, Fut>(gate: &Mutex<PauseGate>, read: F) -> Duration
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Option<Duration>>,
+{
+    let now = Instant::now();
+    let (read_now, last) = {
+        let mut g = gate.lock().unwrap_or_else(|p| p.into_inner());
+        (g.claim_read(now), g.left(now))
+    };
+    if !read_now {
+        return last;
+    }
+    let left = read().await;
+    let mut g = gate.lock().unwrap_or_else(|p| p.into_inner());
+    g.seen(now, left);
+    g.left(now)
+}
+
+/// Waits until no fleet pause holds, reading it through `gate` and `read`
+/// ([`pause_left_with`]), in steps of at most [`PAUSE_STEP`]: an operator's
+/// resume deletes the key, and a week-long pause must not be slept in one go.
+async fn wait_unpaused_with<F, Fut>(gate: &Mutex<PauseGate>, mut read: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<Duration>>,
+{
+    loop {
+        let left = pause_left_with(gate, &mut read).await;
+        if left.is_zero() {
+            return;
+        }
+        metrics::GATEWAY_THROTTLED
+            .with_label_values(&["fleet_pause"])
+            .inc();
+        tokio::time::sleep(left.min(PAUSE_STEP)).await;
+    }
+}
 
 /// The Redis key of the fleet pause under `prefix`: while it lives, no
 /// worker claims a payout or calls the gateway.
@@ -623,28 +709,16 @@ impl GatewayGuard {
         self.limiter.clone()
     }
 
-    /// How long the fleet pause still lasts (zero when none), read from Redis
-    /// at most every 100 ms (shared with the limiter); a Redis error reads as
-    /// no pause.
-    async fn pause_left(&self) -> Duration {
-        self.limiter.pause_left().await
-    }
-
     /// Waits until no fleet pause holds (before a claim: a paused fleet
-    /// burns no attempts).
+    /// burns no attempts). The key is read from Redis at most every 100 ms
+    /// ([`PauseGate`]); a Redis error reads as no pause.
     pub async fn wait_unpaused(&self) {
-        loop {
-            let left = self.pause_left().await;
-            if left.is_zero() {
-                return;
-            }
-            metrics::GATEWAY_THROTTLED
-                .with_label_values(&["fleet_pause"])
-                .inc();
-            // In steps of at most a second: an operator's resume deletes the
-            // key, and a week-long pause must not be slept in one go.
-            tokio::time::sleep(left.min(PAUSE_STEP)).await;
-        }
+        wait_unpaused_with(&self.limiter.pause_seen, || {
+            let mut conn = self.conn.clone();
+            let key = self.pause_key.clone();
+            async move { read_pause(&mut conn, &key).await.unwrap_or(None) }
+        })
+        .await
     }
 
     /// Pauses the whole fleet for a platform problem (`code`), counts it and
@@ -919,5 +993,165 @@ mod tests {
         let before = open.state;
         open.record(Instant::now(), false);
         assert_eq!(open.state, before);
+    }
+
+    // The fleet pause, process side: the Redis key is stood in for by a
+    // pause that ends at a paused-clock instant (`None`: deleted), and every
+    // read of it is counted.
+
+    /// A stand-in for the pause key: its end, and the reads made of it.
+    #[derive(Debug, Default)]
+    struct Key {
+        until: Mutex<Option<Instant>>,
+        reads: AtomicUsize,
+    }
+
+    impl Key {
+        fn pause(&self, for_: Duration) {
+            *self.until.lock().unwrap() = Some(Instant::now() + for_);
+        }
+
+        fn resume(&self) {
+            *self.until.lock().unwrap() = None;
+        }
+
+        /// The key's PTTL, as `read_pause` answers it.
+        async fn read(&self) -> Option<Duration> {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+            let left = self
+                .until
+                .lock()
+                .unwrap()
+                .map(|u| u.saturating_duration_since(Instant::now()));
+            left.filter(|l| !l.is_zero())
+        }
+
+        fn reads(&self) -> usize {
+            self.reads.load(Ordering::Relaxed)
+        }
+    }
+
+    async fn wait(gate: &Mutex<PauseGate>, key: &Key) {
+        wait_unpaused_with(gate, || key.read()).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_pause_goes_at_once_after_one_read() {
+        let (gate, key) = (Mutex::new(PauseGate::default()), Key::default());
+        let start = Instant::now();
+        wait(&gate, &key).await;
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        assert_eq!(key.reads(), 1);
+        // Within 100 ms the read is trusted: no second one.
+        advance_ms(100).await;
+        wait(&gate, &key).await;
+        assert_eq!(key.reads(), 1);
+        advance_ms(1).await;
+        wait(&gate, &key).await;
+        assert_eq!(
+            key.reads(),
+            2,
+            "read again once the last read is older than 100 ms"
+        );
+    }
+
+    async fn advance_ms(ms: u64) {
+        tokio::time::advance(Duration::from_millis(ms)).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_is_waited_out_to_its_end_in_steps_of_a_second() {
+        let (gate, key) = (Mutex::new(PauseGate::default()), Key::default());
+        key.pause(Duration::from_millis(2500));
+        let start = Instant::now();
+        wait(&gate, &key).await;
+        assert_eq!(start.elapsed(), Duration::from_millis(2500));
+        // Read at 0, 1 s, 2 s (one-second steps), then at 2.5 s: over.
+        assert_eq!(key.reads(), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_resume_is_noticed_within_one_step() {
+        let gate = Arc::new(Mutex::new(PauseGate::default()));
+        let key = Arc::new(Key::default());
+        key.pause(Duration::from_secs(7 * 24 * 3600));
+        let waiting = tokio::spawn({
+            let (gate, key) = (gate.clone(), key.clone());
+            async move { wait(&gate, &key).await }
+        });
+        tokio::task::yield_now().await;
+        advance_ms(1500).await;
+        assert!(!waiting.is_finished(), "a week-long pause holds");
+        key.resume();
+        let resumed = Instant::now();
+        waiting.await.unwrap();
+        assert!(
+            resumed.elapsed() <= PAUSE_STEP,
+            "the next step's read sees the key gone: {:?} after the resume",
+            resumed.elapsed()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_process_own_pause_holds_without_a_read_and_a_later_read_extends_it() {
+        let (gate, key) = (Mutex::new(PauseGate::default()), Key::default());
+        // This process met the 429 and set the pause: it knows without asking.
+        gate.lock()
+            .unwrap()
+            .seen(Instant::now(), Some(Duration::from_millis(300)));
+        key.pause(Duration::from_millis(300));
+        let left = pause_left_with(&gate, || key.read()).await;
+        assert_eq!((left, key.reads()), (Duration::from_millis(300), 0));
+        advance_ms(50).await;
+        let left = pause_left_with(&gate, || key.read()).await;
+        assert_eq!(
+            (left, key.reads()),
+            (Duration::from_millis(250), 0),
+            "counts down between reads"
+        );
+        // Another worker's longer Retry-After is learnt at the next read.
+        key.pause(Duration::from_secs(5));
+        advance_ms(51).await;
+        let left = pause_left_with(&gate, || key.read()).await;
+        assert_eq!(key.reads(), 1);
+        assert_eq!(left, Duration::from_millis(4949));
+        let start = Instant::now();
+        wait(&gate, &key).await;
+        assert_eq!(start.elapsed(), Duration::from_millis(4949));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_caller_refreshes_a_stale_read_and_the_others_use_the_last_value() {
+        let (gate, key) = (Mutex::new(PauseGate::default()), Key::default());
+        key.pause(Duration::from_secs(5));
+        // Before the first read, every caller reads.
+        let slow_read = || async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            key.read().await
+        };
+        let (a, b) = tokio::join!(
+            pause_left_with(&gate, slow_read),
+            pause_left_with(&gate, slow_read)
+        );
+        assert_eq!((a, b, key.reads()), (a, a, 2));
+        advance_ms(200).await;
+        // Stale now: 64 jobs ask at once, one reads.
+        let answers =
+            futures::future::join_all((0..64).map(|_| pause_left_with(&gate, slow_read))).await;
+        assert_eq!(key.reads(), 3, "one read for 64 callers");
+        assert!(answers.iter().all(|l| !l.is_zero()), "{answers:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_key_that_cannot_be_read_is_no_pause() {
+        let gate = Mutex::new(PauseGate::default());
+        gate.lock()
+            .unwrap()
+            .seen(Instant::now(), Some(Duration::from_secs(60)));
+        advance_ms(101).await;
+        let start = Instant::now();
+        // A Redis error reads as `None` (`read_pause(..).unwrap_or(None)`).
+        wait_unpaused_with(&gate, || async { None }).await;
+        assert_eq!(start.elapsed(), Duration::ZERO);
     }
 }

@@ -22,7 +22,10 @@ pub const EXTERNAL_REF: &str = "external_ref";
 
 /// A transfer's metadata: the payout's id and, when it has one, the
 /// external reference of the earning it pays.
-pub fn transfer_metadata(payout_id: i64, external_ref: Option<&str>) -> BTreeMap<String, String> {
+pub fn transfer_metadata(
+    payout_id: crate::domain::PayoutId,
+    external_ref: Option<&str>,
+) -> BTreeMap<String, String> {
     let mut m = BTreeMap::from([(PAYOUT_ID.to_string(), payout_id.to_string())]);
     if let Some(r) = external_ref {
         m.insert(EXTERNAL_REF.to_string(), r.to_string());

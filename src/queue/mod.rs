@@ -33,14 +33,14 @@ use apalis_redis::{Config, ConnectionManager, RedisStorage};
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 
-use crate::config::RedisSettings;
+use crate::{config::RedisSettings, domain::PayoutId};
 
 /// The job: which payout to work on. Nothing else travels through Redis; the
 /// worker reads the truth from Postgres.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PayoutJob {
-    /// The payout id.
-    pub payout_id: i64,
+    /// The payout id (a plain number in the JSON payload).
+    pub payout_id: PayoutId,
 }
 
 /// The key a payload that is not JSON arrives under (see [`LenientJson`]).
@@ -255,7 +255,7 @@ impl Queue {
     }
 
     /// Pushes one job per payout, in chunks of one Lua call each.
-    pub async fn push(&self, payout_ids: &[i64]) -> anyhow::Result<()> {
+    pub async fn push(&self, payout_ids: &[PayoutId]) -> anyhow::Result<()> {
         let mut conn = self.conn.clone();
         for chunk in payout_ids.chunks(PUSH_CHUNK) {
             let tasks: Vec<_> = chunk
@@ -278,7 +278,7 @@ impl Queue {
     /// worked on (a dead worker's, an expired lease's) and are overdue.
     /// apalis-redis only appends, so the jobs are pushed as usual under task
     /// ids chosen here, then moved to the head of the list by one script.
-    pub async fn push_front(&self, payout_ids: &[i64]) -> anyhow::Result<()> {
+    pub async fn push_front(&self, payout_ids: &[PayoutId]) -> anyhow::Result<()> {
         let mut conn = self.conn.clone();
         let script = redis::Script::new(TO_FRONT);
         for chunk in payout_ids.chunks(PUSH_CHUNK) {
@@ -316,7 +316,7 @@ impl Queue {
 
     /// Pushes jobs an operator asked for (enqueue now, retry, bulk retry),
     /// counted as `manual` in `payout_jobs_enqueued_total`.
-    pub async fn push_manual(&self, payout_ids: &[i64]) -> anyhow::Result<()> {
+    pub async fn push_manual(&self, payout_ids: &[PayoutId]) -> anyhow::Result<()> {
         self.push(payout_ids).await?;
         crate::metrics::JOBS_ENQUEUED
             .with_label_values(&["manual"])
@@ -326,7 +326,7 @@ impl Queue {
 
     /// [`Queue::push_manual`] at the front of the queue (an operator's
     /// "process now": ahead of the window already waiting).
-    pub async fn push_manual_front(&self, payout_ids: &[i64]) -> anyhow::Result<()> {
+    pub async fn push_manual_front(&self, payout_ids: &[PayoutId]) -> anyhow::Result<()> {
         self.push_front(payout_ids).await?;
         crate::metrics::JOBS_ENQUEUED
             .with_label_values(&["manual"])
@@ -449,7 +449,15 @@ mod tests {
             .unwrap();
         assert_eq!(
             serde_json::from_value::<PayoutJob>(job).unwrap().payout_id,
-            7
+            PayoutId::new(7)
+        );
+        // The wire format is the plain number, as before the newtype.
+        assert_eq!(
+            serde_json::to_string(&PayoutJob {
+                payout_id: PayoutId::new(7)
+            })
+            .unwrap(),
+            r#"{"payout_id":7}"#
         );
         let junk = LenientJson.decode(&b"\xff\xfe not json".to_vec()).unwrap();
         let text = junk[UNDECODABLE].as_str().unwrap();

@@ -27,6 +27,7 @@ use crate::db::{
     earnings::{self, EscrowRow},
     payees,
 };
+use crate::domain::PayeeId;
 pub use crate::services::payees::By;
 
 /// The longest void reason.
@@ -57,7 +58,7 @@ async fn lock_open(
     let payee = earnings::payee_of(tx, id)
         .await?
         .ok_or(EscrowError::NotFound("earning", id))?;
-    payees::lock(tx, payee).await?;
+    payees::lock(tx, PayeeId::new(payee)).await?;
     let e = earnings::lock_for_escrow(tx, id)
         .await?
         .ok_or(EscrowError::NotFound("earning", id))?;

@@ -18,6 +18,7 @@ use sqlx::PgPool;
 use crate::{
     config::GatewayKind,
     db::{audit, payees, payees::Payee, payouts},
+    domain::PayeeId,
 };
 
 /// Why a payee change (or an escrow action on a payee's earning,
@@ -92,7 +93,7 @@ pub async fn suspend(
 ) -> Result<Suspended, PayeeError> {
     let reason = reason_of(reason);
     let mut tx = pool.begin().await?;
-    let p = payees::lock(&mut tx, id)
+    let p = payees::lock(&mut tx, PayeeId::new(id))
         .await?
         .ok_or(PayeeError::NotFound("payee", id))?;
     if p.status == "suspended" {
@@ -100,7 +101,7 @@ pub async fn suspend(
             "payee {id} is suspended already (resume it first to suspend it again)"
         )));
     }
-    let payee = payees::set_status(&mut tx, id, "suspended").await?;
+    let payee = payees::set_status(&mut tx, PayeeId::new(id), "suspended").await?;
     let why = match &reason {
         Some(r) => format!("payee suspended: {r}"),
         None => "payee suspended".to_string(),
@@ -132,7 +133,7 @@ pub async fn resume(
 ) -> Result<Payee, PayeeError> {
     let reason = reason_of(reason);
     let mut tx = pool.begin().await?;
-    let p = payees::lock(&mut tx, id)
+    let p = payees::lock(&mut tx, PayeeId::new(id))
         .await?
         .ok_or(PayeeError::NotFound("payee", id))?;
     if p.status != "suspended" {
@@ -141,7 +142,7 @@ pub async fn resume(
             p.status
         )));
     }
-    let payee = payees::set_status(&mut tx, id, "active").await?;
+    let payee = payees::set_status(&mut tx, PayeeId::new(id), "active").await?;
     audit::record(
         &mut *tx,
         by.now,
@@ -184,7 +185,7 @@ pub async fn set_tier(
         .filter(|t| (0..=9).contains(t))
         .ok_or_else(|| PayeeError::Invalid(format!("tier must be 0-9, not {tier}")))?;
     let mut tx = pool.begin().await?;
-    let previous = payees::set_tier(&mut tx, id, tier)
+    let previous = payees::set_tier(&mut tx, PayeeId::new(id), tier)
         .await?
         .ok_or(PayeeError::NotFound("payee", id))?;
     let reranked = payouts::unrank_pending_of_payee(&mut tx, id).await?;
@@ -253,7 +254,7 @@ pub async fn set_account(
         return Err(PayeeError::Invalid(problem));
     }
     let mut tx = pool.begin().await?;
-    let p = payees::lock(&mut tx, id)
+    let p = payees::lock(&mut tx, PayeeId::new(id))
         .await?
         .ok_or(PayeeError::NotFound("payee", id))?;
     if p.gateway_account == account {
@@ -264,7 +265,7 @@ pub async fn set_account(
     // Payouts sent before destinations were recorded at the claim keep the
     // account they went to.
     payouts::pin_destinations(&mut tx, id, &p.gateway_account).await?;
-    let payee = payees::set_account(&mut tx, id, account).await?;
+    let payee = payees::set_account(&mut tx, PayeeId::new(id), account).await?;
     audit::record(
         &mut *tx,
         by.now,
@@ -315,7 +316,7 @@ pub async fn set_email(
         return Err(PayeeError::Invalid(problem));
     }
     let mut tx = pool.begin().await?;
-    let p = payees::lock(&mut tx, id)
+    let p = payees::lock(&mut tx, PayeeId::new(id))
         .await?
         .ok_or(PayeeError::NotFound("payee", id))?;
     if p.email.as_deref() == email {
@@ -324,7 +325,7 @@ pub async fn set_email(
             None => format!("payee {id} has no email already"),
         }));
     }
-    let payee = payees::set_email(&mut tx, id, email).await?;
+    let payee = payees::set_email(&mut tx, PayeeId::new(id), email).await?;
     audit::record(
         &mut *tx,
         by.now,
@@ -408,7 +409,7 @@ pub async fn balance(
     use chrono::Datelike;
     use rust_decimal::Decimal;
 
-    let Some(payee) = payees::get(pool, id).await? else {
+    let Some(payee) = payees::get(pool, PayeeId::new(id)).await? else {
         return Ok(None);
     };
     let mut conn = pool.acquire().await?;

@@ -81,7 +81,7 @@ use crate::{
         settlement_events,
         settlements::{self, SettlementRow},
     },
-    domain::{Currency, Money, PayoutMethod, Period, Policy, Priority, policy::Outcome},
+    domain::{Currency, Money, PayeeId, PayoutMethod, Period, Policy, Priority, policy::Outcome},
     metrics,
     services::settlement,
 };
@@ -194,7 +194,7 @@ pub async fn request(
     by: By<'_>,
 ) -> Result<Requested, RequestError> {
     let key = check_key(ask.idempotency_key)?;
-    let payee = payees::get(pool, ask.payee_id)
+    let payee = payees::get(pool, PayeeId::new(ask.payee_id))
         .await?
         .ok_or(RequestError::NotFound(ask.payee_id))?;
     let code = ask
@@ -223,9 +223,9 @@ pub async fn request(
     };
 
     let mut tx = pool.begin().await?;
-    let terms = payee_terms::lock(&mut tx, payee.id)
+    let terms = payee_terms::lock(&mut tx, payee.id.get())
         .await?
-        .ok_or(RequestError::NotFound(payee.id))?;
+        .ok_or(RequestError::NotFound(payee.id.get()))?;
     let method: PayoutMethod = match ask.method {
         None => terms.method,
         Some(m) => m
@@ -239,7 +239,7 @@ pub async fn request(
         )));
     }
     // A replay answers the first request, whatever happened since.
-    if let Some(first) = payout_requests::find(&mut tx, payee.id, key).await? {
+    if let Some(first) = payout_requests::find(&mut tx, payee.id.get(), key).await? {
         let mut differs = Vec::new();
         if first.currency != currency.code() {
             differs.push(format!(
@@ -277,7 +277,7 @@ pub async fn request(
         )));
     }
     let now = by.now;
-    let rows = earnings::unsettled(&mut tx, payee.id, currency.code(), now, true).await?;
+    let rows = earnings::unsettled(&mut tx, payee.id.get(), currency.code(), now, true).await?;
     let available: Decimal = rows.iter().map(|e| e.gross).sum();
     let first_release = rows.iter().map(|e| e.release_at).min();
     if rows.is_empty() {
@@ -329,8 +329,9 @@ pub async fn request(
         ));
     }
     let rows = &rows[..taken];
-    let carries = settlements::open_carries(&mut tx, payee.id, currency.code(), now, true).await?;
-    let own_minimum = payee_terms::minimum(&mut tx, payee.id, currency.code()).await?;
+    let carries =
+        settlements::open_carries(&mut tx, payee.id.get(), currency.code(), now, true).await?;
+    let own_minimum = payee_terms::minimum(&mut tx, payee.id.get(), currency.code()).await?;
     let schedule = terms.schedule.unwrap_or(policy.default_schedule);
     let first = rows
         .iter()
@@ -345,9 +346,9 @@ pub async fn request(
     // The agreed deductions of the scheduled period containing `now`,
     // unless a request earlier in it charged them (the period's scheduled
     // settlement, after it closes, then charges none).
-    let latest = settlements::latest_end(&mut tx, payee.id, currency.code()).await?;
+    let latest = settlements::latest_end(&mut tx, payee.id.get(), currency.code()).await?;
     let (since, until) = settlement::request_deductions_window(schedule, latest, now);
-    let agreed = payee_terms::deductions(&mut tx, payee.id, currency.code()).await?;
+    let agreed = payee_terms::deductions(&mut tx, payee.id.get(), currency.code()).await?;
     // A closed period the run has not settled yet (it settles on its
     // interval): its agreed deductions are its own settlement's to charge,
     // and that settlement charges them only with work in it. A request
@@ -379,7 +380,7 @@ pub async fn request(
         )));
     }
     let deductions = if agreed.is_empty()
-        || settlements::deductions_requested(&mut tx, payee.id, currency.code(), since, until)
+        || settlements::deductions_requested(&mut tx, payee.id.get(), currency.code(), since, until)
             .await?
     {
         Vec::new()
@@ -434,7 +435,7 @@ pub async fn request(
 
     // Written as the settlement run writes a period (settle_next).
     let new = payouts::NewPayout {
-        payee_id: payee.id,
+        payee_id: payee.id.get(),
         money,
         reason: format!("early payout request {key:?} ({method})"),
         external_ref: settlement::external_ref(schedule, rows),
@@ -446,7 +447,7 @@ pub async fn request(
         .ok_or_else(|| sqlx::Error::Protocol("the request's payout was not created".into()))?;
     payouts::set_priority(&mut tx, payout_id, Priority::Requested).await?;
     let new = settlements::NewSettlement {
-        payee_id: payee.id,
+        payee_id: payee.id.get(),
         period,
         schedule,
         settlement: &s,
@@ -491,7 +492,7 @@ pub async fn request(
     let recorded = payout_requests::insert(
         &mut tx,
         &NewRequest {
-            payee_id: payee.id,
+            payee_id: payee.id.get(),
             idempotency_key: key,
             currency: currency.code(),
             amount,
@@ -522,7 +523,7 @@ pub async fn request(
     tx.commit().await?;
     metrics::SETTLEMENTS.with_label_values(&["payout"]).inc();
     tracing::info!(
-        payee = payee.id,
+        payee = payee.id.get(),
         payout = payout_id,
         settlement = settlement_id,
         net = %s.net,

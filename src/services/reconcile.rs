@@ -38,7 +38,7 @@ use crate::{
         settlements,
     },
     domain::{
-        Currency, Money, PayoutStatus,
+        Currency, Money, PayoutId, PayoutStatus,
         transfer::{idempotency_key, verdict},
     },
     gateway::{Lookup, TransferRecord},
@@ -232,8 +232,8 @@ pub async fn run_with_progress(
     loop {
         let page = payouts::for_reconciliation(pool, opts.since, after, 1000).await?;
         let Some(last) = page.last() else { break };
-        after = last.id;
-        let ids: Vec<i64> = page.iter().map(|p| p.id).collect();
+        after = last.id.get();
+        let ids: Vec<i64> = page.iter().map(|p| p.id.get()).collect();
         let returned: std::collections::HashSet<i64> = settlements::returned_among(pool, &ids)
             .await?
             .into_iter()
@@ -253,7 +253,7 @@ pub async fn run_with_progress(
                 Err(e) => {
                     report.lookup_failed += 1;
                     report.mismatches.push(Mismatch {
-                        payout_id: p.id,
+                        payout_id: p.id.get(),
                         kind: MismatchKind::LookupFailed,
                         detail: e.to_string(),
                         fixed: false,
@@ -264,7 +264,7 @@ pub async fn run_with_progress(
             if p.status == PayoutStatus::Processing && p.lease_until.is_some_and(|l| l > now) {
                 report.in_flight += 1;
             }
-            for (kind, mut detail) in compare(&p, &transfers, returned.contains(&p.id), now) {
+            for (kind, mut detail) in compare(&p, &transfers, returned.contains(&p.id.get()), now) {
                 let fixed = if opts.fix && kind == MismatchKind::PaidAtGatewayNotInDb {
                     fix(pool, &p, &transfers, &opts.actor, now).await?
                 } else {
@@ -273,16 +273,16 @@ pub async fn run_with_progress(
                 if kind == MismatchKind::ReturnedPaidAtGateway {
                     // Protective, with or without `fix`: it moves no money.
                     detail.push_str("; ");
-                    detail.push_str(&hold_returned(pool, p.id, &opts.actor, now).await?);
+                    detail.push_str(&hold_returned(pool, p.id.get(), &opts.actor, now).await?);
                 }
                 if kind == MismatchKind::DuplicateAtGateway
                     || kind == MismatchKind::PaidInDbUnknownToGateway
                     || kind == MismatchKind::ReturnedPaidAtGateway
                 {
-                    tracing::error!(payout_id = p.id, kind = kind.label(), %detail, "reconciliation found money out of step");
+                    tracing::error!(payout_id = p.id.get(), kind = kind.label(), %detail, "reconciliation found money out of step");
                 }
                 report.mismatches.push(Mismatch {
-                    payout_id: p.id,
+                    payout_id: p.id.get(),
                     kind,
                     detail,
                     fixed,
@@ -466,12 +466,13 @@ impl CancelError {
 pub async fn cancel(
     pool: &PgPool,
     gateway: impl AsyncFnOnce() -> anyhow::Result<std::sync::Arc<dyn Lookup>>,
-    id: i64,
+    payout: PayoutId,
     actor: &str,
     reason: &str,
     now: DateTime<Utc>,
 ) -> Result<PayoutStatus, CancelError> {
-    let p = payouts::get(pool, id)
+    let id = payout.get();
+    let p = payouts::get(pool, payout)
         .await
         .map_err(payouts::ActionError::Db)?
         .ok_or(payouts::ActionError::NotFound(id))?;
@@ -482,7 +483,7 @@ pub async fn cancel(
             reason: format!("{e:#}"),
         })?;
         let transfers =
-            gw.lookup(&idempotency_key(id))
+            gw.lookup(&idempotency_key(payout))
                 .await
                 .map_err(|e| CancelError::Unverified {
                     id,
@@ -515,7 +516,7 @@ pub async fn cancel(
         }
         said = format!("{reason} (the gateway holds no transfer for it)");
     }
-    payouts::cancel_at_attempt(pool, id, p.attempt, actor, &said, now)
+    payouts::cancel_at_attempt(pool, payout, p.attempt, actor, &said, now)
         .await?
         .ok_or(CancelError::SentMeanwhile { id })
 }
@@ -589,7 +590,7 @@ async fn record_gateway_word(
 ) -> sqlx::Result<bool> {
     let changed = payouts::reconcile_to(
         pool,
-        p.id,
+        p.id.get(),
         p.status,
         p.attempt,
         to,
@@ -616,8 +617,8 @@ mod tests {
     fn payout(status: PayoutStatus) -> Payout {
         let now = Utc::now();
         Payout {
-            id: 7,
-            payee_id: 1,
+            id: PayoutId::new(7),
+            payee_id: crate::domain::PayeeId::new(1),
             amount: Decimal::new(1000, 2),
             currency: "USD".into(),
             status,

@@ -491,6 +491,19 @@ struct Computed {
 
 type Key = (i64, String);
 
+/// An error and its causes on one line, as anyhow's `{:#}` writes them
+/// (`outer: inner`): a payee's unreadable terms, in its skip reason.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 /// Settles a chunk in one transaction (see [`run_chunked`]). `Err` (a
 /// database error): nothing written; the caller settles it one by one.
 async fn settle_chunk(
@@ -513,18 +526,17 @@ async fn settle_chunk(
     let key = |i: usize| -> Key { (works[i].payee_id, works[i].code.clone()) };
     let mut tx = pool.begin().await?;
     settlements::plan_by_key(&mut tx).await?;
-    let terms: HashMap<i64, Result<payee_terms::Terms, String>> =
+    let terms: HashMap<i64, sqlx::Result<payee_terms::Terms>> =
         payee_terms::lock_many(&mut tx, &payee_ids)
             .await?
             .into_iter()
-            .map(|(id, t)| (id, t.map_err(|e| format!("{:#}", anyhow::Error::from(e)))))
             .collect();
     let mut live: Vec<Live> = Vec::new();
     for (i, w) in works.iter().enumerate() {
         let Some(plan) = w.plan else { continue };
         match terms.get(&w.payee_id) {
             None => slots[i].end = Some(End::Skipped("payee not found".into(), true)),
-            Some(Err(e)) => slots[i].end = Some(End::Skipped(e.clone(), true)),
+            Some(Err(e)) => slots[i].end = Some(End::Skipped(error_chain(e), true)),
             Some(Ok(t)) if t.status != "active" => {
                 slots[i].end = Some(End::Skipped(format!("payee is {}", t.status), false))
             }

@@ -34,7 +34,7 @@ use crate::{
     config::SyncSettings,
     db::payouts::{self, InTransit},
     domain::{
-        PayoutStatus,
+        PayoutId, PayoutStatus,
         transfer::{idempotency_key, verdict},
     },
     gateway::{AccountCheck, Lookup, NOT_ONBOARDED},
@@ -203,7 +203,11 @@ impl InTransitSync {
         } in rows
         {
             report.looked_up += 1;
-            let records = match self.gateway.lookup(&idempotency_key(id)).await {
+            let records = match self
+                .gateway
+                .lookup(&idempotency_key(PayoutId::new(id)))
+                .await
+            {
                 Ok(r) => r,
                 Err(e) => {
                     report.lookup_failed += 1;
@@ -256,7 +260,7 @@ impl InTransitSync {
 /// in-transit poll and the webhooks, whose statements do not return the
 /// amount). A failed read is logged, not counted.
 pub(crate) async fn count_paid_payout(pool: &PgPool, id: i64) {
-    match payouts::get(pool, id).await {
+    match payouts::get(pool, PayoutId::new(id)).await {
         Ok(Some(p)) => crate::metrics::count_paid(p.amount, &p.currency),
         Ok(None) => {}
         Err(e) => {

@@ -130,20 +130,29 @@ impl Admin {
     }
 
     async fn payee(&self, account: &str, currency: &str) -> i64 {
-        payees::create(self.pool(), account, account, currency.parse().unwrap())
+        (payees::create(self.pool(), account, account, currency.parse().unwrap())
             .await
             .unwrap()
-            .id
+            .id)
+            .get()
     }
 
     async fn pending(&self, payee: i64, amount: &str, currency: &str, due_in: Duration) -> i64 {
         let c: Currency = currency.parse().unwrap();
         let money = Money::new(amount.parse().unwrap(), c).unwrap();
         let now = Utc::now();
-        db_payouts::create(self.pool(), payee, money, now + due_in, "test", now)
-            .await
-            .unwrap()
-            .id
+        (db_payouts::create(
+            self.pool(),
+            payouts::domain::PayeeId::new(payee),
+            money,
+            now + due_in,
+            "test",
+            now,
+        )
+        .await
+        .unwrap()
+        .id)
+            .get()
     }
 
     /// Drives a pending payout through a claim to `outcome`, as a worker would.
@@ -158,14 +167,20 @@ impl Admin {
         .execute(self.pool())
         .await
         .unwrap();
-        let claimed = db_payouts::claim(self.pool(), id, "worker:t", now, lease)
-            .await
-            .unwrap()
-            .expect("claimable");
+        let claimed = db_payouts::claim(
+            self.pool(),
+            payouts::domain::PayoutId::new(id),
+            "worker:t",
+            now,
+            lease,
+        )
+        .await
+        .unwrap()
+        .expect("claimable");
         assert!(
             db_payouts::finish(
                 self.pool(),
-                id,
+                payouts::domain::PayoutId::new(id),
                 claimed.token(),
                 &outcome,
                 "worker:t",
@@ -698,18 +713,32 @@ impl Seeded {
 async fn fail_again(pool: &sqlx::PgPool, id: i64, code: &str) {
     let now = Utc::now();
     let lease = now + Duration::seconds(60);
-    let claimed = db_payouts::claim(pool, id, "worker:t", now, lease)
-        .await
-        .unwrap()
-        .expect("queued by the bulk retry");
+    let claimed = db_payouts::claim(
+        pool,
+        payouts::domain::PayoutId::new(id),
+        "worker:t",
+        now,
+        lease,
+    )
+    .await
+    .unwrap()
+    .expect("queued by the bulk retry");
     let failed = Finish::Failed {
         code: code.into(),
         message: "again".into(),
     };
     assert!(
-        db_payouts::finish(pool, id, claimed.token(), &failed, "worker:t", "again", now)
-            .await
-            .unwrap()
+        db_payouts::finish(
+            pool,
+            payouts::domain::PayoutId::new(id),
+            claimed.token(),
+            &failed,
+            "worker:t",
+            "again",
+            now
+        )
+        .await
+        .unwrap()
     );
 }
 
@@ -806,9 +835,9 @@ async fn each_filter_narrows_the_page_the_counts_and_the_bulk_retry() {
             .await
             .unwrap();
         rows.push(Seeded {
-            id,
+            id: id.get(),
             status,
-            payee,
+            payee: payee.get(),
             currency,
             code,
             created,
@@ -829,7 +858,7 @@ async fn each_filter_narrows_the_page_the_counts_and_the_bulk_retry() {
         (
             "payee_id",
             filter::PayoutFilter {
-                payee_id: Some(eur),
+                payee_id: Some(eur.get()),
                 ..f()
             },
         ),
@@ -908,7 +937,7 @@ async fn each_filter_narrows_the_page_the_counts_and_the_bulk_retry() {
             before_id: None,
         };
         let page = filter::page(pool, &req).await.unwrap();
-        let got: Vec<i64> = page.items.iter().map(|p| p.id).collect();
+        let got: Vec<i64> = page.items.iter().map(|p| p.id.get()).collect();
         assert_eq!(got, want, "{key}: page");
 
         // The failed ones (the counts and the retry take status as failed),
@@ -963,7 +992,7 @@ async fn each_filter_narrows_the_page_the_counts_and_the_bulk_retry() {
         .unwrap()
         .items
         .iter()
-        .map(|p| p.id)
+        .map(|p| p.id.get())
         .collect();
     assert_eq!(got, [rows[4].id, rows[2].id]);
 }
@@ -1131,9 +1160,15 @@ async fn pages_neither_repeat_nor_skip_while_payouts_change_state() {
         seen.extend(ids(&page));
         // Change state under the pager: cancel a payout not yet seen, add a new one.
         let victim = made[made.len() - 1 - (round * 5 + 10).min(made.len() - 1)];
-        if db_payouts::cancel(a.pool(), victim, "operator:t", "test", Utc::now())
-            .await
-            .is_ok()
+        if db_payouts::cancel(
+            a.pool(),
+            payouts::domain::PayoutId::new(victim),
+            "operator:t",
+            "test",
+            Utc::now(),
+        )
+        .await
+        .is_ok()
         {
             cancelled.insert(victim);
         }
@@ -1171,9 +1206,15 @@ async fn pages_neither_repeat_nor_skip_while_payouts_change_state() {
             .await;
         seen.extend(ids(&page));
         for id in made.iter().rev().skip(seen.len() + 3).take(1) {
-            if db_payouts::cancel(a.pool(), *id, "operator:t", "test", Utc::now())
-                .await
-                .is_ok()
+            if db_payouts::cancel(
+                a.pool(),
+                payouts::domain::PayoutId::new(*id),
+                "operator:t",
+                "test",
+                Utc::now(),
+            )
+            .await
+            .is_ok()
             {
                 left.insert(*id);
             }
@@ -2186,8 +2227,8 @@ async fn search_finds_payouts_and_payees_by_every_name_they_go_by() {
         .await
         .unwrap()
         .id;
-    let paid = a.paid(ada).await;
-    let other = a.pending(bob, "1.00", "USD", Duration::zero()).await;
+    let paid = a.paid(ada.get()).await;
+    let other = a.pending(bob.get(), "1.00", "USD", Duration::zero()).await;
     let find = |q: &str| {
         let path = format!("/api/v1/search?q={}", urlencode(q));
         let a = &a;
@@ -2228,10 +2269,13 @@ async fn search_finds_payouts_and_payees_by_every_name_they_go_by() {
         find(&format!("tr_{paid}")).await,
         [payout(paid, "transfer id")]
     );
-    assert_eq!(find("acct_ada_1").await, [payee(ada, "gateway account")]);
+    assert_eq!(
+        find("acct_ada_1").await,
+        [payee(ada.get(), "gateway account")]
+    );
     assert_eq!(find("acct_").await.len(), 2, "an account prefix");
-    assert_eq!(find("love").await, [payee(ada, "payee name")]);
-    assert_eq!(find("ada LOVELACE").await, [payee(ada, "payee name")]);
+    assert_eq!(find("love").await, [payee(ada.get(), "payee name")]);
+    assert_eq!(find("ada LOVELACE").await, [payee(ada.get(), "payee name")]);
     // LIKE wildcards and tsquery syntax are text, not patterns.
     for q in ["%", "acct%", "_", "a:* | b", "!(", "'", "\\"] {
         assert!(find(q).await.is_empty(), "{q:?} matched something");

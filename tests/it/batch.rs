@@ -46,7 +46,14 @@ async fn concurrent_batched_claims_from_three_processes_claim_each_payout_once()
             jobs.push(tokio::spawn(async move {
                 (
                     id,
-                    batcher.claim(id, &format!("worker:{b}"), now, lease).await,
+                    batcher
+                        .claim(
+                            payouts::domain::PayoutId::new(id),
+                            &format!("worker:{b}"),
+                            now,
+                            lease,
+                        )
+                        .await,
                 )
             }));
         }
@@ -131,7 +138,7 @@ async fn batched_final_writes_apply_only_under_the_current_token() {
         status(repo::get(f.pool(), ids[3]).await.unwrap().unwrap()),
         (PayoutStatus::Processing, None, None)
     );
-    let last = events::for_payout(f.pool(), ids[0])
+    let last = events::for_payout(f.pool(), ids[0].get())
         .await
         .unwrap()
         .pop()
@@ -145,7 +152,10 @@ async fn batched_final_writes_apply_only_under_the_current_token() {
         ("paid", Some("ok"), Some(1))
     );
     assert_eq!(
-        events::for_payout(f.pool(), ids[3]).await.unwrap().len(),
+        events::for_payout(f.pool(), ids[3].get())
+            .await
+            .unwrap()
+            .len(),
         3,
         "the stale write added no event"
     );
@@ -201,7 +211,12 @@ async fn a_claim_whose_connection_broke_is_tried_again_on_a_fresh_one() {
     let batcher = Batcher::spawn(pool, 8);
     let claim = tokio::spawn(async move {
         batcher
-            .claim(id, "worker:test", now, now + chrono::Duration::seconds(15))
+            .claim(
+                payouts::domain::PayoutId::new(id),
+                "worker:test",
+                now,
+                now + chrono::Duration::seconds(15),
+            )
             .await
     });
     common::eventually(

@@ -528,6 +528,7 @@ async fn seed(admin: &Admin) -> Seeded {
             .await
             .expect("payout")
             .id
+            .get()
     };
     let secs = chrono::Duration::seconds;
     let mins = chrono::Duration::minutes;
@@ -790,9 +791,16 @@ async fn a_viewer_sees_no_action_buttons() {
         .expect("a payee");
     let due = Utc::now() + chrono::Duration::hours(1);
     let money = Money::parse("10.00", "EUR").unwrap();
-    payouts::db::payouts::create(admin.pool(), payee, money, due, "operator:test", Utc::now())
-        .await
-        .expect("payout");
+    payouts::db::payouts::create(
+        admin.pool(),
+        payouts::domain::PayeeId::new(payee),
+        money,
+        due,
+        "operator:test",
+        Utc::now(),
+    )
+    .await
+    .expect("payout");
     browser
         .wait_text("[data-tile=\"pending\"] .tile-value", "7 pending", |t| {
             t == "7"
@@ -928,7 +936,7 @@ async fn an_action_on_a_payout_changed_meanwhile_shows_the_conflict() {
     // Someone else cancels it while the page still offers a retry.
     payouts::db::payouts::cancel(
         admin.pool(),
-        id,
+        payouts::domain::PayoutId::new(id),
         "operator:someone-else",
         "duplicate",
         Utc::now(),
@@ -1112,9 +1120,15 @@ async fn an_admin_pauses_the_fleet_searches_and_cancels_selected_payouts() {
         .wait_text("#selection-meta", "four selected", |t| t == "4 selected")
         .await;
     // Someone else cancels one of them meanwhile: the dry run counts 3 of 4.
-    payouts::db::payouts::cancel(admin.pool(), chosen[3], "operator:else", "dup", Utc::now())
-        .await
-        .expect("cancel behind the page");
+    payouts::db::payouts::cancel(
+        admin.pool(),
+        payouts::domain::PayoutId::new(chosen[3]),
+        "operator:else",
+        "dup",
+        Utc::now(),
+    )
+    .await
+    .expect("cancel behind the page");
     browser.click("#bulk-cancel-selected").await;
     browser
         .wait_script(
@@ -1153,9 +1167,15 @@ async fn an_admin_pauses_the_fleet_searches_and_cancels_selected_payouts() {
     browser
         .wait(&format!("#payouts-table tr[data-id=\"{behind}\"]"))
         .await;
-    payouts::db::payouts::cancel(admin.pool(), behind, "operator:else", "dup", Utc::now())
-        .await
-        .expect("cancel behind the page");
+    payouts::db::payouts::cancel(
+        admin.pool(),
+        payouts::domain::PayoutId::new(behind),
+        "operator:else",
+        "dup",
+        Utc::now(),
+    )
+    .await
+    .expect("cancel behind the page");
     browser
         .wait_script(
             "the live list to drop the cancelled payout",
@@ -1331,7 +1351,7 @@ async fn new_payout(admin: &Admin) -> i64 {
     .expect("payee");
     let due = Utc::now() + chrono::Duration::hours(1);
     let money = Money::parse("12.50", "EUR").unwrap();
-    payouts::db::payouts::create(
+    (payouts::db::payouts::create(
         admin.pool(),
         payee.id,
         money,
@@ -1341,7 +1361,8 @@ async fn new_payout(admin: &Admin) -> i64 {
     )
     .await
     .expect("payout")
-    .id
+    .id)
+        .get()
 }
 
 /// The message to endpoint `endpoint` once it is delivered: (id, attempts).

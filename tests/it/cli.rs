@@ -243,7 +243,7 @@ async fn every_command_works_and_bad_input_changes_nothing() {
         .unwrap();
     let claim = payouts::db::payouts::claim(
         &ctl.db.pool,
-        paid_id,
+        payouts::domain::PayoutId::new(paid_id),
         "worker:t",
         chrono::Utc::now(),
         chrono::Utc::now() + chrono::Duration::seconds(60),
@@ -257,7 +257,7 @@ async fn every_command_works_and_bad_input_changes_nothing() {
     assert!(
         payouts::db::payouts::finish(
             &ctl.db.pool,
-            paid_id,
+            payouts::domain::PayoutId::new(paid_id),
             claim.token(),
             &paid,
             "worker:t",

@@ -110,10 +110,11 @@ async fn five_hundred_payouts_three_racing_worker_processes_pay_each_exactly_onc
     let env = env_for(&f, &common::redis_url());
     // Every job is delivered twice: the producer pushes each once, and so do we.
     f.producer().tick().await.unwrap();
-    let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM payouts WHERE status = 'queued'")
-        .fetch_all(f.pool())
-        .await
-        .unwrap();
+    let ids: Vec<payouts::domain::PayoutId> =
+        sqlx::query_scalar("SELECT id FROM payouts WHERE status = 'queued'")
+            .fetch_all(f.pool())
+            .await
+            .unwrap();
     f.queue.push(&ids).await.unwrap();
     let _producer = Proc::producer(&env, "producer");
     let mut workers: Vec<Proc> = (0..3)
@@ -145,7 +146,7 @@ async fn a_worker_killed_mid_call_is_finished_by_another_and_paid_once() {
 
     // The victim has claimed the payout; its gateway call (800 ms) is in flight.
     eventually(Duration::from_secs(30), "the payout is claimed", || async {
-        (f.status(id).await == "processing").then_some(())
+        (f.status(id.get()).await == "processing").then_some(())
     })
     .await;
     victim.signal("KILL");
@@ -287,7 +288,7 @@ async fn a_killed_producer_leader_is_replaced_by_the_standby() {
     let payee = f.payee("acct_1").await;
     let id = f.payout(payee, "9.99", chrono::Utc::now()).await;
     wait_all_paid(&f, 1, 60).await;
-    assert_eq!(f.status(id).await, "paid");
+    assert_eq!(f.status(id.get()).await, "paid");
     f.assert_paid_exactly_once().await;
 }
 
@@ -304,7 +305,7 @@ async fn sigterm_lets_in_flight_payouts_finish_before_the_worker_exits() {
     let _producer = Proc::producer(&env, "producer");
     let mut worker = Proc::worker(&env, "graceful");
     eventually(Duration::from_secs(30), "the payout is claimed", || async {
-        (f.status(id).await == "processing").then_some(())
+        (f.status(id.get()).await == "processing").then_some(())
     })
     .await;
 
@@ -313,7 +314,7 @@ async fn sigterm_lets_in_flight_payouts_finish_before_the_worker_exits() {
 
     assert!(status.success(), "exit status {status:?}");
     assert_eq!(
-        f.status(id).await,
+        f.status(id.get()).await,
         "paid",
         "the in-flight payout was finished before exit"
     );

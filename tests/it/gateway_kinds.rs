@@ -87,7 +87,7 @@ fn worker_on(fleet: &Fleet) -> Arc<Worker> {
 }
 
 async fn due_payout(fleet: &Fleet, account: &str) -> i64 {
-    fleet.due_payout(account).await
+    (fleet.due_payout(account).await).get()
 }
 
 async fn failure(fleet: &Fleet, id: i64) -> (Option<String>, Option<String>) {
@@ -123,7 +123,10 @@ async fn release_funds_holds_a_driver_not_onboarded_and_releases_it_once_the_api
     .await;
     let worker = worker_on(&fleet);
     let id = due_payout(&fleet, "acct_new_driver").await;
-    assert_eq!(worker.process(id).await, Step::Recorded(PayoutStatus::Held));
+    assert_eq!(
+        worker.process(payouts::domain::PayoutId::new(id)).await,
+        Step::Recorded(PayoutStatus::Held)
+    );
     let (code, message) = failure(&fleet, id).await;
     assert_eq!(code.as_deref(), Some(payouts::gateway::NOT_ONBOARDED));
     assert!(
@@ -152,7 +155,10 @@ async fn release_funds_holds_a_driver_not_onboarded_and_releases_it_once_the_api
     fleet.gateway.set_faults(Faults::default());
     assert_eq!(sync.release_onboarded().await.unwrap(), 1);
     assert_eq!(fleet.status(id).await, "queued");
-    assert_eq!(worker.process(id).await, Step::Recorded(PayoutStatus::Paid));
+    assert_eq!(
+        worker.process(payouts::domain::PayoutId::new(id)).await,
+        Step::Recorded(PayoutStatus::Paid)
+    );
     fleet.assert_paid_exactly_once().await;
 }
 
@@ -170,7 +176,7 @@ async fn release_funds_sends_a_per_earning_payouts_booking_as_booking_id() {
     let fleet = release_fleet(Faults::default()).await;
     let pool = fleet.pool();
     let driver = fleet.payee("acct_driver").await;
-    payee_terms::set(pool, driver, Some(Some(Schedule::PerEarning)), None)
+    payee_terms::set(pool, driver.get(), Some(Some(Schedule::PerEarning)), None)
         .await
         .unwrap();
     let policy: Policy = include_str!("../../config/policy.toml").parse().unwrap();
@@ -180,7 +186,7 @@ async fn release_funds_sends_a_per_earning_payouts_booking_as_booking_id() {
     let mut conn = pool.acquire().await.unwrap();
     for booking in ["booking-4711", "booking-4712"] {
         let e = NewEarning {
-            payee_id: driver,
+            payee_id: driver.get(),
             source: "booking".into(),
             external_ref: booking.into(),
             gross: Money::parse("100.00", "USD").unwrap(),
@@ -212,14 +218,17 @@ async fn release_funds_sends_a_per_earning_payouts_booking_as_booking_id() {
     for &id in &ids {
         payout_repo::enqueue_now(
             pool,
-            id,
+            payouts::domain::PayoutId::new(id),
             "operator:test",
             now + chrono::Duration::seconds(60),
             now,
         )
         .await
         .unwrap();
-        assert_eq!(worker.process(id).await, Step::Recorded(PayoutStatus::Paid));
+        assert_eq!(
+            worker.process(payouts::domain::PayoutId::new(id)).await,
+            Step::Recorded(PayoutStatus::Paid)
+        );
     }
     let mut bookings: Vec<Option<String>> = fleet
         .gateway
@@ -257,7 +266,7 @@ async fn release_funds_platform_balance_short_is_retried_later_never_a_payee_fai
     let worker = worker_on(&fleet);
     let id = due_payout(&fleet, "acct_driver").await;
     assert_eq!(
-        worker.process(id).await,
+        worker.process(payouts::domain::PayoutId::new(id)).await,
         Step::Recorded(PayoutStatus::Retrying),
         "never failed for the platform's balance"
     );
@@ -285,7 +294,7 @@ async fn release_funds_pending_releases_are_resolved_by_the_poll_through_the_con
     let worker = worker_on(&fleet);
     let id = due_payout(&fleet, "acct_async").await;
     assert_eq!(
-        worker.process(id).await,
+        worker.process(payouts::domain::PayoutId::new(id)).await,
         Step::Recorded(PayoutStatus::InTransit)
     );
     let transfer = fleet.gateway.ledger()[0].id.clone();

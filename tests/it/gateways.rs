@@ -478,7 +478,7 @@ fn worker_on(fleet: &Fleet, settings: &Settings) -> Arc<Worker> {
 }
 
 async fn due_payout(fleet: &Fleet, account: &str) -> i64 {
-    fleet.due_payout(account).await
+    (fleet.due_payout(account).await).get()
 }
 
 #[tokio::test]
@@ -497,8 +497,14 @@ async fn the_fleet_pays_through_stripe_by_configuration_alone_and_holds_a_payee_
     .await;
     let worker = worker_on(&fleet, &fleet.settings);
     let id = due_payout(&fleet, "acct_1Ana").await;
-    assert_eq!(worker.process(id).await, Step::Recorded(PayoutStatus::Paid));
-    let p = db_payouts::get(fleet.pool(), id).await.unwrap().unwrap();
+    assert_eq!(
+        worker.process(payouts::domain::PayoutId::new(id)).await,
+        Step::Recorded(PayoutStatus::Paid)
+    );
+    let p = db_payouts::get(fleet.pool(), payouts::domain::PayoutId::new(id))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(
         p.gateway_transfer_id.as_deref(),
         stripe.transfers()[0]["id"].as_str()
@@ -515,11 +521,14 @@ async fn the_fleet_pays_through_stripe_by_configuration_alone_and_holds_a_payee_
         .await;
     let held = due_payout(&fleet, "acct_onboarding").await;
     assert_eq!(
-        worker.process(held).await,
+        worker.process(payouts::domain::PayoutId::new(held)).await,
         Step::Recorded(PayoutStatus::Held),
         "held, not failed: the payee is not at fault and no budget is spent"
     );
-    let p = db_payouts::get(fleet.pool(), held).await.unwrap().unwrap();
+    let p = db_payouts::get(fleet.pool(), payouts::domain::PayoutId::new(held))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(p.failure_code.as_deref(), Some("account_not_onboarded"));
     assert!(
         p.failure_message
@@ -546,7 +555,10 @@ async fn a_payee_not_onboarded_is_released_to_the_queue_once_stripe_reports_the_
     stripe.set_account(account, "inactive", false).await;
     let worker = worker_on(&fleet, &fleet.settings);
     let id = due_payout(&fleet, account).await;
-    assert_eq!(worker.process(id).await, Step::Recorded(PayoutStatus::Held));
+    assert_eq!(
+        worker.process(payouts::domain::PayoutId::new(id)).await,
+        Step::Recorded(PayoutStatus::Held)
+    );
     let sync = InTransitSync::new(
         fleet.pool().clone(),
         select::build(&fleet.settings.gateway).unwrap(),
@@ -601,7 +613,10 @@ async fn accounts_still_onboarding_do_not_starve_the_ones_after_them() {
     let mut held = Vec::new();
     for account in ["acct_a_slow", "acct_b_ready"] {
         let id = due_payout(&fleet, not_onboarded).await;
-        assert_eq!(worker.process(id).await, Step::Recorded(PayoutStatus::Held));
+        assert_eq!(
+            worker.process(payouts::domain::PayoutId::new(id)).await,
+            Step::Recorded(PayoutStatus::Held)
+        );
         sqlx::query(
             "UPDATE payees SET gateway_account = $2 WHERE id = (SELECT payee_id FROM payouts WHERE id = $1)",
         )
@@ -692,13 +707,16 @@ async fn a_signed_transfer_reversed_fails_a_paid_payout_with_an_event_and_an_ale
     .await;
     let worker = worker_on(&fleet, &fleet.settings);
     let id = due_payout(&fleet, "acct_1Ana").await;
-    assert_eq!(worker.process(id).await, Step::Recorded(PayoutStatus::Paid));
+    assert_eq!(
+        worker.process(payouts::domain::PayoutId::new(id)).await,
+        Step::Recorded(PayoutStatus::Paid)
+    );
     let url = format!(
         "{}/webhooks/stripe",
         webhook_server(&fleet, &["whsec_new", "whsec_old"], &[]).await
     );
     // The transfer as Stripe holds it after a full reversal, in the event Stripe sends.
-    let tr = db_payouts::get(fleet.pool(), id)
+    let tr = db_payouts::get(fleet.pool(), payouts::domain::PayoutId::new(id))
         .await
         .unwrap()
         .unwrap()
@@ -721,7 +739,10 @@ async fn a_signed_transfer_reversed_fails_a_paid_payout_with_an_event_and_an_ale
     .await;
     assert_eq!((status, outcome.as_str()), (200, "failed_after_paid"));
     assert_eq!(fleet.status(id).await, "failed");
-    let p = db_payouts::get(fleet.pool(), id).await.unwrap().unwrap();
+    let p = db_payouts::get(fleet.pool(), payouts::domain::PayoutId::new(id))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(p.failure_code.as_deref(), Some("transfer_reversed"));
     assert_eq!(
         FAILED_AFTER_PAID.get(),
@@ -788,7 +809,7 @@ async fn in_transit(fleet: &Fleet, account: &str, transfer_id: &str) -> i64 {
     let now = Utc::now();
     let claimed = db_payouts::claim(
         fleet.pool(),
-        id,
+        payouts::domain::PayoutId::new(id),
         "worker:t",
         now,
         now + chrono::Duration::seconds(60),
@@ -798,7 +819,7 @@ async fn in_transit(fleet: &Fleet, account: &str, transfer_id: &str) -> i64 {
     .unwrap();
     let ok = db_payouts::finish(
         fleet.pool(),
-        id,
+        payouts::domain::PayoutId::new(id),
         claimed.token(),
         &db_payouts::Finish::InTransit {
             transfer_id: transfer_id.into(),
@@ -854,13 +875,13 @@ async fn contract_webhooks_resolve_in_transit_payouts_and_wait_for_a_worker_stil
     assert_eq!((status, outcome.as_str()), (200, "failed"));
     assert_eq!(fleet.status(paid).await, "paid");
     assert_eq!(fleet.status(failed).await, "failed");
-    let p = db_payouts::get(fleet.pool(), failed)
+    let p = db_payouts::get(fleet.pool(), payouts::domain::PayoutId::new(failed))
         .await
         .unwrap()
         .unwrap();
     assert_eq!(p.failure_code.as_deref(), Some("account_closed"));
     assert!(
-        db_payouts::get(fleet.pool(), paid)
+        db_payouts::get(fleet.pool(), payouts::domain::PayoutId::new(paid))
             .await
             .unwrap()
             .unwrap()
@@ -873,7 +894,7 @@ async fn contract_webhooks_resolve_in_transit_payouts_and_wait_for_a_worker_stil
     let now = Utc::now();
     db_payouts::claim(
         fleet.pool(),
-        busy,
+        payouts::domain::PayoutId::new(busy),
         "worker:t",
         now,
         now + chrono::Duration::seconds(60),
@@ -1076,7 +1097,7 @@ async fn the_poll_resolves_in_transit_payouts_the_gateway_finished_and_leaves_th
     for _ in 0..3 {
         let id = due_payout(&fleet, "acct_async").await;
         assert_eq!(
-            worker.process(id).await,
+            worker.process(payouts::domain::PayoutId::new(id)).await,
             Step::Recorded(PayoutStatus::InTransit)
         );
         ids.push(id);

@@ -151,7 +151,7 @@ async fn renewal_is_one_statement_per_worker_process_per_interval_whatever_it_ho
         .unwrap()
         .id;
     let now = Utc::now();
-    repo::seed(pool, &[payee], 40, "USD", now, now)
+    repo::seed(pool, &[payee.get()], 40, "USD", now, now)
         .await
         .unwrap();
     let lease = now + chrono::Duration::seconds(60);
@@ -167,10 +167,16 @@ async fn renewal_is_one_statement_per_worker_process_per_interval_whatever_it_ho
     let claimed_until = Utc::now() + chrono::Duration::seconds(3);
     let mut tokens = Vec::new();
     for (i, id) in ids.iter().enumerate() {
-        let c = repo::claim(pool, *id, owners[i % 2], Utc::now(), claimed_until)
-            .await
-            .unwrap()
-            .expect("claimable");
+        let c = repo::claim(
+            pool,
+            payouts::domain::PayoutId::new(*id),
+            owners[i % 2],
+            Utc::now(),
+            claimed_until,
+        )
+        .await
+        .unwrap()
+        .expect("claimable");
         tokens.push(c.token());
     }
     sqlx::query("DELETE FROM update_log")
@@ -194,7 +200,9 @@ async fn renewal_is_one_statement_per_worker_process_per_interval_whatever_it_ho
         .iter()
         .zip(&tokens)
         .enumerate()
-        .map(|(i, (id, token))| keepers[i % 2].hold(*id, *token, claimed_until))
+        .map(|(i, (id, token))| {
+            keepers[i % 2].hold(payouts::domain::PayoutId::new(*id), *token, claimed_until)
+        })
         .collect();
 
     // Three intervals or more for each process.
@@ -270,7 +278,7 @@ async fn a_payout_whose_attempt_outlasts_its_lease_stays_with_its_live_worker() 
         async move { w.process(id).await }
     });
     eventually(Duration::from_secs(10), "the claim", || async {
-        (f.status(id).await == "processing").then_some(())
+        (f.status(id.get()).await == "processing").then_some(())
     })
     .await;
     // Past the claim's lease (and its sweep), another worker may not take it.
@@ -409,7 +417,7 @@ async fn kill_mid_call_and_time_the_reclaim(f: &Fleet, env: &[(String, String)])
     let _producer = Proc::producer(env, "producer");
     let victim = Proc::worker(env, "victim");
     eventually(Duration::from_secs(30), "the victim's claim", || async {
-        (f.status(id).await == "processing").then_some(())
+        (f.status(id.get()).await == "processing").then_some(())
     })
     .await;
     victim.signal("KILL");
@@ -433,7 +441,7 @@ async fn kill_mid_call_and_time_the_reclaim(f: &Fleet, env: &[(String, String)])
     )
     .await;
     eventually(Duration::from_secs(20), "paid", || async {
-        (f.status(id).await == "paid").then_some(())
+        (f.status(id.get()).await == "paid").then_some(())
     })
     .await;
     f.assert_paid_exactly_once().await;

@@ -743,7 +743,7 @@ async fn snapshot(pool: &PgPool) -> Result<Snapshot, String> {
     .fetch_all(pool)
     .await
     .map_err(db)?;
-    let mut events: BTreeMap<i64, Vec<Ev>> = rows.iter().map(|p| (p.id, vec![])).collect();
+    let mut events: BTreeMap<i64, Vec<Ev>> = rows.iter().map(|p| (p.id.get(), vec![])).collect();
     for (id, from, to, attempt) in raw {
         let ev = Ev {
             from: from.map(|s| s.parse()).transpose()?,
@@ -756,9 +756,13 @@ async fn snapshot(pool: &PgPool) -> Result<Snapshot, String> {
             .push(ev);
     }
     Ok(Snapshot {
-        rows: rows.into_iter().map(|p| (p.id, p)).collect(),
+        rows: rows.into_iter().map(|p| (p.id.get(), p)).collect(),
         events,
     })
+}
+
+fn raw_ids(ids: &[payouts::domain::PayoutId]) -> Vec<i64> {
+    ids.iter().map(|id| id.get()).collect()
 }
 
 fn db(e: sqlx::Error) -> String {
@@ -851,13 +855,15 @@ impl Run<'_> {
                 let ids = repo::queue_due(self.pool, now, limit, secs(lease_secs), PRODUCER)
                     .await
                     .map_err(db)?;
-                self.model.queue_due(now, limit, secs(lease_secs), &ids)?;
+                self.model
+                    .queue_due(now, limit, secs(lease_secs), &raw_ids(&ids))?;
             }
             Op::Sweep { limit, lease_secs } => {
                 let ids = repo::sweep_expired(self.pool, now, limit, secs(lease_secs), PRODUCER)
                     .await
                     .map_err(db)?;
-                self.model.sweep(now, limit, secs(lease_secs), &ids)?;
+                self.model
+                    .sweep(now, limit, secs(lease_secs), &raw_ids(&ids))?;
             }
             Op::Claim {
                 worker,
@@ -869,12 +875,18 @@ impl Run<'_> {
                 let lease_until = secs(lease_secs);
                 let owner = WORKERS[worker];
                 let claimed = match via {
-                    Via::Direct => repo::claim(self.pool, id, owner, now, lease_until)
-                        .await
-                        .map_err(db)?,
+                    Via::Direct => repo::claim(
+                        self.pool,
+                        payouts::domain::PayoutId::new(id),
+                        owner,
+                        now,
+                        lease_until,
+                    )
+                    .await
+                    .map_err(db)?,
                     Via::Batched => self
                         .batcher
-                        .claim(id, owner, now, lease_until)
+                        .claim(payouts::domain::PayoutId::new(id), owner, now, lease_until)
                         .await
                         .map_err(|e| e.to_string())?,
                 };
@@ -889,10 +901,18 @@ impl Run<'_> {
                 let ids = targets.map(|t| self.id(t));
                 let lease_until = secs(lease_secs);
                 let (a, b) = tokio::join!(
-                    self.batcher
-                        .claim(ids[0], WORKERS[workers[0]], now, lease_until),
-                    self.batcher
-                        .claim(ids[1], WORKERS[workers[1]], now, lease_until),
+                    self.batcher.claim(
+                        payouts::domain::PayoutId::new(ids[0]),
+                        WORKERS[workers[0]],
+                        now,
+                        lease_until
+                    ),
+                    self.batcher.claim(
+                        payouts::domain::PayoutId::new(ids[1]),
+                        WORKERS[workers[1]],
+                        now,
+                        lease_until
+                    ),
                 );
                 // Batched in id order, ties in arrival order: the model claims in that order.
                 for (i, claimed) in [a, b].into_iter().enumerate() {
@@ -910,12 +930,27 @@ impl Run<'_> {
                 let finish = finish_of(outcome, id, token, now);
                 let (actor, reason) = (WORKERS[worker], finish_reason(&finish));
                 let wrote = match via {
-                    Via::Direct => repo::finish(self.pool, id, token, &finish, actor, &reason, now)
-                        .await
-                        .map_err(db)?,
+                    Via::Direct => repo::finish(
+                        self.pool,
+                        payouts::domain::PayoutId::new(id),
+                        token,
+                        &finish,
+                        actor,
+                        &reason,
+                        now,
+                    )
+                    .await
+                    .map_err(db)?,
                     Via::Batched => self
                         .batcher
-                        .finish(id, token, &finish, actor, &reason, now)
+                        .finish(
+                            payouts::domain::PayoutId::new(id),
+                            token,
+                            &finish,
+                            actor,
+                            &reason,
+                            now,
+                        )
                         .await
                         .map_err(|e| e.to_string())?,
                 };
@@ -928,7 +963,7 @@ impl Run<'_> {
                 let reasons = [0, 1].map(|i| finish_reason(&finishes[i]));
                 let (a, b) = tokio::join!(
                     self.batcher.finish(
-                        held[0].1,
+                        payouts::domain::PayoutId::new(held[0].1),
                         held[0].2,
                         &finishes[0],
                         WORKERS[held[0].0],
@@ -936,7 +971,7 @@ impl Run<'_> {
                         now
                     ),
                     self.batcher.finish(
-                        held[1].1,
+                        payouts::domain::PayoutId::new(held[1].1),
                         held[1].2,
                         &finishes[1],
                         WORKERS[held[1].0],
@@ -958,7 +993,14 @@ impl Run<'_> {
             Op::EnqueueNow { target, lease_secs } => {
                 let id = self.id(target);
                 let got = act_result(
-                    repo::enqueue_now(self.pool, id, OPERATOR, secs(lease_secs), now).await,
+                    repo::enqueue_now(
+                        self.pool,
+                        payouts::domain::PayoutId::new(id),
+                        OPERATOR,
+                        secs(lease_secs),
+                        now,
+                    )
+                    .await,
                 )?;
                 agree!(
                     "enqueue_now",
@@ -968,14 +1010,30 @@ impl Run<'_> {
             }
             Op::Retry { target, lease_secs } => {
                 let id = self.id(target);
-                let got =
-                    act_result(repo::retry(self.pool, id, OPERATOR, secs(lease_secs), now).await)?;
+                let got = act_result(
+                    repo::retry(
+                        self.pool,
+                        payouts::domain::PayoutId::new(id),
+                        OPERATOR,
+                        secs(lease_secs),
+                        now,
+                    )
+                    .await,
+                )?;
                 agree!("retry", got, self.model.retry(id, secs(lease_secs), now));
             }
             Op::Cancel { target } => {
                 let id = self.id(target);
-                let got =
-                    act_result(repo::cancel(self.pool, id, OPERATOR, "model test", now).await)?;
+                let got = act_result(
+                    repo::cancel(
+                        self.pool,
+                        payouts::domain::PayoutId::new(id),
+                        OPERATOR,
+                        "model test",
+                        now,
+                    )
+                    .await,
+                )?;
                 agree!("cancel", got, self.model.cancel(id, now));
             }
         }
@@ -1297,11 +1355,18 @@ async fn run_case(pool: &PgPool, payee: i64, case: &Case, drain: Drain) -> Resul
     for due in &case.due_in_secs {
         let due_at = t0() + Duration::seconds(*due);
         let money = Money::parse("10.00", "USD").map_err(|e| e.to_string())?;
-        let p = repo::create(pool, payee, money, due_at, OPERATOR, clock.now())
-            .await
-            .map_err(db)?;
-        run.model.create(p.id, due_at, clock.now());
-        run.ids.push(p.id);
+        let p = repo::create(
+            pool,
+            payouts::domain::PayeeId::new(payee),
+            money,
+            due_at,
+            OPERATOR,
+            clock.now(),
+        )
+        .await
+        .map_err(db)?;
+        run.model.create(p.id.get(), due_at, clock.now());
+        run.ids.push(p.id.get());
     }
     let mut prev = snapshot(pool).await?;
     run.check_model(&prev)
@@ -1340,7 +1405,9 @@ async fn run_case(pool: &PgPool, payee: i64, case: &Case, drain: Drain) -> Resul
                     "payout {} is still {} a day later, after the producer swept and queued \
                      everything due and a worker claimed and paid everything it could \
                      (event log {:?})",
-                    p.id, p.status, prev.events[&p.id]
+                    p.id,
+                    p.status,
+                    prev.events[&p.id.get()]
                 ));
             }
         }
@@ -1385,7 +1452,7 @@ impl Harness {
             .id;
         Harness {
             pool,
-            payee,
+            payee: payee.get(),
             _db: db,
             rt,
         }

@@ -275,10 +275,11 @@ fn a_policy_file_with_overlapping_tiers_or_a_negative_fee_is_refused_naming_the_
 const ACTOR: &str = "settlement:test";
 
 async fn payee(pool: &PgPool, account: &str) -> i64 {
-    payees::create(pool, "Payee", account, cur("USD"))
+    (payees::create(pool, "Payee", account, cur("USD"))
         .await
         .unwrap()
-        .id
+        .id)
+        .get()
 }
 
 /// Records an earning completed at `completed_at` (released after the policy's hold).
@@ -379,7 +380,7 @@ async fn the_worked_example_settles_into_one_667_25_payout_whose_lines_sum_to_it
         (at("2026-11-06T00:00:00Z"), at("2026-11-13T00:00:00Z"))
     );
     assert_eq!(s.net, dec("667.25"));
-    let payout = payout_repo::get(pool, s.payout_id.unwrap())
+    let payout = payout_repo::get(pool, payouts::domain::PayoutId::new(s.payout_id.unwrap()))
         .await
         .unwrap()
         .unwrap();
@@ -387,7 +388,7 @@ async fn the_worked_example_settles_into_one_667_25_payout_whose_lines_sum_to_it
     assert_eq!(payout.currency, "USD");
     assert_eq!(payout.status.as_str(), "pending");
     assert_eq!(payout.due_at, now);
-    let events = payouts::db::events::for_payout(pool, payout.id)
+    let events = payouts::db::events::for_payout(pool, payout.id.get())
         .await
         .unwrap();
     assert_eq!(events.len(), 1);
@@ -411,12 +412,12 @@ async fn the_worked_example_settles_into_one_667_25_payout_whose_lines_sum_to_it
         lines.iter().map(|l| l.amount).sum::<Decimal>(),
         payout.amount
     );
-    assert!(lines.iter().all(|l| l.payout_id == Some(payout.id)));
+    assert!(lines.iter().all(|l| l.payout_id == Some(payout.id.get())));
     let settled = earnings::for_settlement(pool, s.settlement_id)
         .await
         .unwrap();
     assert_eq!(settled.len(), 51);
-    assert!(settled.iter().all(|e| e.payout_id == Some(payout.id)));
+    assert!(settled.iter().all(|e| e.payout_id == Some(payout.id.get())));
     assert_payouts_are_the_sum_of_their_lines(pool).await;
 }
 
@@ -1457,7 +1458,7 @@ async fn jpy_and_bhd_payouts_reach_the_gateway_in_their_minor_units() {
         ("H-2", "12.345", "BHD"),
         ("H-3", "12.345", "BHD"),
     ] {
-        earn(f.pool(), p, r, gross, c, done).await;
+        earn(f.pool(), p.get(), r, gross, c, done).await;
     }
     let report = settle(f.pool(), f.clock.now()).await;
     assert_eq!(report.payouts(), 2);
@@ -1466,7 +1467,9 @@ async fn jpy_and_bhd_payouts_reach_the_gateway_in_their_minor_units() {
     let worker = f.worker("w1");
     for s in &report.settled {
         assert_eq!(
-            worker.process(s.payout_id.unwrap()).await,
+            worker
+                .process(payouts::domain::PayoutId::new(s.payout_id.unwrap()))
+                .await,
             Step::Recorded(payouts::domain::PayoutStatus::Paid)
         );
     }
@@ -1503,7 +1506,7 @@ async fn the_producer_settles_on_its_interval_by_default_and_not_when_disabled()
     let done = clock.now() - Duration::days(30);
     for f in [&off, &on] {
         let p = f.payee("acct_tick").await;
-        earn(f.pool(), p, "B-1", "100.00", "USD", done).await;
+        earn(f.pool(), p.get(), "B-1", "100.00", "USD", done).await;
     }
 
     let off_report = off.producer().tick().await.unwrap();

@@ -626,7 +626,10 @@ async fn every_metric_in_the_dashboard_alerts_and_autoscalers_is_exported_by_the
     })
     .await;
     f.seed(200, 20).await;
-    f.queue.push(&[9_000_000_000]).await.unwrap();
+    f.queue
+        .push(&[payouts::domain::PayoutId::new(9_000_000_000)])
+        .await
+        .unwrap();
     let procs = start_processes(&f, (free_port(), free_port()), &[], "names");
     let http = reqwest::Client::new();
     let urls = [
@@ -896,7 +899,7 @@ async fn a_webhook_that_records_a_payout_paid_counts_its_amount_once() {
     let counted = || PAID_MINOR_UNITS.with_label_values(&["OMR"]).get();
     let before = counted();
     assert_eq!(send("evt_hook_1").await, "paid");
-    assert_eq!(f.status(id).await, "paid");
+    assert_eq!(f.status(id.get()).await, "paid");
     assert_eq!(counted() - before, 1234, "1.234 OMR = 1,234 baisa");
     // A redelivery and a second event for the paid payout change nothing.
     assert_eq!(send("evt_hook_1").await, "duplicate");
@@ -996,7 +999,7 @@ async fn reconciliation_that_records_a_payout_paid_counts_its_amount_once() {
         .map(|m| m.payout_id)
         .collect();
     assert_eq!(fixed.len(), 2, "{report:?}");
-    assert_eq!(f.status(ids[0]).await, "paid");
+    assert_eq!(f.status(ids[0].get()).await, "paid");
     assert_eq!(
         counted() - before,
         5000,

@@ -42,9 +42,9 @@ async fn only_due_pending_payouts_are_enqueued_never_future_or_cancelled() {
     let report = f.producer().tick().await.unwrap();
 
     assert_eq!(report.enqueued, 1);
-    assert_eq!(f.status(due).await, "queued");
-    assert_eq!(f.status(future).await, "pending");
-    assert_eq!(f.status(cancelled).await, "cancelled");
+    assert_eq!(f.status(due.get()).await, "queued");
+    assert_eq!(f.status(future.get()).await, "pending");
+    assert_eq!(f.status(cancelled.get()).await, "cancelled");
     assert_eq!(f.queue.waiting().await.unwrap(), 1);
     let again = f.producer().tick().await.unwrap();
     assert_eq!(again.enqueued, 0, "a queued payout is not enqueued twice");
@@ -71,7 +71,7 @@ async fn a_payout_is_paid_with_the_transfer_id_and_a_full_history() {
         Some(ledger[0].id.as_str())
     );
     assert!(p.paid_at.is_some() && p.lease_owner.is_none());
-    let history: Vec<(Option<String>, String, String)> = events::for_payout(f.pool(), id)
+    let history: Vec<(Option<String>, String, String)> = events::for_payout(f.pool(), id.get())
         .await
         .unwrap()
         .into_iter()
@@ -318,7 +318,7 @@ async fn a_stale_worker_cannot_overwrite_a_takeover() {
         .unwrap()
     );
     assert_eq!(
-        f.status(id).await,
+        f.status(id.get()).await,
         "processing",
         "the stale write changed nothing"
     );
@@ -373,7 +373,7 @@ async fn malformed_and_unknown_jobs_are_counted_and_change_nothing() {
         Step::Skipped(SkipReason::NotClaimable),
         "pending, not due: not claimable"
     );
-    assert_eq!(f.status(id).await, "pending");
+    assert_eq!(f.status(id.get()).await, "pending");
     assert_eq!(f.gateway.gateway.stats().requests, 0);
 }
 
@@ -407,7 +407,7 @@ async fn the_database_refuses_bad_rows_and_illegal_transitions() {
         .execute(f.pool())
         .await;
     assert!(rewrite.is_err(), "events are append-only");
-    assert_eq!(f.status(id).await, "pending");
+    assert_eq!(f.status(id.get()).await, "pending");
 }
 
 #[tokio::test]
@@ -440,7 +440,14 @@ async fn operator_actions_are_legal_transitions_or_clear_errors() {
         .unwrap_err();
     assert!(err.to_string().contains("from paid to queued"), "{err}");
     assert!(matches!(
-        repo::cancel(f.pool(), 987_654, "operator:test", "x", now).await,
+        repo::cancel(
+            f.pool(),
+            payouts::domain::PayoutId::new(987_654),
+            "operator:test",
+            "x",
+            now
+        )
+        .await,
         Err(repo::ActionError::NotFound(987_654))
     ));
 
@@ -452,7 +459,7 @@ async fn operator_actions_are_legal_transitions_or_clear_errors() {
     );
     let p = repo::get(f.pool(), failed).await.unwrap().unwrap();
     assert_eq!((p.status, p.retry_base), (PayoutStatus::Queued, 1));
-    let last = events::for_payout(f.pool(), failed)
+    let last = events::for_payout(f.pool(), failed.get())
         .await
         .unwrap()
         .pop()
@@ -467,7 +474,7 @@ async fn operator_actions_are_legal_transitions_or_clear_errors() {
             .unwrap(),
         PayoutStatus::Queued
     );
-    assert_eq!(f.status(failed).await, "cancelled");
+    assert_eq!(f.status(failed.get()).await, "cancelled");
 }
 
 /// A producer loop and `workers` apalis consumers, in-process, until the token is cancelled.

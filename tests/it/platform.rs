@@ -130,7 +130,7 @@ impl Server {
     }
 
     async fn payee(&self, account: &str) -> i64 {
-        payees::create(
+        (payees::create(
             self.pool(),
             account,
             account,
@@ -138,16 +138,17 @@ impl Server {
         )
         .await
         .unwrap()
-        .id
+        .id)
+            .get()
     }
 
     async fn due(&self, payee: i64, amount: &str) -> i64 {
         let now = Utc::now();
         let money =
             Money::new(amount.parse().unwrap(), "USD".parse::<Currency>().unwrap()).unwrap();
-        db_payouts::create(
+        (db_payouts::create(
             self.pool(),
-            payee,
+            payouts::domain::PayeeId::new(payee),
             money,
             now - Duration::seconds(5),
             "test",
@@ -155,7 +156,8 @@ impl Server {
         )
         .await
         .unwrap()
-        .id
+        .id)
+            .get()
     }
 
     async fn status(&self, id: i64) -> String {
@@ -188,7 +190,7 @@ impl Server {
     }
 
     /// One producer pass over what is due (the due scan).
-    async fn due_scan(&self) -> Vec<i64> {
+    async fn due_scan(&self) -> Vec<payouts::domain::PayoutId> {
         let now = Utc::now();
         db_payouts::queue_due(
             self.pool(),
@@ -278,7 +280,7 @@ async fn a_suspended_payee_is_not_paid_until_resumed_and_its_queued_payouts_wait
     let now = Utc::now();
     let claimed = db_payouts::claim(
         s.pool(),
-        waiting,
+        payouts::domain::PayoutId::new(waiting),
         "worker:w",
         now,
         now + Duration::seconds(30),
@@ -402,10 +404,16 @@ async fn a_changed_account_applies_to_payouts_not_yet_sent() {
             .execute(s.pool())
             .await
             .unwrap();
-        let c = db_payouts::claim(s.pool(), id, "worker:w", now, lease)
-            .await
-            .unwrap()
-            .unwrap();
+        let c = db_payouts::claim(
+            s.pool(),
+            payouts::domain::PayoutId::new(id),
+            "worker:w",
+            now,
+            lease,
+        )
+        .await
+        .unwrap()
+        .unwrap();
         assert_eq!(c.gateway_account, "acct_old");
         let retry = Finish::Retrying {
             code: "gateway_unavailable".into(),
@@ -413,9 +421,17 @@ async fn a_changed_account_applies_to_payouts_not_yet_sent() {
             next_attempt_at: now - Duration::seconds(1),
         };
         assert!(
-            db_payouts::finish(s.pool(), id, c.token(), &retry, "worker:w", "t", now)
-                .await
-                .unwrap()
+            db_payouts::finish(
+                s.pool(),
+                payouts::domain::PayoutId::new(id),
+                c.token(),
+                &retry,
+                "worker:w",
+                "t",
+                now
+            )
+            .await
+            .unwrap()
         );
     }
     // One of them was sent before destinations were recorded at the claim.
@@ -495,10 +511,16 @@ async fn a_changed_account_applies_to_payouts_not_yet_sent() {
         (legacy, "acct_old"),
         (unsent, "acct_new"),
     ] {
-        let c = db_payouts::claim(s.pool(), id, "worker:w", now, now + Duration::seconds(60))
-            .await
-            .unwrap()
-            .unwrap();
+        let c = db_payouts::claim(
+            s.pool(),
+            payouts::domain::PayoutId::new(id),
+            "worker:w",
+            now,
+            now + Duration::seconds(60),
+        )
+        .await
+        .unwrap()
+        .unwrap();
         assert_eq!(c.gateway_account, account, "payout {id}");
     }
 }
@@ -1013,7 +1035,7 @@ async fn the_platform_reads_a_payees_balance_earnings_payouts_and_upcoming_payou
         .unwrap();
     let c = db_payouts::claim(
         s.pool(),
-        payout_id,
+        payouts::domain::PayoutId::new(payout_id),
         "worker:w",
         now,
         now + Duration::seconds(60),
@@ -1025,9 +1047,17 @@ async fn the_platform_reads_a_payees_balance_earnings_payouts_and_upcoming_payou
         transfer_id: "tr_1".into(),
     };
     assert!(
-        db_payouts::finish(s.pool(), payout_id, c.token(), &paid, "worker:w", "t", now)
-            .await
-            .unwrap()
+        db_payouts::finish(
+            s.pool(),
+            payouts::domain::PayoutId::new(payout_id),
+            c.token(),
+            &paid,
+            "worker:w",
+            "t",
+            now
+        )
+        .await
+        .unwrap()
     );
     let (_, b) = s
         .get(&format!("/api/v1/payees/{p}/balance"), &s.platform)

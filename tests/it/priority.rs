@@ -18,16 +18,17 @@ use payouts::{
 use sqlx::PgPool;
 
 async fn payee(pool: &PgPool, account: &str) -> i64 {
-    payees::create(pool, "Payee", account, "USD".parse::<Currency>().unwrap())
+    (payees::create(pool, "Payee", account, "USD".parse::<Currency>().unwrap())
         .await
         .unwrap()
-        .id
+        .id)
+        .get()
 }
 
 async fn payout(pool: &PgPool, payee: i64, amount: &str, due: DateTime<Utc>) -> i64 {
-    repo::create(
+    (repo::create(
         pool,
-        payee,
+        payouts::domain::PayeeId::new(payee),
         Money::parse(amount, "USD").unwrap(),
         due,
         "operator:test",
@@ -35,7 +36,8 @@ async fn payout(pool: &PgPool, payee: i64, amount: &str, due: DateTime<Utc>) -> 
     )
     .await
     .unwrap()
-    .id
+    .id)
+        .get()
 }
 
 /// An early request: priority 1, due now (as `req`'s requests insert them).
@@ -63,7 +65,7 @@ async fn queue(pool: &PgPool, ranking: &PrioritySettings, limit: i64) -> Vec<i64
     .await
     .unwrap()
     .into_iter()
-    .map(|d| d.id)
+    .map(|d| d.id.get())
     .collect()
 }
 
@@ -88,7 +90,10 @@ async fn a_request_goes_ahead_of_the_scheduled_backlog_in_the_first_batch() {
         "the requested payout leads the first batch of 500"
     );
     // Without the ranking it would wait behind all 3,000 (due earlier).
-    let p = repo::get(&db.pool, req).await.unwrap().unwrap();
+    let p = repo::get(&db.pool, payouts::domain::PayoutId::new(req))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(p.status.as_str(), "queued");
     // Only pending payouts keep a rank (the due scan reads the index without
     // a status clause): queued ones lost it, as does a cancelled one.
@@ -104,9 +109,15 @@ async fn a_request_goes_ahead_of_the_scheduled_backlog_in_the_first_batch() {
     .fetch_one(&db.pool)
     .await
     .unwrap();
-    repo::cancel(&db.pool, pending, "operator:test", "test", Utc::now())
-        .await
-        .unwrap();
+    repo::cancel(
+        &db.pool,
+        payouts::domain::PayoutId::new(pending),
+        "operator:test",
+        "test",
+        Utc::now(),
+    )
+    .await
+    .unwrap();
     assert_eq!(repo::rank_at(&db.pool, pending).await.unwrap(), None);
 }
 
@@ -133,7 +144,7 @@ async fn process_now_ranks_ahead_of_a_request_and_is_audited() {
     // An operator's process now queues it at once, with priority 2.
     let from = repo::enqueue_now(
         &db.pool,
-        later,
+        payouts::domain::PayoutId::new(later),
         "operator:alice",
         now + Duration::seconds(60),
         now,
@@ -228,7 +239,12 @@ async fn tier_policy_ranks_higher_tiers_first_and_a_new_tier_reranks() {
         .await
         .unwrap();
     assert_eq!((changed.previous, changed.tier), (0, 2));
-    assert_eq!(payees::tier(&db.pool, gold).await.unwrap(), Some(2));
+    assert_eq!(
+        payees::tier(&db.pool, payouts::domain::PayeeId::new(gold))
+            .await
+            .unwrap(),
+        Some(2)
+    );
     let a = payout(&db.pool, standard, "10.00", due).await;
     let b = payout(&db.pool, gold, "10.00", due).await;
     // Standard but due 1,000 s earlier: longer than tier 2's 900 s boost.
@@ -265,7 +281,12 @@ async fn tier_policy_ranks_higher_tiers_first_and_a_new_tier_reranks() {
         .await
         .unwrap_err();
     assert!(e.to_string().contains("tier must be 0-9"), "{e}");
-    assert_eq!(payees::tier(&db.pool, gold).await.unwrap(), Some(2));
+    assert_eq!(
+        payees::tier(&db.pool, payouts::domain::PayeeId::new(gold))
+            .await
+            .unwrap(),
+        Some(2)
+    );
     assert!(matches!(
         payee_service::set_tier(&db.pool, 999_999, 1, by).await,
         Err(payee_service::PayeeError::NotFound(..))
@@ -282,7 +303,13 @@ async fn a_changed_priority_or_due_time_is_ranked_again() {
     repo::rank_pending(&db.pool, &ranking, 100).await.unwrap();
     assert_eq!(
         repo::rank_at(&db.pool, id).await.unwrap(),
-        Some(repo::get(&db.pool, id).await.unwrap().unwrap().due_at)
+        Some(
+            repo::get(&db.pool, payouts::domain::PayoutId::new(id))
+                .await
+                .unwrap()
+                .unwrap()
+                .due_at
+        )
     );
     // Not due yet: not queued, even ranked.
     assert!(queue(&db.pool, &ranking, 10).await.is_empty());
@@ -297,7 +324,11 @@ async fn a_changed_priority_or_due_time_is_ranked_again() {
     // Ranked 1 h earlier, still not due (due in 2 h): the boost ranks, it
     // does not make a payout due.
     assert!(queue(&db.pool, &ranking, 10).await.is_empty());
-    let due = repo::get(&db.pool, id).await.unwrap().unwrap().due_at;
+    let due = repo::get(&db.pool, payouts::domain::PayoutId::new(id))
+        .await
+        .unwrap()
+        .unwrap()
+        .due_at;
     assert_eq!(
         due - repo::rank_at(&db.pool, id).await.unwrap().unwrap(),
         Duration::seconds(3600)
@@ -421,7 +452,7 @@ async fn the_producer_pushes_a_request_ahead_of_the_window_already_waiting() {
     let first = producer.tick().await.unwrap();
     assert_eq!(first.enqueued, 300);
     let y = f.payee("acct_early").await;
-    let req = requested(f.pool(), y, Utc::now()).await;
+    let req = requested(f.pool(), y.get(), Utc::now()).await;
     let second = producer.tick().await.unwrap();
     assert_eq!(second.enqueued, 1);
     // No worker runs: 301 jobs wait, the request's first, not behind the

@@ -55,8 +55,13 @@ async fn reconciliation_finds_deliberate_drift_and_fixes_only_what_the_gateway_p
     let gw = HttpGateway::new(&f.settings.gateway).unwrap();
     // Drift 1: the gateway paid ids[3], but its answer never reached the database (still queued).
     let lost = ids[3];
-    gw.transfer(&request(lost, &format!("payout_{lost}"), 1300, "acct_1"))
-        .await;
+    gw.transfer(&request(
+        lost.get(),
+        &format!("payout_{lost}"),
+        1300,
+        "acct_1",
+    ))
+    .await;
     // Drift 2: the database says ids[4] is paid, the gateway never heard of it.
     let phantom = ids[4];
     let claim = repo::claim(
@@ -92,7 +97,7 @@ async fn reconciliation_finds_deliberate_drift_and_fixes_only_what_the_gateway_p
         .await
         .unwrap();
     // Drift 4: a second transfer for ids[1] under another key: paid twice.
-    gw.transfer(&request(ids[1], "another-key", 1100, "acct_1"))
+    gw.transfer(&request(ids[1].get(), "another-key", 1100, "acct_1"))
         .await;
 
     let opts = |fix| reconcile::Options {
@@ -111,24 +116,24 @@ async fn reconciliation_finds_deliberate_drift_and_fixes_only_what_the_gateway_p
         .collect();
     assert_eq!(report.checked, 5);
     assert!(
-        found.contains(&(lost, MismatchKind::PaidAtGatewayNotInDb)),
+        found.contains(&(lost.get(), MismatchKind::PaidAtGatewayNotInDb)),
         "{found:?}"
     );
     assert!(
-        found.contains(&(phantom, MismatchKind::PaidInDbUnknownToGateway)),
+        found.contains(&(phantom.get(), MismatchKind::PaidInDbUnknownToGateway)),
         "{found:?}"
     );
     assert!(
-        found.contains(&(ids[0], MismatchKind::AmountMismatch)),
+        found.contains(&(ids[0].get(), MismatchKind::AmountMismatch)),
         "{found:?}"
     );
     assert!(
-        found.contains(&(ids[1], MismatchKind::DuplicateAtGateway)),
+        found.contains(&(ids[1].get(), MismatchKind::DuplicateAtGateway)),
         "{found:?}"
     );
     assert_eq!(found.len(), 4, "{found:?}");
     assert_eq!(
-        f.status(lost).await,
+        f.status(lost.get()).await,
         "queued",
         "without --fix nothing changes"
     );
@@ -160,7 +165,7 @@ async fn reconciliation_finds_deliberate_drift_and_fixes_only_what_the_gateway_p
         (p.status, p.gateway_transfer_id),
         (PayoutStatus::Paid, Some(ledger_id))
     );
-    let last = events::for_payout(f.pool(), lost)
+    let last = events::for_payout(f.pool(), lost.get())
         .await
         .unwrap()
         .pop()
@@ -174,7 +179,7 @@ async fn reconciliation_finds_deliberate_drift_and_fixes_only_what_the_gateway_p
         (Some("queued"), "paid", "operator:reconcile")
     );
     assert_eq!(
-        f.status(phantom).await,
+        f.status(phantom.get()).await,
         "paid",
         "a payout unknown to the gateway is never 'fixed' by paying again"
     );
@@ -244,7 +249,7 @@ async fn the_rate_limit_holds_all_workers_together_under_the_configured_rate() {
     )
     .await;
     let payee = f.payee("acct_1").await;
-    let ids: Vec<i64> =
+    let ids: Vec<_> =
         futures::future::join_all((0..80).map(|_| f.payout(payee, "1.00", Utc::now()))).await;
     f.producer().tick().await.unwrap();
     // Three "processes" (separate guards, one Redis key), 80 jobs at once.
@@ -319,9 +324,9 @@ async fn one_429_pauses_the_whole_fleet_for_its_retry_after() {
             .applied_at
     };
     assert!(
-        applied(b) - seen_at >= chrono::Duration::milliseconds(pttl - 100),
+        applied(b.get()) - seen_at >= chrono::Duration::milliseconds(pttl - 100),
         "b went {} ms after the pause was seen with {pttl} ms left",
-        (applied(b) - seen_at).num_milliseconds()
+        (applied(b.get()) - seen_at).num_milliseconds()
     );
     assert_eq!(
         f.gateway.gateway.stats().by_status.get(&429),
@@ -543,7 +548,7 @@ mod returned {
         for i in 0..3 {
             let done = at("2026-10-31T08:00:00Z") + chrono::Duration::hours(i);
             let e = NewEarning {
-                payee_id: payee,
+                payee_id: payee.get(),
                 source: "booking".into(),
                 external_ref: format!("R-{payee}-{i}"),
                 gross: Money::parse("40.00", "USD").unwrap(),
@@ -555,7 +560,7 @@ mod returned {
                 .await
                 .unwrap();
         }
-        payee
+        payee.get()
     }
 
     pub async fn settle(f: &Fleet, now: DateTime<Utc>, payee: Option<i64>) {
@@ -599,7 +604,7 @@ mod returned {
                 .unwrap();
         let w = f.worker("w");
         for id in queued {
-            w.process(id).await;
+            w.process(payouts::domain::PayoutId::new(id)).await;
         }
     }
 
@@ -630,7 +635,9 @@ async fn a_cancel_after_an_unanswered_attempt_the_gateway_paid_is_refused_and_re
     f.producer().tick().await.unwrap();
     // The gateway moved the money; the answer was lost: retrying.
     assert_eq!(
-        f.worker("w").process(p1).await,
+        f.worker("w")
+            .process(payouts::domain::PayoutId::new(p1))
+            .await,
         Step::Recorded(PayoutStatus::Retrying)
     );
     assert_eq!(returned::transfers_to(&f, "acct_lost"), 1);
@@ -640,7 +647,7 @@ async fn a_cancel_after_an_unanswered_attempt_the_gateway_paid_is_refused_and_re
     let refused = reconcile::cancel(
         f.pool(),
         async move || Ok(Arc::new(HttpGateway::new(&settings)?) as Arc<dyn Lookup>),
-        p1,
+        payouts::domain::PayoutId::new(p1),
         "operator:ana",
         "gave up",
         returned::at("2026-11-14T09:00:00Z"),
@@ -724,7 +731,7 @@ async fn a_cancel_of_a_sent_payout_is_refused_while_the_gateway_cannot_be_asked_
         matches!(err, reconcile::CancelError::Unverified { .. }),
         "{err}"
     );
-    assert_eq!(f.status(id).await, "retrying");
+    assert_eq!(f.status(id.get()).await, "retrying");
 
     let settings = f.settings.gateway.clone();
     let from = reconcile::cancel(
@@ -738,8 +745,8 @@ async fn a_cancel_of_a_sent_payout_is_refused_while_the_gateway_cannot_be_asked_
     .await
     .unwrap();
     assert_eq!(from, PayoutStatus::Retrying);
-    assert_eq!(f.status(id).await, "cancelled");
-    let evs = events::for_payout(f.pool(), id).await.unwrap();
+    assert_eq!(f.status(id.get()).await, "cancelled");
+    let evs = events::for_payout(f.pool(), id.get()).await.unwrap();
     let last = evs.last().unwrap();
     assert!(
         last.reason
@@ -765,12 +772,14 @@ async fn reconciliation_holds_the_payout_that_carries_a_returned_balance_the_gat
     f.producer().tick().await.unwrap();
     for id in firsts {
         assert_eq!(
-            f.worker("w").process(id).await,
+            f.worker("w")
+                .process(payouts::domain::PayoutId::new(id))
+                .await,
             Step::Recorded(PayoutStatus::Retrying)
         );
         repo::cancel(
             f.pool(),
-            id,
+            payouts::domain::PayoutId::new(id),
             "operator:ana",
             "gave up",
             returned::at("2026-11-14T09:00:00Z"),

@@ -38,10 +38,11 @@ fn cur(code: &str) -> Currency {
 }
 
 async fn payee(pool: &PgPool, account: &str) -> i64 {
-    payees::create(pool, "Payee", account, cur("USD"))
+    (payees::create(pool, "Payee", account, cur("USD"))
         .await
         .unwrap()
-        .id
+        .id)
+        .get()
 }
 
 /// Records an earning completed at `completed_at` (released after the policy's hold).
@@ -385,7 +386,7 @@ async fn a_cancelled_settlement_payout_returns_its_earnings_to_the_balance_and_t
 
     payout_repo::cancel(
         pool,
-        cancelled,
+        payouts::domain::PayoutId::new(cancelled),
         "operator:ana",
         "wrong bank account",
         at("2026-11-14T09:00:00Z"),
@@ -468,7 +469,7 @@ async fn a_payout_reversed_after_it_was_paid_is_owed_again_and_is_never_retried_
     assert_eq!(settlement_of(pool, paid).await.outcome, "returned");
     let retried = payout_repo::retry(
         pool,
-        paid,
+        payouts::domain::PayoutId::new(paid),
         "operator:ana",
         at("2026-11-16T12:00:00Z") + Duration::minutes(5),
         at("2026-11-16T12:00:00Z"),
@@ -513,7 +514,7 @@ async fn a_payout_reversed_after_it_was_paid_is_owed_again_and_is_never_retried_
     // An operator may still close the reversed payout: nothing returns twice.
     payout_repo::cancel(
         pool,
-        paid,
+        payouts::domain::PayoutId::new(paid),
         "operator:ana",
         "closed",
         at("2026-11-21T00:00:00Z"),
@@ -546,13 +547,18 @@ async fn forint_weeks(pool: &PgPool, policy: &Policy, grosses: &[&str]) -> i64 {
         .await
         .unwrap()
         .id;
-    payee_terms::set(pool, p, Some(Some("weekly:fri".parse().unwrap())), None)
-        .await
-        .unwrap();
+    payee_terms::set(
+        pool,
+        p.get(),
+        Some(Some("weekly:fri".parse().unwrap())),
+        None,
+    )
+    .await
+    .unwrap();
     for (week, gross) in grosses.iter().enumerate() {
         let done = at("2026-10-31T08:00:00Z") + Duration::days(7 * week as i64);
         let e = NewEarning {
-            payee_id: p,
+            payee_id: p.get(),
             source: "booking".into(),
             external_ref: format!("HUF-{week}"),
             gross: Money::parse(gross, "HUF").unwrap(),
@@ -564,7 +570,7 @@ async fn forint_weeks(pool: &PgPool, policy: &Policy, grosses: &[&str]) -> i64 {
             .await
             .unwrap();
     }
-    p
+    p.get()
 }
 
 async fn settle_with(pool: &PgPool, policy: &Policy, now: DateTime<Utc>) -> settlement::RunReport {
@@ -627,7 +633,7 @@ async fn through_stripe_a_huf_payout_is_whole_forints_and_the_fraction_is_carrie
     let cancelled = r.settled[1].payout_id.unwrap();
     payout_repo::cancel(
         pool,
-        cancelled,
+        payouts::domain::PayoutId::new(cancelled),
         "operator:ana",
         "wrong account",
         at("2026-11-22T09:00:00Z"),
@@ -1255,7 +1261,7 @@ proptest! {
                     }
                     Op::Cancel(n) => {
                         if let Some(id) = pick(*n) {
-                            let _ = payout_repo::cancel(pool, id, "operator:test", "gave up", now).await;
+                            let _ = payout_repo::cancel(pool, payouts::domain::PayoutId::new(id), "operator:test", "gave up", now).await;
                         }
                     }
                     Op::Pay(n) | Op::Fail(n) => {
@@ -1276,7 +1282,7 @@ proptest! {
                     Op::Retry(n) => {
                         let Some(id) = pick(*n) else { continue };
                         let was_returned = returned(pool, id).await;
-                        let r = payout_repo::retry(pool, id, "operator:test", now + Duration::hours(1), now).await;
+                        let r = payout_repo::retry(pool, payouts::domain::PayoutId::new(id), "operator:test", now + Duration::hours(1), now).await;
                         if was_returned {
                             assert!(r.is_err(), "payout {id} was returned: no retry");
                             assert_ne!(status_of(pool, id).await, "queued");
@@ -1291,7 +1297,7 @@ proptest! {
                 .await
                 .unwrap();
             for id in failed {
-                payout_repo::cancel(pool, id, "operator:test", "gave up", now).await.unwrap();
+                payout_repo::cancel(pool, payouts::domain::PayoutId::new(id), "operator:test", "gave up", now).await.unwrap();
             }
             now += Duration::days(70);
             settle(pool, now).await;
@@ -1577,9 +1583,15 @@ async fn cancel_some(pool: &PgPool, now: DateTime<Utc>) {
     .unwrap();
     assert!(!ids.is_empty());
     for id in ids {
-        payout_repo::cancel(pool, id, "operator:test", "gave up", now)
-            .await
-            .unwrap();
+        payout_repo::cancel(
+            pool,
+            payouts::domain::PayoutId::new(id),
+            "operator:test",
+            "gave up",
+            now,
+        )
+        .await
+        .unwrap();
     }
 }
 

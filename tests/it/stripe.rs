@@ -117,14 +117,14 @@ impl StripeFleet {
         )
         .await
         .unwrap();
-        self.enqueue(p.id).await;
-        p.id
+        self.enqueue(p.id.get()).await;
+        p.id.get()
     }
 
     async fn enqueue(&self, id: i64) {
         db_payouts::enqueue_now(
             self.fleet.pool(),
-            id,
+            payouts::domain::PayoutId::new(id),
             "operator:test",
             Utc::now() + chrono::Duration::seconds(60),
             Utc::now(),
@@ -134,7 +134,7 @@ impl StripeFleet {
     }
 
     async fn payout(&self, id: i64) -> db_payouts::Payout {
-        db_payouts::get(self.fleet.pool(), id)
+        db_payouts::get(self.fleet.pool(), payouts::domain::PayoutId::new(id))
             .await
             .unwrap()
             .unwrap()
@@ -206,7 +206,7 @@ async fn balance_insufficient_is_paid_under_a_new_key_once_the_platform_balance_
     s.standin.set_balance("usd", 0);
     let id = s.due("acct_1Ana", "120.50", "USD").await;
     assert_eq!(
-        s.worker.process(id).await,
+        s.worker.process(payouts::domain::PayoutId::new(id)).await,
         Step::Recorded(PayoutStatus::Retrying)
     );
     assert_eq!(
@@ -217,7 +217,7 @@ async fn balance_insufficient_is_paid_under_a_new_key_once_the_platform_balance_
     s.standin.set_balance("usd", 1_000_000);
     s.enqueue(id).await;
     assert_eq!(
-        s.worker.process(id).await,
+        s.worker.process(payouts::domain::PayoutId::new(id)).await,
         Step::Recorded(PayoutStatus::Paid)
     );
     assert_eq!(s.standin.transfers().len(), 1);
@@ -232,7 +232,7 @@ async fn transfers_not_allowed_fails_the_payout_with_its_code_and_never_enters_h
     s.standin.set_account("acct_blocked", "active", true).await;
     let id = s.due("acct_blocked", "10.00", "USD").await;
     assert_eq!(
-        s.worker.process(id).await,
+        s.worker.process(payouts::domain::PayoutId::new(id)).await,
         Step::Recorded(PayoutStatus::Failed)
     );
     assert_eq!(
@@ -247,7 +247,7 @@ async fn a_payee_who_finishes_onboarding_is_paid_under_a_new_key_not_the_saved_c
     s.standin.set_account("acct_new", "inactive", false).await;
     let id = s.due("acct_new", "10.00", "USD").await;
     assert_eq!(
-        s.worker.process(id).await,
+        s.worker.process(payouts::domain::PayoutId::new(id)).await,
         Step::Recorded(PayoutStatus::Held)
     );
     // Released by account.updated (or, without it, by the poll).
@@ -255,7 +255,7 @@ async fn a_payee_who_finishes_onboarding_is_paid_under_a_new_key_not_the_saved_c
     s.sync().release_onboarded().await.unwrap();
     assert_eq!(s.fleet.status(id).await, "queued");
     assert_eq!(
-        s.worker.process(id).await,
+        s.worker.process(payouts::domain::PayoutId::new(id)).await,
         Step::Recorded(PayoutStatus::Paid)
     );
     let keys = s.keys();
@@ -269,17 +269,17 @@ async fn held_re_holds_are_capped_then_the_payout_fails_with_its_code() {
     s.standin.set_account("acct_slow", "inactive", false).await;
     let id = s.due("acct_slow", "10.00", "USD").await;
     assert_eq!(
-        s.worker.process(id).await,
+        s.worker.process(payouts::domain::PayoutId::new(id)).await,
         Step::Recorded(PayoutStatus::Held)
     );
     s.enqueue(id).await;
     assert_eq!(
-        s.worker.process(id).await,
+        s.worker.process(payouts::domain::PayoutId::new(id)).await,
         Step::Recorded(PayoutStatus::Held)
     );
     s.enqueue(id).await;
     assert_eq!(
-        s.worker.process(id).await,
+        s.worker.process(payouts::domain::PayoutId::new(id)).await,
         Step::Recorded(PayoutStatus::Failed)
     );
     assert_eq!(
@@ -294,7 +294,7 @@ async fn paid_then_reversed_and_retried(s: &StripeFleet) -> (i64, String) {
     s.standin.add_account("acct_r").await;
     let id = s.due("acct_r", "25.00", "USD").await;
     assert_eq!(
-        s.worker.process(id).await,
+        s.worker.process(payouts::domain::PayoutId::new(id)).await,
         Step::Recorded(PayoutStatus::Paid)
     );
     let first = s.payout(id).await.gateway_transfer_id.unwrap();
@@ -306,7 +306,7 @@ async fn paid_then_reversed_and_retried(s: &StripeFleet) -> (i64, String) {
     .await;
     db_payouts::retry(
         s.fleet.pool(),
-        id,
+        payouts::domain::PayoutId::new(id),
         "operator:test",
         Utc::now() + chrono::Duration::seconds(60),
         Utc::now(),
@@ -321,7 +321,7 @@ async fn an_operator_retry_of_a_fully_reversed_payout_never_records_the_replayed
 {
     let s = stripe_fleet(&[("PAYOUTS_GATEWAY__STRIPE__LOOKUP_BEFORE_CREATE", "false")]).await;
     let (id, first) = paid_then_reversed_and_retried(&s).await;
-    let step = s.worker.process(id).await;
+    let step = s.worker.process(payouts::domain::PayoutId::new(id)).await;
     let p = s.payout(id).await;
     assert_ne!(
         (step, p.gateway_transfer_id.as_deref()),
@@ -341,13 +341,13 @@ async fn after_a_poisoned_key_a_retry_of_a_reversed_payout_never_reuses_the_reve
     // The first key gets a saved 500 with nothing behind it; the payout is
     // paid under the next key after a look-up proves nothing moved.
     s.standin.push_fault(Fault::ServerErrorBeforeCreate);
-    let mut step = s.worker.process(id).await;
+    let mut step = s.worker.process(payouts::domain::PayoutId::new(id)).await;
     for _ in 0..3 {
         if step == Step::Recorded(PayoutStatus::Paid) {
             break;
         }
         s.enqueue(id).await;
-        step = s.worker.process(id).await;
+        step = s.worker.process(payouts::domain::PayoutId::new(id)).await;
     }
     assert_eq!(step, Step::Recorded(PayoutStatus::Paid));
     let first = s.payout(id).await.gateway_transfer_id.unwrap();
@@ -358,14 +358,14 @@ async fn after_a_poisoned_key_a_retry_of_a_reversed_payout_never_reuses_the_reve
     .await;
     db_payouts::retry(
         s.fleet.pool(),
-        id,
+        payouts::domain::PayoutId::new(id),
         "operator:test",
         Utc::now() + chrono::Duration::seconds(60),
         Utc::now(),
     )
     .await
     .unwrap();
-    s.worker.process(id).await;
+    s.worker.process(payouts::domain::PayoutId::new(id)).await;
     let p = s.payout(id).await;
     assert_eq!(p.status, PayoutStatus::Paid, "{p:?}");
     assert_ne!(p.gateway_transfer_id.as_deref(), Some(first.as_str()));
@@ -381,7 +381,7 @@ async fn isk_goes_out_in_stripes_two_decimal_units() {
     s.standin.set_balance("isk", 100_000_000);
     let id = s.due("acct_is", "1000", "ISK").await;
     assert_eq!(
-        s.worker.process(id).await,
+        s.worker.process(payouts::domain::PayoutId::new(id)).await,
         Step::Recorded(PayoutStatus::Paid)
     );
     let post = s.standin.transfer_posts().pop().unwrap();
@@ -402,7 +402,7 @@ async fn amounts_stripe_cannot_send_fail_with_a_clear_error_and_send_nothing() {
     let huf = s.due("acct_kw", "1000.50", "HUF").await;
     for (id, currency) in [(kwd, "KWD"), (huf, "HUF")] {
         assert_eq!(
-            s.worker.process(id).await,
+            s.worker.process(payouts::domain::PayoutId::new(id)).await,
             Step::Recorded(PayoutStatus::Failed)
         );
         let p = s.payout(id).await;
@@ -454,7 +454,7 @@ async fn by_default_every_stripe_request_stays_under_stripes_test_mode_rate() {
 // --- 6. credentials ---------------------------------------------------------------------------
 
 async fn assert_credentials_pause(s: &StripeFleet, id: i64, code: &str) {
-    let step = s.worker.process(id).await;
+    let step = s.worker.process(payouts::domain::PayoutId::new(id)).await;
     let p = s.payout(id).await;
     assert_ne!(
         p.status,
@@ -558,11 +558,13 @@ async fn account_updated_releases_held_payouts_of_that_account_at_once() {
     let id = s.due("acct_onb", "10.00", "USD").await;
     let other = s.due("acct_other", "10.00", "USD").await;
     assert_eq!(
-        s.worker.process(id).await,
+        s.worker.process(payouts::domain::PayoutId::new(id)).await,
         Step::Recorded(PayoutStatus::Held)
     );
     assert_eq!(
-        s.worker.process(other).await,
+        s.worker
+            .process(payouts::domain::PayoutId::new(other))
+            .await,
         Step::Recorded(PayoutStatus::Held)
     );
     // Stripe sends account.updated to the Connect endpoint (no poll runs here).
@@ -626,7 +628,7 @@ async fn a_payout_canceled_event_from_another_connected_account_never_moves_some
     s.standin.add_account("acct_victim").await;
     let id = s.due("acct_victim", "50.00", "USD").await;
     assert_eq!(
-        s.worker.process(id).await,
+        s.worker.process(payouts::domain::PayoutId::new(id)).await,
         Step::Recorded(PayoutStatus::Paid)
     );
     // Any connected account controlling its own payouts gets Stripe to sign this.
@@ -653,7 +655,7 @@ async fn the_contract_endpoint_does_nothing_when_the_fleet_pays_through_stripe()
     s.standin.add_account("acct_c").await;
     let id = s.due("acct_c", "50.00", "USD").await;
     assert_eq!(
-        s.worker.process(id).await,
+        s.worker.process(payouts::domain::PayoutId::new(id)).await,
         Step::Recorded(PayoutStatus::Paid)
     );
     let tr = s.payout(id).await.gateway_transfer_id.unwrap();
@@ -821,7 +823,7 @@ async fn preview_through_stripe_pays_whole_forints_keeps_the_fraction_and_shows_
     let done = Utc::now() - chrono::Duration::days(30);
     for (i, gross) in ["12345.50", "20000.25"].iter().enumerate() {
         let e = payouts::domain::earning::NewEarning {
-            payee_id: payee,
+            payee_id: payee.get(),
             source: "booking".into(),
             external_ref: format!("H-{i}"),
             gross: Money::parse(gross, "HUF").unwrap(),

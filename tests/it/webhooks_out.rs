@@ -275,7 +275,7 @@ impl Hooks {
     }
 
     async fn payee(&self) -> i64 {
-        self.fleet.payee(&common::unique("acct")).await
+        (self.fleet.payee(&common::unique("acct")).await).get()
     }
 }
 
@@ -291,7 +291,7 @@ async fn payout_lifecycle_events_are_delivered_signed() {
     );
     let got = h
         .until("created, queued and paid delivered", || {
-            let got = rx.for_payout(id);
+            let got = rx.for_payout(id.get());
             (got.len() >= 3).then_some(got)
         })
         .await;
@@ -330,7 +330,7 @@ async fn payout_lifecycle_events_are_delivered_signed() {
     for _ in 0..3 {
         h.dispatcher.tick().await.unwrap();
     }
-    assert_eq!(rx.for_payout(id).len(), 3);
+    assert_eq!(rx.for_payout(id.get()).len(), 3);
 }
 
 #[tokio::test]
@@ -341,10 +341,17 @@ async fn a_receiver_answering_500_is_retried_until_it_takes_the_message() {
     // Attempt 1: 500, and 500 again at once; attempt 2 (1 s later): 500, then 200 at once.
     rx.script(&[500, 500, 500]);
     let payee = h.payee().await;
-    let id = h.fleet.payout(payee, "10.00", chrono::Utc::now()).await;
+    let id = h
+        .fleet
+        .payout(
+            payouts::domain::PayeeId::new(payee),
+            "10.00",
+            chrono::Utc::now(),
+        )
+        .await;
     let got = h
         .until("the message taken after three 500s", || {
-            let got = rx.for_payout(id);
+            let got = rx.for_payout(id.get());
             (got.len() >= 4).then_some(got)
         })
         .await;
@@ -397,18 +404,25 @@ async fn no_message_for_a_rolled_back_change_and_none_skipped_for_an_open_one() 
 
     // A change that rolls back: its event was written in its transaction.
     let mut tx = h.fleet.pool().begin().await.unwrap();
-    let gone =
-        payouts::db::payouts::create_in(&mut *tx, payee, usd("1.00"), now, "test", "created", now)
-            .await
-            .unwrap()
-            .id;
+    let gone = payouts::db::payouts::create_in(
+        &mut *tx,
+        payouts::domain::PayeeId::new(payee),
+        usd("1.00"),
+        now,
+        "test",
+        "created",
+        now,
+    )
+    .await
+    .unwrap()
+    .id;
     tx.rollback().await.unwrap();
 
     // A transaction that stays open while a later one commits.
     let mut open = h.fleet.pool().begin().await.unwrap();
     let slow = payouts::db::payouts::create_in(
         &mut *open,
-        payee,
+        payouts::domain::PayeeId::new(payee),
         usd("2.00"),
         now,
         "test",
@@ -418,26 +432,37 @@ async fn no_message_for_a_rolled_back_change_and_none_skipped_for_an_open_one() 
     .await
     .unwrap()
     .id;
-    let fast = h.fleet.payout(payee, "3.00", now).await;
+    let fast = h
+        .fleet
+        .payout(payouts::domain::PayeeId::new(payee), "3.00", now)
+        .await;
     for _ in 0..5 {
         h.dispatcher.tick().await.unwrap();
     }
     assert!(
-        rx.for_payout(fast).is_empty(),
+        rx.for_payout(fast.get()).is_empty(),
         "nothing past a transaction still open is fanned out (it could be skipped)"
     );
     open.commit().await.unwrap();
     h.until("both committed payouts told", || {
-        (!rx.for_payout(slow).is_empty() && !rx.for_payout(fast).is_empty()).then_some(())
+        (!rx.for_payout(slow.get()).is_empty() && !rx.for_payout(fast.get()).is_empty())
+            .then_some(())
     })
     .await;
-    let after = h.fleet.payout(payee, "4.00", chrono::Utc::now()).await;
+    let after = h
+        .fleet
+        .payout(
+            payouts::domain::PayeeId::new(payee),
+            "4.00",
+            chrono::Utc::now(),
+        )
+        .await;
     h.until("a later payout told", || {
-        (!rx.for_payout(after).is_empty()).then_some(())
+        (!rx.for_payout(after.get()).is_empty()).then_some(())
     })
     .await;
     assert!(
-        rx.for_payout(gone).is_empty(),
+        rx.for_payout(gone.get()).is_empty(),
         "no message for the rolled-back change"
     );
     assert!(rx.got().iter().all(|r| verifies(&secret, r)));
@@ -461,10 +486,17 @@ async fn both_secrets_sign_during_a_rotation_overlap() {
     let new = body["secret"].as_str().unwrap().to_string();
     assert_ne!(new, old);
     let payee = h.payee().await;
-    let first = h.fleet.payout(payee, "5.00", chrono::Utc::now()).await;
+    let first = h
+        .fleet
+        .payout(
+            payouts::domain::PayeeId::new(payee),
+            "5.00",
+            chrono::Utc::now(),
+        )
+        .await;
     let r = h
         .until("a message during the overlap", || {
-            rx.for_payout(first).pop()
+            rx.for_payout(first.get()).pop()
         })
         .await
         .1;
@@ -482,10 +514,17 @@ async fn both_secrets_sign_during_a_rotation_overlap() {
         )
         .await;
     let newest = body["secret"].as_str().unwrap().to_string();
-    let second = h.fleet.payout(payee, "6.00", chrono::Utc::now()).await;
+    let second = h
+        .fleet
+        .payout(
+            payouts::domain::PayeeId::new(payee),
+            "6.00",
+            chrono::Utc::now(),
+        )
+        .await;
     let r = h
         .until("a message after the overlap", || {
-            rx.for_payout(second).pop()
+            rx.for_payout(second.get()).pop()
         })
         .await
         .1;
@@ -534,9 +573,16 @@ async fn plain_http_to_other_hosts_and_redirects_are_refused() {
     let (endpoint, _) = h.register(&rx.url, &["payout.created"]).await;
     rx.script(&[302, 302, 302, 302]);
     let payee = h.payee().await;
-    let id = h.fleet.payout(payee, "7.00", chrono::Utc::now()).await;
+    let id = h
+        .fleet
+        .payout(
+            payouts::domain::PayeeId::new(payee),
+            "7.00",
+            chrono::Utc::now(),
+        )
+        .await;
     h.until("the redirect answered", || {
-        (!rx.for_payout(id).is_empty()).then_some(())
+        (!rx.for_payout(id.get()).is_empty()).then_some(())
     })
     .await;
     let (_, body) = h
@@ -690,7 +736,14 @@ async fn a_slow_endpoint_does_not_let_the_lease_run_out_mid_batch() {
     let (a, b) = (dispatcher("worker:slow-a"), dispatcher("worker:slow-b"));
     rx.hold(Duration::from_millis(2500));
     let payee = h.payee().await;
-    let id = h.fleet.payout(payee, "10.00", chrono::Utc::now()).await;
+    let id = h
+        .fleet
+        .payout(
+            payouts::domain::PayeeId::new(payee),
+            "10.00",
+            chrono::Utc::now(),
+        )
+        .await;
     // Passes of the first worker until one reads the event (another test's
     // open transaction can hold it back a while), then that pass sends it.
     let first = tokio::spawn(async move {
@@ -705,7 +758,7 @@ async fn a_slow_endpoint_does_not_let_the_lease_run_out_mid_batch() {
     eventually(
         Duration::from_secs(30),
         "the slow request started",
-        || async { (!rx.for_payout(id).is_empty()).then_some(()) },
+        || async { (!rx.for_payout(id.get()).is_empty()).then_some(()) },
     )
     .await;
     while !first.is_finished() {
@@ -722,7 +775,7 @@ async fn a_slow_endpoint_does_not_let_the_lease_run_out_mid_batch() {
     .await;
     b.tick().await.unwrap();
     assert_eq!(
-        rx.for_payout(id).len(),
+        rx.for_payout(id.get()).len(),
         1,
         "sent once, not again by the standby"
     );
@@ -810,7 +863,15 @@ async fn a_deliverer_killed_mid_delivery_loses_no_event() {
     let payee = h.payee().await;
     let mut ids = Vec::new();
     for _ in 0..20 {
-        ids.push(h.fleet.payout(payee, "10.00", chrono::Utc::now()).await);
+        ids.push(
+            h.fleet
+                .payout(
+                    payouts::domain::PayeeId::new(payee),
+                    "10.00",
+                    chrono::Utc::now(),
+                )
+                .await,
+        );
     }
     let mut env = child_env(
         &h.fleet.db.url,
@@ -843,12 +904,12 @@ async fn a_deliverer_killed_mid_delivery_loses_no_event() {
     let _rescuer = Proc::worker(&env, "hooks-rescuer");
     eventually(Duration::from_secs(60), "every event delivered", || async {
         ids.iter()
-            .all(|id| !rx.for_payout(*id).is_empty())
+            .all(|id| !rx.for_payout((*id).get()).is_empty())
             .then_some(())
     })
     .await;
     for id in &ids {
-        let got = rx.for_payout(*id);
+        let got = rx.for_payout((*id).get());
         assert!(
             got.iter().all(|(t, _)| t == "payout.created"),
             "payout {id}: {got:?}"
@@ -1062,7 +1123,14 @@ impl Hooks {
 
     /// A payout of `amount` to `payee`, paid by a worker.
     async fn paid(&self, payee: i64, amount: &str) -> i64 {
-        let id = self.fleet.payout(payee, amount, chrono::Utc::now()).await;
+        let id = self
+            .fleet
+            .payout(
+                payouts::domain::PayeeId::new(payee),
+                amount,
+                chrono::Utc::now(),
+            )
+            .await;
         payouts::db::payouts::enqueue_now(
             self.fleet.pool(),
             id,
@@ -1076,7 +1144,7 @@ impl Hooks {
             self.fleet.worker("w").process(id).await,
             Step::Recorded(payouts::domain::PayoutStatus::Paid)
         );
-        id
+        id.get()
     }
 }
 
@@ -1389,7 +1457,7 @@ async fn delivery_yields_to_payouts_being_paid_for_at_most_yield_secs() {
                 usize::from(pass.yielded),
                 std::sync::atomic::Ordering::Relaxed,
             );
-            if rx.for_payout(id).is_empty() {
+            if rx.for_payout(id.get()).is_empty() {
                 assert!(
                     pass.yielded || pass.events > 0 || started.elapsed() < Duration::from_secs(3)
                 );
@@ -1423,7 +1491,7 @@ async fn delivery_yields_to_payouts_being_paid_for_at_most_yield_secs() {
     eventually(Duration::from_secs(5), "idle: sent at once", || async {
         let pass = d.tick().await.expect("webhook pass");
         assert!(!pass.yielded, "yielded while idle");
-        (!rx.for_payout(id).is_empty()).then_some(())
+        (!rx.for_payout(id.get()).is_empty()).then_some(())
     })
     .await;
 }

@@ -150,7 +150,7 @@ pub async fn register(
     now: DateTime<Utc>,
 ) -> Result<(i64, SecretString), EndpointError> {
     let url = check_url(policy, &new.url)?;
-    check_event_types(&new.event_types).map_err(EndpointError::BadInput)?;
+    check_event_types(&new.event_types).map_err(|e| EndpointError::BadInput(e.to_string()))?;
     let description = new.description.clone().unwrap_or_default();
     check_description(&description)?;
     let secret = sign::new_secret();
@@ -191,7 +191,7 @@ pub async fn change(
 ) -> Result<(), EndpointError> {
     let url = c.url.as_deref().map(|u| check_url(policy, u)).transpose()?;
     if let Some(t) = &c.event_types {
-        check_event_types(t).map_err(EndpointError::BadInput)?;
+        check_event_types(t).map_err(|e| EndpointError::BadInput(e.to_string()))?;
     }
     if let Some(d) = &c.description {
         check_description(d)?;

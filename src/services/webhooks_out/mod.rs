@@ -183,23 +183,33 @@ pub fn payout_event_type(from: Option<&str>, to: &str) -> Option<&'static str> {
     })
 }
 
+/// Why a list of wanted event types was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EventTypesError {
+    /// The list is empty.
+    #[error("event_types must name at least one event type (or \"*\")")]
+    Empty,
+    /// More than 32 types.
+    #[error("event_types may name at most 32 types")]
+    TooMany,
+    /// Not an event type (its first 60 characters).
+    #[error("event_types: {0:?} is not an event type; use \"*\" or some of {types}", types = EVENT_TYPES.join(", "))]
+    Unknown(String),
+}
+
 /// Checks a list of wanted event types; the error names the bad one.
-pub fn check_event_types(types: &[String]) -> Result<(), String> {
+pub fn check_event_types(types: &[String]) -> Result<(), EventTypesError> {
     if types.is_empty() {
-        return Err("event_types must name at least one event type (or \"*\")".into());
+        return Err(EventTypesError::Empty);
     }
     if types.len() > 32 {
-        return Err("event_types may name at most 32 types".into());
+        return Err(EventTypesError::TooMany);
     }
     if let Some(bad) = types
         .iter()
         .find(|t| t.as_str() != "*" && !EVENT_TYPES.contains(&t.as_str()))
     {
-        let shown: String = bad.chars().take(60).collect();
-        return Err(format!(
-            "event_types: {shown:?} is not an event type; use \"*\" or some of {}",
-            EVENT_TYPES.join(", ")
-        ));
+        return Err(EventTypesError::Unknown(bad.chars().take(60).collect()));
     }
     Ok(())
 }
@@ -1215,7 +1225,8 @@ mod tests {
         assert!(
             check_event_types(&["payout.nope".into()])
                 .unwrap_err()
-                .contains("payout.nope")
+                .to_string()
+                .starts_with("event_types: \"payout.nope\" is not an event type; use \"*\" or some of payout.")
         );
     }
 }

@@ -142,18 +142,24 @@ impl Scenario {
     }
 }
 
+/// A scenario name that is not one of S1 ... S16.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown scenario {0:?} (S1 ... S16)")]
+pub struct UnknownScenario(pub String);
+
 impl FromStr for Scenario {
-    type Err = String;
+    type Err = UnknownScenario;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let unknown = || UnknownScenario(s.to_string());
         let n: u8 = s
             .trim()
             .trim_start_matches(['S', 's'])
             .parse()
-            .map_err(|_| format!("unknown scenario {s:?} (S1 ... S16)"))?;
+            .map_err(|_| unknown())?;
         Scenario::ALL
             .into_iter()
             .find(|sc| *sc as u8 == n)
-            .ok_or_else(|| format!("unknown scenario {s:?} (S1 ... S16)"))
+            .ok_or_else(unknown)
     }
 }
 
@@ -487,7 +493,7 @@ async fn seed(
                 now,
             )
             .await?;
-            expect.insert(p.id, Expect::Failed("account_closed".into()));
+            expect.insert(p.id.get(), Expect::Failed("account_closed".into()));
         }
         // Amounts finer than the currency allows (only SQL can write them):
         // the worker must refuse them without calling the gateway.

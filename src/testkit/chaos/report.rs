@@ -27,7 +27,7 @@ use crate::{
         payouts,
     },
     domain::transfer::idempotency_key,
-    domain::{Currency, Money, PayoutStatus},
+    domain::{Currency, Money, PayoutId, PayoutStatus},
     testkit::mock_gateway::LedgerEntry,
 };
 
@@ -151,7 +151,7 @@ pub async fn check(
         .await?
         .into_iter()
         .map(|p| Row {
-            id: p.id,
+            id: p.id.get(),
             status: p.status.as_str().to_string(),
             amount: p.amount,
             currency: p.currency,
@@ -183,7 +183,10 @@ pub async fn check(
         }
         by_ref.entry(e.reference.as_str()).or_default().push(e);
     }
-    let known: HashSet<String> = rows.iter().map(|r| idempotency_key(r.id)).collect();
+    let known: HashSet<String> = rows
+        .iter()
+        .map(|r| idempotency_key(PayoutId::new(r.id)))
+        .collect();
     for (reference, entries) in &by_ref {
         if !known.contains(*reference) {
             report.duplicated += entries.len();
@@ -201,7 +204,7 @@ pub async fn check(
         .count();
     let mut due_to_paid: Vec<f64> = Vec::new();
     for r in &rows {
-        let reference = idempotency_key(r.id);
+        let reference = idempotency_key(PayoutId::new(r.id));
         let entries: &[&LedgerEntry] = by_ref.get(reference.as_str()).map_or(&[], |v| v);
         if entries.len() > 1 {
             report.duplicated += entries.len() - 1;

@@ -29,7 +29,7 @@ use super::{
 };
 use crate::{
     db::{events, payouts},
-    domain::PayoutStatus,
+    domain::{PayoutId, PayoutStatus},
     testkit::mock_gateway::Faults,
 };
 
@@ -411,7 +411,10 @@ pub async fn inject(
                 let paid = payouts::random_paid(&fleet.pool, 20).await?;
                 fleet.queue.push(&paid).await?;
                 redelivered += paid.len();
-                fleet.queue.push(&[i64::MAX - unknown as i64]).await?;
+                fleet
+                    .queue
+                    .push(&[PayoutId::new(i64::MAX - unknown as i64)])
+                    .await?;
                 unknown += 1;
                 // The fault's own cadence.
                 tokio::time::sleep(Duration::from_millis(200)).await;

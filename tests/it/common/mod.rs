@@ -15,7 +15,7 @@ use payouts::{
     clock::{SharedClock, SystemClock},
     config::Settings,
     db::{self, payees},
-    domain::{Currency, Money},
+    domain::{Currency, Money, PayeeId, PayoutId},
     gateway::{
         backoff::BackoffPolicy,
         guard::{GatewayGuard, GuardSettings},
@@ -282,7 +282,7 @@ impl Fleet {
 
     /// A payout of 120.50 to a new payee at `account`, queued now (as an
     /// operator's enqueue would), for a worker to process.
-    pub async fn due_payout(&self, account: &str) -> i64 {
+    pub async fn due_payout(&self, account: &str) -> PayoutId {
         let payee = self.payee(account).await;
         let id = self.payout(payee, "120.50", chrono::Utc::now()).await;
         db::payouts::enqueue_now(
@@ -297,7 +297,7 @@ impl Fleet {
         id
     }
 
-    pub async fn payee(&self, account: &str) -> i64 {
+    pub async fn payee(&self, account: &str) -> PayeeId {
         payees::create(
             self.pool(),
             "Test payee",
@@ -312,10 +312,10 @@ impl Fleet {
     /// A pending payout of `amount` USD due at `due`.
     pub async fn payout(
         &self,
-        payee: i64,
+        payee: PayeeId,
         amount: &str,
         due: chrono::DateTime<chrono::Utc>,
-    ) -> i64 {
+    ) -> PayoutId {
         payouts::db::payouts::create(
             self.pool(),
             payee,
