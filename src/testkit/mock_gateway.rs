@@ -18,6 +18,24 @@
 //! Operators and tests drive it through [`MockGateway`] or the unauthenticated
 //! admin endpoints under `/_mock/` (`ledger`, `stats`, `faults`, `reset`).
 //!
+//! With [`Faults::rate_limit_per_sec`] (`--rate-limit-per-sec N`) it enforces
+//! a rate limit the way a real gateway does: a token bucket of
+//! [`Faults::rate_limit_burst`] tokens refilled at N per second; a transfer
+//! request that finds no token is answered `429` with `Retry-After` and the
+//! contract's `rate_limited` error, before anything else is looked at, and is
+//! counted in [`Stats::rate_limited`] (`GET /_mock/stats`). Stripe documents
+//! its limits as requests per second per account (100 in live mode, 25 in a
+//! sandbox, 25 per endpoint; over them, `429`:
+//! <https://docs.stripe.com/rate-limits>) and describes its request limiter as
+//! a token bucket (<https://stripe.com/blog/rate-limiters>), without giving
+//! the bucket's size. Where this stand-in differs: only transfer requests
+//! (`POST /v1/transfers`, `POST /api/Payment/release-funds`) take a token,
+//! where Stripe counts every request (the fleet's contract clients limit only
+//! their transfer calls); the bucket's size is ours, a tenth of a second of
+//! the rate by default (small on purpose: a client that keeps to the rate
+//! needs no more, and one that bursts is caught); and `Retry-After` is whole
+//! seconds, at least 1, the contract's unit.
+//!
 //! It also serves the platform "release funds" API of the booking worker
 //! (`crate::gateway::release_funds`, product document 000), over the same
 //! ledger, idempotency store, faults and script, so the fleet runs locally
@@ -177,6 +195,28 @@ pub struct Faults {
     /// 2xx/600/601/602. Unknown values: normal processing.
     #[arg(long, value_delimiter = ',', value_name = "STATUS,...")]
     pub script: Vec<u16>,
+    /// Transfer requests per second the gateway accepts, enforced by a token
+    /// bucket (see the module docs); over it, `429` `rate_limited` with
+    /// `Retry-After`, counted in [`Stats::rate_limited`]. 0 = no limit.
+    #[arg(long, default_value_t = 0)]
+    pub rate_limit_per_sec: u32,
+    /// The bucket's capacity in tokens: how many requests may arrive at once
+    /// after a quiet spell. 0 = the default, a tenth of a second of the rate
+    /// (`rate_limit_per_sec / 10`, at least 1: 10 at 100/s).
+    #[arg(long, default_value_t = 0)]
+    pub rate_limit_burst: u32,
+}
+
+impl Faults {
+    /// The token bucket's capacity: [`Faults::rate_limit_burst`], or when 0 a
+    /// tenth of a second of [`Faults::rate_limit_per_sec`] (at least 1).
+    pub fn bucket_capacity(&self) -> u32 {
+        if self.rate_limit_burst > 0 {
+            self.rate_limit_burst
+        } else {
+            (self.rate_limit_per_sec / 10).max(1)
+        }
+    }
 }
 
 /// One applied transfer.
@@ -215,6 +255,10 @@ pub struct Stats {
     pub replays: u64,
     /// Answers by HTTP status.
     pub by_status: BTreeMap<u16, u64>,
+    /// `429`s the token bucket sent ([`Faults::rate_limit_per_sec`]); also
+    /// in `by_status`, beside any injected or scripted 429s.
+    #[serde(default)]
+    pub rate_limited: u64,
 }
 
 /// The mock gateway. Cheap to clone; clones share state.
@@ -248,6 +292,8 @@ struct GatewayState {
     by_reference: HashMap<String, Vec<usize>>,
     keys: HashMap<String, KeyRecord>,
     stats: Stats,
+    /// The rate limit's token bucket: (tokens, when last refilled).
+    bucket: Option<(f64, tokio::time::Instant)>,
 }
 
 struct KeyRecord {
@@ -520,7 +566,39 @@ impl GatewayState {
             by_reference: HashMap::new(),
             keys: HashMap::new(),
             stats: Stats::default(),
+            bucket: None,
         }
+    }
+
+    /// Takes a token from the rate limit's bucket for a request arriving
+    /// now; `Some(answer)` (a 429) when there is none. Always `None` without
+    /// a rate limit.
+    fn take_token(&mut self) -> Option<Answer> {
+        let rate = self.faults.rate_limit_per_sec;
+        if rate == 0 {
+            self.bucket = None;
+            return None;
+        }
+        let capacity = f64::from(self.faults.bucket_capacity());
+        let now = tokio::time::Instant::now();
+        // A new bucket starts full.
+        let (tokens, last) = self.bucket.unwrap_or((capacity, now));
+        let tokens = (tokens + now.saturating_duration_since(last).as_secs_f64() * f64::from(rate))
+            .min(capacity);
+        if tokens >= 1.0 {
+            self.bucket = Some((tokens - 1.0, now));
+            return None;
+        }
+        self.bucket = Some((tokens, now));
+        // When the next token is in: whole seconds, at least 1.
+        let wait = (1.0 - tokens) / f64::from(rate);
+        let secs = (wait.ceil() as u64).max(1);
+        Some(Answer::Error {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            code: "rate_limited".to_owned(),
+            message: "rate limit exceeded; retry after Retry-After".to_owned(),
+            retry_after: Some(secs),
+        })
     }
 
     fn permanent_from_faults(&self) -> Answer {
@@ -1112,7 +1190,21 @@ async fn transfer(
     body: Bytes,
     api: Api,
 ) -> Response {
-    let latency = lock(&gw.inner.state).latency();
+    // The rate limit sees the request as it arrives, before any work.
+    let latency = {
+        let mut st = lock(&gw.inner.state);
+        if let Some(answer) = st.take_token() {
+            st.stats.requests += 1;
+            st.stats.rate_limited += 1;
+            *st.stats
+                .by_status
+                .entry(answer.status().as_u16())
+                .or_default() += 1;
+            drop(st);
+            return answer.render(api);
+        }
+        st.latency()
+    };
     sleep_or_release(&gw, latency).await;
 
     let authorized = gw.authorized(&headers);

@@ -25,6 +25,7 @@ mod openapi;
 mod pipeline;
 mod platform;
 mod priority;
+mod rate_limit;
 mod reliability;
 mod sentinel;
 mod settlement;

@@ -621,3 +621,68 @@ async fn the_release_funds_api_shares_the_ledger_replays_by_key_and_refuses_with
 fn body_for_release() -> Value {
     json!({"amount_minor": 12050, "currency": "USD", "destination": "acct_1", "reference": "payout_1"})
 }
+
+#[tokio::test]
+async fn its_token_bucket_answers_429_with_retry_after_when_no_token_is_left() {
+    // 10/s with room for 3 at once: the 4th and 5th request of a bunch find
+    // no token.
+    let gw = start(Faults {
+        rate_limit_per_sec: 10,
+        rate_limit_burst: 3,
+        ..Faults::default()
+    })
+    .await;
+    let client = Client::new();
+    let mut statuses = Vec::new();
+    for i in 0..5 {
+        let resp = client
+            .post(format!("{}/v1/transfers", gw.base_url))
+            .bearer_auth(SECRET)
+            .header("Idempotency-Key", format!("k{i}"))
+            .json(&body(100, "acct_1", &format!("p{i}")))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            assert_eq!(resp.headers()["retry-after"], "1");
+            let v: Value = resp.json().await.unwrap();
+            assert_eq!(v["error"]["code"], "rate_limited", "{v}");
+        }
+        statuses.push(status.as_u16());
+    }
+    // Five requests within 0.1 s earn at most one more token.
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    assert!((3..=4).contains(&ok), "{statuses:?}");
+    assert_eq!(statuses[..3], [200, 200, 200]);
+    assert_eq!(gw.ledger().len(), ok, "a refused request applies nothing");
+    let stats: Value = client
+        .get(format!("{}/_mock/stats", gw.base_url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["rate_limited"], 5 - ok as u64, "{stats}");
+    assert_eq!(stats["by_status"]["429"], 5 - ok as u64, "{stats}");
+
+    // The bucket refills at the rate: a retry is served once a token is back.
+    crate::common::eventually(Duration::from_secs(5), "a token at 10/s", || async {
+        let (status, _) = post(&gw, "k4", &body(100, "acct_1", "p4")).await;
+        (status == StatusCode::OK).then_some(())
+    })
+    .await;
+    // Off again: no limit.
+    gw.set_faults(Faults::default());
+    for i in 10..20 {
+        let (status, _) = post(
+            &gw,
+            &format!("k{i}"),
+            &body(100, "acct_1", &format!("p{i}")),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    gw.stop().await;
+}
