@@ -49,6 +49,10 @@ struct Args {
     /// three messages per payout).
     #[arg(long, value_delimiter = ',', default_value = "payout.paid")]
     webhook_events: Vec<String>,
+    /// Paid payouts in the table before each run (a long-lived table's
+    /// history, e.g. 10000000); built once into a template database.
+    #[arg(long, default_value_t = 0)]
+    history: i64,
     /// Where the processes log.
     #[arg(long, default_value = ".bench")]
     log_dir: PathBuf,
@@ -71,6 +75,7 @@ async fn main() -> anyhow::Result<()> {
         db_name: "payouts_bench".into(),
         webhook: a.webhook,
         webhook_events: a.webhook_events,
+        history: a.history,
     };
     if let Some(n) = a.producer_only {
         let (rate, scan_ms) =

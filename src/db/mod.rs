@@ -141,6 +141,46 @@ pub async fn create_database(
     Ok(())
 }
 
+/// Creates database `name` as a copy of database `template` (which must
+/// have no sessions: a benchmark's prepared history).
+#[cfg(feature = "testkit")]
+pub async fn create_database_from(
+    admin: &mut sqlx::PgConnection,
+    name: &str,
+    template: &str,
+) -> anyhow::Result<()> {
+    let (name, template) = (database_name(name)?, database_name(template)?);
+    sqlx::raw_sql(&format!("CREATE DATABASE {name} TEMPLATE {template}"))
+        .execute(&mut *admin)
+        .await?;
+    Ok(())
+}
+
+/// Renames database `from` to `to` (neither may have sessions).
+#[cfg(feature = "testkit")]
+pub async fn rename_database(
+    admin: &mut sqlx::PgConnection,
+    from: &str,
+    to: &str,
+) -> anyhow::Result<()> {
+    let (from, to) = (database_name(from)?, database_name(to)?);
+    sqlx::raw_sql(&format!("ALTER DATABASE {from} RENAME TO {to}"))
+        .execute(&mut *admin)
+        .await?;
+    Ok(())
+}
+
+/// Whether database `name` exists.
+#[cfg(feature = "testkit")]
+pub async fn database_exists(admin: &mut sqlx::PgConnection, name: &str) -> anyhow::Result<bool> {
+    Ok(sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1) AS "exists!""#,
+        name,
+    )
+    .fetch_one(&mut *admin)
+    .await?)
+}
+
 /// Drops database `name` if it exists, ending its sessions.
 pub async fn drop_database(admin: &mut sqlx::PgConnection, name: &str) -> anyhow::Result<()> {
     let name = database_name(name)?;

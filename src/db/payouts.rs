@@ -356,6 +356,45 @@ pub async fn seed(
     Ok(res.rows_affected())
 }
 
+/// Fills in `count` paid payouts of `payee_ids` as history (a benchmark's
+/// large table: paid a day before `now`, no events), in one statement.
+#[cfg(feature = "testkit")]
+pub async fn seed_paid_history(
+    pool: &PgPool,
+    payee_ids: &[i64],
+    count: i64,
+    currency: &str,
+    now: DateTime<Utc>,
+) -> sqlx::Result<u64> {
+    let res = sqlx::query!(
+        "INSERT INTO payouts (payee_id, amount, currency, status, due_at, attempt,
+                              gateway_transfer_id, paid_at, created_at, updated_at)
+         SELECT ($1::bigint[])[1 + (g % cardinality($1::bigint[]))],
+                (5 + (g * 7919) % 995)::numeric + ((g * 31) % 100)::numeric / 100,
+                $3, 'paid', $4, 1, 'tr_hist_' || g, $4, $4, $4
+         FROM generate_series(1, $2::bigint) g",
+        payee_ids,
+        count,
+        currency,
+        now - chrono::Duration::days(1),
+    )
+    .execute(pool)
+    .await?;
+    Ok(res.rows_affected())
+}
+
+/// Paid payouts with an id above `after` (a benchmark's burst, counted
+/// through the `(status, id)` index without reading its history).
+#[cfg(feature = "testkit")]
+pub async fn count_paid_after(pool: &PgPool, after: i64) -> sqlx::Result<i64> {
+    sqlx::query_scalar!(
+        r#"SELECT count(*) AS "count!" FROM payouts WHERE status = 'paid' AND id > $1"#,
+        after,
+    )
+    .fetch_one(pool)
+    .await
+}
+
 /// One payout.
 pub async fn get(pool: &PgPool, id: PayoutId) -> sqlx::Result<Option<Payout>> {
     sqlx::query_as!(

@@ -24,7 +24,6 @@ use sqlx::{Connection, PgPool};
 use crate::{
     config::Settings,
     db::{self, payees, payouts},
-    domain::PayoutStatus,
     testkit::demo::{Children, free_port},
 };
 
@@ -58,6 +57,10 @@ pub struct BenchOptions {
     pub timeout: Duration,
     /// Where the fleet's binaries are (default: beside this executable).
     pub bin_dir: Option<PathBuf>,
+    /// Paid payouts already in the table before the run (a long-lived
+    /// table's history; 0: an empty table). Built once into a template
+    /// database `<db_name>_hist_<N>` and copied for each run.
+    pub history: i64,
     /// The scratch database, dropped and created for every run.
     pub db_name: String,
     /// Register one local receiving webhook endpoint before the warm-up,
@@ -175,14 +178,59 @@ fn with_db(url: &SecretString, name: &str) -> anyhow::Result<String> {
     Ok(format!("{base}/{name}"))
 }
 
-async fn fresh_database(settings: &Settings, name: &str) -> anyhow::Result<String> {
+async fn fresh_database(settings: &Settings, name: &str, history: i64) -> anyhow::Result<String> {
     let admin_url = with_db(&settings.database.url, "postgres")?;
     let mut admin = sqlx::PgConnection::connect(&admin_url)
         .await
         .context("failed to connect to Postgres")?;
     db::drop_database(&mut admin, name).await?;
-    db::create_database(&mut admin, name, false).await?;
+    if history > 0 {
+        let template = format!("{name}_hist_{history}");
+        if !db::database_exists(&mut admin, &template).await? {
+            build_history(settings, &mut admin, &template, history).await?;
+        }
+        db::create_database_from(&mut admin, name, &template).await?;
+    } else {
+        db::create_database(&mut admin, name, false).await?;
+    }
     with_db(&settings.database.url, name)
+}
+
+/// Builds the template database of a run with `rows` paid payouts of
+/// history (under a temporary name, renamed when complete, so an
+/// interrupted build is never taken for a finished one).
+async fn build_history(
+    settings: &Settings,
+    admin: &mut sqlx::PgConnection,
+    template: &str,
+    rows: i64,
+) -> anyhow::Result<()> {
+    let building = format!("{template}_building");
+    db::drop_database(admin, &building).await?;
+    db::create_database(admin, &building, false).await?;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&with_db(&settings.database.url, &building)?)
+        .await?;
+    db::migrate(&pool).await?;
+    let payee_ids = payees::create_demo(&pool, 10_000, "USD".parse().expect("USD")).await?;
+    let started = Instant::now();
+    let chunk = 1_000_000;
+    let mut done = 0;
+    while done < rows {
+        let n = chunk.min(rows - done);
+        payouts::seed_paid_history(&pool, &payee_ids, n, "USD", Utc::now()).await?;
+        done += n;
+        eprintln!("  history: {done} of {rows} paid payouts");
+    }
+    payouts::vacuum_analyze(&pool).await?;
+    pool.close().await;
+    eprintln!(
+        "  history of {rows} rows built in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    db::rename_database(admin, &building, template).await?;
+    Ok(())
 }
 
 fn proc_cpu_secs(pid: u32) -> f64 {
@@ -246,12 +294,13 @@ async fn pg_commits(pool: &PgPool) -> anyhow::Result<i64> {
 async fn wait_paid(
     pool: &PgPool,
     children: &mut Children,
+    after: i64,
     n: i64,
     timeout: Duration,
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
-        let paid = payouts::count_with_status(pool, PayoutStatus::Paid).await?;
+        let paid = payouts::count_paid_after(pool, after).await?;
         if paid >= n {
             return Ok(());
         }
@@ -270,12 +319,14 @@ pub async fn run_once(
     opts: &BenchOptions,
     run: usize,
 ) -> anyhow::Result<RunResult> {
-    let db_url = fresh_database(settings, &opts.db_name).await?;
+    let db_url = fresh_database(settings, &opts.db_name, opts.history).await?;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(4)
         .connect(&db_url)
         .await?;
     db::migrate(&pool).await?;
+    // Only this run's payouts count (not the history's).
+    let after = payouts::max_id(&pool).await?;
     let mut redis = crate::queue::connect(&settings.redis).await?;
     let prefix = format!("bench-{}", ulid::Ulid::new().to_string().to_lowercase());
     let bin_dir = match &opts.bin_dir {
@@ -394,7 +445,7 @@ pub async fn run_once(
     ));
     children.spawn(&bin_dir, "payout-producer", "producer", &p_env, &log_dir)?;
     let producer_pid = children.0.last().expect("just spawned").1.id();
-    wait_paid(&pool, &mut children, opts.warmup, opts.timeout).await?;
+    wait_paid(&pool, &mut children, after, opts.warmup, opts.timeout).await?;
 
     // The burst: N payouts, all due, visible at once (one INSERT).
     let cpu_before: Vec<f64> = worker_pids.iter().map(|p| proc_cpu_secs(*p)).collect();
@@ -410,6 +461,7 @@ pub async fn run_once(
     wait_paid(
         &pool,
         &mut children,
+        after,
         opts.warmup + opts.payouts,
         opts.timeout,
     )
@@ -455,7 +507,7 @@ pub async fn run_once(
     let entries = refs.len();
     refs.sort_unstable();
     refs.dedup();
-    let paid = payouts::count_with_status(&pool, PayoutStatus::Paid).await?;
+    let paid = payouts::count_paid_after(&pool, after).await?;
     let exactly_once =
         entries == refs.len() && entries as i64 == paid && paid == opts.warmup + opts.payouts;
 
@@ -585,7 +637,7 @@ pub async fn producer_rate(
     n: i64,
     batch: i64,
 ) -> anyhow::Result<(f64, f64)> {
-    let db_url = fresh_database(settings, db_name).await?;
+    let db_url = fresh_database(settings, db_name, 0).await?;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(4)
         .connect(&db_url)

@@ -1,9 +1,13 @@
 //! The benchmark, small, so it cannot rot: one worker process, 300 payouts,
-//! every figure present and the exactly-once ledger check passing.
+//! every figure present and the exactly-once ledger check passing, on a
+//! table that already holds paid history (`--history`), which must not be
+//! counted as the run's.
 
 use crate::common;
 
 use std::time::Duration;
+
+use sqlx::PgPool;
 
 use payouts::testkit::bench::{BenchOptions, Case, run_case, table};
 
@@ -37,6 +41,7 @@ async fn the_benchmark_runs_end_to_end_and_checks_exactly_once() {
         db_name: db_name.clone(),
         webhook: false,
         webhook_events: vec!["payout.paid".into()],
+        history: 2_000,
     };
 
     let result = run_case(
@@ -63,10 +68,27 @@ async fn the_benchmark_runs_end_to_end_and_checks_exactly_once() {
         "{run:?}"
     );
     assert!(table(&[result]).contains("| 1 | 0 ms |"));
-    let drop = format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)");
-    let _ = std::process::Command::new("psql")
-        .arg(common::admin_url())
-        .arg("-qc")
-        .arg(drop)
-        .status();
+    // The history is in the copy, and none of it counted as the run's.
+    let copy = PgPool::connect(&format!(
+        "{}/{db_name}",
+        common::admin_url().rsplit_once('/').unwrap().0
+    ))
+    .await
+    .unwrap();
+    let hist: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM payouts WHERE gateway_transfer_id LIKE 'tr_hist_%'",
+    )
+    .fetch_one(&copy)
+    .await
+    .unwrap();
+    assert_eq!(hist, 2_000);
+    copy.close().await;
+    for db in [db_name.clone(), format!("{db_name}_hist_2000")] {
+        let drop = format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)");
+        let _ = std::process::Command::new("psql")
+            .arg(common::admin_url())
+            .arg("-qc")
+            .arg(drop)
+            .status();
+    }
 }
