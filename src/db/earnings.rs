@@ -12,7 +12,7 @@ use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
 
 use crate::{
-    db::payee_terms,
+    db::{earnings_import, payee_terms},
     domain::{
         Currency, Policy,
         earning::{FieldError, NewEarning, Row},
@@ -105,31 +105,39 @@ pub async fn record(
     posted_by: &str,
     now: DateTime<Utc>,
 ) -> sqlx::Result<Recorded> {
-    let created: Option<Earning> = sqlx::query_as(
+    let currency = e.gross.currency();
+    let created: Option<Earning> = sqlx::query_as!(
+        Earning,
         "INSERT INTO earnings (payee_id, source, external_ref, gross, currency, completed_at, release_at, created_at, posted_by)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-         ON CONFLICT (source, external_ref) DO NOTHING RETURNING *",
+         ON CONFLICT (source, external_ref) DO NOTHING
+         RETURNING id, payee_id, source, external_ref, gross, currency, completed_at, release_at,
+                settlement_id, payout_id, created_at, posted_by",
+        e.payee_id,
+        &e.source,
+        &e.external_ref,
+        at_minor_unit(&e.gross),
+        currency.code(),
+        e.completed_at.trunc_subsecs(6),
+        e.release_at.trunc_subsecs(6),
+        now,
+        posted_by,
     )
-    .bind(e.payee_id)
-    .bind(&e.source)
-    .bind(&e.external_ref)
-    .bind(at_minor_unit(&e.gross))
-    .bind(e.gross.currency().code())
-    .bind(e.completed_at.trunc_subsecs(6))
-    .bind(e.release_at.trunc_subsecs(6))
-    .bind(now)
-    .bind(posted_by)
     .fetch_optional(&mut *conn)
     .await?;
     if let Some(row) = created {
         return Ok(Recorded::Created(row));
     }
-    let existing: Earning =
-        sqlx::query_as("SELECT * FROM earnings WHERE source = $1 AND external_ref = $2")
-            .bind(&e.source)
-            .bind(&e.external_ref)
-            .fetch_one(conn)
-            .await?;
+    let existing: Earning = sqlx::query_as!(
+        Earning,
+        "SELECT id, payee_id, source, external_ref, gross, currency, completed_at, release_at,
+                settlement_id, payout_id, created_at, posted_by
+         FROM earnings WHERE source = $1 AND external_ref = $2",
+        &e.source,
+        &e.external_ref,
+    )
+    .fetch_one(conn)
+    .await?;
     // The same work is the same payee and amount; the completion time of the
     // first report stands (a re-sent report may carry a later one).
     let same = existing.payee_id == e.payee_id
@@ -418,21 +426,7 @@ async fn write_batch(
     use std::io::Write as _;
 
     good.sort_by_key(|(line, _)| *line);
-    if create_staging {
-        sqlx::query(
-            "CREATE TEMPORARY TABLE earnings_import (
-                 line BIGINT NOT NULL, payee_id BIGINT NOT NULL, source TEXT NOT NULL,
-                 external_ref TEXT NOT NULL, gross NUMERIC NOT NULL, currency TEXT NOT NULL,
-                 completed_at TIMESTAMPTZ NOT NULL, release_at TIMESTAMPTZ NOT NULL
-             ) ON COMMIT DROP",
-        )
-        .execute(&mut *conn)
-        .await?;
-    } else {
-        sqlx::query("TRUNCATE earnings_import")
-            .execute(&mut *conn)
-            .await?;
-    }
+    earnings_import::prepare(&mut *conn, create_staging).await?;
     let time = |t: DateTime<Utc>| {
         t.trunc_subsecs(6)
             .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
@@ -460,22 +454,10 @@ async fn write_batch(
             time(e.release_at)
         )?;
     }
-    let mut copy = conn.copy_in_raw("COPY earnings_import FROM STDIN").await?;
-    copy.send(data).await?;
-    copy.finish().await?;
+    earnings_import::copy(&mut *conn, data).await?;
 
     // A reference already in the table records nothing.
-    let inserted: Vec<(String, String)> = sqlx::query_as(
-        "INSERT INTO earnings (payee_id, source, external_ref, gross, currency, completed_at, release_at, created_at, posted_by)
-         SELECT payee_id, source, external_ref, gross, currency, completed_at, release_at, $1, $2
-         FROM earnings_import ORDER BY line
-         ON CONFLICT (source, external_ref) DO NOTHING
-         RETURNING source, external_ref",
-    )
-    .bind(now)
-    .bind(posted_by)
-    .fetch_all(&mut *conn)
-    .await?;
+    let inserted = earnings_import::record(&mut *conn, now, posted_by).await?;
     let mut fresh: HashSet<(&str, &str)> = inserted
         .iter()
         .map(|(s, r)| (s.as_str(), r.as_str()))
@@ -509,12 +491,15 @@ async fn write_batch(
     keys.sort_unstable();
     keys.dedup();
     let (sources, refs): (Vec<&str>, Vec<&str>) = keys.into_iter().unzip();
-    let existing: Vec<Earning> = sqlx::query_as(
-        "SELECT e.* FROM earnings e
+    let existing: Vec<Earning> = sqlx::query_as!(
+        Earning,
+        "SELECT e.id, e.payee_id, e.source, e.external_ref, e.gross, e.currency, e.completed_at,
+                e.release_at, e.settlement_id, e.payout_id, e.created_at, e.posted_by
+         FROM earnings e
          JOIN unnest($1::text[], $2::text[]) AS k (source, external_ref) USING (source, external_ref)",
+        &sources as &[&str],
+        &refs as &[&str],
     )
-    .bind(&sources)
-    .bind(&refs)
     .fetch_all(&mut *conn)
     .await?;
     let existing: std::collections::HashMap<(&str, &str), &Earning> = existing
@@ -540,10 +525,15 @@ async fn write_batch(
 
 /// One earning by id.
 pub async fn get(pool: &PgPool, id: i64) -> sqlx::Result<Option<Earning>> {
-    sqlx::query_as("SELECT * FROM earnings WHERE id = $1")
-        .bind(id)
-        .fetch_optional(pool)
-        .await
+    sqlx::query_as!(
+        Earning,
+        "SELECT id, payee_id, source, external_ref, gross, currency, completed_at, release_at,
+                settlement_id, payout_id, created_at, posted_by
+         FROM earnings WHERE id = $1",
+        id,
+    )
+    .fetch_optional(pool)
+    .await
 }
 
 /// A payee's unsettled earnings in `currency` released before `release_before`,
@@ -555,17 +545,36 @@ pub async fn unsettled(
     release_before: DateTime<Utc>,
     lock: bool,
 ) -> sqlx::Result<Vec<Earning>> {
-    let lock = if lock { " FOR UPDATE" } else { "" };
-    sqlx::query_as(&format!(
-        "SELECT * FROM earnings
+    // Two statements, the same but for the lock (the macros take literals).
+    if lock {
+        sqlx::query_as!(
+            Earning,
+            "SELECT id, payee_id, source, external_ref, gross, currency, completed_at, release_at,
+                settlement_id, payout_id, created_at, posted_by
+         FROM earnings
          WHERE payee_id = $1 AND currency = $2 AND settlement_id IS NULL AND voided_at IS NULL AND release_at < $3
-         ORDER BY release_at, id{lock}"
-    ))
-    .bind(payee_id)
-    .bind(currency)
-    .bind(release_before)
-    .fetch_all(conn)
-    .await
+         ORDER BY release_at, id FOR UPDATE",
+            payee_id,
+            currency,
+            release_before,
+        )
+        .fetch_all(conn)
+        .await
+    } else {
+        sqlx::query_as!(
+            Earning,
+            "SELECT id, payee_id, source, external_ref, gross, currency, completed_at, release_at,
+                settlement_id, payout_id, created_at, posted_by
+         FROM earnings
+         WHERE payee_id = $1 AND currency = $2 AND settlement_id IS NULL AND voided_at IS NULL AND release_at < $3
+         ORDER BY release_at, id",
+            payee_id,
+            currency,
+            release_before,
+        )
+        .fetch_all(conn)
+        .await
+    }
 }
 
 /// Earnings still held: unsettled, released at or after `after`, by currency
@@ -575,15 +584,19 @@ pub async fn held(
     payee_id: i64,
     after: DateTime<Utc>,
 ) -> sqlx::Result<Vec<(String, i64, Decimal, DateTime<Utc>)>> {
-    sqlx::query_as(
-        "SELECT currency, count(*), sum(gross), min(release_at) FROM earnings
+    let rows = sqlx::query!(
+        r#"SELECT currency, count(*) AS "count!", sum(gross) AS "sum!", min(release_at) AS "min!" FROM earnings
          WHERE payee_id = $1 AND settlement_id IS NULL AND voided_at IS NULL AND release_at >= $2
-         GROUP BY currency ORDER BY currency",
+         GROUP BY currency ORDER BY currency"#,
+        payee_id,
+        after,
     )
-    .bind(payee_id)
-    .bind(after)
     .fetch_all(conn)
-    .await
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.currency, r.count, r.sum, r.min))
+        .collect())
 }
 
 /// Currencies in which the payee has unsettled earnings.
@@ -591,10 +604,10 @@ pub async fn unsettled_currencies(
     conn: &mut PgConnection,
     payee_id: i64,
 ) -> sqlx::Result<Vec<String>> {
-    sqlx::query_scalar(
+    sqlx::query_scalar!(
         "SELECT DISTINCT currency FROM earnings WHERE payee_id = $1 AND settlement_id IS NULL AND voided_at IS NULL ORDER BY currency",
+        payee_id,
     )
-    .bind(payee_id)
     .fetch_all(conn)
     .await
 }
@@ -630,16 +643,16 @@ pub async fn mark_paid_through_carry(
     settlement_ids: &[i64],
     payout_id: i64,
 ) -> sqlx::Result<u64> {
-    let res = sqlx::query(
+    let res = sqlx::query!(
         "WITH RECURSIVE chain AS (
              SELECT id FROM settlements WHERE id = ANY($1)
              UNION
              SELECT s.id FROM settlements s JOIN chain ON s.carried_into = chain.id)
          UPDATE earnings SET payout_id = $2
          WHERE settlement_id IN (SELECT id FROM chain) AND payout_id IS NULL",
+        settlement_ids,
+        payout_id,
     )
-    .bind(settlement_ids)
-    .bind(payout_id)
     .execute(conn)
     .await?;
     Ok(res.rows_affected())
@@ -647,10 +660,15 @@ pub async fn mark_paid_through_carry(
 
 /// Earnings settled into `settlement_id`.
 pub async fn for_settlement(pool: &PgPool, settlement_id: i64) -> sqlx::Result<Vec<Earning>> {
-    sqlx::query_as("SELECT * FROM earnings WHERE settlement_id = $1 ORDER BY id")
-        .bind(settlement_id)
-        .fetch_all(pool)
-        .await
+    sqlx::query_as!(
+        Earning,
+        "SELECT id, payee_id, source, external_ref, gross, currency, completed_at, release_at,
+                settlement_id, payout_id, created_at, posted_by
+         FROM earnings WHERE settlement_id = $1 ORDER BY id",
+        settlement_id,
+    )
+    .fetch_all(pool)
+    .await
 }
 
 /// Demo data: `per_payee` earnings for each of `payee_ids`, completed at
@@ -665,21 +683,22 @@ pub async fn seed_demo(
     release_at: DateTime<Utc>,
     now: DateTime<Utc>,
 ) -> sqlx::Result<u64> {
-    let res = sqlx::query(
+    // The casts give the parameters the types they were bound with.
+    let res = sqlx::query!(
         "INSERT INTO earnings (payee_id, source, external_ref, gross, currency, completed_at, release_at, created_at, posted_by)
-         SELECT p, 'demo', 'demo-' || p || '-' || g || '-' || $7,
-                round((20 + (p * 7919 + g * 104729) % 180)::numeric + ((p * 31 + g * 17) % 100)::numeric / 100, $8),
-                $3, $4, $5, $6, 'demo'
-         FROM unnest($1::bigint[]) p, generate_series(1, $2) g",
+         SELECT p, 'demo', 'demo-' || p || '-' || g || '-' || $7::text,
+                round((20 + (p * 7919 + g * 104729) % 180)::numeric + ((p * 31 + g * 17) % 100)::numeric / 100, $8::int),
+                $3::text, $4::timestamptz, $5::timestamptz, $6::timestamptz, 'demo'
+         FROM unnest($1::bigint[]) p, generate_series(1, $2::bigint) g",
+        payee_ids,
+        per_payee,
+        currency.code(),
+        completed_at,
+        release_at,
+        now,
+        ulid::Ulid::new().to_string(),
+        currency.exponent() as i32,
     )
-    .bind(payee_ids)
-    .bind(per_payee)
-    .bind(currency.code())
-    .bind(completed_at)
-    .bind(release_at)
-    .bind(now)
-    .bind(ulid::Ulid::new().to_string())
-    .bind(currency.exponent() as i32)
     .execute(pool)
     .await?;
     Ok(res.rows_affected())
@@ -702,15 +721,18 @@ pub async fn unsettled_many(
     currencies: &[&str],
     release_before: &[DateTime<Utc>],
 ) -> sqlx::Result<Vec<Earning>> {
-    sqlx::query_as(
-        "SELECT e.* FROM unnest($1::bigint[], $2::text[], $3::timestamptz[]) AS g(payee_id, currency, before)
+    sqlx::query_as!(
+        Earning,
+        "SELECT e.id, e.payee_id, e.source, e.external_ref, e.gross, e.currency, e.completed_at,
+                e.release_at, e.settlement_id, e.payout_id, e.created_at, e.posted_by
+         FROM unnest($1::bigint[], $2::text[], $3::timestamptz[]) AS g(payee_id, currency, before)
          JOIN earnings e ON e.payee_id = g.payee_id AND e.currency = g.currency
                         AND e.settlement_id IS NULL AND e.voided_at IS NULL AND e.release_at < g.before
          ORDER BY e.payee_id, e.currency, e.release_at, e.id",
+        payee_ids,
+        currencies as &[&str],
+        release_before,
     )
-    .bind(payee_ids)
-    .bind(currencies)
-    .bind(release_before)
     .fetch_all(conn)
     .await
 }
@@ -747,16 +769,16 @@ pub async fn mark_paid_through_carry_many(
     settlement_ids: &[i64],
     payout_ids: &[i64],
 ) -> sqlx::Result<u64> {
-    let res = sqlx::query(
+    let res = sqlx::query!(
         "WITH RECURSIVE chain AS (
              SELECT u.id, u.pid FROM unnest($1::bigint[], $2::bigint[]) AS u(id, pid)
              UNION
              SELECT s.id, chain.pid FROM settlements s JOIN chain ON s.carried_into = chain.id)
          UPDATE earnings e SET payout_id = chain.pid FROM chain
          WHERE e.settlement_id = chain.id AND e.payout_id IS NULL",
+        settlement_ids,
+        payout_ids,
     )
-    .bind(settlement_ids)
-    .bind(payout_ids)
     .execute(conn)
     .await?;
     Ok(res.rows_affected())

@@ -14,6 +14,7 @@
 pub mod audit;
 pub mod batch;
 pub mod earnings;
+pub mod earnings_import;
 pub mod events;
 pub mod filter;
 pub mod payee_terms;

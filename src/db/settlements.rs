@@ -144,8 +144,9 @@ pub async fn candidates(
     now: DateTime<Utc>,
     payee: Option<i64>,
 ) -> sqlx::Result<Vec<Candidate>> {
-    sqlx::query_as(
-        "SELECT c.payee_id, c.currency, p.schedule, p.status
+    sqlx::query_as!(
+        Candidate,
+        r#"SELECT c.payee_id AS "payee_id!", c.currency AS "currency!", p.schedule, p.status
          FROM (SELECT DISTINCT payee_id, currency FROM earnings
                WHERE settlement_id IS NULL AND voided_at IS NULL AND release_at < $1 AND ($2::bigint IS NULL OR payee_id = $2)
                UNION
@@ -153,10 +154,10 @@ pub async fn candidates(
                WHERE outcome = 'returned' AND carried_into IS NULL AND returned_at < $1
                  AND ($2::bigint IS NULL OR payee_id = $2)) c
          JOIN payees p ON p.id = c.payee_id
-         ORDER BY c.payee_id, c.currency",
+         ORDER BY c.payee_id, c.currency"#,
+        now,
+        payee,
     )
-    .bind(now)
-    .bind(payee)
     .fetch_all(pool)
     .await
 }
@@ -190,7 +191,8 @@ pub async fn pending(
     payee_id: i64,
     currency: &str,
 ) -> sqlx::Result<Pending> {
-    sqlx::query_as(
+    sqlx::query_as!(
+        Pending,
         "SELECT (SELECT min(release_at) FROM earnings
                  WHERE payee_id = $1 AND currency = $2 AND settlement_id IS NULL AND voided_at IS NULL) AS first_release,
                 (SELECT min(completed_at) FROM earnings
@@ -198,9 +200,9 @@ pub async fn pending(
                 (SELECT min(returned_at) FROM settlements
                  WHERE payee_id = $1 AND currency = $2 AND outcome = 'returned' AND carried_into IS NULL)
                     AS first_returned",
+        payee_id,
+        currency,
     )
-    .bind(payee_id)
-    .bind(currency)
     .fetch_one(conn)
     .await
 }
@@ -213,11 +215,11 @@ pub async fn latest_end(
     payee_id: i64,
     currency: &str,
 ) -> sqlx::Result<Option<DateTime<Utc>>> {
-    sqlx::query_scalar(
+    sqlx::query_scalar!(
         "SELECT max(period_end) FROM settlements WHERE payee_id = $1 AND currency = $2 AND NOT requested",
+        payee_id,
+        currency,
     )
-    .bind(payee_id)
-    .bind(currency)
     .fetch_one(conn)
     .await
 }
@@ -234,16 +236,16 @@ pub async fn deductions_requested(
     since: Option<DateTime<Utc>>,
     until: Option<DateTime<Utc>>,
 ) -> sqlx::Result<bool> {
-    sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM settlements
+    sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM settlements
              WHERE payee_id = $1 AND currency = $2 AND requested AND deductions > 0
                AND ($3::timestamptz IS NULL OR created_at >= $3)
-               AND ($4::timestamptz IS NULL OR created_at < $4))",
+               AND ($4::timestamptz IS NULL OR created_at < $4)) AS "exists!""#,
+        payee_id,
+        currency,
+        since,
+        until,
     )
-    .bind(payee_id)
-    .bind(currency)
-    .bind(since)
-    .bind(until)
     .fetch_one(conn)
     .await
 }
@@ -260,21 +262,22 @@ pub async fn deductions_requested_many(
     if payee_ids.is_empty() {
         return Ok(Vec::new());
     }
-    sqlx::query_as(
-        "SELECT g.payee_id, g.currency
+    let rows = sqlx::query!(
+        r#"SELECT g.payee_id AS "payee_id!", g.currency AS "currency!"
          FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::timestamptz[])
               AS g(payee_id, currency, since, until)
          WHERE EXISTS (SELECT 1 FROM settlements s
              WHERE s.payee_id = g.payee_id AND s.currency = g.currency AND s.requested
                AND s.deductions > 0
-               AND (g.since IS NULL OR s.created_at >= g.since) AND s.created_at < g.until)",
+               AND (g.since IS NULL OR s.created_at >= g.since) AND s.created_at < g.until)"#,
+        payee_ids,
+        currencies as &[&str],
+        since as &[Option<DateTime<Utc>>],
+        until,
     )
-    .bind(payee_ids)
-    .bind(currencies)
-    .bind(since)
-    .bind(until)
     .fetch_all(conn)
-    .await
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.payee_id, r.currency)).collect())
 }
 
 /// A balance carried over (below the minimum, a shortfall, or returned
@@ -312,19 +315,23 @@ impl OpenCarry {
     }
 }
 
-/// The open balances of settlements `s`, one row per part (its balance, its
-/// remainder); `$before` is the end of the period that takes them in (a
-/// returned balance only once it was returned before then).
-const OPEN_PARTS: &str = "CROSS JOIN LATERAL (VALUES
-             (false, s.net, s.gross + s.carried_gross_in,
-              s.outcome <> 'payout' AND s.carried_into IS NULL
-                  AND (s.outcome <> 'returned' OR s.returned_at < $before)),
-             (true, s.carried_out, 0::numeric, s.carried_out > 0 AND s.carried_out_into IS NULL))
-           AS part(remainder, net, fee_base, open)";
-
-/// Whether settlement `s` has an open part (the partial index's predicate).
-const HAS_OPEN_PART: &str = "((s.outcome <> 'payout' AND s.carried_into IS NULL)
-              OR (s.carried_out > 0 AND s.carried_out_into IS NULL))";
+// The open balances of settlements `s` (in `open_carries` and
+// `open_carries_many`, written out in each: the macros take literals only),
+// one row per part (its balance, its remainder), from
+//
+//     CROSS JOIN LATERAL (VALUES
+//         (false, s.net, s.gross + s.carried_gross_in,
+//          s.outcome <> 'payout' AND s.carried_into IS NULL
+//              AND (s.outcome <> 'returned' OR s.returned_at < BEFORE)),
+//         (true, s.carried_out, 0::numeric, s.carried_out > 0 AND s.carried_out_into IS NULL))
+//       AS part(remainder, net, fee_base, open)
+//
+// where BEFORE is the end of the period that takes them in (a returned
+// balance only once it was returned before then), restricted to settlements
+// with an open part by the partial index's predicate:
+//
+//     ((s.outcome <> 'payout' AND s.carried_into IS NULL)
+//       OR (s.carried_out > 0 AND s.carried_out_into IS NULL))
 
 /// Open carried balances of (payee, currency) that a period ending at
 /// `before` takes in (a returned balance only once it was returned before
@@ -336,21 +343,48 @@ pub async fn open_carries(
     before: DateTime<Utc>,
     lock: bool,
 ) -> sqlx::Result<Vec<OpenCarry>> {
-    let lock = if lock { " FOR UPDATE OF s" } else { "" };
-    sqlx::query_as(&format!(
-        "SELECT s.id, s.outcome, s.payout_id, part.net, part.fee_base, s.period_start, s.period_end,
-                part.remainder
-         FROM settlements s {parts}
-         WHERE s.payee_id = $1 AND s.currency = $2 AND {open} AND part.open
-         ORDER BY s.period_end, s.id, part.remainder{lock}",
-        parts = OPEN_PARTS.replace("$before", "$3"),
-        open = HAS_OPEN_PART,
-    ))
-    .bind(payee_id)
-    .bind(currency)
-    .bind(before)
-    .fetch_all(conn)
-    .await
+    // Two statements, the same but for the lock (the macros take literals).
+    if lock {
+        sqlx::query_as!(
+            OpenCarry,
+            r#"SELECT s.id, s.outcome, s.payout_id, part.net AS "net!", part.fee_base AS "fee_base!",
+                s.period_start, s.period_end, part.remainder AS "remainder!"
+         FROM settlements s CROSS JOIN LATERAL (VALUES
+             (false, s.net, s.gross + s.carried_gross_in,
+              s.outcome <> 'payout' AND s.carried_into IS NULL
+                  AND (s.outcome <> 'returned' OR s.returned_at < $3)),
+             (true, s.carried_out, 0::numeric, s.carried_out > 0 AND s.carried_out_into IS NULL))
+           AS part(remainder, net, fee_base, open)
+         WHERE s.payee_id = $1 AND s.currency = $2 AND ((s.outcome <> 'payout' AND s.carried_into IS NULL)
+              OR (s.carried_out > 0 AND s.carried_out_into IS NULL)) AND part.open
+         ORDER BY s.period_end, s.id, part.remainder FOR UPDATE OF s"#,
+            payee_id,
+            currency,
+            before,
+        )
+        .fetch_all(conn)
+        .await
+    } else {
+        sqlx::query_as!(
+            OpenCarry,
+            r#"SELECT s.id, s.outcome, s.payout_id, part.net AS "net!", part.fee_base AS "fee_base!",
+                s.period_start, s.period_end, part.remainder AS "remainder!"
+         FROM settlements s CROSS JOIN LATERAL (VALUES
+             (false, s.net, s.gross + s.carried_gross_in,
+              s.outcome <> 'payout' AND s.carried_into IS NULL
+                  AND (s.outcome <> 'returned' OR s.returned_at < $3)),
+             (true, s.carried_out, 0::numeric, s.carried_out > 0 AND s.carried_out_into IS NULL))
+           AS part(remainder, net, fee_base, open)
+         WHERE s.payee_id = $1 AND s.currency = $2 AND ((s.outcome <> 'payout' AND s.carried_into IS NULL)
+              OR (s.carried_out > 0 AND s.carried_out_into IS NULL)) AND part.open
+         ORDER BY s.period_end, s.id, part.remainder"#,
+            payee_id,
+            currency,
+            before,
+        )
+        .fetch_all(conn)
+        .await
+    }
 }
 
 /// What [`insert`] writes besides the computed settlement.
@@ -383,7 +417,7 @@ pub async fn insert(
     now: DateTime<Utc>,
 ) -> sqlx::Result<Option<i64>> {
     let s = n.settlement;
-    let id: Option<i64> = sqlx::query_scalar(
+    let id: Option<i64> = sqlx::query_scalar!(
         "INSERT INTO settlements (payee_id, currency, period_start, period_end, schedule, payout_method,
              services, gross, payee_percent, bonus_percent, payee_share, platform_commission, deductions,
              carried_in, carried_gross_in, fee, net, outcome, payout_id, actor, created_at, carried_out,
@@ -391,30 +425,30 @@ pub async fn insert(
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22,
                  $23)
          ON CONFLICT (payee_id, currency, period_start) WHERE NOT requested DO NOTHING RETURNING id",
+        n.payee_id,
+        s.currency.code(),
+        n.period.start,
+        n.period.end,
+        n.schedule.to_string(),
+        s.method.as_str(),
+        i32::try_from(s.services).unwrap_or(i32::MAX),
+        s.gross,
+        s.payee_percent,
+        s.bonus_percent,
+        s.payee_share,
+        s.platform_commission,
+        s.deductions,
+        s.carried_in,
+        s.carried_gross_in,
+        s.fee,
+        s.net,
+        s.outcome.as_str(),
+        n.payout_id,
+        n.actor,
+        now,
+        s.carried_out,
+        n.requested,
     )
-    .bind(n.payee_id)
-    .bind(s.currency.code())
-    .bind(n.period.start)
-    .bind(n.period.end)
-    .bind(n.schedule.to_string())
-    .bind(s.method.as_str())
-    .bind(i32::try_from(s.services).unwrap_or(i32::MAX))
-    .bind(s.gross)
-    .bind(s.payee_percent)
-    .bind(s.bonus_percent)
-    .bind(s.payee_share)
-    .bind(s.platform_commission)
-    .bind(s.deductions)
-    .bind(s.carried_in)
-    .bind(s.carried_gross_in)
-    .bind(s.fee)
-    .bind(s.net)
-    .bind(s.outcome.as_str())
-    .bind(n.payout_id)
-    .bind(n.actor)
-    .bind(now)
-    .bind(s.carried_out)
-    .bind(n.requested)
     .fetch_optional(&mut *conn)
     .await?;
     let Some(id) = id else {
@@ -437,11 +471,11 @@ async fn insert_lines(
 
 /// Records that `into` took over the balances of `ids`.
 pub async fn consume_carries(conn: &mut PgConnection, ids: &[i64], into: i64) -> sqlx::Result<u64> {
-    let res = sqlx::query(
+    let res = sqlx::query!(
         "UPDATE settlements SET carried_into = $2 WHERE id = ANY($1) AND carried_into IS NULL",
+        ids,
+        into,
     )
-    .bind(ids)
-    .bind(into)
     .execute(conn)
     .await?;
     Ok(res.rows_affected())
@@ -453,12 +487,12 @@ pub async fn consume_remainders(
     ids: &[i64],
     into: i64,
 ) -> sqlx::Result<u64> {
-    let res = sqlx::query(
+    let res = sqlx::query!(
         "UPDATE settlements SET carried_out_into = $2
          WHERE id = ANY($1) AND carried_out > 0 AND carried_out_into IS NULL",
+        ids,
+        into,
     )
-    .bind(ids)
-    .bind(into)
     .execute(conn)
     .await?;
     Ok(res.rows_affected())
@@ -469,11 +503,11 @@ pub async fn returned_currencies(
     conn: &mut PgConnection,
     payee_id: i64,
 ) -> sqlx::Result<Vec<String>> {
-    sqlx::query_scalar(
+    sqlx::query_scalar!(
         "SELECT DISTINCT currency FROM settlements
          WHERE payee_id = $1 AND outcome = 'returned' AND carried_into IS NULL ORDER BY currency",
+        payee_id,
     )
-    .bind(payee_id)
     .fetch_all(conn)
     .await
 }
@@ -481,11 +515,14 @@ pub async fn returned_currencies(
 /// The line items of a payout (of the settlement that made it), in order.
 pub async fn lines_for_payout(pool: &PgPool, payout_id: i64) -> sqlx::Result<Vec<LineRow>> {
     // The settlement first: a join into the view could not use its indexes.
-    sqlx::query_as(
-        "SELECT * FROM payout_lines
-         WHERE settlement_id = (SELECT id FROM settlements WHERE payout_id = $1) ORDER BY position",
+    sqlx::query_as!(
+        LineRow,
+        r#"SELECT id AS "id!", settlement_id AS "settlement_id!", payout_id, position AS "position!",
+                kind AS "kind!", description AS "description!", amount AS "amount!", earning_id, carried_from
+         FROM payout_lines
+         WHERE settlement_id = (SELECT id FROM settlements WHERE payout_id = $1) ORDER BY position"#,
+        payout_id,
     )
-    .bind(payout_id)
     .fetch_all(pool)
     .await
 }
@@ -496,11 +533,11 @@ pub async fn returned_status(
     pool: &PgPool,
     payout_id: i64,
 ) -> sqlx::Result<Option<crate::domain::PayoutStatus>> {
-    let status: Option<String> = sqlx::query_scalar(
+    let status: Option<String> = sqlx::query_scalar!(
         "SELECT p.status FROM payouts p JOIN settlements s ON s.payout_id = p.id
          WHERE p.id = $1 AND s.outcome = 'returned'",
+        payout_id,
     )
-    .bind(payout_id)
     .fetch_optional(pool)
     .await?;
     status
@@ -522,18 +559,30 @@ pub async fn returned_among(pool: &PgPool, payout_ids: &[i64]) -> sqlx::Result<V
 
 /// One settlement.
 pub async fn get(pool: &PgPool, id: i64) -> sqlx::Result<Option<SettlementRow>> {
-    sqlx::query_as("SELECT * FROM settlements WHERE id = $1")
-        .bind(id)
-        .fetch_optional(pool)
-        .await
+    sqlx::query_as!(
+        SettlementRow,
+        "SELECT id, payee_id, currency, period_start, period_end, schedule, payout_method, services,
+                gross, payee_percent, bonus_percent, payee_share, platform_commission, deductions,
+                carried_in, carried_gross_in, fee, net, carried_out, outcome, payout_id, carried_into,
+                carried_out_into, actor, created_at, returned_at, requested
+         FROM settlements WHERE id = $1",
+        id,
+    )
+    .fetch_optional(pool)
+    .await
 }
 
 /// A settlement's line items, in order.
 pub async fn lines(pool: &PgPool, settlement_id: i64) -> sqlx::Result<Vec<LineRow>> {
-    sqlx::query_as("SELECT * FROM payout_lines WHERE settlement_id = $1 ORDER BY position")
-        .bind(settlement_id)
-        .fetch_all(pool)
-        .await
+    sqlx::query_as!(
+        LineRow,
+        r#"SELECT id AS "id!", settlement_id AS "settlement_id!", payout_id, position AS "position!",
+                kind AS "kind!", description AS "description!", amount AS "amount!", earning_id, carried_from
+         FROM payout_lines WHERE settlement_id = $1 ORDER BY position"#,
+        settlement_id,
+    )
+    .fetch_all(pool)
+    .await
 }
 
 /// Claims the settlement interval: `true` (and records `now`) when no pass
@@ -544,16 +593,16 @@ pub async fn claim_interval(
     now: DateTime<Utc>,
     every_secs: u64,
 ) -> sqlx::Result<bool> {
-    let claimed: Option<bool> = sqlx::query_scalar(
+    let claimed = sqlx::query_scalar!(
         "UPDATE settlement_clock SET last_run_at = $1
-         WHERE last_run_at IS NULL OR last_run_at <= $1 - make_interval(secs => $2) OR last_run_at > $1
+         WHERE last_run_at IS NULL OR last_run_at <= $1::timestamptz - make_interval(secs => $2) OR last_run_at > $1
          RETURNING true",
+        now,
+        every_secs as f64,
     )
-    .bind(now)
-    .bind(every_secs as f64)
     .fetch_optional(pool)
     .await?;
-    Ok(claimed.unwrap_or(false))
+    Ok(claimed.flatten().unwrap_or(false))
 }
 
 // ---------------------------------------------------------------- bulk ----
@@ -583,7 +632,7 @@ pub struct GroupState {
 /// import, then settle), where it thinks nearly no earning is unsettled.
 /// The generic plan looks the keys up by index, whatever the statistics.
 pub async fn plan_by_key(conn: &mut PgConnection) -> sqlx::Result<()> {
-    sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan")
+    sqlx::query!("SET LOCAL plan_cache_mode = force_generic_plan")
         .execute(conn)
         .await?;
     Ok(())
@@ -595,8 +644,8 @@ pub async fn states(
     payee_ids: &[i64],
     currencies: &[&str],
 ) -> sqlx::Result<Vec<GroupState>> {
-    sqlx::query_as(
-        "SELECT g.payee_id, g.currency,
+    let rows = sqlx::query!(
+        r#"SELECT g.payee_id AS "payee_id!", g.currency AS "currency!",
                 (SELECT max(period_end) FROM settlements s
                  WHERE s.payee_id = g.payee_id AND s.currency = g.currency AND NOT s.requested) AS latest,
                 (SELECT min(release_at) FROM earnings e
@@ -608,12 +657,25 @@ pub async fn states(
                 (SELECT min(returned_at) FROM settlements s
                  WHERE s.payee_id = g.payee_id AND s.currency = g.currency
                    AND s.outcome = 'returned' AND s.carried_into IS NULL) AS first_returned
-         FROM unnest($1::bigint[], $2::text[]) AS g(payee_id, currency)",
+         FROM unnest($1::bigint[], $2::text[]) AS g(payee_id, currency)"#,
+        payee_ids,
+        currencies as &[&str],
     )
-    .bind(payee_ids)
-    .bind(currencies)
     .fetch_all(conn)
-    .await
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| GroupState {
+            payee_id: r.payee_id,
+            currency: r.currency,
+            latest: r.latest,
+            pending: Pending {
+                first_release: r.first_release,
+                first_completed: r.first_completed,
+                first_returned: r.first_returned,
+            },
+        })
+        .collect())
 }
 
 /// An [`OpenCarry`] with the (payee, currency) it belongs to.
@@ -636,23 +698,44 @@ pub async fn open_carries_many(
     currencies: &[&str],
     before: &[DateTime<Utc>],
 ) -> sqlx::Result<Vec<GroupCarry>> {
-    sqlx::query_as(&format!(
-        "SELECT s.payee_id, s.currency, s.id, s.outcome, s.payout_id, part.net, part.fee_base,
-                s.period_start, s.period_end, part.remainder
+    let rows = sqlx::query!(
+        r#"SELECT s.payee_id, s.currency, s.id, s.outcome, s.payout_id, part.net AS "net!",
+                part.fee_base AS "fee_base!", s.period_start, s.period_end, part.remainder AS "remainder!"
          FROM unnest($1::bigint[], $2::text[], $3::timestamptz[]) AS g(payee_id, currency, before)
-         JOIN settlements s ON s.payee_id = g.payee_id AND s.currency = g.currency AND {open}
-         {parts}
+         JOIN settlements s ON s.payee_id = g.payee_id AND s.currency = g.currency AND ((s.outcome <> 'payout' AND s.carried_into IS NULL)
+              OR (s.carried_out > 0 AND s.carried_out_into IS NULL))
+         CROSS JOIN LATERAL (VALUES
+             (false, s.net, s.gross + s.carried_gross_in,
+              s.outcome <> 'payout' AND s.carried_into IS NULL
+                  AND (s.outcome <> 'returned' OR s.returned_at < g.before)),
+             (true, s.carried_out, 0::numeric, s.carried_out > 0 AND s.carried_out_into IS NULL))
+           AS part(remainder, net, fee_base, open)
          WHERE part.open
          ORDER BY s.payee_id, s.currency, s.period_end, s.id, part.remainder
-         FOR UPDATE OF s",
-        parts = OPEN_PARTS.replace("$before", "g.before"),
-        open = HAS_OPEN_PART,
-    ))
-    .bind(payee_ids)
-    .bind(currencies)
-    .bind(before)
+         FOR UPDATE OF s"#,
+        payee_ids,
+        currencies as &[&str],
+        before,
+    )
     .fetch_all(conn)
-    .await
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| GroupCarry {
+            payee_id: r.payee_id,
+            currency: r.currency,
+            carry: OpenCarry {
+                id: r.id,
+                outcome: r.outcome,
+                payout_id: r.payout_id,
+                net: r.net,
+                fee_base: r.fee_base,
+                period_start: r.period_start,
+                period_end: r.period_end,
+                remainder: r.remainder,
+            },
+        })
+        .collect())
 }
 
 /// [`insert`] for many settlements (at most one per payee and currency),
@@ -689,43 +772,43 @@ pub async fn insert_many(
     let outcomes: Vec<&str> = news.iter().map(|n| n.settlement.outcome.as_str()).collect();
     let payout_ids: Vec<Option<i64>> = news.iter().map(|n| n.payout_id).collect();
     let actors: Vec<&str> = news.iter().map(|n| n.actor).collect();
-    let rows: Vec<(i64, i64, String)> = sqlx::query_as(
+    let rows = sqlx::query!(
         "INSERT INTO settlements (payee_id, currency, period_start, period_end, schedule, payout_method,
              services, gross, payee_percent, bonus_percent, payee_share, platform_commission, deductions,
              carried_in, carried_gross_in, fee, net, outcome, payout_id, actor, carried_out, created_at)
-         SELECT *, $22 FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::timestamptz[],
+         SELECT *, $22::timestamptz FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::timestamptz[],
              $5::text[], $6::text[], $7::int[], $8::numeric[], $9::numeric[], $10::numeric[],
              $11::numeric[], $12::numeric[], $13::numeric[], $14::numeric[], $15::numeric[],
              $16::numeric[], $17::numeric[], $18::text[], $19::bigint[], $20::text[], $21::numeric[])
          RETURNING id, payee_id, currency",
+        &payee_ids,
+        &currencies as &[&str],
+        &starts,
+        &ends,
+        &schedules,
+        &methods as &[&str],
+        &services,
+        &col(&|n| n.settlement.gross),
+        &col(&|n| n.settlement.payee_percent),
+        &col(&|n| n.settlement.bonus_percent),
+        &col(&|n| n.settlement.payee_share),
+        &col(&|n| n.settlement.platform_commission),
+        &col(&|n| n.settlement.deductions),
+        &col(&|n| n.settlement.carried_in),
+        &col(&|n| n.settlement.carried_gross_in),
+        &col(&|n| n.settlement.fee),
+        &col(&|n| n.settlement.net),
+        &outcomes as &[&str],
+        &payout_ids as &[Option<i64>],
+        &actors as &[&str],
+        &col(&|n| n.settlement.carried_out),
+        now,
     )
-    .bind(&payee_ids)
-    .bind(&currencies)
-    .bind(&starts)
-    .bind(&ends)
-    .bind(&schedules)
-    .bind(&methods)
-    .bind(&services)
-    .bind(col(&|n| n.settlement.gross))
-    .bind(col(&|n| n.settlement.payee_percent))
-    .bind(col(&|n| n.settlement.bonus_percent))
-    .bind(col(&|n| n.settlement.payee_share))
-    .bind(col(&|n| n.settlement.platform_commission))
-    .bind(col(&|n| n.settlement.deductions))
-    .bind(col(&|n| n.settlement.carried_in))
-    .bind(col(&|n| n.settlement.carried_gross_in))
-    .bind(col(&|n| n.settlement.fee))
-    .bind(col(&|n| n.settlement.net))
-    .bind(&outcomes)
-    .bind(&payout_ids)
-    .bind(&actors)
-    .bind(col(&|n| n.settlement.carried_out))
-    .bind(now)
     .fetch_all(&mut *conn)
     .await?;
     let by_group: std::collections::HashMap<(i64, String), i64> = rows
         .into_iter()
-        .map(|(id, payee, currency)| ((payee, currency), id))
+        .map(|r| ((r.payee_id, r.currency), r.id))
         .collect();
     let mut ids = Vec::with_capacity(news.len());
     for n in news {
@@ -805,13 +888,13 @@ pub async fn consume_carries_many(
     ids: &[i64],
     into: &[i64],
 ) -> sqlx::Result<u64> {
-    let res = sqlx::query(
+    let res = sqlx::query!(
         "UPDATE settlements s SET carried_into = u.tgt
          FROM unnest($1::bigint[], $2::bigint[]) AS u(id, tgt)
          WHERE s.id = u.id AND s.carried_into IS NULL",
+        ids,
+        into,
     )
-    .bind(ids)
-    .bind(into)
     .execute(conn)
     .await?;
     Ok(res.rows_affected())
@@ -824,13 +907,13 @@ pub async fn consume_remainders_many(
     ids: &[i64],
     into: &[i64],
 ) -> sqlx::Result<u64> {
-    let res = sqlx::query(
+    let res = sqlx::query!(
         "UPDATE settlements s SET carried_out_into = u.tgt
          FROM unnest($1::bigint[], $2::bigint[]) AS u(id, tgt)
          WHERE s.id = u.id AND s.carried_out > 0 AND s.carried_out_into IS NULL",
+        ids,
+        into,
     )
-    .bind(ids)
-    .bind(into)
     .execute(conn)
     .await?;
     Ok(res.rows_affected())
@@ -844,14 +927,19 @@ pub async fn page(
     before_id: Option<i64>,
     limit: i64,
 ) -> sqlx::Result<Vec<SettlementRow>> {
-    sqlx::query_as(
-        "SELECT * FROM settlements
+    sqlx::query_as!(
+        SettlementRow,
+        "SELECT id, payee_id, currency, period_start, period_end, schedule, payout_method, services,
+                gross, payee_percent, bonus_percent, payee_share, platform_commission, deductions,
+                carried_in, carried_gross_in, fee, net, carried_out, outcome, payout_id, carried_into,
+                carried_out_into, actor, created_at, returned_at, requested
+         FROM settlements
          WHERE ($1::bigint IS NULL OR payee_id = $1) AND ($2::bigint IS NULL OR id < $2)
          ORDER BY id DESC LIMIT $3",
+        payee_id,
+        before_id,
+        limit,
     )
-    .bind(payee_id)
-    .bind(before_id)
-    .bind(limit)
     .fetch_all(pool)
     .await
 }
@@ -868,16 +956,20 @@ pub async fn flag_paid_at_gateway(
     actor: &str,
     why: &str,
 ) -> sqlx::Result<Vec<(i64, String, bool)>> {
-    sqlx::query_as(
-        "SELECT f.carrier, f.carrier_status, f.was_held
+    let rows = sqlx::query!(
+        r#"SELECT f.carrier AS "carrier!", f.carrier_status AS "carrier_status!", f.was_held AS "was_held!"
            FROM settlements s,
                 LATERAL settlements_flag_paid_at_gateway(s.id, $2, $3, $4) f
-          WHERE s.payout_id = $1 AND s.outcome = 'returned'",
+          WHERE s.payout_id = $1 AND s.outcome = 'returned'"#,
+        payout_id,
+        now,
+        actor,
+        why,
     )
-    .bind(payout_id)
-    .bind(now)
-    .bind(actor)
-    .bind(why)
     .fetch_all(pool)
-    .await
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.carrier, r.carrier_status, r.was_held))
+        .collect())
 }
