@@ -133,6 +133,23 @@ impl StripeFleet {
         .unwrap();
     }
 
+    /// An operator's retry as `payoutctl retry` does it: the payout back to
+    /// queued, then its job pushed with the lock cleared (a worker leaves a
+    /// paid payout's lock to expire, and this retry comes within its TTL).
+    async fn operator_retry(&self, id: i64) {
+        let id = payouts::domain::PayoutId::new(id);
+        db_payouts::retry(
+            self.fleet.pool(),
+            id,
+            "operator:test",
+            Utc::now() + chrono::Duration::seconds(60),
+            Utc::now(),
+        )
+        .await
+        .unwrap();
+        self.fleet.queue.push_manual(&[id]).await.unwrap();
+    }
+
     async fn payout(&self, id: i64) -> db_payouts::Payout {
         db_payouts::get(self.fleet.pool(), payouts::domain::PayoutId::new(id))
             .await
@@ -304,15 +321,7 @@ async fn paid_then_reversed_and_retried(s: &StripeFleet) -> (i64, String) {
         (s.fleet.status(id).await == "failed").then_some(())
     })
     .await;
-    db_payouts::retry(
-        s.fleet.pool(),
-        payouts::domain::PayoutId::new(id),
-        "operator:test",
-        Utc::now() + chrono::Duration::seconds(60),
-        Utc::now(),
-    )
-    .await
-    .unwrap();
+    s.operator_retry(id).await;
     (id, first)
 }
 
@@ -356,15 +365,7 @@ async fn after_a_poisoned_key_a_retry_of_a_reversed_payout_never_reuses_the_reve
         (s.fleet.status(id).await == "failed").then_some(())
     })
     .await;
-    db_payouts::retry(
-        s.fleet.pool(),
-        payouts::domain::PayoutId::new(id),
-        "operator:test",
-        Utc::now() + chrono::Duration::seconds(60),
-        Utc::now(),
-    )
-    .await
-    .unwrap();
+    s.operator_retry(id).await;
     s.worker.process(payouts::domain::PayoutId::new(id)).await;
     let p = s.payout(id).await;
     assert_eq!(p.status, PayoutStatus::Paid, "{p:?}");
