@@ -239,8 +239,19 @@ async fn build_history(
         "  history of {rows} rows built in {:.0} s",
         started.elapsed().as_secs_f64()
     );
-    db::rename_database(admin, &building, template).await?;
-    Ok(())
+    // A closed pool's backends end a moment after it closes: until then the
+    // rename finds the database in use.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match db::rename_database(admin, &building, template).await {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %format_args!("{e:#}"), "template still in use; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 fn proc_cpu_secs(pid: u32) -> f64 {
