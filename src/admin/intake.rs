@@ -164,7 +164,7 @@ pub(crate) async fn post_earning(
     if let earnings::Recorded::Created(row) = &recorded {
         tracing::info!(
             earning = row.id,
-            payee = row.payee_id,
+            payee = row.payee_id.get(),
             gross = %row.gross,
             currency = %row.currency,
             actor = %actor,

@@ -385,7 +385,8 @@ pub(crate) async fn holds(
         .filters
         .get("payee")
         .map(|p| positive_id(p, "payee"))
-        .transpose()?;
+        .transpose()?
+        .map(crate::domain::PayeeId::new);
     let f = crate::db::earnings::HoldFilter {
         payee_id,
         source: q.filters.get("source").cloned(),

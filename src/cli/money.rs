@@ -244,7 +244,7 @@ pub async fn run_earnings(
                 .transpose()?
                 .map(|c| c.code().to_string());
             let f = crate::db::earnings::HoldFilter {
-                payee_id: payee,
+                payee_id: payee.map(crate::domain::PayeeId::new),
                 source,
                 currency,
             };

@@ -14,7 +14,7 @@ use sqlx::{PgConnection, PgPool};
 use crate::{
     db::{earnings_import, payee_terms},
     domain::{
-        Currency, Policy,
+        Currency, PayeeId, PayoutId, Policy,
         earning::{FieldError, NewEarning, Row},
     },
 };
@@ -25,7 +25,8 @@ pub struct Earning {
     /// Id.
     pub id: i64,
     /// Who earned it.
-    pub payee_id: i64,
+    #[schema(value_type = i64)]
+    pub payee_id: PayeeId,
     /// Where it comes from (`booking`).
     pub source: String,
     /// The source's id for it.
@@ -42,7 +43,8 @@ pub struct Earning {
     /// The settlement that closed it.
     pub settlement_id: Option<i64>,
     /// The payout that paid it.
-    pub payout_id: Option<i64>,
+    #[schema(value_type = Option<i64>)]
+    pub payout_id: Option<PayoutId>,
     /// When it was recorded.
     pub created_at: DateTime<Utc>,
     /// Who posted it (`operator:NAME`, `cli:USER`).
@@ -108,11 +110,11 @@ pub async fn record(
     let currency = e.gross.currency();
     let created: Option<Earning> = sqlx::query_as!(
         Earning,
-        "INSERT INTO earnings (payee_id, source, external_ref, gross, currency, completed_at, release_at, created_at, posted_by)
+        r#"INSERT INTO earnings (payee_id, source, external_ref, gross, currency, completed_at, release_at, created_at, posted_by)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
          ON CONFLICT (source, external_ref) DO NOTHING
-         RETURNING id, payee_id, source, external_ref, gross, currency, completed_at, release_at,
-                settlement_id, payout_id, created_at, posted_by",
+         RETURNING id, payee_id AS "payee_id: PayeeId", source, external_ref, gross, currency, completed_at, release_at,
+                settlement_id, payout_id AS "payout_id: PayoutId", created_at, posted_by"#,
         e.payee_id,
         &e.source,
         &e.external_ref,
@@ -130,9 +132,9 @@ pub async fn record(
     }
     let existing: Earning = sqlx::query_as!(
         Earning,
-        "SELECT id, payee_id, source, external_ref, gross, currency, completed_at, release_at,
-                settlement_id, payout_id, created_at, posted_by
-         FROM earnings WHERE source = $1 AND external_ref = $2",
+        r#"SELECT id, payee_id AS "payee_id: PayeeId", source, external_ref, gross, currency, completed_at, release_at,
+                settlement_id, payout_id AS "payout_id: PayoutId", created_at, posted_by
+         FROM earnings WHERE source = $1 AND external_ref = $2"#,
         &e.source,
         &e.external_ref,
     )
@@ -493,10 +495,10 @@ async fn write_batch(
     let (sources, refs): (Vec<&str>, Vec<&str>) = keys.into_iter().unzip();
     let existing: Vec<Earning> = sqlx::query_as!(
         Earning,
-        "SELECT e.id, e.payee_id, e.source, e.external_ref, e.gross, e.currency, e.completed_at,
-                e.release_at, e.settlement_id, e.payout_id, e.created_at, e.posted_by
+        r#"SELECT e.id, e.payee_id AS "payee_id: PayeeId", e.source, e.external_ref, e.gross, e.currency, e.completed_at,
+                e.release_at, e.settlement_id, e.payout_id AS "payout_id: PayoutId", e.created_at, e.posted_by
          FROM earnings e
-         JOIN unnest($1::text[], $2::text[]) AS k (source, external_ref) USING (source, external_ref)",
+         JOIN unnest($1::text[], $2::text[]) AS k (source, external_ref) USING (source, external_ref)"#,
         &sources as &[&str],
         &refs as &[&str],
     )
@@ -527,9 +529,9 @@ async fn write_batch(
 pub async fn get(pool: &PgPool, id: i64) -> sqlx::Result<Option<Earning>> {
     sqlx::query_as!(
         Earning,
-        "SELECT id, payee_id, source, external_ref, gross, currency, completed_at, release_at,
-                settlement_id, payout_id, created_at, posted_by
-         FROM earnings WHERE id = $1",
+        r#"SELECT id, payee_id AS "payee_id: PayeeId", source, external_ref, gross, currency, completed_at, release_at,
+                settlement_id, payout_id AS "payout_id: PayoutId", created_at, posted_by
+         FROM earnings WHERE id = $1"#,
         id,
     )
     .fetch_optional(pool)
@@ -540,7 +542,7 @@ pub async fn get(pool: &PgPool, id: i64) -> sqlx::Result<Option<Earning>> {
 /// oldest first; with `lock`, locked until the transaction ends.
 pub async fn unsettled(
     conn: &mut PgConnection,
-    payee_id: i64,
+    payee_id: PayeeId,
     currency: &str,
     release_before: DateTime<Utc>,
     lock: bool,
@@ -549,12 +551,12 @@ pub async fn unsettled(
     if lock {
         sqlx::query_as!(
             Earning,
-            "SELECT id, payee_id, source, external_ref, gross, currency, completed_at, release_at,
-                settlement_id, payout_id, created_at, posted_by
+            r#"SELECT id, payee_id AS "payee_id: PayeeId", source, external_ref, gross, currency, completed_at, release_at,
+                settlement_id, payout_id AS "payout_id: PayoutId", created_at, posted_by
          FROM earnings
          WHERE payee_id = $1 AND currency = $2 AND settlement_id IS NULL AND voided_at IS NULL AND release_at < $3
-         ORDER BY release_at, id FOR UPDATE",
-            payee_id,
+         ORDER BY release_at, id FOR UPDATE"#,
+            payee_id.get(),
             currency,
             release_before,
         )
@@ -563,12 +565,12 @@ pub async fn unsettled(
     } else {
         sqlx::query_as!(
             Earning,
-            "SELECT id, payee_id, source, external_ref, gross, currency, completed_at, release_at,
-                settlement_id, payout_id, created_at, posted_by
+            r#"SELECT id, payee_id AS "payee_id: PayeeId", source, external_ref, gross, currency, completed_at, release_at,
+                settlement_id, payout_id AS "payout_id: PayoutId", created_at, posted_by
          FROM earnings
          WHERE payee_id = $1 AND currency = $2 AND settlement_id IS NULL AND voided_at IS NULL AND release_at < $3
-         ORDER BY release_at, id",
-            payee_id,
+         ORDER BY release_at, id"#,
+            payee_id.get(),
             currency,
             release_before,
         )
@@ -581,14 +583,14 @@ pub async fn unsettled(
 /// (count, gross, first release).
 pub async fn held(
     conn: &mut PgConnection,
-    payee_id: i64,
+    payee_id: PayeeId,
     after: DateTime<Utc>,
 ) -> sqlx::Result<Vec<(String, i64, Decimal, DateTime<Utc>)>> {
     let rows = sqlx::query!(
         r#"SELECT currency, count(*) AS "count!", sum(gross) AS "sum!", min(release_at) AS "min!" FROM earnings
          WHERE payee_id = $1 AND settlement_id IS NULL AND voided_at IS NULL AND release_at >= $2
          GROUP BY currency ORDER BY currency"#,
-        payee_id,
+        payee_id.get(),
         after,
     )
     .fetch_all(conn)
@@ -602,11 +604,11 @@ pub async fn held(
 /// Currencies in which the payee has unsettled earnings.
 pub async fn unsettled_currencies(
     conn: &mut PgConnection,
-    payee_id: i64,
+    payee_id: PayeeId,
 ) -> sqlx::Result<Vec<String>> {
     sqlx::query_scalar!(
         "SELECT DISTINCT currency FROM earnings WHERE payee_id = $1 AND settlement_id IS NULL AND voided_at IS NULL ORDER BY currency",
-        payee_id,
+        payee_id.get(),
     )
     .fetch_all(conn)
     .await
@@ -620,7 +622,7 @@ pub async fn mark_settled(
     ids: &[i64],
     positions: &[i32],
     settlement_id: i64,
-    payout_id: Option<i64>,
+    payout_id: Option<PayoutId>,
 ) -> sqlx::Result<u64> {
     let res = sqlx::query!(
         "UPDATE earnings e SET settlement_id = $3, payout_id = $4, line_position = u.pos
@@ -629,7 +631,7 @@ pub async fn mark_settled(
         ids,
         positions,
         settlement_id,
-        payout_id,
+        payout_id.map(PayoutId::get),
     )
     .execute(conn)
     .await?;
@@ -641,7 +643,7 @@ pub async fn mark_settled(
 pub async fn mark_paid_through_carry(
     conn: &mut PgConnection,
     settlement_ids: &[i64],
-    payout_id: i64,
+    payout_id: PayoutId,
 ) -> sqlx::Result<u64> {
     let res = sqlx::query!(
         "WITH RECURSIVE chain AS (
@@ -651,7 +653,7 @@ pub async fn mark_paid_through_carry(
          UPDATE earnings SET payout_id = $2
          WHERE settlement_id IN (SELECT id FROM chain) AND payout_id IS NULL",
         settlement_ids,
-        payout_id,
+        payout_id.get(),
     )
     .execute(conn)
     .await?;
@@ -662,9 +664,9 @@ pub async fn mark_paid_through_carry(
 pub async fn for_settlement(pool: &PgPool, settlement_id: i64) -> sqlx::Result<Vec<Earning>> {
     sqlx::query_as!(
         Earning,
-        "SELECT id, payee_id, source, external_ref, gross, currency, completed_at, release_at,
-                settlement_id, payout_id, created_at, posted_by
-         FROM earnings WHERE settlement_id = $1 ORDER BY id",
+        r#"SELECT id, payee_id AS "payee_id: PayeeId", source, external_ref, gross, currency, completed_at, release_at,
+                settlement_id, payout_id AS "payout_id: PayoutId", created_at, posted_by
+         FROM earnings WHERE settlement_id = $1 ORDER BY id"#,
         settlement_id,
     )
     .fetch_all(pool)
@@ -723,12 +725,12 @@ pub async fn unsettled_many(
 ) -> sqlx::Result<Vec<Earning>> {
     sqlx::query_as!(
         Earning,
-        "SELECT e.id, e.payee_id, e.source, e.external_ref, e.gross, e.currency, e.completed_at,
-                e.release_at, e.settlement_id, e.payout_id, e.created_at, e.posted_by
+        r#"SELECT e.id, e.payee_id AS "payee_id: PayeeId", e.source, e.external_ref, e.gross, e.currency, e.completed_at,
+                e.release_at, e.settlement_id, e.payout_id AS "payout_id: PayoutId", e.created_at, e.posted_by
          FROM unnest($1::bigint[], $2::text[], $3::timestamptz[]) AS g(payee_id, currency, before)
          JOIN earnings e ON e.payee_id = g.payee_id AND e.currency = g.currency
                         AND e.settlement_id IS NULL AND e.voided_at IS NULL AND e.release_at < g.before
-         ORDER BY e.payee_id, e.currency, e.release_at, e.id",
+         ORDER BY e.payee_id, e.currency, e.release_at, e.id"#,
         payee_ids,
         currencies as &[&str],
         release_before,
@@ -792,7 +794,8 @@ pub struct EscrowRow {
     /// Id.
     pub id: i64,
     /// Who earned it.
-    pub payee_id: i64,
+    #[schema(value_type = i64)]
+    pub payee_id: PayeeId,
     /// Where it comes from.
     pub source: String,
     /// The source's id for it.
@@ -809,26 +812,30 @@ pub struct EscrowRow {
     /// The settlement that closed it.
     pub settlement_id: Option<i64>,
     /// The payout that paid it.
-    pub payout_id: Option<i64>,
+    #[schema(value_type = Option<i64>)]
+    pub payout_id: Option<PayoutId>,
     /// When it was voided.
     pub voided_at: Option<DateTime<Utc>>,
 }
 
 /// The payee of earning `id` (unlocked: an earning never changes payee),
 /// so that an escrow action can lock the payee first, as settlement does.
-pub async fn payee_of(conn: &mut PgConnection, id: i64) -> sqlx::Result<Option<i64>> {
-    sqlx::query_scalar!("SELECT payee_id FROM earnings WHERE id = $1", id)
-        .fetch_optional(conn)
-        .await
+pub async fn payee_of(conn: &mut PgConnection, id: i64) -> sqlx::Result<Option<PayeeId>> {
+    sqlx::query_scalar!(
+        r#"SELECT payee_id AS "payee_id: PayeeId" FROM earnings WHERE id = $1"#,
+        id
+    )
+    .fetch_optional(conn)
+    .await
 }
 
 /// Earning `id`, locked (its payee locked before by the caller).
 pub async fn lock_for_escrow(conn: &mut PgConnection, id: i64) -> sqlx::Result<Option<EscrowRow>> {
     sqlx::query_as!(
         EscrowRow,
-        "SELECT id, payee_id, source, external_ref, gross, currency, completed_at, release_at,
-                settlement_id, payout_id, voided_at
-         FROM earnings WHERE id = $1 FOR UPDATE",
+        r#"SELECT id, payee_id AS "payee_id: PayeeId", source, external_ref, gross, currency, completed_at, release_at,
+                settlement_id, payout_id AS "payout_id: PayoutId", voided_at
+         FROM earnings WHERE id = $1 FOR UPDATE"#,
         id,
     )
     .fetch_optional(conn)
@@ -895,7 +902,7 @@ pub struct HoldTotal {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HoldFilter {
     /// One payee.
-    pub payee_id: Option<i64>,
+    pub payee_id: Option<PayeeId>,
     /// One source.
     pub source: Option<String>,
     /// One currency.
@@ -924,7 +931,7 @@ pub async fn hold_totals(
            ORDER BY sum(gross) DESC, 1, currency
            LIMIT $6"#,
         now,
-        f.payee_id,
+        f.payee_id.map(PayeeId::get),
         f.source,
         f.currency,
         by_source,

@@ -27,7 +27,6 @@ use crate::db::{
     earnings::{self, EscrowRow},
     payees,
 };
-use crate::domain::PayeeId;
 pub use crate::services::payees::By;
 
 /// The longest void reason.
@@ -58,7 +57,7 @@ async fn lock_open(
     let payee = earnings::payee_of(tx, id)
         .await?
         .ok_or(EscrowError::NotFound("earning", id))?;
-    payees::lock(tx, PayeeId::new(payee)).await?;
+    payees::lock(tx, payee).await?;
     let e = earnings::lock_for_escrow(tx, id)
         .await?
         .ok_or(EscrowError::NotFound("earning", id))?;
@@ -112,7 +111,7 @@ pub async fn release(
     )
     .await?;
     tx.commit().await?;
-    tracing::info!(earning = id, payee = e.payee_id, actor = %by.actor, "earning released early");
+    tracing::info!(earning = id, payee = e.payee_id.get(), actor = %by.actor, "earning released early");
     Ok(Done {
         earning: e,
         release_at: at,
@@ -148,7 +147,7 @@ pub async fn void(
     )
     .await?;
     tx.commit().await?;
-    tracing::info!(earning = id, payee = e.payee_id, actor = %by.actor, "earning voided");
+    tracing::info!(earning = id, payee = e.payee_id.get(), actor = %by.actor, "earning voided");
     let release_at = e.release_at;
     Ok(Done {
         earning: e,

@@ -81,7 +81,9 @@ use crate::{
         settlement_events,
         settlements::{self, SettlementRow},
     },
-    domain::{Currency, Money, PayeeId, PayoutMethod, Period, Policy, Priority, policy::Outcome},
+    domain::{
+        Currency, Money, PayeeId, PayoutId, PayoutMethod, Period, Policy, Priority, policy::Outcome,
+    },
     metrics,
     services::settlement,
 };
@@ -277,7 +279,7 @@ pub async fn request(
         )));
     }
     let now = by.now;
-    let rows = earnings::unsettled(&mut tx, payee.id.get(), currency.code(), now, true).await?;
+    let rows = earnings::unsettled(&mut tx, payee.id, currency.code(), now, true).await?;
     let available: Decimal = rows.iter().map(|e| e.gross).sum();
     let first_release = rows.iter().map(|e| e.release_at).min();
     if rows.is_empty() {
@@ -467,8 +469,14 @@ pub async fn request(
         ))
         .into());
     }
-    let marked =
-        earnings::mark_settled(&mut tx, &ids, &positions, settlement_id, Some(payout_id)).await?;
+    let marked = earnings::mark_settled(
+        &mut tx,
+        &ids,
+        &positions,
+        settlement_id,
+        Some(PayoutId::new(payout_id)),
+    )
+    .await?;
     if marked != ids.len() as u64 {
         return Err(sqlx::Error::Protocol(format!(
             "payee {}: {} of {} locked earnings were settled meanwhile; nothing written",
@@ -482,7 +490,7 @@ pub async fn request(
     if !balances.is_empty() {
         let carry_ids: Vec<i64> = balances.iter().map(|c| c.id).collect();
         settlements::consume_carries(&mut tx, &carry_ids, settlement_id).await?;
-        earnings::mark_paid_through_carry(&mut tx, &carry_ids, payout_id).await?;
+        earnings::mark_paid_through_carry(&mut tx, &carry_ids, PayoutId::new(payout_id)).await?;
     }
     if !remainders.is_empty() {
         let carry_ids: Vec<i64> = remainders.iter().map(|c| c.id).collect();

@@ -65,7 +65,7 @@ use crate::{
     config::ProducerSettings,
     db::{earnings, payee_terms, payouts, settlement_events, settlements},
     domain::{
-        Currency, Money, PayoutMethod, Period, Policy, Schedule,
+        Currency, Money, PayeeId, PayoutId, PayoutMethod, Period, Policy, Schedule,
         policy::{CarriedLine, DeductionLine, EarningLine, Settlement, SettlementInput},
     },
     metrics,
@@ -590,7 +590,7 @@ async fn settle_chunk(
         let ends: Vec<DateTime<Utc>> = due.iter().map(|(_, p, _)| p.end).collect();
         let mut rows: HashMap<Key, Vec<earnings::Earning>> = HashMap::new();
         for e in earnings::unsettled_many(&mut tx, &ids, &codes, &ends).await? {
-            rows.entry((e.payee_id, e.currency.clone()))
+            rows.entry((e.payee_id.get(), e.currency.clone()))
                 .or_default()
                 .push(e);
         }
@@ -883,7 +883,8 @@ async fn settle_next(
     if period.end > now {
         return Ok(Group::NotDue);
     }
-    let mut rows = earnings::unsettled(&mut tx, payee_id, code, period.end, true).await?;
+    let mut rows =
+        earnings::unsettled(&mut tx, PayeeId::new(payee_id), code, period.end, true).await?;
     rows.truncate(payable(schedule, &rows).len());
     let carries = settlements::open_carries(&mut tx, payee_id, code, period.end, true).await?;
     let deductions = if rows.is_empty() {
@@ -947,7 +948,8 @@ async fn settle_next(
         lined == ids,
         "payee {payee_id}: the settlement's earning lines are not its earnings; nothing written"
     );
-    let marked = earnings::mark_settled(&mut tx, &ids, &positions, id, payout_id).await?;
+    let marked =
+        earnings::mark_settled(&mut tx, &ids, &positions, id, payout_id.map(PayoutId::new)).await?;
     anyhow::ensure!(
         marked == ids.len() as u64,
         "payee {payee_id}: {} of {} locked earnings were settled meanwhile; nothing written",
@@ -960,7 +962,7 @@ async fn settle_next(
         let carry_ids: Vec<i64> = balances.iter().map(|c| c.id).collect();
         settlements::consume_carries(&mut tx, &carry_ids, id).await?;
         if let Some(p) = payout_id {
-            earnings::mark_paid_through_carry(&mut tx, &carry_ids, p).await?;
+            earnings::mark_paid_through_carry(&mut tx, &carry_ids, PayoutId::new(p)).await?;
         }
     }
     if !remainders.is_empty() {
@@ -1260,7 +1262,7 @@ pub async fn preview(
         end: now,
     });
     let mut period: Option<Period> = None;
-    let mut codes = earnings::unsettled_currencies(&mut conn, payee_id).await?;
+    let mut codes = earnings::unsettled_currencies(&mut conn, PayeeId::new(payee_id)).await?;
     for code in settlements::returned_currencies(&mut conn, payee_id).await? {
         if !codes.contains(&code) {
             codes.push(code);
@@ -1280,7 +1282,8 @@ pub async fn preview(
     let mut out = Vec::new();
     for code in &codes {
         let currency: Currency = code.parse()?;
-        let mut rows = earnings::unsettled(&mut conn, payee_id, code, period.end, false).await?;
+        let mut rows =
+            earnings::unsettled(&mut conn, PayeeId::new(payee_id), code, period.end, false).await?;
         rows.truncate(payable(schedule, &rows).len());
         let carries =
             settlements::open_carries(&mut conn, payee_id, code, period.end, false).await?;
@@ -1311,7 +1314,7 @@ pub async fn preview(
             .map_err(|e| anyhow::anyhow!("policy: {e}"))?;
         out.push(s);
     }
-    let held = earnings::held(&mut conn, payee_id, period.end)
+    let held = earnings::held(&mut conn, PayeeId::new(payee_id), period.end)
         .await?
         .into_iter()
         .map(|(currency, n, gross, first)| Held {

@@ -20,7 +20,7 @@ use payouts::{
     config::Settings,
     db::{earnings, payee_terms, payees, payouts as payout_repo, settlements},
     domain::{
-        Currency, Money, PayoutMethod, Policy, Schedule,
+        Currency, Money, PayoutId, PayoutMethod, Policy, Schedule,
         earning::{FileFormat, NewEarning, RowReader},
         policy::{
             CarriedLine, Commission, DeductionLine, EarningLine, LineKind, Outcome, SettlementInput,
@@ -417,7 +417,7 @@ async fn the_worked_example_settles_into_one_667_25_payout_whose_lines_sum_to_it
         .await
         .unwrap();
     assert_eq!(settled.len(), 51);
-    assert!(settled.iter().all(|e| e.payout_id == Some(payout.id.get())));
+    assert!(settled.iter().all(|e| e.payout_id == Some(payout.id)));
     assert_payouts_are_the_sum_of_their_lines(pool).await;
 }
 
@@ -520,7 +520,7 @@ async fn below_the_minimum_the_balance_carries_over_and_is_paid_in_the_next_peri
     // The first week's earning is now paid, by the second week's payout.
     let e = earnings::get(pool, first).await.unwrap().unwrap();
     assert_eq!(e.settlement_id, Some(week1.settled[0].settlement_id));
-    assert_eq!(e.payout_id, Some(payout_id));
+    assert_eq!(e.payout_id, Some(PayoutId::new(payout_id)));
     let old = settlements::get(pool, week1.settled[0].settlement_id)
         .await
         .unwrap()

@@ -13,7 +13,7 @@ use chrono::{DateTime, Duration, Utc};
 use common::TestDb;
 use payouts::{
     db::{earnings, filter, payee_terms, payees, payouts as payout_repo, settlements},
-    domain::{Currency, Money, PayoutMethod, Policy, Schedule, earning::NewEarning},
+    domain::{Currency, Money, PayoutId, PayoutMethod, Policy, Schedule, earning::NewEarning},
     services::settlement::{self, Options},
 };
 use rust_decimal::Decimal;
@@ -427,7 +427,7 @@ async fn a_cancelled_settlement_payout_returns_its_earnings_to_the_balance_and_t
     let repaid = next.settled[0].payout_id.unwrap();
     for id in &ids {
         let e = earnings::get(pool, *id).await.unwrap().unwrap();
-        assert_eq!(e.payout_id, Some(repaid));
+        assert_eq!(e.payout_id, Some(PayoutId::new(repaid)));
     }
     let lines = settlements::lines(pool, next.settled[0].settlement_id)
         .await
@@ -508,7 +508,7 @@ async fn a_payout_reversed_after_it_was_paid_is_owed_again_and_is_never_retried_
     for id in ids {
         assert_eq!(
             earnings::get(pool, id).await.unwrap().unwrap().payout_id,
-            Some(repaid)
+            Some(PayoutId::new(repaid))
         );
     }
     // An operator may still close the reversed payout: nothing returns twice.
