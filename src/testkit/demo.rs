@@ -209,11 +209,18 @@ pub async fn ensure_database(settings: &Settings) -> anyhow::Result<()> {
     db::create_database(&mut admin, name, true).await
 }
 
-/// Reconciles the last hour against the gateway the fleet spoke (the
-/// demo's settings with `gateway_env` over them), as `payoutctl reconcile`
-/// does; returns the disagreements about money. A run that could compare
-/// nothing is an error.
-async fn reconcile_demo(pool: &PgPool, gateway_env: &[(String, String)]) -> anyhow::Result<usize> {
+/// Reconciles the payouts this run touched (changed since `since`, its
+/// start) against the gateway the fleet spoke (the demo's settings with
+/// `gateway_env` over them), as `payoutctl reconcile --since` does; returns
+/// the disagreements about money. A run that could compare nothing is an
+/// error. Not "the last hour": the README's demos of other gateway kinds,
+/// run one after the other on the same database, paid their payouts
+/// elsewhere, and this gateway rightly knows nothing of them.
+async fn reconcile_demo(
+    pool: &PgPool,
+    gateway_env: &[(String, String)],
+    since: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<usize> {
     let mut env: Vec<(String, String)> = std::env::vars().collect();
     env.extend(gateway_env.iter().cloned());
     let settings = Settings::load_from(None, &env)?;
@@ -224,7 +231,7 @@ async fn reconcile_demo(pool: &PgPool, gateway_env: &[(String, String)]) -> anyh
         crate::gateway::select::lookup_limited(&gateway_settings, conn, &settings.redis.prefix)?;
     let now = chrono::Utc::now();
     let opts = crate::services::reconcile::Options {
-        since: now - chrono::Duration::hours(1),
+        since,
         fix: false,
         concurrency: 16,
         actor: "demo:reconcile".into(),
@@ -287,6 +294,7 @@ async fn seed_standin_accounts(
 
 /// Runs the demo.
 pub async fn run(settings: Settings, opts: DemoOptions) -> anyhow::Result<DemoSummary> {
+    let run_started_at = chrono::Utc::now();
     ensure_database(&settings).await?;
     let pool: PgPool = db::connect(&settings.database).await?;
     db::migrate(&pool).await?;
@@ -500,7 +508,7 @@ pub async fn run(settings: Settings, opts: DemoOptions) -> anyhow::Result<DemoSu
     let entries = refs.len();
     refs.sort_unstable();
     refs.dedup();
-    let disagreements = reconcile_demo(&pool, &gateway_env).await?;
+    let disagreements = reconcile_demo(&pool, &gateway_env, run_started_at).await?;
     let summary = DemoSummary {
         seeded,
         paid,
