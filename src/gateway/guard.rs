@@ -214,12 +214,18 @@ impl FleetLimiter {
     /// at most every 100 ms per process ([`PauseGate`], shared with the
     /// guard); a Redis error reads as no pause.
     async fn pause_left(&self) -> Duration {
-        pause_left_with(&self.pause_seen, || {
-            let mut conn = self.conn.clone();
-            let key = self.pause_key.clone();
-            async move { read_pause(&mut conn, &key).await.unwrap_or(None) }
-        })
-        .await
+        pause_left_with(&self.pause_seen, || self.read_pause_key()).await
+    }
+
+    /// Waits until no fleet pause is in force, through the same cache.
+    async fn wait_unpaused(&self) {
+        wait_unpaused_with(&self.pause_seen, || self.read_pause_key()).await
+    }
+
+    /// The pause key's time to live; a Redis error reads as no pause.
+    async fn read_pause_key(&self) -> Option<Duration> {
+        let mut conn = self.conn.clone();
+        read_pause(&mut conn, &self.pause_key).await.unwrap_or(None)
     }
 
     /// Notes a pause this process just set, so its own waiters see it at once.
@@ -713,12 +719,7 @@ impl GatewayGuard {
     /// burns no attempts). The key is read from Redis at most every 100 ms
     /// ([`PauseGate`]); a Redis error reads as no pause.
     pub async fn wait_unpaused(&self) {
-        wait_unpaused_with(&self.limiter.pause_seen, || {
-            let mut conn = self.conn.clone();
-            let key = self.pause_key.clone();
-            async move { read_pause(&mut conn, &key).await.unwrap_or(None) }
-        })
-        .await
+        self.limiter.wait_unpaused().await
     }
 
     /// Pauses the whole fleet for a platform problem (`code`), counts it and
